@@ -1,0 +1,29 @@
+"""hashemb: compressed embedding tables (ROBE-Z, HashedNet, FullTable baseline) as
+fast array functions. NumPy arrays run on Cython + OpenMP kernels."""
+from .bag import embedding_bag, embedding_bag_backward, embedding_bags, embedding_bags_backward
+from .hashing import UniversalHash
+from .optim import SGD, Adagrad
+from .schemes import FullTable, HashedNet, RobeZ, Scheme
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "UniversalHash", "Scheme", "RobeZ", "HashedNet", "FullTable",
+    "embedding_bag", "embedding_bag_backward", "embedding_bags", "embedding_bags_backward",
+    "SGD", "Adagrad", "show_config",
+]
+
+
+def show_config():
+    """What this build has: a dict (also printed) with the version, OpenMP and
+    its thread count, and the GPU backend's state."""
+    from ._cpu import _slots
+    info = {
+        "version": __version__,
+        "openmp": _slots.has_openmp(),
+        "threads": _slots.max_threads(),
+        "gpu": "not built (CuPy backend: issue 4)",
+    }
+    for k, v in info.items():
+        print(f"{k:8s} {v}")
+    return info

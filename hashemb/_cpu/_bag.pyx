@@ -1,0 +1,311 @@
+# cython: language_level=3
+"""CPU bag kernels: gather-pool forward and scatter-add backward for every scheme.
+
+One kernel family serves all schemes: a kernel walks the bag entries and asks
+slots.h for the start of each contiguous run of a row; it never builds an
+(N x D) slot array. Forward parallelises over samples (each thread owns whole
+output rows). Backward partitions the *slots* among threads: every thread walks
+all entries in order and adds only into its own slot range, so each slot sums
+its contributions in entry order, whatever the thread count: results are
+bitwise deterministic and no thread writes where another does.
+"""
+from cython.parallel cimport prange, parallel, threadid
+from libc.math cimport sqrt
+from libc.stdint cimport int32_t, int64_t, uint64_t
+from libc.stdlib cimport malloc, free
+
+from hashemb._cpu._slots cimport (SchemeView, he_scheme, he_row, he_row_begin,
+                                  he_run_start, he_run_slot, he_sign,
+                                  he_max_threads)
+
+ctypedef fused real:
+    float
+    double
+
+ctypedef fused index_t:
+    int32_t
+    int64_t
+
+# pooling modes (hashemb/_validate.py MODES order)
+cdef enum:
+    SUM = 0
+    MEAN = 1
+    MAX = 2
+
+# what backward does at a slot
+cdef enum:
+    ACT_ADD = 0       # target[slot] += alpha * g  (gradient, or SGD with alpha=-lr)
+    ACT_ADAGRAD = 1   # apply Adagrad where the gradient scratch is non-zero, clear it
+
+
+def num_threads():
+    return he_max_threads()
+
+
+cdef inline void _add_row(const he_scheme* s, const he_row* row, const real* M,
+                          real w, real* o, int first, int mode) noexcept nogil:
+    """o[i] (+)= w * E(x)[i] for one row; max mode keeps the running maximum."""
+    cdef int64_t D = s.dim, L = s.run, k, i
+    cdef uint64_t st
+    cdef const real* src
+    cdef real* ok
+    cdef real v
+    for k in range(D // L):
+        st = he_run_start(s, row, k)
+        ok = o + k * L
+        if mode != MAX and not s.is_signed and st + <uint64_t>L <= s.size:
+            # the hot path: one contiguous run, no sign, no wrap
+            src = M + st
+            for i in range(L):
+                ok[i] += w * src[i]
+        else:
+            for i in range(L):
+                v = he_sign(s, row, k * L + i) * M[he_run_slot(s, st, i)]
+                if mode == MAX:
+                    if first or v > ok[i]:
+                        ok[i] = v
+                else:
+                    ok[i] += w * v
+
+
+cdef void _forward(const he_scheme* s, const index_t* idx, const int64_t* off,
+                   const real* M, const real* psw, real* out, int64_t B, int64_t T,
+                   int64_t ostride, int64_t table0, int mode, bint has_pad,
+                   int64_t pad) noexcept nogil:
+    cdef int64_t b, t, j, i, cnt, D = s.dim
+    cdef int64_t x
+    cdef real w
+    cdef real* o
+    cdef he_row row
+    for b in prange(B, schedule='static', nogil=True):
+        for t in range(T):
+            o = out + b * ostride + t * D
+            for i in range(D):
+                o[i] = 0
+            cnt = 0
+            for j in range(off[t * B + b], off[t * B + b + 1]):
+                x = idx[j]
+                if has_pad and x == pad:
+                    continue
+                w = psw[j] if psw != NULL else 1
+                row = he_row_begin(s, table0 + t, x)
+                _add_row(s, &row, M, w, o, cnt == 0, mode)
+                cnt = cnt + 1
+            if mode == MEAN and cnt > 1:
+                for i in range(D):
+                    o[i] = o[i] / cnt
+
+
+def forward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offsets,
+            const real[::1] weight, const real[::1] psw, real[:, ::1] out,
+            int64_t B, int64_t T, int64_t table0, int mode, bint has_pad,
+            int64_t pad):
+    """out[b, t*D:(t+1)*D] = pool over bag t*B+b; psw of length 0 means none."""
+    if B == 0 or T == 0:
+        return
+    cdef const index_t* ip = &indices[0] if indices.shape[0] else NULL
+    cdef const real* pp = &psw[0] if psw.shape[0] else NULL
+    with nogil:
+        _forward(&sv.s, ip, &offsets[0], &weight[0], pp, &out[0, 0], B, T,
+                 out.shape[1], table0, mode, has_pad, pad)
+
+
+cdef inline void _adagrad(real* w, real* g, real* state, uint64_t slot, real lr,
+                          real eps) noexcept nogil:
+    """state += g^2; w -= lr * g / (sqrt(state) + eps); g = 0 (only where g != 0:
+    a zero gradient changes neither, so skipping it is exact)."""
+    cdef real gv = g[slot]
+    if gv != 0:
+        state[slot] += gv * gv
+        w[slot] -= lr * gv / (sqrt(state[slot]) + eps)
+        g[slot] = 0
+
+
+cdef inline void _visit(const he_scheme* s, const he_row* row, int64_t k, int64_t i0,
+                        int64_t n, const real* g, real alpha, real* target,
+                        real* scratch, real* state, real eps, int64_t lo,
+                        int64_t hi, int act) noexcept nogil:
+    """Act on elements k*L+i0 .. k*L+i0+n-1 of a row whose slots lie in [lo, hi)."""
+    cdef int64_t L = s.run, i, a, z
+    cdef uint64_t st = he_run_start(s, row, k), slot
+    cdef int64_t sti = <int64_t>st      # slots are < 2^62: signed math is safe
+    cdef real gv
+    if act == ACT_ADD and not s.is_signed and st + <uint64_t>(i0 + n) <= s.size:
+        # contiguous run: clip it to this thread's slot range
+        a = i0 if sti + i0 >= lo else lo - sti
+        z = i0 + n if sti + i0 + n <= hi else hi - sti
+        for i in range(a, z):
+            target[sti + i] += alpha * g[i - i0]
+        return
+    for i in range(i0, i0 + n):
+        slot = he_run_slot(s, st, i)
+        if <int64_t>slot < lo or <int64_t>slot >= hi:
+            continue
+        if act == ACT_ADD:
+            target[slot] += alpha * he_sign(s, row, k * L + i) * g[i - i0]
+        else:
+            _adagrad(target, scratch, state, slot, alpha, eps)
+
+
+cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* off,
+                         const real* psw, const real* grad, int64_t gstride,
+                         int64_t B, int64_t T, int64_t table0, int mode,
+                         bint has_pad, int64_t pad, const int64_t* win,
+                         real alpha, real* target, real* scratch, real* state,
+                         real eps, int64_t lo, int64_t hi, int act) noexcept nogil:
+    """One thread's share of backward: every entry, only slots in [lo, hi).
+
+    ACT_ADD adds alpha * psw[j] / count * g into target; ACT_ADAGRAD applies the
+    Adagrad step (learning rate alpha) at each visited slot.
+    """
+    cdef int64_t b, t, j, i, cnt, D = s.dim, L = s.run, k
+    cdef int64_t x
+    cdef real w
+    cdef const real* g
+    cdef he_row row
+    for t in range(T):
+        for b in range(B):
+            g = grad + b * gstride + t * D
+            if mode == MAX:
+                for i in range(D):
+                    j = win[(t * B + b) * D + i]
+                    if j >= 0:
+                        row = he_row_begin(s, table0 + t, idx[j])
+                        _visit(s, &row, i // L, i % L, 1, g + i, alpha, target,
+                               scratch, state, eps, lo, hi, act)
+                continue
+            w = alpha
+            if mode == MEAN and act == ACT_ADD:
+                cnt = 0
+                for j in range(off[t * B + b], off[t * B + b + 1]):
+                    if not (has_pad and idx[j] == pad):
+                        cnt += 1
+                if cnt > 1:
+                    w = alpha / cnt
+            for j in range(off[t * B + b], off[t * B + b + 1]):
+                x = idx[j]
+                if has_pad and x == pad:
+                    continue
+                row = he_row_begin(s, table0 + t, x)
+                for k in range(D // L):
+                    _visit(s, &row, k, 0, L, g + k * L,
+                           w * psw[j] if (psw != NULL and act == ACT_ADD) else w,
+                           target, scratch, state, eps, lo, hi, act)
+
+
+cdef void _argmax(const he_scheme* s, const index_t* idx, const int64_t* off,
+                  const real* M, int64_t B, int64_t T, int64_t table0,
+                  bint has_pad, int64_t pad, int64_t* win) noexcept nogil:
+    """win[q*D + i] = first entry of bag q holding the maximum of element i, or -1."""
+    cdef int64_t q, j, i, k, D = s.dim, L = s.run
+    cdef uint64_t st
+    cdef real v
+    cdef real* best = <real*>malloc(D * sizeof(real))
+    cdef he_row row
+    for q in range(T * B):
+        for i in range(D):
+            win[q * D + i] = -1
+        for j in range(off[q], off[q + 1]):
+            if has_pad and idx[j] == pad:
+                continue
+            row = he_row_begin(s, table0 + q // B, idx[j])
+            for k in range(D // L):
+                st = he_run_start(s, &row, k)
+                for i in range(k * L, k * L + L):
+                    v = he_sign(s, &row, i) * M[he_run_slot(s, st, i - k * L)]
+                    if win[q * D + i] < 0 or v > best[i]:
+                        best[i] = v
+                        win[q * D + i] = j
+    free(best)
+
+
+def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offsets,
+             const real[::1] psw, const real[:, ::1] grad, int64_t B, int64_t T,
+             int64_t table0, int mode, bint has_pad, int64_t pad,
+             const real[::1] weight, real[::1] target, double alpha,
+             real[::1] scratch, real[::1] state, double eps):
+    """Scatter-add of grad into the slots, three ways by what is passed.
+
+    - plain gradient: target = a zero array of size m, alpha = 1;
+    - fused SGD: target = weight, alpha = -lr (an in-place update);
+    - fused Adagrad: target = weight, alpha = lr, scratch = zeros(m) (kept zero
+      between calls), state = the accumulator of squared gradients.
+    weight is read only in max mode, to find each element's winning entry.
+    """
+    cdef const he_scheme* s = &sv.s
+    cdef const index_t* ip = &indices[0] if indices.shape[0] else NULL
+    cdef const real* pp = &psw[0] if psw.shape[0] else NULL
+    cdef int64_t* win = NULL
+    cdef int nt = he_max_threads(), tid
+    cdef int64_t lo, hi, slot
+    cdef uint64_t m = s.size
+    cdef bint sweep
+    cdef bint adagrad = scratch.shape[0] > 0
+    cdef real* sp = &scratch[0] if adagrad else NULL
+    cdef real* stp = &state[0] if adagrad else NULL
+    if B == 0 or T == 0 or ip == NULL:
+        return
+    if mode == MAX:
+        win = <int64_t*>malloc(T * B * s.dim * sizeof(int64_t))
+        if win == NULL:
+            raise MemoryError()
+        with nogil:
+            _argmax(s, ip, &offsets[0], &weight[0], B, T, table0, has_pad, pad, win)
+    if nt > 1 and m < <uint64_t>(4096 * nt):
+        nt = 1  # not worth the threads
+    # Adagrad's apply pass: sweep the scratch when it is small next to the work,
+    # else walk the entries again (a full table's scratch is mostly zeros)
+    sweep = m <= <uint64_t>(8 * s.dim) * <uint64_t>indices.shape[0]
+    with nogil, parallel(num_threads=nt):
+        tid = threadid()
+        lo = <int64_t>(m * tid // nt)
+        hi = <int64_t>(m * (tid + 1) // nt)
+        if adagrad:
+            _backward_part(s, ip, &offsets[0], pp, &grad[0, 0], grad.shape[1], B, T,
+                           table0, mode, has_pad, pad, win, 1, sp, NULL, NULL, 0,
+                           lo, hi, ACT_ADD)
+            if sweep:
+                for slot in range(lo, hi):
+                    _adagrad(&target[0], sp, stp, slot, <real>alpha, <real>eps)
+            else:
+                _backward_part(s, ip, &offsets[0], pp, &grad[0, 0], grad.shape[1], B,
+                               T, table0, mode, has_pad, pad, win, <real>alpha,
+                               &target[0], sp, stp, <real>eps, lo, hi, ACT_ADAGRAD)
+        else:
+            _backward_part(s, ip, &offsets[0], pp, &grad[0, 0], grad.shape[1], B, T,
+                           table0, mode, has_pad, pad, win, <real>alpha, &target[0],
+                           NULL, NULL, 0, lo, hi, ACT_ADD)
+    free(win)
+
+
+def offsets_problem(const int64_t[::1] offsets, int64_t n):
+    """First position where offsets fail 0 = o[0] <= o[1] <= ... <= o[-1] <= n,
+    or -1 when they are valid (one pass, compiled: offsets can be millions long)."""
+    return _offsets_problem(&offsets[0], offsets.shape[0], n) if offsets.shape[0] else -1
+
+
+cdef int64_t _offsets_problem(const int64_t* o, int64_t k, int64_t n) noexcept nogil:
+    cdef int64_t i
+    if o[0] != 0:
+        return 0
+    for i in range(1, k):
+        if o[i] < o[i - 1]:
+            return i
+    return k - 1 if o[k - 1] > n else -1
+
+
+def index_problem(const index_t[::1] indices, const int64_t[::1] offsets, int64_t B,
+                  int64_t T, const int64_t[::1] bounds, bint has_pad, int64_t pad):
+    """First entry j of table t (bags t*B .. t*B+B-1) with a token outside
+    [0, bounds[t]) (padding skipped), or -1 when all are in range."""
+    cdef int64_t t, j, x, bad = -1
+    with nogil:
+        for t in range(T):
+            for j in range(offsets[t * B], offsets[t * B + B]):
+                x = indices[j]
+                if (x < 0 or x >= bounds[t]) and not (has_pad and x == pad):
+                    bad = j
+                    break
+            if bad >= 0:
+                break
+    return bad

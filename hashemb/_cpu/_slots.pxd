@@ -1,0 +1,53 @@
+# Declarations of hashemb/_include/hashemb/slots.h, the one source of the hash
+# and slot math, and the bridge from a Python scheme object to its C struct.
+from libc.stdint cimport int32_t, int64_t, uint64_t
+
+cdef extern from "hashemb/slots.h" nogil:
+    uint64_t HE_P
+    int HE_FULL, HE_ROBE, HE_ROBE_WIDE, HE_ROBE_REF, HE_HNET_REF
+
+    ctypedef struct he_scheme:
+        int32_t kind
+        int32_t is_signed
+        int64_t dim
+        int64_t run
+        uint64_t size
+        uint64_t mod
+        uint64_t mod_inv
+        uint64_t rows
+        uint64_t rows_inv
+        uint64_t ref_p
+        uint64_t ref_p_inv
+        uint64_t coef[8]
+        const uint64_t* run_coef
+        const uint64_t* sign_coef
+        const int64_t* table_base
+        int64_t num_tables
+
+    ctypedef struct he_row:
+        uint64_t base
+        uint64_t sbase
+
+    uint64_t he_fold(uint64_t x)
+    uint64_t he_mulmod(uint64_t a, uint64_t b)
+    uint64_t he_fastmod(uint64_t v, uint64_t d, uint64_t inv)
+    uint64_t he_hash(const uint64_t* c, uint64_t e, uint64_t u, uint64_t blk,
+                     uint64_t m, uint64_t m_inv)
+    he_row he_row_begin(const he_scheme* s, int64_t table, int64_t token)
+    uint64_t he_run_start(const he_scheme* s, const he_row* r, int64_t k)
+    int he_sign(const he_scheme* s, const he_row* r, int64_t i)
+    uint64_t he_run_slot(const he_scheme* s, uint64_t start, int64_t j)
+
+cdef extern from "_openmp.h" nogil:
+    int he_max_threads()
+    int he_has_openmp()
+
+
+cdef inline uint64_t reciprocal(uint64_t d) noexcept nogil:
+    return <uint64_t>0xFFFFFFFFFFFFFFFF // d if d else 0
+
+
+cdef class SchemeView:
+    """The C struct of a scheme, holding references to the arrays it points into."""
+    cdef he_scheme s
+    cdef object _keep

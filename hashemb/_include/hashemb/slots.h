@@ -1,0 +1,219 @@
+/*
+ * hashemb/slots.h -- the hash and slot math of every hashemb scheme.
+ *
+ * ONE source for the CPU (Cython, via `cdef extern`) and the GPU (its text is
+ * prepended to the CUDA sources, so CuPy's compile cache sees every edit).
+ * Everything here is a pure function of its arguments: no allocation, no I/O.
+ *
+ * A scheme maps (table e, token x, element i) to a slot of the flat array M of
+ * m floats. Every scheme cuts a row of D elements into D/L contiguous *runs* of
+ * L elements; run k starts at slot he_run_start(...) and continues circularly
+ * (slot + j mod m). FullTable and ROBE-D are one run of D, ROBE-Z runs of Z,
+ * HashedNet runs of 1. The bag kernels only ever ask for run starts, so a new
+ * scheme is a new case here, not a new kernel.
+ */
+#ifndef HASHEMB_SLOTS_H
+#define HASHEMB_SLOTS_H
+
+#if defined(__CUDACC_RTC__)
+typedef unsigned long long uint64_t;
+typedef long long int64_t;
+typedef unsigned int uint32_t;
+typedef int int32_t;
+#else
+#include <stdint.h>
+#endif
+
+#if defined(__CUDACC__)
+#define HE_HD __host__ __device__ __forceinline__
+#else
+#define HE_HD static inline
+#endif
+
+/* The Mersenne prime 2^61 - 1 of hashemb's universal family. */
+#define HE_P 0x1FFFFFFFFFFFFFFFULL
+
+/* Scheme kinds (keep in sync with hashemb/schemes.py). */
+#define HE_FULL 0       /* slot = (rows before table e + x) * D + i            */
+#define HE_ROBE 1       /* ROBE-Z, Z <= D: blocks of Z at hashed offsets        */
+#define HE_ROBE_WIDE 2  /* ROBE-Z, Z > D: Z/D consecutive rows share a block    */
+#define HE_ROBE_REF 3   /* the ROBE authors' exact map (P = 2038074743)        */
+#define HE_HNET_REF 4   /* seed 000's HashedEmbeddingBag hash                   */
+
+/* Coefficient positions in he_scheme.coef. */
+#define HE_CA 0  /* table   */
+#define HE_CB 1  /* token   */
+#define HE_CC 2  /* block   */
+#define HE_CD 3  /* constant */
+#define HE_SA 4  /* sign hash: independent coefficients */
+#define HE_SB 5
+#define HE_SC 6
+#define HE_SD 7
+
+typedef struct he_scheme {
+    int32_t kind;
+    int32_t is_signed;      /* multiply element i by g(e, x, i) in {+1, -1}     */
+    int64_t dim;            /* D                                               */
+    int64_t run;            /* L: elements per contiguous run (divides D)      */
+    uint64_t size;          /* m: floats in the array                          */
+    uint64_t mod;           /* divisor of the run-start hash: m, or m - Z + 1  */
+    uint64_t mod_inv;       /* floor((2^64 - 1) / mod), for he_fastmod         */
+    uint64_t rows;          /* HE_ROBE_WIDE: r = Z / D rows per block          */
+    uint64_t rows_inv;
+    uint64_t ref_p;         /* HE_ROBE_REF / HE_HNET_REF inner prime            */
+    uint64_t ref_p_inv;
+    uint64_t coef[8];       /* universal-hash coefficients, see HE_C*, HE_S*    */
+    const uint64_t* run_coef;   /* [D/L]: C * k mod P (per run k)              */
+    const uint64_t* sign_coef;  /* [D]:   C' * i mod P (per element i)         */
+    const int64_t* table_base;  /* [num_tables]: rows before table e           */
+    int64_t num_tables;         /* tables with a size (0: any table id)        */
+} he_scheme;
+
+/* ---- 128-bit product and arithmetic mod P -------------------------------- */
+
+HE_HD void he_mul128(uint64_t a, uint64_t b, uint64_t* hi, uint64_t* lo)
+{
+#if defined(__CUDA_ARCH__)
+    *lo = a * b;
+    *hi = __umul64hi(a, b);
+#else
+    unsigned __int128 p = (unsigned __int128)a * b;
+    *lo = (uint64_t)p;
+    *hi = (uint64_t)(p >> 64);
+#endif
+}
+
+/* x mod P for any 64-bit x: 2^61 == 1 (mod P), so fold the top 3 bits down. */
+HE_HD uint64_t he_fold(uint64_t x)
+{
+    x = (x & HE_P) + (x >> 61);          /* < 2^61 + 8 */
+    return x >= HE_P ? x - HE_P : x;
+}
+
+/* a * b mod P for a, b < P: the product is < 2^122, split at bit 61. */
+HE_HD uint64_t he_mulmod(uint64_t a, uint64_t b)
+{
+    uint64_t hi, lo;
+    he_mul128(a, b, &hi, &lo);
+    return he_fold((lo & HE_P) + ((hi << 3) | (lo >> 61)));
+}
+
+/* (a + b) mod P for a, b < P. */
+HE_HD uint64_t he_addmod(uint64_t a, uint64_t b)
+{
+    uint64_t s = a + b;
+    return s >= HE_P ? s - HE_P : s;
+}
+
+/*
+ * v mod d without a division instruction: inv = floor((2^64-1)/d) is precomputed
+ * once per scheme; q = mulhi(v, inv) is floor(v/d) or one less (the error of inv
+ * is below 1 and v < 2^64), so one conditional subtraction makes it exact.
+ * Valid for every 64-bit v and 1 <= d < 2^63.
+ */
+HE_HD uint64_t he_fastmod(uint64_t v, uint64_t d, uint64_t inv)
+{
+    uint64_t q, lo;
+    he_mul128(v, inv, &q, &lo);
+    uint64_t r = v - q * d;
+    return r >= d ? r - d : r;
+}
+
+HE_HD uint64_t he_fastdiv(uint64_t v, uint64_t d, uint64_t inv)
+{
+    uint64_t q, lo;
+    he_mul128(v, inv, &q, &lo);
+    return (v - q * d) >= d ? q + 1 : q;
+}
+
+/* (A*e + B*u + D0) mod P: the part of h(e, u, c) that is fixed for a row. */
+HE_HD uint64_t he_hash_base(const uint64_t* c, uint64_t e, uint64_t u)
+{
+    return he_fold(he_mulmod(c[0], he_fold(e)) + he_mulmod(c[1], he_fold(u)) + c[3]);
+}
+
+/* h(e, u, c) = ((A*e + B*u + C*c + D0) mod P) mod m, in full. */
+HE_HD uint64_t he_hash(const uint64_t* c, uint64_t e, uint64_t u, uint64_t blk,
+                       uint64_t m, uint64_t m_inv)
+{
+    uint64_t v = he_addmod(he_hash_base(c, e, u), he_mulmod(c[2], he_fold(blk)));
+    return he_fastmod(v, m, m_inv);
+}
+
+/* ---- rows and runs -------------------------------------------------------- */
+
+/* What a row needs once, before its runs: hash bases (or the row's first slot). */
+typedef struct he_row {
+    uint64_t base;    /* run-start hash base, or the first slot (FULL, WIDE)   */
+    uint64_t sbase;   /* sign-hash base                                        */
+} he_row;
+
+HE_HD he_row he_row_begin(const he_scheme* s, int64_t table, int64_t token)
+{
+    he_row r;
+    uint64_t e = (uint64_t)table, x = (uint64_t)token;
+    r.sbase = 0;
+    switch (s->kind) {
+    case HE_FULL:
+        r.base = (uint64_t)(s->table_base[table] + token) * (uint64_t)s->dim;
+        break;
+    case HE_ROBE:
+        r.base = he_hash_base(s->coef, e, x);
+        break;
+    case HE_ROBE_WIDE: {
+        uint64_t blk = he_fastdiv(x, s->rows, s->rows_inv);
+        uint64_t h = he_fastmod(he_hash_base(s->coef, e, blk), s->mod, s->mod_inv);
+        uint64_t slot = h + (x - blk * s->rows) * (uint64_t)s->dim;
+        r.base = slot >= s->size ? slot - s->size : slot;
+        break;
+    }
+    case HE_ROBE_REF: {
+        /* key(x, c) = (R2*x + R1*c + R0) mod p with x the global token id */
+        uint64_t xg = (uint64_t)(token + (s->num_tables ? s->table_base[table] : 0));
+        r.base = he_fastmod(xg, s->ref_p, s->ref_p_inv) * s->coef[2] + s->coef[0];
+        break;
+    }
+    default: /* HE_HNET_REF: r*K1 + K3, uint64 arithmetic as in the reference */
+        r.base = x * s->coef[0] + s->coef[2];
+        break;
+    }
+    if (s->is_signed)
+        r.sbase = he_hash_base(s->coef + HE_SA, e, x);
+    return r;
+}
+
+/* First slot of run k (elements k*L .. k*L+L-1) of a row. */
+HE_HD uint64_t he_run_start(const he_scheme* s, const he_row* r, int64_t k)
+{
+    switch (s->kind) {
+    case HE_ROBE:
+        return he_fastmod(he_addmod(r->base, s->run_coef[k]), s->mod, s->mod_inv);
+    case HE_ROBE_REF: {
+        uint64_t key = he_fastmod(r->base + s->coef[1] * (uint64_t)k, s->ref_p, s->ref_p_inv);
+        return he_fastmod(key, s->mod, s->mod_inv);
+    }
+    case HE_HNET_REF: {
+        uint64_t v = r->base + (uint64_t)k * s->coef[1];
+        return he_fastmod(he_fastmod(v, s->ref_p, s->ref_p_inv), s->mod, s->mod_inv);
+    }
+    default: /* HE_FULL, HE_ROBE_WIDE: one run of D */
+        return r->base;
+    }
+}
+
+/* g(e, x, i) = 1 - 2 * (((A'e + B'x + C'i + D0') mod P) mod 2), or 1 unsigned. */
+HE_HD int he_sign(const he_scheme* s, const he_row* r, int64_t i)
+{
+    if (!s->is_signed)
+        return 1;
+    return 1 - 2 * (int)(he_addmod(r->sbase, s->sign_coef[i]) & 1);
+}
+
+/* Slot of element j of a run that starts at `start` (circular in m). */
+HE_HD uint64_t he_run_slot(const he_scheme* s, uint64_t start, int64_t j)
+{
+    uint64_t slot = start + (uint64_t)j;
+    return slot >= s->size ? slot - s->size : slot;
+}
+
+#endif /* HASHEMB_SLOTS_H */

@@ -1,0 +1,223 @@
+"""Argument checks shared by every public function and backend.
+
+Every error names the argument and says "expected ..., got ...". Kernels assume
+what passes here: nothing past this module reads or writes out of bounds.
+"""
+import numbers
+from collections import namedtuple
+
+import numpy as np
+
+MODES = ("sum", "mean", "max")          # codes 0, 1, 2 in the kernels
+_INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_U64 = 1 << 64
+
+Bags = namedtuple("Bags", "idx off psw B T mode has_pad pad")
+
+
+def _desc(x):
+    if isinstance(x, np.ndarray):
+        return f"array of dtype {x.dtype} and shape {x.shape}"
+    return f"{type(x).__name__} {x!r}" if np.isscalar(x) or x is None else type(x).__name__
+
+
+def check_int(value, name, *, lo=None, hi=None):
+    """An integer (bool excluded) with lo <= value < hi."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an integer, got {_desc(value)}")
+    value = int(value)
+    if (lo is not None and value < lo) or (hi is not None and value >= hi):
+        rng = f"{'' if lo is None else f'{lo} <= '}{name}{'' if hi is None else f' < {hi}'}"
+        raise ValueError(f"{name}: expected {rng}, got {value}")
+    return value
+
+
+def check_positive_int(value, name, upper=None):
+    return check_int(value, name, lo=1, hi=upper)
+
+
+def check_seed(seed):
+    return check_int(seed, "seed", lo=0, hi=_U64)
+
+
+def check_key(value, name):
+    """Any 64-bit integer, signed or unsigned, as its unsigned bit pattern."""
+    return check_int(value, name, lo=-(1 << 63), hi=_U64) % _U64
+
+
+def check_float(value, name, *, positive=False, nonneg=False):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {_desc(value)}")
+    value = float(value)
+    if not np.isfinite(value) or (positive and value <= 0) or (nonneg and value < 0):
+        want = "a finite number" + (" > 0" if positive else " >= 0" if nonneg else "")
+        raise ValueError(f"{name}: expected {want}, got {value}")
+    return value
+
+
+def check_mode(mode):
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {', '.join(map(repr, MODES))}, got {mode!r}")
+    return MODES.index(mode)
+
+
+def _as_array(x, name):
+    if isinstance(x, np.ndarray):
+        return x
+    if isinstance(x, (list, tuple, numbers.Number)):
+        return np.asarray(x)
+    raise TypeError(f"{name}: expected a numpy.ndarray, got {_desc(x)}")
+
+
+def as_keys(x, name):
+    """Integer tokens of any 64-bit type (uint64 kept as its bit pattern)."""
+    x = _as_array(x, name)
+    if x.dtype == np.uint64:
+        x = x.view(np.int64)
+    if x.dtype not in _INDEX_DTYPES:
+        if x.size == 0 and x.dtype == np.float64:   # np.asarray([]) is float64
+            x = x.astype(np.int64)
+        else:
+            raise TypeError(f"{name}: expected an int32, int64 or uint64 array, got dtype {x.dtype}")
+    return np.ascontiguousarray(x)
+
+
+def as_float(x, name, dtype=None):
+    x = _as_array(x, name)
+    if x.dtype.kind != "f":
+        raise TypeError(f"{name}: expected a floating-point array, got dtype {x.dtype}")
+    return np.ascontiguousarray(x, dtype=dtype or (x.dtype if x.dtype in _FLOAT_DTYPES
+                                                   else np.float32))
+
+
+def check_scheme(scheme):
+    from .schemes import Scheme
+    if not isinstance(scheme, Scheme):
+        raise TypeError(f"scheme: expected a hashemb scheme (RobeZ, HashedNet, FullTable, ...), "
+                        f"got {_desc(scheme)}")
+    return scheme
+
+
+def weight_dtype(weight):
+    if not isinstance(weight, np.ndarray):
+        raise TypeError(f"weight: expected a numpy.ndarray, got {_desc(weight)}")
+    if weight.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"weight: expected a float32 or float64 array, got dtype {weight.dtype}")
+    return weight.dtype
+
+
+def as_weight(weight, scheme, *, writable=False):
+    """The array as a flat contiguous vector of scheme.size floats. writable=True:
+    a view of the caller's memory (in-place updates), so it must be C-contiguous."""
+    weight_dtype(weight)
+    if weight.shape not in ((scheme.size,), scheme.weight_shape):
+        want = " or ".join(sorted({str((scheme.size,)), str(scheme.weight_shape)}))
+        raise ValueError(f"weight: expected shape {want}, got {weight.shape}")
+    if writable:
+        if not weight.flags.c_contiguous or not weight.flags.writeable:
+            raise ValueError("weight: expected a writeable C-contiguous array for an in-place "
+                             "optimizer update, got a non-contiguous or read-only one")
+        return weight.reshape(-1)
+    return np.ascontiguousarray(weight).reshape(-1)
+
+
+def check_table(table, scheme, name="table"):
+    table = check_int(table, name, lo=0, hi=1 << 61)
+    if scheme.num_tables is not None and table >= scheme.num_tables:
+        raise ValueError(f"{name}: expected 0 <= {name} < {scheme.num_tables} "
+                         f"(the scheme's tables), got {table}")
+    return table
+
+
+def bags(k, indices, offsets, per_sample_weights, *, scheme, mode, dtype, table0=0,
+         num_tables=1, include_last_offset=False, padding_idx=None):
+    """Normalise a bag batch: flat contiguous indices, int64 offsets of length
+    T*B+1, per-sample weights of the compute dtype (empty: none)."""
+    mode = check_mode(mode)
+    T = num_tables
+    idx = as_keys(indices, "indices")
+    if idx.ndim == 2:
+        if offsets is not None:
+            raise ValueError(f"offsets: expected None when indices is 2-D (B, N), got {_desc(offsets)}")
+        if T == 1:
+            B, N = idx.shape
+            off = np.arange(0, B * N + 1, max(N, 1), dtype=np.int64) if N else np.zeros(B + 1, np.int64)
+            flat = idx.reshape(-1)
+        else:
+            if idx.shape[1] != T:
+                raise ValueError(f"indices: expected shape (B, num_tables={T}) for 2-D input, "
+                                 f"got {idx.shape}")
+            B = idx.shape[0]
+            off = np.arange(T * B + 1, dtype=np.int64)
+            flat = np.ascontiguousarray(idx.T).reshape(-1)   # feature-major
+        if per_sample_weights is not None:
+            psw = _as_array(per_sample_weights, "per_sample_weights")
+            if psw.shape != idx.shape:
+                raise ValueError(f"per_sample_weights: expected shape {idx.shape} (as indices), "
+                                 f"got {psw.shape}")
+            per_sample_weights = psw if T == 1 else psw.T
+        idx = flat
+    elif idx.ndim == 1:
+        if offsets is None:
+            raise ValueError("offsets: expected a 1-D int32/int64 array when indices is 1-D, got None")
+        off = _as_array(offsets, "offsets")
+        if off.dtype not in _INDEX_DTYPES:
+            raise TypeError(f"offsets: expected an int32 or int64 array, got dtype {off.dtype}")
+        if off.ndim != 1:
+            raise ValueError(f"offsets: expected a 1-D array, got shape {off.shape}")
+        off = np.ascontiguousarray(off, dtype=np.int64)
+        if T > 1 or include_last_offset:
+            if off.shape[0] < 1:
+                raise ValueError("offsets: expected at least one offset (B + 1 with the last), got none")
+        else:
+            off = np.concatenate([off, np.array([idx.shape[0]], np.int64)])
+        bad = k.offsets_problem(off, idx.shape[0])
+        if bad == 0:
+            raise ValueError(f"offsets[0]: expected 0, got {off[0]}")
+        if bad > 0 and off[bad] < off[bad - 1]:
+            raise ValueError(f"offsets: expected non-decreasing values, got offsets[{bad}]="
+                             f"{off[bad]} < offsets[{bad - 1}]={off[bad - 1]}")
+        if bad > 0:
+            raise ValueError(f"offsets: expected values <= len(indices) = {idx.shape[0]}, "
+                             f"got {off[bad]}")
+        if (off.shape[0] - 1) % T:
+            raise ValueError(f"offsets: expected length num_tables * B + 1 = {T} * B + 1, "
+                             f"got {off.shape[0]}")
+        B = (off.shape[0] - 1) // T
+    else:
+        raise ValueError(f"indices: expected a 1-D or 2-D array, got shape {idx.shape}")
+
+    if per_sample_weights is None:
+        psw = np.empty(0, dtype)
+    else:
+        if mode != 0:
+            raise ValueError(f"per_sample_weights: expected None with mode={MODES[mode]!r} "
+                             "(only mode='sum' takes weights), got an array")
+        psw = as_float(per_sample_weights, "per_sample_weights", dtype).reshape(-1)
+        if psw.shape[0] != idx.shape[0]:
+            raise ValueError(f"per_sample_weights: expected {idx.shape[0]} weights (one per "
+                             f"index), got {psw.shape[0]}")
+
+    has_pad, pad = padding_idx is not None, 0
+    if has_pad:
+        pad = check_int(padding_idx, "padding_idx", lo=-(1 << 63), hi=1 << 63)
+        if scheme.num_tables is not None and scheme.table_sizes is not None and T == 1:
+            n = scheme.table_sizes[table0]
+            pad = check_int(pad, "padding_idx", lo=-n, hi=n) % n
+
+    bounds = scheme._bounds(table0, T)
+    if bounds is not None and idx.shape[0]:
+        bad = k.index_problem(idx, off, B, T, bounds, has_pad, pad)
+        if bad >= 0:
+            t = int(np.searchsorted(off, bad, side="right") - 1) // max(B, 1)
+            raise IndexError(f"indices[{bad}]: expected 0 <= index < {bounds[t]} "
+                             f"(table {table0 + t}), got {idx[bad]}")
+    return Bags(idx, off, psw, B, T, mode, has_pad, pad)
+
+
+def as_grad(grad_output, shape, dtype):
+    g = as_float(grad_output, "grad_output", dtype)
+    if g.shape != shape:
+        raise ValueError(f"grad_output: expected shape {shape}, got {g.shape}")
+    return g

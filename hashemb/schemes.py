@@ -1,0 +1,339 @@
+"""Slot schemes: how (table e, token x, element i) maps into the array M.
+
+Each scheme is a few integers and small coefficient arrays that the C header
+hashemb/slots.h turns into run starts; the bag kernels are shared by all.
+"""
+import numpy as np
+
+from . import _validate as V
+from ._backend import kernels
+from .hashing import P, UniversalHash
+
+# kinds of hashemb/_include/hashemb/slots.h
+_FULL, _ROBE, _ROBE_WIDE, _ROBE_REF, _HNET_REF = range(5)
+_INT64_MAX = np.iinfo(np.int64).max
+
+ROBE_REF_P = 2038074743
+HNET_REF = (9824516537, 57857966300227, 104729, 117130198221199)
+
+
+class Scheme:
+    """Base of every slot scheme (see :class:`RobeZ`, :class:`HashedNet`,
+    :class:`FullTable`).
+
+    Attributes
+    ----------
+    size : int
+        Floats in the array M.
+    dim : int
+        Embedding width D.
+    weight_shape : tuple
+        Shape of the array that :meth:`init_weight` makes and backward returns.
+    num_tables : int or None
+        Tables with a size (tokens range-checked), or None: any table id.
+    """
+
+    _signed = False
+    _rows = 1
+    _ref_p = 0
+    _nonneg = False      # tokens must be >= 0 (reference maps)
+    num_tables = None
+    table_sizes = None
+
+    def _setup(self, kind, size, dim, run, mod, coef):
+        self._kind, self.size, self.dim, self._run, self._mod = kind, size, dim, run, mod
+        self._coef = np.asarray(coef, dtype=np.uint64)
+        if not hasattr(self, "_sign_coef"):
+            self._sign_coef = np.zeros(1, np.uint64)
+        if not hasattr(self, "_run_coef"):
+            self._run_coef = np.zeros(1, np.uint64)
+        if not hasattr(self, "_table_base"):
+            self._table_base = np.zeros(1, np.int64)
+        self._sized = self.table_sizes is not None
+        self._view_cache = None
+
+    @property
+    def weight_shape(self):
+        return (self.size,)
+
+    def _bounds(self, table0, T):
+        """Per-table token bounds [0, n) for tables table0.., or None (any token)."""
+        if self.table_sizes is not None:
+            return np.array(self.table_sizes[table0:table0 + T], np.int64)
+        return np.full(T, _INT64_MAX, np.int64) if self._nonneg else None
+
+    @property
+    def _view(self):
+        if self._view_cache is None:
+            self._view_cache = kernels().SchemeView(self)
+        return self._view_cache
+
+    def _tokens(self, indices, table):
+        idx = V.as_keys(indices, "indices")
+        table = V.check_table(table, self)
+        flat = idx.reshape(-1)
+        bounds = self._bounds(table, 1)
+        if bounds is not None and flat.size:
+            n = bounds[0]
+            bad = np.flatnonzero((flat < 0) | (flat >= n))
+            if bad.size:
+                raise IndexError(f"indices[{bad[0]}]: expected 0 <= index < {n} (table {table}), "
+                                 f"got {flat[bad[0]]}")
+        return idx, flat, np.full(flat.shape[0], table, np.int64)
+
+    def slots(self, indices, table=0):
+        """Slots of every element: int64 array of shape ``indices.shape + (dim,)``
+        with values in ``[0, size)`` (for tests and analysis; the bag kernels
+        compute slots on the fly and never build this array)."""
+        idx, flat, tables = self._tokens(indices, table)
+        out = np.empty((flat.shape[0], self.dim), np.int64)
+        kernels().slots(self._view, flat, tables, out)
+        return out.reshape(idx.shape + (self.dim,))
+
+    def signs(self, indices, table=0):
+        """Signs of every element, float32 +-1 of shape ``indices.shape + (dim,)``
+        (all ones for an unsigned scheme)."""
+        idx, flat, tables = self._tokens(indices, table)
+        out = np.empty((flat.shape[0], self.dim), np.float32)
+        kernels().signs(self._view, flat, tables, out)
+        return out.reshape(idx.shape + (self.dim,))
+
+    def init_weight(self, seed=0, dtype=np.float32, scale=None):
+        """A new array of ``weight_shape``, uniform on ``[-scale, scale]``.
+
+        ``scale`` defaults to ``1/sqrt(rows)`` for a FullTable (rows of its first
+        table, as torch's DLRM does) and ``1/sqrt(dim)`` for a shared array.
+        """
+        rng = np.random.default_rng(V.check_seed(seed))
+        if scale is None:
+            scale = self._default_scale()
+        scale = V.check_float(scale, "scale", nonneg=True)
+        return rng.uniform(-scale, scale, self.weight_shape).astype(dtype)
+
+    def _default_scale(self):
+        return 1.0 / np.sqrt(self.dim)
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self._state() == other._state()
+
+    def __hash__(self):
+        return hash(self._state())
+
+    def _state(self):
+        return (self._kind, self.size, self.dim, self._run, self._mod, self._signed,
+                tuple(self._coef.tolist()), self._rows,
+                None if self.table_sizes is None else tuple(self.table_sizes))
+
+
+def _check_block(block, dim, name="block"):
+    block = V.check_positive_int(block, name)
+    if block % dim and dim % block:
+        raise ValueError(f"{name}: expected a divisor or a multiple of dim={dim}, got {block}")
+    return block
+
+
+def _size_dim(size, dim, block=1):
+    size = V.check_positive_int(size, "size", upper=1 << 61)
+    dim = V.check_positive_int(dim, "dim", upper=1 << 20)
+    return size, dim
+
+
+class RobeZ(Scheme):
+    r"""ROBE-Z: random offset block embedding array.
+
+    Every embedding is cut into blocks of :math:`Z` consecutive elements; a block
+    is read contiguously from a hashed offset of the circular array :math:`M`
+    of :math:`m` floats, shared by all tables (the table id is hashed):
+
+    .. math::
+
+        Z \le D:\quad \mathrm{slot}(e,x,i) = (h(e, x, \lfloor i/Z \rfloor) + i \bmod Z) \bmod m
+
+        Z > D:\quad \mathrm{slot}(e,x,i) = (h(e, \lfloor x/r \rfloor, 0) + (x \bmod r) D + i) \bmod m,
+        \quad r = Z/D
+
+    with ``h`` the :class:`UniversalHash` of ``seed``. ``wrap=False`` reads
+    :math:`h \bmod (m - Z + 1)` instead, so a block never wraps past the end.
+    ``signed=True`` multiplies element ``i`` by the sign hash ``g(e, x, i)``
+    (the variant the ROBE paper analyses). Range reduction ``v mod m`` uses a
+    precomputed reciprocal (``q = mulhi(v, floor((2^64-1)/m))`` and one
+    correction), exact and free of division instructions.
+
+    Parameters
+    ----------
+    size : int
+        Floats in the shared array, ``m >= block``.
+    dim : int
+        Embedding width D.
+    block : int, optional
+        Z; a divisor or a multiple of ``dim``. Default ``dim`` (ROBE-D: one
+        contiguous run per row, the fewest cache lines per lookup).
+    seed : int
+        Seed of the universal hash.
+    signed : bool
+    wrap : bool
+
+    Examples
+    --------
+    >>> import numpy as np, hashemb as he
+    >>> robe = he.RobeZ(1000, 16, block=4, seed=0)
+    >>> s = robe.slots(np.array([7]))[0]
+    >>> bool(((s[1:4] - s[0]) % 1000 == [1, 2, 3]).all())   # a block is contiguous
+    True
+    """
+
+    def __init__(self, size, dim, block=None, seed=0, signed=False, wrap=True):
+        size, dim = _size_dim(size, dim)
+        block = _check_block(dim if block is None else block, dim)
+        if size < block:
+            raise ValueError(f"size: expected size >= block = {block}, got {size}")
+        self.block, self.seed, self.wrap = block, V.check_seed(seed), bool(wrap)
+        self._signed = bool(signed)
+        self.hash = UniversalHash(self.seed)
+        coef = [int(c) for c in self.hash.coef]
+        self._sign_coef = np.array([coef[6] * i % P for i in range(dim)], np.uint64)
+        mod = size if wrap else size - block + 1
+        if block <= dim:
+            self._run_coef = np.array([coef[2] * k % P for k in range(dim // block)], np.uint64)
+            self._setup(_ROBE, size, dim, block, mod, coef)
+        else:
+            self._rows = block // dim
+            self._setup(_ROBE_WIDE, size, dim, dim, mod, coef)
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(size={self.size}, dim={self.dim}, block={self.block}, "
+                f"seed={self.seed}, signed={self._signed}, wrap={self.wrap})")
+
+    @property
+    def signed(self):
+        return self._signed
+
+    @classmethod
+    def reference(cls, size, dim, block=1, seed=1024, table_sizes=None):
+        """The ROBE authors' exact index map, bit for bit.
+
+        ``R = numpy.random.RandomState(seed).randint(0, P, 50)`` with
+        ``P = 2038074743``; global token ``x = token + rows of earlier tables``
+        (``table_sizes``; without it only table 0 exists);
+        ``key(x, c) = (R[2] x + R[1] c + R[0]) mod P`` with ``c = i // Z``;
+        ``slot = key mod (m - Z + 1) + i mod Z``: blocks never wrap, the table
+        id is not hashed, tokens are non-negative.
+        """
+        return _RobeReference(size, dim, block, seed, table_sizes)
+
+
+class _RobeReference(RobeZ):
+    def __init__(self, size, dim, block, seed, table_sizes):
+        size, dim = _size_dim(size, dim)
+        block = _check_block(block, dim)
+        if size < block:
+            raise ValueError(f"size: expected size >= block = {block}, got {size}")
+        self.block, self.seed, self.wrap = block, V.check_seed(seed), False
+        R = np.random.RandomState(self.seed).randint(0, ROBE_REF_P, size=50)
+        _set_tables(self, table_sizes)
+        self._ref_p = ROBE_REF_P
+        self._setup(_ROBE_REF, size, dim, min(block, dim), size - block + 1,
+                    [int(R[0]), int(R[1]), int(R[2]), 0, 0, 0, 0, 0])
+
+    def __repr__(self):
+        return (f"RobeZ.reference(size={self.size}, dim={self.dim}, block={self.block}, "
+                f"seed={self.seed}, table_sizes={self.table_sizes})")
+
+
+def _set_tables(scheme, table_sizes):
+    """Tables with sizes (range-checked), or one table of non-negative tokens."""
+    if table_sizes is None:
+        scheme.num_tables, scheme._nonneg = 1, True
+        return
+    if isinstance(table_sizes, (int, np.integer)):
+        table_sizes = [table_sizes]
+    sizes = [V.check_positive_int(n, "num_embeddings", upper=1 << 62) for n in table_sizes]
+    if not sizes:
+        raise ValueError("num_embeddings: expected at least one table size, got []")
+    scheme.table_sizes = sizes
+    scheme.num_tables = len(sizes)
+    scheme._table_base = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+
+
+class HashedNet(RobeZ):
+    r"""HashedNet element-wise hashing: ROBE-Z with ``Z = 1``.
+
+    .. math:: \mathrm{slot}(e,x,i) = h(e, x, i) \bmod m
+
+    Examples
+    --------
+    >>> import numpy as np, hashemb as he
+    >>> hn = he.HashedNet(100, 8, seed=3)
+    >>> hn.slots(np.array([1, 2])).shape
+    (2, 8)
+    """
+
+    def __init__(self, size, dim, seed=0, signed=False):
+        super().__init__(size, dim, block=1, seed=seed, signed=signed)
+
+    def __repr__(self):
+        return f"HashedNet(size={self.size}, dim={self.dim}, seed={self.seed}, signed={self._signed})"
+
+    @classmethod
+    def reference(cls, size, dim):
+        """Seed 000's HashedEmbeddingBag hash, bit for bit (uint64 arithmetic):
+        ``slot(r, d) = ((r*9824516537 + d*57857966300227 + 104729)
+        mod 117130198221199) mod size``. No seed; the table id is not hashed
+        (the original keeps one buffer per table); tokens are non-negative."""
+        return _HashedNetReference(size, dim)
+
+
+class _HashedNetReference(HashedNet):
+    def __init__(self, size, dim):
+        size, dim = _size_dim(size, dim)
+        self.block, self.seed, self.wrap = 1, 0, True
+        _set_tables(self, None)
+        self.num_tables = None          # any table id: it is not hashed
+        self._ref_p = HNET_REF[3]
+        self._setup(_HNET_REF, size, dim, 1, size, [HNET_REF[0], HNET_REF[1], HNET_REF[2],
+                                                    0, 0, 0, 0, 0])
+
+    def __repr__(self):
+        return f"HashedNet.reference(size={self.size}, dim={self.dim})"
+
+
+class FullTable(Scheme):
+    r"""The uncompressed baseline through the same kernels.
+
+    .. math:: \mathrm{slot}(e, x, i) = (\textstyle\sum_{e' < e} n_{e'} + x)\, D + i
+
+    Parameters
+    ----------
+    num_embeddings : int or list of int
+        Rows of one table, or of several tables laid out one after another.
+    dim : int
+
+    Examples
+    --------
+    >>> import numpy as np, hashemb as he
+    >>> full = he.FullTable([3, 5], 4)
+    >>> full.size, full.weight_shape
+    (32, (8, 4))
+    >>> int(full.slots(np.array([1]), table=1)[0, 0])   # row 3 + 1 of the array
+    16
+    """
+
+    def __init__(self, num_embeddings, dim):
+        dim = V.check_positive_int(dim, "dim", upper=1 << 20)
+        _set_tables(self, num_embeddings)
+        rows = sum(self.table_sizes)
+        if rows * dim >= 1 << 61:
+            raise ValueError(f"num_embeddings: expected rows * dim < 2**61, got {rows} * {dim}")
+        self.num_embeddings = rows
+        self._setup(_FULL, rows * dim, dim, dim, rows * dim, [0] * 8)
+
+    def __repr__(self):
+        n = self.table_sizes[0] if len(self.table_sizes) == 1 else self.table_sizes
+        return f"FullTable({n}, {self.dim})"
+
+    @property
+    def weight_shape(self):
+        return (self.num_embeddings, self.dim)
+
+    def _default_scale(self):
+        return 1.0 / np.sqrt(self.table_sizes[0])

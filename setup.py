@@ -1,0 +1,71 @@
+"""Declares the Cython extensions; everything else is in setup.cfg / pyproject.toml.
+
+Environment switches:
+  HASHEMB_DEBUG=1    bounds checks on in every kernel (slow; for debugging)
+  HASHEMB_NATIVE=1   -march=native (faster on this machine, not portable)
+  HASHEMB_NO_OPENMP=1  build single-threaded kernels
+"""
+import os
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import warnings
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def openmp_flags():
+    """-fopenmp if the compiler links a test program with it, else none (loudly)."""
+    if os.environ.get("HASHEMB_NO_OPENMP"):
+        return []
+    cc = sysconfig.get_config_var("CC") or "cc"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "t.c")
+        with open(src, "w") as f:
+            f.write("#include <omp.h>\nint main(void){return omp_get_max_threads() < 1;}\n")
+        cmd = cc.split() + ["-fopenmp", src, "-o", os.path.join(tmp, "t")]
+        try:
+            ok = subprocess.run(cmd, capture_output=True).returncode == 0
+        except OSError:
+            ok = False
+    if not ok:
+        warnings.warn("hashemb: the C compiler has no OpenMP; kernels run on one thread")
+        return []
+    return ["-fopenmp"]
+
+
+omp = openmp_flags()
+cflags = ["-O3", "-fno-strict-aliasing"] + omp
+if os.environ.get("HASHEMB_NATIVE"):
+    cflags.append("-march=native")
+debug = bool(os.environ.get("HASHEMB_DEBUG"))
+
+extensions = [
+    Extension(
+        f"hashemb._cpu.{name}",
+        [f"hashemb/_cpu/{name}.pyx"],
+        include_dirs=[os.path.join(HERE, "hashemb", "_include"),
+                      os.path.join(HERE, "hashemb", "_cpu")],
+        extra_compile_args=cflags,
+        extra_link_args=omp,
+    )
+    for name in ("_slots", "_bag")
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        compiler_directives={
+            "language_level": 3,
+            "boundscheck": debug,
+            "wraparound": False,
+            "cdivision": True,
+            "initializedcheck": debug,
+            "embedsignature": True,
+        },
+    ),
+)
