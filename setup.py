@@ -39,7 +39,7 @@ def openmp_flags():
 
 
 omp = openmp_flags()
-cflags = ["-O3", "-fno-strict-aliasing"] + omp
+cflags = ["-O3"] + omp
 if os.environ.get("HASHEMB_NATIVE"):
     cflags.append("-march=native")
 debug = bool(os.environ.get("HASHEMB_DEBUG"))

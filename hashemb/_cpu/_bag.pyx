@@ -13,6 +13,7 @@ from cython.parallel cimport prange, parallel, threadid
 from libc.math cimport sqrt
 from libc.stdint cimport int32_t, int64_t, uint64_t
 from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy
 
 from hashemb._cpu._slots cimport (SchemeView, he_scheme, he_row, he_row_begin,
                                   he_run_start, he_run_slot, he_sign,
@@ -42,58 +43,171 @@ def num_threads():
     return he_max_threads()
 
 
-cdef inline void _add_row(const he_scheme* s, const he_row* row, const real* M,
-                          real w, real* o, int first, int mode) noexcept nogil:
-    """o[i] (+)= w * E(x)[i] for one row; max mode keeps the running maximum."""
-    cdef int64_t D = s.dim, L = s.run, k, i
+cdef extern from *:
+    """
+    #define he_prefetch(p) __builtin_prefetch((const void*)(p), 0, 1)
+    """
+    void he_prefetch(const void* p) noexcept nogil
+
+DEF CHUNK = 32      # samples per parallel work item (its output stays in L2)
+DEF AHEAD = 8       # fast path: rows hashed (and prefetched) this far ahead
+DEF MAXR = 64       # fast path: at most this many runs per row
+
+
+cdef inline void _copy_run(real* dst, const real* src, int64_t L) noexcept nogil:
+    """dst[:L] = src[:L], with fixed-size loops for the common runs (unrolled and
+    vectorised: a 64-byte run is a few vector moves, no call)."""
+    cdef int64_t i
+    if L == 16:
+        for i in range(16):
+            dst[i] = src[i]
+    elif L == 32:
+        for i in range(32):
+            dst[i] = src[i]
+    elif L == 8:
+        for i in range(8):
+            dst[i] = src[i]
+    elif L == 64:
+        for i in range(64):
+            dst[i] = src[i]
+    else:
+        for i in range(L):
+            dst[i] = src[i]
+
+
+cdef inline void _gather_row(const he_scheme* s, const he_row* row, const real* M,
+                             real w, real* o, int first, int mode) noexcept nogil:
+    """o[i] = / += / max= w * E(x)[i] for one row."""
+    cdef int64_t L = s.run, k, i
     cdef uint64_t st
     cdef const real* src
     cdef real* ok
     cdef real v
-    for k in range(D // L):
+    for k in range(s.runs):
         st = he_run_start(s, row, k)
         ok = o + k * L
         if mode != MAX and not s.is_signed and st + <uint64_t>L <= s.size:
-            # the hot path: one contiguous run, no sign, no wrap
-            src = M + st
-            for i in range(L):
-                ok[i] += w * src[i]
+            src = M + st          # one contiguous run, no sign, no wrap
+            if first:
+                for i in range(L):
+                    ok[i] = w * src[i]
+            else:
+                for i in range(L):
+                    ok[i] += w * src[i]
         else:
             for i in range(L):
                 v = he_sign(s, row, k * L + i) * M[he_run_slot(s, st, i)]
                 if mode == MAX:
                     if first or v > ok[i]:
                         ok[i] = v
+                elif first:
+                    ok[i] = w * v
                 else:
                     ok[i] += w * v
+
+
+cdef inline void _bag(const he_scheme* s, const index_t* idx, int64_t j0, int64_t j1,
+                      const real* M, const real* psw, real* o, int64_t table, int mode,
+                      bint has_pad, int64_t pad) noexcept nogil:
+    """o = pool of one bag (entries j0..j1-1), the general case."""
+    cdef int64_t j, i, cnt = 0, D = s.dim
+    cdef he_row row
+    for j in range(j0, j1):
+        if has_pad and idx[j] == pad:
+            continue
+        row = he_row_begin(s, table, idx[j])
+        _gather_row(s, &row, M, psw[j] if psw != NULL else 1, o, cnt == 0, mode)
+        cnt += 1
+    if cnt == 0:
+        for i in range(D):
+            o[i] = 0
+    elif mode == MEAN and cnt > 1:
+        for i in range(D):
+            o[i] = o[i] / cnt
+
+
+cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* off,
+                         const real* M, const real* psw, real* out, int64_t B,
+                         int64_t T, int64_t ostride, int64_t table0, int mode,
+                         bint has_pad, int64_t pad, int64_t b0, int64_t b1,
+                         uint64_t* ring) noexcept nogil:
+    """Bags of samples b0..b1-1, table by table. A single-entry bag (one token
+    per table per sample: the DLRM/Criteo case) of an unsigned scheme is copied
+    straight from the array, its runs hashed AHEAD bags early and prefetched:
+    the gathers are latency-bound, the hashes are not. Every other bag takes
+    the general loop."""
+    cdef int64_t D = s.dim, L = s.run, R = s.runs, t, b, c, j, k, i, q, n = b1 - b0
+    cdef uint64_t m = s.size
+    cdef uint64_t* r
+    cdef real* o
+    cdef he_row row
+    cdef bint fast = (ring != NULL and psw == NULL and not has_pad and mode != MAX
+                      and not s.is_signed)
+    for t in range(T):
+        if not fast:
+            for b in range(n):
+                q = t * B + b0 + b
+                _bag(s, idx, off[q], off[q + 1], M, psw, out + b * ostride + t * D,
+                     table0 + t, mode, has_pad, pad)
+            continue
+        for c in range(n + AHEAD):
+            if c >= AHEAD:      # gather bag c - AHEAD (its runs were hashed before)
+                b = c - AHEAD
+                j = off[t * B + b0 + b]
+                o = out + b * ostride + t * D
+                if off[t * B + b0 + b + 1] - j == 1:
+                    r = ring + (b % AHEAD) * R
+                    for k in range(R):
+                        if r[k] + <uint64_t>L <= m:
+                            _copy_run(o + k * L, M + r[k], L)
+                        else:
+                            for i in range(L):
+                                o[k * L + i] = M[he_run_slot(s, r[k], i)]
+                else:
+                    _bag(s, idx, j, off[t * B + b0 + b + 1], M, psw, o, table0 + t,
+                         mode, has_pad, pad)
+            if c < n:           # hash bag c's first row, prefetch its runs
+                j = off[t * B + b0 + c]
+                if off[t * B + b0 + c + 1] > j:
+                    row = he_row_begin(s, table0 + t, idx[j])
+                    r = ring + (c % AHEAD) * R
+                    for k in range(R):
+                        r[k] = he_run_start(s, &row, k)
+                        he_prefetch(M + r[k])
+                        he_prefetch(M + r[k] + L - 1)
+
+
+cdef inline void _copy_rows(real* dst, int64_t dstride, const real* src, int64_t width,
+                           int64_t n) noexcept nogil:
+    cdef int64_t r
+    if dstride == width:
+        memcpy(dst, src, n * width * sizeof(real))
+    else:
+        for r in range(n):
+            memcpy(dst + r * dstride, src + r * width, width * sizeof(real))
 
 
 cdef void _forward(const he_scheme* s, const index_t* idx, const int64_t* off,
                    const real* M, const real* psw, real* out, int64_t B, int64_t T,
                    int64_t ostride, int64_t table0, int mode, bint has_pad,
                    int64_t pad) noexcept nogil:
-    cdef int64_t b, t, j, i, cnt, D = s.dim
-    cdef int64_t x
-    cdef real w
-    cdef real* o
-    cdef he_row row
-    for b in prange(B, schedule='static', nogil=True):
-        for t in range(T):
-            o = out + b * ostride + t * D
-            for i in range(D):
-                o[i] = 0
-            cnt = 0
-            for j in range(off[t * B + b], off[t * B + b + 1]):
-                x = idx[j]
-                if has_pad and x == pad:
-                    continue
-                w = psw[j] if psw != NULL else 1
-                row = he_row_begin(s, table0 + t, x)
-                _add_row(s, &row, M, w, o, cnt == 0, mode)
-                cnt = cnt + 1
-            if mode == MEAN and cnt > 1:
-                for i in range(D):
-                    o[i] = o[i] / cnt
+    cdef int64_t c, b0, nb, nchunks = (B + CHUNK - 1) // CHUNK, width = T * s.dim
+    cdef uint64_t* ring
+    cdef real* buf
+    with parallel():
+        ring = <uint64_t*>malloc(AHEAD * s.runs * sizeof(uint64_t)) if s.runs <= MAXR else NULL
+        buf = <real*>malloc(CHUNK * width * sizeof(real))
+        for c in prange(nchunks, schedule='static'):
+            # pool into a cache-resident buffer, then write the chunk's output rows
+            # in one sequential sweep (scattered stores into a large output stall
+            # on read-for-ownership misses)
+            b0 = c * CHUNK
+            nb = min(B - b0, CHUNK)
+            _forward_chunk(s, idx, off, M, psw, buf, B, T, width, table0, mode,
+                           has_pad, pad, b0, b0 + nb, ring)
+            _copy_rows(out + b0 * ostride, ostride, buf, width, nb)
+        free(ring)
+        free(buf)
 
 
 def forward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offsets,
@@ -187,7 +301,7 @@ cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* 
                 if has_pad and x == pad:
                     continue
                 row = he_row_begin(s, table0 + t, x)
-                for k in range(D // L):
+                for k in range(s.runs):
                     _visit(s, &row, k, 0, L, g + k * L,
                            w * psw[j] if (psw != NULL and act == ACT_ADD) else w,
                            target, scratch, state, eps, lo, hi, act)
@@ -209,7 +323,7 @@ cdef void _argmax(const he_scheme* s, const index_t* idx, const int64_t* off,
             if has_pad and idx[j] == pad:
                 continue
             row = he_row_begin(s, table0 + q // B, idx[j])
-            for k in range(D // L):
+            for k in range(s.runs):
                 st = he_run_start(s, &row, k)
                 for i in range(k * L, k * L + L):
                     v = he_sign(s, &row, i) * M[he_run_slot(s, st, i - k * L)]

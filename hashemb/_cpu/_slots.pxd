@@ -11,6 +11,7 @@ cdef extern from "hashemb/slots.h" nogil:
         int32_t is_signed
         int64_t dim
         int64_t run
+        int64_t runs
         uint64_t size
         uint64_t mod
         uint64_t mod_inv

@@ -16,6 +16,7 @@ cdef class SchemeView:
         self.s.is_signed = scheme._signed
         self.s.dim = scheme.dim
         self.s.run = scheme._run
+        self.s.runs = scheme.dim // scheme._run
         self.s.size = scheme.size
         self.s.mod = scheme._mod
         self.s.mod_inv = reciprocal(self.s.mod)
@@ -45,12 +46,12 @@ def slots(SchemeView sv, const index_t[::1] tokens, const int64_t[::1] tables,
           int64_t[:, ::1] out):
     """out[n, i] = slot(tables[n], tokens[n], i) for every element i < D."""
     cdef const he_scheme* s = &sv.s
-    cdef int64_t n, k, i, L = s.run, D = s.dim
+    cdef int64_t n, k, i, L = s.run
     cdef uint64_t st
     cdef he_row row
     for n in prange(tokens.shape[0], nogil=True, schedule='static'):
         row = he_row_begin(s, tables[n], tokens[n])
-        for k in range(D // L):
+        for k in range(s.runs):
             st = he_run_start(s, &row, k)
             for i in range(L):
                 out[n, k * L + i] = <int64_t>he_run_slot(s, st, i)

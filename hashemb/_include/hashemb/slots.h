@@ -26,6 +26,8 @@ typedef int int32_t;
 
 #if defined(__CUDACC__)
 #define HE_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define HE_HD static inline __attribute__((always_inline))  /* hot-loop helpers */
 #else
 #define HE_HD static inline
 #endif
@@ -55,6 +57,7 @@ typedef struct he_scheme {
     int32_t is_signed;      /* multiply element i by g(e, x, i) in {+1, -1}     */
     int64_t dim;            /* D                                               */
     int64_t run;            /* L: elements per contiguous run (divides D)      */
+    int64_t runs;           /* D / L, so that no kernel divides per row        */
     uint64_t size;          /* m: floats in the array                          */
     uint64_t mod;           /* divisor of the run-start hash: m, or m - Z + 1  */
     uint64_t mod_inv;       /* floor((2^64 - 1) / mod), for he_fastmod         */

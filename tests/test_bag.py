@@ -1,0 +1,224 @@
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import hashemb as he
+from reference import bag_backward, bag_forward
+
+
+def make_scheme(kind, dim, seed, ntables=3):
+    if kind == "robe":
+        return he.RobeZ(97, dim, block=max(1, dim // 2), seed=seed)
+    if kind == "robe-signed":
+        return he.RobeZ(61, dim, block=dim, seed=seed, signed=True)
+    if kind == "robe-wide":
+        return he.RobeZ(53, dim, block=2 * dim, seed=seed, wrap=seed % 2 == 0)
+    if kind == "hnet":
+        return he.HashedNet(40, dim, seed=seed, signed=seed % 2 == 0)
+    if kind == "hnet-ref":
+        return he.HashedNet.reference(45, dim)
+    if kind == "robe-ref":
+        return he.RobeZ.reference(70, dim, block=dim, table_sizes=[9] * ntables)
+    return he.FullTable([9, 5, 7][:ntables], dim)
+
+
+KINDS = ["robe", "robe-signed", "robe-wide", "hnet", "hnet-ref", "robe-ref", "full"]
+
+
+@st.composite
+def batches(draw, multi=False):
+    kind = draw(st.sampled_from(KINDS))
+    dim = draw(st.sampled_from([1, 2, 4, 6, 8]))
+    T = draw(st.integers(1, 3)) if multi else 1
+    scheme = make_scheme(kind, dim, draw(st.integers(0, 9)), ntables=3)
+    table0 = 0 if multi else draw(st.integers(0, 2))
+    B = draw(st.integers(0, 6))
+    hi = 5 if kind in ("full", "robe-ref") else 2**40
+    sizes = draw(st.lists(st.integers(0, 4), min_size=T * B, max_size=T * B))
+    idx = np.array(draw(st.lists(st.integers(0, hi - 1), min_size=sum(sizes),
+                                 max_size=sum(sizes))), dtype=np.int64)
+    off = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    mode = draw(st.sampled_from(["sum", "mean", "max"]))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    psw = None
+    if mode == "sum" and draw(st.booleans()):
+        psw = np.array(draw(st.lists(st.floats(-2, 2), min_size=len(idx), max_size=len(idx))),
+                       dtype)
+    pad = None
+    if not multi and len(idx) and draw(st.booleans()):
+        pad = int(idx[0])
+    M = np.random.default_rng(draw(st.integers(0, 99))).standard_normal(scheme.size).astype(dtype)
+    if draw(st.booleans()) and (len(idx) == 0 or idx.max() < 2**31):
+        idx = idx.astype(np.int32)
+    return scheme, idx, off, M, T, table0, mode, psw, pad, B
+
+
+def tol(dtype):
+    return dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+
+
+@given(batches())
+def test_embedding_bag_matches_reference(b):
+    scheme, idx, off, M, T, table0, mode, psw, pad, B = b
+    out = he.embedding_bag(idx, M, off[:-1], scheme=scheme, table=table0, mode=mode,
+                           per_sample_weights=psw, padding_idx=pad)
+    want = bag_forward(scheme, idx, off, M, 1, table0, mode, psw, pad)
+    assert out.shape == (B, scheme.dim) and out.dtype == M.dtype
+    np.testing.assert_allclose(out, want, **tol(M.dtype))
+    # include_last_offset gives the same
+    out2 = he.embedding_bag(idx, M, off, scheme=scheme, table=table0, mode=mode,
+                            per_sample_weights=psw, padding_idx=pad, include_last_offset=True)
+    np.testing.assert_array_equal(out, out2)
+
+
+@given(batches(multi=True))
+def test_embedding_bags_matches_reference(b):
+    scheme, idx, off, M, T, table0, mode, psw, pad, B = b
+    out = he.embedding_bags(idx, M, off, scheme=scheme, num_tables=T, mode=mode,
+                            per_sample_weights=psw)
+    want = bag_forward(scheme, idx, off, M, T, 0, mode, psw)
+    assert out.shape == (B, T * scheme.dim)
+    np.testing.assert_allclose(out, want, **tol(M.dtype))
+
+
+@given(batches(multi=True), st.integers(0, 99))
+def test_backward_matches_reference_and_is_adjoint(b, gseed):
+    scheme, idx, off, M, T, table0, mode, psw, pad, B = b
+    G = np.random.default_rng(gseed).standard_normal((B, T * scheme.dim)).astype(M.dtype)
+    grad = he.embedding_bags_backward(G, idx, off, scheme=scheme, num_tables=T, mode=mode,
+                                      per_sample_weights=psw, weight=M)
+    assert grad.shape == M.shape and grad.dtype == M.dtype
+    want = bag_backward(scheme, idx, off, G.astype(np.float64), T, M, 0, mode, psw)
+    np.testing.assert_allclose(grad.reshape(-1), want, **tol(M.dtype))
+    if mode != "max":
+        # <forward(w), g> == <w, backward(g)>: forward is linear in w
+        out = he.embedding_bags(idx, M, off, scheme=scheme, num_tables=T, mode=mode,
+                                per_sample_weights=psw)
+        lhs = float((out.astype(np.float64) * G).sum())
+        rhs = float((M.astype(np.float64) * grad.reshape(-1)).sum())
+        assert abs(lhs - rhs) <= 1e-4 * (1 + abs(lhs))
+
+
+@given(batches(), st.integers(0, 99))
+def test_single_table_backward(b, gseed):
+    scheme, idx, off, M, T, table0, mode, psw, pad, B = b
+    G = np.random.default_rng(gseed).standard_normal((B, scheme.dim))
+    grad = he.embedding_bag_backward(G, idx, off[:-1], scheme=scheme, table=table0, mode=mode,
+                                     per_sample_weights=psw, padding_idx=pad, weight=M)
+    want = bag_backward(scheme, idx, off, G, 1, M, table0, mode, psw, pad)
+    np.testing.assert_allclose(grad.reshape(-1), want, **tol(M.dtype))
+
+
+@given(batches(multi=True), st.integers(0, 99), st.sampled_from(["sgd", "adagrad"]))
+def test_fused_optimizer_equals_backward_then_update(b, gseed, opt):
+    scheme, idx, off, M, T, table0, mode, psw, pad, B = b
+    G = np.random.default_rng(gseed).standard_normal((B, T * scheme.dim)).astype(M.dtype)
+    grad = he.embedding_bags_backward(G, idx, off, scheme=scheme, num_tables=T, mode=mode,
+                                      per_sample_weights=psw, weight=M).reshape(-1)
+    W = M.copy()
+    lr, eps = 0.1, 1e-3
+    optimizer = he.SGD(lr) if opt == "sgd" else he.Adagrad(lr, eps=eps)
+    for step in range(2):   # Adagrad's state carries over between calls
+        assert he.embedding_bags_backward(G, idx, off, scheme=scheme, num_tables=T, mode=mode,
+                                          per_sample_weights=psw, weight=W,
+                                          optimizer=optimizer) is None
+    want = M.astype(np.float64)
+    if opt == "sgd":
+        want = want - 2 * lr * grad
+    else:
+        s = np.zeros_like(want)
+        for _ in range(2):
+            s += grad.astype(np.float64) ** 2
+            want = want - np.where(grad != 0, lr * grad / (np.sqrt(s) + eps), 0)
+    if mode == "max":       # the second step's maxima can move: check one step only
+        return
+    np.testing.assert_allclose(W, want, rtol=1e-4, atol=1e-4)
+
+
+def test_two_d_input_and_dtypes():
+    robe = he.RobeZ(1000, 8, block=4)
+    M = robe.init_weight(seed=1)
+    x = np.array([[1, 2, 3], [4, 5, 6]])
+    a = he.embedding_bag(x, M, scheme=robe)
+    b = he.embedding_bag(x.reshape(-1).astype(np.int32), M, np.array([0, 3], np.int32), scheme=robe)
+    np.testing.assert_array_equal(a, b)
+    # non-contiguous input
+    xs = np.array([[1, 9, 2, 9, 3], [4, 9, 5, 9, 6]])[:, ::2]
+    np.testing.assert_array_equal(he.embedding_bag(xs, M, scheme=robe), a)
+    # uint64 tokens are their bit pattern
+    big = np.array([2**63 + 5], np.uint64)
+    c = he.embedding_bag(big, M, np.array([0]), scheme=robe)
+    d = he.embedding_bag(big.view(np.int64), M, np.array([0]), scheme=robe)
+    np.testing.assert_array_equal(c, d)
+
+
+def test_multi_table_2d_input_is_one_index_per_table():
+    robe = he.RobeZ(5000, 16, block=16)
+    M = robe.init_weight()
+    X = np.random.default_rng(0).integers(0, 10**9, size=(37, 26))
+    out = he.embedding_bags(X, M, scheme=robe, num_tables=26)
+    for t in (0, 7, 25):
+        col = he.embedding_bag(X[:, t:t + 1], M, scheme=robe, table=t)
+        np.testing.assert_array_equal(out[:, t * 16:(t + 1) * 16], col)
+
+
+def test_large_batch_fast_path_matches_general_path():
+    # one index per bag takes the prefetching copy path; per_sample_weights of
+    # ones take the general loop: both must agree exactly
+    for scheme in (he.RobeZ(3001, 16, block=16), he.RobeZ(3001, 16, block=4),
+                   he.RobeZ(3001, 8, block=32), he.FullTable([50] * 4, 16),
+                   he.HashedNet(3001, 16)):
+        M = scheme.init_weight(seed=2)
+        hi = 50 if isinstance(scheme, he.FullTable) else 10**12
+        X = np.random.default_rng(1).integers(0, hi, size=(1000, 4))
+        a = he.embedding_bags(X, M, scheme=scheme, num_tables=4)
+        b = he.embedding_bags(X, M, scheme=scheme, num_tables=4,
+                              per_sample_weights=np.ones(X.shape, np.float32))
+        np.testing.assert_array_equal(a, b)
+
+
+def test_full_table_equals_plain_lookup():
+    full = he.FullTable([10, 20], 4)
+    W = full.init_weight(seed=3)
+    x = np.array([[0, 19], [5, 5], [9, 0]])
+    out = he.embedding_bags(x, W, scheme=full, num_tables=2)
+    np.testing.assert_array_equal(out[:, :4], W[x[:, 0]])
+    np.testing.assert_array_equal(out[:, 4:], W[10 + x[:, 1]])
+
+
+def test_padding_idx_negative_for_full_table():
+    full = he.FullTable(10, 2)
+    W = full.init_weight()
+    x = np.array([[9, 1, 9]])
+    a = he.embedding_bag(x, W, scheme=full, mode="mean", padding_idx=-1)
+    np.testing.assert_allclose(a[0], W[1])
+
+
+def test_empty_bags_and_batches():
+    robe = he.RobeZ(100, 4)
+    M = robe.init_weight()
+    out = he.embedding_bag(np.array([3]), M, np.array([0, 0, 1, 1]), scheme=robe, mode="max")
+    assert (out[[0, 2, 3]] == 0).all() and (out[1] != 0).any()
+    assert he.embedding_bag(np.zeros(0, np.int64), M, np.zeros(0, np.int64),
+                            scheme=robe).shape == (0, 4)
+    g = he.embedding_bag_backward(np.ones((2, 4)), np.zeros(0, np.int64), np.array([0, 0]),
+                                  scheme=robe)
+    assert g.shape == (100,) and not g.any()
+
+
+def test_backward_deterministic_across_threads():
+    import os
+    import subprocess
+    import sys
+    code = ("import numpy as np, hashemb as he;"
+            "r=he.RobeZ(50000, 16, block=4);x=np.random.default_rng(0).integers(0,10**9,(4096,8));"
+            "g=np.random.default_rng(1).standard_normal((4096,128)).astype(np.float32);"
+            "print(he.embedding_bags_backward(g,x,scheme=r,num_tables=8).tobytes().hex()[:0] or "
+            "__import__('hashlib').sha1(he.embedding_bags_backward(g,x,scheme=r,num_tables=8)"
+            ".tobytes()).hexdigest())")
+    outs = set()
+    for n in ("1", "2", "3"):
+        env = dict(os.environ, OMP_NUM_THREADS=n)
+        outs.add(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                text=True, check=True).stdout)
+    assert len(outs) == 1

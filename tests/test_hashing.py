@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import hashemb as he
+from reference import P, uhash, usign
+
+KEYS64 = st.integers(-(1 << 63), (1 << 64) - 1)
+
+
+def test_known_answers_never_change():
+    # frozen vectors: a change here changes every trained model's memory layout
+    h = he.UniversalHash(0)
+    assert h.coef.tolist() == [2036776052082325941, 995035815274294462, 60952127433943209,
+                               2238701422097567805, 245218775303261843, 754761825157895261,
+                               400912003250038364, 1779065233200043367]
+    assert h(np.array([0, 1, 2, 2**40, -1]), 1000).tolist() == [805, 316, 778, 151, 186]
+    assert h.sign(np.array([0, 1, 2, 3, 4])).tolist() == [-1, -1, 1, -1, -1]
+
+
+def test_coefficients_in_range_and_seeded():
+    for seed in (0, 1, 2**63, 2**64 - 1):
+        c = he.UniversalHash(seed).coef.astype(object)
+        assert all(0 < v < P for v in c[[0, 1, 2, 4, 5, 6]])
+        assert all(0 <= v < P for v in c[[3, 7]])
+    assert he.UniversalHash(1).coef.tolist() != he.UniversalHash(2).coef.tolist()
+    assert he.UniversalHash(7).coef.tolist() == he.UniversalHash(7).coef.tolist()
+
+
+@given(seed=st.integers(0, 2**64 - 1), keys=st.lists(KEYS64, min_size=1, max_size=20),
+       m=st.integers(1, 2**62 - 1), table=KEYS64, block=KEYS64)
+def test_hash_equals_exact_integer_math(seed, keys, m, table, block):
+    h = he.UniversalHash(seed)
+    arr = np.array([k % 2**64 for k in keys], dtype=np.uint64)
+    got = h(arr, m, table=table, block=block)
+    want = [uhash(h.coef, table, k, block, m) for k in keys]
+    assert got.tolist() == want
+    s = h.sign(arr, table=table, element=block)
+    assert s.tolist() == [usign(h.coef, table, k, block) for k in keys]
+
+
+def test_int_dtypes_agree():
+    h = he.UniversalHash(3)
+    x = np.arange(-50, 50)
+    a = h(x.astype(np.int64), 97)
+    b = h(x.astype(np.int32), 97)
+    c = h(x.astype(np.int64).view(np.uint64), 97)
+    assert (a == b).all() and (a == c).all()
+
+
+def test_large_keys_do_not_wrap():
+    # a*x in plain uint64 would wrap for x near 2^61: check against Python ints
+    h = he.UniversalHash(5)
+    keys = [P - 1, P, P + 1, 2**61, 2**63 - 1, 2**64 - 1]
+    got = h(np.array(keys, dtype=np.uint64), 2**40 + 3)
+    assert got.tolist() == [uhash(h.coef, 0, k, 0, 2**40 + 3) for k in keys]
+
+
+def test_hash_errors():
+    h = he.UniversalHash(0)
+    with pytest.raises(TypeError, match="keys"):
+        h(np.array([1.5]), 10)
+    with pytest.raises(ValueError, match="m"):
+        h(np.array([1]), 0)
+    with pytest.raises(TypeError, match="seed"):
+        he.UniversalHash(1.5)
+    with pytest.raises(ValueError, match="seed"):
+        he.UniversalHash(-1)
+    with pytest.raises(TypeError, match="keys"):
+        h("abc", 10)

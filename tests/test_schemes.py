@@ -1,0 +1,142 @@
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+from scipy import stats
+
+import hashemb as he
+from reference import slots_signs
+
+TOKENS = st.lists(st.integers(-(1 << 63), (1 << 63) - 1), min_size=1, max_size=12)
+
+
+@st.composite
+def robe_schemes(draw):
+    dim = draw(st.sampled_from([1, 2, 4, 8, 16, 12]))
+    mult = draw(st.booleans())
+    divs = [z for z in range(1, dim + 1) if dim % z == 0]
+    block = draw(st.sampled_from([dim * k for k in (2, 4)] if mult else divs))
+    size = draw(st.integers(block, 5000))
+    return he.RobeZ(size, dim, block=block, seed=draw(st.integers(0, 2**64 - 1)),
+                    signed=draw(st.booleans()), wrap=draw(st.booleans()))
+
+
+@given(scheme=robe_schemes(), tokens=TOKENS, table=st.integers(0, 30))
+def test_robe_slots_and_signs_match_reference(scheme, tokens, table):
+    x = np.array(tokens, np.int64)
+    S, G = slots_signs(scheme, x, [table] * len(x))
+    assert (scheme.slots(x, table=table) == S).all()
+    assert (scheme.signs(x, table=table) == G).all()
+    assert ((S >= 0) & (S < scheme.size)).all()
+
+
+@given(size=st.integers(1, 10**6), dim=st.integers(1, 20),
+       tokens=st.lists(st.integers(0, 2**40), min_size=1, max_size=8))
+def test_hashednet_reference_map(size, dim, tokens):
+    hn = he.HashedNet.reference(size, dim)
+    S, _ = slots_signs(hn, tokens, [0] * len(tokens))
+    assert (hn.slots(np.array(tokens)) == S).all()
+    # the table id is not hashed in the original
+    assert (hn.slots(np.array(tokens), table=5) == S).all()
+
+
+@given(size=st.integers(64, 10**6), block=st.sampled_from([1, 2, 4, 8, 16, 32]),
+       sizes=st.one_of(st.none(), st.lists(st.integers(1, 1000), min_size=1, max_size=4)),
+       data=st.data())
+def test_robe_reference_map(size, block, sizes, data):
+    ref = he.RobeZ.reference(size, 16, block=block, table_sizes=sizes)
+    table = data.draw(st.integers(0, len(sizes) - 1)) if sizes else 0
+    hi = sizes[table] if sizes else 10**9
+    tokens = data.draw(st.lists(st.integers(0, hi - 1), min_size=1, max_size=6))
+    S, _ = slots_signs(ref, tokens, [table] * len(tokens))
+    assert (ref.slots(np.array(tokens), table=table) == S).all()
+
+
+def test_robe_reference_constants():
+    # ALGORITHMS.md: R = RandomState(1024).randint(0, P, 50), R[:3] fixed
+    ref = he.RobeZ.reference(1000, 8, block=4)
+    assert ref._coef[:3].tolist() == [634329019, 1825252241, 871205356]
+    # token 0, block 0: key = R[0] mod P, slot = key mod (m - Z + 1)
+    assert ref.slots(np.array([0]))[0, :4].tolist() == [634329019 % 997 + i for i in range(4)]
+
+
+def test_full_table_layout():
+    full = he.FullTable([3, 5, 2], 4)
+    assert full.size == 40 and full.weight_shape == (10, 4)
+    s = full.slots(np.array([0, 4]), table=1)
+    assert s.tolist() == [[12, 13, 14, 15], [28, 29, 30, 31]]
+    with pytest.raises(IndexError, match="table 1"):
+        full.slots(np.array([5]), table=1)
+    with pytest.raises(IndexError):
+        full.slots(np.array([-1]), table=0)
+    with pytest.raises(ValueError, match="table"):
+        full.slots(np.array([0]), table=3)
+
+
+@given(scheme=robe_schemes(), tokens=TOKENS, table=st.integers(0, 5))
+def test_blocks_are_contiguous_and_wrap(scheme, tokens, table):
+    S = scheme.slots(np.array(tokens, np.int64), table=table)
+    L = min(scheme.block, scheme.dim)
+    runs = S.reshape(len(tokens), -1, L)
+    step = (runs - runs[..., :1]) % scheme.size
+    assert (step == np.arange(L)).all()            # each block reads consecutive slots
+    if not scheme.wrap:                            # ... and never wraps when asked
+        assert (np.diff(runs, axis=-1) == 1).all()
+
+
+def test_wrap_around_reads_the_start():
+    robe = he.RobeZ(37, 16, block=16, seed=4)
+    S = robe.slots(np.arange(5000))
+    wrapped = S[(S[:, 0] + 15) >= 37]
+    assert len(wrapped) > 0
+    assert ((wrapped - wrapped[:, :1]) % 37 == np.arange(16)).all()
+    assert (wrapped.min(1) == 0).all()
+
+
+def test_wide_blocks_share_rows():
+    robe = he.RobeZ(1000, 4, block=16, seed=1)          # r = 4 rows per block
+    S = robe.slots(np.arange(8))
+    # rows 0..3 share a block: one run of 16 consecutive slots
+    assert (((S[:4].reshape(-1) - S[0, 0]) % 1000) == np.arange(16)).all()
+
+
+def test_block_offsets_are_uniform():
+    # chi-square at a fixed seed: block starts over 50 equal bins
+    robe = he.RobeZ(100_000, 16, block=4, seed=11)
+    starts = robe.slots(np.arange(50_000))[:, ::4].reshape(-1)
+    counts = np.bincount(starts * 50 // robe.size, minlength=50)
+    p = stats.chisquare(counts).pvalue
+    assert p > 1e-3, p
+
+
+def test_tables_hashed_apart():
+    robe = he.RobeZ(10**6, 16, block=16)
+    a, b = robe.slots(np.arange(100), table=0), robe.slots(np.arange(100), table=1)
+    assert (a[:, 0] != b[:, 0]).mean() > 0.95
+
+
+def test_scheme_errors():
+    with pytest.raises(ValueError, match="block"):
+        he.RobeZ(100, 16, block=3)
+    with pytest.raises(ValueError, match="size"):
+        he.RobeZ(8, 16, block=16)
+    with pytest.raises(ValueError, match="size"):
+        he.RobeZ(0, 16)
+    with pytest.raises(TypeError, match="dim"):
+        he.RobeZ(100, 1.5)
+    with pytest.raises(ValueError, match="num_embeddings"):
+        he.FullTable([], 4)
+    with pytest.raises(ValueError, match="num_embeddings"):
+        he.FullTable([3, 0], 4)
+    with pytest.raises(IndexError):
+        he.RobeZ.reference(100, 4).slots(np.array([-1]))
+    with pytest.raises(ValueError, match="table"):
+        he.RobeZ.reference(100, 4).slots(np.array([1]), table=1)
+    with pytest.raises(TypeError, match="indices"):
+        he.RobeZ(100, 4).slots(np.array([0.5]))
+
+
+def test_equality_and_repr():
+    assert he.RobeZ(100, 4, seed=1) == he.RobeZ(100, 4, seed=1)
+    assert he.RobeZ(100, 4, seed=1) != he.RobeZ(100, 4, seed=2)
+    assert "block=4" in repr(he.RobeZ(100, 4))
+    assert he.HashedNet(100, 4).block == 1
