@@ -167,11 +167,8 @@ def bags(k, indices, offsets, per_sample_weights, *, scheme, mode, dtype, table0
         if off.ndim != 1:
             raise ValueError(f"offsets: expected a 1-D array, got shape {off.shape}")
         off = np.ascontiguousarray(off, dtype=np.int64)
-        if T > 1 or include_last_offset:
-            if off.shape[0] < 1:
-                raise ValueError("offsets: expected at least one offset (B + 1 with the last), got none")
-        else:
-            off = np.concatenate([off, np.array([idx.shape[0]], np.int64)])
+        if (T > 1 or include_last_offset) and off.shape[0] < 1:
+            raise ValueError("offsets: expected at least one offset (B + 1 with the last), got none")
         bad = k.offsets_problem(off, idx.shape[0])
         if bad == 0:
             raise ValueError(f"offsets[0]: expected 0, got {off[0]}")
@@ -181,6 +178,8 @@ def bags(k, indices, offsets, per_sample_weights, *, scheme, mode, dtype, table0
         if bad > 0:
             raise ValueError(f"offsets: expected values <= len(indices) = {idx.shape[0]}, "
                              f"got {off[bad]}")
+        if T == 1 and not include_last_offset:
+            off = np.concatenate([off, np.array([idx.shape[0]], np.int64)])
         if (off.shape[0] - 1) % T:
             raise ValueError(f"offsets: expected length num_tables * B + 1 = {T} * B + 1, "
                              f"got {off.shape[0]}")

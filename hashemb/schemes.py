@@ -108,7 +108,13 @@ class Scheme:
         if scale is None:
             scale = self._default_scale()
         scale = V.check_float(scale, "scale", nonneg=True)
-        return rng.uniform(-scale, scale, self.weight_shape).astype(dtype)
+        dtype = np.dtype(dtype)
+        if dtype not in (np.float32, np.float64):
+            raise TypeError(f"dtype: expected float32 or float64, got {dtype}")
+        w = rng.random(self.weight_shape, dtype=dtype)     # no float64 temporary
+        w *= 2 * scale
+        w -= scale
+        return w
 
     def _default_scale(self):
         return 1.0 / np.sqrt(self.dim)

@@ -1,0 +1,155 @@
+"""Every error path names its argument; malformed input never crashes."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import hashemb as he
+
+robe = he.RobeZ(100, 4)
+full = he.FullTable([5, 7], 4)
+M = robe.init_weight()
+W = full.init_weight()
+X = np.array([1, 2, 3])
+O = np.array([0, 1])
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda: he.embedding_bag(X.astype(np.float32), M, O, scheme=robe), TypeError, "indices"),
+    (lambda: he.embedding_bag(X.astype(np.int16), M, O, scheme=robe), TypeError, "indices"),
+    (lambda: he.embedding_bag(X, M.astype(np.int32), O, scheme=robe), TypeError, "weight"),
+    (lambda: he.embedding_bag(X, M[:50], O, scheme=robe), ValueError, "weight"),
+    (lambda: he.embedding_bag(X, M, O.astype(np.float64), scheme=robe), TypeError, "offsets"),
+    (lambda: he.embedding_bag(X, M, np.array([1, 2]), scheme=robe), ValueError, r"offsets\[0\]"),
+    (lambda: he.embedding_bag(X, M, np.array([0, 2, 1]), scheme=robe), ValueError, "non-decreasing"),
+    (lambda: he.embedding_bag(X, M, np.array([0, 5]), scheme=robe), ValueError, "len\\(indices\\)"),
+    (lambda: he.embedding_bag(X, M, np.array([[0, 1]]), scheme=robe), ValueError, "offsets"),
+    (lambda: he.embedding_bag(X, M, scheme=robe), ValueError, "offsets"),
+    (lambda: he.embedding_bag(X.reshape(1, 3), M, O, scheme=robe), ValueError, "offsets"),
+    (lambda: he.embedding_bag(X.reshape(1, 1, 3), M, scheme=robe), ValueError, "indices"),
+    (lambda: he.embedding_bag(X, M, O, scheme=robe, mode="median"), ValueError, "mode"),
+    (lambda: he.embedding_bag(X, M, O, scheme=robe, mode="max",
+                              per_sample_weights=np.ones(3)), ValueError, "per_sample_weights"),
+    (lambda: he.embedding_bag(X, M, O, scheme=robe, per_sample_weights=np.ones(2)),
+     ValueError, "per_sample_weights"),
+    (lambda: he.embedding_bag(X, M, O, scheme=robe, per_sample_weights=np.ones(3, int)),
+     TypeError, "per_sample_weights"),
+    (lambda: he.embedding_bag(X, M, O, scheme="robe"), TypeError, "scheme"),
+    (lambda: he.embedding_bag(X, M, O, scheme=robe, table=-1), ValueError, "table"),
+    (lambda: he.embedding_bag(X, W, O, scheme=full, table=2), ValueError, "table"),
+    (lambda: he.embedding_bag(np.array([5]), W, np.array([0]), scheme=full), IndexError, "indices"),
+    (lambda: he.embedding_bag(np.array([-1]), W, np.array([0]), scheme=full), IndexError, "indices"),
+    (lambda: he.embedding_bag(X, W, O, scheme=full, padding_idx=5), ValueError, "padding_idx"),
+    (lambda: he.embedding_bag(X, [1.0, 2.0], O, scheme=robe), TypeError, "weight"),
+    (lambda: he.embedding_bag(X, M, np.zeros(0, np.int64), scheme=robe,
+                              include_last_offset=True), ValueError, "at least one offset"),
+    (lambda: he.embedding_bags(np.arange(6), W, np.arange(7), scheme=full, num_tables=3),
+     ValueError, "num_tables"),
+    (lambda: he.embedding_bags(np.arange(6) % 5, W, np.arange(6), scheme=full, num_tables=2),
+     ValueError, "offsets"),
+    (lambda: he.embedding_bags(np.zeros((3, 4), np.int64), M, scheme=robe, num_tables=3),
+     ValueError, "indices"),
+    (lambda: he.embedding_bags(np.arange(7) % 5, W, np.arange(7), scheme=full, num_tables=0),
+     ValueError, "num_tables"),
+    (lambda: he.embedding_bag_backward(np.ones((2, 3)), X, O, scheme=robe), ValueError, "grad_output"),
+    (lambda: he.embedding_bag_backward(np.ones((2, 4), int), X, O, scheme=robe), TypeError, "grad_output"),
+    (lambda: he.embedding_bag_backward(np.ones((2, 4)), X, O, scheme=robe, mode="max"),
+     ValueError, "weight"),
+    (lambda: he.embedding_bag_backward(np.ones((2, 4)), X, O, scheme=robe, optimizer=he.SGD(1)),
+     ValueError, "weight"),
+    (lambda: he.embedding_bag_backward(np.ones((2, 4)), X, O, scheme=robe, weight=M[::1].copy(),
+                                       optimizer="sgd"), TypeError, "optimizer"),
+    (lambda: he.embedding_bag_backward(np.ones((2, 4), np.float32), X, O, scheme=robe,
+                                       weight=np.zeros(200, np.float32)[::2],
+                                       optimizer=he.SGD(1)), ValueError, "weight"),
+    (lambda: he.SGD(-1), ValueError, "lr"),
+    (lambda: he.Adagrad(0.1, eps=float("nan")), ValueError, "eps"),
+    (lambda: he.SGD("a"), TypeError, "lr"),
+])
+def test_error_paths(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_read_only_weight_for_optimizer():
+    w = M.copy()
+    w.setflags(write=False)
+    with pytest.raises(ValueError, match="writeable"):
+        he.embedding_bag_backward(np.ones((2, 4), np.float32), X, O, scheme=robe, weight=w,
+                                  optimizer=he.SGD(0.1))
+
+
+ARRAYS = st.one_of(
+    st.none(),
+    st.integers(-2**70, 2**70),
+    st.floats(allow_nan=True),
+    st.text(max_size=3),
+    st.lists(st.integers(-2**64, 2**64), max_size=5),
+    st.builds(lambda v, d: np.array(v).astype(d),
+              st.lists(st.integers(-2**63, 2**63 - 1), max_size=6),
+              st.sampled_from([np.int8, np.int32, np.int64, np.uint64, np.float32,
+                               np.float64, np.bool_])),
+    st.builds(lambda shape: np.zeros(shape, np.int64),
+              st.lists(st.integers(0, 3), min_size=0, max_size=3).map(tuple)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(idx=ARRAYS, off=ARRAYS, psw=ARRAYS, grad=ARRAYS, table=ARRAYS, pad=ARRAYS,
+       mode=st.sampled_from(["sum", "mean", "max", "x"]), which=st.integers(0, 5))
+def test_fuzz_raises_python_errors_or_works(idx, off, psw, grad, table, pad, mode, which):
+    # in-process: memory errors would crash the interpreter (and fail the run);
+    # the subprocess test below repeats a sample under a fresh process
+    schemes = [robe, full, he.HashedNet.reference(50, 4), he.RobeZ.reference(60, 4, 4)]
+    s = schemes[which % 4]
+    weight = W if s is full else s.init_weight()
+    calls = [
+        lambda: he.embedding_bag(idx, weight, off, scheme=s, table=table, mode=mode,
+                                 per_sample_weights=psw, padding_idx=pad),
+        lambda: he.embedding_bags(idx, weight, off, scheme=s, num_tables=2, mode=mode,
+                                  per_sample_weights=psw),
+        lambda: he.embedding_bag_backward(grad, idx, off, scheme=s, table=table, mode=mode,
+                                          per_sample_weights=psw, padding_idx=pad,
+                                          weight=weight.copy(), optimizer=he.Adagrad(0.1)),
+        lambda: he.embedding_bags_backward(grad, idx, off, scheme=s, num_tables=2, mode=mode,
+                                           weight=weight, per_sample_weights=psw),
+        lambda: s.slots(idx, table=table),
+        lambda: he.UniversalHash(0)(idx, 7, table=table),
+    ]
+    try:
+        calls[which]()
+    except (TypeError, ValueError, IndexError):
+        pass
+
+
+def test_fuzz_in_subprocess_never_crashes():
+    code = textwrap.dedent("""
+        import numpy as np, hashemb as he
+        rng = np.random.default_rng(0)
+        s = he.FullTable([5, 7], 4); W = s.init_weight()
+        r = he.RobeZ(64, 4); M = r.init_weight()
+        ok = err = 0
+        for it in range(3000):
+            n = int(rng.integers(0, 8))
+            idx = rng.integers(-2**62, 2**62, n) if it % 3 else rng.integers(-3, 9, n)
+            off = np.sort(rng.integers(-2, n + 3, int(rng.integers(0, 5))))
+            if it % 5 == 0: off = off[::-1].copy()
+            for scheme, w in ((s, W), (r, M)):
+                try:
+                    he.embedding_bags(idx, w, off, scheme=scheme, num_tables=2)
+                    he.embedding_bag_backward(np.ones((max(len(off), 1), 4)), idx, off,
+                                              scheme=scheme, mode="max", weight=w)
+                    ok += 1
+                except (TypeError, ValueError, IndexError):
+                    err += 1
+        print(ok, err)
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ))
+    assert res.returncode == 0, res.stderr[-2000:]
+    ok, err = map(int, res.stdout.split())
+    assert ok > 0 and err > 0
