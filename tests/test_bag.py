@@ -222,3 +222,37 @@ def test_backward_deterministic_across_threads():
         outs.add(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                                 text=True, check=True).stdout)
     assert len(outs) == 1
+
+
+@pytest.mark.parametrize("scheme", [he.RobeZ(20000, 16, block=16), he.RobeZ(20011, 8, block=2),
+                                    he.RobeZ(20000, 8, block=4, signed=True),
+                                    he.HashedNet(30000, 4), he.FullTable([3000] * 3, 8)],
+                         ids=repr)
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_threaded_backward_on_large_arrays(scheme, mode):
+    # arrays large enough for the multi-thread, pre-hashed paths; the reference
+    # is np.add.at over the (separately verified) slots and signs
+    rng = np.random.default_rng(5)
+    T, B, D = 3, 300, scheme.dim
+    sizes = rng.integers(0, 4, T * B)
+    off = np.concatenate([[0], np.cumsum(sizes)])
+    idx = rng.integers(0, 3000, off[-1])
+    G = rng.standard_normal((B, T * D))
+    W = scheme.init_weight(dtype=np.float64)
+    grad = he.embedding_bags_backward(G, idx, off, scheme=scheme, num_tables=T, mode=mode)
+    want = np.zeros(scheme.size)
+    for q in range(T * B):
+        t, b = divmod(q, B)
+        js = np.arange(off[q], off[q + 1])
+        if len(js) == 0:
+            continue
+        S = scheme.slots(idx[js], table=t)
+        Sg = scheme.signs(idx[js], table=t).astype(np.float64)
+        c = 1.0 / len(js) if mode == "mean" else 1.0
+        np.add.at(want, S, c * Sg * G[b, t * D:(t + 1) * D])
+    np.testing.assert_allclose(grad.reshape(-1), want, rtol=1e-10, atol=1e-10)
+    # fused SGD through the same paths
+    W2 = W.copy()
+    he.embedding_bags_backward(G, idx, off, scheme=scheme, num_tables=T, mode=mode, weight=W2,
+                               optimizer=he.SGD(0.5))
+    np.testing.assert_allclose(W2, W - 0.5 * want.reshape(W.shape), rtol=1e-10, atol=1e-10)

@@ -235,13 +235,14 @@ cdef inline void _adagrad(real* w, real* g, real* state, uint64_t slot, real lr,
         g[slot] = 0
 
 
-cdef inline void _visit(const he_scheme* s, const he_row* row, int64_t k, int64_t i0,
-                        int64_t n, const real* g, real alpha, real* target,
+cdef inline void _visit(const he_scheme* s, const he_row* row, int64_t k, uint64_t st,
+                        int64_t i0, int64_t n, const real* g, real alpha, real* target,
                         real* scratch, real* state, real eps, int64_t lo,
                         int64_t hi, int act) noexcept nogil:
-    """Act on elements k*L+i0 .. k*L+i0+n-1 of a row whose slots lie in [lo, hi)."""
+    """Act on elements k*L+i0 .. k*L+i0+n-1 of a row (run k starts at slot st)
+    whose slots lie in [lo, hi)."""
     cdef int64_t L = s.run, i, a, z
-    cdef uint64_t st = he_run_start(s, row, k), slot
+    cdef uint64_t slot
     cdef int64_t sti = <int64_t>st      # slots are < 2^62: signed math is safe
     cdef real gv
     if act == ACT_ADD and not s.is_signed and st + <uint64_t>(i0 + n) <= s.size:
@@ -266,11 +267,13 @@ cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* 
                          int64_t B, int64_t T, int64_t table0, int mode,
                          bint has_pad, int64_t pad, const int64_t* win,
                          real alpha, real* target, real* scratch, real* state,
-                         real eps, int64_t lo, int64_t hi, int act) noexcept nogil:
+                         real eps, int64_t lo, int64_t hi, int act,
+                         const uint64_t* pre) noexcept nogil:
     """One thread's share of backward: every entry, only slots in [lo, hi).
 
     ACT_ADD adds alpha * psw[j] / count * g into target; ACT_ADAGRAD applies the
-    Adagrad step (learning rate alpha) at each visited slot.
+    Adagrad step (learning rate alpha) at each visited slot. pre, when given,
+    holds every entry's run starts (hashed once, shared by the threads).
     """
     cdef int64_t b, t, j, i, cnt, D = s.dim, L = s.run, k
     cdef int64_t x
@@ -285,8 +288,8 @@ cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* 
                     j = win[(t * B + b) * D + i]
                     if j >= 0:
                         row = he_row_begin(s, table0 + t, idx[j])
-                        _visit(s, &row, i // L, i % L, 1, g + i, alpha, target,
-                               scratch, state, eps, lo, hi, act)
+                        _visit(s, &row, i // L, he_run_start(s, &row, i // L), i % L, 1,
+                               g + i, alpha, target, scratch, state, eps, lo, hi, act)
                 continue
             w = alpha
             if mode == MEAN and act == ACT_ADD:
@@ -300,11 +303,26 @@ cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* 
                 x = idx[j]
                 if has_pad and x == pad:
                     continue
-                row = he_row_begin(s, table0 + t, x)
+                if pre == NULL:
+                    row = he_row_begin(s, table0 + t, x)
                 for k in range(s.runs):
-                    _visit(s, &row, k, 0, L, g + k * L,
+                    _visit(s, &row, k,
+                           pre[j * s.runs + k] if pre != NULL else he_run_start(s, &row, k),
+                           0, L, g + k * L,
                            w * psw[j] if (psw != NULL and act == ACT_ADD) else w,
                            target, scratch, state, eps, lo, hi, act)
+
+
+cdef void _run_starts(const he_scheme* s, const index_t* idx, const int64_t* off,
+                      int64_t B, int64_t T, int64_t table0, uint64_t* pre) noexcept nogil:
+    """pre[j*R + k] = start of run k of entry j, all entries, in parallel."""
+    cdef int64_t t, j, k, R = s.runs
+    cdef he_row row
+    for t in range(T):
+        for j in prange(off[t * B], off[t * B + B], schedule='static'):
+            row = he_row_begin(s, table0 + t, idx[j])
+            for k in range(R):
+                pre[j * R + k] = he_run_start(s, &row, k)
 
 
 cdef void _argmax(const he_scheme* s, const index_t* idx, const int64_t* off,
@@ -354,6 +372,7 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
     cdef int64_t lo, hi, slot
     cdef uint64_t m = s.size
     cdef bint sweep
+    cdef uint64_t* pre = NULL
     cdef bint adagrad = scratch.shape[0] > 0
     cdef real* sp = &scratch[0] if adagrad else NULL
     cdef real* stp = &state[0] if adagrad else NULL
@@ -367,6 +386,13 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
             _argmax(s, ip, &offsets[0], &weight[0], B, T, table0, has_pad, pad, win)
     if nt > 1 and m < <uint64_t>(4096 * nt):
         nt = 1  # not worth the threads
+    if nt > 1 and mode != MAX and not s.is_signed and s.runs <= 4:
+        # every thread walks every entry: hash each once, up front, in parallel
+        # (at most 4 starts per entry: never an N x D slot array)
+        pre = <uint64_t*>malloc(indices.shape[0] * s.runs * sizeof(uint64_t))
+        if pre != NULL:
+            with nogil:
+                _run_starts(s, ip, &offsets[0], B, T, table0, pre)
     # Adagrad's apply pass: sweep the scratch when it is small next to the work,
     # else walk the entries again (a full table's scratch is mostly zeros)
     sweep = m <= <uint64_t>(8 * s.dim) * <uint64_t>indices.shape[0]
@@ -377,19 +403,20 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
         if adagrad:
             _backward_part(s, ip, &offsets[0], pp, &grad[0, 0], grad.shape[1], B, T,
                            table0, mode, has_pad, pad, win, 1, sp, NULL, NULL, 0,
-                           lo, hi, ACT_ADD)
+                           lo, hi, ACT_ADD, pre)
             if sweep:
                 for slot in range(lo, hi):
                     _adagrad(&target[0], sp, stp, slot, <real>alpha, <real>eps)
             else:
                 _backward_part(s, ip, &offsets[0], pp, &grad[0, 0], grad.shape[1], B,
                                T, table0, mode, has_pad, pad, win, <real>alpha,
-                               &target[0], sp, stp, <real>eps, lo, hi, ACT_ADAGRAD)
+                               &target[0], sp, stp, <real>eps, lo, hi, ACT_ADAGRAD, pre)
         else:
             _backward_part(s, ip, &offsets[0], pp, &grad[0, 0], grad.shape[1], B, T,
                            table0, mode, has_pad, pad, win, <real>alpha, &target[0],
-                           NULL, NULL, 0, lo, hi, ACT_ADD)
+                           NULL, NULL, 0, lo, hi, ACT_ADD, pre)
     free(win)
+    free(pre)
 
 
 def offsets_problem(const int64_t[::1] offsets, int64_t n):
