@@ -39,10 +39,6 @@ cdef enum:
     ACT_ADAGRAD = 1   # apply Adagrad where the gradient scratch is non-zero, clear it
 
 
-def num_threads():
-    return he_max_threads()
-
-
 cdef extern from *:
     """
     #define he_prefetch(p) __builtin_prefetch((const void*)(p), 0, 1)
@@ -190,13 +186,16 @@ cdef inline void _copy_rows(real* dst, int64_t dstride, const real* src, int64_t
 cdef void _forward(const he_scheme* s, const index_t* idx, const int64_t* off,
                    const real* M, const real* psw, real* out, int64_t B, int64_t T,
                    int64_t ostride, int64_t table0, int mode, bint has_pad,
-                   int64_t pad) noexcept nogil:
+                   int64_t pad, int nt, uint64_t* rings, real* bufs) noexcept nogil:
     cdef int64_t c, b0, nb, nchunks = (B + CHUNK - 1) // CHUNK, width = T * s.dim
+    cdef int tid
     cdef uint64_t* ring
     cdef real* buf
-    with parallel():
-        ring = <uint64_t*>malloc(AHEAD * s.runs * sizeof(uint64_t)) if s.runs <= MAXR else NULL
-        buf = <real*>malloc(CHUNK * width * sizeof(real))
+    with parallel(num_threads=nt):
+        tid = threadid()
+        # strides padded by 128 bytes: threads never share a cache line
+        ring = rings + tid * (AHEAD * s.runs + 16) if rings != NULL else NULL
+        buf = bufs + tid * (CHUNK * width + 32)
         for c in prange(nchunks, schedule='static'):
             # pool into a cache-resident buffer, then write the chunk's output rows
             # in one sequential sweep (scattered stores into a large output stall
@@ -206,8 +205,6 @@ cdef void _forward(const he_scheme* s, const index_t* idx, const int64_t* off,
             _forward_chunk(s, idx, off, M, psw, buf, B, T, width, table0, mode,
                            has_pad, pad, b0, b0 + nb, ring)
             _copy_rows(out + b0 * ostride, ostride, buf, width, nb)
-        free(ring)
-        free(buf)
 
 
 def forward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offsets,
@@ -219,9 +216,21 @@ def forward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offset
         return
     cdef const index_t* ip = &indices[0] if indices.shape[0] else NULL
     cdef const real* pp = &psw[0] if psw.shape[0] else NULL
+    # per-thread scratch, allocated here so that a failure is a MemoryError
+    cdef int nt = he_max_threads()
+    cdef uint64_t* rings = NULL
+    cdef real* bufs = <real*>malloc(nt * (CHUNK * T * sv.s.dim + 32) * sizeof(real))
+    if sv.s.runs <= MAXR:
+        rings = <uint64_t*>malloc(nt * (AHEAD * sv.s.runs + 16) * sizeof(uint64_t))
+    if bufs == NULL or (sv.s.runs <= MAXR and rings == NULL):
+        free(bufs)
+        free(rings)
+        raise MemoryError("embedding bag forward: no memory for the per-thread buffers")
     with nogil:
         _forward(&sv.s, ip, &offsets[0], &weight[0], pp, &out[0, 0], B, T,
-                 out.shape[1], table0, mode, has_pad, pad)
+                 out.shape[1], table0, mode, has_pad, pad, nt, rings, bufs)
+    free(bufs)
+    free(rings)
 
 
 cdef inline void _adagrad(real* w, real* g, real* state, uint64_t slot, real lr,
