@@ -201,18 +201,25 @@ def bags(k, indices, offsets, per_sample_weights, *, scheme, mode, dtype, table0
     has_pad, pad = padding_idx is not None, 0
     if has_pad:
         pad = check_int(padding_idx, "padding_idx", lo=-(1 << 63), hi=1 << 63)
-        if scheme.num_tables is not None and scheme.table_sizes is not None and T == 1:
+        if scheme.table_sizes is not None and T == 1:
             n = scheme.table_sizes[table0]
             pad = check_int(pad, "padding_idx", lo=-n, hi=n) % n
 
-    bounds = scheme._bounds(table0, T)
-    if bounds is not None and idx.shape[0]:
-        bad = k.index_problem(idx, off, B, T, bounds, has_pad, pad)
-        if bad >= 0:
-            t = int(np.searchsorted(off, bad, side="right") - 1) // max(B, 1)
-            raise IndexError(f"indices[{bad}]: expected 0 <= index < {bounds[t]} "
-                             f"(table {table0 + t}), got {idx[bad]}")
+    check_indices(k, scheme, idx, off, B, T, table0, has_pad, pad)
     return Bags(idx, off, psw, B, T, mode, has_pad, pad)
+
+
+def check_indices(k, scheme, idx, off, B, T, table0, has_pad=False, pad=0):
+    """IndexError for the first token outside its sized table (padding skipped);
+    bag t*B+b of the feature-major offsets belongs to table table0 + t."""
+    bounds = scheme._bounds(table0, T)
+    if bounds is None or not idx.shape[0]:
+        return
+    bad = k.index_problem(idx, off, B, T, bounds, has_pad, pad)
+    if bad >= 0:
+        t = int(np.searchsorted(off, bad, side="right") - 1) // max(B, 1)
+        raise IndexError(f"indices[{bad}]: expected 0 <= index < {bounds[t]} "
+                         f"(table {table0 + t}), got {idx[bad]}")
 
 
 def as_grad(grad_output, shape, dtype):

@@ -72,13 +72,7 @@ class Scheme:
         idx = V.as_keys(indices, "indices")
         table = V.check_table(table, self)
         flat = idx.reshape(-1)
-        bounds = self._bounds(table, 1)
-        if bounds is not None and flat.size:
-            n = bounds[0]
-            bad = np.flatnonzero((flat < 0) | (flat >= n))
-            if bad.size:
-                raise IndexError(f"indices[{bad[0]}]: expected 0 <= index < {n} (table {table}), "
-                                 f"got {flat[bad[0]]}")
+        V.check_indices(kernels(), self, flat, np.array([0, flat.shape[0]], np.int64), 1, 1, table)
         return idx, flat, np.full(flat.shape[0], table, np.int64)
 
     def slots(self, indices, table=0):

@@ -336,12 +336,12 @@ cdef void _run_starts(const he_scheme* s, const index_t* idx, const int64_t* off
 
 cdef void _argmax(const he_scheme* s, const index_t* idx, const int64_t* off,
                   const real* M, int64_t B, int64_t T, int64_t table0,
-                  bint has_pad, int64_t pad, int64_t* win) noexcept nogil:
-    """win[q*D + i] = first entry of bag q holding the maximum of element i, or -1."""
+                  bint has_pad, int64_t pad, int64_t* win, real* best) noexcept nogil:
+    """win[q*D + i] = first entry of bag q holding the maximum of element i, or -1
+    (best: D floats of scratch)."""
     cdef int64_t q, j, i, k, D = s.dim, L = s.run
     cdef uint64_t st
     cdef real v
-    cdef real* best = <real*>malloc(D * sizeof(real))
     cdef he_row row
     for q in range(T * B):
         for i in range(D):
@@ -357,7 +357,6 @@ cdef void _argmax(const he_scheme* s, const index_t* idx, const int64_t* off,
                     if win[q * D + i] < 0 or v > best[i]:
                         best[i] = v
                         win[q * D + i] = j
-    free(best)
 
 
 def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offsets,
@@ -382,6 +381,7 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
     cdef uint64_t m = s.size
     cdef bint sweep
     cdef uint64_t* pre = NULL
+    cdef real* best = NULL
     cdef bint adagrad = scratch.shape[0] > 0
     cdef real* sp = &scratch[0] if adagrad else NULL
     cdef real* stp = &state[0] if adagrad else NULL
@@ -389,10 +389,14 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
         return
     if mode == MAX:
         win = <int64_t*>malloc(T * B * s.dim * sizeof(int64_t))
-        if win == NULL:
-            raise MemoryError()
+        best = <real*>malloc(s.dim * sizeof(real))
+        if win == NULL or best == NULL:
+            free(win)
+            free(best)
+            raise MemoryError("embedding bag backward: no memory for the max-mode winners")
         with nogil:
-            _argmax(s, ip, &offsets[0], &weight[0], B, T, table0, has_pad, pad, win)
+            _argmax(s, ip, &offsets[0], &weight[0], B, T, table0, has_pad, pad, win, best)
+        free(best)
     if nt > 1 and m < <uint64_t>(4096 * nt):
         nt = 1  # not worth the threads
     if nt > 1 and mode != MAX and not s.is_signed and s.runs <= 4:
