@@ -75,6 +75,19 @@ class Adagrad:
             self._scratch[key] = np.zeros(weight.size, weight.dtype)
         return self.state[key], self._scratch[key]
 
+    def use_state(self, weight, state):
+        """Keep the accumulator of ``weight`` in the caller's array ``state``
+        (same size and dtype, C-contiguous; updated in place), e.g. a buffer
+        that a torch module saves in its state_dict."""
+        key = (weight.__array_interface__["data"][0], weight.size, weight.dtype.str)
+        if (not isinstance(state, np.ndarray) or state.size != weight.size
+                or state.dtype != weight.dtype or not state.flags.c_contiguous
+                or not state.flags.writeable):
+            raise ValueError(f"state: expected a writeable C-contiguous {weight.dtype} array "
+                             f"of {weight.size} values, got {V._desc(state)}")
+        self.state[key] = state.reshape(-1)
+        self._scratch[key] = np.zeros(weight.size, weight.dtype)
+
     def _apply(self, k, run, w):
         state, scratch = self.state_for(w)
         run(w, self.lr, scratch, state, self.eps)

@@ -119,6 +119,33 @@ class Scheme:
     def __hash__(self):
         return hash(self._state())
 
+    def config(self):
+        """The constructor call as a dict: ``Scheme.from_config(s.config()) == s``
+        (what the torch adapters put in a state_dict)."""
+        return dict(self._config)
+
+    @staticmethod
+    def from_config(config):
+        """Rebuild a scheme from :meth:`config`.
+
+        Examples
+        --------
+        >>> import hashemb as he
+        >>> r = he.RobeZ(1000, 16, block=4, seed=7)
+        >>> he.Scheme.from_config(r.config()) == r
+        True
+        """
+        if not isinstance(config, dict) or "type" not in config:
+            raise TypeError(f"config: expected a dict made by Scheme.config(), got {config!r}")
+        cfg = dict(config)
+        kind = cfg.pop("type")
+        makers = {"RobeZ": RobeZ, "RobeZ.reference": RobeZ.reference,
+                  "HashedNet": HashedNet, "HashedNet.reference": HashedNet.reference,
+                  "FullTable": FullTable}
+        if kind not in makers:
+            raise ValueError(f"config: expected type in {sorted(makers)}, got {kind!r}")
+        return makers[kind](**cfg)
+
     def _state(self):
         return (self._kind, self.size, self.dim, self._run, self._mod, self._signed,
                 tuple(self._coef.tolist()), self._rows,
@@ -189,6 +216,8 @@ class RobeZ(Scheme):
             raise ValueError(f"size: expected size >= block = {block}, got {size}")
         self.block, self.seed, self.wrap = block, V.check_seed(seed), bool(wrap)
         self._signed = bool(signed)
+        self._config = dict(type="RobeZ", size=size, dim=dim, block=block, seed=self.seed,
+                            signed=self._signed, wrap=self.wrap)
         self.hash = UniversalHash(self.seed)
         coef = [int(c) for c in self.hash.coef]
         self._sign_coef = np.array([coef[6] * i % P for i in range(dim)], np.uint64)
@@ -231,6 +260,8 @@ class _RobeReference(RobeZ):
         self.block, self.seed, self.wrap = block, V.check_seed(seed), False
         R = np.random.RandomState(self.seed).randint(0, ROBE_REF_P, size=50)
         _set_tables(self, table_sizes)
+        self._config = dict(type="RobeZ.reference", size=size, dim=dim, block=block,
+                            seed=self.seed, table_sizes=self.table_sizes)
         self._ref_p = ROBE_REF_P
         self._setup(_ROBE_REF, size, dim, min(block, dim), size - block + 1,
                     [int(R[0]), int(R[1]), int(R[2]), 0, 0, 0, 0, 0])
@@ -270,6 +301,8 @@ class HashedNet(RobeZ):
 
     def __init__(self, size, dim, seed=0, signed=False):
         super().__init__(size, dim, block=1, seed=seed, signed=signed)
+        self._config = dict(type="HashedNet", size=self.size, dim=self.dim, seed=self.seed,
+                            signed=self._signed)
 
     def __repr__(self):
         return f"HashedNet(size={self.size}, dim={self.dim}, seed={self.seed}, signed={self._signed})"
@@ -288,6 +321,7 @@ class _HashedNetReference(HashedNet):
         size, dim = _size_dim(size, dim)
         self.block, self.seed, self.wrap = 1, 0, True
         _set_tables(self, None)
+        self._config = dict(type="HashedNet.reference", size=size, dim=dim)
         self.num_tables = None          # any table id: it is not hashed
         self._ref_p = HNET_REF[3]
         self._setup(_HNET_REF, size, dim, 1, size, [HNET_REF[0], HNET_REF[1], HNET_REF[2],
@@ -325,6 +359,7 @@ class FullTable(Scheme):
         if rows * dim >= 1 << 61:
             raise ValueError(f"num_embeddings: expected rows * dim < 2**61, got {rows} * {dim}")
         self.num_embeddings = rows
+        self._config = dict(type="FullTable", num_embeddings=list(self.table_sizes), dim=dim)
         self._setup(_FULL, rows * dim, dim, dim, rows * dim, [0] * 8)
 
     def __repr__(self):

@@ -1,0 +1,14 @@
+"""PyTorch adapters (``import hashemb.torch`` imports torch; ``import hashemb``
+never does). Modules behave like ``torch.nn.EmbeddingBag``; every lookup and
+gradient runs in hashemb's kernels, tensors are shared with them through
+DLPack without copies. CPU tensors today; CUDA tensors need the CuPy backend.
+"""
+from .modules import (HashEmbeddingBag, HashEmbeddingBagCollection, HashedEmbeddingBag,
+                      HashedNetEmbeddingBagCollection, HashingTrickEmbeddingBagCollection,
+                      RobeEmbeddingBag, RobeEmbeddingBagCollection,
+                      TorchEmbeddingBagCollection, dense_parameters)
+
+__all__ = ["HashEmbeddingBag", "HashEmbeddingBagCollection", "RobeEmbeddingBag",
+           "RobeEmbeddingBagCollection", "HashedEmbeddingBag",
+           "HashedNetEmbeddingBagCollection", "HashingTrickEmbeddingBagCollection",
+           "TorchEmbeddingBagCollection", "dense_parameters"]

@@ -1,0 +1,112 @@
+"""Autograd through hashemb's kernels: tensors are viewed as arrays with DLPack
+(no copy), the kernels run, the result is viewed back as a tensor."""
+import numpy as np
+import torch
+
+from .. import bag as _bag
+from ..optim import SGD, Adagrad
+
+
+def as_array(t, name):
+    """Zero-copy NumPy view of a CPU tensor (None passes through)."""
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise TypeError(f"{name}: expected a CPU tensor (CUDA tensors need the CuPy "
+                        f"backend, not built yet), got a tensor on {t.device}")
+    t = t.detach()
+    if t.is_conj() or t.is_neg():
+        t = t.resolve_conj().resolve_neg()
+    return np.from_dlpack(t)
+
+
+def make_optimizer(optimizer, lr, eps):
+    """None, "sgd", "adagrad" or a hashemb optimizer object."""
+    if optimizer is None or isinstance(optimizer, (SGD, Adagrad)):
+        return optimizer
+    if optimizer == "sgd":
+        return SGD(lr)
+    if optimizer == "adagrad":
+        return Adagrad(lr, eps)
+    raise ValueError(f"optimizer: expected None, 'sgd', 'adagrad', hashemb.SGD or "
+                     f"hashemb.Adagrad, got {optimizer!r}")
+
+
+class Lookup:
+    """One normalised call: flat indices, offsets of length T*B+1 (feature-major)."""
+
+    def __init__(self, scheme, num_tables, table=0, mode="sum", padding_idx=None,
+                 optimizer=None):
+        self.scheme, self.T, self.table, self.mode = scheme, num_tables, table, mode
+        self.padding_idx, self.optimizer = padding_idx, optimizer
+
+    def forward(self, idx, w, off, psw):
+        if self.T == 1:
+            return _bag.embedding_bag(idx, w, off, scheme=self.scheme, table=self.table,
+                                      mode=self.mode, per_sample_weights=psw,
+                                      include_last_offset=True, padding_idx=self.padding_idx)
+        return _bag.embedding_bags(idx, w, off, scheme=self.scheme, num_tables=self.T,
+                                   mode=self.mode, per_sample_weights=psw)
+
+    def backward(self, g, idx, w, off, psw):
+        if self.T == 1:
+            return _bag.embedding_bag_backward(
+                g, idx, off, scheme=self.scheme, table=self.table, mode=self.mode,
+                per_sample_weights=psw, include_last_offset=True,
+                padding_idx=self.padding_idx, weight=w, optimizer=self.optimizer)
+        return _bag.embedding_bags_backward(
+            g, idx, off, scheme=self.scheme, num_tables=self.T, mode=self.mode,
+            per_sample_weights=psw, weight=w, optimizer=self.optimizer)
+
+    def psw_grad(self, g, idx, w, off):
+        """d loss / d per_sample_weights[j] = <grad[bag(j)], E(x_j)>: each entry
+        is looked up as its own bag (the same kernels), then dotted."""
+        out = np.zeros(idx.shape[0], g.dtype)
+        B = (off.shape[0] - 1) // self.T
+        D = self.scheme.dim
+        for t in range(self.T):
+            lo, hi = int(off[t * B]), int(off[(t + 1) * B])
+            if hi == lo:
+                continue
+            seg = idx[lo:hi]
+            E = _bag.embedding_bag(seg, w, np.arange(hi - lo + 1, dtype=np.int64),
+                                   scheme=self.scheme, table=self.table + t,
+                                   include_last_offset=True, padding_idx=self.padding_idx)
+            bag_of = np.repeat(np.arange(B), np.diff(off[t * B:(t + 1) * B + 1]))
+            out[lo:hi] = np.einsum("nd,nd->n", E, g[bag_of, t * D:(t + 1) * D])
+        return out
+
+
+class BagFunction(torch.autograd.Function):
+    """out = lookup(weight, indices, offsets, per_sample_weights).
+
+    Backward returns the dense gradient of the array (small: the array is the
+    compressed one), or, with a fused optimizer, updates the array in place and
+    returns no gradient for it."""
+
+    @staticmethod
+    def forward(ctx, weight, indices, offsets, psw, lookup):
+        out = lookup.forward(as_array(indices, "input"), as_array(weight, "weight"),
+                             as_array(offsets, "offsets"),
+                             as_array(psw, "per_sample_weights"))
+        ctx.lookup = lookup
+        ctx.save_for_backward(weight, indices, offsets, psw)
+        return torch.from_numpy(out)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        weight, indices, offsets, psw = ctx.saved_tensors
+        lk = ctx.lookup
+        g = as_array(grad.contiguous(), "grad_output")
+        idx, w, off = as_array(indices, "input"), as_array(weight, "weight"), \
+            as_array(offsets, "offsets")
+        gw = gp = None
+        if psw is not None and ctx.needs_input_grad[3]:     # before a fused update
+            gp = torch.from_numpy(lk.psw_grad(g, idx, w, off))
+        if ctx.needs_input_grad[0] or lk.optimizer is not None:
+            res = lk.backward(g, idx, w, off, as_array(psw, "per_sample_weights"))
+            gw = None if res is None else torch.from_numpy(res)
+        return gw, None, None, gp, None

@@ -1,0 +1,435 @@
+"""nn.Module adapters: nn.EmbeddingBag-like modules whose array is one hashemb
+scheme's array. No math here: every lookup is a hashemb kernel call."""
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import _validate as V
+from ..hashing import UniversalHash
+from ..schemes import FullTable, HashedNet, RobeZ, Scheme
+from ._function import BagFunction, Lookup, make_optimizer
+
+
+def _as_index(t, name):
+    if not isinstance(t, torch.Tensor):
+        t = torch.as_tensor(np.asarray(t))
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name}: expected an int32 or int64 tensor, got {t.dtype}")
+    return t
+
+
+def _check_2d_offsets(offsets):
+    if offsets is not None:
+        raise ValueError("offsets: expected None with 2-D input (each row is a bag), "
+                         "got a tensor")
+
+
+class HashEmbeddingBag(nn.Module):
+    r"""One embedding-bag table stored through any hashemb scheme.
+
+    Forward is ``torch.nn.EmbeddingBag``'s: ``input`` 1-D with ``offsets`` (B
+    starts, or B+1 with ``include_last_offset``) or 2-D ``(B, N)``;
+    ``per_sample_weights`` with ``mode="sum"``. The array ``weight`` has
+    ``scheme.weight_shape``.
+
+    Parameters
+    ----------
+    scheme : hashemb.Scheme
+    table : int
+        Table id (hashed into the slot; a FullTable's table number).
+    mode : {"sum", "mean", "max"}
+    padding_idx : int, optional
+    include_last_offset : bool
+    optimizer : None, "sgd", "adagrad", hashemb.SGD or hashemb.Adagrad
+        Fused optimizer: backward updates ``weight`` in place (``weight.grad``
+        stays None, so leave ``weight`` out of the torch optimizer; see
+        :func:`dense_parameters`). ``"adagrad"`` keeps its accumulator in the
+        ``optimizer_state`` buffer (saved in the state_dict).
+    lr, eps : float
+        Of the fused optimizer.
+    _weight : Tensor, optional
+        Initial array (copied); default ``scheme.init_weight(init_seed)``.
+    init_seed : int
+    dtype : torch.float32 or torch.float64
+
+    Notes
+    -----
+    ``state_dict`` holds the array and, as extra state, the scheme's
+    :meth:`~hashemb.Scheme.config` (hash seed and all), so a module loaded from
+    it gives bit-identical outputs whatever seed it was built with.
+    Results are deterministic on the CPU (see :func:`hashemb.embedding_bag`).
+
+    Examples
+    --------
+    >>> import torch, hashemb as he
+    >>> from hashemb.torch import HashEmbeddingBag
+    >>> emb = HashEmbeddingBag(he.RobeZ(1000, 16, block=16))
+    >>> emb(torch.tensor([1, 2, 3]), torch.tensor([0, 2])).shape
+    torch.Size([2, 16])
+    """
+
+    num_tables = 1
+
+    def __init__(self, scheme, table=0, mode="sum", padding_idx=None,
+                 include_last_offset=False, optimizer=None, lr=0.01, eps=1e-10,
+                 _weight=None, init_seed=0, dtype=torch.float32):
+        super().__init__()
+        scheme = V.check_scheme(scheme)
+        V.check_mode(mode)
+        self.table = V.check_table(table, scheme)
+        self.mode, self.padding_idx = mode, padding_idx
+        self.include_last_offset = bool(include_last_offset)
+        self._opt_args = (optimizer if isinstance(optimizer, (str, type(None)))
+                          else type(optimizer).__name__.lower(), lr, eps)
+        self._build(scheme, make_optimizer(optimizer, lr, eps))
+        if _weight is None:
+            np_dtype = {torch.float32: np.float32, torch.float64: np.float64}.get(dtype)
+            if np_dtype is None:
+                raise TypeError(f"dtype: expected torch.float32 or torch.float64, got {dtype}")
+            w = torch.from_numpy(scheme.init_weight(seed=init_seed, dtype=np_dtype))
+        else:
+            w = torch.as_tensor(_weight).detach().clone()
+            if tuple(w.shape) not in (tuple(scheme.weight_shape), (scheme.size,)):
+                raise ValueError(f"_weight: expected shape {scheme.weight_shape}, "
+                                 f"got {tuple(w.shape)}")
+        self.weight = nn.Parameter(w.contiguous())
+        self.weight._hashemb_fused = self._lookup.optimizer is not None
+        if self._opt_args[0] == "adagrad":
+            self.register_buffer("optimizer_state", torch.zeros(self.weight.numel(),
+                                                                dtype=self.weight.dtype))
+
+    def _build(self, scheme, optimizer):
+        self.scheme = scheme
+        self._lookup = Lookup(scheme, self.num_tables, self.table, self.mode,
+                              self.padding_idx, optimizer)
+
+    def _bind_state(self):
+        opt = self._lookup.optimizer
+        if hasattr(self, "optimizer_state") and opt is not None:
+            w = self.weight.detach().numpy()
+            key = (w.__array_interface__["data"][0], w.size, w.dtype.str)
+            st = self.optimizer_state.numpy()
+            if opt.state.get(key) is not st:
+                opt.use_state(w, st)
+
+    def _normalise(self, input, offsets, per_sample_weights):
+        input = _as_index(input, "input")
+        if input.dim() == 2:
+            _check_2d_offsets(offsets)
+            B, N = input.shape
+            off = torch.arange(0, B * N + 1, max(N, 1) if B * N else 1, dtype=torch.int64)
+            off = off if N else torch.zeros(B + 1, dtype=torch.int64)
+            flat = input.reshape(-1)
+            psw = None if per_sample_weights is None else per_sample_weights.reshape(-1)
+            return flat, off, psw
+        if input.dim() != 1:
+            raise ValueError(f"input: expected a 1-D or 2-D tensor, got {input.dim()}-D")
+        if offsets is None:
+            raise ValueError("offsets: expected a 1-D tensor with 1-D input, got None")
+        offsets = _as_index(offsets, "offsets")
+        if offsets.dim() != 1:
+            raise ValueError(f"offsets: expected a 1-D tensor, got {offsets.dim()}-D")
+        if not self.include_last_offset:
+            offsets = torch.cat([offsets.to(torch.int64),
+                                 torch.tensor([input.shape[0]], dtype=torch.int64)])
+        elif offsets.shape[0] == 0:
+            raise ValueError("offsets: expected at least 1 value with include_last_offset, got 0")
+        return input, offsets, per_sample_weights
+
+    def forward(self, input, offsets=None, per_sample_weights=None):
+        """Pooled embeddings, shape ``(B, dim)`` (like ``nn.EmbeddingBag``)."""
+        flat, off, psw = self._normalise(input, offsets, per_sample_weights)
+        self._bind_state()
+        return BagFunction.apply(self.weight, flat, off, psw, self._lookup)
+
+    def get_extra_state(self):
+        return {"scheme": self.scheme.config(), "table": self.table, "mode": self.mode,
+                "padding_idx": self.padding_idx, "optimizer": self._opt_args}
+
+    def set_extra_state(self, state):
+        self.table, self.mode = state["table"], state["mode"]
+        self.padding_idx = state["padding_idx"]
+        self._opt_args = tuple(state["optimizer"])
+        self._build(Scheme.from_config(state["scheme"]), make_optimizer(*self._opt_args))
+
+    def memory_bytes(self):
+        """Bytes of the array (plus an Adagrad accumulator)."""
+        n = self.weight.numel() * self.weight.element_size()
+        return n * (2 if hasattr(self, "optimizer_state") else 1)
+
+    def extra_repr(self):
+        return f"{self.scheme!r}, mode={self.mode!r}, optimizer={self._opt_args[0]!r}"
+
+
+class HashEmbeddingBagCollection(HashEmbeddingBag):
+    r"""T tables sharing one array through one scheme, looked up in ONE kernel call.
+
+    Input as TorchRec/FBGEMM: a 2-D ``(B, T)`` tensor (one index per table per
+    sample), or flat ``input`` with ``offsets`` of length ``T*B+1``,
+    feature-major (bag b of table t is ``input[offsets[t*B+b]:offsets[t*B+b+1]]``).
+    Output ``(B, T*dim)``: table t fills columns ``t*dim:(t+1)*dim``.
+
+    Parameters
+    ----------
+    scheme : hashemb.Scheme
+    num_tables : int
+    mode, optimizer, lr, eps, _weight, init_seed, dtype
+        As in :class:`HashEmbeddingBag`.
+
+    Examples
+    --------
+    >>> import torch, hashemb as he
+    >>> from hashemb.torch import HashEmbeddingBagCollection
+    >>> emb = HashEmbeddingBagCollection(he.RobeZ(10_000, 16), num_tables=3)
+    >>> emb(torch.randint(0, 100, (8, 3))).shape
+    torch.Size([8, 48])
+    """
+
+    def __init__(self, scheme, num_tables, mode="sum", optimizer=None, lr=0.01, eps=1e-10,
+                 _weight=None, init_seed=0, dtype=torch.float32):
+        self.num_tables = V.check_positive_int(num_tables, "num_tables", upper=1 << 31)
+        s = V.check_scheme(scheme)
+        if s.num_tables is not None and self.num_tables > s.num_tables:
+            raise ValueError(f"num_tables: expected <= {s.num_tables} (the scheme's tables), "
+                             f"got {num_tables}")
+        super().__init__(scheme, 0, mode, None, True, optimizer, lr, eps, _weight,
+                         init_seed, dtype)
+
+    def _normalise(self, input, offsets, per_sample_weights):
+        input = _as_index(input, "input")
+        T = self.num_tables
+        if input.dim() == 2:
+            _check_2d_offsets(offsets)
+            if input.shape[1] != T:
+                raise ValueError(f"input: expected shape (B, {T}) (one index per table), "
+                                 f"got {tuple(input.shape)}")
+            flat = input.t().reshape(-1)          # feature-major
+            off = torch.arange(input.numel() + 1, dtype=torch.int64)
+            psw = None if per_sample_weights is None else per_sample_weights.t().reshape(-1)
+            return flat, off, psw
+        if input.dim() != 1:
+            raise ValueError(f"input: expected a 1-D or 2-D tensor, got {input.dim()}-D")
+        if offsets is None:
+            raise ValueError(f"offsets: expected {T}*B+1 values with 1-D input, got None")
+        offsets = _as_index(offsets, "offsets")
+        if offsets.dim() != 1 or (offsets.shape[0] - 1) % T:
+            raise ValueError(f"offsets: expected a 1-D tensor of {T}*B+1 values, "
+                             f"got shape {tuple(offsets.shape)}")
+        return input, offsets, per_sample_weights
+
+    def get_extra_state(self):
+        return dict(super().get_extra_state(), num_tables=self.num_tables)
+
+    def set_extra_state(self, state):
+        self.num_tables = state["num_tables"]
+        super().set_extra_state(state)
+
+
+def _robe_size(total_floats, compression, block, name="compression"):
+    c = V.check_float(compression, name, positive=True)
+    return max(block, math.ceil(total_floats / c))
+
+
+class RobeEmbeddingBag(HashEmbeddingBag):
+    r"""ROBE-Z embedding bag: a ``num_embeddings x embedding_dim`` table kept in
+    ``ceil(num_embeddings * embedding_dim / compression)`` floats
+    (:class:`hashemb.RobeZ`).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from hashemb.torch import RobeEmbeddingBag
+    >>> emb = RobeEmbeddingBag(1_000_000, 16, compression=1000, block=16)
+    >>> emb.weight.numel(), emb(torch.tensor([[1, 2], [3, 4]])).shape
+    (16000, torch.Size([2, 16]))
+    """
+
+    def __init__(self, num_embeddings, embedding_dim, compression=1000.0, block=None,
+                 mode="sum", seed=0, signed=False, _weight=None, **kwargs):
+        n = V.check_positive_int(num_embeddings, "num_embeddings", upper=1 << 62)
+        D = V.check_positive_int(embedding_dim, "embedding_dim", upper=1 << 20)
+        block = D if block is None else block
+        size = (V.check_positive_int(torch.as_tensor(_weight).numel(), "_weight")
+                if _weight is not None else
+                _robe_size(n * D, compression, V.check_positive_int(block, "block")))
+        self.num_embeddings, self.embedding_dim = n, D
+        super().__init__(RobeZ(size, D, block=block, seed=seed, signed=signed),
+                         mode=mode, _weight=_weight, **kwargs)
+
+
+class RobeEmbeddingBagCollection(HashEmbeddingBagCollection):
+    r"""Many tables in ONE ROBE-Z array (the ROBE / UMA setting): the array has
+    ``ceil(sum(num_embeddings) * embedding_dim / compression)`` floats, every
+    table's id is hashed into its slots, and a batch of all tables is one kernel
+    call.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from hashemb.torch import RobeEmbeddingBagCollection
+    >>> emb = RobeEmbeddingBagCollection([1000, 50_000, 7], 16, compression=100)
+    >>> emb.weight.numel(), emb(torch.tensor([[1, 2, 3], [4, 5, 6]])).shape
+    (8162, torch.Size([2, 48]))
+    """
+
+    def __init__(self, num_embeddings, embedding_dim, compression=1000.0, block=None,
+                 mode="sum", seed=0, signed=False, _weight=None, **kwargs):
+        sizes = _sizes(num_embeddings)
+        D = V.check_positive_int(embedding_dim, "embedding_dim", upper=1 << 20)
+        block = D if block is None else block
+        size = (V.check_positive_int(torch.as_tensor(_weight).numel(), "_weight")
+                if _weight is not None else
+                _robe_size(sum(sizes) * D, compression, V.check_positive_int(block, "block")))
+        self.num_embeddings, self.embedding_dim = sizes, D
+        super().__init__(RobeZ(size, D, block=block, seed=seed, signed=signed),
+                         len(sizes), mode=mode, _weight=_weight, **kwargs)
+
+
+class HashedNetEmbeddingBagCollection(HashEmbeddingBagCollection):
+    r"""Many tables in one HashedNet array (element-wise hashing, ROBE-Z with
+    Z = 1) of ``ceil(sum(num_embeddings) * embedding_dim / compression)`` floats.
+
+    Examples
+    --------
+    >>> from hashemb.torch import HashedNetEmbeddingBagCollection
+    >>> HashedNetEmbeddingBagCollection([1000, 2000], 16, compression=10).weight.numel()
+    4800
+    """
+
+    def __init__(self, num_embeddings, embedding_dim, compression=1000.0, mode="sum",
+                 seed=0, signed=False, **kwargs):
+        sizes = _sizes(num_embeddings)
+        D = V.check_positive_int(embedding_dim, "embedding_dim", upper=1 << 20)
+        self.num_embeddings, self.embedding_dim = sizes, D
+        super().__init__(HashedNet(_robe_size(sum(sizes) * D, compression, 1), D, seed=seed,
+                                   signed=signed), len(sizes), mode=mode, **kwargs)
+
+
+class HashedEmbeddingBag(HashEmbeddingBag):
+    r"""Seed 000's HashedEmbeddingBag: element-wise hashing of (row, column)
+    into a buffer of ``W = int(num_embeddings * embedding_dim * compression)``
+    floats (``compression`` is the fraction kept, e.g. 0.1), with its exact
+    hash :meth:`hashemb.HashedNet.reference`
+    ``((r*9824516537 + d*57857966300227 + 104729) mod 117130198221199) mod W``.
+    A 1-D ``_weight`` sets the buffer (and W) directly.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from hashemb.torch import HashedEmbeddingBag
+    >>> emb = HashedEmbeddingBag(1000, 16, compression=0.1)
+    >>> lengths = torch.arange(18) % 8                     # 18 bags of 0-7 values
+    >>> x = torch.randint(0, 1000, (int(lengths.sum()),))
+    >>> offsets = torch.cumsum(lengths, 0) - lengths
+    >>> emb.weight.numel(), emb(x, offsets).shape
+    (1600, torch.Size([18, 16]))
+    """
+
+    def __init__(self, num_embeddings, embedding_dim, compression=0.1, mode="sum",
+                 _weight=None, **kwargs):
+        n = V.check_positive_int(num_embeddings, "num_embeddings", upper=1 << 62)
+        D = V.check_positive_int(embedding_dim, "embedding_dim", upper=1 << 20)
+        if _weight is not None:
+            w = torch.as_tensor(_weight)
+            if w.dim() != 1 or w.numel() == 0:
+                raise ValueError(f"_weight: expected a non-empty 1-D tensor, "
+                                 f"got shape {tuple(w.shape)}")
+            W = w.numel()
+        else:
+            c = V.check_float(compression, "compression", positive=True)
+            W = int(n * D * c)
+            if W == 0:
+                raise ValueError(f"compression: expected int(num_embeddings * embedding_dim "
+                                 f"* compression) >= 1, got {n} * {D} * {c} < 1")
+        self.num_embeddings, self.embedding_dim = n, D
+        super().__init__(HashedNet.reference(W, D), mode=mode, _weight=_weight, **kwargs)
+
+
+class HashingTrickEmbeddingBagCollection(HashEmbeddingBagCollection):
+    r"""The hashing trick, the baseline every compression paper compares to:
+    table t keeps ``rows_t = ceil(num_embeddings[t] / compression)`` full rows
+    and token x uses row ``h(t, x) mod rows_t`` (:class:`hashemb.UniversalHash`);
+    the rows live in one :class:`hashemb.FullTable` array.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from hashemb.torch import HashingTrickEmbeddingBagCollection
+    >>> emb = HashingTrickEmbeddingBagCollection([1000, 10], 4, compression=100)
+    >>> emb.scheme.table_sizes, emb(torch.tensor([[999, 9]])).shape
+    ([10, 1], torch.Size([1, 8]))
+    """
+
+    def __init__(self, num_embeddings, embedding_dim, compression=1000.0, mode="sum",
+                 seed=0, **kwargs):
+        sizes = _sizes(num_embeddings)
+        c = V.check_float(compression, "compression", positive=True)
+        self.rows = [max(1, math.ceil(n / c)) for n in sizes]
+        self.num_embeddings, self.embedding_dim = sizes, embedding_dim
+        self.hash = UniversalHash(seed)
+        super().__init__(FullTable(self.rows, embedding_dim), len(sizes), mode=mode, **kwargs)
+
+    def _normalise(self, input, offsets, per_sample_weights):
+        flat, off, psw = super()._normalise(input, offsets, per_sample_weights)
+        keys = flat.numpy() if flat.is_contiguous() else flat.contiguous().numpy()
+        out = np.empty(keys.shape[0], np.int64)
+        B = (off.shape[0] - 1) // self.num_tables
+        o = off.numpy()
+        for t, rows in enumerate(self.rows):
+            lo, hi = int(o[t * B]), int(o[(t + 1) * B])
+            if lo < 0 or hi > keys.shape[0] or lo > hi:
+                raise ValueError(f"offsets: expected values in [0, {keys.shape[0]}] and "
+                                 f"non-decreasing, got {lo}..{hi} for table {t}")
+            out[lo:hi] = self.hash(keys[lo:hi], rows, table=t)
+        return torch.from_numpy(out), off, psw
+
+
+class TorchEmbeddingBagCollection(nn.Module):
+    r"""The uncompressed baseline in plain torch: one ``nn.EmbeddingBag`` per
+    table (mode sum, uniform init on ``+-1/sqrt(rows)`` as DLRM does), outputs
+    concatenated to ``(B, T*dim)``. Input ``(B, T)``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from hashemb.torch import TorchEmbeddingBagCollection
+    >>> TorchEmbeddingBagCollection([10, 20], 4)(torch.tensor([[1, 2]])).shape
+    torch.Size([1, 8])
+    """
+
+    def __init__(self, num_embeddings, embedding_dim, sparse=True, seed=0):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = _sizes(num_embeddings), embedding_dim
+        g = torch.Generator().manual_seed(seed)
+        self.tables = nn.ModuleList()
+        for n in self.num_embeddings:
+            e = nn.EmbeddingBag(n, embedding_dim, mode="sum", sparse=sparse)
+            with torch.no_grad():
+                e.weight.uniform_(-1 / math.sqrt(n), 1 / math.sqrt(n), generator=g)
+            self.tables.append(e)
+
+    def forward(self, input, offsets=None, per_sample_weights=None):
+        if input.dim() != 2 or offsets is not None or per_sample_weights is not None:
+            raise ValueError("input: expected a (B, T) tensor without offsets")
+        return torch.cat([e(input[:, t:t + 1]) for t, e in enumerate(self.tables)], dim=1)
+
+    def memory_bytes(self):
+        return sum(e.weight.numel() * e.weight.element_size() for e in self.tables)
+
+
+def _sizes(num_embeddings):
+    if isinstance(num_embeddings, (int, np.integer)):
+        num_embeddings = [num_embeddings]
+    sizes = [V.check_positive_int(n, "num_embeddings", upper=1 << 62) for n in num_embeddings]
+    if not sizes:
+        raise ValueError("num_embeddings: expected at least one table size, got []")
+    return sizes
+
+
+def dense_parameters(module):
+    """The parameters a torch optimizer should update: all but the arrays that
+    a fused hashemb optimizer updates inside backward."""
+    return [p for p in module.parameters()
+            if p.requires_grad and not getattr(p, "_hashemb_fused", False)]
