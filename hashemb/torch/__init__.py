@@ -12,3 +12,6 @@ __all__ = ["HashEmbeddingBag", "HashEmbeddingBagCollection", "RobeEmbeddingBag",
            "RobeEmbeddingBagCollection", "HashedEmbeddingBag",
            "HashedNetEmbeddingBagCollection", "HashingTrickEmbeddingBagCollection",
            "TorchEmbeddingBagCollection", "dense_parameters"]
+from .dlrm import DLRM, METHODS, evaluate, make_embedding, train_epoch  # noqa: E402
+
+__all__ += ["DLRM", "METHODS", "evaluate", "make_embedding", "train_epoch"]

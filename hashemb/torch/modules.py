@@ -17,6 +17,9 @@ def _as_index(t, name):
         t = torch.as_tensor(np.asarray(t))
     if t.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name}: expected an int32 or int64 tensor, got {t.dtype}")
+    if t.device.type != "cpu":
+        raise TypeError(f"{name}: expected a CPU tensor (CUDA tensors need the CuPy "
+                        f"backend, not built yet), got a tensor on {t.device}")
     return t
 
 
@@ -370,6 +373,13 @@ class HashingTrickEmbeddingBagCollection(HashEmbeddingBagCollection):
         self.num_embeddings, self.embedding_dim = sizes, embedding_dim
         self.hash = UniversalHash(seed)
         super().__init__(FullTable(self.rows, embedding_dim), len(sizes), mode=mode, **kwargs)
+
+    def get_extra_state(self):
+        return dict(super().get_extra_state(), hash_seed=self.hash.seed, rows=self.rows)
+
+    def set_extra_state(self, state):
+        super().set_extra_state(state)
+        self.hash, self.rows = UniversalHash(state["hash_seed"]), list(state["rows"])
 
     def _normalise(self, input, offsets, per_sample_weights):
         flat, off, psw = super()._normalise(input, offsets, per_sample_weights)

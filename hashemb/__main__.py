@@ -1,0 +1,27 @@
+"""Command line: ``python -m hashemb demo [...]`` (the DLRM comparison) and
+``python -m hashemb config`` (what the build has)."""
+import sys
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        print("\n  demo     train DLRM: full vs RobeZ vs HashedNet vs hashing trick"
+              "\n  config   print the build configuration")
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "demo":
+        from .demo import main as demo
+        demo(rest)
+        return 0
+    if cmd == "config":
+        from . import show_config
+        show_config()
+        return 0
+    print(f"unknown command {cmd!r}: expected 'demo' or 'config'", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Streaming reader of the Criteo TSV format: ``label, I1..I13, C1..C26``.
+
+Categorical tokens are hashed to 64-bit ids on the fly (SplitMix64 of the hex
+value + 1, a bijection, so distinct tokens never collide; a missing token is id
+0): no vocabulary pass is needed, and the hashed schemes take the ids as they
+are. Dense values get DLRM's transform ``log1p(max(x, 0))`` (missing = 0).
+"""
+import numpy as np
+
+from .synthetic import NUM_DENSE, Batch, _mix
+
+NUM_CATS = 26
+_FIELDS = 1 + NUM_DENSE + NUM_CATS
+_HEX = frozenset("0123456789abcdefABCDEF")
+_MASK = (1 << 64) - 1
+
+
+def token_id(hex_token):
+    """The 64-bit id (as int64) of one Criteo token string (``""`` -> 0).
+
+    Examples
+    --------
+    >>> from hashemb.data.criteo import token_id
+    >>> token_id(""), token_id("68fd1e64") == token_id("68FD1E64")
+    (0, True)
+    """
+    if hex_token == "":
+        return 0
+    v = np.array([(int(hex_token, 16) + 1) & _MASK], np.uint64)
+    return int(_mix(v).view(np.int64)[0])
+
+
+class CriteoTSV:
+    """Read a Criteo TSV file (or any iterable of lines) in batches.
+
+    Parameters
+    ----------
+    source : str, path or iterable of str
+        File name, or lines (e.g. an open file).
+    on_bad : {"raise", "skip"}
+        A malformed row (not 40 tab-separated fields, a label other than 0/1,
+        a non-integer dense value, a token that is not hex of at most 16
+        digits) raises ValueError naming the line number, or is skipped and
+        counted in :attr:`skipped`.
+
+    Examples
+    --------
+    >>> from hashemb.data import CriteoTSV
+    >>> row = "1\\t" + "\\t".join(["3"] * 13) + "\\t" + "\\t".join(["a1b2"] * 26)
+    >>> b = next(CriteoTSV([row, row]).batches(10))
+    >>> b.dense.shape, b.cats.shape, b.labels.tolist()
+    ((2, 13), (2, 26), [1.0, 1.0])
+    """
+
+    def __init__(self, source, on_bad="raise"):
+        if on_bad not in ("raise", "skip"):
+            raise ValueError(f"on_bad: expected 'raise' or 'skip', got {on_bad!r}")
+        self.source, self.on_bad = source, on_bad
+        self.skipped = 0
+        self.rows = 0
+
+    def _lines(self):
+        if isinstance(self.source, (str, bytes)) or hasattr(self.source, "__fspath__"):
+            with open(self.source, encoding="utf-8", errors="strict") as f:
+                yield from f
+        else:
+            yield from self.source
+
+    @staticmethod
+    def _parse(line):
+        parts = line.rstrip("\r\n").split("\t")
+        if len(parts) != _FIELDS:
+            raise ValueError(f"expected {_FIELDS} tab-separated fields, got {len(parts)}")
+        if parts[0] not in ("0", "1"):
+            raise ValueError(f"label: expected 0 or 1, got {parts[0]!r}")
+        dense = [int(v) if v else 0 for v in parts[1:1 + NUM_DENSE]]
+        cats = []
+        for v in parts[1 + NUM_DENSE:]:
+            if not v:
+                cats.append(0)
+                continue
+            if len(v) > 16 or not _HEX.issuperset(v):
+                raise ValueError(f"token: expected at most 16 hex digits, got {v!r}")
+            cats.append((int(v, 16) + 1) & _MASK)
+        return int(parts[0]), dense, cats
+
+    def batches(self, batch_size=65536, limit=None):
+        """Yield :data:`~hashemb.data.Batch` es of up to ``batch_size`` rows
+        (``prob`` is None), at most ``limit`` rows in all."""
+        labels, dense, cats = [], [], []
+        for lineno, line in enumerate(self._lines(), 1):
+            if limit is not None and self.rows >= limit:
+                break
+            try:
+                y, d, c = self._parse(line)
+            except ValueError as e:
+                if self.on_bad == "raise":
+                    raise ValueError(f"line {lineno}: {e}") from None
+                self.skipped += 1
+                continue
+            labels.append(y)
+            dense.append(d)
+            cats.append(c)
+            self.rows += 1
+            if len(labels) == batch_size:
+                yield self._batch(labels, dense, cats)
+                labels, dense, cats = [], [], []
+        if labels:
+            yield self._batch(labels, dense, cats)
+
+    @staticmethod
+    def _batch(labels, dense, cats):
+        d = np.log1p(np.maximum(np.array(dense, np.float64), 0)).astype(np.float32)
+        raw = np.array(cats, np.uint64)
+        ids = _mix(raw).view(np.int64)          # _mix(0) == 0: missing stays 0
+        return Batch(d, ids, np.array(labels, np.float32), None)
+
+    def read(self, limit=None):
+        """All rows (up to ``limit``) as one Batch."""
+        parts = list(self.batches(limit=limit))
+        if not parts:
+            return Batch(np.zeros((0, NUM_DENSE), np.float32), np.zeros((0, NUM_CATS), np.int64),
+                         np.zeros(0, np.float32), None)
+        return Batch(*(np.concatenate(x) for x in zip(*[p[:3] for p in parts])), None)

@@ -1,0 +1,184 @@
+"""The main job: train DLRM with a full table, ROBE-Z, HashedNet and the hashing
+trick on the same data, print one table and plot AUC against compression.
+
+    python -m hashemb demo                       # synthetic Criteo-shaped data
+    python -m hashemb demo --dataset movielens   # MovieLens-100k (recbole wheel)
+    python -m hashemb demo --data train.tsv      # Criteo TSV
+"""
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+
+NAMES = {"full": "full (nn.EmbeddingBag)", "robez": "RobeZ", "hashednet": "HashedNet",
+         "hashing_trick": "hashing trick"}
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="python -m hashemb demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--dataset", choices=("synthetic", "movielens"), default="synthetic")
+    src.add_argument("--data", metavar="TSV", help="a Criteo TSV file (label, I1..I13, C1..C26)")
+    p.add_argument("--scale", type=float, default=0.01,
+                   help="synthetic: Criteo Kaggle cardinalities times this (default 0.01)")
+    p.add_argument("--train-samples", type=int, default=250_000)
+    p.add_argument("--test-samples", type=int, default=50_000)
+    p.add_argument("--epochs", type=int, default=2, help="epochs of the full model")
+    p.add_argument("--compressed-epochs", type=int, default=None,
+                   help="epochs of the compressed models (default 2x --epochs, as the "
+                        "ROBE paper allows)")
+    p.add_argument("--batch-size", type=int, default=2048)
+    p.add_argument("--lr", type=float, default=0.5, help="SGD learning rate of every part")
+    p.add_argument("--compression", type=float, default=None,
+                   help="compression of the table (default 1000, MovieLens 10)")
+    p.add_argument("--sweep", type=str, default=None,
+                   help="comma-separated compressions for the AUC plot "
+                        "(default 10,100,1000; MovieLens 10,100); '' for none")
+    p.add_argument("--methods", type=str, default="full,robez,hashednet,hashing_trick")
+    p.add_argument("--block", type=int, default=16, help="ROBE-Z block size Z")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    p.add_argument("--out", default="demo_out", help="folder for the PNG and JSON results")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def load(args):
+    """(train, test, cardinalities, oracle AUC or None, description)."""
+    from .data import CriteoTSV, SyntheticCriteo, load_movielens
+    from .metrics import auc
+    if args.data:
+        n = args.train_samples + args.test_samples
+        b = CriteoTSV(args.data, on_bad="skip").read(limit=n)
+        cats, card = [], []
+        for t in range(b.cats.shape[1]):      # exact vocabulary: the full table needs it
+            vocab, inv = np.unique(b.cats[:, t], return_inverse=True)
+            cats.append(inv)
+            card.append(len(vocab))
+        cats = np.stack(cats, 1).astype(np.int64)
+        cut = max(len(b.labels) - args.test_samples, 0)
+        from .data import Batch
+        tr = Batch(b.dense[:cut], cats[:cut], b.labels[:cut], None)
+        te = Batch(b.dense[cut:], cats[cut:], b.labels[cut:], None)
+        return tr, te, card, None, f"Criteo TSV {args.data}: {cut} train, {len(te.labels)} test"
+    if args.dataset == "movielens":
+        tr, te, card = load_movielens(seed=args.seed)
+        return tr, te, card, None, "MovieLens-100k (rating >= 4), 80/20 split"
+    gen = SyntheticCriteo(scale=args.scale, seed=args.seed)
+    tr = gen.sample(0, args.train_samples, "train")
+    te = gen.sample(0, args.test_samples, "test")
+    desc = (f"synthetic Criteo-shaped data, scale {args.scale} ({sum(gen.cardinalities):,} "
+            f"rows), {args.train_samples:,} train / {args.test_samples:,} test samples")
+    return tr, te, gen.cardinalities, auc(te.labels, te.prob), desc
+
+
+def run_method(method, compression, tr, te, card, args, epochs, bar_desc):
+    """Train one DLRM; returns the result row."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .torch import DLRM, evaluate, make_embedding, train_epoch
+    from .torch.dlrm import embedding_params, make_optimizer
+    torch.manual_seed(args.seed)
+    emb = make_embedding(method, card, 16, compression, args.lr, args.seed, args.block)
+    model = DLRM(emb, len(card), num_dense=tr.dense.shape[1], seed=args.seed)
+    opt = make_optimizer(model, args.lr)
+    n = len(tr.labels)
+    speeds = []
+    with tqdm(total=n * epochs, desc=bar_desc, unit="sample", unit_scale=True, leave=False,
+              disable=args.no_progress) as bar:
+        for ep in range(epochs):
+            _, sps = train_epoch(model, opt, tr.dense, tr.cats, tr.labels, args.batch_size,
+                                 seed=args.seed * 1000 + ep, progress=bar)
+            speeds.append(sps)
+    ev = evaluate(model, te.dense, te.cats, te.labels)
+    params = embedding_params(model)
+    full_params = sum(card) * 16
+    return {"method": method, "nominal": compression, "compression": full_params / params,
+            "epochs": epochs,
+            "embedding_params": params, "memory_mb": params * 4 / 2 ** 20,
+            "auc": ev["auc"], "logloss": ev["logloss"], "train_sps": float(np.median(speeds)),
+            "infer_sps": ev["samples_per_s"]}
+
+
+def _table(rows, oracle):
+    head = ("| method | compression | embedding params | memory MB | test AUC | logloss "
+            "| train samples/s | inference samples/s |")
+    lines = [head, "|" + "---|" * 8]
+    for r in rows:
+        lines.append(f"| {NAMES[r['method']]} | {r['compression']:.0f}x | "
+                     f"{r['embedding_params']:,} | {r['memory_mb']:.2f} | {r['auc']:.4f} | "
+                     f"{r['logloss']:.4f} | {r['train_sps']:,.0f} | {r['infer_sps']:,.0f} |")
+    if oracle is not None:
+        lines.append(f"\noracle AUC (the planted click probabilities): {oracle:.4f}")
+    return "\n".join(lines)
+
+
+def plot(rows, full, oracle, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for m in ("robez", "hashednet", "hashing_trick"):
+        pts = sorted((r["nominal"], r["auc"]) for r in rows if r["method"] == m)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=NAMES[m])
+    if full is not None:
+        ax.axhline(full["auc"], color="k", ls="--", label="full table")
+    if oracle is not None:
+        ax.axhline(oracle, color="gray", ls=":", label="oracle")
+    ax.set_xscale("log")
+    ax.set_xlabel("compression (full-table floats / floats kept)")
+    ax.set_ylabel("test AUC")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    movielens = args.dataset == "movielens" and not args.data
+    compression = args.compression or (10.0 if movielens else 1000.0)
+    sweep = args.sweep if args.sweep is not None else ("10,100" if movielens else "10,100,1000")
+    sweep = [float(c) for c in sweep.split(",") if c.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        if m not in NAMES:
+            raise SystemExit(f"--methods: expected names from {sorted(NAMES)}, got {m!r}")
+    epochs_c = args.compressed_epochs or 2 * args.epochs
+    t0 = time.perf_counter()
+    tr, te, card, oracle, desc = load(args)
+    print(f"data: {desc}; CTR {tr.labels.mean():.3f}")
+    rows = []
+    full = None
+    if "full" in methods:
+        full = run_method("full", 1.0, tr, te, card, args, args.epochs, "full")
+        rows.append(full)
+    for c in sorted(set([compression] + sweep), reverse=True):
+        for m in methods:
+            if m != "full":
+                rows.append(run_method(m, c, tr, te, card, args, epochs_c, f"{m} {c:g}x"))
+    main_rows = [r for r in rows if r["method"] == "full" or r["nominal"] == compression]
+    print(f"\nDLRM (bottom 13-512-256-64-16, top 512-256-1, D=16, SGD lr {args.lr}, "
+          f"batch {args.batch_size}); full {args.epochs} epochs, compressed {epochs_c}")
+    print(_table(main_rows, oracle))
+    if len(rows) > len(main_rows):
+        print("\nAUC vs compression:")
+        print(_table([r for r in rows if r not in main_rows], None))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"data": desc, "oracle_auc": oracle, "args": vars(args), "rows": rows}, f,
+                  indent=1)
+    png = os.path.join(args.out, "auc_vs_compression.png")
+    plot(rows, full, oracle, png, desc)
+    print(f"\nsaved {png} and results.json ({time.perf_counter() - t0:.0f} s in all)")
+    return rows

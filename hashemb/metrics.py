@@ -1,0 +1,50 @@
+"""Click-model metrics in NumPy: ROC AUC (ties averaged) and log loss."""
+import numpy as np
+
+
+def auc(labels, scores):
+    r"""Area under the ROC curve: the probability that a random positive scores
+    above a random negative, ties counting one half (the Mann-Whitney U statistic):
+
+    .. math:: \mathrm{AUC} = \frac{\sum_{i: y_i = 1} \mathrm{rank}(s_i) - n_+(n_+ + 1)/2}{n_+ n_-}
+
+    with average ranks for ties. O(n log n).
+
+    Examples
+    --------
+    >>> from hashemb.metrics import auc
+    >>> auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
+    0.75
+    """
+    y = np.asarray(labels).reshape(-1) > 0.5
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if y.shape != s.shape:
+        raise ValueError(f"scores: expected {y.shape[0]} values like labels, got {s.shape[0]}")
+    pos = int(y.sum())
+    neg = y.shape[0] - pos
+    if pos == 0 or neg == 0:
+        raise ValueError("labels: expected both classes, got only one")
+    order = np.argsort(s, kind="mergesort")
+    ss = s[order]
+    # average rank of each run of equal scores
+    starts = np.flatnonzero(np.r_[True, ss[1:] != ss[:-1]])
+    ends = np.r_[starts[1:], ss.shape[0]]
+    avg = (starts + ends + 1) / 2.0
+    ranks = np.empty_like(s)
+    ranks[order] = np.repeat(avg, ends - starts)
+    return float((ranks[y].sum() - pos * (pos + 1) / 2.0) / (pos * neg))
+
+
+def logloss(labels, prob, eps=1e-7):
+    r"""Mean binary cross-entropy :math:`-\overline{y \log p + (1-y)\log(1-p)}`,
+    with p clipped to ``[eps, 1-eps]``.
+
+    Examples
+    --------
+    >>> from hashemb.metrics import logloss
+    >>> round(logloss([1, 0], [0.5, 0.5]), 4)
+    0.6931
+    """
+    y = np.asarray(labels, dtype=np.float64).reshape(-1)
+    p = np.clip(np.asarray(prob, dtype=np.float64).reshape(-1), eps, 1 - eps)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))

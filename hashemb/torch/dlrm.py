@@ -1,0 +1,153 @@
+"""DLRM (bottom MLP, dot interaction, top MLP) over any embedding collection,
+and the train / evaluate loop used by the demo and the examples."""
+import math
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..metrics import auc, logloss
+from .modules import (HashedNetEmbeddingBagCollection, HashingTrickEmbeddingBagCollection,
+                      RobeEmbeddingBagCollection, TorchEmbeddingBagCollection,
+                      dense_parameters)
+
+METHODS = ("full", "robez", "hashednet", "hashing_trick")
+
+
+def _mlp(sizes, last_relu, gen):
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        lin = nn.Linear(a, b)
+        with torch.no_grad():          # DLRM's init
+            lin.weight.normal_(0.0, math.sqrt(2.0 / (a + b)), generator=gen)
+            lin.bias.normal_(0.0, math.sqrt(1.0 / b), generator=gen)
+        layers.append(lin)
+        if i < len(sizes) - 2 or last_relu:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class DLRM(nn.Module):
+    r"""DLRM with dot interaction (Naumov et al. 2019):
+
+    .. math::
+
+        x = \mathrm{bot}(d),\quad e_t = \mathrm{emb}_t(c_t),\quad
+        z = [x, (\langle u, v\rangle)_{u < v \in \{x, e_1..e_T\}}],\quad
+        \hat y = \mathrm{top}(z)
+
+    Defaults are the ROBE paper's Criteo Kaggle settings: bottom 13-512-256-64-16,
+    top 512-256-1, D = 16. ``forward`` returns logits.
+
+    Parameters
+    ----------
+    embedding : nn.Module
+        Maps a ``(B, T)`` tensor of tokens to ``(B, T*dim)``: any
+        hashemb.torch collection or :class:`TorchEmbeddingBagCollection`.
+    num_tables, num_dense, dim : int
+    bottom, top : tuple of int
+        Hidden sizes of the MLPs.
+    seed : int
+        Seed of the MLP initialisation.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from hashemb.torch import DLRM, RobeEmbeddingBagCollection
+    >>> emb = RobeEmbeddingBagCollection([100, 200], 16, compression=10)
+    >>> m = DLRM(emb, num_tables=2, num_dense=3, bottom=(8,), top=(8,))
+    >>> m(torch.rand(4, 3), torch.randint(0, 100, (4, 2))).shape
+    torch.Size([4])
+    """
+
+    def __init__(self, embedding, num_tables, num_dense=13, dim=16, bottom=(512, 256, 64),
+                 top=(512, 256), seed=0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.embedding, self.num_tables, self.dim = embedding, num_tables, dim
+        self.bottom = _mlp([num_dense, *bottom, dim], True, gen)
+        n_int = (num_tables + 1) * num_tables // 2
+        self.top = _mlp([dim + n_int, *top, 1], False, gen)
+        li, lj = torch.tril_indices(num_tables + 1, num_tables + 1, offset=-1)
+        self.register_buffer("_li", li, persistent=False)
+        self.register_buffer("_lj", lj, persistent=False)
+
+    def forward(self, dense, cats):
+        x = self.bottom(dense)
+        e = self.embedding(cats).view(-1, self.num_tables, self.dim)
+        z = torch.cat([x.unsqueeze(1), e], dim=1)
+        dots = torch.bmm(z, z.transpose(1, 2))[:, self._li, self._lj]
+        return self.top(torch.cat([x, dots], dim=1)).squeeze(1)
+
+
+def make_embedding(method, num_embeddings, dim=16, compression=1000.0, lr=0.1, seed=0,
+                   block=None):
+    """The embedding collection of a method of :data:`METHODS`, trained by
+    (fused) SGD at ``lr``: "full" (torch nn.EmbeddingBag, sparse gradients),
+    "robez" (ROBE-Z, Z = ``block`` or dim), "hashednet", "hashing_trick"
+    (each at ``compression``)."""
+    if method == "full":
+        return TorchEmbeddingBagCollection(num_embeddings, dim, sparse=True, seed=seed)
+    kw = dict(compression=compression, seed=seed, optimizer="sgd", lr=lr, init_seed=seed)
+    if method == "robez":
+        return RobeEmbeddingBagCollection(num_embeddings, dim, block=block, **kw)
+    if method == "hashednet":
+        return HashedNetEmbeddingBagCollection(num_embeddings, dim, **kw)
+    if method == "hashing_trick":
+        return HashingTrickEmbeddingBagCollection(num_embeddings, dim, **kw)
+    raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+
+
+def embedding_params(module):
+    """Floats held by the embedding part of ``module``."""
+    emb = module.embedding if hasattr(module, "embedding") else module
+    return sum(p.numel() for p in emb.parameters())
+
+
+def _tensors(dense, cats, labels):
+    return (torch.from_numpy(np.ascontiguousarray(dense, np.float32)),
+            torch.from_numpy(np.ascontiguousarray(cats)),
+            torch.from_numpy(np.ascontiguousarray(labels, np.float32)))
+
+
+def train_epoch(model, optimizer, dense, cats, labels, batch_size=2048, seed=0,
+                progress=None):
+    """One pass over the data in a seeded random order; returns
+    ``(mean training loss, samples/s)``. ``progress`` is a tqdm bar (or None)."""
+    d, c, y = _tensors(dense, cats, labels)
+    n = y.shape[0]
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(n))
+    loss_fn = nn.BCEWithLogitsLoss()
+    model.train()
+    total, t0 = 0.0, time.perf_counter()
+    for lo in range(0, n, batch_size):
+        sel = order[lo:lo + batch_size]
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(d[sel], c[sel]), y[sel])
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * sel.shape[0]
+        if progress is not None:
+            progress.update(sel.shape[0])
+    return total / max(n, 1), n / (time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def evaluate(model, dense, cats, labels, batch_size=16384):
+    """``dict(auc, logloss, samples_per_s)`` of the model's predictions."""
+    d, c, _ = _tensors(dense, cats, labels)
+    model.eval()
+    out = []
+    t0 = time.perf_counter()
+    for lo in range(0, d.shape[0], batch_size):
+        out.append(torch.sigmoid(model(d[lo:lo + batch_size], c[lo:lo + batch_size])))
+    dt = time.perf_counter() - t0
+    p = torch.cat(out).numpy()
+    return {"auc": auc(labels, p), "logloss": logloss(labels, p),
+            "samples_per_s": d.shape[0] / dt}
+
+
+def make_optimizer(model, lr):
+    """torch SGD over the parameters not updated by a fused hashemb optimizer."""
+    return torch.optim.SGD(dense_parameters(model), lr=lr)

@@ -1,0 +1,256 @@
+"""hashemb.torch against independent references: torch.nn.EmbeddingBag (for
+the FullTable scheme), the NumPy oracle of tests/reference.py, gradcheck."""
+import io
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+torch = pytest.importorskip("torch")
+
+import hashemb as he                                       # noqa: E402
+from hashemb.torch import (DLRM, HashedEmbeddingBag, HashEmbeddingBag,  # noqa: E402
+                           HashEmbeddingBagCollection, HashedNetEmbeddingBagCollection,
+                           HashingTrickEmbeddingBagCollection, RobeEmbeddingBag,
+                           RobeEmbeddingBagCollection, TorchEmbeddingBagCollection,
+                           dense_parameters)
+from reference import bag_backward, bag_forward, uhash   # noqa: E402
+from test_bag import make_scheme                            # noqa: E402
+
+
+def _bags(rng, B, n, max_len=4):
+    lengths = rng.integers(0, max_len + 1, B)
+    idx = rng.integers(0, n, int(lengths.sum()))
+    off = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    return torch.from_numpy(idx), torch.from_numpy(off)
+
+
+@pytest.mark.parametrize("mode, psw", [("sum", False), ("sum", True), ("mean", False),
+                                       ("max", False)])
+@pytest.mark.parametrize("padding_idx", [None, 3])
+def test_full_table_matches_nn_embedding_bag(mode, psw, padding_idx):
+    """Forward and gradient equal torch.nn.EmbeddingBag's on the same weights."""
+    rng = np.random.default_rng(0)
+    n, D, B = 11, 5, 9
+    ref = torch.nn.EmbeddingBag(n, D, mode=mode, padding_idx=padding_idx)
+    ours = HashEmbeddingBag(he.FullTable(n, D), mode=mode, padding_idx=padding_idx,
+                            _weight=ref.weight.detach())
+    idx, off = _bags(rng, B, n)
+    w = torch.rand(idx.shape[0], dtype=torch.float32) if psw else None
+    a = ref(idx, off, per_sample_weights=w)
+    b = ours(idx, off, per_sample_weights=w)
+    torch.testing.assert_close(b, a)
+    g = torch.randn(B, D)
+    (a * g).sum().backward()
+    (b * g).sum().backward()
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
+
+
+@given(st.data())
+@settings(deadline=None)
+def test_collection_matches_reference(data):
+    """Every scheme, both input forms: the module equals the NumPy oracle, and
+    its gradient equals the oracle's adjoint."""
+    kind = data.draw(st.sampled_from(["robe", "robe-signed", "robe-wide", "hnet", "full"]))
+    dim = data.draw(st.sampled_from([2, 4]))
+    scheme = make_scheme(kind, dim, data.draw(st.integers(0, 5)))
+    T = data.draw(st.integers(1, 3))
+    B = data.draw(st.integers(0, 5))
+    mode = data.draw(st.sampled_from(["sum", "mean"]))
+    rng = np.random.default_rng(data.draw(st.integers(0, 99)))
+    x = rng.integers(0, 5, (B, T))
+    emb = HashEmbeddingBagCollection(scheme, T, mode=mode, dtype=torch.float64)
+    out = emb(torch.from_numpy(x))
+    M = emb.weight.detach().numpy()
+    flat = x.T.reshape(-1)
+    off = np.arange(B * T + 1)
+    torch.testing.assert_close(out.detach().numpy(),
+                               bag_forward(scheme, flat, off, M, T, mode=mode))
+    g = rng.standard_normal((B, T * dim))
+    out.backward(torch.from_numpy(g))
+    ref = bag_backward(scheme, flat, off, g, T, M=M, mode=mode).reshape(M.shape)
+    np.testing.assert_allclose(emb.weight.grad.numpy(), ref, atol=1e-12)
+    # flat input + feature-major offsets gives the same
+    out2 = emb(torch.from_numpy(flat), torch.from_numpy(off))
+    torch.testing.assert_close(out2, out)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+@pytest.mark.parametrize("scheme", [he.RobeZ(37, 4, block=2, signed=True),
+                                    he.HashedNet(23, 4, seed=1)])
+def test_gradcheck(mode, scheme):
+    torch.manual_seed(0)
+    emb = HashEmbeddingBag(scheme, mode=mode, dtype=torch.float64)
+    idx = torch.tensor([1, 5, 9, 2, 7, 7])
+    off = torch.tensor([0, 2, 2, 5])
+    if mode == "sum":
+        psw = torch.rand(6, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda p: emb(idx, off, p), (psw,))
+    assert torch.autograd.gradcheck(
+        lambda w: _with_weight(emb, w)(idx, off), (emb.weight.detach().clone().requires_grad_(),))
+
+
+def _with_weight(emb, w):
+    from hashemb.torch._function import BagFunction
+
+    def call(idx, off):
+        flat, o, p = emb._normalise(idx, off, None)
+        return BagFunction.apply(w, flat, o, p, emb._lookup)
+    return call
+
+
+def test_multi_table_psw_gradcheck():
+    emb = HashEmbeddingBagCollection(he.RobeZ(41, 3, block=3, signed=True), 2,
+                                     dtype=torch.float64)
+    x = torch.tensor([[1, 2], [3, 4], [5, 1]])
+    psw = torch.rand(3, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda p: emb(x, per_sample_weights=p), (psw,))
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adagrad"])
+def test_fused_optimizer_equals_gradient_then_update(opt):
+    scheme = he.RobeZ(301, 8, block=4)
+    x = torch.randint(0, 1000, (64, 3))
+    plain = HashEmbeddingBagCollection(scheme, 3, init_seed=4)
+    fused = HashEmbeddingBagCollection(scheme, 3, optimizer=opt, lr=0.3, init_seed=4)
+    assert dense_parameters(fused) == [] and dense_parameters(plain) == [plain.weight]
+    g = torch.randn(64, 24)
+    for _ in range(2):
+        (plain(x) * g).sum().backward()
+        (fused(x) * g).sum().backward()
+        assert fused.weight.grad is None
+        with torch.no_grad():
+            if opt == "sgd":
+                plain.weight -= 0.3 * plain.weight.grad
+            else:
+                st_ = getattr(plain, "_acc", torch.zeros_like(plain.weight))
+                st_ += plain.weight.grad ** 2
+                plain._acc = st_
+                plain.weight -= 0.3 * plain.weight.grad / (st_.sqrt() + 1e-10)
+        plain.weight.grad = None
+    torch.testing.assert_close(fused.weight, plain.weight, rtol=1e-5, atol=1e-6)
+    if opt == "adagrad":
+        torch.testing.assert_close(fused.optimizer_state, plain._acc, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [
+    lambda s: RobeEmbeddingBagCollection([100, 2000, 7], 8, compression=10, block=4, seed=s,
+                                         optimizer="adagrad", lr=0.1),
+    lambda s: RobeEmbeddingBag(5000, 8, compression=100, seed=s, signed=True),
+    lambda s: HashedNetEmbeddingBagCollection([100, 2000], 8, compression=10, seed=s),
+    lambda s: HashingTrickEmbeddingBagCollection([100, 2000], 8, compression=10, seed=s),
+])
+def test_state_dict_round_trip_is_bit_identical(make):
+    """A module built with another seed, loaded from the state_dict (through
+    torch.save / torch.load), gives the same outputs bit for bit."""
+    a = make(0)
+    T = getattr(a, "num_tables", 1)
+    x = torch.randint(0, 100, (32, T)) if T > 1 or isinstance(
+        a, HashEmbeddingBagCollection) else torch.randint(0, 100, (32, 3))
+    a(x).sum().backward()                     # a fused step changes the array
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    b = make(7)
+    b.load_state_dict(torch.load(buf))
+    assert b.scheme == a.scheme
+    assert torch.equal(b(x), a(x))
+
+
+def test_hashed_embedding_bag_is_seed_000():
+    """Its README example, and its exact hash."""
+    emb = HashedEmbeddingBag(1000, 16, compression=0.1)
+    assert emb.weight.numel() == 1600
+    lengths = torch.arange(18) % 8
+    x = torch.randint(0, 1000, (int(lengths.sum()),))
+    off = torch.cumsum(lengths, 0) - lengths
+    out = emb(x, off)
+    assert out.shape == (18, 16)
+    w = emb.weight.detach().numpy()
+    for b in range(18):
+        toks = x[off[b]:off[b] + lengths[b]].tolist()
+        want = np.zeros(16, np.float64)
+        for r in toks:
+            want += [w[((r * 9824516537 + d * 57857966300227 + 104729)
+                        % 117130198221199) % 1600] for d in range(16)]
+        np.testing.assert_allclose(out[b].detach().numpy(), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="compression"):
+        HashedEmbeddingBag(10, 2, compression=0.01)
+    assert HashedEmbeddingBag(10, 2, _weight=torch.zeros(7)).weight.numel() == 7
+
+
+def test_hashing_trick_uses_hashed_rows():
+    emb = HashingTrickEmbeddingBagCollection([1000, 50], 4, compression=100, seed=3)
+    assert emb.rows == [10, 1]
+    x = np.array([[5, 3], [999, 49], [123, 0]])
+    out = emb(torch.from_numpy(x)).detach().numpy()
+    W = emb.weight.detach().numpy()
+    for t, rows in enumerate(emb.rows):
+        base = sum(emb.rows[:t])
+        for b in range(3):
+            # independent oracle: the Python-integer universal hash of tests/reference
+            h = uhash([int(c) for c in he.UniversalHash(3).coef[:4]], t, int(x[b, t]), 0, rows)
+            np.testing.assert_array_equal(out[b, 4 * t:4 * t + 4], W[base + h])
+
+
+def test_module_errors():
+    emb = RobeEmbeddingBag(100, 4, compression=2)
+    with pytest.raises(ValueError, match="offsets"):
+        emb(torch.tensor([[1, 2]]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="offsets"):
+        emb(torch.tensor([1, 2]))
+    with pytest.raises(TypeError, match="input"):
+        emb(torch.tensor([1.0, 2.0]), torch.tensor([0]))
+    with pytest.raises(TypeError, match="CPU tensor"):
+        emb(torch.tensor([1, 2], device="meta"), torch.tensor([0], device="meta"))
+    with pytest.raises(ValueError, match="offsets"):
+        emb(torch.tensor([1, 2]), torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match="optimizer"):
+        RobeEmbeddingBag(100, 4, optimizer="adam")
+    col = RobeEmbeddingBagCollection([10, 20], 4, compression=2)
+    with pytest.raises(ValueError, match=r"\(B, 2\)"):
+        col(torch.tensor([[1, 2, 3]]))
+    with pytest.raises(ValueError, match="2\\*B\\+1"):
+        col(torch.tensor([1, 2, 3]), torch.tensor([0, 1]))
+    with pytest.raises(IndexError):
+        HashEmbeddingBag(he.FullTable(5, 2))(torch.tensor([[7]]))
+    with pytest.raises(ValueError, match="compression"):
+        RobeEmbeddingBag(100, 4, compression=0)
+
+
+def test_dlrm_interaction_and_training():
+    """The dot interaction equals an explicit loop; a few SGD steps on the
+    synthetic data lower the loss."""
+    from hashemb.data import SyntheticCriteo
+    from hashemb.torch import evaluate, make_embedding, train_epoch
+    from hashemb.torch.dlrm import make_optimizer
+    torch.manual_seed(0)
+    emb = RobeEmbeddingBagCollection([50, 60, 70], 4, compression=4)
+    m = DLRM(emb, 3, num_dense=2, dim=4, bottom=(8,), top=(8,))
+    d, c = torch.rand(5, 2), torch.randint(0, 50, (5, 3))
+    x = m.bottom(d)
+    e = emb(c).view(5, 3, 4)
+    vecs = [x] + [e[:, t] for t in range(3)]
+    dots = torch.stack([(vecs[i] * vecs[j]).sum(1) for i in range(4) for j in range(i)], 1)
+    want = m.top(torch.cat([x, dots], 1)).squeeze(1)
+    torch.testing.assert_close(m(d, c), want)
+
+    gen = SyntheticCriteo(scale=0.0005, seed=1)
+    tr, te = gen.sample(0, 8192), gen.sample(0, 4096, "test")
+    for method in ("full", "robez", "hashednet", "hashing_trick"):
+        emb = make_embedding(method, gen.cardinalities, 16, compression=10, lr=0.3)
+        model = DLRM(emb, 26, bottom=(32, 16), top=(32,))
+        opt = make_optimizer(model, 0.3)
+        l0, _ = train_epoch(model, opt, tr.dense, tr.cats, tr.labels, 512, seed=0)
+        l1, _ = train_epoch(model, opt, tr.dense, tr.cats, tr.labels, 512, seed=1)
+        assert l1 < l0, method
+        r = evaluate(model, te.dense, te.cats, te.labels)
+        assert 0.55 < r["auc"] <= 1.0, (method, r)
+
+
+def test_torch_baseline_collection():
+    base = TorchEmbeddingBagCollection([10, 20], 4)
+    x = torch.tensor([[1, 2], [9, 19]])
+    out = base(x)
+    torch.testing.assert_close(out[:, 4:], base.tables[1].weight[x[:, 1]])
+    assert base.memory_bytes() == 30 * 4 * 4
