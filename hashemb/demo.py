@@ -26,12 +26,17 @@ def _parser():
                    help="synthetic: Criteo Kaggle cardinalities times this (default 0.01)")
     p.add_argument("--train-samples", type=int, default=250_000)
     p.add_argument("--test-samples", type=int, default=50_000)
-    p.add_argument("--epochs", type=int, default=2, help="epochs of the full model")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="epochs of the full model (default 2; MovieLens 4)")
     p.add_argument("--compressed-epochs", type=int, default=None,
                    help="epochs of the compressed models (default 2x --epochs, as the "
                         "ROBE paper allows)")
-    p.add_argument("--batch-size", type=int, default=2048)
-    p.add_argument("--lr", type=float, default=0.5, help="SGD learning rate of every part")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="training batch (default 2048; MovieLens 256)")
+    p.add_argument("--optimizer", choices=("sgd", "adagrad"), default=None,
+                   help="of every part (default sgd; MovieLens adagrad)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate of every part (default 0.5 for sgd, 0.05 for adagrad)")
     p.add_argument("--compression", type=float, default=None,
                    help="compression of the table (default 1000, MovieLens 10)")
     p.add_argument("--sweep", type=str, default=None,
@@ -83,9 +88,10 @@ def run_method(method, compression, tr, te, card, args, epochs, bar_desc):
     from .torch import DLRM, evaluate, make_embedding, train_epoch
     from .torch.dlrm import embedding_params, make_optimizer
     torch.manual_seed(args.seed)
-    emb = make_embedding(method, card, 16, compression, args.lr, args.seed, args.block)
+    emb = make_embedding(method, card, 16, compression, args.lr, args.seed, args.block,
+                         args.optimizer)
     model = DLRM(emb, len(card), num_dense=tr.dense.shape[1], seed=args.seed)
-    opt = make_optimizer(model, args.lr)
+    opt = make_optimizer(model, args.lr, args.optimizer)
     n = len(tr.labels)
     speeds = []
     with tqdm(total=n * epochs, desc=bar_desc, unit="sample", unit_scale=True, leave=False,
@@ -148,6 +154,10 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     movielens = args.dataset == "movielens" and not args.data
     compression = args.compression or (10.0 if movielens else 1000.0)
+    args.optimizer = args.optimizer or ("adagrad" if movielens else "sgd")
+    args.epochs = args.epochs or (4 if movielens else 2)
+    args.batch_size = args.batch_size or (256 if movielens else 2048)
+    args.lr = args.lr or (0.05 if args.optimizer == "adagrad" else 0.5)
     sweep = args.sweep if args.sweep is not None else ("10,100" if movielens else "10,100,1000")
     sweep = [float(c) for c in sweep.split(",") if c.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -168,7 +178,7 @@ def main(argv=None):
             if m != "full":
                 rows.append(run_method(m, c, tr, te, card, args, epochs_c, f"{m} {c:g}x"))
     main_rows = [r for r in rows if r["method"] == "full" or r["nominal"] == compression]
-    print(f"\nDLRM (bottom 13-512-256-64-16, top 512-256-1, D=16, SGD lr {args.lr}, "
+    print(f"\nDLRM (bottom {tr.dense.shape[1]}-512-256-64-16, top 512-256-1, D=16, {args.optimizer} lr {args.lr}, "
           f"batch {args.batch_size}); full {args.epochs} epochs, compressed {epochs_c}")
     print(_table(main_rows, oracle))
     if len(rows) > len(main_rows):

@@ -82,14 +82,15 @@ class DLRM(nn.Module):
 
 
 def make_embedding(method, num_embeddings, dim=16, compression=1000.0, lr=0.1, seed=0,
-                   block=None):
+                   block=None, optimizer="sgd"):
     """The embedding collection of a method of :data:`METHODS`, trained by
-    (fused) SGD at ``lr``: "full" (torch nn.EmbeddingBag, sparse gradients),
-    "robez" (ROBE-Z, Z = ``block`` or dim), "hashednet", "hashing_trick"
-    (each at ``compression``)."""
+    ``optimizer`` ("sgd" or "adagrad") at ``lr``, fused into backward for the
+    hashemb modules: "full" (torch nn.EmbeddingBag, sparse gradients, left to
+    the torch optimizer), "robez" (ROBE-Z, Z = ``block`` or dim), "hashednet",
+    "hashing_trick" (each at ``compression``)."""
     if method == "full":
         return TorchEmbeddingBagCollection(num_embeddings, dim, sparse=True, seed=seed)
-    kw = dict(compression=compression, seed=seed, optimizer="sgd", lr=lr, init_seed=seed)
+    kw = dict(compression=compression, seed=seed, optimizer=optimizer, lr=lr, init_seed=seed)
     if method == "robez":
         return RobeEmbeddingBagCollection(num_embeddings, dim, block=block, **kw)
     if method == "hashednet":
@@ -148,6 +149,11 @@ def evaluate(model, dense, cats, labels, batch_size=16384):
             "samples_per_s": d.shape[0] / dt}
 
 
-def make_optimizer(model, lr):
-    """torch SGD over the parameters not updated by a fused hashemb optimizer."""
+def make_optimizer(model, lr, name="sgd"):
+    """torch SGD (or Adagrad) over the parameters not updated by a fused
+    hashemb optimizer."""
+    if name == "adagrad":
+        return torch.optim.Adagrad(dense_parameters(model), lr=lr)
+    if name != "sgd":
+        raise ValueError(f"name: expected 'sgd' or 'adagrad', got {name!r}")
     return torch.optim.SGD(dense_parameters(model), lr=lr)
