@@ -19,8 +19,8 @@ import time
 
 import numpy as np
 
-CRITEO = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194,
-          27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572]
+from hashemb.data import CRITEO_KAGGLE as CRITEO
+
 D = 16
 
 
