@@ -53,7 +53,7 @@ def _parser():
 
 def load(args):
     """(train, test, cardinalities, oracle AUC or None, description)."""
-    from .data import CriteoTSV, SyntheticCriteo, load_movielens
+    from .data import Batch, CriteoTSV, SyntheticCriteo, load_movielens
     from .metrics import auc
     if args.data:
         n = args.train_samples + args.test_samples
@@ -65,7 +65,6 @@ def load(args):
             card.append(len(vocab))
         cats = np.stack(cats, 1).astype(np.int64)
         cut = max(len(b.labels) - args.test_samples, 0)
-        from .data import Batch
         tr = Batch(b.dense[:cut], cats[:cut], b.labels[:cut], None)
         te = Batch(b.dense[cut:], cats[cut:], b.labels[cut:], None)
         return tr, te, card, None, f"Criteo TSV {args.data}: {cut} train, {len(te.labels)} test"

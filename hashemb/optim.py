@@ -69,7 +69,7 @@ class Adagrad:
 
     def state_for(self, weight):
         """The accumulator of ``weight`` (zeros until its first update)."""
-        key = (weight.__array_interface__["data"][0], weight.size, weight.dtype.str)
+        key = self._key(weight)
         if key not in self.state:
             self.state[key] = np.zeros(weight.size, weight.dtype)
             self._scratch[key] = np.zeros(weight.size, weight.dtype)
@@ -78,15 +78,24 @@ class Adagrad:
     def use_state(self, weight, state):
         """Keep the accumulator of ``weight`` in the caller's array ``state``
         (same size and dtype, C-contiguous; updated in place), e.g. a buffer
-        that a torch module saves in its state_dict."""
-        key = (weight.__array_interface__["data"][0], weight.size, weight.dtype.str)
+        that a torch module saves in its state_dict. Binding the same memory
+        again is a no-op (the scratch array is kept)."""
+        key = self._key(weight)
         if (not isinstance(state, np.ndarray) or state.size != weight.size
                 or state.dtype != weight.dtype or not state.flags.c_contiguous
                 or not state.flags.writeable):
             raise ValueError(f"state: expected a writeable C-contiguous {weight.dtype} array "
                              f"of {weight.size} values, got {V._desc(state)}")
+        bound = self.state.get(key)
+        if bound is not None and bound.__array_interface__["data"][0] == \
+                state.__array_interface__["data"][0]:
+            return
         self.state[key] = state.reshape(-1)
         self._scratch[key] = np.zeros(weight.size, weight.dtype)
+
+    @staticmethod
+    def _key(weight):
+        return (weight.__array_interface__["data"][0], weight.size, weight.dtype.str)
 
     def _apply(self, k, run, w):
         state, scratch = self.state_for(w)

@@ -7,16 +7,21 @@ from .. import bag as _bag
 from ..optim import SGD, Adagrad
 
 
+def check_cpu(t, name):
+    """``t`` itself, or a TypeError naming ``name`` if it is not on the CPU."""
+    if t.device.type != "cpu":
+        raise TypeError(f"{name}: expected a CPU tensor (CUDA tensors need the CuPy "
+                        f"backend, not built yet), got a tensor on {t.device}")
+    return t
+
+
 def as_array(t, name):
     """Zero-copy NumPy view of a CPU tensor (None passes through)."""
     if t is None:
         return None
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.device.type != "cpu":
-        raise TypeError(f"{name}: expected a CPU tensor (CUDA tensors need the CuPy "
-                        f"backend, not built yet), got a tensor on {t.device}")
-    t = t.detach()
+    t = check_cpu(t, name).detach()
     if t.is_conj() or t.is_neg():
         t = t.resolve_conj().resolve_neg()
     return np.from_dlpack(t)

@@ -9,7 +9,7 @@ from torch import nn
 from .. import _validate as V
 from ..hashing import UniversalHash
 from ..schemes import FullTable, HashedNet, RobeZ, Scheme
-from ._function import BagFunction, Lookup, make_optimizer
+from ._function import BagFunction, Lookup, as_array, check_cpu, make_optimizer
 
 
 def _as_index(t, name):
@@ -17,10 +17,7 @@ def _as_index(t, name):
         t = torch.as_tensor(np.asarray(t))
     if t.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name}: expected an int32 or int64 tensor, got {t.dtype}")
-    if t.device.type != "cpu":
-        raise TypeError(f"{name}: expected a CPU tensor (CUDA tensors need the CuPy "
-                        f"backend, not built yet), got a tensor on {t.device}")
-    return t
+    return check_cpu(t, name)
 
 
 def _check_2d_offsets(offsets):
@@ -111,11 +108,7 @@ class HashEmbeddingBag(nn.Module):
     def _bind_state(self):
         opt = self._lookup.optimizer
         if hasattr(self, "optimizer_state") and opt is not None:
-            w = self.weight.detach().numpy()
-            key = (w.__array_interface__["data"][0], w.size, w.dtype.str)
-            st = self.optimizer_state.numpy()
-            if opt.state.get(key) is not st:
-                opt.use_state(w, st)
+            opt.use_state(self.weight.detach().numpy(), self.optimizer_state.numpy())
 
     def _normalise(self, input, offsets, per_sample_weights):
         input = _as_index(input, "input")
@@ -383,7 +376,7 @@ class HashingTrickEmbeddingBagCollection(HashEmbeddingBagCollection):
 
     def _normalise(self, input, offsets, per_sample_weights):
         flat, off, psw = super()._normalise(input, offsets, per_sample_weights)
-        keys = flat.numpy() if flat.is_contiguous() else flat.contiguous().numpy()
+        keys = as_array(flat, "input")
         out = np.empty(keys.shape[0], np.int64)
         B = (off.shape[0] - 1) // self.num_tables
         o = off.numpy()
