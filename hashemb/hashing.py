@@ -38,12 +38,23 @@ class UniversalHash:
 
         h(e, u, c) = ((A e + B u + C c + D_0) \bmod P) \bmod m
 
-        g(e, u, c) = 1 - 2\,(((A' e + B' u + C' c + D_0') \bmod P) \bmod 2)
+        g(e, u, c) = 1 - 2\,(q(k) \bmod 2),\quad
+        k = (A' e + B' u + C' c + D_0') \bmod P,\quad
+        q(k) = (Q_0 + Q_1 k + Q_2 k^2 + Q_3 k^3) \bmod P
 
-    with :math:`A, B, C, A', B', C'` uniform on :math:`[1, P)` and
-    :math:`D_0, D_0'` on :math:`[0, P)`, all drawn from ``seed`` by SplitMix64
-    (pure Python, so a seed's hash never changes with the NumPy version). Keys are any 64-bit integers: they are reduced mod P first and
-    every product is exact (128-bit), so nothing wraps.
+    with :math:`A, B, C, A', B', C', Q_1, Q_2, Q_3` uniform on :math:`[1, P)` and
+    :math:`D_0, D_0', Q_0` on :math:`[0, P)`, all drawn from ``seed`` by SplitMix64
+    (pure Python, so a seed's hash never changes with the NumPy version). Keys
+    are any 64-bit integers: they are reduced mod P first and every product is
+    exact (128-bit), so nothing wraps.
+
+    ``h`` is pairwise independent, which is all a slot needs. The sign goes
+    through the cubic ``q`` because the parity of the linear key alone is
+    correlated in fours (keys with :math:`k_1 + k_4 = k_2 + k_3`, such as any
+    grid of (token, element) pairs, give :math:`E[g_1 g_2 g_3 g_4] \approx 1/3`),
+    and the variance of a signed sketch (ROBE Theorem 1, :mod:`hashemb.theory`)
+    needs 4-wise independent signs: with the linear sign an all-ones vector's
+    inner-product estimate has about 400x the variance the theorem gives.
 
     Parameters
     ----------
@@ -54,8 +65,8 @@ class UniversalHash:
     ----------
     P : int
         The prime, 2**61 - 1.
-    coef : numpy.ndarray of uint64, shape (8,)
-        ``[A, B, C, D0, A', B', C', D0']``.
+    coef : numpy.ndarray of uint64, shape (12,)
+        ``[A, B, C, D0, A', B', C', D0', Q1, Q2, Q3, Q0]``.
 
     Examples
     --------
@@ -71,7 +82,7 @@ class UniversalHash:
 
     def __init__(self, seed=0):
         self.seed = V.check_seed(seed)
-        self.coef = np.array(coefficients(self.seed, 8), dtype=np.uint64)
+        self.coef = np.array(coefficients(self.seed, 12), dtype=np.uint64)
 
     def __repr__(self):
         return f"UniversalHash(seed={self.seed})"
@@ -82,16 +93,20 @@ class UniversalHash:
 
     def sign(self, keys, *, table=0, element=0):
         """``g(table, keys, element)``: float32 array of +1/-1."""
-        bits = self._eval(self.coef[4:], keys, 2, table, element)
-        return (1 - 2 * bits).astype(np.float32)
+        keys, flat, table, element = self._args(keys, table, element, "element")
+        out = np.empty(keys.shape, dtype=np.float32)
+        kernels(keys).universal_sign(self.coef[4:], flat, table, element, out.reshape(-1))
+        return out
 
     def _eval(self, coef, keys, m, table, block):
-        keys = V.as_keys(keys, "keys")
+        keys, flat, table, block = self._args(keys, table, block, "block")
         m = V.check_positive_int(m, "m", upper=1 << 62)
-        table = V.check_key(table, "table")
-        block = V.check_key(block, "block")
         out = np.empty(keys.shape, dtype=np.int64)
-        flat = keys.reshape(-1)
         kernels(keys).universal_hash(np.ascontiguousarray(coef), flat, table, block, m,
                                      out.reshape(-1))
         return out
+
+    @staticmethod
+    def _args(keys, table, third, name):
+        keys = V.as_keys(keys, "keys")
+        return keys, keys.reshape(-1), V.check_key(table, "table"), V.check_key(third, name)

@@ -43,6 +43,7 @@ class Scheme:
     def _setup(self, kind, size, dim, run, mod, coef):
         self._kind, self.size, self.dim, self._run, self._mod = kind, size, dim, run, mod
         self._coef = np.asarray(coef, dtype=np.uint64)
+        assert self._coef.shape == (12,), "slots.h reads HE_NCOEF = 12 coefficients"
         if not hasattr(self, "_sign_coef"):
             self._sign_coef = np.zeros(1, np.uint64)
         if not hasattr(self, "_run_coef"):
@@ -264,7 +265,7 @@ class _RobeReference(RobeZ):
                             seed=self.seed, table_sizes=self.table_sizes)
         self._ref_p = ROBE_REF_P
         self._setup(_ROBE_REF, size, dim, min(block, dim), size - block + 1,
-                    [int(R[0]), int(R[1]), int(R[2]), 0, 0, 0, 0, 0])
+                    [int(R[0]), int(R[1]), int(R[2])] + [0] * 9)
 
     def __repr__(self):
         return (f"RobeZ.reference(size={self.size}, dim={self.dim}, block={self.block}, "
@@ -324,8 +325,8 @@ class _HashedNetReference(HashedNet):
         self._config = dict(type="HashedNet.reference", size=size, dim=dim)
         self.num_tables = None          # any table id: it is not hashed
         self._ref_p = HNET_REF[3]
-        self._setup(_HNET_REF, size, dim, 1, size, [HNET_REF[0], HNET_REF[1], HNET_REF[2],
-                                                    0, 0, 0, 0, 0])
+        self._setup(_HNET_REF, size, dim, 1, size, [HNET_REF[0], HNET_REF[1], HNET_REF[2]]
+                    + [0] * 9)
 
     def __repr__(self):
         return f"HashedNet.reference(size={self.size}, dim={self.dim})"
@@ -360,7 +361,7 @@ class FullTable(Scheme):
             raise ValueError(f"num_embeddings: expected rows * dim < 2**61, got {rows} * {dim}")
         self.num_embeddings = rows
         self._config = dict(type="FullTable", num_embeddings=list(self.table_sizes), dim=dim)
-        self._setup(_FULL, rows * dim, dim, dim, rows * dim, [0] * 8)
+        self._setup(_FULL, rows * dim, dim, dim, rows * dim, [0] * 12)
 
     def __repr__(self):
         n = self.table_sizes[0] if len(self.table_sizes) == 1 else self.table_sizes

@@ -16,8 +16,9 @@ def uhash(coef, e, u, c, m):
 
 
 def usign(coef, e, u, c):
-    A, B, C, D0 = (int(v) for v in coef[4:8])
-    return 1 - 2 * (((A * (u64(e) % P) + B * (u64(u) % P) + C * (u64(c) % P) + D0) % P) % 2)
+    A, B, C, D0, Q1, Q2, Q3, Q0 = (int(v) for v in coef[4:12])
+    k = (A * (u64(e) % P) + B * (u64(u) % P) + C * (u64(c) % P) + D0) % P
+    return 1 - 2 * ((Q0 + Q1 * k + Q2 * k * k + Q3 * k ** 3) % P % 2)
 
 
 def slot(scheme, e, x, i):

@@ -13,16 +13,19 @@ def test_known_answers_never_change():
     h = he.UniversalHash(0)
     assert h.coef.tolist() == [2036776052082325941, 995035815274294462, 60952127433943209,
                                2238701422097567805, 245218775303261843, 754761825157895261,
-                               400912003250038364, 1779065233200043367]
+                               400912003250038364, 1779065233200043367,
+                               566520145124077912, 2195233314247382548,
+                               914192909980805025, 1754825900881050590]
     assert h(np.array([0, 1, 2, 2**40, -1]), 1000).tolist() == [805, 316, 778, 151, 186]
-    assert h.sign(np.array([0, 1, 2, 3, 4])).tolist() == [-1, -1, 1, -1, -1]
+    # the cubic sign of session 3 (4-wise independent); slots are unchanged
+    assert h.sign(np.arange(8)).tolist() == [-1, -1, 1, -1, -1, -1, -1, 1]
 
 
 def test_coefficients_in_range_and_seeded():
     for seed in (0, 1, 2**63, 2**64 - 1):
         c = he.UniversalHash(seed).coef.astype(object)
-        assert all(0 < v < P for v in c[[0, 1, 2, 4, 5, 6]])
-        assert all(0 <= v < P for v in c[[3, 7]])
+        assert all(0 < v < P for v in c[[0, 1, 2, 4, 5, 6, 8, 9, 10]])
+        assert all(0 <= v < P for v in c[[3, 7, 11]])
     assert he.UniversalHash(1).coef.tolist() != he.UniversalHash(2).coef.tolist()
     assert he.UniversalHash(7).coef.tolist() == he.UniversalHash(7).coef.tolist()
 

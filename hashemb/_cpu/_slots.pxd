@@ -4,6 +4,7 @@ from libc.stdint cimport int32_t, int64_t, uint64_t
 
 cdef extern from "hashemb/slots.h" nogil:
     uint64_t HE_P
+    int HE_NCOEF
     int HE_FULL, HE_ROBE, HE_ROBE_WIDE, HE_ROBE_REF, HE_HNET_REF
 
     ctypedef struct he_scheme:
@@ -19,7 +20,7 @@ cdef extern from "hashemb/slots.h" nogil:
         uint64_t rows_inv
         uint64_t ref_p
         uint64_t ref_p_inv
-        uint64_t coef[8]
+        uint64_t coef[12]
         const uint64_t* run_coef
         const uint64_t* sign_coef
         const int64_t* table_base
@@ -37,6 +38,9 @@ cdef extern from "hashemb/slots.h" nogil:
     he_row he_row_begin(const he_scheme* s, int64_t table, int64_t token)
     uint64_t he_run_start(const he_scheme* s, const he_row* r, int64_t k)
     int he_sign(const he_scheme* s, const he_row* r, int64_t i)
+    int he_sign_of_key(const uint64_t* q, uint64_t k)
+    uint64_t he_hash_base(const uint64_t* c, uint64_t e, uint64_t u)
+    uint64_t he_addmod(uint64_t a, uint64_t b)
     uint64_t he_run_slot(const he_scheme* s, uint64_t start, int64_t j)
 
 cdef extern from "_openmp.h" nogil:

@@ -24,7 +24,7 @@ cdef class SchemeView:
         self.s.rows_inv = reciprocal(self.s.rows)
         self.s.ref_p = scheme._ref_p
         self.s.ref_p_inv = reciprocal(self.s.ref_p)
-        for i in range(8):
+        for i in range(HE_NCOEF):
             self.s.coef[i] = coef[i]
         self.s.run_coef = &run_coef[0]
         self.s.sign_coef = &sign_coef[0]
@@ -76,6 +76,18 @@ def universal_hash(const uint64_t[::1] coef, const key_t[::1] keys, uint64_t tab
     cdef uint64_t inv = reciprocal(m)
     for n in prange(keys.shape[0], nogil=True, schedule='static'):
         out[n] = <int64_t>he_hash(&coef[0], table, <uint64_t>keys[n], block, m, inv)
+
+
+def universal_sign(const uint64_t[::1] coef, const key_t[::1] keys, uint64_t table,
+                   uint64_t element, float[::1] out):
+    """out[n] = g(table, keys[n], element) from the sign coefficients
+    coef = [A', B', C', D0', Q1, Q2, Q3, Q0] (see he_sign_of_key)."""
+    cdef int64_t n
+    cdef uint64_t k
+    for n in prange(keys.shape[0], nogil=True, schedule='static'):
+        k = he_addmod(he_hash_base(&coef[0], table, <uint64_t>keys[n]),
+                      he_mulmod(coef[2], he_fold(element)))
+        out[n] = he_sign_of_key(&coef[4], k)
 
 
 def has_openmp():

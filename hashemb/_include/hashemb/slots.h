@@ -51,6 +51,8 @@ typedef int int32_t;
 #define HE_SB 5
 #define HE_SC 6
 #define HE_SD 7
+#define HE_Q 8   /* sign polynomial q(k) = Q0 + Q1 k + Q2 k^2 + Q3 k^3: Q1, Q2, Q3, Q0 */
+#define HE_NCOEF 12
 
 typedef struct he_scheme {
     int32_t kind;
@@ -65,7 +67,7 @@ typedef struct he_scheme {
     uint64_t rows_inv;
     uint64_t ref_p;         /* HE_ROBE_REF / HE_HNET_REF inner prime            */
     uint64_t ref_p_inv;
-    uint64_t coef[8];       /* universal-hash coefficients, see HE_C*, HE_S*    */
+    uint64_t coef[HE_NCOEF];/* universal-hash coefficients, see HE_C*, HE_S*, HE_Q */
     const uint64_t* run_coef;   /* [D/L]: C * k mod P (per run k)              */
     const uint64_t* sign_coef;  /* [D]:   C' * i mod P (per element i)         */
     const int64_t* table_base;  /* [num_tables]: rows before table e           */
@@ -204,12 +206,28 @@ HE_HD uint64_t he_run_start(const he_scheme* s, const he_row* r, int64_t k)
     }
 }
 
-/* g(e, x, i) = 1 - 2 * (((A'e + B'x + C'i + D0') mod P) mod 2), or 1 unsigned. */
+/*
+ * Sign of a sign-hash key k = (A'e + B'x + C'i + D0') mod P:
+ * g = 1 - 2 * (q(k) mod 2) with q a random cubic over GF(P). The linear key
+ * alone is only pairwise independent, and the parity of linear keys of
+ * (x, i) grids is visibly correlated in fours (k1 + k4 = k2 + k3 forces
+ * E[g1 g2 g3 g4] ~ 1/3); the variance of a signed sketch (ROBE Theorem 1)
+ * needs 4-wise independent signs, which a cubic of distinct keys gives.
+ */
+HE_HD int he_sign_of_key(const uint64_t* q, uint64_t k)
+{
+    uint64_t v = he_addmod(he_mulmod(q[2], k), q[1]);   /* Horner: ((Q3 k + Q2) k + Q1) k + Q0 */
+    v = he_addmod(he_mulmod(v, k), q[0]);
+    v = he_addmod(he_mulmod(v, k), q[3]);
+    return 1 - 2 * (int)(v & 1);
+}
+
+/* g(e, x, i) in {+1, -1} (see he_sign_of_key), or 1 for an unsigned scheme. */
 HE_HD int he_sign(const he_scheme* s, const he_row* r, int64_t i)
 {
     if (!s->is_signed)
         return 1;
-    return 1 - 2 * (int)(he_addmod(r->sbase, s->sign_coef[i]) & 1);
+    return he_sign_of_key(s->coef + HE_Q, he_addmod(r->sbase, s->sign_coef[i]));
 }
 
 /* Slot of element j of a run that starts at `start` (circular in m). */
