@@ -4,13 +4,14 @@ from .bag import embedding_bag, embedding_bag_backward, embedding_bags, embeddin
 from .hashing import UniversalHash
 from .optim import SGD, Adagrad
 from .schemes import FullTable, HashedNet, RobeZ, Scheme
+from . import theory
 
 __version__ = "0.1.0"
 
 __all__ = [
     "UniversalHash", "Scheme", "RobeZ", "HashedNet", "FullTable",
     "embedding_bag", "embedding_bag_backward", "embedding_bags", "embedding_bags_backward",
-    "SGD", "Adagrad", "show_config",
+    "SGD", "Adagrad", "show_config", "theory",
 ]
 
 
