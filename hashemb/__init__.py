@@ -1,6 +1,8 @@
 """hashemb: compressed embedding tables (ROBE-Z, HashedNet, FullTable baseline) as
 fast array functions. NumPy arrays run on Cython + OpenMP kernels."""
 from .bag import embedding_bag, embedding_bag_backward, embedding_bags, embedding_bags_backward
+from .lookup import (embedding, embedding_backward, multi_embedding,
+                        multi_embedding_backward, unpack)
 from .hashing import UniversalHash
 from .optim import SGD, Adagrad
 from .schemes import FullTable, HashedNet, RobeZ, Scheme
@@ -12,6 +14,7 @@ __all__ = [
     "UniversalHash", "Scheme", "RobeZ", "HashedNet", "FullTable",
     "embedding_bag", "embedding_bag_backward", "embedding_bags", "embedding_bags_backward",
     "SGD", "Adagrad", "show_config", "theory",
+    "embedding", "embedding_backward", "multi_embedding", "multi_embedding_backward", "unpack",
 ]
 
 

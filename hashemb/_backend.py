@@ -10,8 +10,8 @@ _cpu = None
 def _cpu_kernels():
     global _cpu
     if _cpu is None:
-        from ._cpu import _bag, _slots
-        _cpu = types.SimpleNamespace(**{k: getattr(m, k) for m in (_slots, _bag)
+        from ._cpu import _bag, _embed, _slots
+        _cpu = types.SimpleNamespace(**{k: getattr(m, k) for m in (_slots, _bag, _embed)
                                         for k in dir(m) if not k.startswith("__")})
     return _cpu
 

@@ -227,3 +227,45 @@ def as_grad(grad_output, shape, dtype):
     if g.shape != shape:
         raise ValueError(f"grad_output: expected shape {shape}, got {g.shape}")
     return g
+
+
+def packed_layout(sizes, dims):
+    """(base, dims, cols, sizes) int64 arrays and the flat size of T tables of
+    ``sizes[t]`` rows by ``dims[t]`` floats packed one after another."""
+    if isinstance(sizes, numbers.Integral):
+        sizes = [sizes]
+    if isinstance(dims, numbers.Integral):
+        dims = [dims]
+    sizes = [check_positive_int(n, "sizes", upper=1 << 61) for n in sizes]
+    dims = [check_positive_int(d, "dims", upper=1 << 20) for d in dims]
+    if not sizes:
+        raise ValueError("sizes: expected at least one table, got none")
+    if len(dims) != len(sizes):
+        raise ValueError(f"dims: expected {len(sizes)} widths (one per table), got {len(dims)}")
+    numel = np.array(sizes, object) * np.array(dims, object)
+    if sum(numel) >= 1 << 61:
+        raise ValueError(f"sizes: expected sum(sizes * dims) < 2**61, got {sum(numel)}")
+    base = np.concatenate([[0], np.cumsum(numel)[:-1]]).astype(np.int64)
+    cols = np.concatenate([[0], np.cumsum(dims)[:-1]]).astype(np.int64)
+    return (base, np.array(dims, np.int64), cols, np.array(sizes, np.int64)), int(sum(numel))
+
+
+def as_rows(k, indices, sizes, name="indices"):
+    """int32/int64 indices, C-contiguous, every one inside its table: IndexError
+    naming the first one outside."""
+    idx = _as_array(indices, name)
+    if idx.dtype not in (np.int32, np.int64):
+        if idx.size == 0 and idx.dtype == np.float64:
+            idx = idx.astype(np.int64)
+        else:
+            raise TypeError(f"{name}: expected an int32 or int64 array, got dtype {idx.dtype}")
+    idx = np.ascontiguousarray(idx)
+    T = sizes.shape[0]
+    flat = idx.reshape(-1, T)
+    n, t = k.check_range(flat, sizes)
+    if n >= 0:
+        pos = np.unravel_index(n * T + t, idx.shape)
+        where = "" if T == 1 else f" (table {t})"
+        raise IndexError(f"{name}[{', '.join(map(str, pos))}]: expected 0 <= index < "
+                         f"{sizes[t]}{where}, got {flat[n, t]}")
+    return idx, flat
