@@ -3,6 +3,7 @@ never does). Modules behave like ``torch.nn.EmbeddingBag``; every lookup and
 gradient runs in hashemb's kernels, tensors are shared with them through
 DLPack without copies. CPU tensors today; CUDA tensors need the CuPy backend.
 """
+from .fast import FastEmbedding, FastMultiEmbedding
 from .modules import (HashEmbeddingBag, HashEmbeddingBagCollection, HashedEmbeddingBag,
                       HashedNetEmbeddingBagCollection, HashingTrickEmbeddingBagCollection,
                       RobeEmbeddingBag, RobeEmbeddingBagCollection,
@@ -11,7 +12,8 @@ from .modules import (HashEmbeddingBag, HashEmbeddingBagCollection, HashedEmbedd
 __all__ = ["HashEmbeddingBag", "HashEmbeddingBagCollection", "RobeEmbeddingBag",
            "RobeEmbeddingBagCollection", "HashedEmbeddingBag",
            "HashedNetEmbeddingBagCollection", "HashingTrickEmbeddingBagCollection",
-           "TorchEmbeddingBagCollection", "dense_parameters"]
+           "TorchEmbeddingBagCollection", "dense_parameters", "FastEmbedding",
+           "FastMultiEmbedding"]
 from .dlrm import DLRM, METHODS, evaluate, make_embedding, train_epoch  # noqa: E402
 
 __all__ += ["DLRM", "METHODS", "evaluate", "make_embedding", "train_epoch"]

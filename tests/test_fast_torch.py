@@ -1,0 +1,77 @@
+"""FastEmbedding / FastMultiEmbedding against torch.nn.Embedding itself."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from hashemb.torch import FastEmbedding, FastMultiEmbedding  # noqa: E402
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10**6), n=st.integers(1, 200), D=st.integers(1, 64),
+       shape=st.sampled_from([(5,), (300,), (4, 6), (2, 3, 2)]),
+       itype=st.sampled_from([torch.int32, torch.int64]))
+def test_fast_embedding_is_nn_embedding(seed, n, D, shape, itype):
+    g = torch.Generator().manual_seed(seed)
+    ref = torch.nn.Embedding(n, D)
+    fast = FastEmbedding(n, D, _weight=ref.weight.detach().clone())
+    x = torch.randint(0, n, shape, generator=g).to(itype)
+    up = torch.randn(shape + (D,), generator=g)
+    a, b = ref(x), fast(x)
+    torch.testing.assert_close(b, a, rtol=0, atol=0)
+    (a * up).sum().backward()
+    (b * up).sum().backward()
+    torch.testing.assert_close(fast.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_fast_multi_embedding_is_cat_of_embeddings():
+    g = torch.Generator().manual_seed(0)
+    sizes, dims = [10, 3, 50, 7, 1, 20, 4, 9, 30, 2], list(range(1, 33, 3))[:10]
+    refs = [torch.nn.Embedding(n, d) for n, d in zip(sizes, dims)]
+    packed = torch.cat([r.weight.detach().reshape(-1) for r in refs])
+    fast = FastMultiEmbedding(sizes, dims, _weight=packed.clone())
+    x = torch.stack([torch.randint(0, n, (257,), generator=g) for n in sizes], dim=1)
+    want = torch.cat([r(x[:, t]) for t, r in enumerate(refs)], dim=1)
+    got = fast(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    up = torch.randn(got.shape, generator=g)
+    (want * up).sum().backward()
+    (got * up).sum().backward()
+    for view, r in zip(fast.unpacked(), refs):
+        torch.testing.assert_close(view, r.weight.detach())
+    grads = torch.cat([r.weight.grad.reshape(-1) for r in refs])
+    torch.testing.assert_close(fast.weight.grad, grads, rtol=1e-5, atol=1e-5)
+
+
+def test_gradcheck():
+    w = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.tensor([[0, 5, 5], [2, 2, 2]])
+    assert torch.autograd.gradcheck(lambda w: _apply(w, x, 6, 3, True), (w,))
+    w2 = torch.randn(2 * 1 + 4 * 3, dtype=torch.float64, requires_grad=True)
+    x2 = torch.tensor([[1, 3], [0, 3], [1, 0]])
+    assert torch.autograd.gradcheck(lambda w: _apply(w, x2, (2, 4), (1, 3), False), (w2,))
+
+
+def _apply(w, x, sizes, dims, single):
+    from hashemb.torch.fast import _MultiLookup
+    return _MultiLookup.apply(w, x, sizes, dims, single)
+
+
+def test_errors_and_training_step():
+    emb = FastEmbedding(4, 2)
+    with pytest.raises(IndexError, match="indices"):
+        emb(torch.tensor([4]))
+    with pytest.raises(TypeError, match="input"):
+        emb(torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="_weight"):
+        FastEmbedding(4, 2, _weight=torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="dims"):
+        FastMultiEmbedding([3, 4], [1])
+    m = FastMultiEmbedding([3, 4], [2, 2])
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    before = m.weight.detach().clone()
+    m(torch.tensor([[2, 0]])).sum().backward()
+    opt.step()
+    changed = (m.weight.detach() != before).nonzero().reshape(-1).tolist()
+    assert changed == [4, 5, 6, 7]          # row 2 of table 0, row 0 of table 1
