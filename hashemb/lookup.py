@@ -16,7 +16,7 @@ def _key(v):
 
 
 def _layout(sizes, dims):
-    """(base, dims, cols, sizes, size) of a packed layout, cached: a training
+    """(base, dims, cols, sizes, size, total width) of a packed layout, cached: a training
     loop asks for the same few layouts every step."""
     return _cached_layout(_key(sizes), _key(dims))
 
@@ -26,7 +26,7 @@ def _cached_layout(sizes, dims):
     (base, dims, cols, sizes), size = V.packed_layout(sizes, dims)
     for a in (base, dims, cols, sizes):
         a.setflags(write=False)
-    return base, dims, cols, sizes, size
+    return base, dims, cols, sizes, size, int(dims.sum())
 
 
 def _flat_weight(weight, size):
@@ -99,11 +99,11 @@ def multi_embedding(indices, weight, sizes, dims):
 
 
 def _multi(indices, weight, sizes, dims, single=False):
-    base, dims_a, cols, sizes_a, size = _layout(sizes, dims)
+    base, dims_a, cols, sizes_a, size, total = _layout(sizes, dims)
     w = _flat_weight(weight, size)
     k = kernels(indices, weight)
     idx, flat = _rows(k, indices, sizes_a, single)
-    out = np.empty((flat.shape[0], int(dims_a.sum())), w.dtype)
+    out = np.empty((flat.shape[0], total), w.dtype)
     k.gather(w, flat, base, dims_a, cols, out)
     return out.reshape(idx.shape + (out.shape[1],) if single else (idx.shape[0], out.shape[1]))
 
@@ -175,10 +175,10 @@ def multi_embedding_backward(grad_output, indices, sizes, dims, deterministic=Fa
 
 
 def _multi_backward(g, indices, sizes, dims, single):
-    base, dims_a, cols, sizes_a, size = _layout(sizes, dims)
+    base, dims_a, cols, sizes_a, size, total = _layout(sizes, dims)
     k = kernels(indices, g)
     idx, flat = _rows(k, indices, sizes_a, single)
-    want = idx.shape + (int(dims_a.sum()),) if single else (idx.shape[0], int(dims_a.sum()))
+    want = idx.shape + (total,) if single else (idx.shape[0], total)
     if g.shape != want:
         raise ValueError(f"grad_output: expected shape {want}, got {g.shape}")
     out = np.empty(size, g.dtype)
@@ -196,6 +196,6 @@ def unpack(weight, sizes, dims):
     >>> [w.shape for w in he.unpack(np.zeros(8), [2, 3], [1, 2])]
     [(2, 1), (3, 2)]
     """
-    base, dims_a, _, sizes_a, size = _layout(sizes, dims)
+    base, dims_a, _, sizes_a, size, _ = _layout(sizes, dims)
     w = _flat_weight(weight, size)
     return [w[b:b + n * d].reshape(n, d) for b, n, d in zip(base, sizes_a, dims_a)]

@@ -29,14 +29,22 @@ ctypedef fused index_t:
     int64_t
 
 DEF LINE = 16        # floats per 64-byte cache line (float32; float64 uses 2 lines)
+DEF SMALL = 1 << 16  # floats moved below which one thread wins: a parallel region
+                     # costs more than the copy, and next to torch's own busy-waiting
+                     # pool (a training step) extra threads only contend for cores
+
+
+cdef inline int _threads(int64_t work) noexcept nogil:
+    return 1 if work < SMALL else he_max_threads()
 
 
 def gather(const real[::1] W, const index_t[:, ::1] idx, const int64_t[::1] base,
            const int64_t[::1] dims, const int64_t[::1] cols, real[:, ::1] out):
     """out[n, cols[t]:cols[t]+dims[t]] = W[base[t] + idx[n, t]*dims[t] : ... + dims[t]]."""
     cdef int64_t n, t, T = idx.shape[1]
+    cdef int nt = _threads(out.shape[0] * out.shape[1])
     with nogil:
-        for n in prange(idx.shape[0], schedule='static'):
+        for n in prange(idx.shape[0], schedule='static', num_threads=nt):
             for t in range(T):
                 memcpy(&out[n, cols[t]], &W[base[t] + idx[n, t] * dims[t]],
                        dims[t] * sizeof(real))
@@ -52,10 +60,11 @@ def zero(real[::1] out):
     """out[:] = 0 with every thread (a dense gradient of a large table is
     bandwidth-bound on its zeroing, which one thread cannot saturate)."""
     cdef int64_t c, S = out.shape[0], step = 1 << 16
+    cdef int nt = _threads(S)
     if S == 0:
         return
     with nogil:
-        for c in prange((S + step - 1) // step, schedule='static'):
+        for c in prange((S + step - 1) // step, schedule='static', num_threads=nt):
             memset(&out[c * step], 0, min(step, S - c * step) * sizeof(real))
 
 
@@ -66,7 +75,7 @@ def scatter_add(const real[:, ::1] grad, const index_t[:, ::1] idx,
     ``out`` must start zeroed (or hold what to add to)."""
     cdef int64_t N = idx.shape[0], T = idx.shape[1], total = grad.shape[1]
     cdef int64_t S = out.shape[0]
-    cdef int nt = he_max_threads()
+    cdef int nt = _threads(N * total)
     cdef int64_t lines = (total + LINE - 1) // LINE
     cdef int tid
     cdef int64_t n, t, lo, hi, a, b, r0

@@ -110,7 +110,7 @@ class FastMultiEmbedding(torch.nn.Module):
 
     def __init__(self, sizes, dims, _weight=None, dtype=None):
         super().__init__()
-        *_, size = _lookup._layout(sizes, dims)
+        size = _lookup._layout(sizes, dims)[4]
         self.sizes, self.dims = tuple(int(n) for n in sizes), tuple(int(d) for d in dims)
         if _weight is None:
             _weight = torch.randn(size, dtype=dtype or torch.float32)
