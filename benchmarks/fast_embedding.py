@@ -116,7 +116,8 @@ def heat_map(rows, path, key="bwd"):
                 if not np.isnan(grid[i, j]):
                     ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=6)
         ax.set_xticks(range(len(Bs)), [str(b) for b in Bs], fontsize=7)
-        ax.set_yticks(range(len(ys)), [f"n={n:g} D={d}" for n, d in ys], fontsize=7)
+        ax.set_yticks(range(len(ys)), [f"n={n:g} D={d}" for n, d in ys] if ax is axes[0][0]
+                      else [], fontsize=7)
         ax.set_xlabel("batch")
         ax.set_title(f"{s}: torch / hashemb ({key})", fontsize=9)
     fig.colorbar(im, ax=axes[0].tolist(), label="log2 speed-up", shrink=0.8)
