@@ -53,7 +53,7 @@ extensions = [
         extra_compile_args=cflags,
         extra_link_args=omp,
     )
-    for name in ("_slots", "_bag", "_embed")
+    for name in ("_slots", "_bag", "_embed", "_tt")
 ]
 
 setup(

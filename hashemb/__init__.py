@@ -7,6 +7,8 @@ from .hashing import UniversalHash
 from .optim import SGD, Adagrad
 from .schemes import FullTable, HashedNet, RobeZ, Scheme
 from . import theory
+from .tt import (TTCache, TTSaved, tt_core_shapes, tt_embedding_bag, tt_embedding_bag_backward,
+                 tt_embedding_bags, tt_embedding_bags_backward, tt_init, tt_shapes, tt_to_full)
 
 __version__ = "0.1.0"
 
@@ -15,6 +17,9 @@ __all__ = [
     "embedding_bag", "embedding_bag_backward", "embedding_bags", "embedding_bags_backward",
     "SGD", "Adagrad", "show_config", "theory",
     "embedding", "embedding_backward", "multi_embedding", "multi_embedding_backward", "unpack",
+    "tt_shapes", "tt_core_shapes", "tt_init", "tt_to_full", "tt_embedding_bag",
+    "tt_embedding_bag_backward", "tt_embedding_bags", "tt_embedding_bags_backward", "TTCache",
+    "TTSaved",
 ]
 
 

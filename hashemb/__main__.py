@@ -8,18 +8,23 @@ def main(argv=None):
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         print("\n  demo     train DLRM: full vs RobeZ vs HashedNet vs hashing trick"
-              "\n  config   print the build configuration")
+              "\n  config   print the build configuration"
+              "\n  tt-bench TT-Rec benchmark (FBTT's setup) beside torch.nn.EmbeddingBag")
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "demo":
         from .demo import main as demo
         demo(rest)
         return 0
+    if cmd == "tt-bench":
+        from .tt_bench import main as tt_bench
+        tt_bench(rest)
+        return 0
     if cmd == "config":
         from . import show_config
         show_config()
         return 0
-    print(f"unknown command {cmd!r}: expected 'demo' or 'config'", file=sys.stderr)
+    print(f"unknown command {cmd!r}: expected 'demo', 'tt-bench' or 'config'", file=sys.stderr)
     return 2
 
 

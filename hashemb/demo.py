@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 NAMES = {"full": "full (nn.EmbeddingBag)", "robez": "RobeZ", "hashednet": "HashedNet",
-         "hashing_trick": "hashing trick"}
+         "hashing_trick": "hashing trick", "tt": "TT-Rec"}
 
 
 def _parser():
@@ -42,7 +42,9 @@ def _parser():
     p.add_argument("--sweep", type=str, default=None,
                    help="comma-separated compressions for the AUC plot "
                         "(default 10,100,1000; MovieLens 10,100); '' for none")
-    p.add_argument("--methods", type=str, default="full,robez,hashednet,hashing_trick")
+    p.add_argument("--methods", type=str, default="full,robez,hashednet,hashing_trick",
+                   help="comma-separated, from full, robez, hashednet, hashing_trick, tt "
+                        "(TT-Rec; the issue's '--embedding tt' is '--methods tt')")
     p.add_argument("--block", type=int, default=16, help="ROBE-Z block size Z")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
@@ -87,8 +89,14 @@ def run_method(method, compression, tr, te, card, args, epochs, bar_desc):
     from .torch import DLRM, evaluate, make_embedding, train_epoch
     from .torch.dlrm import embedding_params, make_optimizer
     torch.manual_seed(args.seed)
-    emb = make_embedding(method, card, 16, compression, args.lr, args.seed, args.block,
-                         args.optimizer)
+    if method == "tt":       # TT-Rec (issue 7): ranks chosen to hit the compression
+        from .torch.tt import TTEmbeddingBagCollection, tt_ranks_for_compression
+        emb = TTEmbeddingBagCollection(card, 16, tt_ranks_for_compression(card, 16, compression),
+                                       sparse=True, optimizer=args.optimizer,
+                                       learning_rate=args.lr, seed=args.seed)
+    else:
+        emb = make_embedding(method, card, 16, compression, args.lr, args.seed, args.block,
+                             args.optimizer)
     model = DLRM(emb, len(card), num_dense=tr.dense.shape[1], seed=args.seed)
     opt = make_optimizer(model, args.lr, args.optimizer)
     n = len(tr.labels)
@@ -127,7 +135,7 @@ def plot(rows, full, oracle, path, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for m in ("robez", "hashednet", "hashing_trick"):
+    for m in ("robez", "hashednet", "hashing_trick", "tt"):
         pts = sorted((r["nominal"], r["auc"]) for r in rows if r["method"] == m)
         if pts:
             ax.plot(*zip(*pts), marker="o", label=NAMES[m])

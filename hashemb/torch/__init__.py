@@ -15,5 +15,7 @@ __all__ = ["HashEmbeddingBag", "HashEmbeddingBagCollection", "RobeEmbeddingBag",
            "TorchEmbeddingBagCollection", "dense_parameters", "FastEmbedding",
            "FastMultiEmbedding"]
 from .dlrm import DLRM, METHODS, evaluate, make_embedding, train_epoch  # noqa: E402
+from .tt import TTEmbeddingBag, TTEmbeddingBagCollection  # noqa: E402
 
 __all__ += ["DLRM", "METHODS", "evaluate", "make_embedding", "train_epoch"]
+__all__ += ["TTEmbeddingBag", "TTEmbeddingBagCollection"]

@@ -1,0 +1,83 @@
+/* Small matrix products for the tensor-train (TT-Rec) chain, on row pointers.
+ *
+ * A TT lookup multiplies a per-lookup matrix by a slice of a core shared by
+ * every lookup with the same digit. Grouping the lookups by digit turns the
+ * many tiny products into a few real GEMMs whose rows live at scattered
+ * addresses; these kernels take those rows as arrays of pointers, so nothing
+ * is gathered into a contiguous buffer first. Two shapes cover the chain
+ * (forward and both backward products, any width):
+ *
+ *   nn:  C[r][j]      (=|+=) sum_s A[r][s] * B[s*ldb + j]   rows r < M, j < N, s < K
+ *   tn:  C[i*ldc + j] (=|+=) sum_r A[r][i] * D[r][j]        i < M, j < N, rows r < K
+ *
+ * The register tiles are written with GCC/Clang vector extensions, so the
+ * compiler emits SSE2 on the baseline and, through target_clones, an AVX2+FMA
+ * copy picked at load time on CPUs that have it (no -march=native needed).
+ * Other compilers get plain loops.
+ *
+ * Numerics: each output is summed in index order of s (or r), one vector
+ * lane per output column; results are deterministic
+ * and independent of the thread count, but a float sum may differ in the last
+ * bits from another summation order (BLAS, torch).
+ */
+#ifndef HASHEMB_TT_GEMM_H
+#define HASHEMB_TT_GEMM_H
+
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"   /* vector arguments of inlined helpers */
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define HE_VEC 1
+#else
+#define HE_VEC 0
+#endif
+
+#if HE_VEC && defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && \
+    ((defined(__clang__) && __clang_major__ >= 14) || (!defined(__clang__) && __GNUC__ >= 12))
+#define HE_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define HE_CLONES
+#endif
+
+#if HE_VEC
+#define HE_INLINE static inline __attribute__((always_inline))
+/* under-aligned and may_alias: loads and stores straight from float arrays */
+typedef float he_v8f __attribute__((vector_size(32), aligned(4), may_alias));
+typedef double he_v4d __attribute__((vector_size(32), aligned(8), may_alias));
+typedef float he_v4f __attribute__((vector_size(16), aligned(4), may_alias));
+typedef double he_v2d __attribute__((vector_size(16), aligned(8), may_alias));
+#else
+#define HE_INLINE static inline
+#endif
+
+/* float: 8 lanes */
+#define HE_T float
+#define HE_V he_v8f
+#define HE_H he_v4f
+#define HE_W 8
+#define HE_FN(name) he_tt_##name##_f
+#include "_tt_gemm_impl.h"
+#undef HE_T
+#undef HE_V
+#undef HE_H
+#undef HE_W
+#undef HE_FN
+
+/* double: 4 lanes */
+#define HE_T double
+#define HE_V he_v4d
+#define HE_H he_v2d
+#define HE_W 4
+#define HE_FN(name) he_tt_##name##_d
+#include "_tt_gemm_impl.h"
+#undef HE_T
+#undef HE_V
+#undef HE_H
+#undef HE_W
+#undef HE_FN
+
+#endif

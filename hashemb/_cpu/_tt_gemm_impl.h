@@ -1,0 +1,201 @@
+/* One copy of the kernels of _tt_gemm.h for the element type HE_T (vector type
+ * HE_V of HE_W lanes, half vector HE_H); included once per type by
+ * _tt_gemm.h, hence no include guard. Tiles are 4 rows x 2 vectors: 8
+ * accumulators, 2 operand vectors and a broadcast fit the 16 AVX registers
+ * with room to spare (6-row tiles made GCC shuffle registers in the loop). */
+
+#define HE_TILE 4
+
+#if HE_VEC
+
+HE_INLINE HE_V HE_FN(ld)(const HE_T* p) { return *(const HE_V*)p; }
+HE_INLINE void HE_FN(st)(HE_T* p, HE_V v) { *(HE_V*)p = v; }
+
+/* nn, one tile: rows A[0..mr), columns j0 .. j0 + nv*HE_W. */
+HE_INLINE void HE_FN(nn_tile)(const int mr, const int nv, int64_t K, const HE_T* const* A,
+                              const HE_T* B, int64_t ldb, HE_T* const* C, int64_t j0, int add)
+{
+    HE_V acc[HE_TILE][2];
+    const HE_T* a[HE_TILE];
+#pragma GCC unroll 8
+    for (int i = 0; i < mr; i++) {
+        a[i] = A[i];
+        acc[i][0] = (HE_V){0};
+        acc[i][1] = (HE_V){0};
+    }
+    for (int64_t s = 0; s < K; s++) {
+        const HE_T* b = B + s * ldb + j0;
+        HE_V b0 = HE_FN(ld)(b);
+        HE_V b1 = nv > 1 ? HE_FN(ld)(b + HE_W) : b0;
+#pragma GCC unroll 8
+        for (int i = 0; i < mr; i++) {
+            HE_T x = a[i][s];
+            acc[i][0] += x * b0;
+            if (nv > 1) acc[i][1] += x * b1;
+        }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < mr; i++) {
+#pragma GCC unroll 2
+        for (int v = 0; v < nv; v++) {
+            HE_T* c = C[i] + j0 + v * HE_W;
+            HE_V t = acc[i][v];
+            if (add) t += HE_FN(ld)(c);
+            HE_FN(st)(c, t);
+        }
+    }
+}
+
+/* nn, one tile of mr rows x one half vector (HE_W/2 columns): the narrow
+   products (the chain's last core, N = q) would otherwise run scalar. */
+HE_INLINE void HE_FN(nn_tile_h)(const int mr, int64_t K, const HE_T* const* A,
+                                const HE_T* B, int64_t ldb, HE_T* const* C, int64_t j0, int add)
+{
+    HE_H acc[HE_TILE];
+    const HE_T* a[HE_TILE];
+#pragma GCC unroll 8
+    for (int i = 0; i < mr; i++) {
+        a[i] = A[i];
+        acc[i] = (HE_H){0};
+    }
+    for (int64_t s = 0; s < K; s++) {
+        HE_H b = *(const HE_H*)(B + s * ldb + j0);
+#pragma GCC unroll 8
+        for (int i = 0; i < mr; i++) acc[i] += a[i][s] * b;
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < mr; i++) {
+        HE_H* c = (HE_H*)(C[i] + j0);
+        HE_H t = acc[i];
+        if (add) t += *c;
+        *c = t;
+    }
+}
+
+HE_INLINE void HE_FN(nn_rows)(const int mr, int64_t N, int64_t K, const HE_T* const* A,
+                              const HE_T* B, int64_t ldb, HE_T* const* C, int add)
+{
+    int64_t j = 0;
+    for (; j + 2 * HE_W <= N; j += 2 * HE_W) HE_FN(nn_tile)(mr, 2, K, A, B, ldb, C, j, add);
+    if (j + HE_W <= N) {
+        HE_FN(nn_tile)(mr, 1, K, A, B, ldb, C, j, add);
+        j += HE_W;
+    }
+    if (j + HE_W / 2 <= N) {
+        HE_FN(nn_tile_h)(mr, K, A, B, ldb, C, j, add);
+        j += HE_W / 2;
+    }
+    for (int i = 0; i < mr; i++)
+        for (int64_t jj = j; jj < N; jj++) {
+            HE_T t = 0;
+            for (int64_t s = 0; s < K; s++) t += A[i][s] * B[s * ldb + jj];
+            C[i][jj] = add ? C[i][jj] + t : t;
+        }
+}
+
+/* tn, one tile: C rows i0 .. i0+mr, columns j0 .. j0 + nv*HE_W. */
+HE_INLINE void HE_FN(tn_tile)(const int mr, const int nv, int64_t K, const HE_T* const* A,
+                              const HE_T* const* D, HE_T* C, int64_t ldc, int64_t i0,
+                              int64_t j0, int add)
+{
+    HE_V acc[HE_TILE][2];
+#pragma GCC unroll 8
+    for (int i = 0; i < mr; i++) {
+        acc[i][0] = (HE_V){0};
+        acc[i][1] = (HE_V){0};
+    }
+    for (int64_t r = 0; r < K; r++) {
+        const HE_T* a = A[r] + i0;
+        const HE_T* d = D[r] + j0;
+        HE_V b0 = HE_FN(ld)(d);
+        HE_V b1 = nv > 1 ? HE_FN(ld)(d + HE_W) : b0;
+#pragma GCC unroll 8
+        for (int i = 0; i < mr; i++) {
+            HE_T x = a[i];
+            acc[i][0] += x * b0;
+            if (nv > 1) acc[i][1] += x * b1;
+        }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < mr; i++) {
+#pragma GCC unroll 2
+        for (int v = 0; v < nv; v++) {
+            HE_T* c = C + (i0 + i) * ldc + j0 + v * HE_W;
+            HE_V t = acc[i][v];
+            if (add) t += HE_FN(ld)(c);
+            HE_FN(st)(c, t);
+        }
+    }
+}
+
+HE_INLINE void HE_FN(tn_rows)(const int mr, int64_t N, int64_t K, const HE_T* const* A,
+                              const HE_T* const* D, HE_T* C, int64_t ldc, int64_t i0, int add)
+{
+    int64_t j = 0;
+    for (; j + 2 * HE_W <= N; j += 2 * HE_W) HE_FN(tn_tile)(mr, 2, K, A, D, C, ldc, i0, j, add);
+    if (j + HE_W <= N) {
+        HE_FN(tn_tile)(mr, 1, K, A, D, C, ldc, i0, j, add);
+        j += HE_W;
+    }
+    for (int i = 0; i < mr; i++)
+        for (int64_t jj = j; jj < N; jj++) {
+            HE_T t = 0;
+            for (int64_t r = 0; r < K; r++) t += A[r][i0 + i] * D[r][jj];
+            HE_T* c = C + (i0 + i) * ldc + jj;
+            *c = add ? *c + t : t;
+        }
+}
+
+HE_CLONES static void HE_FN(nn)(int64_t M, int64_t N, int64_t K, const HE_T* const* A,
+                                const HE_T* B, int64_t ldb, HE_T* const* C, int add)
+{
+    int64_t r = 0;
+    for (; r + HE_TILE <= M; r += HE_TILE) HE_FN(nn_rows)(HE_TILE, N, K, A + r, B, ldb, C + r, add);
+    switch (M - r) {
+    case 3: HE_FN(nn_rows)(3, N, K, A + r, B, ldb, C + r, add); break;
+    case 2: HE_FN(nn_rows)(2, N, K, A + r, B, ldb, C + r, add); break;
+    case 1: HE_FN(nn_rows)(1, N, K, A + r, B, ldb, C + r, add); break;
+    default: break;
+    }
+}
+
+HE_CLONES static void HE_FN(tn)(int64_t M, int64_t N, int64_t K, const HE_T* const* A,
+                                const HE_T* const* D, HE_T* C, int64_t ldc, int add)
+{
+    int64_t i = 0;
+    for (; i + HE_TILE <= M; i += HE_TILE) HE_FN(tn_rows)(HE_TILE, N, K, A, D, C, ldc, i, add);
+    switch (M - i) {
+    case 3: HE_FN(tn_rows)(3, N, K, A, D, C, ldc, i, add); break;
+    case 2: HE_FN(tn_rows)(2, N, K, A, D, C, ldc, i, add); break;
+    case 1: HE_FN(tn_rows)(1, N, K, A, D, C, ldc, i, add); break;
+    default: break;
+    }
+}
+
+#else   /* no vector extensions: plain loops, same results up to rounding */
+
+static void HE_FN(nn)(int64_t M, int64_t N, int64_t K, const HE_T* const* A,
+                      const HE_T* B, int64_t ldb, HE_T* const* C, int add)
+{
+    for (int64_t r = 0; r < M; r++)
+        for (int64_t j = 0; j < N; j++) {
+            HE_T t = 0;
+            for (int64_t s = 0; s < K; s++) t += A[r][s] * B[s * ldb + j];
+            C[r][j] = add ? C[r][j] + t : t;
+        }
+}
+
+static void HE_FN(tn)(int64_t M, int64_t N, int64_t K, const HE_T* const* A,
+                      const HE_T* const* D, HE_T* C, int64_t ldc, int add)
+{
+    for (int64_t i = 0; i < M; i++)
+        for (int64_t j = 0; j < N; j++) {
+            HE_T t = 0;
+            for (int64_t r = 0; r < K; r++) t += A[r][i] * D[r][j];
+            C[i * ldc + j] = add ? C[i * ldc + j] + t : t;
+        }
+}
+
+#endif
+
+#undef HE_TILE

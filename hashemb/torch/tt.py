@@ -1,0 +1,412 @@
+"""TT-Rec tensor-train embedding bags as torch modules (:mod:`hashemb.tt` kernels)."""
+import numpy as np
+import torch
+from torch import nn
+
+from .. import _validate as V
+from .. import tt as _tt
+from ._function import as_array, make_optimizer
+
+
+def _np_dtype(dtype):
+    if dtype in (None, torch.float32):
+        return np.float32
+    if dtype == torch.float64:
+        return np.float64
+    raise TypeError(f"dtype: expected torch.float32 or torch.float64, got {dtype}")
+
+
+class _TTBags(torch.autograd.Function):
+    """out = tt_embedding_bags(indices, tables, offsets, psw); backward gives the
+    cores' (and caches') dense gradients, or runs the fused optimizer and
+    gives none."""
+
+    @staticmethod
+    def forward(ctx, module, indices, offsets, psw, *params):
+        m = module
+        tables = m._core_arrays()
+        out, saved = _tt.tt_embedding_bags(
+            as_array(indices, "input"), tables, as_array(offsets, "offsets"), mode=m.mode,
+            per_sample_weights=as_array(psw, "per_sample_weights"),
+            include_last_offset=True, num_embeddings=list(m.num_embeddings),
+            cache=m._caches(), return_saved=True)
+        ctx.module, ctx.saved = m, saved
+        ctx.save_for_backward(indices, offsets, psw)
+        return torch.from_numpy(out)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        m = ctx.module
+        indices, offsets, psw = ctx.saved_tensors
+        g = as_array(grad.contiguous(), "grad_output")
+        idx, off = as_array(indices, "input"), as_array(offsets, "offsets")
+        n_params = len(ctx.needs_input_grad) - 4
+        gp = None
+        if psw is not None and ctx.needs_input_grad[3]:      # before a fused update
+            gp = torch.from_numpy(m._psw_grad(g, ctx.saved, off))
+        fused = m._fused()
+        res = _tt.tt_embedding_bags_backward(
+            g, idx, m._core_arrays(), off, mode=m.mode,
+            per_sample_weights=as_array(psw, "per_sample_weights"), include_last_offset=True,
+            num_embeddings=list(m.num_embeddings), cache=m._caches(), saved=ctx.saved,
+            optimizer=fused)
+        if res is None:
+            return (None, None, None, gp) + (None,) * n_params
+        grads = [torch.from_numpy(x) for per_table in res for x in per_table]
+        return (None, None, None, gp) + tuple(grads)
+
+
+class TTEmbeddingBagCollection(nn.Module):
+    r"""Several tensor-train (TT-Rec) tables in one call: input ``(B, T)`` (one
+    token per table per sample) or flat indices with feature-major offsets of
+    length ``T*B + 1``; output ``(B, T*embedding_dim)``.
+
+    Each table :math:`t` is a train of cores :math:`G_k` of shape
+    :math:`(p_k, R_k, q_k, R_{k+1})` whose row :math:`x` is
+    :math:`\mathrm{vec}(G_0[x_0] \cdots G_{d-1}[x_{d-1}])` (see
+    :mod:`hashemb.tt`).
+
+    Parameters
+    ----------
+    num_embeddings : list of int
+    embedding_dim : int
+    tt_ranks : list of int or int
+        The inner ranks (the same for every table).
+    tt_p_shapes, tt_q_shapes : list of int, optional
+        The factors of every table (default :func:`hashemb.tt_shapes` per table).
+    sparse : bool
+        True: the optimizer (``optimizer``, ``learning_rate``, ``eps``) runs
+        fused inside backward and the cores get no ``.grad``. False: dense
+        gradients for a torch optimizer.
+    optimizer : {"sgd", "adagrad"} or hashemb.SGD / hashemb.Adagrad
+    learning_rate, eps : float
+    use_cache : bool
+    cache_size, hashtbl_size : int
+        LFU cache of the ``cache_size`` most used rows of each table
+        (:class:`hashemb.TTCache`); frequencies are counted by every forward in
+        training mode, :meth:`cache_populate` refreshes the cached rows.
+    weight_dist : str
+        See :func:`hashemb.tt_init`.
+    mode : {"sum", "mean"}
+    num_cores : int
+        Cores per table when the shapes are automatic (default 3).
+    seed : int
+    dtype : torch.float32 or torch.float64
+
+    Examples
+    --------
+    >>> import torch
+    >>> from hashemb.torch import TTEmbeddingBagCollection
+    >>> emb = TTEmbeddingBagCollection([1000, 5000], 16, [8, 8])
+    >>> emb(torch.tensor([[1, 2], [3, 4999]])).shape
+    torch.Size([2, 32])
+    """
+
+    def __init__(self, num_embeddings, embedding_dim, tt_ranks, tt_p_shapes=None,
+                 tt_q_shapes=None, sparse=False, optimizer="sgd", learning_rate=0.1,
+                 eps=1e-10, use_cache=False, cache_size=0, hashtbl_size=0,
+                 weight_dist="approx-normal", mode="sum", num_cores=None, seed=0,
+                 dtype=None):
+        super().__init__()
+        if isinstance(num_embeddings, (int, np.integer)):
+            num_embeddings = [num_embeddings]
+        self.num_embeddings = [V.check_positive_int(n, "num_embeddings", upper=1 << 61)
+                               for n in num_embeddings]
+        if not self.num_embeddings:
+            raise ValueError("num_embeddings: expected at least one table size, got []")
+        self.embedding_dim = V.check_positive_int(embedding_dim, "embedding_dim", upper=1 << 20)
+        self.mode = _tt._check_mode(mode)
+        self.sparse = bool(sparse)
+        self.learning_rate, self.eps = learning_rate, eps
+        self._opt = make_optimizer(optimizer, learning_rate, eps)
+        self.optimizer = optimizer if isinstance(optimizer, str) else type(optimizer).__name__.lower()
+        ndt = _np_dtype(dtype)
+        d = None
+        if tt_p_shapes is not None:
+            d = len(tt_p_shapes)
+        elif tt_q_shapes is not None:
+            d = len(tt_q_shapes)
+        elif not isinstance(tt_ranks, (int, np.integer)):
+            d = len(tt_ranks) + 1
+        d = d or (num_cores if num_cores is not None else 3)
+        if num_cores is not None and d != num_cores:
+            raise ValueError(f"num_cores: expected {d} (from the shapes or ranks given), got {num_cores}")
+        self.tt_ranks = _tt._check_ranks(tt_ranks, V.check_int(d, "num_cores", lo=2, hi=5))
+        self.tt_p_shapes, self.tt_q_shapes = [], []
+        self.tt_cores = nn.ParameterList()
+        self._ncores = d
+        for t, n in enumerate(self.num_embeddings):
+            p_auto, q_auto = _tt.tt_shapes(n, self.embedding_dim, d)
+            p = _tt._check_factors(tt_p_shapes, "tt_p_shapes", d) if tt_p_shapes is not None else p_auto
+            q = _tt._check_factors(tt_q_shapes, "tt_q_shapes", d) if tt_q_shapes is not None else q_auto
+            if int(np.prod(q)) != self.embedding_dim:
+                raise ValueError(f"tt_q_shapes: expected factors with product embedding_dim = "
+                                 f"{self.embedding_dim}, got {q}")
+            self.tt_p_shapes.append(p)
+            self.tt_q_shapes.append(q)
+            for c in _tt.tt_init(n, p, q, self.tt_ranks, weight_dist, seed=seed + t, dtype=ndt):
+                prm = nn.Parameter(torch.from_numpy(c))
+                prm._hashemb_fused = self.sparse
+                self.tt_cores.append(prm)
+        self.use_cache = bool(use_cache)
+        self.cache_size = V.check_int(cache_size, "cache_size", lo=0, hi=1 << 40)
+        self.hashtbl_size = V.check_int(hashtbl_size, "hashtbl_size", lo=0, hi=1 << 40)
+        self._cache_objs = None
+        self.cache_weights = nn.ParameterList()
+        if self.use_cache:
+            if self.cache_size <= 0:
+                raise ValueError(f"cache_size: expected > 0 with use_cache=True, got {cache_size}")
+            self._cache_objs = []
+            for _ in self.num_embeddings:
+                c = _tt.TTCache(self.cache_size, self.embedding_dim, self.hashtbl_size or None, ndt)
+                self._cache_objs.append(c)
+                prm = nn.Parameter(torch.from_numpy(c.weight))
+                prm._hashemb_fused = self.sparse
+                self.cache_weights.append(prm)
+        if self.sparse and isinstance(self._opt, _tt_adagrad()):
+            self._bind_states()
+
+    # -- internals
+    def _core_arrays(self):
+        d = self._ncores
+        arrs = [as_array(p, "tt_cores") for p in self.tt_cores]
+        return [arrs[t * d:(t + 1) * d] for t in range(len(self.num_embeddings))]
+
+    def _caches(self):
+        if self._cache_objs is None:
+            return None
+        for c, prm in zip(self._cache_objs, self.cache_weights):
+            c.weight = as_array(prm, "cache_weight")       # the parameter's memory
+        return self._cache_objs
+
+    def _fused(self):
+        if not self.sparse:
+            return None
+        if isinstance(self._opt, _tt_adagrad()):
+            self._bind_states()
+        return self._opt
+
+    def _bind_states(self):
+        """Adagrad accumulators as buffers (saved in the state_dict)."""
+        prms = list(self.tt_cores) + list(self.cache_weights)
+        for i, prm in enumerate(prms):
+            name = f"optimizer_state_{i}"
+            if not hasattr(self, name) or getattr(self, name).shape != prm.shape:
+                self.register_buffer(name, torch.zeros_like(prm.detach()))
+            self._opt.use_state(as_array(prm, "weight"), as_array(getattr(self, name), "state"))
+
+    def _psw_grad(self, g, saved, off):
+        out = np.zeros(saved.nnz, g.dtype)
+        B, D = saved.B, self.embedding_dim
+        for t, part in enumerate(saved.parts):
+            n = part.hi - part.lo
+            if not n:
+                continue
+            src = part.src
+            rows = np.empty((n, D), g.dtype)
+            m = src >= 0
+            rows[m] = part.ctx.Y[src[m]]
+            if (~m).any():
+                rows[~m] = self._cache_objs[t].weight[-src[~m] - 1]
+            o = off[t * B:(t + 1) * B + 1] - part.lo
+            bag = np.repeat(np.arange(B), np.diff(o))
+            out[part.lo:part.hi] = np.einsum("nd,nd->n", rows, g[bag, t * D:(t + 1) * D])
+        return out
+
+    # -- public
+    def forward(self, input, offsets=None, per_sample_weights=None):
+        T = len(self.num_embeddings)
+        idx = _index_tensor(input)
+        if idx.dim() == 2:
+            if offsets is not None:
+                raise ValueError("offsets: expected None when input is 2-D, got a tensor")
+            if idx.shape[1] != T:
+                raise ValueError(f"input: expected shape (B, {T}) (one column per table), "
+                                 f"got {tuple(idx.shape)}")
+            B = idx.shape[0]
+            flat = idx.t().contiguous().reshape(-1)
+            off = torch.arange(T * B + 1, dtype=torch.int64)
+            if per_sample_weights is not None:
+                per_sample_weights = per_sample_weights.t().contiguous().reshape(-1)
+        else:
+            if offsets is None:
+                raise ValueError("offsets: expected a 1-D tensor when input is 1-D, got None")
+            flat, off = idx, _index_tensor(offsets, "offsets").to(torch.int64)
+        return self._apply_bags(flat, off, per_sample_weights)
+
+    def _apply_bags(self, flat, off, psw):
+        if self.training and self.use_cache:
+            fl = as_array(flat, "input").astype(np.int64)
+            o = as_array(off, "offsets")
+            B = (o.shape[0] - 1) // len(self.num_embeddings)
+            for t, c in enumerate(self._cache_objs):
+                seg = fl[o[t * B]:o[(t + 1) * B]]
+                c.count(seg[(seg >= 0) & (seg < self.num_embeddings[t])])
+        if psw is not None:
+            psw = psw.contiguous()
+        params = list(self.tt_cores) + list(self.cache_weights)
+        return _TTBags.apply(self, flat, off, psw, *params)
+
+    def cache_populate(self):
+        """Refresh every table's cache with its most frequent rows (see
+        :class:`hashemb.TTCache`: a row leaving the cache loses what it
+        learnt there; the cache's Adagrad accumulators restart at zero)."""
+        if not self.use_cache:
+            return
+        for t, c in enumerate(self._caches()):
+            c.populate(self._core_arrays()[t], self.num_embeddings[t])
+        if self.sparse and isinstance(self._opt, _tt_adagrad()):
+            for i in range(len(self.tt_cores), len(self.tt_cores) + len(self.cache_weights)):
+                getattr(self, f"optimizer_state_{i}").zero_()
+
+    def full_weights(self):
+        """The reconstructed tables, one ``(num_embeddings[t], D)`` tensor each."""
+        return [torch.from_numpy(_tt.tt_to_full(c, n))
+                for c, n in zip(self._core_arrays(), self.num_embeddings)]
+
+    def memory_bytes(self):
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+    def extra_repr(self):
+        return (f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, "
+                f"tt_ranks={self.tt_ranks}, tt_p_shapes={self.tt_p_shapes}, "
+                f"tt_q_shapes={self.tt_q_shapes}, sparse={self.sparse}, mode={self.mode!r}")
+
+
+def _tt_adagrad():
+    from ..optim import Adagrad
+    return Adagrad
+
+
+def _index_tensor(x, name="input"):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name}: expected an int32 or int64 tensor, got {x.dtype}")
+    return x.contiguous()
+
+
+class TTEmbeddingBag(TTEmbeddingBagCollection):
+    r"""One TT-Rec table as an embedding bag, FBTT's ``TTEmbeddingBag`` arguments
+    plus ``nn.EmbeddingBag``'s calling conventions.
+
+    ``forward(input, offsets=None, per_sample_weights=None)``: 1-D input with
+    offsets of length ``B + 1`` (``include_last_offset=True``, the default,
+    FBTT's convention) or ``B`` (``include_last_offset=False``, as
+    ``nn.EmbeddingBag``), or 2-D ``(B, N)`` input; mode "sum" (with optional
+    per-sample weights) or "mean"; empty bags give zeros. Row :math:`x` of the
+    table is :math:`\mathrm{vec}(G_0[x_0] \cdots G_{d-1}[x_{d-1}])`.
+
+    Parameters
+    ----------
+    num_embeddings, embedding_dim : int
+    tt_ranks : list of int
+        The d - 1 inner ranks (2 to 4 cores).
+    tt_p_shapes, tt_q_shapes : list of int, optional
+        Default :func:`hashemb.tt_shapes`.
+    sparse, optimizer, learning_rate, eps, use_cache, cache_size, hashtbl_size, weight_dist
+        As FBTT (see :class:`TTEmbeddingBagCollection`); ``sparse=False`` is
+        the default here (dense core gradients for a torch optimizer).
+    mode : {"sum", "mean"}
+    include_last_offset : bool
+    seed : int
+    dtype : torch.float32 or torch.float64
+
+    Examples
+    --------
+    >>> import torch
+    >>> from hashemb.torch import TTEmbeddingBag
+    >>> emb = TTEmbeddingBag(1_000_000, 64, [16, 16])
+    >>> emb.tt_p_shapes, emb.tt_q_shapes
+    ([100, 100, 100], [4, 4, 4])
+    >>> out = emb(torch.tensor([1, 2, 999_999]), torch.tensor([0, 2, 3]))
+    >>> out.shape
+    torch.Size([2, 64])
+    >>> W = emb.full_weight()
+    >>> bool(torch.allclose(out[0], W[1] + W[2], atol=1e-6))
+    True
+    """
+
+    def __init__(self, num_embeddings, embedding_dim, tt_ranks, tt_p_shapes=None,
+                 tt_q_shapes=None, sparse=False, optimizer="sgd", learning_rate=0.1,
+                 eps=1e-10, use_cache=False, cache_size=0, hashtbl_size=0,
+                 weight_dist="approx-normal", mode="sum", include_last_offset=True, seed=0,
+                 dtype=None):
+        super().__init__([num_embeddings], embedding_dim, tt_ranks, tt_p_shapes, tt_q_shapes,
+                         sparse, optimizer, learning_rate, eps, use_cache, cache_size,
+                         hashtbl_size, weight_dist, mode, None, seed, dtype)
+        self.include_last_offset = bool(include_last_offset)
+        self.tt_p_shapes, self.tt_q_shapes = self.tt_p_shapes[0], self.tt_q_shapes[0]
+
+    @property
+    def cache_weight(self):
+        return self.cache_weights[0] if self.use_cache else None
+
+    def forward(self, input, offsets=None, per_sample_weights=None):
+        idx = _index_tensor(input)
+        if idx.dim() == 2:
+            if offsets is not None:
+                raise ValueError("offsets: expected None when input is 2-D (B, N), got a tensor")
+            B, N = idx.shape
+            flat = idx.reshape(-1)
+            off = torch.arange(0, B * N + 1, max(N, 1), dtype=torch.int64) if N else \
+                torch.zeros(B + 1, dtype=torch.int64)
+            if per_sample_weights is not None:
+                if tuple(per_sample_weights.shape) != tuple(idx.shape):
+                    raise ValueError(f"per_sample_weights: expected shape {tuple(idx.shape)} "
+                                     f"(as input), got {tuple(per_sample_weights.shape)}")
+                per_sample_weights = per_sample_weights.reshape(-1)
+        elif idx.dim() == 1:
+            if offsets is None:
+                raise ValueError("offsets: expected a 1-D tensor when input is 1-D, got None")
+            off = _index_tensor(offsets, "offsets").to(torch.int64)
+            if off.dim() != 1:
+                raise ValueError(f"offsets: expected a 1-D tensor, got shape {tuple(off.shape)}")
+            if not self.include_last_offset:
+                off = torch.cat([off, torch.tensor([idx.shape[0]], dtype=torch.int64)])
+            elif off.shape[0] < 1:
+                raise ValueError("offsets: expected B + 1 offsets (include_last_offset=True), "
+                                 "got none")
+            flat = idx
+        else:
+            raise ValueError(f"input: expected a 1-D or 2-D tensor, got shape {tuple(idx.shape)}")
+        return self._apply_bags(flat, off, per_sample_weights)
+
+    def full_weight(self):
+        """The reconstructed table, ``(num_embeddings, embedding_dim)`` (as FBTT's)."""
+        return self.full_weights()[0]
+
+    def extra_repr(self):
+        return super().extra_repr() + f", include_last_offset={self.include_last_offset}"
+
+
+def tt_ranks_for_compression(num_embeddings, embedding_dim, compression, num_cores=3):
+    """The largest common rank r (ranks [r] * (d-1)) whose TT tables, with
+    automatic shapes, hold at most ``sum(n) * D / compression`` floats (at
+    least 1).
+
+    Examples
+    --------
+    >>> from hashemb.torch.tt import tt_ranks_for_compression
+    >>> tt_ranks_for_compression([10**6], 16, 100)
+    [26, 26]
+    """
+    sizes = [num_embeddings] if isinstance(num_embeddings, (int, np.integer)) else list(num_embeddings)
+    budget = sum(sizes) * embedding_dim / float(compression)
+    shapes = [_tt.tt_shapes(n, embedding_dim, num_cores) for n in sizes]
+
+    def params(r):
+        tot = 0
+        for p, q in shapes:
+            R = [1] + [r] * (num_cores - 1) + [1]
+            tot += sum(p[k] * R[k] * q[k] * R[k + 1] for k in range(num_cores))
+        return tot
+
+    r = 1
+    while params(r + 1) <= budget and r < 1 << 12:
+        r += 1
+    return [r] * (num_cores - 1)
+
+
+__all__ = ["TTEmbeddingBag", "TTEmbeddingBagCollection", "tt_ranks_for_compression"]

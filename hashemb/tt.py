@@ -1,0 +1,953 @@
+r"""Tensor-train (TT-Rec) embedding tables: shapes, initialisation, the bag
+forward, backward to the cores with fused SGD / Adagrad, and an LFU cache.
+
+A table of :math:`n` rows by :math:`D = \prod_k q_k` columns is stored as
+:math:`d = 2..4` cores; core :math:`k` has shape :math:`(p_k, R_k, q_k, R_{k+1})`
+with :math:`R_0 = R_d = 1` and :math:`n \le \prod_k p_k`. Row :math:`x`, written
+in mixed radix :math:`x = ((x_0 p_1 + x_1) p_2 + x_2) \dots` (most significant
+digit first), is the chain product
+
+.. math::
+
+    W[x] = \mathrm{vec}\big(G_0[x_0]\, G_1[x_1] \cdots G_{d-1}[x_{d-1}]\big),
+    \qquad G_k[v] \in \mathbb{R}^{R_k \times q_k R_{k+1}}
+
+reshaped to :math:`D` with :math:`q_0` the most significant output digit
+(element :math:`j = (j_0 q_1 + j_1) q_2 + j_2 \dots`).
+
+The CPU kernels (:mod:`hashemb._cpu._tt`) group the lookups by digit, so each
+chain step is a handful of real matrix products (register-tiled, AVX2+FMA
+where the CPU has it) rather than one tiny product per lookup; duplicate rows
+in a batch are computed once.
+"""
+import math
+import numbers
+import sys
+from collections import namedtuple
+
+import numpy as np
+
+from . import _validate as V
+from .optim import SGD, check_optimizer
+
+WEIGHT_DISTS = ("uniform", "normal", "approx-uniform", "approx-normal")
+
+_DET = """
+    On the CPU results are deterministic and independent of the thread
+    count (every sum has a fixed order); float sums may differ in the last
+    bits from torch's."""
+
+_tt = None
+
+
+def _k():
+    global _tt
+    if _tt is None:
+        from ._cpu import _tt as mod
+        _tt = mod
+    return _tt
+
+
+# ---------------------------------------------------------------- shapes
+
+def _prime_factors(n):
+    out, f = [], 2
+    while f * f <= n:
+        while n % f == 0:
+            out.append(f)
+            n //= f
+        f += 1 if f == 2 else 2
+    if n > 1:
+        out.append(n)
+    return out
+
+
+def _divisors(n):
+    divs = [1]
+    for p in sorted(set(_prime_factors(n))):
+        e = 0
+        m = n
+        while m % p == 0:
+            m //= p
+            e += 1
+        divs = [d * p ** i for d in divs for i in range(e + 1)]
+    return sorted(divs)
+
+
+def _factorisations(n, d):
+    """Every multiset of d factors >= 1 with product n, as non-increasing tuples."""
+    divs = _divisors(n)
+
+    def rec(m, k, cap):
+        if k == 1:
+            if m <= cap:
+                yield (m,)
+            return
+        for f in reversed(divs):
+            if f > cap or m % f:
+                continue
+            if f ** k < m:         # f must be the largest of the k factors left
+                break
+            for rest in rec(m // f, k - 1, f):
+                yield (f,) + rest
+    return list(rec(n, d, n))
+
+
+def _entropy(factors):
+    """Balance of a factorisation: the entropy of log f_i / log prod f
+    (log d when all factors are equal, 0 when one factor holds everything)."""
+    total = sum(math.log(f) for f in factors)
+    if total == 0:
+        return math.log(len(factors))
+    h = 0.0
+    for f in factors:
+        w = math.log(f) / total
+        if w > 0:
+            h -= w * math.log(w)
+    return h
+
+
+def _most_balanced(n, d):
+    return max(_factorisations(n, d), key=lambda f: (round(_entropy(f), 12), -f[0]))
+
+
+def tt_shapes(num_embeddings, embedding_dim, num_cores=3, *, round_up=True, max_waste=0.1):
+    r"""Automatic TT shapes: ``p`` with :math:`\prod p \ge n`, ``q`` with :math:`\prod q = D`.
+
+    Each is the most balanced factorisation into ``num_cores`` factors: the
+    highest entropy of :math:`\log f_k / \log \prod f` (all multisets of
+    factors are tried, from the prime factorisation). With ``round_up`` the
+    row count may grow to :math:`\lceil n / 10^k \rceil 10^k` for any
+    :math:`k \ge 1` that wastes at most ``max_waste`` (10%) more rows, which
+    often balances far better (a prime :math:`n` has no factorisation but
+    itself); ties go to the fewest rows. Factors are returned largest first.
+
+    Parameters
+    ----------
+    num_embeddings, embedding_dim : int
+    num_cores : int
+        2, 3 or 4.
+    round_up : bool
+    max_waste : float
+        Largest relative row excess allowed by rounding up.
+
+    Returns
+    -------
+    (p, q) : two lists of int
+
+    Examples
+    --------
+    >>> import hashemb as he
+    >>> he.tt_shapes(11_000_000, 64)
+    ([250, 220, 200], [4, 4, 4])
+    >>> he.tt_shapes(1_000_003, 16)       # prime: rounded up to 1,010,000
+    ([101, 100, 100], [4, 2, 2])
+    """
+    n = V.check_positive_int(num_embeddings, "num_embeddings", upper=1 << 61)
+    D = V.check_positive_int(embedding_dim, "embedding_dim", upper=1 << 20)
+    d = V.check_int(num_cores, "num_cores", lo=2, hi=5)
+    waste = V.check_float(max_waste, "max_waste", nonneg=True)
+    cands = [n]
+    if round_up:
+        k = 1
+        while 10 ** k <= n * 10:
+            m = -(-n // 10 ** k) * 10 ** k
+            if m <= n * (1 + waste) and m not in cands:
+                cands.append(m)
+            k += 1
+    best = None
+    for m in cands:
+        f = _most_balanced(m, d)
+        key = (round(_entropy(f), 12), -m)
+        if best is None or key > best[0]:
+            best = (key, f)
+    return list(best[1]), list(_most_balanced(D, d))
+
+
+# ---------------------------------------------------------------- cores
+
+TTShape = namedtuple("TTShape", "p q R n D dtype")
+
+
+def _as_cores(cores, name="cores", *, writable=False):
+    """Validated cores: (list of C-contiguous arrays, TTShape without n)."""
+    if isinstance(cores, np.ndarray) or not isinstance(cores, (list, tuple)):
+        raise TypeError(f"{name}: expected a list of 2 to 4 numpy arrays (the TT cores), "
+                        f"got {V._desc(cores)}")
+    if not 2 <= len(cores) <= 4:
+        raise ValueError(f"{name}: expected 2 to 4 cores, got {len(cores)}")
+    out, p, q, R = [], [], [], [1]
+    dtype = None
+    for k, c in enumerate(cores):
+        if not isinstance(c, np.ndarray):
+            raise TypeError(f"{name}[{k}]: expected a numpy.ndarray, got {V._desc(c)}")
+        if c.dtype not in (np.float32, np.float64):
+            raise TypeError(f"{name}[{k}]: expected a float32 or float64 array, got dtype {c.dtype}")
+        if dtype is None:
+            dtype = c.dtype
+        elif c.dtype != dtype:
+            raise TypeError(f"{name}[{k}]: expected dtype {dtype} (as {name}[0]), got {c.dtype}")
+        if c.ndim != 4:
+            raise ValueError(f"{name}[{k}]: expected a 4-D array (p_k, R_k, q_k, R_k+1), "
+                             f"got shape {c.shape}")
+        if c.shape[1] != R[-1]:
+            raise ValueError(f"{name}[{k}]: expected R_{k} = {R[-1]} in shape[1] (the rank "
+                             f"after the previous core), got shape {c.shape}")
+        if min(c.shape) < 1:
+            raise ValueError(f"{name}[{k}]: expected every dimension >= 1, got shape {c.shape}")
+        if writable:
+            if not c.flags.c_contiguous or not c.flags.writeable:
+                raise ValueError(f"{name}[{k}]: expected a writeable C-contiguous array for "
+                                 "an in-place optimizer update, got a non-contiguous or "
+                                 "read-only one")
+        else:
+            c = np.ascontiguousarray(c)
+        out.append(c)
+        p.append(c.shape[0])
+        q.append(c.shape[2])
+        R.append(c.shape[3])
+    if R[-1] != 1:
+        raise ValueError(f"{name}[{len(cores) - 1}]: expected the last rank R_d = 1 in shape[3], "
+                         f"got shape {cores[-1].shape}")
+    return out, TTShape(p, q, R, int(np.prod(p, dtype=object)), int(np.prod(q)), dtype)
+
+
+def _check_ranks(tt_ranks, d):
+    if isinstance(tt_ranks, numbers.Integral):
+        tt_ranks = [tt_ranks] * (d - 1)
+    if not isinstance(tt_ranks, (list, tuple, np.ndarray)):
+        raise TypeError(f"tt_ranks: expected a list of {d - 1} ints, got {V._desc(tt_ranks)}")
+    if len(tt_ranks) != d - 1:
+        raise ValueError(f"tt_ranks: expected {d - 1} ranks (one between each pair of "
+                         f"{d} cores), got {len(tt_ranks)}")
+    return [V.check_positive_int(r, "tt_ranks", upper=1 << 16) for r in tt_ranks]
+
+
+def _check_factors(f, name, d=None):
+    if not isinstance(f, (list, tuple, np.ndarray)):
+        raise TypeError(f"{name}: expected a list of ints, got {V._desc(f)}")
+    f = [V.check_positive_int(x, name, upper=1 << 40) for x in f]
+    if not 2 <= len(f) <= 4 or (d is not None and len(f) != d):
+        want = f"{d}" if d is not None else "2 to 4"
+        raise ValueError(f"{name}: expected {want} factors (one per core), got {len(f)}")
+    return f
+
+
+def tt_core_shapes(p, q, tt_ranks):
+    """Shapes ``(p_k, R_k, q_k, R_{k+1})`` of the cores (``tt_ranks`` are the
+    d - 1 inner ranks).
+
+    Examples
+    --------
+    >>> import hashemb as he
+    >>> he.tt_core_shapes([200, 220, 250], [4, 4, 4], [32, 32])
+    [(200, 1, 4, 32), (220, 32, 4, 32), (250, 32, 4, 1)]
+    """
+    p = _check_factors(p, "p")
+    q = _check_factors(q, "q", len(p))
+    R = [1] + _check_ranks(tt_ranks, len(p)) + [1]
+    return [(p[k], R[k], q[k], R[k + 1]) for k in range(len(p))]
+
+
+def tt_init(num_embeddings, p, q, tt_ranks, weight_dist="approx-normal", *, seed=0,
+            dtype=np.float32):
+    r"""Random cores for a TT table of ``num_embeddings`` rows.
+
+    Every core entry is drawn i.i.d. from one distribution, chosen so a
+    full-table entry :math:`W[x, j]` (a sum over :math:`P = \prod_k R_k` rank
+    paths of products of :math:`d` core entries) has known moments:
+
+    ``"approx-normal"`` (default)
+        :math:`N(0, s^2)`, :math:`s = (3nP)^{-1/(2d)}`: the full entries have
+        mean 0 and variance :math:`1/(3n)`, approximately normal (a sum of
+        :math:`P` independent-ish products). FBTT's reference draws
+        :math:`N(0,1)\,(3n)^{-1/6}` (3 cores) without the :math:`P` factor,
+        so its table's scale grows with the ranks.
+    ``"approx-uniform"``
+        :math:`U(-\sqrt3 s, \sqrt3 s)`, same :math:`s`: the full entries have
+        the mean and variance of DLRM's :math:`U(-1/\sqrt n, 1/\sqrt n)`
+        (0 and :math:`1/(3n)`); their shape tends to normal as :math:`P` grows.
+    ``"normal"``
+        FBTT's: :math:`N(0, \sigma^2)`, :math:`\sigma = 1 / (\sqrt n\, R_1)`:
+        mean 0, variance :math:`P \sigma^{2d}`.
+    ``"uniform"``
+        FBTT's: :math:`U(0, c)`, :math:`c = (2/(n + D))^{1/(2d)} P^{-1/(2d)}`:
+        every full entry is positive, mean :math:`P (c/2)^d`.
+
+    Parameters
+    ----------
+    num_embeddings : int
+    p, q : list of int
+        Row and column factors, one per core (:func:`tt_shapes`).
+    tt_ranks : list of int or int
+        The d - 1 inner ranks.
+    weight_dist : str
+    seed : int
+    dtype : float32 or float64
+
+    Returns
+    -------
+    list of ndarray
+        Core k of shape ``(p[k], R_k, q[k], R_{k+1})``.
+
+    Examples
+    --------
+    >>> import hashemb as he
+    >>> cores = he.tt_init(1000, [10, 10, 10], [2, 2, 2], [4, 4])
+    >>> [c.shape for c in cores]
+    [(10, 1, 2, 4), (10, 4, 2, 4), (10, 4, 2, 1)]
+    """
+    n = V.check_positive_int(num_embeddings, "num_embeddings", upper=1 << 61)
+    shapes = tt_core_shapes(p, q, tt_ranks)
+    if int(np.prod(p, dtype=object)) < n:
+        raise ValueError(f"p: expected prod(p) >= num_embeddings = {n}, got prod({list(p)}) = "
+                         f"{int(np.prod(p, dtype=object))}")
+    if weight_dist not in WEIGHT_DISTS:
+        raise ValueError(f"weight_dist: expected one of {', '.join(map(repr, WEIGHT_DISTS))}, "
+                         f"got {weight_dist!r}")
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise TypeError(f"dtype: expected float32 or float64, got {dtype}")
+    rng = np.random.default_rng(V.check_seed(seed))
+    d = len(shapes)
+    P = float(np.prod([s[3] for s in shapes[:-1]]))
+    D = int(np.prod(q))
+    cores = []
+    for shp in shapes:
+        if weight_dist == "approx-normal":
+            c = rng.standard_normal(shp) * (3.0 * n * P) ** (-1.0 / (2 * d))
+        elif weight_dist == "approx-uniform":
+            b = math.sqrt(3.0) * (3.0 * n * P) ** (-1.0 / (2 * d))
+            c = rng.uniform(-b, b, shp)
+        elif weight_dist == "normal":
+            c = rng.standard_normal(shp) / (math.sqrt(n) * shapes[0][3])
+        else:
+            c = rng.uniform(0.0, (2.0 / (n + D)) ** (1.0 / (2 * d)) * P ** (-1.0 / (2 * d)), shp)
+        cores.append(np.ascontiguousarray(c, dtype))
+    return cores
+
+
+def tt_to_full(cores, num_embeddings=None):
+    r"""The table the cores represent: ``(num_embeddings, D)`` rows
+    :math:`W[x] = \mathrm{vec}(G_0[x_0] \cdots G_{d-1}[x_{d-1}])` (for tests,
+    export and ``full_weight()``; it costs the full table's memory).
+
+    Examples
+    --------
+    >>> import numpy as np, hashemb as he
+    >>> cores = he.tt_init(6, [2, 3], [2, 2], [3])
+    >>> W = he.tt_to_full(cores)
+    >>> W.shape
+    (6, 4)
+    >>> bool(np.allclose(W[5], (cores[0][1, 0] @ cores[1][2].reshape(3, 2)).reshape(-1)))
+    True
+    """
+    cores, s = _as_cores(cores)
+    n = s.n if num_embeddings is None else V.check_positive_int(num_embeddings,
+                                                                "num_embeddings", s.n + 1)
+    full = cores[0].reshape(s.p[0], s.q[0], s.R[1])
+    for k in range(1, len(cores)):
+        full = np.einsum("aqr,brcs->abqcs", full, cores[k])
+        full = full.reshape(full.shape[0] * full.shape[1], -1, s.R[k + 1])
+    return np.ascontiguousarray(full.reshape(s.n, s.D)[:n])
+
+
+# ---------------------------------------------------------------- the LFU cache
+
+class TTCache:
+    r"""Uncompressed copies of the most used rows of a TT table (LFU).
+
+    ``count(indices)`` adds every looked-up row to a frequency table (a
+    linear-probing hash table of ``hashtbl_size`` slots; when it is full,
+    rows not yet in it are not counted). ``populate(cores)`` makes the
+    ``capacity`` most frequent rows the cached set (ties: smaller row id) and
+    fills them from the cores. A lookup of a cached row reads ``weight``
+    instead of the cores, and its gradient trains ``weight`` instead of the
+    cores.
+
+    **Eviction loses training.** A row that leaves the cache at the next
+    ``populate`` goes back to its TT value, which did not change while the
+    row was cached (its lookups trained ``weight`` only); the trained copy is
+    dropped, not written back into the cores (a least-squares fit would move
+    every row sharing those core slices). A row that stays cached keeps its
+    trained value; a newly cached row starts from its current TT value.
+
+    Parameters
+    ----------
+    capacity : int
+        Rows kept (``cache_size``).
+    dim : int
+        Row width D.
+    hashtbl_size : int, optional
+        Slots of the frequency table; default ``max(4 * capacity, 1024)``.
+    dtype : float32 or float64
+
+    Attributes
+    ----------
+    rows : ndarray of int64, sorted
+        The cached row ids (empty until ``populate``).
+    weight : ndarray, shape (capacity, dim)
+        Their values; row ``i`` holds ``rows[i]`` (rows past ``len(rows)`` unused).
+
+    Examples
+    --------
+    >>> import numpy as np, hashemb as he
+    >>> cores = he.tt_init(1000, [10, 10, 10], [2, 2, 2], [4, 4])
+    >>> cache = he.TTCache(2, 8)
+    >>> cache.count(np.array([7, 7, 7, 3, 3, 9]))
+    >>> cache.populate(cores)
+    >>> cache.rows
+    array([3, 7])
+    >>> bool(np.allclose(cache.weight[1], he.tt_to_full(cores)[7]))
+    True
+    """
+
+    def __init__(self, capacity, dim, hashtbl_size=None, dtype=np.float32):
+        self.capacity = V.check_int(capacity, "capacity", lo=0, hi=1 << 40)
+        self.dim = V.check_positive_int(dim, "dim", upper=1 << 20)
+        if hashtbl_size is None or hashtbl_size == 0:
+            hashtbl_size = max(4 * self.capacity, 1024)
+        size = V.check_positive_int(hashtbl_size, "hashtbl_size", upper=1 << 40)
+        self.keys = np.full(size, -1, np.int64)
+        self.freq = np.zeros(size, np.int64)
+        self.rows = np.zeros(0, np.int64)
+        self.weight = np.zeros((self.capacity, self.dim), dtype)
+
+    def __repr__(self):
+        return (f"TTCache(capacity={self.capacity}, dim={self.dim}, "
+                f"hashtbl_size={self.keys.shape[0]}, cached={len(self.rows)})")
+
+    def count(self, indices):
+        """Add one use of every entry of ``indices`` (non-negative row ids)."""
+        idx = V.as_keys(indices, "indices").reshape(-1).astype(np.int64, copy=False)
+        if idx.size and idx.min() < 0:
+            raise ValueError(f"indices: expected row ids >= 0, got {int(idx.min())}")
+        _k().count(idx, self.keys, self.freq)
+
+    def reset(self):
+        """Forget every frequency and drop the cached rows."""
+        self.keys.fill(-1)
+        self.freq.fill(0)
+        self.rows = np.zeros(0, np.int64)
+
+    def populate(self, cores, num_embeddings=None):
+        """Cache the ``capacity`` most frequent rows, filled from ``cores`` (rows
+        already cached keep their trained values)."""
+        cores, s = _as_cores(cores)
+        if s.dtype != self.weight.dtype:
+            raise TypeError(f"cores: expected dtype {self.weight.dtype} (the cache's), got {s.dtype}")
+        if s.D != self.dim:
+            raise ValueError(f"cores: expected D = prod(q) = {self.dim} (the cache's dim), "
+                             f"got {s.D}")
+        n = s.n if num_embeddings is None else int(num_embeddings)
+        used = (self.keys >= 0) & (self.keys < n)
+        keys, freq = self.keys[used], self.freq[used]
+        order = np.lexsort((keys, -freq))[:self.capacity]
+        new = np.sort(keys[order])
+        old_rows, old_w = self.rows, self.weight[:len(self.rows)].copy()
+        vals = np.empty((len(new), self.dim), s.dtype)
+        if len(new):
+            vals[:] = _rows_of(cores, s, new)
+        keep = np.isin(new, old_rows)
+        if keep.any():
+            vals[keep] = old_w[np.searchsorted(old_rows, new[keep])]
+        self.weight[:] = 0          # in place: views of the cache (torch) stay valid
+        self.weight[:len(new)] = vals
+        self.rows = new
+
+    def slots(self, rows):
+        """Cache slot of each row id, -1 where not cached."""
+        if not len(self.rows):
+            return np.full(rows.shape, -1, np.int64)
+        pos = np.minimum(np.searchsorted(self.rows, rows), len(self.rows) - 1)
+        return np.where(self.rows[pos] == rows, pos, -1)
+
+
+def _rows_of(cores, s, rows):
+    """TT rows ``rows`` (unique int64) through the kernels: (len(rows), D)."""
+    ctx = _chain(np.ascontiguousarray(rows, np.int64), cores, s, save=False)
+    return ctx.Y
+
+
+# ---------------------------------------------------------------- the chain
+
+_POOL = {}          # (size class, dtype) -> scratch arrays kept between calls
+
+
+def _scratch(n, dtype):
+    """An uninitialised array of n values, from a small pool of recycled
+    buffers. Freeing and reallocating the chain's tens of MB on every call
+    hands the pages back to the OS and faults them in again (measured: 40%
+    slower on FBTT's benchmark shape). A pooled array is reused only when
+    nothing else refers to it (its views included: a TTSaved keeps its own)."""
+    dtype = np.dtype(dtype)
+    if n < 1 << 15:
+        return np.empty(n, dtype)
+    size = 1 << (int(n) - 1).bit_length()
+    bufs = _POOL.setdefault((size, dtype.str), [])
+    for a in bufs:
+        if sys.getrefcount(a) <= 3:     # the list, the loop variable, the call
+            return a[:n]
+    a = np.empty(size, dtype)
+    if len(bufs) < 4:
+        bufs.append(a)
+    return a[:n]
+
+
+_Chain = namedtuple("_Chain", "rows dig perms starts inputs Y")
+
+
+def _chain(rows, cores, s, save=True):
+    """Forward chain for unique rows: Y (L, D), plus what backward needs."""
+    k = _k()
+    d, L = len(cores), rows.shape[0]
+    dig = np.empty((d, L), np.int64)
+    k.digits(rows, np.array(s.p, np.int64), dig)
+    perms, starts = [], []
+    for c in range(d):
+        perm, start = np.empty(L, np.int64), np.empty(s.p[c] + 1, np.int64)
+        k.group_by(dig[c], s.p[c], perm, start)
+        perms.append(perm)
+        starts.append(start)
+    A = cores[0].reshape(-1)
+    a_off = dig[0] * (s.q[0] * s.R[1])
+    Q = s.q[0]
+    inputs = []
+    for c in range(1, d):
+        N = s.q[c] * s.R[c + 1]
+        out = _scratch(L * Q * N, s.dtype)
+        k.step_forward(A, a_off, cores[c].reshape(-1), s.R[c], N, perms[c], starts[c], Q, out)
+        inputs.append((A, a_off, Q))
+        A, a_off, Q = out, np.arange(L, dtype=np.int64) * (Q * N), Q * s.q[c]
+    return _Chain(rows, dig, perms, starts, inputs if save else None, A.reshape(L, s.D))
+
+
+def _chain_backward(ctx, dY, cores, s, opt, lr, eps, states):
+    """Gradients of the cores from dY (L, D): a list of dense arrays (opt 0),
+    or the fused update of the cores in place (opt 1, 2)."""
+    k = _k()
+    L = ctx.rows.shape[0]
+    grads = [np.zeros(c.size, s.dtype) if opt == 0 else np.empty(0, s.dtype) for c in cores]
+    empty = np.empty(0, s.dtype)
+    dC = dY.reshape(-1)
+    for c in range(len(cores) - 1, 0, -1):
+        A, a_off, Q = ctx.inputs[c - 1]
+        N = s.q[c] * s.R[c + 1]
+        dA = _scratch(L * Q * s.R[c], s.dtype)
+        k.step_backward(A, a_off, dC, cores[c].reshape(-1), s.R[c], N, ctx.perms[c],
+                        ctx.starts[c], Q, dA, grads[c], opt, lr, eps,
+                        states[c] if opt == 2 else empty)
+        dC = dA
+    k.first_backward(dC, cores[0].reshape(-1), s.q[0] * s.R[1], ctx.perms[0], ctx.starts[0],
+                     grads[0], opt, lr, eps, states[0] if opt == 2 else empty)
+    return None if opt else [g.reshape(c.shape) for g, c in zip(grads, cores)]
+
+
+# ---------------------------------------------------------------- bags
+
+class _Sized:
+    """What _validate.bags asks of a scheme: the table sizes."""
+
+    def __init__(self, sizes):
+        self.table_sizes = list(sizes)
+
+    def _bounds(self, table0, T):
+        return np.array(self.table_sizes[table0:table0 + T], np.int64)
+
+
+class TTSaved:
+    """What :func:`tt_embedding_bag` computed that its backward reuses
+    (``return_saved=True``): the digit groups and partial chain products of
+    every table, so backward does not redo the forward products. Valid only
+    for the same inputs and unchanged cores."""
+
+    def __init__(self, parts, B, nnz):
+        self.parts, self.B, self.nnz = parts, B, nnz
+
+
+_Part = namedtuple("_Part", "ctx src hit_slot hit_n col0 lo hi")
+
+
+def _check_mode(mode):
+    if mode not in ("sum", "mean"):
+        raise ValueError(f"mode: expected 'sum' or 'mean' (TT tables pool by sum or mean), "
+                         f"got {mode!r}")
+    return mode
+
+
+def _tables(tables, name="tables"):
+    if not isinstance(tables, (list, tuple)) or not tables:
+        raise TypeError(f"{name}: expected a non-empty list of core lists (one per table), "
+                        f"got {V._desc(tables)}")
+    out = []
+    for t, cores in enumerate(tables):
+        out.append(_as_cores(cores, f"{name}[{t}]"))
+    dtypes = {s.dtype for _, s in out}
+    if len(dtypes) > 1:
+        raise TypeError(f"{name}: expected one dtype for every table, got {sorted(map(str, dtypes))}")
+    return out
+
+
+def _sizes(num_embeddings, shapes):
+    T = len(shapes)
+    if num_embeddings is None:
+        return [s.n for _, s in shapes]
+    if isinstance(num_embeddings, numbers.Integral):
+        num_embeddings = [num_embeddings]
+    if len(num_embeddings) != T:
+        raise ValueError(f"num_embeddings: expected {T} sizes (one per table), "
+                         f"got {len(num_embeddings)}")
+    out = []
+    for t, (n, (_, s)) in enumerate(zip(num_embeddings, shapes)):
+        out.append(V.check_positive_int(n, "num_embeddings", upper=s.n + 1))
+    return out
+
+
+def _caches(cache, T, shapes):
+    if cache is None:
+        return [None] * T
+    caches = [cache] if isinstance(cache, TTCache) else cache
+    if not isinstance(caches, (list, tuple)) or len(caches) != T:
+        raise TypeError(f"cache: expected None, a TTCache or a list of {T} (one per table), "
+                        f"got {V._desc(cache)}")
+    for t, (c, (_, s)) in enumerate(zip(caches, shapes)):
+        if c is None:
+            continue
+        if not isinstance(c, TTCache):
+            raise TypeError(f"cache[{t}]: expected a hashemb.TTCache or None, got {V._desc(c)}")
+        if c.dim != s.D or c.weight.dtype != s.dtype:
+            raise ValueError(f"cache[{t}]: expected dim {s.D} and dtype {s.dtype} (the table's), "
+                             f"got dim {c.dim} and dtype {c.weight.dtype}")
+    return list(caches)
+
+
+def _prepare(indices, offsets, per_sample_weights, shapes, sizes, mode, T,
+             include_last_offset):
+    dtype = shapes[0][1].dtype
+    return V.bags(_backend_kernels(), indices, offsets, per_sample_weights, scheme=_Sized(sizes),
+                  mode=_check_mode(mode), dtype=dtype, num_tables=T,
+                  include_last_offset=include_last_offset)
+
+
+def _backend_kernels():
+    from ._backend import kernels
+    return kernels()
+
+
+def _forward(b, shapes, caches, out, save):
+    """Pool every table's bags into out; returns the parts backward needs."""
+    k = _k()
+    parts = []
+    B = b.B
+    col0 = 0
+    for t, ((cores, s), cache) in enumerate(zip(shapes, caches)):
+        lo, hi = int(b.off[t * B]), int(b.off[(t + 1) * B])
+        idx = b.idx[lo:hi].astype(np.int64, copy=False)
+        off = b.off[t * B:(t + 1) * B + 1] - lo
+        if cache is not None and len(cache.rows):
+            slot = cache.slots(idx)
+            miss = slot < 0
+            hit_n = np.flatnonzero(~miss)
+            hit_slot = slot[hit_n]
+            miss_idx = idx[miss]
+        else:
+            miss, hit_n, hit_slot, miss_idx = None, None, None, idx
+        rows, inv = np.unique(miss_idx, return_inverse=True)
+        ctx = _chain(rows, cores, s, save=save)
+        if miss is None:
+            src = inv.astype(np.int64, copy=False)
+        else:
+            src = np.empty(idx.shape[0], np.int64)
+            src[miss] = inv
+            src[hit_n] = -hit_slot - 1
+        cw = cache.weight if cache is not None else np.zeros((1, s.D), s.dtype)
+        psw = b.psw[lo:hi] if b.psw.shape[0] else b.psw
+        k.pool(ctx.Y, cw, src, np.ascontiguousarray(off), psw, int(b.mode == 1), out, col0)
+        parts.append(_Part(ctx, src, hit_slot, hit_n, col0, lo, hi))
+        col0 += s.D
+    return parts
+
+
+def _opt_args(optimizer):
+    if optimizer is None:
+        return 0, 0.0, 0.0
+    if isinstance(optimizer, SGD):
+        return 1, optimizer.lr, 0.0
+    return 2, optimizer.lr, optimizer.eps
+
+
+def _backward(b, g, shapes, caches, parts, optimizer):
+    k = _k()
+    opt, lr, eps = _opt_args(optimizer)
+    B = b.B
+    results = []
+    for t, ((cores, s), cache, part) in enumerate(zip(shapes, caches, parts)):
+        lo, hi = part.lo, part.hi
+        off = b.off[t * B:(t + 1) * B + 1] - lo
+        cnt = np.diff(off)
+        bag = np.repeat(np.arange(B, dtype=np.int64), cnt)
+        psw = b.psw[lo:hi] if b.psw.shape[0] else b.psw
+        ctx = part.ctx
+        L = ctx.rows.shape[0]
+        miss_n = np.flatnonzero(part.src >= 0) if part.hit_n is not None else None
+        src_miss = part.src if miss_n is None else part.src[miss_n]
+        order, ustart = np.empty(src_miss.shape[0], np.int64), np.empty(L + 1, np.int64)
+        k.group_by(np.ascontiguousarray(src_miss), L, order, ustart)
+        if miss_n is not None:
+            order = miss_n[order]
+        dY = _scratch(L * s.D, s.dtype).reshape(L, s.D)
+        k.unpool(g, part.col0, bag, psw, cnt, int(b.mode == 1), order, ustart, dY)
+        states = [optimizer.state_for(c)[0] for c in cores] if opt == 2 else None
+        grads = _chain_backward(ctx, dY, cores, s, opt, lr, eps, states)
+        dcache = None
+        if cache is not None and part.hit_n is not None and len(part.hit_n):
+            n = part.hit_n
+            w = psw[n] if psw.shape[0] else (1.0 / cnt[bag[n]] if b.mode == 1
+                                             else np.ones(n.shape[0]))
+            gc = g[bag[n], part.col0:part.col0 + s.D] * w.astype(s.dtype)[:, None]
+            dcache = np.zeros_like(cache.weight)
+            np.add.at(dcache, part.hit_slot, gc)
+            if opt:
+                _update_rows(cache.weight, dcache, np.unique(part.hit_slot), optimizer)
+                dcache = None
+        elif cache is not None and opt == 0:
+            dcache = np.zeros_like(cache.weight)
+        results.append((grads, dcache))
+    return results
+
+
+def _update_rows(w, g, rows, optimizer):
+    """The fused rule on the touched rows of a cache."""
+    if isinstance(optimizer, SGD):
+        w[rows] -= optimizer.lr * g[rows]
+        return
+    state = optimizer.state_for(w)[0].reshape(w.shape)
+    state[rows] += g[rows] ** 2
+    w[rows] -= optimizer.lr * g[rows] / (np.sqrt(state[rows]) + optimizer.eps)
+
+
+def tt_embedding_bag(indices, cores, offsets=None, *, mode="sum", per_sample_weights=None,
+                     include_last_offset=True, num_embeddings=None, cache=None,
+                     return_saved=False):
+    r"""Embedding bag over a TT table: ``out[b] = pool_{x in bag b} W[x]``.
+
+    .. math::
+
+        \mathrm{out}[b] = \sum_{j \in \mathrm{bag}\ b} c_j\,
+        \mathrm{vec}\big(G_0[x_{j,0}] G_1[x_{j,1}] \cdots G_{d-1}[x_{j,d-1}]\big)
+
+    with :math:`c_j` = ``per_sample_weights[j]`` (sum), :math:`1/|\mathrm{bag}|`
+    (mean) or 1. A row held in ``cache`` is read from it instead.
+
+    Parameters
+    ----------
+    indices : ndarray of int32/int64
+        1-D with ``offsets``, or 2-D ``(B, N)`` (N entries per bag).
+    cores : list of ndarray
+        2 to 4 cores, core k of shape ``(p_k, R_k, q_k, R_{k+1})``, float32 or float64.
+    offsets : ndarray of int32/int64, optional
+        Bag starts. ``include_last_offset=True`` (the default, as FBTT): ``B + 1``
+        values ending at ``len(indices)``; ``False`` (as nn.EmbeddingBag): ``B``.
+    mode : {"sum", "mean"}
+        Empty bags give zeros in both.
+    per_sample_weights : ndarray, optional
+        One weight per index (mode "sum").
+    num_embeddings : int, optional
+        Rows of the table (``<= prod p``; default ``prod p``); larger indices
+        raise IndexError.
+    cache : TTCache, optional
+    return_saved : bool
+        Also return a :class:`TTSaved` for :func:`tt_embedding_bag_backward`.
+
+    Returns
+    -------
+    ndarray of shape (B, D), or ``(out, saved)``
+    {det}
+
+    Examples
+    --------
+    >>> import numpy as np, hashemb as he
+    >>> cores = he.tt_init(1000, [10, 10, 10], [4, 2, 2], [8, 8])
+    >>> out = he.tt_embedding_bag(np.array([1, 2, 999]), cores, np.array([0, 2, 3]))
+    >>> out.shape
+    (2, 16)
+    >>> W = he.tt_to_full(cores)
+    >>> bool(np.allclose(out[0], W[1] + W[2], atol=1e-6))
+    True
+    """
+    return tt_embedding_bags(indices, [cores], offsets, mode=mode,
+                             per_sample_weights=per_sample_weights,
+                             include_last_offset=include_last_offset,
+                             num_embeddings=num_embeddings,
+                             cache=None if cache is None else [cache],
+                             return_saved=return_saved, _single=True)
+
+
+def tt_embedding_bag_backward(grad_output, indices, cores, offsets=None, *, mode="sum",
+                              per_sample_weights=None, include_last_offset=True,
+                              num_embeddings=None, cache=None, saved=None, optimizer=None):
+    r"""Gradient of :func:`tt_embedding_bag` with respect to the cores (and the
+    cache), or the fused optimizer step.
+
+    With :math:`\delta_j = c_j\, \partial L/\partial \mathrm{out}[b(j)]` viewed as
+    :math:`(Q_{k+1}, R_{k+1})` products, and :math:`T_k[j] = G_0[x_{j,0}] \cdots
+    G_{k-1}[x_{j,k-1}]`, the chain rule gives per core
+
+    .. math::
+
+        \frac{\partial L}{\partial G_k[v]} = \sum_{j:\ x_{j,k} = v}
+        T_k[j]^\top\, \delta T_{k+1}[j], \qquad
+        \delta T_k[j] = \delta T_{k+1}[j]\, G_k[x_{j,k}]^\top
+
+    ``optimizer=he.SGD(lr)`` applies :math:`G \leftarrow G - \mathrm{lr}\, g`;
+    ``he.Adagrad(lr, eps)`` keeps one accumulator per core element (and per
+    cache element), :math:`s \leftarrow s + g^2`,
+    :math:`G \leftarrow G - \mathrm{lr}\, g / (\sqrt s + \epsilon)`, where
+    :math:`g` is that element's whole gradient for the batch (the dense core
+    gradient above, so untouched slices keep their values and state). Each
+    slice is updated once its own gradient is complete, before any core it
+    depends on: the result equals the dense gradient followed by the update.
+
+    Parameters
+    ----------
+    grad_output : ndarray, shape (B, D)
+    indices, cores, offsets, mode, per_sample_weights, include_last_offset, num_embeddings, cache
+        As given to :func:`tt_embedding_bag`. With an optimizer the cores (and
+        the cache) are updated in place and must be C-contiguous and writeable.
+    saved : TTSaved, optional
+        From ``tt_embedding_bag(..., return_saved=True)`` on the same inputs:
+        skips recomputing the forward products.
+    optimizer : hashemb.SGD or hashemb.Adagrad, optional
+
+    Returns
+    -------
+    list of ndarray (one per core, the cores' shapes), plus the cache's
+    ``(capacity, D)`` gradient as a last entry when ``cache`` is given; None
+    when an optimizer updated them.
+    {det}
+
+    Examples
+    --------
+    >>> import numpy as np, hashemb as he
+    >>> cores = he.tt_init(1000, [10, 10, 10], [4, 2, 2], [8, 8])
+    >>> g = he.tt_embedding_bag_backward(np.ones((1, 16), np.float32), np.array([[3, 5]]),
+    ...                                  cores)
+    >>> [x.shape for x in g]
+    [(10, 1, 4, 8), (10, 8, 2, 8), (10, 8, 2, 1)]
+    >>> he.tt_embedding_bag_backward(np.ones((1, 16), np.float32), np.array([[3, 5]]),
+    ...                              cores, optimizer=he.SGD(0.1)) is None
+    True
+    """
+    res = tt_embedding_bags_backward(grad_output, indices, [cores], offsets, mode=mode,
+                                     per_sample_weights=per_sample_weights,
+                                     include_last_offset=include_last_offset,
+                                     num_embeddings=num_embeddings,
+                                     cache=None if cache is None else [cache], saved=saved,
+                                     optimizer=optimizer, _single=True)
+    return None if res is None else res[0]
+
+
+def tt_embedding_bags(indices, tables, offsets=None, *, mode="sum", per_sample_weights=None,
+                      include_last_offset=True, num_embeddings=None, cache=None,
+                      return_saved=False, _single=False):
+    r"""Several TT tables in one call (table-batched, FBGEMM's layout):
+    ``out[:, cols_t] = tt_embedding_bag(bags of table t, tables[t])``.
+
+    Indices are flat with ``offsets`` of length ``T*B + 1``, feature-major
+    (bag b of table t is ``offsets[t*B+b] : offsets[t*B+b+1]``), or 2-D
+    ``(B, T)`` with one index per table per sample. Tables may differ in
+    shapes, ranks and widths; the output concatenates their columns.
+
+    Parameters
+    ----------
+    indices, offsets, mode, per_sample_weights
+        As above.
+    tables : list of list of ndarray
+        One core list per table.
+    num_embeddings : list of int, optional
+        Rows of each table (default ``prod p`` of each).
+    cache : list of (TTCache or None), optional
+    return_saved : bool
+
+    Returns
+    -------
+    ndarray of shape (B, sum of the tables' D), or ``(out, saved)``
+    {det}
+
+    Examples
+    --------
+    >>> import numpy as np, hashemb as he
+    >>> t0 = he.tt_init(100, [10, 10], [4, 4], [8])
+    >>> t1 = he.tt_init(1000, [10, 10, 10], [2, 2, 2], [4, 4])
+    >>> he.tt_embedding_bags(np.array([[1, 2], [3, 4], [5, 6]]), [t0, t1]).shape
+    (3, 24)
+    """
+    name = "cores" if _single else "tables"
+    shapes = [_as_cores(tables[0], "cores")] if _single else _tables(tables, name)
+    T = len(shapes)
+    sizes = _sizes(num_embeddings, shapes)
+    caches = _caches(cache, T, shapes)
+    b = _prepare(indices, offsets, per_sample_weights, shapes, sizes, mode,
+                 T, include_last_offset if T == 1 else True)
+    out = np.empty((b.B, sum(s.D for _, s in shapes)), shapes[0][1].dtype)
+    parts = _forward(b, shapes, caches, out, save=return_saved)
+    if return_saved:
+        return out, TTSaved(parts, b.B, b.idx.shape[0])
+    return out
+
+
+def tt_embedding_bags_backward(grad_output, indices, tables, offsets=None, *, mode="sum",
+                               per_sample_weights=None, include_last_offset=True,
+                               num_embeddings=None, cache=None, saved=None, optimizer=None,
+                               _single=False):
+    r"""Backward of :func:`tt_embedding_bags`: per table, what
+    :func:`tt_embedding_bag_backward` returns (a list of lists), or None after
+    a fused update of every table.
+
+    Examples
+    --------
+    >>> import numpy as np, hashemb as he
+    >>> t0 = he.tt_init(100, [10, 10], [4, 4], [8])
+    >>> t1 = he.tt_init(1000, [10, 10, 10], [2, 2, 2], [4, 4])
+    >>> g = he.tt_embedding_bags_backward(np.ones((3, 24), np.float32),
+    ...                                   np.array([[1, 2], [3, 4], [5, 6]]), [t0, t1])
+    >>> [len(x) for x in g]
+    [2, 3]
+    """
+    optimizer = check_optimizer(optimizer)
+    if _single:
+        shapes = [_as_cores(tables[0], "cores", writable=optimizer is not None)]
+    else:
+        shapes = _tables(tables)
+        if optimizer is not None:
+            shapes = [_as_cores(c, f"tables[{t}]", writable=True) for t, c in enumerate(tables)]
+    T = len(shapes)
+    sizes = _sizes(num_embeddings, shapes)
+    caches = _caches(cache, T, shapes)
+    b = _prepare(indices, offsets, per_sample_weights, shapes, sizes, mode,
+                 T, include_last_offset if T == 1 else True)
+    D = sum(s.D for _, s in shapes)
+    g = V.as_grad(grad_output, (b.B, D), shapes[0][1].dtype)
+    if saved is not None:
+        if not isinstance(saved, TTSaved):
+            raise TypeError(f"saved: expected a TTSaved from return_saved=True, got {V._desc(saved)}")
+        if saved.B != b.B or saved.nnz != b.idx.shape[0] or len(saved.parts) != T:
+            raise ValueError(f"saved: expected the forward of these inputs ({b.B} bags, "
+                             f"{b.idx.shape[0]} indices, {T} tables), got one of {saved.B} "
+                             f"bags, {saved.nnz} indices, {len(saved.parts)} tables")
+        parts = saved.parts
+    else:
+        scratch = np.empty((b.B, D), shapes[0][1].dtype)
+        parts = _forward(b, shapes, caches, scratch, save=True)
+    res = _backward(b, g, shapes, caches, parts, optimizer)
+    if optimizer is not None:
+        return None
+    out = []
+    for (grads, dcache), cache in zip(res, caches):
+        out.append(grads + ([dcache] if cache is not None else []))
+    return out
+
+
+tt_embedding_bag.__doc__ = tt_embedding_bag.__doc__.replace("{det}", _DET)
+tt_embedding_bag_backward.__doc__ = tt_embedding_bag_backward.__doc__.replace("{det}", _DET)
+tt_embedding_bags.__doc__ = tt_embedding_bags.__doc__.replace("{det}", _DET)

@@ -1,0 +1,478 @@
+"""TT-Rec tables: forward/backward against torch on the reconstructed table and
+an independent pure-torch chain product, fused SGD/Adagrad against their rules,
+shapes, initial moments, the LFU cache, the torch module and error paths."""
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import hashemb as he
+
+torch = pytest.importorskip("torch")
+import torch.nn.functional as F  # noqa: E402
+from hashemb.torch import TTEmbeddingBag, TTEmbeddingBagCollection
+
+
+# ------------------------------------------------------------ independent oracle
+
+def torch_chain_rows(cores, rows):
+    """Rows of a TT table by explicit per-row chain products (no reshaping tricks
+    shared with hashemb): W[x] = G0[x0] @ G1[x1] @ ... flattened q0-major."""
+    p = [c.shape[0] for c in cores]
+    out = []
+    for x in rows.tolist():
+        dig = []
+        for pk in reversed(p):
+            dig.append(x % pk)
+            x //= pk
+        dig = dig[::-1]
+        # M has shape (prod q so far, R): rows enumerate output digits q0-major
+        M = cores[0][dig[0]].reshape(cores[0].shape[2], cores[0].shape[3])
+        for k in range(1, len(cores)):
+            G = cores[k][dig[k]]                      # (R_k, q_k, R_k+1)
+            M = torch.einsum("ar,rcs->acs", M, G).reshape(-1, G.shape[2])
+        out.append(M.reshape(-1))
+    return torch.stack(out)
+
+
+def full_torch(cores, n):
+    return torch_chain_rows(cores, torch.arange(n))
+
+
+@st.composite
+def tt_case(draw):
+    d = draw(st.integers(2, 4))
+    p = [draw(st.integers(1, 5)) for _ in range(d)]
+    q = [draw(st.integers(1, 4)) for _ in range(d)]
+    ranks = [draw(st.integers(1, 9)) for _ in range(d - 1)]
+    N = int(np.prod(p))
+    n = draw(st.integers(1, N))
+    B = draw(st.integers(0, 6))
+    lens = [draw(st.integers(0, 5)) for _ in range(B)]
+    nnz = sum(lens)
+    idx = draw(st.lists(st.integers(0, n - 1), min_size=nnz, max_size=nnz))
+    mode = draw(st.sampled_from(["sum", "mean"]))
+    weighted = mode == "sum" and draw(st.booleans())
+    last = draw(st.booleans())
+    itype = draw(st.sampled_from([np.int32, np.int64]))
+    seed = draw(st.integers(0, 2**31))
+    return d, p, q, ranks, n, lens, np.array(idx, itype), mode, weighted, last, seed
+
+
+def _offsets(lens, last):
+    off = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    return off if last else off[:-1]
+
+
+@settings(max_examples=40, deadline=None)
+@given(tt_case())
+def test_forward_backward_match_torch(case):
+    d, p, q, ranks, n, lens, idx, mode, weighted, last, seed = case
+    rng = np.random.default_rng(seed)
+    cores = he.tt_init(int(np.prod(p)), p, q, ranks, seed=seed % 1000, dtype=np.float64)
+    off = _offsets(lens, last)
+    psw = rng.standard_normal(idx.shape[0]) if weighted else None
+    out = he.tt_embedding_bag(idx, cores, off, mode=mode, per_sample_weights=psw,
+                              include_last_offset=last, num_embeddings=n)
+    # 1. forward against F.embedding_bag on tt_to_full
+    W = torch.tensor(he.tt_to_full(cores, n), requires_grad=True)
+    ref = F.embedding_bag(torch.from_numpy(idx.astype(np.int64)), W,
+                          torch.from_numpy(off), mode=mode,
+                          per_sample_weights=None if psw is None else torch.from_numpy(psw),
+                          include_last_offset=last)
+    np.testing.assert_allclose(out, ref.detach().numpy(), rtol=1e-10, atol=1e-12)
+    # 2. backward to the cores against autograd through the independent chain
+    G = rng.standard_normal(out.shape)
+    grads = he.tt_embedding_bag_backward(G, idx, cores, off, mode=mode, per_sample_weights=psw,
+                                         include_last_offset=last, num_embeddings=n)
+    tc = [torch.tensor(c, requires_grad=True) for c in cores]
+    Wt = full_torch(tc, n)
+    np.testing.assert_allclose(Wt.detach().numpy(), W.detach().numpy(), rtol=1e-12, atol=1e-14)
+    r2 = F.embedding_bag(torch.from_numpy(idx.astype(np.int64)), Wt, torch.from_numpy(off),
+                         mode=mode,
+                         per_sample_weights=None if psw is None else torch.from_numpy(psw),
+                         include_last_offset=last)
+    (r2 * torch.from_numpy(G)).sum().backward()
+    for g, c in zip(grads, tc):
+        assert g.shape == c.shape
+        np.testing.assert_allclose(g, c.grad.numpy(), rtol=1e-9, atol=1e-12)
+    # 3. with the forward's saved products: the same gradients
+    out2, saved = he.tt_embedding_bag(idx, cores, off, mode=mode, per_sample_weights=psw,
+                                      include_last_offset=last, num_embeddings=n,
+                                      return_saved=True)
+    np.testing.assert_array_equal(out2, out)
+    grads2 = he.tt_embedding_bag_backward(G, idx, cores, off, mode=mode, per_sample_weights=psw,
+                                          include_last_offset=last, num_embeddings=n,
+                                          saved=saved)
+    for a, b in zip(grads, grads2):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_float32_large_ranks_2d_input():
+    """The vectorised tiles (ranks >= 8, q = 4) in float32, 2-D input, duplicates."""
+    p, q, r = [20, 22, 25], [4, 4, 4], [32, 32]
+    cores = he.tt_init(11000, p, q, r, seed=3)
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, 11000, (64, 20))
+    idx[:, 0] = 7                                          # a hot row
+    out = he.tt_embedding_bag(idx, cores)
+    W = he.tt_to_full(cores)
+    ref = W[idx].sum(1)
+    np.testing.assert_allclose(out, ref, rtol=2e-5, atol=1e-6 * np.abs(ref).max())
+    G = rng.standard_normal(out.shape).astype(np.float32)
+    grads = he.tt_embedding_bag_backward(G, idx, cores)
+    tc = [torch.tensor(c.astype(np.float64), requires_grad=True) for c in cores]
+    rows = torch_chain_rows(tc, torch.from_numpy(np.unique(idx)))
+    inv = torch.from_numpy(np.searchsorted(np.unique(idx), idx))
+    (rows[inv].sum(1) * torch.from_numpy(G.astype(np.float64))).sum().backward()
+    for g, c in zip(grads, tc):
+        ref_g = c.grad.numpy()
+        np.testing.assert_allclose(g, ref_g, rtol=1e-3, atol=1e-4 * np.abs(ref_g).max())
+
+
+def test_adjoint():
+    """<forward(cores) linearised, g> is bilinear: backward is its adjoint in each core."""
+    rng = np.random.default_rng(1)
+    cores = he.tt_init(60, [3, 4, 5], [2, 3, 2], [3, 4], dtype=np.float64)
+    idx = rng.integers(0, 60, 30)
+    off = np.array([0, 10, 10, 30])
+    G = rng.standard_normal((3, 12))
+    grads = he.tt_embedding_bag_backward(G, idx, cores, off)
+    for k in range(3):        # out is linear in core k: <out, G> = <core k, grad k>
+        val = (he.tt_embedding_bag(idx, cores, off) * G).sum()
+        assert math.isclose(val, float((cores[k] * grads[k]).sum()), rel_tol=1e-10)
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adagrad"])
+def test_fused_optimizers_follow_the_rules(opt):
+    rng = np.random.default_rng(2)
+    cores = he.tt_init(200, [5, 8, 5], [2, 2, 4], [6, 5], dtype=np.float64)
+    idx = rng.integers(0, 100, 40)          # slices 3, 4 of core 0 are never touched
+    off = np.arange(0, 41, 4)
+    lr, eps = 0.05, 1e-8
+    ref = [c.copy() for c in cores]
+    optim = he.SGD(lr) if opt == "sgd" else he.Adagrad(lr, eps)
+    state = [np.zeros_like(c) for c in cores]
+    for step in range(3):
+        G = rng.standard_normal((10, 16))
+        g = he.tt_embedding_bag_backward(G, idx, ref, off)     # dense gradient first
+        for k in range(3):
+            if opt == "sgd":
+                ref[k] -= lr * g[k]
+            else:
+                state[k] += g[k] ** 2
+                ref[k] -= lr * g[k] / (np.sqrt(state[k]) + eps)
+        assert he.tt_embedding_bag_backward(G, idx, cores, off, optimizer=optim) is None
+        for k in range(3):
+            np.testing.assert_allclose(cores[k], ref[k], rtol=1e-12, atol=1e-14)
+    if opt == "adagrad":       # the state: one accumulator per core element
+        for k in range(3):
+            np.testing.assert_allclose(optim.state_for(cores[k])[0].reshape(cores[k].shape),
+                                       state[k], rtol=1e-12)
+        assert (state[0][3:] == 0).all() and (optim.state_for(cores[0])[0] != 0).any()
+
+
+def test_fused_with_saved_equals_recompute():
+    rng = np.random.default_rng(3)
+    a = he.tt_init(1000, [10, 10, 10], [4, 2, 2], [8, 8])
+    b = [c.copy() for c in a]
+    idx = rng.integers(0, 1000, (16, 5))
+    G = rng.standard_normal((16, 16)).astype(np.float32)
+    _, saved = he.tt_embedding_bag(idx, a, return_saved=True)
+    he.tt_embedding_bag_backward(G, idx, a, saved=saved, optimizer=he.Adagrad(0.1))
+    he.tt_embedding_bag_backward(G, idx, b, optimizer=he.Adagrad(0.1))
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_table_batched_matches_single_tables():
+    rng = np.random.default_rng(4)
+    tables = [he.tt_init(100, [10, 10], [4, 4], [5], seed=1),
+              he.tt_init(60, [3, 4, 5], [2, 1, 3], [2, 7], seed=2),
+              he.tt_init(24, [2, 3, 2, 2], [1, 2, 2, 1], [2, 3, 2], seed=3)]
+    sizes = [100, 55, 24]
+    B = 7
+    lens = rng.integers(0, 4, 3 * B)
+    off = np.concatenate([[0], np.cumsum(lens)])
+    idx = np.concatenate([rng.integers(0, sizes[t], lens[t * B:(t + 1) * B].sum())
+                          for t in range(3)])
+    out = he.tt_embedding_bags(idx, tables, off, num_embeddings=sizes)
+    G = rng.standard_normal(out.shape).astype(np.float32)
+    grads = he.tt_embedding_bags_backward(G, idx, tables, off, num_embeddings=sizes)
+    col = 0
+    for t, cores in enumerate(tables):
+        o = off[t * B:(t + 1) * B + 1]
+        seg, o = idx[o[0]:o[-1]], o - o[0]
+        D = int(np.prod([c.shape[2] for c in cores]))
+        np.testing.assert_allclose(out[:, col:col + D], he.tt_embedding_bag(seg, cores, o),
+                                   rtol=1e-6, atol=1e-7)
+        g1 = he.tt_embedding_bag_backward(G[:, col:col + D], seg, cores, o)
+        for a, b in zip(grads[t], g1):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+        col += D
+    x = rng.integers(0, 24, (5, 3))                         # 2-D (B, T)
+    np.testing.assert_allclose(
+        he.tt_embedding_bags(x, tables),
+        np.concatenate([he.tt_to_full(c)[x[:, t]] for t, c in enumerate(tables)], 1),
+        rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------ shapes and init
+
+@pytest.mark.parametrize("n", [1, 7, 1000, 1_000_000, 1_000_003, 11_000_000, 33_762_577, 2**31 - 1])
+@pytest.mark.parametrize("d", [2, 3, 4])
+def test_tt_shapes_properties(n, d):
+    D = 64
+    p, q = he.tt_shapes(n, D, d)
+    assert len(p) == len(q) == d
+    assert int(np.prod(q)) == D
+    assert n <= int(np.prod(p)) <= max(n * 1.1, n)
+    assert p == sorted(p, reverse=True)
+    # balance: no factorisation of prod(p) (nor of n itself) is more balanced
+    m = int(np.prod(p))
+    ent = he.tt._entropy(p)
+    for f in he.tt._factorisations(m, d) + he.tt._factorisations(n, d):
+        assert he.tt._entropy(f) <= ent + 1e-12
+
+
+def test_tt_shapes_examples():
+    assert he.tt_shapes(11_000_000, 64) == ([250, 220, 200], [4, 4, 4])
+    assert he.tt_shapes(1_000_000, 64) == ([100, 100, 100], [4, 4, 4])
+    p, _ = he.tt_shapes(1_000_003, 16)          # a prime: rounded up, balanced
+    assert max(p) / min(p) < 1.1
+    assert he.tt_shapes(1_000_003, 16, round_up=False)[0] == [1_000_003, 1, 1]
+
+
+def _entry_moments(kind, n, shapes, D):
+    """Exact mean and variance of one full-table entry under tt_init's documented
+    core law (i.i.d. entries with mean m1 and second moment m2), by a transfer
+    matrix over pairs of rank paths."""
+    d = len(shapes)
+    P = float(np.prod([s[3] for s in shapes[:-1]]))
+    if kind == "approx-normal":
+        s2 = (3.0 * n * P) ** (-1.0 / d)
+        m1, m2 = 0.0, s2
+    elif kind == "approx-uniform":
+        b = math.sqrt(3.0) * (3.0 * n * P) ** (-1.0 / (2 * d))
+        m1, m2 = 0.0, b * b / 3
+    elif kind == "normal":
+        sig = 1.0 / (math.sqrt(n) * shapes[0][3])
+        m1, m2 = 0.0, sig * sig
+    else:
+        c = (2.0 / (n + D)) ** (1.0 / (2 * d)) * P ** (-1.0 / (2 * d))
+        m1, m2 = c / 2, c * c / 3
+    mean = P * m1 ** d
+    v = np.ones(1)                                   # over pairs (r, r') of rank 0
+    for (_, Ra, _, Rb) in shapes:
+        M = np.full((Ra * Ra, Rb * Rb), m1 * m1)
+        for r in range(Ra):
+            for s in range(Rb):
+                M[r * Ra + r, s * Rb + s] = m2
+        v = v @ M
+    return mean, float(v.sum()) - mean ** 2
+
+
+@pytest.mark.parametrize("kind", he.tt.WEIGHT_DISTS)
+def test_weight_dist_moments(kind):
+    """Mean and variance of the full table's entries over seeds against the exact
+    moments; the tolerance is 4 standard errors of the across-seed spread."""
+    n, p, q, r = 400, [5, 8, 10], [2, 2, 2], [3, 4]
+    shapes = he.tt_core_shapes(p, q, r)
+    mean, var = _entry_moments(kind, n, shapes, 8)
+    ms, vs = [], []
+    for seed in range(60):
+        W = he.tt_to_full(he.tt_init(n, p, q, r, kind, seed=seed, dtype=np.float64), n)
+        ms.append(W.mean())
+        vs.append(((W - mean) ** 2).mean())
+    ms, vs = np.array(ms), np.array(vs)
+    assert abs(ms.mean() - mean) <= 4 * ms.std(ddof=1) / math.sqrt(len(ms)) + 1e-15
+    assert abs(vs.mean() - var) <= 4 * vs.std(ddof=1) / math.sqrt(len(vs))
+    if kind.startswith("approx"):
+        assert math.isclose(var, 1 / (3 * n), rel_tol=1e-12)
+
+
+# ------------------------------------------------------------ cache
+
+def test_cache_same_forward_then_trains_cached_rows():
+    rng = np.random.default_rng(5)
+    cores = he.tt_init(1000, [10, 10, 10], [4, 2, 2], [8, 8], dtype=np.float64)
+    idx = np.concatenate([np.full(50, 3), np.full(30, 7), rng.integers(0, 1000, 40)])
+    rng.shuffle(idx)
+    off = np.arange(0, 121, 6)
+    cache = he.TTCache(2, 16, dtype=np.float64)
+    cache.count(idx)
+    cache.populate(cores)
+    assert list(cache.rows) == [3, 7]
+    plain = he.tt_embedding_bag(idx, cores, off)
+    cached = he.tt_embedding_bag(idx, cores, off, cache=cache)
+    np.testing.assert_allclose(cached, plain, rtol=1e-13, atol=1e-15)
+    G = rng.standard_normal(plain.shape)
+    g_plain = he.tt_embedding_bag_backward(G, idx, cores, off)
+    g = he.tt_embedding_bag_backward(G, idx, cores, off, cache=cache)
+    # cached rows' gradient goes to the cache: the row gradient of W[3], W[7]
+    Wt = torch.tensor(he.tt_to_full(cores), requires_grad=True)
+    (F.embedding_bag(torch.from_numpy(idx), Wt, torch.from_numpy(off), mode="sum",
+                     include_last_offset=True)
+     * torch.from_numpy(G)).sum().backward()
+    np.testing.assert_allclose(g[-1][:2], Wt.grad.numpy()[[3, 7]], rtol=1e-12)
+    # and the cores get the gradient of the other rows only
+    keep = ~np.isin(idx, [3, 7])
+    w = np.where(keep, 1.0, 0.0)
+    g_rest = he.tt_embedding_bag_backward(G, idx, cores, off, per_sample_weights=w)
+    for a, b in zip(g[:3], g_rest):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+    assert not np.allclose(g[0], g_plain[0])
+    # fused SGD trains the cached copy directly
+    before = cache.weight.copy()
+    he.tt_embedding_bag_backward(G, idx, cores, off, cache=cache, optimizer=he.SGD(0.1))
+    np.testing.assert_allclose(cache.weight[:2], before[:2] - 0.1 * g[-1][:2], rtol=1e-12)
+    # eviction: a row leaving the cache reverts to its (untrained) TT value
+    cache.count(np.full(500, 11))
+    cache.count(np.full(400, 12))
+    cache.populate(cores)
+    assert list(cache.rows) == [11, 12]
+    np.testing.assert_allclose(he.tt_embedding_bag(np.array([3]), cores, np.array([0, 1]),
+                                                   cache=cache)[0],
+                               he.tt_to_full(cores)[3], rtol=1e-13)
+
+
+def test_module_cache_on_off_same_forward():
+    torch.manual_seed(0)
+    x = torch.randint(0, 500, (64, 4))
+    x[:, 0] = 9
+    a = TTEmbeddingBag(500, 8, [4, 4], use_cache=True, cache_size=16, seed=1)
+    b = TTEmbeddingBag(500, 8, [4, 4], seed=1)
+    a.train()
+    a(x)                                   # counts frequencies
+    a.cache_populate()
+    assert 9 in a._cache_objs[0].rows
+    torch.testing.assert_close(a(x), b(x))
+
+
+# ------------------------------------------------------------ torch module
+
+def test_module_matches_embedding_bag_and_conventions():
+    torch.manual_seed(0)
+    emb = TTEmbeddingBag(300, 12, [5, 6], dtype=torch.float64, mode="mean")
+    W = emb.full_weight()
+    idx = torch.randint(0, 300, (20,))
+    off = torch.tensor([0, 3, 3, 11, 20])
+    ref = F.embedding_bag(idx, W, off, mode="mean", include_last_offset=True)
+    torch.testing.assert_close(emb(idx, off), ref)
+    emb2 = TTEmbeddingBag(300, 12, [5, 6], dtype=torch.float64, include_last_offset=False)
+    torch.testing.assert_close(emb2(idx, off[:-1]), F.embedding_bag(idx, W, off[:-1], mode="sum"))
+    x2 = idx.reshape(4, 5)
+    torch.testing.assert_close(emb2(x2), F.embedding_bag(x2, W, mode="sum"))
+
+
+def test_gradcheck_module_float64():
+    torch.manual_seed(0)
+    emb = TTEmbeddingBag(40, 6, [3, 2], tt_p_shapes=[2, 4, 5], tt_q_shapes=[3, 1, 2],
+                         dtype=torch.float64)
+    idx = torch.tensor([1, 5, 5, 39, 0, 17])
+    off = torch.tensor([0, 2, 2, 6])
+    psw = torch.rand(6, dtype=torch.float64, requires_grad=True)
+
+    def f(psw, *cores):
+        return emb(idx, off, psw)
+    assert torch.autograd.gradcheck(f, (psw, *emb.tt_cores))
+
+
+def test_module_sparse_fused_sgd_and_adagrad():
+    torch.manual_seed(0)
+    idx = torch.randint(0, 1000, (32, 3))
+    for opt in ("sgd", "adagrad"):
+        dense = TTEmbeddingBag(1000, 8, [4, 4], dtype=torch.float64, seed=2)
+        fused = TTEmbeddingBag(1000, 8, [4, 4], dtype=torch.float64, seed=2, sparse=True,
+                               optimizer=opt, learning_rate=0.05)
+        topt = (torch.optim.SGD if opt == "sgd" else
+                lambda p, lr: torch.optim.Adagrad(p, lr=lr, eps=1e-10,
+                                                  initial_accumulator_value=0.0))(
+            dense.parameters(), lr=0.05)
+        for _ in range(3):
+            G = torch.randn(32, 8, dtype=torch.float64)
+            topt.zero_grad()
+            (dense(idx) * G).sum().backward()
+            topt.step()
+            (fused(idx) * G).sum().backward()
+            assert all(p.grad is None for p in fused.tt_cores)
+        for a, b in zip(dense.tt_cores, fused.tt_cores):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert he.torch.dense_parameters(fused) == []
+
+
+def test_collection_and_ranks_for_compression():
+    from hashemb.torch.tt import tt_ranks_for_compression
+    sizes = [5000, 20000, 3]
+    r = tt_ranks_for_compression(sizes, 16, 20)
+    emb = TTEmbeddingBagCollection(sizes, 16, r)
+    assert sum(p.numel() for p in emb.parameters()) <= sum(sizes) * 16 / 20
+    x = torch.stack([torch.randint(0, n, (10,)) for n in sizes], 1)
+    out = emb(x)
+    ref = torch.cat([W[x[:, t]] for t, W in enumerate(emb.full_weights())], 1)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------ errors
+
+def test_errors():
+    cores = he.tt_init(100, [10, 10], [4, 4], [5])
+    idx, off = np.array([1, 2]), np.array([0, 2])
+    with pytest.raises(IndexError, match="indices"):
+        he.tt_embedding_bag(np.array([100]), cores, np.array([0, 1]))
+    with pytest.raises(IndexError, match="indices"):
+        he.tt_embedding_bag(np.array([50]), cores, np.array([0, 1]), num_embeddings=50)
+    with pytest.raises(IndexError):
+        he.tt_embedding_bag(np.array([-1]), cores, np.array([0, 1]))
+    with pytest.raises(TypeError, match="indices"):
+        he.tt_embedding_bag(np.array([1.5]), cores, np.array([0, 1]))
+    with pytest.raises(TypeError, match="cores"):
+        he.tt_embedding_bag(idx, cores[0], off)
+    with pytest.raises(ValueError, match="cores"):
+        he.tt_embedding_bag(idx, cores[:1], off)
+    with pytest.raises(ValueError, match=r"cores\[1\]"):
+        he.tt_embedding_bag(idx, [cores[0], cores[1][:, :3]], off)
+    with pytest.raises(TypeError, match=r"cores\[1\]"):
+        he.tt_embedding_bag(idx, [cores[0], cores[1].astype(np.float64)], off)
+    with pytest.raises(ValueError, match="mode"):
+        he.tt_embedding_bag(idx, cores, off, mode="max")
+    with pytest.raises(ValueError, match="offsets"):
+        he.tt_embedding_bag(idx, cores, np.array([0, 3]))
+    with pytest.raises(ValueError, match="offsets"):
+        he.tt_embedding_bag(idx, cores, np.array([1, 2]))
+    with pytest.raises(ValueError, match="per_sample_weights"):
+        he.tt_embedding_bag(idx, cores, off, per_sample_weights=np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="per_sample_weights"):
+        he.tt_embedding_bag(idx, cores, off, mode="mean", per_sample_weights=np.ones(2))
+    with pytest.raises(ValueError, match="grad_output"):
+        he.tt_embedding_bag_backward(np.ones((2, 16), np.float32), idx, cores, off)
+    with pytest.raises(TypeError, match="optimizer"):
+        he.tt_embedding_bag_backward(np.ones((1, 16), np.float32), idx, cores, off,
+                                     optimizer="sgd")
+    ro = [c.copy() for c in cores]
+    ro[0].flags.writeable = False
+    with pytest.raises(ValueError, match=r"cores\[0\]"):
+        he.tt_embedding_bag_backward(np.ones((1, 16), np.float32), idx, ro, off,
+                                     optimizer=he.SGD(0.1))
+    _, saved = he.tt_embedding_bag(idx, cores, off, return_saved=True)
+    with pytest.raises(ValueError, match="saved"):
+        he.tt_embedding_bag_backward(np.ones((1, 16), np.float32), np.array([1, 2, 3]), cores,
+                                     np.array([0, 3]), saved=saved)
+    with pytest.raises(ValueError, match="weight_dist"):
+        he.tt_init(100, [10, 10], [4, 4], [5], "xavier")
+    with pytest.raises(ValueError, match="p"):
+        he.tt_init(101, [10, 10], [4, 4], [5])
+    with pytest.raises(ValueError, match="tt_ranks"):
+        he.tt_init(100, [10, 10], [4, 4], [5, 5])
+    with pytest.raises(ValueError, match="num_cores"):
+        he.tt_shapes(100, 16, 5)
+    with pytest.raises(ValueError, match="tt_q_shapes"):
+        TTEmbeddingBag(100, 16, [4, 4], tt_q_shapes=[2, 2, 2])
+    emb = TTEmbeddingBag(100, 16, [4, 4])
+    with pytest.raises(TypeError, match="input"):
+        emb(torch.tensor([1.0]), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="offsets"):
+        emb(torch.tensor([1, 2]))
+    with pytest.raises(IndexError):
+        emb(torch.tensor([[100]]))
