@@ -6,6 +6,7 @@ from .lookup import (embedding, embedding_backward, multi_embedding,
 from .hashing import UniversalHash
 from .optim import SGD, Adagrad
 from .schemes import FullTable, HashedNet, RobeZ, Scheme
+from .lsh import LMA, LSHTable
 from . import theory
 from .tt import (TTCache, TTSaved, tt_core_shapes, tt_embedding_bag, tt_embedding_bag_backward,
                  tt_embedding_bags, tt_embedding_bags_backward, tt_init, tt_shapes, tt_to_full)
@@ -13,7 +14,7 @@ from .tt import (TTCache, TTSaved, tt_core_shapes, tt_embedding_bag, tt_embeddin
 __version__ = "0.1.0"
 
 __all__ = [
-    "UniversalHash", "Scheme", "RobeZ", "HashedNet", "FullTable",
+    "UniversalHash", "Scheme", "RobeZ", "HashedNet", "FullTable", "LSHTable", "LMA",
     "embedding_bag", "embedding_bag_backward", "embedding_bags", "embedding_bags_backward",
     "SGD", "Adagrad", "show_config", "theory",
     "embedding", "embedding_backward", "multi_embedding", "multi_embedding_backward", "unpack",

@@ -37,6 +37,7 @@ class Scheme:
     _rows = 1
     _ref_p = 0
     _nonneg = False      # tokens must be >= 0 (reference maps)
+    _lsh = None          # SCMA / LMA arrays (hashemb.lsh)
     num_tables = None
     table_sizes = None
 
@@ -140,7 +141,8 @@ class Scheme:
             raise TypeError(f"config: expected a dict made by Scheme.config(), got {config!r}")
         cfg = dict(config)
         kind = cfg.pop("type")
-        makers = {"RobeZ": RobeZ, "RobeZ.reference": RobeZ.reference,
+        from .lsh import LMA, LSHTable
+        makers = {"LSHTable": LSHTable, "LMA": LMA,"RobeZ": RobeZ, "RobeZ.reference": RobeZ.reference,
                   "HashedNet": HashedNet, "HashedNet.reference": HashedNet.reference,
                   "FullTable": FullTable}
         if kind not in makers:

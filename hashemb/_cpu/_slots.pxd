@@ -1,11 +1,11 @@
 # Declarations of hashemb/_include/hashemb/slots.h, the one source of the hash
 # and slot math, and the bridge from a Python scheme object to its C struct.
-from libc.stdint cimport int32_t, int64_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 
 cdef extern from "hashemb/slots.h" nogil:
     uint64_t HE_P
     int HE_NCOEF
-    int HE_FULL, HE_ROBE, HE_ROBE_WIDE, HE_ROBE_REF, HE_HNET_REF
+    int HE_FULL, HE_ROBE, HE_ROBE_WIDE, HE_ROBE_REF, HE_HNET_REF, HE_LSH_TABLE, HE_LMA
 
     ctypedef struct he_scheme:
         int32_t kind
@@ -25,6 +25,15 @@ cdef extern from "hashemb/slots.h" nogil:
         const uint64_t* sign_coef
         const int64_t* table_base
         int64_t num_tables
+        const uint64_t* lsh_keys
+        uint64_t lsh_mask
+        uint64_t lsh_salt
+        const uint32_t* lsh_data
+        int64_t lsh_width
+        int64_t lsh_nh
+        const int32_t* lsh_pick
+        const uint64_t* lsh_mh
+        const uint64_t* lsh_mix
 
     ctypedef struct he_row:
         uint64_t base
@@ -42,6 +51,12 @@ cdef extern from "hashemb/slots.h" nogil:
     uint64_t he_hash_base(const uint64_t* c, uint64_t e, uint64_t u)
     uint64_t he_addmod(uint64_t a, uint64_t b)
     uint64_t he_run_slot(const he_scheme* s, uint64_t start, int64_t j)
+    uint64_t he_mix64(uint64_t x)
+    uint64_t he_lsh_row_key(uint64_t salt, uint64_t r)
+    uint32_t he_lsh_hash(const uint64_t* mh, int64_t f, uint64_t key)
+    uint64_t he_lsh_probe(uint64_t salt, int64_t field, uint64_t token)
+    int64_t he_lsh_find(const he_scheme* s, int64_t field, uint64_t token)
+    uint64_t he_lsh_slot(const he_scheme* s, const uint32_t* sig, uint64_t key, int64_t k)
 
 cdef extern from "_openmp.h" nogil:
     int he_max_threads()
@@ -56,3 +71,4 @@ cdef class SchemeView:
     """The C struct of a scheme, holding references to the arrays it points into."""
     cdef he_scheme s
     cdef object _keep
+    cdef object _pointers

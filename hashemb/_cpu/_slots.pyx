@@ -1,7 +1,15 @@
 # cython: language_level=3
 """The scheme struct bridge, slot/sign evaluation and the vectorised universal hash."""
-from cython.parallel cimport prange
-from libc.stdint cimport int32_t, int64_t, uint64_t
+from cython.parallel cimport parallel, prange
+from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
+
+import numpy as np
+
+_EMPTY_U64 = np.zeros(2, np.uint64)
+_EMPTY_U32 = np.zeros(1, np.uint32)
+_EMPTY_I32 = np.zeros(1, np.int32)
 
 
 cdef class SchemeView:
@@ -30,6 +38,47 @@ cdef class SchemeView:
         self.s.sign_coef = &sign_coef[0]
         self.s.table_base = &table_base[0]
         self.s.num_tables = table_base.shape[0] if scheme._sized else 0
+        lsh = scheme._lsh or {}
+        cdef const uint64_t[::1] keys = lsh.get("keys", _EMPTY_U64)
+        cdef const uint32_t[::1] data = lsh.get("data", _EMPTY_U32)
+        cdef const int32_t[::1] pick = lsh.get("pick", _EMPTY_I32)
+        cdef const uint64_t[::1] mh = lsh.get("mh", _EMPTY_U64)
+        cdef const uint64_t[::1] mix = lsh.get("mix", _EMPTY_U64)
+        self.s.lsh_keys = &keys[0]
+        self.s.lsh_mask = keys.shape[0] // 2 - 1
+        self.s.lsh_salt = lsh.get("salt", 0)
+        self.s.lsh_data = &data[0]
+        self.s.lsh_width = lsh.get("width", 0)
+        self.s.lsh_nh = lsh.get("num_hashes", 0)
+        self.s.lsh_pick = &pick[0]
+        self.s.lsh_mh = &mh[0]
+        self.s.lsh_mix = &mix[0]
+        self._keep = self._keep + (keys, data, pick, mh, mix)
+        # (struct field, array) of every pointer, for a device copy of the struct
+        self._pointers = [
+            ("run_coef", scheme._run_coef), ("sign_coef", scheme._sign_coef),
+            ("table_base", scheme._table_base), ("lsh_keys", np.asarray(keys)),
+            ("lsh_data", np.asarray(data)), ("lsh_pick", np.asarray(pick)),
+            ("lsh_mh", np.asarray(mh)), ("lsh_mix", np.asarray(mix))]
+
+    def struct_bytes(self):
+        """The he_scheme struct as bytes (host pointers included)."""
+        return (<char*>&self.s)[:sizeof(he_scheme)]
+
+    def pointer_fields(self):
+        """[(byte offset, array)] of every pointer field of the struct: a device
+        copy of the struct is :meth:`struct_bytes` with these patched to device
+        copies of the arrays."""
+        cdef size_t base = <size_t>&self.s
+        offs = {"run_coef": <size_t>&self.s.run_coef - base,
+                "sign_coef": <size_t>&self.s.sign_coef - base,
+                "table_base": <size_t>&self.s.table_base - base,
+                "lsh_keys": <size_t>&self.s.lsh_keys - base,
+                "lsh_data": <size_t>&self.s.lsh_data - base,
+                "lsh_pick": <size_t>&self.s.lsh_pick - base,
+                "lsh_mh": <size_t>&self.s.lsh_mh - base,
+                "lsh_mix": <size_t>&self.s.lsh_mix - base}
+        return [(offs[name], arr) for name, arr in self._pointers]
 
 
 ctypedef fused index_t:
@@ -96,3 +145,72 @@ def has_openmp():
 
 def max_threads():
     return he_max_threads()
+
+
+# ------------------------------------------------------------ SCMA / LMA build
+
+def lsh_insert(const int32_t[::1] fields, const uint64_t[::1] tokens, uint64_t salt,
+               uint64_t[::1] keys, int64_t[::1] ids):
+    """Insert (fields[n], tokens[n]) into the open-addressing map ``keys``
+    (2 cap zeros, cap a power of two above the distinct pairs); ids[n] = the
+    pair's id, numbered in order of first occurrence. Returns the pair count."""
+    cdef uint64_t mask = keys.shape[0] // 2 - 1, h, tag
+    cdef int64_t n, count = 0
+    with nogil:
+        for n in range(tokens.shape[0]):
+            tag = <uint64_t>(fields[n] + 1) << 32
+            h = he_lsh_probe(salt, fields[n], tokens[n]) & mask
+            while True:
+                if keys[2 * h + 1] == 0:
+                    keys[2 * h] = tokens[n]
+                    keys[2 * h + 1] = tag | <uint64_t>count
+                    ids[n] = count
+                    count += 1
+                    break
+                if (keys[2 * h + 1] >> 32) << 32 == tag and keys[2 * h] == tokens[n]:
+                    ids[n] = <int64_t>(keys[2 * h + 1] & <uint64_t>0xFFFFFFFF)
+                    break
+                h = (h + 1) & mask
+    return count
+
+
+def lsh_row_keys(const int64_t[::1] rows, uint64_t salt, uint64_t[::1] out):
+    """out[n] = minhash key of sample row rows[n]."""
+    cdef int64_t n
+    for n in prange(rows.shape[0], nogil=True, schedule='static'):
+        out[n] = he_lsh_row_key(salt, <uint64_t>rows[n])
+
+
+def lsh_signatures(SchemeView sv, const int64_t[::1] ptr, const uint64_t[::1] keys,
+                   int64_t id0, int64_t id1, int64_t F, bint slots, uint32_t[:, ::1] out):
+    """Minhash signatures of ids id0..id1-1, whose row keys are keys[ptr[i]:ptr[i+1]]:
+    sig_f = min_r h_f(key_r) (61-bit, then kept to 32 bits) for f < F. With
+    ``slots`` out[i - id0, k] = he_lsh_slot(sig, k) for k < D; else out[i - id0] = sig."""
+    cdef const he_scheme* s = &sv.s
+    cdef const uint64_t* mh = s.lsh_mh
+    cdef uint64_t* mins
+    cdef uint32_t* sig
+    cdef int64_t i, j, f, k
+    cdef uint64_t v, key
+    with nogil, parallel():
+        mins = <uint64_t*>malloc(F * sizeof(uint64_t))
+        sig = <uint32_t*>malloc(F * sizeof(uint32_t))
+        for i in prange(id0, id1, schedule='dynamic', chunksize=64):
+            for f in range(F):
+                mins[f] = HE_P
+            for j in range(ptr[i], ptr[i + 1]):
+                key = keys[j]
+                for f in range(F):
+                    v = he_addmod(he_mulmod(mh[2 * f], key), mh[2 * f + 1])
+                    if v < mins[f]:
+                        mins[f] = v
+            for f in range(F):
+                sig[f] = <uint32_t>mins[f]
+            if slots:
+                for k in range(s.dim):
+                    out[i - id0, k] = <uint32_t>he_lsh_slot(s, sig, 0, k)
+            else:
+                for f in range(F):
+                    out[i - id0, f] = sig[f]
+        free(mins)
+        free(sig)

@@ -41,6 +41,8 @@ typedef int int32_t;
 #define HE_ROBE_WIDE 2  /* ROBE-Z, Z > D: Z/D consecutive rows share a block    */
 #define HE_ROBE_REF 3   /* the ROBE authors' exact map (P = 2038074743)        */
 #define HE_HNET_REF 4   /* seed 000's HashedEmbeddingBag hash                   */
+#define HE_LSH_TABLE 5  /* SCMA: minhash-learned slot table of sampled tokens   */
+#define HE_LMA 6        /* LMA: minhash signature of sampled tokens, slots on the fly */
 
 /* Coefficient positions in he_scheme.coef. */
 #define HE_CA 0  /* table   */
@@ -72,6 +74,16 @@ typedef struct he_scheme {
     const uint64_t* sign_coef;  /* [D]:   C' * i mod P (per element i)         */
     const int64_t* table_base;  /* [num_tables]: rows before table e           */
     int64_t num_tables;         /* tables with a size (0: any table id)        */
+    /* HE_LSH_TABLE / HE_LMA (see he_lsh_find, he_lsh_slot) */
+    const uint64_t* lsh_keys;   /* [2 cap]: token, (field + 1) << 32 | id; 0 = empty */
+    uint64_t lsh_mask;          /* cap - 1 (cap a power of two, > 2x the tokens) */
+    uint64_t lsh_salt;          /* keys of sample rows and of absent tokens    */
+    const uint32_t* lsh_data;   /* [ids x width]: slots (TABLE) or signatures (LMA) */
+    int64_t lsh_width;          /* D (TABLE) or K signature values (LMA)       */
+    int64_t lsh_nh;             /* NUM_HASH: signature values per element      */
+    const int32_t* lsh_pick;    /* [D x NH]: signature positions of element k  */
+    const uint64_t* lsh_mh;     /* [2F]: minhash functions a_f, b_f            */
+    const uint64_t* lsh_mix;    /* [NH + D]: odd multipliers A_h, then c_k     */
 } he_scheme;
 
 /* ---- 128-bit product and arithmetic mod P -------------------------------- */
@@ -145,6 +157,78 @@ HE_HD uint64_t he_hash(const uint64_t* c, uint64_t e, uint64_t u, uint64_t blk,
     return he_fastmod(v, m, m_inv);
 }
 
+/* ---- minhash memory allocation (SCMA / LMA) -------------------------------- */
+
+/* SplitMix64's finaliser: a bijection of 64-bit words with full avalanche. */
+HE_HD uint64_t he_mix64(uint64_t x)
+{
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
+    return x ^ (x >> 31);
+}
+
+/* Minhash key of sample row r (< P). Keys are scrambled so that the linear
+ * minhash functions never see the arithmetic structure of row numbers. */
+HE_HD uint64_t he_lsh_row_key(uint64_t salt, uint64_t r)
+{
+    return he_fold(he_mix64(r ^ salt));
+}
+
+/* Key of the random singleton set of a token absent from the sample. */
+HE_HD uint64_t he_lsh_absent_key(uint64_t salt, int64_t field, uint64_t token)
+{
+    return he_fold(he_mix64(he_mix64(token ^ ~salt) + (uint64_t)field * 0x9E3779B97F4A7C15ULL));
+}
+
+/* Minhash function f on a key: h_f(k) = (a_f k + b_f) mod P, kept to 32 bits. */
+HE_HD uint32_t he_lsh_hash(const uint64_t* mh, int64_t f, uint64_t key)
+{
+    return (uint32_t)he_addmod(he_mulmod(mh[2 * f], key), mh[2 * f + 1]);
+}
+
+/* Slot of (field, token) lookups: the map's first probe position. */
+HE_HD uint64_t he_lsh_probe(uint64_t salt, int64_t field, uint64_t token)
+{
+    return he_mix64(token + he_mix64((uint64_t)field ^ salt));
+}
+
+/* Id of a sampled token, or -1: linear probing in the open-addressing map. */
+HE_HD int64_t he_lsh_find(const he_scheme* s, int64_t field, uint64_t token)
+{
+    uint64_t h = he_lsh_probe(s->lsh_salt, field, token) & s->lsh_mask;
+    uint64_t tag = (uint64_t)(field + 1) << 32;
+    for (;;) {
+        uint64_t meta = s->lsh_keys[2 * h + 1];
+        if (meta == 0)
+            return -1;
+        if ((meta >> 32) << 32 == tag && s->lsh_keys[2 * h] == token)
+            return (int64_t)(meta & 0xFFFFFFFFULL);
+        h = (h + 1) & s->lsh_mask;
+    }
+}
+
+/*
+ * Slot of element k from the token's signature values v_h = sig[pick[k, h]]:
+ * fastrange(c_k + sum_h A_h v_h mod 2^64, m) = floor(m (c_k + sum_h A_h v_h) / 2^64).
+ * Equal picked values give equal slots (tokens with Jaccard similarity J share
+ * element k with probability J^NH); unequal ones collide at about 1/m
+ * (multiply-add over 32-bit values with random 64-bit A_h is universal).
+ * `sig` is the stored signature (stride 1), or NULL with `key` to evaluate the
+ * minhash functions of a random singleton {key} instead.
+ */
+HE_HD uint64_t he_lsh_slot(const he_scheme* s, const uint32_t* sig, uint64_t key, int64_t k)
+{
+    const int32_t* pick = s->lsh_pick + k * s->lsh_nh;
+    uint64_t v = s->lsh_mix[s->lsh_nh + k];
+    for (int64_t h = 0; h < s->lsh_nh; h++) {
+        uint32_t x = sig ? sig[pick[h]] : he_lsh_hash(s->lsh_mh, pick[h], key);
+        v += s->lsh_mix[h] * (uint64_t)x;
+    }
+    uint64_t hi, lo;
+    he_mul128(v, s->size, &hi, &lo);
+    return hi;
+}
+
 /* ---- rows and runs -------------------------------------------------------- */
 
 /* What a row needs once, before its runs: hash bases (or the row's first slot). */
@@ -178,6 +262,14 @@ HE_HD he_row he_row_begin(const he_scheme* s, int64_t table, int64_t token)
         r.base = he_fastmod(xg, s->ref_p, s->ref_p_inv) * s->coef[2] + s->coef[0];
         break;
     }
+    case HE_LSH_TABLE:
+    case HE_LMA: {
+        /* base: the token's id, sbase = 1; or absent: its singleton key, sbase = 0 */
+        int64_t id = he_lsh_find(s, table, x);
+        r.base = id >= 0 ? (uint64_t)id : he_lsh_absent_key(s->lsh_salt, table, x);
+        r.sbase = id >= 0;
+        return r;            /* unsigned schemes */
+    }
     default: /* HE_HNET_REF: r*K1 + K3, uint64 arithmetic as in the reference */
         r.base = x * s->coef[0] + s->coef[2];
         break;
@@ -201,6 +293,13 @@ HE_HD uint64_t he_run_start(const he_scheme* s, const he_row* r, int64_t k)
         uint64_t v = r->base + (uint64_t)k * s->coef[1];
         return he_fastmod(he_fastmod(v, s->ref_p, s->ref_p_inv), s->mod, s->mod_inv);
     }
+    case HE_LSH_TABLE:
+        if (r->sbase)
+            return s->lsh_data[r->base * (uint64_t)s->lsh_width + (uint64_t)k];
+        return he_lsh_slot(s, 0, r->base, k);
+    case HE_LMA:
+        return he_lsh_slot(s, r->sbase ? s->lsh_data + r->base * (uint64_t)s->lsh_width : 0,
+                           r->base, k);
     default: /* HE_FULL, HE_ROBE_WIDE: one run of D */
         return r->base;
     }

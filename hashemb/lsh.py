@@ -1,0 +1,370 @@
+"""SCMA / LMA: memory allocation learned from data by minhash (ALGORITHMS.md s. 4).
+
+Tokens that occur in the same data points share memory. A sample of rows of the
+categorical matrix gives every token seen in it the set S of sampled rows it
+occurs in; minhash signatures of S decide its slots, so two tokens collide on an
+element with a probability that grows with their Jaccard similarity. The slot
+math (map lookup, signature combination, absent tokens) is in slots.h; this
+module builds the signatures and holds the arrays.
+"""
+import hashlib
+
+import numpy as np
+
+from . import _validate as V
+from ._backend import kernels
+from .hashing import P
+from .schemes import Scheme
+
+_LSH_TABLE, _LMA = 5, 6                # kinds of slots.h
+_GOLD = 0x9E3779B97F4A7C15
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x):
+    """SplitMix64's finaliser on a uint64 array (he_mix64 of slots.h)."""
+    x = x.astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x
+
+
+def _stream(seed, stream, count):
+    """``count`` pseudo-random uint64 words of (seed, stream): SplitMix64 outputs
+    computed in NumPy, so a seed's coefficients never depend on NumPy's RNGs."""
+    start = (seed * 0xD1B54A32D192ED03 + (stream + 1) * _GOLD) & _MASK64
+    with np.errstate(over="ignore"):
+        i = np.arange(1, count + 1, dtype=np.uint64) * np.uint64(_GOLD) + np.uint64(start)
+    return _mix64(i)
+
+
+def _pow2_above(n):
+    return 1 << max(int(2 * n - 1).bit_length(), 1)
+
+
+class _MinhashScheme(Scheme):
+    """Shared by :class:`LSHTable` and :class:`LMA`: the sampled-token map, the
+    minhash functions and the combination of signature values into slots."""
+
+    _type = None
+    num_points = None        # rows sampled by fit (None when built from parts)
+
+    def __init__(self, size, dim, num_fields, fields, tokens, data, num_hashes=2, seed=0,
+                 signature_size=None):
+        size = V.check_positive_int(size, "size", upper=1 << 32)
+        dim = V.check_positive_int(dim, "dim", upper=1 << 20)
+        self.num_tables = V.check_positive_int(num_fields, "num_fields", upper=1 << 31)
+        self.seed = V.check_seed(seed)
+        self.num_hashes = V.check_positive_int(num_hashes, "num_hashes", upper=64)
+        width = self._width(dim, signature_size)
+        fields = np.ascontiguousarray(V._as_array(fields, "fields"), np.int32)
+        tokens = V.as_keys(tokens, "tokens").astype(np.int64, copy=False).view(np.uint64)
+        data = np.ascontiguousarray(V._as_array(data, "data"), np.uint32)
+        n = tokens.shape[0]
+        if fields.shape != (n,) or n == 0:
+            raise ValueError(f"fields: expected shape ({n},) like tokens, with n >= 1, "
+                             f"got fields {fields.shape}, tokens {tokens.shape}")
+        if data.shape != (n, width):
+            raise ValueError(f"data: expected shape ({n}, {width}), got {data.shape}")
+        if n and (fields.min() < 0 or fields.max() >= self.num_tables):
+            raise ValueError(f"fields: expected values in [0, {self.num_tables}), "
+                             f"got {fields.min()}..{fields.max()}")
+        if self._kind_id == _LSH_TABLE and data.size and data.max() >= size:
+            raise ValueError(f"data: expected slots < size = {size}, got {data.max()}")
+        self._coefficients(dim, width)
+        keys = self._map(fields, tokens, self._salt)
+        self.fields, self.tokens, self.data = fields, tokens, data
+        self._lsh["keys"], self._lsh["data"] = keys, data.reshape(-1)
+        self._config = dict(type=self._type, size=size, dim=dim, num_fields=self.num_tables,
+                            num_hashes=self.num_hashes, seed=self.seed,
+                            signature_size=None if self._kind_id == _LSH_TABLE else width,
+                            fields=fields, tokens=tokens,
+                            data=data)
+        self._setup(self._kind_id, size, dim, 1, size, [0] * 12)
+
+    # ---- parameters derived from the seed
+    def _coefficients(self, dim, width):
+        nh, F = self.num_hashes, self._num_functions(dim, width)
+        if self._kind_id == _LMA and nh > width:
+            raise ValueError(f"num_hashes: expected <= signature_size = {width}, got {nh}")
+        words = _stream(self.seed, 0, 1 + 2 * F)
+        self._salt = int(words[0])
+        ab = words[1:] >> np.uint64(3)                 # 61-bit words
+        mh = np.empty(2 * F, np.uint64)
+        mh[0::2] = ab[0::2] % np.uint64(P - 1) + np.uint64(1)     # a_f in [1, P)
+        mh[1::2] = ab[1::2] % np.uint64(P)                         # b_f in [0, P)
+        mix = _stream(self.seed, 1, nh + dim)
+        mix[:nh] |= np.uint64(1)                                   # odd multipliers
+        self._lsh = dict(salt=self._salt, width=width, num_hashes=nh, mh=mh, mix=mix,
+                         pick=self._pick(dim, width).reshape(-1))
+
+    @staticmethod
+    def _map(fields, tokens, salt):
+        keys = np.zeros(2 * _pow2_above(max(tokens.shape[0], 1)), np.uint64)
+        ids = np.empty(tokens.shape[0], np.int64)
+        count = kernels().lsh_insert(fields, tokens, salt, keys, ids)
+        if count != tokens.shape[0]:
+            raise ValueError("tokens: expected distinct (field, token) pairs, "
+                             f"got {tokens.shape[0] - count} repeated")
+        return keys
+
+    # ---- building from data
+    @classmethod
+    def fit(cls, X, size, dim, num_hashes=2, num_points=125_000, seed=0, progress=False,
+            **kwargs):
+        X = V.as_keys(X, "X")
+        if X.ndim != 2:
+            raise ValueError(f"X: expected a 2-D (rows, fields) array, got {X.ndim}-D")
+        rows, T = X.shape
+        if rows == 0 or T == 0:
+            raise ValueError(f"X: expected at least one row and one field, got shape {X.shape}")
+        num_points = V.check_positive_int(num_points, "num_points", upper=1 << 62)
+        if num_points > rows:
+            raise ValueError(f"num_points: expected <= {rows} (the rows of X), got {num_points}")
+        if num_points * T >= 1 << 32:
+            raise ValueError(f"num_points: expected num_points * fields < 2**32, "
+                             f"got {num_points} * {T}")
+        seed = V.check_seed(seed)
+        size = V.check_positive_int(size, "size", upper=1 << 32)
+        dim = V.check_positive_int(dim, "dim", upper=1 << 20)
+        k = kernels()
+        # a probe scheme: the minhash functions, mixers and picks of this seed
+        probe = cls.__new__(cls)
+        probe.num_hashes, probe.seed = V.check_positive_int(num_hashes, "num_hashes", 64), seed
+        width = probe._width(dim, kwargs.get("signature_size"))
+        probe._coefficients(dim, width)
+        salt = probe._salt
+        if num_points == rows:
+            sample = np.arange(rows, dtype=np.int64)
+        else:
+            rng = np.random.default_rng(seed)
+            sample = np.sort(rng.choice(rows, num_points, replace=False)).astype(np.int64)
+        Xs = X[sample] if num_points < rows else X
+        tokens = np.ascontiguousarray(Xs.astype(np.int64, copy=False).reshape(-1)).view(np.uint64)
+        fields = np.tile(np.arange(T, dtype=np.int32), num_points)
+        keys = np.zeros(2 * _pow2_above(tokens.shape[0]), np.uint64)
+        ids = np.empty(tokens.shape[0], np.int64)
+        count = k.lsh_insert(fields, tokens, salt, keys, ids)
+        del keys
+        running = np.maximum.accumulate(ids)
+        first = np.flatnonzero(np.r_[True, running[1:] > running[:-1]])
+        sampled_fields, sampled_tokens = fields[first], tokens[first]
+        row_keys = np.empty(num_points, np.uint64)
+        k.lsh_row_keys(sample, salt, row_keys)
+        order = np.argsort(ids, kind="stable")
+        occ_keys = np.repeat(row_keys, T)[order]
+        del order
+        ptr = np.zeros(count + 1, np.int64)
+        np.cumsum(np.bincount(ids, minlength=count), out=ptr[1:])
+        del ids
+        F = probe._num_functions(dim, width)
+        slots = cls._kind_id == _LSH_TABLE
+        data = np.empty((count, dim if slots else width), np.uint32)
+        probe._setup(cls._kind_id, size, dim, 1, size, [0] * 12)
+        view = k.SchemeView(probe)
+        chunks = np.linspace(0, count, min(count, 64) + 1).astype(np.int64)
+        from tqdm.auto import tqdm
+        with tqdm(total=count, desc=f"{cls._type} minhash", unit="token", unit_scale=True,
+                  disable=not progress, leave=False) as bar:
+            for a, b in zip(chunks[:-1], chunks[1:]):
+                k.lsh_signatures(view, ptr, occ_keys, int(a), int(b), F, slots, data[a:b])
+                bar.update(int(b - a))
+        scheme = cls(size, dim, T, sampled_fields, sampled_tokens, data, num_hashes, seed,
+                     **kwargs)
+        scheme.num_points = num_points
+        return scheme
+
+    # ---- persistence
+    def save(self, path):
+        """Write the scheme to a ``.npz`` file (:meth:`load` reads it back)."""
+        cfg = self.config()
+        np.savez(path, **{k: (np.asarray(-1 if v is None else v)) for k, v in cfg.items()})
+
+    @classmethod
+    def load(cls, path):
+        """Read a scheme written by :meth:`save` (an :class:`LSHTable` or an
+        :class:`LMA`, whichever was saved)."""
+        with np.load(path, allow_pickle=False) as z:
+            cfg = {k: z[k] for k in z.files}
+        kind = str(cfg.pop("type"))
+        makers = {"LSHTable": LSHTable, "LMA": LMA}
+        if kind not in makers or (cls is not _MinhashScheme and makers[kind] is not cls):
+            raise ValueError(f"path: expected a saved {cls._type or 'LSHTable or LMA'}, "
+                             f"got {kind!r}")
+        scalars = {k: int(v) for k, v in cfg.items() if v.ndim == 0}
+        if scalars.get("signature_size") == -1:
+            scalars["signature_size"] = None
+        return makers[kind](fields=cfg["fields"], tokens=cfg["tokens"], data=cfg["data"],
+                            **scalars)
+
+    # ---- scheme protocol
+    def _bounds(self, table0, T):
+        return None                      # any 64-bit token: absent ones are hashed
+
+    @property
+    def num_sampled(self):
+        """Distinct (field, token) pairs seen in the sample."""
+        return int(self.tokens.shape[0])
+
+    @property
+    def signed(self):
+        return False
+
+    def extra_bytes(self):
+        """Bytes besides the array: the token map and the slots or signatures."""
+        return int(self._lsh["keys"].nbytes + self.data.nbytes)
+
+    def _state(self):
+        if not hasattr(self, "_digest"):
+            h = hashlib.sha1()
+            for a in (self.fields, self.tokens, self.data):
+                h.update(a.tobytes())
+            self._digest = h.hexdigest()
+        return (self._type, self.size, self.dim, self.num_tables, self.num_hashes, self.seed,
+                self._lsh["width"], self._digest)
+
+    def __repr__(self):
+        return (f"{self._type}(size={self.size}, dim={self.dim}, num_fields={self.num_tables}, "
+                f"num_hashes={self.num_hashes}, seed={self.seed}, "
+                f"sampled={self.num_sampled}{self._extra_repr()})")
+
+    def _extra_repr(self):
+        return ""
+
+
+class LSHTable(_MinhashScheme):
+    r"""SCMA: a slot table learned from data co-occurrence by minhash.
+
+    A sample of rows of the categorical matrix ``X`` gives every (field, token)
+    seen in it the set :math:`S` of sampled rows it occurs in; element
+    :math:`k < D` of its embedding reads slot
+
+    .. math::
+
+        \mathrm{slot}(x, k) = \Big\lfloor m\,\big(c_k + \textstyle\sum_{h < H}
+        A_h\, \mu_{hD+k}(S)\big) \bmod 2^{64} \,/\, 2^{64} \Big\rfloor,\qquad
+        \mu_f(S) = \min_{r \in S}\, h_f(r) \bmod 2^{32}
+
+    with :math:`H` = ``num_hashes``, :math:`h_f(r) = (a_f \kappa(r) + b_f) \bmod P`
+    independent universal hashes of the scrambled row key :math:`\kappa(r)`,
+    odd random :math:`A_h` and random :math:`c_k`. Two tokens with Jaccard
+    similarity :math:`J` share element :math:`k` with probability
+    :math:`J^H + (1 - J^H)/m` (about), the same for every pair of fields: the
+    slot does not depend on the field. The slots of sampled tokens are stored
+    (``num_sampled x D`` uint32) with an open-addressing map from (field, token)
+    to its row; a token absent from the sample gets the slots of a random
+    singleton set (its own seeded key), computed on the fly, so memory holds
+    only the tokens seen, not every token of every table.
+
+    Build with :meth:`fit`; :meth:`save` / :meth:`load` keep it as ``.npz``.
+    The scheme's table ``t`` is field ``t`` of ``X``; tokens are any 64-bit
+    integers. Use it like :class:`RobeZ` (bags, many tables, fused optimizers,
+    :class:`hashemb.torch.LSHEmbeddingBagCollection`).
+
+    Parameters
+    ----------
+    size, dim : int
+        Floats in the shared array (``m <= 2**32``) and embedding width.
+    num_fields : int
+    fields, tokens, data : arrays
+        The sampled (field, token) pairs and their ``(n, dim)`` slots, as
+        :meth:`fit` makes them.
+    num_hashes : int
+    seed : int
+
+    Examples
+    --------
+    >>> import numpy as np, hashemb as he
+    >>> X = np.array([[0, 5], [0, 5], [1, 6], [1, 7]])
+    >>> t = he.LSHTable.fit(X, size=1000, dim=8, num_hashes=1, num_points=4)
+    >>> bool((t.slots([0], table=0) == t.slots([5], table=1)).all())   # same rows, same slots
+    True
+    """
+
+    _type, _kind_id = "LSHTable", _LSH_TABLE
+
+    @staticmethod
+    def _width(dim, signature_size):
+        if signature_size is not None:
+            raise ValueError("signature_size: LSHTable stores slots; use he.LMA for signatures")
+        return dim
+
+    def _num_functions(self, dim, width):
+        return self.num_hashes * dim
+
+    def _pick(self, dim, width):
+        k, h = np.meshgrid(np.arange(dim), np.arange(self.num_hashes), indexing="ij")
+        return (h * dim + k).astype(np.int32)
+
+    @classmethod
+    def fit(cls, X, size, dim, num_hashes=2, num_points=125_000, seed=0, progress=False):
+        """Learn the table from ``X`` (rows x fields, integer tokens): sample
+        ``num_points`` rows (seeded, without replacement), take for every token
+        seen the minhashes of its row set under ``num_hashes * dim`` universal
+        hashes, and combine them into slots (one pass over the sample; Cython +
+        OpenMP, parallel over tokens).
+
+        Raises
+        ------
+        ValueError
+            Empty ``X``, ``num_points`` above its rows, ``size`` above 2**32.
+        """
+        return super().fit(X, size, dim, num_hashes, num_points, seed, progress)
+
+
+class LMA(_MinhashScheme):
+    r"""LMA: minhash memory allocation with slots computed on the fly.
+
+    Like :class:`LSHTable`, but each sampled token keeps only a signature of
+    :math:`K` = ``signature_size`` minhash values (``K`` uint32, 32 bytes for
+    the default 8) and element :math:`k` combines :math:`H` of them, at
+    positions ``pick[k]`` (``H`` distinct positions per element, seeded):
+
+    .. math::
+
+        \mathrm{slot}(x, k) = \Big\lfloor m\,\big(c_k + \textstyle\sum_{h < H}
+        A_h\, \sigma_{\pi(k, h)}(x)\big) \bmod 2^{64} \,/\, 2^{64} \Big\rfloor
+
+    so memory is the array plus ``K`` values per sampled token, not a
+    ``(tokens x D)`` table. Each element still collides with probability
+    :math:`J^H` (about) for Jaccard similarity :math:`J`, but elements that
+    pick the same positions collide together. Absent tokens get the signature
+    of a random singleton, computed in the kernel.
+
+    Examples
+    --------
+    >>> import numpy as np, hashemb as he
+    >>> X = np.array([[0, 5], [0, 5], [1, 6], [1, 7]])
+    >>> lma = he.LMA.fit(X, size=1000, dim=8, num_points=4)
+    >>> lma.data.shape                            # 5 sampled tokens x 8 values
+    (5, 8)
+    """
+
+    _type, _kind_id = "LMA", _LMA
+
+    @staticmethod
+    def _width(dim, signature_size):
+        return V.check_positive_int(8 if signature_size is None else signature_size,
+                                    "signature_size", upper=1 << 16)
+
+    def _num_functions(self, dim, width):
+        return width
+
+    def _pick(self, dim, width):
+        r = _stream(self.seed, 2, dim * width).reshape(dim, width)
+        return np.argsort(r, axis=1, kind="stable")[:, :self.num_hashes].astype(np.int32)
+
+    @classmethod
+    def fit(cls, X, size, dim, num_hashes=2, num_points=125_000, seed=0, signature_size=8,
+            progress=False):
+        """Learn the signatures from ``X`` as :meth:`LSHTable.fit` does, keeping
+        ``signature_size`` minhash values per sampled token."""
+        return super().fit(X, size, dim, num_hashes, num_points, seed, progress,
+                           signature_size=signature_size)
+
+    def _extra_repr(self):
+        return f", signature_size={self._lsh['width']}"
