@@ -42,6 +42,15 @@ def _stream(seed, stream, count):
     return _mix64(i)
 
 
+def _check_block(block, dim, size):
+    block = V.check_positive_int(block, "block", upper=dim + 1)
+    if dim % block:
+        raise ValueError(f"block: expected a divisor of dim={dim}, got {block}")
+    if block > size:
+        raise ValueError(f"block: expected block <= size = {size}, got {block}")
+    return block
+
+
 def _pow2_above(n):
     return 1 << max(int(2 * n - 1).bit_length(), 1)
 
@@ -54,9 +63,10 @@ class _MinhashScheme(Scheme):
     num_points = None        # rows sampled by fit (None when built from parts)
 
     def __init__(self, size, dim, num_fields, fields, tokens, data, num_hashes=2, seed=0,
-                 signature_size=None):
-        size = V.check_positive_int(size, "size", upper=1 << 32)
+                 block=1, signature_size=None):
+        size = V.check_positive_int(size, "size", upper=(1 << 32) + 1)
         dim = V.check_positive_int(dim, "dim", upper=1 << 20)
+        self.block = _check_block(block, dim, size)
         self.num_tables = V.check_positive_int(num_fields, "num_fields", upper=1 << 31)
         self.seed = V.check_seed(seed)
         self.num_hashes = V.check_positive_int(num_hashes, "num_hashes", upper=64)
@@ -80,15 +90,15 @@ class _MinhashScheme(Scheme):
         self.fields, self.tokens, self.data = fields, tokens, data
         self._lsh["keys"], self._lsh["data"] = keys, data.reshape(-1)
         self._config = dict(type=self._type, size=size, dim=dim, num_fields=self.num_tables,
-                            num_hashes=self.num_hashes, seed=self.seed,
+                            num_hashes=self.num_hashes, seed=self.seed, block=self.block,
                             signature_size=None if self._kind_id == _LSH_TABLE else width,
                             fields=fields, tokens=tokens,
                             data=data)
-        self._setup(self._kind_id, size, dim, 1, size, [0] * 12)
+        self._setup(self._kind_id, size, dim, self.block, size, [0] * 12)
 
     # ---- parameters derived from the seed
     def _coefficients(self, dim, width):
-        nh, F = self.num_hashes, self._num_functions(dim, width)
+        nh, F, runs = self.num_hashes, self._num_functions(dim, width), dim // self.block
         if self._kind_id == _LMA and nh > width:
             raise ValueError(f"num_hashes: expected <= signature_size = {width}, got {nh}")
         words = _stream(self.seed, 0, 1 + 2 * F)
@@ -97,10 +107,10 @@ class _MinhashScheme(Scheme):
         mh = np.empty(2 * F, np.uint64)
         mh[0::2] = ab[0::2] % np.uint64(P - 1) + np.uint64(1)     # a_f in [1, P)
         mh[1::2] = ab[1::2] % np.uint64(P)                         # b_f in [0, P)
-        mix = _stream(self.seed, 1, nh + dim)
+        mix = _stream(self.seed, 1, nh + runs)
         mix[:nh] |= np.uint64(1)                                   # odd multipliers
         self._lsh = dict(salt=self._salt, width=width, num_hashes=nh, mh=mh, mix=mix,
-                         pick=self._pick(dim, width).reshape(-1))
+                         pick=self._pick(runs, width).reshape(-1))
 
     @staticmethod
     def _map(fields, tokens, salt):
@@ -114,8 +124,8 @@ class _MinhashScheme(Scheme):
 
     # ---- building from data
     @classmethod
-    def fit(cls, X, size, dim, num_hashes=2, num_points=125_000, seed=0, progress=False,
-            **kwargs):
+    def fit(cls, X, size, dim, num_hashes=2, num_points=125_000, seed=0, block=1,
+            progress=False, **kwargs):
         X = V.as_keys(X, "X")
         if X.ndim != 2:
             raise ValueError(f"X: expected a 2-D (rows, fields) array, got {X.ndim}-D")
@@ -129,12 +139,13 @@ class _MinhashScheme(Scheme):
             raise ValueError(f"num_points: expected num_points * fields < 2**32, "
                              f"got {num_points} * {T}")
         seed = V.check_seed(seed)
-        size = V.check_positive_int(size, "size", upper=1 << 32)
+        size = V.check_positive_int(size, "size", upper=(1 << 32) + 1)
         dim = V.check_positive_int(dim, "dim", upper=1 << 20)
         k = kernels()
         # a probe scheme: the minhash functions, mixers and picks of this seed
         probe = cls.__new__(cls)
         probe.num_hashes, probe.seed = V.check_positive_int(num_hashes, "num_hashes", 64), seed
+        probe.block = _check_block(block, dim, size)
         width = probe._width(dim, kwargs.get("signature_size"))
         probe._coefficients(dim, width)
         salt = probe._salt
@@ -163,8 +174,8 @@ class _MinhashScheme(Scheme):
         del ids
         F = probe._num_functions(dim, width)
         slots = cls._kind_id == _LSH_TABLE
-        data = np.empty((count, dim if slots else width), np.uint32)
-        probe._setup(cls._kind_id, size, dim, 1, size, [0] * 12)
+        data = np.empty((count, width), np.uint32)
+        probe._setup(cls._kind_id, size, dim, probe.block, size, [0] * 12)
         view = k.SchemeView(probe)
         chunks = np.linspace(0, count, min(count, 64) + 1).astype(np.int64)
         from tqdm.auto import tqdm
@@ -174,7 +185,7 @@ class _MinhashScheme(Scheme):
                 k.lsh_signatures(view, ptr, occ_keys, int(a), int(b), F, slots, data[a:b])
                 bar.update(int(b - a))
         scheme = cls(size, dim, T, sampled_fields, sampled_tokens, data, num_hashes, seed,
-                     **kwargs)
+                     block, **kwargs)
         scheme.num_points = num_points
         return scheme
 
@@ -225,11 +236,11 @@ class _MinhashScheme(Scheme):
                 h.update(a.tobytes())
             self._digest = h.hexdigest()
         return (self._type, self.size, self.dim, self.num_tables, self.num_hashes, self.seed,
-                self._lsh["width"], self._digest)
+                self.block, self._lsh["width"], self._digest)
 
     def __repr__(self):
         return (f"{self._type}(size={self.size}, dim={self.dim}, num_fields={self.num_tables}, "
-                f"num_hashes={self.num_hashes}, seed={self.seed}, "
+                f"num_hashes={self.num_hashes}, block={self.block}, seed={self.seed}, "
                 f"sampled={self.num_sampled}{self._extra_repr()})")
 
     def _extra_repr(self):
@@ -287,21 +298,21 @@ class LSHTable(_MinhashScheme):
 
     _type, _kind_id = "LSHTable", _LSH_TABLE
 
-    @staticmethod
-    def _width(dim, signature_size):
+    def _width(self, dim, signature_size):
         if signature_size is not None:
             raise ValueError("signature_size: LSHTable stores slots; use he.LMA for signatures")
-        return dim
+        return dim // self.block
 
     def _num_functions(self, dim, width):
-        return self.num_hashes * dim
+        return self.num_hashes * width
 
-    def _pick(self, dim, width):
-        k, h = np.meshgrid(np.arange(dim), np.arange(self.num_hashes), indexing="ij")
-        return (h * dim + k).astype(np.int32)
+    def _pick(self, runs, width):
+        k, h = np.meshgrid(np.arange(runs), np.arange(self.num_hashes), indexing="ij")
+        return (h * runs + k).astype(np.int32)
 
     @classmethod
-    def fit(cls, X, size, dim, num_hashes=2, num_points=125_000, seed=0, progress=False):
+    def fit(cls, X, size, dim, num_hashes=2, num_points=125_000, seed=0, block=1,
+            progress=False):
         """Learn the table from ``X`` (rows x fields, integer tokens): sample
         ``num_points`` rows (seeded, without replacement), take for every token
         seen the minhashes of its row set under ``num_hashes * dim`` universal
@@ -313,7 +324,7 @@ class LSHTable(_MinhashScheme):
         ValueError
             Empty ``X``, ``num_points`` above its rows, ``size`` above 2**32.
         """
-        return super().fit(X, size, dim, num_hashes, num_points, seed, progress)
+        return super().fit(X, size, dim, num_hashes, num_points, seed, block, progress)
 
 
 class LMA(_MinhashScheme):
@@ -346,24 +357,23 @@ class LMA(_MinhashScheme):
 
     _type, _kind_id = "LMA", _LMA
 
-    @staticmethod
-    def _width(dim, signature_size):
+    def _width(self, dim, signature_size):
         return V.check_positive_int(8 if signature_size is None else signature_size,
                                     "signature_size", upper=1 << 16)
 
     def _num_functions(self, dim, width):
         return width
 
-    def _pick(self, dim, width):
-        r = _stream(self.seed, 2, dim * width).reshape(dim, width)
+    def _pick(self, runs, width):
+        r = _stream(self.seed, 2, runs * width).reshape(runs, width)
         return np.argsort(r, axis=1, kind="stable")[:, :self.num_hashes].astype(np.int32)
 
     @classmethod
-    def fit(cls, X, size, dim, num_hashes=2, num_points=125_000, seed=0, signature_size=8,
-            progress=False):
+    def fit(cls, X, size, dim, num_hashes=2, num_points=125_000, seed=0, block=1,
+            signature_size=8, progress=False):
         """Learn the signatures from ``X`` as :meth:`LSHTable.fit` does, keeping
         ``signature_size`` minhash values per sampled token."""
-        return super().fit(X, size, dim, num_hashes, num_points, seed, progress,
+        return super().fit(X, size, dim, num_hashes, num_points, seed, block, progress,
                            signature_size=signature_size)
 
     def _extra_repr(self):

@@ -21,9 +21,70 @@ def usign(coef, e, u, c):
     return 1 - 2 * ((Q0 + Q1 * k + Q2 * k * k + Q3 * k ** 3) % P % 2)
 
 
+M64 = U64 - 1
+GOLD = 0x9E3779B97F4A7C15
+
+
+def mix64(x):
+    """SplitMix64's finaliser, exact integers."""
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & M64
+    return x ^ (x >> 31)
+
+
+def lsh_row_key(salt, r):
+    return mix64(u64(r) ^ salt) % P
+
+
+def lsh_absent_key(salt, field, x):
+    return mix64((mix64(u64(x) ^ (~salt & M64)) + field * GOLD) & M64) % P
+
+
+def lsh_minhash(scheme, f, keys):
+    """min over keys of h_f(key) = (a_f key + b_f) mod P, kept to 32 bits."""
+    a, b = int(scheme._lsh["mh"][2 * f]), int(scheme._lsh["mh"][2 * f + 1])
+    return min((a * k + b) % P for k in keys) & 0xFFFFFFFF
+
+
+def lsh_combine(scheme, sig, k):
+    """Start of run k: floor(m * ((c_k + sum_h A_h sig[pick[k, h]]) mod 2^64) / 2^64)."""
+    lsh, nh = scheme._lsh, scheme.num_hashes
+    pick = lsh["pick"].reshape(scheme.dim // scheme.block, nh)
+    v = int(lsh["mix"][nh + k])
+    for h in range(nh):
+        v += int(lsh["mix"][h]) * int(sig[int(pick[k, h])])
+    return ((v & M64) * scheme.size) >> 64
+
+
+def lsh_signature(scheme, keys):
+    """Signature values of a row-key set, one per minhash function."""
+    F = scheme.num_hashes * scheme.dim // scheme.block if type(scheme).__name__ == "LSHTable" \
+        else scheme._lsh["width"]
+    return [lsh_minhash(scheme, f, keys) for f in range(F)]
+
+
+def lsh_slot(scheme, e, x, i):
+    """SCMA / LMA slot: a sampled token's stored data, or a random singleton."""
+    if not hasattr(scheme, "_ref_ids"):
+        scheme._ref_ids = {(int(f), int(t)): n
+                           for n, (f, t) in enumerate(zip(scheme.fields, scheme.tokens))}
+    n = scheme._ref_ids.get((int(e), u64(x)))
+    k, Z = divmod(i, scheme.block)
+    if n is None:
+        sig = lsh_signature(scheme, [lsh_absent_key(int(scheme._lsh["salt"]), int(e), x)])
+        start = lsh_combine(scheme, sig, k)
+    elif type(scheme).__name__ == "LSHTable":
+        start = int(scheme.data[n, k])
+    else:
+        start = lsh_combine(scheme, scheme.data[n], k)
+    return (start + Z) % scheme.size
+
+
 def slot(scheme, e, x, i):
     """slot(e, x, i) per scheme kind, straight from the formulas."""
     name = type(scheme).__name__
+    if name in ("LSHTable", "LMA"):
+        return lsh_slot(scheme, e, x, i)
     m, D = scheme.size, scheme.dim
     if name == "FullTable":
         return (sum(scheme.table_sizes[:e]) + x) * D + i

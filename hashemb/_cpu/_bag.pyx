@@ -15,7 +15,8 @@ from libc.stdint cimport int32_t, int64_t, uint64_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 
-from hashemb._cpu._slots cimport (SchemeView, he_scheme, he_row, he_row_begin,
+from hashemb._cpu._slots cimport (SchemeView, he_scheme, he_row, he_row_begin, he_row_hint,
+                                  he_row_data,
                                   he_run_start, he_run_slot, he_sign,
                                   he_max_threads)
 
@@ -132,11 +133,14 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
     straight from the array, its runs hashed AHEAD bags early and prefetched:
     the gathers are latency-bound, the hashes are not. Every other bag takes
     the general loop."""
-    cdef int64_t D = s.dim, L = s.run, R = s.runs, t, b, c, j, k, i, q, n = b1 - b0
+    cdef int64_t D = s.dim, L = s.run, R = s.runs, t, b, c, g, j, k, i, q, n = b1 - b0
     cdef uint64_t m = s.size
     cdef uint64_t* r
     cdef real* o
-    cdef he_row row
+    cdef const void* hint
+    cdef he_row rows[2 * AHEAD]
+    # schemes that read memory to find a row's runs (LSH) get two more stages
+    cdef int64_t deep = AHEAD if he_row_hint(s, 0, 0) != NULL else 0
     cdef bint fast = (ring != NULL and psw == NULL and not has_pad and mode != MAX
                       and not s.is_signed)
     for t in range(T):
@@ -146,13 +150,13 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                 _bag(s, idx, off[q], off[q + 1], M, psw, out + b * ostride + t * D,
                      table0 + t, mode, has_pad, pad)
             continue
-        for c in range(n + AHEAD):
-            if c >= AHEAD:      # gather bag c - AHEAD (its runs were hashed before)
-                b = c - AHEAD
-                j = off[t * B + b0 + b]
-                o = out + b * ostride + t * D
-                if off[t * B + b0 + b + 1] - j == 1:
-                    r = ring + (b % AHEAD) * R
+        for c in range(n + deep + deep + AHEAD):
+            g = c - deep - deep - AHEAD
+            if g >= 0:          # gather bag g (its runs were hashed AHEAD bags before)
+                j = off[t * B + b0 + g]
+                o = out + g * ostride + t * D
+                if off[t * B + b0 + g + 1] - j == 1:
+                    r = ring + (g % AHEAD) * R
                     for k in range(R):
                         if r[k] + <uint64_t>L <= m:
                             _copy_run(o + k * L, M + r[k], L)
@@ -160,17 +164,29 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                             for i in range(L):
                                 o[k * L + i] = M[he_run_slot(s, r[k], i)]
                 else:
-                    _bag(s, idx, j, off[t * B + b0 + b + 1], M, psw, o, table0 + t,
+                    _bag(s, idx, j, off[t * B + b0 + g + 1], M, psw, o, table0 + t,
                          mode, has_pad, pad)
-            if c < n:           # hash bag c's first row, prefetch its runs
-                j = off[t * B + b0 + c]
-                if off[t * B + b0 + c + 1] > j:
-                    row = he_row_begin(s, table0 + t, idx[j])
-                    r = ring + (c % AHEAD) * R
+            q = c - deep
+            if 0 <= q < n:      # begin bag q's first row, prefetch what its runs read
+                j = off[t * B + b0 + q]
+                if off[t * B + b0 + q + 1] > j:
+                    rows[q % (2 * AHEAD)] = he_row_begin(s, table0 + t, idx[j])
+                    hint = he_row_data(s, &rows[q % (2 * AHEAD)])
+                    if hint != NULL:
+                        he_prefetch(hint)
+            q = c - deep - deep
+            if 0 <= q < n:      # run starts of bag q, prefetch its runs
+                j = off[t * B + b0 + q]
+                if off[t * B + b0 + q + 1] > j:
+                    r = ring + (q % AHEAD) * R
                     for k in range(R):
-                        r[k] = he_run_start(s, &row, k)
+                        r[k] = he_run_start(s, &rows[q % (2 * AHEAD)], k)
                         he_prefetch(M + r[k])
                         he_prefetch(M + r[k] + L - 1)
+            if deep and c < n:  # the map entry of bag c
+                j = off[t * B + b0 + c]
+                if off[t * B + b0 + c + 1] > j:
+                    he_prefetch(he_row_hint(s, table0 + t, idx[j]))
 
 
 cdef inline void _copy_rows(real* dst, int64_t dstride, const real* src, int64_t width,

@@ -57,6 +57,8 @@ cdef extern from "hashemb/slots.h" nogil:
     uint64_t he_lsh_probe(uint64_t salt, int64_t field, uint64_t token)
     int64_t he_lsh_find(const he_scheme* s, int64_t field, uint64_t token)
     uint64_t he_lsh_slot(const he_scheme* s, const uint32_t* sig, uint64_t key, int64_t k)
+    const void* he_row_hint(const he_scheme* s, int64_t table, int64_t token)
+    const void* he_row_data(const he_scheme* s, const he_row* r)
 
 cdef extern from "_openmp.h" nogil:
     int he_max_threads()

@@ -185,7 +185,8 @@ def lsh_signatures(SchemeView sv, const int64_t[::1] ptr, const uint64_t[::1] ke
                    int64_t id0, int64_t id1, int64_t F, bint slots, uint32_t[:, ::1] out):
     """Minhash signatures of ids id0..id1-1, whose row keys are keys[ptr[i]:ptr[i+1]]:
     sig_f = min_r h_f(key_r) (61-bit, then kept to 32 bits) for f < F. With
-    ``slots`` out[i - id0, k] = he_lsh_slot(sig, k) for k < D; else out[i - id0] = sig."""
+    ``slots`` out[i - id0, k] = he_lsh_slot(sig, k), the start of run k < D/Z;
+    else out[i - id0] = sig."""
     cdef const he_scheme* s = &sv.s
     cdef const uint64_t* mh = s.lsh_mh
     cdef uint64_t* mins
@@ -207,7 +208,7 @@ def lsh_signatures(SchemeView sv, const int64_t[::1] ptr, const uint64_t[::1] ke
             for f in range(F):
                 sig[f] = <uint32_t>mins[f]
             if slots:
-                for k in range(s.dim):
+                for k in range(s.runs):
                     out[i - id0, k] = <uint32_t>he_lsh_slot(s, sig, 0, k)
             else:
                 for f in range(F):

@@ -78,12 +78,12 @@ typedef struct he_scheme {
     const uint64_t* lsh_keys;   /* [2 cap]: token, (field + 1) << 32 | id; 0 = empty */
     uint64_t lsh_mask;          /* cap - 1 (cap a power of two, > 2x the tokens) */
     uint64_t lsh_salt;          /* keys of sample rows and of absent tokens    */
-    const uint32_t* lsh_data;   /* [ids x width]: slots (TABLE) or signatures (LMA) */
-    int64_t lsh_width;          /* D (TABLE) or K signature values (LMA)       */
-    int64_t lsh_nh;             /* NUM_HASH: signature values per element      */
-    const int32_t* lsh_pick;    /* [D x NH]: signature positions of element k  */
+    const uint32_t* lsh_data;   /* [ids x width]: run starts (TABLE) or signatures (LMA) */
+    int64_t lsh_width;          /* D/Z (TABLE) or K signature values (LMA)     */
+    int64_t lsh_nh;             /* NUM_HASH: signature values per run          */
+    const int32_t* lsh_pick;    /* [D/Z x NH]: signature positions of run k    */
     const uint64_t* lsh_mh;     /* [2F]: minhash functions a_f, b_f            */
-    const uint64_t* lsh_mix;    /* [NH + D]: odd multipliers A_h, then c_k     */
+    const uint64_t* lsh_mix;    /* [NH + D/Z]: odd multipliers A_h, then c_k   */
 } he_scheme;
 
 /* ---- 128-bit product and arithmetic mod P -------------------------------- */
@@ -192,6 +192,12 @@ HE_HD uint64_t he_lsh_probe(uint64_t salt, int64_t field, uint64_t token)
     return he_mix64(token + he_mix64((uint64_t)field ^ salt));
 }
 
+/* The map entry a lookup of (field, token) reads first (for a prefetch). */
+HE_HD const uint64_t* he_lsh_bucket(const he_scheme* s, int64_t field, uint64_t token)
+{
+    return s->lsh_keys + 2 * (he_lsh_probe(s->lsh_salt, field, token) & s->lsh_mask);
+}
+
 /* Id of a sampled token, or -1: linear probing in the open-addressing map. */
 HE_HD int64_t he_lsh_find(const he_scheme* s, int64_t field, uint64_t token)
 {
@@ -208,10 +214,10 @@ HE_HD int64_t he_lsh_find(const he_scheme* s, int64_t field, uint64_t token)
 }
 
 /*
- * Slot of element k from the token's signature values v_h = sig[pick[k, h]]:
+ * Start of run k (Z elements) from the token's signature values v_h = sig[pick[k, h]]:
  * fastrange(c_k + sum_h A_h v_h mod 2^64, m) = floor(m (c_k + sum_h A_h v_h) / 2^64).
- * Equal picked values give equal slots (tokens with Jaccard similarity J share
- * element k with probability J^NH); unequal ones collide at about 1/m
+ * Equal picked values give equal starts (tokens with Jaccard similarity J share
+ * run k with probability J^NH); unequal ones collide at about 1/m
  * (multiply-add over 32-bit values with random 64-bit A_h is universal).
  * `sig` is the stored signature (stride 1), or NULL with `key` to evaluate the
  * minhash functions of a random singleton {key} instead.
@@ -327,6 +333,26 @@ HE_HD int he_sign(const he_scheme* s, const he_row* r, int64_t i)
     if (!s->is_signed)
         return 1;
     return he_sign_of_key(s->coef + HE_Q, he_addmod(r->sbase, s->sign_coef[i]));
+}
+
+/*
+ * Memory a lookup reads before its run starts are known, for the kernels to
+ * prefetch a few rows ahead: the map entry of (table, token) (he_row_hint) and
+ * the stored data row a found token's run starts read (he_row_data). NULL for
+ * the schemes whose slots are pure arithmetic.
+ */
+HE_HD const void* he_row_hint(const he_scheme* s, int64_t table, int64_t token)
+{
+    if (s->kind == HE_LSH_TABLE || s->kind == HE_LMA)
+        return he_lsh_bucket(s, table, (uint64_t)token);
+    return 0;
+}
+
+HE_HD const void* he_row_data(const he_scheme* s, const he_row* r)
+{
+    if ((s->kind == HE_LSH_TABLE || s->kind == HE_LMA) && r->sbase)
+        return s->lsh_data + r->base * (uint64_t)s->lsh_width;
+    return 0;
 }
 
 /* Slot of element j of a run that starts at `start` (circular in m). */

@@ -1,0 +1,282 @@
+"""SCMA (he.LSHTable) and LMA (he.LMA): signatures against a set-based minhash
+reference, slots against the formulas in plain Python, collision rates against
+Jaccard theory with binomial tolerances, bags through the shared kernels, and
+the error paths."""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import hashemb as he
+from reference import (bag_backward, bag_forward, lsh_combine, lsh_row_key, lsh_signature,
+                       slots_signs)
+
+SCHEMES = [he.LSHTable, he.LMA]
+
+
+def pair_data(specs, fields=2):
+    """Rows of a 2-field matrix where pair i = (token i of field 0, token i of
+    field 1) occurs together in c rows, token i of field 0 alone (with a unique
+    filler) in a rows and token i of field 1 alone in b rows: Jaccard c/(a+b+c)."""
+    rows, filler = [], 10 ** 12
+    for i, (a, b, c) in enumerate(specs):
+        rows += [[i, i]] * c
+        for _ in range(a):
+            rows.append([i, filler])
+            filler += 1
+        for _ in range(b):
+            rows.append([filler, i])
+            filler += 1
+    return np.array(rows, np.int64)
+
+
+def collision_fraction(scheme, n):
+    u = scheme.slots(np.arange(n), table=0)
+    v = scheme.slots(np.arange(n), table=1)
+    return (u == v).mean(axis=1)                      # per pair
+
+
+# ------------------------------------------------------------ signatures, slots
+
+@pytest.mark.parametrize("cls", SCHEMES)
+@settings(max_examples=15, deadline=None)
+@given(rows=st.integers(1, 40), T=st.integers(1, 4), vocab=st.integers(1, 12),
+       nh=st.integers(1, 3), dim=st.sampled_from([1, 2, 3, 4, 6, 8]),
+       seed=st.integers(0, 2 ** 32), data=st.data())
+def test_fit_matches_set_minhash(cls, rows, T, vocab, nh, dim, seed, data):
+    X = np.array(data.draw(st.lists(st.lists(st.integers(-vocab, vocab), min_size=T,
+                                             max_size=T), min_size=rows, max_size=rows)))
+    block = data.draw(st.sampled_from([z for z in range(1, dim + 1) if dim % z == 0]))
+    s = cls.fit(X, size=997, dim=dim, num_hashes=nh, num_points=rows, seed=seed, block=block)
+    sets = {}
+    for r in range(rows):
+        for t in range(T):
+            sets.setdefault((t, int(X[r, t]) % 2 ** 64), set()).add(r)
+    assert s.num_sampled == len(sets)
+    assert sorted(zip(s.fields.tolist(), s.tokens.tolist())) == sorted(sets)
+    salt = int(s._lsh["salt"])
+    for n, (f, tok) in enumerate(zip(s.fields.tolist(), s.tokens.tolist())):
+        sig = lsh_signature(s, [lsh_row_key(salt, r) for r in sets[(f, tok)]])
+        if cls is he.LMA:
+            assert s.data[n].tolist() == sig
+        else:
+            assert s.data[n].tolist() == [lsh_combine(s, sig, k) for k in range(dim // block)]
+
+
+@pytest.mark.parametrize("cls", SCHEMES)
+@pytest.mark.parametrize("block,size", [(1, 5000), (3, 5000), (6, 5000), (6, 7), (2, 3)])
+def test_slots_match_reference_sampled_and_absent(cls, block, size):
+    """Runs of Z elements start at the combined signature, wrap circularly."""
+    X = np.random.default_rng(0).integers(0, 30, (200, 3))
+    s = cls.fit(X, size=size, dim=6, num_hashes=2, num_points=150, seed=4, block=block)
+    tokens = np.array([0, 5, 29, 30, 31, -7, 2 ** 62])       # last four never seen
+    for table in range(3):
+        S, G = slots_signs(s, tokens, [table] * len(tokens))
+        assert (s.slots(tokens, table=table) == S).all()
+        assert (G == 1).all() and (s.signs(tokens, table=table) == 1).all()
+    assert (s.slots(tokens) < s.size).all()
+
+
+def test_sample_is_seeded_choice_of_rows():
+    X = np.arange(100 * 2).reshape(100, 2)                    # every token unique
+    s = he.LMA.fit(X, size=100, dim=4, num_points=10, seed=3)
+    rows = np.sort(np.random.default_rng(3).choice(100, 10, replace=False))
+    assert sorted(s.tokens.tolist()) == sorted(X[rows].ravel().tolist())
+    assert s.num_points == 10
+
+
+@pytest.mark.parametrize("cls", SCHEMES)
+def test_identical_sets_share_every_element(cls):
+    X = pair_data([(0, 0, 5), (0, 0, 1), (0, 0, 17)])
+    for seed in range(5):
+        s = cls.fit(X, size=10 ** 6, dim=32, num_points=len(X), seed=seed)
+        assert (collision_fraction(s, 3) == 1).all()
+
+
+@pytest.mark.parametrize("cls", SCHEMES)
+def test_slots_ignore_the_field(cls):
+    """A token's slots depend on its occurrence set only: the same raw token in
+    two fields with different sets differs, different tokens with one set agree."""
+    X = np.array([[1, 2], [1, 2], [3, 1]])
+    s = cls.fit(X, size=10 ** 6, dim=16, num_points=3)
+    assert (s.slots([1], table=0) == s.slots([2], table=1)).all()
+    assert (s.slots([1], table=0) != s.slots([1], table=1)).mean() > 0.5
+
+
+@pytest.mark.parametrize("cls", SCHEMES)
+def test_deterministic_by_seed(cls):
+    X = np.random.default_rng(1).integers(0, 50, (300, 4))
+    a = cls.fit(X, size=1000, dim=8, num_points=200, seed=7)
+    b = cls.fit(X, size=1000, dim=8, num_points=200, seed=7)
+    c = cls.fit(X, size=1000, dim=8, num_points=200, seed=8)
+    assert a == b and (a.data == b.data).all()
+    assert a != c
+    q = np.arange(-5, 60)
+    assert (a.slots(q, table=2) == b.slots(q, table=2)).all()
+    assert (a.slots(q, table=2) != c.slots(q, table=2)).any()
+
+
+# ------------------------------------------------------------ collision theory
+
+@pytest.mark.parametrize("cls", SCHEMES)
+@settings(max_examples=12, deadline=None)
+@given(a=st.integers(0, 12), b=st.integers(0, 12), c=st.integers(1, 12),
+       nh=st.integers(1, 3), seed=st.integers(0, 2 ** 32))
+def test_collision_rate_follows_jaccard(cls, a, b, c, nh, seed):
+    """Element k of two tokens shares a slot with probability J^H (J Jaccard,
+    H num_hashes; m = 2^31 so chance collisions are negligible). LSHTable's
+    elements use independent minhashes: binomial. LMA's elements reuse K = 8
+    signature values, so the per-pair fractions are tested by their own spread."""
+    pairs, dim = 300, 16
+    s = cls.fit(pair_data([(a, b, c)] * pairs), size=2 ** 31, dim=dim, num_hashes=nh,
+                num_points=pairs * (a + b + c), seed=seed)
+    p = (c / (a + b + c)) ** nh
+    frac = collision_fraction(s, pairs)
+    if cls is he.LSHTable:
+        n = pairs * dim
+        sd = np.sqrt(n * p * (1 - p)) + 0.5
+        assert abs(frac.sum() * dim - n * p) <= 4.5 * sd
+    else:
+        sd = frac.std() / np.sqrt(pairs) + 1e-3
+        assert abs(frac.mean() - p) <= 5 * sd
+
+
+@pytest.mark.parametrize("cls", SCHEMES)
+def test_blocks_collide_whole(cls):
+    """With Z = 4 the four elements of a run share one start: they collide
+    together, and runs follow J^H as elements do."""
+    pairs, dim, Z = 400, 16, 4
+    s = cls.fit(pair_data([(3, 3, 4)] * pairs), size=2 ** 31, dim=dim, block=Z,
+                num_points=pairs * 10, seed=11)
+    u, v = s.slots(np.arange(pairs), table=0), s.slots(np.arange(pairs), table=1)
+    same = (u == v).reshape(pairs, dim // Z, Z)
+    assert (same.all(axis=2) == same.any(axis=2)).all()
+    assert ((u.reshape(pairs, -1, Z) - u.reshape(pairs, -1, Z)[..., :1]) % s.size
+            == np.arange(Z)).all()
+    frac, p = same[..., 0].mean(axis=1), 0.4 ** 2
+    assert abs(frac.mean() - p) <= 5 * (frac.std() / np.sqrt(pairs) + 1e-3)
+
+
+@pytest.mark.parametrize("cls", SCHEMES)
+def test_disjoint_sets_collide_at_random_rate(cls):
+    """No common row: minhashes differ, slots collide at about 1/m."""
+    m, pairs, dim = 64, 2000, 16
+    s = cls.fit(pair_data([(2, 3, 0)] * pairs), size=m, dim=dim, num_points=pairs * 5)
+    hits = collision_fraction(s, pairs).sum() * dim
+    n, p = pairs * dim, 1 / m
+    assert abs(hits - n * p) <= 4.5 * np.sqrt(n * p * (1 - p))
+
+
+def test_absent_tokens_fill_the_array_uniformly():
+    s = he.LMA.fit(np.zeros((4, 2), np.int64), size=50, dim=4, num_points=4)
+    S = s.slots(np.arange(1, 20001), table=0).ravel()
+    counts = np.bincount(S, minlength=50)
+    n, p = S.size, 1 / 50
+    chi2 = ((counts - n * p) ** 2 / (n * p)).sum()
+    assert chi2 < 49 + 5 * np.sqrt(2 * 49)
+
+
+# ------------------------------------------------------------ bags and training
+
+@pytest.mark.parametrize("cls", SCHEMES)
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+@pytest.mark.parametrize("block", [1, 5])
+def test_bags_forward_backward_against_reference(cls, mode, block):
+    rng = np.random.default_rng(2)
+    X = rng.integers(0, 20, (100, 3))
+    s = cls.fit(X, size=301, dim=5, num_points=80, seed=1, block=block)
+    T, B = 3, 6
+    lengths = rng.integers(0, 4, T * B)
+    off = np.r_[0, np.cumsum(lengths)].astype(np.int64)
+    idx = rng.integers(0, 25, off[-1])                      # some never sampled
+    psw = rng.random(off[-1]).astype(np.float32) if mode == "sum" else None
+    M = s.init_weight(seed=3)
+    out = he.embedding_bags(idx, M, off, scheme=s, num_tables=T, mode=mode,
+                            per_sample_weights=psw)
+    np.testing.assert_allclose(out, bag_forward(s, idx, off, M, T, 0, mode, psw),
+                               rtol=1e-5, atol=1e-6)
+    G = rng.standard_normal(out.shape).astype(np.float32)
+    grad = he.embedding_bags_backward(G, idx, off, scheme=s, num_tables=T, mode=mode,
+                                      per_sample_weights=psw, weight=M)
+    want = bag_backward(s, idx, off, G.astype(np.float64), T, M, 0, mode, psw)
+    np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-5)
+    W = M.copy()
+    he.embedding_bags_backward(G, idx, off, scheme=s, num_tables=T, mode=mode,
+                               per_sample_weights=psw, weight=W, optimizer=he.SGD(0.5))
+    np.testing.assert_allclose(W, M - 0.5 * want, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------ persistence
+
+@pytest.mark.parametrize("cls", SCHEMES)
+def test_save_load_and_config_roundtrip(cls, tmp_path):
+    X = np.random.default_rng(5).integers(0, 40, (120, 2)).astype(np.uint64) * np.uint64(2 ** 40)
+    s = cls.fit(X, size=777, dim=7, num_hashes=3, num_points=100, seed=9)
+    path = tmp_path / "table.npz"
+    s.save(path)
+    for loaded in (cls.load(path), he.Scheme.from_config(s.config())):
+        assert loaded == s and type(loaded) is cls
+        q = np.r_[X[:, 0].view(np.int64), -1, 3]
+        assert (loaded.slots(q, table=0) == s.slots(q, table=0)).all()
+    other = he.LMA if cls is he.LSHTable else he.LSHTable
+    with pytest.raises(ValueError, match="path"):
+        other.load(path)
+
+
+def test_memory_is_the_sampled_tokens_only():
+    X = np.random.default_rng(0).integers(0, 1000, (50, 2))
+    t = he.LSHTable.fit(X, size=100, dim=16, num_points=50)
+    lma = he.LMA.fit(X, size=100, dim=16, num_points=50, signature_size=4)
+    assert t.data.shape == (t.num_sampled, 16) and lma.data.shape == (lma.num_sampled, 4)
+    assert lma.extra_bytes() < t.extra_bytes()
+
+
+# ------------------------------------------------------------ errors
+
+@pytest.mark.parametrize("cls", SCHEMES)
+def test_errors(cls):
+    X = np.arange(20).reshape(10, 2)
+    with pytest.raises(ValueError, match="X"):
+        cls.fit(np.zeros((0, 3), np.int64), size=10, dim=4)
+    with pytest.raises(ValueError, match="X"):
+        cls.fit(np.arange(5), size=10, dim=4, num_points=5)
+    with pytest.raises(TypeError, match="X"):
+        cls.fit(X.astype(np.float32), size=10, dim=4, num_points=5)
+    with pytest.raises(ValueError, match="num_points"):
+        cls.fit(X, size=10, dim=4, num_points=11)
+    with pytest.raises(ValueError, match="num_points"):
+        cls.fit(X, size=10, dim=4, num_points=0)
+    with pytest.raises(ValueError, match="size"):
+        cls.fit(X, size=2 ** 32 + 1, dim=4, num_points=5)
+    with pytest.raises(ValueError, match="dim"):
+        cls.fit(X, size=10, dim=0, num_points=5)
+    with pytest.raises(ValueError, match="num_hashes"):
+        cls.fit(X, size=10, dim=4, num_hashes=0, num_points=5)
+    with pytest.raises(ValueError, match="block"):
+        cls.fit(X, size=10, dim=4, num_points=5, block=3)
+    with pytest.raises(ValueError, match="block"):
+        cls.fit(X, size=3, dim=4, num_points=5, block=4)
+    s = cls.fit(X, size=10, dim=4, num_points=5)
+    with pytest.raises(ValueError, match="table"):
+        s.slots([1], table=2)
+    with pytest.raises(ValueError, match="num_tables"):
+        he.embedding_bags(np.zeros(3, np.int64), s.init_weight(), np.arange(4),
+                          scheme=s, num_tables=3)
+    with pytest.raises(ValueError, match="weight"):
+        he.embedding_bag(np.zeros(2, np.int64), np.zeros(5, np.float32), np.array([0]),
+                         scheme=s)
+
+
+def test_parts_errors():
+    X = np.arange(20).reshape(10, 2)
+    s = he.LMA.fit(X, size=10, dim=4, num_points=5)
+    with pytest.raises(ValueError, match="num_hashes"):
+        he.LMA.fit(X, size=10, dim=4, num_hashes=9, num_points=5)      # > signature_size
+    with pytest.raises(ValueError, match="data"):
+        he.LMA(10, 4, 2, s.fields, s.tokens, s.data[:, :3])
+    with pytest.raises(ValueError, match="tokens"):
+        he.LMA(10, 4, 2, np.r_[s.fields, s.fields[:1]], np.r_[s.tokens, s.tokens[:1]],
+               np.r_[s.data, s.data[:1]])
+    with pytest.raises(ValueError, match="fields"):
+        he.LMA(10, 4, 1, s.fields, s.tokens, s.data)
+    with pytest.raises(ValueError, match="signature_size"):
+        he.LSHTable(10, 4, 2, s.fields, s.tokens, s.data, signature_size=4)
