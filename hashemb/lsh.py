@@ -73,7 +73,9 @@ class _MinhashScheme(Scheme):
         width = self._width(dim, signature_size)
         fields = np.ascontiguousarray(V._as_array(fields, "fields"), np.int32)
         tokens = V.as_keys(tokens, "tokens").astype(np.int64, copy=False).view(np.uint64)
-        data = np.ascontiguousarray(V._as_array(data, "data"), np.uint32)
+        data = V._as_array(data, "data")
+        data = np.ascontiguousarray(data.view(np.uint32) if data.dtype == np.int32 else data,
+                                    np.uint32)                # int32: a uint32 bit pattern
         n = tokens.shape[0]
         if fields.shape != (n,) or n == 0:
             raise ValueError(f"fields: expected shape ({n},) like tokens, with n >= 1, "
@@ -92,7 +94,7 @@ class _MinhashScheme(Scheme):
         self._config = dict(type=self._type, size=size, dim=dim, num_fields=self.num_tables,
                             num_hashes=self.num_hashes, seed=self.seed, block=self.block,
                             signature_size=None if self._kind_id == _LSH_TABLE else width,
-                            fields=fields, tokens=tokens,
+                            fields=fields, tokens=tokens.view(np.int64),
                             data=data)
         self._setup(self._kind_id, size, dim, self.block, size, [0] * 12)
 

@@ -280,3 +280,59 @@ def test_parts_errors():
         he.LMA(10, 4, 1, s.fields, s.tokens, s.data)
     with pytest.raises(ValueError, match="signature_size"):
         he.LSHTable(10, 4, 2, s.fields, s.tokens, s.data, signature_size=4)
+
+
+# ------------------------------------------------------------ torch modules
+
+def test_torch_collection_matches_kernels_and_trains():
+    torch = pytest.importorskip("torch")
+    from hashemb.torch import LSHEmbeddingBagCollection
+    rng = np.random.default_rng(3)
+    X = rng.integers(0, 60, (500, 3))
+    emb = LSHEmbeddingBagCollection(torch.from_numpy(X), [60, 60, 60], 8, compression=4,
+                                    lma=True, num_points=300, block=4, optimizer="sgd", lr=0.1)
+    s = emb.scheme
+    assert isinstance(s, he.LMA) and s.block == 4 and s.size == 60 * 3 * 8 // 4
+    M = emb.weight.detach().numpy().copy()
+    q = rng.integers(0, 70, (16, 3))                     # some tokens unseen
+    out = emb(torch.from_numpy(q))
+    flat = np.ascontiguousarray(q.T).reshape(-1)
+    off = np.arange(flat.size + 1, dtype=np.int64)
+    np.testing.assert_allclose(out.detach().numpy(),
+                               he.embedding_bags(flat, M, off, scheme=s, num_tables=3),
+                               rtol=1e-6)
+    G = rng.standard_normal(out.shape).astype(np.float32)
+    out.backward(torch.from_numpy(G))
+    want = M - 0.1 * bag_backward(s, flat, off, G.astype(np.float64), 3)
+    np.testing.assert_allclose(emb.weight.detach().numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("lma", [False, True])
+def test_torch_state_dict_roundtrip(lma, tmp_path):
+    torch = pytest.importorskip("torch")
+    from hashemb.torch import LSHEmbeddingBag, LSHEmbeddingBagCollection
+    X = torch.randint(0, 50, (400, 2))
+    a = LSHEmbeddingBagCollection(X, [50, 50], 8, compression=2, lma=lma, seed=1,
+                                  optimizer="adagrad", lr=0.1)
+    a(X[:32]).sum().backward()
+    torch.save(a.state_dict(), tmp_path / "m.pt")
+    b = LSHEmbeddingBagCollection(torch.randint(0, 50, (400, 2)), [50, 50], 8, compression=2,
+                                  lma=lma, seed=7, optimizer="adagrad", lr=0.1)
+    b.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
+    assert b.scheme == a.scheme
+    q = torch.randint(0, 60, (64, 2))
+    assert torch.equal(a(q), b(q))
+    single = LSHEmbeddingBag(a.scheme, 50, 8, table=1)        # a prebuilt scheme
+    assert single.scheme is a.scheme and single.memory_bytes() > single.weight.numel() * 4
+
+
+def test_torch_errors():
+    torch = pytest.importorskip("torch")
+    from hashemb.torch import LSHEmbeddingBagCollection
+    X = torch.randint(0, 50, (100, 2))
+    with pytest.raises(ValueError, match="num_embeddings"):
+        LSHEmbeddingBagCollection(X, [50, 50, 50], 8, compression=2)
+    with pytest.raises(TypeError, match="data"):
+        LSHEmbeddingBagCollection(X.float(), [50, 50], 8, compression=2)
+    with pytest.raises(ValueError, match="input"):
+        LSHEmbeddingBagCollection(X, [50, 50], 8, compression=2)(X[:, :1])

@@ -6,6 +6,7 @@ DLPack without copies. CPU tensors today; CUDA tensors need the CuPy backend.
 from .fast import FastEmbedding, FastMultiEmbedding
 from .modules import (HashEmbeddingBag, HashEmbeddingBagCollection, HashedEmbeddingBag,
                       HashedNetEmbeddingBagCollection, HashingTrickEmbeddingBagCollection,
+                      LSHEmbeddingBag, LSHEmbeddingBagCollection,
                       RobeEmbeddingBag, RobeEmbeddingBagCollection,
                       TorchEmbeddingBagCollection, dense_parameters)
 
@@ -13,7 +14,7 @@ __all__ = ["HashEmbeddingBag", "HashEmbeddingBagCollection", "RobeEmbeddingBag",
            "RobeEmbeddingBagCollection", "HashedEmbeddingBag",
            "HashedNetEmbeddingBagCollection", "HashingTrickEmbeddingBagCollection",
            "TorchEmbeddingBagCollection", "dense_parameters", "FastEmbedding",
-           "FastMultiEmbedding"]
+           "FastMultiEmbedding", "LSHEmbeddingBag", "LSHEmbeddingBagCollection"]
 from .dlrm import DLRM, METHODS, evaluate, make_embedding, train_epoch  # noqa: E402
 from .tt import TTEmbeddingBag, TTEmbeddingBagCollection  # noqa: E402
 

@@ -8,6 +8,7 @@ from torch import nn
 
 from .. import _validate as V
 from ..hashing import UniversalHash
+from ..lsh import LMA, LSHTable
 from ..schemes import FullTable, HashedNet, RobeZ, Scheme
 from ._function import BagFunction, Lookup, as_array, check_cpu, make_optimizer
 
@@ -141,19 +142,27 @@ class HashEmbeddingBag(nn.Module):
         return BagFunction.apply(self.weight, flat, off, psw, self._lookup)
 
     def get_extra_state(self):
-        return {"scheme": self.scheme.config(), "table": self.table, "mode": self.mode,
+        # a scheme's arrays (SCMA / LMA) travel as tensors: torch.load(weights_only=True)
+        # accepts them, and a uint32 array goes as its int32 bit pattern
+        cfg = {k: torch.from_numpy(v.view(np.int32) if v.dtype == np.uint32 else v)
+               if isinstance(v, np.ndarray) else v for k, v in self.scheme.config().items()}
+        return {"scheme": cfg, "table": self.table, "mode": self.mode,
                 "padding_idx": self.padding_idx, "optimizer": self._opt_args}
 
     def set_extra_state(self, state):
         self.table, self.mode = state["table"], state["mode"]
         self.padding_idx = state["padding_idx"]
         self._opt_args = tuple(state["optimizer"])
-        self._build(Scheme.from_config(state["scheme"]), make_optimizer(*self._opt_args))
+        cfg = {k: v.numpy() if isinstance(v, torch.Tensor) else v
+               for k, v in state["scheme"].items()}
+        self._build(Scheme.from_config(cfg), make_optimizer(*self._opt_args))
 
     def memory_bytes(self):
-        """Bytes of the array (plus an Adagrad accumulator)."""
+        """Bytes of the array (plus an Adagrad accumulator and, for SCMA / LMA,
+        the sampled tokens' map and slots or signatures)."""
         n = self.weight.numel() * self.weight.element_size()
-        return n * (2 if hasattr(self, "optimizer_state") else 1)
+        extra = self.scheme.extra_bytes() if hasattr(self.scheme, "extra_bytes") else 0
+        return n * (2 if hasattr(self, "optimizer_state") else 1) + extra
 
     def extra_repr(self):
         return f"{self.scheme!r}, mode={self.mode!r}, optimizer={self._opt_args[0]!r}"
@@ -301,6 +310,105 @@ class HashedNetEmbeddingBagCollection(HashEmbeddingBagCollection):
         self.num_embeddings, self.embedding_dim = sizes, D
         super().__init__(HashedNet(_robe_size(sum(sizes) * D, compression, 1), D, seed=seed,
                                    signed=signed), len(sizes), mode=mode, **kwargs)
+
+
+def _minhash_scheme(data, sizes, dim, compression, lma, num_hashes, num_points, block,
+                    seed, signature_size, progress):
+    """An he.LSHTable / he.LMA fitted on ``data`` (or ``data`` itself if it is one)."""
+    if isinstance(data, (LSHTable, LMA)):
+        return data
+    X = V.as_keys(data.numpy() if isinstance(data, torch.Tensor) else data, "data")
+    X = X.reshape(-1, 1) if X.ndim == 1 else X
+    D = V.check_positive_int(dim, "embedding_dim", upper=1 << 20)
+    size = _robe_size(sum(sizes) * D, compression, V.check_positive_int(block, "block"))
+    num_points = min(V.check_positive_int(num_points, "num_points", upper=1 << 62), X.shape[0])
+    if lma:
+        return LMA.fit(X, size, D, num_hashes, num_points, seed, block, signature_size,
+                       progress)
+    return LSHTable.fit(X, size, D, num_hashes, num_points, seed, block, progress)
+
+
+class LSHEmbeddingBag(HashEmbeddingBag):
+    r"""SCMA / LMA embedding bag: memory allocated by minhash of the data
+    (:class:`hashemb.LSHTable`, or :class:`hashemb.LMA` with ``lma=True``), a
+    ``num_embeddings x embedding_dim`` table kept in
+    ``ceil(num_embeddings * embedding_dim / compression)`` floats.
+
+    Parameters
+    ----------
+    data : array (rows,) or (rows, fields), or a fitted he.LSHTable / he.LMA
+        Training tokens to learn the allocation from (``num_points`` rows are
+        sampled), or a scheme built before (e.g. by ``python -m hashemb
+        lsh-table``), whose own size and hashes are then used.
+    num_embeddings, embedding_dim : int
+    compression : float
+    table : int
+        The field of ``data`` this bag reads (tokens are that column's values).
+    lma : bool
+        Signatures with slots computed on the fly (he.LMA) instead of a slot table.
+    num_hashes, num_points, block, seed, signature_size, progress
+        As in :meth:`hashemb.LSHTable.fit` / :meth:`hashemb.LMA.fit`.
+    mode, optimizer, lr, eps, init_seed, dtype
+        As in :class:`HashEmbeddingBag`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from hashemb.torch import LSHEmbeddingBag
+    >>> x = torch.randint(0, 1000, (5000,))
+    >>> emb = LSHEmbeddingBag(x, 1000, 16, compression=10)
+    >>> emb.weight.numel(), emb(x[:8].reshape(4, 2)).shape
+    (1600, torch.Size([4, 16]))
+    """
+
+    def __init__(self, data, num_embeddings, embedding_dim, compression=1000.0, table=0,
+                 lma=False, num_hashes=2, num_points=125_000, block=1, seed=0,
+                 signature_size=8, mode="sum", progress=False, **kwargs):
+        sizes = _sizes(num_embeddings)
+        self.num_embeddings, self.embedding_dim = sizes[0], embedding_dim
+        scheme = _minhash_scheme(data, sizes, embedding_dim, compression, lma, num_hashes,
+                                 num_points, block, seed, signature_size, progress)
+        super().__init__(scheme, table, mode=mode, **kwargs)
+
+
+class LSHEmbeddingBagCollection(HashEmbeddingBagCollection):
+    r"""Many tables in ONE SCMA / LMA array: memory allocated by minhash of the
+    training data's co-occurrence (:class:`hashemb.LSHTable`, or
+    :class:`hashemb.LMA` with ``lma=True``), ``ceil(sum(num_embeddings) *
+    embedding_dim / compression)`` floats, a batch of all tables in one kernel
+    call. Tokens of different tables that occur in the same rows share memory.
+
+    Parameters
+    ----------
+    data : array (rows, T), or a fitted he.LSHTable / he.LMA
+        The training tokens (column t = table t), or a scheme built before.
+    num_embeddings : list of int
+        Rows of each table (for the array size).
+    embedding_dim, compression, lma, num_hashes, num_points, block, seed,
+    signature_size, progress, mode, optimizer, lr, eps, init_seed, dtype
+        As in :class:`LSHEmbeddingBag`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from hashemb.torch import LSHEmbeddingBagCollection
+    >>> X = torch.randint(0, 100, (2000, 3))
+    >>> emb = LSHEmbeddingBagCollection(X, [100, 100, 100], 16, compression=10, lma=True)
+    >>> emb.weight.numel(), emb(X[:4]).shape
+    (480, torch.Size([4, 48]))
+    """
+
+    def __init__(self, data, num_embeddings, embedding_dim, compression=1000.0, lma=False,
+                 num_hashes=2, num_points=125_000, block=1, seed=0, signature_size=8,
+                 mode="sum", progress=False, **kwargs):
+        sizes = _sizes(num_embeddings)
+        self.num_embeddings, self.embedding_dim = sizes, embedding_dim
+        scheme = _minhash_scheme(data, sizes, embedding_dim, compression, lma, num_hashes,
+                                 num_points, block, seed, signature_size, progress)
+        if scheme.num_tables != len(sizes):
+            raise ValueError(f"num_embeddings: expected {scheme.num_tables} table sizes (the "
+                             f"fields of data), got {len(sizes)}")
+        super().__init__(scheme, len(sizes), mode=mode, **kwargs)
 
 
 class HashedEmbeddingBag(HashEmbeddingBag):
