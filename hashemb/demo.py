@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 NAMES = {"full": "full (nn.EmbeddingBag)", "robez": "RobeZ", "hashednet": "HashedNet",
-         "hashing_trick": "hashing trick", "tt": "TT-Rec"}
+         "hashing_trick": "hashing trick", "lsh": "SCMA (LSHTable)", "lma": "LMA", "tt": "TT-Rec"}
 
 
 def _parser():
@@ -42,10 +42,15 @@ def _parser():
     p.add_argument("--sweep", type=str, default=None,
                    help="comma-separated compressions for the AUC plot "
                         "(default 10,100,1000; MovieLens 10,100); '' for none")
-    p.add_argument("--methods", type=str, default="full,robez,hashednet,hashing_trick",
-                   help="comma-separated, from full, robez, hashednet, hashing_trick, tt "
-                        "(TT-Rec; the issue's '--embedding tt' is '--methods tt')")
+    p.add_argument("--methods", "--embedding", type=str, default="full,robez,hashednet,hashing_trick",
+                   help="comma-separated, from full, robez, hashednet, hashing_trick, lsh "
+                        "(SCMA), lma (LMA), tt (TT-Rec)")
     p.add_argument("--block", type=int, default=16, help="ROBE-Z block size Z")
+    p.add_argument("--lsh-block", type=int, default=1,
+                   help="SCMA / LMA: elements per run sharing one minhash slot (default 1)")
+    p.add_argument("--num-hashes", type=int, default=2, help="SCMA / LMA: minhashes per run")
+    p.add_argument("--num-points", type=int, default=125_000,
+                   help="SCMA / LMA: training rows sampled for the minhash (default 125000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     p.add_argument("--out", default="demo_out", help="folder for the PNG and JSON results")
@@ -89,7 +94,14 @@ def run_method(method, compression, tr, te, card, args, epochs, bar_desc):
     from .torch import DLRM, evaluate, make_embedding, train_epoch
     from .torch.dlrm import embedding_params, make_optimizer
     torch.manual_seed(args.seed)
-    if method == "tt":       # TT-Rec (issue 7): ranks chosen to hit the compression
+    if method in ("lsh", "lma"):    # SCMA / LMA (issue 6): allocation learned from tr
+        from .torch import LSHEmbeddingBagCollection
+        emb = LSHEmbeddingBagCollection(tr.cats, card, 16, compression, lma=method == "lma",
+                                        num_points=min(args.num_points, len(tr.labels)),
+                                        num_hashes=args.num_hashes, block=args.lsh_block,
+                                        seed=args.seed, optimizer=args.optimizer, lr=args.lr,
+                                        init_seed=args.seed, progress=not args.no_progress)
+    elif method == "tt":     # TT-Rec (issue 7): ranks chosen to hit the compression
         from .torch.tt import TTEmbeddingBagCollection, tt_ranks_for_compression
         emb = TTEmbeddingBagCollection(card, 16, tt_ranks_for_compression(card, 16, compression),
                                        sparse=True, optimizer=args.optimizer,
@@ -109,10 +121,11 @@ def run_method(method, compression, tr, te, card, args, epochs, bar_desc):
             speeds.append(sps)
     ev = evaluate(model, te.dense, te.cats, te.labels)
     params = embedding_params(model)
+    extra = emb.scheme.extra_bytes() if hasattr(getattr(emb, "scheme", None), "extra_bytes") else 0
     full_params = sum(card) * 16
     return {"method": method, "nominal": compression, "compression": full_params / params,
             "epochs": epochs,
-            "embedding_params": params, "memory_mb": params * 4 / 2 ** 20,
+            "embedding_params": params, "memory_mb": (params * 4 + extra) / 2 ** 20,
             "auc": ev["auc"], "logloss": ev["logloss"], "train_sps": float(np.median(speeds)),
             "infer_sps": ev["samples_per_s"]}
 
@@ -135,7 +148,7 @@ def plot(rows, full, oracle, path, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for m in ("robez", "hashednet", "hashing_trick", "tt"):
+    for m in ("robez", "hashednet", "hashing_trick", "lsh", "lma", "tt"):
         pts = sorted((r["nominal"], r["auc"]) for r in rows if r["method"] == m)
         if pts:
             ax.plot(*zip(*pts), marker="o", label=NAMES[m])
