@@ -380,3 +380,58 @@ class LMA(_MinhashScheme):
 
     def _extra_repr(self):
         return f", signature_size={self._lsh['width']}"
+
+
+def main(argv=None):
+    """``python -m hashemb lsh-table``: learn an SCMA table (or LMA signatures)
+    from a data file and save it as ``.npz`` (the original's
+    ``lsh_pp_pretraining EMBEDDING NUM_HASH NUM_PT``)."""
+    import argparse
+    import resource
+    import time
+    p = argparse.ArgumentParser(prog="python -m hashemb lsh-table", description=main.__doc__)
+    p.add_argument("--data", required=True,
+                   help="a Criteo TSV (label, I1..I13, C1..C26; .gz too) or a .npy "
+                        "(rows, fields) integer matrix")
+    p.add_argument("--dim", type=int, required=True, help="embedding width D")
+    p.add_argument("--num-hash", type=int, default=2, help="minhashes combined per run")
+    p.add_argument("--num-points", type=int, default=125_000, help="rows sampled")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--size", type=int, help="floats in the shared array")
+    size.add_argument("--compression", type=float, default=1000.0,
+                      help="array = distinct tokens x dim / compression (default 1000)")
+    p.add_argument("--lma", action="store_true", help="LMA signatures instead of a slot table")
+    p.add_argument("--signature-size", type=int, default=8, help="LMA: minhash values per token")
+    p.add_argument("--block", type=int, default=1, help="elements per run (divides dim)")
+    p.add_argument("--limit", type=int, default=None, help="read at most this many rows")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output .npz (default lsh_D_H_N[_lma].npz)")
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    if args.data.endswith(".npy"):
+        X = np.load(args.data, mmap_mode="r")
+        X = np.asarray(X[:args.limit] if args.limit else X)
+    else:
+        from .data import CriteoTSV
+        X = CriteoTSV(args.data, on_bad="skip").read(limit=args.limit).cats
+    if X.ndim != 2 or X.shape[0] == 0:
+        raise SystemExit(f"--data: expected a non-empty (rows, fields) matrix, got {X.shape}")
+    distinct = sum(len(np.unique(X[:, t])) for t in range(X.shape[1]))
+    size = args.size or max(args.block, int(np.ceil(distinct * args.dim / args.compression)))
+    num_points = min(args.num_points, X.shape[0])
+    print(f"data: {X.shape[0]:,} rows x {X.shape[1]} fields, {distinct:,} distinct tokens; "
+          f"sampling {num_points:,} rows; array of {size:,} floats")
+    t1 = time.perf_counter()
+    kw = dict(num_hashes=args.num_hash, num_points=num_points, seed=args.seed,
+              block=args.block, progress=True)
+    scheme = (LMA.fit(X, size, args.dim, signature_size=args.signature_size, **kw) if args.lma
+              else LSHTable.fit(X, size, args.dim, **kw))
+    t2 = time.perf_counter()
+    out = args.out or (f"lsh_{args.dim}_{args.num_hash}_{num_points}"
+                       f"{'_lma' if args.lma else ''}.npz")
+    scheme.save(out)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    print(f"{scheme!r}\nbuilt in {t2 - t1:.2f} s (read {t1 - t0:.1f} s), peak memory "
+          f"{peak:.2f} GiB, {scheme.extra_bytes() / 2 ** 20:.1f} MiB of map and "
+          f"{'signatures' if args.lma else 'slots'}; saved {out}")
+    return scheme

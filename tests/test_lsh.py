@@ -336,3 +336,17 @@ def test_torch_errors():
         LSHEmbeddingBagCollection(X.float(), [50, 50], 8, compression=2)
     with pytest.raises(ValueError, match="input"):
         LSHEmbeddingBagCollection(X, [50, 50], 8, compression=2)(X[:, :1])
+
+
+def test_cli_writes_a_loadable_scheme(tmp_path, capsys):
+    from hashemb.__main__ import main
+    X = np.random.default_rng(0).integers(0, 30, (300, 4))
+    np.save(tmp_path / "x.npy", X)
+    out = tmp_path / "t.npz"
+    assert main(["lsh-table", "--data", str(tmp_path / "x.npy"), "--dim", "8", "--num-hash",
+                 "2", "--num-points", "200", "--lma", "--out", str(out)]) == 0
+    s = he.LMA.load(out)
+    assert s == he.LMA.fit(X, s.size, 8, num_hashes=2, num_points=200)
+    assert "saved" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["lsh-table", "--dim", "8"])                     # --data is required

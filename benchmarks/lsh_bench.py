@@ -1,0 +1,124 @@
+"""SCMA / LMA: signature build time and peak memory on the Criteo Kaggle shape,
+and lookup throughput beside RobeZ and HashedNet in the same run.
+
+Build: the synthetic Criteo generator at full scale (26 fields, 33.76M
+tokens), ``--rows`` rows of which 125,000 are sampled; each build runs in its own
+process so its peak memory is its own. Lookups: batches of the synthetic test
+split (most tokens seen in the sample, as in training), forward at batch 16384
+and a training step (forward + backward + fused SGD) at batch 2048, arrays at
+1000x compression.
+
+    python benchmarks/lsh_bench.py            # about 2 minutes on 2 cores
+"""
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def data(rows, seed=0):
+    from hashemb.data import SyntheticCriteo
+    gen = SyntheticCriteo(scale=1.0, seed=seed)
+    return gen, gen.sample(0, rows, "train").cats
+
+
+def build_one(kind, dim, rows, num_points):
+    import hashemb as he
+    _, X = data(rows)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    cls = he.LMA if kind == "LMA" else he.LSHTable
+    t = time.perf_counter()
+    s = cls.fit(X, size=33_762_577 * dim // 1000, dim=dim, num_hashes=2, num_points=num_points)
+    sec = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"kind": kind, "dim": dim, "seconds": sec, "sampled": s.num_sampled,
+                      "peak_gib": peak / 2 ** 20, "build_gib": (peak - base) / 2 ** 20,
+                      "extra_mib": s.extra_bytes() / 2 ** 20}))
+
+
+def timeit(fn, iters=7):
+    fn()
+    ts = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
+def lookups(rows, num_points, dim=16):
+    import hashemb as he
+    from tqdm.auto import tqdm
+    gen, X = data(rows)
+    T = X.shape[1]
+    size = sum(gen.cardinalities) * dim // 1000
+    test = gen.sample(0, 16384, "test").cats
+    schemes = {
+        "RobeZ Z=16": lambda: he.RobeZ(size, dim, block=16),
+        "HashedNet (Z=1)": lambda: he.HashedNet(size, dim),
+        "LSHTable Z=16": lambda: he.LSHTable.fit(X, size, dim, num_points=num_points, block=16),
+        "LMA Z=16": lambda: he.LMA.fit(X, size, dim, num_points=num_points, block=16),
+        "LSHTable Z=1": lambda: he.LSHTable.fit(X, size, dim, num_points=num_points),
+        "LMA Z=1": lambda: he.LMA.fit(X, size, dim, num_points=num_points),
+    }
+    out = {}
+    for name, make in tqdm(schemes.items(), desc="lookups", leave=False):
+        s = make()
+        W = s.init_weight()
+        res = {}
+        for B, train in ((16384, False), (2048, True)):
+            q = np.ascontiguousarray(test[:B].T).reshape(-1)
+            off = np.arange(q.size + 1, dtype=np.int64)
+            G = np.ones((B, T * dim), np.float32)
+            opt = he.SGD(1e-6)
+
+            def step():
+                he.embedding_bags(q, W, off, scheme=s, num_tables=T)
+                if train:
+                    he.embedding_bags_backward(G, q, off, scheme=s, num_tables=T, weight=W,
+                                               optimizer=opt)
+            res["train" if train else "forward"] = B / timeit(step)
+        out[name] = res
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=500_000)
+    p.add_argument("--num-points", type=int, default=125_000)
+    p.add_argument("--build-one", nargs=2, metavar=("KIND", "DIM"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.build_one:
+        build_one(args.build_one[0], int(args.build_one[1]), args.rows, args.num_points)
+        return
+    print(f"build: {args.rows:,} synthetic Criteo rows (26 fields, 33.76M tokens), "
+          f"{args.num_points:,} sampled, NUM_HASH = 2")
+    print("| scheme | D | seconds | sampled tokens | peak GiB (process) | "
+          "GiB added by the build | map + data MiB |")
+    print("|---|---|---|---|---|---|---|")
+    for kind, dim in (("LSHTable", 16), ("LMA", 16), ("LSHTable", 128), ("LMA", 128)):
+        r = json.loads(subprocess.run(
+            [sys.executable, __file__, "--build-one", kind, str(dim), "--rows", str(args.rows),
+             "--num-points", str(args.num_points)], check=True, capture_output=True,
+            text=True).stdout.strip().splitlines()[-1])
+        print(f"| {kind} | {dim} | {r['seconds']:.2f} | {r['sampled']:,} | {r['peak_gib']:.2f} "
+              f"| {r['build_gib']:.2f} | {r['extra_mib']:.0f} |")
+    res = lookups(args.rows, args.num_points)
+    robe, hnet = res["RobeZ Z=16"], res["HashedNet (Z=1)"]
+    print("\nlookups at 1000x, D=16 (samples/s; ratios in this run)")
+    print("| scheme | forward B=16384 | train step B=2048 | forward / RobeZ | train / RobeZ "
+          "| forward / HashedNet | train / HashedNet |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in res.items():
+        print(f"| {name} | {r['forward']:,.0f} | {r['train']:,.0f} | "
+              f"{r['forward'] / robe['forward']:.2f} | {r['train'] / robe['train']:.2f} | "
+              f"{r['forward'] / hnet['forward']:.2f} | {r['train'] / hnet['train']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
