@@ -46,8 +46,9 @@ def _parser():
                    help="comma-separated, from full, robez, hashednet, hashing_trick, lsh "
                         "(SCMA), lma (LMA), tt (TT-Rec)")
     p.add_argument("--block", type=int, default=16, help="ROBE-Z block size Z")
-    p.add_argument("--lsh-block", type=int, default=1,
-                   help="SCMA / LMA: elements per run sharing one minhash slot (default 1)")
+    p.add_argument("--lsh-block", type=int, default=None,
+                   help="SCMA / LMA: elements per run sharing one minhash slot "
+                        "(default D = 16; 1 = element-wise, as the originals)")
     p.add_argument("--num-hashes", type=int, default=2, help="SCMA / LMA: minhashes per run")
     p.add_argument("--num-points", type=int, default=125_000,
                    help="SCMA / LMA: training rows sampled for the minhash (default 125000)")

@@ -43,7 +43,7 @@ def _stream(seed, stream, count):
 
 
 def _check_block(block, dim, size):
-    block = V.check_positive_int(block, "block", upper=dim + 1)
+    block = dim if block is None else V.check_positive_int(block, "block", upper=dim + 1)
     if dim % block:
         raise ValueError(f"block: expected a divisor of dim={dim}, got {block}")
     if block > size:
@@ -63,7 +63,7 @@ class _MinhashScheme(Scheme):
     num_points = None        # rows sampled by fit (None when built from parts)
 
     def __init__(self, size, dim, num_fields, fields, tokens, data, num_hashes=2, seed=0,
-                 block=1, signature_size=None):
+                 block=None, signature_size=None):
         size = V.check_positive_int(size, "size", upper=(1 << 32) + 1)
         dim = V.check_positive_int(dim, "dim", upper=1 << 20)
         self.block = _check_block(block, dim, size)
@@ -126,7 +126,7 @@ class _MinhashScheme(Scheme):
 
     # ---- building from data
     @classmethod
-    def fit(cls, X, size, dim, num_hashes=2, num_points=125_000, seed=0, block=1,
+    def fit(cls, X, size, dim, num_hashes=2, num_points=125_000, seed=0, block=None,
             progress=False, **kwargs):
         X = V.as_keys(X, "X")
         if X.ndim != 2:
@@ -253,25 +253,30 @@ class LSHTable(_MinhashScheme):
     r"""SCMA: a slot table learned from data co-occurrence by minhash.
 
     A sample of rows of the categorical matrix ``X`` gives every (field, token)
-    seen in it the set :math:`S` of sampled rows it occurs in; element
-    :math:`k < D` of its embedding reads slot
+    seen in it the set :math:`S` of sampled rows it occurs in. Its embedding is
+    cut into runs of :math:`Z` = ``block`` elements (default :math:`Z = D`, one
+    run; ``block=1`` is the original's element-wise allocation); run :math:`k`
+    is read contiguously (circularly) from
 
     .. math::
 
-        \mathrm{slot}(x, k) = \Big\lfloor m\,\big(c_k + \textstyle\sum_{h < H}
-        A_h\, \mu_{hD+k}(S)\big) \bmod 2^{64} \,/\, 2^{64} \Big\rfloor,\qquad
+        \mathrm{start}(x, k) = \Big\lfloor m\,\big(c_k + \textstyle\sum_{h < H}
+        A_h\, \mu_{hR+k}(S)\big) \bmod 2^{64} \,/\, 2^{64} \Big\rfloor,\qquad
         \mu_f(S) = \min_{r \in S}\, h_f(r) \bmod 2^{32}
 
-    with :math:`H` = ``num_hashes``, :math:`h_f(r) = (a_f \kappa(r) + b_f) \bmod P`
-    independent universal hashes of the scrambled row key :math:`\kappa(r)`,
-    odd random :math:`A_h` and random :math:`c_k`. Two tokens with Jaccard
-    similarity :math:`J` share element :math:`k` with probability
-    :math:`J^H + (1 - J^H)/m` (about), the same for every pair of fields: the
-    slot does not depend on the field. The slots of sampled tokens are stored
-    (``num_sampled x D`` uint32) with an open-addressing map from (field, token)
-    to its row; a token absent from the sample gets the slots of a random
-    singleton set (its own seeded key), computed on the fly, so memory holds
-    only the tokens seen, not every token of every table.
+    with :math:`R = D/Z` runs, :math:`H` = ``num_hashes``,
+    :math:`h_f(r) = (a_f \kappa(r) + b_f) \bmod P` independent universal hashes
+    of the scrambled row key :math:`\kappa(r)`, odd random :math:`A_h` and random
+    :math:`c_k` (the original sums :math:`A_h \mu` and reduces mod m; the
+    multiply-add over 32-bit values mod :math:`2^{64}` then the high bits of a
+    product with m is the same universal combination without a division). Two
+    tokens with Jaccard similarity :math:`J` share run :math:`k` with
+    probability :math:`J^H + (1 - J^H)/m` (about), the same for every pair of
+    fields: the slot does not depend on the field. The run starts of sampled
+    tokens are stored (``num_sampled x D/Z`` uint32) with an open-addressing
+    map from (field, token) to its row; a token absent from the sample gets the
+    starts of a random singleton set (its own seeded key), computed on the fly,
+    so memory holds only the tokens seen, not every token of every table.
 
     Build with :meth:`fit`; :meth:`save` / :meth:`load` keep it as ``.npz``.
     The scheme's table ``t`` is field ``t`` of ``X``; tokens are any 64-bit
@@ -288,6 +293,8 @@ class LSHTable(_MinhashScheme):
         :meth:`fit` makes them.
     num_hashes : int
     seed : int
+    block : int, optional
+        Z, a divisor of ``dim`` (default ``dim``).
 
     Examples
     --------
@@ -313,7 +320,7 @@ class LSHTable(_MinhashScheme):
         return (h * runs + k).astype(np.int32)
 
     @classmethod
-    def fit(cls, X, size, dim, num_hashes=2, num_points=125_000, seed=0, block=1,
+    def fit(cls, X, size, dim, num_hashes=2, num_points=125_000, seed=0, block=None,
             progress=False):
         """Learn the table from ``X`` (rows x fields, integer tokens): sample
         ``num_points`` rows (seeded, without replacement), take for every token
@@ -334,8 +341,9 @@ class LMA(_MinhashScheme):
 
     Like :class:`LSHTable`, but each sampled token keeps only a signature of
     :math:`K` = ``signature_size`` minhash values (``K`` uint32, 32 bytes for
-    the default 8) and element :math:`k` combines :math:`H` of them, at
-    positions ``pick[k]`` (``H`` distinct positions per element, seeded):
+    the default 8) and run :math:`k` (of ``block`` elements, default all
+    ``dim``) combines :math:`H` of them, at positions ``pick[k]`` (``H``
+    distinct positions per run, seeded):
 
     .. math::
 
@@ -343,8 +351,8 @@ class LMA(_MinhashScheme):
         A_h\, \sigma_{\pi(k, h)}(x)\big) \bmod 2^{64} \,/\, 2^{64} \Big\rfloor
 
     so memory is the array plus ``K`` values per sampled token, not a
-    ``(tokens x D)`` table. Each element still collides with probability
-    :math:`J^H` (about) for Jaccard similarity :math:`J`, but elements that
+    ``(tokens x D)`` table. Each run still collides with probability
+    :math:`J^H` (about) for Jaccard similarity :math:`J`, but runs that
     pick the same positions collide together. Absent tokens get the signature
     of a random singleton, computed in the kernel.
 
@@ -371,7 +379,7 @@ class LMA(_MinhashScheme):
         return np.argsort(r, axis=1, kind="stable")[:, :self.num_hashes].astype(np.int32)
 
     @classmethod
-    def fit(cls, X, size, dim, num_hashes=2, num_points=125_000, seed=0, block=1,
+    def fit(cls, X, size, dim, num_hashes=2, num_points=125_000, seed=0, block=None,
             signature_size=8, progress=False):
         """Learn the signatures from ``X`` as :meth:`LSHTable.fit` does, keeping
         ``signature_size`` minhash values per sampled token."""
@@ -402,7 +410,8 @@ def main(argv=None):
                       help="array = distinct tokens x dim / compression (default 1000)")
     p.add_argument("--lma", action="store_true", help="LMA signatures instead of a slot table")
     p.add_argument("--signature-size", type=int, default=8, help="LMA: minhash values per token")
-    p.add_argument("--block", type=int, default=1, help="elements per run (divides dim)")
+    p.add_argument("--block", type=int, default=None,
+                   help="elements per run (divides dim; default dim, 1 = element-wise)")
     p.add_argument("--limit", type=int, default=None, help="read at most this many rows")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output .npz (default lsh_D_H_N[_lma].npz)")
@@ -417,7 +426,8 @@ def main(argv=None):
     if X.ndim != 2 or X.shape[0] == 0:
         raise SystemExit(f"--data: expected a non-empty (rows, fields) matrix, got {X.shape}")
     distinct = sum(len(np.unique(X[:, t])) for t in range(X.shape[1]))
-    size = args.size or max(args.block, int(np.ceil(distinct * args.dim / args.compression)))
+    size = args.size or max(args.block or args.dim,
+                            int(np.ceil(distinct * args.dim / args.compression)))
     num_points = min(args.num_points, X.shape[0])
     print(f"data: {X.shape[0]:,} rows x {X.shape[1]} fields, {distinct:,} distinct tokens; "
           f"sampling {num_points:,} rows; array of {size:,} floats")

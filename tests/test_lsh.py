@@ -128,7 +128,7 @@ def test_collision_rate_follows_jaccard(cls, a, b, c, nh, seed):
     signature values, so the per-pair fractions are tested by their own spread."""
     pairs, dim = 300, 16
     s = cls.fit(pair_data([(a, b, c)] * pairs), size=2 ** 31, dim=dim, num_hashes=nh,
-                num_points=pairs * (a + b + c), seed=seed)
+                num_points=pairs * (a + b + c), seed=seed, block=1)
     p = (c / (a + b + c)) ** nh
     frac = collision_fraction(s, pairs)
     if cls is he.LSHTable:
@@ -160,14 +160,15 @@ def test_blocks_collide_whole(cls):
 def test_disjoint_sets_collide_at_random_rate(cls):
     """No common row: minhashes differ, slots collide at about 1/m."""
     m, pairs, dim = 64, 2000, 16
-    s = cls.fit(pair_data([(2, 3, 0)] * pairs), size=m, dim=dim, num_points=pairs * 5)
+    s = cls.fit(pair_data([(2, 3, 0)] * pairs), size=m, dim=dim, num_points=pairs * 5,
+                block=1)
     hits = collision_fraction(s, pairs).sum() * dim
     n, p = pairs * dim, 1 / m
     assert abs(hits - n * p) <= 4.5 * np.sqrt(n * p * (1 - p))
 
 
 def test_absent_tokens_fill_the_array_uniformly():
-    s = he.LMA.fit(np.zeros((4, 2), np.int64), size=50, dim=4, num_points=4)
+    s = he.LMA.fit(np.zeros((4, 2), np.int64), size=50, dim=4, num_points=4, block=1)
     S = s.slots(np.arange(1, 20001), table=0).ravel()
     counts = np.bincount(S, minlength=50)
     n, p = S.size, 1 / 50
@@ -224,9 +225,10 @@ def test_save_load_and_config_roundtrip(cls, tmp_path):
 
 def test_memory_is_the_sampled_tokens_only():
     X = np.random.default_rng(0).integers(0, 1000, (50, 2))
-    t = he.LSHTable.fit(X, size=100, dim=16, num_points=50)
+    t = he.LSHTable.fit(X, size=100, dim=16, num_points=50, block=1)
     lma = he.LMA.fit(X, size=100, dim=16, num_points=50, signature_size=4)
     assert t.data.shape == (t.num_sampled, 16) and lma.data.shape == (lma.num_sampled, 4)
+    assert he.LSHTable.fit(X, size=100, dim=16, num_points=50).data.shape == (t.num_sampled, 1)
     assert lma.extra_bytes() < t.extra_bytes()
 
 

@@ -320,7 +320,8 @@ def _minhash_scheme(data, sizes, dim, compression, lma, num_hashes, num_points, 
     X = V.as_keys(data.numpy() if isinstance(data, torch.Tensor) else data, "data")
     X = X.reshape(-1, 1) if X.ndim == 1 else X
     D = V.check_positive_int(dim, "embedding_dim", upper=1 << 20)
-    size = _robe_size(sum(sizes) * D, compression, V.check_positive_int(block, "block"))
+    size = _robe_size(sum(sizes) * D, compression,
+                      D if block is None else V.check_positive_int(block, "block"))
     num_points = min(V.check_positive_int(num_points, "num_points", upper=1 << 62), X.shape[0])
     if lma:
         return LMA.fit(X, size, D, num_hashes, num_points, seed, block, signature_size,
@@ -362,7 +363,7 @@ class LSHEmbeddingBag(HashEmbeddingBag):
     """
 
     def __init__(self, data, num_embeddings, embedding_dim, compression=1000.0, table=0,
-                 lma=False, num_hashes=2, num_points=125_000, block=1, seed=0,
+                 lma=False, num_hashes=2, num_points=125_000, block=None, seed=0,
                  signature_size=8, mode="sum", progress=False, **kwargs):
         sizes = _sizes(num_embeddings)
         self.num_embeddings, self.embedding_dim = sizes[0], embedding_dim
@@ -399,7 +400,7 @@ class LSHEmbeddingBagCollection(HashEmbeddingBagCollection):
     """
 
     def __init__(self, data, num_embeddings, embedding_dim, compression=1000.0, lma=False,
-                 num_hashes=2, num_points=125_000, block=1, seed=0, signature_size=8,
+                 num_hashes=2, num_points=125_000, block=None, seed=0, signature_size=8,
                  mode="sum", progress=False, **kwargs):
         sizes = _sizes(num_embeddings)
         self.num_embeddings, self.embedding_dim = sizes, embedding_dim
