@@ -62,8 +62,8 @@ class _MinhashScheme(Scheme):
     _type = None
     num_points = None        # rows sampled by fit (None when built from parts)
 
-    def __init__(self, size, dim, num_fields, fields, tokens, data, num_hashes=2, seed=0,
-                 block=None, signature_size=None):
+    def __init__(self, size, dim, num_fields, keys, data, num_hashes=2, seed=0, block=None,
+                 signature_size=None):
         size = V.check_positive_int(size, "size", upper=(1 << 32) + 1)
         dim = V.check_positive_int(dim, "dim", upper=1 << 20)
         self.block = _check_block(block, dim, size)
@@ -71,32 +71,58 @@ class _MinhashScheme(Scheme):
         self.seed = V.check_seed(seed)
         self.num_hashes = V.check_positive_int(num_hashes, "num_hashes", upper=64)
         width = self._width(dim, signature_size)
-        fields = np.ascontiguousarray(V._as_array(fields, "fields"), np.int32)
-        tokens = V.as_keys(tokens, "tokens").astype(np.int64, copy=False).view(np.uint64)
+        keys = V.as_keys(keys, "keys").astype(np.int64, copy=False).view(np.uint64)
         data = V._as_array(data, "data")
         data = np.ascontiguousarray(data.view(np.uint32) if data.dtype == np.int32 else data,
                                     np.uint32)                # int32: a uint32 bit pattern
-        n = tokens.shape[0]
-        if fields.shape != (n,) or n == 0:
-            raise ValueError(f"fields: expected shape ({n},) like tokens, with n >= 1, "
-                             f"got fields {fields.shape}, tokens {tokens.shape}")
-        if data.shape != (n, width):
-            raise ValueError(f"data: expected shape ({n}, {width}), got {data.shape}")
-        if n and (fields.min() < 0 or fields.max() >= self.num_tables):
-            raise ValueError(f"fields: expected values in [0, {self.num_tables}), "
-                             f"got {fields.min()}..{fields.max()}")
-        if self._kind_id == _LSH_TABLE and data.size and data.max() >= size:
+        n = data.shape[0] if data.ndim == 2 else 0
+        if data.shape != (n, width) or n == 0:
+            raise ValueError(f"data: expected shape (n >= 1, {width}), got {data.shape}")
+        cap = keys.shape[0]
+        if keys.ndim != 1 or cap < 2 * n or cap & (cap - 1):
+            raise ValueError(f"keys: expected a map of a power-of-two length >= 2 * {n}, "
+                             f"got shape {keys.shape}")
+        used = keys[keys != 0]
+        if used.size > n or (used.size and (used & np.uint64(0xFFFFFFFF)).max() >= n):
+            raise ValueError(f"keys: expected at most {n} entries with ids < {n} (the rows "
+                             f"of data)")
+        if self._kind_id == _LSH_TABLE and data.max() >= size:
             raise ValueError(f"data: expected slots < size = {size}, got {data.max()}")
         self._coefficients(dim, width)
-        keys = self._map(fields, tokens, self._salt)
-        self.fields, self.tokens, self.data = fields, tokens, data
+        self.keys, self.data = keys, data
         self._lsh["keys"], self._lsh["data"] = keys, data.reshape(-1)
         self._config = dict(type=self._type, size=size, dim=dim, num_fields=self.num_tables,
                             num_hashes=self.num_hashes, seed=self.seed, block=self.block,
                             signature_size=None if self._kind_id == _LSH_TABLE else width,
-                            fields=fields, tokens=tokens.view(np.int64),
-                            data=data)
+                            keys=keys.view(np.int64), data=data)
         self._setup(self._kind_id, size, dim, self.block, size, [0] * 12)
+
+    @classmethod
+    def from_tokens(cls, size, dim, num_fields, fields, tokens, data, num_hashes=2, seed=0,
+                    block=None, signature_size=None):
+        """The scheme whose sampled tokens are ``(fields[n], tokens[n])`` with data
+        row ``n`` (distinct pairs), e.g. signatures computed elsewhere."""
+        fields = np.ascontiguousarray(V._as_array(fields, "fields"), np.int32)
+        tokens = V.as_keys(tokens, "tokens").astype(np.int64, copy=False).view(np.uint64)
+        n = tokens.shape[0]
+        if fields.shape != (n,) or n == 0:
+            raise ValueError(f"fields: expected shape ({n},) like tokens, with n >= 1, "
+                             f"got fields {fields.shape}, tokens {tokens.shape}")
+        if fields.min() < 0 or fields.max() >= num_fields:
+            raise ValueError(f"fields: expected values in [0, {num_fields}), "
+                             f"got {fields.min()}..{fields.max()}")
+        keys, clashes = cls._map(fields, tokens, int(_stream(V.check_seed(seed), 0, 1)[0]))
+        scheme = cls(size, dim, num_fields, keys, data, num_hashes, seed, block, signature_size)
+        scheme.clashes = clashes
+        return scheme
+
+    def lookup_ids(self, tokens, table=0):
+        """Data row of each token of field ``table`` (-1: not sampled), int64."""
+        idx = V.as_keys(tokens, "tokens")
+        table = V.check_table(table, self)
+        out = np.empty(idx.size, np.int64)
+        kernels().lsh_find(self._view, idx.reshape(-1), table, out)
+        return out.reshape(idx.shape)
 
     # ---- parameters derived from the seed
     def _coefficients(self, dim, width):
@@ -116,13 +142,16 @@ class _MinhashScheme(Scheme):
 
     @staticmethod
     def _map(fields, tokens, salt):
-        keys = np.zeros(2 * _pow2_above(max(tokens.shape[0], 1)), np.uint64)
-        ids = np.empty(tokens.shape[0], np.int64)
-        count = kernels().lsh_insert(fields, tokens, salt, keys, ids)
-        if count != tokens.shape[0]:
-            raise ValueError("tokens: expected distinct (field, token) pairs, "
-                             f"got {tokens.shape[0] - count} repeated")
-        return keys
+        """(lookup map, clashes) of distinct pairs; ValueError for a repeated pair."""
+        k, n = kernels(), tokens.shape[0]
+        exact = np.zeros(2 * _pow2_above(n), np.uint64)
+        ids = np.empty(n, np.int64)
+        if k.lsh_insert(fields, tokens, salt, exact, ids) != n:
+            raise ValueError("tokens: expected distinct (field, token) pairs, got "
+                             f"{n - len(np.unique(ids))} repeated")
+        del exact
+        keys = np.zeros(_pow2_above(n), np.uint64)
+        return keys, k.lsh_compact(fields, tokens, salt, keys)
 
     # ---- building from data
     @classmethod
@@ -186,8 +215,8 @@ class _MinhashScheme(Scheme):
             for a, b in zip(chunks[:-1], chunks[1:]):
                 k.lsh_signatures(view, ptr, occ_keys, int(a), int(b), F, slots, data[a:b])
                 bar.update(int(b - a))
-        scheme = cls(size, dim, T, sampled_fields, sampled_tokens, data, num_hashes, seed,
-                     block, **kwargs)
+        scheme = cls.from_tokens(size, dim, T, sampled_fields, sampled_tokens, data,
+                                 num_hashes, seed, block, **kwargs)
         scheme.num_points = num_points
         return scheme
 
@@ -211,17 +240,18 @@ class _MinhashScheme(Scheme):
         scalars = {k: int(v) for k, v in cfg.items() if v.ndim == 0}
         if scalars.get("signature_size") == -1:
             scalars["signature_size"] = None
-        return makers[kind](fields=cfg["fields"], tokens=cfg["tokens"], data=cfg["data"],
-                            **scalars)
+        return makers[kind](keys=cfg["keys"], data=cfg["data"], **scalars)
 
     # ---- scheme protocol
     def _bounds(self, table0, T):
         return None                      # any 64-bit token: absent ones are hashed
 
+    clashes = 0              # sampled tokens merged by a fingerprint clash (fit)
+
     @property
     def num_sampled(self):
-        """Distinct (field, token) pairs seen in the sample."""
-        return int(self.tokens.shape[0])
+        """Distinct (field, token) pairs seen in the sample (rows of ``data``)."""
+        return int(self.data.shape[0])
 
     @property
     def signed(self):
@@ -229,12 +259,12 @@ class _MinhashScheme(Scheme):
 
     def extra_bytes(self):
         """Bytes besides the array: the token map and the slots or signatures."""
-        return int(self._lsh["keys"].nbytes + self.data.nbytes)
+        return int(self.keys.nbytes + self.data.nbytes)
 
     def _state(self):
         if not hasattr(self, "_digest"):
             h = hashlib.sha1()
-            for a in (self.fields, self.tokens, self.data):
+            for a in (self.keys, self.data):
                 h.update(a.tobytes())
             self._digest = h.hexdigest()
         return (self._type, self.size, self.dim, self.num_tables, self.num_hashes, self.seed,
@@ -340,8 +370,9 @@ class LMA(_MinhashScheme):
     r"""LMA: minhash memory allocation with slots computed on the fly.
 
     Like :class:`LSHTable`, but each sampled token keeps only a signature of
-    :math:`K` = ``signature_size`` minhash values (``K`` uint32, 32 bytes for
-    the default 8) and run :math:`k` (of ``block`` elements, default all
+    :math:`K` = ``signature_size`` minhash values (uint32; default
+    :math:`\min(8, H R)`, :math:`R = D/Z` runs, so 2 values for the default one
+    run and :math:`H = 2`) and run :math:`k` (of ``block`` elements, default all
     ``dim``) combines :math:`H` of them, at positions ``pick[k]`` (``H``
     distinct positions per run, seeded):
 
@@ -361,15 +392,16 @@ class LMA(_MinhashScheme):
     >>> import numpy as np, hashemb as he
     >>> X = np.array([[0, 5], [0, 5], [1, 6], [1, 7]])
     >>> lma = he.LMA.fit(X, size=1000, dim=8, num_points=4)
-    >>> lma.data.shape                            # 5 sampled tokens x 8 values
-    (5, 8)
+    >>> lma.data.shape                  # 5 sampled tokens x 2 values (one run, H = 2)
+    (5, 2)
     """
 
     _type, _kind_id = "LMA", _LMA
 
     def _width(self, dim, signature_size):
-        return V.check_positive_int(8 if signature_size is None else signature_size,
-                                    "signature_size", upper=1 << 16)
+        if signature_size is None:          # the values the runs can use, at most 8
+            return min(8, self.num_hashes * (dim // self.block))
+        return V.check_positive_int(signature_size, "signature_size", upper=1 << 16)
 
     def _num_functions(self, dim, width):
         return width
@@ -380,7 +412,7 @@ class LMA(_MinhashScheme):
 
     @classmethod
     def fit(cls, X, size, dim, num_hashes=2, num_points=125_000, seed=0, block=None,
-            signature_size=8, progress=False):
+            signature_size=None, progress=False):
         """Learn the signatures from ``X`` as :meth:`LSHTable.fit` does, keeping
         ``signature_size`` minhash values per sampled token."""
         return super().fit(X, size, dim, num_hashes, num_points, seed, block, progress,
@@ -409,7 +441,8 @@ def main(argv=None):
     size.add_argument("--compression", type=float, default=1000.0,
                       help="array = distinct tokens x dim / compression (default 1000)")
     p.add_argument("--lma", action="store_true", help="LMA signatures instead of a slot table")
-    p.add_argument("--signature-size", type=int, default=8, help="LMA: minhash values per token")
+    p.add_argument("--signature-size", type=int, default=None,
+                   help="LMA: minhash values per token (default min(8, num-hash * runs))")
     p.add_argument("--block", type=int, default=None,
                    help="elements per run (divides dim; default dim, 1 = element-wise)")
     p.add_argument("--limit", type=int, default=None, help="read at most this many rows")

@@ -65,10 +65,8 @@ def lsh_signature(scheme, keys):
 
 def lsh_slot(scheme, e, x, i):
     """SCMA / LMA slot: a sampled token's stored data, or a random singleton."""
-    if not hasattr(scheme, "_ref_ids"):
-        scheme._ref_ids = {(int(f), int(t)): n
-                           for n, (f, t) in enumerate(zip(scheme.fields, scheme.tokens))}
-    n = scheme._ref_ids.get((int(e), u64(x)))
+    n = int(scheme.lookup_ids([x], table=e)[0])      # the map is tested on its own
+    n = None if n < 0 else n
     k, Z = divmod(i, scheme.block)
     if n is None:
         sig = lsh_signature(scheme, [lsh_absent_key(int(scheme._lsh["salt"]), int(e), x)])

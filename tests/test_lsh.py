@@ -51,10 +51,14 @@ def test_fit_matches_set_minhash(cls, rows, T, vocab, nh, dim, seed, data):
     for r in range(rows):
         for t in range(T):
             sets.setdefault((t, int(X[r, t]) % 2 ** 64), set()).add(r)
-    assert s.num_sampled == len(sets)
-    assert sorted(zip(s.fields.tolist(), s.tokens.tolist())) == sorted(sets)
+    assert s.num_sampled == len(sets) and s.clashes == 0
+    ids = {key: int(s.lookup_ids(np.array([key[1]], np.uint64), table=key[0])[0])
+           for key in sets}
+    assert sorted(ids.values()) == list(range(len(sets)))     # a bijection onto data rows
+    unseen = [x for x in range(-vocab - 5, vocab + 5) if (0, x % 2 ** 64) not in sets]
+    assert (s.lookup_ids(np.array(unseen, np.int64), table=0) == -1).all()
     salt = int(s._lsh["salt"])
-    for n, (f, tok) in enumerate(zip(s.fields.tolist(), s.tokens.tolist())):
+    for (f, tok), n in ids.items():
         sig = lsh_signature(s, [lsh_row_key(salt, r) for r in sets[(f, tok)]])
         if cls is he.LMA:
             assert s.data[n].tolist() == sig
@@ -80,7 +84,9 @@ def test_sample_is_seeded_choice_of_rows():
     X = np.arange(100 * 2).reshape(100, 2)                    # every token unique
     s = he.LMA.fit(X, size=100, dim=4, num_points=10, seed=3)
     rows = np.sort(np.random.default_rng(3).choice(100, 10, replace=False))
-    assert sorted(s.tokens.tolist()) == sorted(X[rows].ravel().tolist())
+    found = np.stack([s.lookup_ids(X[:, t], table=t) for t in range(2)], 1) >= 0
+    assert (found.all(axis=1) == np.isin(np.arange(100), rows)).all()
+    assert not found.any(axis=1)[~np.isin(np.arange(100), rows)].any()
     assert s.num_points == 10
 
 
@@ -229,7 +235,10 @@ def test_memory_is_the_sampled_tokens_only():
     lma = he.LMA.fit(X, size=100, dim=16, num_points=50, signature_size=4)
     assert t.data.shape == (t.num_sampled, 16) and lma.data.shape == (lma.num_sampled, 4)
     assert he.LSHTable.fit(X, size=100, dim=16, num_points=50).data.shape == (t.num_sampled, 1)
+    assert he.LMA.fit(X, size=100, dim=16, num_points=50).data.shape == (t.num_sampled, 2)
+    assert he.LMA.fit(X, size=100, dim=16, num_points=50, block=1).data.shape[1] == 8
     assert lma.extra_bytes() < t.extra_bytes()
+    assert t.keys.nbytes <= 4 * 8 * t.num_sampled                 # 8-byte entries, load >= 1/4
 
 
 # ------------------------------------------------------------ errors
@@ -268,20 +277,40 @@ def test_errors(cls):
                          scheme=s)
 
 
-def test_parts_errors():
+def test_from_tokens_and_parts_errors():
     X = np.arange(20).reshape(10, 2)
-    s = he.LMA.fit(X, size=10, dim=4, num_points=5)
+    s = he.LMA.fit(X, size=10, dim=4, num_points=5, signature_size=8)
+    fields, tokens = np.tile([0, 1], 5), X[np.sort(np.random.default_rng(0).choice(
+        10, 5, replace=False))].ravel()
+    rebuilt = he.LMA.from_tokens(10, 4, 2, fields, tokens, s.data, signature_size=8)
+    assert rebuilt == s
     with pytest.raises(ValueError, match="num_hashes"):
-        he.LMA.fit(X, size=10, dim=4, num_hashes=9, num_points=5)      # > signature_size
+        he.LMA.fit(X, size=10, dim=4, num_hashes=9, num_points=5, signature_size=8)
     with pytest.raises(ValueError, match="data"):
-        he.LMA(10, 4, 2, s.fields, s.tokens, s.data[:, :3])
+        he.LMA(10, 4, 2, s.keys, s.data[:, :3], signature_size=8)
+    with pytest.raises(ValueError, match="keys"):
+        he.LMA(10, 4, 2, s.keys[:-1], s.data, signature_size=8)
+    with pytest.raises(ValueError, match="keys"):
+        he.LMA(10, 4, 2, s.keys, s.data[:2], signature_size=8)
     with pytest.raises(ValueError, match="tokens"):
-        he.LMA(10, 4, 2, np.r_[s.fields, s.fields[:1]], np.r_[s.tokens, s.tokens[:1]],
-               np.r_[s.data, s.data[:1]])
+        he.LMA.from_tokens(10, 4, 2, np.r_[fields, 0], np.r_[tokens, tokens[0]],
+                           np.r_[s.data, s.data[:1]], signature_size=8)
     with pytest.raises(ValueError, match="fields"):
-        he.LMA(10, 4, 1, s.fields, s.tokens, s.data)
+        he.LMA.from_tokens(10, 4, 1, fields, tokens, s.data, signature_size=8)
     with pytest.raises(ValueError, match="signature_size"):
-        he.LSHTable(10, 4, 2, s.fields, s.tokens, s.data, signature_size=4)
+        he.LSHTable(10, 4, 2, s.keys, s.data, signature_size=4)
+
+
+def test_fingerprint_clashes_are_rare_and_counted():
+    """2^17 sampled tokens in one map: fingerprints (31 bits) collide on a probe
+    run with probability ~2^-30 each, so the count is 0 or tiny, and every
+    token that is not merged finds its own row."""
+    n = 1 << 17
+    X = np.arange(n, dtype=np.int64).reshape(-1, 1)
+    s = he.LSHTable.fit(X, size=1000, dim=4, num_points=n)
+    assert s.clashes <= 2
+    ids = s.lookup_ids(X[:, 0])
+    assert (ids >= 0).all() and len(np.unique(ids)) >= n - s.clashes
 
 
 # ------------------------------------------------------------ torch modules

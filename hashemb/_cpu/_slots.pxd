@@ -55,6 +55,7 @@ cdef extern from "hashemb/slots.h" nogil:
     uint64_t he_lsh_row_key(uint64_t salt, uint64_t r)
     uint32_t he_lsh_hash(const uint64_t* mh, int64_t f, uint64_t key)
     uint64_t he_lsh_probe(uint64_t salt, int64_t field, uint64_t token)
+    uint64_t he_lsh_fingerprint(uint64_t h)
     int64_t he_lsh_find(const he_scheme* s, int64_t field, uint64_t token)
     uint64_t he_lsh_slot(const he_scheme* s, const uint32_t* sig, uint64_t key, int64_t k)
     const void* he_row_hint(const he_scheme* s, int64_t table, int64_t token)

@@ -45,7 +45,7 @@ cdef class SchemeView:
         cdef const uint64_t[::1] mh = lsh.get("mh", _EMPTY_U64)
         cdef const uint64_t[::1] mix = lsh.get("mix", _EMPTY_U64)
         self.s.lsh_keys = &keys[0]
-        self.s.lsh_mask = keys.shape[0] // 2 - 1
+        self.s.lsh_mask = keys.shape[0] - 1
         self.s.lsh_salt = lsh.get("salt", 0)
         self.s.lsh_data = &data[0]
         self.s.lsh_width = lsh.get("width", 0)
@@ -172,6 +172,37 @@ def lsh_insert(const int32_t[::1] fields, const uint64_t[::1] tokens, uint64_t s
                     break
                 h = (h + 1) & mask
     return count
+
+
+def lsh_compact(const int32_t[::1] fields, const uint64_t[::1] tokens, uint64_t salt,
+                uint64_t[::1] keys):
+    """The lookup map of distinct (fields[n], tokens[n]) -> n: entries
+    fingerprint << 32 | n in ``keys`` (cap zeros, cap a power of two >= 2n).
+    Returns the tokens left out because an earlier token on their probe run has
+    their fingerprint (about n * 2^-30 of them; they read that token's data)."""
+    cdef uint64_t mask = keys.shape[0] - 1, h, fp, pos
+    cdef int64_t n, clashes = 0
+    with nogil:
+        for n in range(tokens.shape[0]):
+            h = he_lsh_probe(salt, fields[n], tokens[n])
+            fp = he_lsh_fingerprint(h)
+            pos = h & mask
+            while True:
+                if keys[pos] == 0:
+                    keys[pos] = (fp << 32) | <uint64_t>n
+                    break
+                if keys[pos] >> 32 == fp:
+                    clashes += 1
+                    break
+                pos = (pos + 1) & mask
+    return clashes
+
+
+def lsh_find(SchemeView sv, const index_t[::1] tokens, int64_t field, int64_t[::1] out):
+    """out[n] = id of (field, tokens[n]) in the scheme's map, or -1."""
+    cdef int64_t n
+    for n in prange(tokens.shape[0], nogil=True, schedule='static'):
+        out[n] = he_lsh_find(&sv.s, field, <uint64_t>tokens[n])
 
 
 def lsh_row_keys(const int64_t[::1] rows, uint64_t salt, uint64_t[::1] out):

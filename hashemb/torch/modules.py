@@ -364,7 +364,7 @@ class LSHEmbeddingBag(HashEmbeddingBag):
 
     def __init__(self, data, num_embeddings, embedding_dim, compression=1000.0, table=0,
                  lma=False, num_hashes=2, num_points=125_000, block=None, seed=0,
-                 signature_size=8, mode="sum", progress=False, **kwargs):
+                 signature_size=None, mode="sum", progress=False, **kwargs):
         sizes = _sizes(num_embeddings)
         self.num_embeddings, self.embedding_dim = sizes[0], embedding_dim
         scheme = _minhash_scheme(data, sizes, embedding_dim, compression, lma, num_hashes,
@@ -400,7 +400,7 @@ class LSHEmbeddingBagCollection(HashEmbeddingBagCollection):
     """
 
     def __init__(self, data, num_embeddings, embedding_dim, compression=1000.0, lma=False,
-                 num_hashes=2, num_points=125_000, block=None, seed=0, signature_size=8,
+                 num_hashes=2, num_points=125_000, block=None, seed=0, signature_size=None,
                  mode="sum", progress=False, **kwargs):
         sizes = _sizes(num_embeddings)
         self.num_embeddings, self.embedding_dim = sizes, embedding_dim

@@ -75,8 +75,8 @@ typedef struct he_scheme {
     const int64_t* table_base;  /* [num_tables]: rows before table e           */
     int64_t num_tables;         /* tables with a size (0: any table id)        */
     /* HE_LSH_TABLE / HE_LMA (see he_lsh_find, he_lsh_slot) */
-    const uint64_t* lsh_keys;   /* [2 cap]: token, (field + 1) << 32 | id; 0 = empty */
-    uint64_t lsh_mask;          /* cap - 1 (cap a power of two, > 2x the tokens) */
+    const uint64_t* lsh_keys;   /* [cap]: fingerprint << 32 | id; 0 = empty     */
+    uint64_t lsh_mask;          /* cap - 1 (cap a power of two, >= 2x the tokens) */
     uint64_t lsh_salt;          /* keys of sample rows and of absent tokens    */
     const uint32_t* lsh_data;   /* [ids x width]: run starts (TABLE) or signatures (LMA) */
     int64_t lsh_width;          /* D/Z (TABLE) or K signature values (LMA)     */
@@ -186,30 +186,41 @@ HE_HD uint32_t he_lsh_hash(const uint64_t* mh, int64_t f, uint64_t key)
     return (uint32_t)he_addmod(he_mulmod(mh[2 * f], key), mh[2 * f + 1]);
 }
 
-/* Slot of (field, token) lookups: the map's first probe position. */
+/* 64-bit hash of (field, token): its low bits place it in the map, its high
+ * 32 bits are its fingerprint there. */
 HE_HD uint64_t he_lsh_probe(uint64_t salt, int64_t field, uint64_t token)
 {
     return he_mix64(token + he_mix64((uint64_t)field ^ salt));
 }
 
+HE_HD uint64_t he_lsh_fingerprint(uint64_t h)
+{
+    return (h >> 32) | 1;     /* never 0: an all-zero entry is empty */
+}
+
 /* The map entry a lookup of (field, token) reads first (for a prefetch). */
 HE_HD const uint64_t* he_lsh_bucket(const he_scheme* s, int64_t field, uint64_t token)
 {
-    return s->lsh_keys + 2 * (he_lsh_probe(s->lsh_salt, field, token) & s->lsh_mask);
+    return s->lsh_keys + (he_lsh_probe(s->lsh_salt, field, token) & s->lsh_mask);
 }
 
-/* Id of a sampled token, or -1: linear probing in the open-addressing map. */
+/*
+ * Id of a sampled token, or -1: linear probing in the map of 8-byte entries
+ * fingerprint << 32 | id. A token is recognised by its 31-bit fingerprint
+ * along its probe run (about 2 entries at load <= 1/2), so an unsampled token
+ * is taken for a sampled one with probability about 2^-30: it then shares
+ * that token's runs, which is what a random collision does anyway.
+ */
 HE_HD int64_t he_lsh_find(const he_scheme* s, int64_t field, uint64_t token)
 {
-    uint64_t h = he_lsh_probe(s->lsh_salt, field, token) & s->lsh_mask;
-    uint64_t tag = (uint64_t)(field + 1) << 32;
-    for (;;) {
-        uint64_t meta = s->lsh_keys[2 * h + 1];
-        if (meta == 0)
+    uint64_t h = he_lsh_probe(s->lsh_salt, field, token);
+    uint64_t fp = he_lsh_fingerprint(h);
+    for (h &= s->lsh_mask;; h = (h + 1) & s->lsh_mask) {
+        uint64_t e = s->lsh_keys[h];
+        if (e == 0)
             return -1;
-        if ((meta >> 32) << 32 == tag && s->lsh_keys[2 * h] == token)
-            return (int64_t)(meta & 0xFFFFFFFFULL);
-        h = (h + 1) & s->lsh_mask;
+        if ((e >> 32) == fp)
+            return (int64_t)(e & 0xFFFFFFFFULL);
     }
 }
 
