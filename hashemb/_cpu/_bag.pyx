@@ -340,11 +340,16 @@ cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* 
 
 cdef void _run_starts(const he_scheme* s, const index_t* idx, const int64_t* off,
                       int64_t B, int64_t T, int64_t table0, uint64_t* pre) noexcept nogil:
-    """pre[j*R + k] = start of run k of entry j, all entries, in parallel."""
-    cdef int64_t t, j, k, R = s.runs
+    """pre[j*R + k] = start of run k of entry j, all entries, in parallel (the
+    map entries of memory-read schemes prefetched AHEAD entries early)."""
+    cdef int64_t t, j, k, R = s.runs, end
     cdef he_row row
+    cdef bint deep = he_row_hint(s, 0, 0) != NULL
     for t in range(T):
-        for j in prange(off[t * B], off[t * B + B], schedule='static'):
+        end = off[t * B + B]
+        for j in prange(off[t * B], end, schedule='static'):
+            if deep and j + AHEAD < end:
+                he_prefetch(he_row_hint(s, table0 + t, idx[j + AHEAD]))
             row = he_row_begin(s, table0 + t, idx[j])
             for k in range(R):
                 pre[j * R + k] = he_run_start(s, &row, k)
