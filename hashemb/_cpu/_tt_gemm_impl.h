@@ -146,9 +146,81 @@ HE_INLINE void HE_FN(tn_rows)(const int mr, int64_t N, int64_t K, const HE_T* co
         }
 }
 
+#if HE_W == 8 && (defined(__clang__) || __GNUC__ >= 12)
+#define HE_NARROW 1
+/* Per 128-bit half: [a0+a1, a2+a3, b0+b1, b2+b3 | a4+a5, a6+a7, b4+b5, b6+b7]. */
+HE_INLINE HE_V HE_FN(hadd)(HE_V a, HE_V b)
+{
+    return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
+           __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+}
+
+/* The 4 lane sums of acc[0..3] as one half vector. */
+HE_INLINE HE_H HE_FN(sum4)(HE_V a0, HE_V a1, HE_V a2, HE_V a3)
+{
+    HE_V h = HE_FN(hadd)(HE_FN(hadd)(a0, a1), HE_FN(hadd)(a2, a3));
+    return __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+}
+
+/* nn for N = 4 (the chain's last core, q = 4), K a multiple of 8: each output
+   is a dot product of a row of A with a column of B (Bt = B^T, contiguous), so
+   the K loop runs on full vectors; two rows share the Bt loads, and one
+   transposing reduction (three horizontal adds) yields a row's 4 outputs. The
+   row-broadcast tile would run on half vectors with a broadcast per FMA. */
+HE_INLINE void HE_FN(nn_narrow)(int64_t M, int64_t K, const HE_T* const* A, const HE_T* Bt,
+                                HE_T* const* C, int add)
+{
+    int64_t r = 0;
+    for (; r + 2 <= M; r += 2) {
+        HE_V p0 = {0}, p1 = {0}, p2 = {0}, p3 = {0}, q0 = {0}, q1 = {0}, q2 = {0}, q3 = {0};
+        const HE_T* x = A[r];
+        const HE_T* y = A[r + 1];
+        for (int64_t s = 0; s < K; s += 8) {
+            HE_V a = HE_FN(ld)(x + s), b = HE_FN(ld)(y + s), t;
+            t = HE_FN(ld)(Bt + s);         p0 += a * t; q0 += b * t;
+            t = HE_FN(ld)(Bt + K + s);     p1 += a * t; q1 += b * t;
+            t = HE_FN(ld)(Bt + 2 * K + s); p2 += a * t; q2 += b * t;
+            t = HE_FN(ld)(Bt + 3 * K + s); p3 += a * t; q3 += b * t;
+        }
+        HE_H u = HE_FN(sum4)(p0, p1, p2, p3), w = HE_FN(sum4)(q0, q1, q2, q3);
+        if (add) {
+            u += *(const HE_H*)C[r];
+            w += *(const HE_H*)C[r + 1];
+        }
+        *(HE_H*)C[r] = u;
+        *(HE_H*)C[r + 1] = w;
+    }
+    if (r < M) {
+        HE_V p0 = {0}, p1 = {0}, p2 = {0}, p3 = {0};
+        const HE_T* x = A[r];
+        for (int64_t s = 0; s < K; s += 8) {
+            HE_V a = HE_FN(ld)(x + s);
+            p0 += a * HE_FN(ld)(Bt + s);
+            p1 += a * HE_FN(ld)(Bt + K + s);
+            p2 += a * HE_FN(ld)(Bt + 2 * K + s);
+            p3 += a * HE_FN(ld)(Bt + 3 * K + s);
+        }
+        HE_H u = HE_FN(sum4)(p0, p1, p2, p3);
+        if (add) u += *(const HE_H*)C[r];
+        *(HE_H*)C[r] = u;
+    }
+}
+#else
+#define HE_NARROW 0
+#endif
+
 HE_CLONES static void HE_FN(nn)(int64_t M, int64_t N, int64_t K, const HE_T* const* A,
                                 const HE_T* B, int64_t ldb, HE_T* const* C, int add)
 {
+#if HE_NARROW
+    if (N == 4 && K % 8 == 0 && K <= 256) {
+        HE_T Bt[4 * 256];
+        for (int64_t s = 0; s < K; s++)
+            for (int j = 0; j < 4; j++) Bt[j * K + s] = B[s * ldb + j];
+        HE_FN(nn_narrow)(M, K, A, Bt, C, add);
+        return;
+    }
+#endif
     int64_t r = 0;
     for (; r + HE_TILE <= M; r += HE_TILE) HE_FN(nn_rows)(HE_TILE, N, K, A + r, B, ldb, C + r, add);
     switch (M - r) {
@@ -199,3 +271,4 @@ static void HE_FN(tn)(int64_t M, int64_t N, int64_t K, const HE_T* const* A,
 #endif
 
 #undef HE_TILE
+#undef HE_NARROW
