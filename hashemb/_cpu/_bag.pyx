@@ -49,6 +49,7 @@ cdef extern from *:
 DEF CHUNK = 32      # samples per parallel work item (its output stays in L2)
 DEF AHEAD = 8       # fast path: rows hashed (and prefetched) this far ahead
 DEF MAXR = 64       # fast path: at most this many runs per row
+DEF CHUNK_BAGS = 8192  # backward with many runs per entry: bags hashed per round
 
 
 cdef inline void _copy_run(real* dst, const real* src, int64_t L) noexcept nogil:
@@ -300,9 +301,9 @@ cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* 
     Adagrad step (learning rate alpha) at each visited slot. pre, when given,
     holds every entry's run starts (hashed once, shared by the threads).
     """
-    cdef int64_t b, t, j, i, cnt, D = s.dim, L = s.run, k
+    cdef int64_t b, t, j, i, cnt, D = s.dim, L = s.run, k, slot
     cdef int64_t x
-    cdef real w
+    cdef real w, ww
     cdef const real* g
     cdef he_row row
     for t in range(T):
@@ -327,6 +328,14 @@ cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* 
             for j in range(off[t * B + b], off[t * B + b + 1]):
                 x = idx[j]
                 if has_pad and x == pad:
+                    continue
+                if L == 1 and pre != NULL and act == ACT_ADD and not s.is_signed:
+                    # element-wise slots, hashed before: keep those in [lo, hi)
+                    ww = w * psw[j] if psw != NULL else w
+                    for k in range(s.runs):
+                        slot = <int64_t>pre[j * s.runs + k]
+                        if lo <= slot < hi:
+                            target[slot] += ww * g[k]
                     continue
                 if pre == NULL:
                     row = he_row_begin(s, table0 + t, x)
@@ -406,6 +415,11 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
     cdef bint adagrad = scratch.shape[0] > 0
     cdef real* sp = &scratch[0] if adagrad else NULL
     cdef real* stp = &state[0] if adagrad else NULL
+    cdef bint chunked
+    cdef uint64_t* buf = NULL
+    cdef int64_t* loc = NULL
+    cdef int64_t most = 0, t, b0, b1, c, i, j0, jj, k, q
+    cdef he_row row
     if B == 0 or T == 0 or ip == NULL:
         return
     if mode == MAX:
@@ -430,11 +444,47 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
     # Adagrad's apply pass: sweep the scratch when it is small next to the work,
     # else walk the entries again (a full table's scratch is mostly zeros)
     sweep = m <= <uint64_t>(8 * s.dim) * <uint64_t>indices.shape[0]
+    # many runs per entry (HashedNet-like): hash a chunk of bags once, in parallel,
+    # then let each thread add its slot range; chunks bound the starts kept
+    chunked = (nt > 1 and pre == NULL and mode != MAX and not s.is_signed
+               and (not adagrad or sweep))
+    if chunked:
+        for t in range(T):
+            for b0 in range(0, B, CHUNK_BAGS):
+                b1 = min(B, b0 + CHUNK_BAGS)
+                most = max(most, offsets[t * B + b1] - offsets[t * B + b0])
+        buf = <uint64_t*>malloc((most * s.runs + 1) * sizeof(uint64_t))
+        loc = <int64_t*>malloc((CHUNK_BAGS + 1) * sizeof(int64_t))
+        chunked = buf != NULL and loc != NULL
     with nogil, parallel(num_threads=nt):
         tid = threadid()
         lo = <int64_t>(m * tid // nt)
         hi = <int64_t>(m * (tid + 1) // nt)
-        if adagrad:
+        if chunked:
+            for t in range(T):
+                for c in range((B + CHUNK_BAGS - 1) // CHUNK_BAGS):
+                    b0 = c * CHUNK_BAGS
+                    b1 = min(B, b0 + CHUNK_BAGS)
+                    j0 = offsets[t * B + b0]
+                    for i in prange(b1 - b0 + 1, schedule='static'):
+                        loc[i] = offsets[t * B + b0 + i] - j0
+                    for jj in prange(offsets[t * B + b1] - j0, schedule='static'):
+                        row = he_row_begin(s, table0 + t, ip[j0 + jj])
+                        for k in range(s.runs):
+                            buf[jj * s.runs + k] = he_run_start(s, &row, k)
+                    # one iteration per slot range: a barrier before the next chunk
+                    for q in prange(nt, schedule='static', chunksize=1):
+                        _backward_part(s, ip + j0, loc, pp + j0 if pp != NULL else NULL,
+                                       &grad[0, 0] + b0 * grad.shape[1] + t * s.dim,
+                                       grad.shape[1], b1 - b0, 1, table0 + t, mode, has_pad,
+                                       pad, NULL, 1 if adagrad else <real>alpha,
+                                       sp if adagrad else &target[0], NULL, NULL, 0,
+                                       <int64_t>(m * q // nt), <int64_t>(m * (q + 1) // nt),
+                                       ACT_ADD, buf)
+            if adagrad:
+                for slot in range(lo, hi):
+                    _adagrad(&target[0], sp, stp, slot, <real>alpha, <real>eps)
+        elif adagrad:
             _backward_part(s, ip, &offsets[0], pp, &grad[0, 0], grad.shape[1], B, T,
                            table0, mode, has_pad, pad, win, 1, sp, NULL, NULL, 0,
                            lo, hi, ACT_ADD, pre)
@@ -451,6 +501,8 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
                            NULL, NULL, 0, lo, hi, ACT_ADD, pre)
     free(win)
     free(pre)
+    free(buf)
+    free(loc)
 
 
 def offsets_problem(const int64_t[::1] offsets, int64_t n):
