@@ -226,7 +226,8 @@ def test_backward_deterministic_across_threads():
 
 @pytest.mark.parametrize("scheme", [he.RobeZ(20000, 16, block=16), he.RobeZ(20011, 8, block=2),
                                     he.RobeZ(20000, 8, block=4, signed=True),
-                                    he.HashedNet(30000, 4), he.FullTable([3000] * 3, 8)],
+                                    he.HashedNet(30000, 4), he.HashedNet(30000, 8),
+                                    he.FullTable([3000] * 3, 8)],
                          ids=repr)
 @pytest.mark.parametrize("mode", ["sum", "mean"])
 def test_threaded_backward_on_large_arrays(scheme, mode):
@@ -256,3 +257,41 @@ def test_threaded_backward_on_large_arrays(scheme, mode):
     he.embedding_bags_backward(G, idx, off, scheme=scheme, num_tables=T, mode=mode, weight=W2,
                                optimizer=he.SGD(0.5))
     np.testing.assert_allclose(W2, W - 0.5 * want.reshape(W.shape), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("opt", [None, "sgd", "adagrad"])
+def test_chunked_element_wise_backward_spans_chunks(opt):
+    """HashedNet (8 runs per entry) on 2 threads hashes bags in chunks of 8192 and
+    each thread adds its slot range: 9000 bags per table span two chunks. The
+    oracle is np.add.at over the (separately verified) slots."""
+    rng = np.random.default_rng(8)
+    scheme = he.HashedNet(40_000, 8)
+    T, B, D = 2, 9000, 8
+    sizes = rng.integers(0, 3, T * B)
+    off = np.concatenate([[0], np.cumsum(sizes)])
+    idx = rng.integers(0, 10 ** 6, off[-1])
+    psw = rng.random(off[-1])
+    G = rng.standard_normal((B, T * D))
+    want = np.zeros(scheme.size)
+    q = np.repeat(np.arange(T * B), sizes)                  # bag of each entry
+    t, b = np.divmod(q, B)
+    for tt in range(T):
+        sel = t == tt
+        S = scheme.slots(idx[sel], table=tt)
+        gs = G[b[sel]][:, tt * D:(tt + 1) * D] * psw[sel, None]
+        np.add.at(want, S, gs)
+    W = scheme.init_weight(dtype=np.float64)
+    kw = dict(scheme=scheme, num_tables=T, per_sample_weights=psw)
+    if opt is None:
+        grad = he.embedding_bags_backward(G, idx, off, **kw)
+        np.testing.assert_allclose(grad, want, rtol=1e-10, atol=1e-10)
+    elif opt == "sgd":
+        W2 = W.copy()
+        he.embedding_bags_backward(G, idx, off, weight=W2, optimizer=he.SGD(0.5), **kw)
+        np.testing.assert_allclose(W2, W - 0.5 * want, rtol=1e-10, atol=1e-10)
+    else:
+        W2, ada = W.copy(), he.Adagrad(0.5, eps=1e-8)
+        he.embedding_bags_backward(G, idx, off, weight=W2, optimizer=ada, **kw)
+        state = want ** 2
+        np.testing.assert_allclose(W2, W - 0.5 * want / (np.sqrt(state) + 1e-8),
+                                   rtol=1e-9, atol=1e-9)
