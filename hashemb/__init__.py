@@ -1,5 +1,6 @@
 """hashemb: compressed embedding tables (ROBE-Z, HashedNet, FullTable baseline) as
-fast array functions. NumPy arrays run on Cython + OpenMP kernels."""
+fast array functions. NumPy arrays run on Cython + OpenMP kernels, CuPy arrays
+on CUDA kernels compiled at run time (CuPy is imported only when one arrives)."""
 from .bag import embedding_bag, embedding_bag_backward, embedding_bags, embedding_bags_backward
 from .lookup import (embedding, embedding_backward, multi_embedding,
                         multi_embedding_backward, unpack)
@@ -16,7 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "UniversalHash", "Scheme", "RobeZ", "HashedNet", "FullTable", "LSHTable", "LMA",
     "embedding_bag", "embedding_bag_backward", "embedding_bags", "embedding_bags_backward",
-    "SGD", "Adagrad", "show_config", "theory",
+    "SGD", "Adagrad", "show_config", "set_gpu_options", "theory",
     "embedding", "embedding_backward", "multi_embedding", "multi_embedding_backward", "unpack",
     "tt_shapes", "tt_core_shapes", "tt_init", "tt_to_full", "tt_embedding_bag",
     "tt_embedding_bag_backward", "tt_embedding_bags", "tt_embedding_bags_backward", "TTCache",
@@ -24,15 +25,25 @@ __all__ = [
 ]
 
 
+def set_gpu_options(**options):
+    """Options of the GPU backend (``check_indices``, ``deterministic``,
+    ``precompute_starts``); returns the previous values. See
+    :func:`hashemb._gpu.set_options`."""
+    from ._gpu import set_options
+    return set_options(**options)
+
+
 def show_config():
     """What this build has: a dict (also printed) with the version, OpenMP and
-    its thread count, and the GPU backend's state."""
+    its thread count, and the GPU backend's state (CuPy version and device,
+    or why it is not available)."""
     from ._cpu import _slots
+    from ._gpu import info as gpu_info
     info = {
         "version": __version__,
         "openmp": _slots.has_openmp(),
         "threads": _slots.max_threads(),
-        "gpu": "not built (CuPy backend: issue 4)",
+        "gpu": gpu_info(),
     }
     for k, v in info.items():
         print(f"{k:8s} {v}")

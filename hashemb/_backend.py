@@ -1,5 +1,7 @@
-"""Pick the kernels by array type: NumPy -> hashemb._cpu. Never copies between
-host and device behind the caller's back."""
+"""Pick the kernels by array type: NumPy -> hashemb._cpu, CuPy -> hashemb._gpu.
+Never copies between host and device behind the caller's back: a mix of host
+and device arrays is a TypeError naming the argument. CuPy is imported only
+when a CuPy array arrives (it is recognised by its type's module name)."""
 import types
 
 import numpy as np
@@ -20,17 +22,50 @@ def is_cupy(x):
     return type(x).__module__.split(".")[0] == "cupy"
 
 
+def _tname(x):
+    return f"{type(x).__module__}.{type(x).__name__}"
+
+
+def on_gpu(**named):
+    """True when the array arguments are CuPy arrays, False when none is.
+    TypeError for a mix, naming the first argument on the host."""
+    gpu = host = None
+    for name, x in named.items():
+        if x is None:
+            continue
+        if is_cupy(x):
+            gpu = gpu or name
+        else:
+            host = host or name
+    if gpu and host:
+        raise TypeError(f"{host}: expected a cupy.ndarray like {gpu} (hashemb never copies "
+                        f"between host and device), got {_tname(named[host])}")
+    return gpu is not None
+
+
 def array_module(*arrays):
-    """numpy for NumPy arrays; TypeError for a mix or for device arrays."""
-    for x in arrays:
-        if x is not None and is_cupy(x):
-            raise TypeError(
-                f"expected numpy.ndarray inputs, got {type(x).__module__}.{type(x).__name__}: "
-                "this build of hashemb has no GPU backend (hashemb.show_config())")
+    """numpy, or cupy for CuPy arrays; TypeError for a mix."""
+    on = on_gpu(**{f"argument {i}": x for i, x in enumerate(arrays)})
+    if on:
+        import cupy
+        return cupy
     return np
 
 
 def kernels(*arrays):
-    """The kernel namespace for these arrays (the CPU one)."""
-    array_module(*arrays)
+    """The CPU kernel namespace for these arrays. Functions with GPU kernels
+    dispatch before calling this; for the others a CuPy array is a TypeError."""
+    for x in arrays:
+        if x is not None and is_cupy(x):
+            raise TypeError(
+                f"expected numpy.ndarray inputs, got {_tname(x)}: this function has no GPU "
+                "kernels yet (bags, plain lookups, slots and UniversalHash have; "
+                "hashemb.show_config())")
     return _cpu_kernels()
+
+
+def data_ptr(a):
+    """Address of an array's first element, NumPy or CuPy."""
+    if is_cupy(a):
+        return a.data.ptr
+    return a.__array_interface__["data"][0]

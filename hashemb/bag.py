@@ -3,18 +3,24 @@
 import numpy as np
 
 from . import _validate as V
-from ._backend import kernels
+from ._backend import kernels, on_gpu
 from .optim import check_optimizer
 
 _DETERMINISM = """
     On the CPU every result is bitwise deterministic and independent of the
     thread count: forward pools each bag in entry order; backward gives each
     thread a disjoint range of slots and sums every slot's contributions in
-    entry order."""
+    entry order. CuPy arrays run the same math on the GPU (forward in the
+    same order; backward with atomic adds, or ``deterministic=True``)."""
 
 
 def _forward(indices, weight, offsets, scheme, table0, T, mode, per_sample_weights,
              include_last_offset, padding_idx):
+    if on_gpu(indices=indices, weight=weight, offsets=offsets,
+              per_sample_weights=per_sample_weights):
+        from ._gpu import bag as G
+        return G.forward(indices, weight, offsets, scheme, table0, T, mode, per_sample_weights,
+                         include_last_offset, padding_idx)
     k = kernels(indices, weight, offsets, per_sample_weights)
     scheme = V.check_scheme(scheme)
     dtype = V.weight_dtype(weight)
@@ -29,7 +35,13 @@ def _forward(indices, weight, offsets, scheme, table0, T, mode, per_sample_weigh
 
 
 def _backward(grad_output, indices, offsets, scheme, table0, T, mode, per_sample_weights,
-              include_last_offset, padding_idx, weight, optimizer):
+              include_last_offset, padding_idx, weight, optimizer, deterministic=None):
+    if on_gpu(grad_output=grad_output, indices=indices, offsets=offsets,
+              per_sample_weights=per_sample_weights, weight=weight):
+        from ._gpu import bag as G
+        return G.backward(grad_output, indices, offsets, scheme, table0, T, mode,
+                          per_sample_weights, include_last_offset, padding_idx, weight,
+                          optimizer, deterministic)
     k = kernels(grad_output, indices, offsets, per_sample_weights, weight)
     scheme = V.check_scheme(scheme)
     optimizer = check_optimizer(optimizer)
@@ -117,7 +129,7 @@ def embedding_bag(indices, weight, offsets=None, *, scheme, table=0, mode="sum",
 
 def embedding_bag_backward(grad_output, indices, offsets=None, *, scheme, table=0, mode="sum",
                            per_sample_weights=None, include_last_offset=False,
-                           padding_idx=None, weight=None, optimizer=None):
+                           padding_idx=None, weight=None, optimizer=None, deterministic=None):
     r"""Gradient of :func:`embedding_bag` with respect to the array, or a fused update.
 
     .. math::
@@ -138,6 +150,10 @@ def embedding_bag_backward(grad_output, indices, offsets=None, *, scheme, table=
         Needed for ``mode="max"`` and for an optimizer (updated in place; must be
         C-contiguous and writeable).
     optimizer : hashemb.SGD or hashemb.Adagrad, optional
+    deterministic : bool, optional
+        GPU only (the CPU is always deterministic): sum each slot's
+        contributions in entry order after a stable sort, bitwise the CPU's
+        result, instead of atomic adds. Default: ``he.set_gpu_options``.
 
     Returns
     -------
@@ -156,7 +172,8 @@ def embedding_bag_backward(grad_output, indices, offsets=None, *, scheme, table=
     """
     return _backward(grad_output, indices, offsets, scheme,
                      V.check_table(table, V.check_scheme(scheme)), 1, mode,
-                     per_sample_weights, include_last_offset, padding_idx, weight, optimizer)
+                     per_sample_weights, include_last_offset, padding_idx, weight, optimizer,
+                     deterministic)
 
 
 def embedding_bags(indices, weight, offsets=None, *, scheme, num_tables, mode="sum",
@@ -195,10 +212,12 @@ def embedding_bags(indices, weight, offsets=None, *, scheme, num_tables, mode="s
 
 
 def embedding_bags_backward(grad_output, indices, offsets=None, *, scheme, num_tables,
-                            mode="sum", per_sample_weights=None, weight=None, optimizer=None):
+                            mode="sum", per_sample_weights=None, weight=None, optimizer=None,
+                            deterministic=None):
     """Backward of :func:`embedding_bags`: the gradient, or a fused optimizer step
     (``optimizer=he.SGD(lr)`` / ``he.Adagrad(lr)``, returns None). Arguments as in
-    :func:`embedding_bags` and :func:`embedding_bag_backward`.
+    :func:`embedding_bags` and :func:`embedding_bag_backward` (``deterministic``
+    included).
     {det}
 
     Examples
@@ -215,7 +234,7 @@ def embedding_bags_backward(grad_output, indices, offsets=None, *, scheme, num_t
     if scheme.num_tables is not None and T > scheme.num_tables:
         raise ValueError(f"num_tables: expected <= {scheme.num_tables} (the scheme's tables), got {T}")
     return _backward(grad_output, indices, offsets, scheme, 0, T, mode, per_sample_weights,
-                     True, None, weight, optimizer)
+                     True, None, weight, optimizer, deterministic)
 
 
 for _f in (embedding_bag, embedding_bag_backward, embedding_bags, embedding_bags_backward):

@@ -2,7 +2,7 @@
 import numpy as np
 
 from . import _validate as V
-from ._backend import kernels
+from ._backend import is_cupy, kernels
 
 P = (1 << 61) - 1
 _MASK64 = (1 << 64) - 1
@@ -88,11 +88,19 @@ class UniversalHash:
         return f"UniversalHash(seed={self.seed})"
 
     def __call__(self, keys, m, *, table=0, block=0):
-        """``h(table, keys, block)``: int64 array of slots in ``[0, m)``."""
+        """``h(table, keys, block)``: int64 array of slots in ``[0, m)`` (a CuPy
+        array for CuPy keys, computed on their device)."""
+        if is_cupy(keys):
+            from ._gpu import slots as G
+            return G.universal_hash(self, keys, m, table, block)
         return self._eval(self.coef[:4], keys, m, table, block)
 
     def sign(self, keys, *, table=0, element=0):
-        """``g(table, keys, element)``: float32 array of +1/-1."""
+        """``g(table, keys, element)``: float32 array of +1/-1 (a CuPy array for
+        CuPy keys, computed on their device)."""
+        if is_cupy(keys):
+            from ._gpu import slots as G
+            return G.universal_sign(self, keys, table, element)
         keys, flat, table, element = self._args(keys, table, element, "element")
         out = np.empty(keys.shape, dtype=np.float32)
         kernels(keys).universal_sign(self.coef[4:], flat, table, element, out.reshape(-1))

@@ -6,7 +6,7 @@ import numbers
 import numpy as np
 
 from . import _validate as V
-from ._backend import kernels
+from ._backend import is_cupy, kernels, on_gpu
 
 
 def _key(v):
@@ -60,7 +60,8 @@ def embedding(indices, weight):
     array([[[ 9., 10., 11.],
             [ 0.,  1.,  2.]]], dtype=float32)
     """
-    V.weight_dtype(weight)
+    if not on_gpu(indices=indices, weight=weight):
+        V.weight_dtype(weight)
     if weight.ndim != 2:
         raise ValueError(f"weight: expected shape (num_embeddings, dim), got {weight.shape}")
     return _multi(indices, weight, weight.shape[0], weight.shape[1], single=True)
@@ -99,6 +100,9 @@ def multi_embedding(indices, weight, sizes, dims):
 
 
 def _multi(indices, weight, sizes, dims, single=False):
+    if on_gpu(indices=indices, weight=weight):
+        from ._gpu import embed as G
+        return G.gather(indices, weight, _layout(sizes, dims), single)
     base, dims_a, cols, sizes_a, size, total = _layout(sizes, dims)
     w = _flat_weight(weight, size)
     k = kernels(indices, weight)
@@ -126,7 +130,9 @@ def embedding_backward(grad_output, indices, num_embeddings, deterministic=False
     floats wide): every gradient float is summed by one thread in index order,
     so on the CPU the result is bitwise deterministic whatever
     ``deterministic`` says, and all samples on one hot id still use every
-    thread. (The flag selects the sorted path on the GPU.)
+    thread. On the GPU (CuPy arrays) backward adds with atomics, or with
+    ``deterministic=True`` sorts the rows and sums each float in sample
+    order: bitwise the CPU result.
 
     Parameters
     ----------
@@ -147,6 +153,14 @@ def embedding_backward(grad_output, indices, num_embeddings, deterministic=False
            [2., 2.],
            [0., 0.]], dtype=float32)
     """
+    if on_gpu(grad_output=grad_output, indices=indices):
+        if grad_output.ndim < 1:
+            raise ValueError(f"grad_output: expected shape indices.shape + (dim,), "
+                             f"got {grad_output.shape}")
+        from ._gpu import embed as G
+        out = G.scatter(grad_output, indices, _layout(num_embeddings, grad_output.shape[-1]),
+                        True, deterministic)
+        return out.reshape(-1, grad_output.shape[-1])
     g = V.as_float(grad_output, "grad_output")
     if g.ndim < 1:
         raise ValueError(f"grad_output: expected shape indices.shape + (dim,), got {g.shape}")
@@ -170,6 +184,9 @@ def multi_embedding_backward(grad_output, indices, sizes, dims, deterministic=Fa
     >>> he.multi_embedding_backward(g, np.array([[1, 2], [1, 0]]), [2, 3], [1, 2])
     array([0., 2., 1., 1., 0., 0., 1., 1.], dtype=float32)
     """
+    if on_gpu(grad_output=grad_output, indices=indices):
+        from ._gpu import embed as G
+        return G.scatter(grad_output, indices, _layout(sizes, dims), False, deterministic)
     g = V.as_float(grad_output, "grad_output")
     return _multi_backward(g, indices, sizes, dims, single=False)
 
@@ -197,5 +214,11 @@ def unpack(weight, sizes, dims):
     [(2, 1), (3, 2)]
     """
     base, dims_a, _, sizes_a, size, _ = _layout(sizes, dims)
-    w = _flat_weight(weight, size)
+    if is_cupy(weight):
+        w = weight.reshape(-1)
+        if w.shape[0] != size:
+            raise ValueError(f"weight: expected {size} floats, got {w.shape[0]} "
+                             f"(shape {weight.shape})")
+    else:
+        w = _flat_weight(weight, size)
     return [w[b:b + n * d].reshape(n, d) for b, n, d in zip(base, sizes_a, dims_a)]

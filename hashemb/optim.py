@@ -3,6 +3,7 @@ array in place in the same pass, with no full-size gradient returned."""
 import numpy as np
 
 from . import _validate as V
+from ._backend import array_module, data_ptr, is_cupy
 
 
 class SGD:
@@ -71,8 +72,9 @@ class Adagrad:
         """The accumulator of ``weight`` (zeros until its first update)."""
         key = self._key(weight)
         if key not in self.state:
-            self.state[key] = np.zeros(weight.size, weight.dtype)
-            self._scratch[key] = np.zeros(weight.size, weight.dtype)
+            xp = array_module(weight)      # CuPy weights keep their state on the device
+            self.state[key] = xp.zeros(weight.size, weight.dtype)
+            self._scratch[key] = xp.zeros(weight.size, weight.dtype)
         return self.state[key], self._scratch[key]
 
     def use_state(self, weight, state):
@@ -81,21 +83,22 @@ class Adagrad:
         that a torch module saves in its state_dict. Binding the same memory
         again is a no-op (the scratch array is kept)."""
         key = self._key(weight)
-        if (not isinstance(state, np.ndarray) or state.size != weight.size
+        same = is_cupy(state) if is_cupy(weight) else isinstance(state, np.ndarray)
+        if (not same or state.size != weight.size
                 or state.dtype != weight.dtype or not state.flags.c_contiguous
-                or not state.flags.writeable):
+                or not (is_cupy(state) or state.flags.writeable)):
             raise ValueError(f"state: expected a writeable C-contiguous {weight.dtype} array "
                              f"of {weight.size} values, got {V._desc(state)}")
         bound = self.state.get(key)
-        if bound is not None and bound.__array_interface__["data"][0] == \
-                state.__array_interface__["data"][0]:
+        if bound is not None and data_ptr(bound) == data_ptr(state):
             return
         self.state[key] = state.reshape(-1)
-        self._scratch[key] = np.zeros(weight.size, weight.dtype)
+        self._scratch[key] = array_module(weight).zeros(weight.size, weight.dtype)
 
     @staticmethod
     def _key(weight):
-        return (weight.__array_interface__["data"][0], weight.size, weight.dtype.str)
+        return (("cupy", weight.device.id) if is_cupy(weight) else "numpy", data_ptr(weight),
+                weight.size, weight.dtype.str)
 
     def _apply(self, k, run, w):
         state, scratch = self.state_for(w)

@@ -1,0 +1,199 @@
+"""Argument checks of the GPU backend: hashemb/_validate.py's rules and
+messages for device arrays. Scalars go through _validate itself; arrays stay
+on the device (no host copy of user data). Offsets and sized-table tokens
+are checked by one kernel and one small device-to-host read (opt out with
+``he.set_gpu_options(check_indices=False)``)."""
+from collections import namedtuple
+
+import numpy as np
+
+from .. import _validate as V
+from . import _runtime as RT
+
+_INDEX = (np.dtype(np.int32), np.dtype(np.int64))
+_FLOAT = (np.dtype(np.float32), np.dtype(np.float64))
+_NONE = np.iinfo(np.uint64).max
+
+# idx: flat device indices; off: int64 offsets (T*B+1) or None; rowlen, nper:
+# the in-place 2-D layout (see he_bag_range in common.cuh); psw: flat weights or None
+Bags = namedtuple("Bags", "idx off rowlen nper psw B T mode has_pad pad shape")
+
+
+def desc(be, x):
+    if be.is_array(x) or isinstance(x, np.ndarray):
+        return f"{type(x).__module__}.{type(x).__name__} of dtype {x.dtype} and shape {x.shape}"
+    return V._desc(x)
+
+
+def as_array(be, x, name):
+    if not be.is_array(x):
+        raise TypeError(f"{name}: expected a {be.name} array (the other arguments are on the "
+                        f"device; hashemb never copies between host and device), got {desc(be, x)}")
+    return x
+
+
+def as_keys(be, x, name):
+    x = as_array(be, x, name)
+    if x.dtype == np.uint64:
+        x = x.view(np.int64)
+    if x.dtype not in _INDEX:
+        raise TypeError(f"{name}: expected an int32, int64 or uint64 array, got dtype {x.dtype}")
+    return be.xp.ascontiguousarray(x)
+
+
+def as_float(be, x, name, dtype=None):
+    x = as_array(be, x, name)
+    if x.dtype.kind != "f":
+        raise TypeError(f"{name}: expected a floating-point array, got dtype {x.dtype}")
+    return be.xp.ascontiguousarray(x, dtype=dtype or (x.dtype if x.dtype in _FLOAT
+                                                      else np.float32))
+
+
+def weight_dtype(be, weight):
+    as_array(be, weight, "weight")
+    if weight.dtype not in _FLOAT:
+        raise TypeError(f"weight: expected a float32 or float64 array, got dtype {weight.dtype}")
+    return weight.dtype
+
+
+def as_weight(be, weight, scheme, *, writable=False):
+    weight_dtype(be, weight)
+    if weight.shape not in ((scheme.size,), scheme.weight_shape):
+        want = " or ".join(sorted({str((scheme.size,)), str(scheme.weight_shape)}))
+        raise ValueError(f"weight: expected shape {want}, got {weight.shape}")
+    if writable:
+        if not weight.flags.c_contiguous:
+            raise ValueError("weight: expected a writeable C-contiguous array for an in-place "
+                             "optimizer update, got a non-contiguous or read-only one")
+        return weight.reshape(-1)
+    return be.xp.ascontiguousarray(weight).reshape(-1)
+
+
+def as_grad(be, grad_output, shape, dtype):
+    g = as_float(be, grad_output, "grad_output", dtype)
+    if g.shape != shape:
+        raise ValueError(f"grad_output: expected shape {shape}, got {g.shape}")
+    return g
+
+
+def bags(be, indices, offsets, per_sample_weights, *, scheme, mode, dtype, table0=0,
+         num_tables=1, include_last_offset=False, padding_idx=None):
+    """The GPU twin of _validate.bags: 2-D input is read in place (no
+    transposed copy); offsets become int64 of length T*B+1."""
+    xp = be.xp
+    mode = V.check_mode(mode)
+    T = num_tables
+    idx = as_keys(be, indices, "indices")
+    off, user_len = None, 0
+    if idx.ndim == 2:
+        if offsets is not None:
+            raise ValueError(f"offsets: expected None when indices is 2-D (B, N), "
+                             f"got {desc(be, offsets)}")
+        if T == 1:
+            B, N = idx.shape
+            rowlen = nper = N
+        else:
+            if idx.shape[1] != T:
+                raise ValueError(f"indices: expected shape (B, num_tables={T}) for 2-D input, "
+                                 f"got {idx.shape}")
+            B, rowlen, nper = idx.shape[0], T, 1
+        if per_sample_weights is not None:
+            psw = as_array(be, per_sample_weights, "per_sample_weights")
+            if psw.shape != idx.shape:
+                raise ValueError(f"per_sample_weights: expected shape {idx.shape} (as indices), "
+                                 f"got {psw.shape}")
+        shape = idx.shape
+        idx = idx.reshape(-1)
+    elif idx.ndim == 1:
+        if offsets is None:
+            raise ValueError("offsets: expected a 1-D int32/int64 array when indices is 1-D, got None")
+        off = as_array(be, offsets, "offsets")
+        if off.dtype not in _INDEX:
+            raise TypeError(f"offsets: expected an int32 or int64 array, got dtype {off.dtype}")
+        if off.ndim != 1:
+            raise ValueError(f"offsets: expected a 1-D array, got shape {off.shape}")
+        off = xp.ascontiguousarray(off, dtype=np.int64)
+        if (T > 1 or include_last_offset) and off.shape[0] < 1:
+            raise ValueError("offsets: expected at least one offset (B + 1 with the last), got none")
+        user_len = off.shape[0]
+        if T == 1 and not include_last_offset:
+            full = xp.empty(user_len + 1, np.int64)
+            full[:user_len] = off
+            full[user_len] = idx.shape[0]
+            off = full
+        if (off.shape[0] - 1) % T:
+            raise ValueError(f"offsets: expected length num_tables * B + 1 = {T} * B + 1, "
+                             f"got {off.shape[0]}")
+        B = (off.shape[0] - 1) // T
+        rowlen = nper = 0
+        shape = idx.shape
+    else:
+        raise ValueError(f"indices: expected a 1-D or 2-D array, got shape {idx.shape}")
+
+    if per_sample_weights is None:
+        psw = None
+    else:
+        if mode != 0:
+            raise ValueError(f"per_sample_weights: expected None with mode={V.MODES[mode]!r} "
+                             "(only mode='sum' takes weights), got an array")
+        psw = as_float(be, per_sample_weights, "per_sample_weights", dtype).reshape(-1)
+        if psw.shape[0] != idx.shape[0]:
+            raise ValueError(f"per_sample_weights: expected {idx.shape[0]} weights (one per "
+                             f"index), got {psw.shape[0]}")
+
+    has_pad, pad = padding_idx is not None, 0
+    if has_pad:
+        pad = V.check_int(padding_idx, "padding_idx", lo=-(1 << 63), hi=1 << 63)
+        if scheme.table_sizes is not None and T == 1:
+            n = scheme.table_sizes[table0]
+            pad = V.check_int(pad, "padding_idx", lo=-n, hi=n) % n
+
+    b = Bags(idx, off, rowlen, nper, psw, B, T, mode, has_pad, pad, shape)
+    check_bags(be, scheme, b, table0, user_len)
+    return b
+
+
+def check_bags(be, scheme, b, table0, user_len=0):
+    """Offsets well formed, tokens inside their sized tables: one kernel, one
+    read of 4 numbers. ValueError / IndexError with the CPU's messages."""
+    bounds = scheme._bounds(table0, b.T)
+    use_off = b.off is not None
+    n = b.idx.shape[0]
+    if not RT.OPTIONS["check_indices"] or not (use_off or (bounds is not None and n)):
+        return
+    xp = be.xp
+    res = xp.full(4, _NONE, np.uint64)
+    dbounds = be.to_device(bounds) if bounds is not None else res
+    noff = b.off.shape[0] if use_off else 0
+    be.launch("bag", f"bag_check<{RT.ctype(b.idx.dtype)}>", max(n, noff),
+              [b.idx, RT.i64(n), b.off if use_off else res, RT.i64(noff), RT.i64(use_off),
+               dbounds, RT.i64(bounds is not None), RT.i64(b.B), RT.i64(b.T), RT.i64(b.rowlen),
+               RT.i64(b.has_pad), RT.i64(b.pad), res])
+    dec, bad, first, last = (int(v) for v in be.to_host(res))
+    if use_off:
+        first = first if first < 1 << 63 else first - (1 << 64)
+        last = last if last < 1 << 63 else last - (1 << 64)
+        appended = user_len and user_len < noff     # T == 1 without the last offset
+        if first != 0:
+            raise ValueError(f"offsets[0]: expected 0, got {first}")
+        if dec != _NONE and not (appended and dec == noff - 1):
+            o = be.to_host(b.off)
+            raise ValueError(f"offsets: expected non-decreasing values, got offsets[{dec}]="
+                             f"{o[dec]} < offsets[{dec - 1}]={o[dec - 1]}")
+        if appended and dec == noff - 1:
+            o = be.to_host(b.off)
+            raise ValueError(f"offsets: expected values <= len(indices) = {n}, got {o[dec - 1]}")
+        if not appended and last > n:
+            raise ValueError(f"offsets: expected values <= len(indices) = {n}, got {last}")
+    if bad != _NONE:
+        if use_off:
+            o = be.to_host(b.off)
+            t = int(np.searchsorted(o, bad, side="right") - 1) // max(b.B, 1)
+            value = int(b.idx[bad])
+        elif b.T > 1:
+            t, row = divmod(bad, b.B)
+            value = int(b.idx[row * b.rowlen + t])
+        else:
+            t, value = 0, int(b.idx[bad])
+        raise IndexError(f"indices[{bad}]: expected 0 <= index < {bounds[t]} "
+                         f"(table {table0 + t}), got {value}")

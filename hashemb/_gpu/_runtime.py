@@ -1,0 +1,221 @@
+"""Run-time side of the GPU backend: CuPy (imported on first use), one NVRTC
+module per kernel family and device, launches, and the device copy of a
+scheme's C struct.
+
+Every launcher in hashemb._gpu talks to a *backend* object: ``xp`` (the array
+module), ``launch``, ``ptr``, ``to_device``, ``to_host``, ``device_of``. The
+real one is :class:`CupyBackend`; the tests run the same launchers with NumPy
+arrays and the kernels compiled for the host (tests/gpu_emu), so everything
+but the silicon is exercised on machines without a GPU.
+"""
+import contextlib
+import os
+import re
+import struct
+import threading
+import weakref
+
+import numpy as np
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+HEADER = os.path.join(os.path.dirname(_HERE), "_include", "hashemb", "slots.h")
+COMMON = os.path.join(_HERE, "common.cuh")
+FAMILIES = ("bag", "segment", "slots", "embed")
+
+# -fmad=false: no contraction of a*b + c into one rounding, so sums and
+# updates round exactly as the CPU kernels (compiled without FMA) do.
+NVRTC_OPTIONS = ("-fmad=false",)
+
+_KERNEL_LINE = re.compile(r"^HE_KERNEL\((.+)\)\s*$", re.M)
+
+OPTIONS = {
+    # one reduction on the device before each launch: offsets well formed and
+    # tokens of sized tables in range (IndexError); False skips it (no sync)
+    "check_indices": True,
+    # backward through sort + ordered segment sums (bitwise the CPU result)
+    # instead of atomics
+    "deterministic": False,
+    # None: precompute run starts for unsigned schemes of <= 4 runs per row
+    "precompute_starts": None,
+}
+
+
+def _read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def source(family):
+    """The text NVRTC compiles: slots.h, common.cuh, then <family>.cu, each
+    under a #line marker so compile errors name the right file and line."""
+    parts = []
+    for path in (HEADER, COMMON, os.path.join(_HERE, family + ".cu")):
+        parts.append(f'#line 1 "{os.path.basename(path)}"\n{_read(path)}')
+    return "\n".join(parts)
+
+
+def kernel_names(family):
+    """Name expressions of the instantiations a family lists (HE_KERNEL lines)."""
+    return [m.strip() for m in _KERNEL_LINE.findall(_read(os.path.join(_HERE, family + ".cu")))]
+
+
+def ctype(dtype):
+    """C name of a kernel template argument for a NumPy dtype."""
+    return {"float32": "float", "float64": "double", "int32": "int",
+            "int64": "long long"}[np.dtype(dtype).name]
+
+
+def i64(v):
+    return np.int64(v)
+
+
+# ------------------------------------------------------------------ CuPy
+
+_cupy = None
+
+
+def import_cupy():
+    """cupy, imported on first use (importing hashemb never imports it)."""
+    global _cupy
+    if _cupy is None:
+        import cupy
+        _cupy = cupy
+    return _cupy
+
+
+def device_count():
+    """CUDA devices CuPy sees: 0 without CuPy, a driver or a device."""
+    try:
+        return int(import_cupy().cuda.runtime.getDeviceCount())
+    except Exception:       # ImportError, CUDARuntimeError (no driver), ...
+        return 0
+
+
+class CupyBackend:
+    """Launches on CuPy's current stream and the device of the arrays."""
+
+    name = "cupy"
+    key = "cupy"
+    block = 256
+
+    def __init__(self):
+        self.xp = import_cupy()
+        self._modules = {}
+        self._functions = {}
+        self._lock = threading.Lock()
+
+    def is_array(self, x):
+        return isinstance(x, self.xp.ndarray)
+
+    def device_of(self, a):
+        """Context: a's device current (kernels, allocations and the
+        compiled module of that device)."""
+        return self.xp.cuda.Device(a.device.id)
+
+    def current_device(self):
+        return self.xp.cuda.Device().id
+
+    def ptr(self, a):
+        return a.data.ptr
+
+    def to_device(self, host):
+        return self.xp.asarray(host)
+
+    def to_host(self, a):
+        return self.xp.asnumpy(a)
+
+    def function(self, family, name):
+        dev = self.current_device()
+        fn = self._functions.get((family, name, dev))
+        if fn is None:
+            with self._lock:
+                mod = self._modules.get((family, dev))
+                if mod is None:
+                    mod = self.xp.RawModule(code=source(family), options=NVRTC_OPTIONS,
+                                            name_expressions=kernel_names(family))
+                    self._modules[(family, dev)] = mod
+                fn = mod.get_function(name)
+                self._functions[(family, name, dev)] = fn
+        return fn
+
+    def launch(self, family, name, nthreads, args):
+        """name<...>(args) over nthreads threads (1-D grid of 256-thread blocks)."""
+        nthreads = int(nthreads)
+        if nthreads <= 0:
+            return
+        for a in args:      # CuPy packs a Python int as whatever it likes: never pass one
+            assert isinstance(a, (self.xp.ndarray, np.generic)), type(a)
+        grid = (nthreads + self.block - 1) // self.block
+        self.function(family, name)((grid,), (self.block,), tuple(args))
+
+
+_backend = None
+
+
+def backend():
+    global _backend
+    if _backend is None:
+        _backend = CupyBackend()
+    return _backend
+
+
+@contextlib.contextmanager
+def torch_stream(tensor):
+    """CuPy's current device and stream = torch's current ones for ``tensor``."""
+    cp = import_cupy()
+    import torch
+    dev = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
+    stream = torch.cuda.current_stream(dev)
+    with cp.cuda.Device(dev), cp.cuda.ExternalStream(stream.cuda_stream, dev):
+        yield
+
+
+# ------------------------------------------------------- scheme structs
+
+def patch_struct(raw, fields, pointers):
+    """``raw`` (the he_scheme struct as bytes) with the 8-byte pointer at each
+    field offset replaced by the matching entry of ``pointers``."""
+    buf = bytearray(raw)
+    if len(fields) != len(pointers):
+        raise ValueError(f"pointers: expected {len(fields)}, got {len(pointers)}")
+    for (offset, _), p in zip(fields, pointers):
+        if offset % 8 or offset < 0 or offset + 8 > len(buf):
+            raise ValueError(f"pointer field at byte {offset} of a {len(buf)}-byte struct")
+        struct.pack_into("<Q", buf, offset, int(p))
+    return bytes(buf)
+
+
+_SCHEMES = {}       # id(scheme) -> [weakref, SchemeView, {(backend, device): (struct, arrays)}]
+_SCHEMES_LOCK = threading.Lock()
+
+
+def _forget(key, ref):
+    with _SCHEMES_LOCK:
+        ent = _SCHEMES.get(key)
+        if ent is not None and ent[0] is ref:
+            del _SCHEMES[key]
+
+
+def scheme_struct(be, scheme):
+    """Device buffer holding the scheme's he_scheme struct with device
+    pointers (pass it as ``const he_scheme*``). Built once per scheme and
+    device from ``SchemeView.struct_bytes`` / ``pointer_fields``: the layout
+    is never mirrored in Python, so new struct fields come for free. Rebuilt
+    if the scheme's view changes; dropped with the scheme."""
+    view = scheme._view
+    key = id(scheme)
+    with _SCHEMES_LOCK:
+        ent = _SCHEMES.get(key)
+        if ent is None or ent[0]() is not scheme or ent[1] is not view:
+            ref = weakref.ref(scheme, lambda r, k=key: _forget(k, r))
+            ent = [ref, view, {}]
+            _SCHEMES[key] = ent
+        per = ent[2].get((be.key, be.current_device()))
+        if per is None:
+            fields = view.pointer_fields()
+            arrays = [be.to_device(np.ascontiguousarray(a)) for _, a in fields]
+            raw = patch_struct(view.struct_bytes(), fields, [be.ptr(a) for a in arrays])
+            buf = be.to_device(np.frombuffer(raw, np.uint8).copy())
+            per = (buf, arrays)
+            ent[2][(be.key, be.current_device())] = per
+    return per[0]

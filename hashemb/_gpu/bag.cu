@@ -1,0 +1,342 @@
+/*
+ * hashemb/_gpu/bag.cu -- embedding-bag kernels of the GPU backend, the CUDA
+ * twins of hashemb/_cpu/_bag.pyx: gather-pool forward (sum / mean / max,
+ * per-sample weights, padding, many tables per launch), scatter-add backward
+ * with atomics or as (slot, value) pairs for the sorted deterministic path,
+ * the fused Adagrad passes, and the pre-launch offsets / index check.
+ *
+ * Thread layout of the bag kernels: W lanes (W a power of two <= 32, chosen
+ * by the launcher from D) per bag q = t*B + b of the feature-major batch; lane
+ * l handles elements l, l+W, l+2W, ... and one pass over the bag's entries
+ * serves HE_EPT of them. The lanes of a bag read consecutive floats of a run
+ * and write consecutive floats of the output row: coalesced. All index
+ * arithmetic is 64-bit.
+ *
+ * Run starts come from hashemb/slots.h, per lane on the fly, or, for
+ * unsigned schemes with few runs per row (ROBE-Z, Z >= D/4), from bag_starts,
+ * which hashes each (entry, run) once instead of once per lane.
+ */
+#ifndef HASHEMB_GPU_COMMON_H
+#include "common.cuh"
+#endif
+
+/* Start of run k of the row `row` of entry j (precomputed or on the fly). */
+__device__ __forceinline__ uint64_t he_start(const he_scheme* s, const he_row* row,
+                                             const uint64_t* starts, i64 j, i64 k)
+{
+    return starts ? starts[j * s->runs + k] : he_run_start(s, row, k);
+}
+
+/*
+ * starts[j * R + k] = start of run k of entry j for every entry in a bag
+ * (R = s->runs), one thread per (entry, run). Only for unsigned schemes: the
+ * bag kernels then need no row state at all.
+ */
+template <typename I>
+__global__ void bag_starts(const he_scheme* __restrict__ s, const I* __restrict__ idx,
+                           i64 n, const int64_t* __restrict__ off, i64 use_off, i64 B,
+                           i64 T, i64 rowlen, i64 table0, uint64_t* __restrict__ starts)
+{
+    const i64 g = he_tid(), R = s->runs;
+    if (g >= n * R)
+        return;
+    const i64 j = g / R, k = g - j * R;
+    const i64 t = he_entry_table(off, use_off, j, B, T, rowlen);
+    if (t < 0)
+        return;
+    const he_row row = he_row_begin(s, table0 + t, (i64)idx[j]);
+    starts[g] = he_run_start(s, &row, k);
+}
+
+/* out[b, t*D + i] = pool over the entries of bag t*B + b (the CPU's _bag). */
+template <typename R, typename I>
+__global__ void bag_forward(const he_scheme* __restrict__ s, const I* __restrict__ idx,
+                            const int64_t* __restrict__ off, i64 use_off, i64 rowlen, i64 nper,
+                            const uint64_t* __restrict__ starts, i64 use_starts,
+                            const R* __restrict__ M, const R* __restrict__ psw, i64 use_psw,
+                            R* __restrict__ out, i64 B, i64 T, i64 table0, i64 mode,
+                            i64 has_pad, i64 pad, i64 W)
+{
+    const i64 g = he_tid(), q = g / W, lane = g - q * W;
+    if (q >= T * B)
+        return;
+    const i64 t = q / B, b = q - t * B, D = s->dim, table = table0 + t;
+    const int L = (int)s->run;
+    const he_range r = he_bag_range(off, use_off, q, t, b, rowlen, nper);
+    const uint64_t* st0 = use_starts ? starts : 0;
+    R* o = out + b * (T * D) + t * D;
+    for (i64 i0 = lane; i0 < D; i0 += HE_EPT * W) {
+        R acc[HE_EPT];
+        int kk[HE_EPT], jj[HE_EPT];
+#pragma unroll
+        for (int c = 0; c < HE_EPT; c++) {
+            const int i = (int)(i0 + c * W);     /* D < 2^20 */
+            kk[c] = i / L;
+            jj[c] = i - kk[c] * L;
+            acc[c] = 0;
+        }
+        i64 cnt = 0;
+        for (i64 j = r.j0; j < r.j1; j++) {
+            const i64 x = (i64)idx[j];
+            if (has_pad && x == pad)
+                continue;
+            he_row row = {0, 0};
+            if (!st0)
+                row = he_row_begin(s, table, x);
+            const R w = use_psw ? psw[j] : (R)1;
+#pragma unroll
+            for (int c = 0; c < HE_EPT; c++) {
+                const i64 i = i0 + c * W;
+                if (i < D) {
+                    const uint64_t st = he_start(s, &row, st0, j, kk[c]);
+                    const int sg = st0 ? 1 : he_sign(s, &row, i);
+                    const R v = (R)sg * M[he_run_slot(s, st, jj[c])];
+                    if (mode == HE_MAX) {
+                        if (cnt == 0 || v > acc[c])
+                            acc[c] = v;
+                    } else if (cnt == 0) {
+                        acc[c] = w * v;
+                    } else {
+                        acc[c] += w * v;
+                    }
+                }
+            }
+            cnt++;
+        }
+#pragma unroll
+        for (int c = 0; c < HE_EPT; c++) {
+            const i64 i = i0 + c * W;
+            if (i < D)
+                o[i] = cnt == 0 ? (R)0 : (mode == HE_MEAN && cnt > 1 ? acc[c] / (R)cnt : acc[c]);
+        }
+    }
+}
+
+/*
+ * Element i of bag q in max mode: the first entry holding the maximum of
+ * s * M[slot] (the CPU's _argmax), as its slot and sign; found = 0 for a bag
+ * with no non-padding entry.
+ */
+template <typename R, typename I>
+__device__ __forceinline__ int he_argmax(const he_scheme* s, const I* idx, const he_range& r,
+                                         const uint64_t* st0, const R* M, i64 table, i64 has_pad,
+                                         i64 pad, i64 i, int k, int jr, uint64_t* slot, int* sign)
+{
+    int found = 0;
+    R best = 0;
+    for (i64 j = r.j0; j < r.j1; j++) {
+        const i64 x = (i64)idx[j];
+        if (has_pad && x == pad)
+            continue;
+        he_row row = {0, 0};
+        if (!st0)
+            row = he_row_begin(s, table, x);
+        const uint64_t sl = he_run_slot(s, he_start(s, &row, st0, j, k), jr);
+        const int sg = st0 ? 1 : he_sign(s, &row, i);
+        const R v = (R)sg * M[sl];
+        if (!found || v > best) {
+            best = v;
+            *slot = sl;
+            *sign = sg;
+            found = 1;
+        }
+    }
+    return found;
+}
+
+/*
+ * Backward, one bag per W lanes. out_mode 0: atomicAdd of every contribution
+ * into target (the gradient, SGD's weight, or Adagrad's scratch);
+ * out_mode 1: write each contribution as (keys[pos*D + i], vals[pos*D + i])
+ * for the deterministic path (pos: the entry's CPU position; in max mode the
+ * bag's q), leaving keys at HE_NO_SLOT where nothing is contributed.
+ *
+ * A contribution is (a * s) * g[i], a = alpha * psw[j] (sum), alpha / count
+ * (mean over > 1 entries) or alpha; max sends alpha * s * g[i] to the
+ * element's first maximum only. (The CPU's _backward_part.)
+ */
+template <typename R, typename I>
+__global__ void bag_backward(const he_scheme* __restrict__ s, const I* __restrict__ idx,
+                             const int64_t* __restrict__ off, i64 use_off, i64 rowlen, i64 nper,
+                             const uint64_t* __restrict__ starts, i64 use_starts,
+                             const R* __restrict__ psw, i64 use_psw,
+                             const R* __restrict__ grad, i64 B, i64 T, i64 table0, i64 mode,
+                             i64 has_pad, i64 pad, i64 W, const R* __restrict__ M, R alpha,
+                             i64 out_mode, R* __restrict__ target, int64_t* __restrict__ keys,
+                             R* __restrict__ vals)
+{
+    const i64 g = he_tid(), q = g / W, lane = g - q * W;
+    if (q >= T * B)
+        return;
+    const i64 t = q / B, b = q - t * B, D = s->dim, table = table0 + t;
+    const int L = (int)s->run;
+    const he_range r = he_bag_range(off, use_off, q, t, b, rowlen, nper);
+    const uint64_t* st0 = use_starts ? starts : 0;
+    const R* go = grad + b * (T * D) + t * D;
+
+    if (mode == HE_MAX) {
+        for (i64 i = lane; i < D; i += W) {
+            const int k = (int)i / L, jr = (int)i - k * L;
+            uint64_t slot = 0;
+            int sg = 1;
+            const int found = he_argmax(s, idx, r, st0, M, table, has_pad, pad, i, k, jr, &slot, &sg);
+            const R c = (alpha * (R)sg) * go[i];
+            if (out_mode == 0) {
+                if (found)
+                    he_atomic_add(target + slot, c);
+            } else {
+                keys[q * D + i] = found ? (int64_t)slot : HE_NO_SLOT;
+                vals[q * D + i] = found ? c : (R)0;
+            }
+        }
+        return;
+    }
+
+    R w = alpha;
+    if (mode == HE_MEAN) {
+        i64 cnt = r.j1 - r.j0;
+        if (has_pad) {
+            cnt = 0;
+            for (i64 j = r.j0; j < r.j1; j++)
+                cnt += (i64)idx[j] != pad;
+        }
+        if (cnt > 1)
+            w = alpha / (R)cnt;
+    }
+    for (i64 i0 = lane; i0 < D; i0 += HE_EPT * W) {
+        R gv[HE_EPT];
+        int kk[HE_EPT], jj[HE_EPT];
+#pragma unroll
+        for (int c = 0; c < HE_EPT; c++) {
+            const i64 i = i0 + c * W;
+            kk[c] = (int)i / L;
+            jj[c] = (int)i - kk[c] * L;
+            gv[c] = i < D ? go[i] : (R)0;
+        }
+        for (i64 j = r.j0; j < r.j1; j++) {
+            const i64 x = (i64)idx[j];
+            const i64 pos = r.pos0 + (j - r.j0);
+            const int skip = has_pad && x == pad;
+            if (skip) {
+                if (out_mode == 1) {
+#pragma unroll
+                    for (int c = 0; c < HE_EPT; c++) {
+                        const i64 i = i0 + c * W;
+                        if (i < D) {
+                            keys[pos * D + i] = HE_NO_SLOT;
+                            vals[pos * D + i] = 0;
+                        }
+                    }
+                }
+                continue;
+            }
+            he_row row = {0, 0};
+            if (!st0)
+                row = he_row_begin(s, table, x);
+            const R a = use_psw ? w * psw[j] : w;
+#pragma unroll
+            for (int c = 0; c < HE_EPT; c++) {
+                const i64 i = i0 + c * W;
+                if (i < D) {
+                    const uint64_t slot = he_run_slot(s, he_start(s, &row, st0, j, kk[c]), jj[c]);
+                    const int sg = st0 ? 1 : he_sign(s, &row, i);
+                    const R v = (a * (R)sg) * gv[c];
+                    if (out_mode == 0) {
+                        he_atomic_add(target + slot, v);
+                    } else {
+                        keys[pos * D + i] = (int64_t)slot;
+                        vals[pos * D + i] = v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/*
+ * Adagrad's apply pass by walking the batch again (when the array is large
+ * next to the batch): every slot an entry touches is claimed with an atomic
+ * exchange of its scratch gradient for 0, so each slot is updated exactly
+ * once, and only where its gradient is non-zero (the CPU's ACT_ADAGRAD).
+ */
+template <typename R, typename I>
+__global__ void bag_adagrad_walk(const he_scheme* __restrict__ s, const I* __restrict__ idx,
+                                 const int64_t* __restrict__ off, i64 use_off, i64 rowlen,
+                                 i64 nper, const uint64_t* __restrict__ starts, i64 use_starts,
+                                 i64 B, i64 T, i64 table0, i64 has_pad, i64 pad, i64 W,
+                                 R* __restrict__ w, R* __restrict__ scratch,
+                                 R* __restrict__ state, R lr, R eps)
+{
+    const i64 g = he_tid(), q = g / W, lane = g - q * W;
+    if (q >= T * B)
+        return;
+    const i64 t = q / B, b = q - t * B, D = s->dim, table = table0 + t;
+    const int L = (int)s->run;
+    const he_range r = he_bag_range(off, use_off, q, t, b, rowlen, nper);
+    const uint64_t* st0 = use_starts ? starts : 0;
+    for (i64 j = r.j0; j < r.j1; j++) {
+        const i64 x = (i64)idx[j];
+        if (has_pad && x == pad)
+            continue;
+        he_row row = {0, 0};
+        if (!st0)
+            row = he_row_begin(s, table, x);
+        for (i64 i = lane; i < D; i += W) {
+            const int k = (int)i / L;
+            const uint64_t slot = he_run_slot(s, he_start(s, &row, st0, j, k), (int)i - k * L);
+            const R gs = he_take(scratch + slot);
+            if (gs != (R)0)
+                he_adagrad(w, state, (i64)slot, gs, lr, eps);
+        }
+    }
+}
+
+/*
+ * The checks the CPU makes before its kernels, in one pass (one reduction):
+ *   res[0] = first p >= 1 with off[p] < off[p-1] (else ~0), res[2] = off[0],
+ *   res[3] = off[noff-1]  (use_off only);
+ *   res[1] = CPU position of the first entry whose token lies outside
+ *            [0, bounds[t]) of its table (padding exempt; use_bounds only).
+ * res[0] and res[1] start at ~0 (all ones); one thread per offset / entry.
+ */
+template <typename I>
+__global__ void bag_check(const I* __restrict__ idx, i64 n, const int64_t* __restrict__ off,
+                          i64 noff, i64 use_off, const int64_t* __restrict__ bounds,
+                          i64 use_bounds, i64 B, i64 T, i64 rowlen, i64 has_pad, i64 pad,
+                          unsigned long long* __restrict__ res)
+{
+    const i64 g = he_tid();
+    if (use_off && g < noff) {
+        if (g == 0) {
+            res[2] = (unsigned long long)off[0];
+            res[3] = (unsigned long long)off[noff - 1];
+        } else if (off[g] < off[g - 1]) {
+            atomicMin(res, (unsigned long long)g);
+        }
+    }
+    if (use_bounds && g < n) {
+        const i64 t = he_entry_table(off, use_off, g, B, T, rowlen);
+        if (t >= 0) {
+            const i64 x = (i64)idx[g];
+            if ((x < 0 || x >= bounds[t]) && !(has_pad && x == pad))
+                atomicMin(res + 1, (unsigned long long)he_entry_pos(use_off, g, t, B, T, rowlen));
+        }
+    }
+}
+
+HE_KERNEL(bag_starts<int>)
+HE_KERNEL(bag_starts<long long>)
+HE_KERNEL(bag_forward<float, int>)
+HE_KERNEL(bag_forward<float, long long>)
+HE_KERNEL(bag_forward<double, int>)
+HE_KERNEL(bag_forward<double, long long>)
+HE_KERNEL(bag_backward<float, int>)
+HE_KERNEL(bag_backward<float, long long>)
+HE_KERNEL(bag_backward<double, int>)
+HE_KERNEL(bag_backward<double, long long>)
+HE_KERNEL(bag_adagrad_walk<float, int>)
+HE_KERNEL(bag_adagrad_walk<float, long long>)
+HE_KERNEL(bag_adagrad_walk<double, int>)
+HE_KERNEL(bag_adagrad_walk<double, long long>)
+HE_KERNEL(bag_check<int>)
+HE_KERNEL(bag_check<long long>)

@@ -1,0 +1,175 @@
+"""Launchers of the embedding-bag kernels (hashemb/_gpu/bag.cu): what
+hashemb.bag calls for CuPy arrays. Same arguments, checks and results as the
+CPU kernels; backward adds with atomics (default) or, deterministic, through
+a stable sort and ordered per-slot sums that reproduce the CPU bit for bit."""
+import numpy as np
+
+from .. import _validate as V
+from ..optim import SGD, Adagrad, check_optimizer
+from . import _args as A
+from . import _runtime as RT
+from ._runtime import i64
+
+_FULL = 0
+
+
+def lanes(dim):
+    """Lanes per bag: the power of two >= min(dim, 32)."""
+    return 1 << max(0, (min(dim, 32) - 1).bit_length())
+
+
+def _use_starts(scheme):
+    opt = RT.OPTIONS["precompute_starts"]
+    if opt is not None:
+        return bool(opt) and not scheme._signed
+    return not scheme._signed and scheme.dim // scheme._run <= 4 and scheme._kind != _FULL
+
+
+def _common(be, scheme, b, table0):
+    """(struct, layout args, run starts args) shared by every bag launch."""
+    s = RT.scheme_struct(be, scheme)
+    n = b.idx.shape[0]
+    use_off = b.off is not None
+    off = b.off if use_off else b.idx
+    starts, use = b.idx, False
+    if n and _use_starts(scheme):
+        R = scheme.dim // scheme._run
+        starts = be.xp.empty(n * R, np.uint64)
+        be.launch("bag", f"bag_starts<{RT.ctype(b.idx.dtype)}>", n * R,
+                  [s, b.idx, i64(n), off, i64(use_off), i64(b.B), i64(b.T), i64(b.rowlen),
+                   i64(table0), starts])
+        use = True
+    layout = [b.idx, off, i64(use_off), i64(b.rowlen), i64(b.nper), starts, i64(use)]
+    return s, layout
+
+
+def forward(indices, weight, offsets, scheme, table0, T, mode, per_sample_weights,
+            include_last_offset, padding_idx, be=None):
+    be = be or RT.backend()
+    A.as_array(be, weight, "weight")
+    with be.device_of(weight):
+        scheme = V.check_scheme(scheme)
+        dtype = A.weight_dtype(be, weight)
+        b = A.bags(be, indices, offsets, per_sample_weights, scheme=scheme, mode=mode,
+                   dtype=dtype, table0=table0, num_tables=T,
+                   include_last_offset=include_last_offset, padding_idx=padding_idx)
+        w = A.as_weight(be, weight, scheme)
+        out = be.xp.empty((b.B, T * scheme.dim), dtype)
+        if b.B == 0 or T == 0:
+            return out
+        s, layout = _common(be, scheme, b, table0)
+        W = lanes(scheme.dim)
+        be.launch("bag", f"bag_forward<{RT.ctype(dtype)}, {RT.ctype(b.idx.dtype)}>", b.B * T * W,
+                  [s] + layout + [w, b.psw if b.psw is not None else w, i64(b.psw is not None),
+                                  out, i64(b.B), i64(T), i64(table0), i64(b.mode),
+                                  i64(b.has_pad), i64(b.pad), i64(W)])
+        return out
+
+
+def backward(grad_output, indices, offsets, scheme, table0, T, mode, per_sample_weights,
+             include_last_offset, padding_idx, weight, optimizer, deterministic=None, be=None):
+    be = be or RT.backend()
+    xp = be.xp
+    scheme = V.check_scheme(scheme)
+    optimizer = check_optimizer(optimizer)
+    V.check_mode(mode)
+    if weight is None and (mode == "max" or optimizer is not None):
+        why = "an optimizer updates it" if optimizer is not None else \
+            "mode='max' routes each gradient to the maximum"
+        raise ValueError(f"weight: expected the array ({why}), got None")
+    anchor = weight if weight is not None else A.as_array(be, grad_output, "grad_output")
+    A.as_array(be, anchor, "weight")
+    with be.device_of(anchor):
+        dtype = A.weight_dtype(be, weight) if weight is not None else \
+            A.as_float(be, grad_output, "grad_output").dtype
+        b = A.bags(be, indices, offsets, per_sample_weights, scheme=scheme, mode=mode,
+                   dtype=dtype, table0=table0, num_tables=T,
+                   include_last_offset=include_last_offset, padding_idx=padding_idx)
+        g = A.as_grad(be, grad_output, (b.B, T * scheme.dim), dtype)
+        w = None if weight is None else A.as_weight(be, weight, scheme,
+                                                     writable=optimizer is not None)
+        det = RT.OPTIONS["deterministic"] if deterministic is None else bool(deterministic)
+        run = _Runner(be, scheme, b, table0, g, w, dtype)
+        if optimizer is None:
+            grad = xp.zeros(scheme.size, dtype)
+            run.add(grad, 1.0, det)
+            return grad.reshape(weight.shape if weight is not None else scheme.weight_shape)
+        if isinstance(optimizer, SGD):
+            run.add(w, -optimizer.lr, det)
+        else:
+            state, scratch = optimizer.state_for(w)
+            run.adagrad(w, state, scratch, optimizer.lr, optimizer.eps, det)
+        return None
+
+
+class _Runner:
+    """One backward batch: the scatter kinds over the same normalised bags."""
+
+    def __init__(self, be, scheme, b, table0, g, w, dtype):
+        self.be, self.scheme, self.b, self.table0, self.g, self.dtype = be, scheme, b, table0, g, dtype
+        self.w = w if w is not None else g       # read only in max mode (weight given there)
+        self.n = b.idx.shape[0]
+        self.empty = b.B == 0 or b.T == 0 or self.n == 0
+        if not self.empty:
+            self.s, self.layout = _common(be, scheme, b, table0)
+        self.W = lanes(scheme.dim)
+        self.R = RT.ctype(dtype)
+        self.tname = f"{self.R}, {RT.ctype(b.idx.dtype)}"
+
+    def _scalar(self, v):
+        return self.dtype.type(v)
+
+    def _backward(self, alpha, out_mode, target, keys, vals):
+        b = self.b
+        self.be.launch("bag", f"bag_backward<{self.tname}>", b.B * b.T * self.W,
+                       [self.s] + self.layout + [
+                           b.psw if b.psw is not None else self.g, i64(b.psw is not None),
+                           self.g, i64(b.B), i64(b.T), i64(self.table0), i64(b.mode),
+                           i64(b.has_pad), i64(b.pad), i64(self.W), self.w,
+                           self._scalar(alpha), i64(out_mode), target, keys, vals])
+
+    def _pairs(self, alpha):
+        """(slot keys, values) of every contribution, sorted stably by slot."""
+        xp, b, D = self.be.xp, self.b, self.scheme.dim
+        npos = (b.B * b.T if b.mode == 2 else self.n) * D
+        keys = xp.full(npos, np.iinfo(np.int64).max, np.int64)
+        vals = xp.zeros(npos, self.dtype)
+        self._backward(alpha, 1, vals, keys, vals)
+        order = xp.argsort(keys, kind="stable")
+        return keys[order], vals[order]
+
+    def _segments(self, keys, vals, act, target, state, lr, eps):
+        self.be.launch("segment", f"seg_apply<{self.R}>", keys.shape[0],
+                       [keys, vals, i64(keys.shape[0]), i64(act), target,
+                        state if state is not None else target, self._scalar(lr),
+                        self._scalar(eps)])
+
+    def add(self, target, alpha, det):
+        """target[slot] += alpha * contribution (gradient, or SGD with alpha = -lr)."""
+        if self.empty:
+            return
+        if det:
+            keys, vals = self._pairs(alpha)
+            self._segments(keys, vals, 0, target, None, 0.0, 0.0)
+        else:
+            dummy = self.be.xp.empty(0, np.int64)
+            self._backward(alpha, 0, target, dummy, target)
+
+    def adagrad(self, w, state, scratch, lr, eps, det):
+        if self.empty:
+            return
+        if det:
+            keys, vals = self._pairs(1.0)
+            self._segments(keys, vals, 1, w, state, lr, eps)
+            return
+        self.add(scratch, 1.0, False)
+        m, D, b = self.scheme.size, self.scheme.dim, self.b
+        if m <= 8 * D * self.n:       # the CPU's rule: sweep a small array, else walk the batch
+            self.be.launch("segment", f"adagrad_sweep<{self.R}>", m,
+                           [w, scratch, state, i64(m), self._scalar(lr), self._scalar(eps)])
+        else:
+            self.be.launch("bag", f"bag_adagrad_walk<{self.tname}>", b.B * b.T * self.W,
+                           [self.s] + self.layout + [
+                               i64(b.B), i64(b.T), i64(self.table0), i64(b.has_pad), i64(b.pad),
+                               i64(self.W), w, scratch, state, self._scalar(lr),
+                               self._scalar(eps)])

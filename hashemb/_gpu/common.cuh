@@ -1,0 +1,143 @@
+/*
+ * hashemb/_gpu/common.cuh -- what every hashemb CUDA source shares beside the
+ * slot math of hashemb/slots.h: 64-bit thread ids, the bag layouts, atomics
+ * for both float types, and the list of kernel instantiations.
+ *
+ * At run time hashemb/_gpu/_runtime.py prepends slots.h and this file to each
+ * .cu source before NVRTC compiles it (so CuPy's compile cache sees every edit);
+ * compiled standalone (`nvcc -ptx -I hashemb/_include file.cu`, what CI does)
+ * or by the host emulator of the tests, the #include lines below do the same.
+ *
+ * Every kernel is written for independent threads: no shared memory, no
+ * barriers, no warp shuffles. A thread's result depends only on its own id,
+ * which keeps the kernels obviously race-free (apart from the documented
+ * atomics) and lets tests/gpu_emu run them, thread after thread, on the CPU.
+ */
+#ifndef HASHEMB_GPU_COMMON_H
+#define HASHEMB_GPU_COMMON_H
+
+#ifndef HASHEMB_SLOTS_H
+#include "hashemb/slots.h"
+#endif
+
+typedef long long i64;
+
+/* pooling modes (hashemb/_validate.py MODES order) */
+#define HE_SUM 0
+#define HE_MEAN 1
+#define HE_MAX 2
+
+/* elements a lane keeps in registers per pass over a bag's entries */
+#define HE_EPT 4
+
+/* key of "no slot" (padding, entries outside every bag): sorts last */
+#define HE_NO_SLOT 0x7FFFFFFFFFFFFFFFLL
+
+/* what a deterministic segment pass does with a slot's summed gradient g */
+#define HE_ACT_ADD 0      /* target[slot] += contributions, in entry order        */
+#define HE_ACT_ADAGRAD 1  /* state += g^2; w -= lr g / (sqrt(state) + eps)        */
+
+__device__ __forceinline__ i64 he_tid()
+{
+    return (i64)blockIdx.x * (i64)blockDim.x + (i64)threadIdx.x;
+}
+
+__device__ __forceinline__ void he_atomic_add(float* p, float v) { atomicAdd(p, v); }
+__device__ __forceinline__ void he_atomic_add(double* p, double v) { atomicAdd(p, v); }
+
+/* Read a value and leave 0 in one atomic step: exactly one thread gets it. */
+__device__ __forceinline__ float he_take(float* p) { return atomicExch(p, 0.0f); }
+__device__ __forceinline__ double he_take(double* p)
+{
+    return __longlong_as_double(
+        (long long)atomicExch((unsigned long long*)p, 0ULL));
+}
+
+/*
+ * Adagrad on one slot, the CPU kernel's exact arithmetic (hashemb/_cpu/_bag.pyx
+ * _adagrad: libm's double sqrt, so the step is formed in double for float too):
+ * state += g^2; w -= lr * g / (sqrt(state) + eps).
+ */
+template <typename R>
+__device__ __forceinline__ void he_adagrad(R* w, R* state, i64 slot, R g, R lr, R eps)
+{
+    state[slot] += g * g;
+    w[slot] = (R)((double)w[slot] - (double)(lr * g) / (sqrt((double)state[slot]) + (double)eps));
+}
+
+/*
+ * Entries j0 .. j1-1 of bag q = t*B + b, and pos0, the position of entry j0 in
+ * the CPU kernels' order (table-major, the order a deterministic sum follows).
+ *  - use_off: 1-D indices with feature-major offsets of length T*B+1;
+ *  - else 2-D (B, rowlen) input read in place: T == 1: bag b is row b
+ *    (nper = rowlen entries); T > 1: bag (t, b) is the one entry [b, t]
+ *    (rowlen = T, nper = 1). No transposed copy is made.
+ */
+struct he_range {
+    i64 j0, j1, pos0;
+};
+
+__device__ __forceinline__ he_range he_bag_range(const int64_t* off, i64 use_off, i64 q, i64 t,
+                                                 i64 b, i64 rowlen, i64 nper)
+{
+    he_range r;
+    if (use_off) {
+        r.j0 = off[q];
+        r.j1 = off[q + 1];
+        r.pos0 = r.j0;
+    } else {
+        r.j0 = b * rowlen + t * nper;
+        r.j1 = r.j0 + nper;
+        r.pos0 = q * nper;
+    }
+    return r;
+}
+
+/*
+ * Table (0 .. T-1) of entry j, or -1 when j lies in no bag. With offsets:
+ * binary search of the table starts off[t*B] (T+1 values, read through L1);
+ * with invalid offsets the answer is wrong but every read stays in bounds
+ * (only the pre-launch check runs on unchecked offsets).
+ */
+__device__ __forceinline__ i64 he_entry_table(const int64_t* off, i64 use_off, i64 j, i64 B,
+                                              i64 T, i64 rowlen)
+{
+    if (!use_off)
+        return T > 1 ? j % rowlen : 0;
+    if (j < off[0] || j >= off[T * B])
+        return -1;
+    i64 lo = 0, hi = T - 1;          /* largest t with off[t*B] <= j */
+    while (lo < hi) {
+        i64 mid = (lo + hi + 1) >> 1;
+        if (off[mid * B] <= j)
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    return lo;
+}
+
+/* Position of entry j in the CPU order (see he_bag_range). */
+__device__ __forceinline__ i64 he_entry_pos(i64 use_off, i64 j, i64 t, i64 B, i64 T, i64 rowlen)
+{
+    if (use_off || T == 1)
+        return j;
+    return t * B + j / rowlen;
+}
+
+/*
+ * HE_KERNEL(name<args>) lists an instantiation the launchers call by that
+ * name expression (hashemb/_gpu/_runtime.py reads these lines). Under NVRTC
+ * the name expressions instantiate them; under nvcc (the CI compile check)
+ * taking each one's address does, and the host emulator registers them.
+ */
+#if defined(__CUDACC_RTC__)
+#define HE_KERNEL(...)
+#elif !defined(HE_KERNEL)
+#define HE_CAT2_(a, b) a##b
+#define HE_CAT_(a, b) HE_CAT2_(a, b)
+#define HE_KERNEL(...) \
+    __attribute__((unused)) static void* const HE_CAT_(he_kernel_, __COUNTER__) = (void*)&__VA_ARGS__;
+#endif
+
+#endif /* HASHEMB_GPU_COMMON_H */

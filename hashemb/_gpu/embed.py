@@ -1,0 +1,105 @@
+"""Plain lookups (he.embedding / he.multi_embedding and their backward) for
+CuPy arrays (hashemb/_gpu/embed.cu). Backward adds with atomics, or with
+deterministic=True through a stable sort and ordered sums (bitwise the CPU's
+sample-order sums)."""
+import numpy as np
+
+from .. import _validate as V
+from . import _args as A
+from . import _runtime as RT
+from ._runtime import i64
+
+_LAYOUTS = {}
+
+
+def _device_layout(be, layout):
+    """(base, dims, cols, ctab) of a packed layout on the current device, cached."""
+    base, dims, cols, sizes, size, total = layout
+    key = (be.key, be.current_device(), tuple(sizes.tolist()), tuple(dims.tolist()))
+    hit = _LAYOUTS.get(key)
+    if hit is None:
+        ctab = np.repeat(np.arange(dims.shape[0], dtype=np.int32), dims)
+        hit = tuple(be.to_device(a) for a in (base, dims, cols, sizes, ctab))
+        if len(_LAYOUTS) > 256:
+            _LAYOUTS.clear()
+        _LAYOUTS[key] = hit
+    return hit
+
+
+def _rows(be, indices, layout, single, name="indices"):
+    """int32/int64 indices, contiguous, every one inside its table (one
+    reduction, IndexError naming the first one outside)."""
+    sizes = layout[3]
+    idx = A.as_array(be, indices, name)
+    if idx.dtype not in (np.int32, np.int64):
+        raise TypeError(f"{name}: expected an int32 or int64 array, got dtype {idx.dtype}")
+    idx = be.xp.ascontiguousarray(idx)
+    T = sizes.shape[0]
+    if not single and (idx.ndim != 2 or idx.shape[1] != T):
+        raise ValueError(f"indices: expected shape (B, {T}) (one column per table), "
+                         f"got {idx.shape}")
+    flat = idx.reshape(-1, T)
+    if RT.OPTIONS["check_indices"] and flat.size:
+        res = be.xp.full(1, np.iinfo(np.uint64).max, np.uint64)
+        dsizes = _device_layout(be, layout)[3]
+        be.launch("embed", f"embed_check<{RT.ctype(idx.dtype)}>", flat.size,
+                  [flat, i64(flat.shape[0]), i64(T), dsizes, res])
+        bad = int(be.to_host(res)[0])
+        if bad != np.iinfo(np.uint64).max:
+            n, t = divmod(bad, T)
+            pos = np.unravel_index(bad, idx.shape)
+            where = "" if T == 1 else f" (table {t})"
+            raise IndexError(f"{name}[{', '.join(map(str, pos))}]: expected 0 <= index < "
+                             f"{sizes[t]}{where}, got {int(flat[n, t])}")
+    return idx, flat
+
+
+def gather(indices, weight, layout, single, be=None):
+    be = be or RT.backend()
+    A.as_array(be, weight, "weight")
+    with be.device_of(weight):
+        A.weight_dtype(be, weight)
+        size, total = layout[4], layout[5]
+        w = be.xp.ascontiguousarray(weight).reshape(-1)
+        if w.shape[0] != size:
+            raise ValueError(f"weight: expected {size} floats, got {w.shape[0]} "
+                             f"(shape {weight.shape})")
+        idx, flat = _rows(be, indices, layout, single)
+        out = be.xp.empty((flat.shape[0], total), w.dtype)
+        base, dims, cols, _, ctab = _device_layout(be, layout)
+        be.launch("embed", f"embed_gather<{RT.ctype(w.dtype)}, {RT.ctype(flat.dtype)}>",
+                  out.size, [w, flat, i64(flat.shape[0]), i64(flat.shape[1]), base, dims, cols,
+                             ctab, i64(total), out])
+        return out.reshape(idx.shape + (total,) if single else (idx.shape[0], total))
+
+
+def scatter(grad_output, indices, layout, single, deterministic=False, be=None):
+    be = be or RT.backend()
+    A.as_array(be, grad_output, "grad_output")
+    with be.device_of(grad_output):
+        g = A.as_float(be, grad_output, "grad_output")
+        if single and g.ndim < 1:
+            raise ValueError(f"grad_output: expected shape indices.shape + (dim,), got {g.shape}")
+        size, total = layout[4], layout[5]
+        idx, flat = _rows(be, indices, layout, single)
+        want = idx.shape + (total,) if single else (idx.shape[0], total)
+        if g.shape != want:
+            raise ValueError(f"grad_output: expected shape {want}, got {g.shape}")
+        out = be.xp.zeros(size, g.dtype)
+        n = flat.shape[0] * total
+        if n == 0:
+            return out
+        base, dims, cols, _, ctab = _device_layout(be, layout)
+        name = f"embed_scatter<{RT.ctype(g.dtype)}, {RT.ctype(flat.dtype)}>"
+        head = [g.reshape(-1), flat, i64(flat.shape[0]), i64(flat.shape[1]), base, dims, cols,
+                ctab, i64(total)]
+        if not deterministic:
+            be.launch("embed", name, n, head + [i64(0), out, base])
+            return out
+        keys = be.xp.empty(n, np.int64)
+        be.launch("embed", name, n, head + [i64(1), out, keys])
+        order = be.xp.argsort(keys, kind="stable")
+        sk, sv = keys[order], g.reshape(-1)[order]
+        be.launch("segment", f"seg_apply<{RT.ctype(g.dtype)}>", n,
+                  [sk, sv, i64(n), i64(0), out, out, g.dtype.type(0), g.dtype.type(0)])
+        return out

@@ -1,0 +1,69 @@
+/*
+ * hashemb/_gpu/segment.cu -- passes over a whole array: the deterministic
+ * backward's segment sums and Adagrad's sweep.
+ *
+ * Deterministic backward (bag and plain lookups): every contribution is
+ * written as a (slot key, value) pair in the CPU kernels' entry order; a
+ * stable sort by key keeps that order within each slot; seg_apply then gives
+ * each slot to one thread, which adds its values one after another. Each slot
+ * therefore sums exactly as the CPU kernel does (same values, same order, no
+ * fused multiply-add: the sources compile with -fmad=false), so the result is
+ * bitwise the CPU's and the same on every run.
+ */
+#ifndef HASHEMB_GPU_COMMON_H
+#include "common.cuh"
+#endif
+
+/*
+ * keys (sorted, n of them, HE_NO_SLOT last) and vals in the same order: the
+ * thread at the first position of each run of equal keys sums the run in
+ * order. HE_ACT_ADD: target[key] += v_1, += v_2, ... (gradient, or SGD with
+ * the learning rate folded into the values); HE_ACT_ADAGRAD: g = v_1 + v_2 +
+ * ... from 0, then he_adagrad where g != 0 (target = the weight).
+ */
+template <typename R>
+__global__ void seg_apply(const int64_t* __restrict__ keys, const R* __restrict__ vals, i64 n,
+                          i64 act, R* __restrict__ target, R* __restrict__ state, R lr, R eps)
+{
+    const i64 k = he_tid();
+    if (k >= n)
+        return;
+    const int64_t key = keys[k];
+    if (key == HE_NO_SLOT || (k > 0 && keys[k - 1] == key))
+        return;
+    if (act == HE_ACT_ADD) {
+        R acc = target[key];
+        for (i64 e = k; e < n && keys[e] == key; e++)
+            acc += vals[e];
+        target[key] = acc;
+    } else {
+        R acc = 0;
+        for (i64 e = k; e < n && keys[e] == key; e++)
+            acc += vals[e];
+        if (acc != (R)0)
+            he_adagrad(target, state, (i64)key, acc, lr, eps);
+    }
+}
+
+/*
+ * Adagrad's apply pass as a sweep of the array (when it is small next to the
+ * batch): where the scratch gradient is non-zero, update and clear it.
+ */
+template <typename R>
+__global__ void adagrad_sweep(R* __restrict__ w, R* __restrict__ scratch, R* __restrict__ state,
+                              i64 m, R lr, R eps)
+{
+    const i64 k = he_tid();
+    if (k >= m)
+        return;
+    const R g = scratch[k];
+    if (g != (R)0) {
+        he_adagrad(w, state, k, g, lr, eps);
+        scratch[k] = 0;
+    }
+}
+
+HE_KERNEL(seg_apply<float>)
+HE_KERNEL(seg_apply<double>)
+HE_KERNEL(adagrad_sweep<float>)
+HE_KERNEL(adagrad_sweep<double>)

@@ -1,0 +1,71 @@
+/*
+ * hashemb/_gpu/slots.cu -- Scheme.slots / Scheme.signs and UniversalHash on
+ * the GPU: the CUDA twins of hashemb/_cpu/_slots.pyx slots, signs,
+ * universal_hash and universal_sign, one thread per output value.
+ */
+#ifndef HASHEMB_GPU_COMMON_H
+#include "common.cuh"
+#endif
+
+/* out[r*D + i] = slot(table, tok[r], i) for r < n, i < D. */
+template <typename I>
+__global__ void scheme_slots(const he_scheme* __restrict__ s, const I* __restrict__ tok, i64 n,
+                             i64 table, int64_t* __restrict__ out)
+{
+    const i64 g = he_tid(), D = s->dim;
+    if (g >= n * D)
+        return;
+    const i64 r = g / D;
+    const int i = (int)(g - r * D), L = (int)s->run, k = i / L;
+    const he_row row = he_row_begin(s, table, (i64)tok[r]);
+    out[g] = (int64_t)he_run_slot(s, he_run_start(s, &row, k), i - k * L);
+}
+
+/* out[r*D + i] = g(table, tok[r], i) in {+1, -1} (1 for unsigned schemes). */
+template <typename I>
+__global__ void scheme_signs(const he_scheme* __restrict__ s, const I* __restrict__ tok, i64 n,
+                             i64 table, float* __restrict__ out)
+{
+    const i64 g = he_tid(), D = s->dim;
+    if (g >= n * D)
+        return;
+    const i64 r = g / D;
+    const he_row row = he_row_begin(s, table, (i64)tok[r]);
+    out[g] = (float)he_sign(s, &row, g - r * D);
+}
+
+/* out[r] = ((A*table + B*keys[r] + C*block + D0) mod P) mod m; coef = [A, B, C, D0]. */
+template <typename K>
+__global__ void universal_hash(const uint64_t* __restrict__ coef, const K* __restrict__ keys,
+                               i64 n, unsigned long long table, unsigned long long block,
+                               unsigned long long m, unsigned long long m_inv,
+                               int64_t* __restrict__ out)
+{
+    const i64 g = he_tid();
+    if (g >= n)
+        return;
+    out[g] = (int64_t)he_hash(coef, table, (uint64_t)keys[g], block, m, m_inv);
+}
+
+/* out[r] = g(table, keys[r], element); coef = [A', B', C', D0', Q1, Q2, Q3, Q0]. */
+template <typename K>
+__global__ void universal_sign(const uint64_t* __restrict__ coef, const K* __restrict__ keys,
+                               i64 n, unsigned long long table, unsigned long long element,
+                               float* __restrict__ out)
+{
+    const i64 g = he_tid();
+    if (g >= n)
+        return;
+    const uint64_t k = he_addmod(he_hash_base(coef, table, (uint64_t)keys[g]),
+                                 he_mulmod(coef[2], he_fold(element)));
+    out[g] = (float)he_sign_of_key(coef + 4, k);
+}
+
+HE_KERNEL(scheme_slots<int>)
+HE_KERNEL(scheme_slots<long long>)
+HE_KERNEL(scheme_signs<int>)
+HE_KERNEL(scheme_signs<long long>)
+HE_KERNEL(universal_hash<int>)
+HE_KERNEL(universal_hash<long long>)
+HE_KERNEL(universal_sign<int>)
+HE_KERNEL(universal_sign<long long>)

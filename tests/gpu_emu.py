@@ -1,0 +1,105 @@
+"""The GPU launchers on the CPU: hashemb/_gpu's kernels compiled for the host
+(tests/cuda/emu.cpp, g++) and a backend that hands them NumPy arrays.
+
+Every thread of a launch runs, one after another; each argument is checked
+against the kernel's C signature (what CuPy would pack silently wrong). What
+this cannot see: races, warp-level timing, NVRTC-only compile errors (the
+NVRTC test covers those where CuPy is installed), and device memory limits.
+"""
+import contextlib
+import ctypes
+import os
+import shutil
+import subprocess
+import tempfile
+
+import numpy as np
+
+from hashemb._gpu import _runtime as RT
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_lib = None
+
+
+def build():
+    """The emulator library (built once per process), or None without g++."""
+    global _lib
+    if _lib is not None:
+        return _lib
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        return None
+    out = os.path.join(tempfile.mkdtemp(prefix="hashemb_emu_"), "emu.so")
+    cmd = [cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-Wno-unknown-pragmas",
+           "-I", os.path.join(ROOT, "hashemb", "_include"),
+           "-I", os.path.join(ROOT, "hashemb", "_gpu"),
+           os.path.join(ROOT, "tests", "cuda", "emu.cpp"), "-o", out]
+    subprocess.run(cmd, check=True, capture_output=True)
+    lib = ctypes.CDLL(out)
+    lib.emu_name.restype = ctypes.c_char_p
+    lib.emu_launch.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong,
+                               ctypes.POINTER(ctypes.c_void_p)]
+    _lib = lib
+    return lib
+
+
+class EmuBackend:
+    """RT.CupyBackend's interface over NumPy arrays and the host emulator."""
+
+    name = "numpy (GPU emulator)"
+    key = "emu"
+    block = 64
+    xp = np
+
+    def __init__(self, lib):
+        self.lib = lib
+        self.index = {lib.emu_name(k).decode(): k for k in range(lib.emu_count())}
+        self.launches = []
+
+    def is_array(self, x):
+        return isinstance(x, np.ndarray)
+
+    def device_of(self, a):
+        return contextlib.nullcontext()
+
+    def current_device(self):
+        return 0
+
+    def ptr(self, a):
+        return a.ctypes.data
+
+    def to_device(self, host):
+        return np.array(host, copy=True)    # new memory: pointer patching is exercised
+
+    def to_host(self, a):
+        return np.asarray(a).copy()
+
+    def launch(self, family, name, nthreads, args):
+        nthreads = int(nthreads)
+        if nthreads <= 0:
+            return
+        assert name in RT.kernel_names(family), (family, name)
+        k = self.index[name]
+        lib = self.lib
+        assert lib.emu_nargs(k) == len(args), (name, lib.emu_nargs(k), len(args))
+        keep, ptrs = [], []
+        for i, a in enumerate(args):
+            size, kind = lib.emu_arg_size(k, i), lib.emu_arg_kind(k, i)
+            if isinstance(a, np.ndarray):
+                assert kind == 0, f"{name} argument {i}: array for a scalar parameter"
+                v = ctypes.c_void_p(a.ctypes.data)
+            else:
+                assert isinstance(a, np.generic), f"{name} argument {i}: {type(a)} (not NumPy)"
+                assert kind != 0, f"{name} argument {i}: scalar {a!r} for a pointer parameter"
+                assert a.dtype.itemsize == size, \
+                    f"{name} argument {i}: {a.dtype} for a {size}-byte parameter"
+                assert (a.dtype.kind == "f") == (kind == 1), \
+                    f"{name} argument {i}: {a.dtype} for a {'float' if kind == 1 else 'integer'}"
+                v = ctypes.create_string_buffer(a.tobytes(), size)
+            keep.append(v)
+            ptrs.append(ctypes.cast(ctypes.pointer(v), ctypes.c_void_p)
+                        if isinstance(v, ctypes.c_void_p) else ctypes.cast(v, ctypes.c_void_p))
+        arr = (ctypes.c_void_p * max(1, len(ptrs)))(*ptrs)
+        self.launches.append(name)
+        grid = (nthreads + self.block - 1) // self.block
+        lib.emu_launch(k, grid, self.block, arr)

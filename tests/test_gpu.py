@@ -1,0 +1,538 @@
+"""The GPU backend. Three kinds of checks:
+
+- no GPU needed: every .cu compiles (nvcc to PTX; NVRTC exactly as at run time
+  where CuPy is installed), the device struct builder, dispatch rules;
+- ``dev`` = "emulator": the launchers of hashemb._gpu run unchanged with NumPy
+  arrays and the kernels compiled for the host (tests/gpu_emu.py), against
+  the CPU kernels;
+- ``dev`` = "cupy": the same bodies through the public API with CuPy arrays on
+  a device (skipped without CuPy and a CUDA device).
+
+GPU results must equal the CPU's exactly for slots, forward and the
+deterministic backward (same operations in the same order, no FMA
+contraction), and to tight tolerance for atomic backward.
+"""
+import gc
+import glob
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import hashemb as he
+from hashemb import lookup as _lookup
+from hashemb._gpu import _runtime as RT
+from hashemb._gpu import bag as GB, embed as GE, slots as GS
+
+import gpu_emu
+from test_bag import batches, make_scheme
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CU_FILES = sorted(glob.glob(os.path.join(ROOT, "hashemb", "**", "*.cu"), recursive=True)
+                  + glob.glob(os.path.join(ROOT, "tests", "**", "*.cu"), recursive=True))
+FIXTURE = settings(suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                          HealthCheck.too_slow], deadline=None)
+
+
+# ------------------------------------------------------------ no GPU needed
+
+@pytest.mark.parametrize("cu", CU_FILES, ids=lambda p: os.path.relpath(p, ROOT))
+def test_cu_file_compiles_to_ptx(cu, tmp_path):
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    ptx = tmp_path / "out.ptx"
+    r = subprocess.run([nvcc, "-ptx", "-arch=sm_90", "-I", os.path.join(ROOT, "hashemb", "_include"),
+                        cu, "-o", str(ptx)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    listed = len(re.findall(r"^HE_KERNEL\(", open(cu).read(), re.M))
+    assert len(re.findall(r"^\.visible \.entry|^\.entry", ptx.read_text(), re.M)) >= listed
+
+
+@pytest.mark.parametrize("family", RT.FAMILIES)
+def test_runtime_source_compiles_with_nvrtc(family):
+    """What CuPy compiles at run time (slots.h + common.cuh + family.cu, the
+    name expressions, the options), through NVRTC, for sm_90 and sm_80."""
+    pytest.importorskip("cupy")
+    try:
+        from cupy.cuda import compiler
+        from cupy_backends.cuda.libs import nvrtc
+        nvrtc.getVersion()
+    except Exception as e:
+        pytest.skip(f"NVRTC not available: {e}")
+    names = RT.kernel_names(family)
+    assert names
+    for arch in ("compute_90", "compute_80"):
+        prog = compiler._NVRTCProgram(RT.source(family), family + ".cu", name_expressions=names)
+        ptx, mapping = prog.compile(RT.NVRTC_OPTIONS + ("-arch=" + arch,))
+        assert set(mapping) == set(names) and all(mapping.values())
+
+
+def test_patch_struct_changes_exactly_the_pointer_offsets():
+    for scheme in [he.RobeZ(1000, 16, block=4, signed=True), he.FullTable([3, 4], 8),
+                   he.LMA.fit(np.arange(40).reshape(10, 4) % 7, size=101, dim=4, num_points=10)]:
+        view = scheme._view
+        raw, fields = view.struct_bytes(), view.pointer_fields()
+        offsets = [o for o, _ in fields]
+        assert len(set(offsets)) == len(offsets) == 8       # every pointer member, once
+        for o, a in fields:     # the host struct points at the arrays it names
+            assert o % 8 == 0 and o + 8 <= len(raw)
+            assert struct.unpack_from("<Q", raw, o)[0] == a.__array_interface__["data"][0]
+        fake = [0xDEAD0000_0000_0000 + 0x100 * k + 8 for k in range(len(fields))]
+        out = RT.patch_struct(raw, fields, fake)
+        assert len(out) == len(raw)
+        changed = {i for i in range(len(raw)) if raw[i] != out[i]}
+        allowed = {o + i for o in offsets for i in range(8)}
+        assert changed <= allowed
+        for (o, _), p in zip(fields, fake):
+            assert struct.unpack_from("<Q", out, o)[0] == p
+        mask = bytearray(out)
+        for o in offsets:
+            mask[o:o + 8] = raw[o:o + 8]
+        assert bytes(mask) == raw
+    with pytest.raises(ValueError):
+        RT.patch_struct(raw, [(3, None)], [1])
+
+
+def test_importing_hashemb_does_not_import_cupy():
+    code = ("import sys, numpy as np, hashemb as he\n"
+            "he.embedding_bag(np.array([[1, 2]]), he.RobeZ(64, 4).init_weight(), scheme=he.RobeZ(64, 4))\n"
+            "assert 'cupy' not in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+class _FakeDeviceArray:
+    """Looks like a CuPy array to the dispatcher (its type's module is cupy)."""
+    __module__ = "cupy._core.core"
+
+
+def test_mixing_host_and_device_arrays_is_a_type_error():
+    robe = he.RobeZ(64, 4)
+    x, M = np.array([[1, 2]]), robe.init_weight()
+    with pytest.raises(TypeError, match="^weight: expected a cupy.ndarray like indices"):
+        he.embedding_bag(_FakeDeviceArray(), M, scheme=robe)
+    with pytest.raises(TypeError, match="^indices: expected a cupy.ndarray like weight"):
+        he.embedding_bags(x, _FakeDeviceArray(), scheme=robe, num_tables=2)
+    with pytest.raises(TypeError, match="^indices: expected a cupy.ndarray like grad_output"):
+        he.embedding_bag_backward(_FakeDeviceArray(), x, scheme=robe)
+    with pytest.raises(TypeError, match="^indices: expected a cupy.ndarray like weight"):
+        he.embedding(x, _FakeDeviceArray())
+    with pytest.raises(TypeError, match="no GPU kernels"):
+        he._backend.kernels(_FakeDeviceArray())
+
+
+def test_show_config_and_options():
+    info = he.show_config()
+    assert info["gpu"].startswith(("not available", "cupy "))
+    old = he.set_gpu_options(deterministic=True, check_indices=False)
+    try:
+        assert RT.OPTIONS["deterministic"] and not RT.OPTIONS["check_indices"]
+    finally:
+        he.set_gpu_options(**old)
+    assert old == {"deterministic": False, "check_indices": True}
+    with pytest.raises(TypeError):
+        he.set_gpu_options(fast=True)
+
+
+# ------------------------------------------------------------ emulator / device
+
+class Dev:
+    """One way of running the GPU code: the host emulator or CuPy on a device."""
+
+    def __init__(self, kind):
+        self.kind = kind
+        if kind == "emulator":
+            lib = gpu_emu.build()
+            if lib is None:
+                pytest.skip("no C++ compiler for the GPU emulator")
+            self.be = gpu_emu.EmuBackend(lib)
+        else:
+            cp = pytest.importorskip("cupy")
+            if RT.device_count() == 0:
+                pytest.skip("no CUDA device")
+            self.cp, self.be = cp, None
+
+    def put(self, a):
+        if a is None or self.kind == "emulator":
+            return None if a is None else np.array(a, copy=True)
+        return self.cp.asarray(a)
+
+    def get(self, a):
+        return np.asarray(a) if self.kind == "emulator" else self.cp.asnumpy(a)
+
+    # every call takes device arrays (put) and returns device arrays
+    def bag(self, idx, M, off, scheme, table=0, mode="sum", psw=None, pad=None, last=False):
+        if self.be:
+            return GB.forward(idx, M, off, scheme, table, 1, mode, psw, last, pad, be=self.be)
+        return he.embedding_bag(idx, M, off, scheme=scheme, table=table, mode=mode,
+                                per_sample_weights=psw, padding_idx=pad, include_last_offset=last)
+
+    def bags(self, idx, M, off, scheme, T, mode="sum", psw=None):
+        if self.be:
+            return GB.forward(idx, M, off, scheme, 0, T, mode, psw, True, None, be=self.be)
+        return he.embedding_bags(idx, M, off, scheme=scheme, num_tables=T, mode=mode,
+                                 per_sample_weights=psw)
+
+    def bag_backward(self, G, idx, off, scheme, table=0, mode="sum", psw=None, pad=None,
+                     weight=None, optimizer=None, det=None):
+        if self.be:
+            return GB.backward(G, idx, off, scheme, table, 1, mode, psw, False, pad, weight,
+                               optimizer, det, be=self.be)
+        return he.embedding_bag_backward(G, idx, off, scheme=scheme, table=table, mode=mode,
+                                         per_sample_weights=psw, padding_idx=pad, weight=weight,
+                                         optimizer=optimizer, deterministic=det)
+
+    def bags_backward(self, G, idx, off, scheme, T, mode="sum", psw=None, weight=None,
+                      optimizer=None, det=None):
+        if self.be:
+            return GB.backward(G, idx, off, scheme, 0, T, mode, psw, True, None, weight,
+                               optimizer, det, be=self.be)
+        return he.embedding_bags_backward(G, idx, off, scheme=scheme, num_tables=T, mode=mode,
+                                          per_sample_weights=psw, weight=weight,
+                                          optimizer=optimizer, deterministic=det)
+
+    def slots(self, scheme, x, table=0):
+        if self.be:
+            return GS.scheme_slots(scheme, x, table, be=self.be)
+        return GS.scheme_slots(scheme, x, table)   # Scheme.slots dispatch: see the note
+
+    def signs(self, scheme, x, table=0):
+        if self.be:
+            return GS.scheme_signs(scheme, x, table, be=self.be)
+        return GS.scheme_signs(scheme, x, table)
+
+    def uhash(self, h, keys, m, table=0, block=0):
+        if self.be:
+            return GS.universal_hash(h, keys, m, table, block, be=self.be)
+        return h(keys, m, table=table, block=block)
+
+    def usign(self, h, keys, table=0, element=0):
+        if self.be:
+            return GS.universal_sign(h, keys, table, element, be=self.be)
+        return h.sign(keys, table=table, element=element)
+
+    def embedding(self, idx, W):
+        if self.be:
+            return GE.gather(idx, W, _lookup._layout(W.shape[0], W.shape[1]), True, be=self.be)
+        return he.embedding(idx, W)
+
+    def multi_embedding(self, idx, W, sizes, dims):
+        if self.be:
+            return GE.gather(idx, W, _lookup._layout(sizes, dims), False, be=self.be)
+        return he.multi_embedding(idx, W, sizes, dims)
+
+    def embedding_backward(self, g, idx, n, det=False):
+        if self.be:
+            lay = _lookup._layout(n, g.shape[-1])
+            return GE.scatter(g, idx, lay, True, det, be=self.be).reshape(-1, g.shape[-1])
+        return he.embedding_backward(g, idx, n, deterministic=det)
+
+    def multi_embedding_backward(self, g, idx, sizes, dims, det=False):
+        if self.be:
+            return GE.scatter(g, idx, _lookup._layout(sizes, dims), False, det, be=self.be)
+        return he.multi_embedding_backward(g, idx, sizes, dims, deterministic=det)
+
+
+@pytest.fixture(scope="module", params=["emulator", "cupy"])
+def dev(request):
+    return Dev(request.param)
+
+
+def tol(dtype):
+    return dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+
+
+def _psw_2d(psw, off, B, T):
+    return psw
+
+
+@FIXTURE
+@given(b=batches(), last=st.booleans())
+def test_bag_forward_equals_cpu(dev, b, last):
+    scheme, idx, off, M, T, table0, mode, psw, pad, B = b
+    want = he.embedding_bag(idx, M, off if last else off[:-1], scheme=scheme, table=table0,
+                            mode=mode, per_sample_weights=psw, padding_idx=pad,
+                            include_last_offset=last)
+    got = dev.bag(dev.put(idx), dev.put(M), dev.put(off if last else off[:-1]), scheme, table0,
+                  mode, dev.put(psw), pad, last)
+    np.testing.assert_array_equal(dev.get(got), want)
+
+
+@FIXTURE
+@given(b=batches(multi=True))
+def test_bags_forward_equals_cpu(dev, b):
+    scheme, idx, off, M, T, table0, mode, psw, pad, B = b
+    want = he.embedding_bags(idx, M, off, scheme=scheme, num_tables=T, mode=mode,
+                             per_sample_weights=psw)
+    got = dev.bags(dev.put(idx), dev.put(M), dev.put(off), scheme, T, mode, dev.put(psw))
+    assert got.shape == want.shape and got.dtype == want.dtype
+    np.testing.assert_array_equal(dev.get(got), want)
+
+
+@FIXTURE
+@given(b=batches(multi=True), gseed=st.integers(0, 99), det=st.booleans())
+def test_bags_backward_equals_cpu(dev, b, gseed, det):
+    scheme, idx, off, M, T, table0, mode, psw, pad, B = b
+    G = np.random.default_rng(gseed).standard_normal((B, T * scheme.dim)).astype(M.dtype)
+    want = he.embedding_bags_backward(G, idx, off, scheme=scheme, num_tables=T, mode=mode,
+                                      per_sample_weights=psw, weight=M)
+    got = dev.get(dev.bags_backward(dev.put(G), dev.put(idx), dev.put(off), scheme, T, mode,
+                                    dev.put(psw), dev.put(M), det=det))
+    assert got.shape == want.shape and got.dtype == want.dtype
+    if det:
+        np.testing.assert_array_equal(got, want)
+    else:
+        np.testing.assert_allclose(got, want, **tol(M.dtype))
+
+
+@FIXTURE
+@given(b=batches(), gseed=st.integers(0, 99), det=st.booleans())
+def test_single_bag_backward_equals_cpu(dev, b, gseed, det):
+    scheme, idx, off, M, T, table0, mode, psw, pad, B = b
+    G = np.random.default_rng(gseed).standard_normal((B, scheme.dim)).astype(M.dtype)
+    want = he.embedding_bag_backward(G, idx, off[:-1], scheme=scheme, table=table0, mode=mode,
+                                     per_sample_weights=psw, padding_idx=pad, weight=M)
+    got = dev.get(dev.bag_backward(dev.put(G), dev.put(idx), dev.put(off[:-1]), scheme, table0,
+                                   mode, dev.put(psw), pad, dev.put(M), det=det))
+    if det:
+        np.testing.assert_array_equal(got, want)
+    else:
+        np.testing.assert_allclose(got, want, **tol(M.dtype))
+
+
+@FIXTURE
+@given(b=batches(multi=True), gseed=st.integers(0, 99), opt=st.sampled_from(["sgd", "adagrad"]),
+       det=st.booleans())
+def test_fused_optimizers_equal_cpu(dev, b, gseed, opt, det):
+    scheme, idx, off, M, T, table0, mode, psw, pad, B = b
+    G = np.random.default_rng(gseed).standard_normal((B, T * scheme.dim)).astype(M.dtype)
+    make = (lambda: he.SGD(0.1)) if opt == "sgd" else (lambda: he.Adagrad(0.1, eps=1e-3))
+    steps = 1 if mode == "max" else 2       # later maxima may move with rounding
+    W, o = M.copy(), make()
+    for _ in range(steps):
+        he.embedding_bags_backward(G, idx, off, scheme=scheme, num_tables=T, mode=mode,
+                                   per_sample_weights=psw, weight=W, optimizer=o)
+    Wd, od = dev.put(M), make()
+    args = (dev.put(G), dev.put(idx), dev.put(off), scheme, T, mode, dev.put(psw))
+    for _ in range(steps):
+        assert dev.bags_backward(*args, weight=Wd, optimizer=od, det=det) is None
+    if det:
+        np.testing.assert_array_equal(dev.get(Wd), W)
+    else:
+        np.testing.assert_allclose(dev.get(Wd), W, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["BxN", "BxT"])
+def test_two_d_input_read_in_place(dev, layout):
+    rng = np.random.default_rng(1)
+    robe = he.RobeZ(501, 8, block=2, seed=5, signed=True)
+    M = robe.init_weight(seed=2)
+    x = rng.integers(0, 2**40, (7, 3))
+    psw = rng.standard_normal((7, 3)).astype(np.float32)
+    G = rng.standard_normal((7, 8 if layout == "BxN" else 24)).astype(np.float32)
+    if layout == "BxN":
+        want = he.embedding_bag(x, M, scheme=robe, table=2, per_sample_weights=psw)
+        got = dev.bag(dev.put(x), dev.put(M), None, robe, 2, psw=dev.put(psw))
+        gw = he.embedding_bag_backward(G, x, scheme=robe, table=2, per_sample_weights=psw)
+        gg = dev.bag_backward(dev.put(G), dev.put(x), None, robe, 2, psw=dev.put(psw), det=True)
+    else:
+        want = he.embedding_bags(x, M, scheme=robe, num_tables=3, per_sample_weights=psw)
+        got = dev.bags(dev.put(x), dev.put(M), None, robe, 3, psw=dev.put(psw))
+        gw = he.embedding_bags_backward(G, x, scheme=robe, num_tables=3, per_sample_weights=psw)
+        gg = dev.bags_backward(dev.put(G), dev.put(x), None, robe, 3, psw=dev.put(psw), det=True)
+    np.testing.assert_array_equal(dev.get(got), want)
+    np.testing.assert_array_equal(dev.get(gg), gw)
+
+
+@pytest.mark.parametrize("pre", [True, False, None])
+def test_precomputed_run_starts_change_nothing(dev, pre):
+    rng = np.random.default_rng(3)
+    robe = he.RobeZ(997, 16, block=8, seed=1)
+    M = robe.init_weight(seed=0)
+    T, B = 4, 9
+    off = np.r_[0, np.cumsum(rng.integers(0, 4, T * B))].astype(np.int64)
+    idx = rng.integers(-2**62, 2**62, off[-1])
+    old = he.set_gpu_options(precompute_starts=pre)
+    try:
+        got = dev.bags(dev.put(idx), dev.put(M), dev.put(off), robe, T, "mean")
+    finally:
+        he.set_gpu_options(**old)
+    np.testing.assert_array_equal(dev.get(got), he.embedding_bags(idx, M, off, scheme=robe,
+                                                                  num_tables=T, mode="mean"))
+
+
+def _lsh_schemes():
+    X = np.random.default_rng(2).integers(0, 20, (100, 3))
+    return [he.LSHTable.fit(X, size=301, dim=5, num_points=80, seed=1, block=1),
+            he.LMA.fit(X, size=301, dim=10, num_points=80, seed=1, block=5)]
+
+
+@pytest.mark.parametrize("kind", ["robe", "robe-signed", "robe-wide", "hnet", "hnet-ref",
+                                  "robe-ref", "full", "lsh"])
+def test_slots_and_signs_equal_cpu(dev, kind):
+    rng = np.random.default_rng(0)
+    schemes = _lsh_schemes() if kind == "lsh" else \
+        [make_scheme(kind, d, seed) for d in (1, 4, 6) for seed in (0, 1)]
+    for s in schemes:
+        hi = 5 if kind in ("full", "robe-ref") else 25 if kind == "lsh" else 2**62
+        lo = 0 if kind in ("full", "robe-ref", "lsh", "hnet-ref") else -2**62
+        x = rng.integers(lo, hi, (4, 3))
+        for dt in (np.int64, np.int32):
+            if dt == np.int32 and kind not in ("full", "robe-ref", "lsh"):
+                xx = x.astype(np.int64) % 2**31
+            else:
+                xx = x
+            xx = xx.astype(dt)
+            np.testing.assert_array_equal(dev.get(dev.slots(s, dev.put(xx), 1)), s.slots(xx, 1))
+            np.testing.assert_array_equal(dev.get(dev.signs(s, dev.put(xx), 1)), s.signs(xx, 1))
+
+
+def test_universal_hash_equals_cpu(dev):
+    h = he.UniversalHash(seed=11)
+    keys = np.array([0, 1, -1, 2**63 - 1, -2**63, 12345678901234], np.int64)
+    for k in (keys, keys.view(np.uint64), np.array([0, -1, 7, 2**31 - 1], np.int32)):
+        for m, table, block in [(1, 0, 0), (1000, 3, 7), (2**61 + 5, -1, 2**64 - 1)]:
+            np.testing.assert_array_equal(dev.get(dev.uhash(h, dev.put(k), m, table, block)),
+                                          h(k, m, table=table, block=block))
+        np.testing.assert_array_equal(dev.get(dev.usign(h, dev.put(k), 5, 9)),
+                                      h.sign(k, table=5, element=9))
+
+
+def test_errors_equal_cpu(dev):
+    full = he.FullTable([5, 3], 4)
+    W = full.init_weight()
+
+    def both(fn_cpu, fn_dev, exc):
+        with pytest.raises(exc) as a:
+            fn_cpu()
+        with pytest.raises(exc) as b:
+            fn_dev()
+        assert str(a.value) == str(b.value)
+
+    idx, off = np.array([1, 2, 3, 9, 0]), np.array([0, 2, 3, 3, 5])
+    both(lambda: he.embedding_bags(idx, W, off, scheme=full, num_tables=2),
+         lambda: dev.bags(dev.put(idx), dev.put(W), dev.put(off), full, 2), IndexError)
+    x = np.array([[1, 2], [4, 3]])
+    both(lambda: he.embedding_bags(x, W, scheme=full, num_tables=2),
+         lambda: dev.bags(dev.put(x), dev.put(W), None, full, 2), IndexError)
+    for bad in ([1, 0, 2, 2], [0, 2, 1, 4], [0, 1, 2, 9]):
+        o = np.array(bad)
+        both(lambda: he.embedding_bag(idx[:4] % 3, W, o, scheme=full),
+             lambda: dev.bag(dev.put(idx[:4] % 3), dev.put(W), dev.put(o), full), ValueError)
+    o = np.array([0, 1, 2, 3, 7])
+    both(lambda: he.embedding_bag(idx % 3, W, o, scheme=full, include_last_offset=True),
+         lambda: dev.bag(dev.put(idx % 3), dev.put(W), dev.put(o), full, last=True), ValueError)
+    both(lambda: full.slots(np.array([[0, 5]])),
+         lambda: dev.slots(full, dev.put(np.array([[0, 5]]))), IndexError)
+    Wp = np.zeros((6, 3), np.float32)
+    both(lambda: he.embedding(np.array([[0, 6]]), Wp),
+         lambda: dev.embedding(dev.put(np.array([[0, 6]])), dev.put(Wp)), IndexError)
+
+
+def test_index_check_opt_out(dev):
+    robe = he.RobeZ(100, 4)
+    x, off = np.array([3, 4, 5]), np.array([0, 1, 3])
+    old = he.set_gpu_options(check_indices=False)
+    try:
+        got = dev.bag(dev.put(x), dev.put(robe.init_weight()), dev.put(off), robe)
+    finally:
+        he.set_gpu_options(**old)
+    np.testing.assert_array_equal(dev.get(got), he.embedding_bag(x, robe.init_weight(), off,
+                                                                 scheme=robe))
+    if dev.be:
+        assert "bag_check<long long>" not in dev.be.launches[-2:]
+
+
+@pytest.mark.parametrize("det", [False, True])
+def test_plain_lookups_equal_cpu(dev, det):
+    rng = np.random.default_rng(4)
+    sizes, dims = [7, 1, 300], [3, 16, 5]
+    W = rng.standard_normal(sum(n * d for n, d in zip(sizes, dims))).astype(np.float32)
+    x = np.stack([rng.integers(0, n, 50) for n in sizes], 1).astype(np.int32)
+    np.testing.assert_array_equal(dev.get(dev.multi_embedding(dev.put(x), dev.put(W), sizes, dims)),
+                                  he.multi_embedding(x, W, sizes, dims))
+    g = rng.standard_normal((50, sum(dims))).astype(np.float32)
+    got = dev.get(dev.multi_embedding_backward(dev.put(g), dev.put(x), sizes, dims, det))
+    want = he.multi_embedding_backward(g, x, sizes, dims)
+    if det:
+        np.testing.assert_array_equal(got, want)
+    else:
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    T = rng.standard_normal((9, 4))
+    xi = rng.integers(0, 9, (5, 2, 3))
+    np.testing.assert_array_equal(dev.get(dev.embedding(dev.put(xi), dev.put(T))),
+                                  he.embedding(xi, T))
+    gi = rng.standard_normal((5, 2, 3, 4))
+    got = dev.get(dev.embedding_backward(dev.put(gi), dev.put(xi), 9, det))
+    np.testing.assert_allclose(got, he.embedding_backward(gi, xi, 9), rtol=1e-12, atol=1e-12)
+
+
+def test_scheme_struct_cached_per_scheme_and_dropped_with_it():
+    lib = gpu_emu.build()
+    if lib is None:
+        pytest.skip("no C++ compiler for the GPU emulator")
+    be = gpu_emu.EmuBackend(lib)
+    robe = he.RobeZ(100, 4)
+    a = RT.scheme_struct(be, robe)
+    assert RT.scheme_struct(be, robe) is a
+    key = id(robe)
+    assert key in RT._SCHEMES
+    del robe, a
+    gc.collect()
+    assert key not in RT._SCHEMES
+
+
+# ------------------------------------------------------------ device only
+
+def _device():
+    cp = pytest.importorskip("cupy")
+    if RT.device_count() == 0:
+        pytest.skip("no CUDA device")
+    return cp
+
+
+def test_device_64bit_index_arithmetic():
+    """Slots and output positions past 2^31 floats (16 GiB table)."""
+    cp = _device()
+    if cp.cuda.Device().mem_info[0] < 24 * 2**30:
+        pytest.skip("needs 24 GiB free device memory")
+    rows, D = 2**27 + 5, 32
+    full = he.FullTable(rows, D)
+    W = cp.zeros((rows, D), cp.float32)
+    x = np.array([0, rows - 1, 2**26 + 3], np.int64)
+    W[cp.asarray(x)] = cp.arange(3 * D, dtype=cp.float32).reshape(3, D)
+    out = he.embedding_bag(cp.asarray(x), W, cp.asarray(np.arange(3)), scheme=full)
+    np.testing.assert_array_equal(cp.asnumpy(out), np.arange(3 * D, dtype=np.float32).reshape(3, D))
+    g = he.embedding_bag_backward(cp.ones((3, D), cp.float32), cp.asarray(x),
+                                  cp.asarray(np.arange(3)), scheme=full)
+    assert float(g[rows - 1].sum()) == D
+    del W, g
+
+
+def test_device_torch_bag_function_on_cuda_tensors():
+    _device()
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    from hashemb.torch._function import BagFunction, Lookup
+    robe = he.RobeZ(1001, 8, block=4, seed=2)
+    M = robe.init_weight(seed=1)
+    x = np.random.default_rng(0).integers(0, 2**40, 12)
+    off = np.array([0, 3, 3, 8, 12])
+    lk = Lookup(robe, 2, mode="mean")
+    wc = torch.tensor(M, requires_grad=True)
+    wg = torch.tensor(M, device="cuda", requires_grad=True)
+    oc = BagFunction.apply(wc, torch.tensor(x), torch.tensor(off), None, lk)
+    og = BagFunction.apply(wg, torch.tensor(x, device="cuda"), torch.tensor(off, device="cuda"),
+                           None, lk)
+    assert og.is_cuda
+    np.testing.assert_array_equal(og.cpu().detach().numpy(), oc.detach().numpy())
+    (oc * oc).sum().backward()
+    (og * og).sum().backward()
+    np.testing.assert_allclose(wg.grad.cpu().numpy(), wc.grad.numpy(), rtol=1e-5, atol=1e-6)
