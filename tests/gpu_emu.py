@@ -74,6 +74,9 @@ class EmuBackend:
     def to_host(self, a):
         return np.asarray(a).copy()
 
+    def stable_argsort(self, a):
+        return np.argsort(a, kind="stable")
+
     def launch(self, family, name, nthreads, args):
         nthreads = int(nthreads)
         if nthreads <= 0:

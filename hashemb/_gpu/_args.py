@@ -162,7 +162,7 @@ def check_bags(be, scheme, b, table0, user_len=0):
     if not RT.OPTIONS["check_indices"] or not (use_off or (bounds is not None and n)):
         return
     xp = be.xp
-    res = xp.full(4, _NONE, np.uint64)
+    res = xp.full(4, np.uint64(_NONE), np.uint64)
     dbounds = be.to_device(bounds) if bounds is not None else res
     noff = b.off.shape[0] if use_off else 0
     be.launch("bag", f"bag_check<{RT.ctype(b.idx.dtype)}>", max(n, noff),

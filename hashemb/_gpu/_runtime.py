@@ -124,6 +124,9 @@ class CupyBackend:
     def to_host(self, a):
         return self.xp.asnumpy(a)
 
+    def stable_argsort(self, a):
+        return self.xp.argsort(a)        # CuPy's sort is always stable (thrust)
+
     def function(self, family, name):
         dev = self.current_device()
         fn = self._functions.get((family, name, dev))

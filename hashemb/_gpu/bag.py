@@ -128,14 +128,16 @@ class _Runner:
                            i64(b.has_pad), i64(b.pad), i64(self.W), self.w,
                            self._scalar(alpha), i64(out_mode), target, keys, vals])
 
-    def _pairs(self, alpha):
+    def _pairs(self, alpha, sort=True):
         """(slot keys, values) of every contribution, sorted stably by slot."""
         xp, b, D = self.be.xp, self.b, self.scheme.dim
         npos = (b.B * b.T if b.mode == 2 else self.n) * D
-        keys = xp.full(npos, np.iinfo(np.int64).max, np.int64)
+        keys = xp.full(npos, np.int64(np.iinfo(np.int64).max), np.int64)
         vals = xp.zeros(npos, self.dtype)
         self._backward(alpha, 1, vals, keys, vals)
-        order = xp.argsort(keys, kind="stable")
+        if not sort:
+            return keys, vals
+        order = self.be.stable_argsort(keys)
         return keys[order], vals[order]
 
     def _segments(self, keys, vals, act, target, state, lr, eps):
@@ -151,6 +153,11 @@ class _Runner:
         if det:
             keys, vals = self._pairs(alpha)
             self._segments(keys, vals, 0, target, None, 0.0, 0.0)
+        elif self.b.mode == 2 and target is self.w:
+            # max-mode SGD: every winner is read from the weight before it moves
+            keys, vals = self._pairs(alpha, sort=False)
+            self.be.launch("segment", f"pairs_add<{self.R}>", keys.shape[0],
+                           [keys, vals, i64(keys.shape[0]), target])
         else:
             dummy = self.be.xp.empty(0, np.int64)
             self._backward(alpha, 0, target, dummy, target)

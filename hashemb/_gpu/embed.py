@@ -40,7 +40,7 @@ def _rows(be, indices, layout, single, name="indices"):
                          f"got {idx.shape}")
     flat = idx.reshape(-1, T)
     if RT.OPTIONS["check_indices"] and flat.size:
-        res = be.xp.full(1, np.iinfo(np.uint64).max, np.uint64)
+        res = be.xp.full(1, np.uint64(np.iinfo(np.uint64).max), np.uint64)
         dsizes = _device_layout(be, layout)[3]
         be.launch("embed", f"embed_check<{RT.ctype(idx.dtype)}>", flat.size,
                   [flat, i64(flat.shape[0]), i64(T), dsizes, res])
@@ -98,7 +98,7 @@ def scatter(grad_output, indices, layout, single, deterministic=False, be=None):
             return out
         keys = be.xp.empty(n, np.int64)
         be.launch("embed", name, n, head + [i64(1), out, keys])
-        order = be.xp.argsort(keys, kind="stable")
+        order = be.stable_argsort(keys)
         sk, sv = keys[order], g.reshape(-1)[order]
         be.launch("segment", f"seg_apply<{RT.ctype(g.dtype)}>", n,
                   [sk, sv, i64(n), i64(0), out, out, g.dtype.type(0), g.dtype.type(0)])

@@ -46,6 +46,21 @@ __global__ void seg_apply(const int64_t* __restrict__ keys, const R* __restrict_
 }
 
 /*
+ * target[keys[k]] += vals[k] (atomic) for every pair with a slot: max-mode
+ * SGD, whose winners must all be found (bag_backward out_mode 1) before the
+ * weight they are read from changes.
+ */
+template <typename R>
+__global__ void pairs_add(const int64_t* __restrict__ keys, const R* __restrict__ vals, i64 n,
+                          R* __restrict__ target)
+{
+    const i64 k = he_tid();
+    if (k >= n || keys[k] == HE_NO_SLOT)
+        return;
+    he_atomic_add(target + keys[k], vals[k]);
+}
+
+/*
  * Adagrad's apply pass as a sweep of the array (when it is small next to the
  * batch): where the scratch gradient is non-zero, update and clear it.
  */
@@ -65,5 +80,7 @@ __global__ void adagrad_sweep(R* __restrict__ w, R* __restrict__ scratch, R* __r
 
 HE_KERNEL(seg_apply<float>)
 HE_KERNEL(seg_apply<double>)
+HE_KERNEL(pairs_add<float>)
+HE_KERNEL(pairs_add<double>)
 HE_KERNEL(adagrad_sweep<float>)
 HE_KERNEL(adagrad_sweep<double>)

@@ -1,9 +1,14 @@
 """Autograd through hashemb's kernels: tensors are viewed as arrays with DLPack
-(no copy), the kernels run, the result is viewed back as a tensor."""
+(no copy), the kernels run, the result is viewed back as a tensor. CPU
+tensors run the CPU kernels; CUDA tensors (BagFunction) the CuPy backend, on
+torch's current device and stream."""
+import contextlib
+
 import numpy as np
 import torch
 
 from .. import bag as _bag
+from .._backend import array_module
 from ..optim import SGD, Adagrad
 
 
@@ -27,6 +32,33 @@ def as_array(t, name):
     if t.is_conj() or t.is_neg():
         t = t.resolve_conj().resolve_neg()
     return t.numpy()
+
+
+def as_any_array(t, name):
+    """as_array for CPU tensors; a zero-copy CuPy view (DLPack) of a CUDA one."""
+    if t is None or not isinstance(t, torch.Tensor) or t.device.type != "cuda":
+        return as_array(t, name)
+    import cupy
+    t = t.detach()
+    if t.is_conj() or t.is_neg():
+        t = t.resolve_conj().resolve_neg()
+    return cupy.from_dlpack(t)
+
+
+def as_tensor(a):
+    """The result array as a tensor, without a copy (NumPy or CuPy)."""
+    if isinstance(a, np.ndarray):
+        return torch.from_numpy(a)
+    return torch.from_dlpack(a)
+
+
+def device_context(t):
+    """CuPy on torch's current device and stream for a CUDA tensor; nothing
+    for a CPU one."""
+    if t.device.type != "cuda":
+        return contextlib.nullcontext()
+    from .._gpu._runtime import torch_stream
+    return torch_stream(t)
 
 
 def make_optimizer(optimizer, lr, eps):
@@ -69,8 +101,10 @@ class Lookup:
 
     def psw_grad(self, g, idx, w, off):
         """d loss / d per_sample_weights[j] = <grad[bag(j)], E(x_j)>: each entry
-        is looked up as its own bag (the same kernels), then dotted."""
-        out = np.zeros(idx.shape[0], g.dtype)
+        is looked up as its own bag (the same kernels), then dotted. NumPy or
+        CuPy arrays alike."""
+        xp = array_module(g)
+        out = xp.zeros(idx.shape[0], g.dtype)
         B = (off.shape[0] - 1) // self.T
         D = self.scheme.dim
         for t in range(self.T):
@@ -78,11 +112,12 @@ class Lookup:
             if hi == lo:
                 continue
             seg = idx[lo:hi]
-            E = _bag.embedding_bag(seg, w, np.arange(hi - lo + 1, dtype=np.int64),
+            E = _bag.embedding_bag(seg, w, xp.arange(hi - lo + 1, dtype=np.int64),
                                    scheme=self.scheme, table=self.table + t,
                                    include_last_offset=True, padding_idx=self.padding_idx)
-            bag_of = np.repeat(np.arange(B), np.diff(off[t * B:(t + 1) * B + 1]))
-            out[lo:hi] = np.einsum("nd,nd->n", E, g[bag_of, t * D:(t + 1) * D])
+            bag_of = xp.searchsorted(off[t * B:(t + 1) * B + 1], xp.arange(lo, hi),
+                                     side="right") - 1
+            out[lo:hi] = (E * g[bag_of, t * D:(t + 1) * D]).sum(axis=1)
         return out
 
 
@@ -95,25 +130,27 @@ class BagFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, indices, offsets, psw, lookup):
-        out = lookup.forward(as_array(indices, "input"), as_array(weight, "weight"),
-                             as_array(offsets, "offsets"),
-                             as_array(psw, "per_sample_weights"))
+        with device_context(weight):
+            out = lookup.forward(as_any_array(indices, "input"), as_any_array(weight, "weight"),
+                                 as_any_array(offsets, "offsets"),
+                                 as_any_array(psw, "per_sample_weights"))
         ctx.lookup = lookup
         ctx.save_for_backward(weight, indices, offsets, psw)
-        return torch.from_numpy(out)
+        return as_tensor(out)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         weight, indices, offsets, psw = ctx.saved_tensors
         lk = ctx.lookup
-        g = as_array(grad.contiguous(), "grad_output")
-        idx, w, off = as_array(indices, "input"), as_array(weight, "weight"), \
-            as_array(offsets, "offsets")
-        gw = gp = None
-        if psw is not None and ctx.needs_input_grad[3]:     # before a fused update
-            gp = torch.from_numpy(lk.psw_grad(g, idx, w, off))
-        if ctx.needs_input_grad[0] or lk.optimizer is not None:
-            res = lk.backward(g, idx, w, off, as_array(psw, "per_sample_weights"))
-            gw = None if res is None else torch.from_numpy(res)
+        with device_context(weight):
+            g = as_any_array(grad.contiguous(), "grad_output")
+            idx, w, off = as_any_array(indices, "input"), as_any_array(weight, "weight"), \
+                as_any_array(offsets, "offsets")
+            gw = gp = None
+            if psw is not None and ctx.needs_input_grad[3]:     # before a fused update
+                gp = as_tensor(lk.psw_grad(g, idx, w, off))
+            if ctx.needs_input_grad[0] or lk.optimizer is not None:
+                res = lk.backward(g, idx, w, off, as_any_array(psw, "per_sample_weights"))
+                gw = None if res is None else as_tensor(res)
         return gw, None, None, gp, None
