@@ -1,0 +1,209 @@
+"""GPU throughput of embedding bags on the Criteo Kaggle shape.
+
+26 tables with the Criteo Kaggle cardinalities (33.76M rows), one index per
+table per sample, D = 16 and 64, batch 16384 and 65536. In one run, on one
+GPU: torch.nn.EmbeddingBag on CUDA with full tables (one bag module over the
+concatenated tables: one launch, its fastest form) beside hashemb's RobeZ at
+1000x compression and hashemb's FullTable (the same full tables through
+hashemb's kernels, sharing torch's weight memory via DLPack). Reported:
+samples/s, GB/s of logical bytes (index reads, embedding rows read, output
+written; a training step adds gradient reads and the rows' read-modify-write)
+and their share of the GPU's peak DRAM bandwidth, and ratios against torch
+measured in the same run. A compressed array lives in L2, so its logical
+bytes can exceed the DRAM peak: the share says how far the work outruns what
+DRAM could feed.
+
+    python benchmarks/gpu_bench.py                     # the full shape (CUDA)
+    python benchmarks/gpu_bench.py --json out.json
+    python benchmarks/gpu_bench.py --device cpu --scale 0.001 --batches 256 --iters 2
+                                                       # dry run of the script on the CPU
+"""
+import argparse
+import json
+import time
+
+import numpy as np
+
+from hashemb.data import CRITEO_KAGGLE as CRITEO
+
+# peak DRAM bandwidth (GB/s) by device name, when the driver does not say
+PEAKS = {"H200": 4800, "H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 PCIe": 2000,
+         "H100 NVL": 3900, "A100-SXM4-80GB": 2039, "A100-SXM4-40GB": 1555,
+         "A100 80GB PCIe": 1935, "A100-PCIE-40GB": 1555, "L40S": 864, "L4": 300}
+
+
+def peak_gbs(torch, device, override):
+    if override:
+        return float(override)
+    if device == "cpu":
+        return float("nan")
+    name = torch.cuda.get_device_name()
+    try:
+        import cupy
+        p = cupy.cuda.runtime.getDeviceProperties(torch.cuda.current_device())
+        if p.get("memoryClockRate") and p.get("memoryBusWidth"):
+            return 2 * p["memoryClockRate"] * 1e3 * p["memoryBusWidth"] / 8 / 1e9
+    except Exception:
+        pass
+    for k, v in PEAKS.items():
+        if k in name:
+            return float(v)
+    return float("nan")
+
+
+def timed(fn, sync, iters, warmup=3):
+    """Median seconds per call over `iters` rounds of 5 calls."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        for _ in range(5):
+            fn()
+        sync()
+        times.append((time.perf_counter() - t) / 5)
+    return float(np.median(times))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--dims", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--batches", type=int, nargs="+", default=[16384, 65536])
+    ap.add_argument("--compression", type=float, default=1000.0)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--scale", type=float, default=1.0, help="table sizes times this")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--peak-gbs", type=float, default=None, help="override the DRAM peak")
+    ap.add_argument("--no-check", action="store_true",
+                    help="he.set_gpu_options(check_indices=False): no pre-launch index check "
+                         "(FullTable's check is one reduction and one synchronisation per call)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    import torch
+    import hashemb as he
+    if args.no_check:
+        he.set_gpu_options(check_indices=False)
+    if args.device == "cuda":
+        import cupy as xp
+        if not torch.cuda.is_available():
+            raise SystemExit("gpu_bench: torch sees no CUDA device (use --device cpu for a dry run)")
+
+        def sync():
+            torch.cuda.synchronize()
+
+        def as_xp(t):
+            return xp.from_dlpack(t.detach())
+    else:
+        xp = np
+
+        def sync():
+            pass
+
+        def as_xp(t):
+            return t.detach().numpy()
+
+    dev = args.device
+    card = [max(1, int(n * args.scale)) for n in CRITEO]
+    T, rows = len(card), sum(card)
+    base = torch.tensor(np.r_[0, np.cumsum(card)[:-1]], device=dev)
+    peak = peak_gbs(torch, dev, args.peak_gbs)
+    print(he.show_config()["gpu"] if dev == "cuda" else "dry run on the CPU")
+    print(f"tables {T}, rows {rows}, peak DRAM {peak:.0f} GB/s\n")
+    head = (f"{'D':>3} {'batch':>6} {'method':<22} {'fwd Ms/s':>9} {'fwd GB/s':>9} {'%peak':>6} "
+            f"{'x torch':>7} {'train Ms/s':>10} {'train GB/s':>10} {'%peak':>6} {'x torch':>7}")
+    print(head)
+    results = []
+    for D in args.dims:
+        size = int(rows * D / args.compression)
+        robe = he.RobeZ(size, D, block=D, seed=0)
+        full = he.FullTable(card, D)
+        torch.manual_seed(0)
+        emb = torch.nn.EmbeddingBag(rows, D, mode="sum", sparse=True).to(dev)
+        topt = torch.optim.SGD(emb.parameters(), lr=args.lr)
+        W_full = as_xp(emb.weight)                       # the same memory as torch's
+        M_robe = xp.asarray(robe.init_weight(seed=0))
+        for B in args.batches:
+            g = torch.Generator(device=dev).manual_seed(B)
+            X = torch.stack([torch.randint(0, n, (B,), device=dev, generator=g) for n in card], 1)
+            flat = (X + base).reshape(-1)                # row-major (B, T): bag b*T + t
+            offs = torch.arange(0, B * T, device=dev)
+            G = torch.randn(B, T * D, device=dev, generator=g)
+            Xx, Gx = as_xp(X), as_xp(G)
+
+            def t_fwd():
+                return emb(flat, offs).view(B, T * D)
+
+            def t_step():
+                out = emb(flat, offs).view(B, T * D)
+                out.backward(G)
+                topt.step()
+                topt.zero_grad(set_to_none=True)
+
+            def h_fwd(scheme, M):
+                return lambda: he.embedding_bags(Xx, M, scheme=scheme, num_tables=T)
+
+            def h_step(scheme, M, det):
+                opt = he.SGD(args.lr)
+
+                def step():
+                    he.embedding_bags(Xx, M, scheme=scheme, num_tables=T)
+                    he.embedding_bags_backward(Gx, Xx, scheme=scheme, num_tables=T, weight=M,
+                                               optimizer=opt, deterministic=det)
+                return step
+
+            # the same tables through both: outputs must agree before anything is timed
+            with torch.no_grad():
+                want = t_fwd()
+                got = he.embedding_bags(Xx, W_full, scheme=full, num_tables=T)
+                diff = float(np.abs(np.asarray(torch.as_tensor(got).cpu() if dev == "cpu" else
+                                               xp.asnumpy(got)) - want.cpu().numpy()).max())
+            assert diff < 1e-5, f"FullTable through hashemb differs from torch by {diff}"
+
+            # logical bytes: indices + rows read + output written; a step adds grad
+            # reads and a read-modify-write of every row
+            fwd_bytes = B * T * (8 + 4 * D + 4 * D)
+            step_bytes = fwd_bytes + B * T * (8 + 4 * D + 8 * D)
+            methods = [("torch.nn.EmbeddingBag", t_fwd, t_step),
+                       (f"hashemb RobeZ {args.compression:g}x", h_fwd(robe, M_robe),
+                        h_step(robe, M_robe, False)),
+                       ("  deterministic bwd", None, h_step(robe, M_robe, True)),
+                       ("hashemb FullTable", h_fwd(full, W_full), h_step(full, W_full, False))]
+            ref = {}
+            for name, fwd, step in methods:
+                row = {"D": D, "batch": B, "method": name.strip()}
+                with torch.no_grad():
+                    tf = timed(fwd, sync, args.iters) if fwd else None
+                ts = timed(step, sync, args.iters) if step else None
+                for kind, t, nbytes in (("fwd", tf, fwd_bytes), ("train", ts, step_bytes)):
+                    if t is None:
+                        continue
+                    row[f"{kind}_s"] = t
+                    row[f"{kind}_samples_per_s"] = B / t
+                    row[f"{kind}_GBps"] = nbytes / t / 1e9
+                    row[f"{kind}_share_of_peak"] = nbytes / t / 1e9 / peak
+                    if name.startswith("torch"):
+                        ref[kind] = B / t
+                    row[f"{kind}_x_torch"] = B / t / ref[kind]
+                results.append(row)
+
+                def cells(kind, w):
+                    if f"{kind}_s" not in row:
+                        return " " * (w + 9 + 7 + 7 + 3)
+                    return (f"{row[f'{kind}_samples_per_s'] / 1e6:>{w}.2f} "
+                            f"{row[f'{kind}_GBps']:>9.0f} {100 * row[f'{kind}_share_of_peak']:>5.0f}% "
+                            f"{row[f'{kind}_x_torch']:>7.2f}")
+                print(f"{D:>3} {B:>6} {name:<22} {cells('fwd', 9)} {cells('train', 10)}")
+            del X, flat, offs, G, Xx, Gx
+        del emb, topt, W_full, M_robe
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"peak_GBps": peak, "rows": rows, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
