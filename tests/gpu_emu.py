@@ -6,6 +6,7 @@ against the kernel's C signature (what CuPy would pack silently wrong). What
 this cannot see: races, warp-level timing, NVRTC-only compile errors (the
 NVRTC test covers those where CuPy is installed), and device memory limits.
 """
+import atexit
 import contextlib
 import ctypes
 import os
@@ -29,7 +30,9 @@ def build():
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         return None
-    out = os.path.join(tempfile.mkdtemp(prefix="hashemb_emu_"), "emu.so")
+    tmp = tempfile.mkdtemp(prefix="hashemb_emu_")
+    atexit.register(shutil.rmtree, tmp, True)
+    out = os.path.join(tmp, "emu.so")
     cmd = [cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-Wno-unknown-pragmas",
            "-I", os.path.join(ROOT, "hashemb", "_include"),
            "-I", os.path.join(ROOT, "hashemb", "_gpu"),
