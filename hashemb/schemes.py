@@ -6,7 +6,7 @@ hashemb/slots.h turns into run starts; the bag kernels are shared by all.
 import numpy as np
 
 from . import _validate as V
-from ._backend import kernels
+from ._backend import is_cupy, kernels
 from .hashing import P, UniversalHash
 
 # kinds of hashemb/_include/hashemb/slots.h
@@ -80,7 +80,11 @@ class Scheme:
     def slots(self, indices, table=0):
         """Slots of every element: int64 array of shape ``indices.shape + (dim,)``
         with values in ``[0, size)`` (for tests and analysis; the bag kernels
-        compute slots on the fly and never build this array)."""
+        compute slots on the fly and never build this array). CuPy indices: a
+        CuPy result, computed on the device."""
+        if is_cupy(indices):
+            from ._gpu.slots import scheme_slots
+            return scheme_slots(self, indices, table)
         idx, flat, tables = self._tokens(indices, table)
         out = np.empty((flat.shape[0], self.dim), np.int64)
         kernels().slots(self._view, flat, tables, out)
@@ -88,7 +92,10 @@ class Scheme:
 
     def signs(self, indices, table=0):
         """Signs of every element, float32 +-1 of shape ``indices.shape + (dim,)``
-        (all ones for an unsigned scheme)."""
+        (all ones for an unsigned scheme); CuPy in, CuPy out."""
+        if is_cupy(indices):
+            from ._gpu.slots import scheme_signs
+            return scheme_signs(self, indices, table)
         idx, flat, tables = self._tokens(indices, table)
         out = np.empty((flat.shape[0], self.dim), np.float32)
         kernels().signs(self._view, flat, tables, out)

@@ -15,8 +15,8 @@ from ..optim import SGD, Adagrad
 def check_cpu(t, name):
     """``t`` itself, or a TypeError naming ``name`` if it is not on the CPU."""
     if t.device.type != "cpu":
-        raise TypeError(f"{name}: expected a CPU tensor (CUDA tensors need the CuPy "
-                        f"backend, not built yet), got a tensor on {t.device}")
+        raise TypeError(f"{name}: expected a CPU tensor here (CUDA tensors run through "
+                        f"BagFunction's CuPy path), got a tensor on {t.device}")
     return t
 
 

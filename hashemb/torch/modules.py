@@ -10,7 +10,13 @@ from .. import _validate as V
 from ..hashing import UniversalHash
 from ..lsh import LMA, LSHTable
 from ..schemes import FullTable, HashedNet, RobeZ, Scheme
-from ._function import BagFunction, Lookup, as_array, check_cpu, make_optimizer
+from ._function import (BagFunction, Lookup, as_any_array, as_tensor, device_context,
+                        make_optimizer)
+
+
+def _cupy():
+    import cupy
+    return cupy
 
 
 def _as_index(t, name):
@@ -18,7 +24,7 @@ def _as_index(t, name):
         t = torch.as_tensor(np.asarray(t))
     if t.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name}: expected an int32 or int64 tensor, got {t.dtype}")
-    return check_cpu(t, name)
+    return t          # CPU or CUDA: a device mismatch with the weight is a TypeError later
 
 
 def _check_2d_offsets(offsets):
@@ -109,15 +115,18 @@ class HashEmbeddingBag(nn.Module):
     def _bind_state(self):
         opt = self._lookup.optimizer
         if hasattr(self, "optimizer_state") and opt is not None:
-            opt.use_state(self.weight.detach().numpy(), self.optimizer_state.numpy())
+            opt.use_state(as_any_array(self.weight, "weight"),
+                          as_any_array(self.optimizer_state, "optimizer_state"))
 
     def _normalise(self, input, offsets, per_sample_weights):
         input = _as_index(input, "input")
         if input.dim() == 2:
             _check_2d_offsets(offsets)
             B, N = input.shape
-            off = torch.arange(0, B * N + 1, max(N, 1) if B * N else 1, dtype=torch.int64)
-            off = off if N else torch.zeros(B + 1, dtype=torch.int64)
+            dev = input.device
+            off = torch.arange(0, B * N + 1, max(N, 1) if B * N else 1, dtype=torch.int64,
+                               device=dev)
+            off = off if N else torch.zeros(B + 1, dtype=torch.int64, device=dev)
             flat = input.reshape(-1)
             psw = None if per_sample_weights is None else per_sample_weights.reshape(-1)
             return flat, off, psw
@@ -130,7 +139,8 @@ class HashEmbeddingBag(nn.Module):
             raise ValueError(f"offsets: expected a 1-D tensor, got {offsets.dim()}-D")
         if not self.include_last_offset:
             offsets = torch.cat([offsets.to(torch.int64),
-                                 torch.tensor([input.shape[0]], dtype=torch.int64)])
+                                 torch.tensor([input.shape[0]], dtype=torch.int64,
+                                              device=offsets.device)])
         elif offsets.shape[0] == 0:
             raise ValueError("offsets: expected at least 1 value with include_last_offset, got 0")
         return input, offsets, per_sample_weights
@@ -211,7 +221,7 @@ class HashEmbeddingBagCollection(HashEmbeddingBag):
                 raise ValueError(f"input: expected shape (B, {T}) (one index per table), "
                                  f"got {tuple(input.shape)}")
             flat = input.t().reshape(-1)          # feature-major
-            off = torch.arange(input.numel() + 1, dtype=torch.int64)
+            off = torch.arange(input.numel() + 1, dtype=torch.int64, device=input.device)
             psw = None if per_sample_weights is None else per_sample_weights.t().reshape(-1)
             return flat, off, psw
         if input.dim() != 1:
@@ -485,17 +495,18 @@ class HashingTrickEmbeddingBagCollection(HashEmbeddingBagCollection):
 
     def _normalise(self, input, offsets, per_sample_weights):
         flat, off, psw = super()._normalise(input, offsets, per_sample_weights)
-        keys = as_array(flat, "input")
-        out = np.empty(keys.shape[0], np.int64)
         B = (off.shape[0] - 1) // self.num_tables
-        o = off.numpy()
-        for t, rows in enumerate(self.rows):
-            lo, hi = int(o[t * B]), int(o[(t + 1) * B])
-            if lo < 0 or hi > keys.shape[0] or lo > hi:
-                raise ValueError(f"offsets: expected values in [0, {keys.shape[0]}] and "
-                                 f"non-decreasing, got {lo}..{hi} for table {t}")
-            out[lo:hi] = self.hash(keys[lo:hi], rows, table=t)
-        return torch.from_numpy(out), off, psw
+        o = off[::B].cpu().numpy() if B else np.zeros(self.num_tables + 1, np.int64)
+        with device_context(flat):
+            keys = as_any_array(flat, "input")
+            out = (np if isinstance(keys, np.ndarray) else _cupy()).empty(keys.shape[0], np.int64)
+            for t, rows in enumerate(self.rows):
+                lo, hi = int(o[t]), int(o[t + 1])
+                if lo < 0 or hi > keys.shape[0] or lo > hi:
+                    raise ValueError(f"offsets: expected values in [0, {keys.shape[0]}] and "
+                                     f"non-decreasing, got {lo}..{hi} for table {t}")
+                out[lo:hi] = self.hash(keys[lo:hi], rows, table=t)
+        return as_tensor(out), off, psw
 
 
 class TorchEmbeddingBagCollection(nn.Module):
