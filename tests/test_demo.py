@@ -48,3 +48,15 @@ def test_demo_criteo_tsv(tmp_path):
 def test_cli_usage(capsys):
     assert main([]) == 0
     assert main(["nope"]) == 2
+
+
+def test_demo_lsh_methods_count_their_map(tmp_path):
+    """--embedding lsh,lma: fitted on the training split; memory includes the
+    sampled-token map and data, so it exceeds the array's floats."""
+    assert main(["demo", "--scale", "0.0005", "--sweep", "", "--embedding", "lsh,lma",
+                 "--num-points", "2000", "--out", str(tmp_path)] + TINY) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["lsh", "lma"]
+    for r in rows:
+        assert 0.4 < r["auc"] <= 1
+        assert r["memory_mb"] * 2 ** 20 > r["embedding_params"] * 4
