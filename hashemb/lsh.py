@@ -156,7 +156,7 @@ class _MinhashScheme(Scheme):
     # ---- building from data
     @classmethod
     def fit(cls, X, size, dim, num_hashes=2, num_points=125_000, seed=0, block=None,
-            progress=False, **kwargs):
+            progress=False, device="cpu", _backend=None, **kwargs):
         X = V.as_keys(X, "X")
         if X.ndim != 2:
             raise ValueError(f"X: expected a 2-D (rows, fields) array, got {X.ndim}-D")
@@ -205,16 +205,23 @@ class _MinhashScheme(Scheme):
         del ids
         F = probe._num_functions(dim, width)
         slots = cls._kind_id == _LSH_TABLE
-        data = np.empty((count, width), np.uint32)
         probe._setup(cls._kind_id, size, dim, probe.block, size, [0] * 12)
-        view = k.SchemeView(probe)
-        chunks = np.linspace(0, count, min(count, 64) + 1).astype(np.int64)
-        from tqdm.auto import tqdm
-        with tqdm(total=count, desc=f"{cls._type} minhash", unit="token", unit_scale=True,
-                  disable=not progress, leave=False) as bar:
-            for a, b in zip(chunks[:-1], chunks[1:]):
-                k.lsh_signatures(view, ptr, occ_keys, int(a), int(b), F, slots, data[a:b])
-                bar.update(int(b - a))
+        if device not in ("cpu", "gpu"):
+            raise ValueError(f"device: expected 'cpu' or 'gpu', got {device!r}")
+        if device == "gpu" or _backend is not None:
+            from ._gpu.lsh import signatures
+            data = signatures(probe, ptr, occ_keys, F, slots, _backend)
+        else:
+            data = np.empty((count, width), np.uint32)
+            view = k.SchemeView(probe)
+            chunks = np.linspace(0, count, min(count, 64) + 1).astype(np.int64)
+            from tqdm.auto import tqdm
+            with tqdm(total=count, desc=f"{cls._type} minhash", unit="token",
+                      unit_scale=True, disable=not progress, leave=False) as bar:
+                for a, b in zip(chunks[:-1], chunks[1:]):
+                    k.lsh_signatures(view, ptr, occ_keys, int(a), int(b), F, slots,
+                                     data[a:b])
+                    bar.update(int(b - a))
         scheme = cls.from_tokens(size, dim, T, sampled_fields, sampled_tokens, data,
                                  num_hashes, seed, block, **kwargs)
         scheme.num_points = num_points
@@ -351,19 +358,22 @@ class LSHTable(_MinhashScheme):
 
     @classmethod
     def fit(cls, X, size, dim, num_hashes=2, num_points=125_000, seed=0, block=None,
-            progress=False):
+            progress=False, device="cpu", _backend=None):
         """Learn the table from ``X`` (rows x fields, integer tokens): sample
         ``num_points`` rows (seeded, without replacement), take for every token
         seen the minhashes of its row set under ``num_hashes * dim`` universal
         hashes, and combine them into slots (one pass over the sample; Cython +
-        OpenMP, parallel over tokens).
+        OpenMP, parallel over tokens). ``device="gpu"`` takes the minima and
+        the starts on the GPU (CuPy; the sample's row keys go to the device,
+        the table comes back), with the CPU build's exact result.
 
         Raises
         ------
         ValueError
             Empty ``X``, ``num_points`` above its rows, ``size`` above 2**32.
         """
-        return super().fit(X, size, dim, num_hashes, num_points, seed, block, progress)
+        return super().fit(X, size, dim, num_hashes, num_points, seed, block, progress,
+                           device, _backend)
 
 
 class LMA(_MinhashScheme):
@@ -412,11 +422,11 @@ class LMA(_MinhashScheme):
 
     @classmethod
     def fit(cls, X, size, dim, num_hashes=2, num_points=125_000, seed=0, block=None,
-            signature_size=None, progress=False):
+            signature_size=None, progress=False, device="cpu", _backend=None):
         """Learn the signatures from ``X`` as :meth:`LSHTable.fit` does, keeping
         ``signature_size`` minhash values per sampled token."""
         return super().fit(X, size, dim, num_hashes, num_points, seed, block, progress,
-                           signature_size=signature_size)
+                           device, _backend, signature_size=signature_size)
 
     def _extra_repr(self):
         return f", signature_size={self._lsh['width']}"

@@ -381,3 +381,34 @@ def test_cli_writes_a_loadable_scheme(tmp_path, capsys):
     assert "saved" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["lsh-table", "--dim", "8"])                     # --data is required
+
+
+# ------------------------------------------------------------ GPU build
+
+@pytest.fixture(scope="module", params=["emulator", "cupy"])
+def gpu_backend(request):
+    """The GPU build's kernels on the host emulator (tests/cuda/emu.cpp), or on
+    a CUDA device through CuPy (skipped without one)."""
+    if request.param == "emulator":
+        import gpu_emu
+        lib = gpu_emu.build()
+        if lib is None:
+            pytest.skip("no C++ compiler for the GPU emulator")
+        return gpu_emu.EmuBackend(lib)
+    pytest.importorskip("cupy")
+    from hashemb._gpu import _runtime as RT
+    if RT.device_count() == 0:
+        pytest.skip("no CUDA device")
+    return RT.backend()
+
+
+@pytest.mark.parametrize("cls", SCHEMES)
+@pytest.mark.parametrize("block,nh", [(1, 2), (4, 3), (8, 1)])
+def test_gpu_build_equals_cpu_build(cls, block, nh, gpu_backend):
+    X = np.random.default_rng(4).integers(-50, 400, (600, 5))
+    cpu = cls.fit(X, size=9973, dim=8, num_hashes=nh, num_points=500, seed=3, block=block)
+    gpu = cls.fit(X, size=9973, dim=8, num_hashes=nh, num_points=500, seed=3, block=block,
+                  _backend=gpu_backend)
+    assert gpu == cpu and (gpu.data == cpu.data).all()
+    with pytest.raises(ValueError, match="device"):
+        cls.fit(X, size=99, dim=8, num_points=5, device="tpu")

@@ -61,6 +61,39 @@ __global__ void universal_sign(const uint64_t* __restrict__ coef, const K* __res
     out[g] = (float)he_sign_of_key(coef + 4, k);
 }
 
+/* SCMA / LMA build: sig[i*F + f] = (uint32) min over keys[ptr[i] .. ptr[i+1]) of
+ * h_f(key) = (a_f key + b_f) mod P, one thread per (token, function): the
+ * twin of lsh_signatures in _cpu/_slots.pyx (same 61-bit minimum, then 32 bits). */
+__global__ void lsh_minhash(const uint64_t* __restrict__ mh, const int64_t* __restrict__ ptr,
+                            const uint64_t* __restrict__ keys, i64 n, i64 F,
+                            uint32_t* __restrict__ sig)
+{
+    const i64 g = he_tid();
+    if (g >= n * F)
+        return;
+    const i64 i = g / F, f = g - i * F;
+    const uint64_t a = mh[2 * f], b = mh[2 * f + 1];
+    uint64_t best = HE_P;
+    for (i64 j = ptr[i]; j < ptr[i + 1]; j++) {
+        const uint64_t v = he_addmod(he_mulmod(a, keys[j]), b);
+        best = v < best ? v : best;
+    }
+    sig[g] = (uint32_t)best;
+}
+
+/* SCMA: out[i*R + k] = start of run k from token i's signature (he_lsh_slot). */
+__global__ void lsh_starts(const he_scheme* __restrict__ s, const uint32_t* __restrict__ sig,
+                           i64 n, i64 F, uint32_t* __restrict__ out)
+{
+    const i64 g = he_tid(), R = s->runs;
+    if (g >= n * R)
+        return;
+    const i64 i = g / R;
+    out[g] = (uint32_t)he_lsh_slot(s, sig + i * F, 0, g - i * R);
+}
+
+HE_KERNEL(lsh_minhash)
+HE_KERNEL(lsh_starts)
 HE_KERNEL(scheme_slots<int>)
 HE_KERNEL(scheme_slots<long long>)
 HE_KERNEL(scheme_signs<int>)
