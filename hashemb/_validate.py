@@ -130,6 +130,57 @@ def check_table(table, scheme, name="table"):
     return table
 
 
+def check_2d(shape, offsets, T, psw_shape, desc=None):
+    """2-D (B, N) indices: no offsets; (B, T) for many tables; weights shaped alike."""
+    if offsets is not None:
+        raise ValueError(f"offsets: expected None when indices is 2-D (B, N), "
+                         f"got {(desc or _desc)(offsets)}")
+    if T > 1 and shape[1] != T:
+        raise ValueError(f"indices: expected shape (B, num_tables={T}) for 2-D input, "
+                         f"got {shape}")
+    if psw_shape is not None and psw_shape != shape:
+        raise ValueError(f"per_sample_weights: expected shape {shape} (as indices), "
+                         f"got {psw_shape}")
+
+
+def check_offsets_array(off, T, include_last_offset):
+    """1-D int32/int64 offsets, at least one when the last one is included."""
+    if off.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"offsets: expected an int32 or int64 array, got dtype {off.dtype}")
+    if off.ndim != 1:
+        raise ValueError(f"offsets: expected a 1-D array, got shape {off.shape}")
+    if (T > 1 or include_last_offset) and off.shape[0] < 1:
+        raise ValueError("offsets: expected at least one offset (B + 1 with the last), got none")
+
+
+def check_offsets_length(n, T):
+    """T*B+1 offsets (feature-major): B."""
+    if (n - 1) % T:
+        raise ValueError(f"offsets: expected length num_tables * B + 1 = {T} * B + 1, got {n}")
+    return (n - 1) // T
+
+
+def check_psw(mode, n, psw=None):
+    """Per-sample weights: mode sum only; once flat, one per index."""
+    if mode != 0:
+        raise ValueError(f"per_sample_weights: expected None with mode={MODES[mode]!r} "
+                         "(only mode='sum' takes weights), got an array")
+    if psw is not None and psw.shape[0] != n:
+        raise ValueError(f"per_sample_weights: expected {n} weights (one per "
+                         f"index), got {psw.shape[0]}")
+
+
+def padding(padding_idx, scheme, T, table0):
+    """(has_pad, pad): a FullTable's negative padding index counts from the end."""
+    if padding_idx is None:
+        return False, 0
+    pad = check_int(padding_idx, "padding_idx", lo=-(1 << 63), hi=1 << 63)
+    if scheme.table_sizes is not None and T == 1:
+        n = scheme.table_sizes[table0]
+        pad = check_int(pad, "padding_idx", lo=-n, hi=n) % n
+    return True, pad
+
+
 def bags(k, indices, offsets, per_sample_weights, *, scheme, mode, dtype, table0=0,
          num_tables=1, include_last_offset=False, padding_idx=None):
     """Normalise a bag batch: flat contiguous indices, int64 offsets of length
@@ -138,37 +189,26 @@ def bags(k, indices, offsets, per_sample_weights, *, scheme, mode, dtype, table0
     T = num_tables
     idx = as_keys(indices, "indices")
     if idx.ndim == 2:
-        if offsets is not None:
-            raise ValueError(f"offsets: expected None when indices is 2-D (B, N), got {_desc(offsets)}")
+        psw = None if per_sample_weights is None else _as_array(per_sample_weights,
+                                                                  "per_sample_weights")
+        check_2d(idx.shape, offsets, T, None if psw is None else psw.shape)
         if T == 1:
             B, N = idx.shape
             off = np.arange(0, B * N + 1, max(N, 1), dtype=np.int64) if N else np.zeros(B + 1, np.int64)
             flat = idx.reshape(-1)
         else:
-            if idx.shape[1] != T:
-                raise ValueError(f"indices: expected shape (B, num_tables={T}) for 2-D input, "
-                                 f"got {idx.shape}")
             B = idx.shape[0]
             off = np.arange(T * B + 1, dtype=np.int64)
             flat = np.ascontiguousarray(idx.T).reshape(-1)   # feature-major
-        if per_sample_weights is not None:
-            psw = _as_array(per_sample_weights, "per_sample_weights")
-            if psw.shape != idx.shape:
-                raise ValueError(f"per_sample_weights: expected shape {idx.shape} (as indices), "
-                                 f"got {psw.shape}")
+        if psw is not None:
             per_sample_weights = psw if T == 1 else psw.T
         idx = flat
     elif idx.ndim == 1:
         if offsets is None:
             raise ValueError("offsets: expected a 1-D int32/int64 array when indices is 1-D, got None")
         off = _as_array(offsets, "offsets")
-        if off.dtype not in _INDEX_DTYPES:
-            raise TypeError(f"offsets: expected an int32 or int64 array, got dtype {off.dtype}")
-        if off.ndim != 1:
-            raise ValueError(f"offsets: expected a 1-D array, got shape {off.shape}")
+        check_offsets_array(off, T, include_last_offset)
         off = np.ascontiguousarray(off, dtype=np.int64)
-        if (T > 1 or include_last_offset) and off.shape[0] < 1:
-            raise ValueError("offsets: expected at least one offset (B + 1 with the last), got none")
         bad = k.offsets_problem(off, idx.shape[0])
         if bad == 0:
             raise ValueError(f"offsets[0]: expected 0, got {off[0]}")
@@ -180,31 +220,18 @@ def bags(k, indices, offsets, per_sample_weights, *, scheme, mode, dtype, table0
                              f"got {off[bad]}")
         if T == 1 and not include_last_offset:
             off = np.concatenate([off, np.array([idx.shape[0]], np.int64)])
-        if (off.shape[0] - 1) % T:
-            raise ValueError(f"offsets: expected length num_tables * B + 1 = {T} * B + 1, "
-                             f"got {off.shape[0]}")
-        B = (off.shape[0] - 1) // T
+        B = check_offsets_length(off.shape[0], T)
     else:
         raise ValueError(f"indices: expected a 1-D or 2-D array, got shape {idx.shape}")
 
     if per_sample_weights is None:
         psw = np.empty(0, dtype)
     else:
-        if mode != 0:
-            raise ValueError(f"per_sample_weights: expected None with mode={MODES[mode]!r} "
-                             "(only mode='sum' takes weights), got an array")
+        check_psw(mode, idx.shape[0])
         psw = as_float(per_sample_weights, "per_sample_weights", dtype).reshape(-1)
-        if psw.shape[0] != idx.shape[0]:
-            raise ValueError(f"per_sample_weights: expected {idx.shape[0]} weights (one per "
-                             f"index), got {psw.shape[0]}")
+        check_psw(mode, idx.shape[0], psw)
 
-    has_pad, pad = padding_idx is not None, 0
-    if has_pad:
-        pad = check_int(padding_idx, "padding_idx", lo=-(1 << 63), hi=1 << 63)
-        if scheme.table_sizes is not None and T == 1:
-            n = scheme.table_sizes[table0]
-            pad = check_int(pad, "padding_idx", lo=-n, hi=n) % n
-
+    has_pad, pad = padding(padding_idx, scheme, T, table0)
     check_indices(k, scheme, idx, off, B, T, table0, has_pad, pad)
     return Bags(idx, off, psw, B, T, mode, has_pad, pad)
 

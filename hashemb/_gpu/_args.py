@@ -86,45 +86,30 @@ def bags(be, indices, offsets, per_sample_weights, *, scheme, mode, dtype, table
     idx = as_keys(be, indices, "indices")
     off, user_len = None, 0
     if idx.ndim == 2:
-        if offsets is not None:
-            raise ValueError(f"offsets: expected None when indices is 2-D (B, N), "
-                             f"got {desc(be, offsets)}")
+        psw = (None if per_sample_weights is None
+               else as_array(be, per_sample_weights, "per_sample_weights"))
+        V.check_2d(idx.shape, offsets, T, None if psw is None else psw.shape,
+                   lambda x: desc(be, x))
         if T == 1:
             B, N = idx.shape
             rowlen = nper = N
         else:
-            if idx.shape[1] != T:
-                raise ValueError(f"indices: expected shape (B, num_tables={T}) for 2-D input, "
-                                 f"got {idx.shape}")
             B, rowlen, nper = idx.shape[0], T, 1
-        if per_sample_weights is not None:
-            psw = as_array(be, per_sample_weights, "per_sample_weights")
-            if psw.shape != idx.shape:
-                raise ValueError(f"per_sample_weights: expected shape {idx.shape} (as indices), "
-                                 f"got {psw.shape}")
         shape = idx.shape
         idx = idx.reshape(-1)
     elif idx.ndim == 1:
         if offsets is None:
             raise ValueError("offsets: expected a 1-D int32/int64 array when indices is 1-D, got None")
         off = as_array(be, offsets, "offsets")
-        if off.dtype not in _INDEX:
-            raise TypeError(f"offsets: expected an int32 or int64 array, got dtype {off.dtype}")
-        if off.ndim != 1:
-            raise ValueError(f"offsets: expected a 1-D array, got shape {off.shape}")
+        V.check_offsets_array(off, T, include_last_offset)
         off = xp.ascontiguousarray(off, dtype=np.int64)
-        if (T > 1 or include_last_offset) and off.shape[0] < 1:
-            raise ValueError("offsets: expected at least one offset (B + 1 with the last), got none")
         user_len = off.shape[0]
         if T == 1 and not include_last_offset:
             full = xp.empty(user_len + 1, np.int64)
             full[:user_len] = off
             full[user_len] = idx.shape[0]
             off = full
-        if (off.shape[0] - 1) % T:
-            raise ValueError(f"offsets: expected length num_tables * B + 1 = {T} * B + 1, "
-                             f"got {off.shape[0]}")
-        B = (off.shape[0] - 1) // T
+        B = V.check_offsets_length(off.shape[0], T)
         rowlen = nper = 0
         shape = idx.shape
     else:
@@ -133,21 +118,11 @@ def bags(be, indices, offsets, per_sample_weights, *, scheme, mode, dtype, table
     if per_sample_weights is None:
         psw = None
     else:
-        if mode != 0:
-            raise ValueError(f"per_sample_weights: expected None with mode={V.MODES[mode]!r} "
-                             "(only mode='sum' takes weights), got an array")
+        V.check_psw(mode, idx.shape[0])
         psw = as_float(be, per_sample_weights, "per_sample_weights", dtype).reshape(-1)
-        if psw.shape[0] != idx.shape[0]:
-            raise ValueError(f"per_sample_weights: expected {idx.shape[0]} weights (one per "
-                             f"index), got {psw.shape[0]}")
+        V.check_psw(mode, idx.shape[0], psw)
 
-    has_pad, pad = padding_idx is not None, 0
-    if has_pad:
-        pad = V.check_int(padding_idx, "padding_idx", lo=-(1 << 63), hi=1 << 63)
-        if scheme.table_sizes is not None and T == 1:
-            n = scheme.table_sizes[table0]
-            pad = V.check_int(pad, "padding_idx", lo=-n, hi=n) % n
-
+    has_pad, pad = V.padding(padding_idx, scheme, T, table0)
     b = Bags(idx, off, rowlen, nper, psw, B, T, mode, has_pad, pad, shape)
     check_bags(be, scheme, b, table0, user_len)
     return b
