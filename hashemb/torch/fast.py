@@ -5,7 +5,7 @@ hashemb's plain-lookup kernels (:func:`hashemb.embedding`,
 import torch
 
 from .. import lookup as _lookup
-from ._function import as_array
+from ._function import as_any_array, as_tensor, device_context
 
 
 class _MultiLookup(torch.autograd.Function):
@@ -13,14 +13,15 @@ class _MultiLookup(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, indices, sizes, dims, single):
-        w, idx = as_array(weight, "weight"), as_array(indices, "indices")
-        if single:
-            out = _lookup.embedding(idx, w.reshape(sizes, dims))
-        else:
-            out = _lookup.multi_embedding(idx, w, sizes, dims)
+        with device_context(weight):
+            w, idx = as_any_array(weight, "weight"), as_any_array(indices, "indices")
+            if single:
+                out = _lookup.embedding(idx, w.reshape(sizes, dims))
+            else:
+                out = _lookup.multi_embedding(idx, w, sizes, dims)
         ctx.save_for_backward(indices)
         ctx.layout = (sizes, dims, single, weight.shape)
-        return torch.from_numpy(out)
+        return as_tensor(out)
 
     @staticmethod
     def backward(ctx, grad):
@@ -28,12 +29,13 @@ class _MultiLookup(torch.autograd.Function):
         sizes, dims, single, shape = ctx.layout
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
-        g, idx = as_array(grad.contiguous(), "grad"), as_array(indices, "indices")
-        if single:
-            dw = _lookup.embedding_backward(g, idx, sizes)
-        else:
-            dw = _lookup.multi_embedding_backward(g, idx, sizes, dims)
-        return torch.from_numpy(dw).reshape(shape), None, None, None, None
+        with device_context(grad):
+            g, idx = as_any_array(grad.contiguous(), "grad"), as_any_array(indices, "indices")
+            if single:
+                dw = _lookup.embedding_backward(g, idx, sizes)
+            else:
+                dw = _lookup.multi_embedding_backward(g, idx, sizes, dims)
+        return as_tensor(dw).reshape(shape), None, None, None, None
 
 
 def _index_tensor(x):
