@@ -20,6 +20,8 @@ import time
 
 import numpy as np
 
+from criteo_bags import timeit      # the same median-of-runs timer (run from benchmarks/)
+
 
 def data(rows, seed=0):
     from hashemb.data import SyntheticCriteo
@@ -54,16 +56,6 @@ def build_one(kind, dim, path, num_points):
                       "extra_mib": s.extra_bytes() / 2 ** 20}))
 
 
-def timeit(fn, iters=7):
-    fn()
-    ts = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
-
-
 def lookups(rows, num_points, dim=16):
     import hashemb as he
     from tqdm.auto import tqdm
@@ -95,7 +87,7 @@ def lookups(rows, num_points, dim=16):
                 if train:
                     he.embedding_bags_backward(G, q, off, scheme=s, num_tables=T, weight=W,
                                                optimizer=opt)
-            res["train" if train else "forward"] = B / timeit(step)
+            res["train" if train else "forward"] = B / timeit(step, 7, warmup=1)
         out[name] = res
     return out
 

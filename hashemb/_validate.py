@@ -130,6 +130,14 @@ def check_table(table, scheme, name="table"):
     return table
 
 
+def check_backward_weight(weight, mode, optimizer):
+    """Backward needs the array for an optimizer step and for max mode."""
+    if weight is None and (mode == "max" or optimizer is not None):
+        why = "an optimizer updates it" if optimizer is not None else \
+            "mode='max' routes each gradient to the maximum"
+        raise ValueError(f"weight: expected the array ({why}), got None")
+
+
 def check_2d(shape, offsets, T, psw_shape, desc=None):
     """2-D (B, N) indices: no offsets; (B, T) for many tables; weights shaped alike."""
     if offsets is not None:

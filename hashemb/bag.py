@@ -46,10 +46,7 @@ def _backward(grad_output, indices, offsets, scheme, table0, T, mode, per_sample
     scheme = V.check_scheme(scheme)
     optimizer = check_optimizer(optimizer)
     V.check_mode(mode)
-    if weight is None and (mode == "max" or optimizer is not None):
-        why = "an optimizer updates it" if optimizer is not None else \
-            "mode='max' routes each gradient to the maximum"
-        raise ValueError(f"weight: expected the array ({why}), got None")
+    V.check_backward_weight(weight, mode, optimizer)
     dtype = V.weight_dtype(weight) if weight is not None else \
         V.as_float(grad_output, "grad_output").dtype
     b = V.bags(k, indices, offsets, per_sample_weights, scheme=scheme, mode=mode,

@@ -51,6 +51,12 @@ def _check_block(block, dim, size):
     return block
 
 
+def _salt(seed):
+    """Key salt of a seed: the first word of its stream 0 (the minhash
+    coefficients are the words after it)."""
+    return int(_stream(seed, 0, 1)[0])
+
+
 def _pow2_above(n):
     return 1 << max(int(2 * n - 1).bit_length(), 1)
 
@@ -111,7 +117,23 @@ class _MinhashScheme(Scheme):
         if fields.min() < 0 or fields.max() >= num_fields:
             raise ValueError(f"fields: expected values in [0, {num_fields}), "
                              f"got {fields.min()}..{fields.max()}")
-        keys, clashes = cls._map(fields, tokens, int(_stream(V.check_seed(seed), 0, 1)[0]))
+        salt = _salt(V.check_seed(seed))
+        k, n = kernels(), tokens.shape[0]
+        exact = np.zeros(2 * _pow2_above(n), np.uint64)
+        ids = np.empty(n, np.int64)
+        if k.lsh_insert(fields, tokens, salt, exact, ids) != n:
+            raise ValueError("tokens: expected distinct (field, token) pairs, got "
+                             f"{n - len(np.unique(ids))} repeated")
+        del exact
+        return cls._from_distinct(size, dim, num_fields, fields, tokens, data, num_hashes,
+                                  seed, block, signature_size)
+
+    @classmethod
+    def _from_distinct(cls, size, dim, num_fields, fields, tokens, data, num_hashes, seed,
+                       block, signature_size):
+        """from_tokens for pairs known to be distinct (fit has just numbered them)."""
+        keys = np.zeros(_pow2_above(tokens.shape[0]), np.uint64)
+        clashes = kernels().lsh_compact(fields, tokens, _salt(seed), keys)
         scheme = cls(size, dim, num_fields, keys, data, num_hashes, seed, block, signature_size)
         scheme.clashes = clashes
         return scheme
@@ -129,9 +151,8 @@ class _MinhashScheme(Scheme):
         nh, F, runs = self.num_hashes, self._num_functions(dim, width), dim // self.block
         if self._kind_id == _LMA and nh > width:
             raise ValueError(f"num_hashes: expected <= signature_size = {width}, got {nh}")
-        words = _stream(self.seed, 0, 1 + 2 * F)
-        self._salt = int(words[0])
-        ab = words[1:] >> np.uint64(3)                 # 61-bit words
+        self._salt = _salt(self.seed)
+        ab = _stream(self.seed, 0, 1 + 2 * F)[1:] >> np.uint64(3)      # 61-bit words
         mh = np.empty(2 * F, np.uint64)
         mh[0::2] = ab[0::2] % np.uint64(P - 1) + np.uint64(1)     # a_f in [1, P)
         mh[1::2] = ab[1::2] % np.uint64(P)                         # b_f in [0, P)
@@ -139,19 +160,6 @@ class _MinhashScheme(Scheme):
         mix[:nh] |= np.uint64(1)                                   # odd multipliers
         self._lsh = dict(salt=self._salt, width=width, num_hashes=nh, mh=mh, mix=mix,
                          pick=self._pick(runs, width).reshape(-1))
-
-    @staticmethod
-    def _map(fields, tokens, salt):
-        """(lookup map, clashes) of distinct pairs; ValueError for a repeated pair."""
-        k, n = kernels(), tokens.shape[0]
-        exact = np.zeros(2 * _pow2_above(n), np.uint64)
-        ids = np.empty(n, np.int64)
-        if k.lsh_insert(fields, tokens, salt, exact, ids) != n:
-            raise ValueError("tokens: expected distinct (field, token) pairs, got "
-                             f"{n - len(np.unique(ids))} repeated")
-        del exact
-        keys = np.zeros(_pow2_above(n), np.uint64)
-        return keys, k.lsh_compact(fields, tokens, salt, keys)
 
     # ---- building from data
     @classmethod
@@ -222,8 +230,8 @@ class _MinhashScheme(Scheme):
                     k.lsh_signatures(view, ptr, occ_keys, int(a), int(b), F, slots,
                                      data[a:b])
                     bar.update(int(b - a))
-        scheme = cls.from_tokens(size, dim, T, sampled_fields, sampled_tokens, data,
-                                 num_hashes, seed, block, **kwargs)
+        scheme = cls._from_distinct(size, dim, T, sampled_fields, sampled_tokens, data,
+                                    num_hashes, seed, block, kwargs.get("signature_size"))
         scheme.num_points = num_points
         return scheme
 

@@ -347,21 +347,27 @@ cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* 
                            target, scratch, state, eps, lo, hi, act)
 
 
+cdef inline void _starts_of(const he_scheme* s, int64_t table, int64_t x,
+                            uint64_t* out) noexcept nogil:
+    """out[k] = start of run k of token x of table, for every run."""
+    cdef he_row row = he_row_begin(s, table, x)
+    cdef int64_t k
+    for k in range(s.runs):
+        out[k] = he_run_start(s, &row, k)
+
+
 cdef void _run_starts(const he_scheme* s, const index_t* idx, const int64_t* off,
                       int64_t B, int64_t T, int64_t table0, uint64_t* pre) noexcept nogil:
     """pre[j*R + k] = start of run k of entry j, all entries, in parallel (the
     map entries of memory-read schemes prefetched AHEAD entries early)."""
-    cdef int64_t t, j, k, R = s.runs, end
-    cdef he_row row
+    cdef int64_t t, j, R = s.runs, end
     cdef bint deep = he_row_hint(s, 0, 0) != NULL
     for t in range(T):
         end = off[t * B + B]
         for j in prange(off[t * B], end, schedule='static'):
             if deep and j + AHEAD < end:
                 he_prefetch(he_row_hint(s, table0 + t, idx[j + AHEAD]))
-            row = he_row_begin(s, table0 + t, idx[j])
-            for k in range(R):
-                pre[j * R + k] = he_run_start(s, &row, k)
+            _starts_of(s, table0 + t, idx[j], pre + j * R)
 
 
 cdef void _argmax(const he_scheme* s, const index_t* idx, const int64_t* off,
@@ -418,8 +424,7 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
     cdef bint chunked
     cdef uint64_t* buf = NULL
     cdef int64_t* loc = NULL
-    cdef int64_t most = 0, t, b0, b1, c, i, j0, jj, k, q
-    cdef he_row row
+    cdef int64_t most = 0, t, b0, b1, c, i, j0, jj, q
     if B == 0 or T == 0 or ip == NULL:
         return
     if mode == MAX:
@@ -469,9 +474,7 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
                     for i in prange(b1 - b0 + 1, schedule='static'):
                         loc[i] = offsets[t * B + b0 + i] - j0
                     for jj in prange(offsets[t * B + b1] - j0, schedule='static'):
-                        row = he_row_begin(s, table0 + t, ip[j0 + jj])
-                        for k in range(s.runs):
-                            buf[jj * s.runs + k] = he_run_start(s, &row, k)
+                        _starts_of(s, table0 + t, ip[j0 + jj], buf + jj * s.runs)
                     # one iteration per slot range: a barrier before the next chunk
                     for q in prange(nt, schedule='static', chunksize=1):
                         _backward_part(s, ip + j0, loc, pp + j0 if pp != NULL else NULL,

@@ -53,6 +53,7 @@ cdef extern from "hashemb/slots.h" nogil:
     uint64_t he_run_slot(const he_scheme* s, uint64_t start, int64_t j)
     uint64_t he_mix64(uint64_t x)
     uint64_t he_lsh_row_key(uint64_t salt, uint64_t r)
+    uint64_t he_lsh_value(const uint64_t* mh, int64_t f, uint64_t key)
     uint32_t he_lsh_hash(const uint64_t* mh, int64_t f, uint64_t key)
     uint64_t he_lsh_probe(uint64_t salt, int64_t field, uint64_t token)
     uint64_t he_lsh_fingerprint(uint64_t h)

@@ -233,7 +233,7 @@ def lsh_signatures(SchemeView sv, const int64_t[::1] ptr, const uint64_t[::1] ke
             for j in range(ptr[i], ptr[i + 1]):
                 key = keys[j]
                 for f in range(F):
-                    v = he_addmod(he_mulmod(mh[2 * f], key), mh[2 * f + 1])
+                    v = he_lsh_value(mh, f, key)
                     if v < mins[f]:
                         mins[f] = v
             for f in range(F):

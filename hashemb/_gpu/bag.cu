@@ -20,6 +20,15 @@
 #include "common.cuh"
 #endif
 
+/* The row state of token x: none needed when its run starts were precomputed. */
+__device__ __forceinline__ he_row he_entry_row(const he_scheme* s, const uint64_t* starts,
+                                               i64 table, i64 x)
+{
+    if (starts)
+        return he_row{0, 0};
+    return he_row_begin(s, table, x);
+}
+
 /* Start of run k of the row `row` of entry j (precomputed or on the fly). */
 __device__ __forceinline__ uint64_t he_start(const he_scheme* s, const he_row* row,
                                              const uint64_t* starts, i64 j, i64 k)
@@ -80,9 +89,7 @@ __global__ void bag_forward(const he_scheme* __restrict__ s, const I* __restrict
             const i64 x = (i64)idx[j];
             if (has_pad && x == pad)
                 continue;
-            he_row row = {0, 0};
-            if (!st0)
-                row = he_row_begin(s, table, x);
+            const he_row row = he_entry_row(s, st0, table, x);
             const R w = use_psw ? psw[j] : (R)1;
 #pragma unroll
             for (int c = 0; c < HE_EPT; c++) {
@@ -128,9 +135,7 @@ __device__ __forceinline__ int he_argmax(const he_scheme* s, const I* idx, const
         const i64 x = (i64)idx[j];
         if (has_pad && x == pad)
             continue;
-        he_row row = {0, 0};
-        if (!st0)
-            row = he_row_begin(s, table, x);
+        const he_row row = he_entry_row(s, st0, table, x);
         const uint64_t sl = he_run_slot(s, he_start(s, &row, st0, j, k), jr);
         const int sg = st0 ? 1 : he_sign(s, &row, i);
         const R v = (R)sg * M[sl];
@@ -230,9 +235,7 @@ __global__ void bag_backward(const he_scheme* __restrict__ s, const I* __restric
                 }
                 continue;
             }
-            he_row row = {0, 0};
-            if (!st0)
-                row = he_row_begin(s, table, x);
+            const he_row row = he_entry_row(s, st0, table, x);
             const R a = use_psw ? w * psw[j] : w;
 #pragma unroll
             for (int c = 0; c < HE_EPT; c++) {
@@ -278,9 +281,7 @@ __global__ void bag_adagrad_walk(const he_scheme* __restrict__ s, const I* __res
         const i64 x = (i64)idx[j];
         if (has_pad && x == pad)
             continue;
-        he_row row = {0, 0};
-        if (!st0)
-            row = he_row_begin(s, table, x);
+        const he_row row = he_entry_row(s, st0, table, x);
         for (i64 i = lane; i < D; i += W) {
             const int k = (int)i / L;
             const uint64_t slot = he_run_slot(s, he_start(s, &row, st0, j, k), (int)i - k * L);

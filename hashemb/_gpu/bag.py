@@ -73,10 +73,7 @@ def backward(grad_output, indices, offsets, scheme, table0, T, mode, per_sample_
     scheme = V.check_scheme(scheme)
     optimizer = check_optimizer(optimizer)
     V.check_mode(mode)
-    if weight is None and (mode == "max" or optimizer is not None):
-        why = "an optimizer updates it" if optimizer is not None else \
-            "mode='max' routes each gradient to the maximum"
-        raise ValueError(f"weight: expected the array ({why}), got None")
+    V.check_backward_weight(weight, mode, optimizer)
     anchor = weight if weight is not None else A.as_array(be, grad_output, "grad_output")
     A.as_array(be, anchor, "weight")
     with be.device_of(anchor):

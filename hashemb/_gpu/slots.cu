@@ -72,10 +72,9 @@ __global__ void lsh_minhash(const uint64_t* __restrict__ mh, const int64_t* __re
     if (g >= n * F)
         return;
     const i64 i = g / F, f = g - i * F;
-    const uint64_t a = mh[2 * f], b = mh[2 * f + 1];
     uint64_t best = HE_P;
     for (i64 j = ptr[i]; j < ptr[i + 1]; j++) {
-        const uint64_t v = he_addmod(he_mulmod(a, keys[j]), b);
+        const uint64_t v = he_lsh_value(mh, f, keys[j]);
         best = v < best ? v : best;
     }
     sig[g] = (uint32_t)best;

@@ -180,10 +180,17 @@ HE_HD uint64_t he_lsh_absent_key(uint64_t salt, int64_t field, uint64_t token)
     return he_fold(he_mix64(he_mix64(token ^ ~salt) + (uint64_t)field * 0x9E3779B97F4A7C15ULL));
 }
 
-/* Minhash function f on a key: h_f(k) = (a_f k + b_f) mod P, kept to 32 bits. */
+/* Minhash function f on a key: h_f(k) = (a_f k + b_f) mod P (the 61-bit value
+ * a minimum is taken over). */
+HE_HD uint64_t he_lsh_value(const uint64_t* mh, int64_t f, uint64_t key)
+{
+    return he_addmod(he_mulmod(mh[2 * f], key), mh[2 * f + 1]);
+}
+
+/* A signature value: the minimum kept to 32 bits (of a singleton: h_f itself). */
 HE_HD uint32_t he_lsh_hash(const uint64_t* mh, int64_t f, uint64_t key)
 {
-    return (uint32_t)he_addmod(he_mulmod(mh[2 * f], key), mh[2 * f + 1]);
+    return (uint32_t)he_lsh_value(mh, f, key);
 }
 
 /* 64-bit hash of (field, token): its low bits place it in the map, its high
