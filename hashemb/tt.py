@@ -28,6 +28,7 @@ from collections import namedtuple
 import numpy as np
 
 from . import _validate as V
+from ._backend import on_gpu
 from .optim import SGD, check_optimizer
 
 WEIGHT_DISTS = ("uniform", "normal", "approx-uniform", "approx-normal")
@@ -169,18 +170,23 @@ def tt_shapes(num_embeddings, embedding_dim, num_cores=3, *, round_up=True, max_
 TTShape = namedtuple("TTShape", "p q R n D dtype")
 
 
-def _as_cores(cores, name="cores", *, writable=False):
-    """Validated cores: (list of C-contiguous arrays, TTShape without n)."""
-    if isinstance(cores, np.ndarray) or not isinstance(cores, (list, tuple)):
-        raise TypeError(f"{name}: expected a list of 2 to 4 numpy arrays (the TT cores), "
+def _as_cores(cores, name="cores", *, writable=False, be=None):
+    """Validated cores: (list of C-contiguous arrays, TTShape without n).
+    ``be``: a GPU backend (hashemb._gpu) whose arrays the cores must be."""
+    kind = "numpy arrays" if be is None else f"{be.name} arrays"
+    is_array = (lambda c: isinstance(c, np.ndarray)) if be is None else be.is_array
+    contiguous = np.ascontiguousarray if be is None else be.xp.ascontiguousarray
+    if isinstance(cores, np.ndarray) or is_array(cores) or not isinstance(cores, (list, tuple)):
+        raise TypeError(f"{name}: expected a list of 2 to 4 {kind} (the TT cores), "
                         f"got {V._desc(cores)}")
     if not 2 <= len(cores) <= 4:
         raise ValueError(f"{name}: expected 2 to 4 cores, got {len(cores)}")
     out, p, q, R = [], [], [], [1]
     dtype = None
     for k, c in enumerate(cores):
-        if not isinstance(c, np.ndarray):
-            raise TypeError(f"{name}[{k}]: expected a numpy.ndarray, got {V._desc(c)}")
+        if not is_array(c):
+            want = "numpy.ndarray" if be is None else f"{be.name} array"
+            raise TypeError(f"{name}[{k}]: expected a {want}, got {V._desc(c)}")
         if c.dtype not in (np.float32, np.float64):
             raise TypeError(f"{name}[{k}]: expected a float32 or float64 array, got dtype {c.dtype}")
         if dtype is None:
@@ -196,12 +202,13 @@ def _as_cores(cores, name="cores", *, writable=False):
         if min(c.shape) < 1:
             raise ValueError(f"{name}[{k}]: expected every dimension >= 1, got shape {c.shape}")
         if writable:
-            if not c.flags.c_contiguous or not c.flags.writeable:
+            # CuPy arrays have no writeable flag: every device array is writeable
+            if not c.flags.c_contiguous or not getattr(c.flags, "writeable", True):
                 raise ValueError(f"{name}[{k}]: expected a writeable C-contiguous array for "
                                  "an in-place optimizer update, got a non-contiguous or "
                                  "read-only one")
         else:
-            c = np.ascontiguousarray(c)
+            c = contiguous(c)
         out.append(c)
         p.append(c.shape[0])
         q.append(c.shape[2])
@@ -342,14 +349,39 @@ def tt_to_full(cores, num_embeddings=None):
     >>> bool(np.allclose(W[5], (cores[0][1, 0] @ cores[1][2].reshape(3, 2)).reshape(-1)))
     True
     """
-    cores, s = _as_cores(cores)
+    if _on_gpu(cores, True):
+        from ._gpu import tt as G
+        return G.to_full(cores, num_embeddings)
+    return _to_full(cores, num_embeddings, np)
+
+
+def _to_full(cores, num_embeddings, xp, be=None):
+    """tt_to_full's body for array module xp (numpy, or a GPU backend's)."""
+    cores, s = _as_cores(cores, be=be)
     n = s.n if num_embeddings is None else V.check_positive_int(num_embeddings,
                                                                 "num_embeddings", s.n + 1)
     full = cores[0].reshape(s.p[0], s.q[0], s.R[1])
     for k in range(1, len(cores)):
-        full = np.einsum("aqr,brcs->abqcs", full, cores[k])
+        full = xp.einsum("aqr,brcs->abqcs", full, cores[k])
         full = full.reshape(full.shape[0] * full.shape[1], -1, s.R[k + 1])
-    return np.ascontiguousarray(full.reshape(s.n, s.D)[:n])
+    return xp.ascontiguousarray(full.reshape(s.n, s.D)[:n])
+
+
+def _on_gpu(tables, single, **arrays):
+    """True for CuPy arrays (the cores of every table included), False for
+    NumPy; TypeError naming the first host argument of a mix (hashemb never
+    copies between host and device). Malformed table lists are left to the
+    argument checks."""
+    named = dict(arrays)
+    if single:
+        lists = [("cores", tables)]
+    else:
+        lists = ([(f"tables[{t}]", c) for t, c in enumerate(tables)]
+                 if isinstance(tables, (list, tuple)) else [])
+    for name, cores in lists:
+        if isinstance(cores, (list, tuple)):
+            named.update((f"{name}[{k}]", c) for k, c in enumerate(cores))
+    return on_gpu(**named)
 
 
 # ---------------------------------------------------------------- the LFU cache
@@ -575,13 +607,41 @@ def _check_mode(mode):
     return mode
 
 
-def _tables(tables, name="tables"):
+def _check_saved(saved, B, nnz, T, part_type):
+    """The parts of a TTSaved made by the forward of these inputs on this
+    backend (part_type: the CPU's _Part or the GPU's)."""
+    if not isinstance(saved, TTSaved):
+        raise TypeError(f"saved: expected a TTSaved from return_saved=True, got {V._desc(saved)}")
+    if saved.parts and not isinstance(saved.parts[0], part_type):
+        where = "the host" if part_type is _Part else "the device"
+        raise TypeError(f"saved: expected a TTSaved of a forward on {where} (as the other "
+                        f"arguments), got one from the other backend")
+    if saved.B != B or saved.nnz != nnz or len(saved.parts) != T:
+        raise ValueError(f"saved: expected the forward of these inputs ({B} bags, "
+                         f"{nnz} indices, {T} tables), got one of {saved.B} "
+                         f"bags, {saved.nnz} indices, {len(saved.parts)} tables")
+    return saved.parts
+
+
+def _check_tables(tables, single, *, writable=False, be=None):
+    """[(cores, TTShape)] of one table (single: tables = [cores]) or several;
+    with ``writable`` every core must take an in-place update."""
+    if single:
+        return [_as_cores(tables[0], "cores", writable=writable, be=be)]
+    shapes = _tables(tables, be=be)
+    if writable:
+        shapes = [_as_cores(c, f"tables[{t}]", writable=True, be=be)
+                  for t, c in enumerate(tables)]
+    return shapes
+
+
+def _tables(tables, name="tables", be=None):
     if not isinstance(tables, (list, tuple)) or not tables:
         raise TypeError(f"{name}: expected a non-empty list of core lists (one per table), "
                         f"got {V._desc(tables)}")
     out = []
     for t, cores in enumerate(tables):
-        out.append(_as_cores(cores, f"{name}[{t}]"))
+        out.append(_as_cores(cores, f"{name}[{t}]", be=be))
     dtypes = {s.dtype for _, s in out}
     if len(dtypes) > 1:
         raise TypeError(f"{name}: expected one dtype for every table, got {sorted(map(str, dtypes))}")
@@ -882,8 +942,13 @@ def tt_embedding_bags(indices, tables, offsets=None, *, mode="sum", per_sample_w
     >>> he.tt_embedding_bags(np.array([[1, 2], [3, 4], [5, 6]]), [t0, t1]).shape
     (3, 24)
     """
-    name = "cores" if _single else "tables"
-    shapes = [_as_cores(tables[0], "cores")] if _single else _tables(tables, name)
+    if _on_gpu(tables[0] if _single else tables, _single, indices=indices, offsets=offsets,
+               per_sample_weights=per_sample_weights):
+        from ._gpu import tt as G
+        return G.bags(indices, tables, offsets, mode=mode, per_sample_weights=per_sample_weights,
+                      include_last_offset=include_last_offset, num_embeddings=num_embeddings,
+                      cache=cache, return_saved=return_saved, single=_single)
+    shapes = _check_tables(tables, _single)
     T = len(shapes)
     sizes = _sizes(num_embeddings, shapes)
     caches = _caches(cache, T, shapes)
@@ -914,13 +979,16 @@ def tt_embedding_bags_backward(grad_output, indices, tables, offsets=None, *, mo
     >>> [len(x) for x in g]
     [2, 3]
     """
+    if _on_gpu(tables[0] if _single else tables, _single, grad_output=grad_output,
+               indices=indices, offsets=offsets, per_sample_weights=per_sample_weights):
+        from ._gpu import tt as G
+        return G.bags_backward(grad_output, indices, tables, offsets, mode=mode,
+                               per_sample_weights=per_sample_weights,
+                               include_last_offset=include_last_offset,
+                               num_embeddings=num_embeddings, cache=cache, saved=saved,
+                               optimizer=optimizer, single=_single)
     optimizer = check_optimizer(optimizer)
-    if _single:
-        shapes = [_as_cores(tables[0], "cores", writable=optimizer is not None)]
-    else:
-        shapes = _tables(tables)
-        if optimizer is not None:
-            shapes = [_as_cores(c, f"tables[{t}]", writable=True) for t, c in enumerate(tables)]
+    shapes = _check_tables(tables, _single, writable=optimizer is not None)
     T = len(shapes)
     sizes = _sizes(num_embeddings, shapes)
     caches = _caches(cache, T, shapes)
@@ -929,13 +997,7 @@ def tt_embedding_bags_backward(grad_output, indices, tables, offsets=None, *, mo
     D = sum(s.D for _, s in shapes)
     g = V.as_grad(grad_output, (b.B, D), shapes[0][1].dtype)
     if saved is not None:
-        if not isinstance(saved, TTSaved):
-            raise TypeError(f"saved: expected a TTSaved from return_saved=True, got {V._desc(saved)}")
-        if saved.B != b.B or saved.nnz != b.idx.shape[0] or len(saved.parts) != T:
-            raise ValueError(f"saved: expected the forward of these inputs ({b.B} bags, "
-                             f"{b.idx.shape[0]} indices, {T} tables), got one of {saved.B} "
-                             f"bags, {saved.nnz} indices, {len(saved.parts)} tables")
-        parts = saved.parts
+        parts = _check_saved(saved, b.B, b.idx.shape[0], T, _Part)
     else:
         scratch = np.empty((b.B, D), shapes[0][1].dtype)
         parts = _forward(b, shapes, caches, scratch, save=True)

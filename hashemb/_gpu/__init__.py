@@ -2,8 +2,9 @@
 per kernel family and device, launched on CuPy's current stream.
 
 Sources: ``bag.cu`` (embedding bags), ``segment.cu`` (deterministic segment
-sums, Adagrad sweep), ``slots.cu`` (slots, signs, universal hash) and
-``embed.cu`` (plain lookups), each compiled after the text of
+sums, Adagrad sweep), ``slots.cu`` (slots, signs, universal hash),
+``embed.cu`` (plain lookups) and ``tt.cu`` (TT-Rec chain products, pooling,
+core gradients), each compiled after the text of
 ``hashemb/_include/hashemb/slots.h`` (the one source of the slot math, shared
 with the CPU kernels) and ``common.cuh``. Nothing here imports CuPy until a
 CuPy array reaches a hashemb function.

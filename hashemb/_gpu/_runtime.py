@@ -20,7 +20,7 @@ import numpy as np
 _HERE = os.path.dirname(os.path.abspath(__file__))
 HEADER = os.path.join(os.path.dirname(_HERE), "_include", "hashemb", "slots.h")
 COMMON = os.path.join(_HERE, "common.cuh")
-FAMILIES = ("bag", "segment", "slots", "embed")
+FAMILIES = ("bag", "segment", "slots", "embed", "tt")
 
 # -fmad=false: no contraction of a*b + c into one rounding, so sums and
 # updates round exactly as the CPU kernels (compiled without FMA) do.

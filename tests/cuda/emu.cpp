@@ -111,6 +111,7 @@ static int he_emu_register(const char* name, void (*f)(A...))
 #include "segment.cu"
 #include "slots.cu"
 #include "embed.cu"
+#include "tt.cu"
 
 extern "C" {
 int emu_count() { return (int)he_emu_registry().size(); }

@@ -1,0 +1,300 @@
+/*
+ * hashemb/_gpu/tt.cu -- tensor-train (TT-Rec) tables: the chain products of
+ * the distinct rows of a batch, bag pooling and unpooling, the core-slice
+ * gradients and the fused SGD / Adagrad step (launchers: hashemb/_gpu/tt.py).
+ *
+ * Layout (hashemb/tt.py): core c is (p_c, R_c, q_c, R_c+1) row-major; its
+ * slice v is the matrix G_c[v] of R_c rows by N = q_c R_c+1 columns. A chain
+ * step maps A[l] (Q, R_c) to out[l] = A[l] G_c[x_l,c] (Q, N), seen next as
+ * (Q q_c, R_c+1). The lookups l are the distinct rows of the batch.
+ *
+ * The products are tiny (R, N <= a few hundred) and each lookup picks its own
+ * core slice, so instead of gathering L slices into an (L, R, N) temporary
+ * for a batched GEMM (R/Q times the output's bytes), every thread computes a
+ * tile of HE_TT_TILE outputs of one lookup, reading the slice straight from
+ * the core (a few MB: it stays in L2) -- one coalesced core load feeds a tile
+ * of multiply-adds, the A values are warp-wide broadcasts. Independent
+ * threads only (common.cuh), so tests/gpu_emu runs these on the host.
+ *
+ * Slice gradients: the lookups are sorted by digit and cut into chunks of at
+ * most `chunk` lookups inside one digit group; a thread sums one element of
+ * one chunk's A^T dC, then either adds it to the gradient atomically or
+ * writes it to a partial buffer that tt_combine sums in chunk order
+ * (deterministic: the same bits on every run).
+ */
+#ifndef HASHEMB_GPU_COMMON_H
+#include "common.cuh"
+#endif
+
+/* outputs a thread keeps in registers */
+#define HE_TT_TILE 8
+
+/*
+ * Mixed-radix digits, most significant first: dig[k*L + l] = digit k of
+ * rows[l] for the d <= 4 factors p0..p3.
+ */
+__global__ void tt_digits(const int64_t* __restrict__ rows, i64 L, i64 d, i64 p0, i64 p1, i64 p2,
+                          i64 p3, int64_t* __restrict__ dig)
+{
+    const i64 l = he_tid();
+    if (l >= L)
+        return;
+    const i64 p[4] = {p0, p1, p2, p3};
+    i64 x = rows[l];
+    for (i64 k = d - 1; k >= 0; k--) {
+        dig[k * L + l] = x % p[k];
+        x /= p[k];
+    }
+}
+
+/*
+ * One chain step: out[l] (Q, N) = A[l] (Q, Rk) @ core[v] (Rk, N), v = dig[l].
+ * A[l] starts at row(l) * Q * Rk with row(l) = a_idx[l] (a_gather: the first
+ * step reads core 0's slices in place) or l. Thread: (l, tile of rows i, n).
+ */
+template <typename R>
+__global__ void tt_step_fwd(const R* __restrict__ A, const int64_t* __restrict__ a_idx,
+                            i64 a_gather, const R* __restrict__ core,
+                            const int64_t* __restrict__ dig, i64 L, i64 Q, i64 Rk, i64 N,
+                            R* __restrict__ out)
+{
+    const i64 nqt = (Q + HE_TT_TILE - 1) / HE_TT_TILE;
+    const i64 t = he_tid();
+    if (t >= L * nqt * N)
+        return;
+    const i64 n = t % N, rest = t / N, i0 = (rest % nqt) * HE_TT_TILE, l = rest / nqt;
+    const i64 ni = Q - i0 < HE_TT_TILE ? Q - i0 : HE_TT_TILE;
+    const R* a = A + (a_gather ? a_idx[l] : l) * Q * Rk + i0 * Rk;
+    const R* g = core + dig[l] * Rk * N + n;
+    R acc[HE_TT_TILE];
+    for (int i = 0; i < HE_TT_TILE; i++)
+        acc[i] = 0;
+    for (i64 r = 0; r < Rk; r++) {
+        const R c = g[r * N];
+        for (int i = 0; i < HE_TT_TILE; i++)
+            if (i < ni)
+                acc[i] += a[i * Rk + r] * c;
+    }
+    R* o = out + (l * Q + i0) * N + n;
+    for (int i = 0; i < HE_TT_TILE; i++)
+        if (i < ni)
+            o[i * N] = acc[i];
+}
+
+/*
+ * Backward of a step to its input: dA[l] (Q, Rk) = dC[l] (Q, N) @ core[v]^T.
+ * Thread: (l, tile of rows i, r).
+ */
+template <typename R>
+__global__ void tt_step_dA(const R* __restrict__ dC, const R* __restrict__ core,
+                           const int64_t* __restrict__ dig, i64 L, i64 Q, i64 Rk, i64 N,
+                           R* __restrict__ dA)
+{
+    const i64 nqt = (Q + HE_TT_TILE - 1) / HE_TT_TILE;
+    const i64 t = he_tid();
+    if (t >= L * nqt * Rk)
+        return;
+    const i64 r = t % Rk, rest = t / Rk, i0 = (rest % nqt) * HE_TT_TILE, l = rest / nqt;
+    const i64 ni = Q - i0 < HE_TT_TILE ? Q - i0 : HE_TT_TILE;
+    const R* d = dC + (l * Q + i0) * N;
+    const R* g = core + (dig[l] * Rk + r) * N;
+    R acc[HE_TT_TILE];
+    for (int i = 0; i < HE_TT_TILE; i++)
+        acc[i] = 0;
+    for (i64 n = 0; n < N; n++) {
+        const R c = g[n];
+        for (int i = 0; i < HE_TT_TILE; i++)
+            if (i < ni)
+                acc[i] += d[i * N + n] * c;
+    }
+    R* o = dA + (l * Q + i0) * Rk + r;
+    for (int i = 0; i < HE_TT_TILE; i++)
+        if (i < ni)
+            o[i * Rk] = acc[i];
+}
+
+/*
+ * Slice gradient of one chunk of lookups (sorted positions cs[k] .. cs[k+1]-1
+ * of `order`, all of digit cv[k]): sum over them of A[l]^T dC[l], element
+ * (r, n) of the (Rk, N) slice. Thread: (chunk k, tile of r, n). atomic: add
+ * to grad[cv[k]] (the core-shaped gradient); else write partial[k] for
+ * tt_combine. (Core 0 has no A: tt_rows_dG.)
+ */
+template <typename R>
+__global__ void tt_step_dG(const R* __restrict__ A, const int64_t* __restrict__ a_idx,
+                           i64 a_gather, const R* __restrict__ dC,
+                           const int64_t* __restrict__ order, const int64_t* __restrict__ cs,
+                           const int64_t* __restrict__ cv, i64 nchunks, i64 Q, i64 Rk, i64 N,
+                           i64 atomic, R* __restrict__ target)
+{
+    const i64 nrt = (Rk + HE_TT_TILE - 1) / HE_TT_TILE;
+    const i64 t = he_tid();
+    if (t >= nchunks * nrt * N)
+        return;
+    const i64 n = t % N, rest = t / N, r0 = (rest % nrt) * HE_TT_TILE, k = rest / nrt;
+    const i64 nr = Rk - r0 < HE_TT_TILE ? Rk - r0 : HE_TT_TILE;
+    R acc[HE_TT_TILE];
+    for (int r = 0; r < HE_TT_TILE; r++)
+        acc[r] = 0;
+    for (i64 j = cs[k]; j < cs[k + 1]; j++) {
+        const i64 l = order[j];
+        const R* a = A + (a_gather ? a_idx[l] : l) * Q * Rk + r0;
+        const R* d = dC + l * Q * N + n;
+        for (i64 i = 0; i < Q; i++) {
+            const R dv = d[i * N];
+            for (int r = 0; r < HE_TT_TILE; r++)
+                if (r < nr)
+                    acc[r] += a[i * Rk + r] * dv;
+        }
+    }
+    R* o = target + (atomic ? cv[k] : k) * Rk * N + r0 * N + n;
+    for (int r = 0; r < HE_TT_TILE; r++) {
+        if (r >= nr)
+            break;
+        if (atomic)
+            he_atomic_add(o + r * N, acc[r]);
+        else
+            o[r * N] = acc[r];
+    }
+}
+
+/*
+ * Core 0's slice gradient: the sum of dT[l] (S = q_0 R_1 values) over a
+ * chunk's lookups. Thread: (chunk k, s); atomic or partial as tt_step_dG.
+ */
+template <typename R>
+__global__ void tt_rows_dG(const R* __restrict__ dT, const int64_t* __restrict__ order,
+                           const int64_t* __restrict__ cs, const int64_t* __restrict__ cv,
+                           i64 nchunks, i64 S, i64 atomic, R* __restrict__ target)
+{
+    const i64 t = he_tid();
+    if (t >= nchunks * S)
+        return;
+    const i64 s = t % S, k = t / S;
+    R acc = 0;
+    for (i64 j = cs[k]; j < cs[k + 1]; j++)
+        acc += dT[order[j] * S + s];
+    if (atomic)
+        he_atomic_add(target + cv[k] * S + s, acc);
+    else
+        target[k * S + s] = acc;
+}
+
+/*
+ * Deterministic gradient: digit group g owns chunks gc[g] .. gc[g+1]-1; its
+ * slice gv[g] of grad is the sum of their partials, in chunk order.
+ */
+template <typename R>
+__global__ void tt_combine(const R* __restrict__ partial, const int64_t* __restrict__ gc,
+                           const int64_t* __restrict__ gv, i64 ngroups, i64 S,
+                           R* __restrict__ grad)
+{
+    const i64 t = he_tid();
+    if (t >= ngroups * S)
+        return;
+    const i64 s = t % S, g = t / S;
+    R acc = 0;
+    for (i64 k = gc[g]; k < gc[g + 1]; k++)
+        acc += partial[k * S + s];
+    grad[gv[g] * S + s] = acc;
+}
+
+/*
+ * The fused rule on the touched slices gv[0..ngroups-1] (S values each) from
+ * their complete gradient: opt 1 SGD w -= lr g; opt 2 Adagrad (he_adagrad,
+ * the CPU's arithmetic). Untouched slices keep their values and state.
+ */
+template <typename R>
+__global__ void tt_apply(R* __restrict__ w, const R* __restrict__ grad, R* __restrict__ state,
+                         const int64_t* __restrict__ gv, i64 ngroups, i64 S, i64 opt, R lr, R eps)
+{
+    const i64 t = he_tid();
+    if (t >= ngroups * S)
+        return;
+    const i64 e = gv[t / S] * S + t % S;
+    const R g = grad[e];
+    if (opt == 1)
+        w[e] -= lr * g;
+    else
+        he_adagrad(w, state, e, g, lr, eps);
+}
+
+/*
+ * Pool: out[b, col0 + i] (row stride ldo) = sum over the entries n of bag b
+ * (off[b] .. off[b+1]-1, positions in the flat batch) of w_n Y[inv[n - base], i],
+ * w_n = psw[n] (has_w), 1/|bag| (mean) or 1; entry order, as the CPU's pool.
+ * Thread: (b, i). Empty bags give 0.
+ */
+template <typename R>
+__global__ void tt_pool(const R* __restrict__ Y, const int64_t* __restrict__ inv,
+                        const int64_t* __restrict__ off, i64 base, const R* __restrict__ psw,
+                        i64 has_w, i64 mean, i64 B, i64 D, R* __restrict__ out, i64 ldo, i64 col0)
+{
+    const i64 t = he_tid();
+    if (t >= B * D)
+        return;
+    const i64 i = t % D, b = t / D;
+    const i64 j0 = off[b], j1 = off[b + 1];
+    const R scale = (R)1 / (R)(j1 - j0);
+    R acc = 0;
+    for (i64 j = j0; j < j1; j++) {
+        const R w = has_w ? psw[j] : (mean ? scale : (R)1);
+        acc += w * Y[inv[j - base] * D + i];
+    }
+    out[b * ldo + col0 + i] = acc;
+}
+
+/* bag[n - base] = b for every entry n of bag b (thread: one bag). */
+__global__ void tt_bag_of(const int64_t* __restrict__ off, i64 base, i64 B,
+                          int64_t* __restrict__ bag)
+{
+    const i64 b = he_tid();
+    if (b >= B)
+        return;
+    for (i64 j = off[b]; j < off[b + 1]; j++)
+        bag[j - base] = b;
+}
+
+/*
+ * Unpool: dY[u, i] = sum over the entries of distinct row u (positions
+ * order[us[u]] .. order[us[u+1]-1], relative to base, in entry order) of
+ * w_n g[bag[n], col0 + i] (row stride ldg). Thread: (u, i); no atomics.
+ */
+template <typename R>
+__global__ void tt_unpool(const R* __restrict__ g, i64 ldg, i64 col0,
+                          const int64_t* __restrict__ order, const int64_t* __restrict__ us,
+                          i64 U, const int64_t* __restrict__ bag, const int64_t* __restrict__ off,
+                          i64 base, const R* __restrict__ psw, i64 has_w, i64 mean, i64 D,
+                          R* __restrict__ dY)
+{
+    const i64 t = he_tid();
+    if (t >= U * D)
+        return;
+    const i64 i = t % D, u = t / D;
+    R acc = 0;
+    for (i64 j = us[u]; j < us[u + 1]; j++) {
+        const i64 n = order[j], b = bag[n];
+        const R w = has_w ? psw[n + base] : (mean ? (R)1 / (R)(off[b + 1] - off[b]) : (R)1);
+        acc += w * g[b * ldg + col0 + i];
+    }
+    dY[u * D + i] = acc;
+}
+
+HE_KERNEL(tt_digits)
+HE_KERNEL(tt_bag_of)
+HE_KERNEL(tt_step_fwd<float>)
+HE_KERNEL(tt_step_fwd<double>)
+HE_KERNEL(tt_step_dA<float>)
+HE_KERNEL(tt_step_dA<double>)
+HE_KERNEL(tt_step_dG<float>)
+HE_KERNEL(tt_step_dG<double>)
+HE_KERNEL(tt_rows_dG<float>)
+HE_KERNEL(tt_rows_dG<double>)
+HE_KERNEL(tt_combine<float>)
+HE_KERNEL(tt_combine<double>)
+HE_KERNEL(tt_apply<float>)
+HE_KERNEL(tt_apply<double>)
+HE_KERNEL(tt_pool<float>)
+HE_KERNEL(tt_pool<double>)
+HE_KERNEL(tt_unpool<float>)
+HE_KERNEL(tt_unpool<double>)

@@ -1,0 +1,311 @@
+"""TT-Rec tables on the GPU (hashemb/_gpu/tt.cu): what hashemb.tt calls for
+CuPy arrays. Same arguments, checks and results as the CPU path.
+
+Per table, a batch runs as:
+
+1. the bag checks of every other GPU function (_args.bags: offsets and
+   indices checked on the device, one small read back);
+2. deduplication: one stable sort of the table's indices gives the distinct
+   rows, each entry's row number and the entries of each row in entry order;
+3. the chain products of the distinct rows only (tt_step_fwd: each thread a
+   tile of one lookup's product, core slices read in place), then pooling
+   (tt_pool, entry order: deterministic);
+4. backward: unpooling per distinct row (tt_unpool, no atomics), the chain
+   backward (tt_step_dA), and per core the slice gradients over the lookups
+   sorted by digit and cut into chunks (tt_step_dG / tt_rows_dG) added
+   atomically, or with ``he.set_gpu_options(deterministic=True)`` written as
+   partials and summed in chunk order (tt_combine: the same bits every run);
+5. fused SGD / Adagrad: the dense gradient of every core first (from the
+   cores as they were), then the rule on the touched slices (tt_apply), so
+   the result is the dense gradient followed by the update, as on the CPU.
+
+Everything goes through the backend's ``xp`` and ``launch``, so the tests
+run this very code on NumPy arrays with the kernels compiled for the host
+(tests/gpu_emu.py). The LFU cache (TTCache) is CPU-only.
+"""
+from collections import namedtuple
+
+import numpy as np
+
+from .. import tt as TT
+from ..optim import SGD, check_optimizer
+from . import _args as A
+from . import _runtime as RT
+from ._runtime import i64
+
+# lookups per chunk of a digit group in the slice-gradient kernels: bounds a
+# thread's serial loop when one digit is hot (skewed batches) while keeping
+# the partial buffer of the deterministic mode at ~1/CHUNK of the lookups
+CHUNK = 32
+
+_Chain = namedtuple("_Chain", "rows dig inputs Y")
+_GPart = namedtuple("_GPart", "ctx inv order ustart col0 lo hi")
+
+
+def _no_cache(cache):
+    if cache is not None and (not isinstance(cache, (list, tuple))
+                              or any(c is not None for c in cache)):
+        raise TypeError("cache: expected None for device arrays (TTCache keeps its rows and "
+                        "frequencies on the host and runs on the CPU only), got "
+                        f"{type(cache).__name__}")
+
+
+def _bags(be, indices, offsets, per_sample_weights, shapes, sizes, mode, T,
+          include_last_offset):
+    """_args.bags (the GPU checks) normalised to the CPU's layout: flat
+    feature-major indices, int64 offsets of length T*B+1, flat weights or None."""
+    xp = be.xp
+    dtype = shapes[0][1].dtype
+    b = A.bags(be, indices, offsets, per_sample_weights, scheme=TT._Sized(sizes),
+               mode=TT._check_mode(mode), dtype=dtype, num_tables=T,
+               include_last_offset=include_last_offset)
+    idx, off, psw = b.idx, b.off, b.psw
+    if off is None:                     # 2-D input: (B, N) bags, or (B, T) one per table
+        if T == 1:
+            off = xp.arange(b.B + 1, dtype=np.int64) * np.int64(b.shape[1])
+        else:
+            off = xp.arange(T * b.B + 1, dtype=np.int64)
+            idx = xp.ascontiguousarray(idx.reshape(b.B, T).T).reshape(-1)
+            if psw is not None:
+                psw = xp.ascontiguousarray(psw.reshape(b.B, T).T).reshape(-1)
+    # the T+1 table boundaries, the only values read back (small scalars)
+    bounds = [int(v) for v in be.to_host(off[xp.arange(T + 1, dtype=np.int64) * b.B])]
+    return idx, off, psw, b.B, b.mode, bounds
+
+
+def _dedup(be, idx):
+    """(rows, inv, order, ustart) of int64 indices: the distinct rows
+    (sorted), each entry's row number, the entries sorted stably by row and
+    where each row's entries start in that order (U+1 values)."""
+    xp = be.xp
+    n = idx.shape[0]
+    order = be.stable_argsort(idx)
+    srt = idx[order]
+    head = xp.empty(n, dtype=bool)
+    head[0] = True
+    xp.not_equal(srt[1:], srt[:-1], out=head[1:])
+    starts = xp.flatnonzero(head)
+    ustart = xp.empty(starts.shape[0] + 1, np.int64)
+    ustart[:-1] = starts
+    ustart[-1] = n
+    inv = xp.empty(n, np.int64)
+    inv[order] = xp.cumsum(head, dtype=np.int64) - 1
+    return srt[starts], inv, order, ustart
+
+
+def _groups(be, dig):
+    """Lookups grouped by one core's digit: (order, cs, cv, gc, gv) with
+    order the lookups sorted stably by digit, chunks k of positions
+    cs[k] .. cs[k+1]-1 (at most CHUNK, one digit cv[k] each), and digit
+    group g = chunks gc[g] .. gc[g+1]-1 of slice gv[g] (the touched slices)."""
+    xp = be.xp
+    L = dig.shape[0]
+    order = be.stable_argsort(dig)
+    srt = dig[order]
+    pos = xp.arange(L, dtype=np.int64)
+    gstart = xp.searchsorted(srt, srt, side="left")
+    starts = xp.flatnonzero((pos - gstart) % CHUNK == 0)
+    nch = starts.shape[0]
+    cs = xp.empty(nch + 1, np.int64)
+    cs[:-1] = starts
+    cs[-1] = L
+    cv = xp.ascontiguousarray(srt[starts])
+    first = xp.flatnonzero(starts == gstart[starts])
+    gc = xp.empty(first.shape[0] + 1, np.int64)
+    gc[:-1] = first
+    gc[-1] = nch
+    gv = xp.ascontiguousarray(cv[first])
+    return order, cs, cv, gc, gv
+
+
+def _chain(be, rows, cores, s, save):
+    """Forward chain of the distinct rows: Y (L, D) and the step inputs."""
+    xp, d, L = be.xp, len(cores), rows.shape[0]
+    dig = xp.empty((d, L), np.int64)
+    p = list(s.p) + [1] * (4 - d)
+    be.launch("tt", "tt_digits", L, [rows, i64(L), i64(d)] + [i64(v) for v in p] + [dig])
+    tname = f"tt_step_fwd<{RT.ctype(s.dtype)}>"
+    A_, a_idx, gather, Q = cores[0].reshape(-1), dig[0], 1, s.q[0]
+    inputs = []
+    for c in range(1, d):
+        Rk, N = s.R[c], s.q[c] * s.R[c + 1]
+        out = xp.empty(L * Q * N, s.dtype)
+        nqt = -(-Q // 8)
+        be.launch("tt", tname, L * nqt * N,
+                  [A_, a_idx, i64(gather), cores[c].reshape(-1), dig[c], i64(L), i64(Q),
+                   i64(Rk), i64(N), out])
+        inputs.append((A_, a_idx, gather, Q))
+        A_, gather, Q = out, 0, Q * s.q[c]
+    return _Chain(rows, dig, inputs if save else None, A_.reshape(L, s.D))
+
+
+def _slice_grad(be, launch, groups, S, grad, det, dtype):
+    """Slice gradients of one core (S values a slice) into the zeroed,
+    core-sized flat ``grad``. launch(nchunks, atomic, target) runs the chunk
+    kernel: atomic adds into grad, or (deterministic) partials per chunk
+    summed in chunk order by tt_combine."""
+    order, cs, cv, gc, gv = groups
+    nch, ng = cs.shape[0] - 1, gv.shape[0]
+    if det:
+        partial = be.xp.empty(nch * S, dtype)
+        launch(nch, 0, partial)
+        be.launch("tt", f"tt_combine<{RT.ctype(dtype)}>", ng * S,
+                  [partial, gc, gv, i64(ng), i64(S), grad])
+    else:
+        launch(nch, 1, grad)
+
+
+def _chain_backward(be, ctx, dY, cores, s, det):
+    """Dense gradients of the cores (flat, core-sized) from dY (L, D), and
+    the touched slices of each core (gv of _groups)."""
+    xp, d, L = be.xp, len(cores), ctx.rows.shape[0]
+    R = RT.ctype(s.dtype)
+    grads = [xp.zeros(c.size, s.dtype) for c in cores]
+    touched = [None] * d
+    dC = dY.reshape(-1)
+    for c in range(d - 1, 0, -1):
+        A_, a_idx, gather, Q = ctx.inputs[c - 1]
+        Rk, N = s.R[c], s.q[c] * s.R[c + 1]
+        core = cores[c].reshape(-1)
+        dA = xp.empty(L * Q * Rk, s.dtype)
+        be.launch("tt", f"tt_step_dA<{R}>", L * -(-Q // 8) * Rk,
+                  [dC, core, ctx.dig[c], i64(L), i64(Q), i64(Rk), i64(N), dA])
+        groups = _groups(be, ctx.dig[c])
+        order, cs, cv = groups[:3]
+
+        def launch(nch, atomic, target, A_=A_, a_idx=a_idx, gather=gather, Q=Q, Rk=Rk, N=N,
+                   dC=dC, order=order, cs=cs, cv=cv):
+            be.launch("tt", f"tt_step_dG<{R}>", nch * -(-Rk // 8) * N,
+                      [A_, a_idx, i64(gather), dC, order, cs, cv, i64(nch), i64(Q), i64(Rk),
+                       i64(N), i64(atomic), target])
+
+        _slice_grad(be, launch, groups, Rk * N, grads[c], det, s.dtype)
+        touched[c] = groups[4]
+        dC = dA
+    S = s.q[0] * s.R[1]
+    groups = _groups(be, ctx.dig[0])
+    order, cs, cv = groups[:3]
+
+    def launch0(nch, atomic, target):
+        be.launch("tt", f"tt_rows_dG<{R}>", nch * S,
+                  [dC, order, cs, cv, i64(nch), i64(S), i64(atomic), target])
+
+    _slice_grad(be, launch0, groups, S, grads[0], det, s.dtype)
+    touched[0] = groups[4]
+    return grads, touched
+
+
+def _forward(be, idx, off, psw, B, mode, bounds, shapes, out, save):
+    """Pool every table's bags into out (B, sum of D); the parts backward needs."""
+    xp = be.xp
+    parts, col0 = [], 0
+    for t, (cores, s) in enumerate(shapes):
+        lo, hi = bounds[t], bounds[t + 1]
+        toff = off[t * B:(t + 1) * B + 1]
+        if hi > lo:
+            rows, inv, order, ustart = _dedup(be, idx[lo:hi].astype(np.int64))
+            ctx = _chain(be, rows, cores, s, save)
+        else:
+            inv = order = ustart = None
+            ctx = _Chain(None, None, None, xp.zeros((1, s.D), s.dtype))
+        be.launch("tt", f"tt_pool<{RT.ctype(s.dtype)}>", B * s.D,
+                  [ctx.Y, inv if inv is not None else toff, toff, i64(lo),
+                   psw if psw is not None else ctx.Y, i64(psw is not None), i64(mode == 1),
+                   i64(B), i64(s.D), out, i64(out.shape[1]), i64(col0)])
+        parts.append(_GPart(ctx, inv, order, ustart, col0, lo, hi))
+        col0 += s.D
+    return parts
+
+
+def _apply(be, optimizer, cores, grads, touched, dtype):
+    """The fused rule on each core's touched slices from its dense gradient."""
+    R = RT.ctype(dtype)
+    for core, g, gv in zip(cores, grads, touched):
+        S = core.size // core.shape[0]
+        ng = gv.shape[0]
+        if isinstance(optimizer, SGD):
+            state, opt, eps = core, 1, 0.0
+        else:
+            state, opt, eps = optimizer.state_for(core)[0], 2, optimizer.eps
+        be.launch("tt", f"tt_apply<{R}>", ng * S,
+                  [core.reshape(-1), g, state, gv, i64(ng), i64(S), i64(opt),
+                   dtype.type(optimizer.lr), dtype.type(eps)])
+
+
+def bags(indices, tables, offsets=None, *, mode="sum", per_sample_weights=None,
+         include_last_offset=True, num_embeddings=None, cache=None, return_saved=False,
+         single=False, be=None):
+    """hashemb.tt_embedding_bags (single: tt_embedding_bag, tables = [cores])
+    for device arrays."""
+    be = be or RT.backend()
+    shapes = TT._check_tables(tables, single, be=be)
+    with be.device_of(shapes[0][0][0]):
+        T = len(shapes)
+        sizes = TT._sizes(num_embeddings, shapes)
+        TT._caches(cache, T, shapes)
+        _no_cache(cache)
+        idx, off, psw, B, mode_, bounds = _bags(
+            be, indices, offsets, per_sample_weights, shapes, sizes, mode, T,
+            include_last_offset if T == 1 else True)
+        out = be.xp.empty((B, sum(s.D for _, s in shapes)), shapes[0][1].dtype)
+        parts = _forward(be, idx, off, psw, B, mode_, bounds, shapes, out, save=return_saved)
+        if return_saved:
+            return out, TT.TTSaved(parts, B, idx.shape[0])
+        return out
+
+
+def bags_backward(grad_output, indices, tables, offsets=None, *, mode="sum",
+                  per_sample_weights=None, include_last_offset=True, num_embeddings=None,
+                  cache=None, saved=None, optimizer=None, single=False, be=None):
+    """hashemb.tt_embedding_bags_backward (single: tt_embedding_bag_backward)
+    for device arrays."""
+    be = be or RT.backend()
+    xp = be.xp
+    optimizer = check_optimizer(optimizer)
+    shapes = TT._check_tables(tables, single, writable=optimizer is not None, be=be)
+    with be.device_of(shapes[0][0][0]):
+        T = len(shapes)
+        sizes = TT._sizes(num_embeddings, shapes)
+        TT._caches(cache, T, shapes)
+        _no_cache(cache)
+        dtype = shapes[0][1].dtype
+        idx, off, psw, B, mode_, bounds = _bags(
+            be, indices, offsets, per_sample_weights, shapes, sizes, mode, T,
+            include_last_offset if T == 1 else True)
+        D = sum(s.D for _, s in shapes)
+        g = A.as_grad(be, grad_output, (B, D), dtype)
+        if saved is not None:
+            parts = TT._check_saved(saved, B, idx.shape[0], T, _GPart)
+        else:
+            parts = _forward(be, idx, off, psw, B, mode_, bounds, shapes,
+                             xp.empty((B, D), dtype), save=True)
+        det = bool(RT.OPTIONS["deterministic"])
+        results = []
+        for t, ((cores, s), part) in enumerate(zip(shapes, parts)):
+            n = part.hi - part.lo
+            if n == 0 or B == 0:
+                results.append([xp.zeros(c.shape, dtype) for c in cores])
+                continue
+            toff = off[t * B:(t + 1) * B + 1]
+            bag = xp.empty(n, np.int64)
+            be.launch("tt", "tt_bag_of", B, [toff, i64(part.lo), i64(B), bag])
+            U = part.ustart.shape[0] - 1
+            dY = xp.empty(U * s.D, dtype)
+            be.launch("tt", f"tt_unpool<{RT.ctype(dtype)}>", U * s.D,
+                      [g, i64(D), i64(part.col0), part.order, part.ustart, i64(U), bag, toff,
+                       i64(part.lo), psw if psw is not None else g, i64(psw is not None),
+                       i64(mode_ == 1), i64(s.D), dY])
+            grads, touched = _chain_backward(be, part.ctx, dY, cores, s, det)
+            if optimizer is not None:
+                _apply(be, optimizer, cores, grads, touched, dtype)
+            else:
+                results.append([gr.reshape(c.shape) for gr, c in zip(grads, cores)])
+        return None if optimizer is not None else results
+
+
+def to_full(cores, num_embeddings=None, be=None):
+    """hashemb.tt_to_full for device arrays (the same einsum chain on the device)."""
+    be = be or RT.backend()
+    cs = TT._as_cores(cores, be=be)[0]
+    with be.device_of(cs[0]):
+        return TT._to_full(cores, num_embeddings, be.xp, be=be)
