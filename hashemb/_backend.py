@@ -59,7 +59,7 @@ def kernels(*arrays):
         if x is not None and is_cupy(x):
             raise TypeError(
                 f"expected numpy.ndarray inputs, got {_tname(x)}: this function has no GPU "
-                "kernels yet (bags, plain lookups, slots and UniversalHash have; "
+                "kernels yet (bags, plain lookups, slots, UniversalHash and TT tables have; "
                 "hashemb.show_config())")
     return _cpu_kernels()
 

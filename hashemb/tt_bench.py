@@ -2,6 +2,7 @@
 
     python -m hashemb tt-bench                 # B=512, pooling 20, E=11M, D=64, ranks 32
     python -m hashemb tt-bench --iters 50 --torch-rows 2000000
+    python -m hashemb tt-bench --device gpu    # CuPy arrays on the current CUDA device
 
 Prints, for the TT table (hashemb kernels) and the full-table
 torch.nn.EmbeddingBag on the same input: time per lookup (nnz), GFLOPS and
@@ -17,6 +18,12 @@ numpy matmul) so the TT figure reads as a fraction of what the CPU can do.
 * GB/s counts logical bytes, the same for both: the rows looked up
   (nnz * D * 4), the indices (8 each) and the output (B * D * 4); backward
   counts the gradient rows again.
+* ``--device gpu``: the same batches as CuPy arrays (moved to the device
+  before timing), timed with CUDA events around each call after a device
+  synchronisation, so the figures include the host round trips the TT path
+  makes (distinct-row counts); the peak is a cuBLAS SGEMM of
+  ``--peak-size``^3 on the device; the torch column is
+  torch.nn.EmbeddingBag on CUDA, skipped when torch has no CUDA.
 """
 import argparse
 import time
@@ -41,6 +48,10 @@ def _parser():
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                   help="gpu: CuPy arrays on the current CUDA device")
+    p.add_argument("--peak-size", type=int, default=None,
+                   help="n of the n^3 SGEMM measuring the peak (default 4096 CPU, 8192 GPU)")
     return p
 
 
@@ -79,27 +90,79 @@ def _free_bytes():
     return 8 << 30
 
 
-def main(argv=None):
+class _Setup:
+    """The benchmark's table and batches (host arrays), from the arguments."""
+
+    def __init__(self, args):
+        import hashemb as he
+        self.n = n = args.num_embeddings
+        self.q = q = [int(x) for x in args.q.split(",")]
+        self.D = D = int(np.prod(q))
+        self.p = p = (he.tt_shapes(n, D, len(q))[0] if args.p == "auto"
+                      else [int(x) for x in args.p.split(",")])
+        self.ranks = [int(x) for x in args.ranks.split(",")]
+        self.R = [1] + self.ranks + [1]
+        self.B, self.L = args.batch, args.pooling
+        self.nnz = self.B * self.L
+        rng = np.random.default_rng(args.seed)
+        self.batches = [rng.integers(0, n, self.nnz) for _ in range(args.warmup + args.iters)]
+        self.off = np.arange(0, self.nnz + 1, self.L, dtype=np.int64)
+        self.cores = he.tt_init(n, p, q, self.ranks, seed=args.seed)
+        self.tt_bytes = sum(c.nbytes for c in self.cores)
+        self.fwd_f, self.bwd_f = chain_flops(p, q, self.R)
+        self.logical_f = self.nnz * D * 4 + self.nnz * 8 + self.B * D * 4
+        self.logical_b = self.logical_f + self.nnz * D * 4
+
+    def tt_rows(self, tf, tb, U):
+        """Report rows of the TT forward and forward + backward."""
+        f, b = self.fwd_f, self.bwd_f
+        return [("TT fwd", tf, self.nnz * f, U * f, self.logical_f),
+                ("TT fwd+bwd (fused SGD)", tf + tb, self.nnz * (f + b), U * (f + b),
+                 self.logical_f + self.logical_b)]
+
+    def torch_rows(self, ef, eb, where=""):
+        return [(f"torch EmbeddingBag{where} fwd", ef, 0, 0, self.logical_f),
+                (f"torch EmbeddingBag{where} fwd+bwd+SGD (sparse)", ef + eb, 0, 0,
+                 self.logical_f + self.logical_b)]
+
+
+def _report(args, st, rows, peak, peak_what, U, torch_rows, torch_bytes, notes=()):
+    print(f"\nTT-Rec benchmark: B={st.B}, pooling {st.L} ({st.nnz} lookups, {U:.0f} distinct "
+          f"rows), E={st.n:,} p={st.p}, D={st.D} q={st.q}, ranks {st.ranks}; median of "
+          f"{args.iters} iterations")
+    print(f"SGEMM peak ({peak_what}, this run): {peak:.1f} GFLOPS")
+    print(f"chain flops per lookup: forward {st.fwd_f:,}, backward {st.bwd_f:,}")
+    head = ("| what | ms | us/nnz | GFLOPS (chain) | % of SGEMM peak | GFLOPS (done) "
+            "| GB/s (logical) |")
+    print(head + "\n|" + "---|" * 7)
+    for name, t, fc, fd, by in rows:
+        gf = f"{fc / t / 1e9:.1f} | {100 * fc / t / 1e9 / peak:.0f}% | {fd / t / 1e9:.1f}" \
+            if fc else "- | - | -"
+        print(f"| {name} | {t * 1e3:.2f} | {t / st.nnz * 1e6:.3f} | {gf} | {by / t / 1e9:.2f} |")
+    print(f"\nmemory: TT cores {st.tt_bytes / 2**20:.2f} MiB; full table "
+          f"{st.n * st.D * 4 / 2**30:.2f} GiB ({st.n * st.D * 4 / st.tt_bytes:,.0f}x the cores)")
+    if torch_rows is not None and torch_rows != st.n:
+        print(f"note: the torch table was scaled down to {torch_rows:,} rows "
+              f"({torch_bytes / 2**30:.2f} GiB) to fit in memory; lookups taken modulo its size")
+    for note in notes:
+        print(f"note: {note}")
+    return {"peak": peak, "rows": rows, "unique": U}
+
+
+def main(argv=None, be=None):
+    """Run the benchmark (``argv``: the command line's arguments). ``be``: a
+    GPU backend object for ``--device gpu`` (default CuPy's; the tests pass
+    the host emulator's)."""
     args = _parser().parse_args(argv)
+    if args.device == "gpu":
+        return _main_gpu(args, be)
     from tqdm.auto import tqdm
 
     import hashemb as he
-    n = args.num_embeddings
-    q = [int(x) for x in args.q.split(",")]
-    D = int(np.prod(q))
-    p = he.tt_shapes(n, D, len(q))[0] if args.p == "auto" else [int(x) for x in args.p.split(",")]
-    ranks = [int(x) for x in args.ranks.split(",")]
-    R = [1] + ranks + [1]
-    B, L = args.batch, args.pooling
-    nnz = B * L
-    rng = np.random.default_rng(args.seed)
-    batches = [rng.integers(0, n, nnz) for _ in range(args.warmup + args.iters)]
-    off = np.arange(0, nnz + 1, L, dtype=np.int64)
-
-    cores = he.tt_init(n, p, q, ranks, seed=args.seed)
-    tt_bytes = sum(c.nbytes for c in cores)
+    st = _Setup(args)
+    n, D, B, nnz = st.n, st.D, st.B, st.nnz
+    batches, off, cores = st.batches, st.off, st.cores
     opt = he.SGD(1e-6)
-    fwd_f, bwd_f = chain_flops(p, q, R)
 
     def tt_step(idx):
         t0 = time.perf_counter()
@@ -122,12 +185,9 @@ def main(argv=None):
     U = float(np.mean(uniq))
     # after the TT runs: OpenBLAS's threads spin for a while after a matmul and
     # would take the cores from the TT kernels' OpenMP threads
-    peak = sgemm_peak()
-    logical_f = nnz * D * 4 + nnz * 8 + B * D * 4
-    logical_b = logical_f + nnz * D * 4
-    rows = [("TT fwd", tf, nnz * fwd_f, U * fwd_f, logical_f),
-            ("TT fwd+bwd (fused SGD)", tf + tb, nnz * (fwd_f + bwd_f), U * (fwd_f + bwd_f),
-             logical_f + logical_b)]
+    peak_n = args.peak_size or 4096
+    peak = sgemm_peak(peak_n)
+    rows = st.tt_rows(tf, tb, U)
 
     torch_rows = torch_bytes = None
     if not args.no_torch:
@@ -158,27 +218,148 @@ def main(argv=None):
             bar.update()
         bar.close()
         ef, eb = float(np.median(ef)), float(np.median(eb))
-        rows += [("torch EmbeddingBag fwd", ef, 0, 0, logical_f),
-                 ("torch EmbeddingBag fwd+bwd+SGD (sparse)", ef + eb, 0, 0,
-                  logical_f + logical_b)]
+        rows += st.torch_rows(ef, eb)
+    return _report(args, st, rows, peak, f"numpy {peak_n}^3 float32 matmul", U, torch_rows,
+                   torch_bytes)
 
-    print(f"\nTT-Rec benchmark: B={B}, pooling {L} ({nnz} lookups, {U:.0f} distinct rows), "
-          f"E={n:,} p={p}, D={D} q={q}, ranks {ranks}; median of {args.iters} iterations")
-    print(f"SGEMM peak (numpy {4096}^3 float32 matmul, this run): {peak:.1f} GFLOPS")
-    print(f"chain flops per lookup: forward {fwd_f:,}, backward {bwd_f:,}")
-    head = ("| what | ms | us/nnz | GFLOPS (chain) | % of SGEMM peak | GFLOPS (done) "
-            "| GB/s (logical) |")
-    print(head + "\n|" + "---|" * 7)
-    for name, t, fc, fd, by in rows:
-        gf = f"{fc / t / 1e9:.1f} | {100 * fc / t / 1e9 / peak:.0f}% | {fd / t / 1e9:.1f}" \
-            if fc else "- | - | -"
-        print(f"| {name} | {t * 1e3:.2f} | {t / nnz * 1e6:.3f} | {gf} | {by / t / 1e9:.2f} |")
-    print(f"\nmemory: TT cores {tt_bytes / 2**20:.2f} MiB; full table {n * D * 4 / 2**30:.2f} GiB "
-          f"({n * D * 4 / tt_bytes:,.0f}x the cores)")
-    if torch_rows is not None and torch_rows != n:
-        print(f"note: the torch table was scaled down to {torch_rows:,} rows "
-              f"({torch_bytes / 2**30:.2f} GiB) to fit in memory; lookups taken modulo its size")
-    return {"peak": peak, "rows": rows, "unique": U}
+
+# ---------------------------------------------------------------- --device gpu
+
+class _Clock:
+    """Time between marks: CUDA events on CuPy's current stream (read after
+    the later event completes), or perf_counter on the host emulator, whose
+    launches finish before they return."""
+
+    def __init__(self, be):
+        self.cp = be.xp if be.name == "cupy" else None
+
+    def sync(self):
+        if self.cp is not None:
+            self.cp.cuda.Device().synchronize()
+
+    def mark(self):
+        if self.cp is None:
+            return time.perf_counter()
+        ev = self.cp.cuda.Event()
+        ev.record()
+        return ev
+
+    def seconds(self, a, b):
+        if self.cp is None:
+            return b - a
+        b.synchronize()
+        return self.cp.cuda.get_elapsed_time(a, b) / 1e3
+
+
+def device_sgemm_peak(be, clock, n, reps=3):
+    """Best GFLOPS of an n^3 float32 matmul on the device (cuBLAS through CuPy)."""
+    a = be.to_device(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
+    c = be.xp.matmul(a, a)
+    best = 0.0
+    for _ in range(reps):
+        clock.sync()
+        t0 = clock.mark()
+        be.xp.matmul(a, a, out=c)
+        t1 = clock.mark()
+        best = max(best, 2.0 * n ** 3 / max(clock.seconds(t0, t1), 1e-12))
+    return best / 1e9
+
+
+def _torch_cuda(args, st, be, tqdm):
+    """(rows, table bytes, fwd s, bwd s) of torch.nn.EmbeddingBag on the same
+    CUDA device, or a string saying why the column is skipped."""
+    if be.name != "cupy":
+        return "torch column skipped: not on a CUDA device (emulator backend)"
+    try:
+        import torch
+    except ImportError:
+        return "torch column skipped: torch is not installed"
+    if not torch.cuda.is_available():
+        return "torch column skipped: this torch has no CUDA"
+    dev = torch.device("cuda", be.xp.cuda.Device().id)
+    free = int(be.xp.cuda.runtime.memGetInfo()[0])
+    rows = args.torch_rows or st.n
+    if rows * st.D * 4 * 2.2 > free and args.torch_rows is None:
+        rows = int(free / (st.D * 4 * 2.2))
+    emb = torch.nn.EmbeddingBag(rows, st.D, mode="sum", sparse=True, device=dev)
+    with torch.no_grad():
+        emb.weight.uniform_(-1e-3, 1e-3)
+    topt = torch.optim.SGD(emb.parameters(), lr=1e-6)
+    toff = torch.from_numpy(st.off[:-1]).to(dev)
+    tidx = [torch.from_numpy(idx % rows).to(dev) for idx in st.batches]
+    ef, eb = [], []
+    bar = tqdm(total=len(tidx), desc="torch EmbeddingBag (CUDA)", disable=args.no_progress,
+               leave=False)
+    for i, ti in enumerate(tidx):
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        torch.cuda.synchronize(dev)
+        ev[0].record()
+        out = emb(ti, toff)
+        ev[1].record()
+        topt.zero_grad()
+        out.backward(out.detach())
+        topt.step()
+        ev[2].record()
+        ev[2].synchronize()
+        if i >= args.warmup:
+            ef.append(ev[0].elapsed_time(ev[1]) / 1e3)
+            eb.append(ev[1].elapsed_time(ev[2]) / 1e3)
+        bar.update()
+    bar.close()
+    return rows, emb.weight.numel() * 4, float(np.median(ef)), float(np.median(eb))
+
+
+def _main_gpu(args, be=None):
+    """The benchmark with CuPy arrays: the same table and batches, moved to
+    the device before timing, through hashemb's GPU TT path."""
+    from tqdm.auto import tqdm
+
+    import hashemb as he
+    from ._gpu import _runtime as RT
+    from ._gpu import tt as G
+    if be is None:
+        if RT.device_count() == 0:
+            from ._gpu import info
+            raise SystemExit(f"tt-bench --device gpu: no CUDA device through CuPy ({info()})")
+        be = RT.backend()
+    st = _Setup(args)
+    clock = _Clock(be)
+    cores = [be.to_device(c) for c in st.cores]
+    off = be.to_device(st.off)
+    batches = [be.to_device(b) for b in st.batches]
+    opt = he.SGD(1e-6)
+    tf, tb, uniq = [], [], []
+    bar = tqdm(total=len(batches), desc="TT (hashemb, GPU)", disable=args.no_progress,
+               leave=False)
+    for i, idx in enumerate(batches):
+        clock.sync()
+        t0 = clock.mark()
+        out, saved = G.bags(idx, [cores], off, return_saved=True, single=True, be=be)
+        t1 = clock.mark()
+        G.bags_backward(out, idx, [cores], off, saved=saved, optimizer=opt, single=True, be=be)
+        t2 = clock.mark()
+        if i >= args.warmup:
+            tf.append(clock.seconds(t0, t1))
+            tb.append(clock.seconds(t1, t2))
+            uniq.append(int(be.xp.unique(idx).shape[0]))
+        bar.update()
+    bar.close()
+    tf, tb = float(np.median(tf)), float(np.median(tb))
+    U = float(np.mean(uniq))
+    peak_n = args.peak_size or 8192
+    peak = device_sgemm_peak(be, clock, peak_n)
+    rows = st.tt_rows(tf, tb, U)
+    notes = [f"device: {he._gpu.info() if be.name == 'cupy' else be.name}"]
+    torch_rows = torch_bytes = None
+    if not args.no_torch:
+        res = _torch_cuda(args, st, be, tqdm)
+        if isinstance(res, str):
+            notes.append(res)
+        else:
+            torch_rows, torch_bytes, ef, eb = res
+            rows += st.torch_rows(ef, eb, " (CUDA)")
+    return _report(args, st, rows, peak, f"{be.name} {peak_n}^3 float32 matmul", U,
+                   torch_rows, torch_bytes, notes)
 
 
 if __name__ == "__main__":

@@ -402,3 +402,22 @@ def test_saved_of_the_other_backend_is_a_type_error(dev):
                             return_saved=True)
     with pytest.raises(TypeError, match="^saved: expected a TTSaved of a forward on the host"):
         he.tt_embedding_bag_backward(np.ones((1, 4), np.float32), idx, cores, off, saved=dsaved)
+
+
+def test_tt_bench_gpu_path_runs_on_the_emulator(capsys):
+    """``python -m hashemb tt-bench --device gpu`` end to end at tiny sizes,
+    its device calls on the emulator backend (the figures mean nothing here)."""
+    from hashemb import tt_bench
+    lib = gpu_emu.build()
+    if lib is None:
+        pytest.skip("no C++ compiler for the GPU emulator")
+    be = gpu_emu.EmuBackend(lib)
+    res = tt_bench.main(["--device", "gpu", "--batch", "4", "--pooling", "3",
+                         "--num-embeddings", "1000", "--p", "10,10,10", "--q", "2,2,2",
+                         "--ranks", "3,3", "--iters", "2", "--warmup", "1", "--peak-size", "16",
+                         "--no-progress"], be=be)
+    out = capsys.readouterr().out
+    assert [r[0] for r in res["rows"]] == ["TT fwd", "TT fwd+bwd (fused SGD)"]
+    assert all(r[1] > 0 for r in res["rows"]) and 1 <= res["unique"] <= 12
+    assert "torch column skipped" in out and "| TT fwd |" in out
+    assert {"tt_step_fwd<float>", "tt_step_dG<float>", "tt_apply<float>"} <= set(be.launches)

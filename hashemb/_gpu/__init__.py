@@ -26,7 +26,10 @@ def set_options(*, check_indices=_UNSET, deterministic=_UNSET, precompute_starts
     deterministic : bool
         Default of backward's ``deterministic``: sort + ordered segment sums,
         bitwise equal to the CPU (slower, N*D-sized temporaries) instead of
-        atomic adds.
+        atomic adds. The TT backward (which has no ``deterministic``
+        argument) follows it: per-chunk partial gradients summed in a fixed
+        order, the same bits on every run (not the CPU's bits: its GEMMs sum
+        in another order).
     precompute_starts : bool or None
         Hash each (entry, run) once in a pass of its own (unsigned schemes);
         None: only for schemes of <= 4 runs per row that need hashing.
