@@ -79,11 +79,15 @@ def dev(request):
     return Dev(request.param)
 
 
-@pytest.fixture(params=[1, 2, 32], ids=lambda c: f"chunk{c}")
+@pytest.fixture(params=[None, 1, 2, 32], ids=lambda c: f"chunk{c}")
 def chunk(request, monkeypatch):
-    """Lookups per chunk of a digit group: 1 and 2 make every group span
-    several chunks (the atomic and the combine paths), 32 the default."""
+    """Lookups per chunk of a digit group (and entries per chunk of a row in
+    unpooling): 1 and 2 make groups span several chunks (the atomic and the
+    combine paths), 32 the cap, None the adaptive size (here with a small
+    thread target, so it varies)."""
     monkeypatch.setattr(GT, "CHUNK", request.param)
+    monkeypatch.setattr(GT, "TARGET_THREADS", 64)
+    monkeypatch.setattr(GT, "UNPOOL_CHUNK", request.param or 32)
     return request.param
 
 
@@ -421,3 +425,10 @@ def test_tt_bench_gpu_path_runs_on_the_emulator(capsys):
     assert all(r[1] > 0 for r in res["rows"]) and 1 <= res["unique"] <= 12
     assert "torch column skipped" in out and "| TT fwd |" in out
     assert {"tt_step_fwd<float>", "tt_step_dG<float>", "tt_apply<float>"} <= set(be.launches)
+
+
+def test_chunk_size_targets_the_thread_count():
+    assert GT._chunk(10240, 4 * 128) == GT.MAX_CHUNK        # FBTT's first step: wide enough
+    assert GT._chunk(10240, 4 * 4) == 1                      # last step, N = q = 4
+    assert GT._chunk(10240, 128) == 10                       # core 0, S = q0 R1 = 128
+    assert GT._chunk(3, 1) == 1

@@ -256,28 +256,37 @@ __global__ void tt_bag_of(const int64_t* __restrict__ off, i64 base, i64 B,
 }
 
 /*
- * Unpool: dY[u, i] = sum over the entries of distinct row u (positions
- * order[us[u]] .. order[us[u+1]-1], relative to base, in entry order) of
- * w_n g[bag[n], col0 + i] (row stride ldg). Thread: (u, i); no atomics.
+ * Unpool: the gradient of each distinct row u is the sum over its entries n
+ * (relative to base) of w_n g[bag[n], col0 + i] (row stride ldg). The
+ * entries sorted by row (`order`) are cut into chunks k of positions
+ * cs[k] .. cs[k+1]-1, all of row cu[k], at most a few each, so a row looked
+ * up thousands of times (skewed batches) is not one thread's serial loop.
+ * Thread: (k, i), summing in entry order; atomic: add to target[cu[k]]
+ * (dY, zeroed), else write target[k] (dY itself when every row is one
+ * chunk, else partials for tt_combine).
  */
 template <typename R>
 __global__ void tt_unpool(const R* __restrict__ g, i64 ldg, i64 col0,
-                          const int64_t* __restrict__ order, const int64_t* __restrict__ us,
-                          i64 U, const int64_t* __restrict__ bag, const int64_t* __restrict__ off,
+                          const int64_t* __restrict__ order, const int64_t* __restrict__ cs,
+                          const int64_t* __restrict__ cu, i64 nch,
+                          const int64_t* __restrict__ bag, const int64_t* __restrict__ off,
                           i64 base, const R* __restrict__ psw, i64 has_w, i64 mean, i64 D,
-                          R* __restrict__ dY)
+                          i64 atomic, R* __restrict__ target)
 {
     const i64 t = he_tid();
-    if (t >= U * D)
+    if (t >= nch * D)
         return;
-    const i64 i = t % D, u = t / D;
+    const i64 i = t % D, k = t / D;
     R acc = 0;
-    for (i64 j = us[u]; j < us[u + 1]; j++) {
+    for (i64 j = cs[k]; j < cs[k + 1]; j++) {
         const i64 n = order[j], b = bag[n];
         const R w = has_w ? psw[n + base] : (mean ? (R)1 / (R)(off[b + 1] - off[b]) : (R)1);
         acc += w * g[b * ldg + col0 + i];
     }
-    dY[u * D + i] = acc;
+    if (atomic)
+        he_atomic_add(target + cu[k] * D + i, acc);
+    else
+        target[k * D + i] = acc;
 }
 
 HE_KERNEL(tt_digits)

@@ -10,7 +10,8 @@ Per table, a batch runs as:
 3. the chain products of the distinct rows only (tt_step_fwd: each thread a
    tile of one lookup's product, core slices read in place), then pooling
    (tt_pool, entry order: deterministic);
-4. backward: unpooling per distinct row (tt_unpool, no atomics), the chain
+4. backward: unpooling per distinct row (tt_unpool, over chunks of a row's
+   entries, atomic or ordered like the slice gradients), the chain
    backward (tt_step_dA), and per core the slice gradients over the lookups
    sorted by digit and cut into chunks (tt_step_dG / tt_rows_dG) added
    atomically, or with ``he.set_gpu_options(deterministic=True)`` written as
@@ -33,10 +34,18 @@ from . import _args as A
 from . import _runtime as RT
 from ._runtime import i64
 
-# lookups per chunk of a digit group in the slice-gradient kernels: bounds a
-# thread's serial loop when one digit is hot (skewed batches) while keeping
-# the partial buffer of the deterministic mode at ~1/CHUNK of the lookups
-CHUNK = 32
+# Lookups per chunk of a digit group in the slice-gradient kernels. A chunk
+# is one thread's serial loop, so the cap bounds the time a hot digit
+# (skewed batches) takes; below the cap the size is chosen so a launch has
+# about TARGET_THREADS threads (steps with few output columns, e.g. the last
+# core's N = q, would otherwise leave most of an H100 idle), at the price of
+# more atomics / partials. An int fixes the size (the tests use 1, 2 and 32).
+CHUNK = None
+MAX_CHUNK = 32
+TARGET_THREADS = 1 << 17
+# entries of one distinct row per unpooling thread (a hot row spreads over
+# several threads, added atomically or combined in order)
+UNPOOL_CHUNK = 32
 
 _Chain = namedtuple("_Chain", "rows dig inputs Y")
 _GPart = namedtuple("_GPart", "ctx inv order ustart col0 lo hi")
@@ -93,18 +102,31 @@ def _dedup(be, idx):
     return srt[starts], inv, order, ustart
 
 
-def _groups(be, dig):
+def _chunk(L, per_chunk):
+    """Lookups per chunk when a chunk takes per_chunk threads (see CHUNK)."""
+    if CHUNK is not None:
+        return CHUNK
+    return int(min(MAX_CHUNK, max(1, L * per_chunk // TARGET_THREADS)))
+
+
+def _groups(be, dig, chunk):
     """Lookups grouped by one core's digit: (order, cs, cv, gc, gv) with
     order the lookups sorted stably by digit, chunks k of positions
-    cs[k] .. cs[k+1]-1 (at most CHUNK, one digit cv[k] each), and digit
+    cs[k] .. cs[k+1]-1 (at most ``chunk``, one digit cv[k] each), and digit
     group g = chunks gc[g] .. gc[g+1]-1 of slice gv[g] (the touched slices)."""
-    xp = be.xp
-    L = dig.shape[0]
     order = be.stable_argsort(dig)
-    srt = dig[order]
+    return (order,) + _chunks(be, dig[order], chunk)
+
+
+def _chunks(be, srt, chunk):
+    """(cs, cv, gc, gv) of sorted keys: chunks k of positions cs[k] ..
+    cs[k+1]-1 (at most ``chunk``, one key cv[k] each); group g of equal keys
+    = chunks gc[g] .. gc[g+1]-1, of key gv[g]."""
+    xp = be.xp
+    L = srt.shape[0]
     pos = xp.arange(L, dtype=np.int64)
     gstart = xp.searchsorted(srt, srt, side="left")
-    starts = xp.flatnonzero((pos - gstart) % CHUNK == 0)
+    starts = xp.flatnonzero((pos - gstart) % chunk == 0)
     nch = starts.shape[0]
     cs = xp.empty(nch + 1, np.int64)
     cs[:-1] = starts
@@ -115,7 +137,7 @@ def _groups(be, dig):
     gc[:-1] = first
     gc[-1] = nch
     gv = xp.ascontiguousarray(cv[first])
-    return order, cs, cv, gc, gv
+    return cs, cv, gc, gv
 
 
 def _chain(be, rows, cores, s, save):
@@ -170,7 +192,7 @@ def _chain_backward(be, ctx, dY, cores, s, det):
         dA = xp.empty(L * Q * Rk, s.dtype)
         be.launch("tt", f"tt_step_dA<{R}>", L * -(-Q // 8) * Rk,
                   [dC, core, ctx.dig[c], i64(L), i64(Q), i64(Rk), i64(N), dA])
-        groups = _groups(be, ctx.dig[c])
+        groups = _groups(be, ctx.dig[c], _chunk(L, -(-Rk // 8) * N))
         order, cs, cv = groups[:3]
 
         def launch(nch, atomic, target, A_=A_, a_idx=a_idx, gather=gather, Q=Q, Rk=Rk, N=N,
@@ -183,7 +205,7 @@ def _chain_backward(be, ctx, dY, cores, s, det):
         touched[c] = groups[4]
         dC = dA
     S = s.q[0] * s.R[1]
-    groups = _groups(be, ctx.dig[0])
+    groups = _groups(be, ctx.dig[0], _chunk(L, S))
     order, cs, cv = groups[:3]
 
     def launch0(nch, atomic, target):
@@ -215,6 +237,32 @@ def _forward(be, idx, off, psw, B, mode, bounds, shapes, out, save):
         parts.append(_GPart(ctx, inv, order, ustart, col0, lo, hi))
         col0 += s.D
     return parts
+
+
+def _unpool(be, g, part, bag, toff, psw, mode, D, det, dtype):
+    """dY (U, D), the gradient of each distinct row, over chunks of at most
+    UNPOOL_CHUNK of its entries (tt_unpool)."""
+    xp = be.xp
+    U = part.ustart.shape[0] - 1
+    cs, cu, gc, gu = _chunks(be, part.inv[part.order], UNPOOL_CHUNK)
+    nch = cs.shape[0] - 1
+    head = [g, i64(g.shape[1]), i64(part.col0), part.order, cs, cu, i64(nch), bag, toff,
+            i64(part.lo), psw if psw is not None else g, i64(psw is not None),
+            i64(mode == 1), i64(D)]
+    name = f"tt_unpool<{RT.ctype(dtype)}>"
+    if nch == U:                # every row one chunk: written in place, no atomics
+        dY = xp.empty(U * D, dtype)
+        be.launch("tt", name, nch * D, head + [i64(0), dY])
+    elif det:
+        partial = xp.empty(nch * D, dtype)
+        be.launch("tt", name, nch * D, head + [i64(0), partial])
+        dY = xp.empty(U * D, dtype)
+        be.launch("tt", f"tt_combine<{RT.ctype(dtype)}>", U * D,
+                  [partial, gc, gu, i64(U), i64(D), dY])
+    else:
+        dY = xp.zeros(U * D, dtype)
+        be.launch("tt", name, nch * D, head + [i64(1), dY])
+    return dY
 
 
 def _apply(be, optimizer, cores, grads, touched, dtype):
@@ -289,12 +337,7 @@ def bags_backward(grad_output, indices, tables, offsets=None, *, mode="sum",
             toff = off[t * B:(t + 1) * B + 1]
             bag = xp.empty(n, np.int64)
             be.launch("tt", "tt_bag_of", B, [toff, i64(part.lo), i64(B), bag])
-            U = part.ustart.shape[0] - 1
-            dY = xp.empty(U * s.D, dtype)
-            be.launch("tt", f"tt_unpool<{RT.ctype(dtype)}>", U * s.D,
-                      [g, i64(D), i64(part.col0), part.order, part.ustart, i64(U), bag, toff,
-                       i64(part.lo), psw if psw is not None else g, i64(psw is not None),
-                       i64(mode_ == 1), i64(s.D), dY])
+            dY = _unpool(be, g, part, bag, toff, psw, mode_, s.D, det, dtype)
             grads, touched = _chain_backward(be, part.ctx, dY, cores, s, det)
             if optimizer is not None:
                 _apply(be, optimizer, cores, grads, touched, dtype)
