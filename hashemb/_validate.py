@@ -285,22 +285,29 @@ def packed_layout(sizes, dims):
     return (base, np.array(dims, np.int64), cols, np.array(sizes, np.int64)), int(sum(numel))
 
 
-def as_rows(k, indices, sizes, name="indices"):
-    """int32/int64 indices, C-contiguous, every one inside its table: IndexError
-    naming the first one outside."""
+def index_array(indices, name="indices"):
+    """int32/int64 indices as a C-contiguous array (an empty list reads as int64)."""
     idx = _as_array(indices, name)
     if idx.dtype not in (np.int32, np.int64):
         if idx.size == 0 and idx.dtype == np.float64:
-            idx = idx.astype(np.int64)
-        else:
-            raise TypeError(f"{name}: expected an int32 or int64 array, got dtype {idx.dtype}")
-    idx = np.ascontiguousarray(idx)
-    T = sizes.shape[0]
-    flat = idx.reshape(-1, T)
-    n, t = k.check_range(flat, sizes)
-    if n >= 0:
-        pos = np.unravel_index(n * T + t, idx.shape)
-        where = "" if T == 1 else f" (table {t})"
-        raise IndexError(f"{name}[{', '.join(map(str, pos))}]: expected 0 <= index < "
-                         f"{sizes[t]}{where}, got {flat[n, t]}")
-    return idx, flat
+            return idx.astype(np.int64)
+        raise TypeError(f"{name}: expected an int32 or int64 array, got dtype {idx.dtype}")
+    return np.ascontiguousarray(idx)
+
+
+def check_table_columns(idx, T, name="indices"):
+    """A multi-table lookup takes (B, T) indices, one column per table."""
+    if idx.ndim != 2 or idx.shape[1] != T:
+        raise ValueError(f"{name}: expected shape (B, {T}) (one column per table), "
+                         f"got {tuple(idx.shape)}")
+
+
+def index_error(indices, bad, sizes, name="indices"):
+    """IndexError naming ``indices`` at flat position ``bad`` (a kernel's
+    report), outside table ``bad % T`` of ``sizes[t]`` rows; NumPy or CuPy."""
+    T = len(sizes)
+    t = bad % T
+    pos = np.unravel_index(bad, indices.shape)
+    where = "" if T == 1 else f" (table {t})"
+    return IndexError(f"{name}[{', '.join(map(str, pos))}]: expected 0 <= index < "
+                      f"{sizes[t]}{where}, got {int(indices.reshape(-1)[bad])}")

@@ -2,11 +2,12 @@
 packed into one array and read in one pass."""
 import functools
 import numbers
+from typing import NamedTuple
 
 import numpy as np
 
 from . import _validate as V
-from ._backend import is_cupy, kernels, on_gpu
+from ._backend import _cpu_kernels, is_cupy, kernels, on_gpu
 
 
 def _key(v):
@@ -15,18 +16,44 @@ def _key(v):
     return v if isinstance(v, numbers.Integral) else tuple(v)
 
 
+class Layout(NamedTuple):
+    """A packed layout of T tables: rows of ``dims[t]`` floats from float
+    ``base[t]``, filling output columns ``cols[t]:cols[t] + dims[t]``; ``size``
+    floats in all, output rows ``total`` wide. ``packed`` holds base, dims,
+    cols and sizes as the rows of one (4, T) array (one buffer per kernel call:
+    at small batches each argument's buffer costs more than the lookup)."""
+    base: np.ndarray
+    dims: np.ndarray
+    cols: np.ndarray
+    sizes: np.ndarray
+    size: int
+    total: int
+    packed: np.ndarray
+
+
 def _layout(sizes, dims):
-    """(base, dims, cols, sizes, size, total width) of a packed layout, cached: a training
-    loop asks for the same few layouts every step."""
+    """The :class:`Layout` of these tables, cached: a training loop asks for
+    the same few layouts every step."""
     return _cached_layout(_key(sizes), _key(dims))
 
 
 @functools.lru_cache(maxsize=256)
 def _cached_layout(sizes, dims):
     (base, dims, cols, sizes), size = V.packed_layout(sizes, dims)
-    for a in (base, dims, cols, sizes):
-        a.setflags(write=False)
-    return base, dims, cols, sizes, size, int(dims.sum())
+    packed = np.stack([base, dims, cols, sizes])
+    packed.setflags(write=False)
+    return Layout(*packed, size, int(dims.sum()), packed)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(name, wtype, itype):
+    """The fused-type specialisation of a plain-lookup kernel, resolved once
+    (Cython's per-call dispatch costs about a microsecond)."""
+    return getattr(_cpu_kernels(), name)[_CTYPES[wtype], _CTYPES[itype]]
+
+
+_CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double",
+           np.dtype(np.int32): "int32_t", np.dtype(np.int64): "int64_t"}
 
 
 def _flat_weight(weight, size):
@@ -103,21 +130,45 @@ def _multi(indices, weight, sizes, dims, single=False):
     if on_gpu(indices=indices, weight=weight):
         from ._gpu import embed as G
         return G.gather(indices, weight, _layout(sizes, dims), single)
-    base, dims_a, cols, sizes_a, size, total = _layout(sizes, dims)
-    w = _flat_weight(weight, size)
-    k = kernels(indices, weight)
-    idx, flat = _rows(k, indices, sizes_a, single)
-    out = np.empty((flat.shape[0], total), w.dtype)
-    k.gather(w, flat, base, dims_a, cols, out)
-    return out.reshape(idx.shape + (out.shape[1],) if single else (idx.shape[0], out.shape[1]))
+    layout = _layout(sizes, dims)
+    w = _flat_weight(weight, layout.size)
+    kernels(indices, weight)
+    return _gather(layout, w, _indices(indices, layout, single), single)
 
 
-def _rows(k, indices, sizes, single):
-    idx, flat = V.as_rows(k, indices, sizes)
-    if not single and (idx.ndim != 2 or idx.shape[1] != sizes.shape[0]):
-        raise ValueError(f"indices: expected shape (B, {sizes.shape[0]}) (one column per table), "
-                         f"got {idx.shape}")
-    return idx, flat
+def _indices(indices, layout, single):
+    idx = V.index_array(indices)
+    if not single:
+        V.check_table_columns(idx, layout.sizes.shape[0])
+    return idx
+
+
+def _gather(layout, w, idx, single):
+    """The CPU forward on checked arrays (the torch adapters call it directly:
+    at small batches the checks cost more than the lookup): ``w`` flat,
+    contiguous, float32/float64 of the layout's size; ``idx`` contiguous
+    int32/int64 of shape (..., T). Indices outside their table raise
+    IndexError before anything is written."""
+    T, total = layout.sizes.shape[0], layout.total
+    flat = idx.reshape(-1, T)
+    out = np.empty(idx.shape + (total,) if single else (idx.shape[0], total), w.dtype)
+    bad = _kernel("gather", w.dtype, idx.dtype)(w, flat, layout.packed,
+                                                 out.reshape(flat.shape[0], total))
+    if bad >= 0:
+        raise V.index_error(idx, bad, layout.sizes)
+    return out
+
+
+def _scatter(layout, g, idx):
+    """The CPU backward on checked arrays (as :func:`_gather`): ``g``
+    contiguous of shape (rows of idx, total width); a new zeroed-then-summed
+    flat gradient of the layout's size."""
+    out = np.empty(layout.size, g.dtype)
+    bad = _kernel("scatter_add", g.dtype, idx.dtype)(
+        g, idx.reshape(-1, layout.sizes.shape[0]), layout.packed, out)
+    if bad >= 0:
+        raise V.index_error(idx, bad, layout.sizes)
+    return out
 
 
 def embedding_backward(grad_output, indices, num_embeddings, deterministic=False):
@@ -192,16 +243,14 @@ def multi_embedding_backward(grad_output, indices, sizes, dims, deterministic=Fa
 
 
 def _multi_backward(g, indices, sizes, dims, single):
-    base, dims_a, cols, sizes_a, size, total = _layout(sizes, dims)
-    k = kernels(indices, g)
-    idx, flat = _rows(k, indices, sizes_a, single)
+    layout = _layout(sizes, dims)
+    kernels(indices, g)
+    idx = _indices(indices, layout, single)
+    total = layout.total
     want = idx.shape + (total,) if single else (idx.shape[0], total)
     if g.shape != want:
         raise ValueError(f"grad_output: expected shape {want}, got {g.shape}")
-    out = np.empty(size, g.dtype)
-    k.zero(out)
-    k.scatter_add(g.reshape(flat.shape[0], want[-1]), flat, base, dims_a, cols, out)
-    return out
+    return _scatter(layout, g.reshape(-1, total), idx)
 
 
 def unpack(weight, sizes, dims):
@@ -213,7 +262,7 @@ def unpack(weight, sizes, dims):
     >>> [w.shape for w in he.unpack(np.zeros(8), [2, 3], [1, 2])]
     [(2, 1), (3, 2)]
     """
-    base, dims_a, _, sizes_a, size, _ = _layout(sizes, dims)
+    base, dims_a, _, sizes_a, size = _layout(sizes, dims)[:5]
     if is_cupy(weight):
         w = weight.reshape(-1)
         if w.shape[0] != size:

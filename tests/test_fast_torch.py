@@ -44,6 +44,21 @@ def test_fast_multi_embedding_is_cat_of_embeddings():
     torch.testing.assert_close(fast.weight.grad, grads, rtol=1e-5, atol=1e-5)
 
 
+def test_float64_noncontiguous_and_detached_grads():
+    # the CPU fast path reads tensors' buffers directly: a double table, a
+    # weight made non-contiguous after construction, a broadcast (stride-0)
+    # upstream gradient and a negated one must all give nn.Embedding's results
+    ref = torch.nn.Embedding(7, 5).double()
+    fast = FastEmbedding(7, 5, _weight=ref.weight.detach().clone())
+    x = torch.tensor([[6, 0, 6], [3, 3, 1]])
+    (-ref(x)).sum().backward()
+    (-fast(x)).sum().backward()
+    torch.testing.assert_close(fast.weight.grad, ref.weight.grad, rtol=0, atol=0)
+    fast.weight = torch.nn.Parameter(ref.weight.detach().t().contiguous().t())
+    assert not fast.weight.is_contiguous()
+    torch.testing.assert_close(fast(x), ref(x), rtol=0, atol=0)
+
+
 def test_gradcheck():
     w = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
     x = torch.tensor([[0, 5, 5], [2, 2, 2]])
@@ -54,8 +69,9 @@ def test_gradcheck():
 
 
 def _apply(w, x, sizes, dims, single):
+    from hashemb.lookup import _layout
     from hashemb.torch.fast import _MultiLookup
-    return _MultiLookup.apply(w, x, sizes, dims, single)
+    return _MultiLookup.apply(w, x, _layout(sizes, dims), single)
 
 
 def test_errors_and_training_step():
@@ -69,6 +85,12 @@ def test_errors_and_training_step():
     with pytest.raises(ValueError, match="dims"):
         FastMultiEmbedding([3, 4], [1])
     m = FastMultiEmbedding([3, 4], [2, 2])
+    with pytest.raises(ValueError, match=r"input: expected shape \(B, 2\)"):
+        m(torch.tensor([[0, 1, 2]]))
+    with pytest.raises(IndexError, match=r"indices\[1, 1\].*< 4 \(table 1\), got 4"):
+        m(torch.tensor([[0, 1], [2, 4]]))
+    with pytest.raises(TypeError, match="weight"):
+        FastEmbedding(4, 2).half()(torch.tensor([1]))
     opt = torch.optim.SGD(m.parameters(), lr=0.5)
     before = m.weight.detach().clone()
     m(torch.tensor([[2, 0]])).sum().backward()

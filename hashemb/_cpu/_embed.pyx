@@ -3,7 +3,8 @@
 
 A layout is T tables; table t has its rows of ``dims[t]`` floats starting at
 float ``base[t]`` of one flat array, and fills output columns
-``cols[t] .. cols[t] + dims[t]`` of a row of ``total`` floats. One table is the
+``cols[t] .. cols[t] + dims[t]`` of a row of ``total`` floats; the kernels take
+it as one (4, T) int64 array, rows base, dims, cols, sizes. One table is the
 case T = 1 (``he.embedding``); many small tables packed without padding are
 ``he.multi_embedding``.
 
@@ -38,16 +39,37 @@ cdef inline int _threads(int64_t work) noexcept nogil:
     return 1 if work < SMALL else he_max_threads()
 
 
-def gather(const real[::1] W, const index_t[:, ::1] idx, const int64_t[::1] base,
-           const int64_t[::1] dims, const int64_t[::1] cols, real[:, ::1] out):
-    """out[n, cols[t]:cols[t]+dims[t]] = W[base[t] + idx[n, t]*dims[t] : ... + dims[t]]."""
+cdef int64_t _first_bad(const index_t[:, ::1] idx, const int64_t[::1] sizes) noexcept nogil:
+    """n * T + t of the first index outside [0, sizes[t]), or -1. Run before
+    any write, so bad input never writes out of bounds."""
+    cdef int64_t n, t, v, T = idx.shape[1]
+    for n in range(idx.shape[0]):
+        for t in range(T):
+            v = idx[n, t]
+            if v < 0 or v >= sizes[t]:
+                return n * T + t
+    return -1
+
+
+def gather(const real[::1] W, const index_t[:, ::1] idx, const int64_t[:, ::1] layout,
+           real[:, ::1] out):
+    """out[n, cols[t]:cols[t]+dims[t]] = W[base[t] + idx[n, t]*dims[t] : ... + dims[t]].
+    Returns -1, or (nothing written) the flat position n * T + t of the first
+    index outside its table. One call does both: at small batches a call costs
+    more than the check."""
     cdef int64_t n, t, T = idx.shape[1]
     cdef int nt = _threads(out.shape[0] * out.shape[1])
+    cdef int64_t bad
+    cdef const int64_t[::1] base = layout[0], dims = layout[1], cols = layout[2]
+    cdef const int64_t[::1] sizes = layout[3]
     with nogil:
-        for n in prange(idx.shape[0], schedule='static', num_threads=nt):
-            for t in range(T):
-                memcpy(&out[n, cols[t]], &W[base[t] + idx[n, t] * dims[t]],
-                       dims[t] * sizeof(real))
+        bad = _first_bad(idx, sizes)
+        if bad < 0:
+            for n in prange(idx.shape[0], schedule='static', num_threads=nt):
+                for t in range(T):
+                    memcpy(&out[n, cols[t]], &W[base[t] + idx[n, t] * dims[t]],
+                           dims[t] * sizeof(real))
+    return bad
 
 
 cdef inline void _add(real* dst, const real* src, int64_t d) noexcept nogil:
@@ -56,31 +78,38 @@ cdef inline void _add(real* dst, const real* src, int64_t d) noexcept nogil:
         dst[i] += src[i]
 
 
-def zero(real[::1] out):
+cdef void _zero(real[::1] out) noexcept nogil:
     """out[:] = 0 with every thread (a dense gradient of a large table is
     bandwidth-bound on its zeroing, which one thread cannot saturate)."""
     cdef int64_t c, S = out.shape[0], step = 1 << 16
     cdef int nt = _threads(S)
     if S == 0:
         return
-    with nogil:
-        for c in prange((S + step - 1) // step, schedule='static', num_threads=nt):
-            memset(&out[c * step], 0, min(step, S - c * step) * sizeof(real))
+    for c in prange((S + step - 1) // step, schedule='static', num_threads=nt):
+        memset(&out[c * step], 0, min(step, S - c * step) * sizeof(real))
 
 
 def scatter_add(const real[:, ::1] grad, const index_t[:, ::1] idx,
-                const int64_t[::1] base, const int64_t[::1] dims,
-                const int64_t[::1] cols, real[::1] out):
-    """out[base[t] + idx[n, t]*dims[t] + i] += grad[n, cols[t] + i] for every n, t, i.
-    ``out`` must start zeroed (or hold what to add to)."""
+                const int64_t[:, ::1] layout, real[::1] out, bint zero=True):
+    """out[base[t] + idx[n, t]*dims[t] + i] += grad[n, cols[t] + i] for every n, t, i,
+    after zeroing ``out`` if ``zero``. Returns -1, or (nothing written) the
+    flat position of the first index outside its table, as gather."""
     cdef int64_t N = idx.shape[0], T = idx.shape[1], total = grad.shape[1]
     cdef int64_t S = out.shape[0]
     cdef int nt = _threads(N * total)
     cdef int64_t lines = (total + LINE - 1) // LINE
     cdef int tid
-    cdef int64_t n, t, lo, hi, a, b, r0
+    cdef int64_t n, t, lo, hi, a, b, r0, bad
+    cdef const int64_t[::1] base = layout[0], dims = layout[1], cols = layout[2]
+    cdef const int64_t[::1] sizes = layout[3]
+    with nogil:
+        bad = _first_bad(idx, sizes)
+        if bad < 0 and zero:
+            _zero(out)
+    if bad >= 0:
+        return bad
     if N == 0 or total == 0:
-        return
+        return -1
     if nt > 1 and lines >= 2:
         nt = <int>min(<int64_t>nt, lines)
         with nogil, parallel(num_threads=nt):
@@ -109,25 +138,4 @@ def scatter_add(const real[:, ::1] grad, const index_t[:, ::1] idx,
             for n in range(N):
                 for t in range(T):
                     _add(&out[base[t] + idx[n, t] * dims[t]], &grad[n, cols[t]], dims[t])
-
-
-def check_range(const index_t[:, ::1] idx, const int64_t[::1] sizes):
-    """(n, t) of the first index outside [0, sizes[t]), or (-1, -1)."""
-    cdef int64_t n, t, T = idx.shape[1]
-    cdef int64_t bad = idx.shape[0]
-    cdef int64_t v
-    with nogil:
-        for n in range(idx.shape[0]):
-            for t in range(T):
-                v = idx[n, t]
-                if v < 0 or v >= sizes[t]:
-                    bad = n
-                    break
-            if bad < idx.shape[0]:
-                break
-    if bad == idx.shape[0]:
-        return -1, -1
-    for t in range(T):
-        if idx[bad, t] < 0 or idx[bad, t] >= sizes[t]:
-            return bad, t
-    return bad, 0
+    return -1

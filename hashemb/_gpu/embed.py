@@ -14,7 +14,7 @@ _LAYOUTS = {}
 
 def _device_layout(be, layout):
     """(base, dims, cols, ctab) of a packed layout on the current device, cached."""
-    base, dims, cols, sizes, size, total = layout
+    base, dims, cols, sizes = layout[:4]
     key = (be.key, be.current_device(), tuple(sizes.tolist()), tuple(dims.tolist()))
     hit = _LAYOUTS.get(key)
     if hit is None:
@@ -35,9 +35,8 @@ def _rows(be, indices, layout, single, name="indices"):
         raise TypeError(f"{name}: expected an int32 or int64 array, got dtype {idx.dtype}")
     idx = be.xp.ascontiguousarray(idx)
     T = sizes.shape[0]
-    if not single and (idx.ndim != 2 or idx.shape[1] != T):
-        raise ValueError(f"indices: expected shape (B, {T}) (one column per table), "
-                         f"got {idx.shape}")
+    if not single:
+        V.check_table_columns(idx, T, name)
     flat = idx.reshape(-1, T)
     if RT.OPTIONS["check_indices"] and flat.size:
         res = be.xp.full(1, np.uint64(np.iinfo(np.uint64).max), np.uint64)
@@ -46,11 +45,7 @@ def _rows(be, indices, layout, single, name="indices"):
                   [flat, i64(flat.shape[0]), i64(T), dsizes, res])
         bad = int(be.to_host(res)[0])
         if bad != np.iinfo(np.uint64).max:
-            n, t = divmod(bad, T)
-            pos = np.unravel_index(bad, idx.shape)
-            where = "" if T == 1 else f" (table {t})"
-            raise IndexError(f"{name}[{', '.join(map(str, pos))}]: expected 0 <= index < "
-                             f"{sizes[t]}{where}, got {int(flat[n, t])}")
+            raise V.index_error(idx, bad, sizes, name)
     return idx, flat
 
 

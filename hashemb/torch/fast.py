@@ -2,47 +2,71 @@
 hashemb's plain-lookup kernels (:func:`hashemb.embedding`,
 :func:`hashemb.multi_embedding`)."""
 
+import numpy as np
 import torch
 
+from .. import _validate as V
 from .. import lookup as _lookup
 from ._function import as_any_array, as_tensor, device_context
 
 
+_FLOATS = (torch.float32, torch.float64)
+
+
 class _MultiLookup(torch.autograd.Function):
-    """out = multi_embedding(indices, weight); d weight = its backward (dense)."""
+    """out = multi_embedding(indices, weight); d weight = its backward (dense).
+
+    CPU tensors go straight to the kernels (hashemb.lookup._gather/_scatter,
+    range check fused in): at batch 128 a step costs ~50 us in torch, and the
+    generic checks would add as much again. CUDA tensors take the public
+    functions' CuPy path."""
 
     @staticmethod
-    def forward(ctx, weight, indices, sizes, dims, single):
-        with device_context(weight):
-            w, idx = as_any_array(weight, "weight"), as_any_array(indices, "indices")
-            if single:
-                out = _lookup.embedding(idx, w.reshape(sizes, dims))
-            else:
-                out = _lookup.multi_embedding(idx, w, sizes, dims)
+    def forward(ctx, weight, indices, layout, single):
         ctx.save_for_backward(indices)
-        ctx.layout = (sizes, dims, single, weight.shape)
-        return as_tensor(out)
+        ctx.layout, ctx.single, ctx.shape = layout, single, weight.shape
+        if weight.device.type == "cuda" or indices.device.type == "cuda":
+            with device_context(weight):
+                w, idx = as_any_array(weight, "weight"), as_any_array(indices, "indices")
+                sizes, dims = layout.sizes, layout.dims
+                if single:
+                    out = _lookup.embedding(idx, w.reshape(int(sizes[0]), int(dims[0])))
+                else:
+                    out = _lookup.multi_embedding(idx, w, sizes, dims)
+            return as_tensor(out)
+        if weight.dtype not in _FLOATS:
+            raise TypeError(f"weight: expected a float32 or float64 parameter, got {weight.dtype}")
+        # reshape copies a non-contiguous weight: the kernel reads a flat buffer
+        w = weight.detach().numpy().reshape(-1)
+        return torch.from_numpy(_lookup._gather(layout, w, indices.numpy(), single))
 
     @staticmethod
     def backward(ctx, grad):
-        (indices,) = ctx.saved_tensors
-        sizes, dims, single, shape = ctx.layout
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
-        with device_context(grad):
-            g, idx = as_any_array(grad.contiguous(), "grad"), as_any_array(indices, "indices")
-            if single:
-                dw = _lookup.embedding_backward(g, idx, sizes)
-            else:
-                dw = _lookup.multi_embedding_backward(g, idx, sizes, dims)
-        return as_tensor(dw).reshape(shape), None, None, None, None
+            return None, None, None, None
+        (indices,) = ctx.saved_tensors
+        layout = ctx.layout
+        if grad.device.type == "cuda":
+            with device_context(grad):
+                g, idx = as_any_array(grad.contiguous(), "grad"), as_any_array(indices, "indices")
+                sizes, dims = layout.sizes, layout.dims
+                if ctx.single:
+                    dw = _lookup.embedding_backward(g, idx, int(sizes[0]))
+                else:
+                    dw = _lookup.multi_embedding_backward(g, idx, sizes, dims)
+            return as_tensor(dw).reshape(ctx.shape), None, None, None
+        g = np.ascontiguousarray(grad.detach().resolve_neg().numpy()).reshape(-1, layout.total)
+        dw = _lookup._scatter(layout, g, indices.numpy())
+        return torch.from_numpy(dw.reshape(ctx.shape)), None, None, None
 
 
-def _index_tensor(x):
+def _index_tensor(x, T=None):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"input: expected a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"input: expected an int32 or int64 tensor, got {x.dtype}")
+    if T is not None:
+        V.check_table_columns(x, T, "input")
     return x.contiguous()
 
 
@@ -71,7 +95,7 @@ class FastEmbedding(torch.nn.Module):
     def __init__(self, num_embeddings, embedding_dim, _weight=None, dtype=None):
         super().__init__()
         self.num_embeddings, self.embedding_dim = int(num_embeddings), int(embedding_dim)
-        _lookup._layout(self.num_embeddings, self.embedding_dim)      # validates
+        self._layout = _lookup._layout(self.num_embeddings, self.embedding_dim)  # validates
         shape = (self.num_embeddings, self.embedding_dim)
         if _weight is None:
             _weight = torch.randn(shape, dtype=dtype or torch.float32)
@@ -80,8 +104,7 @@ class FastEmbedding(torch.nn.Module):
         self.weight = torch.nn.Parameter(_weight)
 
     def forward(self, input):
-        return _MultiLookup.apply(self.weight, _index_tensor(input), self.num_embeddings,
-                                  self.embedding_dim, True)
+        return _MultiLookup.apply(self.weight, _index_tensor(input), self._layout, True)
 
     def extra_repr(self):
         return f"{self.num_embeddings}, {self.embedding_dim}"
@@ -112,7 +135,8 @@ class FastMultiEmbedding(torch.nn.Module):
 
     def __init__(self, sizes, dims, _weight=None, dtype=None):
         super().__init__()
-        size = _lookup._layout(sizes, dims)[4]
+        self._layout = _lookup._layout(sizes, dims)
+        size = self._layout.size
         self.sizes, self.dims = tuple(int(n) for n in sizes), tuple(int(d) for d in dims)
         if _weight is None:
             _weight = torch.randn(size, dtype=dtype or torch.float32)
@@ -121,7 +145,8 @@ class FastMultiEmbedding(torch.nn.Module):
         self.weight = torch.nn.Parameter(_weight.reshape(size))
 
     def forward(self, input):
-        return _MultiLookup.apply(self.weight, _index_tensor(input), self.sizes, self.dims, False)
+        return _MultiLookup.apply(self.weight, _index_tensor(input, len(self.sizes)),
+                                  self._layout, False)
 
     def unpacked(self):
         """Views of the packed weight, one ``(sizes[t], dims[t])`` tensor per table."""
