@@ -1,6 +1,8 @@
 """hashemb: compressed embedding tables (ROBE-Z, HashedNet, FullTable baseline) as
 fast array functions. NumPy arrays run on Cython + OpenMP kernels, CuPy arrays
 on CUDA kernels compiled at run time (CuPy is imported only when one arrives)."""
+import sys
+
 from .bag import embedding_bag, embedding_bag_backward, embedding_bags, embedding_bags_backward
 from .lookup import (embedding, embedding_backward, multi_embedding,
                         multi_embedding_backward, unpack)
@@ -35,15 +37,19 @@ def set_gpu_options(**options):
 
 def show_config():
     """What this build has: a dict (also printed) with the version, OpenMP and
-    its thread count, and the GPU backend's state (CuPy version and device,
-    or why it is not available)."""
+    its thread count, the GPU backend's state (CuPy version and device, or
+    why it is not available) and whether FastEmbedding's native torch op is
+    built in this process."""
     from ._cpu import _slots
     from ._gpu import info as gpu_info
+    native = sys.modules.get("hashemb.torch._native")   # never imports torch itself
     info = {
         "version": __version__,
         "openmp": _slots.has_openmp(),
         "threads": _slots.max_threads(),
         "gpu": gpu_info(),
+        # FastEmbedding's native CPU op, built on first use
+        "torch op": native.status() if native else "hashemb.torch not imported",
     }
     for k, v in info.items():
         print(f"{k:8s} {v}")

@@ -1,11 +1,31 @@
 """FastEmbedding / FastMultiEmbedding against torch.nn.Embedding itself."""
+import os
+
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-from hashemb.torch import FastEmbedding, FastMultiEmbedding  # noqa: E402
+from hashemb.torch import FastEmbedding, FastMultiEmbedding, _native  # noqa: E402
+
+
+@pytest.fixture(params=["native", "python"], scope="module", autouse=True)
+def path(request):
+    """Every test twice: through the native C++ op (built here on first use;
+    CI must build it) and through the Python autograd.Function fallback."""
+    if request.param == "native":
+        if os.environ.get("HASHEMB_TORCH_NATIVE", "1") == "0":
+            pytest.skip("HASHEMB_TORCH_NATIVE=0")
+        assert _native.module() is not None, _native.status()
+        yield "native"
+        return
+    saved = dict(_native._state)
+    _native._state.update(module=None, status="disabled (test)")
+    try:
+        yield "python"
+    finally:
+        _native._state.update(saved)
 
 
 @settings(max_examples=30, deadline=None)
@@ -70,8 +90,9 @@ def test_gradcheck():
 
 def _apply(w, x, sizes, dims, single):
     from hashemb.lookup import _layout
-    from hashemb.torch.fast import _MultiLookup
-    return _MultiLookup.apply(w, x, _layout(sizes, dims), single)
+    from hashemb.torch.fast import _lookup_apply
+    lay = _layout(sizes, dims)
+    return _lookup_apply(w, x, lay, torch.tensor(lay.packed), single)
 
 
 def test_errors_and_training_step():

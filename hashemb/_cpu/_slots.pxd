@@ -62,7 +62,7 @@ cdef extern from "hashemb/slots.h" nogil:
     const void* he_row_hint(const he_scheme* s, int64_t table, int64_t token)
     const void* he_row_data(const he_scheme* s, const he_row* r)
 
-cdef extern from "_openmp.h" nogil:
+cdef extern from "hashemb/openmp.h" nogil:
     int he_max_threads()
     int he_has_openmp()
 

@@ -34,7 +34,7 @@ ctypedef fused real:
     float
     double
 
-cdef extern from "_openmp.h" nogil:
+cdef extern from "hashemb/openmp.h" nogil:
     int he_max_threads()
     int he_has_openmp()
 

@@ -1,25 +1,48 @@
 """Drop-in ``torch.nn.Embedding`` replacements whose lookups and gradients run in
 hashemb's plain-lookup kernels (:func:`hashemb.embedding`,
-:func:`hashemb.multi_embedding`)."""
+:func:`hashemb.multi_embedding`): on the CPU through a native C++ autograd
+function over the same kernels (hashemb/torch/_native.cpp, built on first
+use), on CUDA through the CuPy kernels."""
 
 import numpy as np
 import torch
 
 from .. import _validate as V
 from .. import lookup as _lookup
+from . import _native
 from ._function import as_any_array, as_tensor, device_context
 
 
 _FLOATS = (torch.float32, torch.float64)
 
 
+def _lookup_apply(weight, indices, layout, layout_t, single):
+    """The lookup with autograd: the native C++ function for CPU tensors when
+    it is built (hashemb/torch/_native.cpp), else the Python one below."""
+    if weight.device.type == "cpu" and indices.device.type == "cpu":
+        native = _native.module()
+        if native is not None:
+            if weight.dtype not in _FLOATS:
+                raise TypeError(f"weight: expected a float32 or float64 parameter, "
+                                f"got {weight.dtype}")
+            try:
+                return native.lookup(weight, indices, layout_t, layout.size, layout.total, single)
+            except IndexError as e:
+                bad = _native.bad_index(e)
+                if bad is None:
+                    raise
+                raise V.index_error(indices.numpy(), bad, layout.sizes) from None
+    return _MultiLookup.apply(weight, indices, layout, single)
+
+
 class _MultiLookup(torch.autograd.Function):
     """out = multi_embedding(indices, weight); d weight = its backward (dense).
 
-    CPU tensors go straight to the kernels (hashemb.lookup._gather/_scatter,
-    range check fused in): at batch 128 a step costs ~50 us in torch, and the
-    generic checks would add as much again. CUDA tensors take the public
-    functions' CuPy path."""
+    The path for CUDA tensors (the public functions' CuPy kernels) and the
+    CPU fallback when the native op is not built: CPU tensors go straight to
+    the kernels (hashemb.lookup._gather/_scatter, range check fused in),
+    skipping the public functions' generic checks, which at batch 128 would
+    cost as much as torch's whole step."""
 
     @staticmethod
     def forward(ctx, weight, indices, layout, single):
@@ -96,6 +119,7 @@ class FastEmbedding(torch.nn.Module):
         super().__init__()
         self.num_embeddings, self.embedding_dim = int(num_embeddings), int(embedding_dim)
         self._layout = _lookup._layout(self.num_embeddings, self.embedding_dim)  # validates
+        self._layout_t = torch.tensor(self._layout.packed)
         shape = (self.num_embeddings, self.embedding_dim)
         if _weight is None:
             _weight = torch.randn(shape, dtype=dtype or torch.float32)
@@ -104,7 +128,7 @@ class FastEmbedding(torch.nn.Module):
         self.weight = torch.nn.Parameter(_weight)
 
     def forward(self, input):
-        return _MultiLookup.apply(self.weight, _index_tensor(input), self._layout, True)
+        return _lookup_apply(self.weight, _index_tensor(input), self._layout, self._layout_t, True)
 
     def extra_repr(self):
         return f"{self.num_embeddings}, {self.embedding_dim}"
@@ -136,6 +160,7 @@ class FastMultiEmbedding(torch.nn.Module):
     def __init__(self, sizes, dims, _weight=None, dtype=None):
         super().__init__()
         self._layout = _lookup._layout(sizes, dims)
+        self._layout_t = torch.tensor(self._layout.packed)
         size = self._layout.size
         self.sizes, self.dims = tuple(int(n) for n in sizes), tuple(int(d) for d in dims)
         if _weight is None:
@@ -145,8 +170,8 @@ class FastMultiEmbedding(torch.nn.Module):
         self.weight = torch.nn.Parameter(_weight.reshape(size))
 
     def forward(self, input):
-        return _MultiLookup.apply(self.weight, _index_tensor(input, len(self.sizes)),
-                                  self._layout, False)
+        return _lookup_apply(self.weight, _index_tensor(input, len(self.sizes)),
+                             self._layout, self._layout_t, False)
 
     def unpacked(self):
         """Views of the packed weight, one ``(sizes[t], dims[t])`` tensor per table."""

@@ -1,0 +1,99 @@
+// FastEmbedding / FastMultiEmbedding's CPU lookup as a C++ autograd function
+// over hashemb/embed.h's kernels (the ones hashemb._cpu._embed runs).
+//
+// Why C++: at batch 128 torch's whole nn.Embedding step costs ~100 us, and a
+// Python torch.autograd.Function adds ~40 us of interpreter work around
+// kernels that take 3-5 us. Built on first use by torch.utils.cpp_extension
+// (hashemb/torch/_native.py); without a compiler the modules fall back to the
+// Python function. Checks that Python already made (layout, index dtype,
+// shapes) are not repeated; a bad index throws IndexError carrying
+// "hashemb-bad-index=<flat position>", which the Python side words like every
+// other hashemb IndexError.
+#include <torch/extension.h>
+
+#include <vector>
+
+#include "hashemb/embed.h"
+
+using torch::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+namespace {
+
+void throw_bad_index(int64_t bad)
+{
+    TORCH_CHECK_INDEX(false, "hashemb-bad-index=", bad);
+}
+
+Tensor gather(const Tensor& weight, const Tensor& indices, const Tensor& layout, int64_t total,
+              bool single)
+{
+    const int64_t T = layout.size(1), N = indices.numel() / T;
+    std::vector<int64_t> shape = single ? indices.sizes().vec() : std::vector<int64_t>{N};
+    shape.push_back(total);
+    Tensor w = weight.contiguous();
+    Tensor out = torch::empty(shape, w.options());
+    int64_t bad = -1;
+    AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "hashemb_gather", [&] {
+        AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "hashemb_gather", [&] {
+            bad = he_embed_gather(w.data_ptr<scalar_t>(), indices.data_ptr<index_t>(), N, T,
+                                  layout.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), total);
+        });
+    });
+    if (bad >= 0)
+        throw_bad_index(bad);
+    return out;
+}
+
+Tensor scatter(const Tensor& grad, const Tensor& indices, const Tensor& layout, int64_t size)
+{
+    const int64_t T = layout.size(1), N = indices.numel() / T;
+    Tensor g = grad.contiguous();
+    Tensor out = torch::empty({size}, g.options());
+    int64_t bad = -1;
+    AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "hashemb_scatter", [&] {
+        AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "hashemb_scatter", [&] {
+            bad = he_embed_scatter(g.data_ptr<scalar_t>(), indices.data_ptr<index_t>(), N, T,
+                                   N ? g.numel() / N : 0, layout.data_ptr<int64_t>(),
+                                   out.data_ptr<scalar_t>(), size, 1);
+        });
+    });
+    if (bad >= 0)
+        throw_bad_index(bad);
+    return out;
+}
+
+struct Lookup : public torch::autograd::Function<Lookup> {
+    static Tensor forward(AutogradContext* ctx, const Tensor& weight, const Tensor& indices,
+                          const Tensor& layout, int64_t size, int64_t total, bool single)
+    {
+        ctx->save_for_backward({indices, layout});
+        ctx->saved_data["shape"] = weight.sizes();   // its product is the layout's size
+        return gather(weight, indices, layout, total, single);
+    }
+
+    static variable_list backward(AutogradContext* ctx, variable_list grads)
+    {
+        variable_list saved = ctx->get_saved_variables();
+        std::vector<int64_t> shape = ctx->saved_data["shape"].toIntVector();
+        int64_t size = 1;
+        for (int64_t s : shape)
+            size *= s;
+        Tensor dw = scatter(grads[0], saved[0], saved[1], size);
+        return {dw.view(shape), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    }
+};
+
+Tensor lookup(const Tensor& weight, const Tensor& indices, const Tensor& layout, int64_t size,
+              int64_t total, bool single)
+{
+    return Lookup::apply(weight, indices, layout, size, total, single);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)
+{
+    m.def("lookup", &lookup, "FastEmbedding's CPU lookup with its backward (hashemb/embed.h)");
+}

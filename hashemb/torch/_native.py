@@ -1,0 +1,79 @@
+"""The native torch op of FastEmbedding / FastMultiEmbedding (_native.cpp),
+built on first use with torch.utils.cpp_extension (about 30 s, once): cached
+under ``$HASHEMB_CACHE`` (default ``~/.cache/hashemb``) in a folder named by a
+hash of the sources, the torch version and the Python ABI, so an edit or a
+new torch builds a new one and never loads a stale one.
+
+``HASHEMB_TORCH_NATIVE=0`` skips it. When it cannot be built (no C++
+compiler or ninja) the modules run through a Python autograd.Function with
+the same kernels and results, slower at small batches, and a warning says so
+once.
+"""
+import hashlib
+import os
+import re
+import sys
+import sysconfig
+import threading
+import warnings
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_INCLUDE = os.path.join(os.path.dirname(_HERE), "_include")
+_BAD = re.compile(r"hashemb-bad-index=(\d+)")
+
+_lock = threading.Lock()
+_state = {"module": None, "status": "not built yet"}
+
+
+def module():
+    """The built extension, or None (disabled or failed: see :func:`status`)."""
+    if _state["module"] is not None or _state["status"] != "not built yet":
+        return _state["module"]
+    with _lock:
+        if _state["status"] == "not built yet":
+            _build()
+    return _state["module"]
+
+
+def status():
+    """'built', 'not built yet', 'disabled (HASHEMB_TORCH_NATIVE=0)' or 'failed: ...'."""
+    return _state["status"]
+
+
+def _build():
+    if os.environ.get("HASHEMB_TORCH_NATIVE", "1") == "0":
+        _state["status"] = "disabled (HASHEMB_TORCH_NATIVE=0)"
+        return
+    try:
+        import torch
+        from torch.utils.cpp_extension import load
+        sources = [os.path.join(_HERE, "_native.cpp"),
+                   os.path.join(_INCLUDE, "hashemb", "embed.h"),
+                   os.path.join(_INCLUDE, "hashemb", "openmp.h")]
+        h = hashlib.sha256(f"{torch.__version__} {sysconfig.get_config_var('SOABI')}".encode())
+        for path in sources:
+            with open(path, "rb") as f:
+                h.update(f.read())
+        root = os.environ.get("HASHEMB_CACHE") or os.path.join(
+            os.path.expanduser("~"), ".cache", "hashemb")
+        build = os.path.join(root, "torch-native-" + h.hexdigest()[:16])
+        os.makedirs(build, exist_ok=True)
+        if not any(f.endswith(".so") for f in os.listdir(build)):
+            print("hashemb: building the native torch op for FastEmbedding (once, ~30 s) "
+                  f"in {build}", file=sys.stderr, flush=True)
+        _state["module"] = load(
+            "hashemb_native", sources[:1], extra_include_paths=[_INCLUDE],
+            extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+            build_directory=build, verbose=False)
+        _state["status"] = "built"
+    except Exception as e:          # no compiler, no ninja, headers missing: run in Python
+        _state["status"] = f"failed: {type(e).__name__}: {str(e).strip().splitlines()[-1]}"
+        warnings.warn(f"hashemb: the native torch op did not build ({_state['status']}); "
+                      "FastEmbedding runs through a Python autograd.Function (same results, "
+                      "~40 us more per step)", RuntimeWarning, stacklevel=3)
+
+
+def bad_index(error):
+    """The flat position a native IndexError reports, or None if it is not ours."""
+    m = _BAD.search(str(error))
+    return int(m.group(1)) if m else None
