@@ -11,6 +11,8 @@ Ratios are torch time / hashemb time (above 1: hashemb faster), measured
 alternately in the same process with the same inputs.
 """
 import argparse
+import json
+import os
 import time
 
 import matplotlib
@@ -164,7 +166,11 @@ def main(argv=None):
     multi_rows, sizes, dims = multi(batches, args.budget, rng)
     summary(rows, multi_rows, sizes, dims)
     heat_map(rows, args.out)
-    print(f"\nwrote {args.out}")
+    table = os.path.splitext(args.out)[0] + ".json"
+    with open(table, "w") as f:
+        json.dump(dict(torch=torch.__version__, threads=torch.get_num_threads(), single=rows,
+                       multi=multi_rows, sizes=sizes, dims=dims), f, indent=1)
+    print(f"\nwrote {args.out} and {table} (every cell's timings)")
     return rows, multi_rows
 
 

@@ -11,6 +11,8 @@
 // other hashemb IndexError.
 #include <torch/extension.h>
 
+#include <cstdlib>
+#include <new>
 #include <vector>
 
 #include "hashemb/embed.h"
@@ -50,13 +52,17 @@ Tensor scatter(const Tensor& grad, const Tensor& indices, const Tensor& layout, 
 {
     const int64_t T = layout.size(1), N = indices.numel() / T;
     Tensor g = grad.contiguous();
-    Tensor out = torch::empty({size}, g.options());
+    // calloc, not torch::zeros: see he_embed_scatter (only written pages fault)
+    void* buf = std::calloc((size_t)(size > 0 ? size : 1), g.element_size());
+    if (buf == nullptr)
+        throw std::bad_alloc();
+    Tensor out = torch::from_blob(buf, {size}, [](void* p) { std::free(p); }, g.options());
     int64_t bad = -1;
     AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "hashemb_scatter", [&] {
         AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "hashemb_scatter", [&] {
             bad = he_embed_scatter(g.data_ptr<scalar_t>(), indices.data_ptr<index_t>(), N, T,
                                    N ? g.numel() / N : 0, layout.data_ptr<int64_t>(),
-                                   out.data_ptr<scalar_t>(), size, 1);
+                                   out.data_ptr<scalar_t>(), size);
         });
     });
     if (bad >= 0)
