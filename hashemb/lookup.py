@@ -162,9 +162,9 @@ def _gather(layout, w, idx, single):
 def _scatter(layout, g, idx):
     """The CPU backward on checked arrays (as :func:`_gather`): ``g``
     contiguous of shape (rows of idx, total width); a new flat gradient of the
-    layout's size (calloc'd, so untouched pages of a large table cost
-    nothing)."""
-    out = _cpu_kernels().zeros(layout.size, g.dtype)
+    layout's size."""
+    T = layout.sizes.shape[0]
+    out = _cpu_kernels().grad_buffer(layout.size, g.dtype, idx.size, layout.total // T)
     bad = _kernel("scatter_add", g.dtype, idx.dtype)(
         g, idx.reshape(-1, layout.sizes.shape[0]), layout.packed, out)
     if bad >= 0:

@@ -6,7 +6,7 @@ thin typed entry points to hashemb/embed.h, whose kernels the native torch op
 rows base, dims, cols, sizes (see the header)."""
 from cython.view cimport array as cvarray
 from libc.stdint cimport int32_t, int64_t
-from libc.stdlib cimport calloc, free
+from libc.stdlib cimport free
 
 import numpy as np
 
@@ -20,6 +20,7 @@ ctypedef fused index_t:
 
 
 cdef extern from "hashemb/embed.h" nogil:
+    void* he_embed_grad_buffer(int64_t S, size_t el, int64_t rows, int64_t row_floats)
     int64_t he_embed_gather[R, I](const R* W, const I* idx, int64_t N, int64_t T,
                                   const int64_t* layout, R* out, int64_t total)
     int64_t he_embed_scatter[R, I](const R* grad, const I* idx, int64_t N, int64_t T,
@@ -46,7 +47,7 @@ def gather(const real[::1] W, const index_t[:, ::1] idx, const int64_t[:, ::1] l
 def scatter_add(const real[:, ::1] grad, const index_t[:, ::1] idx,
                 const int64_t[:, ::1] layout, real[::1] out):
     """out[base[t] + idx[n, t]*dims[t] + i] += grad[n, cols[t] + i] for every n, t, i
-    (``out`` from :func:`zeros`: see hashemb/embed.h). Returns -1, or (nothing
+    (``out`` from :func:`grad_buffer`). Returns -1, or (nothing
     written) the flat position of the first index outside its table, as gather."""
     cdef int64_t N = idx.shape[0], T = idx.shape[1], bad
     cdef const real* g = &grad[0, 0] if N and grad.shape[1] else NULL
@@ -57,15 +58,14 @@ def scatter_add(const real[:, ::1] grad, const index_t[:, ::1] idx,
     return bad
 
 
-def zeros(int64_t n, dtype):
-    """A zeroed 1-D array of n floats straight from calloc. np.zeros asks the
-    kernel for transparent huge pages above 4 MB, so one scattered row zeroes
-    a whole 2 MB page: a 51 MB gradient touched in 128 rows costs 2.9 ms that
-    way, 0.2 ms in 4 KB pages."""
+def grad_buffer(int64_t n, dtype, int64_t rows, int64_t row_floats):
+    """A zeroed 1-D array of n floats for a dense gradient that ``rows`` row
+    writes of ``row_floats`` floats will touch (hashemb/embed.h says how it
+    is allocated and why)."""
     dt = np.dtype(dtype)
     cdef cvarray a = cvarray(shape=(max(n, 1),), itemsize=dt.itemsize, format=dt.char,
                              mode="c", allocate_buffer=False)
-    a.data = <char*>calloc(max(n, 1), dt.itemsize)
+    a.data = <char*>he_embed_grad_buffer(n, dt.itemsize, rows, row_floats)
     if a.data == NULL:
         raise MemoryError(f"{n} floats for a gradient")
     a.callback_free_data = free

@@ -52,8 +52,8 @@ Tensor scatter(const Tensor& grad, const Tensor& indices, const Tensor& layout, 
 {
     const int64_t T = layout.size(1), N = indices.numel() / T;
     Tensor g = grad.contiguous();
-    // calloc, not torch::zeros: see he_embed_scatter (only written pages fault)
-    void* buf = std::calloc((size_t)(size > 0 ? size : 1), g.element_size());
+    // not torch::zeros: which pages the rows touch decides how to zero (embed.h)
+    void* buf = he_embed_grad_buffer(size, g.element_size(), indices.numel(), N ? g.numel() / N / T : 0);
     if (buf == nullptr)
         throw std::bad_alloc();
     Tensor out = torch::from_blob(buf, {size}, [](void* p) { std::free(p); }, g.options());

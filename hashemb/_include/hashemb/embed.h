@@ -21,7 +21,11 @@
 #define HASHEMB_EMBED_H
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #include "hashemb/openmp.h"
 
@@ -74,11 +78,40 @@ static inline void he_embed_add(R* dst, const R* src, int64_t d)
         dst[i] += src[i];
 }
 
-/* out[base[t] + idx[n, t] dims[t] + i] += grad[n, cols[t] + i] for every n, t, i.
- * Callers hand in a calloc'd `out` (np.zeros, or calloc in the torch op): a
- * large table's gradient then costs page faults only where rows are written,
- * where zeroing it first costs a fault and a write on every page (51 MB:
- * 4-15 ms against 0.1 ms at batch 128 on the 2-core test machine). */
+/* A zeroed buffer of S floats of `el` bytes for a dense gradient that `rows`
+ * row writes of `total / T`-float rows will touch; release with free().
+ * Which pages a gradient touches decides its cost, not its size:
+ * - few rows (the estimate below a quarter of the 4 KB pages): calloc, whose
+ *   fresh pages fault in, zeroed, only where a row lands (51 MB table, 128
+ *   rows: 0.2 ms, where zeroing it all takes 5-15 ms);
+ * - many rows: 2 MB-aligned huge pages zeroed by every thread, since faulting
+ *   every 4 KB page of a table on first write (two threads contending for the
+ *   kernel's page lock) is slower than zeroing it in 2 MB pages: 106 ms vs
+ *   ~6 ms at 51 MB. */
+static void* he_embed_grad_buffer(int64_t S, size_t el, int64_t rows, int64_t row_floats)
+{
+    const size_t bytes = (size_t)(S > 0 ? S : 1) * el, page = 4096, huge = (size_t)2 << 20;
+    size_t touched = (size_t)rows * ((size_t)row_floats * el > page ? (size_t)row_floats * el : page);
+    if (touched < bytes / 4 || bytes < 2 * huge)
+        return calloc(bytes / el, el);
+    size_t padded = (bytes + huge - 1) / huge * huge;
+    char* p = (char*)aligned_alloc(huge, padded);
+    if (p == NULL)
+        return NULL;
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    madvise(p, padded, MADV_HUGEPAGE);
+#endif
+    const int64_t chunks = (int64_t)(padded / huge);
+    int nt = he_embed_threads((int64_t)(bytes / el));
+    (void)nt;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t c = 0; c < chunks; c++)
+        memset(p + c * huge, 0, huge);
+    return p;
+}
+
+/* out[base[t] + idx[n, t] dims[t] + i] += grad[n, cols[t] + i] for every n, t, i,
+ * into a zeroed `out` of S floats (from he_embed_grad_buffer). */
 template <typename R, typename I>
 static int64_t he_embed_scatter(const R* grad, const I* idx, int64_t N, int64_t T, int64_t total,
                                 const int64_t* layout, R* out, int64_t S)
