@@ -6,7 +6,6 @@ thin typed entry points to hashemb/embed.h, whose kernels the native torch op
 rows base, dims, cols, sizes (see the header)."""
 from cython.view cimport array as cvarray
 from libc.stdint cimport int32_t, int64_t
-from libc.stdlib cimport free
 
 import numpy as np
 
@@ -21,6 +20,7 @@ ctypedef fused index_t:
 
 cdef extern from "hashemb/embed.h" nogil:
     void* he_embed_grad_buffer(int64_t S, size_t el, int64_t rows, int64_t row_floats)
+    void he_embed_grad_free(void* data)
     int64_t he_embed_gather[R, I](const R* W, const I* idx, int64_t N, int64_t T,
                                   const int64_t* layout, R* out, int64_t total)
     int64_t he_embed_scatter[R, I](const R* grad, const I* idx, int64_t N, int64_t T,
@@ -68,5 +68,5 @@ def grad_buffer(int64_t n, dtype, int64_t rows, int64_t row_floats):
     a.data = <char*>he_embed_grad_buffer(n, dt.itemsize, rows, row_floats)
     if a.data == NULL:
         raise MemoryError(f"{n} floats for a gradient")
-    a.callback_free_data = free
+    a.callback_free_data = he_embed_grad_free
     return np.asarray(a)[:n]

@@ -11,7 +11,6 @@
 // other hashemb IndexError.
 #include <torch/extension.h>
 
-#include <cstdlib>
 #include <new>
 #include <vector>
 
@@ -56,7 +55,7 @@ Tensor scatter(const Tensor& grad, const Tensor& indices, const Tensor& layout, 
     void* buf = he_embed_grad_buffer(size, g.element_size(), indices.numel(), N ? g.numel() / N / T : 0);
     if (buf == nullptr)
         throw std::bad_alloc();
-    Tensor out = torch::from_blob(buf, {size}, [](void* p) { std::free(p); }, g.options());
+    Tensor out = torch::from_blob(buf, {size}, [](void* p) { he_embed_grad_free(p); }, g.options());
     int64_t bad = -1;
     AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "hashemb_scatter", [&] {
         AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "hashemb_scatter", [&] {

@@ -78,36 +78,81 @@ static inline void he_embed_add(R* dst, const R* src, int64_t d)
         dst[i] += src[i];
 }
 
-/* A zeroed buffer of S floats of `el` bytes for a dense gradient that `rows`
- * row writes of `total / T`-float rows will touch; release with free().
- * Which pages a gradient touches decides its cost, not its size:
- * - few rows (the estimate below a quarter of the 4 KB pages): calloc, whose
- *   fresh pages fault in, zeroed, only where a row lands (51 MB table, 128
- *   rows: 0.2 ms, where zeroing it all takes 5-15 ms);
- * - many rows: 2 MB-aligned huge pages zeroed by every thread, since faulting
- *   every 4 KB page of a table on first write (two threads contending for the
- *   kernel's page lock) is slower than zeroing it in 2 MB pages: 106 ms vs
- *   ~6 ms at 51 MB. */
+/* Dense gradients: which pages the rows touch decides the cost, not the size.
+ * A buffer comes from fresh anonymous pages (zero without a memset) when it
+ * is large: in 4 KB pages when the rows written cover under 1/HE_EMBED_SPARSE
+ * of it (a 51 MB table, 128 rows: 0.2 ms of page faults, where zeroing it all
+ * takes 5-15 ms), else in 2 MB huge pages faulted in by every thread (one
+ * fault per 2 MB: faulting every 4 KB page of the table from two threads took
+ * 106 ms at 51 MB). Small buffers come from malloc + memset (warm heap). The
+ * header in the 64 bytes before the data says how to release it
+ * (he_embed_grad_free). glibc's calloc cannot be trusted with this: it
+ * memsets a recycled heap chunk or hands out fresh pages depending on its
+ * history. */
+#ifndef HE_EMBED_SPARSE
+#define HE_EMBED_SPARSE 8
+#endif
+#define HE_EMBED_HDR 64
+#define HE_EMBED_HUGE ((size_t)2 << 20)
+
+typedef struct {
+    void* base;
+    size_t length; /* 0: malloc'd */
+} he_embed_hdr;
+
 static void* he_embed_grad_buffer(int64_t S, size_t el, int64_t rows, int64_t row_floats)
 {
-    const size_t bytes = (size_t)(S > 0 ? S : 1) * el, page = 4096, huge = (size_t)2 << 20;
-    size_t touched = (size_t)rows * ((size_t)row_floats * el > page ? (size_t)row_floats * el : page);
-    if (touched < bytes / 4 || bytes < 2 * huge)
-        return calloc(bytes / el, el);
-    size_t padded = (bytes + huge - 1) / huge * huge;
-    char* p = (char*)aligned_alloc(huge, padded);
-    if (p == NULL)
-        return NULL;
+    const size_t bytes = (size_t)(S > 0 ? S : 1) * el, page = 4096;
+    char *base, *data;
+    size_t length = 0;
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-    madvise(p, padded, MADV_HUGEPAGE);
-#endif
-    const int64_t chunks = (int64_t)(padded / huge);
-    int nt = he_embed_threads((int64_t)(bytes / el));
-    (void)nt;
+    if (bytes >= 2 * HE_EMBED_HUGE) {
+        size_t row = (size_t)row_floats * el, touched = (size_t)rows * (row > page ? row : page);
+        int dense = touched >= bytes / HE_EMBED_SPARSE;
+        length = bytes + HE_EMBED_HDR + (dense ? HE_EMBED_HUGE : 0);
+        base = (char*)mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (base == (char*)MAP_FAILED)
+            return NULL;
+        if (dense) {
+            data = (char*)(((uintptr_t)base + HE_EMBED_HDR + HE_EMBED_HUGE - 1) & ~(uintptr_t)(HE_EMBED_HUGE - 1));
+            madvise(data, bytes, MADV_HUGEPAGE);
+            const int64_t pages = (int64_t)((bytes + HE_EMBED_HUGE - 1) / HE_EMBED_HUGE);
+            int nt = he_embed_threads((int64_t)(bytes / el));
+            (void)nt;
 #pragma omp parallel for schedule(static) num_threads(nt)
-    for (int64_t c = 0; c < chunks; c++)
-        memset(p + c * huge, 0, huge);
-    return p;
+            for (int64_t c = 0; c < pages; c++)
+                data[(size_t)c * HE_EMBED_HUGE] = 0;
+        } else {
+            data = base + HE_EMBED_HDR;
+            madvise(base, length, MADV_NOHUGEPAGE);
+        }
+        ((he_embed_hdr*)(data - HE_EMBED_HDR))->base = base;
+        ((he_embed_hdr*)(data - HE_EMBED_HDR))->length = length;
+        return data;
+    }
+#endif
+    (void)rows;
+    (void)row_floats;
+    base = (char*)malloc(bytes + HE_EMBED_HDR);
+    if (base == NULL)
+        return NULL;
+    data = base + HE_EMBED_HDR;
+    memset(data, 0, bytes);
+    ((he_embed_hdr*)base)->base = base;
+    ((he_embed_hdr*)base)->length = 0;
+    return data;
+}
+
+static void he_embed_grad_free(void* data)
+{
+    he_embed_hdr h = *(he_embed_hdr*)((char*)data - HE_EMBED_HDR);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (h.length) {
+        munmap(h.base, h.length);
+        return;
+    }
+#endif
+    free(h.base);
 }
 
 /* out[base[t] + idx[n, t] dims[t] + i] += grad[n, cols[t] + i] for every n, t, i,
@@ -124,6 +169,12 @@ static int64_t he_embed_scatter(const R* grad, const I* idx, int64_t N, int64_t 
         return -1;
     int nt = he_embed_threads(N * total);
     const int64_t lines = (total + HE_EMBED_LINE - 1) / HE_EMBED_LINE;
+    /* Rows written sparsely into a large fresh buffer cost page faults, not
+     * adds, and two threads faulting one process's pages serialise in the
+     * kernel at ~3x the cost each (512 rows into 51 MB: 6.5 ms on two
+     * threads, 1.3 ms on one). */
+    if (S / HE_EMBED_SPARSE > N * total)
+        nt = 1;
     if (nt > 1 && lines >= 2) {
         nt = (int)(lines < nt ? lines : nt);
 #pragma omp parallel num_threads(nt)
