@@ -91,6 +91,39 @@ def test_narrow_rows_split_by_rows():
     np.testing.assert_allclose(he.embedding_backward(g, idx, 5000), want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("rows", [1, 40, 3000, 60000])
+@pytest.mark.parametrize("D", [8, 48])
+def test_large_gradient_buffers(rows, D):
+    # a 12-38 MB gradient: few rows take fresh 4 KB pages and one thread, many
+    # rows pre-faulted huge pages and the column or row split (hashemb/embed.h);
+    # every path must start from zeros and add every row
+    n = 400_000 if D == 8 else 200_000
+    rng = np.random.default_rng(rows)
+    idx = rng.integers(0, n, rows)
+    idx[: rows // 2] = idx[0]                       # a hot row among them
+    g = rng.standard_normal((rows, D)).astype(np.float32)
+    got = he.embedding_backward(g, idx, n)
+    want = np.zeros((n, D))
+    np.add.at(want, idx, g.astype(np.float64))
+    # the hot row sums rows/2 float32 terms in order: its rounding grows with them
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 + 1e-6 * rows)
+
+
+@pytest.mark.parametrize("n,dtype", [(0, np.float32), (7, np.float64), (1 << 20, np.float32),
+                                     (3 << 20, np.float64)])
+@pytest.mark.parametrize("rows", [1, 1 << 20])
+def test_grad_buffer_is_zeroed_and_writable(n, dtype, rows):
+    from hashemb._cpu import _embed
+    a = _embed.grad_buffer(n, dtype, rows, 8)
+    assert a.shape == (n,) and a.dtype == dtype and a.flags.writeable and a.flags.c_contiguous
+    assert not a.any()
+    a[:] = 1
+    assert a.sum() == n
+    del a                                   # a large dense one is kept for reuse:
+    b = _embed.grad_buffer(n, dtype, rows, 8)   # the same size again comes back zeroed
+    assert not b.any()
+
+
 @pytest.mark.parametrize("call,exc,match", [
     (lambda: he.embedding(np.array([3]), np.zeros((3, 2), np.float32)), IndexError, r"indices\[0\]"),
     (lambda: he.embedding(np.array([[0, -1]]), np.zeros((3, 2), np.float32)), IndexError,

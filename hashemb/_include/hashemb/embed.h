@@ -78,56 +78,75 @@ static inline void he_embed_add(R* dst, const R* src, int64_t d)
         dst[i] += src[i];
 }
 
-/* Dense gradients: which pages the rows touch decides the cost, not the size.
- * A buffer comes from fresh anonymous pages (zero without a memset) when it
- * is large: in 4 KB pages when the rows written cover under 1/HE_EMBED_SPARSE
- * of it (a 51 MB table, 128 rows: 0.2 ms of page faults, where zeroing it all
- * takes 5-15 ms), else in 2 MB huge pages faulted in by every thread (one
- * fault per 2 MB: faulting every 4 KB page of the table from two threads took
- * 106 ms at 51 MB). Small buffers come from malloc + memset (warm heap). The
- * header in the 64 bytes before the data says how to release it
- * (he_embed_grad_free). glibc's calloc cannot be trusted with this: it
- * memsets a recycled heap chunk or hands out fresh pages depending on its
- * history. */
+/* Dense gradients: which pages the rows touch decides the cost, not the size
+ * (a fresh page costs a fault, ~3 us in a VM, and two threads faulting one
+ * process's pages serialise in the kernel).
+ * - small (< 4 MB): malloc + memset (glibc recycles warm heap memory);
+ * - large, rows covering under 1/HE_EMBED_SPARSE of it: fresh anonymous
+ *   pages, zero without a memset, faulted only where a row lands (51 MB
+ *   table, 128 rows: 0.2 ms, where zeroing it all takes 5-15 ms);
+ * - large and dense: the last released buffer of the same length if there
+ *   is one (warm pages, zeroed by every thread), else fresh pages faulted in
+ *   by one thread. Huge pages are not asked for: with the kernel's default
+ *   defrag policy an madvise'd region can stall for milliseconds compacting.
+ * One released buffer (at most HE_EMBED_KEEP bytes) is kept for the next
+ * step: a training loop frees its gradient and asks for the same size again,
+ * which is what glibc's heap reuse gives torch below 32 MB. The header in the
+ * 64 bytes before the data says how to release a buffer (he_embed_grad_free).
+ * glibc's calloc cannot be trusted with this choice: it memsets a recycled
+ * chunk or hands out fresh pages depending on its history. */
 #ifndef HE_EMBED_SPARSE
 #define HE_EMBED_SPARSE 8
 #endif
 #define HE_EMBED_HDR 64
-#define HE_EMBED_HUGE ((size_t)2 << 20)
+#define HE_EMBED_LARGE ((size_t)4 << 20)
+#define HE_EMBED_KEEP ((size_t)256 << 20)
 
 typedef struct {
     void* base;
     size_t length; /* 0: malloc'd */
 } he_embed_hdr;
 
+#if defined(__linux__) && defined(MADV_NOHUGEPAGE)
+#define HE_EMBED_MMAP 1
+static char* he_embed_kept;   /* a released mapping (its header at +0), or NULL */
+#endif
+
 static void* he_embed_grad_buffer(int64_t S, size_t el, int64_t rows, int64_t row_floats)
 {
     const size_t bytes = (size_t)(S > 0 ? S : 1) * el, page = 4096;
     char *base, *data;
-    size_t length = 0;
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    if (bytes >= 2 * HE_EMBED_HUGE) {
+#ifdef HE_EMBED_MMAP
+    if (bytes >= HE_EMBED_LARGE) {
+        const size_t length = bytes + HE_EMBED_HDR;
         size_t row = (size_t)row_floats * el, touched = (size_t)rows * (row > page ? row : page);
-        int dense = touched >= bytes / HE_EMBED_SPARSE;
-        length = bytes + HE_EMBED_HDR + (dense ? HE_EMBED_HUGE : 0);
+        if (touched >= bytes / HE_EMBED_SPARSE) {
+            base = __atomic_exchange_n(&he_embed_kept, (char*)NULL, __ATOMIC_ACQ_REL);
+            if (base != NULL && ((he_embed_hdr*)base)->length == length) {
+                data = base + HE_EMBED_HDR;
+                const int64_t chunks = (int64_t)((bytes + page * 16 - 1) / (page * 16));
+                int nt = he_embed_threads((int64_t)(bytes / el));
+                (void)nt;
+#pragma omp parallel for schedule(static) num_threads(nt)
+                for (int64_t c = 0; c < chunks; c++) {
+                    size_t lo = (size_t)c * page * 16, n = bytes - lo < page * 16 ? bytes - lo : page * 16;
+                    memset(data + lo, 0, n);
+                }
+                return data;
+            }
+            if (base != NULL)
+                munmap(base, ((he_embed_hdr*)base)->length);
+        }
         base = (char*)mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (base == (char*)MAP_FAILED)
             return NULL;
-        if (dense) {
-            data = (char*)(((uintptr_t)base + HE_EMBED_HDR + HE_EMBED_HUGE - 1) & ~(uintptr_t)(HE_EMBED_HUGE - 1));
-            madvise(data, bytes, MADV_HUGEPAGE);
-            const int64_t pages = (int64_t)((bytes + HE_EMBED_HUGE - 1) / HE_EMBED_HUGE);
-            int nt = he_embed_threads((int64_t)(bytes / el));
-            (void)nt;
-#pragma omp parallel for schedule(static) num_threads(nt)
-            for (int64_t c = 0; c < pages; c++)
-                data[(size_t)c * HE_EMBED_HUGE] = 0;
-        } else {
-            data = base + HE_EMBED_HDR;
-            madvise(base, length, MADV_NOHUGEPAGE);
-        }
-        ((he_embed_hdr*)(data - HE_EMBED_HDR))->base = base;
-        ((he_embed_hdr*)(data - HE_EMBED_HDR))->length = length;
+        madvise(base, length, MADV_NOHUGEPAGE);
+        data = base + HE_EMBED_HDR;
+        if (touched >= bytes / HE_EMBED_SPARSE)
+            for (size_t off = 0; off < bytes; off += page)
+                data[off] = 0;
+        ((he_embed_hdr*)base)->base = base;
+        ((he_embed_hdr*)base)->length = length;
         return data;
     }
 #endif
@@ -145,10 +164,14 @@ static void* he_embed_grad_buffer(int64_t S, size_t el, int64_t rows, int64_t ro
 
 static void he_embed_grad_free(void* data)
 {
-    he_embed_hdr h = *(he_embed_hdr*)((char*)data - HE_EMBED_HDR);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    char* base = (char*)data - HE_EMBED_HDR;
+    he_embed_hdr h = *(he_embed_hdr*)base;
+#ifdef HE_EMBED_MMAP
     if (h.length) {
-        munmap(h.base, h.length);
+        if (h.length <= HE_EMBED_KEEP)
+            base = __atomic_exchange_n(&he_embed_kept, base, __ATOMIC_ACQ_REL);
+        if (base != NULL)
+            munmap(base, ((he_embed_hdr*)base)->length);
         return;
     }
 #endif
