@@ -96,7 +96,7 @@ static inline void he_embed_add(R* dst, const R* src, int64_t d)
  * glibc's calloc cannot be trusted with this choice: it memsets a recycled
  * chunk or hands out fresh pages depending on its history. */
 #ifndef HE_EMBED_SPARSE
-#define HE_EMBED_SPARSE 8
+#define HE_EMBED_SPARSE 64
 #endif
 #define HE_EMBED_HDR 64
 #define HE_EMBED_LARGE ((size_t)4 << 20)
@@ -193,12 +193,11 @@ static int64_t he_embed_scatter(const R* grad, const I* idx, int64_t N, int64_t 
     int nt = he_embed_threads(N * total);
     const int64_t lines = (total + HE_EMBED_LINE - 1) / HE_EMBED_LINE;
     /* Rows written sparsely into a large fresh buffer cost page faults, not
-     * adds, and two threads faulting one process's pages serialise in the
-     * kernel at ~3x the cost each (512 rows into 51 MB: 6.5 ms on two
-     * threads, 1.3 ms on one). */
-    if (S / HE_EMBED_SPARSE > N * total)
-        nt = 1;
-    if (nt > 1 && lines >= 2) {
+     * adds: split them by rows, so no two threads fault the same page (split
+     * by columns, both would, and faults of one page serialise: 512 rows into
+     * 51 MB took 6.5 ms that way). */
+    const int sparse = S / HE_EMBED_SPARSE > N * total;
+    if (nt > 1 && lines >= 2 && !sparse) {
         nt = (int)(lines < nt ? lines : nt);
 #pragma omp parallel num_threads(nt)
         {
