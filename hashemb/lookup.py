@@ -7,7 +7,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _validate as V
-from ._backend import _cpu_kernels, is_cupy, kernels, on_gpu
+from ._backend import _cpu_kernels, is_cupy, on_gpu
 
 
 def _key(v):
@@ -132,7 +132,6 @@ def _multi(indices, weight, sizes, dims, single=False):
         return G.gather(indices, weight, _layout(sizes, dims), single)
     layout = _layout(sizes, dims)
     w = _flat_weight(weight, layout.size)
-    kernels(indices, weight)
     return _gather(layout, w, _indices(indices, layout, single), single)
 
 
@@ -165,8 +164,7 @@ def _scatter(layout, g, idx):
     layout's size."""
     T = layout.sizes.shape[0]
     out = _cpu_kernels().grad_buffer(layout.size, g.dtype, idx.size, layout.total // T)
-    bad = _kernel("scatter_add", g.dtype, idx.dtype)(
-        g, idx.reshape(-1, layout.sizes.shape[0]), layout.packed, out)
+    bad = _kernel("scatter_add", g.dtype, idx.dtype)(g, idx.reshape(-1, T), layout.packed, out)
     if bad >= 0:
         raise V.index_error(idx, bad, layout.sizes)
     return out
@@ -245,7 +243,6 @@ def multi_embedding_backward(grad_output, indices, sizes, dims, deterministic=Fa
 
 def _multi_backward(g, indices, sizes, dims, single):
     layout = _layout(sizes, dims)
-    kernels(indices, g)
     idx = _indices(indices, layout, single)
     total = layout.total
     want = idx.shape + (total,) if single else (idx.shape[0], total)

@@ -94,8 +94,8 @@ def test_narrow_rows_split_by_rows():
 @pytest.mark.parametrize("rows", [1, 40, 3000, 60000])
 @pytest.mark.parametrize("D", [8, 48])
 def test_large_gradient_buffers(rows, D):
-    # a 12-38 MB gradient: few rows take fresh 4 KB pages and one thread, many
-    # rows pre-faulted huge pages and the column or row split (hashemb/embed.h);
+    # a 12-38 MB gradient: few rows take fresh pages split by rows, many rows a
+    # reused or pre-faulted buffer and the column or row split (hashemb/embed.h);
     # every path must start from zeros and add every row
     n = 400_000 if D == 8 else 200_000
     rng = np.random.default_rng(rows)

@@ -71,7 +71,7 @@ Tensor scatter(const Tensor& grad, const Tensor& indices, const Tensor& layout, 
 
 struct Lookup : public torch::autograd::Function<Lookup> {
     static Tensor forward(AutogradContext* ctx, const Tensor& weight, const Tensor& indices,
-                          const Tensor& layout, int64_t size, int64_t total, bool single)
+                          const Tensor& layout, int64_t total, bool single)
     {
         ctx->save_for_backward({indices, layout});
         ctx->saved_data["shape"] = weight.sizes();   // its product is the layout's size
@@ -86,14 +86,14 @@ struct Lookup : public torch::autograd::Function<Lookup> {
         for (int64_t s : shape)
             size *= s;
         Tensor dw = scatter(grads[0], saved[0], saved[1], size);
-        return {dw.view(shape), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+        return {dw.view(shape), Tensor(), Tensor(), Tensor(), Tensor()};
     }
 };
 
-Tensor lookup(const Tensor& weight, const Tensor& indices, const Tensor& layout, int64_t size,
-              int64_t total, bool single)
+Tensor lookup(const Tensor& weight, const Tensor& indices, const Tensor& layout, int64_t total,
+              bool single)
 {
-    return Lookup::apply(weight, indices, layout, size, total, single);
+    return Lookup::apply(weight, indices, layout, total, single);
 }
 
 }  // namespace

@@ -20,13 +20,12 @@ def _lookup_apply(weight, indices, layout, layout_t, single):
     """The lookup with autograd: the native C++ function for CPU tensors when
     it is built (hashemb/torch/_native.cpp), else the Python one below."""
     if weight.device.type == "cpu" and indices.device.type == "cpu":
+        if weight.dtype not in _FLOATS:
+            raise TypeError(f"weight: expected a float32 or float64 parameter, got {weight.dtype}")
         native = _native.module()
         if native is not None:
-            if weight.dtype not in _FLOATS:
-                raise TypeError(f"weight: expected a float32 or float64 parameter, "
-                                f"got {weight.dtype}")
             try:
-                return native.lookup(weight, indices, layout_t, layout.size, layout.total, single)
+                return native.lookup(weight, indices, layout_t, layout.total, single)
             except IndexError as e:
                 bad = _native.bad_index(e)
                 if bad is None:
@@ -39,7 +38,8 @@ class _MultiLookup(torch.autograd.Function):
     """out = multi_embedding(indices, weight); d weight = its backward (dense).
 
     The path for CUDA tensors (the public functions' CuPy kernels) and the
-    CPU fallback when the native op is not built: CPU tensors go straight to
+    CPU fallback when the native op is not built (called through
+    _lookup_apply, which checks the weight's dtype): CPU tensors go straight to
     the kernels (hashemb.lookup._gather/_scatter, range check fused in),
     skipping the public functions' generic checks, which at batch 128 would
     cost as much as torch's whole step."""
@@ -57,9 +57,7 @@ class _MultiLookup(torch.autograd.Function):
                 else:
                     out = _lookup.multi_embedding(idx, w, sizes, dims)
             return as_tensor(out)
-        if weight.dtype not in _FLOATS:
-            raise TypeError(f"weight: expected a float32 or float64 parameter, got {weight.dtype}")
-        # reshape copies a non-contiguous weight: the kernel reads a flat buffer
+        # float32/float64 checked by _lookup_apply; reshape copies a non-contiguous weight: the kernel reads a flat buffer
         w = weight.detach().numpy().reshape(-1)
         return torch.from_numpy(_lookup._gather(layout, w, indices.numpy(), single))
 
