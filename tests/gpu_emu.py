@@ -109,3 +109,36 @@ class EmuBackend:
         self.launches.append(name)
         grid = (nthreads + self.block - 1) // self.block
         lib.emu_launch(k, grid, self.block, arr)
+
+
+class Device:
+    """One way of running the GPU code in a test: the host emulator (``be``
+    set, launchers called with it) or CuPy on a device (``be`` None, the
+    public functions); skips when neither a C++ compiler nor a device is
+    there. ``put`` / ``get`` move arrays, or lists of them, in and out."""
+
+    def __init__(self, kind):
+        import pytest
+        self.kind = kind
+        if kind == "emulator":
+            lib = build()
+            if lib is None:
+                pytest.skip("no C++ compiler for the GPU emulator")
+            self.be = EmuBackend(lib)
+        else:
+            cp = pytest.importorskip("cupy")
+            if RT.device_count() == 0:
+                pytest.skip("no CUDA device")
+            self.cp, self.be = cp, None
+
+    def put(self, a):
+        if a is None:
+            return None
+        if isinstance(a, list):
+            return [self.put(x) for x in a]
+        return np.array(a, copy=True) if self.kind == "emulator" else self.cp.asarray(a)
+
+    def get(self, a):
+        if isinstance(a, list):
+            return [self.get(x) for x in a]
+        return np.asarray(a) if self.kind == "emulator" else self.cp.asnumpy(a)

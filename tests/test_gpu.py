@@ -142,29 +142,8 @@ def test_show_config_and_options():
 
 # ------------------------------------------------------------ emulator / device
 
-class Dev:
+class Dev(gpu_emu.Device):
     """One way of running the GPU code: the host emulator or CuPy on a device."""
-
-    def __init__(self, kind):
-        self.kind = kind
-        if kind == "emulator":
-            lib = gpu_emu.build()
-            if lib is None:
-                pytest.skip("no C++ compiler for the GPU emulator")
-            self.be = gpu_emu.EmuBackend(lib)
-        else:
-            cp = pytest.importorskip("cupy")
-            if RT.device_count() == 0:
-                pytest.skip("no CUDA device")
-            self.cp, self.be = cp, None
-
-    def put(self, a):
-        if a is None or self.kind == "emulator":
-            return None if a is None else np.array(a, copy=True)
-        return self.cp.asarray(a)
-
-    def get(self, a):
-        return np.asarray(a) if self.kind == "emulator" else self.cp.asnumpy(a)
 
     # every call takes device arrays (put) and returns device arrays
     def bag(self, idx, M, off, scheme, table=0, mode="sum", psw=None, pad=None, last=False):

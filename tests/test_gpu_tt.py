@@ -15,7 +15,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import hashemb as he
-from hashemb._gpu import _runtime as RT
 from hashemb._gpu import tt as GT
 
 import gpu_emu
@@ -24,33 +23,8 @@ FIXTURE = settings(suppress_health_check=[HealthCheck.function_scoped_fixture,
                                           HealthCheck.too_slow], deadline=None, max_examples=30)
 
 
-class Dev:
+class Dev(gpu_emu.Device):
     """One way of running the GPU TT code: the host emulator or CuPy on a device."""
-
-    def __init__(self, kind):
-        self.kind = kind
-        if kind == "emulator":
-            lib = gpu_emu.build()
-            if lib is None:
-                pytest.skip("no C++ compiler for the GPU emulator")
-            self.be = gpu_emu.EmuBackend(lib)
-        else:
-            cp = pytest.importorskip("cupy")
-            if RT.device_count() == 0:
-                pytest.skip("no CUDA device")
-            self.cp, self.be = cp, None
-
-    def put(self, a):
-        if a is None:
-            return None
-        if isinstance(a, list):
-            return [self.put(x) for x in a]
-        return np.array(a, copy=True) if self.kind == "emulator" else self.cp.asarray(a)
-
-    def get(self, a):
-        if isinstance(a, list):
-            return [self.get(x) for x in a]
-        return np.asarray(a) if self.kind == "emulator" else self.cp.asnumpy(a)
 
     # device arrays in, device arrays out; single: tables = [cores] (tt_embedding_bag)
     def forward(self, idx, tables, off, single=False, **kw):
