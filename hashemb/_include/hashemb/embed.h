@@ -112,6 +112,21 @@ typedef struct {
 static char* he_embed_kept;   /* a released mapping (its header at +0), or NULL */
 #endif
 
+/* 1: the buffer is large and the rows cover under 1/HE_EMBED_SPARSE of its
+ * pages, so it comes fresh and the writes are page faults; 0: it is small
+ * (malloc'd) or dense (zeroed). The buffer and the scatter both ask this. */
+static inline int he_embed_sparse(int64_t S, size_t el, int64_t rows, int64_t row_floats)
+{
+#ifdef HE_EMBED_MMAP
+    const size_t bytes = (size_t)(S > 0 ? S : 1) * el, page = 4096, row = (size_t)row_floats * el;
+    return bytes >= HE_EMBED_LARGE &&
+           (size_t)rows * (row > page ? row : page) < bytes / HE_EMBED_SPARSE;
+#else
+    (void)S, (void)el, (void)rows, (void)row_floats;
+    return 0;
+#endif
+}
+
 static void* he_embed_grad_buffer(int64_t S, size_t el, int64_t rows, int64_t row_floats)
 {
     const size_t bytes = (size_t)(S > 0 ? S : 1) * el, page = 4096;
@@ -119,8 +134,8 @@ static void* he_embed_grad_buffer(int64_t S, size_t el, int64_t rows, int64_t ro
 #ifdef HE_EMBED_MMAP
     if (bytes >= HE_EMBED_LARGE) {
         const size_t length = bytes + HE_EMBED_HDR;
-        size_t row = (size_t)row_floats * el, touched = (size_t)rows * (row > page ? row : page);
-        if (touched >= bytes / HE_EMBED_SPARSE) {
+        const int dense = !he_embed_sparse(S, el, rows, row_floats);
+        if (dense) {
             base = __atomic_exchange_n(&he_embed_kept, (char*)NULL, __ATOMIC_ACQ_REL);
             if (base != NULL && ((he_embed_hdr*)base)->length == length) {
                 data = base + HE_EMBED_HDR;
@@ -142,7 +157,7 @@ static void* he_embed_grad_buffer(int64_t S, size_t el, int64_t rows, int64_t ro
             return NULL;
         madvise(base, length, MADV_NOHUGEPAGE);
         data = base + HE_EMBED_HDR;
-        if (touched >= bytes / HE_EMBED_SPARSE)
+        if (dense)
             for (size_t off = 0; off < bytes; off += page)
                 data[off] = 0;
         ((he_embed_hdr*)base)->base = base;
@@ -150,8 +165,7 @@ static void* he_embed_grad_buffer(int64_t S, size_t el, int64_t rows, int64_t ro
         return data;
     }
 #endif
-    (void)rows;
-    (void)row_floats;
+    (void)rows, (void)row_floats;
     base = (char*)malloc(bytes + HE_EMBED_HDR);
     if (base == NULL)
         return NULL;
@@ -192,11 +206,11 @@ static int64_t he_embed_scatter(const R* grad, const I* idx, int64_t N, int64_t 
         return -1;
     int nt = he_embed_threads(N * total);
     const int64_t lines = (total + HE_EMBED_LINE - 1) / HE_EMBED_LINE;
-    /* Rows written sparsely into a large fresh buffer cost page faults, not
-     * adds: split them by rows, so no two threads fault the same page (split
-     * by columns, both would, and faults of one page serialise: 512 rows into
+    /* Rows written sparsely into a fresh buffer cost page faults, not adds:
+     * split them by rows, so no two threads fault the same page (split by
+     * columns, both would, and faults of one page serialise: 512 rows into
      * 51 MB took 6.5 ms that way). */
-    const int sparse = S / HE_EMBED_SPARSE > N * total;
+    const int sparse = he_embed_sparse(S, sizeof(R), N * T, total / T);
     if (nt > 1 && lines >= 2 && !sparse) {
         nt = (int)(lines < nt ? lines : nt);
 #pragma omp parallel num_threads(nt)
