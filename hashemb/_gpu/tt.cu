@@ -29,6 +29,31 @@
 /* outputs a thread keeps in registers */
 #define HE_TT_TILE 8
 
+/* acc[i] += x[i * stride] * c for the first `valid` outputs of a tile: the
+ * inner step of the three tiled products (forward, dA, dG) */
+template <typename R>
+__device__ __forceinline__ void he_tt_tile_fma(R* acc, const R* x, i64 stride, i64 valid, R c)
+{
+    for (int i = 0; i < HE_TT_TILE; i++)
+        if (i < valid)
+            acc[i] += x[i * stride] * c;
+}
+
+/* o[i * stride] = acc[i] (or added atomically) for the first `valid` outputs */
+template <typename R>
+__device__ __forceinline__ void he_tt_tile_store(R* o, i64 stride, const R* acc, i64 valid,
+                                                 i64 atomic)
+{
+    for (int i = 0; i < HE_TT_TILE; i++) {
+        if (i >= valid)
+            break;
+        if (atomic)
+            he_atomic_add(o + i * stride, acc[i]);
+        else
+            o[i * stride] = acc[i];
+    }
+}
+
 /*
  * Mixed-radix digits, most significant first: dig[k*L + l] = digit k of
  * rows[l] for the d <= 4 factors p0..p3.
@@ -69,16 +94,9 @@ __global__ void tt_step_fwd(const R* __restrict__ A, const int64_t* __restrict__
     R acc[HE_TT_TILE];
     for (int i = 0; i < HE_TT_TILE; i++)
         acc[i] = 0;
-    for (i64 r = 0; r < Rk; r++) {
-        const R c = g[r * N];
-        for (int i = 0; i < HE_TT_TILE; i++)
-            if (i < ni)
-                acc[i] += a[i * Rk + r] * c;
-    }
-    R* o = out + (l * Q + i0) * N + n;
-    for (int i = 0; i < HE_TT_TILE; i++)
-        if (i < ni)
-            o[i * N] = acc[i];
+    for (i64 r = 0; r < Rk; r++)
+        he_tt_tile_fma(acc, a + r, Rk, ni, g[r * N]);
+    he_tt_tile_store(out + (l * Q + i0) * N + n, N, acc, ni, 0);
 }
 
 /*
@@ -101,16 +119,9 @@ __global__ void tt_step_dA(const R* __restrict__ dC, const R* __restrict__ core,
     R acc[HE_TT_TILE];
     for (int i = 0; i < HE_TT_TILE; i++)
         acc[i] = 0;
-    for (i64 n = 0; n < N; n++) {
-        const R c = g[n];
-        for (int i = 0; i < HE_TT_TILE; i++)
-            if (i < ni)
-                acc[i] += d[i * N + n] * c;
-    }
-    R* o = dA + (l * Q + i0) * Rk + r;
-    for (int i = 0; i < HE_TT_TILE; i++)
-        if (i < ni)
-            o[i * Rk] = acc[i];
+    for (i64 n = 0; n < N; n++)
+        he_tt_tile_fma(acc, d + n, N, ni, g[n]);
+    he_tt_tile_store(dA + (l * Q + i0) * Rk + r, Rk, acc, ni, 0);
 }
 
 /*
@@ -140,22 +151,10 @@ __global__ void tt_step_dG(const R* __restrict__ A, const int64_t* __restrict__ 
         const i64 l = order[j];
         const R* a = A + (a_gather ? a_idx[l] : l) * Q * Rk + r0;
         const R* d = dC + l * Q * N + n;
-        for (i64 i = 0; i < Q; i++) {
-            const R dv = d[i * N];
-            for (int r = 0; r < HE_TT_TILE; r++)
-                if (r < nr)
-                    acc[r] += a[i * Rk + r] * dv;
-        }
+        for (i64 i = 0; i < Q; i++)
+            he_tt_tile_fma(acc, a + i * Rk, 1, nr, d[i * N]);
     }
-    R* o = target + (atomic ? cv[k] : k) * Rk * N + r0 * N + n;
-    for (int r = 0; r < HE_TT_TILE; r++) {
-        if (r >= nr)
-            break;
-        if (atomic)
-            he_atomic_add(o + r * N, acc[r]);
-        else
-            o[r * N] = acc[r];
-    }
+    he_tt_tile_store(target + (atomic ? cv[k] : k) * Rk * N + r0 * N + n, N, acc, nr, atomic);
 }
 
 /*
