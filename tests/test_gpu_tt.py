@@ -406,3 +406,53 @@ def test_chunk_size_targets_the_thread_count():
     assert GT._chunk(10240, 4 * 4) == 1                      # last step, N = q = 4
     assert GT._chunk(10240, 128) == 10                       # core 0, S = q0 R1 = 128
     assert GT._chunk(3, 1) == 1
+
+
+def _torch_cuda():
+    Dev("cupy")                     # skips without CuPy and a device
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    return torch
+
+
+@pytest.mark.parametrize("opt", [None, "sgd", "adagrad"])
+def test_device_torch_tt_modules_on_cuda_tensors(opt):
+    """TTEmbeddingBag(Collection) moved to CUDA: forward, core gradients,
+    per-sample-weight gradients and fused updates equal the CPU module's."""
+    torch = _torch_cuda()
+    from hashemb.torch import TTEmbeddingBag, TTEmbeddingBagCollection
+    kw = dict(dtype=torch.float64, seed=3, sparse=opt is not None, optimizer=opt or "sgd",
+              learning_rate=0.05)
+    cpu = TTEmbeddingBag(500, 6, [3, 4], **kw)
+    gpu = TTEmbeddingBag(500, 6, [3, 4], **kw).cuda()
+    rng = np.random.default_rng(0)
+    idx = torch.from_numpy(rng.integers(0, 500, 40))
+    off = torch.tensor([0, 5, 5, 17, 40])
+    for _ in range(2):
+        psw_c = torch.rand(40, dtype=torch.float64, requires_grad=True)
+        psw_g = psw_c.detach().cuda().requires_grad_()
+        G = torch.randn(4, 6, dtype=torch.float64)
+        oc, og = cpu(idx, off, psw_c), gpu(idx.cuda(), off.cuda(), psw_g)
+        assert og.is_cuda
+        torch.testing.assert_close(og.cpu(), oc, rtol=1e-12, atol=1e-12)
+        (oc * G).sum().backward()
+        (og * G.cuda()).sum().backward()
+        torch.testing.assert_close(psw_g.grad.cpu(), psw_c.grad, rtol=1e-10, atol=1e-12)
+        for a, b in zip(cpu.tt_cores, gpu.tt_cores):
+            torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=1e-10, atol=1e-12)
+            if opt is None:
+                torch.testing.assert_close(b.grad.cpu(), a.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gpu.full_weight().cpu(), cpu.full_weight(), rtol=1e-10, atol=1e-12)
+    coll = TTEmbeddingBagCollection([300, 40], 8, [4, 4]).cuda()
+    x = torch.stack([torch.randint(0, 300, (16,)), torch.randint(0, 40, (16,))], 1).cuda()
+    ref = torch.cat([W[x[:, t]] for t, W in enumerate(coll.full_weights())], 1)
+    torch.testing.assert_close(coll(x), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_device_torch_tt_cache_is_cpu_only():
+    torch = _torch_cuda()
+    from hashemb.torch import TTEmbeddingBag
+    emb = TTEmbeddingBag(100, 4, [3, 3], use_cache=True, cache_size=8).cuda()
+    with pytest.raises(TypeError, match="^use_cache: the LFU cache"):
+        emb(torch.tensor([1, 2], device="cuda"), torch.tensor([0, 2], device="cuda"))

@@ -476,3 +476,10 @@ def test_errors():
         emb(torch.tensor([1, 2]))
     with pytest.raises(IndexError):
         emb(torch.tensor([[100]]))
+
+
+def test_module_input_on_another_device_is_a_type_error():
+    emb = TTEmbeddingBag(100, 4, [3, 3])
+    idx = torch.tensor([1, 2], device="meta")
+    with pytest.raises(TypeError, match=r"^input: expected a tensor on cpu \(the cores' device\)"):
+        emb(idx, torch.tensor([0, 2], device="meta"))

@@ -5,7 +5,8 @@ from torch import nn
 
 from .. import _validate as V
 from .. import tt as _tt
-from ._function import as_array, make_optimizer
+from .._backend import array_module
+from ._function import as_any_array, as_array, as_tensor, device_context, make_optimizer
 
 
 def _np_dtype(dtype):
@@ -24,36 +25,37 @@ class _TTBags(torch.autograd.Function):
     @staticmethod
     def forward(ctx, module, indices, offsets, psw, *params):
         m = module
-        tables = m._core_arrays()
-        out, saved = _tt.tt_embedding_bags(
-            as_array(indices, "input"), tables, as_array(offsets, "offsets"), mode=m.mode,
-            per_sample_weights=as_array(psw, "per_sample_weights"),
-            include_last_offset=True, num_embeddings=list(m.num_embeddings),
-            cache=m._caches(), return_saved=True)
+        with device_context(params[0]):
+            out, saved = _tt.tt_embedding_bags(
+                as_any_array(indices, "input"), m._core_arrays(),
+                as_any_array(offsets, "offsets"), mode=m.mode,
+                per_sample_weights=as_any_array(psw, "per_sample_weights"),
+                include_last_offset=True, num_embeddings=list(m.num_embeddings),
+                cache=m._caches(), return_saved=True)
         ctx.module, ctx.saved = m, saved
-        ctx.save_for_backward(indices, offsets, psw)
-        return torch.from_numpy(out)
+        ctx.save_for_backward(indices, offsets, psw, params[0])
+        return as_tensor(out)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         m = ctx.module
-        indices, offsets, psw = ctx.saved_tensors
-        g = as_array(grad.contiguous(), "grad_output")
-        idx, off = as_array(indices, "input"), as_array(offsets, "offsets")
+        indices, offsets, psw, core0 = ctx.saved_tensors
         n_params = len(ctx.needs_input_grad) - 4
-        gp = None
-        if psw is not None and ctx.needs_input_grad[3]:      # before a fused update
-            gp = torch.from_numpy(m._psw_grad(g, ctx.saved, off))
-        fused = m._fused()
-        res = _tt.tt_embedding_bags_backward(
-            g, idx, m._core_arrays(), off, mode=m.mode,
-            per_sample_weights=as_array(psw, "per_sample_weights"), include_last_offset=True,
-            num_embeddings=list(m.num_embeddings), cache=m._caches(), saved=ctx.saved,
-            optimizer=fused)
+        with device_context(core0):
+            g = as_any_array(grad.contiguous(), "grad_output")
+            idx, off = as_any_array(indices, "input"), as_any_array(offsets, "offsets")
+            gp = None
+            if psw is not None and ctx.needs_input_grad[3]:      # before a fused update
+                gp = as_tensor(m._psw_grad(g, ctx.saved, off))
+            res = _tt.tt_embedding_bags_backward(
+                g, idx, m._core_arrays(), off, mode=m.mode,
+                per_sample_weights=as_any_array(psw, "per_sample_weights"),
+                include_last_offset=True, num_embeddings=list(m.num_embeddings),
+                cache=m._caches(), saved=ctx.saved, optimizer=m._fused())
         if res is None:
             return (None, None, None, gp) + (None,) * n_params
-        grads = [torch.from_numpy(x) for per_table in res for x in per_table]
+        grads = [as_tensor(x) for per_table in res for x in per_table]
         return (None, None, None, gp) + tuple(grads)
 
 
@@ -170,7 +172,7 @@ class TTEmbeddingBagCollection(nn.Module):
     # -- internals
     def _core_arrays(self):
         d = self._ncores
-        arrs = [as_array(p, "tt_cores") for p in self.tt_cores]
+        arrs = [as_any_array(p, "tt_cores") for p in self.tt_cores]
         return [arrs[t * d:(t + 1) * d] for t in range(len(self.num_embeddings))]
 
     def _caches(self):
@@ -194,25 +196,46 @@ class TTEmbeddingBagCollection(nn.Module):
             name = f"optimizer_state_{i}"
             if not hasattr(self, name) or getattr(self, name).shape != prm.shape:
                 self.register_buffer(name, torch.zeros_like(prm.detach()))
-            self._opt.use_state(as_array(prm, "weight"), as_array(getattr(self, name), "state"))
+            self._opt.use_state(as_any_array(prm, "weight"),
+                                as_any_array(getattr(self, name), "state"))
+
+    def _rows(self, t, part, g):
+        """The rows of entries ``part.lo:part.hi`` of table ``t`` from the
+        forward's saved distinct rows (CPU: ``src``, negative for a cached
+        row; GPU: ``inv`` into the flat ``Y``)."""
+        D = self.embedding_dim
+        if hasattr(part, "inv"):
+            return part.ctx.Y.reshape(-1, D)[part.inv]
+        src = part.src
+        rows = np.empty((part.hi - part.lo, D), g.dtype)
+        m = src >= 0
+        rows[m] = part.ctx.Y[src[m]]
+        if (~m).any():
+            rows[~m] = self._cache_objs[t].weight[-src[~m] - 1]
+        return rows
 
     def _psw_grad(self, g, saved, off):
-        out = np.zeros(saved.nnz, g.dtype)
+        """d loss / d psw[j] = <row(x_j), grad[bag(j)]> (NumPy or CuPy)."""
+        xp = array_module(g)
+        out = xp.zeros(saved.nnz, g.dtype)
         B, D = saved.B, self.embedding_dim
         for t, part in enumerate(saved.parts):
-            n = part.hi - part.lo
-            if not n:
+            if part.hi == part.lo:
                 continue
-            src = part.src
-            rows = np.empty((n, D), g.dtype)
-            m = src >= 0
-            rows[m] = part.ctx.Y[src[m]]
-            if (~m).any():
-                rows[~m] = self._cache_objs[t].weight[-src[~m] - 1]
-            o = off[t * B:(t + 1) * B + 1] - part.lo
-            bag = np.repeat(np.arange(B), np.diff(o))
-            out[part.lo:part.hi] = np.einsum("nd,nd->n", rows, g[bag, t * D:(t + 1) * D])
+            bag = xp.searchsorted(off[t * B:(t + 1) * B + 1], xp.arange(part.lo, part.hi),
+                                  side="right") - 1
+            out[part.lo:part.hi] = (self._rows(t, part, g) * g[bag, t * D:(t + 1) * D]).sum(1)
         return out
+
+    def _check_device(self, flat):
+        """CUDA tensors run the CuPy path, which has no LFU cache."""
+        dev = self.tt_cores[0].device
+        if flat.device != dev:
+            raise TypeError(f"input: expected a tensor on {dev} (the cores' device), "
+                            f"got one on {flat.device}")
+        if dev.type == "cuda" and self.use_cache:
+            raise TypeError("use_cache: the LFU cache (TTCache) runs on the CPU only; build "
+                            "the module with use_cache=False to run it on CUDA")
 
     # -- public
     def forward(self, input, offsets=None, per_sample_weights=None):
@@ -226,7 +249,7 @@ class TTEmbeddingBagCollection(nn.Module):
                                  f"got {tuple(idx.shape)}")
             B = idx.shape[0]
             flat = idx.t().contiguous().reshape(-1)
-            off = torch.arange(T * B + 1, dtype=torch.int64)
+            off = torch.arange(T * B + 1, dtype=torch.int64, device=idx.device)
             if per_sample_weights is not None:
                 per_sample_weights = per_sample_weights.t().contiguous().reshape(-1)
         else:
@@ -236,6 +259,7 @@ class TTEmbeddingBagCollection(nn.Module):
         return self._apply_bags(flat, off, per_sample_weights)
 
     def _apply_bags(self, flat, off, psw):
+        self._check_device(flat)
         if self.training and self.use_cache:
             fl = as_array(flat, "input").astype(np.int64)
             o = as_array(off, "offsets")
@@ -262,8 +286,9 @@ class TTEmbeddingBagCollection(nn.Module):
 
     def full_weights(self):
         """The reconstructed tables, one ``(num_embeddings[t], D)`` tensor each."""
-        return [torch.from_numpy(_tt.tt_to_full(c, n))
-                for c, n in zip(self._core_arrays(), self.num_embeddings)]
+        with device_context(self.tt_cores[0]):
+            return [as_tensor(_tt.tt_to_full(c, n))
+                    for c, n in zip(self._core_arrays(), self.num_embeddings)]
 
     def memory_bytes(self):
         return sum(p.numel() * p.element_size() for p in self.parameters())
@@ -350,8 +375,8 @@ class TTEmbeddingBag(TTEmbeddingBagCollection):
                 raise ValueError("offsets: expected None when input is 2-D (B, N), got a tensor")
             B, N = idx.shape
             flat = idx.reshape(-1)
-            off = torch.arange(0, B * N + 1, max(N, 1), dtype=torch.int64) if N else \
-                torch.zeros(B + 1, dtype=torch.int64)
+            off = torch.arange(0, B * N + 1, max(N, 1), dtype=torch.int64, device=idx.device) \
+                if N else torch.zeros(B + 1, dtype=torch.int64, device=idx.device)
             if per_sample_weights is not None:
                 if tuple(per_sample_weights.shape) != tuple(idx.shape):
                     raise ValueError(f"per_sample_weights: expected shape {tuple(idx.shape)} "
@@ -364,7 +389,8 @@ class TTEmbeddingBag(TTEmbeddingBagCollection):
             if off.dim() != 1:
                 raise ValueError(f"offsets: expected a 1-D tensor, got shape {tuple(off.shape)}")
             if not self.include_last_offset:
-                off = torch.cat([off, torch.tensor([idx.shape[0]], dtype=torch.int64)])
+                off = torch.cat([off, torch.tensor([idx.shape[0]], dtype=torch.int64,
+                                                   device=off.device)])
             elif off.shape[0] < 1:
                 raise ValueError("offsets: expected B + 1 offsets (include_last_offset=True), "
                                  "got none")
