@@ -54,6 +54,9 @@ def _parser():
                    help="SCMA / LMA: training rows sampled for the minhash (default 125000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    p.add_argument("--device", default="cpu",
+                   help="torch device of the models: cpu (default), cuda or cuda:N (the "
+                        "hashemb modules then run their CuPy kernels)")
     p.add_argument("--out", default="demo_out", help="folder for the PNG and JSON results")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -110,7 +113,7 @@ def run_method(method, compression, tr, te, card, args, epochs, bar_desc):
     else:
         emb = make_embedding(method, card, 16, compression, args.lr, args.seed, args.block,
                              args.optimizer)
-    model = DLRM(emb, len(card), num_dense=tr.dense.shape[1], seed=args.seed)
+    model = DLRM(emb, len(card), num_dense=tr.dense.shape[1], seed=args.seed).to(args.device)
     opt = make_optimizer(model, args.lr, args.optimizer)
     n = len(tr.labels)
     speeds = []
@@ -168,11 +171,36 @@ def plot(rows, full, oracle, path, title):
     plt.close(fig)
 
 
+def _check_device(name):
+    """The --device value, checked before any data is made: a CUDA device
+    needs torch with CUDA and CuPy (the hashemb modules' GPU kernels)."""
+    import torch
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise SystemExit(f"--device: expected cpu, cuda or cuda:N, got {name!r}") from None
+    if dev.type == "cpu":
+        return "cpu"
+    if dev.type != "cuda":
+        raise SystemExit(f"--device: expected cpu, cuda or cuda:N, got {name!r}")
+    if not torch.cuda.is_available():
+        raise SystemExit(f"--device: {name!r} needs torch with CUDA and a GPU; this torch "
+                         f"({torch.__version__}) sees none")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SystemExit(f"--device: {name!r}, but torch sees {torch.cuda.device_count()} GPU(s)")
+    from ._gpu import _runtime
+    if _runtime.device_count() == 0:
+        raise SystemExit(f"--device: {name!r} needs CuPy for the hashemb kernels "
+                         f"(pip install cupy-cuda12x)")
+    return str(dev)
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.device = _check_device(args.device)
     movielens = args.dataset == "movielens" and not args.data
     compression = args.compression or (10.0 if movielens else 1000.0)
     args.optimizer = args.optimizer or ("adagrad" if movielens else "sgd")

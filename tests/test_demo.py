@@ -60,3 +60,30 @@ def test_demo_lsh_methods_count_their_map(tmp_path):
     for r in rows:
         assert 0.4 < r["auc"] <= 1
         assert r["memory_mb"] * 2 ** 20 > r["embedding_params"] * 4
+
+
+def test_demo_device_is_checked_before_any_work(tmp_path):
+    import torch
+    with pytest.raises(SystemExit, match=r"^--device: expected cpu, cuda or cuda:N, got 'tpu'$"):
+        main(["demo", "--device", "tpu", "--out", str(tmp_path)] + TINY)
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match=r"^--device: 'cuda' needs torch with CUDA"):
+            main(["demo", "--device", "cuda", "--out", str(tmp_path)] + TINY)
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_demo_on_cuda(tmp_path):
+    """Every method on the GPU (device only): the hashemb modules through
+    their CuPy kernels, the full table through torch."""
+    import torch
+    from hashemb._gpu import _runtime
+    if not torch.cuda.is_available() or _runtime.device_count() == 0:
+        pytest.skip("needs torch with CUDA, CuPy and a device")
+    assert main(["demo", "--device", "cuda", "--scale", "0.0005", "--sweep", "",
+                 "--methods", "full,robez,hashednet,hashing_trick,lsh,lma,tt",
+                 "--num-points", "2000", "--compression", "100", "--out", str(tmp_path)]
+                + TINY) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert len(rows) == 7
+    for r in rows:
+        assert 0.4 < r["auc"] <= 1 and r["train_sps"] > 0
