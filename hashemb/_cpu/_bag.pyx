@@ -53,24 +53,19 @@ DEF CHUNK_BAGS = 8192  # backward with many runs per entry: bags hashed per roun
 
 
 cdef inline void _copy_run(real* dst, const real* src, int64_t L) noexcept nogil:
-    """dst[:L] = src[:L], with fixed-size loops for the common runs (unrolled and
-    vectorised: a 64-byte run is a few vector moves, no call)."""
-    cdef int64_t i
+    """dst[:L] = src[:L]. Fixed-size memcpy for the common runs: the compiler
+    emits a few vector moves (an element loop stays scalar: dst and src may
+    alias as far as it knows)."""
     if L == 16:
-        for i in range(16):
-            dst[i] = src[i]
+        memcpy(dst, src, 16 * sizeof(real))
     elif L == 32:
-        for i in range(32):
-            dst[i] = src[i]
+        memcpy(dst, src, 32 * sizeof(real))
     elif L == 8:
-        for i in range(8):
-            dst[i] = src[i]
+        memcpy(dst, src, 8 * sizeof(real))
     elif L == 64:
-        for i in range(64):
-            dst[i] = src[i]
+        memcpy(dst, src, 64 * sizeof(real))
     else:
-        for i in range(L):
-            dst[i] = src[i]
+        memcpy(dst, src, L * sizeof(real))
 
 
 cdef inline void _gather_row(const he_scheme* s, const he_row* row, const real* M,

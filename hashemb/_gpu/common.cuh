@@ -99,6 +99,20 @@ __device__ __forceinline__ he_range he_bag_range(const int64_t* off, i64 use_off
  * with invalid offsets the answer is wrong but every read stays in bounds
  * (only the pre-launch check runs on unchecked offsets).
  */
+/* Largest k in [0, n) with off[k * stride] <= j (off non-decreasing, off[0] <= j). */
+__device__ __forceinline__ i64 he_last_le(const int64_t* off, i64 stride, i64 n, i64 j)
+{
+    i64 lo = 0, hi = n - 1;
+    while (lo < hi) {
+        i64 mid = (lo + hi + 1) >> 1;
+        if (off[mid * stride] <= j)
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    return lo;
+}
+
 __device__ __forceinline__ i64 he_entry_table(const int64_t* off, i64 use_off, i64 j, i64 B,
                                               i64 T, i64 rowlen)
 {
@@ -106,15 +120,7 @@ __device__ __forceinline__ i64 he_entry_table(const int64_t* off, i64 use_off, i
         return T > 1 ? j % rowlen : 0;
     if (j < off[0] || j >= off[T * B])
         return -1;
-    i64 lo = 0, hi = T - 1;          /* largest t with off[t*B] <= j */
-    while (lo < hi) {
-        i64 mid = (lo + hi + 1) >> 1;
-        if (off[mid * B] <= j)
-            lo = mid;
-        else
-            hi = mid - 1;
-    }
-    return lo;
+    return he_last_le(off, B, T, j);
 }
 
 /* Position of entry j in the CPU order (see he_bag_range). */

@@ -243,15 +243,16 @@ __global__ void tt_pool(const R* __restrict__ Y, const int64_t* __restrict__ inv
     out[b * ldo + col0 + i] = acc;
 }
 
-/* bag[n - base] = b for every entry n of bag b (thread: one bag). */
-__global__ void tt_bag_of(const int64_t* __restrict__ off, i64 base, i64 B,
+/* bag[e] = the bag b of entry j = base + e, off[b] <= j < off[b + 1] (thread:
+ * one entry, a binary search: a bag of a million entries is not one thread's
+ * loop). */
+__global__ void tt_bag_of(const int64_t* __restrict__ off, i64 base, i64 B, i64 n,
                           int64_t* __restrict__ bag)
 {
-    const i64 b = he_tid();
-    if (b >= B)
+    const i64 e = he_tid();
+    if (e >= n)
         return;
-    for (i64 j = off[b]; j < off[b + 1]; j++)
-        bag[j - base] = b;
+    bag[e] = he_last_le(off, 1, B, base + e);
 }
 
 /*

@@ -336,7 +336,7 @@ def bags_backward(grad_output, indices, tables, offsets=None, *, mode="sum",
                 continue
             toff = off[t * B:(t + 1) * B + 1]
             bag = xp.empty(n, np.int64)
-            be.launch("tt", "tt_bag_of", B, [toff, i64(part.lo), i64(B), bag])
+            be.launch("tt", "tt_bag_of", n, [toff, i64(part.lo), i64(B), i64(n), bag])
             dY = _unpool(be, g, part, bag, toff, psw, mode_, s.D, det, dtype)
             grads, touched = _chain_backward(be, part.ctx, dY, cores, s, det)
             if optimizer is not None:
