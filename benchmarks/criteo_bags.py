@@ -8,6 +8,7 @@ against a peer measured in the same run.
 
     python benchmarks/criteo_bags.py                 # the full Criteo shape
     python benchmarks/criteo_bags.py --scale 0.01    # small tables, quick
+    python benchmarks/criteo_bags.py --json docs/criteo_bags.json --plot docs/criteo_bags.png
 """
 import argparse
 import json
@@ -149,6 +150,9 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--methods", default="", help="comma-separated subset (substring match)")
     ap.add_argument("--json", default="", help="write the results here")
+    ap.add_argument("--plot", default="", help="write a PNG of throughput and memory here")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds of every method (ratios are taken within a round)")
     ap.add_argument("--_one", default="", help=argparse.SUPPRESS)
     ap.add_argument("--_train", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -162,9 +166,11 @@ def main(argv=None):
     names, _ = make_methods(cardinalities(args.scale), args.compression, False)
     names = [n for n in names if not args.methods or
              any(s.strip() and s.strip() in n for s in args.methods.split(","))]
-    results = []
-    jobs = [(n, tr) for tr in (0, 1) for n in names]
-    for name, train in tqdm(jobs, desc="benchmark", unit="case"):
+    # every round runs each method once, in its own process; the rounds give
+    # the spread of the within-round ratios (this VM varies run to run)
+    jobs = [(r, tr, n) for r in range(args.repeat) for tr in (0, 1) for n in names]
+    rounds = []
+    for rnd, train, name in tqdm(jobs, desc="benchmark", unit="case"):
         cmd = [sys.executable, os.path.abspath(__file__), "--_one", name, "--_train", str(train),
                "--scale", str(args.scale), "--compression", str(args.compression),
                "--batch", str(args.batch), "--train-batch", str(args.train_batch),
@@ -173,31 +179,110 @@ def main(argv=None):
         if res.returncode:
             tqdm.write(f"{name}: failed\n{res.stderr[-1500:]}")
             continue
-        results.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        rounds.append(dict(json.loads(res.stdout.strip().splitlines()[-1]), round=rnd))
+    results = summarise(rounds)
 
     card = cardinalities(args.scale)
+    title = (f"Criteo Kaggle shape x{args.scale:g}: {len(card)} tables, {sum(card):,} rows, "
+             f"D={D}; {args.compression:g}x; {os.cpu_count()} cores; median of "
+             f"{args.repeat} round(s)")
     print(f"\nCriteo Kaggle shape x{args.scale}: {len(card)} tables, {sum(card):,} rows, D={D}; "
           f"compressed array {int(sum(card) * D / args.compression):,} floats "
-          f"({args.compression:g}x); {os.cpu_count()} cores")
+          f"({args.compression:g}x); {os.cpu_count()} cores; {args.repeat} round(s), each "
+          f"method in its own process per round")
     for train in (0, 1):
         rows = [r for r in results if r["train"] == train]
         if not rows:
             continue
-        peer = {r["name"]: r for r in rows}
-        ref_name = "FBGEMM TBE (CPU)" if train else "torch.nn.EmbeddingBag"
-        ref = peer.get(ref_name) or peer.get("torch.nn.EmbeddingBag")
-        title = (f"training step (forward + backward + SGD), batch {args.train_batch}" if train
-                 else f"inference forward, batch {args.batch}")
-        print(f"\n{title}\n")
-        print(f"| method | samples/s | vs {ref['name'] if ref else '-'} | peak MB added |")
-        print("|---|---:|---:|---:|")
+        ref = rows[0]["ref"]
+        head = (f"training step (forward + backward + SGD), batch {args.train_batch}" if train
+                else f"inference forward, batch {args.batch}")
+        print(f"\n{head}\n")
+        print(f"| method | samples/s (median) | vs {ref or '-'}: median | min - max over "
+              f"rounds | peak MB added |")
+        print("|---|---:|---:|---:|---:|")
         for r in rows:
-            ratio = r["samples_per_s"] / ref["samples_per_s"] if ref else float("nan")
-            print(f"| {r['name']} | {r['samples_per_s']:,.0f} | {ratio:.2f}x | {r['peak_mb']:,.0f} |")
+            print(f"| {r['name']} | {r['samples_per_s']:,.0f} | {r['ratio']:.2f}x | "
+                  f"{r['ratio_min']:.2f} - {r['ratio_max']:.2f} | {r['peak_mb']:,.0f} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump({"args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+                       "summary": results, "rounds": rounds}, f, indent=1)
+    if args.plot and results:
+        plot(results, args, title, args.plot)
+        print(f"\nsaved {args.plot}")
 
+
+REFS = {0: "torch.nn.EmbeddingBag", 1: "FBGEMM TBE (CPU)"}
+
+
+def summarise(rounds):
+    """Per (method, mode): median samples/s and peak memory over the rounds,
+    and the median / min / max of its ratio to the mode's reference measured
+    in the same round (torch for inference, FBGEMM for training, else torch)."""
+    out = []
+    for train in (0, 1):
+        got = [r for r in rounds if r["train"] == train]
+        present = {r["name"] for r in got}
+        ref = REFS[train] if REFS[train] in present else (
+            REFS[0] if REFS[0] in present else None)
+        for name in dict.fromkeys(r["name"] for r in got):
+            mine = [r for r in got if r["name"] == name]
+            ratios = []
+            for r in mine:
+                peer = [p for p in got if p["name"] == ref and p["round"] == r["round"]]
+                if peer:
+                    ratios.append(r["samples_per_s"] / peer[0]["samples_per_s"])
+            ratios = ratios or [float("nan")]
+            out.append({"name": name, "train": train, "ref": ref, "batch": mine[0]["batch"],
+                        "samples_per_s": float(np.median([r["samples_per_s"] for r in mine])),
+                        "peak_mb": float(np.median([r["peak_mb"] for r in mine])),
+                        "ratio": float(np.median(ratios)), "ratio_min": float(min(ratios)),
+                        "ratio_max": float(max(ratios)), "rounds": len(mine)})
+    return out
+
+
+def plot(results, args, title, path):
+    """Median samples/s of every method for inference and training (bars, with
+    the median within-round ratio to the reference and its min - max range),
+    and the peak memory a training step adds (log scale)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(dict.fromkeys(r["name"] for r in results))
+    y = np.arange(len(names))
+    color = ["tab:blue" if n.startswith("hashemb") else "tab:gray" for n in names]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 0.5 * len(names) + 1.9), sharey=True)
+    for ax, train in zip(axes, (0, 1)):
+        got = {r["name"]: r for r in results if r["train"] == train}
+        vals = [got[n]["samples_per_s"] if n in got else 0.0 for n in names]
+        ax.barh(y, vals, color=color)
+        for i, n in enumerate(names):
+            if n in got and np.isfinite(got[n]["ratio"]):
+                r = got[n]
+                ax.text(vals[i], i, f" {r['ratio']:.2f}x ({r['ratio_min']:.2f}-"
+                        f"{r['ratio_max']:.2f})", va="center", fontsize=7)
+        ref = next(iter(got.values()))["ref"] if got else None
+        ax.set_xlim(0, max(vals + [1.0]) * 1.45)
+        ax.set_xlabel(f"samples/s (ratio vs {ref or '-'})", fontsize=8)
+        ax.set_title(f"inference forward, batch {args.batch}" if train == 0 else
+                     f"training step (fwd + bwd + SGD), batch {args.train_batch}", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    mem = {r["name"]: r["peak_mb"] for r in results if r["train"] == 1}
+    vals = [max(mem.get(n, 0.0), 0.1) for n in names]
+    axes[2].barh(y, vals, color=color)
+    for i, v in enumerate(vals):
+        axes[2].text(v, i, f" {v:,.0f} MB", va="center", fontsize=7)
+    axes[2].set_xscale("log")
+    axes[2].set_xlim(right=max(vals) * 20)
+    axes[2].set_xlabel("MB (log scale)", fontsize=8)
+    axes[2].set_title("peak memory a training step adds", fontsize=9)
+    axes[0].set_yticks(y, names, fontsize=8)
+    axes[0].invert_yaxis()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 if __name__ == "__main__":
     main()

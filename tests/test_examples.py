@@ -34,3 +34,40 @@ def test_readme_cross_references_name_existing_sections():
     assert refs, "the pattern no longer matches the README's references"
     missing = sorted(r for r in refs if not any(h.startswith(r) for h in heads))
     assert not missing, f"README refers to missing sections: {missing}"
+
+
+def _criteo_bags():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import criteo_bags
+    finally:
+        sys.path.pop(0)
+    return criteo_bags
+
+
+def test_criteo_bags_ratios_are_taken_within_a_round():
+    cb = _criteo_bags()
+    rounds = [dict(name=n, train=0, batch=8, peak_mb=m, samples_per_s=v, round=r)
+              for r, n, v, m in [(0, "torch.nn.EmbeddingBag", 100.0, 9), (0, "hashemb X", 300.0, 1),
+                                 (1, "torch.nn.EmbeddingBag", 400.0, 9), (1, "hashemb X", 400.0, 3),
+                                 (2, "torch.nn.EmbeddingBag", 200.0, 9), (2, "hashemb X", 400.0, 2)]]
+    rows = {r["name"]: r for r in cb.summarise(rounds)}
+    x = rows["hashemb X"]
+    assert x["ref"] == "torch.nn.EmbeddingBag" and x["rounds"] == 3
+    assert (x["ratio"], x["ratio_min"], x["ratio_max"]) == (2.0, 1.0, 3.0)
+    assert x["samples_per_s"] == 400.0 and x["peak_mb"] == 2.0
+    assert rows["torch.nn.EmbeddingBag"]["ratio"] == 1.0
+
+
+def test_criteo_bags_benchmark_runs_and_plots(tmp_path):
+    pytest.importorskip("torch")
+    cb = _criteo_bags()
+    png, js = tmp_path / "cb.png", tmp_path / "cb.json"
+    cb.main(["--scale", "0.0005", "--iters", "1", "--batch", "256", "--train-batch", "64",
+             "--methods", "RobeZ Z=16,torch", "--plot", str(png), "--json", str(js)])
+    import json
+    res = json.loads(js.read_text())
+    assert {(r["name"], r["train"]) for r in res["summary"]} == {
+        (n, t) for n in ("hashemb RobeZ Z=16", "torch.nn.EmbeddingBag") for t in (0, 1)}
+    assert all(r["samples_per_s"] > 0 for r in res["rounds"]) and len(res["rounds"]) == 4
+    assert png.stat().st_size > 5000
