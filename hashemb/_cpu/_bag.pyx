@@ -43,8 +43,10 @@ cdef enum:
 cdef extern from *:
     """
     #define he_prefetch(p) __builtin_prefetch((const void*)(p), 0, 1)
+    #define he_prefetch_w(p) __builtin_prefetch((const void*)(p), 1, 1)
     """
     void he_prefetch(const void* p) noexcept nogil
+    void he_prefetch_w(const void* p) noexcept nogil
 
 DEF CHUNK = 32      # samples per parallel work item (its output stays in L2)
 DEF AHEAD = 8       # fast path: rows hashed (and prefetched) this far ahead
@@ -283,6 +285,23 @@ cdef inline void _visit(const he_scheme* s, const he_row* row, int64_t k, uint64
             _adagrad(target, scratch, state, slot, alpha, eps)
 
 
+cdef inline bint _wanted(const he_scheme* s, const int64_t* off, const uint64_t* pre,
+                         int64_t q, int64_t lo, int64_t hi) noexcept nogil:
+    """Whether this thread (slots [lo, hi)) will read bag q's gradient row, as
+    far as its first entry's runs tell (every bag counts when nothing is
+    pre-hashed)."""
+    cdef int64_t k, slot, j = off[q]
+    if pre == NULL:
+        return True
+    if j == off[q + 1]:
+        return False
+    for k in range(s.runs):
+        slot = <int64_t>pre[j * s.runs + k]
+        if lo <= slot + s.run - 1 and slot < hi:
+            return True
+    return False
+
+
 cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* off,
                          const real* psw, const real* grad, int64_t gstride,
                          int64_t B, int64_t T, int64_t table0, int mode,
@@ -296,8 +315,11 @@ cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* 
     Adagrad step (learning rate alpha) at each visited slot. pre, when given,
     holds every entry's run starts (hashed once, shared by the threads).
     """
-    cdef int64_t b, t, j, i, cnt, D = s.dim, L = s.run, k, slot
-    cdef int64_t x
+    cdef int64_t b, t, j, i, cnt, D = s.dim, L = s.run, k, slot, R = s.runs
+    cdef int64_t x, nent = off[T * B]
+    # prefetch AHEAD for blocked schemes (a few runs per entry); element-wise
+    # ones (HashedNet: D runs) would spend more on the look-ahead than it saves
+    cdef bint ahead = pre != NULL and R <= 4 and mode != MAX
     cdef real w, ww
     cdef const real* g
     cdef he_row row
@@ -312,6 +334,11 @@ cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* 
                         _visit(s, &row, i // L, he_run_start(s, &row, i // L), i % L, 1,
                                g + i, alpha, target, scratch, state, eps, lo, hi, act)
                 continue
+            if ahead and b + AHEAD < B and _wanted(s, off, pre, t * B + b + AHEAD, lo, hi):
+                # grad rows are gstride apart: a stride the hardware prefetcher
+                # loses at every page, so each row would be a miss
+                he_prefetch(g + AHEAD * gstride)
+                he_prefetch(g + AHEAD * gstride + D - 1)
             w = alpha
             if mode == MEAN and act == ACT_ADD:
                 cnt = 0
@@ -321,6 +348,14 @@ cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* 
                 if cnt > 1:
                     w = alpha / cnt
             for j in range(off[t * B + b], off[t * B + b + 1]):
+                if ahead and j + AHEAD < nent:
+                    # the slots written AHEAD entries on: random lines of the
+                    # array, missed in L2 without this (the forward does the same)
+                    for k in range(R):
+                        slot = <int64_t>pre[(j + AHEAD) * R + k]
+                        if lo <= slot + L - 1 and slot < hi:
+                            he_prefetch_w(target + slot)
+                            he_prefetch_w(target + slot + L - 1)
                 x = idx[j]
                 if has_pad and x == pad:
                     continue
@@ -434,8 +469,9 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
         free(best)
     if nt > 1 and m < <uint64_t>(4096 * nt):
         nt = 1  # not worth the threads
-    if nt > 1 and mode != MAX and not s.is_signed and s.runs <= 4:
-        # every thread walks every entry: hash each once, up front, in parallel
+    if mode != MAX and not s.is_signed and s.runs <= 4:
+        # hash each entry once, up front, in parallel: every thread walks every
+        # entry, and the walk prefetches the slots it will write from these
         # (at most 4 starts per entry: never an N x D slot array)
         pre = <uint64_t*>malloc(indices.shape[0] * s.runs * sizeof(uint64_t))
         if pre != NULL:
