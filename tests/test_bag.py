@@ -295,3 +295,55 @@ def test_chunked_element_wise_backward_spans_chunks(opt):
         state = want ** 2
         np.testing.assert_allclose(W2, W - 0.5 * want / (np.sqrt(state) + 1e-8),
                                    rtol=1e-9, atol=1e-9)
+
+
+_THREADS_CODE = r"""
+import hashlib, numpy as np, hashemb as he
+h = hashlib.sha1()
+rng = np.random.default_rng(3)
+for scheme in [he.RobeZ(50021, 16, block=16), he.RobeZ(40009, 8, block=2)]:
+    D = scheme.dim
+    for N in (4000, 60):        # Adagrad: sweeps the scratch at 4000, walks again at 60
+        T, B = 3, N // 3
+        sizes = rng.integers(0, 4, T * B)
+        off = np.concatenate([[0], np.cumsum(sizes)])
+        idx = rng.integers(0, 10**6, off[-1])
+        idx[::7] = 5                                       # padding
+        psw = rng.random(off[-1])
+        G = rng.standard_normal((B, T * D))
+        for kw in [dict(per_sample_weights=psw, padding_idx=5), dict(mode="mean")]:
+            common = dict(scheme=scheme, num_tables=T, **kw) if "padding_idx" not in kw else None
+            if common is None:       # padding needs one table: split by table
+                for t in range(T):
+                    sl = slice(off[t * B], off[(t + 1) * B])
+                    o = off[t * B:(t + 1) * B + 1] - off[t * B]
+                    g = he.embedding_bag_backward(G[:, t * D:(t + 1) * D], idx[sl], o,
+                                                  scheme=scheme, table=t,
+                                                  per_sample_weights=psw[sl], padding_idx=5,
+                                                  include_last_offset=True)
+                    h.update(g.tobytes())
+                continue
+            h.update(he.embedding_bags_backward(G, idx, off, **common).tobytes())
+            for opt in (he.SGD(0.3), he.Adagrad(0.3)):
+                W = scheme.init_weight(dtype=np.float64)
+                he.embedding_bags_backward(G, idx, off, weight=W, optimizer=opt, **common)
+                he.embedding_bags_backward(G, idx, off, weight=W, optimizer=opt, **common)
+                h.update(W.tobytes())
+print(h.hexdigest())
+"""
+
+
+def test_bucketed_backward_same_bits_on_any_thread_count():
+    """The multi-thread backward buckets entries by the slot range they touch
+    (runs crossing a range boundary or wrapping past the end go to both
+    owners); each slot must still sum in entry order: the same bits on 1, 2,
+    3 and 8 threads, for weights, padding, mean, SGD and both Adagrad passes."""
+    import os
+    import subprocess
+    import sys
+    outs = {}
+    for n in ("1", "2", "3", "8"):
+        env = dict(os.environ, OMP_NUM_THREADS=n)
+        outs[n] = subprocess.run([sys.executable, "-c", _THREADS_CODE], env=env,
+                                 capture_output=True, text=True, check=True).stdout
+    assert len(set(outs.values())) == 1, outs

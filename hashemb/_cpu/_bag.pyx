@@ -12,7 +12,7 @@ bitwise deterministic and no thread writes where another does.
 from cython.parallel cimport prange, parallel, threadid
 from libc.math cimport sqrt
 from libc.stdint cimport int32_t, int64_t, uint64_t
-from libc.stdlib cimport malloc, free
+from libc.stdlib cimport calloc, malloc, free
 from libc.string cimport memcpy
 
 from hashemb._cpu._slots cimport (SchemeView, he_scheme, he_row, he_row_begin, he_row_hint,
@@ -425,6 +425,188 @@ cdef void _argmax(const he_scheme* s, const index_t* idx, const int64_t* off,
                         win[q * D + i] = j
 
 
+cdef inline uint64_t _range_lo(uint64_t m, int64_t r, int nt) noexcept nogil:
+    """First slot of thread r's range, floor(m r / nt), without overflowing."""
+    return (m // <uint64_t>nt) * <uint64_t>r + ((m % <uint64_t>nt) * <uint64_t>r) // <uint64_t>nt
+
+
+cdef inline int64_t _owner(uint64_t x, const uint64_t* lo, int nt) noexcept nogil:
+    """The thread whose range [lo[r], lo[r+1]) holds slot x (a few compares:
+    nt is the thread count)."""
+    cdef int64_t r = 0
+    while r + 1 < nt and lo[r + 1] <= x:
+        r += 1
+    return r
+
+
+cdef inline uint64_t _owners(const he_scheme* s, const uint64_t* pre, int64_t j,
+                             const uint64_t* lo, int nt) noexcept nogil:
+    """Bit r set when one of entry j's runs touches thread r's slots (nt <= 64)."""
+    cdef int64_t k, r, r1
+    cdef uint64_t st, end, m = lo[nt], mask = 0
+    for k in range(s.runs):
+        st = pre[j * s.runs + k]
+        end = st + <uint64_t>s.run - 1
+        if end >= m:            # wraps: its tail is in the first range (m >= 4096 nt)
+            mask |= 1
+            end = m - 1
+        r1 = _owner(end, lo, nt)
+        for r in range(_owner(st, lo, nt), r1 + 1):
+            mask |= (<uint64_t>1) << r
+    return mask
+
+
+cdef void _bucket_pass(const he_scheme* s, const index_t* idx, const int64_t* off,
+                       const uint64_t* pre, int64_t q0, int64_t q1, const uint64_t* lo,
+                       int nt, bint has_pad, int64_t pad, uint64_t* masks, int64_t* count,
+                       int64_t* pos, int64_t* pairs) noexcept nogil:
+    """Bags q0..q1-1. First pass (pairs NULL): masks[j] = the ranges entry j
+    touches (0 for padding), count[r] += entries touching range r. Second
+    pass: write (j, q) at pairs[2 pos[r]] for each, advancing pos[r]."""
+    cdef int64_t q, j, r
+    cdef uint64_t mask
+    for q in range(q0, q1):
+        for j in range(off[q], off[q + 1]):
+            if pairs == NULL:
+                mask = 0 if (has_pad and idx[j] == pad) else _owners(s, pre, j, lo, nt)
+                masks[j] = mask
+            else:
+                mask = masks[j]
+            r = 0
+            while mask:
+                if mask & 1:
+                    if pairs == NULL:
+                        count[r] += 1
+                    else:
+                        pairs[2 * pos[r]] = j
+                        pairs[2 * pos[r] + 1] = q
+                        pos[r] += 1
+                mask >>= 1
+                r += 1
+
+
+cdef void _backward_owned(const he_scheme* s, const int64_t* pairs, int64_t n,
+                          const real* psw, const real* grad, int64_t gstride, int64_t B,
+                          const int64_t* cnt, real alpha, real* target, real* scratch,
+                          real* state, real eps, int64_t lo, int64_t hi, int act,
+                          const uint64_t* pre) noexcept nogil:
+    """One thread's bucket: the entries (j, bag q) whose runs touch its slots
+    [lo, hi), in entry order (so each slot sums in entry order, as in
+    _backward_part: the same bits). cnt[q]: the entries of mean bag q."""
+    cdef int64_t e, j, q, k, R = s.runs, L = s.run, D = s.dim, slot
+    cdef const real* g
+    cdef real w
+    for e in range(n):
+        if e + AHEAD < n:
+            q = pairs[2 * (e + AHEAD) + 1]
+            g = grad + (q % B) * gstride + (q // B) * D
+            he_prefetch(g)
+            he_prefetch(g + D - 1)
+            j = pairs[2 * (e + AHEAD)]
+            for k in range(R):
+                slot = <int64_t>pre[j * R + k]
+                if lo <= slot + L - 1 and slot < hi:
+                    he_prefetch_w(target + slot)
+                    he_prefetch_w(target + slot + L - 1)
+        j = pairs[2 * e]
+        q = pairs[2 * e + 1]
+        g = grad + (q % B) * gstride + (q // B) * D
+        w = alpha
+        if act == ACT_ADD:
+            if cnt != NULL and cnt[q] > 1:
+                w = alpha / cnt[q]
+            if psw != NULL:
+                w = w * psw[j]
+        for k in range(R):
+            _visit(s, NULL, k, pre[j * R + k], 0, L, g + k * L, w, target, scratch, state,
+                   eps, lo, hi, act)
+
+
+cdef int _backward_bucketed(const he_scheme* s, const index_t* idx, const int64_t* off,
+                            const real* psw, const real* grad, int64_t gstride, int64_t B,
+                            int64_t T, int mode, bint has_pad, int64_t pad, real alpha,
+                            real* target, real* scratch, real* state, real eps, bint sweep,
+                            int nt, const uint64_t* pre) noexcept nogil:
+    """Backward on nt threads where each thread walks only the entries that
+    touch its slot range (not every entry, as _backward_part does): the
+    entries are bucketed by owner, stably, in two passes over the bags, then
+    each thread runs its bucket. Same order per slot, so the same bits as
+    one thread. Returns -1 (nothing done) when out of memory."""
+    cdef int64_t Q = T * B, p, r, q, j, total = 0, run
+    cdef uint64_t m = s.size
+    cdef int64_t* count = <int64_t*>calloc(nt * nt, sizeof(int64_t))
+    cdef int64_t* pos = <int64_t*>malloc(nt * nt * sizeof(int64_t))
+    cdef int64_t* start = <int64_t*>malloc((nt + 1) * sizeof(int64_t))
+    cdef uint64_t* lo = <uint64_t*>malloc((nt + 1) * sizeof(uint64_t))
+    cdef uint64_t* masks = <uint64_t*>malloc((off[Q] + 1) * sizeof(uint64_t))
+    cdef int64_t* pairs = NULL
+    cdef int64_t* cnt = NULL
+    if count == NULL or pos == NULL or start == NULL or lo == NULL or masks == NULL:
+        free(count)
+        free(pos)
+        free(start)
+        free(lo)
+        free(masks)
+        return -1
+    for r in range(nt + 1):
+        lo[r] = _range_lo(m, r, nt)
+    for p in prange(nt, num_threads=nt, schedule='static', chunksize=1):
+        _bucket_pass(s, idx, off, pre, Q * p // nt, Q * (p + 1) // nt, lo, nt, has_pad, pad,
+                     masks, count + p * nt, NULL, NULL)
+    for r in range(nt):         # bucket r: the bag blocks' entries in block order
+        start[r] = total
+        for p in range(nt):
+            pos[p * nt + r] = total
+            total += count[p * nt + r]
+    start[nt] = total
+    pairs = <int64_t*>malloc((2 * total + 2) * sizeof(int64_t))
+    if mode == MEAN:
+        cnt = <int64_t*>malloc((Q + 1) * sizeof(int64_t))
+    if pairs == NULL or (mode == MEAN and cnt == NULL):
+        free(count)
+        free(pos)
+        free(start)
+        free(lo)
+        free(masks)
+        free(pairs)
+        free(cnt)
+        return -1
+    for p in prange(nt, num_threads=nt, schedule='static', chunksize=1):
+        _bucket_pass(s, idx, off, pre, Q * p // nt, Q * (p + 1) // nt, lo, nt, has_pad, pad,
+                     masks, NULL, pos + p * nt, pairs)
+    if cnt != NULL:
+        for q in prange(Q, num_threads=nt, schedule='static'):
+            run = 0
+            for j in range(off[q], off[q + 1]):
+                if not (has_pad and idx[j] == pad):
+                    run = run + 1
+            cnt[q] = run
+    for r in prange(nt, num_threads=nt, schedule='static', chunksize=1):
+        if scratch != NULL:     # Adagrad: the gradient into scratch, then the rule
+            _backward_owned(s, pairs + 2 * start[r], start[r + 1] - start[r], psw, grad,
+                            gstride, B, cnt, 1, scratch, NULL, NULL, 0, lo[r], lo[r + 1],
+                            ACT_ADD, pre)
+            if sweep:
+                for q in range(<int64_t>lo[r], <int64_t>lo[r + 1]):
+                    _adagrad(target, scratch, state, q, alpha, eps)
+            else:
+                _backward_owned(s, pairs + 2 * start[r], start[r + 1] - start[r], psw, grad,
+                                gstride, B, cnt, alpha, target, scratch, state, eps,
+                                lo[r], lo[r + 1], ACT_ADAGRAD, pre)
+        else:
+            _backward_owned(s, pairs + 2 * start[r], start[r + 1] - start[r], psw, grad,
+                            gstride, B, cnt, alpha, target, NULL, NULL, 0, lo[r], lo[r + 1],
+                            ACT_ADD, pre)
+    free(count)
+    free(pos)
+    free(start)
+    free(lo)
+    free(masks)
+    free(pairs)
+    free(cnt)
+    return 0
+
+
 def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offsets,
              const real[::1] psw, const real[:, ::1] grad, int64_t B, int64_t T,
              int64_t table0, int mode, bint has_pad, int64_t pad,
@@ -455,6 +637,7 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
     cdef uint64_t* buf = NULL
     cdef int64_t* loc = NULL
     cdef int64_t most = 0, t, b0, b1, c, i, j0, jj, q
+    cdef bint done = False
     if B == 0 or T == 0 or ip == NULL:
         return
     if mode == MAX:
@@ -492,6 +675,15 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
         buf = <uint64_t*>malloc((most * s.runs + 1) * sizeof(uint64_t))
         loc = <int64_t*>malloc((CHUNK_BAGS + 1) * sizeof(int64_t))
         chunked = buf != NULL and loc != NULL
+    if pre != NULL and 1 < nt <= 64:
+        with nogil:
+            done = _backward_bucketed(s, ip, &offsets[0], pp, &grad[0, 0], grad.shape[1], B,
+                                      T, mode, has_pad, pad, <real>alpha, &target[0], sp,
+                                      stp, <real>eps, sweep, nt, pre) == 0
+        if done:
+            free(win)
+            free(pre)
+            return
     with nogil, parallel(num_threads=nt):
         tid = threadid()
         lo = <int64_t>(m * tid // nt)
