@@ -539,72 +539,59 @@ cdef int _backward_bucketed(const he_scheme* s, const index_t* idx, const int64_
     cdef int64_t* start = <int64_t*>malloc((nt + 1) * sizeof(int64_t))
     cdef uint64_t* lo = <uint64_t*>malloc((nt + 1) * sizeof(uint64_t))
     cdef uint64_t* masks = <uint64_t*>malloc((off[Q] + 1) * sizeof(uint64_t))
+    cdef int64_t* cnt = <int64_t*>malloc((Q + 1) * sizeof(int64_t)) if mode == MEAN else NULL
     cdef int64_t* pairs = NULL
-    cdef int64_t* cnt = NULL
-    if count == NULL or pos == NULL or start == NULL or lo == NULL or masks == NULL:
-        free(count)
-        free(pos)
-        free(start)
-        free(lo)
-        free(masks)
-        return -1
-    for r in range(nt + 1):
-        lo[r] = _range_lo(m, r, nt)
-    for p in prange(nt, num_threads=nt, schedule='static', chunksize=1):
-        _bucket_pass(s, idx, off, pre, Q * p // nt, Q * (p + 1) // nt, lo, nt, has_pad, pad,
-                     masks, count + p * nt, NULL, NULL)
-    for r in range(nt):         # bucket r: the bag blocks' entries in block order
-        start[r] = total
-        for p in range(nt):
-            pos[p * nt + r] = total
-            total += count[p * nt + r]
-    start[nt] = total
-    pairs = <int64_t*>malloc((2 * total + 2) * sizeof(int64_t))
-    if mode == MEAN:
-        cnt = <int64_t*>malloc((Q + 1) * sizeof(int64_t))
-    if pairs == NULL or (mode == MEAN and cnt == NULL):
-        free(count)
-        free(pos)
-        free(start)
-        free(lo)
-        free(masks)
-        free(pairs)
-        free(cnt)
-        return -1
-    for p in prange(nt, num_threads=nt, schedule='static', chunksize=1):
-        _bucket_pass(s, idx, off, pre, Q * p // nt, Q * (p + 1) // nt, lo, nt, has_pad, pad,
-                     masks, NULL, pos + p * nt, pairs)
-    if cnt != NULL:
-        for q in prange(Q, num_threads=nt, schedule='static'):
-            run = 0
-            for j in range(off[q], off[q + 1]):
-                if not (has_pad and idx[j] == pad):
-                    run = run + 1
-            cnt[q] = run
-    for r in prange(nt, num_threads=nt, schedule='static', chunksize=1):
-        if scratch != NULL:     # Adagrad: the gradient into scratch, then the rule
-            _backward_owned(s, pairs + 2 * start[r], start[r + 1] - start[r], psw, grad,
-                            gstride, B, cnt, 1, scratch, NULL, NULL, 0, lo[r], lo[r + 1],
-                            ACT_ADD, pre)
-            if sweep:
-                for q in range(<int64_t>lo[r], <int64_t>lo[r + 1]):
-                    _adagrad(target, scratch, state, q, alpha, eps)
+    cdef bint ok = (count != NULL and pos != NULL and start != NULL and lo != NULL
+                    and masks != NULL and (mode != MEAN or cnt != NULL))
+    if ok:
+        for r in range(nt + 1):
+            lo[r] = _range_lo(m, r, nt)
+        for p in prange(nt, num_threads=nt, schedule='static', chunksize=1):
+            _bucket_pass(s, idx, off, pre, Q * p // nt, Q * (p + 1) // nt, lo, nt, has_pad,
+                         pad, masks, count + p * nt, NULL, NULL)
+        for r in range(nt):     # bucket r: the bag blocks' entries in block order
+            start[r] = total
+            for p in range(nt):
+                pos[p * nt + r] = total
+                total += count[p * nt + r]
+        start[nt] = total
+        pairs = <int64_t*>malloc((2 * total + 2) * sizeof(int64_t))
+        ok = pairs != NULL
+    if ok:
+        for p in prange(nt, num_threads=nt, schedule='static', chunksize=1):
+            _bucket_pass(s, idx, off, pre, Q * p // nt, Q * (p + 1) // nt, lo, nt, has_pad,
+                         pad, masks, NULL, pos + p * nt, pairs)
+        if cnt != NULL:
+            for q in prange(Q, num_threads=nt, schedule='static'):
+                run = 0
+                for j in range(off[q], off[q + 1]):
+                    if not (has_pad and idx[j] == pad):
+                        run = run + 1
+                cnt[q] = run
+        for r in prange(nt, num_threads=nt, schedule='static', chunksize=1):
+            if scratch != NULL:     # Adagrad: the gradient into scratch, then the rule
+                _backward_owned(s, pairs + 2 * start[r], start[r + 1] - start[r], psw, grad,
+                                gstride, B, cnt, 1, scratch, NULL, NULL, 0, lo[r], lo[r + 1],
+                                ACT_ADD, pre)
+                if sweep:
+                    for q in range(<int64_t>lo[r], <int64_t>lo[r + 1]):
+                        _adagrad(target, scratch, state, q, alpha, eps)
+                else:
+                    _backward_owned(s, pairs + 2 * start[r], start[r + 1] - start[r], psw,
+                                    grad, gstride, B, cnt, alpha, target, scratch, state, eps,
+                                    lo[r], lo[r + 1], ACT_ADAGRAD, pre)
             else:
                 _backward_owned(s, pairs + 2 * start[r], start[r + 1] - start[r], psw, grad,
-                                gstride, B, cnt, alpha, target, scratch, state, eps,
-                                lo[r], lo[r + 1], ACT_ADAGRAD, pre)
-        else:
-            _backward_owned(s, pairs + 2 * start[r], start[r + 1] - start[r], psw, grad,
-                            gstride, B, cnt, alpha, target, NULL, NULL, 0, lo[r], lo[r + 1],
-                            ACT_ADD, pre)
+                                gstride, B, cnt, alpha, target, NULL, NULL, 0, lo[r],
+                                lo[r + 1], ACT_ADD, pre)
     free(count)
     free(pos)
     free(start)
     free(lo)
     free(masks)
-    free(pairs)
     free(cnt)
-    return 0
+    free(pairs)
+    return 0 if ok else -1
 
 
 def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offsets,
