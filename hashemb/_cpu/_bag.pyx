@@ -458,20 +458,19 @@ cdef inline uint64_t _owners(const he_scheme* s, const uint64_t* pre, int64_t j,
 
 cdef void _bucket_pass(const he_scheme* s, const index_t* idx, const int64_t* off,
                        const uint64_t* pre, int64_t q0, int64_t q1, const uint64_t* lo,
-                       int nt, bint has_pad, int64_t pad, uint64_t* masks, int64_t* count,
-                       int64_t* pos, int64_t* pairs) noexcept nogil:
-    """Bags q0..q1-1. First pass (pairs NULL): masks[j] = the ranges entry j
-    touches (0 for padding), count[r] += entries touching range r. Second
-    pass: write (j, q) at pairs[2 pos[r]] for each, advancing pos[r]."""
+                       int nt, bint has_pad, int64_t pad, int64_t* count, int64_t* pos,
+                       int64_t* pairs) noexcept nogil:
+    """Bags q0..q1-1. First pass (pairs NULL): count[r] += entries touching
+    range r. Second pass: write (j, q) at pairs[2 pos[r]] for each, advancing
+    pos[r]. The owners are recomputed (a few compares) rather than kept: an
+    array of them would be N more words of fresh pages per call."""
     cdef int64_t q, j, r
     cdef uint64_t mask
     for q in range(q0, q1):
         for j in range(off[q], off[q + 1]):
-            if pairs == NULL:
-                mask = 0 if (has_pad and idx[j] == pad) else _owners(s, pre, j, lo, nt)
-                masks[j] = mask
-            else:
-                mask = masks[j]
+            if has_pad and idx[j] == pad:
+                continue
+            mask = _owners(s, pre, j, lo, nt)
             r = 0
             while mask:
                 if mask & 1:
@@ -538,17 +537,16 @@ cdef int _backward_bucketed(const he_scheme* s, const index_t* idx, const int64_
     cdef int64_t* pos = <int64_t*>malloc(nt * nt * sizeof(int64_t))
     cdef int64_t* start = <int64_t*>malloc((nt + 1) * sizeof(int64_t))
     cdef uint64_t* lo = <uint64_t*>malloc((nt + 1) * sizeof(uint64_t))
-    cdef uint64_t* masks = <uint64_t*>malloc((off[Q] + 1) * sizeof(uint64_t))
     cdef int64_t* cnt = <int64_t*>malloc((Q + 1) * sizeof(int64_t)) if mode == MEAN else NULL
     cdef int64_t* pairs = NULL
     cdef bint ok = (count != NULL and pos != NULL and start != NULL and lo != NULL
-                    and masks != NULL and (mode != MEAN or cnt != NULL))
+                    and (mode != MEAN or cnt != NULL))
     if ok:
         for r in range(nt + 1):
             lo[r] = _range_lo(m, r, nt)
         for p in prange(nt, num_threads=nt, schedule='static', chunksize=1):
             _bucket_pass(s, idx, off, pre, Q * p // nt, Q * (p + 1) // nt, lo, nt, has_pad,
-                         pad, masks, count + p * nt, NULL, NULL)
+                         pad, count + p * nt, NULL, NULL)
         for r in range(nt):     # bucket r: the bag blocks' entries in block order
             start[r] = total
             for p in range(nt):
@@ -560,7 +558,7 @@ cdef int _backward_bucketed(const he_scheme* s, const index_t* idx, const int64_
     if ok:
         for p in prange(nt, num_threads=nt, schedule='static', chunksize=1):
             _bucket_pass(s, idx, off, pre, Q * p // nt, Q * (p + 1) // nt, lo, nt, has_pad,
-                         pad, masks, NULL, pos + p * nt, pairs)
+                         pad, NULL, pos + p * nt, pairs)
         if cnt != NULL:
             for q in prange(Q, num_threads=nt, schedule='static'):
                 run = 0
@@ -588,7 +586,6 @@ cdef int _backward_bucketed(const he_scheme* s, const index_t* idx, const int64_
     free(pos)
     free(start)
     free(lo)
-    free(masks)
     free(cnt)
     free(pairs)
     return 0 if ok else -1
