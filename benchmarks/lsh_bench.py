@@ -56,14 +56,17 @@ def build_one(kind, dim, path, num_points):
                       "extra_mib": s.extra_bytes() / 2 ** 20}))
 
 
-def lookups(rows, num_points, dim=16):
+def lookups(rows, num_points, rounds, dim=16):
+    """samples/s of every scheme, forward and training step, in ``rounds``
+    rounds: each round times every scheme once, so a ratio to RobeZ is taken
+    within a round (this VM drifts between minutes)."""
     import hashemb as he
     from tqdm.auto import tqdm
     gen, X = data(rows)
     T = X.shape[1]
     size = sum(gen.cardinalities) * dim // 1000
     test = gen.sample(0, 16384, "test").cats
-    schemes = {
+    makers = {
         "RobeZ Z=16": lambda: he.RobeZ(size, dim, block=16),
         "HashedNet (Z=1)": lambda: he.HashedNet(size, dim),
         "LSHTable Z=16": lambda: he.LSHTable.fit(X, size, dim, num_points=num_points, block=16),
@@ -71,11 +74,12 @@ def lookups(rows, num_points, dim=16):
         "LSHTable Z=1": lambda: he.LSHTable.fit(X, size, dim, num_points=num_points),
         "LMA Z=1": lambda: he.LMA.fit(X, size, dim, num_points=num_points),
     }
-    out = {}
-    for name, make in tqdm(schemes.items(), desc="lookups", leave=False):
-        s = make()
-        W = s.init_weight()
-        res = {}
+    schemes = {name: make() for name, make in makers.items()}
+    weights = {name: s.init_weight() for name, s in schemes.items()}
+    runs = {name: {"forward": [], "train": []} for name in schemes}
+    jobs = [(r, name) for r in range(rounds) for name in schemes]
+    for _, name in tqdm(jobs, desc="lookups", leave=False):
+        s, W = schemes[name], weights[name]
         for B, train in ((16384, False), (2048, True)):
             q = np.ascontiguousarray(test[:B].T).reshape(-1)
             off = np.arange(q.size + 1, dtype=np.int64)
@@ -87,9 +91,14 @@ def lookups(rows, num_points, dim=16):
                 if train:
                     he.embedding_bags_backward(G, q, off, scheme=s, num_tables=T, weight=W,
                                                optimizer=opt)
-            res["train" if train else "forward"] = B / timeit(step, 7, warmup=1)
-        out[name] = res
-    return out
+            runs[name]["train" if train else "forward"].append(B / timeit(step, 7, warmup=1))
+    return runs
+
+
+def _ratio(runs, name, ref, kind):
+    """Median, min and max over rounds of name's samples/s over ref's."""
+    r = np.array(runs[name][kind]) / np.array(runs[ref][kind])
+    return float(np.median(r)), float(r.min()), float(r.max())
 
 
 def main(argv=None):
@@ -97,6 +106,7 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=500_000)
     p.add_argument("--num-points", type=int, default=125_000)
+    p.add_argument("--repeat", type=int, default=5, help="rounds of the lookup timings")
     p.add_argument("--build-one", nargs=3, metavar=("KIND", "DIM", "NPY"),
                    help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -122,17 +132,18 @@ def main(argv=None):
         print(f"| {kind} | {dim} | {r['seconds']:.2f} | {r['sampled']:,} | {r['peak_gib']:.2f} "
               f"| {r['build_gib']:.2f} | {r['extra_mib']:.0f} |")
     os.unlink(tmp.name)
-    res = lookups(args.rows, args.num_points)
-    robe, hnet = res["RobeZ Z=16"], res["HashedNet (Z=1)"]
-    print("\nlookups at 1000x, D=16 (samples/s; ratios in this run)")
+    runs = lookups(args.rows, args.num_points, args.repeat)
+    print(f"\nlookups at 1000x, D=16 (samples/s, median of {args.repeat} rounds; ratios "
+          "taken within each round: median (min-max))")
     print("| scheme | forward B=16384 | train step B=2048 | forward / RobeZ | train / RobeZ "
           "| forward / HashedNet | train / HashedNet |")
     print("|---|---|---|---|---|---|---|")
-    for name, r in res.items():
-        print(f"| {name} | {r['forward']:,.0f} | {r['train']:,.0f} | "
-              f"{r['forward'] / robe['forward']:.2f} | {r['train'] / robe['train']:.2f} | "
-              f"{r['forward'] / hnet['forward']:.2f} | {r['train'] / hnet['train']:.2f} |")
-
+    for name, r in runs.items():
+        cells = [f"{a:.2f} ({lo:.2f}-{hi:.2f})" for ref in ("RobeZ Z=16", "HashedNet (Z=1)")
+                 for a, lo, hi in (_ratio(runs, name, ref, "forward"),
+                                   _ratio(runs, name, ref, "train"))]
+        print(f"| {name} | {np.median(r['forward']):,.0f} | {np.median(r['train']):,.0f} | "
+              + " | ".join([cells[0], cells[1], cells[2], cells[3]]) + " |")
 
 if __name__ == "__main__":
     main()
