@@ -30,7 +30,16 @@ __all__ = [
 def set_gpu_options(**options):
     """Options of the GPU backend (``check_indices``, ``deterministic``,
     ``precompute_starts``); returns the previous values. See
-    :func:`hashemb._gpu.set_options`."""
+    :func:`hashemb._gpu.set_options`. CPU kernels ignore them (the CPU is
+    always deterministic and always checks indices).
+
+    Examples
+    --------
+    >>> import hashemb as he
+    >>> old = he.set_gpu_options(deterministic=True)   # bitwise-reproducible backward
+    >>> he.set_gpu_options(**old)["deterministic"]
+    True
+    """
     from ._gpu import set_options
     return set_options(**options)
 
@@ -39,7 +48,16 @@ def show_config():
     """What this build has: a dict (also printed) with the version, OpenMP and
     its thread count, the GPU backend's state (CuPy version and device, or
     why it is not available) and whether FastEmbedding's native torch op is
-    built in this process."""
+    built in this process.
+
+    Examples
+    --------
+    >>> import hashemb as he
+    >>> info = he.show_config()              # doctest: +ELLIPSIS
+    version  ...
+    >>> sorted(info)
+    ['gpu', 'openmp', 'threads', 'torch op', 'version']
+    """
     from ._cpu import _slots
     from ._gpu import info as gpu_info
     native = sys.modules.get("hashemb.torch._native")   # never imports torch itself

@@ -31,6 +31,19 @@ class Scheme:
         Shape of the array that :meth:`init_weight` makes and backward returns.
     num_tables : int or None
         Tables with a size (tokens range-checked), or None: any table id.
+
+    Examples
+    --------
+    Every scheme answers the same questions, which is all the bag kernels ask:
+
+    >>> import numpy as np, hashemb as he
+    >>> for s in (he.RobeZ(1000, 8, block=4), he.HashedNet(1000, 8), he.FullTable([50], 8)):
+    ...     print(type(s).__name__, s.size, s.weight_shape, s.slots(np.array([3]), table=0).shape)
+    RobeZ 1000 (1000,) (1, 8)
+    HashedNet 1000 (1000,) (1, 8)
+    FullTable 400 (50, 8) (1, 8)
+    >>> he.Scheme.from_config(he.RobeZ(1000, 8, seed=3).config()) == he.RobeZ(1000, 8, seed=3)
+    True
     """
 
     _signed = False

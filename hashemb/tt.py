@@ -591,7 +591,19 @@ class TTSaved:
     """What :func:`tt_embedding_bag` computed that its backward reuses
     (``return_saved=True``): the digit groups and partial chain products of
     every table, so backward does not redo the forward products. Valid only
-    for the same inputs and unchanged cores."""
+    for the same inputs and unchanged cores (a saved of other inputs is a
+    ValueError).
+
+    Examples
+    --------
+    >>> import numpy as np, hashemb as he
+    >>> cores = he.tt_init(100, [10, 10], [2, 2], [3])
+    >>> idx, off = np.array([1, 2, 99]), np.array([0, 2, 3])
+    >>> out, saved = he.tt_embedding_bag(idx, cores, off, return_saved=True)
+    >>> g = he.tt_embedding_bag_backward(np.ones_like(out), idx, cores, off, saved=saved)
+    >>> [x.shape for x in g] == [c.shape for c in cores]
+    True
+    """
 
     def __init__(self, parts, B, nnz):
         self.parts, self.B, self.nnz = parts, B, nnz

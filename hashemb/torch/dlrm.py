@@ -87,7 +87,16 @@ def make_embedding(method, num_embeddings, dim=16, compression=1000.0, lr=0.1, s
     ``optimizer`` ("sgd" or "adagrad") at ``lr``, fused into backward for the
     hashemb modules: "full" (torch nn.EmbeddingBag, sparse gradients, left to
     the torch optimizer), "robez" (ROBE-Z, Z = ``block`` or dim), "hashednet",
-    "hashing_trick" (each at ``compression``)."""
+    "hashing_trick" (each at ``compression``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from hashemb.torch import make_embedding
+    >>> emb = make_embedding("robez", [1000, 5000], dim=16, compression=100)
+    >>> emb.weight.numel(), emb(torch.tensor([[1, 4999]])).shape
+    (960, torch.Size([1, 32]))
+    """
     if method == "full":
         return TorchEmbeddingBagCollection(num_embeddings, dim, sparse=True, seed=seed)
     kw = dict(compression=compression, seed=seed, optimizer=optimizer, lr=lr, init_seed=seed)
@@ -127,7 +136,22 @@ def train_epoch(model, optimizer, dense, cats, labels, batch_size=2048, seed=0,
                 progress=None):
     """One pass over the data in a seeded random order, on the model's device
     (the data is moved there once); returns ``(mean training loss,
-    samples/s)``. ``progress`` is a tqdm bar (or None)."""
+    samples/s)``. ``progress`` is a tqdm bar (or None).
+
+    Examples
+    --------
+    >>> from hashemb.data import SyntheticCriteo
+    >>> from hashemb.torch import DLRM, evaluate, make_embedding, train_epoch
+    >>> from hashemb.torch.dlrm import make_optimizer
+    >>> gen = SyntheticCriteo(scale=0.0001, seed=0)
+    >>> tr, te = gen.sample(0, 2000, "train"), gen.sample(0, 500, "test")
+    >>> model = DLRM(make_embedding("robez", gen.cardinalities, compression=10), 26,
+    ...              bottom=(32,), top=(32,))
+    >>> loss, sps = train_epoch(model, make_optimizer(model, 0.5), tr.dense, tr.cats,
+    ...                         tr.labels, batch_size=500)
+    >>> sorted(evaluate(model, te.dense, te.cats, te.labels))
+    ['auc', 'logloss', 'samples_per_s']
+    """
     dev = _device(model)
     d, c, y = _tensors(dense, cats, labels, dev)
     n = y.shape[0]
@@ -154,7 +178,7 @@ def train_epoch(model, optimizer, dense, cats, labels, batch_size=2048, seed=0,
 @torch.no_grad()
 def evaluate(model, dense, cats, labels, batch_size=16384):
     """``dict(auc, logloss, samples_per_s)`` of the model's predictions (run
-    on the model's device)."""
+    on the model's device); see :func:`train_epoch` for an example."""
     dev = _device(model)
     d, c, _ = _tensors(dense, cats, labels, dev)
     model.eval()

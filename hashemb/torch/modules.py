@@ -553,6 +553,17 @@ def _sizes(num_embeddings):
 
 def dense_parameters(module):
     """The parameters a torch optimizer should update: all but the arrays that
-    a fused hashemb optimizer updates inside backward."""
+    a fused hashemb optimizer updates inside backward.
+
+    Examples
+    --------
+    >>> import torch, hashemb as he
+    >>> from hashemb.torch import HashEmbeddingBag, dense_parameters
+    >>> model = torch.nn.ModuleDict({"emb": HashEmbeddingBag(he.RobeZ(1000, 8), optimizer="sgd"),
+    ...                              "mlp": torch.nn.Linear(8, 1)})
+    >>> [p.shape for p in dense_parameters(model)]          # the array is not there
+    [torch.Size([1, 8]), torch.Size([1])]
+    >>> opt = torch.optim.SGD(dense_parameters(model), lr=0.1)
+    """
     return [p for p in module.parameters()
             if p.requires_grad and not getattr(p, "_hashemb_fused", False)]
