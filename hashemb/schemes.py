@@ -69,6 +69,7 @@ class Scheme:
 
     @property
     def weight_shape(self):
+        """Shape of the array: ``(size,)``, one flat shared array."""
         return (self.size,)
 
     def _bounds(self, table0, T):
@@ -258,6 +259,7 @@ class RobeZ(Scheme):
 
     @property
     def signed(self):
+        """Whether elements carry a hashed sign g(e, x, i) in {+1, -1}."""
         return self._signed
 
     @classmethod
@@ -391,6 +393,7 @@ class FullTable(Scheme):
 
     @property
     def weight_shape(self):
+        """Shape of the tables stacked: ``(sum of rows, dim)``."""
         return (self.num_embeddings, self.dim)
 
     def _default_scale(self):

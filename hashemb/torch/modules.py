@@ -539,6 +539,7 @@ class TorchEmbeddingBagCollection(nn.Module):
         return torch.cat([e(input[:, t:t + 1]) for t, e in enumerate(self.tables)], dim=1)
 
     def memory_bytes(self):
+        """Bytes of the full tables."""
         return sum(e.weight.numel() * e.weight.element_size() for e in self.tables)
 
 

@@ -291,6 +291,7 @@ class TTEmbeddingBagCollection(nn.Module):
                     for c, n in zip(self._core_arrays(), self.num_embeddings)]
 
     def memory_bytes(self):
+        """Bytes of the cores (and the LFU caches' rows)."""
         return sum(p.numel() * p.element_size() for p in self.parameters())
 
     def extra_repr(self):
@@ -366,6 +367,7 @@ class TTEmbeddingBag(TTEmbeddingBagCollection):
 
     @property
     def cache_weight(self):
+        """The LFU cache's rows (``cache_size x embedding_dim``), or None."""
         return self.cache_weights[0] if self.use_cache else None
 
     def forward(self, input, offsets=None, per_sample_weights=None):
