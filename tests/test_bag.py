@@ -347,3 +347,24 @@ def test_bucketed_backward_same_bits_on_any_thread_count():
         outs[n] = subprocess.run([sys.executable, "-c", _THREADS_CODE], env=env,
                                  capture_output=True, text=True, check=True).stdout
     assert len(set(outs.values())) == 1, outs
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_large_forward_output_streamed(dtype):
+    """Outputs of 8 MB and more are written with streaming stores: rows of an
+    odd width (unaligned starts), both dtypes, every value as the gather."""
+    rng = np.random.default_rng(11)
+    full = he.FullTable([50] * 5, 7)
+    B = 70_000                                   # 70000 x 35 floats >= 8 MB
+    X = rng.integers(0, 50, (B, 5))
+    W = full.init_weight(dtype=dtype)
+    out = he.embedding_bags(X, W, scheme=full, num_tables=5)
+    want = np.concatenate([W[t * 50 + X[:, t]] for t in range(5)], axis=1)
+    np.testing.assert_array_equal(out, want)
+    robe = he.RobeZ(10_007, 16, block=4, signed=True)
+    X = rng.integers(0, 10 ** 9, (B, 2))
+    M = robe.init_weight(dtype=dtype)
+    out = he.embedding_bags(X, M, scheme=robe, num_tables=2)
+    want = np.concatenate([M[robe.slots(X[:, t], table=t)] * robe.signs(X[:, t], table=t)
+                           for t in range(2)], axis=1)
+    np.testing.assert_allclose(out, want, rtol=0, atol=0)

@@ -44,13 +44,43 @@ cdef extern from *:
     """
     #define he_prefetch(p) __builtin_prefetch((const void*)(p), 0, 1)
     #define he_prefetch_w(p) __builtin_prefetch((const void*)(p), 1, 1)
+    #if defined(__SSE2__)
+    #include <emmintrin.h>
+    #include <stdint.h>
+    /* dst[:n] = src[:n] with non-temporal stores (no read-for-ownership of
+       the destination lines: half the memory traffic of a plain copy into a
+       large output that is not read back soon); call he_stream_fence()
+       before another thread reads dst. */
+    static inline void he_stream_f(float* dst, const float* src, int64_t n) {
+        int64_t i = 0;
+        while (i < n && ((uintptr_t)(dst + i) & 15)) { dst[i] = src[i]; i++; }
+        for (; i + 4 <= n; i += 4) _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
+        for (; i < n; i++) dst[i] = src[i];
+    }
+    static inline void he_stream_d(double* dst, const double* src, int64_t n) {
+        int64_t i = 0;
+        while (i < n && ((uintptr_t)(dst + i) & 15)) { dst[i] = src[i]; i++; }
+        for (; i + 2 <= n; i += 2) _mm_stream_pd(dst + i, _mm_loadu_pd(src + i));
+        for (; i < n; i++) dst[i] = src[i];
+    }
+    static inline void he_stream_fence(void) { _mm_sfence(); }
+    #else
+    #include <string.h>
+    static inline void he_stream_f(float* dst, const float* src, int64_t n) { memcpy(dst, src, n * sizeof(float)); }
+    static inline void he_stream_d(double* dst, const double* src, int64_t n) { memcpy(dst, src, n * sizeof(double)); }
+    static inline void he_stream_fence(void) {}
+    #endif
     """
     void he_prefetch(const void* p) noexcept nogil
     void he_prefetch_w(const void* p) noexcept nogil
+    void he_stream_f(float* dst, const float* src, int64_t n) noexcept nogil
+    void he_stream_d(double* dst, const double* src, int64_t n) noexcept nogil
+    void he_stream_fence() noexcept nogil
 
 DEF CHUNK = 32      # samples per parallel work item (its output stays in L2)
 DEF AHEAD = 8       # fast path: rows hashed (and prefetched) this far ahead
 DEF MAXR = 64       # fast path: at most this many runs per row
+DEF STREAM_BYTES = 8 << 20  # forward outputs from this size on: streaming stores
 DEF CHUNK_BAGS = 8192  # backward with many runs per entry: bags hashed per round
 
 
@@ -188,9 +218,15 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
 
 
 cdef inline void _copy_rows(real* dst, int64_t dstride, const real* src, int64_t width,
-                           int64_t n) noexcept nogil:
+                           int64_t n, bint stream) noexcept nogil:
     cdef int64_t r
-    if dstride == width:
+    if stream:
+        for r in range(n):
+            if real is float:
+                he_stream_f(dst + r * dstride, src + r * width, width)
+            else:
+                he_stream_d(dst + r * dstride, src + r * width, width)
+    elif dstride == width:
         memcpy(dst, src, n * width * sizeof(real))
     else:
         for r in range(n):
@@ -205,6 +241,9 @@ cdef void _forward(const he_scheme* s, const index_t* idx, const int64_t* off,
     cdef int tid
     cdef uint64_t* ring
     cdef real* buf
+    # an output beyond the caches is written with streaming stores (it would
+    # be evicted before it is read anyway); a small one stays in cache
+    cdef bint stream = B * ostride * <int64_t>sizeof(real) >= STREAM_BYTES
     with parallel(num_threads=nt):
         tid = threadid()
         # strides padded by 128 bytes: threads never share a cache line
@@ -218,7 +257,9 @@ cdef void _forward(const he_scheme* s, const index_t* idx, const int64_t* off,
             nb = min(B - b0, CHUNK)
             _forward_chunk(s, idx, off, M, psw, buf, B, T, width, table0, mode,
                            has_pad, pad, b0, b0 + nb, ring)
-            _copy_rows(out + b0 * ostride, ostride, buf, width, nb)
+            _copy_rows(out + b0 * ostride, ostride, buf, width, nb, stream)
+        if stream:
+            he_stream_fence()
 
 
 def forward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offsets,
