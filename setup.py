@@ -5,6 +5,7 @@ Environment switches:
   HASHEMB_NATIVE=1   -march=native (faster on this machine, not portable)
   HASHEMB_NO_OPENMP=1  build single-threaded kernels
 """
+import glob
 import os
 import subprocess
 import sys
@@ -52,6 +53,9 @@ extensions = [
                       os.path.join(HERE, "hashemb", "_cpu")],
         extra_compile_args=cflags,
         extra_link_args=omp,
+        # the shared headers: an edit to one rebuilds the modules
+        depends=sorted(glob.glob(os.path.join(HERE, "hashemb", "_include", "hashemb", "*.h"))
+                       + glob.glob(os.path.join(HERE, "hashemb", "_cpu", "*.h"))),
     )
     for name in ("_slots", "_bag", "_embed", "_tt")
 ]

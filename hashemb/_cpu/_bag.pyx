@@ -44,43 +44,20 @@ cdef extern from *:
     """
     #define he_prefetch(p) __builtin_prefetch((const void*)(p), 0, 1)
     #define he_prefetch_w(p) __builtin_prefetch((const void*)(p), 1, 1)
-    #if defined(__SSE2__)
-    #include <emmintrin.h>
-    #include <stdint.h>
-    /* dst[:n] = src[:n] with non-temporal stores (no read-for-ownership of
-       the destination lines: half the memory traffic of a plain copy into a
-       large output that is not read back soon); call he_stream_fence()
-       before another thread reads dst. */
-    static inline void he_stream_f(float* dst, const float* src, int64_t n) {
-        int64_t i = 0;
-        while (i < n && ((uintptr_t)(dst + i) & 15)) { dst[i] = src[i]; i++; }
-        for (; i + 4 <= n; i += 4) _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
-        for (; i < n; i++) dst[i] = src[i];
-    }
-    static inline void he_stream_d(double* dst, const double* src, int64_t n) {
-        int64_t i = 0;
-        while (i < n && ((uintptr_t)(dst + i) & 15)) { dst[i] = src[i]; i++; }
-        for (; i + 2 <= n; i += 2) _mm_stream_pd(dst + i, _mm_loadu_pd(src + i));
-        for (; i < n; i++) dst[i] = src[i];
-    }
-    static inline void he_stream_fence(void) { _mm_sfence(); }
-    #else
-    #include <string.h>
-    static inline void he_stream_f(float* dst, const float* src, int64_t n) { memcpy(dst, src, n * sizeof(float)); }
-    static inline void he_stream_d(double* dst, const double* src, int64_t n) { memcpy(dst, src, n * sizeof(double)); }
-    static inline void he_stream_fence(void) {}
-    #endif
     """
     void he_prefetch(const void* p) noexcept nogil
     void he_prefetch_w(const void* p) noexcept nogil
-    void he_stream_f(float* dst, const float* src, int64_t n) noexcept nogil
-    void he_stream_d(double* dst, const double* src, int64_t n) noexcept nogil
-    void he_stream_fence() noexcept nogil
+
+
+cdef extern from "hashemb/stream.h" nogil:
+    int64_t HE_STREAM_BYTES
+    void he_stream_f(float* dst, const float* src, int64_t n) noexcept
+    void he_stream_d(double* dst, const double* src, int64_t n) noexcept
+    void he_stream_fence() noexcept
 
 DEF CHUNK = 32      # samples per parallel work item (its output stays in L2)
 DEF AHEAD = 8       # fast path: rows hashed (and prefetched) this far ahead
 DEF MAXR = 64       # fast path: at most this many runs per row
-DEF STREAM_BYTES = 8 << 20  # forward outputs from this size on: streaming stores
 DEF CHUNK_BAGS = 8192  # backward with many runs per entry: bags hashed per round
 
 
@@ -243,7 +220,7 @@ cdef void _forward(const he_scheme* s, const index_t* idx, const int64_t* off,
     cdef real* buf
     # an output beyond the caches is written with streaming stores (it would
     # be evicted before it is read anyway); a small one stays in cache
-    cdef bint stream = B * ostride * <int64_t>sizeof(real) >= STREAM_BYTES
+    cdef bint stream = B * ostride * <int64_t>sizeof(real) >= HE_STREAM_BYTES
     with parallel(num_threads=nt):
         tid = threadid()
         # strides padded by 128 bytes: threads never share a cache line

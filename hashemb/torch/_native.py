@@ -47,9 +47,11 @@ def _build():
     try:
         import torch
         from torch.utils.cpp_extension import load
-        sources = [os.path.join(_HERE, "_native.cpp"),
-                   os.path.join(_INCLUDE, "hashemb", "embed.h"),
-                   os.path.join(_INCLUDE, "hashemb", "openmp.h")]
+        # the op's source and every header it may include: a change to any
+        # of them names a new build folder
+        hdr = os.path.join(_INCLUDE, "hashemb")
+        sources = [os.path.join(_HERE, "_native.cpp")] + sorted(
+            os.path.join(hdr, f) for f in os.listdir(hdr) if f.endswith(".h"))
         h = hashlib.sha256(f"{torch.__version__} {sysconfig.get_config_var('SOABI')}".encode())
         for path in sources:
             with open(path, "rb") as f:
