@@ -71,3 +71,22 @@ def test_criteo_bags_benchmark_runs_and_plots(tmp_path):
         (n, t) for n in ("hashemb RobeZ Z=16", "torch.nn.EmbeddingBag") for t in (0, 1)}
     assert all(r["samples_per_s"] > 0 for r in res["rounds"]) and len(res["rounds"]) == 4
     assert png.stat().st_size > 5000
+
+
+def test_own_model_example(tmp_path, monkeypatch):
+    """The plug-into-your-model example: three embeddings train, the state
+    round trip gives the same bits, the compressed ones use far less memory."""
+    pytest.importorskip("torch")
+    pytest.importorskip("matplotlib")
+    ns = run_example("examples/own_model.py", [], monkeypatch)
+    out = tmp_path / "m.png"
+    res = ns["main"](["--scale", "0.001", "--samples", "3000", "--epochs", "2",
+                      "--batch", "512", "--no-progress", "--out", str(out)])
+    assert [r["kind"] for r in res] == ["full", "100", "1000"]
+    for r in res:
+        assert len(r["aucs"]) == 2 and all(0.4 < a <= 1 for a in r["aucs"])
+        assert r["same_after_load"]
+    # 100x and 1000x fewer floats; the fused Adagrad keeps one accumulator per float
+    assert res[0]["memory_mb"] > 40 * res[1]["memory_mb"]
+    assert res[1]["memory_mb"] > 5 * res[2]["memory_mb"]
+    assert out.stat().st_size > 10_000
