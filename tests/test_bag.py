@@ -233,8 +233,9 @@ def test_backward_deterministic_across_threads():
 def test_threaded_backward_on_large_arrays(scheme, mode):
     # arrays large enough for the multi-thread, pre-hashed paths; the reference
     # is np.add.at over the (separately verified) slots and signs
+    # (and enough gradient floats, >= 2^16, for more than one thread)
     rng = np.random.default_rng(5)
-    T, B, D = 3, 300, scheme.dim
+    T, B, D = 3, 5000, scheme.dim
     sizes = rng.integers(0, 4, T * B)
     off = np.concatenate([[0], np.cumsum(sizes)])
     idx = rng.integers(0, 3000, off[-1])
@@ -242,15 +243,14 @@ def test_threaded_backward_on_large_arrays(scheme, mode):
     W = scheme.init_weight(dtype=np.float64)
     grad = he.embedding_bags_backward(G, idx, off, scheme=scheme, num_tables=T, mode=mode)
     want = np.zeros(scheme.size)
-    for q in range(T * B):
-        t, b = divmod(q, B)
-        js = np.arange(off[q], off[q + 1])
-        if len(js) == 0:
-            continue
-        S = scheme.slots(idx[js], table=t)
-        Sg = scheme.signs(idx[js], table=t).astype(np.float64)
-        c = 1.0 / len(js) if mode == "mean" else 1.0
-        np.add.at(want, S, c * Sg * G[b, t * D:(t + 1) * D])
+    q = np.repeat(np.arange(T * B), sizes)                  # bag of each entry
+    c = 1.0 / sizes[q] if mode == "mean" else np.ones(len(q))
+    for t in range(T):
+        sel = q // B == t
+        S = scheme.slots(idx[sel], table=t)
+        Sg = scheme.signs(idx[sel], table=t).astype(np.float64)
+        rows = G[q[sel] % B, t * D:(t + 1) * D] * c[sel, None]
+        np.add.at(want, S.ravel(), (Sg * rows).ravel())
     np.testing.assert_allclose(grad.reshape(-1), want, rtol=1e-10, atol=1e-10)
     # fused SGD through the same paths
     W2 = W.copy()
@@ -301,9 +301,12 @@ _THREADS_CODE = r"""
 import hashlib, numpy as np, hashemb as he
 h = hashlib.sha1()
 rng = np.random.default_rng(3)
-for scheme in [he.RobeZ(50021, 16, block=16), he.RobeZ(40009, 8, block=2)]:
+# >= 2^16 gradient floats (more than one thread); Adagrad sweeps the scratch of
+# the small arrays and walks the entries again for the large one (m > 8 N D)
+for scheme in [he.RobeZ(50021, 16, block=16), he.RobeZ(40009, 8, block=2),
+               he.RobeZ(5000011, 16, block=16)]:
     D = scheme.dim
-    for N in (4000, 60):        # Adagrad: sweeps the scratch at 4000, walks again at 60
+    for N in (24000,):
         T, B = 3, N // 3
         sizes = rng.integers(0, 4, T * B)
         off = np.concatenate([[0], np.cumsum(sizes)])

@@ -58,6 +58,7 @@ cdef extern from "hashemb/stream.h" nogil:
 DEF CHUNK = 32      # samples per parallel work item (its output stays in L2)
 DEF AHEAD = 8       # fast path: rows hashed (and prefetched) this far ahead
 DEF MAXR = 64       # fast path: at most this many runs per row
+DEF SMALL_WORK = 1 << 16  # backward: gradient floats below which one thread runs
 DEF CHUNK_BAGS = 8192  # backward with many runs per entry: bags hashed per round
 
 
@@ -652,8 +653,10 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
         with nogil:
             _argmax(s, ip, &offsets[0], &weight[0], B, T, table0, has_pad, pad, win, best)
         free(best)
-    if nt > 1 and m < <uint64_t>(4096 * nt):
-        nt = 1  # not worth the threads
+    if nt > 1 and (m < <uint64_t>(4096 * nt) or indices.shape[0] * s.dim < SMALL_WORK):
+        # not worth the threads: a parallel region costs more than the work, and
+        # inside a torch step extra threads contend with torch's own pool
+        nt = 1
     if mode != MAX and not s.is_signed and s.runs <= 4:
         # hash each entry once, up front, in parallel: every thread walks every
         # entry, and the walk prefetches the slots it will write from these
