@@ -65,8 +65,12 @@ DEF CHUNK_BAGS = 8192  # backward with many runs per entry: bags hashed per roun
 cdef inline void _copy_run(real* dst, const real* src, int64_t L) noexcept nogil:
     """dst[:L] = src[:L]. Fixed-size memcpy for the common runs: the compiler
     emits a few vector moves (an element loop stays scalar: dst and src may
-    alias as far as it knows)."""
-    if L == 16:
+    alias as far as it knows); element-wise runs (HashedNet) are one move,
+    and other lengths a loop rather than a library call per run."""
+    cdef int64_t i
+    if L == 1:
+        dst[0] = src[0]
+    elif L == 16:
         memcpy(dst, src, 16 * sizeof(real))
     elif L == 32:
         memcpy(dst, src, 32 * sizeof(real))
@@ -75,7 +79,8 @@ cdef inline void _copy_run(real* dst, const real* src, int64_t L) noexcept nogil
     elif L == 64:
         memcpy(dst, src, 64 * sizeof(real))
     else:
-        memcpy(dst, src, L * sizeof(real))
+        for i in range(L):
+            dst[i] = src[i]
 
 
 cdef inline void _gather_row(const he_scheme* s, const he_row* row, const real* M,
@@ -188,7 +193,8 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                     for k in range(R):
                         r[k] = he_run_start(s, &rows[q % (2 * AHEAD)], k)
                         he_prefetch(M + r[k])
-                        he_prefetch(M + r[k] + L - 1)
+                        if L > 1:       # a run of one float is on one line
+                            he_prefetch(M + r[k] + L - 1)
             if deep and c < n:  # the map entry of bag c
                 j = off[t * B + b0 + c]
                 if off[t * B + b0 + c + 1] > j:
