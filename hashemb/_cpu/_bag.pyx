@@ -56,8 +56,9 @@ cdef extern from "hashemb/stream.h" nogil:
     void he_stream_fence() noexcept
 
 DEF CHUNK = 32      # samples per parallel work item (its output stays in L2)
-DEF AHEAD = 16      # rows hashed (and prefetched) this far ahead: forward, blocked
-                    # schemes (a few runs per row), and the backward's walks
+DEF AHEAD = 8       # rows hashed (and prefetched) this far ahead
+DEF FAR_AHEAD = 16  # forward, a few runs per row from an array far past the caches
+DEF FAR_BYTES = 64 << 20  # "far past the caches": arrays from this size on
 DEF MAXR = 64       # fast path: at most this many runs per row
 DEF SMALL_WORK = 1 << 16  # backward: gradient floats below which one thread runs
 DEF CHUNK_BAGS = 8192  # backward with many runs per entry: bags hashed per round
@@ -150,11 +151,13 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
     cdef uint64_t* r
     cdef real* o
     cdef const void* hint
-    cdef he_row rows[2 * AHEAD]
-    # rows in flight: AHEAD for a few runs per row; half that for element-wise
-    # rows (HashedNet: D lines per row), where 16 rows of prefetches overflow
-    # the core's miss buffers (measured: 19% slower than 8)
-    cdef int64_t ahead = AHEAD if R <= 4 else AHEAD // 2
+    cdef he_row rows[2 * FAR_AHEAD]
+    # rows in flight: 16 when each row is a few lines of an array in DRAM (a
+    # full table: measured faster in every A/B pair), else 8 (an array in the
+    # caches gains nothing, and 16 element-wise rows of D lines each overflow
+    # the core's miss buffers: HashedNet 19% slower)
+    cdef int64_t ahead = FAR_AHEAD if (R <= 4 and <int64_t>(m * sizeof(real)) >= FAR_BYTES) \
+        else AHEAD
     # schemes that read memory to find a row's runs (LSH) get two more stages
     cdef int64_t deep = ahead if he_row_hint(s, 0, 0) != NULL else 0
     cdef bint fast = (ring != NULL and psw == NULL and not has_pad and mode != MAX
@@ -186,8 +189,8 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
             if 0 <= q < n:      # begin bag q's first row, prefetch what its runs read
                 j = off[t * B + b0 + q]
                 if off[t * B + b0 + q + 1] > j:
-                    rows[q % (2 * AHEAD)] = he_row_begin(s, table0 + t, idx[j])
-                    hint = he_row_data(s, &rows[q % (2 * AHEAD)])
+                    rows[q % (2 * FAR_AHEAD)] = he_row_begin(s, table0 + t, idx[j])
+                    hint = he_row_data(s, &rows[q % (2 * FAR_AHEAD)])
                     if hint != NULL:
                         he_prefetch(hint)
             q = c - deep - deep
@@ -196,7 +199,7 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                 if off[t * B + b0 + q + 1] > j:
                     r = ring + (q & (ahead - 1)) * R
                     for k in range(R):
-                        r[k] = he_run_start(s, &rows[q % (2 * AHEAD)], k)
+                        r[k] = he_run_start(s, &rows[q % (2 * FAR_AHEAD)], k)
                         he_prefetch(M + r[k])
                         if L > 1:       # a run of one float is on one line
                             he_prefetch(M + r[k] + L - 1)
@@ -236,7 +239,7 @@ cdef void _forward(const he_scheme* s, const index_t* idx, const int64_t* off,
     with parallel(num_threads=nt):
         tid = threadid()
         # strides padded by 128 bytes: threads never share a cache line
-        ring = rings + tid * (AHEAD * s.runs + 16) if rings != NULL else NULL
+        ring = rings + tid * (FAR_AHEAD * s.runs + 16) if rings != NULL else NULL
         buf = bufs + tid * (CHUNK * width + 32)
         for c in prange(nchunks, schedule='static'):
             # pool into a cache-resident buffer, then write the chunk's output rows
@@ -265,7 +268,7 @@ def forward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offset
     cdef uint64_t* rings = NULL
     cdef real* bufs = <real*>malloc(nt * (CHUNK * T * sv.s.dim + 32) * sizeof(real))
     if sv.s.runs <= MAXR:
-        rings = <uint64_t*>malloc(nt * (AHEAD * sv.s.runs + 16) * sizeof(uint64_t))
+        rings = <uint64_t*>malloc(nt * (FAR_AHEAD * sv.s.runs + 16) * sizeof(uint64_t))
     if bufs == NULL or (sv.s.runs <= MAXR and rings == NULL):
         free(bufs)
         free(rings)
