@@ -318,21 +318,43 @@ cdef inline void _visit(const he_scheme* s, const he_row* row, int64_t k, uint64
             _adagrad(target, scratch, state, slot, alpha, eps)
 
 
+cdef inline bint _touches(int64_t slot, int64_t L, int64_t lo, int64_t hi) noexcept nogil:
+    """Whether the run of L slots from slot meets this thread's range [lo, hi)."""
+    return lo <= slot + L - 1 and slot < hi
+
+
 cdef inline bint _wanted(const he_scheme* s, const int64_t* off, const uint64_t* pre,
                          int64_t q, int64_t lo, int64_t hi) noexcept nogil:
     """Whether this thread (slots [lo, hi)) will read bag q's gradient row, as
-    far as its first entry's runs tell (every bag counts when nothing is
-    pre-hashed)."""
-    cdef int64_t k, slot, j = off[q]
-    if pre == NULL:
-        return True
+    far as its first entry's pre-hashed runs tell."""
+    cdef int64_t k, j = off[q]
     if j == off[q + 1]:
         return False
     for k in range(s.runs):
-        slot = <int64_t>pre[j * s.runs + k]
-        if lo <= slot + s.run - 1 and slot < hi:
+        if _touches(<int64_t>pre[j * s.runs + k], s.run, lo, hi):
             return True
     return False
+
+
+cdef inline void _prefetch_runs(const he_scheme* s, const uint64_t* pre, int64_t j,
+                                real* target, int64_t lo, int64_t hi) noexcept nogil:
+    """Prefetch, for writing, the runs of entry j that this thread owns."""
+    cdef int64_t k, slot
+    for k in range(s.runs):
+        slot = <int64_t>pre[j * s.runs + k]
+        if _touches(slot, s.run, lo, hi):
+            he_prefetch_w(target + slot)
+            he_prefetch_w(target + slot + s.run - 1)
+
+
+cdef inline int64_t _live(const index_t* idx, int64_t j0, int64_t j1, bint has_pad,
+                          int64_t pad) noexcept nogil:
+    """Entries j0..j1-1 that are not padding (what mean divides by)."""
+    cdef int64_t j, n = 0
+    for j in range(j0, j1):
+        if not (has_pad and idx[j] == pad):
+            n += 1
+    return n
 
 
 cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* off,
@@ -374,21 +396,14 @@ cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* 
                 he_prefetch(g + AHEAD * gstride + D - 1)
             w = alpha
             if mode == MEAN and act == ACT_ADD:
-                cnt = 0
-                for j in range(off[t * B + b], off[t * B + b + 1]):
-                    if not (has_pad and idx[j] == pad):
-                        cnt += 1
+                cnt = _live(idx, off[t * B + b], off[t * B + b + 1], has_pad, pad)
                 if cnt > 1:
                     w = alpha / cnt
             for j in range(off[t * B + b], off[t * B + b + 1]):
                 if ahead and j + AHEAD < nent:
                     # the slots written AHEAD entries on: random lines of the
                     # array, missed in L2 without this (the forward does the same)
-                    for k in range(R):
-                        slot = <int64_t>pre[(j + AHEAD) * R + k]
-                        if lo <= slot + L - 1 and slot < hi:
-                            he_prefetch_w(target + slot)
-                            he_prefetch_w(target + slot + L - 1)
+                    _prefetch_runs(s, pre, j + AHEAD, target, lo, hi)
                 x = idx[j]
                 if has_pad and x == pad:
                     continue
@@ -525,7 +540,7 @@ cdef void _backward_owned(const he_scheme* s, const int64_t* pairs, int64_t n,
     """One thread's bucket: the entries (j, bag q) whose runs touch its slots
     [lo, hi), in entry order (so each slot sums in entry order, as in
     _backward_part: the same bits). cnt[q]: the entries of mean bag q."""
-    cdef int64_t e, j, q, k, R = s.runs, L = s.run, D = s.dim, slot
+    cdef int64_t e, j, q, k, R = s.runs, L = s.run, D = s.dim
     cdef const real* g
     cdef real w
     for e in range(n):
@@ -534,12 +549,7 @@ cdef void _backward_owned(const he_scheme* s, const int64_t* pairs, int64_t n,
             g = grad + (q % B) * gstride + (q // B) * D
             he_prefetch(g)
             he_prefetch(g + D - 1)
-            j = pairs[2 * (e + AHEAD)]
-            for k in range(R):
-                slot = <int64_t>pre[j * R + k]
-                if lo <= slot + L - 1 and slot < hi:
-                    he_prefetch_w(target + slot)
-                    he_prefetch_w(target + slot + L - 1)
+            _prefetch_runs(s, pre, pairs[2 * (e + AHEAD)], target, lo, hi)
         j = pairs[2 * e]
         q = pairs[2 * e + 1]
         g = grad + (q % B) * gstride + (q // B) * D
@@ -564,7 +574,7 @@ cdef int _backward_bucketed(const he_scheme* s, const index_t* idx, const int64_
     entries are bucketed by owner, stably, in two passes over the bags, then
     each thread runs its bucket. Same order per slot, so the same bits as
     one thread. Returns -1 (nothing done) when out of memory."""
-    cdef int64_t Q = T * B, p, r, q, j, total = 0, run
+    cdef int64_t Q = T * B, p, r, q, total = 0
     cdef uint64_t m = s.size
     cdef int64_t* count = <int64_t*>calloc(nt * nt, sizeof(int64_t))
     cdef int64_t* pos = <int64_t*>malloc(nt * nt * sizeof(int64_t))
@@ -594,11 +604,7 @@ cdef int _backward_bucketed(const he_scheme* s, const index_t* idx, const int64_
                          pad, NULL, pos + p * nt, pairs)
         if cnt != NULL:
             for q in prange(Q, num_threads=nt, schedule='static'):
-                run = 0
-                for j in range(off[q], off[q + 1]):
-                    if not (has_pad and idx[j] == pad):
-                        run = run + 1
-                cnt[q] = run
+                cnt[q] = _live(idx, off[q], off[q + 1], has_pad, pad)
         for r in prange(nt, num_threads=nt, schedule='static', chunksize=1):
             if scratch != NULL:     # Adagrad: the gradient into scratch, then the rule
                 _backward_owned(s, pairs + 2 * start[r], start[r + 1] - start[r], psw, grad,
@@ -705,8 +711,8 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
             return
     with nogil, parallel(num_threads=nt):
         tid = threadid()
-        lo = <int64_t>(m * tid // nt)
-        hi = <int64_t>(m * (tid + 1) // nt)
+        lo = <int64_t>_range_lo(m, tid, nt)
+        hi = <int64_t>_range_lo(m, tid + 1, nt)
         if chunked:
             for t in range(T):
                 for c in range((B + CHUNK_BAGS - 1) // CHUNK_BAGS):
@@ -724,7 +730,7 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
                                        grad.shape[1], b1 - b0, 1, table0 + t, mode, has_pad,
                                        pad, NULL, 1 if adagrad else <real>alpha,
                                        sp if adagrad else &target[0], NULL, NULL, 0,
-                                       <int64_t>(m * q // nt), <int64_t>(m * (q + 1) // nt),
+                                       <int64_t>_range_lo(m, q, nt), <int64_t>_range_lo(m, q + 1, nt),
                                        ACT_ADD, buf)
             if adagrad:
                 for slot in range(lo, hi):
