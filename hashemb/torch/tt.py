@@ -33,16 +33,16 @@ class _TTBags(torch.autograd.Function):
                 include_last_offset=True, num_embeddings=list(m.num_embeddings),
                 cache=m._caches(), return_saved=True)
         ctx.module, ctx.saved = m, saved
-        ctx.save_for_backward(indices, offsets, psw, params[0])
+        ctx.save_for_backward(indices, offsets, psw)
         return as_tensor(out)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         m = ctx.module
-        indices, offsets, psw, core0 = ctx.saved_tensors
+        indices, offsets, psw = ctx.saved_tensors
         n_params = len(ctx.needs_input_grad) - 4
-        with device_context(core0):
+        with device_context(m.tt_cores[0]):
             g = as_any_array(grad.contiguous(), "grad_output")
             idx, off = as_any_array(indices, "input"), as_any_array(offsets, "offsets")
             gp = None
