@@ -216,6 +216,14 @@ def main(argv=None):
 REFS = {0: "torch.nn.EmbeddingBag", 1: "FBGEMM TBE (CPU)"}
 
 
+def spread(ratios):
+    """(median, min, max) of within-round ratios (NaNs when there are none)."""
+    r = np.asarray(ratios, dtype=float)
+    if r.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    return float(np.median(r)), float(r.min()), float(r.max())
+
+
 def summarise(rounds):
     """Per (method, mode): median samples/s and peak memory over the rounds,
     and the median / min / max of its ratio to the mode's reference measured
@@ -233,12 +241,11 @@ def summarise(rounds):
                 peer = [p for p in got if p["name"] == ref and p["round"] == r["round"]]
                 if peer:
                     ratios.append(r["samples_per_s"] / peer[0]["samples_per_s"])
-            ratios = ratios or [float("nan")]
+            ratio, lo, hi = spread(ratios)
             out.append({"name": name, "train": train, "ref": ref, "batch": mine[0]["batch"],
                         "samples_per_s": float(np.median([r["samples_per_s"] for r in mine])),
                         "peak_mb": float(np.median([r["peak_mb"] for r in mine])),
-                        "ratio": float(np.median(ratios)), "ratio_min": float(min(ratios)),
-                        "ratio_max": float(max(ratios)), "rounds": len(mine)})
+                        "ratio": ratio, "ratio_min": lo, "ratio_max": hi, "rounds": len(mine)})
     return out
 
 

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from criteo_bags import timeit      # the same median-of-runs timer (run from benchmarks/)
+from criteo_bags import spread, timeit  # the same timer and ratio statistic (run from benchmarks/)
 
 
 def data(rows, seed=0):
@@ -97,8 +97,7 @@ def lookups(rows, num_points, rounds, dim=16):
 
 def _ratio(runs, name, ref, kind):
     """Median, min and max over rounds of name's samples/s over ref's."""
-    r = np.array(runs[name][kind]) / np.array(runs[ref][kind])
-    return float(np.median(r)), float(r.min()), float(r.max())
+    return spread(np.array(runs[name][kind]) / np.array(runs[ref][kind]))
 
 
 def main(argv=None):
