@@ -30,9 +30,8 @@ from torch import nn  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from hashemb.data import SyntheticCriteo  # noqa: E402
-from hashemb.metrics import auc  # noqa: E402
 from hashemb.torch import (RobeEmbeddingBagCollection, TorchEmbeddingBagCollection,  # noqa: E402
-                           dense_parameters)
+                           dense_parameters, evaluate)
 
 D = 16
 # torch's sparse Adagrad (the full table's) warns about its own invariant checks
@@ -79,24 +78,16 @@ def tensors(batch):
             torch.from_numpy(np.ascontiguousarray(batch.labels, np.float32)))
 
 
-@torch.no_grad()
-def test_auc(model, dense, cats, labels):
-    model.eval()
-    p = torch.sigmoid(model(dense, cats)).numpy()
-    model.train()
-    return auc(labels.numpy(), p)
-
-
 def train(kind, tr, te, card, epochs, batch, progress=True):
     model, opts = make(kind, card)
     d, c, y = tensors(tr)
-    dt, ct, yt = tensors(te)
     loss_fn = nn.BCEWithLogitsLoss()
     aucs = []
     rng = np.random.default_rng(0)
     with tqdm(total=epochs * len(y), desc=f"{kind}", unit="sample", unit_scale=True,
               leave=False, disable=not progress) as bar:
         for _ in range(epochs):
+            model.train()
             order = torch.from_numpy(rng.permutation(len(y)))
             for lo in range(0, len(y), batch):
                 sel = order[lo:lo + batch]
@@ -106,7 +97,7 @@ def train(kind, tr, te, card, epochs, batch, progress=True):
                 for o in opts:
                     o.step()
                 bar.update(len(sel))
-            aucs.append(test_auc(model, dt, ct, yt))
+            aucs.append(evaluate(model, te.dense, te.cats, te.labels)["auc"])
     return model, aucs
 
 
