@@ -1,5 +1,6 @@
-/* Streaming (non-temporal) copies for large outputs, shared by the bag
- * kernels (_cpu/_bag.pyx) and the plain lookups (embed.h).
+/* Streaming (non-temporal) copies for large outputs of the bag kernels
+ * (_cpu/_bag.pyx). The plain lookups (embed.h) keep memcpy: they gather rows
+ * straight into the output, and streaming measured slower there.
  *
  * dst[:n] = src[:n] without reading dst's lines first (a plain store into a
  * line that is not cached reads it from memory: read-for-ownership), which
@@ -50,8 +51,4 @@ static inline void he_stream_d(double* dst, const double* src, int64_t n)
 static inline void he_stream_fence(void) {}
 #endif
 
-#ifdef __cplusplus
-static inline void he_stream(float* dst, const float* src, int64_t n) { he_stream_f(dst, src, n); }
-static inline void he_stream(double* dst, const double* src, int64_t n) { he_stream_d(dst, src, n); }
-#endif
 #endif
