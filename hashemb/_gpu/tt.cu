@@ -39,6 +39,28 @@ __device__ __forceinline__ void he_tt_tile_fma(R* acc, const R* x, i64 stride, i
             acc[i] += x[i * stride] * c;
 }
 
+/* Thread t's tile in a launch of outer x ceil(rows / HE_TT_TILE) x cols
+ * threads (the order the launchers size them): which outer item, the first
+ * of its (at most HE_TT_TILE) rows, how many, and the column. False past the
+ * end of the launch. */
+struct he_tt_tile {
+    i64 outer, row0, rows, col;
+};
+
+__device__ __forceinline__ bool he_tt_tile_of(i64 t, i64 outer, i64 rows, i64 cols,
+                                              he_tt_tile* p)
+{
+    const i64 ntiles = (rows + HE_TT_TILE - 1) / HE_TT_TILE;
+    if (t >= outer * ntiles * cols)
+        return false;
+    const i64 rest = t / cols;
+    p->col = t % cols;
+    p->row0 = (rest % ntiles) * HE_TT_TILE;
+    p->outer = rest / ntiles;
+    p->rows = rows - p->row0 < HE_TT_TILE ? rows - p->row0 : HE_TT_TILE;
+    return true;
+}
+
 /* o[i * stride] = acc[i] (or added atomically) for the first `valid` outputs */
 template <typename R>
 __device__ __forceinline__ void he_tt_tile_store(R* o, i64 stride, const R* acc, i64 valid,
@@ -83,12 +105,10 @@ __global__ void tt_step_fwd(const R* __restrict__ A, const int64_t* __restrict__
                             const int64_t* __restrict__ dig, i64 L, i64 Q, i64 Rk, i64 N,
                             R* __restrict__ out)
 {
-    const i64 nqt = (Q + HE_TT_TILE - 1) / HE_TT_TILE;
-    const i64 t = he_tid();
-    if (t >= L * nqt * N)
+    he_tt_tile p;
+    if (!he_tt_tile_of(he_tid(), L, Q, N, &p))
         return;
-    const i64 n = t % N, rest = t / N, i0 = (rest % nqt) * HE_TT_TILE, l = rest / nqt;
-    const i64 ni = Q - i0 < HE_TT_TILE ? Q - i0 : HE_TT_TILE;
+    const i64 l = p.outer, i0 = p.row0, ni = p.rows, n = p.col;
     const R* a = A + (a_gather ? a_idx[l] : l) * Q * Rk + i0 * Rk;
     const R* g = core + dig[l] * Rk * N + n;
     R acc[HE_TT_TILE];
@@ -108,12 +128,10 @@ __global__ void tt_step_dA(const R* __restrict__ dC, const R* __restrict__ core,
                            const int64_t* __restrict__ dig, i64 L, i64 Q, i64 Rk, i64 N,
                            R* __restrict__ dA)
 {
-    const i64 nqt = (Q + HE_TT_TILE - 1) / HE_TT_TILE;
-    const i64 t = he_tid();
-    if (t >= L * nqt * Rk)
+    he_tt_tile p;
+    if (!he_tt_tile_of(he_tid(), L, Q, Rk, &p))
         return;
-    const i64 r = t % Rk, rest = t / Rk, i0 = (rest % nqt) * HE_TT_TILE, l = rest / nqt;
-    const i64 ni = Q - i0 < HE_TT_TILE ? Q - i0 : HE_TT_TILE;
+    const i64 l = p.outer, i0 = p.row0, ni = p.rows, r = p.col;
     const R* d = dC + (l * Q + i0) * N;
     const R* g = core + (dig[l] * Rk + r) * N;
     R acc[HE_TT_TILE];
@@ -138,12 +156,10 @@ __global__ void tt_step_dG(const R* __restrict__ A, const int64_t* __restrict__ 
                            const int64_t* __restrict__ cv, i64 nchunks, i64 Q, i64 Rk, i64 N,
                            i64 atomic, R* __restrict__ target)
 {
-    const i64 nrt = (Rk + HE_TT_TILE - 1) / HE_TT_TILE;
-    const i64 t = he_tid();
-    if (t >= nchunks * nrt * N)
+    he_tt_tile p;
+    if (!he_tt_tile_of(he_tid(), nchunks, Rk, N, &p))
         return;
-    const i64 n = t % N, rest = t / N, r0 = (rest % nrt) * HE_TT_TILE, k = rest / nrt;
-    const i64 nr = Rk - r0 < HE_TT_TILE ? Rk - r0 : HE_TT_TILE;
+    const i64 k = p.outer, r0 = p.row0, nr = p.rows, n = p.col;
     R acc[HE_TT_TILE];
     for (int r = 0; r < HE_TT_TILE; r++)
         acc[r] = 0;
