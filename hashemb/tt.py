@@ -529,8 +529,19 @@ def _scratch(n, dtype):
 _Chain = namedtuple("_Chain", "rows dig perms starts inputs Y")
 
 
+def _slices_t(core, R, N):
+    """A copy of a core's slices transposed, (p, N, R) flat: what the fused
+    steps read (a copy even where the transpose is a no-op: backward reads
+    it after the core's update)."""
+    return core.reshape(-1, R, N).transpose(0, 2, 1).copy().reshape(-1)
+
+
 def _chain(rows, cores, s, save=True):
-    """Forward chain for unique rows: Y (L, D), plus what backward needs."""
+    """Forward chain for unique rows: Y (L, D), plus what backward needs.
+
+    With three cores or more, the last step runs fused into the one before
+    it (per chunk, in cache) rather than reading that step's output back
+    from memory; the results are the same bits."""
     k = _k()
     d, L = len(cores), rows.shape[0]
     dig = np.empty((d, L), np.int64)
@@ -545,30 +556,60 @@ def _chain(rows, cores, s, save=True):
     a_off = dig[0] * (s.q[0] * s.R[1])
     Q = s.q[0]
     inputs = []
+    empty, none = np.empty(0, s.dtype), np.empty(0, np.int64)
     for c in range(1, d):
         N = s.q[c] * s.R[c + 1]
         out = _scratch(L * Q * N, s.dtype)
-        k.step_forward(A, a_off, cores[c].reshape(-1), s.R[c], N, perms[c], starts[c], Q, out)
         inputs.append((A, a_off, Q))
+        if c == d - 2:               # fused with the last step
+            R2, N2 = s.R[c + 1], s.q[c + 1]
+            nxt = cores[c + 1].reshape(-1)
+            nxt_t = _slices_t(nxt, R2, N2) if k.wants_bt(N2, R2, s.dtype == np.float32) \
+                else empty
+            Y = _scratch(L * Q * s.q[c] * N2, s.dtype)
+            k.step_forward(A, a_off, cores[c].reshape(-1), s.R[c], N, perms[c], starts[c], Q,
+                           out, nxt, nxt_t, dig[c + 1], R2, N2, Y)
+            inputs.append((out, np.arange(L, dtype=np.int64) * (Q * N), Q * s.q[c]))
+            A = Y
+            break
+        k.step_forward(A, a_off, cores[c].reshape(-1), s.R[c], N, perms[c], starts[c], Q, out,
+                       empty, empty, none, 0, 0, empty)
         A, a_off, Q = out, np.arange(L, dtype=np.int64) * (Q * N), Q * s.q[c]
     return _Chain(rows, dig, perms, starts, inputs if save else None, A.reshape(L, s.D))
 
 
 def _chain_backward(ctx, dY, cores, s, opt, lr, eps, states):
     """Gradients of the cores from dY (L, D): a list of dense arrays (opt 0),
-    or the fused update of the cores in place (opt 1, 2)."""
+    or the fused update of the cores in place (opt 1, 2).
+
+    With three cores or more, the last core's gradient is one call, and the
+    input gradient of its step is made inside the call for the core before
+    it, per chunk, from the last core as it was before its update."""
     k = _k()
-    L = ctx.rows.shape[0]
+    d, L = len(cores), ctx.rows.shape[0]
     grads = [np.zeros(c.size, s.dtype) if opt == 0 else np.empty(0, s.dtype) for c in cores]
-    empty = np.empty(0, s.dtype)
+    empty, none = np.empty(0, s.dtype), np.empty(0, np.int64)
     dC = dY.reshape(-1)
-    for c in range(len(cores) - 1, 0, -1):
+    nxt_t, top = empty, d - 1
+    if d >= 3:
+        c = d - 1
+        A, a_off, Q = ctx.inputs[c - 1]
+        N = s.q[c]
+        nxt_t = _slices_t(cores[c], s.R[c], N)        # before the update below
+        k.step_backward(A, a_off, dC, cores[c].reshape(-1), s.R[c], N, ctx.perms[c],
+                        ctx.starts[c], Q, empty, grads[c], opt, lr, eps,
+                        states[c] if opt == 2 else empty, empty, none, 0, 0)
+        top = d - 2
+    for c in range(top, 0, -1):
         A, a_off, Q = ctx.inputs[c - 1]
         N = s.q[c] * s.R[c + 1]
         dA = _scratch(L * Q * s.R[c], s.dtype)
+        fused = c == d - 2
         k.step_backward(A, a_off, dC, cores[c].reshape(-1), s.R[c], N, ctx.perms[c],
                         ctx.starts[c], Q, dA, grads[c], opt, lr, eps,
-                        states[c] if opt == 2 else empty)
+                        states[c] if opt == 2 else empty, nxt_t if fused else empty,
+                        ctx.dig[c + 1] if fused else none, s.R[c + 1] if fused else 0,
+                        s.q[c + 1] if fused else 0)
         dC = dA
     k.first_backward(dC, cores[0].reshape(-1), s.q[0] * s.R[1], ctx.perms[0], ctx.starts[0],
                      grads[0], opt, lr, eps, states[0] if opt == 2 else empty)

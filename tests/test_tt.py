@@ -131,6 +131,47 @@ def test_float32_large_ranks_2d_input():
         np.testing.assert_allclose(g, ref_g, rtol=1e-3, atol=1e-4 * np.abs(ref_g).max())
 
 
+_THREADS_CODE = r"""
+import hashlib, numpy as np, hashemb as he
+h = hashlib.sha1()
+rng = np.random.default_rng(5)
+# FBTT's q = 4 (the narrow last step, fused into the one before it) and a
+# 4-core chain with a wider last core, both big enough for several threads
+for p, q, r in [([20, 22, 25], [4, 4, 4], [32, 32]), ([6, 5, 7, 8], [2, 3, 2, 8], [8, 16, 8])]:
+    n = int(np.prod(p))
+    idx = rng.integers(0, n, (400, 9))
+    for opt in (None, he.SGD(0.05), he.Adagrad(0.05)):
+        cores = he.tt_init(n, p, q, r, seed=4)
+        out = he.tt_embedding_bag(idx, cores)
+        G = rng.standard_normal(out.shape).astype(np.float32)
+        h.update(out.tobytes())
+        if opt is None:
+            for g in he.tt_embedding_bag_backward(G, idx, cores):
+                h.update(g.tobytes())
+        else:
+            for _ in range(2):
+                he.tt_embedding_bag_backward(G, idx, cores, optimizer=opt)
+            for c in cores:
+                h.update(c.tobytes())
+print(h.hexdigest())
+"""
+
+
+def test_same_bits_on_any_thread_count():
+    """Forward chunks and backward groups are handed out dynamically, and the
+    last chain step runs fused per chunk: every output, gradient and fused
+    update must still be the same bits on 1, 2 and 3 threads."""
+    import os
+    import subprocess
+    import sys
+    outs = {}
+    for n in ("1", "2", "3"):
+        env = dict(os.environ, OMP_NUM_THREADS=n)
+        outs[n] = subprocess.run([sys.executable, "-c", _THREADS_CODE], env=env,
+                                 capture_output=True, text=True, check=True).stdout
+    assert len(set(outs.values())) == 1, outs
+
+
 def test_adjoint():
     """<forward(cores) linearised, g> is bilinear: backward is its adjoint in each core."""
     rng = np.random.default_rng(1)
@@ -144,10 +185,12 @@ def test_adjoint():
         assert math.isclose(val, float((cores[k] * grads[k]).sum()), rel_tol=1e-10)
 
 
+# the second shape's last slices are 1 x 1: their transpose is no copy by itself
+@pytest.mark.parametrize("q, ranks, D", [([2, 2, 4], [6, 5], 16), ([2, 2, 1], [6, 1], 4)])
 @pytest.mark.parametrize("opt", ["sgd", "adagrad"])
-def test_fused_optimizers_follow_the_rules(opt):
+def test_fused_optimizers_follow_the_rules(opt, q, ranks, D):
     rng = np.random.default_rng(2)
-    cores = he.tt_init(200, [5, 8, 5], [2, 2, 4], [6, 5], dtype=np.float64)
+    cores = he.tt_init(200, [5, 8, 5], q, ranks, dtype=np.float64)
     idx = rng.integers(0, 100, 40)          # slices 3, 4 of core 0 are never touched
     off = np.arange(0, 41, 4)
     lr, eps = 0.05, 1e-8
@@ -155,7 +198,7 @@ def test_fused_optimizers_follow_the_rules(opt):
     optim = he.SGD(lr) if opt == "sgd" else he.Adagrad(lr, eps)
     state = [np.zeros_like(c) for c in cores]
     for step in range(3):
-        G = rng.standard_normal((10, 16))
+        G = rng.standard_normal((10, D))
         g = he.tt_embedding_bag_backward(G, idx, ref, off)     # dense gradient first
         for k in range(3):
             if opt == "sgd":

@@ -40,9 +40,12 @@ cdef extern from "hashemb/openmp.h" nogil:
 
 cdef extern from "_tt_gemm.h" nogil:
     void he_tt_nn_f(int64_t M, int64_t N, int64_t K, const float* const* A,
-                    const float* B, int64_t ldb, float* const* C, int add)
+                    const float* B, int64_t ldb, const float* Bt, float* const* C, int add)
     void he_tt_nn_d(int64_t M, int64_t N, int64_t K, const double* const* A,
-                    const double* B, int64_t ldb, double* const* C, int add)
+                    const double* B, int64_t ldb, const double* Bt, double* const* C,
+                    int add)
+    int he_tt_wants_bt_f(int64_t N, int64_t K)
+    int he_tt_wants_bt_d(int64_t N, int64_t K)
     void he_tt_tn_f(int64_t M, int64_t N, int64_t K, const float* const* A,
                     const float* const* D, float* C, int64_t ldc, int add)
     void he_tt_tn_d(int64_t M, int64_t N, int64_t K, const double* const* A,
@@ -67,11 +70,27 @@ cdef inline int _threads(int64_t work) noexcept nogil:
 
 
 cdef inline void _nn(int64_t M, int64_t N, int64_t K, const real** A, const real* B,
-                     int64_t ldb, real** C, int add) noexcept nogil:
+                     int64_t ldb, const real* Bt, real** C, int add) noexcept nogil:
     if real is float:
-        he_tt_nn_f(M, N, K, A, B, ldb, C, add)
+        he_tt_nn_f(M, N, K, A, B, ldb, Bt, C, add)
     else:
-        he_tt_nn_d(M, N, K, A, B, ldb, C, add)
+        he_tt_nn_d(M, N, K, A, B, ldb, Bt, C, add)
+
+
+def wants_bt(int64_t N, int64_t K, bint single):
+    """Whether the (N columns, K deep) product reads its slices transposed:
+    then a caller passing many lookups through one core transposes it once."""
+    return bool(he_tt_wants_bt_f(N, K) if single else he_tt_wants_bt_d(N, K))
+
+
+cdef inline void _lookup(const real* X, int64_t M, int64_t K, const real* B, const real* Bt,
+                         int64_t N, real* Y, const real** Ap, real** Cp) noexcept nogil:
+    """Y (M, N) = X (M, K) @ B (K, N), all contiguous; Ap, Cp: M pointers of scratch."""
+    cdef int64_t i
+    for i in range(M):
+        Ap[i] = X + i * K
+        Cp[i] = Y + i * N
+    _nn(M, N, K, Ap, B, N, Bt, Cp, 0)
 
 
 cdef inline void _tn(int64_t M, int64_t N, int64_t K, const real** A, const real** D,
@@ -131,14 +150,26 @@ cdef int64_t _chunks(const int64_t[::1] start, int64_t per, int64_t* cs, int64_t
 
 def step_forward(const real[::1] A, const int64_t[::1] a_off, const real[::1] core,
                  int64_t R, int64_t N, const int64_t[::1] perm, const int64_t[::1] start,
-                 int64_t Q, real[::1] out):
+                 int64_t Q, real[::1] out, const real[::1] nxt, const real[::1] nxt_t,
+                 const int64_t[::1] nxt_dig, int64_t R2, int64_t N2, real[::1] out2):
     """out[l] (Q, N) = A[a_off[l]:] (Q, R) @ core[v*R*N:] (R, N), v the group of l;
-    out[l] starts at l*Q*N."""
+    out[l] starts at l*Q*N.
+
+    With out2 not empty, the next step is fused: right after a chunk's
+    products, while they are in cache, out2[l] (M2, N2) = out[l] read as
+    (M2, R2) @ nxt[nxt_dig[l]] (R2, N2), M2 = Q*N/R2; nxt_t holds the slices
+    transposed (N2, R2) where wants_bt(N2, R2), else it is empty. A separate
+    step would read out back from memory, grouped by the next digit; the bits
+    are the same, as no row's product depends on the rows beside it."""
     cdef int64_t L = perm.shape[0], per = max(1, CHUNK_ROWS // Q), nc, c, a, b, j, i, l, v, m
+    cdef int64_t M2 = Q * N // R2 if R2 > 0 else 0, w
+    cdef bint fused = out2.shape[0] > 0, has_t = nxt_t.shape[0] > 0
     cdef int64_t* cs
     cdef int64_t* cv
     cdef const real** Ap
     cdef real** Cp
+    cdef const real** Ap2
+    cdef real** Cp2
     cdef int nt
     if L == 0 or N == 0:
         return
@@ -148,8 +179,10 @@ def step_forward(const real[::1] A, const int64_t[::1] a_off, const real[::1] co
     _chunks(start, per, cs, cv)
     nt = _threads(L * Q * R * N)
     with nogil, parallel(num_threads=nt):
-        Ap = <const real**>malloc(per * Q * sizeof(real*))
+        Ap = <const real**>malloc((per * Q + 2 * M2) * sizeof(real*))
         Cp = <real**>malloc(per * Q * sizeof(real*))
+        Ap2 = Ap + per * Q
+        Cp2 = <real**>(Ap2 + M2)
         for c in prange(nc, schedule='dynamic'):
             a = cs[c]
             v = cv[c]
@@ -161,7 +194,13 @@ def step_forward(const real[::1] A, const int64_t[::1] a_off, const real[::1] co
                     Ap[m] = &A[a_off[l] + i * R]
                     Cp[m] = &out[(l * Q + i) * N]
                     m = m + 1
-            _nn(m, N, R, Ap, &core[v * R * N], N, Cp, 0)
+            _nn(m, N, R, Ap, &core[v * R * N], N, NULL, Cp, 0)
+            if fused:
+                for j in range(a, b):
+                    l = perm[j]
+                    w = nxt_dig[l] * R2 * N2
+                    _lookup(&out[l * Q * N], M2, R2, &nxt[w], &nxt_t[w] if has_t else NULL,
+                            N2, &out2[l * M2 * N2], Ap2, Cp2)
         free(Ap)
         free(Cp)
     free(cs)
@@ -183,18 +222,30 @@ cdef inline void _apply(real* w, real* g, real* state, int64_t n, int opt, real 
 def step_backward(const real[::1] A, const int64_t[::1] a_off, const real[::1] dC,
                   real[::1] core, int64_t R, int64_t N, const int64_t[::1] perm,
                   const int64_t[::1] start, int64_t Q, real[::1] dA, real[::1] grad,
-                  int opt, double lr, double eps, real[::1] state):
+                  int opt, double lr, double eps, real[::1] state,
+                  const real[::1] nxt_t, const int64_t[::1] nxt_dig, int64_t R2, int64_t N2):
     """Backward of step_forward for dC = d out: dA[l] (Q, R) at l*Q*R (skipped
     when dA is empty) and the slice gradients sum_l A[l]^T dC[l] of the
     touched groups, written to grad[v*R*N:] (opt 0; the rest of grad is left
-    alone) or applied to core in place (opt 1 SGD, 2 Adagrad with state)."""
+    alone) or applied to core in place (opt 1 SGD, 2 Adagrad with state).
+
+    With nxt_t not empty, the next step's input gradient is fused: dC is
+    then the gradient of the next step's output (L, M2, N2), M2 = Q*N/R2,
+    and each chunk's rows of d out are made in cache as dC[l] (M2, N2) @
+    nxt_t[nxt_dig[l]] (N2, R2), the next core's slices transposed as they
+    were before its update, instead of being read back from an (L, Q, N)
+    array. The next core's own gradient is a separate call (dA empty)."""
     cdef int64_t L = perm.shape[0], per = max(1, CHUNK_ROWS // Q), P = start.shape[0] - 1
-    cdef int64_t RN = R * N, v, a, b, j, i, l, m, s, t
-    cdef bint want_dA = dA.shape[0] > 0
+    cdef int64_t RN = R * N, v, a, b, j, i, l, m, s, t, x = 0
+    cdef int64_t M2 = Q * N // R2 if R2 > 0 else 0
+    cdef bint want_dA = dA.shape[0] > 0, fused = nxt_t.shape[0] > 0
     cdef bint flip = N < 8 and R > N      # narrow N: sum dG^T (R wide) instead
     cdef const real** Ap
     cdef const real** Dp
     cdef real** Cp
+    cdef const real** Ap2
+    cdef real** Cp2
+    cdef real* Dbuf
     cdef real* Gt
     cdef real* G
     cdef real* H
@@ -203,12 +254,15 @@ def step_backward(const real[::1] A, const int64_t[::1] a_off, const real[::1] d
         return
     nt = _threads(L * Q * RN * 2)
     with nogil, parallel(num_threads=nt):
-        Ap = <const real**>malloc(per * Q * sizeof(real*))
+        Ap = <const real**>malloc((per * Q + 2 * M2) * sizeof(real*))
         Dp = <const real**>malloc(per * Q * sizeof(real*))
         Cp = <real**>malloc(per * Q * sizeof(real*))
-        Gt = <real*>malloc(3 * RN * sizeof(real))
+        Ap2 = Ap + per * Q
+        Cp2 = <real**>(Ap2 + M2)
+        Gt = <real*>malloc((3 * RN + (per * Q * N if fused else 0)) * sizeof(real))
         G = Gt + RN
         H = G + RN
+        Dbuf = H + RN
         for v in prange(P, schedule='dynamic'):
             if start[v] == start[v + 1]:
                 continue
@@ -222,13 +276,17 @@ def step_backward(const real[::1] A, const int64_t[::1] a_off, const real[::1] d
                 m = 0
                 for j in range(a, b):
                     l = perm[j]
+                    if fused:
+                        x = (j - a) * Q * N
+                        _lookup(&dC[l * M2 * N2], M2, N2, &nxt_t[nxt_dig[l] * N2 * R2], NULL,
+                                R2, &Dbuf[x], Ap2, Cp2)
                     for i in range(Q):
                         Ap[m] = &A[a_off[l] + i * R]
-                        Dp[m] = &dC[(l * Q + i) * N]
+                        Dp[m] = <const real*>&Dbuf[x + i * N] if fused else &dC[(l * Q + i) * N]
                         Cp[m] = &dA[(l * Q + i) * R] if want_dA else NULL
                         m = m + 1
                 if want_dA:
-                    _nn(m, R, N, Dp, Gt, R, Cp, 0)
+                    _nn(m, R, N, Dp, Gt, R, NULL, Cp, 0)
                 if flip:                       # H (N, R) = sum dC^T A, then G = H^T
                     _tn(N, R, m, Dp, Ap, H, R, a > start[v])
                 else:

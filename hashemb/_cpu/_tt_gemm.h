@@ -8,6 +8,7 @@
  * (forward and both backward products, any width):
  *
  *   nn:  C[r][j]      (=|+=) sum_s A[r][s] * B[s*ldb + j]   rows r < M, j < N, s < K
+ *        (optionally given B^T too, which the narrow N = 4 kernel reads)
  *   tn:  C[i*ldc + j] (=|+=) sum_r A[r][i] * D[r][j]        i < M, j < N, rows r < K
  *
  * The register tiles are written with GCC/Clang vector extensions, so the

@@ -209,17 +209,32 @@ HE_INLINE void HE_FN(nn_narrow)(int64_t M, int64_t K, const HE_T* const* A, cons
 #define HE_NARROW 0
 #endif
 
+/* Whether nn reads B through its transpose for these sizes (the narrow kernel). */
+static inline int HE_FN(wants_bt)(int64_t N, int64_t K)
+{
+    return HE_NARROW && N == 4 && K % 8 == 0 && K <= 256;
+}
+
+/* Bt: NULL, or B^T (N x K, contiguous) where wants_bt(N, K): a caller that
+   multiplies many small row sets by the same slices transposes them once
+   (the copy per call costs as much as a 16-row product). */
 HE_CLONES static void HE_FN(nn)(int64_t M, int64_t N, int64_t K, const HE_T* const* A,
-                                const HE_T* B, int64_t ldb, HE_T* const* C, int add)
+                                const HE_T* B, int64_t ldb, const HE_T* Bt, HE_T* const* C,
+                                int add)
 {
 #if HE_NARROW
-    if (N == 4 && K % 8 == 0 && K <= 256) {
-        HE_T Bt[4 * 256];
-        for (int64_t s = 0; s < K; s++)
-            for (int j = 0; j < 4; j++) Bt[j * K + s] = B[s * ldb + j];
+    if (HE_FN(wants_bt)(N, K)) {
+        HE_T T[4 * 256];
+        if (Bt == NULL) {
+            for (int64_t s = 0; s < K; s++)
+                for (int j = 0; j < 4; j++) T[j * K + s] = B[s * ldb + j];
+            Bt = T;
+        }
         HE_FN(nn_narrow)(M, K, A, Bt, C, add);
         return;
     }
+#else
+    (void)Bt;
 #endif
     int64_t r = 0;
     for (; r + HE_TILE <= M; r += HE_TILE) HE_FN(nn_rows)(HE_TILE, N, K, A + r, B, ldb, C + r, add);
@@ -246,9 +261,17 @@ HE_CLONES static void HE_FN(tn)(int64_t M, int64_t N, int64_t K, const HE_T* con
 
 #else   /* no vector extensions: plain loops, same results up to rounding */
 
-static void HE_FN(nn)(int64_t M, int64_t N, int64_t K, const HE_T* const* A,
-                      const HE_T* B, int64_t ldb, HE_T* const* C, int add)
+static inline int HE_FN(wants_bt)(int64_t N, int64_t K)
 {
+    (void)N;
+    (void)K;
+    return 0;
+}
+
+static void HE_FN(nn)(int64_t M, int64_t N, int64_t K, const HE_T* const* A,
+                      const HE_T* B, int64_t ldb, const HE_T* Bt, HE_T* const* C, int add)
+{
+    (void)Bt;
     for (int64_t r = 0; r < M; r++)
         for (int64_t j = 0; j < N; j++) {
             HE_T t = 0;
