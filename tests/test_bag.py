@@ -230,13 +230,17 @@ def test_backward_deterministic_across_threads():
                                     he.FullTable([3000] * 3, 8)],
                          ids=repr)
 @pytest.mark.parametrize("mode", ["sum", "mean"])
-def test_threaded_backward_on_large_arrays(scheme, mode):
+@pytest.mark.parametrize("empty", [None, 1], ids=["", "table1-empty"])
+def test_threaded_backward_on_large_arrays(scheme, mode, empty):
     # arrays large enough for the multi-thread, pre-hashed paths; the reference
     # is np.add.at over the (separately verified) slots and signs
-    # (and enough gradient floats, >= 2^16, for more than one thread)
+    # (and enough gradient floats, >= 2^16, for more than one thread); a whole
+    # empty table inside a thread's share of the pre-hashed entries
     rng = np.random.default_rng(5)
     T, B, D = 3, 5000, scheme.dim
     sizes = rng.integers(0, 4, T * B)
+    if empty is not None:
+        sizes[empty * B:(empty + 1) * B] = 0
     off = np.concatenate([[0], np.cumsum(sizes)])
     idx = rng.integers(0, 3000, off[-1])
     G = rng.standard_normal((B, T * D))

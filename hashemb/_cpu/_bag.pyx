@@ -434,18 +434,41 @@ cdef inline void _starts_of(const he_scheme* s, int64_t table, int64_t x,
         out[k] = he_run_start(s, &row, k)
 
 
-cdef void _run_starts(const he_scheme* s, const index_t* idx, const int64_t* off,
-                      int64_t B, int64_t T, int64_t table0, uint64_t* pre) noexcept nogil:
-    """pre[j*R + k] = start of run k of entry j, all entries, in parallel (the
-    map entries of memory-read schemes prefetched AHEAD entries early)."""
-    cdef int64_t t, j, R = s.runs, end
+cdef void _starts_range(const he_scheme* s, const index_t* idx, const int64_t* off,
+                        int64_t B, int64_t T, int64_t table0, uint64_t* pre, int64_t a,
+                        int64_t b) noexcept nogil:
+    """_run_starts for the entries a <= j < b, whatever tables they span."""
+    cdef int64_t t = 0, j, end, R = s.runs
     cdef bint deep = he_row_hint(s, 0, 0) != NULL
-    for t in range(T):
-        end = off[t * B + B]
-        for j in prange(off[t * B], end, schedule='static'):
-            if deep and j + AHEAD < end:
-                he_prefetch(he_row_hint(s, table0 + t, idx[j + AHEAD]))
-            _starts_of(s, table0 + t, idx[j], pre + j * R)
+    if a >= b:
+        return
+    while off[t * B + B] <= a:        # the table of entry a (tables may be empty)
+        t += 1
+    end = off[t * B + B]
+    for j in range(a, b):
+        while j >= end:
+            t += 1
+            end = off[t * B + B]
+        if deep and j + AHEAD < end:
+            he_prefetch(he_row_hint(s, table0 + t, idx[j + AHEAD]))
+        _starts_of(s, table0 + t, idx[j], pre + j * R)
+
+
+cdef void _run_starts(const he_scheme* s, const index_t* idx, const int64_t* off,
+                      int64_t B, int64_t T, int64_t table0, uint64_t* pre,
+                      int nt) noexcept nogil:
+    """pre[j*R + k] = start of run k of entry j, all entries, on nt threads (a
+    contiguous share each: one parallel region however many tables there
+    are, none at all on one thread; the map entries of memory-read schemes
+    prefetched AHEAD entries early)."""
+    cdef int64_t j0 = off[0], n = off[T * B] - off[0]
+    cdef int p
+    if nt <= 1:
+        _starts_range(s, idx, off, B, T, table0, pre, j0, j0 + n)
+        return
+    for p in prange(nt, num_threads=nt, schedule='static', chunksize=1):
+        _starts_range(s, idx, off, B, T, table0, pre, j0 + n * p // nt,
+                      j0 + n * (p + 1) // nt)
 
 
 cdef void _argmax(const he_scheme* s, const index_t* idx, const int64_t* off,
@@ -684,7 +707,7 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
         pre = <uint64_t*>malloc(indices.shape[0] * s.runs * sizeof(uint64_t))
         if pre != NULL:
             with nogil:
-                _run_starts(s, ip, &offsets[0], B, T, table0, pre)
+                _run_starts(s, ip, &offsets[0], B, T, table0, pre, nt)
     # Adagrad's apply pass: sweep the scratch when it is small next to the work,
     # else walk the entries again (a full table's scratch is mostly zeros)
     sweep = m <= <uint64_t>(8 * s.dim) * <uint64_t>indices.shape[0]
