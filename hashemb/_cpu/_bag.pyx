@@ -263,8 +263,9 @@ def forward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offset
         return
     cdef const index_t* ip = &indices[0] if indices.shape[0] else NULL
     cdef const real* pp = &psw[0] if psw.shape[0] else NULL
-    # per-thread scratch, allocated here so that a failure is a MemoryError
-    cdef int nt = he_max_threads()
+    # per-thread scratch, allocated here so that a failure is a MemoryError;
+    # no more threads than chunks (a thread without one only costs a wake-up)
+    cdef int nt = <int>min(<int64_t>he_max_threads(), (B + CHUNK - 1) // CHUNK)
     cdef uint64_t* rings = NULL
     cdef real* bufs = <real*>malloc(nt * (CHUNK * T * sv.s.dim + 32) * sizeof(real))
     if sv.s.runs <= MAXR:
