@@ -404,8 +404,15 @@ def gpu_backend(request):
 
 @pytest.mark.parametrize("cls", SCHEMES)
 @pytest.mark.parametrize("block,nh", [(1, 2), (4, 3), (8, 1)])
-def test_gpu_build_equals_cpu_build(cls, block, nh, gpu_backend):
+@pytest.mark.parametrize("chunk", [256, 1, 3])
+def test_gpu_build_equals_cpu_build(cls, block, nh, chunk, gpu_backend, monkeypatch):
+    # chunk: keys per thread, past which a token's minimum is split over
+    # threads and combined by atomic min (one token is in every row)
+    from hashemb._gpu import lsh as gpu_lsh
+    monkeypatch.setattr(gpu_lsh, "CHUNK", chunk)
     X = np.random.default_rng(4).integers(-50, 400, (600, 5))
+    X[:, 2] = 7
+    X[::3, 4] = 11
     cpu = cls.fit(X, size=9973, dim=8, num_hashes=nh, num_points=500, seed=3, block=block)
     gpu = cls.fit(X, size=9973, dim=8, num_hashes=nh, num_points=500, seed=3, block=block,
                   _backend=gpu_backend)

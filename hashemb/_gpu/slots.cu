@@ -63,21 +63,61 @@ __global__ void universal_sign(const uint64_t* __restrict__ coef, const K* __res
 
 /* SCMA / LMA build: sig[i*F + f] = (uint32) min over keys[ptr[i] .. ptr[i+1]) of
  * h_f(key) = (a_f key + b_f) mod P, one thread per (token, function): the
- * twin of lsh_signatures in _cpu/_slots.pyx (same 61-bit minimum, then 32 bits). */
+ * twin of lsh_signatures in _cpu/_slots.pyx (same 61-bit minimum, then 32 bits).
+ * Tokens of more than `cap` keys are skipped here: lsh_minhash_chunks splits
+ * them over many threads (a token in every sampled row would otherwise be one
+ * thread's serial loop over the whole sample, the tail of the launch). */
 __global__ void lsh_minhash(const uint64_t* __restrict__ mh, const int64_t* __restrict__ ptr,
-                            const uint64_t* __restrict__ keys, i64 n, i64 F,
+                            const uint64_t* __restrict__ keys, i64 n, i64 F, i64 cap,
                             uint32_t* __restrict__ sig)
 {
     const i64 g = he_tid();
     if (g >= n * F)
         return;
     const i64 i = g / F, f = g - i * F;
+    if (ptr[i + 1] - ptr[i] > cap)
+        return;
     uint64_t best = HE_P;
     for (i64 j = ptr[i]; j < ptr[i + 1]; j++) {
         const uint64_t v = he_lsh_value(mh, f, keys[j]);
         best = v < best ? v : best;
     }
     sig[g] = (uint32_t)best;
+}
+
+/* The long tokens' minimum, one thread per (chunk of at most `cap` keys,
+ * function): keys[lo[c] .. hi[c]) belong to long token tok[c], whose running
+ * minimum best[tok[c]*F + f] (61-bit, from HE_P) takes the chunk's by an
+ * atomic min: any order gives the same minimum, so the same bits as the CPU. */
+__global__ void lsh_minhash_chunks(const uint64_t* __restrict__ mh,
+                                   const int64_t* __restrict__ tok,
+                                   const int64_t* __restrict__ lo,
+                                   const int64_t* __restrict__ hi, i64 nchunks, i64 F,
+                                   const uint64_t* __restrict__ keys,
+                                   unsigned long long* __restrict__ best)
+{
+    const i64 g = he_tid();
+    if (g >= nchunks * F)
+        return;
+    const i64 c = g / F, f = g - c * F;
+    uint64_t m = HE_P;
+    for (i64 j = lo[c]; j < hi[c]; j++) {
+        const uint64_t v = he_lsh_value(mh, f, keys[j]);
+        m = v < m ? v : m;
+    }
+    atomicMin(best + tok[c] * F + f, (unsigned long long)m);
+}
+
+/* sig[ids[t]*F + f] = (uint32) best[t*F + f]: the long tokens' signatures. */
+__global__ void lsh_minhash_store(const unsigned long long* __restrict__ best,
+                                  const int64_t* __restrict__ ids, i64 nlong, i64 F,
+                                  uint32_t* __restrict__ sig)
+{
+    const i64 g = he_tid();
+    if (g >= nlong * F)
+        return;
+    const i64 t = g / F;
+    sig[ids[t] * F + (g - t * F)] = (uint32_t)best[g];
 }
 
 /* SCMA: out[i*R + k] = start of run k from token i's signature (he_lsh_slot). */
@@ -92,6 +132,8 @@ __global__ void lsh_starts(const he_scheme* __restrict__ s, const uint32_t* __re
 }
 
 HE_KERNEL(lsh_minhash)
+HE_KERNEL(lsh_minhash_chunks)
+HE_KERNEL(lsh_minhash_store)
 HE_KERNEL(lsh_starts)
 HE_KERNEL(scheme_slots<int>)
 HE_KERNEL(scheme_slots<long long>)
