@@ -559,9 +559,11 @@ def _chain(rows, cores, s, save=True):
     empty, none = np.empty(0, s.dtype), np.empty(0, np.int64)
     for c in range(1, d):
         N = s.q[c] * s.R[c + 1]
-        out = _scratch(L * Q * N, s.dtype)
+        fuse = c == d - 2            # fused with the last step
+        # the fused step's own products stay in cache unless backward needs them
+        out = _scratch(L * Q * N, s.dtype) if save or not fuse else empty
         inputs.append((A, a_off, Q))
-        if c == d - 2:               # fused with the last step
+        if fuse:
             R2, N2 = s.R[c + 1], s.q[c + 1]
             nxt = cores[c + 1].reshape(-1)
             nxt_t = _slices_t(nxt, R2, N2) if k.wants_bt(N2, R2, s.dtype == np.float32) \

@@ -160,10 +160,15 @@ def step_forward(const real[::1] A, const int64_t[::1] a_off, const real[::1] co
     (M2, R2) @ nxt[nxt_dig[l]] (R2, N2), M2 = Q*N/R2; nxt_t holds the slices
     transposed (N2, R2) where wants_bt(N2, R2), else it is empty. A separate
     step would read out back from memory, grouped by the next digit; the bits
-    are the same, as no row's product depends on the rows beside it."""
+    are the same, as no row's product depends on the rows beside it. An
+    empty out (fused only: nothing will read it later, as in inference)
+    keeps each chunk's products in a per-thread buffer instead."""
     cdef int64_t L = perm.shape[0], per = max(1, CHUNK_ROWS // Q), nc, c, a, b, j, i, l, v, m
     cdef int64_t M2 = Q * N // R2 if R2 > 0 else 0, w
     cdef bint fused = out2.shape[0] > 0, has_t = nxt_t.shape[0] > 0
+    cdef bint keep = out.shape[0] > 0
+    cdef real* O
+    cdef int64_t x
     cdef int64_t* cs
     cdef int64_t* cv
     cdef const real** Ap
@@ -173,6 +178,8 @@ def step_forward(const real[::1] A, const int64_t[::1] a_off, const real[::1] co
     cdef int nt
     if L == 0 or N == 0:
         return
+    if not keep and not fused:
+        raise ValueError("out: expected L*Q*N values unless the next step is fused")
     nc = _chunks(start, per, NULL, NULL)
     cs = <int64_t*>malloc(2 * nc * sizeof(int64_t))
     cv = cs + nc
@@ -183,6 +190,7 @@ def step_forward(const real[::1] A, const int64_t[::1] a_off, const real[::1] co
         Cp = <real**>malloc(per * Q * sizeof(real*))
         Ap2 = Ap + per * Q
         Cp2 = <real**>(Ap2 + M2)
+        O = NULL if keep else <real*>malloc(per * Q * N * sizeof(real))
         for c in prange(nc, schedule='dynamic'):
             a = cs[c]
             v = cv[c]
@@ -192,17 +200,19 @@ def step_forward(const real[::1] A, const int64_t[::1] a_off, const real[::1] co
                 l = perm[j]
                 for i in range(Q):
                     Ap[m] = &A[a_off[l] + i * R]
-                    Cp[m] = &out[(l * Q + i) * N]
+                    Cp[m] = &out[(l * Q + i) * N] if keep else &O[((j - a) * Q + i) * N]
                     m = m + 1
             _nn(m, N, R, Ap, &core[v * R * N], N, NULL, Cp, 0)
             if fused:
                 for j in range(a, b):
                     l = perm[j]
                     w = nxt_dig[l] * R2 * N2
-                    _lookup(&out[l * Q * N], M2, R2, &nxt[w], &nxt_t[w] if has_t else NULL,
-                            N2, &out2[l * M2 * N2], Ap2, Cp2)
+                    x = l * Q * N if keep else (j - a) * Q * N
+                    _lookup(&out[x] if keep else &O[x], M2, R2, &nxt[w],
+                            &nxt_t[w] if has_t else NULL, N2, &out2[l * M2 * N2], Ap2, Cp2)
         free(Ap)
         free(Cp)
+        free(O)
     free(cs)
 
 
