@@ -5,13 +5,19 @@ table per sample, D = 16 and 64, batch 16384 and 65536. In one run, on one
 GPU: torch.nn.EmbeddingBag on CUDA with full tables (one bag module over the
 concatenated tables: one launch, its fastest form) beside hashemb's RobeZ at
 1000x compression and hashemb's FullTable (the same full tables through
-hashemb's kernels, sharing torch's weight memory via DLPack). Reported:
+hashemb's kernels, sharing torch's weight memory via DLPack), HashedNet and
+SCMA / LMA at the same compression. Reported:
 samples/s, GB/s of logical bytes (index reads, embedding rows read, output
 written; a training step adds gradient reads and the rows' read-modify-write)
 and their share of the GPU's peak DRAM bandwidth, and ratios against torch
 measured in the same run. A compressed array lives in L2, so its logical
 bytes can exceed the DRAM peak: the share says how far the work outruns what
 DRAM could feed.
+
+SCMA / LMA are fitted (on the CPU) to a pool of --pool random rows and
+looked up with batches drawn from that pool, so every token is a sampled one
+(as in training: the map and signature path); RobeZ is timed again on the
+same batches, and their rows give the ratio to it ("x RobeZ").
 
     python benchmarks/gpu_bench.py                     # the full shape (CUDA)
     python benchmarks/gpu_bench.py --json out.json
@@ -66,7 +72,7 @@ def timed(fn, sync, iters, warmup=3):
     return float(np.median(times))
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--dims", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--batches", type=int, nargs="+", default=[16384, 65536])
@@ -79,8 +85,10 @@ def main():
     ap.add_argument("--no-check", action="store_true",
                     help="he.set_gpu_options(check_indices=False): no pre-launch index check "
                          "(FullTable's check is one reduction and one synchronisation per call)")
+    ap.add_argument("--pool", type=int, default=125000,
+                    help="rows SCMA / LMA are fitted to (their batches come from them)")
     ap.add_argument("--json", default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     import torch
     import hashemb as he
@@ -112,22 +120,32 @@ def main():
     peak = peak_gbs(torch, dev, args.peak_gbs)
     print(he.show_config()["gpu"] if dev == "cuda" else "dry run on the CPU")
     print(f"tables {T}, rows {rows}, peak DRAM {peak:.0f} GB/s\n")
-    head = (f"{'D':>3} {'batch':>6} {'method':<22} {'fwd Ms/s':>9} {'fwd GB/s':>9} {'%peak':>6} "
+    head = (f"{'D':>3} {'batch':>6} {'method':<24} {'fwd Ms/s':>9} {'fwd GB/s':>9} {'%peak':>6} "
             f"{'x torch':>7} {'train Ms/s':>10} {'train GB/s':>10} {'%peak':>6} {'x torch':>7}")
     print(head)
     results = []
+    rng = np.random.default_rng(0)
+    pool = np.stack([rng.integers(0, n, args.pool) for n in card], 1)
     for D in args.dims:
         size = int(rows * D / args.compression)
         robe = he.RobeZ(size, D, block=D, seed=0)
         full = he.FullTable(card, D)
+        hnet = he.HashedNet(size, D, seed=0)
+        Z = min(D, 16)
+        fit = dict(num_points=args.pool, block=Z, progress=False)
+        minhash = [(f"SCMA Z={Z}", he.LSHTable.fit(pool, size, D, **fit)),
+                   (f"LMA Z={Z}", he.LMA.fit(pool, size, D, **fit))]
         torch.manual_seed(0)
         emb = torch.nn.EmbeddingBag(rows, D, mode="sum", sparse=True).to(dev)
         topt = torch.optim.SGD(emb.parameters(), lr=args.lr)
         W_full = as_xp(emb.weight)                       # the same memory as torch's
         M_robe = xp.asarray(robe.init_weight(seed=0))
+        M_hnet = xp.asarray(hnet.init_weight(seed=0))
+        M_mh = [xp.asarray(s.init_weight(seed=0)) for _, s in minhash]
         for B in args.batches:
             g = torch.Generator(device=dev).manual_seed(B)
             X = torch.stack([torch.randint(0, n, (B,), device=dev, generator=g) for n in card], 1)
+            Xp = xp.asarray(np.ascontiguousarray(pool[rng.integers(0, args.pool, B)]))
             flat = (X + base).reshape(-1)                # row-major (B, T): bag b*T + t
             offs = torch.arange(0, B * T, device=dev)
             G = torch.randn(B, T * D, device=dev, generator=g)
@@ -142,15 +160,17 @@ def main():
                 topt.step()
                 topt.zero_grad(set_to_none=True)
 
-            def h_fwd(scheme, M):
-                return lambda: he.embedding_bags(Xx, M, scheme=scheme, num_tables=T)
+            def h_fwd(scheme, M, X=None):
+                X = Xx if X is None else X
+                return lambda: he.embedding_bags(X, M, scheme=scheme, num_tables=T)
 
-            def h_step(scheme, M, det):
+            def h_step(scheme, M, det, X=None):
+                X = Xx if X is None else X
                 opt = he.SGD(args.lr)
 
                 def step():
-                    he.embedding_bags(Xx, M, scheme=scheme, num_tables=T)
-                    he.embedding_bags_backward(Gx, Xx, scheme=scheme, num_tables=T, weight=M,
+                    he.embedding_bags(X, M, scheme=scheme, num_tables=T)
+                    he.embedding_bags_backward(Gx, X, scheme=scheme, num_tables=T, weight=M,
                                                optimizer=opt, deterministic=det)
                 return step
 
@@ -170,8 +190,14 @@ def main():
                        (f"hashemb RobeZ {args.compression:g}x", h_fwd(robe, M_robe),
                         h_step(robe, M_robe, False)),
                        ("  deterministic bwd", None, h_step(robe, M_robe, True)),
-                       ("hashemb FullTable", h_fwd(full, W_full), h_step(full, W_full, False))]
-            ref = {}
+                       ("hashemb FullTable", h_fwd(full, W_full), h_step(full, W_full, False)),
+                       (f"hashemb HashedNet {args.compression:g}x", h_fwd(hnet, M_hnet),
+                        h_step(hnet, M_hnet, False)),
+                       ("hashemb RobeZ, pool rows", h_fwd(robe, M_robe, Xp),
+                        h_step(robe, M_robe, False, Xp))]
+            methods += [(f"hashemb {name}", h_fwd(s, M, Xp), h_step(s, M, False, Xp))
+                        for (name, s), M in zip(minhash, M_mh)]
+            ref, robe_pool = {}, {}
             for name, fwd, step in methods:
                 row = {"D": D, "batch": B, "method": name.strip()}
                 with torch.no_grad():
@@ -186,7 +212,11 @@ def main():
                     row[f"{kind}_share_of_peak"] = nbytes / t / 1e9 / peak
                     if name.startswith("torch"):
                         ref[kind] = B / t
+                    if name.endswith("pool rows"):
+                        robe_pool[kind] = B / t
                     row[f"{kind}_x_torch"] = B / t / ref[kind]
+                    if kind in robe_pool and not name.endswith("pool rows"):
+                        row[f"{kind}_x_robez"] = B / t / robe_pool[kind]
                 results.append(row)
 
                 def cells(kind, w):
@@ -195,14 +225,17 @@ def main():
                     return (f"{row[f'{kind}_samples_per_s'] / 1e6:>{w}.2f} "
                             f"{row[f'{kind}_GBps']:>9.0f} {100 * row[f'{kind}_share_of_peak']:>5.0f}% "
                             f"{row[f'{kind}_x_torch']:>7.2f}")
-                print(f"{D:>3} {B:>6} {name:<22} {cells('fwd', 9)} {cells('train', 10)}")
-            del X, flat, offs, G, Xx, Gx
-        del emb, topt, W_full, M_robe
+                x_robe = "".join(f"  {kind} {row[f'{kind}_x_robez']:.2f}x RobeZ"
+                                 for kind in ("fwd", "train") if f"{kind}_x_robez" in row)
+                print(f"{D:>3} {B:>6} {name:<24} {cells('fwd', 9)} {cells('train', 10)}{x_robe}")
+            del X, flat, offs, G, Xx, Gx, Xp
+        del emb, topt, W_full, M_robe, M_hnet, M_mh
         if dev == "cuda":
             torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"peak_GBps": peak, "rows": rows, "results": results}, f, indent=1)
+            json.dump({"peak_GBps": peak, "rows": rows, "pool": args.pool, "results": results},
+                      f, indent=1)
 
 
 if __name__ == "__main__":

@@ -90,3 +90,27 @@ def test_own_model_example(tmp_path, monkeypatch):
     assert res[0]["memory_mb"] > 40 * res[1]["memory_mb"]
     assert res[1]["memory_mb"] > 5 * res[2]["memory_mb"]
     assert out.stat().st_size > 10_000
+
+
+def test_gpu_bench_dry_run_on_the_cpu(tmp_path):
+    """benchmarks/gpu_bench.py's dry run (--device cpu): every method times,
+    FullTable agrees with torch before timing, and the SCMA / LMA rows carry
+    their ratio to RobeZ on the same pool batches."""
+    pytest.importorskip("torch")
+    import importlib.util
+    import json
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_bench.py"
+    spec = importlib.util.spec_from_file_location("gpu_bench", path)
+    gb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gb)
+    js = tmp_path / "g.json"
+    gb.main(["--device", "cpu", "--scale", "0.001", "--batches", "64", "--iters", "1",
+             "--dims", "8", "--pool", "500", "--json", str(js)])
+    res = json.loads(js.read_text())["results"]
+    names = [r["method"] for r in res]
+    assert names == ["torch.nn.EmbeddingBag", "hashemb RobeZ 1000x", "deterministic bwd",
+                     "hashemb FullTable", "hashemb HashedNet 1000x", "hashemb RobeZ, pool rows",
+                     "hashemb SCMA Z=8", "hashemb LMA Z=8"]
+    assert all(r["train_samples_per_s"] > 0 for r in res)
+    assert all(r["fwd_x_robez"] > 0 and r["train_x_robez"] > 0 for r in res[-2:])
+    assert not any("fwd_x_robez" in r for r in res[:-2])
