@@ -474,21 +474,22 @@ cdef inline void _starts_of(const he_scheme* s, int64_t table, int64_t x,
 cdef void _starts_range(const he_scheme* s, const index_t* idx, const int64_t* off,
                         int64_t B, int64_t T, int64_t table0, uint64_t* pre, int64_t a,
                         int64_t b) noexcept nogil:
-    """_run_starts for the entries a <= j < b, whatever tables they span."""
+    """_run_starts for the entries a <= j < b, whatever tables they span, a
+    table at a time."""
     cdef int64_t t = 0, j, end, R = s.runs
     cdef bint deep = he_row_hint(s, 0, 0) != NULL
     if a >= b:
         return
     while off[t * B + B] <= a:        # the table of entry a (tables may be empty)
         t += 1
-    end = off[t * B + B]
-    for j in range(a, b):
-        while j >= end:
-            t += 1
-            end = off[t * B + B]
-        if deep and j + AHEAD < end:
-            he_prefetch(he_row_hint(s, table0 + t, idx[j + AHEAD]))
-        _starts_of(s, table0 + t, idx[j], pre + j * R)
+    while a < b:
+        end = min(off[t * B + B], b)
+        for j in range(a, end):
+            if deep and j + AHEAD < end:
+                he_prefetch(he_row_hint(s, table0 + t, idx[j + AHEAD]))
+            _starts_of(s, table0 + t, idx[j], pre + j * R)
+        a = end
+        t += 1
 
 
 cdef void _run_starts(const he_scheme* s, const index_t* idx, const int64_t* off,
