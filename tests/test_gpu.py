@@ -467,6 +467,32 @@ def test_scheme_struct_cached_per_scheme_and_dropped_with_it():
     assert key not in RT._SCHEMES
 
 
+def test_index_bounds_uploaded_once_per_scheme_and_tables():
+    """The checked call's per-table bounds live on the device with the scheme
+    (one upload, not one per call); other tables get their own, and the
+    check still names the table and bound."""
+    lib = gpu_emu.build()
+    if lib is None:
+        pytest.skip("no C++ compiler for the GPU emulator")
+    be = gpu_emu.EmuBackend(lib)
+    full = he.FullTable([5, 7, 9], 2)
+    a = RT.scheme_bounds(be, full, 0, 3)
+    assert RT.scheme_bounds(be, full, 0, 3) is a
+    np.testing.assert_array_equal(a, [5, 7, 9])
+    np.testing.assert_array_equal(RT.scheme_bounds(be, full, 1, 2), [7, 9])
+    from hashemb._gpu import bag as G
+    W = full.init_weight(dtype=np.float64)
+    X = np.array([[4, 6, 8], [0, 7, 1]])
+    with pytest.raises(IndexError) as cpu:
+        he.embedding_bags(X, W, scheme=full, num_tables=3)
+    for _ in range(2):          # the second call reads the cached bounds
+        with pytest.raises(IndexError) as gpu:
+            G.forward(be.to_device(X), be.to_device(W), None, full, 0, 3, "sum", None, False,
+                      None, be=be)
+        assert str(gpu.value) == str(cpu.value) == \
+            "indices[3]: expected 0 <= index < 7 (table 1), got 7"
+
+
 # ------------------------------------------------------------ device only
 
 def _device():

@@ -131,18 +131,21 @@ def bags(be, indices, offsets, per_sample_weights, *, scheme, mode, dtype, table
 def check_bags(be, scheme, b, table0, user_len=0):
     """Offsets well formed, tokens inside their sized tables: one kernel, one
     read of 4 numbers. ValueError / IndexError with the CPU's messages."""
-    bounds = scheme._bounds(table0, b.T)
+    if not RT.OPTIONS["check_indices"]:
+        return
+    dbounds = RT.scheme_bounds(be, scheme, table0, b.T)
+    has_bounds = dbounds is not None
     use_off = b.off is not None
     n = b.idx.shape[0]
-    if not RT.OPTIONS["check_indices"] or not (use_off or (bounds is not None and n)):
+    if not (use_off or (has_bounds and n)):
         return
     xp = be.xp
     res = xp.full(4, np.uint64(_NONE), np.uint64)
-    dbounds = be.to_device(bounds) if bounds is not None else res
+    dbounds = dbounds if has_bounds else res
     noff = b.off.shape[0] if use_off else 0
     be.launch("bag", f"bag_check<{RT.ctype(b.idx.dtype)}>", max(n, noff),
               [b.idx, RT.i64(n), b.off if use_off else res, RT.i64(noff), RT.i64(use_off),
-               dbounds, RT.i64(bounds is not None), RT.i64(b.B), RT.i64(b.T), RT.i64(b.rowlen),
+               dbounds, RT.i64(has_bounds), RT.i64(b.B), RT.i64(b.T), RT.i64(b.rowlen),
                RT.i64(b.has_pad), RT.i64(b.pad), res])
     dec, bad, first, last = (int(v) for v in be.to_host(res))
     if use_off:
@@ -170,5 +173,6 @@ def check_bags(be, scheme, b, table0, user_len=0):
             value = int(b.idx[row * b.rowlen + t])
         else:
             t, value = 0, int(b.idx[bad])
+        bounds = scheme._bounds(table0, b.T)
         raise IndexError(f"indices[{bad}]: expected 0 <= index < {bounds[t]} "
                          f"(table {table0 + t}), got {value}")

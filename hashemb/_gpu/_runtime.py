@@ -188,7 +188,7 @@ def patch_struct(raw, fields, pointers):
     return bytes(buf)
 
 
-_SCHEMES = {}       # id(scheme) -> [weakref, SchemeView, {(backend, device): (struct, arrays)}]
+_SCHEMES = {}       # id(scheme) -> [weakref, SchemeView, {(backend, device, what): value}]
 _SCHEMES_LOCK = threading.Lock()
 
 
@@ -199,12 +199,9 @@ def _forget(key, ref):
             del _SCHEMES[key]
 
 
-def scheme_struct(be, scheme):
-    """Device buffer holding the scheme's he_scheme struct with device
-    pointers (pass it as ``const he_scheme*``). Built once per scheme and
-    device from ``SchemeView.struct_bytes`` / ``pointer_fields``: the layout
-    is never mirrored in Python, so new struct fields come for free. Rebuilt
-    if the scheme's view changes; dropped with the scheme."""
+def _cached(be, scheme, what, make):
+    """make() for this scheme, backend and device, built once and kept with
+    the scheme (rebuilt if its view changes, dropped with it)."""
     view = scheme._view
     key = id(scheme)
     with _SCHEMES_LOCK:
@@ -213,12 +210,34 @@ def scheme_struct(be, scheme):
             ref = weakref.ref(scheme, lambda r, k=key: _forget(k, r))
             ent = [ref, view, {}]
             _SCHEMES[key] = ent
-        per = ent[2].get((be.key, be.current_device()))
-        if per is None:
-            fields = view.pointer_fields()
-            arrays = [be.to_device(np.ascontiguousarray(a)) for _, a in fields]
-            raw = patch_struct(view.struct_bytes(), fields, [be.ptr(a) for a in arrays])
-            buf = be.to_device(np.frombuffer(raw, np.uint8).copy())
-            per = (buf, arrays)
-            ent[2][(be.key, be.current_device())] = per
-    return per[0]
+        k = (be.key, be.current_device(), what)
+        if k not in ent[2]:
+            ent[2][k] = make()
+        return ent[2][k]
+
+
+def scheme_struct(be, scheme):
+    """Device buffer holding the scheme's he_scheme struct with device
+    pointers (pass it as ``const he_scheme*``). Built once per scheme and
+    device from ``SchemeView.struct_bytes`` / ``pointer_fields``: the layout
+    is never mirrored in Python, so new struct fields come for free. Rebuilt
+    if the scheme's view changes; dropped with the scheme."""
+    def make():
+        view = scheme._view
+        fields = view.pointer_fields()
+        arrays = [be.to_device(np.ascontiguousarray(a)) for _, a in fields]
+        raw = patch_struct(view.struct_bytes(), fields, [be.ptr(a) for a in arrays])
+        return be.to_device(np.frombuffer(raw, np.uint8).copy()), arrays
+    return _cached(be, scheme, "struct", make)[0]
+
+
+def scheme_bounds(be, scheme, table0, T):
+    """``scheme._bounds(table0, T)`` on the device, or None: uploaded once
+    per (scheme, device, tables), not on every checked call (a TT table's
+    per-call sizes object, which has no kernel view, is uploaded each time)."""
+    def make():
+        h = scheme._bounds(table0, T)
+        return None if h is None else be.to_device(h)
+    if not hasattr(scheme, "_view"):
+        return make()
+    return _cached(be, scheme, ("bounds", table0, T), make)
