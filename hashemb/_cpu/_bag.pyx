@@ -16,7 +16,8 @@ from libc.stdlib cimport calloc, malloc, free
 from libc.string cimport memcpy
 
 from hashemb._cpu._slots cimport (SchemeView, he_scheme, he_row, he_row_begin, he_row_hint,
-                                  he_row_data,
+                                  he_row_data, he_table_probe, he_row_probe, he_probe_hint,
+                                  he_row_begin_probed,
                                   he_run_start, he_run_slot, he_sign,
                                   he_max_threads)
 
@@ -188,6 +189,8 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
     cdef real* o
     cdef const void* hint
     cdef he_row rows[2 * FAR_AHEAD]
+    cdef uint64_t probes[2 * FAR_AHEAD]   # map probes, hashed once between two stages
+    cdef uint64_t tprobe
     # rows in flight: 16 when each row is a few lines of an array in DRAM (a
     # full table: measured faster in every A/B pair), else 8 (an array in the
     # caches gains nothing, and 16 element-wise rows of D lines each overflow
@@ -199,6 +202,7 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
     cdef bint fast = (ring != NULL and psw == NULL and not has_pad and mode != MAX
                       and not s.is_signed)
     for t in range(T):
+        tprobe = he_table_probe(s, table0 + t)
         if not fast:
             for b in range(n):
                 q = t * B + b0 + b
@@ -225,7 +229,9 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
             if 0 <= q < n:      # begin bag q's first row, prefetch what its runs read
                 j = off[t * B + b0 + q]
                 if off[t * B + b0 + q + 1] > j:
-                    rows[q % (2 * FAR_AHEAD)] = he_row_begin(s, table0 + t, idx[j])
+                    rows[q % (2 * FAR_AHEAD)] = he_row_begin_probed(
+                        s, table0 + t, idx[j], probes[q % (2 * FAR_AHEAD)]) if deep \
+                        else he_row_begin(s, table0 + t, idx[j])
                     hint = he_row_data(s, &rows[q % (2 * FAR_AHEAD)])
                     if hint != NULL:
                         he_prefetch(hint)
@@ -242,7 +248,8 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
             if deep and c < n:  # the map entry of bag c
                 j = off[t * B + b0 + c]
                 if off[t * B + b0 + c + 1] > j:
-                    he_prefetch(he_row_hint(s, table0 + t, idx[j]))
+                    probes[c % (2 * FAR_AHEAD)] = he_row_probe(s, tprobe, idx[j])
+                    he_prefetch(he_probe_hint(s, probes[c % (2 * FAR_AHEAD)]))
 
 
 cdef inline void _copy_rows(real* dst, int64_t dstride, const real* src, int64_t width,
@@ -462,32 +469,55 @@ cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* 
                            target, scratch, state, eps, lo, hi, act)
 
 
+cdef inline void _starts_row(const he_scheme* s, const he_row* row, uint64_t* out) noexcept nogil:
+    """out[k] = start of run k of a begun row, for every run."""
+    cdef int64_t k
+    for k in range(s.runs):
+        out[k] = he_run_start(s, row, k)
+
+
 cdef inline void _starts_of(const he_scheme* s, int64_t table, int64_t x,
                             uint64_t* out) noexcept nogil:
     """out[k] = start of run k of token x of table, for every run."""
     cdef he_row row = he_row_begin(s, table, x)
-    cdef int64_t k
-    for k in range(s.runs):
-        out[k] = he_run_start(s, &row, k)
+    _starts_row(s, &row, out)
+
+
+DEF PROBES = 16     # ring of map probes in flight (> AHEAD)
 
 
 cdef void _starts_range(const he_scheme* s, const index_t* idx, const int64_t* off,
                         int64_t B, int64_t T, int64_t table0, uint64_t* pre, int64_t a,
                         int64_t b) noexcept nogil:
     """_run_starts for the entries a <= j < b, whatever tables they span, a
-    table at a time."""
+    table at a time. Schemes that read a map (SCMA / LMA) hash each entry's
+    probe once, AHEAD entries early, to prefetch its map entry, and begin
+    the row from that probe."""
     cdef int64_t t = 0, j, end, R = s.runs
     cdef bint deep = he_row_hint(s, 0, 0) != NULL
+    cdef uint64_t tprobe
+    cdef uint64_t ring[PROBES]
+    cdef he_row row
     if a >= b:
         return
     while off[t * B + B] <= a:        # the table of entry a (tables may be empty)
         t += 1
     while a < b:
         end = min(off[t * B + B], b)
-        for j in range(a, end):
-            if deep and j + AHEAD < end:
-                he_prefetch(he_row_hint(s, table0 + t, idx[j + AHEAD]))
-            _starts_of(s, table0 + t, idx[j], pre + j * R)
+        if not deep:
+            for j in range(a, end):
+                _starts_of(s, table0 + t, idx[j], pre + j * R)
+        else:
+            tprobe = he_table_probe(s, table0 + t)
+            for j in range(a, min(a + AHEAD, end)):
+                ring[j % PROBES] = he_row_probe(s, tprobe, idx[j])
+                he_prefetch(he_probe_hint(s, ring[j % PROBES]))
+            for j in range(a, end):
+                if j + AHEAD < end:
+                    ring[(j + AHEAD) % PROBES] = he_row_probe(s, tprobe, idx[j + AHEAD])
+                    he_prefetch(he_probe_hint(s, ring[(j + AHEAD) % PROBES]))
+                row = he_row_begin_probed(s, table0 + t, idx[j], ring[j % PROBES])
+                _starts_row(s, &row, pre + j * R)
         a = end
         t += 1
 

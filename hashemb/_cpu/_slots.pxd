@@ -60,6 +60,10 @@ cdef extern from "hashemb/slots.h" nogil:
     int64_t he_lsh_find(const he_scheme* s, int64_t field, uint64_t token)
     uint64_t he_lsh_slot(const he_scheme* s, const uint32_t* sig, uint64_t key, int64_t k)
     const void* he_row_hint(const he_scheme* s, int64_t table, int64_t token)
+    uint64_t he_table_probe(const he_scheme* s, int64_t table)
+    uint64_t he_row_probe(const he_scheme* s, uint64_t table_probe, int64_t token)
+    const void* he_probe_hint(const he_scheme* s, uint64_t probe)
+    he_row he_row_begin_probed(const he_scheme* s, int64_t table, int64_t token, uint64_t probe)
     const void* he_row_data(const he_scheme* s, const he_row* r)
 
 cdef extern from "hashemb/openmp.h" nogil:

@@ -193,11 +193,17 @@ HE_HD uint32_t he_lsh_hash(const uint64_t* mh, int64_t f, uint64_t key)
     return (uint32_t)he_lsh_value(mh, f, key);
 }
 
+/* The field's part of he_lsh_probe (a kernel walking one table hashes it once). */
+HE_HD uint64_t he_lsh_field_key(uint64_t salt, int64_t field)
+{
+    return he_mix64((uint64_t)field ^ salt);
+}
+
 /* 64-bit hash of (field, token): its low bits place it in the map, its high
  * 32 bits are its fingerprint there. */
 HE_HD uint64_t he_lsh_probe(uint64_t salt, int64_t field, uint64_t token)
 {
-    return he_mix64(token + he_mix64((uint64_t)field ^ salt));
+    return he_mix64(token + he_lsh_field_key(salt, field));
 }
 
 HE_HD uint64_t he_lsh_fingerprint(uint64_t h)
@@ -218,9 +224,8 @@ HE_HD const uint64_t* he_lsh_bucket(const he_scheme* s, int64_t field, uint64_t 
  * is taken for a sampled one with probability about 2^-30: it then shares
  * that token's runs, which is what a random collision does anyway.
  */
-HE_HD int64_t he_lsh_find(const he_scheme* s, int64_t field, uint64_t token)
+HE_HD int64_t he_lsh_find_probed(const he_scheme* s, uint64_t h)
 {
-    uint64_t h = he_lsh_probe(s->lsh_salt, field, token);
     uint64_t fp = he_lsh_fingerprint(h);
     for (h &= s->lsh_mask;; h = (h + 1) & s->lsh_mask) {
         uint64_t e = s->lsh_keys[h];
@@ -229,6 +234,11 @@ HE_HD int64_t he_lsh_find(const he_scheme* s, int64_t field, uint64_t token)
         if ((e >> 32) == fp)
             return (int64_t)(e & 0xFFFFFFFFULL);
     }
+}
+
+HE_HD int64_t he_lsh_find(const he_scheme* s, int64_t field, uint64_t token)
+{
+    return he_lsh_find_probed(s, he_lsh_probe(s->lsh_salt, field, token));
 }
 
 /*
@@ -261,6 +271,22 @@ typedef struct he_row {
     uint64_t sbase;   /* sign-hash base                                        */
 } he_row;
 
+/* The row of a sampled (id found) or absent token of table `field`, from its map probe h. */
+HE_HD he_row he_lsh_row(const he_scheme* s, int64_t field, uint64_t token, uint64_t h)
+{
+    /* base: the token's id, sbase = 1; or absent: its singleton key, sbase = 0 */
+    he_row r;
+    int64_t id = he_lsh_find_probed(s, h);
+    r.base = id >= 0 ? (uint64_t)id : he_lsh_absent_key(s->lsh_salt, field, token);
+    r.sbase = id >= 0;
+    return r;
+}
+
+HE_HD int he_reads_map(const he_scheme* s)
+{
+    return s->kind == HE_LSH_TABLE || s->kind == HE_LMA;
+}
+
 HE_HD he_row he_row_begin(const he_scheme* s, int64_t table, int64_t token)
 {
     he_row r;
@@ -287,13 +313,8 @@ HE_HD he_row he_row_begin(const he_scheme* s, int64_t table, int64_t token)
         break;
     }
     case HE_LSH_TABLE:
-    case HE_LMA: {
-        /* base: the token's id, sbase = 1; or absent: its singleton key, sbase = 0 */
-        int64_t id = he_lsh_find(s, table, x);
-        r.base = id >= 0 ? (uint64_t)id : he_lsh_absent_key(s->lsh_salt, table, x);
-        r.sbase = id >= 0;
-        return r;            /* unsigned schemes */
-    }
+    case HE_LMA:             /* unsigned schemes */
+        return he_lsh_row(s, table, x, he_lsh_probe(s->lsh_salt, table, x));
     default: /* HE_HNET_REF: r*K1 + K3, uint64 arithmetic as in the reference */
         r.base = x * s->coef[0] + s->coef[2];
         break;
@@ -361,14 +382,44 @@ HE_HD int he_sign(const he_scheme* s, const he_row* r, int64_t i)
  */
 HE_HD const void* he_row_hint(const he_scheme* s, int64_t table, int64_t token)
 {
-    if (s->kind == HE_LSH_TABLE || s->kind == HE_LMA)
+    if (he_reads_map(s))
         return he_lsh_bucket(s, table, (uint64_t)token);
     return 0;
 }
 
+/*
+ * The same in two steps, for a kernel that prefetches a row's map entry and
+ * begins the row later: the probe is hashed once (its field part once per
+ * table) and kept in between. probe = he_row_probe(s, he_table_probe(s, t), x)
+ * (0 for the schemes that read no map); he_probe_hint(s, probe) ==
+ * he_row_hint(s, t, x); he_row_begin_probed(s, t, x, probe) == he_row_begin(s, t, x).
+ */
+HE_HD uint64_t he_table_probe(const he_scheme* s, int64_t table)
+{
+    return he_reads_map(s) ? he_lsh_field_key(s->lsh_salt, table) : 0;
+}
+
+HE_HD uint64_t he_row_probe(const he_scheme* s, uint64_t table_probe, int64_t token)
+{
+    return he_reads_map(s) ? he_mix64((uint64_t)token + table_probe) : 0;
+}
+
+HE_HD const void* he_probe_hint(const he_scheme* s, uint64_t probe)
+{
+    return he_reads_map(s) ? (const void*)(s->lsh_keys + (probe & s->lsh_mask)) : 0;
+}
+
+HE_HD he_row he_row_begin_probed(const he_scheme* s, int64_t table, int64_t token,
+                                 uint64_t probe)
+{
+    if (he_reads_map(s))
+        return he_lsh_row(s, table, (uint64_t)token, probe);
+    return he_row_begin(s, table, token);
+}
+
 HE_HD const void* he_row_data(const he_scheme* s, const he_row* r)
 {
-    if ((s->kind == HE_LSH_TABLE || s->kind == HE_LMA) && r->sbase)
+    if (he_reads_map(s) && r->sbase)
         return s->lsh_data + r->base * (uint64_t)s->lsh_width;
     return 0;
 }
