@@ -12,6 +12,25 @@ def run_example(path, argv, monkeypatch):
     return runpy.run_path(path, run_name="not_main")
 
 
+def test_readme_python_examples_run():
+    """Every self-contained Python example of the README (a block that starts
+    with its imports) runs as printed; the CuPy one needs a device."""
+    import re
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S)
+              if b.startswith(("import ", "from "))]
+    assert len(blocks) >= 4, "the README's examples are no longer found"
+    ran = 0
+    for code in blocks:
+        if "import cupy" in code or "import torch" in code:
+            if "import cupy" in code:
+                continue                        # tests/test_gpu.py runs the device paths
+            pytest.importorskip("torch")
+        exec(compile(code, "README.md", "exec"), {})
+        ran += 1
+    assert ran >= 3
+
+
 def test_theory_variance_example(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     pytest.importorskip("tqdm")
