@@ -3,7 +3,8 @@ fast array functions. NumPy arrays run on Cython + OpenMP kernels, CuPy arrays
 on CUDA kernels compiled at run time (CuPy is imported only when one arrives)."""
 import sys
 
-from .bag import embedding_bag, embedding_bag_backward, embedding_bags, embedding_bags_backward
+from .bag import (BagSaved, embedding_bag, embedding_bag_backward, embedding_bags,
+                  embedding_bags_backward)
 from .lookup import (embedding, embedding_backward, multi_embedding,
                         multi_embedding_backward, unpack)
 from .hashing import UniversalHash
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "UniversalHash", "Scheme", "RobeZ", "HashedNet", "FullTable", "LSHTable", "LMA",
     "embedding_bag", "embedding_bag_backward", "embedding_bags", "embedding_bags_backward",
+    "BagSaved",
     "SGD", "Adagrad", "show_config", "set_gpu_options", "theory",
     "embedding", "embedding_backward", "multi_embedding", "multi_embedding_backward", "unpack",
     "tt_shapes", "tt_core_shapes", "tt_init", "tt_to_full", "tt_embedding_bag",

@@ -311,3 +311,26 @@ def index_error(indices, bad, sizes, name="indices"):
     where = "" if T == 1 else f" (table {t})"
     return IndexError(f"{name}[{', '.join(map(str, pos))}]: expected 0 <= index < "
                       f"{sizes[t]}{where}, got {int(indices.reshape(-1)[bad])}")
+
+
+def check_bag_saved(saved, cls, scheme, table0, T, B, n, mode, device):
+    """The starts of a BagSaved made by the forward of these inputs on this
+    backend (device: whether the other arrays are on the GPU), or None."""
+    if saved is None:
+        return None
+    if not isinstance(saved, cls):
+        raise TypeError(f"saved: expected a BagSaved from return_saved=True, got {_desc(saved)}")
+    if saved.device != device:
+        where = "the device" if device else "the host"
+        raise TypeError(f"saved: expected a BagSaved of a forward on {where} (as the other "
+                        f"arguments), got one from the other backend")
+    here = (scheme, table0, T, B, n, mode)
+    there = (saved.scheme, saved.table0, saved.T, saved.B, saved.n, saved.mode)
+    if any(a is not b and a != b for a, b in zip(here, there)):
+        raise ValueError(f"saved: expected the forward of these inputs ({B} bags, {n} "
+                         f"indices, tables {table0}..{table0 + T - 1}, mode "
+                         f"{MODES[mode]!r}, this scheme), got one of {saved.B} bags, "
+                         f"{saved.n} indices, tables {saved.table0}..{saved.table0 + saved.T - 1}, "
+                         f"mode {MODES[saved.mode]!r}"
+                         + ("" if saved.scheme is scheme else ", another scheme"))
+    return saved.starts

@@ -14,13 +14,44 @@ _DETERMINISM = """
     same order; backward with atomic adds, or ``deterministic=True``)."""
 
 
+class BagSaved:
+    """What :func:`embedding_bag` / :func:`embedding_bags` computed that their
+    backward reuses (``return_saved=True``): every entry's run starts, hashed
+    once in forward, so that backward hashes nothing (in a training step the
+    hashing is about a quarter of the work). Valid only for the same inputs
+    and scheme (a saved of other inputs is a ValueError; one of the other
+    backend a TypeError). ``starts`` is None where backward would not use
+    them (signed schemes, many runs per row, max mode).
+
+    Examples
+    --------
+    >>> import numpy as np, hashemb as he
+    >>> robe = he.RobeZ(size=1000, dim=16, block=16)
+    >>> M = robe.init_weight()
+    >>> x = np.arange(8 * 4).reshape(8, 4)
+    >>> out, saved = he.embedding_bags(x, M, scheme=robe, num_tables=4, return_saved=True)
+    >>> saved.starts.shape        # one run start per entry
+    (32,)
+    >>> he.embedding_bags_backward(np.ones_like(out), x, scheme=robe, num_tables=4,
+    ...                            weight=M, optimizer=he.SGD(0.1), saved=saved)
+    """
+
+    def __init__(self, starts, scheme, table0, T, B, n, mode, device):
+        self.starts, self.scheme, self.table0, self.T = starts, scheme, table0, T
+        self.B, self.n, self.mode, self.device = B, n, mode, device
+
+    def __repr__(self):
+        return (f"BagSaved({self.B} bags, {self.n} indices, tables {self.table0}.."
+                f"{self.table0 + self.T - 1}, starts {'kept' if self.starts is not None else 'none'})")
+
+
 def _forward(indices, weight, offsets, scheme, table0, T, mode, per_sample_weights,
-             include_last_offset, padding_idx):
+             include_last_offset, padding_idx, return_saved=False):
     if on_gpu(indices=indices, weight=weight, offsets=offsets,
               per_sample_weights=per_sample_weights):
         from ._gpu import bag as G
         return G.forward(indices, weight, offsets, scheme, table0, T, mode, per_sample_weights,
-                         include_last_offset, padding_idx)
+                         include_last_offset, padding_idx, return_saved=return_saved)
     k = kernels(indices, weight, offsets, per_sample_weights)
     scheme = V.check_scheme(scheme)
     dtype = V.weight_dtype(weight)
@@ -29,19 +60,25 @@ def _forward(indices, weight, offsets, scheme, table0, T, mode, per_sample_weigh
                include_last_offset=include_last_offset, padding_idx=padding_idx)
     w = V.as_weight(weight, scheme)
     out = np.empty((b.B, T * scheme.dim), dtype)
+    keep = return_saved and k.wants_starts(scheme._view, b.mode) and b.idx.shape[0] > 0
+    starts = np.empty(b.idx.shape[0] * (scheme.dim // scheme._run) if keep else 0, np.uint64)
     k.forward(scheme._view, b.idx, b.off, w, b.psw, out, b.B, T, table0, b.mode,
-              b.has_pad, b.pad)
-    return out
+              b.has_pad, b.pad, starts)
+    if not return_saved:
+        return out
+    return out, BagSaved(starts if keep else None, scheme, table0, T, b.B, b.idx.shape[0],
+                         b.mode, False)
 
 
 def _backward(grad_output, indices, offsets, scheme, table0, T, mode, per_sample_weights,
-              include_last_offset, padding_idx, weight, optimizer, deterministic=None):
+              include_last_offset, padding_idx, weight, optimizer, deterministic=None,
+              saved=None):
     if on_gpu(grad_output=grad_output, indices=indices, offsets=offsets,
               per_sample_weights=per_sample_weights, weight=weight):
         from ._gpu import bag as G
         return G.backward(grad_output, indices, offsets, scheme, table0, T, mode,
                           per_sample_weights, include_last_offset, padding_idx, weight,
-                          optimizer, deterministic)
+                          optimizer, deterministic, saved=saved)
     k = kernels(grad_output, indices, offsets, per_sample_weights, weight)
     scheme = V.check_scheme(scheme)
     optimizer = check_optimizer(optimizer)
@@ -53,6 +90,9 @@ def _backward(grad_output, indices, offsets, scheme, table0, T, mode, per_sample
                dtype=dtype, table0=table0, num_tables=T,
                include_last_offset=include_last_offset, padding_idx=padding_idx)
     g = V.as_grad(grad_output, (b.B, T * scheme.dim), dtype)
+    starts = V.check_bag_saved(saved, BagSaved, scheme, table0, T, b.B, b.idx.shape[0],
+                               b.mode, False)
+    starts = np.empty(0, np.uint64) if starts is None else starts
     if weight is None:
         w = np.empty(0, dtype)
     else:
@@ -60,7 +100,7 @@ def _backward(grad_output, indices, offsets, scheme, table0, T, mode, per_sample
 
     def run(target, alpha, scratch, state, eps):
         k.backward(scheme._view, b.idx, b.off, b.psw, g, b.B, T, table0, b.mode,
-                   b.has_pad, b.pad, w, target, alpha, scratch, state, eps)
+                   b.has_pad, b.pad, w, target, alpha, scratch, state, eps, starts)
 
     if optimizer is not None:
         optimizer._apply(k, run, w)
@@ -71,7 +111,8 @@ def _backward(grad_output, indices, offsets, scheme, table0, T, mode, per_sample
 
 
 def embedding_bag(indices, weight, offsets=None, *, scheme, table=0, mode="sum",
-                  per_sample_weights=None, include_last_offset=False, padding_idx=None):
+                  per_sample_weights=None, include_last_offset=False, padding_idx=None,
+                  return_saved=False):
     r"""Pool the embeddings of each bag of ``indices`` from the array ``weight``.
 
     .. math::
@@ -101,10 +142,13 @@ def embedding_bag(indices, weight, offsets=None, *, scheme, table=0, mode="sum",
     padding_idx : int, optional
         Token skipped in every bag (not counted by mean). A FullTable takes
         ``-n <= padding_idx < n`` like torch.
+    return_saved : bool
+        Also return a :class:`BagSaved` for the backward of the same inputs.
 
     Returns
     -------
     ndarray, shape (B, scheme.dim), weight's dtype. Empty bags give zeros.
+    With ``return_saved``: ``(out, saved)``.
 
     Raises
     ------
@@ -121,12 +165,14 @@ def embedding_bag(indices, weight, offsets=None, *, scheme, table=0, mode="sum",
     (2, 16)
     """
     return _forward(indices, weight, offsets, scheme, V.check_table(table, V.check_scheme(scheme)),
-                    1, mode, per_sample_weights, include_last_offset, padding_idx)
+                    1, mode, per_sample_weights, include_last_offset, padding_idx,
+                    bool(return_saved))
 
 
 def embedding_bag_backward(grad_output, indices, offsets=None, *, scheme, table=0, mode="sum",
                            per_sample_weights=None, include_last_offset=False,
-                           padding_idx=None, weight=None, optimizer=None, deterministic=None):
+                           padding_idx=None, weight=None, optimizer=None, deterministic=None,
+                           saved=None):
     r"""Gradient of :func:`embedding_bag` with respect to the array, or a fused update.
 
     .. math::
@@ -151,6 +197,9 @@ def embedding_bag_backward(grad_output, indices, offsets=None, *, scheme, table=
         GPU only (the CPU is always deterministic): sum each slot's
         contributions in entry order after a stable sort, bitwise the CPU's
         result, instead of atomic adds. Default: ``he.set_gpu_options``.
+    saved : BagSaved, optional
+        From the forward of the same inputs (``return_saved=True``): its run
+        starts are reused instead of hashed again. Same results.
 
     Returns
     -------
@@ -170,11 +219,11 @@ def embedding_bag_backward(grad_output, indices, offsets=None, *, scheme, table=
     return _backward(grad_output, indices, offsets, scheme,
                      V.check_table(table, V.check_scheme(scheme)), 1, mode,
                      per_sample_weights, include_last_offset, padding_idx, weight, optimizer,
-                     deterministic)
+                     deterministic, saved)
 
 
 def embedding_bags(indices, weight, offsets=None, *, scheme, num_tables, mode="sum",
-                   per_sample_weights=None):
+                   per_sample_weights=None, return_saved=False):
     r"""Many tables in one call (table-batched, like FBGEMM's TBE).
 
     Bag b of table t is ``indices[offsets[t*B+b]:offsets[t*B+b+1]]`` (feature-major,
@@ -188,7 +237,8 @@ def embedding_bags(indices, weight, offsets=None, *, scheme, num_tables, mode="s
 
     Returns
     -------
-    ndarray, shape (B, num_tables * scheme.dim)
+    ndarray, shape (B, num_tables * scheme.dim); with ``return_saved``,
+    ``(out, saved)`` (see :class:`BagSaved`).
     {det}
 
     Examples
@@ -205,16 +255,16 @@ def embedding_bags(indices, weight, offsets=None, *, scheme, num_tables, mode="s
     if scheme.num_tables is not None and T > scheme.num_tables:
         raise ValueError(f"num_tables: expected <= {scheme.num_tables} (the scheme's tables), got {T}")
     return _forward(indices, weight, offsets, scheme, 0, T, mode, per_sample_weights,
-                    True, None)
+                    True, None, bool(return_saved))
 
 
 def embedding_bags_backward(grad_output, indices, offsets=None, *, scheme, num_tables,
                             mode="sum", per_sample_weights=None, weight=None, optimizer=None,
-                            deterministic=None):
+                            deterministic=None, saved=None):
     """Backward of :func:`embedding_bags`: the gradient, or a fused optimizer step
     (``optimizer=he.SGD(lr)`` / ``he.Adagrad(lr)``, returns None). Arguments as in
     :func:`embedding_bags` and :func:`embedding_bag_backward` (``deterministic``
-    included).
+    and ``saved`` included).
     {det}
 
     Examples
@@ -231,7 +281,7 @@ def embedding_bags_backward(grad_output, indices, offsets=None, *, scheme, num_t
     if scheme.num_tables is not None and T > scheme.num_tables:
         raise ValueError(f"num_tables: expected <= {scheme.num_tables} (the scheme's tables), got {T}")
     return _backward(grad_output, indices, offsets, scheme, 0, T, mode, per_sample_weights,
-                     True, None, weight, optimizer, deterministic)
+                     True, None, weight, optimizer, deterministic, saved)
 
 
 for _f in (embedding_bag, embedding_bag_backward, embedding_bags, embedding_bags_backward):

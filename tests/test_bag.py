@@ -375,3 +375,97 @@ def test_large_forward_output_streamed(dtype):
     want = np.concatenate([M[robe.slots(X[:, t], table=t)] * robe.signs(X[:, t], table=t)
                            for t in range(2)], axis=1)
     np.testing.assert_allclose(out, want, rtol=0, atol=0)
+
+
+_SAVED_SCHEMES = [he.RobeZ(5003, 16, block=16), he.RobeZ(5003, 16, block=4),
+                  he.RobeZ(5003, 8, block=8, signed=True), he.HashedNet(5003, 8),
+                  he.FullTable([300, 200], 8)]
+
+
+@pytest.mark.parametrize("scheme", _SAVED_SCHEMES, ids=repr)
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+@pytest.mark.parametrize("B", [3, 5000])
+def test_saved_run_starts_give_the_same_bits(scheme, mode, B):
+    """return_saved hashes every entry's run starts once in forward and
+    backward reuses them: the output, the gradient and fused SGD / Adagrad
+    steps are the same bits as without (one thread or several: B = 5000 gives
+    more than 2^16 gradient floats). Where backward would not use starts
+    (signed, many runs, max) none are kept."""
+    rng = np.random.default_rng(3)
+    T = 2
+    sizes = rng.integers(0, 4, T * B)
+    off = np.concatenate([[0], np.cumsum(sizes)])
+    idx = rng.integers(0, 200, off[-1])
+    psw = rng.random(off[-1]) if mode == "sum" else None
+    W = scheme.init_weight(dtype=np.float64)
+    kw = dict(scheme=scheme, num_tables=T, mode=mode, per_sample_weights=psw)
+    out = he.embedding_bags(idx, W, off, **kw)
+    out2, saved = he.embedding_bags(idx, W, off, return_saved=True, **kw)
+    np.testing.assert_array_equal(out2, out)
+    R = scheme.dim // scheme._run
+    if mode == "max" or scheme._signed or R > 4:
+        assert saved.starts is None
+    else:
+        assert saved.starts.shape == (off[-1] * R,)
+        want = np.concatenate([scheme.slots(idx[off[t * B]:off[(t + 1) * B]], table=t)
+                               [:, ::scheme._run] for t in range(T)]).reshape(-1)
+        np.testing.assert_array_equal(saved.starts, want.astype(np.uint64))
+    G = rng.standard_normal(out.shape)
+    bw = dict(kw, weight=W if mode == "max" else None)
+    np.testing.assert_array_equal(he.embedding_bags_backward(G, idx, off, saved=saved, **bw),
+                                  he.embedding_bags_backward(G, idx, off, **bw))
+    for opt in (he.SGD(0.1), he.Adagrad(0.1)):
+        if mode == "max":
+            continue
+        a, b = W.copy(), W.copy()
+        for _ in range(2):
+            he.embedding_bags_backward(G, idx, off, weight=a, optimizer=opt, saved=saved, **kw)
+        opt2 = type(opt)(0.1)
+        for _ in range(2):
+            he.embedding_bags_backward(G, idx, off, weight=b, optimizer=opt2, **kw)
+        np.testing.assert_array_equal(a, b)
+
+
+def test_saved_single_table_and_errors():
+    robe = he.RobeZ(1000, 16, block=16)
+    W = robe.init_weight()
+    x, off = np.array([5, 6, 7, 8]), np.array([0, 1, 3])
+    out, saved = he.embedding_bag(x, W, off, scheme=robe, table=2, return_saved=True)
+    assert "3 bags, 4 indices" in repr(saved)
+    g = np.ones_like(out)
+    np.testing.assert_array_equal(
+        he.embedding_bag_backward(g, x, off, scheme=robe, table=2, saved=saved),
+        he.embedding_bag_backward(g, x, off, scheme=robe, table=2))
+    # padding and bags of several entries (the general path): every entry's
+    # starts are kept, the padding's included
+    rng = np.random.default_rng(0)
+    xp = rng.integers(0, 50, 3000)
+    xp[::5] = 7
+    offp = np.sort(rng.integers(0, 3000, 600))
+    offp[0] = 0
+    for kw in (dict(padding_idx=7), dict(padding_idx=7, per_sample_weights=rng.random(3000)),
+               dict(mode="mean")):
+        o1, sv = he.embedding_bag(xp, W, offp, scheme=robe, table=1, return_saved=True, **kw)
+        np.testing.assert_array_equal(o1, he.embedding_bag(xp, W, offp, scheme=robe, table=1,
+                                                           **kw))
+        np.testing.assert_array_equal(sv.starts,
+                                      robe.slots(xp, table=1)[:, 0].astype(np.uint64))
+        gp = rng.standard_normal(o1.shape).astype(np.float32)
+        np.testing.assert_array_equal(
+            he.embedding_bag_backward(gp, xp, offp, scheme=robe, table=1, saved=sv, **kw),
+            he.embedding_bag_backward(gp, xp, offp, scheme=robe, table=1, **kw))
+    with pytest.raises(ValueError, match="saved: expected the forward of these inputs"):
+        he.embedding_bag_backward(g, x, off, scheme=robe, table=1, saved=saved)
+    with pytest.raises(ValueError, match="saved: expected the forward of these inputs"):
+        he.embedding_bag_backward(g[:1], x[:2], off[:1], scheme=robe, table=2, saved=saved)
+    with pytest.raises(ValueError, match="another scheme"):
+        he.embedding_bag_backward(g, x, off, scheme=he.RobeZ(1000, 16, block=16, seed=1),
+                                  table=2, saved=saved)
+    with pytest.raises(TypeError, match="saved: expected a BagSaved"):
+        he.embedding_bag_backward(g, x, off, scheme=robe, table=2, saved=("not", "saved"))
+    gpu_saved = he.BagSaved(None, robe, 2, 1, 3, 4, 0, True)
+    with pytest.raises(TypeError, match="saved: expected a BagSaved of a forward on the host"):
+        he.embedding_bag_backward(g, x, off, scheme=robe, table=2, saved=gpu_saved)
+    bad = he.BagSaved(np.zeros(3, np.uint64), robe, 2, 1, 3, 4, 0, False)
+    with pytest.raises(ValueError, match="saved: expected 4 run starts, got 3"):
+        he.embedding_bag_backward(g, x, off, scheme=robe, table=2, saved=bad)

@@ -541,3 +541,35 @@ def test_device_torch_bag_function_on_cuda_tensors():
     (oc * oc).sum().backward()
     (og * og).sum().backward()
     np.testing.assert_allclose(wg.grad.cpu().numpy(), wc.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_saved_run_starts_on_the_device_equal_the_host():
+    """return_saved on the device keeps bag_starts' run starts (the host's
+    values exactly); backward given them skips that launch and gives the
+    same gradient; a host saved is a TypeError there."""
+    lib = gpu_emu.build()
+    if lib is None:
+        pytest.skip("no C++ compiler for the GPU emulator")
+    be = gpu_emu.EmuBackend(lib)
+    from hashemb._gpu import bag as G
+    robe = he.RobeZ(5003, 16, block=4)
+    rng = np.random.default_rng(1)
+    X = rng.integers(0, 10**6, (40, 3))
+    W = robe.init_weight(dtype=np.float64)
+    g = rng.standard_normal((40, 48))
+    out_h, saved_h = he.embedding_bags(X, W, scheme=robe, num_tables=3, return_saved=True)
+    out_d, saved_d = G.forward(be.to_device(X), be.to_device(W), None, robe, 0, 3, "sum",
+                               None, True, None, be=be, return_saved=True)
+    np.testing.assert_array_equal(out_d, out_h)
+    assert saved_d.device and not saved_h.device
+    # the host keeps feature-major entries, the device row-major (B, T) ones
+    np.testing.assert_array_equal(
+        saved_d.starts.reshape(40, 3, 4).transpose(1, 0, 2).reshape(-1), saved_h.starts)
+    args = (be.to_device(g), be.to_device(X), None, robe, 0, 3, "sum", None, True, None, None,
+            None)
+    be.launches.clear()
+    with_saved = G.backward(*args, be=be, saved=saved_d)
+    assert "bag_starts" not in " ".join(be.launches)
+    np.testing.assert_array_equal(with_saved, G.backward(*args, be=be))
+    with pytest.raises(TypeError, match="forward on the device"):
+        G.backward(*args, be=be, saved=saved_h)

@@ -155,14 +155,20 @@ cdef inline void _gather_row(const he_scheme* s, const he_row* row, const real* 
 
 cdef inline void _bag(const he_scheme* s, const index_t* idx, int64_t j0, int64_t j1,
                       const real* M, const real* psw, real* o, int64_t table, int mode,
-                      bint has_pad, int64_t pad) noexcept nogil:
-    """o = pool of one bag (entries j0..j1-1), the general case."""
+                      bint has_pad, int64_t pad, uint64_t* pre) noexcept nogil:
+    """o = pool of one bag (entries j0..j1-1), the general case; pre, when
+    given, receives every entry's run starts (padding's too: backward's
+    look-ahead reads them)."""
     cdef int64_t j, i, cnt = 0, D = s.dim
     cdef he_row row
     for j in range(j0, j1):
         if has_pad and idx[j] == pad:
+            if pre != NULL:
+                _starts_of(s, table, idx[j], pre + j * s.runs)
             continue
         row = he_row_begin(s, table, idx[j])
+        if pre != NULL:
+            _starts_row(s, &row, pre + j * s.runs)
         _gather_row(s, &row, M, psw[j] if psw != NULL else 1, o, cnt == 0, mode)
         cnt += 1
     if cnt == 0:
@@ -177,12 +183,13 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                          const real* M, const real* psw, real* out, int64_t B,
                          int64_t T, int64_t ostride, int64_t table0, int mode,
                          bint has_pad, int64_t pad, int64_t b0, int64_t b1,
-                         uint64_t* ring) noexcept nogil:
+                         uint64_t* ring, uint64_t* pre) noexcept nogil:
     """Bags of samples b0..b1-1, table by table. A single-entry bag (one token
     per table per sample: the DLRM/Criteo case) of an unsigned scheme is copied
     straight from the array, its runs hashed AHEAD bags early and prefetched:
     the gathers are latency-bound, the hashes are not. Every other bag takes
-    the general loop."""
+    the general loop. pre, when given, receives every entry's run starts as
+    they are computed (for backward to reuse)."""
     cdef int64_t D = s.dim, L = s.run, R = s.runs, t, b, c, g, j, k, i, q, n = b1 - b0
     cdef uint64_t m = s.size
     cdef uint64_t* r
@@ -207,7 +214,7 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
             for b in range(n):
                 q = t * B + b0 + b
                 _bag(s, idx, off[q], off[q + 1], M, psw, out + b * ostride + t * D,
-                     table0 + t, mode, has_pad, pad)
+                     table0 + t, mode, has_pad, pad, pre)
             continue
         for c in range(n + deep + deep + ahead):
             g = c - deep - deep - ahead
@@ -224,7 +231,7 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                                 o[k * L + i] = M[he_run_slot(s, r[k], i)]
                 else:
                     _bag(s, idx, j, off[t * B + b0 + g + 1], M, psw, o, table0 + t,
-                         mode, has_pad, pad)
+                         mode, has_pad, pad, pre)
             q = c - deep
             if 0 <= q < n:      # begin bag q's first row, prefetch what its runs read
                 j = off[t * B + b0 + q]
@@ -245,6 +252,9 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                         he_prefetch(M + r[k])
                         if L > 1:       # a run of one float is on one line
                             he_prefetch(M + r[k] + L - 1)
+                    if pre != NULL and off[t * B + b0 + q + 1] - j == 1:
+                        for k in range(R):   # (a longer bag's go through _bag)
+                            pre[j * R + k] = r[k]
             if deep and c < n:  # the map entry of bag c
                 j = off[t * B + b0 + c]
                 if off[t * B + b0 + c + 1] > j:
@@ -271,7 +281,8 @@ cdef inline void _copy_rows(real* dst, int64_t dstride, const real* src, int64_t
 cdef void _forward(const he_scheme* s, const index_t* idx, const int64_t* off,
                    const real* M, const real* psw, real* out, int64_t B, int64_t T,
                    int64_t ostride, int64_t table0, int mode, bint has_pad,
-                   int64_t pad, int nt, uint64_t* rings, real* bufs) noexcept nogil:
+                   int64_t pad, int nt, uint64_t* rings, real* bufs,
+                   uint64_t* pre) noexcept nogil:
     cdef int64_t c, b0, nb, nchunks = (B + CHUNK - 1) // CHUNK, width = T * s.dim
     cdef int tid
     cdef uint64_t* ring
@@ -291,17 +302,30 @@ cdef void _forward(const he_scheme* s, const index_t* idx, const int64_t* off,
             b0 = c * CHUNK
             nb = min(B - b0, CHUNK)
             _forward_chunk(s, idx, off, M, psw, buf, B, T, width, table0, mode,
-                           has_pad, pad, b0, b0 + nb, ring)
+                           has_pad, pad, b0, b0 + nb, ring, pre)
             _copy_rows(out + b0 * ostride, ostride, buf, width, nb, stream)
         if stream:
             he_stream_fence()
 
 
+cdef inline bint _wants_starts(const he_scheme* s, int mode) noexcept nogil:
+    """Whether backward hashes every entry's run starts up front (and so
+    whether a forward can hand them over): unsigned, few runs, not max."""
+    return mode != MAX and not s.is_signed and s.runs <= 4
+
+
+def wants_starts(SchemeView sv, int mode):
+    return bool(_wants_starts(&sv.s, mode))
+
+
 def forward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offsets,
             const real[::1] weight, const real[::1] psw, real[:, ::1] out,
             int64_t B, int64_t T, int64_t table0, int mode, bint has_pad,
-            int64_t pad):
-    """out[b, t*D:(t+1)*D] = pool over bag t*B+b; psw of length 0 means none."""
+            int64_t pad, uint64_t[::1] starts):
+    """out[b, t*D:(t+1)*D] = pool over bag t*B+b; psw of length 0 means none.
+    starts, when not empty (len(indices) * runs, see wants_starts), receives
+    every entry's run starts as the gathers compute them: backward given
+    them hashes nothing."""
     if B == 0 or T == 0:
         return
     cdef const index_t* ip = &indices[0] if indices.shape[0] else NULL
@@ -317,9 +341,17 @@ def forward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offset
         free(bufs)
         free(rings)
         raise MemoryError("embedding bag forward: no memory for the per-thread buffers")
+    cdef uint64_t* pre = NULL
+    if starts.shape[0] not in (0, indices.shape[0] * sv.s.runs):
+        free(bufs)
+        free(rings)
+        raise ValueError(f"starts: expected {indices.shape[0] * sv.s.runs} values, "
+                         f"got {starts.shape[0]}")
+    if starts.shape[0] > 0 and ip != NULL:
+        pre = &starts[0]
     with nogil:
         _forward(&sv.s, ip, &offsets[0], &weight[0], pp, &out[0, 0], B, T,
-                 out.shape[1], table0, mode, has_pad, pad, nt, rings, bufs)
+                 out.shape[1], table0, mode, has_pad, pad, nt, rings, bufs, pre)
     free(bufs)
     free(rings)
 
@@ -725,7 +757,7 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
              const real[::1] psw, const real[:, ::1] grad, int64_t B, int64_t T,
              int64_t table0, int mode, bint has_pad, int64_t pad,
              const real[::1] weight, real[::1] target, double alpha,
-             real[::1] scratch, real[::1] state, double eps):
+             real[::1] scratch, real[::1] state, double eps, const uint64_t[::1] starts):
     """Scatter-add of grad into the slots, three ways by what is passed.
 
     - plain gradient: target = a zero array of size m, alpha = 1;
@@ -733,6 +765,8 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
     - fused Adagrad: target = weight, alpha = lr, scratch = zeros(m) (kept zero
       between calls), state = the accumulator of squared gradients.
     weight is read only in max mode, to find each element's winning entry.
+    starts, when not empty, are the entries' run starts from forward (see
+    wants_starts): nothing is hashed again.
     """
     cdef const he_scheme* s = &sv.s
     cdef const index_t* ip = &indices[0] if indices.shape[0] else NULL
@@ -754,6 +788,9 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
     cdef bint done = False
     if B == 0 or T == 0 or ip == NULL:
         return
+    if starts.shape[0] not in (0, indices.shape[0] * s.runs):
+        raise ValueError(f"saved: expected {indices.shape[0] * s.runs} run starts, "
+                         f"got {starts.shape[0]}")
     if mode == MAX:
         win = <int64_t*>malloc(T * B * s.dim * sizeof(int64_t))
         best = <real*>malloc(s.dim * sizeof(real))
@@ -768,11 +805,15 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
         # not worth the threads: a parallel region costs more than the work, and
         # inside a torch step extra threads contend with torch's own pool
         nt = 1
-    if mode != MAX and not s.is_signed and s.runs <= 4:
+    cdef bint own = False
+    if _wants_starts(s, mode) and starts.shape[0] > 0:
+        pre = <uint64_t*>&starts[0]     # read only
+    elif _wants_starts(s, mode):
         # hash each entry once, up front, in parallel: every thread walks every
         # entry, and the walk prefetches the slots it will write from these
         # (at most 4 starts per entry: never an N x D slot array)
         pre = <uint64_t*>malloc(indices.shape[0] * s.runs * sizeof(uint64_t))
+        own = pre != NULL
         if pre != NULL:
             with nogil:
                 _run_starts(s, ip, &offsets[0], B, T, table0, pre, nt)
@@ -798,7 +839,8 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
                                       stp, <real>eps, sweep, nt, pre) == 0
         if done:
             free(win)
-            free(pre)
+            if own:
+                free(pre)
             return
     with nogil, parallel(num_threads=nt):
         tid = threadid()
@@ -842,7 +884,8 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
                            table0, mode, has_pad, pad, win, <real>alpha, &target[0],
                            NULL, NULL, 0, lo, hi, ACT_ADD, pre)
     free(win)
-    free(pre)
+    if own:
+        free(pre)
     free(buf)
     free(loc)
 

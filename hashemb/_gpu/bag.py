@@ -25,8 +25,9 @@ def _use_starts(scheme):
     return not scheme._signed and scheme.dim // scheme._run <= 4 and scheme._kind != _FULL
 
 
-def _common(be, scheme, b, table0):
-    """(struct, layout args, run starts args) shared by every bag launch."""
+def _common(be, scheme, b, table0, given=None):
+    """(struct, layout args, the run starts or None) shared by every bag
+    launch; ``given``: the starts a forward of the same inputs kept."""
     s = RT.scheme_struct(be, scheme)
     n = b.idx.shape[0]
     use_off = b.off is not None
@@ -34,17 +35,20 @@ def _common(be, scheme, b, table0):
     starts, use = b.idx, False
     if n and _use_starts(scheme):
         R = scheme.dim // scheme._run
-        starts = be.xp.empty(n * R, np.uint64)
-        be.launch("bag", f"bag_starts<{RT.ctype(b.idx.dtype)}>", n * R,
-                  [s, b.idx, i64(n), off, i64(use_off), i64(b.B), i64(b.T), i64(b.rowlen),
-                   i64(table0), starts])
+        if given is not None and given.shape[0] == n * R:
+            starts = given
+        else:
+            starts = be.xp.empty(n * R, np.uint64)
+            be.launch("bag", f"bag_starts<{RT.ctype(b.idx.dtype)}>", n * R,
+                      [s, b.idx, i64(n), off, i64(use_off), i64(b.B), i64(b.T),
+                       i64(b.rowlen), i64(table0), starts])
         use = True
     layout = [b.idx, off, i64(use_off), i64(b.rowlen), i64(b.nper), starts, i64(use)]
-    return s, layout
+    return s, layout, starts if use else None
 
 
 def forward(indices, weight, offsets, scheme, table0, T, mode, per_sample_weights,
-            include_last_offset, padding_idx, be=None):
+            include_last_offset, padding_idx, be=None, return_saved=False):
     be = be or RT.backend()
     A.as_array(be, weight, "weight")
     with be.device_of(weight):
@@ -55,19 +59,26 @@ def forward(indices, weight, offsets, scheme, table0, T, mode, per_sample_weight
                    include_last_offset=include_last_offset, padding_idx=padding_idx)
         w = A.as_weight(be, weight, scheme)
         out = be.xp.empty((b.B, T * scheme.dim), dtype)
+
+        def result(starts):
+            if not return_saved:
+                return out
+            from ..bag import BagSaved
+            return out, BagSaved(starts, scheme, table0, T, b.B, b.idx.shape[0], b.mode, True)
         if b.B == 0 or T == 0:
-            return out
-        s, layout = _common(be, scheme, b, table0)
+            return result(None)
+        s, layout, starts = _common(be, scheme, b, table0)
         W = lanes(scheme.dim)
         be.launch("bag", f"bag_forward<{RT.ctype(dtype)}, {RT.ctype(b.idx.dtype)}>", b.B * T * W,
                   [s] + layout + [w, b.psw if b.psw is not None else w, i64(b.psw is not None),
                                   out, i64(b.B), i64(T), i64(table0), i64(b.mode),
                                   i64(b.has_pad), i64(b.pad), i64(W)])
-        return out
+        return result(starts)
 
 
 def backward(grad_output, indices, offsets, scheme, table0, T, mode, per_sample_weights,
-             include_last_offset, padding_idx, weight, optimizer, deterministic=None, be=None):
+             include_last_offset, padding_idx, weight, optimizer, deterministic=None, be=None,
+             saved=None):
     be = be or RT.backend()
     xp = be.xp
     scheme = V.check_scheme(scheme)
@@ -83,10 +94,13 @@ def backward(grad_output, indices, offsets, scheme, table0, T, mode, per_sample_
                    dtype=dtype, table0=table0, num_tables=T,
                    include_last_offset=include_last_offset, padding_idx=padding_idx)
         g = A.as_grad(be, grad_output, (b.B, T * scheme.dim), dtype)
+        from ..bag import BagSaved
+        given = V.check_bag_saved(saved, BagSaved, scheme, table0, T, b.B, b.idx.shape[0],
+                                  b.mode, True)
         w = None if weight is None else A.as_weight(be, weight, scheme,
                                                      writable=optimizer is not None)
         det = RT.OPTIONS["deterministic"] if deterministic is None else bool(deterministic)
-        run = _Runner(be, scheme, b, table0, g, w, dtype)
+        run = _Runner(be, scheme, b, table0, g, w, dtype, given)
         if optimizer is None:
             grad = xp.zeros(scheme.size, dtype)
             run.add(grad, 1.0, det)
@@ -102,13 +116,13 @@ def backward(grad_output, indices, offsets, scheme, table0, T, mode, per_sample_
 class _Runner:
     """One backward batch: the scatter kinds over the same normalised bags."""
 
-    def __init__(self, be, scheme, b, table0, g, w, dtype):
+    def __init__(self, be, scheme, b, table0, g, w, dtype, given=None):
         self.be, self.scheme, self.b, self.table0, self.g, self.dtype = be, scheme, b, table0, g, dtype
         self.w = w if w is not None else g       # read only in max mode (weight given there)
         self.n = b.idx.shape[0]
         self.empty = b.B == 0 or b.T == 0 or self.n == 0
         if not self.empty:
-            self.s, self.layout = _common(be, scheme, b, table0)
+            self.s, self.layout, _ = _common(be, scheme, b, table0, given)
         self.W = lanes(scheme.dim)
         self.R = RT.ctype(dtype)
         self.tname = f"{self.R}, {RT.ctype(b.idx.dtype)}"

@@ -81,23 +81,25 @@ class Lookup:
         self.scheme, self.T, self.table, self.mode = scheme, num_tables, table, mode
         self.padding_idx, self.optimizer = padding_idx, optimizer
 
-    def forward(self, idx, w, off, psw):
+    def forward(self, idx, w, off, psw, return_saved=False):
         if self.T == 1:
             return _bag.embedding_bag(idx, w, off, scheme=self.scheme, table=self.table,
                                       mode=self.mode, per_sample_weights=psw,
-                                      include_last_offset=True, padding_idx=self.padding_idx)
+                                      include_last_offset=True, padding_idx=self.padding_idx,
+                                      return_saved=return_saved)
         return _bag.embedding_bags(idx, w, off, scheme=self.scheme, num_tables=self.T,
-                                   mode=self.mode, per_sample_weights=psw)
+                                   mode=self.mode, per_sample_weights=psw,
+                                   return_saved=return_saved)
 
-    def backward(self, g, idx, w, off, psw):
+    def backward(self, g, idx, w, off, psw, saved=None):
         if self.T == 1:
             return _bag.embedding_bag_backward(
                 g, idx, off, scheme=self.scheme, table=self.table, mode=self.mode,
                 per_sample_weights=psw, include_last_offset=True,
-                padding_idx=self.padding_idx, weight=w, optimizer=self.optimizer)
+                padding_idx=self.padding_idx, weight=w, optimizer=self.optimizer, saved=saved)
         return _bag.embedding_bags_backward(
             g, idx, off, scheme=self.scheme, num_tables=self.T, mode=self.mode,
-            per_sample_weights=psw, weight=w, optimizer=self.optimizer)
+            per_sample_weights=psw, weight=w, optimizer=self.optimizer, saved=saved)
 
     def psw_grad(self, g, idx, w, off):
         """d loss / d per_sample_weights[j] = <grad[bag(j)], E(x_j)>: each entry
@@ -129,11 +131,15 @@ class BagFunction(torch.autograd.Function):
     returns no gradient for it."""
 
     @staticmethod
-    def forward(ctx, weight, indices, offsets, psw, lookup):
+    def forward(ctx, weight, indices, offsets, psw, lookup, keep=True):
+        # keep: the run starts hashed here serve backward too (the caller
+        # knows whether one will run: inside forward, grad mode is always off)
+        keep = bool(keep) and ctx.needs_input_grad[0]
         with device_context(weight):
             out = lookup.forward(as_any_array(indices, "input"), as_any_array(weight, "weight"),
                                  as_any_array(offsets, "offsets"),
-                                 as_any_array(psw, "per_sample_weights"))
+                                 as_any_array(psw, "per_sample_weights"), return_saved=keep)
+        out, ctx.bag_saved = out if keep else (out, None)
         ctx.lookup = lookup
         ctx.save_for_backward(weight, indices, offsets, psw)
         return as_tensor(out)
@@ -151,6 +157,7 @@ class BagFunction(torch.autograd.Function):
             if psw is not None and ctx.needs_input_grad[3]:     # before a fused update
                 gp = as_tensor(lk.psw_grad(g, idx, w, off))
             if ctx.needs_input_grad[0] or lk.optimizer is not None:
-                res = lk.backward(g, idx, w, off, as_any_array(psw, "per_sample_weights"))
+                res = lk.backward(g, idx, w, off, as_any_array(psw, "per_sample_weights"),
+                                  ctx.bag_saved)
                 gw = None if res is None else as_tensor(res)
-        return gw, None, None, gp, None
+        return gw, None, None, gp, None, None

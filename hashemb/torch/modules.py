@@ -149,7 +149,8 @@ class HashEmbeddingBag(nn.Module):
         """Pooled embeddings, shape ``(B, dim)`` (like ``nn.EmbeddingBag``)."""
         flat, off, psw = self._normalise(input, offsets, per_sample_weights)
         self._bind_state()
-        return BagFunction.apply(self.weight, flat, off, psw, self._lookup)
+        return BagFunction.apply(self.weight, flat, off, psw, self._lookup,
+                                 torch.is_grad_enabled() and self.weight.requires_grad)
 
     def get_extra_state(self):
         # a scheme's arrays (SCMA / LMA) travel as tensors: torch.load(weights_only=True)
