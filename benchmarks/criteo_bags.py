@@ -63,10 +63,11 @@ def make_methods(card, compression, train, lr=0.01):
             if not train:
                 return lambda: he.embedding_bags(flat, W, off, scheme=scheme, num_tables=T)
 
-            def step():
-                he.embedding_bags(flat, W, off, scheme=scheme, num_tables=T)
+            def step():         # backward reuses forward's run starts, as the torch modules do
+                _, saved = he.embedding_bags(flat, W, off, scheme=scheme, num_tables=T,
+                                             return_saved=True)
                 he.embedding_bags_backward(G, flat, off, scheme=scheme, num_tables=T,
-                                           weight=W, optimizer=opt)
+                                           weight=W, optimizer=opt, saved=saved)
             return step
         return setup
 
