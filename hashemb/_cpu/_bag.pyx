@@ -253,7 +253,7 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                         if L > 1:       # a run of one float is on one line
                             he_prefetch(M + r[k] + L - 1)
                     if pre != NULL and off[t * B + b0 + q + 1] - j == 1:
-                        for k in range(R):   # (a longer bag's go through _bag)
+                        for k in range(R):   # (bags of several entries: in _bag)
                             pre[j * R + k] = r[k]
             if deep and c < n:  # the map entry of bag c
                 j = off[t * B + b0 + c]
