@@ -86,11 +86,13 @@ def lookups(rows, num_points, rounds, dim=16):
             G = np.ones((B, T * dim), np.float32)
             opt = he.SGD(1e-6)
 
-            def step():
-                he.embedding_bags(q, W, off, scheme=s, num_tables=T)
+            def step():     # a training step passes forward's run starts to backward
+                out = he.embedding_bags(q, W, off, scheme=s, num_tables=T,
+                                        return_saved=train)
                 if train:
+                    saved = out[1]
                     he.embedding_bags_backward(G, q, off, scheme=s, num_tables=T, weight=W,
-                                               optimizer=opt)
+                                               optimizer=opt, saved=saved)
             runs[name]["train" if train else "forward"].append(B / timeit(step, 7, warmup=1))
     return runs
 
