@@ -385,18 +385,20 @@ _SAVED_SCHEMES = [he.RobeZ(5003, 16, block=16), he.RobeZ(5003, 16, block=4),
 @pytest.mark.parametrize("scheme", _SAVED_SCHEMES, ids=repr)
 @pytest.mark.parametrize("mode", ["sum", "mean", "max"])
 @pytest.mark.parametrize("B", [3, 5000])
-def test_saved_run_starts_give_the_same_bits(scheme, mode, B):
+@pytest.mark.parametrize("single", [False, True], ids=["bags", "one-per-bag"])
+def test_saved_run_starts_give_the_same_bits(scheme, mode, B, single):
     """return_saved hashes every entry's run starts once in forward and
     backward reuses them: the output, the gradient and fused SGD / Adagrad
     steps are the same bits as without (one thread or several: B = 5000 gives
-    more than 2^16 gradient floats). Where backward would not use starts
-    (signed, many runs, max) none are kept."""
+    more than 2^16 gradient floats), for bags of 0-3 entries and for one
+    entry per bag (forward's offset-free path). Where backward would not use
+    starts (signed, many runs, max) none are kept."""
     rng = np.random.default_rng(3)
     T = 2
-    sizes = rng.integers(0, 4, T * B)
+    sizes = np.ones(T * B, np.int64) if single else rng.integers(0, 4, T * B)
     off = np.concatenate([[0], np.cumsum(sizes)])
     idx = rng.integers(0, 200, off[-1])
-    psw = rng.random(off[-1]) if mode == "sum" else None
+    psw = rng.random(off[-1]) if mode == "sum" and not single else None
     W = scheme.init_weight(dtype=np.float64)
     kw = dict(scheme=scheme, num_tables=T, mode=mode, per_sample_weights=psw)
     out = he.embedding_bags(idx, W, off, **kw)

@@ -198,6 +198,9 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
     cdef he_row rows[2 * FAR_AHEAD]
     cdef uint64_t probes[2 * FAR_AHEAD]   # map probes, hashed once between two stages
     cdef uint64_t tprobe
+    cdef he_row row
+    cdef int64_t j0
+    cdef bint single
     # rows in flight: 16 when each row is a few lines of an array in DRAM (a
     # full table: measured faster in every A/B pair), else 8 (an array in the
     # caches gains nothing, and 16 element-wise rows of D lines each overflow
@@ -210,6 +213,39 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                       and not s.is_signed)
     for t in range(T):
         tprobe = he_table_probe(s, table0 + t)
+        if fast and deep == 0:
+            # one entry in every bag of the chunk (2-D input: the DLRM case):
+            # bag b is entry j0 + b, and the pipeline needs no offsets
+            j0 = off[t * B + b0]
+            single = True
+            for b in range(1, n + 1):
+                if off[t * B + b0 + b] != j0 + b:
+                    single = False
+                    break
+            if single:
+                for c in range(n + ahead):
+                    g = c - ahead
+                    if g >= 0:      # gather bag g, hashed ahead bags before (its ring slot is c's)
+                        r = ring + (g & (ahead - 1)) * R
+                        o = out + g * ostride + t * D
+                        for k in range(R):
+                            if r[k] + <uint64_t>L <= m:
+                                _copy_run(o + k * L, M + r[k], L)
+                            else:
+                                for i in range(L):
+                                    o[k * L + i] = M[he_run_slot(s, r[k], i)]
+                    if c < n:       # hash bag c's runs, prefetch them
+                        row = he_row_begin(s, table0 + t, idx[j0 + c])
+                        r = ring + (c & (ahead - 1)) * R
+                        for k in range(R):
+                            r[k] = he_run_start(s, &row, k)
+                            he_prefetch(M + r[k])
+                            if L > 1:
+                                he_prefetch(M + r[k] + L - 1)
+                        if pre != NULL:
+                            for k in range(R):
+                                pre[(j0 + c) * R + k] = r[k]
+                continue
         if not fast:
             for b in range(n):
                 q = t * B + b0 + b
