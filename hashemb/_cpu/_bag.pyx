@@ -15,7 +15,7 @@ from libc.stdint cimport int32_t, int64_t, uint64_t
 from libc.stdlib cimport calloc, malloc, free
 from libc.string cimport memcpy
 
-from hashemb._cpu._slots cimport (SchemeView, he_scheme, he_row, he_row_begin, he_row_hint,
+from hashemb._cpu._slots cimport (SchemeView, he_scheme, he_row, he_row_begin, he_reads_map,
                                   he_row_data, he_table_probe, he_row_probe, he_probe_hint,
                                   he_row_begin_probed,
                                   he_run_start, he_run_slot, he_sign,
@@ -208,7 +208,7 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
     cdef int64_t ahead = FAR_AHEAD if (R <= 4 and <int64_t>(m * sizeof(real)) >= FAR_BYTES) \
         else AHEAD
     # schemes that read memory to find a row's runs (LSH) get two more stages
-    cdef int64_t deep = ahead if he_row_hint(s, 0, 0) != NULL else 0
+    cdef int64_t deep = ahead if he_reads_map(s) else 0
     cdef bint fast = (ring != NULL and psw == NULL and not has_pad and mode != MAX
                       and not s.is_signed)
     for t in range(T):
@@ -562,7 +562,7 @@ cdef void _starts_range(const he_scheme* s, const index_t* idx, const int64_t* o
     probe once, AHEAD entries early, to prefetch its map entry, and begin
     the row from that probe."""
     cdef int64_t t = 0, j, end, R = s.runs
-    cdef bint deep = he_row_hint(s, 0, 0) != NULL
+    cdef bint deep = he_reads_map(s)
     cdef uint64_t tprobe
     cdef uint64_t ring[PROBES]
     cdef he_row row

@@ -59,7 +59,7 @@ cdef extern from "hashemb/slots.h" nogil:
     uint64_t he_lsh_fingerprint(uint64_t h)
     int64_t he_lsh_find(const he_scheme* s, int64_t field, uint64_t token)
     uint64_t he_lsh_slot(const he_scheme* s, const uint32_t* sig, uint64_t key, int64_t k)
-    const void* he_row_hint(const he_scheme* s, int64_t table, int64_t token)
+    int he_reads_map(const he_scheme* s)
     uint64_t he_table_probe(const he_scheme* s, int64_t table)
     uint64_t he_row_probe(const he_scheme* s, uint64_t table_probe, int64_t token)
     const void* he_probe_hint(const he_scheme* s, uint64_t probe)

@@ -211,12 +211,6 @@ HE_HD uint64_t he_lsh_fingerprint(uint64_t h)
     return (h >> 32) | 1;     /* never 0: an all-zero entry is empty */
 }
 
-/* The map entry a lookup of (field, token) reads first (for a prefetch). */
-HE_HD const uint64_t* he_lsh_bucket(const he_scheme* s, int64_t field, uint64_t token)
-{
-    return s->lsh_keys + (he_lsh_probe(s->lsh_salt, field, token) & s->lsh_mask);
-}
-
 /*
  * Id of a sampled token, or -1: linear probing in the map of 8-byte entries
  * fingerprint << 32 | id. A token is recognised by its 31-bit fingerprint
@@ -376,23 +370,13 @@ HE_HD int he_sign(const he_scheme* s, const he_row* r, int64_t i)
 
 /*
  * Memory a lookup reads before its run starts are known, for the kernels to
- * prefetch a few rows ahead: the map entry of (table, token) (he_row_hint) and
- * the stored data row a found token's run starts read (he_row_data). NULL for
- * the schemes whose slots are pure arithmetic.
- */
-HE_HD const void* he_row_hint(const he_scheme* s, int64_t table, int64_t token)
-{
-    if (he_reads_map(s))
-        return he_lsh_bucket(s, table, (uint64_t)token);
-    return 0;
-}
-
-/*
- * The same in two steps, for a kernel that prefetches a row's map entry and
- * begins the row later: the probe is hashed once (its field part once per
- * table) and kept in between. probe = he_row_probe(s, he_table_probe(s, t), x)
- * (0 for the schemes that read no map); he_probe_hint(s, probe) ==
- * he_row_hint(s, t, x); he_row_begin_probed(s, t, x, probe) == he_row_begin(s, t, x).
+ * prefetch a few rows ahead (schemes that read a map, he_reads_map): the map
+ * entry of (table, token), he_probe_hint, and the stored data row a found
+ * token's run starts read, he_row_data. NULL for the schemes whose slots are
+ * pure arithmetic. The map probe is hashed once (its field part once per
+ * table) and kept between the prefetch and the row's start:
+ * probe = he_row_probe(s, he_table_probe(s, t), x) (0 for the schemes that
+ * read no map); he_row_begin_probed(s, t, x, probe) == he_row_begin(s, t, x).
  */
 HE_HD uint64_t he_table_probe(const he_scheme* s, int64_t table)
 {
