@@ -179,6 +179,19 @@ cdef inline void _bag(const he_scheme* s, const index_t* idx, int64_t j0, int64_
             o[i] = o[i] / cnt
 
 
+cdef inline void _gather_runs(const he_scheme* s, const uint64_t* r, const real* M,
+                             real* o) noexcept nogil:
+    """o[:D] = the row whose runs start at r[0..R): each run copied, or slot
+    by slot where it wraps past the end of the array."""
+    cdef int64_t k, i, L = s.run
+    for k in range(s.runs):
+        if r[k] + <uint64_t>L <= s.size:
+            _copy_run(o + k * L, M + r[k], L)
+        else:
+            for i in range(L):
+                o[k * L + i] = M[he_run_slot(s, r[k], i)]
+
+
 cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* off,
                          const real* M, const real* psw, real* out, int64_t B,
                          int64_t T, int64_t ostride, int64_t table0, int mode,
@@ -190,7 +203,7 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
     the gathers are latency-bound, the hashes are not. Every other bag takes
     the general loop. pre, when given, receives every entry's run starts as
     they are computed (for backward to reuse)."""
-    cdef int64_t D = s.dim, L = s.run, R = s.runs, t, b, c, g, j, k, i, q, n = b1 - b0
+    cdef int64_t D = s.dim, L = s.run, R = s.runs, t, b, c, g, j, k, q, n = b1 - b0
     cdef uint64_t m = s.size
     cdef uint64_t* r
     cdef real* o
@@ -226,14 +239,7 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                 for c in range(n + ahead):
                     g = c - ahead
                     if g >= 0:      # gather bag g, hashed ahead bags before (its ring slot is c's)
-                        r = ring + (g & (ahead - 1)) * R
-                        o = out + g * ostride + t * D
-                        for k in range(R):
-                            if r[k] + <uint64_t>L <= m:
-                                _copy_run(o + k * L, M + r[k], L)
-                            else:
-                                for i in range(L):
-                                    o[k * L + i] = M[he_run_slot(s, r[k], i)]
+                        _gather_runs(s, ring + (g & (ahead - 1)) * R, M, out + g * ostride + t * D)
                     if c < n:       # hash bag c's runs, prefetch them
                         row = he_row_begin(s, table0 + t, idx[j0 + c])
                         r = ring + (c & (ahead - 1)) * R
@@ -258,13 +264,7 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                 j = off[t * B + b0 + g]
                 o = out + g * ostride + t * D
                 if off[t * B + b0 + g + 1] - j == 1:
-                    r = ring + (g & (ahead - 1)) * R
-                    for k in range(R):
-                        if r[k] + <uint64_t>L <= m:
-                            _copy_run(o + k * L, M + r[k], L)
-                        else:
-                            for i in range(L):
-                                o[k * L + i] = M[he_run_slot(s, r[k], i)]
+                    _gather_runs(s, ring + (g & (ahead - 1)) * R, M, o)
                 else:
                     _bag(s, idx, j, off[t * B + b0 + g + 1], M, psw, o, table0 + t,
                          mode, has_pad, pad, pre)
