@@ -240,7 +240,7 @@ def test_bag_forward_equals_cpu(dev, b, last):
                             include_last_offset=last)
     got = dev.bag(dev.put(idx), dev.put(M), dev.put(off if last else off[:-1]), scheme, table0,
                   mode, dev.put(psw), pad, last)
-    np.testing.assert_array_equal(dev.get(got), want)
+    dev.same(got, want)
 
 
 @FIXTURE
@@ -251,7 +251,7 @@ def test_bags_forward_equals_cpu(dev, b):
                              per_sample_weights=psw)
     got = dev.bags(dev.put(idx), dev.put(M), dev.put(off), scheme, T, mode, dev.put(psw))
     assert got.shape == want.shape and got.dtype == want.dtype
-    np.testing.assert_array_equal(dev.get(got), want)
+    dev.same(got, want)
 
 
 @FIXTURE
@@ -265,7 +265,7 @@ def test_bags_backward_equals_cpu(dev, b, gseed, det):
                                     dev.put(psw), dev.put(M), det=det))
     assert got.shape == want.shape and got.dtype == want.dtype
     if det:
-        np.testing.assert_array_equal(got, want)
+        dev.same(got, want)
     else:
         np.testing.assert_allclose(got, want, **tol(M.dtype))
 
@@ -280,7 +280,7 @@ def test_single_bag_backward_equals_cpu(dev, b, gseed, det):
     got = dev.get(dev.bag_backward(dev.put(G), dev.put(idx), dev.put(off[:-1]), scheme, table0,
                                    mode, dev.put(psw), pad, dev.put(M), det=det))
     if det:
-        np.testing.assert_array_equal(got, want)
+        dev.same(got, want)
     else:
         np.testing.assert_allclose(got, want, **tol(M.dtype))
 
@@ -302,7 +302,7 @@ def test_fused_optimizers_equal_cpu(dev, b, gseed, opt, det):
     for _ in range(steps):
         assert dev.bags_backward(*args, weight=Wd, optimizer=od, det=det) is None
     if det:
-        np.testing.assert_array_equal(dev.get(Wd), W)
+        dev.same(Wd, W)
     else:
         np.testing.assert_allclose(dev.get(Wd), W, rtol=1e-4, atol=1e-4)
 
@@ -325,8 +325,8 @@ def test_two_d_input_read_in_place(dev, layout):
         got = dev.bags(dev.put(x), dev.put(M), None, robe, 3, psw=dev.put(psw))
         gw = he.embedding_bags_backward(G, x, scheme=robe, num_tables=3, per_sample_weights=psw)
         gg = dev.bags_backward(dev.put(G), dev.put(x), None, robe, 3, psw=dev.put(psw), det=True)
-    np.testing.assert_array_equal(dev.get(got), want)
-    np.testing.assert_array_equal(dev.get(gg), gw)
+    dev.same(got, want)
+    dev.same(gg, gw)
 
 
 @pytest.mark.parametrize("pre", [True, False, None])
@@ -342,8 +342,8 @@ def test_precomputed_run_starts_change_nothing(dev, pre):
         got = dev.bags(dev.put(idx), dev.put(M), dev.put(off), robe, T, "mean")
     finally:
         he.set_gpu_options(**old)
-    np.testing.assert_array_equal(dev.get(got), he.embedding_bags(idx, M, off, scheme=robe,
-                                                                  num_tables=T, mode="mean"))
+    dev.same(got, he.embedding_bags(idx, M, off, scheme=robe,
+                                    num_tables=T, mode="mean"))
 
 
 def _lsh_schemes():

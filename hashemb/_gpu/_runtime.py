@@ -59,10 +59,13 @@ def kernel_names(family):
     return [m.strip() for m in _KERNEL_LINE.findall(_read(os.path.join(_HERE, family + ".cu")))]
 
 
+_CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double",
+           np.dtype(np.int32): "int", np.dtype(np.int64): "long long"}
+
+
 def ctype(dtype):
     """C name of a kernel template argument for a NumPy dtype."""
-    return {"float32": "float", "float64": "double", "int32": "int",
-            "int64": "long long"}[np.dtype(dtype).name]
+    return _CTYPES[np.dtype(dtype)]
 
 
 def i64(v):

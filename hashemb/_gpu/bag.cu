@@ -20,20 +20,35 @@
 #include "common.cuh"
 #endif
 
+/*
+ * ST (a template argument of the bag kernels): the run starts of every entry
+ * were precomputed by bag_starts (unsigned schemes). An ST kernel holds no
+ * slot math at all, so it needs far fewer registers (more threads resident
+ * to hide the gather's latency) than one that hashes per lane.
+ */
+
 /* The row state of token x: none needed when its run starts were precomputed. */
-__device__ __forceinline__ he_row he_entry_row(const he_scheme* s, const uint64_t* starts,
-                                               i64 table, i64 x)
+template <bool ST>
+__device__ __forceinline__ he_row he_entry_row(const he_scheme* s, i64 table, i64 x)
 {
-    if (starts)
+    if (ST)
         return he_row{0, 0};
     return he_row_begin(s, table, x);
 }
 
 /* Start of run k of the row `row` of entry j (precomputed or on the fly). */
+template <bool ST>
 __device__ __forceinline__ uint64_t he_start(const he_scheme* s, const he_row* row,
                                              const uint64_t* starts, i64 j, i64 k)
 {
-    return starts ? starts[j * s->runs + k] : he_run_start(s, row, k);
+    return ST ? starts[j * s->runs + k] : he_run_start(s, row, k);
+}
+
+/* Sign of element i (always +1 where the starts were precomputed: unsigned). */
+template <bool ST>
+__device__ __forceinline__ int he_entry_sign(const he_scheme* s, const he_row* row, i64 i)
+{
+    return ST ? 1 : he_sign(s, row, i);
 }
 
 /*
@@ -58,28 +73,27 @@ __global__ void bag_starts(const he_scheme* __restrict__ s, const I* __restrict_
 }
 
 /* out[b, t*D + i] = pool over the entries of bag t*B + b (the CPU's _bag). */
-template <typename R, typename I>
+template <typename R, typename I, bool ST>
 __global__ void bag_forward(const he_scheme* __restrict__ s, const I* __restrict__ idx,
                             const int64_t* __restrict__ off, i64 use_off, i64 rowlen, i64 nper,
-                            const uint64_t* __restrict__ starts, i64 use_starts,
-                            const R* __restrict__ M, const R* __restrict__ psw, i64 use_psw,
-                            R* __restrict__ out, i64 B, i64 T, i64 table0, i64 mode,
+                            const uint64_t* __restrict__ starts, const R* __restrict__ M,
+                            const R* __restrict__ psw, i64 use_psw, R* __restrict__ out, i64 B, i64 T, i64 table0, i64 mode,
                             i64 has_pad, i64 pad, i64 W)
 {
-    const i64 g = he_tid(), q = g / W, lane = g - q * W;
+    i64 lane;
+    const i64 q = he_bag_of_thread(he_tid(), W, &lane);
     if (q >= T * B)
         return;
-    const i64 t = q / B, b = q - t * B, D = s->dim, table = table0 + t;
-    const int L = (int)s->run;
+    const i64 t = he_div(q, B), b = q - t * B, table = table0 + t;
+    const int D = (int)s->dim, L = (int)s->run, nw = (int)W;     /* D < 2^20 */
     const he_range r = he_bag_range(off, use_off, q, t, b, rowlen, nper);
-    const uint64_t* st0 = use_starts ? starts : 0;
     R* o = out + b * (T * D) + t * D;
-    for (i64 i0 = lane; i0 < D; i0 += HE_EPT * W) {
+    for (int i0 = (int)lane; i0 < D; i0 += HE_EPT * nw) {
         R acc[HE_EPT];
         int kk[HE_EPT], jj[HE_EPT];
 #pragma unroll
         for (int c = 0; c < HE_EPT; c++) {
-            const int i = (int)(i0 + c * W);     /* D < 2^20 */
+            const int i = i0 + c * nw;
             kk[c] = i / L;
             jj[c] = i - kk[c] * L;
             acc[c] = 0;
@@ -89,14 +103,14 @@ __global__ void bag_forward(const he_scheme* __restrict__ s, const I* __restrict
             const i64 x = (i64)idx[j];
             if (has_pad && x == pad)
                 continue;
-            const he_row row = he_entry_row(s, st0, table, x);
+            const he_row row = he_entry_row<ST>(s, table, x);
             const R w = use_psw ? psw[j] : (R)1;
 #pragma unroll
             for (int c = 0; c < HE_EPT; c++) {
-                const i64 i = i0 + c * W;
+                const int i = i0 + c * nw;
                 if (i < D) {
-                    const uint64_t st = he_start(s, &row, st0, j, kk[c]);
-                    const int sg = st0 ? 1 : he_sign(s, &row, i);
+                    const uint64_t st = he_start<ST>(s, &row, starts, j, kk[c]);
+                    const int sg = he_entry_sign<ST>(s, &row, i);
                     const R v = (R)sg * M[he_run_slot(s, st, jj[c])];
                     if (mode == HE_MAX) {
                         if (cnt == 0 || v > acc[c])
@@ -112,7 +126,7 @@ __global__ void bag_forward(const he_scheme* __restrict__ s, const I* __restrict
         }
 #pragma unroll
         for (int c = 0; c < HE_EPT; c++) {
-            const i64 i = i0 + c * W;
+            const int i = i0 + c * nw;
             if (i < D)
                 o[i] = cnt == 0 ? (R)0 : (mode == HE_MEAN && cnt > 1 ? acc[c] / (R)cnt : acc[c]);
         }
@@ -124,9 +138,9 @@ __global__ void bag_forward(const he_scheme* __restrict__ s, const I* __restrict
  * s * M[slot] (the CPU's _argmax), as its slot and sign; found = 0 for a bag
  * with no non-padding entry.
  */
-template <typename R, typename I>
+template <bool ST, typename R, typename I>
 __device__ __forceinline__ int he_argmax(const he_scheme* s, const I* idx, const he_range& r,
-                                         const uint64_t* st0, const R* M, i64 table, i64 has_pad,
+                                         const uint64_t* starts, const R* M, i64 table, i64 has_pad,
                                          i64 pad, i64 i, int k, int jr, uint64_t* slot, int* sign)
 {
     int found = 0;
@@ -135,9 +149,9 @@ __device__ __forceinline__ int he_argmax(const he_scheme* s, const I* idx, const
         const i64 x = (i64)idx[j];
         if (has_pad && x == pad)
             continue;
-        const he_row row = he_entry_row(s, st0, table, x);
-        const uint64_t sl = he_run_slot(s, he_start(s, &row, st0, j, k), jr);
-        const int sg = st0 ? 1 : he_sign(s, &row, i);
+        const he_row row = he_entry_row<ST>(s, table, x);
+        const uint64_t sl = he_run_slot(s, he_start<ST>(s, &row, starts, j, k), jr);
+        const int sg = he_entry_sign<ST>(s, &row, i);
         const R v = (R)sg * M[sl];
         if (!found || v > best) {
             best = v;
@@ -160,31 +174,31 @@ __device__ __forceinline__ int he_argmax(const he_scheme* s, const I* idx, const
  * (mean over > 1 entries) or alpha; max sends alpha * s * g[i] to the
  * element's first maximum only. (The CPU's _backward_part.)
  */
-template <typename R, typename I>
+template <typename R, typename I, bool ST>
 __global__ void bag_backward(const he_scheme* __restrict__ s, const I* __restrict__ idx,
                              const int64_t* __restrict__ off, i64 use_off, i64 rowlen, i64 nper,
-                             const uint64_t* __restrict__ starts, i64 use_starts,
-                             const R* __restrict__ psw, i64 use_psw,
+                             const uint64_t* __restrict__ starts, const R* __restrict__ psw, i64 use_psw,
                              const R* __restrict__ grad, i64 B, i64 T, i64 table0, i64 mode,
                              i64 has_pad, i64 pad, i64 W, const R* __restrict__ M, R alpha,
                              i64 out_mode, R* __restrict__ target, int64_t* __restrict__ keys,
                              R* __restrict__ vals)
 {
-    const i64 g = he_tid(), q = g / W, lane = g - q * W;
+    i64 lane;
+    const i64 q = he_bag_of_thread(he_tid(), W, &lane);
     if (q >= T * B)
         return;
-    const i64 t = q / B, b = q - t * B, D = s->dim, table = table0 + t;
-    const int L = (int)s->run;
+    const i64 t = he_div(q, B), b = q - t * B, table = table0 + t;
+    const int D = (int)s->dim, L = (int)s->run, nw = (int)W;     /* D < 2^20 */
     const he_range r = he_bag_range(off, use_off, q, t, b, rowlen, nper);
-    const uint64_t* st0 = use_starts ? starts : 0;
     const R* go = grad + b * (T * D) + t * D;
 
     if (mode == HE_MAX) {
-        for (i64 i = lane; i < D; i += W) {
-            const int k = (int)i / L, jr = (int)i - k * L;
+        for (int i = (int)lane; i < D; i += nw) {
+            const int k = i / L, jr = i - k * L;
             uint64_t slot = 0;
             int sg = 1;
-            const int found = he_argmax(s, idx, r, st0, M, table, has_pad, pad, i, k, jr, &slot, &sg);
+            const int found = he_argmax<ST>(s, idx, r, starts, M, table, has_pad, pad, i, k, jr,
+                                            &slot, &sg);
             const R c = (alpha * (R)sg) * go[i];
             if (out_mode == 0) {
                 if (found)
@@ -208,14 +222,14 @@ __global__ void bag_backward(const he_scheme* __restrict__ s, const I* __restric
         if (cnt > 1)
             w = alpha / (R)cnt;
     }
-    for (i64 i0 = lane; i0 < D; i0 += HE_EPT * W) {
+    for (int i0 = (int)lane; i0 < D; i0 += HE_EPT * nw) {
         R gv[HE_EPT];
         int kk[HE_EPT], jj[HE_EPT];
 #pragma unroll
         for (int c = 0; c < HE_EPT; c++) {
-            const i64 i = i0 + c * W;
-            kk[c] = (int)i / L;
-            jj[c] = (int)i - kk[c] * L;
+            const int i = i0 + c * nw;
+            kk[c] = i / L;
+            jj[c] = i - kk[c] * L;
             gv[c] = i < D ? go[i] : (R)0;
         }
         for (i64 j = r.j0; j < r.j1; j++) {
@@ -226,7 +240,7 @@ __global__ void bag_backward(const he_scheme* __restrict__ s, const I* __restric
                 if (out_mode == 1) {
 #pragma unroll
                     for (int c = 0; c < HE_EPT; c++) {
-                        const i64 i = i0 + c * W;
+                        const int i = i0 + c * nw;
                         if (i < D) {
                             keys[pos * D + i] = HE_NO_SLOT;
                             vals[pos * D + i] = 0;
@@ -235,14 +249,14 @@ __global__ void bag_backward(const he_scheme* __restrict__ s, const I* __restric
                 }
                 continue;
             }
-            const he_row row = he_entry_row(s, st0, table, x);
+            const he_row row = he_entry_row<ST>(s, table, x);
             const R a = use_psw ? w * psw[j] : w;
 #pragma unroll
             for (int c = 0; c < HE_EPT; c++) {
-                const i64 i = i0 + c * W;
+                const int i = i0 + c * nw;
                 if (i < D) {
-                    const uint64_t slot = he_run_slot(s, he_start(s, &row, st0, j, kk[c]), jj[c]);
-                    const int sg = st0 ? 1 : he_sign(s, &row, i);
+                    const uint64_t slot = he_run_slot(s, he_start<ST>(s, &row, starts, j, kk[c]), jj[c]);
+                    const int sg = he_entry_sign<ST>(s, &row, i);
                     const R v = (a * (R)sg) * gv[c];
                     if (out_mode == 0) {
                         he_atomic_add(target + slot, v);
@@ -262,29 +276,28 @@ __global__ void bag_backward(const he_scheme* __restrict__ s, const I* __restric
  * exchange of its scratch gradient for 0, so each slot is updated exactly
  * once, and only where its gradient is non-zero (the CPU's ACT_ADAGRAD).
  */
-template <typename R, typename I>
+template <typename R, typename I, bool ST>
 __global__ void bag_adagrad_walk(const he_scheme* __restrict__ s, const I* __restrict__ idx,
                                  const int64_t* __restrict__ off, i64 use_off, i64 rowlen,
-                                 i64 nper, const uint64_t* __restrict__ starts, i64 use_starts,
-                                 i64 B, i64 T, i64 table0, i64 has_pad, i64 pad, i64 W,
+                                 i64 nper, const uint64_t* __restrict__ starts, i64 B, i64 T, i64 table0, i64 has_pad, i64 pad, i64 W,
                                  R* __restrict__ w, R* __restrict__ scratch,
                                  R* __restrict__ state, R lr, R eps)
 {
-    const i64 g = he_tid(), q = g / W, lane = g - q * W;
+    i64 lane;
+    const i64 q = he_bag_of_thread(he_tid(), W, &lane);
     if (q >= T * B)
         return;
-    const i64 t = q / B, b = q - t * B, D = s->dim, table = table0 + t;
+    const i64 t = he_div(q, B), b = q - t * B, D = s->dim, table = table0 + t;
     const int L = (int)s->run;
     const he_range r = he_bag_range(off, use_off, q, t, b, rowlen, nper);
-    const uint64_t* st0 = use_starts ? starts : 0;
     for (i64 j = r.j0; j < r.j1; j++) {
         const i64 x = (i64)idx[j];
         if (has_pad && x == pad)
             continue;
-        const he_row row = he_entry_row(s, st0, table, x);
+        const he_row row = he_entry_row<ST>(s, table, x);
         for (i64 i = lane; i < D; i += W) {
             const int k = (int)i / L;
-            const uint64_t slot = he_run_slot(s, he_start(s, &row, st0, j, k), (int)i - k * L);
+            const uint64_t slot = he_run_slot(s, he_start<ST>(s, &row, starts, j, k), (int)i - k * L);
             const R gs = he_take(scratch + slot);
             if (gs != (R)0)
                 he_adagrad(w, state, (i64)slot, gs, lr, eps);
@@ -327,17 +340,29 @@ __global__ void bag_check(const I* __restrict__ idx, i64 n, const int64_t* __res
 
 HE_KERNEL(bag_starts<int>)
 HE_KERNEL(bag_starts<long long>)
-HE_KERNEL(bag_forward<float, int>)
-HE_KERNEL(bag_forward<float, long long>)
-HE_KERNEL(bag_forward<double, int>)
-HE_KERNEL(bag_forward<double, long long>)
-HE_KERNEL(bag_backward<float, int>)
-HE_KERNEL(bag_backward<float, long long>)
-HE_KERNEL(bag_backward<double, int>)
-HE_KERNEL(bag_backward<double, long long>)
-HE_KERNEL(bag_adagrad_walk<float, int>)
-HE_KERNEL(bag_adagrad_walk<float, long long>)
-HE_KERNEL(bag_adagrad_walk<double, int>)
-HE_KERNEL(bag_adagrad_walk<double, long long>)
+HE_KERNEL(bag_forward<float, int, false>)
+HE_KERNEL(bag_forward<float, int, true>)
+HE_KERNEL(bag_forward<float, long long, false>)
+HE_KERNEL(bag_forward<float, long long, true>)
+HE_KERNEL(bag_forward<double, int, false>)
+HE_KERNEL(bag_forward<double, int, true>)
+HE_KERNEL(bag_forward<double, long long, false>)
+HE_KERNEL(bag_forward<double, long long, true>)
+HE_KERNEL(bag_backward<float, int, false>)
+HE_KERNEL(bag_backward<float, int, true>)
+HE_KERNEL(bag_backward<float, long long, false>)
+HE_KERNEL(bag_backward<float, long long, true>)
+HE_KERNEL(bag_backward<double, int, false>)
+HE_KERNEL(bag_backward<double, int, true>)
+HE_KERNEL(bag_backward<double, long long, false>)
+HE_KERNEL(bag_backward<double, long long, true>)
+HE_KERNEL(bag_adagrad_walk<float, int, false>)
+HE_KERNEL(bag_adagrad_walk<float, int, true>)
+HE_KERNEL(bag_adagrad_walk<float, long long, false>)
+HE_KERNEL(bag_adagrad_walk<float, long long, true>)
+HE_KERNEL(bag_adagrad_walk<double, int, false>)
+HE_KERNEL(bag_adagrad_walk<double, int, true>)
+HE_KERNEL(bag_adagrad_walk<double, long long, false>)
+HE_KERNEL(bag_adagrad_walk<double, long long, true>)
 HE_KERNEL(bag_check<int>)
 HE_KERNEL(bag_check<long long>)

@@ -27,7 +27,8 @@ def _use_starts(scheme):
 
 def _common(be, scheme, b, table0, given=None):
     """(struct, layout args, the run starts or None) shared by every bag
-    launch; ``given``: the starts a forward of the same inputs kept."""
+    launch; ``given``: the starts a forward of the same inputs kept. With
+    starts, the launches use the kernels' ST instantiation (no slot math)."""
     s = RT.scheme_struct(be, scheme)
     n = b.idx.shape[0]
     use_off = b.off is not None
@@ -43,7 +44,7 @@ def _common(be, scheme, b, table0, given=None):
                       [s, b.idx, i64(n), off, i64(use_off), i64(b.B), i64(b.T),
                        i64(b.rowlen), i64(table0), starts])
         use = True
-    layout = [b.idx, off, i64(use_off), i64(b.rowlen), i64(b.nper), starts, i64(use)]
+    layout = [b.idx, off, i64(use_off), i64(b.rowlen), i64(b.nper), starts]
     return s, layout, starts if use else None
 
 
@@ -69,7 +70,8 @@ def forward(indices, weight, offsets, scheme, table0, T, mode, per_sample_weight
             return result(None)
         s, layout, starts = _common(be, scheme, b, table0)
         W = lanes(scheme.dim)
-        be.launch("bag", f"bag_forward<{RT.ctype(dtype)}, {RT.ctype(b.idx.dtype)}>", b.B * T * W,
+        be.launch("bag", f"bag_forward<{RT.ctype(dtype)}, {RT.ctype(b.idx.dtype)}, "
+                  f"{'true' if starts is not None else 'false'}>", b.B * T * W,
                   [s] + layout + [w, b.psw if b.psw is not None else w, i64(b.psw is not None),
                                   out, i64(b.B), i64(T), i64(table0), i64(b.mode),
                                   i64(b.has_pad), i64(b.pad), i64(W)])
@@ -121,11 +123,13 @@ class _Runner:
         self.w = w if w is not None else g       # read only in max mode (weight given there)
         self.n = b.idx.shape[0]
         self.empty = b.B == 0 or b.T == 0 or self.n == 0
+        starts = None
         if not self.empty:
-            self.s, self.layout, _ = _common(be, scheme, b, table0, given)
+            self.s, self.layout, starts = _common(be, scheme, b, table0, given)
         self.W = lanes(scheme.dim)
         self.R = RT.ctype(dtype)
-        self.tname = f"{self.R}, {RT.ctype(b.idx.dtype)}"
+        self.tname = (f"{self.R}, {RT.ctype(b.idx.dtype)}, "
+                      f"{'true' if starts is not None else 'false'}")
 
     def _scalar(self, v):
         return self.dtype.type(v)

@@ -42,6 +42,28 @@ __device__ __forceinline__ i64 he_tid()
     return (i64)blockIdx.x * (i64)blockDim.x + (i64)threadIdx.x;
 }
 
+/*
+ * n / d for n >= 0, d > 0. Where both fit in 32 bits (every batch below 2^32
+ * bags) a 32-bit division: a 64-bit one is a long software routine on the
+ * GPU, and the bag kernels divide in every thread.
+ */
+__device__ __forceinline__ i64 he_div(i64 n, i64 d)
+{
+    if ((((unsigned long long)n | (unsigned long long)d) >> 32) == 0)
+        return (i64)((unsigned)n / (unsigned)d);
+    return n / d;
+}
+
+/* Bag of thread g with W lanes per bag (W a power of two), and its lane. */
+__device__ __forceinline__ i64 he_bag_of_thread(i64 g, i64 W, i64* lane)
+{
+    int shift = 0;
+    while ((1LL << shift) < W)
+        shift++;
+    *lane = g & (W - 1);
+    return g >> shift;
+}
+
 __device__ __forceinline__ void he_atomic_add(float* p, float v) { atomicAdd(p, v); }
 __device__ __forceinline__ void he_atomic_add(double* p, double v) { atomicAdd(p, v); }
 

@@ -1,0 +1,200 @@
+"""Where a GPU call's time goes: host (Python and launches) or device, and
+which kernel.
+
+For the gpu_bench shape (26 Criteo tables, one index per table, D, batch) and
+the tt-bench shape, each hashemb call is timed three ways in one run:
+
+- ``cupyx.profiler.benchmark``: host seconds per call and device seconds per
+  call (events around it on the stream); a call whose host time exceeds its
+  device time is bound by Python and launches, not by the GPU;
+- its kernel launches are recorded and replayed alone, back to back: device
+  time per kernel, the floor a call would reach with no host cost;
+- cProfile over repeated calls: the host functions that cost most.
+
+torch.nn.EmbeddingBag (CUDA, one module over the concatenated tables) is
+timed the same way for reference.
+
+    python benchmarks/gpu_profile.py                  # D=16, batch 16384
+    python benchmarks/gpu_profile.py --dim 64 --batch 65536 --top 30
+"""
+import argparse
+import cProfile
+import io
+import pstats
+
+import numpy as np
+
+from hashemb.data import CRITEO_KAGGLE as CRITEO
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--dim", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=16384)
+    ap.add_argument("--compression", type=float, default=1000.0)
+    ap.add_argument("--repeat", type=int, default=200)
+    ap.add_argument("--top", type=int, default=18, help="cProfile rows per call")
+    ap.add_argument("--no-tt", action="store_true")
+    args = ap.parse_args(argv)
+
+    import cupy as cp
+    from cupyx.profiler import benchmark
+    import torch
+
+    import hashemb as he
+    from hashemb._gpu import _runtime as RT
+    from hashemb._gpu import tt as GT
+
+    be = RT.backend()
+    print(he._gpu.info())
+    launches = []
+    real_launch = be.launch
+
+    def recording(family, name, nthreads, a):
+        launches.append((family, name, int(nthreads), tuple(a)))
+        return real_launch(family, name, nthreads, a)
+
+    def replay(rec, reps=50):
+        """Device microseconds of each recorded launch, replayed alone."""
+        rows = []
+        for family, name, n, a in rec:
+            fn = be.function(family, name)
+            grid = ((n + be.block - 1) // be.block,)
+            start, end = cp.cuda.Event(), cp.cuda.Event()
+            fn(grid, (be.block,), a)
+            start.record()
+            for _ in range(reps):
+                fn(grid, (be.block,), a)
+            end.record()
+            end.synchronize()
+            rows.append((name, n, cp.cuda.get_elapsed_time(start, end) * 1e3 / reps))
+        return rows
+
+    def profile(label, fn, kernels=True, cprof=False):
+        fn()
+        cp.cuda.Device().synchronize()
+        r = benchmark(fn, n_repeat=args.repeat, n_warmup=5)
+        host = float(np.median(r.cpu_times)) * 1e6
+        dev = float(np.median(r.gpu_times[0])) * 1e6
+        print(f"\n=== {label}: host {host:.1f} us/call, device span {dev:.1f} us/call")
+        if kernels:
+            launches.clear()
+            be.launch = recording
+            try:
+                fn()
+            finally:
+                be.launch = real_launch
+            cp.cuda.Device().synchronize()
+            rows = replay(list(launches))
+            total = sum(t for _, _, t in rows)
+            print(f"  {len(rows)} launches, {total:.1f} us of kernels replayed alone")
+            for name, n, t in rows:
+                print(f"  {t:9.1f} us  {n:>10} threads  {name}")
+        if cprof:
+            pr = cProfile.Profile()
+            pr.enable()
+            for _ in range(50):
+                fn()
+            pr.disable()
+            cp.cuda.Device().synchronize()
+            s = io.StringIO()
+            pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(args.top)
+            lines = [l for l in s.getvalue().splitlines() if l.strip()]
+            print("  cProfile, 50 calls, by own time:")
+            for l in lines[2:]:
+                print("   ", l[:150])
+        return host, dev
+
+    D, B, T = args.dim, args.batch, len(CRITEO)
+    rows = sum(CRITEO)
+    size = int(rows * D / args.compression)
+    robe = he.RobeZ(size, D, block=D, seed=0)
+    full = he.FullTable(list(CRITEO), D)
+    M = cp.asarray(robe.init_weight(seed=0))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    X = torch.stack([torch.randint(0, n, (B,), device="cuda", generator=g) for n in CRITEO], 1)
+    Xx = cp.from_dlpack(X)
+    G = cp.asarray(np.random.default_rng(0).standard_normal((B, T * D)).astype(np.float32))
+    opt = he.SGD(0.01)
+
+    emb = torch.nn.EmbeddingBag(rows, D, mode="sum", sparse=True).cuda()
+    topt = torch.optim.SGD(emb.parameters(), lr=0.01)
+    base = torch.tensor(np.r_[0, np.cumsum(CRITEO)[:-1]], device="cuda")
+    flat = (X + base).reshape(-1)
+    offs = torch.arange(0, B * T, device="cuda")
+    Gt = torch.as_tensor(G, device="cuda")
+    W = cp.from_dlpack(emb.weight.detach())
+
+    def t_fwd():
+        with torch.no_grad():
+            emb(flat, offs)
+
+    def t_step():
+        emb(flat, offs).view(B, T * D).backward(Gt)
+        topt.step()
+        topt.zero_grad(set_to_none=True)
+
+    print(f"tables {T}, batch {B}, D {D}, RobeZ {args.compression:g}x ({size} floats)")
+    tf, _ = profile("torch EmbeddingBag forward", t_fwd, kernels=False)
+    ts, _ = profile("torch EmbeddingBag step", t_step, kernels=False)
+
+    def fwd(scheme, W_):
+        return lambda: he.embedding_bags(Xx, W_, scheme=scheme, num_tables=T)
+
+    def step(scheme, W_):
+        def run():
+            _, saved = he.embedding_bags(Xx, W_, scheme=scheme, num_tables=T, return_saved=True)
+            he.embedding_bags_backward(G, Xx, scheme=scheme, num_tables=T, weight=W_,
+                                       optimizer=opt, saved=saved)
+        return run
+
+    profile("RobeZ forward", fwd(robe, M), cprof=True)
+    profile("RobeZ step (forward, saved starts, SGD backward)", step(robe, M), cprof=True)
+    profile("FullTable forward", fwd(full, W))
+    old = he.set_gpu_options(check_indices=False)
+    profile("FullTable forward, check_indices=False", fwd(full, W))
+    he.set_gpu_options(precompute_starts=True)
+    profile("FullTable forward, check_indices=False, precompute_starts=True", fwd(full, W))
+    profile("FullTable step, check_indices=False, precompute_starts=True", step(full, W))
+    he.set_gpu_options(**old)
+    he.set_gpu_options(check_indices=False)
+    profile("FullTable step, check_indices=False", step(full, W))
+    he.set_gpu_options(**old)
+
+    # the launch shape: lanes per bag (default the power of two >= min(D, 32),
+    # one element per lane at D <= 32) against fewer lanes, several elements each
+    he.set_gpu_options(precompute_starts=False)
+    profile("RobeZ forward, precompute_starts=False (slot math per lane)", fwd(robe, M))
+    he.set_gpu_options(**old)
+    from hashemb._gpu import bag as GB
+    default_lanes = GB.lanes
+    for per in (2, 4):
+        GB.lanes = lambda dim, per=per: max(1, default_lanes(dim) // per)
+        profile(f"RobeZ forward, {per} elements per lane", fwd(robe, M))
+        profile(f"RobeZ step, {per} elements per lane", step(robe, M))
+    GB.lanes = default_lanes
+
+    if args.no_tt:
+        return
+    n, p, q, ranks, L, Bt = 11_000_000, [200, 220, 250], [4, 4, 4], [32, 32], 20, 512
+    cores = [cp.asarray(c) for c in he.tt_init(n, p, q, ranks, seed=0)]
+    rng = np.random.default_rng(0)
+    idx = cp.asarray(rng.integers(0, n, Bt * L))
+    off = cp.asarray(np.arange(0, Bt * L + 1, L, dtype=np.int64))
+    print(f"\nTT: n {n}, p {p}, q {q}, ranks {ranks}, batch {Bt} x {L}")
+
+    def tt_fwd():
+        GT.bags(idx, [cores], off, single=True, be=be)
+
+    def tt_step():
+        out, saved = GT.bags(idx, [cores], off, return_saved=True, single=True, be=be)
+        GT.bags_backward(out, idx, [cores], off, saved=saved, optimizer=he.SGD(1e-6),
+                         single=True, be=be)
+
+    profile("TT forward", tt_fwd)
+    profile("TT forward + fused SGD backward", tt_step)
+
+
+if __name__ == "__main__":
+    main()
