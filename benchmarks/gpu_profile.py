@@ -152,27 +152,22 @@ def main(argv=None):
     profile("RobeZ forward", fwd(robe, M), cprof=True)
     profile("RobeZ step (forward, saved starts, SGD backward)", step(robe, M), cprof=True)
     profile("FullTable forward", fwd(full, W))
-    old = he.set_gpu_options(check_indices=False)
-    profile("FullTable forward, check_indices=False", fwd(full, W))
-    he.set_gpu_options(precompute_starts=True)
-    profile("FullTable forward, check_indices=False, precompute_starts=True", fwd(full, W))
-    profile("FullTable step, check_indices=False, precompute_starts=True", step(full, W))
-    he.set_gpu_options(**old)
     he.set_gpu_options(check_indices=False)
+    profile("FullTable forward, check_indices=False", fwd(full, W))
     profile("FullTable step, check_indices=False", step(full, W))
-    he.set_gpu_options(**old)
+    he.set_gpu_options(precompute_starts=True)
+    profile("FullTable step, check_indices=False, precompute_starts=True", step(full, W))
+    profile("RobeZ forward, precompute_starts=True", fwd(robe, M))
+    he.set_gpu_options(check_indices=True, precompute_starts=None)
 
-    # the launch shape: lanes per bag (default the power of two >= min(D, 32),
-    # one element per lane at D <= 32) against fewer lanes, several elements each
-    he.set_gpu_options(precompute_starts=False)
-    profile("RobeZ forward, precompute_starts=False (slot math per lane)", fwd(robe, M))
-    he.set_gpu_options(**old)
+    # the launch shape: lanes per bag (default: up to 4 elements per lane)
+    # against one and two elements per lane
     from hashemb._gpu import bag as GB
     default_lanes = GB.lanes
-    for per in (2, 4):
-        GB.lanes = lambda dim, per=per: max(1, default_lanes(dim) // per)
-        profile(f"RobeZ forward, {per} elements per lane", fwd(robe, M))
-        profile(f"RobeZ step, {per} elements per lane", step(robe, M))
+    for per in (1, 2):
+        GB.lanes = lambda dim, per=per: 1 << max(0, (-(-min(dim, 32 * per) // per) - 1).bit_length())
+        profile(f"RobeZ forward, {per} element(s) per lane", fwd(robe, M))
+        profile(f"RobeZ step, {per} element(s) per lane", step(robe, M))
     GB.lanes = default_lanes
 
     if args.no_tt:

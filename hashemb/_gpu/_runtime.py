@@ -36,6 +36,8 @@ OPTIONS = {
     # instead of atomics
     "deterministic": False,
     # None: precompute run starts for unsigned schemes of <= 4 runs per row
+    # (backward, and a forward with return_saved; a plain forward hashes per
+    # lane in its one launch); True / False: always / never where unsigned
     "precompute_starts": None,
 }
 
@@ -131,7 +133,7 @@ class CupyBackend:
         return self.xp.argsort(a)        # CuPy's sort is always stable (thrust)
 
     def function(self, family, name):
-        dev = self.current_device()
+        dev = self.xp.cuda.runtime.getDevice()
         fn = self._functions.get((family, name, dev))
         if fn is None:
             with self._lock:
