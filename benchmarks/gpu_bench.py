@@ -20,7 +20,9 @@ looked up with batches drawn from that pool, so every token is a sampled one
 same batches, and their rows give the ratio to it ("x RobeZ").
 
     python benchmarks/gpu_bench.py                     # the full shape (CUDA)
-    python benchmarks/gpu_bench.py --json out.json
+    python benchmarks/gpu_bench.py --json out.json --plot out.png
+    python benchmarks/gpu_bench.py --from-json docs/gpu_bench_h200.json --plot g.png
+                                                       # the plot of a saved run (no GPU)
     python benchmarks/gpu_bench.py --device cpu --scale 0.001 --batches 256 --iters 2
                                                        # dry run of the script on the CPU
 """
@@ -88,7 +90,16 @@ def main(argv=None):
     ap.add_argument("--pool", type=int, default=125000,
                     help="rows SCMA / LMA are fitted to (their batches come from them)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=None, help="PNG: samples/s and ratio to torch per method")
+    ap.add_argument("--from-json", default=None,
+                    help="plot (--plot) a saved --json run instead of measuring")
     args = ap.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        if args.plot:
+            plot(saved, args.plot)
+        return saved
 
     import torch
     import hashemb as he
@@ -232,10 +243,46 @@ def main(argv=None):
         del emb, topt, W_full, M_robe, M_hnet, M_mh
         if dev == "cuda":
             torch.cuda.empty_cache()
+    run = {"device": he.show_config()["gpu"] if dev == "cuda" else "cpu (dry run)",
+           "peak_GBps": peak, "rows": rows, "pool": args.pool, "results": results}
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"peak_GBps": peak, "rows": rows, "pool": args.pool, "results": results},
-                      f, indent=1)
+            json.dump(run, f, indent=1)
+    if args.plot:
+        plot(run, args.plot)
+    return run
+
+
+def plot(run, path):
+    """Samples/s of every method, forward and training step, one panel per
+    (D, batch), each bar labelled with its ratio to torch in the same run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    res = run["results"]
+    shapes = list(dict.fromkeys((r["D"], r["batch"]) for r in res))
+    fig, axes = plt.subplots(len(shapes), 2, figsize=(12, 3.2 * len(shapes)), squeeze=False)
+    for row, (D, B) in zip(axes, shapes):
+        for ax, kind, what in zip(row, ("fwd", "train"),
+                                  ("forward", "training step (fwd + bwd + SGD)")):
+            got = [r for r in res if (r["D"], r["batch"]) == (D, B) and f"{kind}_s" in r]
+            names = [r["method"] for r in got]
+            vals = [r[f"{kind}_samples_per_s"] / 1e6 for r in got]
+            y = np.arange(len(got))
+            ax.barh(y, vals, color=["tab:gray" if n.startswith("torch") else "tab:blue"
+                                    for n in names])
+            for i, r in enumerate(got):
+                ax.text(vals[i], i, f" {r[f'{kind}_x_torch']:.2f}x", va="center", fontsize=7)
+            ax.set_yticks(y, names, fontsize=7)
+            ax.invert_yaxis()
+            ax.set_xlim(0, max(vals) * 1.25)
+            ax.set_xlabel("million samples/s (ratio to torch.nn.EmbeddingBag)", fontsize=8)
+            ax.set_title(f"{what}, D={D}, batch {B}", fontsize=9)
+            ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"Criteo shape, 26 tables: {run.get('device', '')}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

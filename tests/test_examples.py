@@ -134,8 +134,12 @@ def test_gpu_bench_dry_run_on_the_cpu(tmp_path):
     spec.loader.exec_module(gb)
     js = tmp_path / "g.json"
     gb.main(["--device", "cpu", "--scale", "0.001", "--batches", "64", "--iters", "1",
-             "--dims", "8", "--pool", "500", "--json", str(js)])
+             "--dims", "8", "--pool", "500", "--json", str(js),
+             "--plot", str(tmp_path / "a.png")])
     res = json.loads(js.read_text())["results"]
+    assert (tmp_path / "a.png").stat().st_size > 10_000
+    again = gb.main(["--from-json", str(js), "--plot", str(tmp_path / "b.png")])
+    assert again["results"] == res and (tmp_path / "b.png").stat().st_size > 10_000
     names = [r["method"] for r in res]
     assert names == ["torch.nn.EmbeddingBag", "hashemb RobeZ 1000x", "deterministic bwd",
                      "hashemb FullTable", "hashemb HashedNet 1000x", "hashemb RobeZ, pool rows",
