@@ -139,6 +139,15 @@ def main(argv=None):
     tf, _ = profile("torch EmbeddingBag forward", t_fwd, kernels=False)
     ts, _ = profile("torch EmbeddingBag step", t_step, kernels=False)
 
+    def unchecked(fn):
+        def run():
+            old = he.set_gpu_options(check_indices=False)
+            try:
+                fn()
+            finally:
+                he.set_gpu_options(**old)
+        return run
+
     def fwd(scheme, W_):
         return lambda: he.embedding_bags(Xx, W_, scheme=scheme, num_tables=T)
 
@@ -160,14 +169,16 @@ def main(argv=None):
     profile("RobeZ forward, precompute_starts=True", fwd(robe, M))
     he.set_gpu_options(check_indices=True, precompute_starts=None)
 
-    # the launch shape: lanes per bag (default: up to 4 elements per lane)
-    # against one and two elements per lane
+    # the launch shape: elements per lane (default: forward 4, backward 2),
+    # both kernels at 1, 2 and 4
     from hashemb._gpu import bag as GB
     default_lanes = GB.lanes
-    for per in (1, 2):
-        GB.lanes = lambda dim, per=per: 1 << max(0, (-(-min(dim, 32 * per) // per) - 1).bit_length())
-        profile(f"RobeZ forward, {per} element(s) per lane", fwd(robe, M))
-        profile(f"RobeZ step, {per} element(s) per lane", step(robe, M))
+    for p in (1, 2, 4):
+        GB.lanes = lambda dim, per=4, p=p: default_lanes(dim, per=p)
+        profile(f"RobeZ forward, {p} element(s) per lane", fwd(robe, M))
+        profile(f"RobeZ step, {p} element(s) per lane", step(robe, M))
+        profile(f"FullTable step, {p} element(s) per lane, check_indices=False",
+                unchecked(step(full, W)))
     GB.lanes = default_lanes
 
     if args.no_tt:

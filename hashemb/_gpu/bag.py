@@ -13,13 +13,16 @@ from ._runtime import i64
 _FULL = 0
 
 
-def lanes(dim):
-    """Lanes per bag: the power of two >= min(dim, 128) / 4, so that a lane
-    serves up to 4 elements (HE_EPT) per pass over the bag's entries. Four
-    per lane against one (gpu_profile, H200, RobeZ D=16, 26 x 16384 bags):
-    forward 152 -> 65 us, backward about the same; a thread's index and
-    offset work is shared by four elements."""
-    return 1 << max(0, (-(-min(dim, 128) // 4) - 1).bit_length())
+def lanes(dim, per=4):
+    """Lanes per bag: the power of two >= min(dim, 32 * per) / per, so that a
+    lane serves up to ``per`` <= 4 (HE_EPT) elements per pass over the bag's
+    entries, sharing a thread's index and offset work between them.
+    Measured with benchmarks/gpu_profile.py on an H200 (RobeZ 1000x, D=16,
+    26 x 16384 bags, kernel alone): forward 1 / 2 / 4 per lane 152 / 92 /
+    65 us (per-lane slot math), 92 / 55 / 40 us (precomputed starts);
+    backward (SGD, atomics) 111 / 87 / 101 us. Forward takes 4, backward 2
+    (fewer atomics in flight per thread)."""
+    return 1 << max(0, (-(-min(dim, 32 * per) // per) - 1).bit_length())
 
 
 def _use_starts(scheme, forward_only=False):
@@ -135,7 +138,7 @@ class _Runner:
         starts = None
         if not self.empty:
             self.s, self.layout, starts = _common(be, scheme, b, table0, given)
-        self.W = lanes(scheme.dim)
+        self.W = lanes(scheme.dim, per=2)
         self.R = RT.ctype(dtype)
         self.tname = (f"{self.R}, {RT.ctype(b.idx.dtype)}, "
                       f"{'true' if starts is not None else 'false'}")
