@@ -36,6 +36,7 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=200)
     ap.add_argument("--top", type=int, default=18, help="cProfile rows per call")
     ap.add_argument("--no-tt", action="store_true")
+    ap.add_argument("--no-host", action="store_true", help="skip the host-cost breakdown")
     args = ap.parse_args(argv)
 
     import cupy as cp
@@ -136,6 +137,8 @@ def main(argv=None):
         topt.zero_grad(set_to_none=True)
 
     print(f"tables {T}, batch {B}, D {D}, RobeZ {args.compression:g}x ({size} floats)")
+    if not args.no_host:
+        host_costs(cp, he, be, Xx, M, robe, T, B, D)
     tf, _ = profile("torch EmbeddingBag forward", t_fwd, kernels=False)
     ts, _ = profile("torch EmbeddingBag step", t_step, kernels=False)
 
@@ -200,6 +203,65 @@ def main(argv=None):
 
     profile("TT forward", tt_fwd)
     profile("TT forward + fused SGD backward", tt_step)
+
+
+def host_costs(cp, he, be, X, M, scheme, T, B, D, n=200, rounds=7):
+    """Host microseconds per call of the pieces a bag call is made of (no
+    synchronisation inside a timed loop; a sync between rounds keeps the
+    launch queue short): what a cheaper launch path would have to remove."""
+    import time
+    src = ('extern "C" __global__ void k1(long long a) {}\n'
+           'extern "C" __global__ void k20(' +
+           ", ".join(f"long long a{i}" for i in range(20)) + ") {}\n"
+           'extern "C" __global__ void k6p14(' +
+           ", ".join([f"const float* p{i}" for i in range(6)] +
+                     [f"long long a{i}" for i in range(14)]) + ") {}\n")
+    mod = cp.RawModule(code=src)
+    k1, k20, k6 = (mod.get_function(k) for k in ("k1", "k20", "k6p14"))
+    one = (np.int64(1),)
+    twenty = tuple(np.int64(i) for i in range(20))
+    arrs = tuple(cp.empty(4, np.float32) for _ in range(6))
+    mixed = arrs + tuple(np.int64(i) for i in range(14))
+    out = cp.empty((B, T * D), np.float32)
+    real_launch = be.launch
+
+    def no_launch():
+        be.launch = lambda *a: None
+        try:
+            he.embedding_bags(X, M, scheme=scheme, num_tables=T)
+        finally:
+            be.launch = real_launch
+
+    def device_context():
+        with cp.cuda.Device(out.device.id):
+            pass
+
+    items = [
+        ("cupy.empty((B, T*D), float32)", lambda: cp.empty((B, T * D), np.float32)),
+        ("x.reshape(-1)", lambda: out.reshape(-1)),
+        ("cupy.ascontiguousarray(contiguous x)", lambda: cp.ascontiguousarray(out)),
+        ("x.device.id", lambda: out.device.id),
+        ("with cupy.cuda.Device(id): pass", device_context),
+        ("np.int64(v)", lambda: np.int64(5)),
+        ("RawKernel launch, 1 scalar", lambda: k1((1,), (32,), one)),
+        ("RawKernel launch, 20 scalars", lambda: k20((1,), (32,), twenty)),
+        ("RawKernel launch, 6 arrays + 14 scalars", lambda: k6((1,), (32,), mixed)),
+        ("he.embedding_bags, launches stubbed out", no_launch),
+        ("he.embedding_bags (RobeZ forward)",
+         lambda: he.embedding_bags(X, M, scheme=scheme, num_tables=T)),
+    ]
+    print("\n=== host cost per call (us, median of rounds of %d calls)" % n)
+    for label, fn in items:
+        fn()
+        per = []
+        for _ in range(rounds):
+            cp.cuda.Device().synchronize()
+            t = time.perf_counter()
+            for _ in range(n):
+                fn()
+            per.append((time.perf_counter() - t) / n * 1e6)
+        cp.cuda.Device().synchronize()
+        print(f"  {float(np.median(per)):8.2f}  {label}")
 
 
 if __name__ == "__main__":
