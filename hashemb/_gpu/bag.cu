@@ -8,13 +8,17 @@
  * Thread layout of the bag kernels: W lanes (W a power of two <= 32, chosen
  * by the launcher from D) per bag q = t*B + b of the feature-major batch; lane
  * l handles elements l, l+W, l+2W, ... and one pass over the bag's entries
- * serves HE_EPT of them. The lanes of a bag read consecutive floats of a run
- * and write consecutive floats of the output row: coalesced. All index
- * arithmetic is 64-bit.
+ * serves HE_EPT of them (the launcher picks W so that a lane serves up to 4
+ * elements in the forward, 2 in the backward). The lanes of a bag read
+ * consecutive floats of a run and write consecutive floats of the output
+ * row. Index arithmetic is 64-bit; divisions are 32-bit where the operands
+ * fit (he_div).
  *
  * Run starts come from hashemb/slots.h, per lane on the fly, or, for
- * unsigned schemes with few runs per row (ROBE-Z, Z >= D/4), from bag_starts,
- * which hashes each (entry, run) once instead of once per lane.
+ * unsigned schemes with few runs per row (ROBE-Z, Z >= D/4) in a backward
+ * or a forward that keeps them, from bag_starts, which hashes each (entry,
+ * run) once instead of once per lane; those launches use the kernels' ST
+ * instantiation.
  */
 #ifndef HASHEMB_GPU_COMMON_H
 #include "common.cuh"
