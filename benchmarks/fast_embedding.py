@@ -4,11 +4,13 @@ scenarios: forward + Linear(D, 1) + backward, timed per phase in one run.
     python benchmarks/fast_embedding.py                  # default grid, ~3 min on 2 cores
     python benchmarks/fast_embedding.py --quick          # a few cells
     python benchmarks/fast_embedding.py --out docs/fast_embedding.png
+    python benchmarks/fast_embedding.py --device cuda --quick    # on a GPU (CuPy kernels)
 
 Index scenarios: uniform; "half" (id 0 half the time, id 1 a quarter, ... powers
 of 1/2); "same" (every sample the same id); "hot20" (80% uniform, 20% one id).
 Ratios are torch time / hashemb time (above 1: hashemb faster), measured
-alternately in the same process with the same inputs.
+alternately in the same process with the same inputs. On CUDA every phase
+ends with torch.cuda.synchronize(), so a phase is its wall time on the device.
 """
 import argparse
 import json
@@ -40,6 +42,11 @@ def make_indices(scenario, n, B, rng):
     return torch.from_numpy(x.astype(np.int64))
 
 
+def _sync(x):
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+
+
 def time_phases(emb, head, x, budget):
     """Median forward and backward seconds of emb -> head -> sum -> backward."""
     fwd, bwd = [], []
@@ -47,10 +54,13 @@ def time_phases(emb, head, x, budget):
     while len(fwd) < 5 or (time.perf_counter() - start < budget and len(fwd) < 200):
         for p in (*emb.parameters(), *head.parameters()):
             p.grad = None
+        _sync(x)
         t0 = time.perf_counter()
         loss = head(emb(x)).sum()
+        _sync(x)
         t1 = time.perf_counter()
         loss.backward()
+        _sync(x)
         t2 = time.perf_counter()
         fwd.append(t1 - t0)
         bwd.append(t2 - t1)
@@ -68,15 +78,15 @@ class SeparateEmbeddings(torch.nn.Module):
         return torch.cat([t(x[:, i]) for i, t in enumerate(self.tables)], dim=1)
 
 
-def single(grid, budget, rng):
+def single(grid, budget, rng, dev="cpu"):
     rows = []
     cells = [(s, n, D, B) for s in grid["scenarios"] for n in grid["n"] for D in grid["D"]
              for B in grid["B"] if n * D <= grid["max_floats"]]
     for s, n, D, B in tqdm(cells, desc="embedding", unit="cell"):
         ref = torch.nn.Embedding(n, D)
-        fast = FastEmbedding(n, D, _weight=ref.weight.detach().clone())
-        head = torch.nn.Linear(D, 1)
-        x = make_indices(s, n, B, rng)
+        fast = FastEmbedding(n, D, _weight=ref.weight.detach().clone()).to(dev)
+        ref, head = ref.to(dev), torch.nn.Linear(D, 1).to(dev)
+        x = make_indices(s, n, B, rng).to(dev)
         tf, tb = time_phases(ref, head, x, budget)
         hf, hb = time_phases(fast, head, x, budget)
         rows.append(dict(scenario=s, n=n, D=D, B=B, torch_fwd=tf, torch_bwd=tb, fast_fwd=hf,
@@ -84,16 +94,17 @@ def single(grid, budget, rng):
     return rows
 
 
-def multi(batches, budget, rng):
+def multi(batches, budget, rng, dev="cpu"):
     dims = np.linspace(1, 32, 10).astype(int).tolist()
     sizes = [int(v) for v in rng.integers(10, 10_000, 10)]
     ref = SeparateEmbeddings(sizes, dims)
     fast = FastMultiEmbedding(sizes, dims, _weight=torch.cat(
         [t.weight.detach().reshape(-1) for t in ref.tables]))
-    head = torch.nn.Linear(sum(dims), 1)
+    ref, fast = ref.to(dev), fast.to(dev)
+    head = torch.nn.Linear(sum(dims), 1).to(dev)
     rows = []
     for B in tqdm(batches, desc="multi", unit="batch"):
-        x = torch.stack([torch.from_numpy(rng.integers(0, n, B)) for n in sizes], dim=1)
+        x = torch.stack([torch.from_numpy(rng.integers(0, n, B)) for n in sizes], dim=1).to(dev)
         tf, tb = time_phases(ref, head, x, budget)
         hf, hb = time_phases(fast, head, x, budget)
         rows.append(dict(B=B, torch_fwd=tf, torch_bwd=tb, fast_fwd=hf, fast_bwd=hb,
@@ -126,9 +137,9 @@ def heat_map(rows, path, key="bwd"):
     fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
-def summary(rows, multi_rows, sizes, dims):
-    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads; "
-          "ratios torch/hashemb, batch >= 128")
+def summary(rows, multi_rows, sizes, dims, dev="cpu"):
+    where = f"{torch.get_num_threads()} threads" if dev == "cpu" else torch.cuda.get_device_name()
+    print(f"\ntorch {torch.__version__}, {where}; ratios torch/hashemb, batch >= 128")
     print(f"{'scenario':9s} {'bwd min':>8s} {'bwd med':>8s} {'bwd max':>8s} "
           f"{'step min':>9s} {'step med':>9s}")
     for s in SCENARIOS:
@@ -150,6 +161,8 @@ def main(argv=None):
     ap.add_argument("--budget", type=float, default=0.05, help="seconds per measurement")
     ap.add_argument("--out", default="fast_embedding.png")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: both sides on the GPU (hashemb through its CuPy kernels)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -162,13 +175,15 @@ def main(argv=None):
         grid = dict(scenarios=SCENARIOS, n=[10, 1000, 100_000, 1_000_000], D=[8, 32, 128, 256],
                     B=[2 ** 5, 2 ** 7, 2 ** 10, 2 ** 12, 2 ** 14], max_floats=1 << 26)
         batches = [2 ** k for k in range(5, 15)]
-    rows = single(grid, args.budget, rng)
-    multi_rows, sizes, dims = multi(batches, args.budget, rng)
-    summary(rows, multi_rows, sizes, dims)
+    rows = single(grid, args.budget, rng, args.device)
+    multi_rows, sizes, dims = multi(batches, args.budget, rng, args.device)
+    summary(rows, multi_rows, sizes, dims, args.device)
     heat_map(rows, args.out)
     table = os.path.splitext(args.out)[0] + ".json"
     with open(table, "w") as f:
-        json.dump(dict(torch=torch.__version__, threads=torch.get_num_threads(), single=rows,
+        json.dump(dict(torch=torch.__version__, threads=torch.get_num_threads(),
+                       device=args.device if args.device == "cpu" else
+                       torch.cuda.get_device_name(), single=rows,
                        multi=multi_rows, sizes=sizes, dims=dims), f, indent=1)
     print(f"\nwrote {args.out} and {table} (every cell's timings)")
     return rows, multi_rows
