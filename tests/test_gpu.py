@@ -575,3 +575,36 @@ def test_saved_run_starts_on_the_device_equal_the_host():
     np.testing.assert_array_equal(with_saved, G.backward(*args, be=be))
     with pytest.raises(TypeError, match="forward on the device"):
         G.backward(*args, be=be, saved=saved_h)
+
+
+def test_device_torch_fast_embeddings_on_cuda():
+    """FastEmbedding / FastMultiEmbedding moved to CUDA: the plain-lookup
+    kernels through DLPack, equal to the same modules on the CPU (forward
+    exactly, gradients to atomic-add tolerance), int32 and int64 indices."""
+    _device()
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    from hashemb.torch import FastEmbedding, FastMultiEmbedding
+    g = torch.Generator().manual_seed(0)
+    for itype in (torch.int32, torch.int64):
+        cpu = FastEmbedding(50, 12)
+        gpu = FastEmbedding(50, 12, _weight=cpu.weight.detach().clone()).cuda()
+        x = torch.randint(0, 50, (7, 30), generator=g).to(itype)
+        up = torch.randn(7, 30, 12, generator=g)
+        a, b = cpu(x), gpu(x.cuda())
+        assert b.is_cuda
+        torch.testing.assert_close(b.cpu(), a, rtol=0, atol=0)
+        (a * up).sum().backward()
+        (b * up.cuda()).sum().backward()
+        torch.testing.assert_close(gpu.weight.grad.cpu(), cpu.weight.grad, rtol=1e-5, atol=1e-5)
+    sizes, dims = [10, 3, 50, 7], [1, 4, 7, 32]
+    cpu = FastMultiEmbedding(sizes, dims)
+    gpu = FastMultiEmbedding(sizes, dims, _weight=cpu.weight.detach().clone()).cuda()
+    x = torch.stack([torch.randint(0, n, (257,), generator=g) for n in sizes], dim=1)
+    a, b = cpu(x), gpu(x.cuda())
+    torch.testing.assert_close(b.cpu(), a, rtol=0, atol=0)
+    up = torch.randn(a.shape, generator=g)
+    (a * up).sum().backward()
+    (b * up.cuda()).sum().backward()
+    torch.testing.assert_close(gpu.weight.grad.cpu(), cpu.weight.grad, rtol=1e-5, atol=1e-5)
