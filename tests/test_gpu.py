@@ -608,3 +608,29 @@ def test_device_torch_fast_embeddings_on_cuda():
     (a * up).sum().backward()
     (b * up.cuda()).sum().backward()
     torch.testing.assert_close(gpu.weight.grad.cpu(), cpu.weight.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_index_helpers_past_32_bits():
+    """common.cuh's he_div (32-bit division where both operands fit, 64-bit
+    otherwise) and he_bag_of_thread (shift and mask by a power-of-two lane
+    count) against Python, on both sides of 2^32: no batch in the other tests
+    reaches 2^32 bags."""
+    import ctypes
+    lib = gpu_emu.build()
+    if lib is None:
+        pytest.skip("no C++ compiler for the GPU emulator")
+    div, bag = lib.emu_he_div, lib.emu_he_bag_of_thread
+    div.restype = bag.restype = ctypes.c_longlong
+    div.argtypes = [ctypes.c_longlong, ctypes.c_longlong]
+    bag.argtypes = [ctypes.c_longlong, ctypes.c_longlong, ctypes.POINTER(ctypes.c_longlong)]
+    rng = np.random.default_rng(0)
+    edges = [0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**32 + 1, 2**40 + 3, 2**62]
+    ns = edges + [int(v) for v in rng.integers(0, 2**63 - 1, 200)]
+    ds = [1, 2, 3, 26, 16384, 2**31, 2**32 - 1, 2**32, 2**33 + 7, 2**62]
+    for n in ns:
+        for d in ds:
+            assert div(n, d) == n // d, (n, d)
+    lane = ctypes.c_longlong()
+    for g in ns:
+        for W in (1, 2, 4, 8, 16, 32):
+            assert bag(g, W, ctypes.byref(lane)) == g // W and lane.value == g % W, (g, W)

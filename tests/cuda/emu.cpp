@@ -124,4 +124,10 @@ void emu_launch(int k, long long grid, long long block, void** args)
     const he_emu_entry& e = he_emu_registry()[k];
     e.launch(e.fn, grid, block, args);
 }
+// common.cuh's index helpers, for tests of the ranges no launch reaches
+long long emu_he_div(long long n, long long d) { return he_div(n, d); }
+long long emu_he_bag_of_thread(long long g, long long W, long long* lane)
+{
+    return he_bag_of_thread(g, W, lane);
+}
 }
