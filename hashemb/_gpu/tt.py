@@ -60,9 +60,11 @@ def _no_cache(cache):
 
 
 def _bags(be, indices, offsets, per_sample_weights, shapes, sizes, mode, T,
-          include_last_offset):
+          include_last_offset, want_bounds=True):
     """_args.bags (the GPU checks) normalised to the CPU's layout: flat
-    feature-major indices, int64 offsets of length T*B+1, flat weights or None."""
+    feature-major indices, int64 offsets of length T*B+1, flat weights or
+    None, and the T+1 table boundaries (None with want_bounds=False: a
+    backward given the forward's saved parts, which hold them)."""
     xp = be.xp
     dtype = shapes[0][1].dtype
     b = A.bags(be, indices, offsets, per_sample_weights, scheme=TT._Sized(sizes),
@@ -72,13 +74,19 @@ def _bags(be, indices, offsets, per_sample_weights, shapes, sizes, mode, T,
     if off is None:                     # 2-D input: (B, N) bags, or (B, T) one per table
         if T == 1:
             off = xp.arange(b.B + 1, dtype=np.int64) * np.int64(b.shape[1])
+            bounds = [0, b.B * b.shape[1]]
         else:
             off = xp.arange(T * b.B + 1, dtype=np.int64)
             idx = xp.ascontiguousarray(idx.reshape(b.B, T).T).reshape(-1)
             if psw is not None:
                 psw = xp.ascontiguousarray(psw.reshape(b.B, T).T).reshape(-1)
-    # the T+1 table boundaries, the only values read back (small scalars)
-    bounds = [int(v) for v in be.to_host(off[xp.arange(T + 1, dtype=np.int64) * b.B])]
+            bounds = [t * b.B for t in range(T + 1)]
+    elif want_bounds:
+        # the T+1 table boundaries, the only values read back (small scalars;
+        # 2-D input knows them without a synchronisation)
+        bounds = [int(v) for v in be.to_host(off[xp.arange(T + 1, dtype=np.int64) * b.B])]
+    else:
+        bounds = None
     return idx, off, psw, b.B, b.mode, bounds
 
 
@@ -319,7 +327,7 @@ def bags_backward(grad_output, indices, tables, offsets=None, *, mode="sum",
         dtype = shapes[0][1].dtype
         idx, off, psw, B, mode_, bounds = _bags(
             be, indices, offsets, per_sample_weights, shapes, sizes, mode, T,
-            include_last_offset if T == 1 else True)
+            include_last_offset if T == 1 else True, want_bounds=saved is None)
         D = sum(s.D for _, s in shapes)
         g = A.as_grad(be, grad_output, (B, D), dtype)
         if saved is not None:
