@@ -20,8 +20,8 @@ def lanes(dim, per=4):
     Measured with benchmarks/gpu_profile.py on an H200 (RobeZ 1000x, D=16,
     26 x 16384 bags, kernel alone): forward 1 / 2 / 4 per lane 152 / 92 /
     65 us (per-lane slot math), 92 / 55 / 40 us (precomputed starts);
-    backward (SGD, atomics) 111 / 87 / 101 us. Forward takes 4, backward 2
-    (fewer atomics in flight per thread)."""
+    backward (SGD, atomics) 111 / 87 / 101 us. Forward takes 4, backward 2,
+    the fastest of each in that run (other D not yet measured)."""
     return 1 << max(0, (-(-min(dim, 32 * per) // per) - 1).bit_length())
 
 
