@@ -118,7 +118,7 @@ class CupyBackend:
         return self.xp.cuda.Device(a.device.id)
 
     def current_device(self):
-        return self.xp.cuda.Device().id
+        return self.xp.cuda.runtime.getDevice()     # no Device object per call
 
     def ptr(self, a):
         return a.data.ptr
@@ -133,7 +133,7 @@ class CupyBackend:
         return self.xp.argsort(a)        # CuPy's sort is always stable (thrust)
 
     def function(self, family, name):
-        dev = self.xp.cuda.runtime.getDevice()
+        dev = self.current_device()
         fn = self._functions.get((family, name, dev))
         if fn is None:
             with self._lock:

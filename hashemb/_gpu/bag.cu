@@ -81,8 +81,8 @@ template <typename R, typename I, bool ST>
 __global__ void bag_forward(const he_scheme* __restrict__ s, const I* __restrict__ idx,
                             const int64_t* __restrict__ off, i64 use_off, i64 rowlen, i64 nper,
                             const uint64_t* __restrict__ starts, const R* __restrict__ M,
-                            const R* __restrict__ psw, i64 use_psw, R* __restrict__ out, i64 B, i64 T, i64 table0, i64 mode,
-                            i64 has_pad, i64 pad, i64 W)
+                            const R* __restrict__ psw, i64 use_psw, R* __restrict__ out,
+                            i64 B, i64 T, i64 table0, i64 mode, i64 has_pad, i64 pad, i64 W)
 {
     i64 lane;
     const i64 q = he_bag_of_thread(he_tid(), W, &lane);
@@ -144,8 +144,9 @@ __global__ void bag_forward(const he_scheme* __restrict__ s, const I* __restrict
  */
 template <bool ST, typename R, typename I>
 __device__ __forceinline__ int he_argmax(const he_scheme* s, const I* idx, const he_range& r,
-                                         const uint64_t* starts, const R* M, i64 table, i64 has_pad,
-                                         i64 pad, i64 i, int k, int jr, uint64_t* slot, int* sign)
+                                         const uint64_t* starts, const R* M, i64 table,
+                                         i64 has_pad, i64 pad, i64 i, int k, int jr,
+                                         uint64_t* slot, int* sign)
 {
     int found = 0;
     R best = 0;
@@ -181,7 +182,8 @@ __device__ __forceinline__ int he_argmax(const he_scheme* s, const I* idx, const
 template <typename R, typename I, bool ST>
 __global__ void bag_backward(const he_scheme* __restrict__ s, const I* __restrict__ idx,
                              const int64_t* __restrict__ off, i64 use_off, i64 rowlen, i64 nper,
-                             const uint64_t* __restrict__ starts, const R* __restrict__ psw, i64 use_psw,
+                             const uint64_t* __restrict__ starts, const R* __restrict__ psw,
+                             i64 use_psw,
                              const R* __restrict__ grad, i64 B, i64 T, i64 table0, i64 mode,
                              i64 has_pad, i64 pad, i64 W, const R* __restrict__ M, R alpha,
                              i64 out_mode, R* __restrict__ target, int64_t* __restrict__ keys,
@@ -259,7 +261,8 @@ __global__ void bag_backward(const he_scheme* __restrict__ s, const I* __restric
             for (int c = 0; c < HE_EPT; c++) {
                 const int i = i0 + c * nw;
                 if (i < D) {
-                    const uint64_t slot = he_run_slot(s, he_start<ST>(s, &row, starts, j, kk[c]), jj[c]);
+                    const uint64_t slot =
+                        he_run_slot(s, he_start<ST>(s, &row, starts, j, kk[c]), jj[c]);
                     const int sg = he_entry_sign<ST>(s, &row, i);
                     const R v = (a * (R)sg) * gv[c];
                     if (out_mode == 0) {
@@ -283,7 +286,8 @@ __global__ void bag_backward(const he_scheme* __restrict__ s, const I* __restric
 template <typename R, typename I, bool ST>
 __global__ void bag_adagrad_walk(const he_scheme* __restrict__ s, const I* __restrict__ idx,
                                  const int64_t* __restrict__ off, i64 use_off, i64 rowlen,
-                                 i64 nper, const uint64_t* __restrict__ starts, i64 B, i64 T, i64 table0, i64 has_pad, i64 pad, i64 W,
+                                 i64 nper, const uint64_t* __restrict__ starts, i64 B, i64 T,
+                                 i64 table0, i64 has_pad, i64 pad, i64 W,
                                  R* __restrict__ w, R* __restrict__ scratch,
                                  R* __restrict__ state, R lr, R eps)
 {
@@ -301,7 +305,8 @@ __global__ void bag_adagrad_walk(const he_scheme* __restrict__ s, const I* __res
         const he_row row = he_entry_row<ST>(s, table, x);
         for (i64 i = lane; i < D; i += W) {
             const int k = (int)i / L;
-            const uint64_t slot = he_run_slot(s, he_start<ST>(s, &row, starts, j, k), (int)i - k * L);
+            const uint64_t slot =
+                he_run_slot(s, he_start<ST>(s, &row, starts, j, k), (int)i - k * L);
             const R gs = he_take(scratch + slot);
             if (gs != (R)0)
                 he_adagrad(w, state, (i64)slot, gs, lr, eps);

@@ -37,6 +37,11 @@ def _use_starts(scheme, forward_only=False):
             and scheme._kind != _FULL)
 
 
+def _st(starts):
+    """The ST template argument of a bag kernel: were the run starts given?"""
+    return "true" if starts is not None else "false"
+
+
 def _common(be, scheme, b, table0, given=None, forward_only=False):
     """(struct, layout args, the run starts or None) shared by every bag
     launch; ``given``: the starts a forward of the same inputs kept. With
@@ -82,8 +87,8 @@ def forward(indices, weight, offsets, scheme, table0, T, mode, per_sample_weight
             return result(None)
         s, layout, starts = _common(be, scheme, b, table0, forward_only=not return_saved)
         W = lanes(scheme.dim)
-        be.launch("bag", f"bag_forward<{RT.ctype(dtype)}, {RT.ctype(b.idx.dtype)}, "
-                  f"{'true' if starts is not None else 'false'}>", b.B * T * W,
+        be.launch("bag", f"bag_forward<{RT.ctype(dtype)}, {RT.ctype(b.idx.dtype)}, {_st(starts)}>",
+                  b.B * T * W,
                   [s] + layout + [w, b.psw if b.psw is not None else w, i64(b.psw is not None),
                                   out, i64(b.B), i64(T), i64(table0), i64(b.mode),
                                   i64(b.has_pad), i64(b.pad), i64(W)])
@@ -140,8 +145,7 @@ class _Runner:
             self.s, self.layout, starts = _common(be, scheme, b, table0, given)
         self.W = lanes(scheme.dim, per=2)
         self.R = RT.ctype(dtype)
-        self.tname = (f"{self.R}, {RT.ctype(b.idx.dtype)}, "
-                      f"{'true' if starts is not None else 'false'}")
+        self.tname = f"{self.R}, {RT.ctype(b.idx.dtype)}, {_st(starts)}"
 
     def _scalar(self, v):
         return self.dtype.type(v)
