@@ -46,6 +46,31 @@ def build():
     return lib
 
 
+def build_or_skip():
+    """The emulator library, or a pytest skip without a C++ compiler."""
+    import pytest
+    lib = build()
+    if lib is None:
+        pytest.skip("no C++ compiler for the GPU emulator")
+    return lib
+
+
+def emu_backend():
+    """An EmuBackend (a pytest skip without a C++ compiler)."""
+    return EmuBackend(build_or_skip())
+
+
+def torch_cuda():
+    """torch, where CuPy, a device and a CUDA build of torch are all there;
+    otherwise a pytest skip."""
+    import pytest
+    Device("cupy")                  # skips without CuPy and a device
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    return torch
+
+
 class EmuBackend:
     """RT.CupyBackend's interface over NumPy arrays and the host emulator."""
 
@@ -121,10 +146,7 @@ class Device:
         import pytest
         self.kind = kind
         if kind == "emulator":
-            lib = build()
-            if lib is None:
-                pytest.skip("no C++ compiler for the GPU emulator")
-            self.be = EmuBackend(lib)
+            self.be = emu_backend()
         else:
             cp = pytest.importorskip("cupy")
             if RT.device_count() == 0:

@@ -455,10 +455,7 @@ def test_plain_lookups_equal_cpu(dev, det):
 
 
 def test_scheme_struct_cached_per_scheme_and_dropped_with_it():
-    lib = gpu_emu.build()
-    if lib is None:
-        pytest.skip("no C++ compiler for the GPU emulator")
-    be = gpu_emu.EmuBackend(lib)
+    be = gpu_emu.emu_backend()
     robe = he.RobeZ(100, 4)
     a = RT.scheme_struct(be, robe)
     assert RT.scheme_struct(be, robe) is a
@@ -473,10 +470,7 @@ def test_index_bounds_uploaded_once_per_scheme_and_tables():
     """The checked call's per-table bounds live on the device with the scheme
     (one upload, not one per call); other tables get their own, and the
     check still names the table and bound."""
-    lib = gpu_emu.build()
-    if lib is None:
-        pytest.skip("no C++ compiler for the GPU emulator")
-    be = gpu_emu.EmuBackend(lib)
+    be = gpu_emu.emu_backend()
     full = he.FullTable([5, 7, 9], 2)
     a = RT.scheme_bounds(be, full, 0, 3)
     assert RT.scheme_bounds(be, full, 0, 3) is a
@@ -523,10 +517,7 @@ def test_device_64bit_index_arithmetic():
 
 
 def test_device_torch_bag_function_on_cuda_tensors():
-    _device()
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("torch without CUDA")
+    torch = gpu_emu.torch_cuda()
     from hashemb.torch._function import BagFunction, Lookup
     robe = he.RobeZ(1001, 8, block=4, seed=2)
     M = robe.init_weight(seed=1)
@@ -549,10 +540,7 @@ def test_saved_run_starts_on_the_device_equal_the_host():
     """return_saved on the device keeps bag_starts' run starts (the host's
     values exactly); backward given them skips that launch and gives the
     same gradient; a host saved is a TypeError there."""
-    lib = gpu_emu.build()
-    if lib is None:
-        pytest.skip("no C++ compiler for the GPU emulator")
-    be = gpu_emu.EmuBackend(lib)
+    be = gpu_emu.emu_backend()
     from hashemb._gpu import bag as G
     robe = he.RobeZ(5003, 16, block=4)
     rng = np.random.default_rng(1)
@@ -581,10 +569,7 @@ def test_device_torch_fast_embeddings_on_cuda():
     """FastEmbedding / FastMultiEmbedding moved to CUDA: the plain-lookup
     kernels through DLPack, equal to the same modules on the CPU (forward
     exactly, gradients to atomic-add tolerance), int32 and int64 indices."""
-    _device()
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("torch without CUDA")
+    torch = gpu_emu.torch_cuda()
     from hashemb.torch import FastEmbedding, FastMultiEmbedding
     g = torch.Generator().manual_seed(0)
     for itype in (torch.int32, torch.int64):
@@ -616,9 +601,7 @@ def test_index_helpers_past_32_bits():
     count) against Python, on both sides of 2^32: no batch in the other tests
     reaches 2^32 bags."""
     import ctypes
-    lib = gpu_emu.build()
-    if lib is None:
-        pytest.skip("no C++ compiler for the GPU emulator")
+    lib = gpu_emu.build_or_skip()
     div, bag = lib.emu_he_div, lib.emu_he_bag_of_thread
     div.restype = bag.restype = ctypes.c_longlong
     div.argtypes = [ctypes.c_longlong, ctypes.c_longlong]

@@ -251,10 +251,7 @@ def test_only_distinct_rows_are_computed_and_launches_are_tt_kernels():
     """Dedup: the chain runs over the distinct rows (the digits kernel gets
     one thread per distinct row), and every launch is a tt.cu kernel or the
     shared bag check."""
-    lib = gpu_emu.build()
-    if lib is None:
-        pytest.skip("no C++ compiler for the GPU emulator")
-    be = gpu_emu.EmuBackend(lib)
+    be = gpu_emu.emu_backend()
     cores = he.tt_init(1000, [10, 10, 10], [2, 2, 2], [3, 3])
     idx = np.array([5, 7, 5, 5, 999, 7])
     seen = []
@@ -391,10 +388,7 @@ def test_tt_bench_gpu_path_runs_on_the_emulator(capsys):
     """``python -m hashemb tt-bench --device gpu`` end to end at tiny sizes,
     its device calls on the emulator backend (the figures mean nothing here)."""
     from hashemb import tt_bench
-    lib = gpu_emu.build()
-    if lib is None:
-        pytest.skip("no C++ compiler for the GPU emulator")
-    be = gpu_emu.EmuBackend(lib)
+    be = gpu_emu.emu_backend()
     res = tt_bench.main(["--device", "gpu", "--batch", "4", "--pooling", "3",
                          "--num-embeddings", "1000", "--p", "10,10,10", "--q", "2,2,2",
                          "--ranks", "3,3", "--iters", "2", "--warmup", "1", "--peak-size", "16",
@@ -413,19 +407,11 @@ def test_chunk_size_targets_the_thread_count():
     assert GT._chunk(3, 1) == 1
 
 
-def _torch_cuda():
-    Dev("cupy")                     # skips without CuPy and a device
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("torch without CUDA")
-    return torch
-
-
 @pytest.mark.parametrize("opt", [None, "sgd", "adagrad"])
 def test_device_torch_tt_modules_on_cuda_tensors(opt):
     """TTEmbeddingBag(Collection) moved to CUDA: forward, core gradients,
     per-sample-weight gradients and fused updates equal the CPU module's."""
-    torch = _torch_cuda()
+    torch = gpu_emu.torch_cuda()
     from hashemb.torch import TTEmbeddingBag, TTEmbeddingBagCollection
     kw = dict(dtype=torch.float64, seed=3, sparse=opt is not None, optimizer=opt or "sgd",
               learning_rate=0.05)
@@ -456,7 +442,7 @@ def test_device_torch_tt_modules_on_cuda_tensors(opt):
 
 
 def test_device_torch_tt_cache_is_cpu_only():
-    torch = _torch_cuda()
+    torch = gpu_emu.torch_cuda()
     from hashemb.torch import TTEmbeddingBag
     emb = TTEmbeddingBag(100, 4, [3, 3], use_cache=True, cache_size=8).cuda()
     with pytest.raises(TypeError, match="^use_cache: the LFU cache"):

@@ -391,10 +391,7 @@ def gpu_backend(request):
     a CUDA device through CuPy (skipped without one)."""
     if request.param == "emulator":
         import gpu_emu
-        lib = gpu_emu.build()
-        if lib is None:
-            pytest.skip("no C++ compiler for the GPU emulator")
-        return gpu_emu.EmuBackend(lib)
+        return gpu_emu.emu_backend()
     pytest.importorskip("cupy")
     from hashemb._gpu import _runtime as RT
     if RT.device_count() == 0:
