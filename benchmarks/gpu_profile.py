@@ -172,17 +172,24 @@ def main(argv=None):
     profile("RobeZ forward, precompute_starts=True", fwd(robe, M))
     he.set_gpu_options(check_indices=True, precompute_starts=None)
 
-    # the launch shape: elements per lane (default: forward 4, backward 2),
-    # both kernels at 1, 2 and 4
+    # the launch shape: elements per lane (bag.FORWARD_PER, BACKWARD_PER);
+    # the forward at 1 .. 16, the backward at 1 .. 4
     from hashemb._gpu import bag as GB
-    default_lanes = GB.lanes
-    for p in (1, 2, 4):
-        GB.lanes = lambda dim, per=4, p=p: default_lanes(dim, per=p)
-        profile(f"RobeZ forward, {p} element(s) per lane", fwd(robe, M))
-        profile(f"RobeZ step, {p} element(s) per lane", step(robe, M))
-        profile(f"FullTable step, {p} element(s) per lane, check_indices=False",
-                unchecked(step(full, W)))
-    GB.lanes = default_lanes
+    default = GB.FORWARD_PER, GB.BACKWARD_PER
+    try:
+        for p in (1, 2, 4, 8, 16):
+            GB.FORWARD_PER = p
+            profile(f"RobeZ forward, {p} element(s) per lane", fwd(robe, M))
+            profile(f"FullTable forward, {p} element(s) per lane, check_indices=False",
+                    unchecked(fwd(full, W)))
+        GB.FORWARD_PER = default[0]
+        for p in (1, 2, 4):
+            GB.BACKWARD_PER = p
+            profile(f"RobeZ step, backward {p} element(s) per lane", step(robe, M))
+            profile(f"FullTable step, backward {p} element(s) per lane, check_indices=False",
+                    unchecked(step(full, W)))
+    finally:
+        GB.FORWARD_PER, GB.BACKWARD_PER = default
 
     if args.no_tt:
         return

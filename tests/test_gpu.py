@@ -348,6 +348,52 @@ def test_precomputed_run_starts_change_nothing(dev, pre):
                                     num_tables=T, mode="mean"))
 
 
+@pytest.mark.parametrize("fper,bper", [(1, 1), (2, 2), (4, 4), (8, 2), (16, 2)])
+def test_every_lane_shape_equals_cpu(dev, fper, bper):
+    """Forward at 1 .. 16 elements per lane (both kernel instantiations,
+    several passes per bag where D > 32 * per) and backward at 1 .. 4, on
+    schemes of one run, many runs and one element per run."""
+    rng = np.random.default_rng(fper)
+    old = GB.FORWARD_PER, GB.BACKWARD_PER
+    GB.FORWARD_PER, GB.BACKWARD_PER = fper, bper
+    try:
+        for D, scheme in [(16, he.RobeZ(301, 16, block=16, seed=1)),
+                          (24, he.RobeZ(301, 24, block=8, seed=2, signed=True)),
+                          (40, he.HashedNet(200, 40, seed=3)),
+                          (5, he.FullTable([6, 4], 5)),
+                          (600, he.RobeZ(1201, 600, block=100, seed=4))]:
+            T, B = 2, 5
+            x = rng.integers(0, 4, (B, T))
+            off = np.r_[0, np.cumsum(rng.integers(0, 3, T * B))].astype(np.int64)
+            idx = rng.integers(0, 4, off[-1])
+            M = scheme.init_weight(seed=5)
+            G = rng.standard_normal((B, T * D)).astype(np.float32)
+            for mode in ("sum", "mean", "max"):
+                dev.same(dev.bags(dev.put(x), dev.put(M), None, scheme, T, mode),
+                         he.embedding_bags(x, M, scheme=scheme, num_tables=T, mode=mode))
+                dev.same(dev.bags(dev.put(idx), dev.put(M), dev.put(off), scheme, T, mode),
+                         he.embedding_bags(idx, M, off, scheme=scheme, num_tables=T, mode=mode))
+            W = M.copy()
+            he.embedding_bags_backward(G, idx, off, scheme=scheme, num_tables=T, weight=W,
+                                       optimizer=he.SGD(0.5))
+            Wd = dev.put(M)
+            dev.bags_backward(dev.put(G), dev.put(idx), dev.put(off), scheme, T, weight=Wd,
+                              optimizer=he.SGD(0.5), det=True)
+            dev.same(Wd, W)
+            Wd = dev.put(M)
+            dev.bags_backward(dev.put(G), dev.put(idx), dev.put(off), scheme, T, weight=Wd,
+                              optimizer=he.SGD(0.5), det=False)
+            np.testing.assert_allclose(dev.get(Wd), W, rtol=1e-5, atol=1e-5)
+    finally:
+        GB.FORWARD_PER, GB.BACKWARD_PER = old
+
+
+def test_lane_counts():
+    assert [GB.lanes(16, p) for p in (1, 2, 4, 8, 16)] == [16, 8, 4, 2, 1]
+    assert GB.lanes(600, 16) == 32 and GB.lanes(600, 1) == 32 and GB.lanes(5, 4) == 2
+    assert [GB._forward_ept(p) for p in (1, 4, 5, 16)] == [4, 4, 16, 16]
+
+
 def _lsh_schemes():
     X = np.random.default_rng(2).integers(0, 20, (100, 3))
     return [he.LSHTable.fit(X, size=301, dim=5, num_points=80, seed=1, block=1),

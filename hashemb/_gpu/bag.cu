@@ -8,8 +8,9 @@
  * Thread layout of the bag kernels: W lanes (W a power of two <= 32, chosen
  * by the launcher from D) per bag q = t*B + b of the feature-major batch; lane
  * l handles elements l, l+W, l+2W, ... and one pass over the bag's entries
- * serves HE_EPT of them (the launcher picks W so that a lane serves up to 4
- * elements in the forward, 2 in the backward). The lanes of a bag read
+ * serves up to EPT of them (HE_EPT = 4 in the backward; a template argument,
+ * 4 or 16, in the forward; the launcher picks W so that a lane serves `per`
+ * of them: hashemb/_gpu/bag.py FORWARD_PER, BACKWARD_PER). The lanes of a bag read
  * consecutive floats of a run and write consecutive floats of the output
  * row. Index arithmetic is 64-bit; divisions are 32-bit where the operands
  * fit (he_div).
@@ -76,8 +77,12 @@ __global__ void bag_starts(const he_scheme* __restrict__ s, const I* __restrict_
     starts[g] = he_run_start(s, &row, k);
 }
 
-/* out[b, t*D + i] = pool over the entries of bag t*B + b (the CPU's _bag). */
-template <typename R, typename I, bool ST>
+/*
+ * out[b, t*D + i] = pool over the entries of bag t*B + b (the CPU's _bag).
+ * EPT: register slots of a lane per pass (the launcher's elements per lane,
+ * rounded up to an instantiated 4 or 16; slots past D stay idle).
+ */
+template <typename R, typename I, bool ST, int EPT>
 __global__ void bag_forward(const he_scheme* __restrict__ s, const I* __restrict__ idx,
                             const int64_t* __restrict__ off, i64 use_off, i64 rowlen, i64 nper,
                             const uint64_t* __restrict__ starts, const R* __restrict__ M,
@@ -92,11 +97,11 @@ __global__ void bag_forward(const he_scheme* __restrict__ s, const I* __restrict
     const int D = (int)s->dim, L = (int)s->run, nw = (int)W;     /* D < 2^20 */
     const he_range r = he_bag_range(off, use_off, q, t, b, rowlen, nper);
     R* o = out + b * (T * D) + t * D;
-    for (int i0 = (int)lane; i0 < D; i0 += HE_EPT * nw) {
-        R acc[HE_EPT];
-        int kk[HE_EPT], jj[HE_EPT];
+    for (int i0 = (int)lane; i0 < D; i0 += EPT * nw) {
+        R acc[EPT];
+        int kk[EPT], jj[EPT];
 #pragma unroll
-        for (int c = 0; c < HE_EPT; c++) {
+        for (int c = 0; c < EPT; c++) {
             const int i = i0 + c * nw;
             kk[c] = i / L;
             jj[c] = i - kk[c] * L;
@@ -110,7 +115,7 @@ __global__ void bag_forward(const he_scheme* __restrict__ s, const I* __restrict
             const he_row row = he_entry_row<ST>(s, table, x);
             const R w = use_psw ? psw[j] : (R)1;
 #pragma unroll
-            for (int c = 0; c < HE_EPT; c++) {
+            for (int c = 0; c < EPT; c++) {
                 const int i = i0 + c * nw;
                 if (i < D) {
                     const uint64_t st = he_start<ST>(s, &row, starts, j, kk[c]);
@@ -129,7 +134,7 @@ __global__ void bag_forward(const he_scheme* __restrict__ s, const I* __restrict
             cnt++;
         }
 #pragma unroll
-        for (int c = 0; c < HE_EPT; c++) {
+        for (int c = 0; c < EPT; c++) {
             const int i = i0 + c * nw;
             if (i < D)
                 o[i] = cnt == 0 ? (R)0 : (mode == HE_MEAN && cnt > 1 ? acc[c] / (R)cnt : acc[c]);
@@ -349,14 +354,22 @@ __global__ void bag_check(const I* __restrict__ idx, i64 n, const int64_t* __res
 
 HE_KERNEL(bag_starts<int>)
 HE_KERNEL(bag_starts<long long>)
-HE_KERNEL(bag_forward<float, int, false>)
-HE_KERNEL(bag_forward<float, int, true>)
-HE_KERNEL(bag_forward<float, long long, false>)
-HE_KERNEL(bag_forward<float, long long, true>)
-HE_KERNEL(bag_forward<double, int, false>)
-HE_KERNEL(bag_forward<double, int, true>)
-HE_KERNEL(bag_forward<double, long long, false>)
-HE_KERNEL(bag_forward<double, long long, true>)
+HE_KERNEL(bag_forward<float, int, false, 4>)
+HE_KERNEL(bag_forward<float, int, true, 4>)
+HE_KERNEL(bag_forward<float, long long, false, 4>)
+HE_KERNEL(bag_forward<float, long long, true, 4>)
+HE_KERNEL(bag_forward<double, int, false, 4>)
+HE_KERNEL(bag_forward<double, int, true, 4>)
+HE_KERNEL(bag_forward<double, long long, false, 4>)
+HE_KERNEL(bag_forward<double, long long, true, 4>)
+HE_KERNEL(bag_forward<float, int, false, 16>)
+HE_KERNEL(bag_forward<float, int, true, 16>)
+HE_KERNEL(bag_forward<float, long long, false, 16>)
+HE_KERNEL(bag_forward<float, long long, true, 16>)
+HE_KERNEL(bag_forward<double, int, false, 16>)
+HE_KERNEL(bag_forward<double, int, true, 16>)
+HE_KERNEL(bag_forward<double, long long, false, 16>)
+HE_KERNEL(bag_forward<double, long long, true, 16>)
 HE_KERNEL(bag_backward<float, int, false>)
 HE_KERNEL(bag_backward<float, int, true>)
 HE_KERNEL(bag_backward<float, long long, false>)

@@ -13,16 +13,29 @@ from ._runtime import i64
 _FULL = 0
 
 
-def lanes(dim, per=4):
+# Elements a lane serves per pass over a bag's entries, forward and backward.
+# Measured with benchmarks/gpu_profile.py on an H200 (RobeZ 1000x, D=16, 26 x
+# 16384 bags, kernel alone), at 1 / 2 / 4 per lane: forward 152 / 92 / 65 us
+# (per-lane slot math), 92 / 55 / 40 us (precomputed starts); backward (SGD,
+# atomics) 111 / 87 / 101 us. Each takes the fastest of that run. A forward
+# at 8 or 16 (one lane per bag at D=16, so one hash per entry instead of 4)
+# runs through the 16-slot instantiation (128 registers against 80: ptxas,
+# sm_90) and is not yet measured; other D are not yet measured either. Any
+# value gives the same results: a lane makes as many passes as it needs.
+FORWARD_PER = 4
+BACKWARD_PER = 2
+
+
+def lanes(dim, per):
     """Lanes per bag: the power of two >= min(dim, 32 * per) / per, so that a
-    lane serves up to ``per`` <= 4 (HE_EPT) elements per pass over the bag's
-    entries, sharing a thread's index and offset work between them.
-    Measured with benchmarks/gpu_profile.py on an H200 (RobeZ 1000x, D=16,
-    26 x 16384 bags, kernel alone): forward 1 / 2 / 4 per lane 152 / 92 /
-    65 us (per-lane slot math), 92 / 55 / 40 us (precomputed starts);
-    backward (SGD, atomics) 111 / 87 / 101 us. Forward takes 4, backward 2,
-    the fastest of each in that run (other D not yet measured)."""
+    lane serves up to ``per`` elements per pass over the bag's entries,
+    sharing a thread's index and offset work between them."""
     return 1 << max(0, (-(-min(dim, 32 * per) // per) - 1).bit_length())
+
+
+def _forward_ept(per):
+    """The forward kernel's register slots (template EPT) for ``per``."""
+    return 4 if per <= 4 else 16
 
 
 def _use_starts(scheme, forward_only=False):
@@ -86,8 +99,9 @@ def forward(indices, weight, offsets, scheme, table0, T, mode, per_sample_weight
         if b.B == 0 or T == 0:
             return result(None)
         s, layout, starts = _common(be, scheme, b, table0, forward_only=not return_saved)
-        W = lanes(scheme.dim)
-        be.launch("bag", f"bag_forward<{RT.ctype(dtype)}, {RT.ctype(b.idx.dtype)}, {_st(starts)}>",
+        W = lanes(scheme.dim, FORWARD_PER)
+        be.launch("bag", f"bag_forward<{RT.ctype(dtype)}, {RT.ctype(b.idx.dtype)}, {_st(starts)}, "
+                         f"{_forward_ept(FORWARD_PER)}>",
                   b.B * T * W,
                   [s] + layout + [w, b.psw if b.psw is not None else w, i64(b.psw is not None),
                                   out, i64(b.B), i64(T), i64(table0), i64(b.mode),
@@ -143,7 +157,7 @@ class _Runner:
         starts = None
         if not self.empty:
             self.s, self.layout, starts = _common(be, scheme, b, table0, given)
-        self.W = lanes(scheme.dim, per=2)
+        self.W = lanes(scheme.dim, BACKWARD_PER)
         self.R = RT.ctype(dtype)
         self.tname = f"{self.R}, {RT.ctype(b.idx.dtype)}, {_st(starts)}"
 

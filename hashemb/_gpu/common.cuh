@@ -27,7 +27,8 @@ typedef long long i64;
 #define HE_MEAN 1
 #define HE_MAX 2
 
-/* elements a lane keeps in registers per pass over a bag's entries */
+/* elements a backward lane keeps in registers per pass over a bag's entries
+   (the forward takes its count as a template argument) */
 #define HE_EPT 4
 
 /* key of "no slot" (padding, entries outside every bag): sorts last */
