@@ -91,9 +91,15 @@ def as_float(x, name, dtype=None):
                                                    else np.float32))
 
 
+_Scheme = None      # hashemb.schemes.Scheme (which imports this module)
+
+
 def check_scheme(scheme):
-    from .schemes import Scheme
-    if not isinstance(scheme, Scheme):
+    global _Scheme
+    if _Scheme is None:
+        from .schemes import Scheme
+        _Scheme = Scheme
+    if not isinstance(scheme, _Scheme):
         raise TypeError(f"scheme: expected a hashemb scheme (RobeZ, HashedNet, FullTable, ...), "
                         f"got {_desc(scheme)}")
     return scheme

@@ -72,6 +72,11 @@ class Scheme:
         """Shape of the array: ``(size,)``, one flat shared array."""
         return (self.size,)
 
+    @property
+    def _bounded(self):
+        """Are some tokens out of range (sized tables, or reference maps' >= 0)?"""
+        return self.table_sizes is not None or self._nonneg
+
     def _bounds(self, table0, T):
         """Per-table token bounds [0, n) for tables table0.., or None (any token)."""
         if self.table_sizes is not None:

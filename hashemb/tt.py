@@ -626,6 +626,8 @@ class _Sized:
     def __init__(self, sizes):
         self.table_sizes = list(sizes)
 
+    _bounded = True
+
     def _bounds(self, table0, T):
         return np.array(self.table_sizes[table0:table0 + T], np.int64)
 

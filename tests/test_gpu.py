@@ -102,6 +102,27 @@ def test_patch_struct_changes_exactly_the_pointer_offsets():
         RT.patch_struct(raw, [(3, None)], [1])
 
 
+def test_kernel_int_arguments_are_memoised_and_bounded():
+    a = RT.i64(12345)
+    assert type(a) is np.int64 and a == 12345 and RT.i64(12345) is a
+    assert RT.i64(True) == 1 and RT.i64(-(1 << 63)) == -(1 << 63)
+    for v in range(10_000):
+        assert RT.i64(v) == v
+    assert len(RT._I64) <= 4096
+
+
+@pytest.mark.parametrize("kind", ["robe", "robe-signed", "robe-wide", "hnet", "hnet-ref",
+                                  "robe-ref", "full", "lsh"])
+def test_bounded_says_whether_bounds_exist(kind):
+    """check_bags skips the bounds lookup by scheme._bounded: it must agree
+    with _bounds (else a sized table would go unchecked)."""
+    schemes = _lsh_schemes() if kind == "lsh" else [make_scheme(kind, 4, 1)]
+    for scheme in schemes:
+        assert scheme._bounded == (scheme._bounds(0, 1) is not None)
+    from hashemb import tt as TT
+    assert TT._Sized([3])._bounded
+
+
 def test_importing_hashemb_does_not_import_cupy():
     code = ("import sys, numpy as np, hashemb as he\n"
             "he.embedding_bag(np.array([[1, 2]]), he.RobeZ(64, 4).init_weight(), scheme=he.RobeZ(64, 4))\n"

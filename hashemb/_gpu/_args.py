@@ -133,12 +133,12 @@ def check_bags(be, scheme, b, table0, user_len=0):
     read of 4 numbers. ValueError / IndexError with the CPU's messages."""
     if not RT.OPTIONS["check_indices"]:
         return
-    dbounds = RT.scheme_bounds(be, scheme, table0, b.T)
-    has_bounds = dbounds is not None
     use_off = b.off is not None
     n = b.idx.shape[0]
-    if not (use_off or (has_bounds and n)):
+    if not (use_off or (n and scheme._bounded)):
         return
+    dbounds = RT.scheme_bounds(be, scheme, table0, b.T)
+    has_bounds = dbounds is not None
     xp = be.xp
     res = xp.full(4, np.uint64(_NONE), np.uint64)
     dbounds = dbounds if has_bounds else res

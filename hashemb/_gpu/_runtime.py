@@ -67,11 +67,26 @@ _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double",
 
 def ctype(dtype):
     """C name of a kernel template argument for a NumPy dtype."""
-    return _CTYPES[np.dtype(dtype)]
+    try:
+        return _CTYPES[dtype]           # a dtype object already (every launcher's case)
+    except KeyError:
+        return _CTYPES[np.dtype(dtype)]
+
+
+_I64 = {}
 
 
 def i64(v):
-    return np.int64(v)
+    """v as a kernel's 64-bit integer argument. Launches take a dozen of them,
+    mostly the same few values, so they are kept (a dict lookup is a quarter
+    of np.int64's cost); the memo is bounded, since sizes vary per batch."""
+    try:
+        return _I64[v]
+    except KeyError:
+        if len(_I64) >= 4096:
+            _I64.clear()
+        r = _I64[v] = np.int64(v)
+        return r
 
 
 # ------------------------------------------------------------------ CuPy

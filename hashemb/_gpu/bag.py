@@ -5,6 +5,7 @@ a stable sort and ordered per-slot sums that reproduce the CPU bit for bit."""
 import numpy as np
 
 from .. import _validate as V
+from ..bag import BagSaved
 from ..optim import SGD, Adagrad, check_optimizer
 from . import _args as A
 from . import _runtime as RT
@@ -94,7 +95,6 @@ def forward(indices, weight, offsets, scheme, table0, T, mode, per_sample_weight
         def result(starts):
             if not return_saved:
                 return out
-            from ..bag import BagSaved
             return out, BagSaved(starts, scheme, table0, T, b.B, b.idx.shape[0], b.mode, True)
         if b.B == 0 or T == 0:
             return result(None)
@@ -127,7 +127,6 @@ def backward(grad_output, indices, offsets, scheme, table0, T, mode, per_sample_
                    dtype=dtype, table0=table0, num_tables=T,
                    include_last_offset=include_last_offset, padding_idx=padding_idx)
         g = A.as_grad(be, grad_output, (b.B, T * scheme.dim), dtype)
-        from ..bag import BagSaved
         given = V.check_bag_saved(saved, BagSaved, scheme, table0, T, b.B, b.idx.shape[0],
                                   b.mode, True)
         w = None if weight is None else A.as_weight(be, weight, scheme,
