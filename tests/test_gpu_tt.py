@@ -447,3 +447,41 @@ def test_device_torch_tt_cache_is_cpu_only():
     emb = TTEmbeddingBag(100, 4, [3, 3], use_cache=True, cache_size=8).cuda()
     with pytest.raises(TypeError, match="^use_cache: the LFU cache"):
         emb(torch.tensor([1, 2], device="cuda"), torch.tensor([0, 2], device="cuda"))
+
+
+def _runs_reference(srt, chunk):
+    """(cs, cv, gc, gv, run of each position) by walking the sorted keys."""
+    cs, cv, gc, gv, run = [], [], [], [], []
+    p, L = 0, len(srt)
+    while p < L:
+        q = p
+        while q < L and srt[q] == srt[p]:
+            q += 1
+        gc.append(len(cs))
+        gv.append(srt[p])
+        for c0 in range(p, q, chunk):
+            cs.append(c0)
+            cv.append(srt[p])
+        run += [len(gv) - 1] * (q - p)
+        p = q
+    gc.append(len(cs))
+    cs.append(L)
+    return cs, cv, gc, gv, run
+
+
+@FIXTURE
+@given(keys=st.lists(st.integers(-3, 6), max_size=40), chunk=st.integers(1, 50))
+def test_runs_of_sorted_keys(dev, keys, chunk):
+    """_runs (tt_runs_flags, a scan, tt_runs_scatter): the chunks and runs of
+    sorted keys and, given the sort's permutation, each entry's run."""
+    be = dev.be or GT.RT.backend()
+    x = np.array(keys, np.int64)
+    order = np.argsort(x, kind="stable")
+    cs, cv, gc, gv, run = _runs_reference(x[order], chunk)
+    got = GT._runs(be, dev.put(x[order]), chunk, dev.put(order))
+    for g, w in zip(got[:4], (cs, cv, gc, gv)):
+        np.testing.assert_array_equal(dev.get(g), np.array(w, np.int64))
+    inv = np.empty(len(x), np.int64)
+    inv[order] = run
+    np.testing.assert_array_equal(dev.get(got[4]), inv)
+    assert GT._runs(be, dev.put(x[order]), chunk)[4] is None

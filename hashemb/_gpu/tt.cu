@@ -305,7 +305,67 @@ __global__ void tt_unpool(const R* __restrict__ g, i64 ldg, i64 col0,
         target[k * D + i] = acc;
 }
 
+/*
+ * Runs of equal keys in sorted keys srt[0 .. L), each cut into chunks of at
+ * most `chunk` positions (hashemb/_gpu/tt.py _runs): the deduplication of a
+ * table's indices (chunk >= L: one chunk a run) and the chunks of the
+ * digit groups and of unpooling. Two launches around one scan:
+ *   tt_runs_flags: flags[p] = (p starts a chunk) + ((p starts a run) << 32);
+ *   (an inclusive cumsum of flags: chunk count below bit 32, run count above)
+ *   tt_runs_scatter: chunk c starts at cs[c] with key cv[c]; run g is chunks
+ *   gc[g] .. gc[g+1]-1 of key gv[g]; cs[nch] = L, gc[ng] = nch; with `order`
+ *   (the sort's permutation) inv[order[p]] = run of position p.
+ * A run start always starts a chunk, and counts stay below 2^32 (L < 2^31).
+ */
+__global__ void tt_runs_flags(const int64_t* __restrict__ srt, i64 L, i64 chunk,
+                              int64_t* __restrict__ flags)
+{
+    const i64 p = he_tid();
+    if (p >= L)
+        return;
+    i64 lo = 0, hi = p;                  /* first position of srt[p]'s run */
+    while (lo < hi) {
+        const i64 mid = (lo + hi) >> 1;
+        if (srt[mid] < srt[p])
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    flags[p] = (i64)((p - lo) % chunk == 0) + ((i64)(lo == p) << 32);
+}
+
+__global__ void tt_runs_scatter(const int64_t* __restrict__ srt,
+                                const int64_t* __restrict__ flags,
+                                const int64_t* __restrict__ counts, i64 L, i64 nch, i64 ng,
+                                int64_t* __restrict__ cs, int64_t* __restrict__ cv,
+                                int64_t* __restrict__ gc, int64_t* __restrict__ gv,
+                                const int64_t* __restrict__ order, i64 use_order,
+                                int64_t* __restrict__ inv)
+{
+    const i64 p = he_tid();
+    if (p >= L)
+        return;
+    const i64 f = flags[p], n = counts[p];
+    const i64 c = (n & 0xFFFFFFFFLL) - 1, g = (n >> 32) - 1;
+    if (f & 0xFFFFFFFFLL) {
+        cs[c] = p;
+        cv[c] = srt[p];
+    }
+    if (f >> 32) {
+        gc[g] = c;
+        gv[g] = srt[p];
+    }
+    if (use_order)
+        inv[order[p]] = g;
+    if (p == 0) {
+        cs[nch] = L;
+        gc[ng] = nch;
+    }
+}
+
 HE_KERNEL(tt_digits)
+HE_KERNEL(tt_runs_flags)
+HE_KERNEL(tt_runs_scatter)
 HE_KERNEL(tt_bag_of)
 HE_KERNEL(tt_step_fwd<float>)
 HE_KERNEL(tt_step_fwd<double>)

@@ -90,24 +90,42 @@ def _bags(be, indices, offsets, per_sample_weights, shapes, sizes, mode, T,
     return idx, off, psw, b.B, b.mode, bounds
 
 
+def _runs(be, srt, chunk, order=None):
+    """(cs, cv, gc, gv, inv) of sorted int64 keys: chunks k of positions
+    cs[k] .. cs[k+1]-1 (at most ``chunk``, one key cv[k] each); run g of
+    equal keys = chunks gc[g] .. gc[g+1]-1, of key gv[g]; with ``order``
+    (the sort's permutation) inv[order[p]] = the run of position p, else
+    None. Two launches and one scan (tt_runs_flags / tt_runs_scatter), and
+    one read of the two counts."""
+    xp = be.xp
+    L = srt.shape[0]
+    if L >= 1 << 31:
+        raise ValueError(f"indices: expected fewer than 2**31 lookups of one table in a batch "
+                         f"on the GPU, got {L}")
+    flags = xp.empty(L, np.int64)
+    be.launch("tt", "tt_runs_flags", L, [srt, i64(L), i64(chunk), flags])
+    counts = xp.cumsum(flags)
+    last = int(be.to_host(counts[L - 1:])[0]) if L else 0
+    nch, ng = last & 0xFFFFFFFF, last >> 32
+    buf = (xp.empty if L else xp.zeros)(2 * nch + 2 * ng + 2, np.int64)   # L = 0: cs = gc = [0]
+    cs, cv = buf[:nch + 1], buf[nch + 1:2 * nch + 1]
+    gc, gv = buf[2 * nch + 1:2 * nch + ng + 2], buf[2 * nch + ng + 2:]
+    inv = xp.empty(L, np.int64) if order is not None else None
+    be.launch("tt", "tt_runs_scatter", L,
+              [srt, flags, counts, i64(L), i64(nch), i64(ng), cs, cv, gc, gv,
+               order if order is not None else flags, i64(order is not None),
+               inv if inv is not None else flags])
+    return cs, cv, gc, gv, inv
+
+
 def _dedup(be, idx):
-    """(rows, inv, order, ustart) of int64 indices: the distinct rows
+    """(rows, inv, order, ustart) of int64 indices (n >= 1): the distinct rows
     (sorted), each entry's row number, the entries sorted stably by row and
     where each row's entries start in that order (U+1 values)."""
-    xp = be.xp
-    n = idx.shape[0]
     order = be.stable_argsort(idx)
-    srt = idx[order]
-    head = xp.empty(n, dtype=bool)
-    head[0] = True
-    xp.not_equal(srt[1:], srt[:-1], out=head[1:])
-    starts = xp.flatnonzero(head)
-    ustart = xp.empty(starts.shape[0] + 1, np.int64)
-    ustart[:-1] = starts
-    ustart[-1] = n
-    inv = xp.empty(n, np.int64)
-    inv[order] = xp.cumsum(head, dtype=np.int64) - 1
-    return srt[starts], inv, order, ustart
+    n = idx.shape[0]
+    ustart, rows, _, _, inv = _runs(be, idx[order], n, order)
+    return rows, inv, order, ustart
 
 
 def _chunk(L, per_chunk):
@@ -123,29 +141,7 @@ def _groups(be, dig, chunk):
     cs[k] .. cs[k+1]-1 (at most ``chunk``, one digit cv[k] each), and digit
     group g = chunks gc[g] .. gc[g+1]-1 of slice gv[g] (the touched slices)."""
     order = be.stable_argsort(dig)
-    return (order,) + _chunks(be, dig[order], chunk)
-
-
-def _chunks(be, srt, chunk):
-    """(cs, cv, gc, gv) of sorted keys: chunks k of positions cs[k] ..
-    cs[k+1]-1 (at most ``chunk``, one key cv[k] each); group g of equal keys
-    = chunks gc[g] .. gc[g+1]-1, of key gv[g]."""
-    xp = be.xp
-    L = srt.shape[0]
-    pos = xp.arange(L, dtype=np.int64)
-    gstart = xp.searchsorted(srt, srt, side="left")
-    starts = xp.flatnonzero((pos - gstart) % chunk == 0)
-    nch = starts.shape[0]
-    cs = xp.empty(nch + 1, np.int64)
-    cs[:-1] = starts
-    cs[-1] = L
-    cv = xp.ascontiguousarray(srt[starts])
-    first = xp.flatnonzero(starts == gstart[starts])
-    gc = xp.empty(first.shape[0] + 1, np.int64)
-    gc[:-1] = first
-    gc[-1] = nch
-    gv = xp.ascontiguousarray(cv[first])
-    return cs, cv, gc, gv
+    return (order,) + _runs(be, dig[order], chunk)[:4]
 
 
 def _chain(be, rows, cores, s, save):
@@ -252,7 +248,7 @@ def _unpool(be, g, part, bag, toff, psw, mode, D, det, dtype):
     UNPOOL_CHUNK of its entries (tt_unpool)."""
     xp = be.xp
     U = part.ustart.shape[0] - 1
-    cs, cu, gc, gu = _chunks(be, part.inv[part.order], UNPOOL_CHUNK)
+    cs, cu, gc, gu, _ = _runs(be, part.inv[part.order], UNPOOL_CHUNK)
     nch = cs.shape[0] - 1
     head = [g, i64(g.shape[1]), i64(part.col0), part.order, cs, cu, i64(nch), bag, toff,
             i64(part.lo), psw if psw is not None else g, i64(psw is not None),
