@@ -170,6 +170,7 @@ def main(argv=None):
     he.set_gpu_options(precompute_starts=True)
     profile("FullTable step, check_indices=False, precompute_starts=True", step(full, W))
     profile("RobeZ forward, precompute_starts=True", fwd(robe, M))
+    profile("RobeZ step, precompute_starts=True (bag_starts, then the forward)", step(robe, M))
     he.set_gpu_options(check_indices=True, precompute_starts=None)
 
     # the launch shape: elements per lane (bag.FORWARD_PER, BACKWARD_PER);

@@ -61,7 +61,9 @@ def _forward(indices, weight, offsets, scheme, table0, T, mode, per_sample_weigh
     w = V.as_weight(weight, scheme)
     out = np.empty((b.B, T * scheme.dim), dtype)
     keep = return_saved and k.wants_starts(scheme._view, b.mode) and b.idx.shape[0] > 0
-    starts = np.empty(b.idx.shape[0] * (scheme.dim // scheme._run) if keep else 0, np.uint64)
+    # zeros (calloc: free until written): entries outside every bag keep a
+    # valid start, so a saved of other offsets never sends backward out of bounds
+    starts = np.zeros(b.idx.shape[0] * (scheme.dim // scheme._run) if keep else 0, np.uint64)
     k.forward(scheme._view, b.idx, b.off, w, b.psw, out, b.B, T, table0, b.mode,
               b.has_pad, b.pad, starts)
     if not return_saved:

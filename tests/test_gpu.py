@@ -603,10 +603,13 @@ def test_device_torch_bag_function_on_cuda_tensors():
     np.testing.assert_allclose(wg.grad.cpu().numpy(), wc.grad.numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_saved_run_starts_on_the_device_equal_the_host():
-    """return_saved on the device keeps bag_starts' run starts (the host's
-    values exactly); backward given them skips that launch and gives the
-    same gradient; a host saved is a TypeError there."""
+@pytest.mark.parametrize("pre", [None, True])
+def test_saved_run_starts_on_the_device_equal_the_host(pre):
+    """return_saved on the device keeps the run starts (the host's values
+    exactly): written by the forward kernel as it hashes, in its one launch
+    (default), or by bag_starts (precompute_starts=True); backward given
+    them skips that launch and gives the same gradient; a host saved is a
+    TypeError there."""
     be = gpu_emu.emu_backend()
     from hashemb._gpu import bag as G
     robe = he.RobeZ(5003, 16, block=4)
@@ -615,8 +618,14 @@ def test_saved_run_starts_on_the_device_equal_the_host():
     W = robe.init_weight(dtype=np.float64)
     g = rng.standard_normal((40, 48))
     out_h, saved_h = he.embedding_bags(X, W, scheme=robe, num_tables=3, return_saved=True)
-    out_d, saved_d = G.forward(be.to_device(X), be.to_device(W), None, robe, 0, 3, "sum",
-                               None, True, None, be=be, return_saved=True)
+    old = he.set_gpu_options(precompute_starts=pre)
+    try:
+        be.launches.clear()
+        out_d, saved_d = G.forward(be.to_device(X), be.to_device(W), None, robe, 0, 3, "sum",
+                                   None, True, None, be=be, return_saved=True)
+        assert len(be.launches) == (1 if pre is None else 2), be.launches
+    finally:
+        he.set_gpu_options(**old)
     np.testing.assert_array_equal(out_d, out_h)
     assert saved_d.device and not saved_h.device
     # the host keeps feature-major entries, the device row-major (B, T) ones
@@ -630,6 +639,59 @@ def test_saved_run_starts_on_the_device_equal_the_host():
     np.testing.assert_array_equal(with_saved, G.backward(*args, be=be))
     with pytest.raises(TypeError, match="forward on the device"):
         G.backward(*args, be=be, saved=saved_h)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_backward_given_forward_starts_equals_backward_alone(mode):
+    """Offsets that skip entries, padding, several runs per row: the starts
+    a forward wrote as it hashed serve every entry the backward reads."""
+    be = gpu_emu.emu_backend()
+    rng = np.random.default_rng(7)
+    robe = he.RobeZ(997, 12, block=3, seed=2)
+    T, B = 3, 6
+    off = np.r_[0, np.cumsum(rng.integers(0, 4, T * B))].astype(np.int64)
+    idx = rng.integers(0, 6, off[-1] + 2)      # two entries past the last bag
+    pad = int(idx[0])
+    M = robe.init_weight(seed=1)
+    G_ = rng.standard_normal((B, T * 12)).astype(np.float32)
+    out, saved = GB.forward(idx, M, off, robe, 0, T, mode, None, True, pad, be=be,
+                            return_saved=True)
+    assert saved.starts is not None
+    for det in (True, False):
+        args = (G_, idx, off, robe, 0, T, mode, None, True, pad, M.copy(), None, det)
+        np.testing.assert_array_equal(GB.backward(*args, be=be, saved=saved),
+                                      GB.backward(*args, be=be))
+
+
+@pytest.mark.parametrize("where", ["cpu", "emulator"])
+def test_saved_of_other_offsets_stays_in_bounds(where):
+    """A saved from a forward whose bags covered fewer entries (a misuse:
+    other inputs of the same sizes) gives a wrong gradient, but every
+    contribution still lands inside the array: the gradient's total is the
+    correct one's, and nothing is written out of bounds."""
+    rng = np.random.default_rng(3)
+    robe = he.RobeZ(997, 8, block=4, seed=1)
+    T, B, n = 2, 4, 20
+    idx = rng.integers(0, 50, n)
+    off_f = np.r_[0, np.sort(rng.integers(0, 6, T * B - 1)), 6].astype(np.int64)
+    off_b = np.linspace(0, n, T * B + 1).astype(np.int64)
+    M = robe.init_weight(seed=2)
+    G_ = rng.standard_normal((B, T * 8)).astype(np.float32)
+    if where == "cpu":
+        _, saved = he.embedding_bags(idx, M, off_f, scheme=robe, num_tables=T, return_saved=True)
+        got = he.embedding_bags_backward(G_, idx, off_b, scheme=robe, num_tables=T, weight=M,
+                                         saved=saved)
+    else:
+        be = gpu_emu.emu_backend()
+        _, saved = GB.forward(idx, M, off_f, robe, 0, T, "sum", None, True, None, be=be,
+                              return_saved=True)
+        saved.starts[:] = np.uint64(1 << 63)        # what an unwritten entry may hold
+        got = GB.backward(G_, idx, off_b, robe, 0, T, "sum", None, True, None, M, None,
+                          True, be=be, saved=saved)
+    want = he.embedding_bags_backward(G_, idx, off_b, scheme=robe, num_tables=T, weight=M)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got.sum(dtype=np.float64), want.sum(dtype=np.float64),
+                               rtol=1e-5)
 
 
 def test_device_torch_fast_embeddings_on_cuda():

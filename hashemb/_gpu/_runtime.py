@@ -35,9 +35,10 @@ OPTIONS = {
     # backward through sort + ordered segment sums (bitwise the CPU result)
     # instead of atomics
     "deterministic": False,
-    # None: precompute run starts for unsigned schemes of <= 4 runs per row
-    # (backward, and a forward with return_saved; a plain forward hashes per
-    # lane in its one launch); True / False: always / never where unsigned
+    # None: a forward hashes per lane in its one launch, and with
+    # return_saved writes the run starts as it goes (unsigned schemes of <= 4
+    # runs per row); a backward not given them precomputes them (bag_starts);
+    # True / False: always precompute / never use them, where unsigned
     "precompute_starts": None,
 }
 

@@ -41,12 +41,21 @@ __device__ __forceinline__ he_row he_entry_row(const he_scheme* s, i64 table, i6
     return he_row_begin(s, table, x);
 }
 
-/* Start of run k of the row `row` of entry j (precomputed or on the fly). */
+/*
+ * Start of run k of the row `row` of entry j (precomputed or on the fly). A
+ * start read from memory is trusted only to stay in bounds: a saved of other
+ * inputs (entries its forward never wrote) gives wrong values, never a write
+ * outside the array.
+ */
 template <bool ST>
 __device__ __forceinline__ uint64_t he_start(const he_scheme* s, const he_row* row,
                                              const uint64_t* starts, i64 j, i64 k)
 {
-    return ST ? starts[j * s->runs + k] : he_run_start(s, row, k);
+    if (ST) {
+        const uint64_t st = starts[j * s->runs + k];
+        return st < s->size ? st : 0;
+    }
+    return he_run_start(s, row, k);
 }
 
 /* Sign of element i (always +1 where the starts were precomputed: unsigned). */
@@ -81,13 +90,18 @@ __global__ void bag_starts(const he_scheme* __restrict__ s, const I* __restrict_
  * out[b, t*D + i] = pool over the entries of bag t*B + b (the CPU's _bag).
  * EPT: register slots of a lane per pass (the launcher's elements per lane,
  * rounded up to an instantiated 4 or 16; slots past D stay idle).
+ * use_keep (hashing per lane, !ST): also write every (entry, run) start to
+ * keep[j * R + k], as bag_starts would (the lane holding a run's first
+ * element writes it), so that a training step's backward hashes nothing
+ * and the forward is still one launch.
  */
 template <typename R, typename I, bool ST, int EPT>
 __global__ void bag_forward(const he_scheme* __restrict__ s, const I* __restrict__ idx,
                             const int64_t* __restrict__ off, i64 use_off, i64 rowlen, i64 nper,
                             const uint64_t* __restrict__ starts, const R* __restrict__ M,
                             const R* __restrict__ psw, i64 use_psw, R* __restrict__ out,
-                            i64 B, i64 T, i64 table0, i64 mode, i64 has_pad, i64 pad, i64 W)
+                            i64 B, i64 T, i64 table0, i64 mode, i64 has_pad, i64 pad, i64 W,
+                            uint64_t* __restrict__ keep, i64 use_keep)
 {
     i64 lane;
     const i64 q = he_bag_of_thread(he_tid(), W, &lane);
@@ -119,6 +133,8 @@ __global__ void bag_forward(const he_scheme* __restrict__ s, const I* __restrict
                 const int i = i0 + c * nw;
                 if (i < D) {
                     const uint64_t st = he_start<ST>(s, &row, starts, j, kk[c]);
+                    if (!ST && use_keep && jj[c] == 0)
+                        keep[j * s->runs + kk[c]] = st;
                     const int sg = he_entry_sign<ST>(s, &row, i);
                     const R v = (R)sg * M[he_run_slot(s, st, jj[c])];
                     if (mode == HE_MAX) {

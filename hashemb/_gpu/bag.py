@@ -39,16 +39,27 @@ def _forward_ept(per):
     return 4 if per <= 4 else 16
 
 
+def _starts_pay(scheme):
+    """Do run starts pay for an unsigned scheme: few runs per row, and not a
+    full table (whose starts are a multiply)?"""
+    return not scheme._signed and scheme.dim // scheme._run <= 4 and scheme._kind != _FULL
+
+
 def _use_starts(scheme, forward_only=False):
     """Precompute the run starts (bag_starts, then the ST kernels)? Only
-    unsigned schemes can. By default for few runs per row, and not for a
-    forward that keeps nothing: its one launch, hashing per lane, beat two
-    (host time per launch dominates a forward on the H200)."""
+    unsigned schemes can. By default only for a backward (of few runs per
+    row) not given them: a forward hashes per lane in its one launch, and
+    one that keeps them for its backward writes them as it goes (_keeps);
+    one launch beat two on the H200, where host time per launch dominates."""
     opt = RT.OPTIONS["precompute_starts"]
     if opt is not None:
         return bool(opt) and not scheme._signed
-    return (not forward_only and not scheme._signed and scheme.dim // scheme._run <= 4
-            and scheme._kind != _FULL)
+    return not forward_only and _starts_pay(scheme)
+
+
+def _keeps(scheme, return_saved):
+    """Does a forward write the run starts for its backward as it hashes?"""
+    return return_saved and RT.OPTIONS["precompute_starts"] is None and _starts_pay(scheme)
 
 
 def _st(starts):
@@ -98,15 +109,20 @@ def forward(indices, weight, offsets, scheme, table0, T, mode, per_sample_weight
             return out, BagSaved(starts, scheme, table0, T, b.B, b.idx.shape[0], b.mode, True)
         if b.B == 0 or T == 0:
             return result(None)
-        s, layout, starts = _common(be, scheme, b, table0, forward_only=not return_saved)
+        n = b.idx.shape[0]
+        keep = (be.xp.empty(n * (scheme.dim // scheme._run), np.uint64)
+                if n and _keeps(scheme, return_saved) else None)
+        s, layout, starts = _common(be, scheme, b, table0,
+                                    forward_only=not return_saved or keep is not None)
         W = lanes(scheme.dim, FORWARD_PER)
         be.launch("bag", f"bag_forward<{RT.ctype(dtype)}, {RT.ctype(b.idx.dtype)}, {_st(starts)}, "
                          f"{_forward_ept(FORWARD_PER)}>",
                   b.B * T * W,
                   [s] + layout + [w, b.psw if b.psw is not None else w, i64(b.psw is not None),
                                   out, i64(b.B), i64(T), i64(table0), i64(b.mode),
-                                  i64(b.has_pad), i64(b.pad), i64(W)])
-        return result(starts)
+                                  i64(b.has_pad), i64(b.pad), i64(W),
+                                  keep if keep is not None else out, i64(keep is not None)])
+        return result(keep if keep is not None else starts)
 
 
 def backward(grad_output, indices, offsets, scheme, table0, T, mode, per_sample_weights,
