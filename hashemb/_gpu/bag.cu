@@ -66,6 +66,41 @@ __device__ __forceinline__ int he_entry_sign(const he_scheme* s, const he_row* r
 }
 
 /*
+ * What a bag kernel's thread works on: bag q = t*B + b (table `table`), its
+ * lane, and the bag's entries r. False for a thread past the last bag.
+ */
+struct he_bag_thread {
+    i64 q, t, b, table, lane;
+    he_range r;
+};
+
+__device__ __forceinline__ bool he_bag_thread_of(i64 W, i64 B, i64 T, i64 table0,
+                                                 const int64_t* off, i64 use_off, i64 rowlen,
+                                                 i64 nper, he_bag_thread* h)
+{
+    h->q = he_bag_of_thread(he_tid(), W, &h->lane);
+    if (h->q >= T * B)
+        return false;
+    h->t = he_div(h->q, B);
+    h->b = h->q - h->t * B;
+    h->table = table0 + h->t;
+    h->r = he_bag_range(off, use_off, h->q, h->t, h->b, rowlen, nper);
+    return true;
+}
+
+/* Run kk[c] and place jj[c] in it of the N elements i0 + c*nw a lane serves in a pass. */
+template <int N>
+__device__ __forceinline__ void he_lane_runs(int i0, int nw, int L, int* kk, int* jj)
+{
+#pragma unroll
+    for (int c = 0; c < N; c++) {
+        const int i = i0 + c * nw;
+        kk[c] = i / L;
+        jj[c] = i - kk[c] * L;
+    }
+}
+
+/*
  * starts[j * R + k] = start of run k of entry j for every entry in a bag
  * (R = s->runs), one thread per (entry, run). Only for unsigned schemes: the
  * bag kernels then need no row state at all.
@@ -103,24 +138,20 @@ __global__ void bag_forward(const he_scheme* __restrict__ s, const I* __restrict
                             i64 B, i64 T, i64 table0, i64 mode, i64 has_pad, i64 pad, i64 W,
                             uint64_t* __restrict__ keep, i64 use_keep)
 {
-    i64 lane;
-    const i64 q = he_bag_of_thread(he_tid(), W, &lane);
-    if (q >= T * B)
+    he_bag_thread h;
+    if (!he_bag_thread_of(W, B, T, table0, off, use_off, rowlen, nper, &h))
         return;
-    const i64 t = he_div(q, B), b = q - t * B, table = table0 + t;
+    const i64 table = h.table;
+    const he_range r = h.r;
     const int D = (int)s->dim, L = (int)s->run, nw = (int)W;     /* D < 2^20 */
-    const he_range r = he_bag_range(off, use_off, q, t, b, rowlen, nper);
-    R* o = out + b * (T * D) + t * D;
-    for (int i0 = (int)lane; i0 < D; i0 += EPT * nw) {
+    R* o = out + h.b * (T * D) + h.t * D;
+    for (int i0 = (int)h.lane; i0 < D; i0 += EPT * nw) {
         R acc[EPT];
         int kk[EPT], jj[EPT];
+        he_lane_runs<EPT>(i0, nw, L, kk, jj);
 #pragma unroll
-        for (int c = 0; c < EPT; c++) {
-            const int i = i0 + c * nw;
-            kk[c] = i / L;
-            jj[c] = i - kk[c] * L;
+        for (int c = 0; c < EPT; c++)
             acc[c] = 0;
-        }
         i64 cnt = 0;
         for (i64 j = r.j0; j < r.j1; j++) {
             const i64 x = (i64)idx[j];
@@ -210,14 +241,13 @@ __global__ void bag_backward(const he_scheme* __restrict__ s, const I* __restric
                              i64 out_mode, R* __restrict__ target, int64_t* __restrict__ keys,
                              R* __restrict__ vals)
 {
-    i64 lane;
-    const i64 q = he_bag_of_thread(he_tid(), W, &lane);
-    if (q >= T * B)
+    he_bag_thread h;
+    if (!he_bag_thread_of(W, B, T, table0, off, use_off, rowlen, nper, &h))
         return;
-    const i64 t = he_div(q, B), b = q - t * B, table = table0 + t;
+    const i64 q = h.q, table = h.table, lane = h.lane;
+    const he_range r = h.r;
     const int D = (int)s->dim, L = (int)s->run, nw = (int)W;     /* D < 2^20 */
-    const he_range r = he_bag_range(off, use_off, q, t, b, rowlen, nper);
-    const R* go = grad + b * (T * D) + t * D;
+    const R* go = grad + h.b * (T * D) + h.t * D;
 
     if (mode == HE_MAX) {
         for (int i = (int)lane; i < D; i += nw) {
@@ -252,13 +282,10 @@ __global__ void bag_backward(const he_scheme* __restrict__ s, const I* __restric
     for (int i0 = (int)lane; i0 < D; i0 += HE_EPT * nw) {
         R gv[HE_EPT];
         int kk[HE_EPT], jj[HE_EPT];
+        he_lane_runs<HE_EPT>(i0, nw, L, kk, jj);
 #pragma unroll
-        for (int c = 0; c < HE_EPT; c++) {
-            const int i = i0 + c * nw;
-            kk[c] = i / L;
-            jj[c] = i - kk[c] * L;
-            gv[c] = i < D ? go[i] : (R)0;
-        }
+        for (int c = 0; c < HE_EPT; c++)
+            gv[c] = i0 + c * nw < D ? go[i0 + c * nw] : (R)0;
         for (i64 j = r.j0; j < r.j1; j++) {
             const i64 x = (i64)idx[j];
             const i64 pos = r.pos0 + (j - r.j0);
@@ -312,13 +339,12 @@ __global__ void bag_adagrad_walk(const he_scheme* __restrict__ s, const I* __res
                                  R* __restrict__ w, R* __restrict__ scratch,
                                  R* __restrict__ state, R lr, R eps)
 {
-    i64 lane;
-    const i64 q = he_bag_of_thread(he_tid(), W, &lane);
-    if (q >= T * B)
+    he_bag_thread h;
+    if (!he_bag_thread_of(W, B, T, table0, off, use_off, rowlen, nper, &h))
         return;
-    const i64 t = he_div(q, B), b = q - t * B, D = s->dim, table = table0 + t;
+    const i64 D = s->dim, table = h.table, lane = h.lane;
     const int L = (int)s->run;
-    const he_range r = he_bag_range(off, use_off, q, t, b, rowlen, nper);
+    const he_range r = h.r;
     for (i64 j = r.j0; j < r.j1; j++) {
         const i64 x = (i64)idx[j];
         if (has_pad && x == pad)
