@@ -68,6 +68,11 @@ __device__ __forceinline__ int he_entry_sign(const he_scheme* s, const he_row* r
 /*
  * What a bag kernel's thread works on: bag q = t*B + b (table `table`), its
  * lane, and the bag's entries r. False for a thread past the last bag.
+ * Threads take the bags in memory order: feature-major with offsets (the
+ * offsets and entries of consecutive bags are adjacent), sample-major for
+ * 2-D (B, T) input, where bag (t, b) is the entry [b, t] and its output
+ * row out[b, t*D:(t+1)*D], so that a warp's index reads and output writes
+ * are contiguous rather than T entries / T*D floats apart.
  */
 struct he_bag_thread {
     i64 q, t, b, table, lane;
@@ -78,11 +83,17 @@ __device__ __forceinline__ bool he_bag_thread_of(i64 W, i64 B, i64 T, i64 table0
                                                  const int64_t* off, i64 use_off, i64 rowlen,
                                                  i64 nper, he_bag_thread* h)
 {
-    h->q = he_bag_of_thread(he_tid(), W, &h->lane);
-    if (h->q >= T * B)
+    const i64 g = he_bag_of_thread(he_tid(), W, &h->lane);
+    if (g >= T * B)
         return false;
-    h->t = he_div(h->q, B);
-    h->b = h->q - h->t * B;
+    if (use_off || T == 1) {
+        h->t = he_div(g, B);
+        h->b = g - h->t * B;
+    } else {
+        h->b = he_div(g, T);
+        h->t = g - h->b * T;
+    }
+    h->q = h->t * B + h->b;
     h->table = table0 + h->t;
     h->r = he_bag_range(off, use_off, h->q, h->t, h->b, rowlen, nper);
     return true;
