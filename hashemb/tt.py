@@ -650,8 +650,14 @@ class TTSaved:
     True
     """
 
-    def __init__(self, parts, B, nnz):
+    def __init__(self, parts, B, nnz, shapes):
         self.parts, self.B, self.nnz = parts, B, nnz
+        self.layout = _layout(shapes)
+
+
+def _layout(shapes):
+    """What a saved's buffers were sized by: every table's TT shape and dtype."""
+    return tuple((tuple(s.p), tuple(s.q), tuple(s.R), np.dtype(s.dtype).str) for _, s in shapes)
 
 
 _Part = namedtuple("_Part", "ctx src hit_slot hit_n col0 lo hi")
@@ -664,9 +670,10 @@ def _check_mode(mode):
     return mode
 
 
-def _check_saved(saved, B, nnz, T, part_type):
-    """The parts of a TTSaved made by the forward of these inputs on this
-    backend (part_type: the CPU's _Part or the GPU's)."""
+def _check_saved(saved, B, nnz, shapes, part_type):
+    """The parts of a TTSaved made by the forward of these inputs and tables
+    on this backend (part_type: the CPU's _Part or the GPU's)."""
+    T = len(shapes)
     if not isinstance(saved, TTSaved):
         raise TypeError(f"saved: expected a TTSaved from return_saved=True, got {V._desc(saved)}")
     if saved.parts and not isinstance(saved.parts[0], part_type):
@@ -677,6 +684,13 @@ def _check_saved(saved, B, nnz, T, part_type):
         raise ValueError(f"saved: expected the forward of these inputs ({B} bags, "
                          f"{nnz} indices, {T} tables), got one of {saved.B} "
                          f"bags, {saved.nnz} indices, {len(saved.parts)} tables")
+    layout = _layout(shapes)
+    if saved.layout != layout:
+        t = next(t for t, (a, b) in enumerate(zip(layout, saved.layout)) if a != b)
+        (p, q, R, dt), (p0, q0, R0, dt0) = layout[t], saved.layout[t]
+        raise ValueError(f"saved: expected the forward of these tables (table {t}: p {list(p)}, "
+                         f"q {list(q)}, ranks {list(R)}, {np.dtype(dt)}), got one of p "
+                         f"{list(p0)}, q {list(q0)}, ranks {list(R0)}, {np.dtype(dt0)}")
     return saved.parts
 
 
@@ -1014,7 +1028,7 @@ def tt_embedding_bags(indices, tables, offsets=None, *, mode="sum", per_sample_w
     out = np.empty((b.B, sum(s.D for _, s in shapes)), shapes[0][1].dtype)
     parts = _forward(b, shapes, caches, out, save=return_saved)
     if return_saved:
-        return out, TTSaved(parts, b.B, b.idx.shape[0])
+        return out, TTSaved(parts, b.B, b.idx.shape[0], shapes)
     return out
 
 
@@ -1054,7 +1068,7 @@ def tt_embedding_bags_backward(grad_output, indices, tables, offsets=None, *, mo
     D = sum(s.D for _, s in shapes)
     g = V.as_grad(grad_output, (b.B, D), shapes[0][1].dtype)
     if saved is not None:
-        parts = _check_saved(saved, b.B, b.idx.shape[0], T, _Part)
+        parts = _check_saved(saved, b.B, b.idx.shape[0], shapes, _Part)
     else:
         scratch = np.empty((b.B, D), shapes[0][1].dtype)
         parts = _forward(b, shapes, caches, scratch, save=True)

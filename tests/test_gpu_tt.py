@@ -296,6 +296,7 @@ def _errors(b):
     calls the public function or its GPU launcher."""
     idx, cores, off = b
     G = np.ones((2, 4), np.float32)
+    other = he.tt_init(100, [10, 10], [2, 2], [5], seed=1)     # the same rows, ranks 5
     return [
         ("mode max", lambda P, api: api("fwd", P(idx), [P(cores)], P(off), mode="max")),
         ("weights with mean", lambda P, api: api("fwd", P(idx), [P(cores)], P(off), mode="mean",
@@ -327,6 +328,9 @@ def _errors(b):
             "bwd", P(G), P(idx), [P(cores)], P(off),
             saved=api("fwd", P(idx[:2]), [P(cores)], P(np.array([0, 1, 2])),
                       return_saved=True)[1])),
+        ("saved of other cores", lambda P, api: api(
+            "bwd", P(G), P(idx), [P(other)], P(off),
+            saved=api("fwd", P(idx), [P(cores)], P(off), return_saved=True)[1])),
         ("bad optimizer", lambda P, api: api("bwd", P(G), P(idx), [P(cores)], P(off),
                                              optimizer="sgd")),
         ("num_embeddings too large", lambda P, api: api("fwd", P(idx), [P(cores)], P(off),

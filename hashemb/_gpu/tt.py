@@ -302,7 +302,7 @@ def bags(indices, tables, offsets=None, *, mode="sum", per_sample_weights=None,
         out = be.xp.empty((B, sum(s.D for _, s in shapes)), shapes[0][1].dtype)
         parts = _forward(be, idx, off, psw, B, mode_, bounds, shapes, out, save=return_saved)
         if return_saved:
-            return out, TT.TTSaved(parts, B, idx.shape[0])
+            return out, TT.TTSaved(parts, B, idx.shape[0], shapes)
         return out
 
 
@@ -327,7 +327,7 @@ def bags_backward(grad_output, indices, tables, offsets=None, *, mode="sum",
         D = sum(s.D for _, s in shapes)
         g = A.as_grad(be, grad_output, (B, D), dtype)
         if saved is not None:
-            parts = TT._check_saved(saved, B, idx.shape[0], T, _GPart)
+            parts = TT._check_saved(saved, B, idx.shape[0], shapes, _GPart)
         else:
             parts = _forward(be, idx, off, psw, B, mode_, bounds, shapes,
                              xp.empty((B, D), dtype), save=True)
