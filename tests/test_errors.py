@@ -153,3 +153,17 @@ def test_fuzz_in_subprocess_never_crashes():
     assert res.returncode == 0, res.stderr[-2000:]
     ok, err = map(int, res.stdout.split())
     assert ok > 0 and err > 0
+
+
+def test_fuzz_tt_and_lookups_in_subprocess_never_crash():
+    """TT bags (forward, fused backward, collections, the LFU cache,
+    tt_to_full) and plain / multi-table lookups on random and malformed
+    indices, offsets, weights and sizes: TypeError, ValueError or IndexError,
+    or a result; never another exception or a crash."""
+    code = 'import numpy as np, hashemb as he, itertools\nrng = np.random.default_rng(0)\ncores = he.tt_init(100, [10, 10], [2, 2], [3])\ncores2 = he.tt_init(1000, [10, 10, 10], [2, 2, 2], [4, 4])\nWt = rng.standard_normal((50, 8)).astype(np.float32)\nsizes, dims = [5, 30, 7], [1, 8, 4]\nWm = rng.standard_normal(sum(s * d for s, d in zip(sizes, dims))).astype(np.float32)\nok = err = 0\nerrs = {}\ndef vals(n, it):\n    k = it % 4\n    if k == 0: return rng.integers(-3, 120, n)\n    if k == 1: return rng.integers(-2**62, 2**62, n)\n    if k == 2: return rng.integers(0, 100, n).astype(np.int32)\n    return rng.integers(0, 1000, n).astype(np.uint64)\nfor it in range(3000):\n    n = int(rng.integers(0, 9))\n    idx = vals(n, it)\n    off = np.sort(rng.integers(-2, n + 3, int(rng.integers(0, 5))))\n    if it % 5 == 0: off = off[::-1].copy()\n    if it % 7 == 0: off = None\n    B = max(len(off) if off is not None else n, 1)\n    psw = rng.standard_normal(n).astype(np.float32) if it % 3 == 0 else None\n    mode = ["sum", "mean", "max"][it % 3]\n    ne = [None, 50, 100, 101, -1][it % 5]\n    calls = [\n        lambda: he.tt_embedding_bag(idx, cores, off, mode=mode, per_sample_weights=psw, num_embeddings=ne),\n        lambda: he.tt_embedding_bag_backward(np.ones((B, 4), np.float32), idx, cores, off, mode=mode, per_sample_weights=psw, optimizer=he.Adagrad(0.1)),\n        lambda: he.tt_embedding_bags(idx.reshape(-1, 2) if n % 2 == 0 and n else idx, [cores, cores2], off),\n        lambda: he.tt_embedding_bags_backward(np.ones((B, 12), np.float32), idx, [cores, cores2], off, optimizer=he.SGD(0.1)),\n        lambda: he.embedding(idx, Wt),\n        lambda: he.embedding_backward(np.ones((n, 8), np.float32), idx, 50),\n        lambda: he.multi_embedding(idx.reshape(-1, 3) if n % 3 == 0 else idx, Wm, sizes, dims),\n        lambda: he.multi_embedding_backward(np.ones((max(n // 3, 1), 13), np.float32), idx.reshape(-1, 3) if n % 3 == 0 else idx, sizes, dims),\n        lambda: he.tt_to_full(cores, ne),\n        lambda: he.tt_embedding_bag(idx, cores, off, cache=he.TTCache(cores, 5)),\n    ]\n    for c in calls:\n        try:\n            c(); ok += 1\n        except (TypeError, ValueError, IndexError) as e:\n            err += 1\n        except Exception as e:\n            errs.setdefault(type(e).__name__ + ": " + str(e)[:100], 0)\n            errs[type(e).__name__ + ": " + str(e)[:100]] += 1\nprint(ok, err, len(errs))\nfor k, v in errs.items():\n    print(k, v)\n'
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ))
+    assert res.returncode == 0, res.stderr[-2000:]
+    ok, err, other = map(int, res.stdout.split("\n")[0].split())
+    assert other == 0, res.stdout
+    assert ok > 0 and err > 0
