@@ -4,6 +4,8 @@ Environment switches:
   HASHEMB_DEBUG=1    bounds checks on in every kernel (slow; for debugging)
   HASHEMB_NATIVE=1   -march=native (faster on this machine, not portable)
   HASHEMB_NO_OPENMP=1  build single-threaded kernels
+  HASHEMB_ASAN=1     AddressSanitizer build (run Python with libasan preloaded;
+                     scripts/cpu-asan)
 """
 import glob
 import os
@@ -44,6 +46,8 @@ cflags = ["-O3"] + omp
 if os.environ.get("HASHEMB_NATIVE"):
     cflags.append("-march=native")
 debug = bool(os.environ.get("HASHEMB_DEBUG"))
+asan = ["-fsanitize=address", "-fno-omit-frame-pointer"] if os.environ.get("HASHEMB_ASAN") else []
+cflags += asan
 
 extensions = [
     Extension(
@@ -52,7 +56,7 @@ extensions = [
         include_dirs=[os.path.join(HERE, "hashemb", "_include"),
                       os.path.join(HERE, "hashemb", "_cpu")],
         extra_compile_args=cflags,
-        extra_link_args=omp,
+        extra_link_args=omp + asan,
         # the shared headers: an edit to one rebuilds the modules
         depends=sorted(glob.glob(os.path.join(HERE, "hashemb", "_include", "hashemb", "*.h"))
                        + glob.glob(os.path.join(HERE, "hashemb", "_cpu", "*.h"))),

@@ -754,7 +754,7 @@ def test_fuzz_launchers_on_the_emulator_never_crash():
     atomic and deterministic, on a sized, a hashed and a reference scheme;
     TT bags; plain lookups) on malformed indices, offsets and padding, run
     on the host emulator in a fresh process: TypeError, ValueError or
-    IndexError, or a result, never a crash. Under scripts/emu-asan (CI)
+    IndexError, or a result, never a crash. Under scripts/asan (CI)
     AddressSanitizer also checks every kernel access."""
     gpu_emu.build_or_skip()
     code = textwrap.dedent("""
