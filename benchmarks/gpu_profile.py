@@ -161,36 +161,46 @@ def main(argv=None):
                                        optimizer=opt, saved=saved)
         return run
 
-    profile("RobeZ forward", fwd(robe, M), cprof=True)
-    profile("RobeZ step (forward, saved starts, SGD backward)", step(robe, M), cprof=True)
-    profile("FullTable forward", fwd(full, W))
-    he.set_gpu_options(check_indices=False)
-    profile("FullTable forward, check_indices=False", fwd(full, W))
-    profile("FullTable step, check_indices=False", step(full, W))
-    he.set_gpu_options(precompute_starts=True)
-    profile("FullTable step, check_indices=False, precompute_starts=True", step(full, W))
-    profile("RobeZ forward, precompute_starts=True", fwd(robe, M))
-    profile("RobeZ step, precompute_starts=True (bag_starts, then the forward)", step(robe, M))
-    he.set_gpu_options(check_indices=True, precompute_starts=None)
-
-    # the launch shape: elements per lane (bag.FORWARD_PER, BACKWARD_PER);
-    # the forward at 1 .. 16, the backward at 1 .. 4
+    # most telling first (a bounded run may be cut short): the default
+    # paths, the A/B of the step's starts (written by the forward vs
+    # bag_starts), and the elements-per-lane sweeps (bag.FORWARD_PER 1 .. 16,
+    # BACKWARD_PER 1 .. 4)
     from hashemb._gpu import bag as GB
+    profile("RobeZ forward", fwd(robe, M), cprof=True)
+    profile("RobeZ step (forward writes the starts, SGD backward)", step(robe, M), cprof=True)
+    he.set_gpu_options(precompute_starts=True)
+    profile("RobeZ step, precompute_starts=True (bag_starts, then the forward)", step(robe, M))
+    profile("RobeZ forward, precompute_starts=True", fwd(robe, M))
+    he.set_gpu_options(precompute_starts=None)
     default = GB.FORWARD_PER, GB.BACKWARD_PER
     try:
         for p in (1, 2, 4, 8, 16):
             GB.FORWARD_PER = p
             profile(f"RobeZ forward, {p} element(s) per lane", fwd(robe, M))
+        GB.FORWARD_PER = default[0]
+        for p in (1, 2, 4):
+            GB.BACKWARD_PER = p
+            profile(f"RobeZ step, backward {p} element(s) per lane", step(robe, M))
+        GB.BACKWARD_PER = default[1]
+        profile("FullTable forward", fwd(full, W))
+        he.set_gpu_options(check_indices=False)
+        profile("FullTable forward, check_indices=False", fwd(full, W))
+        profile("FullTable step, check_indices=False", step(full, W))
+        he.set_gpu_options(precompute_starts=True)
+        profile("FullTable step, check_indices=False, precompute_starts=True", step(full, W))
+        he.set_gpu_options(check_indices=True, precompute_starts=None)
+        for p in (1, 4, 16):
+            GB.FORWARD_PER = p
             profile(f"FullTable forward, {p} element(s) per lane, check_indices=False",
                     unchecked(fwd(full, W)))
         GB.FORWARD_PER = default[0]
         for p in (1, 2, 4):
             GB.BACKWARD_PER = p
-            profile(f"RobeZ step, backward {p} element(s) per lane", step(robe, M))
             profile(f"FullTable step, backward {p} element(s) per lane, check_indices=False",
                     unchecked(step(full, W)))
     finally:
         GB.FORWARD_PER, GB.BACKWARD_PER = default
+        he.set_gpu_options(check_indices=True, precompute_starts=None)
 
     if args.no_tt:
         return
