@@ -17,7 +17,7 @@ from libc.string cimport memcpy
 
 from hashemb._cpu._slots cimport (SchemeView, he_scheme, he_row, he_row_begin, he_reads_map,
                                   he_row_data, he_table_probe, he_row_probe, he_probe_hint,
-                                  he_row_begin_probed,
+                                  he_row_begin_probed, he_tterm, he_table_term, he_row_begin_t,
                                   he_run_start, he_run_slot, he_sign,
                                   he_max_threads)
 
@@ -154,19 +154,20 @@ cdef inline void _gather_row(const he_scheme* s, const he_row* row, const real* 
 
 
 cdef inline void _bag(const he_scheme* s, const index_t* idx, int64_t j0, int64_t j1,
-                      const real* M, const real* psw, real* o, int64_t table, int mode,
-                      bint has_pad, int64_t pad, uint64_t* pre) noexcept nogil:
-    """o = pool of one bag (entries j0..j1-1), the general case; pre, when
-    given, receives every entry's run starts (padding's too: backward's
-    look-ahead reads them)."""
+                      const real* M, const real* psw, real* o, int64_t table, he_tterm tt,
+                      int mode, bint has_pad, int64_t pad, uint64_t* pre) noexcept nogil:
+    """o = pool of one bag (entries j0..j1-1) of table `table` (tt: its
+    he_table_term), the general case; pre, when given, receives every
+    entry's run starts (padding's too: backward's look-ahead reads them)."""
     cdef int64_t j, i, cnt = 0, D = s.dim
     cdef he_row row
     for j in range(j0, j1):
         if has_pad and idx[j] == pad:
             if pre != NULL:
-                _starts_of(s, table, idx[j], pre + j * s.runs)
+                row = he_row_begin_t(s, table, tt, idx[j])
+                _starts_row(s, &row, pre + j * s.runs)
             continue
-        row = he_row_begin(s, table, idx[j])
+        row = he_row_begin_t(s, table, tt, idx[j])
         if pre != NULL:
             _starts_row(s, &row, pre + j * s.runs)
         _gather_row(s, &row, M, psw[j] if psw != NULL else 1, o, cnt == 0, mode)
@@ -211,6 +212,7 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
     cdef he_row rows[2 * FAR_AHEAD]
     cdef uint64_t probes[2 * FAR_AHEAD]   # map probes, hashed once between two stages
     cdef uint64_t tprobe
+    cdef he_tterm tt
     cdef he_row row
     cdef int64_t j0
     cdef bint single
@@ -226,6 +228,7 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                       and not s.is_signed)
     for t in range(T):
         tprobe = he_table_probe(s, table0 + t)
+        tt = he_table_term(s, table0 + t)
         if fast and deep == 0:
             # one entry in every bag of the chunk (2-D input: the DLRM case):
             # bag b is entry j0 + b, and the pipeline needs no offsets
@@ -241,7 +244,7 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                     if g >= 0:      # gather bag g, hashed ahead bags before (its ring slot is c's)
                         _gather_runs(s, ring + (g & (ahead - 1)) * R, M, out + g * ostride + t * D)
                     if c < n:       # hash bag c's runs, prefetch them
-                        row = he_row_begin(s, table0 + t, idx[j0 + c])
+                        row = he_row_begin_t(s, table0 + t, tt, idx[j0 + c])
                         r = ring + (c & (ahead - 1)) * R
                         for k in range(R):
                             r[k] = he_run_start(s, &row, k)
@@ -256,7 +259,7 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
             for b in range(n):
                 q = t * B + b0 + b
                 _bag(s, idx, off[q], off[q + 1], M, psw, out + b * ostride + t * D,
-                     table0 + t, mode, has_pad, pad, pre)
+                     table0 + t, tt, mode, has_pad, pad, pre)
             continue
         for c in range(n + deep + deep + ahead):
             g = c - deep - deep - ahead
@@ -266,7 +269,7 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                 if off[t * B + b0 + g + 1] - j == 1:
                     _gather_runs(s, ring + (g & (ahead - 1)) * R, M, o)
                 else:
-                    _bag(s, idx, j, off[t * B + b0 + g + 1], M, psw, o, table0 + t,
+                    _bag(s, idx, j, off[t * B + b0 + g + 1], M, psw, o, table0 + t, tt,
                          mode, has_pad, pad, pre)
             q = c - deep
             if 0 <= q < n:      # begin bag q's first row, prefetch what its runs read
@@ -274,7 +277,7 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                 if off[t * B + b0 + q + 1] > j:
                     rows[q % (2 * FAR_AHEAD)] = he_row_begin_probed(
                         s, table0 + t, idx[j], probes[q % (2 * FAR_AHEAD)]) if deep \
-                        else he_row_begin(s, table0 + t, idx[j])
+                        else he_row_begin_t(s, table0 + t, tt, idx[j])
                     hint = he_row_data(s, &rows[q % (2 * FAR_AHEAD)])
                     if hint != NULL:
                         he_prefetch(hint)
@@ -489,8 +492,10 @@ cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* 
     cdef bint ahead = pre != NULL and R <= 4 and mode != MAX
     cdef real w, ww
     cdef const real* g
+    cdef he_tterm tt
     cdef he_row row
     for t in range(T):
+        tt = he_table_term(s, table0 + t)
         for b in range(B):
             g = grad + b * gstride + t * D
             if mode == MAX:
@@ -528,7 +533,7 @@ cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* 
                             target[slot] += ww * g[k]
                     continue
                 if pre == NULL:
-                    row = he_row_begin(s, table0 + t, x)
+                    row = he_row_begin_t(s, table0 + t, tt, x)
                 for k in range(s.runs):
                     _visit(s, &row, k,
                            pre[j * s.runs + k] if pre != NULL else he_run_start(s, &row, k),
@@ -542,13 +547,6 @@ cdef inline void _starts_row(const he_scheme* s, const he_row* row, uint64_t* ou
     cdef int64_t k
     for k in range(s.runs):
         out[k] = he_run_start(s, row, k)
-
-
-cdef inline void _starts_of(const he_scheme* s, int64_t table, int64_t x,
-                            uint64_t* out) noexcept nogil:
-    """out[k] = start of run k of token x of table, for every run."""
-    cdef he_row row = he_row_begin(s, table, x)
-    _starts_row(s, &row, out)
 
 
 DEF PROBES = 16     # ring of map probes in flight (> AHEAD)
@@ -565,6 +563,7 @@ cdef void _starts_range(const he_scheme* s, const index_t* idx, const int64_t* o
     cdef bint deep = he_reads_map(s)
     cdef uint64_t tprobe
     cdef uint64_t ring[PROBES]
+    cdef he_tterm tt
     cdef he_row row
     if a >= b:
         return
@@ -573,8 +572,10 @@ cdef void _starts_range(const he_scheme* s, const index_t* idx, const int64_t* o
     while a < b:
         end = min(off[t * B + B], b)
         if not deep:
+            tt = he_table_term(s, table0 + t)
             for j in range(a, end):
-                _starts_of(s, table0 + t, idx[j], pre + j * R)
+                row = he_row_begin_t(s, table0 + t, tt, idx[j])
+                _starts_row(s, &row, pre + j * R)
         else:
             tprobe = he_table_probe(s, table0 + t)
             for j in range(a, min(a + AHEAD, end)):
@@ -821,6 +822,8 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
     cdef uint64_t* buf = NULL
     cdef int64_t* loc = NULL
     cdef int64_t most = 0, t, b0, b1, c, i, j0, jj, q
+    cdef he_tterm tt
+    cdef he_row row
     cdef bint done = False
     if B == 0 or T == 0 or ip == NULL:
         return
@@ -884,6 +887,7 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
         hi = <int64_t>_range_lo(m, tid + 1, nt)
         if chunked:
             for t in range(T):
+                tt = he_table_term(s, table0 + t)
                 for c in range((B + CHUNK_BAGS - 1) // CHUNK_BAGS):
                     b0 = c * CHUNK_BAGS
                     b1 = min(B, b0 + CHUNK_BAGS)
@@ -891,7 +895,8 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
                     for i in prange(b1 - b0 + 1, schedule='static'):
                         loc[i] = offsets[t * B + b0 + i] - j0
                     for jj in prange(offsets[t * B + b1] - j0, schedule='static'):
-                        _starts_of(s, table0 + t, ip[j0 + jj], buf + jj * s.runs)
+                        row = he_row_begin_t(s, table0 + t, tt, ip[j0 + jj])
+                        _starts_row(s, &row, buf + jj * s.runs)
                     # one iteration per slot range: a barrier before the next chunk
                     for q in prange(nt, schedule='static', chunksize=1):
                         _backward_part(s, ip + j0, loc, pp + j0 if pp != NULL else NULL,

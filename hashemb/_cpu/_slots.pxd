@@ -44,7 +44,13 @@ cdef extern from "hashemb/slots.h" nogil:
     uint64_t he_fastmod(uint64_t v, uint64_t d, uint64_t inv)
     uint64_t he_hash(const uint64_t* c, uint64_t e, uint64_t u, uint64_t blk,
                      uint64_t m, uint64_t m_inv)
+    ctypedef struct he_tterm:
+        uint64_t a
+        uint64_t sa
+
     he_row he_row_begin(const he_scheme* s, int64_t table, int64_t token)
+    he_tterm he_table_term(const he_scheme* s, int64_t table)
+    he_row he_row_begin_t(const he_scheme* s, int64_t table, he_tterm tt, int64_t token)
     uint64_t he_run_start(const he_scheme* s, const he_row* r, int64_t k)
     int he_sign(const he_scheme* s, const he_row* r, int64_t i)
     int he_sign_of_key(const uint64_t* q, uint64_t k)

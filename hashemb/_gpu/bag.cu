@@ -32,13 +32,23 @@
  * to hide the gather's latency) than one that hashes per lane.
  */
 
+/* The table's part of its rows' hashes (he_table_term), taken once per
+ * thread; none needed when the run starts were precomputed. */
+template <bool ST>
+__device__ __forceinline__ he_tterm he_thread_term(const he_scheme* s, i64 table)
+{
+    if (ST)
+        return he_tterm{0, 0};
+    return he_table_term(s, table);
+}
+
 /* The row state of token x: none needed when its run starts were precomputed. */
 template <bool ST>
-__device__ __forceinline__ he_row he_entry_row(const he_scheme* s, i64 table, i64 x)
+__device__ __forceinline__ he_row he_entry_row(const he_scheme* s, i64 table, he_tterm tt, i64 x)
 {
     if (ST)
         return he_row{0, 0};
-    return he_row_begin(s, table, x);
+    return he_row_begin_t(s, table, tt, x);
 }
 
 /*
@@ -153,6 +163,7 @@ __global__ void bag_forward(const he_scheme* __restrict__ s, const I* __restrict
     if (!he_bag_thread_of(W, B, T, table0, off, use_off, rowlen, nper, &h))
         return;
     const i64 table = h.table;
+    const he_tterm tt = he_thread_term<ST>(s, table);
     const he_range r = h.r;
     const int D = (int)s->dim, L = (int)s->run, nw = (int)W;     /* D < 2^20 */
     R* o = out + h.b * (T * D) + h.t * D;
@@ -168,7 +179,7 @@ __global__ void bag_forward(const he_scheme* __restrict__ s, const I* __restrict
             const i64 x = (i64)idx[j];
             if (has_pad && x == pad)
                 continue;
-            const he_row row = he_entry_row<ST>(s, table, x);
+            const he_row row = he_entry_row<ST>(s, table, tt, x);
             const R w = use_psw ? psw[j] : (R)1;
 #pragma unroll
             for (int c = 0; c < EPT; c++) {
@@ -208,7 +219,7 @@ __global__ void bag_forward(const he_scheme* __restrict__ s, const I* __restrict
 template <bool ST, typename R, typename I>
 __device__ __forceinline__ int he_argmax(const he_scheme* s, const I* idx, const he_range& r,
                                          const uint64_t* starts, const R* M, i64 table,
-                                         i64 has_pad, i64 pad, i64 i, int k, int jr,
+                                         he_tterm tt, i64 has_pad, i64 pad, i64 i, int k, int jr,
                                          uint64_t* slot, int* sign)
 {
     int found = 0;
@@ -217,7 +228,7 @@ __device__ __forceinline__ int he_argmax(const he_scheme* s, const I* idx, const
         const i64 x = (i64)idx[j];
         if (has_pad && x == pad)
             continue;
-        const he_row row = he_entry_row<ST>(s, table, x);
+        const he_row row = he_entry_row<ST>(s, table, tt, x);
         const uint64_t sl = he_run_slot(s, he_start<ST>(s, &row, starts, j, k), jr);
         const int sg = he_entry_sign<ST>(s, &row, i);
         const R v = (R)sg * M[sl];
@@ -256,6 +267,7 @@ __global__ void bag_backward(const he_scheme* __restrict__ s, const I* __restric
     if (!he_bag_thread_of(W, B, T, table0, off, use_off, rowlen, nper, &h))
         return;
     const i64 q = h.q, table = h.table, lane = h.lane;
+    const he_tterm tt = he_thread_term<ST>(s, table);
     const he_range r = h.r;
     const int D = (int)s->dim, L = (int)s->run, nw = (int)W;     /* D < 2^20 */
     const R* go = grad + h.b * (T * D) + h.t * D;
@@ -265,7 +277,7 @@ __global__ void bag_backward(const he_scheme* __restrict__ s, const I* __restric
             const int k = i / L, jr = i - k * L;
             uint64_t slot = 0;
             int sg = 1;
-            const int found = he_argmax<ST>(s, idx, r, starts, M, table, has_pad, pad, i, k, jr,
+            const int found = he_argmax<ST>(s, idx, r, starts, M, table, tt, has_pad, pad, i, k, jr,
                                             &slot, &sg);
             const R c = (alpha * (R)sg) * go[i];
             if (out_mode == 0) {
@@ -314,7 +326,7 @@ __global__ void bag_backward(const he_scheme* __restrict__ s, const I* __restric
                 }
                 continue;
             }
-            const he_row row = he_entry_row<ST>(s, table, x);
+            const he_row row = he_entry_row<ST>(s, table, tt, x);
             const R a = use_psw ? w * psw[j] : w;
 #pragma unroll
             for (int c = 0; c < HE_EPT; c++) {
@@ -354,13 +366,14 @@ __global__ void bag_adagrad_walk(const he_scheme* __restrict__ s, const I* __res
     if (!he_bag_thread_of(W, B, T, table0, off, use_off, rowlen, nper, &h))
         return;
     const i64 D = s->dim, table = h.table, lane = h.lane;
+    const he_tterm tt = he_thread_term<ST>(s, table);
     const int L = (int)s->run;
     const he_range r = h.r;
     for (i64 j = r.j0; j < r.j1; j++) {
         const i64 x = (i64)idx[j];
         if (has_pad && x == pad)
             continue;
-        const he_row row = he_entry_row<ST>(s, table, x);
+        const he_row row = he_entry_row<ST>(s, table, tt, x);
         for (i64 i = lane; i < D; i += W) {
             const int k = (int)i / L;
             const uint64_t slot =

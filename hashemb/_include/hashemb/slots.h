@@ -281,21 +281,46 @@ HE_HD int he_reads_map(const he_scheme* s)
     return s->kind == HE_LSH_TABLE || s->kind == HE_LMA;
 }
 
-HE_HD he_row he_row_begin(const he_scheme* s, int64_t table, int64_t token)
+/*
+ * The parts of a row's hash bases fixed by its table e: A e mod P (run-start
+ * hash) and A' e mod P (sign hash), so that a loop over one table's rows
+ * multiplies them once (he_row_begin_t):
+ * he_row_begin_t(s, e, he_table_term(s, e), x) == he_row_begin(s, e, x).
+ */
+typedef struct he_tterm {
+    uint64_t a, sa;
+} he_tterm;
+
+HE_HD he_tterm he_table_term(const he_scheme* s, int64_t table)
+{
+    he_tterm t;
+    uint64_t e = he_fold((uint64_t)table);
+    t.a = s->kind == HE_ROBE || s->kind == HE_ROBE_WIDE ? he_mulmod(s->coef[HE_CA], e) : 0;
+    t.sa = s->is_signed ? he_mulmod(s->coef[HE_SA], e) : 0;
+    return t;
+}
+
+/* he_hash_base(c, e, u) given ta = A e mod P. */
+HE_HD uint64_t he_hash_base_t(const uint64_t* c, uint64_t ta, uint64_t u)
+{
+    return he_fold(ta + he_mulmod(c[1], he_fold(u)) + c[3]);
+}
+
+HE_HD he_row he_row_begin_t(const he_scheme* s, int64_t table, he_tterm tt, int64_t token)
 {
     he_row r;
-    uint64_t e = (uint64_t)table, x = (uint64_t)token;
+    uint64_t x = (uint64_t)token;
     r.sbase = 0;
     switch (s->kind) {
     case HE_FULL:
         r.base = (uint64_t)(s->table_base[table] + token) * (uint64_t)s->dim;
         break;
     case HE_ROBE:
-        r.base = he_hash_base(s->coef, e, x);
+        r.base = he_hash_base_t(s->coef, tt.a, x);
         break;
     case HE_ROBE_WIDE: {
         uint64_t blk = he_fastdiv(x, s->rows, s->rows_inv);
-        uint64_t h = he_fastmod(he_hash_base(s->coef, e, blk), s->mod, s->mod_inv);
+        uint64_t h = he_fastmod(he_hash_base_t(s->coef, tt.a, blk), s->mod, s->mod_inv);
         uint64_t slot = h + (x - blk * s->rows) * (uint64_t)s->dim;
         r.base = slot >= s->size ? slot - s->size : slot;
         break;
@@ -314,8 +339,13 @@ HE_HD he_row he_row_begin(const he_scheme* s, int64_t table, int64_t token)
         break;
     }
     if (s->is_signed)
-        r.sbase = he_hash_base(s->coef + HE_SA, e, x);
+        r.sbase = he_hash_base_t(s->coef + HE_SA, tt.sa, x);
     return r;
+}
+
+HE_HD he_row he_row_begin(const he_scheme* s, int64_t table, int64_t token)
+{
+    return he_row_begin_t(s, table, he_table_term(s, table), token);
 }
 
 /* First slot of run k (elements k*L .. k*L+L-1) of a row. */
