@@ -18,7 +18,7 @@ from libc.string cimport memcpy
 from hashemb._cpu._slots cimport (SchemeView, he_scheme, he_row, he_row_begin, he_reads_map,
                                   he_row_data, he_table_probe, he_row_probe, he_probe_hint,
                                   he_row_begin_probed, he_tterm, he_table_term, he_row_begin_t,
-                                  he_run_start, he_run_slot, he_sign,
+                                  he_run_start, he_run_starts, he_run_slot, he_sign,
                                   he_max_threads)
 
 ctypedef fused real:
@@ -241,7 +241,12 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
             if single:
                 for c in range(n + ahead):
                     g = c - ahead
-                    if g >= 0:      # gather bag g, hashed ahead bags before (its ring slot is c's)
+                    if g >= 0 and L == 1:   # element-wise (HashedNet): D floats, none wraps
+                        r = ring + (g & (ahead - 1)) * R
+                        o = out + g * ostride + t * D
+                        for k in range(R):
+                            o[k] = M[r[k]]
+                    elif g >= 0:    # gather bag g, hashed ahead bags before (its ring slot is c's)
                         _gather_runs(s, ring + (g & (ahead - 1)) * R, M, out + g * ostride + t * D)
                     if c < n:       # hash bag c's runs, prefetch them
                         row = he_row_begin_t(s, table0 + t, tt, idx[j0 + c])
@@ -544,9 +549,7 @@ cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* 
 
 cdef inline void _starts_row(const he_scheme* s, const he_row* row, uint64_t* out) noexcept nogil:
     """out[k] = start of run k of a begun row, for every run."""
-    cdef int64_t k
-    for k in range(s.runs):
-        out[k] = he_run_start(s, row, k)
+    he_run_starts(s, row, out)
 
 
 DEF PROBES = 16     # ring of map probes in flight (> AHEAD)

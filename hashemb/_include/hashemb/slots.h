@@ -374,6 +374,21 @@ HE_HD uint64_t he_run_start(const he_scheme* s, const he_row* r, int64_t k)
     }
 }
 
+/* out[k] = he_run_start(s, r, k) for every run k of a row: the scheme's
+ * case chosen once, not per run (HashedNet rows have D runs of one float). */
+HE_HD void he_run_starts(const he_scheme* s, const he_row* r, uint64_t* out)
+{
+    if (s->kind == HE_ROBE) {
+        const uint64_t base = r->base, mod = s->mod, inv = s->mod_inv;
+        const uint64_t* rc = s->run_coef;
+        for (int64_t k = 0; k < s->runs; k++)
+            out[k] = he_fastmod(he_addmod(base, rc[k]), mod, inv);
+        return;
+    }
+    for (int64_t k = 0; k < s->runs; k++)
+        out[k] = he_run_start(s, r, k);
+}
+
 /*
  * Sign of a sign-hash key k = (A'e + B'x + C'i + D0') mod P:
  * g = 1 - 2 * (q(k) mod 2) with q a random cubic over GF(P). The linear key
