@@ -499,6 +499,8 @@ cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* 
     cdef const real* g
     cdef he_tterm tt
     cdef he_row row
+    cdef uint64_t hashed[MAXR]
+    cdef const uint64_t* st
     for t in range(T):
         tt = he_table_term(s, table0 + t)
         for b in range(B):
@@ -529,11 +531,19 @@ cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* 
                 x = idx[j]
                 if has_pad and x == pad:
                     continue
-                if L == 1 and pre != NULL and act == ACT_ADD and not s.is_signed:
-                    # element-wise slots, hashed before: keep those in [lo, hi)
+                if L == 1 and act == ACT_ADD and not s.is_signed and (pre != NULL
+                                                                      or s.runs <= MAXR):
+                    # element-wise slots (HashedNet), hashed before or here in
+                    # one loop: keep those in [lo, hi)
+                    if pre != NULL:
+                        st = pre + j * s.runs
+                    else:
+                        row = he_row_begin_t(s, table0 + t, tt, x)
+                        he_run_starts(s, &row, hashed)
+                        st = hashed
                     ww = w * psw[j] if psw != NULL else w
                     for k in range(s.runs):
-                        slot = <int64_t>pre[j * s.runs + k]
+                        slot = <int64_t>st[k]
                         if lo <= slot < hi:
                             target[slot] += ww * g[k]
                     continue
