@@ -4,8 +4,8 @@ Environment switches:
   HASHEMB_DEBUG=1    bounds checks on in every kernel (slow; for debugging)
   HASHEMB_NATIVE=1   -march=native (faster on this machine, not portable)
   HASHEMB_NO_OPENMP=1  build single-threaded kernels
-  HASHEMB_ASAN=1     AddressSanitizer build (run Python with libasan preloaded;
-                     scripts/cpu-asan)
+  HASHEMB_ASAN=1     AddressSanitizer + UndefinedBehaviorSanitizer build (run
+                     Python with libasan preloaded: scripts/asan)
 """
 import glob
 import os
@@ -46,7 +46,8 @@ cflags = ["-O3"] + omp
 if os.environ.get("HASHEMB_NATIVE"):
     cflags.append("-march=native")
 debug = bool(os.environ.get("HASHEMB_DEBUG"))
-asan = ["-fsanitize=address", "-fno-omit-frame-pointer"] if os.environ.get("HASHEMB_ASAN") else []
+asan = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+        "-fno-omit-frame-pointer"] if os.environ.get("HASHEMB_ASAN") else []
 cflags += asan
 
 extensions = [

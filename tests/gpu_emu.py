@@ -33,10 +33,11 @@ def build():
     tmp = tempfile.mkdtemp(prefix="hashemb_emu_")
     atexit.register(shutil.rmtree, tmp, True)
     out = os.path.join(tmp, "emu.so")
-    # HASHEMB_EMU_ASAN=1: AddressSanitizer build (run the process with libasan
-    # preloaded): every kernel access checked against its buffer
-    asan = ["-fsanitize=address", "-fno-omit-frame-pointer"] \
-        if os.environ.get("HASHEMB_EMU_ASAN") == "1" else []
+    # HASHEMB_EMU_ASAN=1: AddressSanitizer + UndefinedBehaviorSanitizer build
+    # (run the process with libasan preloaded: scripts/asan): every kernel
+    # access checked against its buffer, undefined arithmetic an error
+    asan = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+            "-fno-omit-frame-pointer"] if os.environ.get("HASHEMB_EMU_ASAN") == "1" else []
     cmd = [cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-Wno-unknown-pragmas", *asan,
            "-I", os.path.join(ROOT, "hashemb", "_include"),
            "-I", os.path.join(ROOT, "hashemb", "_gpu"),
