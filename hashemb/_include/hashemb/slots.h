@@ -143,10 +143,16 @@ HE_HD uint64_t he_fastdiv(uint64_t v, uint64_t d, uint64_t inv)
     return (v - q * d) >= d ? q + 1 : q;
 }
 
+/* he_hash_base given ta = A*e mod P, the part fixed for a whole table. */
+HE_HD uint64_t he_hash_base_t(const uint64_t* c, uint64_t ta, uint64_t u)
+{
+    return he_fold(ta + he_mulmod(c[1], he_fold(u)) + c[3]);
+}
+
 /* (A*e + B*u + D0) mod P: the part of h(e, u, c) that is fixed for a row. */
 HE_HD uint64_t he_hash_base(const uint64_t* c, uint64_t e, uint64_t u)
 {
-    return he_fold(he_mulmod(c[0], he_fold(e)) + he_mulmod(c[1], he_fold(u)) + c[3]);
+    return he_hash_base_t(c, he_mulmod(c[0], he_fold(e)), u);
 }
 
 /* h(e, u, c) = ((A*e + B*u + C*c + D0) mod P) mod m, in full. */
@@ -298,12 +304,6 @@ HE_HD he_tterm he_table_term(const he_scheme* s, int64_t table)
     t.a = s->kind == HE_ROBE || s->kind == HE_ROBE_WIDE ? he_mulmod(s->coef[HE_CA], e) : 0;
     t.sa = s->is_signed ? he_mulmod(s->coef[HE_SA], e) : 0;
     return t;
-}
-
-/* he_hash_base(c, e, u) given ta = A e mod P. */
-HE_HD uint64_t he_hash_base_t(const uint64_t* c, uint64_t ta, uint64_t u)
-{
-    return he_fold(ta + he_mulmod(c[1], he_fold(u)) + c[3]);
 }
 
 HE_HD he_row he_row_begin_t(const he_scheme* s, int64_t table, he_tterm tt, int64_t token)
