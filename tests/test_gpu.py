@@ -162,6 +162,16 @@ def test_show_config_and_options():
     assert old == {"deterministic": False, "check_indices": True}
     with pytest.raises(TypeError):
         he.set_gpu_options(fast=True)
+    before = dict(RT.OPTIONS)
+    with pytest.raises(TypeError, match=r"^check_indices: expected True or False, got 'no'"):
+        he.set_gpu_options(deterministic=True, check_indices="no")
+    with pytest.raises(TypeError, match=r"^deterministic: expected True or False, got None"):
+        he.set_gpu_options(deterministic=None)
+    with pytest.raises(TypeError, match=r"^precompute_starts: expected True, False or None"):
+        he.set_gpu_options(precompute_starts=1)
+    assert RT.OPTIONS == before             # nothing set when any value is bad
+    assert he.set_gpu_options(precompute_starts=np.bool_(True)) == {"precompute_starts": None}
+    assert he.set_gpu_options(precompute_starts=None) == {"precompute_starts": True}
 
 
 # ------------------------------------------------------------ emulator / device

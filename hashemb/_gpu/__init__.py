@@ -9,6 +9,8 @@ core gradients), each compiled after the text of
 with the CPU kernels) and ``common.cuh``. Nothing here imports CuPy until a
 CuPy array reaches a hashemb function.
 """
+import numpy as np
+
 from ._runtime import OPTIONS, device_count
 
 _UNSET = object()
@@ -31,17 +33,26 @@ def set_options(*, check_indices=_UNSET, deterministic=_UNSET, precompute_starts
         order, the same bits on every run (not the CPU's bits: its GEMMs sum
         in another order).
     precompute_starts : bool or None
-        Hash each (entry, run) once in a pass of its own (unsigned schemes);
-        None: only for schemes of <= 4 runs per row that need hashing.
+        True: hash each (entry, run) once in a pass of its own (bag_starts)
+        before every bag kernel (unsigned schemes); False: never, every lane
+        hashes; None (default): a forward hashes per lane in its one launch
+        and, with ``return_saved``, writes the starts for its backward as it
+        goes; a backward not given them runs bag_starts (schemes of <= 4
+        runs per row that need hashing).
     """
     new = {"check_indices": check_indices, "deterministic": deterministic,
            "precompute_starts": precompute_starts}
+    for k, v in new.items():       # all checked before any is set
+        if v is _UNSET or isinstance(v, (bool, np.bool_)) or (v is None and
+                                                               k == "precompute_starts"):
+            continue
+        want = "True, False or None" if k == "precompute_starts" else "True or False"
+        raise TypeError(f"{k}: expected {want}, got {v!r}")
     old = {}
     for k, v in new.items():
-        if v is _UNSET:
-            continue
-        old[k] = OPTIONS[k]
-        OPTIONS[k] = None if (v is None and k == "precompute_starts") else bool(v)
+        if v is not _UNSET:
+            old[k] = OPTIONS[k]
+            OPTIONS[k] = None if v is None else bool(v)
     return old
 
 
