@@ -391,6 +391,7 @@ def test_every_lane_shape_equals_cpu(dev, fper, bper):
     try:
         for D, scheme in [(16, he.RobeZ(301, 16, block=16, seed=1)),
                           (24, he.RobeZ(301, 24, block=8, seed=2, signed=True)),
+                          (16, he.RobeZ(301, 16, block=4, seed=5)),
                           (40, he.HashedNet(200, 40, seed=3)),
                           (5, he.FullTable([6, 4], 5)),
                           (600, he.RobeZ(1201, 600, block=100, seed=4))]:
@@ -412,6 +413,13 @@ def test_every_lane_shape_equals_cpu(dev, fper, bper):
             dev.bags_backward(dev.put(G), dev.put(idx), dev.put(off), scheme, T, weight=Wd,
                               optimizer=he.SGD(0.5), det=True)
             dev.same(Wd, W)
+            if dev.be is not None:      # the starts a forward of this shape writes
+                for X, o in ((x, None), (idx, off)):
+                    _, saved = GB.forward(X, M, o, scheme, 0, T, "sum", None, True, None,
+                                          be=dev.be, return_saved=True)
+                    args = (G, X, o, scheme, 0, T, "sum", None, True, None, M, None, True)
+                    np.testing.assert_array_equal(GB.backward(*args, be=dev.be, saved=saved),
+                                                  GB.backward(*args, be=dev.be))
             Wd = dev.put(M)
             dev.bags_backward(dev.put(G), dev.put(idx), dev.put(off), scheme, T, weight=Wd,
                               optimizer=he.SGD(0.5), det=False)
