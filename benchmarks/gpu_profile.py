@@ -20,6 +20,7 @@ timed the same way for reference.
 import argparse
 import cProfile
 import io
+import json
 import pstats
 
 import numpy as np
@@ -37,7 +38,11 @@ def main(argv=None):
     ap.add_argument("--top", type=int, default=18, help="cProfile rows per call")
     ap.add_argument("--no-tt", action="store_true")
     ap.add_argument("--no-host", action="store_true", help="skip the host-cost breakdown")
+    ap.add_argument("--json", default=None,
+                    help="write every profiled call's host / device / kernel microseconds "
+                         "here (rewritten after each, so a run cut short keeps what it did)")
     args = ap.parse_args(argv)
+    results = {}
 
     import cupy as cp
     from cupyx.profiler import benchmark
@@ -79,6 +84,7 @@ def main(argv=None):
         host = float(np.median(r.cpu_times)) * 1e6
         dev = float(np.median(r.gpu_times[0])) * 1e6
         print(f"\n=== {label}: host {host:.1f} us/call, device span {dev:.1f} us/call")
+        results[label] = {"host_us": host, "device_us": dev}
         if kernels:
             launches.clear()
             be.launch = recording
@@ -92,6 +98,11 @@ def main(argv=None):
             print(f"  {len(rows)} launches, {total:.1f} us of kernels replayed alone")
             for name, n, t in rows:
                 print(f"  {t:9.1f} us  {n:>10} threads  {name}")
+            results[label]["kernels_us"] = total
+            results[label]["launches"] = [[name, n, t] for name, n, t in rows]
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "calls": results}, f, indent=1)
         if cprof:
             pr = cProfile.Profile()
             pr.enable()
