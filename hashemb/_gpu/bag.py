@@ -112,8 +112,9 @@ def forward(indices, weight, offsets, scheme, table0, T, mode, per_sample_weight
         n = b.idx.shape[0]
         keep = (be.xp.empty(n * (scheme.dim // scheme._run), np.uint64)
                 if n and _keeps(scheme, return_saved) else None)
-        s, layout, starts = _common(be, scheme, b, table0,
-                                    forward_only=not return_saved or keep is not None)
+        # a forward precomputes starts only when asked (precompute_starts=True);
+        # by default it hashes per lane, writing them to `keep` for a backward
+        s, layout, starts = _common(be, scheme, b, table0, forward_only=True)
         W = lanes(scheme.dim, FORWARD_PER)
         be.launch("bag", f"bag_forward<{RT.ctype(dtype)}, {RT.ctype(b.idx.dtype)}, {_st(starts)}, "
                          f"{_forward_ept(FORWARD_PER)}>",
