@@ -6,7 +6,9 @@ GPU: torch.nn.EmbeddingBag on CUDA with full tables (one bag module over the
 concatenated tables: one launch, its fastest form) beside hashemb's RobeZ at
 1000x compression and hashemb's FullTable (the same full tables through
 hashemb's kernels, sharing torch's weight memory via DLPack), HashedNet and
-SCMA / LMA at the same compression. Reported:
+SCMA / LMA at the same compression. A hashemb training step is the forward
+with ``return_saved=True`` and the fused-SGD backward given what it kept, the
+calls the torch modules make. Reported:
 samples/s, GB/s of logical bytes (index reads, embedding rows read, output
 written; a training step adds gradient reads and the rows' read-modify-write)
 and their share of the GPU's peak DRAM bandwidth, and ratios against torch
@@ -180,9 +182,12 @@ def main(argv=None):
                 opt = he.SGD(args.lr)
 
                 def step():
-                    he.embedding_bags(X, M, scheme=scheme, num_tables=T)
+                    # as the torch modules make it: the forward keeps its run
+                    # starts for the backward, which then hashes nothing
+                    _, saved = he.embedding_bags(X, M, scheme=scheme, num_tables=T,
+                                                 return_saved=True)
                     he.embedding_bags_backward(Gx, X, scheme=scheme, num_tables=T, weight=M,
-                                               optimizer=opt, deterministic=det)
+                                               optimizer=opt, deterministic=det, saved=saved)
                 return step
 
             # the same tables through both: outputs must agree before anything is timed

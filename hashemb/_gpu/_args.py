@@ -14,9 +14,11 @@ _INDEX = (np.dtype(np.int32), np.dtype(np.int64))
 _FLOAT = (np.dtype(np.float32), np.dtype(np.float64))
 _NONE = np.iinfo(np.uint64).max
 
-# idx: flat device indices; off: int64 offsets (T*B+1) or None; rowlen, nper:
-# the in-place 2-D layout (see he_bag_range in common.cuh); psw: flat weights or None
-Bags = namedtuple("Bags", "idx off rowlen nper psw B T mode has_pad pad shape")
+# idx: the contiguous device indices, as given (1-D, or 2-D read in place:
+# kernels take a pointer, so no reshaped view is made per call); n: their
+# count; off: int64 offsets (T*B+1) or None; rowlen, nper: the in-place 2-D
+# layout (see he_bag_range in common.cuh); psw: flat weights or None
+Bags = namedtuple("Bags", "idx n off rowlen nper psw B T mode has_pad pad shape")
 
 
 def desc(be, x):
@@ -57,6 +59,8 @@ def weight_dtype(be, weight):
 
 
 def as_weight(be, weight, scheme, *, writable=False):
+    """The weight as the kernels take it: C-contiguous, in its own shape (a
+    kernel sees a pointer; no flat view is made per call)."""
     weight_dtype(be, weight)
     if weight.shape not in ((scheme.size,), scheme.weight_shape):
         want = " or ".join(sorted({str((scheme.size,)), str(scheme.weight_shape)}))
@@ -65,8 +69,8 @@ def as_weight(be, weight, scheme, *, writable=False):
         if not weight.flags.c_contiguous:
             raise ValueError("weight: expected a writeable C-contiguous array for an in-place "
                              "optimizer update, got a non-contiguous or read-only one")
-        return weight.reshape(-1)
-    return be.xp.ascontiguousarray(weight).reshape(-1)
+        return weight
+    return be.xp.ascontiguousarray(weight)
 
 
 def as_grad(be, grad_output, shape, dtype):
@@ -96,7 +100,6 @@ def bags(be, indices, offsets, per_sample_weights, *, scheme, mode, dtype, table
         else:
             B, rowlen, nper = idx.shape[0], T, 1
         shape = idx.shape
-        idx = idx.reshape(-1)
     elif idx.ndim == 1:
         if offsets is None:
             raise ValueError("offsets: expected a 1-D int32/int64 array when indices is 1-D, got None")
@@ -118,12 +121,12 @@ def bags(be, indices, offsets, per_sample_weights, *, scheme, mode, dtype, table
     if per_sample_weights is None:
         psw = None
     else:
-        V.check_psw(mode, idx.shape[0])
+        V.check_psw(mode, idx.size)
         psw = as_float(be, per_sample_weights, "per_sample_weights", dtype).reshape(-1)
-        V.check_psw(mode, idx.shape[0], psw)
+        V.check_psw(mode, idx.size, psw)
 
     has_pad, pad = V.padding(padding_idx, scheme, T, table0)
-    b = Bags(idx, off, rowlen, nper, psw, B, T, mode, has_pad, pad, shape)
+    b = Bags(idx, idx.size, off, rowlen, nper, psw, B, T, mode, has_pad, pad, shape)
     check_bags(be, scheme, b, table0, user_len)
     return b
 
@@ -134,7 +137,7 @@ def check_bags(be, scheme, b, table0, user_len=0):
     if not RT.OPTIONS["check_indices"]:
         return
     use_off = b.off is not None
-    n = b.idx.shape[0]
+    n = b.n
     if not (use_off or (n and scheme._bounded)):
         return
     dbounds = RT.scheme_bounds(be, scheme, table0, b.T)
@@ -170,9 +173,9 @@ def check_bags(be, scheme, b, table0, user_len=0):
             value = int(b.idx[bad])
         elif b.T > 1:
             t, row = divmod(bad, b.B)
-            value = int(b.idx[row * b.rowlen + t])
+            value = int(b.idx.reshape(-1)[row * b.rowlen + t])
         else:
-            t, value = 0, int(b.idx[bad])
+            t, value = 0, int(b.idx.reshape(-1)[bad])
         bounds = scheme._bounds(table0, b.T)
         raise IndexError(f"indices[{bad}]: expected 0 <= index < {bounds[t]} "
                          f"(table {table0 + t}), got {value}")

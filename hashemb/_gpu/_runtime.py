@@ -112,6 +112,9 @@ def device_count():
         return 0
 
 
+_SAME_DEVICE = contextlib.nullcontext()      # stateless: one serves every call
+
+
 class CupyBackend:
     """Launches on CuPy's current stream and the device of the arrays."""
 
@@ -130,8 +133,13 @@ class CupyBackend:
 
     def device_of(self, a):
         """Context: a's device current (kernels, allocations and the
-        compiled module of that device)."""
-        return self.xp.cuda.Device(a.device.id)
+        compiled module of that device). Where it already is, the common
+        case, a context that does nothing: no Device object, and no device
+        switch in and out, on every call."""
+        dev = a.data.device_id
+        if dev == self.xp.cuda.runtime.getDevice():
+            return _SAME_DEVICE
+        return self.xp.cuda.Device(dev)
 
     def current_device(self):
         return self.xp.cuda.runtime.getDevice()     # no Device object per call

@@ -62,6 +62,20 @@ def _keeps(scheme, return_saved):
     return return_saved and RT.OPTIONS["precompute_starts"] is None and _starts_pay(scheme)
 
 
+_NO_KEYS = {}
+
+
+def _no_keys(be):
+    """A zero-length int64 array for the keys a scatter into the target
+    never writes (out_mode 0): made once per backend and device, not per
+    call (an allocation is a host cost of every training step)."""
+    k = (be.key, be.current_device())
+    a = _NO_KEYS.get(k)
+    if a is None:
+        a = _NO_KEYS[k] = be.xp.empty(0, np.int64)
+    return a
+
+
 def _st(starts):
     """The ST template argument of a bag kernel: were the run starts given?"""
     return "true" if starts is not None else "false"
@@ -72,7 +86,7 @@ def _common(be, scheme, b, table0, given=None, forward_only=False):
     launch; ``given``: the starts a forward of the same inputs kept. With
     starts, the launches use the kernels' ST instantiation (no slot math)."""
     s = RT.scheme_struct(be, scheme)
-    n = b.idx.shape[0]
+    n = b.n
     use_off = b.off is not None
     off = b.off if use_off else b.idx
     starts, use = b.idx, False
@@ -106,10 +120,10 @@ def forward(indices, weight, offsets, scheme, table0, T, mode, per_sample_weight
         def result(starts):
             if not return_saved:
                 return out
-            return out, BagSaved(starts, scheme, table0, T, b.B, b.idx.shape[0], b.mode, True)
+            return out, BagSaved(starts, scheme, table0, T, b.B, b.n, b.mode, True)
         if b.B == 0 or T == 0:
             return result(None)
-        n = b.idx.shape[0]
+        n = b.n
         keep = (be.xp.empty(n * (scheme.dim // scheme._run), np.uint64)
                 if n and _keeps(scheme, return_saved) else None)
         # a forward precomputes starts only when asked (precompute_starts=True);
@@ -144,7 +158,7 @@ def backward(grad_output, indices, offsets, scheme, table0, T, mode, per_sample_
                    dtype=dtype, table0=table0, num_tables=T,
                    include_last_offset=include_last_offset, padding_idx=padding_idx)
         g = A.as_grad(be, grad_output, (b.B, T * scheme.dim), dtype)
-        given = V.check_bag_saved(saved, BagSaved, scheme, table0, T, b.B, b.idx.shape[0],
+        given = V.check_bag_saved(saved, BagSaved, scheme, table0, T, b.B, b.n,
                                   b.mode, True)
         w = None if weight is None else A.as_weight(be, weight, scheme,
                                                      writable=optimizer is not None)
@@ -168,7 +182,7 @@ class _Runner:
     def __init__(self, be, scheme, b, table0, g, w, dtype, given=None):
         self.be, self.scheme, self.b, self.table0, self.g, self.dtype = be, scheme, b, table0, g, dtype
         self.w = w if w is not None else g       # read only in max mode (weight given there)
-        self.n = b.idx.shape[0]
+        self.n = b.n
         self.empty = b.B == 0 or b.T == 0 or self.n == 0
         starts = None
         if not self.empty:
@@ -220,8 +234,7 @@ class _Runner:
             self.be.launch("segment", f"pairs_add<{self.R}>", keys.shape[0],
                            [keys, vals, i64(keys.shape[0]), target])
         else:
-            dummy = self.be.xp.empty(0, np.int64)
-            self._backward(alpha, 0, target, dummy, target)
+            self._backward(alpha, 0, target, _no_keys(self.be), target)
 
     def adagrad(self, w, state, scratch, lr, eps, det):
         if self.empty:

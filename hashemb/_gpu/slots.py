@@ -12,7 +12,8 @@ def _tokens(be, scheme, indices, table):
     idx = A.as_keys(be, indices, "indices")
     table = V.check_table(table, scheme)
     flat = idx.reshape(-1)
-    b = A.Bags(flat, None, flat.shape[0], flat.shape[0], None, 1, 1, 0, False, 0, idx.shape)
+    n = flat.shape[0]
+    b = A.Bags(flat, n, None, n, n, None, 1, 1, 0, False, 0, idx.shape)
     A.check_bags(be, scheme, b, table)
     return idx, flat, table
 

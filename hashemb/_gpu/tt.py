@@ -73,6 +73,7 @@ def _bags(be, indices, offsets, per_sample_weights, shapes, sizes, mode, T,
     idx, off, psw = b.idx, b.off, b.psw
     if off is None:                     # 2-D input: (B, N) bags, or (B, T) one per table
         if T == 1:
+            idx = idx.reshape(-1)       # A.bags keeps the 2-D input as given
             off = xp.arange(b.B + 1, dtype=np.int64) * np.int64(b.shape[1])
             bounds = [0, b.B * b.shape[1]]
         else:
