@@ -239,6 +239,8 @@ def host_costs(cp, he, be, X, M, scheme, T, B, D, n=200, rounds=7):
     synchronisation inside a timed loop; a sync between rounds keeps the
     launch queue short): what a cheaper launch path would have to remove."""
     import time
+
+    from hashemb._gpu._runtime import i64
     src = ('extern "C" __global__ void k1(long long a) {}\n'
            'extern "C" __global__ void k20(' +
            ", ".join(f"long long a{i}" for i in range(20)) + ") {}\n"
@@ -251,6 +253,9 @@ def host_costs(cp, he, be, X, M, scheme, T, B, D, n=200, rounds=7):
     twenty = tuple(np.int64(i) for i in range(20))
     arrs = tuple(cp.empty(4, np.float32) for _ in range(6))
     mixed = arrs + tuple(np.int64(i) for i in range(14))
+    make = be.c_scalars()           # None where this CuPy has no usable C scalars
+    kept20 = tuple(make(a) for a in twenty) if make else twenty
+    bag_args = list(arrs) + [i64(i) for i in range(14)]
     out = cp.empty((B, T * D), np.float32)
     real_launch = be.launch
 
@@ -275,6 +280,9 @@ def host_costs(cp, he, be, X, M, scheme, T, B, D, n=200, rounds=7):
         ("RawKernel launch, 1 scalar", lambda: k1((1,), (32,), one)),
         ("RawKernel launch, 20 scalars", lambda: k20((1,), (32,), twenty)),
         ("RawKernel launch, 6 arrays + 14 scalars", lambda: k6((1,), (32,), mixed)),
+        (f"RawKernel launch, 20 kept C scalars ({'CScalar' if make else 'none: NumPy'})",
+         lambda: k20((1,), (32,), kept20)),
+        ("hashemb's _pack of 6 arrays + 14 memoised ints", lambda: be._pack(bag_args)),
         ("he.embedding_bags, launches stubbed out", no_launch),
         ("he.embedding_bags (RobeZ forward)",
          lambda: he.embedding_bags(X, M, scheme=scheme, num_tables=T)),

@@ -112,6 +112,61 @@ def test_kernel_int_arguments_are_memoised_and_bounded():
     assert len(RT._I64) <= 4096
 
 
+def test_kernel_float_arguments_are_memoised_keeping_the_sign_of_zero():
+    f32, f64 = np.dtype(np.float32), np.dtype(np.float64)
+    a = RT.real(f32, 0.01)
+    assert type(a) is np.float32 and a == np.float32(0.01) and RT.real(f32, 0.01) is a
+    assert type(RT.real(f64, 0.01)) is np.float64
+    z, nz = RT.real(f32, 0.0), RT.real(f32, -0.0)
+    assert z is not nz and np.signbit(nz) and not np.signbit(z)
+    assert RT.real(f64, np.float64(2.5)) is RT.real(f64, 2.5)
+
+
+def _fake_cupy_backend(make):
+    """A CupyBackend over a stand-in for cupy (no CUDA needed): its C scalar
+    constructor is ``make`` (None: CuPy has none)."""
+    import threading
+    import types
+
+    class Arr:
+        pass
+    be = object.__new__(RT.CupyBackend)
+    be.xp = types.SimpleNamespace(ndarray=Arr)
+    be._scalars, be._make_scalar, be._lock = {}, make, threading.Lock()
+    return be, Arr
+
+
+def test_launch_arguments_pack_each_scalar_once():
+    """CuPy would build a C scalar for every scalar argument of every launch;
+    _pack builds one per scalar object (the memoised i64 / real values) and
+    reuses it, arrays pass as they are, and a Python int is refused."""
+    made = []
+    be, Arr = _fake_cupy_backend(lambda a: made.append(a) or ("C", a))
+    x, n, lr = Arr(), RT.i64(7), RT.real(np.dtype(np.float32), 0.5)
+    first = be._pack([x, n, lr, n])
+    assert first == (x, ("C", n), ("C", lr), ("C", n)) and first[1] is first[3]
+    again = be._pack([n, x, lr])
+    assert again[0] is first[1] and again[2] is first[2] and len(made) == 2
+    other = np.int64(7)                 # an equal value in another object: its own
+    assert be._pack([other])[0] == ("C", other) and len(made) == 3
+    with pytest.raises(TypeError, match="^kernel argument: expected a cupy.ndarray or a NumPy "
+                                        "scalar, got int"):
+        be._pack([x, 7])
+    plain, _ = _fake_cupy_backend(None)     # no usable constructor: NumPy scalars as given
+    assert plain._pack([n, lr])[0] is n
+
+
+def test_c_scalar_probe_failure_falls_back_to_numpy_scalars():
+    import types
+    be, _ = _fake_cupy_backend(False)
+
+    def broken(**kw):
+        raise RuntimeError("no compiler")
+    be.xp.zeros, be.xp.RawModule = np.zeros, broken
+    assert be.c_scalars() is None and be._make_scalar is None
+    assert be._pack([RT.i64(3)])[0] is RT.i64(3)
+
+
 @pytest.mark.parametrize("kind", ["robe", "robe-signed", "robe-wide", "hnet", "hnet-ref",
                                   "robe-ref", "full", "lsh"])
 def test_bounded_says_whether_bounds_exist(kind):

@@ -9,6 +9,7 @@ arrays and the kernels compiled for the host (tests/gpu_emu), so everything
 but the silicon is exercised on machines without a GPU.
 """
 import contextlib
+import math
 import os
 import re
 import struct
@@ -90,6 +91,23 @@ def i64(v):
         return r
 
 
+_REAL = {}
+
+
+def real(dtype, v):
+    """v as a kernel's floating-point argument of ``dtype`` (float32 or
+    float64), kept like ``i64``'s integers (learning rates and scales repeat
+    every step); -0.0 is kept apart from 0.0."""
+    key = (dtype, v, math.copysign(1.0, v))
+    try:
+        return _REAL[key]
+    except KeyError:
+        if len(_REAL) >= 4096:
+            _REAL.clear()
+        r = _REAL[key] = dtype.type(v)
+        return r
+
+
 # ------------------------------------------------------------------ CuPy
 
 _cupy = None
@@ -112,6 +130,17 @@ def device_count():
         return 0
 
 
+# what c_scalars launches: each argument's bits, read back
+_PROBE = r"""
+extern "C" __global__ void he_probe(long long a, double b, float c, int d, long long* out)
+{
+    out[0] = a;
+    out[1] = __double_as_longlong(b);
+    out[2] = __float_as_int(c);
+    out[3] = d;
+}
+"""
+
 _SAME_DEVICE = contextlib.nullcontext()      # stateless: one serves every call
 
 
@@ -127,6 +156,8 @@ class CupyBackend:
         self._modules = {}
         self._functions = {}
         self._lock = threading.Lock()
+        self._scalars = {}              # id(NumPy scalar) -> (it, its C scalar)
+        self._make_scalar = False       # not probed yet (c_scalars)
 
     def is_array(self, x):
         return isinstance(x, self.xp.ndarray)
@@ -175,10 +206,61 @@ class CupyBackend:
         nthreads = int(nthreads)
         if nthreads <= 0:
             return
-        for a in args:      # CuPy packs a Python int as whatever it likes: never pass one
-            assert isinstance(a, (self.xp.ndarray, np.generic)), type(a)
         grid = (nthreads + self.block - 1) // self.block
-        self.function(family, name)((grid,), (self.block,), tuple(args))
+        self.function(family, name)((grid,), (self.block,), self._pack(args))
+
+    def _pack(self, args):
+        """The launch's arguments, each NumPy scalar as a kept C scalar.
+
+        CuPy turns every scalar argument into a C scalar object at every
+        launch (a bag launch has about 15); given one, it passes it as is.
+        The launchers' integers are the memoised objects of ``i64``, so a
+        memo by identity (holding the scalar, so that its id is not reused)
+        makes each once. Where this CuPy cannot make them (checked once, by
+        a launch: ``c_scalars``), scalars pass as they are."""
+        make = self.c_scalars()
+        memo = self._scalars
+        out = []
+        for a in args:
+            if isinstance(a, np.generic):
+                if make is not None:
+                    ent = memo.get(id(a))
+                    if ent is None or ent[0] is not a:
+                        if len(memo) >= 4096:
+                            memo.clear()
+                        ent = memo[id(a)] = (a, make(a))
+                    a = ent[1]
+            elif not isinstance(a, self.xp.ndarray):
+                # CuPy packs a Python int as whatever it likes: never pass one
+                raise TypeError(f"kernel argument: expected a cupy.ndarray or a NumPy scalar, "
+                                f"got {type(a).__name__}")
+            out.append(a)
+        return tuple(out)
+
+    def c_scalars(self):
+        """CuPy's C scalar constructor, or None where this CuPy has none that
+        works: checked once per process by a probe launch (c_scalar_probe)."""
+        if self._make_scalar is False:
+            with self._lock:
+                if self._make_scalar is False:
+                    self._make_scalar = self.c_scalar_probe()
+        return self._make_scalar
+
+    def c_scalar_probe(self):
+        """cupy._core._scalar.CScalar if a launch given C scalars of an int64,
+        a float64 (-0.0), a float32 and an int32 reads back exactly their
+        bits; else None (any error included)."""
+        try:
+            from cupy._core._scalar import CScalar
+            vals = (np.int64(-(1 << 62) - 7), np.float64(-0.0), np.float32(-1.25), np.int32(-3))
+            out = self.xp.zeros(4, np.int64)
+            fn = self.xp.RawModule(code=_PROBE).get_function("he_probe")
+            fn((1,), (1,), tuple(CScalar(v) for v in vals) + (out,))
+            want = [int(vals[0]), int(vals[1].view(np.int64)), int(vals[2].view(np.int32)),
+                    int(vals[3])]
+            return CScalar if [int(v) for v in self.to_host(out)] == want else None
+        except Exception:       # another CuPy: scalars go as NumPy scalars
+            return None
 
 
 _backend = None

@@ -192,7 +192,7 @@ class _Runner:
         self.tname = f"{self.R}, {RT.ctype(b.idx.dtype)}, {_st(starts)}"
 
     def _scalar(self, v):
-        return self.dtype.type(v)
+        return RT.real(self.dtype, v)
 
     def _backward(self, alpha, out_mode, target, keys, vals):
         b = self.b

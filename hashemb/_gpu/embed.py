@@ -96,5 +96,6 @@ def scatter(grad_output, indices, layout, single, deterministic=False, be=None):
         order = be.stable_argsort(keys)
         sk, sv = keys[order], g.reshape(-1)[order]
         be.launch("segment", f"seg_apply<{RT.ctype(g.dtype)}>", n,
-                  [sk, sv, i64(n), i64(0), out, out, g.dtype.type(0), g.dtype.type(0)])
+                  [sk, sv, i64(n), i64(0), out, out, RT.real(g.dtype, 0.0),
+                   RT.real(g.dtype, 0.0)])
         return out

@@ -282,7 +282,7 @@ def _apply(be, optimizer, cores, grads, touched, dtype):
             state, opt, eps = optimizer.state_for(core)[0], 2, optimizer.eps
         be.launch("tt", f"tt_apply<{R}>", ng * S,
                   [core.reshape(-1), g, state, gv, i64(ng), i64(S), i64(opt),
-                   dtype.type(optimizer.lr), dtype.type(eps)])
+                   RT.real(dtype, optimizer.lr), RT.real(dtype, eps)])
 
 
 def bags(indices, tables, offsets=None, *, mode="sum", per_sample_weights=None,
