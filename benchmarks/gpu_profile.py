@@ -173,22 +173,33 @@ def main(argv=None):
         return run
 
     # most telling first (a bounded run may be cut short): the default
-    # paths, the A/B of the step's starts (written by the forward vs
-    # bag_starts), and the elements-per-lane sweeps (bag.FORWARD_PER 1 .. 16,
-    # BACKWARD_PER 1 .. 4)
+    # paths, the one-entry warp kernel against bag_forward (bag.ROWS), the
+    # A/B of the step's starts (written by the forward vs bag_starts), and
+    # the elements-per-lane sweeps of bag_forward (bag.FORWARD_PER 1 .. 16,
+    # BACKWARD_PER 1 .. 4), which 2-D one-entry input no longer reaches
+    # unless ROWS is off
     from hashemb._gpu import bag as GB
     profile("RobeZ forward", fwd(robe, M), cprof=True)
     profile("RobeZ step (forward writes the starts, SGD backward)", step(robe, M), cprof=True)
+    GB.ROWS = False
+    try:
+        profile("RobeZ forward, ROWS=False (bag_forward, not the one-entry warp kernel)",
+                fwd(robe, M))
+        profile("RobeZ step, ROWS=False", step(robe, M))
+        profile("FullTable forward, ROWS=False, check_indices=False", unchecked(fwd(full, W)))
+    finally:
+        GB.ROWS = True
     he.set_gpu_options(precompute_starts=True)
     profile("RobeZ step, precompute_starts=True (bag_starts, then the forward)", step(robe, M))
     profile("RobeZ forward, precompute_starts=True", fwd(robe, M))
     he.set_gpu_options(precompute_starts=None)
     default = GB.FORWARD_PER, GB.BACKWARD_PER
     try:
+        GB.ROWS = False             # the sweeps of bag_forward's lanes
         for p in (1, 2, 4, 8, 16):
             GB.FORWARD_PER = p
-            profile(f"RobeZ forward, {p} element(s) per lane", fwd(robe, M))
-        GB.FORWARD_PER = default[0]
+            profile(f"RobeZ forward, ROWS=False, {p} element(s) per lane", fwd(robe, M))
+        GB.FORWARD_PER, GB.ROWS = default[0], True
         for p in (1, 2, 4):
             GB.BACKWARD_PER = p
             profile(f"RobeZ step, backward {p} element(s) per lane", step(robe, M))
@@ -200,17 +211,19 @@ def main(argv=None):
         he.set_gpu_options(precompute_starts=True)
         profile("FullTable step, check_indices=False, precompute_starts=True", step(full, W))
         he.set_gpu_options(check_indices=True, precompute_starts=None)
+        GB.ROWS = False
         for p in (1, 4, 16):
             GB.FORWARD_PER = p
-            profile(f"FullTable forward, {p} element(s) per lane, check_indices=False",
-                    unchecked(fwd(full, W)))
-        GB.FORWARD_PER = default[0]
+            profile(f"FullTable forward, ROWS=False, {p} element(s) per lane, "
+                    "check_indices=False", unchecked(fwd(full, W)))
+        GB.FORWARD_PER, GB.ROWS = default[0], True
         for p in (1, 2, 4):
             GB.BACKWARD_PER = p
             profile(f"FullTable step, backward {p} element(s) per lane, check_indices=False",
                     unchecked(step(full, W)))
     finally:
         GB.FORWARD_PER, GB.BACKWARD_PER = default
+        GB.ROWS = True
         he.set_gpu_options(check_indices=True, precompute_starts=None)
 
     if args.no_tt:

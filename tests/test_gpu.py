@@ -14,6 +14,7 @@ contraction; on a device, float32 subnormals may read as 0, since CuPy
 compiles with -ftz=true: Device.same), and to tight tolerance for atomic
 backward.
 """
+import functools
 import gc
 import glob
 import os
@@ -772,6 +773,151 @@ def test_saved_run_starts_on_the_device_equal_the_host(pre):
     np.testing.assert_array_equal(with_saved, G.backward(*args, be=be))
     with pytest.raises(TypeError, match="forward on the device"):
         G.backward(*args, be=be, saved=saved_h)
+
+
+@functools.lru_cache(maxsize=None)
+def _lsh_for(D):
+    """SCMA and LMA schemes of width D, one run a row (fitted once per D)."""
+    X = np.random.default_rng(2).integers(0, 20, (100, 3))
+    return (he.LSHTable.fit(X, size=301, dim=D, num_points=80, seed=1, block=D),
+            he.LMA.fit(X, size=301, dim=D, num_points=80, seed=1, block=D))
+
+
+@st.composite
+def _one_entry_bags(draw):
+    """2-D one-entry batches for bag_forward_rows: every scheme it takes
+    (unsigned, <= 4 runs a row), widths around and past a warp, partial
+    warps, padding, weights, all modes, both index and float types."""
+    kind = draw(st.sampled_from(["robe", "robe-wide", "robe-ref", "full", "lsh", "hnet-small"]))
+    D = draw(st.sampled_from([1, 3, 4, 8, 16, 24, 40, 64]))
+    seed = draw(st.integers(0, 9))
+    T = draw(st.integers(1, 4))
+    if kind == "robe":
+        scheme = he.RobeZ(601, D, block=D // draw(st.sampled_from(
+            [r for r in (1, 2, 4) if D % r == 0])), seed=seed, wrap=seed % 2 == 0)
+    elif kind == "robe-wide":
+        scheme = he.RobeZ(577, D, block=2 * D, seed=seed)
+    elif kind == "robe-ref":
+        scheme = he.RobeZ.reference(701, D, block=D, table_sizes=[50] * 4)
+    elif kind == "full":
+        scheme = he.FullTable([50, 7, 30, 9], D)
+    elif kind == "lsh":
+        scheme = _lsh_for(D)[seed % 2]
+        T = min(T, 3)
+    else:
+        scheme = he.HashedNet(97, min(D, 4), seed=seed)
+    B = draw(st.integers(0, 70))
+    hi = 7 if kind in ("full", "robe-ref", "lsh") else 1 << 40
+    X = np.random.default_rng(seed).integers(0, hi, (B, T))
+    if draw(st.booleans()):
+        X = X.astype(np.int32) if hi < 1 << 31 else X
+    mode = draw(st.sampled_from(["sum", "mean", "max"]))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    psw = None
+    if mode == "sum" and draw(st.booleans()):
+        psw = np.random.default_rng(seed + 1).uniform(-2, 2, (B, T)).astype(dtype)
+    pad = int(X[0, 0]) if T == 1 and B and draw(st.booleans()) else None
+    return scheme, X, mode, dtype, psw, pad
+
+
+@FIXTURE
+@given(b=_one_entry_bags(), pre=st.sampled_from([None, True]), keep=st.booleans(),
+       opt=st.sampled_from([None, "sgd", "adagrad"]))
+def test_one_entry_rows_kernel_equals_cpu(dev, b, pre, keep, opt):
+    """bag_forward_rows (a warp per 32 one-entry bags) gives the CPU's
+    output bit for bit, and the run starts it keeps are the host's;
+    bag_backward_rows the CPU's gradient or fused step, to rounding (the
+    order of its atomic adds is another)."""
+    scheme, X, mode, dtype, psw, pad = b
+    be = dev.be or RT.backend()
+    if dev.be:
+        be.launches.clear()
+    B, T = X.shape
+    D = scheme.dim
+    T = T if pad is None else 1
+    M = np.random.default_rng(3).standard_normal(scheme.size).astype(dtype)
+    kw = dict(mode=mode, per_sample_weights=psw)
+    if T == 1:
+        want = he.embedding_bag(X, M, scheme=scheme, padding_idx=pad, return_saved=keep, **kw)
+    else:
+        want = he.embedding_bags(X, M, scheme=scheme, num_tables=T, return_saved=keep, **kw)
+    old = he.set_gpu_options(precompute_starts=pre)
+    try:
+        got = GB.forward(dev.put(X), dev.put(M), None, scheme, 0, T, mode, dev.put(psw), True,
+                         pad, be=be, return_saved=keep)
+    finally:
+        he.set_gpu_options(**old)
+    if keep:
+        (got, saved), (want, saved_h) = got, want
+    dev.same(got, want)
+    assert got.shape == (B, T * D)
+    if B and dev.be:
+        assert any(k.startswith("bag_forward_rows") for k in be.launches), be.launches
+    if keep and saved_h.starts is not None and saved.starts is not None and B:
+        R = D // scheme._run         # a padding entry's start is never read: not compared
+        live = np.repeat((X.T != pad).reshape(-1), R)
+        np.testing.assert_array_equal(
+            dev.get(saved.starts).reshape(B, T, R).transpose(1, 0, 2).reshape(-1)[live],
+            saved_h.starts[live])
+    # bag_backward_rows: the gradient (atomic adds: the CPU's sum to rounding)
+    G = np.random.default_rng(4).standard_normal((B, T * D)).astype(dtype)
+    if T == 1:
+        gw = he.embedding_bag_backward(G, X, scheme=scheme, padding_idx=pad, weight=M, **kw)
+    else:
+        gw = he.embedding_bags_backward(G, X, scheme=scheme, num_tables=T, weight=M, **kw)
+    if opt is not None:             # the same step on both: host reference from the gradient
+        make = (lambda: he.SGD(0.1)) if opt == "sgd" else (lambda: he.Adagrad(0.1))
+        gw, Mh = None, M.copy()
+        if T == 1:
+            he.embedding_bag_backward(G, X, scheme=scheme, padding_idx=pad, weight=Mh,
+                                      optimizer=make(), **kw)
+        else:
+            he.embedding_bags_backward(G, X, scheme=scheme, num_tables=T, weight=Mh,
+                                       optimizer=make(), **kw)
+    if dev.be:
+        be.launches.clear()
+    Md = dev.put(M)
+    gg = GB.backward(dev.put(G), dev.put(X), None, scheme, 0, T, mode, dev.put(psw), True, pad,
+                     Md, None if opt is None else make(), False, be=be,
+                     saved=saved if keep else None)
+    if opt is None:
+        np.testing.assert_allclose(dev.get(gg), gw, **tol(dtype))
+    else:
+        assert gg is None
+        np.testing.assert_allclose(dev.get(Md), Mh, **tol(dtype))
+    if B and dev.be:
+        assert any(k.startswith("bag_backward_rows") for k in be.launches), be.launches
+
+
+def test_warp_kernels_fit_the_launch_block():
+    """common.cuh's warp kernels keep per-warp shared memory for at most
+    HE_BLOCK_WARPS warps of a block: the launch block must not exceed it."""
+    text = open(os.path.join(ROOT, "hashemb", "_gpu", "common.cuh")).read()
+    warps = int(re.search(r"#define HE_BLOCK_WARPS (\d+)", text).group(1))
+    assert RT.CupyBackend.block <= 32 * warps and RT.CupyBackend.block % 32 == 0
+    assert gpu_emu.EmuBackend.block % 32 == 0
+    rows = open(os.path.join(ROOT, "hashemb", "_gpu", "bag.cu")).read()
+    assert int(re.search(r"#define HE_ROW_RUNS (\d+)", rows).group(1)) == GB.ROW_RUNS
+
+
+def test_rows_kernel_takes_only_what_it_can():
+    """Signed schemes, HashedNet rows of many runs, offsets input and
+    several entries per bag stay on bag_forward."""
+    be = gpu_emu.emu_backend()
+    X = np.arange(12).reshape(4, 3)
+    for scheme, X_, T, rows in [(he.RobeZ(99, 8, block=8), X, 3, True),
+                                (he.RobeZ(99, 8, block=8, signed=True), X, 3, False),
+                                (he.HashedNet(99, 8), X, 3, False),
+                                (he.RobeZ(99, 8, block=8), X, 1, False),       # (B, 3): 3 a bag
+                                (he.RobeZ(99, 8, block=8), X[:, :1], 1, True)]:
+        be.launches.clear()
+        GB.forward(X_, scheme.init_weight(), None, scheme, 0, T, "sum", None, True, None, be=be)
+        assert any(k.startswith("bag_forward_rows") for k in be.launches) == rows, scheme
+    be.launches.clear()
+    robe = he.RobeZ(99, 8, block=8)
+    GB.forward(np.arange(4), robe.init_weight(), np.arange(4), robe, 0, 1, "sum", None, False,
+               None, be=be)
+    assert not any(k.startswith("bag_forward_rows") for k in be.launches)
 
 
 @pytest.mark.parametrize("mode", ["sum", "mean", "max"])

@@ -15,6 +15,10 @@
  * row. Index arithmetic is 64-bit; divisions are 32-bit where the operands
  * fit (he_div).
  *
+ * One-entry bags (2-D input, the DLRM layout) of unsigned schemes instead
+ * take bag_forward_rows / bag_backward_rows, warp kernels (common.cuh
+ * HE_LANES): a lane hashes one entry, then the warp moves whole rows.
+ *
  * Run starts come from hashemb/slots.h, per lane on the fly, or, for
  * unsigned schemes with few runs per row (ROBE-Z, Z >= D/4) in a backward
  * or a forward that keeps them, from bag_starts, which hashes each (entry,
@@ -207,6 +211,130 @@ __global__ void bag_forward(const he_scheme* __restrict__ s, const I* __restrict
             const int i = i0 + c * nw;
             if (i < D)
                 o[i] = cnt == 0 ? (R)0 : (mode == HE_MEAN && cnt > 1 ? acc[c] / (R)cnt : acc[c]);
+        }
+    }
+}
+
+/*
+ * Forward of one-entry bags, a warp kernel (common.cuh HE_LANES): 2-D input
+ * (B, T) with one entry per bag (or (B, 1)), whose entry j = b*T + t is bag
+ * (t, b) and whose output row is out[j*D .. j*D + D). Warp w takes entries
+ * 32w .. 32w + 31. First each lane hashes one entry's row, once (its run
+ * starts, up to HE_ROW_RUNS; unsigned schemes only), and writes them to
+ * keep for a backward if asked; then the warp copies the rows, 32/P at a
+ * time, P lanes per row (P: D rounded up to a power of two, at most 32)
+ * reading consecutive floats of a run and writing consecutive floats of
+ * the output. Per entry that is one hash instead of one per lane, one
+ * index read, and loads and stores a warp makes contiguous.
+ * out = v (max) or w * v (sum, mean; w = psw[j] or 1): what bag_forward
+ * computes for one entry; 0 for a padding entry.
+ */
+#define HE_ROW_RUNS 4
+
+template <typename R, typename I, bool ST>
+__global__ void bag_forward_rows(const he_scheme* __restrict__ s, const I* __restrict__ idx,
+                                 i64 n, i64 T, i64 table0, const uint64_t* __restrict__ starts,
+                                 const R* __restrict__ M, const R* __restrict__ psw,
+                                 i64 use_psw, R* __restrict__ out, i64 mode, i64 has_pad,
+                                 i64 pad, i64 P, uint64_t* __restrict__ keep, i64 use_keep)
+{
+    HE_WARP_LEAD();
+    const i64 j0 = (he_tid() >> 5) << 5;
+    const int runs = (int)s->runs, D = (int)s->dim, L = (int)s->run, p = (int)P;
+    if (j0 >= n || runs > HE_ROW_RUNS)    /* the launcher never sends more runs */
+        return;
+    HE_WARP_SHARED(uint64_t, st, 32 * HE_ROW_RUNS);
+    HE_WARP_SHARED(R, scale, 32);
+    HE_WARP_SHARED(int, live, 32);
+    HE_LANES(l) {
+        const i64 j = j0 + l;
+        live[l] = 0;
+        if (j >= n)
+            continue;
+        const i64 x = (i64)idx[j];
+        if (has_pad && x == pad)
+            continue;
+        live[l] = 1;
+        scale[l] = use_psw ? psw[j] : (R)1;
+        const i64 table = table0 + (T > 1 ? j - he_div(j, T) * T : 0);
+        const he_row row = ST ? he_row{0, 0} : he_row_begin(s, table, x);
+        for (int k = 0; k < runs; k++) {
+            const uint64_t v = he_start<ST>(s, &row, starts, j, k);
+            st[l * HE_ROW_RUNS + k] = v;
+            if (!ST && use_keep)
+                keep[j * runs + k] = v;
+        }
+    }
+    HE_WARP_SYNC();
+    const uint64_t m = s->size;         /* read once, not per row */
+    HE_LANES(l) {
+        const int e0 = l / p, g = 32 / p;
+        for (int i = l - e0 * p; i < D; i += p) {
+            const int k = i / L, jr = i - k * L;
+#pragma unroll 4      /* rows are independent: several loads in flight per lane */
+            for (int e = e0; e < 32 && j0 + e < n; e += g) {
+                R* o = out + (j0 + e) * D;
+                if (!live[e]) {
+                    o[i] = 0;
+                    continue;
+                }
+                const R v = M[he_wrap(st[e * HE_ROW_RUNS + k], jr, m)];
+                o[i] = mode == HE_MAX ? v : scale[e] * v;
+            }
+        }
+    }
+}
+
+/*
+ * Backward of one-entry bags into target (bag_backward's out_mode 0), the
+ * warp kernel of bag_forward_rows' layout: each lane takes one entry's run
+ * starts (hashed once, or given) and its scale a = alpha * psw[j] (sum
+ * with weights) or alpha (any mode: a one-entry bag is its own mean and
+ * maximum), then P lanes per row add a * grad[j*D + i] to consecutive
+ * slots of a run, reading consecutive gradient floats.
+ */
+template <typename R, typename I, bool ST>
+__global__ void bag_backward_rows(const he_scheme* __restrict__ s, const I* __restrict__ idx,
+                                  i64 n, i64 T, i64 table0, const uint64_t* __restrict__ starts,
+                                  const R* __restrict__ psw, i64 use_psw,
+                                  const R* __restrict__ grad, R alpha, i64 has_pad, i64 pad,
+                                  i64 P, R* __restrict__ target)
+{
+    HE_WARP_LEAD();
+    const i64 j0 = (he_tid() >> 5) << 5;
+    const int runs = (int)s->runs, D = (int)s->dim, L = (int)s->run, p = (int)P;
+    if (j0 >= n || runs > HE_ROW_RUNS)    /* the launcher never sends more runs */
+        return;
+    HE_WARP_SHARED(uint64_t, st, 32 * HE_ROW_RUNS);
+    HE_WARP_SHARED(R, scale, 32);
+    HE_WARP_SHARED(int, live, 32);
+    HE_LANES(l) {
+        const i64 j = j0 + l;
+        live[l] = 0;
+        if (j >= n)
+            continue;
+        const i64 x = (i64)idx[j];
+        if (has_pad && x == pad)
+            continue;
+        live[l] = 1;
+        scale[l] = use_psw ? alpha * psw[j] : alpha;
+        const i64 table = table0 + (T > 1 ? j - he_div(j, T) * T : 0);
+        const he_row row = ST ? he_row{0, 0} : he_row_begin(s, table, x);
+        for (int k = 0; k < runs; k++)
+            st[l * HE_ROW_RUNS + k] = he_start<ST>(s, &row, starts, j, k);
+    }
+    HE_WARP_SYNC();
+    const uint64_t m = s->size;         /* read once, not per row */
+    HE_LANES(l) {
+        const int e0 = l / p, g = 32 / p;
+        for (int i = l - e0 * p; i < D; i += p) {
+            const int k = i / L, jr = i - k * L;
+#pragma unroll 4      /* rows are independent: several loads in flight per lane */
+            for (int e = e0; e < 32 && j0 + e < n; e += g) {
+                if (live[e])
+                    he_atomic_add(target + he_wrap(st[e * HE_ROW_RUNS + k], jr, m),
+                                  scale[e] * grad[(j0 + e) * D + i]);
+            }
         }
     }
 }
@@ -436,6 +564,22 @@ HE_KERNEL(bag_forward<double, int, false, 16>)
 HE_KERNEL(bag_forward<double, int, true, 16>)
 HE_KERNEL(bag_forward<double, long long, false, 16>)
 HE_KERNEL(bag_forward<double, long long, true, 16>)
+HE_KERNEL(bag_forward_rows<float, int, false>)
+HE_KERNEL(bag_forward_rows<float, int, true>)
+HE_KERNEL(bag_forward_rows<float, long long, false>)
+HE_KERNEL(bag_forward_rows<float, long long, true>)
+HE_KERNEL(bag_forward_rows<double, int, false>)
+HE_KERNEL(bag_forward_rows<double, int, true>)
+HE_KERNEL(bag_forward_rows<double, long long, false>)
+HE_KERNEL(bag_forward_rows<double, long long, true>)
+HE_KERNEL(bag_backward_rows<float, int, false>)
+HE_KERNEL(bag_backward_rows<float, int, true>)
+HE_KERNEL(bag_backward_rows<float, long long, false>)
+HE_KERNEL(bag_backward_rows<float, long long, true>)
+HE_KERNEL(bag_backward_rows<double, int, false>)
+HE_KERNEL(bag_backward_rows<double, int, true>)
+HE_KERNEL(bag_backward_rows<double, long long, false>)
+HE_KERNEL(bag_backward_rows<double, long long, true>)
 HE_KERNEL(bag_backward<float, int, false>)
 HE_KERNEL(bag_backward<float, int, true>)
 HE_KERNEL(bag_backward<float, long long, false>)

@@ -34,6 +34,20 @@ def lanes(dim, per):
     return 1 << max(0, (-(-min(dim, 32 * per) // per) - 1).bit_length())
 
 
+# One-entry bags (2-D input) go through bag_forward_rows, a warp per 32
+# entries: one hash per entry, then contiguous row copies. Not yet measured
+# on a device; False sends them through bag_forward (gpu_profile's A/B).
+ROWS = True
+ROW_RUNS = 4        # bag.cu HE_ROW_RUNS: run starts a lane keeps per entry
+
+
+def _rows(scheme, b):
+    """Does bag_forward_rows take this batch: one entry per bag read in
+    place (2-D input), an unsigned scheme of at most ROW_RUNS runs a row?"""
+    return (ROWS and b.off is None and (b.T > 1 or b.nper == 1) and not scheme._signed
+            and scheme.dim // scheme._run <= ROW_RUNS)
+
+
 def _forward_ept(per):
     """The forward kernel's register slots (template EPT) for ``per``."""
     return 4 if per <= 4 else 16
@@ -129,14 +143,23 @@ def forward(indices, weight, offsets, scheme, table0, T, mode, per_sample_weight
         # a forward precomputes starts only when asked (precompute_starts=True);
         # by default it hashes per lane, writing them to `keep` for a backward
         s, layout, starts = _common(be, scheme, b, table0, forward_only=True)
-        W = lanes(scheme.dim, FORWARD_PER)
-        be.launch("bag", f"bag_forward<{RT.ctype(dtype)}, {RT.ctype(b.idx.dtype)}, {_st(starts)}, "
-                         f"{_forward_ept(FORWARD_PER)}>",
-                  b.B * T * W,
-                  [s] + layout + [w, b.psw if b.psw is not None else w, i64(b.psw is not None),
-                                  out, i64(b.B), i64(T), i64(table0), i64(b.mode),
-                                  i64(b.has_pad), i64(b.pad), i64(W),
-                                  keep if keep is not None else out, i64(keep is not None)])
+        psw = b.psw if b.psw is not None else w
+        tail = [keep if keep is not None else out, i64(keep is not None)]
+        if _rows(scheme, b):
+            be.launch("bag", f"bag_forward_rows<{RT.ctype(dtype)}, {RT.ctype(b.idx.dtype)}, "
+                             f"{_st(starts)}>", -(-n // 32) * 32,
+                      [s, b.idx, i64(n), i64(T), i64(table0),
+                       starts if starts is not None else b.idx, w, psw, i64(b.psw is not None),
+                       out, i64(b.mode), i64(b.has_pad), i64(b.pad),
+                       i64(lanes(min(scheme.dim, 32), 1))] + tail)
+        else:
+            W = lanes(scheme.dim, FORWARD_PER)
+            be.launch("bag", f"bag_forward<{RT.ctype(dtype)}, {RT.ctype(b.idx.dtype)}, "
+                             f"{_st(starts)}, {_forward_ept(FORWARD_PER)}>",
+                      b.B * T * W,
+                      [s] + layout + [w, psw, i64(b.psw is not None), out, i64(b.B), i64(T),
+                                      i64(table0), i64(b.mode), i64(b.has_pad), i64(b.pad),
+                                      i64(W)] + tail)
         return result(keep if keep is not None else starts)
 
 
@@ -187,6 +210,7 @@ class _Runner:
         starts = None
         if not self.empty:
             self.s, self.layout, starts = _common(be, scheme, b, table0, given)
+        self.starts = starts
         self.W = lanes(scheme.dim, BACKWARD_PER)
         self.R = RT.ctype(dtype)
         self.tname = f"{self.R}, {RT.ctype(b.idx.dtype)}, {_st(starts)}"
@@ -228,6 +252,16 @@ class _Runner:
         if det:
             keys, vals = self._pairs(alpha)
             self._segments(keys, vals, 0, target, None, 0.0, 0.0)
+        elif _rows(self.scheme, self.b):
+            # also max-mode SGD: a one-entry bag's winner is its entry, so
+            # no weight is read while the step moves it
+            b = self.b
+            self.be.launch("bag", f"bag_backward_rows<{self.tname}>", -(-self.n // 32) * 32,
+                           [self.s, b.idx, i64(self.n), i64(b.T), i64(self.table0),
+                            self.starts if self.starts is not None else b.idx,
+                            b.psw if b.psw is not None else self.g, i64(b.psw is not None),
+                            self.g, self._scalar(alpha), i64(b.has_pad), i64(b.pad),
+                            i64(lanes(min(self.scheme.dim, 32), 1)), target])
         elif self.b.mode == 2 and target is self.w:
             # max-mode SGD: every winner is read from the weight before it moves
             keys, vals = self._pairs(alpha, sort=False)

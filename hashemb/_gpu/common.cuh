@@ -8,10 +8,12 @@
  * compiled standalone (`nvcc -ptx -I hashemb/_include file.cu`, what CI does)
  * or by the host emulator of the tests, the #include lines below do the same.
  *
- * Every kernel is written for independent threads: no shared memory, no
- * barriers, no warp shuffles. A thread's result depends only on its own id,
- * which keeps the kernels obviously race-free (apart from the documented
- * atomics) and lets tests/gpu_emu run them, thread after thread, on the CPU.
+ * Every kernel is written for independent threads (no shared memory, no
+ * barriers, no warp shuffles: a thread's result depends only on its own id,
+ * which keeps the kernels obviously race-free apart from the documented
+ * atomics, and lets tests/gpu_emu run them, thread after thread, on the
+ * CPU), except the warp kernels below (HE_LANES), which the emulator runs a
+ * warp at a time.
  */
 #ifndef HASHEMB_GPU_COMMON_H
 #define HASHEMB_GPU_COMMON_H
@@ -21,6 +23,35 @@
 #endif
 
 typedef long long i64;
+
+/*
+ * Warp kernels: the lanes of a warp share what each computed through
+ * per-warp shared memory, in phases. HE_LANES(l) { ... } is one phase: on
+ * the device every lane runs the body once as lane l; the host emulator
+ * (HE_EMU) runs a warp kernel in each warp's lane 0 only (HE_WARP_LEAD),
+ * which runs the body for l = 0 .. 31 in turn. So a phase leaves its body
+ * only by `continue` (never `return`: the lanes must all reach
+ * HE_WARP_SYNC), keeps nothing in locals across phases, and reads another
+ * lane's results only from an HE_WARP_SHARED array after HE_WARP_SYNC. On
+ * the device, warp kernels run in blocks of at most HE_BLOCK_WARPS warps.
+ */
+#define HE_BLOCK_WARPS 8
+#if defined(HE_EMU)
+#define HE_WARP_LEAD() \
+    if (threadIdx.x & 31) \
+        return
+#define HE_LANES(l) for (int l = 0; l < 32; l++)
+#define HE_WARP_SYNC() ((void)0)
+#define HE_WARP_SHARED(type, name, count) type name[count]
+#else
+#define HE_WARP_LEAD() ((void)0)
+#define HE_LANES(l) \
+    for (int l = (int)(threadIdx.x & 31), he_once_##l = 1; he_once_##l; he_once_##l = 0)
+#define HE_WARP_SYNC() __syncwarp()
+#define HE_WARP_SHARED(type, name, count) \
+    __shared__ type name##_block[HE_BLOCK_WARPS][count]; \
+    type* const name = name##_block[threadIdx.x >> 5]
+#endif
 
 /* pooling modes (hashemb/_validate.py MODES order) */
 #define HE_SUM 0

@@ -3,7 +3,8 @@
 // The kernels are written for independent threads (no shared memory, barriers
 // or shuffles: hashemb/_gpu/common.cuh), so running every thread of a launch
 // one after another on the CPU gives what the device computes, up to the
-// order of atomic adds. This file defines the CUDA built-ins the sources use,
+// order of atomic adds. The warp kernels (common.cuh HE_LANES) run a warp at
+// a time: HE_EMU makes each warp's lane 0 run the phases of all 32 lanes. This file defines the CUDA built-ins the sources use,
 // includes every .cu file, and registers each HE_KERNEL instantiation under
 // its name expression with its parameter types, so that the Python launchers
 // run unchanged with NumPy arrays and every argument is checked against the
@@ -105,6 +106,7 @@ static int he_emu_register(const char* name, void (*f)(A...))
 #define HE_KERNEL(...) \
     static int HE_EMU_CAT(he_emu_reg_, __COUNTER__) = he_emu_register(#__VA_ARGS__, &__VA_ARGS__);
 
+#define HE_EMU 1           // warp kernels run a warp at a time (common.cuh HE_LANES)
 #include "hashemb/slots.h"
 #include "common.cuh"
 #include "bag.cu"

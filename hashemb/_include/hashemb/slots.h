@@ -453,11 +453,17 @@ HE_HD const void* he_row_data(const he_scheme* s, const he_row* r)
     return 0;
 }
 
+/* start + j, circular in an array of m floats (start < m, j < m). */
+HE_HD uint64_t he_wrap(uint64_t start, int64_t j, uint64_t m)
+{
+    uint64_t slot = start + (uint64_t)j;
+    return slot >= m ? slot - m : slot;
+}
+
 /* Slot of element j of a run that starts at `start` (circular in m). */
 HE_HD uint64_t he_run_slot(const he_scheme* s, uint64_t start, int64_t j)
 {
-    uint64_t slot = start + (uint64_t)j;
-    return slot >= s->size ? slot - s->size : slot;
+    return he_wrap(start, j, s->size);
 }
 
 #endif /* HASHEMB_SLOTS_H */
