@@ -107,6 +107,28 @@ def test_multi_table_psw_gradcheck():
     assert torch.autograd.gradcheck(lambda p: emb(x, per_sample_weights=p), (psw,))
 
 
+def test_two_d_input_is_read_in_place_and_equals_offsets():
+    """2-D input reaches the kernels as given (no offsets built, no transposed
+    copy): the same outputs and gradients as its flat form with offsets, the
+    per-sample-weight gradient in the input's shape included."""
+    emb = HashEmbeddingBag(he.RobeZ(41, 3, block=3), dtype=torch.float64)
+    x = torch.tensor([[1, 2, 7], [3, 4, 4]])
+    flat, off, _ = emb._normalise(x, None, None)
+    assert off is None and flat is x
+    psw = torch.rand(2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda p: emb(x, per_sample_weights=p), (psw,))
+    p1 = psw.detach().clone().requires_grad_()
+    p2 = psw.detach().reshape(-1).clone().requires_grad_()
+    a = emb(x, per_sample_weights=p1)
+    b = emb(x.reshape(-1), torch.tensor([0, 3]), per_sample_weights=p2)
+    torch.testing.assert_close(a, b)
+    (a * a).sum().backward()
+    (b * b).sum().backward()
+    torch.testing.assert_close(p1.grad.reshape(-1), p2.grad)
+    col = HashEmbeddingBagCollection(he.RobeZ(41, 3, block=3), 3, dtype=torch.float64)
+    assert col._normalise(x, None, None)[1] is None
+
+
 @pytest.mark.parametrize("opt", ["sgd", "adagrad"])
 def test_fused_optimizer_equals_gradient_then_update(opt):
     scheme = he.RobeZ(301, 8, block=4)

@@ -104,8 +104,16 @@ class Lookup:
     def psw_grad(self, g, idx, w, off):
         """d loss / d per_sample_weights[j] = <grad[bag(j)], E(x_j)>: each entry
         is looked up as its own bag (the same kernels), then dotted. NumPy or
-        CuPy arrays alike."""
+        CuPy arrays alike; 2-D input (off None) gives its (B, N) / (B, T) shape."""
         xp = array_module(g)
+        if off is None:
+            B, N = idx.shape
+            if self.T == 1:             # row b is bag b
+                off = xp.arange(B + 1, dtype=np.int64) * np.int64(N)
+                return self.psw_grad(g, idx.reshape(-1), w, off).reshape(B, N)
+            flat = xp.ascontiguousarray(idx.T).reshape(-1)      # feature-major
+            off = xp.arange(B * N + 1, dtype=np.int64)
+            return xp.ascontiguousarray(self.psw_grad(g, flat, w, off).reshape(N, B).T)
         out = xp.zeros(idx.shape[0], g.dtype)
         B = (off.shape[0] - 1) // self.T
         D = self.scheme.dim

@@ -121,15 +121,10 @@ class HashEmbeddingBag(nn.Module):
     def _normalise(self, input, offsets, per_sample_weights):
         input = _as_index(input, "input")
         if input.dim() == 2:
+            # read in place by the kernels (offsets None): no copy, and one-entry
+            # bags take the one-entry paths (CPU pipeline, GPU warp kernels)
             _check_2d_offsets(offsets)
-            B, N = input.shape
-            dev = input.device
-            off = torch.arange(0, B * N + 1, max(N, 1) if B * N else 1, dtype=torch.int64,
-                               device=dev)
-            off = off if N else torch.zeros(B + 1, dtype=torch.int64, device=dev)
-            flat = input.reshape(-1)
-            psw = None if per_sample_weights is None else per_sample_weights.reshape(-1)
-            return flat, off, psw
+            return input, None, per_sample_weights
         if input.dim() != 1:
             raise ValueError(f"input: expected a 1-D or 2-D tensor, got {input.dim()}-D")
         if offsets is None:
@@ -221,10 +216,7 @@ class HashEmbeddingBagCollection(HashEmbeddingBag):
             if input.shape[1] != T:
                 raise ValueError(f"input: expected shape (B, {T}) (one index per table), "
                                  f"got {tuple(input.shape)}")
-            flat = input.t().reshape(-1)          # feature-major
-            off = torch.arange(input.numel() + 1, dtype=torch.int64, device=input.device)
-            psw = None if per_sample_weights is None else per_sample_weights.t().reshape(-1)
-            return flat, off, psw
+            return input, None, per_sample_weights      # in place, as above
         if input.dim() != 1:
             raise ValueError(f"input: expected a 1-D or 2-D tensor, got {input.dim()}-D")
         if offsets is None:
@@ -496,6 +488,14 @@ class HashingTrickEmbeddingBagCollection(HashEmbeddingBagCollection):
 
     def _normalise(self, input, offsets, per_sample_weights):
         flat, off, psw = super()._normalise(input, offsets, per_sample_weights)
+        if off is None:                 # (B, T): column t holds table t's tokens
+            with device_context(flat):
+                keys = as_any_array(flat, "input")
+                xp = np if isinstance(keys, np.ndarray) else _cupy()
+                out = xp.empty(keys.shape, np.int64)
+                for t, rows in enumerate(self.rows):
+                    out[:, t] = self.hash(xp.ascontiguousarray(keys[:, t]), rows, table=t)
+            return as_tensor(out), None, psw
         B = (off.shape[0] - 1) // self.num_tables
         o = off[::B].cpu().numpy() if B else np.zeros(self.num_tables + 1, np.int64)
         with device_context(flat):
