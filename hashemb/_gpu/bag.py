@@ -59,16 +59,18 @@ def _starts_pay(scheme):
     return not scheme._signed and scheme.dim // scheme._run <= 4 and scheme._kind != _FULL
 
 
-def _use_starts(scheme, forward_only=False):
+def _use_starts(scheme, inline=False):
     """Precompute the run starts (bag_starts, then the ST kernels)? Only
     unsigned schemes can. By default only for a backward (of few runs per
-    row) not given them: a forward hashes per lane in its one launch, and
-    one that keeps them for its backward writes them as it goes (_keeps);
-    one launch beat two on the H200, where host time per launch dominates."""
+    row) not given them, and not where the launch hashes each row once
+    itself (``inline``: a forward hashes per lane in its one launch, and one
+    that keeps them for its backward writes them as it goes, _keeps; the
+    one-entry warp kernels hash once per entry); one launch beat two on the
+    H200, where host time per launch dominates."""
     opt = RT.OPTIONS["precompute_starts"]
     if opt is not None:
         return bool(opt) and not scheme._signed
-    return not forward_only and _starts_pay(scheme)
+    return not inline and _starts_pay(scheme)
 
 
 def _keeps(scheme, return_saved):
@@ -95,7 +97,7 @@ def _st(starts):
     return "true" if starts is not None else "false"
 
 
-def _common(be, scheme, b, table0, given=None, forward_only=False):
+def _common(be, scheme, b, table0, given=None, inline=False):
     """(struct, layout args, the run starts or None) shared by every bag
     launch; ``given``: the starts a forward of the same inputs kept. With
     starts, the launches use the kernels' ST instantiation (no slot math)."""
@@ -104,7 +106,7 @@ def _common(be, scheme, b, table0, given=None, forward_only=False):
     use_off = b.off is not None
     off = b.off if use_off else b.idx
     starts, use = b.idx, False
-    if n and ((given is not None and not scheme._signed) or _use_starts(scheme, forward_only)):
+    if n and ((given is not None and not scheme._signed) or _use_starts(scheme, inline)):
         R = scheme.dim // scheme._run
         if given is not None and given.shape[0] == n * R:
             starts = given
@@ -142,7 +144,7 @@ def forward(indices, weight, offsets, scheme, table0, T, mode, per_sample_weight
                 if n and _keeps(scheme, return_saved) else None)
         # a forward precomputes starts only when asked (precompute_starts=True);
         # by default it hashes per lane, writing them to `keep` for a backward
-        s, layout, starts = _common(be, scheme, b, table0, forward_only=True)
+        s, layout, starts = _common(be, scheme, b, table0, inline=True)
         psw = b.psw if b.psw is not None else w
         tail = [keep if keep is not None else out, i64(keep is not None)]
         if _rows(scheme, b):
@@ -209,7 +211,10 @@ class _Runner:
         self.empty = b.B == 0 or b.T == 0 or self.n == 0
         starts = None
         if not self.empty:
-            self.s, self.layout, starts = _common(be, scheme, b, table0, given)
+            # one-entry bags hash in their warp kernel (once per entry, as
+            # bag_starts would): no separate launch for starts not given
+            self.s, self.layout, starts = _common(be, scheme, b, table0, given,
+                                                  inline=_rows(scheme, b))
         self.starts = starts
         self.W = lanes(scheme.dim, BACKWARD_PER)
         self.R = RT.ctype(dtype)
