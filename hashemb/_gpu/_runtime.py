@@ -78,17 +78,23 @@ def ctype(dtype):
 _I64 = {}
 
 
+def _kept(memo, key, value):
+    """memo[key] = value; a memo of 4096 is emptied first (the values a
+    batch brings vary: a memo keeps the ones that repeat, boundedly)."""
+    if len(memo) >= 4096:
+        memo.clear()
+    memo[key] = value
+    return value
+
+
 def i64(v):
     """v as a kernel's 64-bit integer argument. Launches take a dozen of them,
     mostly the same few values, so they are kept (a dict lookup is a quarter
-    of np.int64's cost); the memo is bounded, since sizes vary per batch."""
+    of np.int64's cost)."""
     try:
         return _I64[v]
     except KeyError:
-        if len(_I64) >= 4096:
-            _I64.clear()
-        r = _I64[v] = np.int64(v)
-        return r
+        return _kept(_I64, v, np.int64(v))
 
 
 _REAL = {}
@@ -102,10 +108,7 @@ def real(dtype, v):
     try:
         return _REAL[key]
     except KeyError:
-        if len(_REAL) >= 4096:
-            _REAL.clear()
-        r = _REAL[key] = dtype.type(v)
-        return r
+        return _kept(_REAL, key, dtype.type(v))
 
 
 # ------------------------------------------------------------------ CuPy
@@ -226,9 +229,7 @@ class CupyBackend:
                 if make is not None:
                     ent = memo.get(id(a))
                     if ent is None or ent[0] is not a:
-                        if len(memo) >= 4096:
-                            memo.clear()
-                        ent = memo[id(a)] = (a, make(a))
+                        ent = _kept(memo, id(a), (a, make(a)))
                     a = ent[1]
             elif not isinstance(a, self.xp.ndarray):
                 # CuPy packs a Python int as whatever it likes: never pass one

@@ -231,6 +231,40 @@ __global__ void bag_forward(const he_scheme* __restrict__ s, const I* __restrict
  */
 #define HE_ROW_RUNS 4
 
+/*
+ * Lane l's part of a one-entry warp kernel's first phase: entry j = j0 + l
+ * (if j < n and it is no padding: live[l] = 1) gets its weight scale[l]
+ * (psw[j], or 1) and its run starts st[l * HE_ROW_RUNS + k], hashed once
+ * from its row or read from the given starts, and written to keep too if
+ * asked (a forward keeping them for its backward).
+ */
+template <bool ST, typename R, typename I>
+__device__ __forceinline__ void he_row_lane(const he_scheme* s, const I* idx, i64 n, i64 T,
+                                            i64 table0, const uint64_t* starts, const R* psw,
+                                            i64 use_psw, i64 has_pad, i64 pad, i64 j0, int l,
+                                            uint64_t* st, R* scale, int* live, uint64_t* keep,
+                                            i64 use_keep)
+{
+    const i64 j = j0 + l;
+    live[l] = 0;
+    if (j >= n)
+        return;
+    const i64 x = (i64)idx[j];
+    if (has_pad && x == pad)
+        return;
+    live[l] = 1;
+    scale[l] = use_psw ? psw[j] : (R)1;
+    const i64 table = table0 + (T > 1 ? j - he_div(j, T) * T : 0);
+    const he_row row = ST ? he_row{0, 0} : he_row_begin(s, table, x);
+    const int runs = (int)s->runs;
+    for (int k = 0; k < runs; k++) {
+        const uint64_t v = he_start<ST>(s, &row, starts, j, k);
+        st[l * HE_ROW_RUNS + k] = v;
+        if (!ST && use_keep)
+            keep[j * runs + k] = v;
+    }
+}
+
 template <typename R, typename I, bool ST>
 __global__ void bag_forward_rows(const he_scheme* __restrict__ s, const I* __restrict__ idx,
                                  i64 n, i64 T, i64 table0, const uint64_t* __restrict__ starts,
@@ -247,23 +281,8 @@ __global__ void bag_forward_rows(const he_scheme* __restrict__ s, const I* __res
     HE_WARP_SHARED(R, scale, 32);
     HE_WARP_SHARED(int, live, 32);
     HE_LANES(l) {
-        const i64 j = j0 + l;
-        live[l] = 0;
-        if (j >= n)
-            continue;
-        const i64 x = (i64)idx[j];
-        if (has_pad && x == pad)
-            continue;
-        live[l] = 1;
-        scale[l] = use_psw ? psw[j] : (R)1;
-        const i64 table = table0 + (T > 1 ? j - he_div(j, T) * T : 0);
-        const he_row row = ST ? he_row{0, 0} : he_row_begin(s, table, x);
-        for (int k = 0; k < runs; k++) {
-            const uint64_t v = he_start<ST>(s, &row, starts, j, k);
-            st[l * HE_ROW_RUNS + k] = v;
-            if (!ST && use_keep)
-                keep[j * runs + k] = v;
-        }
+        he_row_lane<ST>(s, idx, n, T, table0, starts, psw, use_psw, has_pad, pad, j0, l, st,
+                        scale, live, keep, use_keep);
     }
     HE_WARP_SYNC();
     const uint64_t m = s->size;         /* read once, not per row */
@@ -288,10 +307,10 @@ __global__ void bag_forward_rows(const he_scheme* __restrict__ s, const I* __res
 /*
  * Backward of one-entry bags into target (bag_backward's out_mode 0), the
  * warp kernel of bag_forward_rows' layout: each lane takes one entry's run
- * starts (hashed once, or given) and its scale a = alpha * psw[j] (sum
- * with weights) or alpha (any mode: a one-entry bag is its own mean and
- * maximum), then P lanes per row add a * grad[j*D + i] to consecutive
- * slots of a run, reading consecutive gradient floats.
+ * starts (hashed once, or given) and weight, then P lanes per row add
+ * a * grad[j*D + i] to consecutive slots of a run, reading consecutive
+ * gradient floats; a = alpha * psw[j] (sum with weights) or alpha * 1 (any
+ * mode: a one-entry bag is its own mean and maximum).
  */
 template <typename R, typename I, bool ST>
 __global__ void bag_backward_rows(const he_scheme* __restrict__ s, const I* __restrict__ idx,
@@ -309,19 +328,8 @@ __global__ void bag_backward_rows(const he_scheme* __restrict__ s, const I* __re
     HE_WARP_SHARED(R, scale, 32);
     HE_WARP_SHARED(int, live, 32);
     HE_LANES(l) {
-        const i64 j = j0 + l;
-        live[l] = 0;
-        if (j >= n)
-            continue;
-        const i64 x = (i64)idx[j];
-        if (has_pad && x == pad)
-            continue;
-        live[l] = 1;
-        scale[l] = use_psw ? alpha * psw[j] : alpha;
-        const i64 table = table0 + (T > 1 ? j - he_div(j, T) * T : 0);
-        const he_row row = ST ? he_row{0, 0} : he_row_begin(s, table, x);
-        for (int k = 0; k < runs; k++)
-            st[l * HE_ROW_RUNS + k] = he_start<ST>(s, &row, starts, j, k);
+        he_row_lane<ST>(s, idx, n, T, table0, starts, psw, use_psw, has_pad, pad, j0, l, st,
+                        scale, live, (uint64_t*)0, 0);
     }
     HE_WARP_SYNC();
     const uint64_t m = s->size;         /* read once, not per row */
@@ -333,7 +341,7 @@ __global__ void bag_backward_rows(const he_scheme* __restrict__ s, const I* __re
             for (int e = e0; e < 32 && j0 + e < n; e += g) {
                 if (live[e])
                     he_atomic_add(target + he_wrap(st[e * HE_ROW_RUNS + k], jr, m),
-                                  scale[e] * grad[(j0 + e) * D + i]);
+                                  (alpha * scale[e]) * grad[(j0 + e) * D + i]);
             }
         }
     }
