@@ -14,9 +14,11 @@ from ._runtime import i64
 _FULL = 0
 
 
-# Elements a lane serves per pass over a bag's entries, forward and backward.
+# Elements a lane serves per pass over a bag's entries, forward and backward,
+# in bag_forward / bag_backward (offsets input, signed schemes, rows of many
+# runs; one-entry 2-D bags take the warp kernels below unless ROWS is off).
 # Measured with benchmarks/gpu_profile.py on an H200 (RobeZ 1000x, D=16, 26 x
-# 16384 bags, kernel alone), at 1 / 2 / 4 per lane: forward 152 / 92 / 65 us
+# 16384 bags, then all through bag_forward, kernel alone), at 1 / 2 / 4 per lane: forward 152 / 92 / 65 us
 # (per-lane slot math), 92 / 55 / 40 us (precomputed starts); backward (SGD,
 # atomics) 111 / 87 / 101 us. Each takes the fastest of that run. A forward
 # at 8 or 16 (one lane per bag at D=16, so one hash per entry instead of 4)
