@@ -160,10 +160,18 @@ def test_launch_arguments_pack_each_scalar_once():
 def test_c_scalar_probe_failure_falls_back_to_numpy_scalars():
     import types
     be, _ = _fake_cupy_backend(False)
+    probes = []
+    capturing = [True]
 
     def broken(**kw):
+        probes.append(kw)
         raise RuntimeError("no compiler")
     be.xp.zeros, be.xp.RawModule = np.zeros, broken
+    be.xp.cuda = types.SimpleNamespace(get_current_stream=lambda: types.SimpleNamespace(
+        is_capturing=lambda: capturing[0]))
+    # no probe (a read back) inside a CUDA graph capture: NumPy scalars for now
+    assert be.c_scalars() is None and be._make_scalar is False and probes == []
+    capturing[0] = False
     assert be.c_scalars() is None and be._make_scalar is None
     assert be._pack([RT.i64(3)])[0] is RT.i64(3)
 

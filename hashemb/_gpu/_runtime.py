@@ -240,12 +240,22 @@ class CupyBackend:
 
     def c_scalars(self):
         """CuPy's C scalar constructor, or None where this CuPy has none that
-        works: checked once per process by a probe launch (c_scalar_probe)."""
+        works: checked once per process by a probe launch (c_scalar_probe),
+        not while the stream is being captured into a CUDA graph (the probe
+        reads its result back: NumPy scalars until a launch outside one)."""
         if self._make_scalar is False:
+            if self._capturing():
+                return None
             with self._lock:
                 if self._make_scalar is False:
                     self._make_scalar = self.c_scalar_probe()
         return self._make_scalar
+
+    def _capturing(self):
+        try:
+            return bool(self.xp.cuda.get_current_stream().is_capturing())
+        except Exception:       # a CuPy without it: no capture to protect
+            return False
 
     def c_scalar_probe(self):
         """cupy._core._scalar.CScalar if a launch given C scalars of an int64,
