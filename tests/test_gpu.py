@@ -793,10 +793,12 @@ def _lsh_for(D):
 
 @st.composite
 def _one_entry_bags(draw):
-    """2-D one-entry batches for bag_forward_rows: every scheme it takes
-    (unsigned, <= 4 runs a row), widths around and past a warp, partial
-    warps, padding, weights, all modes, both index and float types."""
-    kind = draw(st.sampled_from(["robe", "robe-wide", "robe-ref", "full", "lsh", "hnet-small"]))
+    """2-D one-entry batches for the warp kernels: every kind of scheme (run
+    starts kept, or row state: signed, many runs), widths around and past a
+    warp, partial warps, padding, weights, all modes, both index and float
+    types."""
+    kind = draw(st.sampled_from(["robe", "robe-wide", "robe-ref", "full", "lsh", "hnet-small",
+                                 "robe-signed", "hnet", "hnet-ref"]))
     D = draw(st.sampled_from([1, 3, 4, 8, 16, 24, 40, 64]))
     seed = draw(st.integers(0, 9))
     T = draw(st.integers(1, 4))
@@ -812,8 +814,15 @@ def _one_entry_bags(draw):
     elif kind == "lsh":
         scheme = _lsh_for(D)[seed % 2]
         T = min(T, 3)
-    else:
+    elif kind == "hnet-small":
         scheme = he.HashedNet(97, min(D, 4), seed=seed)
+    elif kind == "robe-signed":         # GEN: row state kept, signs per element
+        scheme = he.RobeZ(613, D, block=D // draw(st.sampled_from(
+            [r for r in (1, 2, 8) if D % r == 0])), seed=seed, signed=True)
+    elif kind == "hnet":                # GEN: D runs of one float
+        scheme = he.HashedNet(89, D, seed=seed, signed=seed % 2 == 0)
+    else:
+        scheme = he.HashedNet.reference(91, D)
     B = draw(st.integers(0, 70))
     hi = 7 if kind in ("full", "robe-ref", "lsh") else 1 << 40
     X = np.random.default_rng(seed).integers(0, hi, (B, T))
@@ -909,18 +918,20 @@ def test_warp_kernels_fit_the_launch_block():
 
 
 def test_rows_kernel_takes_only_what_it_can():
-    """Signed schemes, HashedNet rows of many runs, offsets input and
-    several entries per bag stay on bag_forward."""
+    """One-entry 2-D bags take the warp kernels (row state kept for signed
+    schemes and HashedNet's many runs); offsets input and several entries
+    per bag stay on bag_forward."""
     be = gpu_emu.emu_backend()
     X = np.arange(12).reshape(4, 3)
-    for scheme, X_, T, rows in [(he.RobeZ(99, 8, block=8), X, 3, True),
-                                (he.RobeZ(99, 8, block=8, signed=True), X, 3, False),
-                                (he.HashedNet(99, 8), X, 3, False),
-                                (he.RobeZ(99, 8, block=8), X, 1, False),       # (B, 3): 3 a bag
-                                (he.RobeZ(99, 8, block=8), X[:, :1], 1, True)]:
+    for scheme, X_, T, rows in [(he.RobeZ(99, 8, block=8), X, 3, "false>"),
+                                (he.RobeZ(99, 8, block=8, signed=True), X, 3, "true>"),
+                                (he.HashedNet(99, 8), X, 3, "true>"),
+                                (he.RobeZ(99, 8, block=8), X, 1, None),       # (B, 3): 3 a bag
+                                (he.RobeZ(99, 8, block=8), X[:, :1], 1, "false>")]:
         be.launches.clear()
         GB.forward(X_, scheme.init_weight(), None, scheme, 0, T, "sum", None, True, None, be=be)
-        assert any(k.startswith("bag_forward_rows") for k in be.launches) == rows, scheme
+        got = [k for k in be.launches if k.startswith("bag_forward_rows")]
+        assert (got[0].endswith(rows) if rows else not got), (scheme, be.launches)
     be.launches.clear()
     robe = he.RobeZ(99, 8, block=8)
     GB.forward(np.arange(4), robe.init_weight(), np.arange(4), robe, 0, 1, "sum", None, False,
@@ -930,7 +941,7 @@ def test_rows_kernel_takes_only_what_it_can():
     be.launches.clear()
     GB.backward(np.ones((4, 24), np.float32), X, None, robe, 0, 3, "sum", None, True, None,
                 robe.init_weight(), he.SGD(0.1), be=be)
-    assert be.launches == ["bag_backward_rows<float, long long, false>"], be.launches
+    assert be.launches == ["bag_backward_rows<float, long long, false, false>"], be.launches
 
 
 @pytest.mark.parametrize("mode", ["sum", "mean", "max"])

@@ -219,26 +219,32 @@ __global__ void bag_forward(const he_scheme* __restrict__ s, const I* __restrict
  * Forward of one-entry bags, a warp kernel (common.cuh HE_LANES): 2-D input
  * (B, T) with one entry per bag (or (B, 1)), whose entry j = b*T + t is bag
  * (t, b) and whose output row is out[j*D .. j*D + D). Warp w takes entries
- * 32w .. 32w + 31. First each lane hashes one entry's row, once (its run
- * starts, up to HE_ROW_RUNS; unsigned schemes only), and writes them to
- * keep for a backward if asked; then the warp copies the rows, 32/P at a
- * time, P lanes per row (P: D rounded up to a power of two, at most 32)
- * reading consecutive floats of a run and writing consecutive floats of
- * the output. Per entry that is one hash instead of one per lane, one
- * index read, and loads and stores a warp makes contiguous.
- * out = v (max) or w * v (sum, mean; w = psw[j] or 1): what bag_forward
- * computes for one entry; 0 for a padding entry.
+ * 32w .. 32w + 31. First each lane reads one entry's index and does that
+ * row's once-per-row work, keeping it in the warp's shared memory:
+ *  - GEN false (unsigned schemes of <= HE_ROW_RUNS runs a row: ROBE-Z with
+ *    Z >= D/4, FullTable, SCMA / LMA): its run starts, hashed once (and
+ *    written to keep for a backward, if asked), or read from the given ones;
+ *  - GEN true (signed schemes, rows of many runs: HashedNet): its row state
+ *    (hash bases), from which each element's start and sign follow.
+ * Then the warp copies the rows, 32/P at a time, P lanes per row (P: D
+ * rounded up to a power of two, at most 32) reading consecutive floats of a
+ * run and writing consecutive floats of the output. Per entry that is one
+ * index read and one row hash instead of one per lane, and loads and stores
+ * a warp makes contiguous. out = v (max) or w * v (sum, mean; w = psw[j] or
+ * 1), v = sign * M[slot]: what bag_forward computes for one entry; 0 for a
+ * padding entry.
  */
 #define HE_ROW_RUNS 4
 
 /*
  * Lane l's part of a one-entry warp kernel's first phase: entry j = j0 + l
  * (if j < n and it is no padding: live[l] = 1) gets its weight scale[l]
- * (psw[j], or 1) and its run starts st[l * HE_ROW_RUNS + k], hashed once
- * from its row or read from the given starts, and written to keep too if
- * asked (a forward keeping them for its backward).
+ * (psw[j], or 1) and, in st[l * HE_ROW_RUNS ...], its run starts (hashed
+ * once from its row or read from the given starts, and written to keep too
+ * if asked: a forward keeping them for its backward) or, GEN, its row
+ * state (base, sbase).
  */
-template <bool ST, typename R, typename I>
+template <bool ST, bool GEN, typename R, typename I>
 __device__ __forceinline__ void he_row_lane(const he_scheme* s, const I* idx, i64 n, i64 T,
                                             i64 table0, const uint64_t* starts, const R* psw,
                                             i64 use_psw, i64 has_pad, i64 pad, i64 j0, int l,
@@ -256,6 +262,11 @@ __device__ __forceinline__ void he_row_lane(const he_scheme* s, const I* idx, i6
     scale[l] = use_psw ? psw[j] : (R)1;
     const i64 table = table0 + (T > 1 ? j - he_div(j, T) * T : 0);
     const he_row row = ST ? he_row{0, 0} : he_row_begin(s, table, x);
+    if (GEN) {
+        st[l * HE_ROW_RUNS] = row.base;
+        st[l * HE_ROW_RUNS + 1] = row.sbase;
+        return;
+    }
     const int runs = (int)s->runs;
     for (int k = 0; k < runs; k++) {
         const uint64_t v = he_start<ST>(s, &row, starts, j, k);
@@ -265,7 +276,23 @@ __device__ __forceinline__ void he_row_lane(const he_scheme* s, const I* idx, i6
     }
 }
 
-template <typename R, typename I, bool ST>
+/* Slot and sign of element i (run k, place jr) of warp entry e, from the
+ * first phase's st (see he_row_lane). */
+template <bool ST, bool GEN>
+__device__ __forceinline__ uint64_t he_row_slot(const he_scheme* s, const uint64_t* st,
+                                                const uint64_t* starts, i64 j0, int e, int i,
+                                                int k, int jr, uint64_t m, int* sign)
+{
+    if (!GEN) {
+        *sign = 1;
+        return he_wrap(st[e * HE_ROW_RUNS + k], jr, m);
+    }
+    const he_row row{st[e * HE_ROW_RUNS], st[e * HE_ROW_RUNS + 1]};
+    *sign = he_entry_sign<ST>(s, &row, i);
+    return he_wrap(he_start<ST>(s, &row, starts, j0 + e, k), jr, m);
+}
+
+template <typename R, typename I, bool ST, bool GEN>
 __global__ void bag_forward_rows(const he_scheme* __restrict__ s, const I* __restrict__ idx,
                                  i64 n, i64 T, i64 table0, const uint64_t* __restrict__ starts,
                                  const R* __restrict__ M, const R* __restrict__ psw,
@@ -275,14 +302,14 @@ __global__ void bag_forward_rows(const he_scheme* __restrict__ s, const I* __res
     HE_WARP_LEAD();
     const i64 j0 = (he_tid() >> 5) << 5;
     const int runs = (int)s->runs, D = (int)s->dim, L = (int)s->run, p = (int)P;
-    if (j0 >= n || runs > HE_ROW_RUNS)    /* the launcher never sends more runs */
+    if (j0 >= n || (!GEN && runs > HE_ROW_RUNS))    /* the launcher never sends more */
         return;
     HE_WARP_SHARED(uint64_t, st, 32 * HE_ROW_RUNS);
     HE_WARP_SHARED(R, scale, 32);
     HE_WARP_SHARED(int, live, 32);
     HE_LANES(l) {
-        he_row_lane<ST>(s, idx, n, T, table0, starts, psw, use_psw, has_pad, pad, j0, l, st,
-                        scale, live, keep, use_keep);
+        he_row_lane<ST, GEN>(s, idx, n, T, table0, starts, psw, use_psw, has_pad, pad, j0, l,
+                             st, scale, live, keep, use_keep);
     }
     HE_WARP_SYNC();
     const uint64_t m = s->size;         /* read once, not per row */
@@ -297,7 +324,9 @@ __global__ void bag_forward_rows(const he_scheme* __restrict__ s, const I* __res
                     o[i] = 0;
                     continue;
                 }
-                const R v = M[he_wrap(st[e * HE_ROW_RUNS + k], jr, m)];
+                int sg;
+                const uint64_t slot = he_row_slot<ST, GEN>(s, st, starts, j0, e, i, k, jr, m, &sg);
+                const R v = GEN ? (R)sg * M[slot] : M[slot];
                 o[i] = mode == HE_MAX ? v : scale[e] * v;
             }
         }
@@ -307,12 +336,12 @@ __global__ void bag_forward_rows(const he_scheme* __restrict__ s, const I* __res
 /*
  * Backward of one-entry bags into target (bag_backward's out_mode 0), the
  * warp kernel of bag_forward_rows' layout: each lane takes one entry's run
- * starts (hashed once, or given) and weight, then P lanes per row add
- * a * grad[j*D + i] to consecutive slots of a run, reading consecutive
- * gradient floats; a = alpha * psw[j] (sum with weights) or alpha * 1 (any
- * mode: a one-entry bag is its own mean and maximum).
+ * starts or row state and its weight, then P lanes per row add
+ * (a * sign) * grad[j*D + i] to consecutive slots of a run, reading
+ * consecutive gradient floats; a = alpha * psw[j] (sum with weights) or
+ * alpha * 1 (any mode: a one-entry bag is its own mean and maximum).
  */
-template <typename R, typename I, bool ST>
+template <typename R, typename I, bool ST, bool GEN>
 __global__ void bag_backward_rows(const he_scheme* __restrict__ s, const I* __restrict__ idx,
                                   i64 n, i64 T, i64 table0, const uint64_t* __restrict__ starts,
                                   const R* __restrict__ psw, i64 use_psw,
@@ -322,14 +351,14 @@ __global__ void bag_backward_rows(const he_scheme* __restrict__ s, const I* __re
     HE_WARP_LEAD();
     const i64 j0 = (he_tid() >> 5) << 5;
     const int runs = (int)s->runs, D = (int)s->dim, L = (int)s->run, p = (int)P;
-    if (j0 >= n || runs > HE_ROW_RUNS)    /* the launcher never sends more runs */
+    if (j0 >= n || (!GEN && runs > HE_ROW_RUNS))    /* the launcher never sends more */
         return;
     HE_WARP_SHARED(uint64_t, st, 32 * HE_ROW_RUNS);
     HE_WARP_SHARED(R, scale, 32);
     HE_WARP_SHARED(int, live, 32);
     HE_LANES(l) {
-        he_row_lane<ST>(s, idx, n, T, table0, starts, psw, use_psw, has_pad, pad, j0, l, st,
-                        scale, live, (uint64_t*)0, 0);
+        he_row_lane<ST, GEN>(s, idx, n, T, table0, starts, psw, use_psw, has_pad, pad, j0, l,
+                             st, scale, live, (uint64_t*)0, 0);
     }
     HE_WARP_SYNC();
     const uint64_t m = s->size;         /* read once, not per row */
@@ -339,9 +368,13 @@ __global__ void bag_backward_rows(const he_scheme* __restrict__ s, const I* __re
             const int k = i / L, jr = i - k * L;
 #pragma unroll 4      /* rows are independent: several loads in flight per lane */
             for (int e = e0; e < 32 && j0 + e < n; e += g) {
-                if (live[e])
-                    he_atomic_add(target + he_wrap(st[e * HE_ROW_RUNS + k], jr, m),
-                                  (alpha * scale[e]) * grad[(j0 + e) * D + i]);
+                if (!live[e])
+                    continue;
+                int sg;
+                const uint64_t slot = he_row_slot<ST, GEN>(s, st, starts, j0, e, i, k, jr, m, &sg);
+                const R a = alpha * scale[e];
+                he_atomic_add(target + slot,
+                              (GEN ? a * (R)sg : a) * grad[(j0 + e) * D + i]);
             }
         }
     }
@@ -572,22 +605,38 @@ HE_KERNEL(bag_forward<double, int, false, 16>)
 HE_KERNEL(bag_forward<double, int, true, 16>)
 HE_KERNEL(bag_forward<double, long long, false, 16>)
 HE_KERNEL(bag_forward<double, long long, true, 16>)
-HE_KERNEL(bag_forward_rows<float, int, false>)
-HE_KERNEL(bag_forward_rows<float, int, true>)
-HE_KERNEL(bag_forward_rows<float, long long, false>)
-HE_KERNEL(bag_forward_rows<float, long long, true>)
-HE_KERNEL(bag_forward_rows<double, int, false>)
-HE_KERNEL(bag_forward_rows<double, int, true>)
-HE_KERNEL(bag_forward_rows<double, long long, false>)
-HE_KERNEL(bag_forward_rows<double, long long, true>)
-HE_KERNEL(bag_backward_rows<float, int, false>)
-HE_KERNEL(bag_backward_rows<float, int, true>)
-HE_KERNEL(bag_backward_rows<float, long long, false>)
-HE_KERNEL(bag_backward_rows<float, long long, true>)
-HE_KERNEL(bag_backward_rows<double, int, false>)
-HE_KERNEL(bag_backward_rows<double, int, true>)
-HE_KERNEL(bag_backward_rows<double, long long, false>)
-HE_KERNEL(bag_backward_rows<double, long long, true>)
+HE_KERNEL(bag_forward_rows<float, int, false, false>)
+HE_KERNEL(bag_forward_rows<float, int, false, true>)
+HE_KERNEL(bag_forward_rows<float, int, true, false>)
+HE_KERNEL(bag_forward_rows<float, int, true, true>)
+HE_KERNEL(bag_forward_rows<float, long long, false, false>)
+HE_KERNEL(bag_forward_rows<float, long long, false, true>)
+HE_KERNEL(bag_forward_rows<float, long long, true, false>)
+HE_KERNEL(bag_forward_rows<float, long long, true, true>)
+HE_KERNEL(bag_forward_rows<double, int, false, false>)
+HE_KERNEL(bag_forward_rows<double, int, false, true>)
+HE_KERNEL(bag_forward_rows<double, int, true, false>)
+HE_KERNEL(bag_forward_rows<double, int, true, true>)
+HE_KERNEL(bag_forward_rows<double, long long, false, false>)
+HE_KERNEL(bag_forward_rows<double, long long, false, true>)
+HE_KERNEL(bag_forward_rows<double, long long, true, false>)
+HE_KERNEL(bag_forward_rows<double, long long, true, true>)
+HE_KERNEL(bag_backward_rows<float, int, false, false>)
+HE_KERNEL(bag_backward_rows<float, int, false, true>)
+HE_KERNEL(bag_backward_rows<float, int, true, false>)
+HE_KERNEL(bag_backward_rows<float, int, true, true>)
+HE_KERNEL(bag_backward_rows<float, long long, false, false>)
+HE_KERNEL(bag_backward_rows<float, long long, false, true>)
+HE_KERNEL(bag_backward_rows<float, long long, true, false>)
+HE_KERNEL(bag_backward_rows<float, long long, true, true>)
+HE_KERNEL(bag_backward_rows<double, int, false, false>)
+HE_KERNEL(bag_backward_rows<double, int, false, true>)
+HE_KERNEL(bag_backward_rows<double, int, true, false>)
+HE_KERNEL(bag_backward_rows<double, int, true, true>)
+HE_KERNEL(bag_backward_rows<double, long long, false, false>)
+HE_KERNEL(bag_backward_rows<double, long long, false, true>)
+HE_KERNEL(bag_backward_rows<double, long long, true, false>)
+HE_KERNEL(bag_backward_rows<double, long long, true, true>)
 HE_KERNEL(bag_backward<float, int, false>)
 HE_KERNEL(bag_backward<float, int, true>)
 HE_KERNEL(bag_backward<float, long long, false>)

@@ -36,18 +36,27 @@ def lanes(dim, per):
     return 1 << max(0, (-(-min(dim, 32 * per) // per) - 1).bit_length())
 
 
-# One-entry bags (2-D input) go through bag_forward_rows, a warp per 32
-# entries: one hash per entry, then contiguous row copies. Not yet measured
-# on a device; False sends them through bag_forward (gpu_profile's A/B).
+# One-entry bags (2-D input) go through the warp kernels bag_forward_rows /
+# bag_backward_rows, a warp per 32 entries: one index read and row hash per
+# entry, then contiguous row copies. Not yet measured on a device; False
+# sends them through bag_forward / bag_backward (gpu_profile's A/B).
 ROWS = True
 ROW_RUNS = 4        # bag.cu HE_ROW_RUNS: run starts a lane keeps per entry
 
 
 def _rows(scheme, b):
-    """Does bag_forward_rows take this batch: one entry per bag read in
-    place (2-D input), an unsigned scheme of at most ROW_RUNS runs a row?"""
-    return (ROWS and b.off is None and (b.T > 1 or b.nper == 1) and not scheme._signed
-            and scheme.dim // scheme._run <= ROW_RUNS)
+    """Do the one-entry warp kernels take this batch (one entry per bag,
+    read in place: 2-D input)?"""
+    return ROWS and b.off is None and (b.T > 1 or b.nper == 1)
+
+
+def _rows_args(scheme, st):
+    """Template arguments ST, GEN of a one-entry warp kernel: GEN keeps each
+    row's hash state, and derives every element's start and sign from it,
+    where a row's run starts do not pay (signed schemes; more than ROW_RUNS
+    runs a row: HashedNet)."""
+    gen = scheme._signed or scheme.dim // scheme._run > ROW_RUNS
+    return f"{st}, {'true' if gen else 'false'}"
 
 
 def _forward_ept(per):
@@ -151,7 +160,7 @@ def forward(indices, weight, offsets, scheme, table0, T, mode, per_sample_weight
         tail = [keep if keep is not None else out, i64(keep is not None)]
         if _rows(scheme, b):
             be.launch("bag", f"bag_forward_rows<{RT.ctype(dtype)}, {RT.ctype(b.idx.dtype)}, "
-                             f"{_st(starts)}>", -(-n // 32) * 32,
+                             f"{_rows_args(scheme, _st(starts))}>", -(-n // 32) * 32,
                       [s, b.idx, i64(n), i64(T), i64(table0),
                        starts if starts is not None else b.idx, w, psw, i64(b.psw is not None),
                        out, i64(b.mode), i64(b.has_pad), i64(b.pad),
@@ -263,7 +272,9 @@ class _Runner:
             # also max-mode SGD: a one-entry bag's winner is its entry, so
             # no weight is read while the step moves it
             b = self.b
-            self.be.launch("bag", f"bag_backward_rows<{self.tname}>", -(-self.n // 32) * 32,
+            self.be.launch("bag", f"bag_backward_rows<{self.R}, {RT.ctype(b.idx.dtype)}, "
+                                  f"{_rows_args(self.scheme, _st(self.starts))}>",
+                           -(-self.n // 32) * 32,
                            [self.s, b.idx, i64(self.n), i64(b.T), i64(self.table0),
                             self.starts if self.starts is not None else b.idx,
                             b.psw if b.psw is not None else self.g, i64(b.psw is not None),
