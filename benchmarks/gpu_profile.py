@@ -122,8 +122,10 @@ def main(argv=None):
     rows = sum(CRITEO)
     size = int(rows * D / args.compression)
     robe = he.RobeZ(size, D, block=D, seed=0)
+    hnet = he.HashedNet(size, D, seed=0)
     full = he.FullTable(list(CRITEO), D)
     M = cp.asarray(robe.init_weight(seed=0))
+    Mh = cp.asarray(hnet.init_weight(seed=0))
     g = torch.Generator(device="cuda").manual_seed(0)
     X = torch.stack([torch.randint(0, n, (B,), device="cuda", generator=g) for n in CRITEO], 1)
     Xx = cp.from_dlpack(X)
@@ -187,8 +189,12 @@ def main(argv=None):
                 fwd(robe, M))
         profile("RobeZ step, ROWS=False", step(robe, M))
         profile("FullTable forward, ROWS=False, check_indices=False", unchecked(fwd(full, W)))
+        profile("HashedNet forward, ROWS=False", fwd(hnet, Mh))
+        profile("HashedNet step, ROWS=False", step(hnet, Mh))
     finally:
         GB.ROWS = True
+    profile("HashedNet forward (warp kernel keeping row state)", fwd(hnet, Mh))
+    profile("HashedNet step", step(hnet, Mh))
     he.set_gpu_options(precompute_starts=True)
     profile("RobeZ step, precompute_starts=True (bag_starts, then the forward)", step(robe, M))
     profile("RobeZ forward, precompute_starts=True", fwd(robe, M))
