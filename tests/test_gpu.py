@@ -238,6 +238,26 @@ def test_show_config_and_options():
     assert he.set_gpu_options(precompute_starts=None) == {"precompute_starts": True}
 
 
+def test_gpu_summary_reads_a_saved_run(tmp_path, capsys):
+    """scripts/gpu-check ends with benchmarks/gpu_summary.py: issue 4's
+    targets from gpu_bench's JSON (session 9's H200 run here) and every
+    gpu_profile call; a file not written, or cut short, is said so."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import gpu_summary
+    finally:
+        sys.path.pop(0)
+    shutil.copy(os.path.join(ROOT, "docs", "gpu_bench_h200.json"), tmp_path / "gpu_bench.json")
+    gpu_summary.main([str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "target hashemb RobeZ 1000x fwd_x_torch >= 3.0: 1.69 (NOT met)" in out
+    assert "target hashemb FullTable fwd_x_torch >= 0.8: 0.86 (met)" in out
+    assert "deterministic bwd" in out and "gpu_profile.json: not written" in out
+    (tmp_path / "gpu_profile.json").write_text('{"calls": {"RobeZ forward": {"host_us": 1')
+    gpu_summary.main([str(tmp_path)])
+    assert "unreadable" in capsys.readouterr().out
+
+
 def test_device_of_switches_device_only_when_needed():
     """A call on the current device enters a context that does nothing (no
     Device object, no setDevice in and out); another device is switched to."""
