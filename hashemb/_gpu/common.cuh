@@ -31,9 +31,11 @@ typedef long long i64;
  * (HE_EMU) runs a warp kernel in each warp's lane 0 only (HE_WARP_LEAD),
  * which runs the body for l = 0 .. 31 in turn. So a phase leaves its body
  * only by `continue` (never `return`: the lanes must all reach
- * HE_WARP_SYNC), keeps nothing in locals across phases, and reads another
- * lane's results only from an HE_WARP_SHARED array after HE_WARP_SYNC. On
- * the device, warp kernels run in blocks of at most HE_BLOCK_WARPS warps.
+ * HE_WARP_SYNC), hands a lane's values to later phases only through
+ * HE_WARP_SHARED arrays (locals declared outside the phases are the warp's,
+ * the same in every lane), and reads another lane's values only after
+ * HE_WARP_SYNC. On the device, warp kernels run in blocks of at most
+ * HE_BLOCK_WARPS warps.
  */
 #define HE_BLOCK_WARPS 8
 #if defined(HE_EMU)

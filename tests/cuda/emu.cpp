@@ -4,8 +4,9 @@
 // or shuffles: hashemb/_gpu/common.cuh), so running every thread of a launch
 // one after another on the CPU gives what the device computes, up to the
 // order of atomic adds. The warp kernels (common.cuh HE_LANES) run a warp at
-// a time: HE_EMU makes each warp's lane 0 run the phases of all 32 lanes. This file defines the CUDA built-ins the sources use,
-// includes every .cu file, and registers each HE_KERNEL instantiation under
+// a time: HE_EMU makes each warp's lane 0 run the phases of all 32 lanes.
+// This file defines the CUDA built-ins the sources use, includes every .cu
+// file, and registers each HE_KERNEL instantiation under
 // its name expression with its parameter types, so that the Python launchers
 // run unchanged with NumPy arrays and every argument is checked against the
 // kernel's signature (count, pointer or scalar, size, float or integer).
