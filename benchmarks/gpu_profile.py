@@ -232,6 +232,20 @@ def main(argv=None):
         GB.ROWS = True
         he.set_gpu_options(check_indices=True, precompute_starts=None)
 
+    # the same calls through the torch adapter (CUDA tensors, DLPack, torch's
+    # stream), as a DLRM makes them: what the adapter adds to a call
+    from hashemb.torch import HashEmbeddingBagCollection
+    mod = HashEmbeddingBagCollection(robe, T, optimizer="sgd", lr=0.01).cuda()
+
+    def mod_fwd():
+        with torch.no_grad():
+            mod(X)
+
+    def mod_step():
+        mod(X).backward(Gt)
+    profile("RobeZ forward, torch module (HashEmbeddingBagCollection)", mod_fwd, cprof=True)
+    profile("RobeZ step, torch module (fused SGD)", mod_step, cprof=True)
+
     if args.no_tt:
         return
     n, p, q, ranks, L, Bt = 11_000_000, [200, 220, 250], [4, 4, 4], [32, 32], 20, 512
