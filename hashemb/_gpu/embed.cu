@@ -31,7 +31,7 @@ __global__ void embed_gather(const R* __restrict__ W, const I* __restrict__ idx,
     const i64 g = he_tid();
     if (g >= N * total)
         return;
-    const i64 n = g / total, c = g - n * total;
+    const i64 n = he_div(g, total), c = g - n * total;     /* 32-bit where it fits */
     out[g] = W[he_packed_pos(idx, n, c, T, base, dims, cols, ctab)];
 }
 
@@ -50,7 +50,7 @@ __global__ void embed_scatter(const R* __restrict__ grad, const I* __restrict__ 
     const i64 g = he_tid();
     if (g >= N * total)
         return;
-    const i64 n = g / total, c = g - n * total;
+    const i64 n = he_div(g, total), c = g - n * total;     /* 32-bit where it fits */
     const i64 pos = he_packed_pos(idx, n, c, T, base, dims, cols, ctab);
     if (out_mode == 0)
         he_atomic_add(out + pos, grad[g]);
@@ -66,7 +66,7 @@ __global__ void embed_check(const I* __restrict__ idx, i64 N, i64 T,
     const i64 g = he_tid();
     if (g >= N * T)
         return;
-    const i64 x = (i64)idx[g], t = g % T;
+    const i64 x = (i64)idx[g], t = g - he_div(g, T) * T;
     if (x < 0 || x >= sizes[t])
         atomicMin(res, (unsigned long long)g);
 }
