@@ -962,6 +962,12 @@ def test_rows_kernel_takes_only_what_it_can():
     GB.backward(np.ones((4, 24), np.float32), X, None, robe, 0, 3, "sum", None, True, None,
                 robe.init_weight(), he.SGD(0.1), be=be)
     assert be.launches == ["bag_backward_rows<float, long long, false, false>"], be.launches
+    # the deterministic pairs still read starts precomputed once per entry
+    be.launches.clear()
+    GB.backward(np.ones((4, 24), np.float32), X, None, robe, 0, 3, "sum", None, True, None,
+                robe.init_weight(), None, True, be=be)
+    assert be.launches[0].startswith("bag_starts") and \
+        not any("rows" in k for k in be.launches), be.launches
 
 
 @pytest.mark.parametrize("mode", ["sum", "mean", "max"])

@@ -199,7 +199,10 @@ def backward(grad_output, indices, offsets, scheme, table0, T, mode, per_sample_
         w = None if weight is None else A.as_weight(be, weight, scheme,
                                                      writable=optimizer is not None)
         det = RT.OPTIONS["deterministic"] if deterministic is None else bool(deterministic)
-        run = _Runner(be, scheme, b, table0, g, w, dtype, given)
+        # only the warp kernel runs (no deterministic pairs, no Adagrad walk,
+        # which still read precomputed starts best)
+        rows_only = _rows(scheme, b) and not det and not isinstance(optimizer, Adagrad)
+        run = _Runner(be, scheme, b, table0, g, w, dtype, given, rows_only)
         if optimizer is None:
             grad = xp.zeros(scheme.size, dtype)
             run.add(grad, 1.0, det)
@@ -215,7 +218,7 @@ def backward(grad_output, indices, offsets, scheme, table0, T, mode, per_sample_
 class _Runner:
     """One backward batch: the scatter kinds over the same normalised bags."""
 
-    def __init__(self, be, scheme, b, table0, g, w, dtype, given=None):
+    def __init__(self, be, scheme, b, table0, g, w, dtype, given=None, rows_only=False):
         self.be, self.scheme, self.b, self.table0, self.g, self.dtype = be, scheme, b, table0, g, dtype
         self.w = w if w is not None else g       # read only in max mode (weight given there)
         self.n = b.n
@@ -225,7 +228,7 @@ class _Runner:
             # one-entry bags hash in their warp kernel (once per entry, as
             # bag_starts would): no separate launch for starts not given
             self.s, self.layout, starts = _common(be, scheme, b, table0, given,
-                                                  inline=_rows(scheme, b))
+                                                  inline=rows_only)
         self.starts = starts
         self.W = lanes(scheme.dim, BACKWARD_PER)
         self.R = RT.ctype(dtype)
