@@ -859,29 +859,40 @@ def _one_entry_bags(draw):
 
 @FIXTURE
 @given(b=_one_entry_bags(), pre=st.sampled_from([None, True]), keep=st.booleans(),
-       opt=st.sampled_from([None, "sgd", "adagrad"]))
-def test_one_entry_rows_kernel_equals_cpu(dev, b, pre, keep, opt):
-    """bag_forward_rows (a warp per 32 one-entry bags) gives the CPU's
-    output bit for bit, and the run starts it keeps are the host's;
-    bag_backward_rows the CPU's gradient or fused step, to rounding (the
-    order of its atomic adds is another)."""
+       opt=st.sampled_from([None, "sgd", "adagrad"]), flat=st.booleans())
+def test_one_entry_rows_kernel_equals_cpu(dev, b, pre, keep, opt, flat):
+    """The one-entry warp kernels (a warp per 32 bags of one entry: 2-D
+    input, or flat feature-major indices with offsets of one entry a bag)
+    give the CPU's output bit for bit, keep the host's run starts, and give
+    the CPU's gradient or fused step to rounding (the order of their atomic
+    adds is another)."""
     scheme, X, mode, dtype, psw, pad = b
     be = dev.be or RT.backend()
-    if dev.be:
-        be.launches.clear()
     B, T = X.shape
     D = scheme.dim
-    T = T if pad is None else 1
     M = np.random.default_rng(3).standard_normal(scheme.size).astype(dtype)
-    kw = dict(mode=mode, per_sample_weights=psw)
-    if T == 1:
-        want = he.embedding_bag(X, M, scheme=scheme, padding_idx=pad, return_saved=keep, **kw)
+    if flat:        # the FBGEMM layout: bag (t, b) is entry t*B + b
+        idx, off = np.ascontiguousarray(X.T).reshape(-1), np.arange(B * T + 1)
+        psw = None if psw is None else np.ascontiguousarray(psw.T).reshape(-1)
     else:
-        want = he.embedding_bags(X, M, scheme=scheme, num_tables=T, return_saved=keep, **kw)
+        idx, off = X, None
+
+    def cpu(backward=False, **kw):
+        kw.update(mode=mode, per_sample_weights=psw, scheme=scheme)
+        if T == 1:
+            fn = he.embedding_bag_backward if backward else he.embedding_bag
+            return fn(*kw.pop("g", ()), idx, *(() if backward else (kw.pop("w"),)), off,
+                      padding_idx=pad, include_last_offset=True, **kw)
+        fn = he.embedding_bags_backward if backward else he.embedding_bags
+        return fn(*kw.pop("g", ()), idx, *(() if backward else (kw.pop("w"),)), off,
+                  num_tables=T, **kw)
+    want = cpu(w=M, return_saved=keep)
     old = he.set_gpu_options(precompute_starts=pre)
     try:
-        got = GB.forward(dev.put(X), dev.put(M), None, scheme, 0, T, mode, dev.put(psw), True,
-                         pad, be=be, return_saved=keep)
+        if dev.be:
+            be.launches.clear()
+        got = GB.forward(dev.put(idx), dev.put(M), dev.put(off), scheme, 0, T, mode,
+                         dev.put(psw), True, pad, be=be, return_saved=keep)
     finally:
         he.set_gpu_options(**old)
     if keep:
@@ -893,29 +904,22 @@ def test_one_entry_rows_kernel_equals_cpu(dev, b, pre, keep, opt):
     if keep and saved_h.starts is not None and saved.starts is not None and B:
         R = D // scheme._run         # a padding entry's start is never read: not compared
         live = np.repeat((X.T != pad).reshape(-1), R)
-        np.testing.assert_array_equal(
-            dev.get(saved.starts).reshape(B, T, R).transpose(1, 0, 2).reshape(-1)[live],
-            saved_h.starts[live])
-    # bag_backward_rows: the gradient (atomic adds: the CPU's sum to rounding)
+        kept = dev.get(saved.starts)
+        if not flat:                 # the device keeps 2-D input's entries in its order
+            kept = kept.reshape(B, T, R).transpose(1, 0, 2).reshape(-1)
+        np.testing.assert_array_equal(kept[live], saved_h.starts[live])
     G = np.random.default_rng(4).standard_normal((B, T * D)).astype(dtype)
-    if T == 1:
-        gw = he.embedding_bag_backward(G, X, scheme=scheme, padding_idx=pad, weight=M, **kw)
-    else:
-        gw = he.embedding_bags_backward(G, X, scheme=scheme, num_tables=T, weight=M, **kw)
-    if opt is not None:             # the same step on both: host reference from the gradient
+    if opt is None:
+        gw = cpu(backward=True, g=(G,), weight=M)
+    else:                           # the same step on both
         make = (lambda: he.SGD(0.1)) if opt == "sgd" else (lambda: he.Adagrad(0.1))
-        gw, Mh = None, M.copy()
-        if T == 1:
-            he.embedding_bag_backward(G, X, scheme=scheme, padding_idx=pad, weight=Mh,
-                                      optimizer=make(), **kw)
-        else:
-            he.embedding_bags_backward(G, X, scheme=scheme, num_tables=T, weight=Mh,
-                                       optimizer=make(), **kw)
+        Mh = M.copy()
+        cpu(backward=True, g=(G,), weight=Mh, optimizer=make())
     if dev.be:
         be.launches.clear()
     Md = dev.put(M)
-    gg = GB.backward(dev.put(G), dev.put(X), None, scheme, 0, T, mode, dev.put(psw), True, pad,
-                     Md, None if opt is None else make(), False, be=be,
+    gg = GB.backward(dev.put(G), dev.put(idx), dev.put(off), scheme, 0, T, mode, dev.put(psw),
+                     True, pad, Md, None if opt is None else make(), False, be=be,
                      saved=saved if keep else None)
     if opt is None:
         np.testing.assert_allclose(dev.get(gg), gw, **tol(dtype))
@@ -952,11 +956,19 @@ def test_rows_kernel_takes_only_what_it_can():
         GB.forward(X_, scheme.init_weight(), None, scheme, 0, T, "sum", None, True, None, be=be)
         got = [k for k in be.launches if k.startswith("bag_forward_rows")]
         assert (got[0].endswith(rows) if rows else not got), (scheme, be.launches)
-    be.launches.clear()
     robe = he.RobeZ(99, 8, block=8)
-    GB.forward(np.arange(4), robe.init_weight(), np.arange(4), robe, 0, 1, "sum", None, False,
-               None, be=be)
-    assert not any(k.startswith("bag_forward_rows") for k in be.launches)
+    for off, rows in [(np.arange(4), True),                # one entry a bag: the check says so
+                      (np.array([0, 2, 3, 3]), False)]:    # two, one, none
+        for check in (True, False):                         # no check: no knowing
+            be.launches.clear()
+            he.set_gpu_options(check_indices=check)
+            try:
+                GB.forward(np.arange(4), robe.init_weight(), off, robe, 0, 1, "sum", None, False,
+                           None, be=be)
+            finally:
+                he.set_gpu_options(check_indices=True)
+            assert any(k.startswith("bag_forward_rows") for k in be.launches) == \
+                (rows and check), (off, check, be.launches)
     # a backward not given the starts hashes in its warp kernel: one launch
     be.launches.clear()
     GB.backward(np.ones((4, 24), np.float32), X, None, robe, 0, 3, "sum", None, True, None,

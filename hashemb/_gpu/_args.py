@@ -17,8 +17,10 @@ _NONE = np.iinfo(np.uint64).max
 # idx: the contiguous device indices, as given (1-D, or 2-D read in place:
 # kernels take a pointer, so no reshaped view is made per call); n: their
 # count; off: int64 offsets (T*B+1) or None; rowlen, nper: the in-place 2-D
-# layout (see he_bag_range in common.cuh); psw: flat weights or None
-Bags = namedtuple("Bags", "idx n off rowlen nper psw B T mode has_pad pad shape")
+# layout (see he_bag_range in common.cuh); psw: flat weights or None;
+# single: every bag holds one entry (2-D input of one per bag, or offsets
+# the pre-launch check found so; False where it did not run)
+Bags = namedtuple("Bags", "idx n off rowlen nper psw B T mode has_pad pad shape single")
 
 
 def desc(be, x):
@@ -126,31 +128,34 @@ def bags(be, indices, offsets, per_sample_weights, *, scheme, mode, dtype, table
         V.check_psw(mode, idx.size, psw)
 
     has_pad, pad = V.padding(padding_idx, scheme, T, table0)
-    b = Bags(idx, idx.size, off, rowlen, nper, psw, B, T, mode, has_pad, pad, shape)
-    check_bags(be, scheme, b, table0, user_len)
+    b = Bags(idx, idx.size, off, rowlen, nper, psw, B, T, mode, has_pad, pad, shape,
+             off is None and nper == 1)
+    if check_bags(be, scheme, b, table0, user_len):
+        b = b._replace(single=True)
     return b
 
 
 def check_bags(be, scheme, b, table0, user_len=0):
     """Offsets well formed, tokens inside their sized tables: one kernel, one
-    read of 4 numbers. ValueError / IndexError with the CPU's messages."""
+    read of 5 numbers. ValueError / IndexError with the CPU's messages.
+    True when the offsets give every bag one entry (then bag q's entry is q)."""
     if not RT.OPTIONS["check_indices"]:
-        return
+        return False
     use_off = b.off is not None
     n = b.n
     if not (use_off or (n and scheme._bounded)):
-        return
+        return False
     dbounds = RT.scheme_bounds(be, scheme, table0, b.T)
     has_bounds = dbounds is not None
     xp = be.xp
-    res = xp.full(4, np.uint64(_NONE), np.uint64)
+    res = xp.full(5, np.uint64(_NONE), np.uint64)
     dbounds = dbounds if has_bounds else res
     noff = b.off.shape[0] if use_off else 0
     be.launch("bag", f"bag_check<{RT.ctype(b.idx.dtype)}>", max(n, noff),
               [b.idx, RT.i64(n), b.off if use_off else res, RT.i64(noff), RT.i64(use_off),
                dbounds, RT.i64(has_bounds), RT.i64(b.B), RT.i64(b.T), RT.i64(b.rowlen),
                RT.i64(b.has_pad), RT.i64(b.pad), res])
-    dec, bad, first, last = (int(v) for v in be.to_host(res))
+    dec, bad, first, last, uneven = (int(v) for v in be.to_host(res))
     if use_off:
         first = first if first < 1 << 63 else first - (1 << 64)
         last = last if last < 1 << 63 else last - (1 << 64)
@@ -179,3 +184,4 @@ def check_bags(be, scheme, b, table0, user_len=0):
         bounds = scheme._bounds(table0, b.T)
         raise IndexError(f"indices[{bad}]: expected 0 <= index < {bounds[t]} "
                          f"(table {table0 + t}), got {value}")
+    return use_off and uneven == _NONE and noff > 1

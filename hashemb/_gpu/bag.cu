@@ -218,8 +218,9 @@ __global__ void bag_forward(const he_scheme* __restrict__ s, const I* __restrict
 /*
  * Forward of one-entry bags, a warp kernel (common.cuh HE_LANES): 2-D input
  * (B, T) with one entry per bag (or (B, 1)), whose entry j = b*T + t is bag
- * (t, b) and whose output row is out[j*D .. j*D + D). Warp w takes entries
- * 32w .. 32w + 31. First each lane reads one entry's index and does that
+ * (t, b) and whose output row is out[j*D .. j*D + D); or (fm) offsets input
+ * whose every bag holds one entry (the pre-launch check says so), entry
+ * j = t*B + b, output row b*T + t. Warp w takes entries 32w .. 32w + 31. First each lane reads one entry's index and does that
  * row's once-per-row work, keeping it in the warp's shared memory:
  *  - GEN false (unsigned schemes of <= HE_ROW_RUNS runs a row: ROBE-Z with
  *    Z >= D/4, FullTable, SCMA / LMA): its run starts, hashed once (and
@@ -245,22 +246,32 @@ __global__ void bag_forward(const he_scheme* __restrict__ s, const I* __restrict
  * state (base, sbase).
  */
 template <bool ST, bool GEN, typename R, typename I>
-__device__ __forceinline__ void he_row_lane(const he_scheme* s, const I* idx, i64 n, i64 T,
-                                            i64 table0, const uint64_t* starts, const R* psw,
-                                            i64 use_psw, i64 has_pad, i64 pad, i64 j0, int l,
-                                            uint64_t* st, R* scale, int* live, uint64_t* keep,
-                                            i64 use_keep)
+__device__ __forceinline__ void he_row_lane(const he_scheme* s, const I* idx, i64 n, i64 B,
+                                            i64 T, i64 fm, i64 table0, const uint64_t* starts,
+                                            const R* psw, i64 use_psw, i64 has_pad, i64 pad,
+                                            i64 j0, int l, uint64_t* st, R* scale, int* live,
+                                            i64* orow, uint64_t* keep, i64 use_keep)
 {
     const i64 j = j0 + l;
     live[l] = 0;
     if (j >= n)
         return;
+    /* entry j is bag (t, b): j = b*T + t (2-D input), or j = t*B + b (fm:
+       offsets input of one entry per bag); its output row is b*T + t */
+    i64 t = 0;
+    if (fm) {
+        t = T > 1 ? he_div(j, B) : 0;
+        orow[l] = (j - t * B) * T + t;
+    } else {
+        t = T > 1 ? j - he_div(j, T) * T : 0;
+        orow[l] = j;
+    }
     const i64 x = (i64)idx[j];
     if (has_pad && x == pad)
         return;
     live[l] = 1;
     scale[l] = use_psw ? psw[j] : (R)1;
-    const i64 table = table0 + (T > 1 ? j - he_div(j, T) * T : 0);
+    const i64 table = table0 + t;
     const he_row row = ST ? he_row{0, 0} : he_row_begin(s, table, x);
     if (GEN) {
         st[l * HE_ROW_RUNS] = row.base;
@@ -294,7 +305,8 @@ __device__ __forceinline__ uint64_t he_row_slot(const he_scheme* s, const uint64
 
 template <typename R, typename I, bool ST, bool GEN>
 __global__ void bag_forward_rows(const he_scheme* __restrict__ s, const I* __restrict__ idx,
-                                 i64 n, i64 T, i64 table0, const uint64_t* __restrict__ starts,
+                                 i64 n, i64 B, i64 T, i64 fm, i64 table0,
+                                 const uint64_t* __restrict__ starts,
                                  const R* __restrict__ M, const R* __restrict__ psw,
                                  i64 use_psw, R* __restrict__ out, i64 mode, i64 has_pad,
                                  i64 pad, i64 P, uint64_t* __restrict__ keep, i64 use_keep)
@@ -307,9 +319,10 @@ __global__ void bag_forward_rows(const he_scheme* __restrict__ s, const I* __res
     HE_WARP_SHARED(uint64_t, st, 32 * HE_ROW_RUNS);
     HE_WARP_SHARED(R, scale, 32);
     HE_WARP_SHARED(int, live, 32);
+    HE_WARP_SHARED(i64, orow, 32);
     HE_LANES(l) {
-        he_row_lane<ST, GEN>(s, idx, n, T, table0, starts, psw, use_psw, has_pad, pad, j0, l,
-                             st, scale, live, keep, use_keep);
+        he_row_lane<ST, GEN>(s, idx, n, B, T, fm, table0, starts, psw, use_psw, has_pad, pad,
+                             j0, l, st, scale, live, orow, keep, use_keep);
     }
     HE_WARP_SYNC();
     const uint64_t m = s->size;         /* read once, not per row */
@@ -319,7 +332,7 @@ __global__ void bag_forward_rows(const he_scheme* __restrict__ s, const I* __res
             const int k = i / L, jr = i - k * L;
 #pragma unroll 4      /* rows are independent: several loads in flight per lane */
             for (int e = e0; e < 32 && j0 + e < n; e += g) {
-                R* o = out + (j0 + e) * D;
+                R* o = out + orow[e] * D;
                 if (!live[e]) {
                     o[i] = 0;
                     continue;
@@ -343,7 +356,8 @@ __global__ void bag_forward_rows(const he_scheme* __restrict__ s, const I* __res
  */
 template <typename R, typename I, bool ST, bool GEN>
 __global__ void bag_backward_rows(const he_scheme* __restrict__ s, const I* __restrict__ idx,
-                                  i64 n, i64 T, i64 table0, const uint64_t* __restrict__ starts,
+                                  i64 n, i64 B, i64 T, i64 fm, i64 table0,
+                                  const uint64_t* __restrict__ starts,
                                   const R* __restrict__ psw, i64 use_psw,
                                   const R* __restrict__ grad, R alpha, i64 has_pad, i64 pad,
                                   i64 P, R* __restrict__ target)
@@ -356,9 +370,10 @@ __global__ void bag_backward_rows(const he_scheme* __restrict__ s, const I* __re
     HE_WARP_SHARED(uint64_t, st, 32 * HE_ROW_RUNS);
     HE_WARP_SHARED(R, scale, 32);
     HE_WARP_SHARED(int, live, 32);
+    HE_WARP_SHARED(i64, orow, 32);
     HE_LANES(l) {
-        he_row_lane<ST, GEN>(s, idx, n, T, table0, starts, psw, use_psw, has_pad, pad, j0, l,
-                             st, scale, live, (uint64_t*)0, 0);
+        he_row_lane<ST, GEN>(s, idx, n, B, T, fm, table0, starts, psw, use_psw, has_pad, pad,
+                             j0, l, st, scale, live, orow, (uint64_t*)0, 0);
     }
     HE_WARP_SYNC();
     const uint64_t m = s->size;         /* read once, not per row */
@@ -374,7 +389,7 @@ __global__ void bag_backward_rows(const he_scheme* __restrict__ s, const I* __re
                 const uint64_t slot = he_row_slot<ST, GEN>(s, st, starts, j0, e, i, k, jr, m, &sg);
                 const R a = alpha * scale[e];
                 he_atomic_add(target + slot,
-                              (GEN ? a * (R)sg : a) * grad[(j0 + e) * D + i]);
+                              (GEN ? a * (R)sg : a) * grad[orow[e] * D + i]);
             }
         }
     }
@@ -559,8 +574,11 @@ __global__ void bag_adagrad_walk(const he_scheme* __restrict__ s, const I* __res
  *   res[0] = first p >= 1 with off[p] < off[p-1] (else ~0), res[2] = off[0],
  *   res[3] = off[noff-1]  (use_off only);
  *   res[1] = CPU position of the first entry whose token lies outside
- *            [0, bounds[t]) of its table (padding exempt; use_bounds only).
- * res[0] and res[1] start at ~0 (all ones); one thread per offset / entry.
+ *            [0, bounds[t]) of its table (padding exempt; use_bounds only);
+ *   res[4] = first p >= 1 with off[p] - off[p-1] != 1: ~0 when every bag
+ *            holds one entry (use_off only; the one-entry warp kernels).
+ * res[0], res[1] and res[4] start at ~0 (all ones); one thread per offset /
+ * entry.
  */
 template <typename I>
 __global__ void bag_check(const I* __restrict__ idx, i64 n, const int64_t* __restrict__ off,
@@ -573,8 +591,11 @@ __global__ void bag_check(const I* __restrict__ idx, i64 n, const int64_t* __res
         if (g == 0) {
             res[2] = (unsigned long long)off[0];
             res[3] = (unsigned long long)off[noff - 1];
-        } else if (off[g] < off[g - 1]) {
-            atomicMin(res, (unsigned long long)g);
+        } else {
+            if (off[g] < off[g - 1])
+                atomicMin(res, (unsigned long long)g);
+            if ((unsigned long long)off[g] - (unsigned long long)off[g - 1] != 1ULL)
+                atomicMin(res + 4, (unsigned long long)g);
         }
     }
     if (use_bounds && g < n) {

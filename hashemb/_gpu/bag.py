@@ -45,9 +45,16 @@ ROW_RUNS = 4        # bag.cu HE_ROW_RUNS: run starts a lane keeps per entry
 
 
 def _rows(scheme, b):
-    """Do the one-entry warp kernels take this batch (one entry per bag,
-    read in place: 2-D input)?"""
-    return ROWS and b.off is None and (b.T > 1 or b.nper == 1)
+    """Do the one-entry warp kernels take this batch: every bag holds one
+    entry (2-D input of one a bag, or offsets the pre-launch check found
+    so; with check_indices=False offsets go to the general kernels)?"""
+    return ROWS and b.single
+
+
+def _rows_layout(b):
+    """The warp kernels' (entries, B, T, fm) arguments: bag (t, b)'s entry is
+    b*T + t for 2-D input, t*B + b (fm) for offsets input."""
+    return [i64(b.B * b.T), i64(b.B), i64(b.T), i64(b.off is not None)]
 
 
 def _rows_args(scheme, st):
@@ -160,8 +167,8 @@ def forward(indices, weight, offsets, scheme, table0, T, mode, per_sample_weight
         tail = [keep if keep is not None else out, i64(keep is not None)]
         if _rows(scheme, b):
             be.launch("bag", f"bag_forward_rows<{RT.ctype(dtype)}, {RT.ctype(b.idx.dtype)}, "
-                             f"{_rows_args(scheme, _st(starts))}>", -(-n // 32) * 32,
-                      [s, b.idx, i64(n), i64(T), i64(table0),
+                             f"{_rows_args(scheme, _st(starts))}>", -(-(b.B * T) // 32) * 32,
+                      [s, b.idx] + _rows_layout(b) + [i64(table0),
                        starts if starts is not None else b.idx, w, psw, i64(b.psw is not None),
                        out, i64(b.mode), i64(b.has_pad), i64(b.pad),
                        i64(lanes(min(scheme.dim, 32), 1))] + tail)
@@ -277,8 +284,8 @@ class _Runner:
             b = self.b
             self.be.launch("bag", f"bag_backward_rows<{self.R}, {RT.ctype(b.idx.dtype)}, "
                                   f"{_rows_args(self.scheme, _st(self.starts))}>",
-                           -(-self.n // 32) * 32,
-                           [self.s, b.idx, i64(self.n), i64(b.T), i64(self.table0),
+                           -(-(b.B * b.T) // 32) * 32,
+                           [self.s, b.idx] + _rows_layout(b) + [i64(self.table0),
                             self.starts if self.starts is not None else b.idx,
                             b.psw if b.psw is not None else self.g, i64(b.psw is not None),
                             self.g, self._scalar(alpha), i64(b.has_pad), i64(b.pad),

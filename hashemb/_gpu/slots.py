@@ -13,7 +13,7 @@ def _tokens(be, scheme, indices, table):
     table = V.check_table(table, scheme)
     flat = idx.reshape(-1)
     n = flat.shape[0]
-    b = A.Bags(flat, n, None, n, n, None, 1, 1, 0, False, 0, idx.shape)
+    b = A.Bags(flat, n, None, n, n, None, 1, 1, 0, False, 0, idx.shape, False)
     A.check_bags(be, scheme, b, table)
     return idx, flat, table
 
