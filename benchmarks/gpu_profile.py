@@ -183,10 +183,18 @@ def main(argv=None):
     from hashemb._gpu import bag as GB
     profile("RobeZ forward", fwd(robe, M), cprof=True)
     profile("RobeZ step (forward writes the starts, SGD backward)", step(robe, M), cprof=True)
+    # the FBGEMM layout of the same batch: flat feature-major indices, offsets
+    # of one entry a bag (the pre-launch check finds them so: the warp kernels)
+    Xf = cp.ascontiguousarray(Xx.T).reshape(-1)
+    Of = cp.arange(B * T + 1, dtype=np.int64)
+    profile("RobeZ forward, flat indices + offsets of one entry a bag",
+            lambda: he.embedding_bags(Xf, M, Of, scheme=robe, num_tables=T))
     GB.ROWS = False
     try:
         profile("RobeZ forward, ROWS=False (bag_forward, not the one-entry warp kernel)",
                 fwd(robe, M))
+        profile("RobeZ forward, flat indices + offsets, ROWS=False",
+                lambda: he.embedding_bags(Xf, M, Of, scheme=robe, num_tables=T))
         profile("RobeZ step, ROWS=False", step(robe, M))
         profile("FullTable forward, ROWS=False, check_indices=False", unchecked(fwd(full, W)))
         profile("HashedNet forward, ROWS=False", fwd(hnet, Mh))
