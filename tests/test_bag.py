@@ -152,6 +152,21 @@ def test_two_d_input_and_dtypes():
     np.testing.assert_array_equal(c, d)
 
 
+@given(st.integers(0, 300), st.integers(1, 40), st.sampled_from([np.int32, np.int64]))
+def test_feature_major_copy_is_the_transpose(B, T, dtype):
+    """2-D (B, T) input reaches the kernels in table-major order through a
+    blocked parallel copy; it equals NumPy's transpose, on one thread and
+    on several (above 1 MB), and checks its output's length."""
+    from hashemb._cpu import _bag
+    for b in (B, 9000 if T <= 20 else B):           # 9000 x >= 15 int64: > 1 MB
+        x = np.random.default_rng(B + T).integers(-2**31, 2**31, (b, T)).astype(dtype)
+        out = np.empty(b * T, dtype)
+        _bag.feature_major(x, out)
+        np.testing.assert_array_equal(out, np.ascontiguousarray(x.T).reshape(-1))
+    with pytest.raises(ValueError, match="^out: expected"):
+        _bag.feature_major(np.zeros((2, 3), dtype), np.empty(5, dtype))
+
+
 def test_multi_table_2d_input_is_one_index_per_table():
     robe = he.RobeZ(5000, 16, block=16)
     M = robe.init_weight()

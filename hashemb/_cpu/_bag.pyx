@@ -975,3 +975,30 @@ def index_problem(const index_t[::1] indices, const int64_t[::1] offsets, int64_
             if bad >= 0:
                 break
     return bad
+
+
+cdef void _feature_major(const index_t* x, index_t* o, int64_t B, int64_t T,
+                         int nt) noexcept nogil:
+    """o[t*B + b] = x[b*T + t], in blocks of 64 samples a thread: each block's
+    rows are read once and stay in cache while its T columns are written."""
+    cdef int64_t blk, b, t, b0, b1, nblk = (B + 63) // 64
+    for blk in prange(nblk, nogil=True, num_threads=nt, schedule='static'):
+        b0 = blk * 64
+        b1 = min(B, b0 + 64)
+        for t in range(T):
+            for b in range(b0, b1):
+                o[t * B + b] = x[b * T + t]
+
+
+def feature_major(const index_t[:, ::1] x, index_t[::1] out):
+    """out = x.T flattened (bag (t, b) of a (B, T) batch at t*B + b), on up to
+    2 threads per MB of it: the copy 2-D input needs for the kernels'
+    table-major order."""
+    cdef int64_t B = x.shape[0], T = x.shape[1]
+    if out.shape[0] != B * T:
+        raise ValueError(f"out: expected {B * T} values, got {out.shape[0]}")
+    if B * T == 0:
+        return
+    cdef int nt = <int>max(1, min(<int64_t>he_max_threads(), (B * T * sizeof(index_t)) >> 20))
+    with nogil:
+        _feature_major(&x[0, 0], &out[0], B, T, nt)
