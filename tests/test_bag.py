@@ -167,6 +167,20 @@ def test_feature_major_copy_is_the_transpose(B, T, dtype):
         _bag.feature_major(np.zeros((2, 3), dtype), np.empty(5, dtype))
 
 
+def test_two_d_offsets_are_kept_read_only_and_bounded():
+    """2-D input's offsets are made once per shape (read only: no kernel
+    may write them), the two latest kept, a huge one never."""
+    from hashemb import _validate as V
+    a = V._even_offsets(11, 3)
+    assert a is V._even_offsets(11, 3) and not a.flags.writeable
+    np.testing.assert_array_equal(a, np.arange(0, 31, 3))
+    V._even_offsets(7, 1)
+    V._even_offsets(9, 2)
+    assert len(V._EVEN) == 2 and (11, 3) not in V._EVEN
+    big = V._even_offsets((1 << 21) + 1, 1)
+    assert big[-1] == 1 << 21 and ((1 << 21) + 1, 1) not in V._EVEN
+
+
 def test_multi_table_2d_input_is_one_index_per_table():
     robe = he.RobeZ(5000, 16, block=16)
     M = robe.init_weight()
