@@ -15,9 +15,10 @@
  * row. Index arithmetic is 64-bit; divisions are 32-bit where the operands
  * fit (he_div).
  *
- * One-entry bags (2-D input, the DLRM layout) of unsigned schemes instead
- * take bag_forward_rows / bag_backward_rows, warp kernels (common.cuh
- * HE_LANES): a lane hashes one entry, then the warp moves whole rows.
+ * One-entry bags (2-D input, the DLRM layout, or offsets of one entry a
+ * bag) instead take bag_forward_rows / bag_backward_rows, warp kernels
+ * (common.cuh HE_LANES): a lane hashes one entry, then the warp moves whole
+ * rows.
  *
  * Run starts come from hashemb/slots.h, per lane on the fly, or, for
  * unsigned schemes with few runs per row (ROBE-Z, Z >= D/4) in a backward
@@ -220,8 +221,9 @@ __global__ void bag_forward(const he_scheme* __restrict__ s, const I* __restrict
  * (B, T) with one entry per bag (or (B, 1)), whose entry j = b*T + t is bag
  * (t, b) and whose output row is out[j*D .. j*D + D); or (fm) offsets input
  * whose every bag holds one entry (the pre-launch check says so), entry
- * j = t*B + b, output row b*T + t. Warp w takes entries 32w .. 32w + 31. First each lane reads one entry's index and does that
- * row's once-per-row work, keeping it in the warp's shared memory:
+ * j = t*B + b, output row b*T + t. Warp w takes entries 32w .. 32w + 31.
+ * First each lane reads one entry's index and does that row's once-per-row
+ * work, keeping it in the warp's shared memory (he_rows_begin):
  *  - GEN false (unsigned schemes of <= HE_ROW_RUNS runs a row: ROBE-Z with
  *    Z >= D/4, FullTable, SCMA / LMA): its run starts, hashed once (and
  *    written to keep for a backward, if asked), or read from the given ones;
@@ -229,78 +231,109 @@ __global__ void bag_forward(const he_scheme* __restrict__ s, const I* __restrict
  *    (hash bases), from which each element's start and sign follow.
  * Then the warp copies the rows, 32/P at a time, P lanes per row (P: D
  * rounded up to a power of two, at most 32) reading consecutive floats of a
- * run and writing consecutive floats of the output. Per entry that is one
- * index read and one row hash instead of one per lane, and loads and stores
- * a warp makes contiguous. out = v (max) or w * v (sum, mean; w = psw[j] or
- * 1), v = sign * M[slot]: what bag_forward computes for one entry; 0 for a
- * padding entry.
+ * run and writing consecutive floats of the output (he_rows_each). Per
+ * entry that is one index read and one row hash instead of one per lane,
+ * and loads and stores a warp makes contiguous. out = v (max) or w * v
+ * (sum, mean; w = psw[j] or 1), v = sign * M[slot]: what bag_forward
+ * computes for one entry; 0 for a padding entry.
  */
 #define HE_ROW_RUNS 4
 
+/* What the first phase keeps per warp entry e: live[e] (in range and no
+ * padding), its weight scale[e] (psw[j], or 1), its output row orow[e], and
+ * in st[e * HE_ROW_RUNS ...] its run starts or, GEN, its row state (base,
+ * sbase). */
+template <typename R>
+struct he_row_warp {
+    uint64_t st[32 * HE_ROW_RUNS];
+    R scale[32];
+    int live[32];
+    i64 orow[32];
+};
+
 /*
- * Lane l's part of a one-entry warp kernel's first phase: entry j = j0 + l
- * (if j < n and it is no padding: live[l] = 1) gets its weight scale[l]
- * (psw[j], or 1) and, in st[l * HE_ROW_RUNS ...], its run starts (hashed
- * once from its row or read from the given starts, and written to keep too
- * if asked: a forward keeping them for its backward) or, GEN, its row
- * state (base, sbase).
+ * The first phase of a one-entry warp kernel, then the warp's sync: lane l
+ * takes entry j = j0 + l (see he_row_warp), its run starts hashed once from
+ * its row or read from the given starts, and written to keep too if asked
+ * (a forward keeping them for its backward).
  */
 template <bool ST, bool GEN, typename R, typename I>
-__device__ __forceinline__ void he_row_lane(const he_scheme* s, const I* idx, i64 n, i64 B,
-                                            i64 T, i64 fm, i64 table0, const uint64_t* starts,
-                                            const R* psw, i64 use_psw, i64 has_pad, i64 pad,
-                                            i64 j0, int l, uint64_t* st, R* scale, int* live,
-                                            i64* orow, uint64_t* keep, i64 use_keep)
+__device__ __forceinline__ void he_rows_begin(const he_scheme* s, const I* idx, i64 n, i64 B,
+                                              i64 T, i64 fm, i64 table0,
+                                              const uint64_t* starts, const R* psw,
+                                              i64 use_psw, i64 has_pad, i64 pad, i64 j0,
+                                              he_row_warp<R>* w, uint64_t* keep, i64 use_keep)
 {
-    const i64 j = j0 + l;
-    live[l] = 0;
-    if (j >= n)
-        return;
-    /* entry j is bag (t, b): j = b*T + t (2-D input), or j = t*B + b (fm:
-       offsets input of one entry per bag); its output row is b*T + t */
-    i64 t = 0;
-    if (fm) {
-        t = T > 1 ? he_div(j, B) : 0;
-        orow[l] = (j - t * B) * T + t;
-    } else {
-        t = T > 1 ? j - he_div(j, T) * T : 0;
-        orow[l] = j;
+    HE_LANES(l) {
+        const i64 j = j0 + l;
+        w->live[l] = 0;
+        if (j >= n)
+            continue;
+        /* entry j is bag (t, b): j = b*T + t (2-D input), or j = t*B + b
+           (fm: offsets input of one entry per bag); its output row is b*T + t */
+        i64 t = 0;
+        if (fm) {
+            t = T > 1 ? he_div(j, B) : 0;
+            w->orow[l] = (j - t * B) * T + t;
+        } else {
+            t = T > 1 ? j - he_div(j, T) * T : 0;
+            w->orow[l] = j;
+        }
+        const i64 x = (i64)idx[j];
+        if (has_pad && x == pad)
+            continue;
+        w->live[l] = 1;
+        w->scale[l] = use_psw ? psw[j] : (R)1;
+        const he_row row = ST ? he_row{0, 0} : he_row_begin(s, table0 + t, x);
+        uint64_t* st = w->st + l * HE_ROW_RUNS;
+        if (GEN) {
+            st[0] = row.base;
+            st[1] = row.sbase;
+            continue;
+        }
+        const int runs = (int)s->runs;
+        for (int k = 0; k < runs; k++) {
+            const uint64_t v = he_start<ST>(s, &row, starts, j, k);
+            st[k] = v;
+            if (!ST && use_keep)
+                keep[j * runs + k] = v;
+        }
     }
-    const i64 x = (i64)idx[j];
-    if (has_pad && x == pad)
-        return;
-    live[l] = 1;
-    scale[l] = use_psw ? psw[j] : (R)1;
-    const i64 table = table0 + t;
-    const he_row row = ST ? he_row{0, 0} : he_row_begin(s, table, x);
-    if (GEN) {
-        st[l * HE_ROW_RUNS] = row.base;
-        st[l * HE_ROW_RUNS + 1] = row.sbase;
-        return;
-    }
-    const int runs = (int)s->runs;
-    for (int k = 0; k < runs; k++) {
-        const uint64_t v = he_start<ST>(s, &row, starts, j, k);
-        st[l * HE_ROW_RUNS + k] = v;
-        if (!ST && use_keep)
-            keep[j * runs + k] = v;
-    }
+    HE_WARP_SYNC();
 }
 
-/* Slot and sign of element i (run k, place jr) of warp entry e, from the
- * first phase's st (see he_row_lane). */
-template <bool ST, bool GEN>
-__device__ __forceinline__ uint64_t he_row_slot(const he_scheme* s, const uint64_t* st,
-                                                const uint64_t* starts, i64 j0, int e, int i,
-                                                int k, int jr, uint64_t m, int* sign)
+/*
+ * The second phase: f(e, i, slot, sign) for element i of every live warp
+ * entry e, P lanes per row (lane l: entries l/P, l/P + 32/P, ..., elements
+ * l%P, l%P + P, ...), the slot and sign from what the first phase kept.
+ */
+template <bool ST, bool GEN, typename R, typename F>
+__device__ __forceinline__ void he_rows_each(const he_scheme* s, const he_row_warp<R>* w,
+                                             const uint64_t* starts, i64 n, i64 j0, int p, F f)
 {
-    if (!GEN) {
-        *sign = 1;
-        return he_wrap(st[e * HE_ROW_RUNS + k], jr, m);
+    const int D = (int)s->dim, L = (int)s->run;
+    const uint64_t m = s->size;         /* read once, not per row */
+    HE_LANES(l) {
+        const int e0 = l / p, g = 32 / p;
+        for (int i = l - e0 * p; i < D; i += p) {
+            const int k = i / L, jr = i - k * L;
+#pragma unroll 4      /* rows are independent: several loads in flight per lane */
+            for (int e = e0; e < 32 && j0 + e < n; e += g) {
+                if (!w->live[e]) {
+                    f(e, i, (uint64_t)0, 0);        /* sign 0: a padding entry */
+                    continue;
+                }
+                const uint64_t* st = w->st + e * HE_ROW_RUNS;
+                if (GEN) {
+                    const he_row row{st[0], st[1]};
+                    f(e, i, he_wrap(he_start<ST>(s, &row, starts, j0 + e, k), jr, m),
+                      he_entry_sign<ST>(s, &row, i));
+                } else {
+                    f(e, i, he_wrap(st[k], jr, m), 1);
+                }
+            }
+        }
     }
-    const he_row row{st[e * HE_ROW_RUNS], st[e * HE_ROW_RUNS + 1]};
-    *sign = he_entry_sign<ST>(s, &row, i);
-    return he_wrap(he_start<ST>(s, &row, starts, j0 + e, k), jr, m);
 }
 
 template <typename R, typename I, bool ST, bool GEN>
@@ -313,37 +346,21 @@ __global__ void bag_forward_rows(const he_scheme* __restrict__ s, const I* __res
 {
     HE_WARP_LEAD();
     const i64 j0 = (he_tid() >> 5) << 5;
-    const int runs = (int)s->runs, D = (int)s->dim, L = (int)s->run, p = (int)P;
-    if (j0 >= n || (!GEN && runs > HE_ROW_RUNS))    /* the launcher never sends more */
+    if (j0 >= n || (!GEN && s->runs > HE_ROW_RUNS))    /* the launcher never sends more */
         return;
-    HE_WARP_SHARED(uint64_t, st, 32 * HE_ROW_RUNS);
-    HE_WARP_SHARED(R, scale, 32);
-    HE_WARP_SHARED(int, live, 32);
-    HE_WARP_SHARED(i64, orow, 32);
-    HE_LANES(l) {
-        he_row_lane<ST, GEN>(s, idx, n, B, T, fm, table0, starts, psw, use_psw, has_pad, pad,
-                             j0, l, st, scale, live, orow, keep, use_keep);
-    }
-    HE_WARP_SYNC();
-    const uint64_t m = s->size;         /* read once, not per row */
-    HE_LANES(l) {
-        const int e0 = l / p, g = 32 / p;
-        for (int i = l - e0 * p; i < D; i += p) {
-            const int k = i / L, jr = i - k * L;
-#pragma unroll 4      /* rows are independent: several loads in flight per lane */
-            for (int e = e0; e < 32 && j0 + e < n; e += g) {
-                R* o = out + orow[e] * D;
-                if (!live[e]) {
-                    o[i] = 0;
-                    continue;
-                }
-                int sg;
-                const uint64_t slot = he_row_slot<ST, GEN>(s, st, starts, j0, e, i, k, jr, m, &sg);
-                const R v = GEN ? (R)sg * M[slot] : M[slot];
-                o[i] = mode == HE_MAX ? v : scale[e] * v;
-            }
+    HE_WARP_SHARED(he_row_warp<R>, w, 1);
+    he_rows_begin<ST, GEN>(s, idx, n, B, T, fm, table0, starts, psw, use_psw, has_pad, pad, j0,
+                           w, keep, use_keep);
+    const i64 D = s->dim;
+    he_rows_each<ST, GEN>(s, w, starts, n, j0, (int)P, [&](int e, int i, uint64_t slot, int sg) {
+        R* o = out + w->orow[e] * D + i;
+        if (sg == 0) {
+            *o = 0;
+            return;
         }
-    }
+        const R v = GEN ? (R)sg * M[slot] : M[slot];
+        *o = mode == HE_MAX ? v : w->scale[e] * v;
+    });
 }
 
 /*
@@ -364,35 +381,18 @@ __global__ void bag_backward_rows(const he_scheme* __restrict__ s, const I* __re
 {
     HE_WARP_LEAD();
     const i64 j0 = (he_tid() >> 5) << 5;
-    const int runs = (int)s->runs, D = (int)s->dim, L = (int)s->run, p = (int)P;
-    if (j0 >= n || (!GEN && runs > HE_ROW_RUNS))    /* the launcher never sends more */
+    if (j0 >= n || (!GEN && s->runs > HE_ROW_RUNS))    /* the launcher never sends more */
         return;
-    HE_WARP_SHARED(uint64_t, st, 32 * HE_ROW_RUNS);
-    HE_WARP_SHARED(R, scale, 32);
-    HE_WARP_SHARED(int, live, 32);
-    HE_WARP_SHARED(i64, orow, 32);
-    HE_LANES(l) {
-        he_row_lane<ST, GEN>(s, idx, n, B, T, fm, table0, starts, psw, use_psw, has_pad, pad,
-                             j0, l, st, scale, live, orow, (uint64_t*)0, 0);
-    }
-    HE_WARP_SYNC();
-    const uint64_t m = s->size;         /* read once, not per row */
-    HE_LANES(l) {
-        const int e0 = l / p, g = 32 / p;
-        for (int i = l - e0 * p; i < D; i += p) {
-            const int k = i / L, jr = i - k * L;
-#pragma unroll 4      /* rows are independent: several loads in flight per lane */
-            for (int e = e0; e < 32 && j0 + e < n; e += g) {
-                if (!live[e])
-                    continue;
-                int sg;
-                const uint64_t slot = he_row_slot<ST, GEN>(s, st, starts, j0, e, i, k, jr, m, &sg);
-                const R a = alpha * scale[e];
-                he_atomic_add(target + slot,
-                              (GEN ? a * (R)sg : a) * grad[orow[e] * D + i]);
-            }
-        }
-    }
+    HE_WARP_SHARED(he_row_warp<R>, w, 1);
+    he_rows_begin<ST, GEN>(s, idx, n, B, T, fm, table0, starts, psw, use_psw, has_pad, pad, j0,
+                           w, (uint64_t*)0, 0);
+    const i64 D = s->dim;
+    he_rows_each<ST, GEN>(s, w, starts, n, j0, (int)P, [&](int e, int i, uint64_t slot, int sg) {
+        if (sg == 0)
+            return;
+        const R a = alpha * w->scale[e];
+        he_atomic_add(target + slot, (GEN ? a * (R)sg : a) * grad[w->orow[e] * D + i]);
+    });
 }
 
 /*
