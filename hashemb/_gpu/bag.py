@@ -36,25 +36,29 @@ def lanes(dim, per):
     return 1 << max(0, (-(-min(dim, 32 * per) // per) - 1).bit_length())
 
 
-# One-entry bags (2-D input) go through the warp kernels bag_forward_rows /
-# bag_backward_rows, a warp per 32 entries: one index read and row hash per
-# entry, then contiguous row copies. Not yet measured on a device; False
-# sends them through bag_forward / bag_backward (gpu_profile's A/B).
+# One-entry bags (2-D input, or offsets of one entry a bag) go through the
+# warp kernels bag_forward_rows / bag_backward_rows, a warp per 32 entries:
+# one index read and row hash per entry, then contiguous row copies. Not yet
+# measured on a device; False sends them through bag_forward / bag_backward
+# (gpu_profile's A/B).
 ROWS = True
 ROW_RUNS = 4        # bag.cu HE_ROW_RUNS: run starts a lane keeps per entry
 
 
-def _rows(scheme, b):
+def _rows(b):
     """Do the one-entry warp kernels take this batch: every bag holds one
     entry (2-D input of one a bag, or offsets the pre-launch check found
     so; with check_indices=False offsets go to the general kernels)?"""
     return ROWS and b.single
 
 
-def _rows_layout(b):
-    """The warp kernels' (entries, B, T, fm) arguments: bag (t, b)'s entry is
-    b*T + t for 2-D input, t*B + b (fm) for offsets input."""
-    return [i64(b.B * b.T), i64(b.B), i64(b.T), i64(b.off is not None)]
+def _rows_launch(b, dim):
+    """(threads, the (entries, B, T, fm) arguments, P) of a warp kernel
+    launch: a warp per 32 entries; bag (t, b)'s entry is b*T + t for 2-D
+    input, t*B + b (fm) for offsets input; P lanes a row."""
+    n = b.B * b.T
+    return (-(-n // 32) * 32, [i64(n), i64(b.B), i64(b.T), i64(b.off is not None)],
+            i64(lanes(min(dim, 32), 1)))
 
 
 def _rows_args(scheme, st):
@@ -161,17 +165,18 @@ def forward(indices, weight, offsets, scheme, table0, T, mode, per_sample_weight
         keep = (be.xp.empty(n * (scheme.dim // scheme._run), np.uint64)
                 if n and _keeps(scheme, return_saved) else None)
         # a forward precomputes starts only when asked (precompute_starts=True);
-        # by default it hashes per lane, writing them to `keep` for a backward
+        # by default its one launch hashes (per entry in the warp kernels, per
+        # lane in bag_forward), writing the starts to `keep` for a backward
         s, layout, starts = _common(be, scheme, b, table0, inline=True)
         psw = b.psw if b.psw is not None else w
         tail = [keep if keep is not None else out, i64(keep is not None)]
-        if _rows(scheme, b):
+        if _rows(b):
+            threads, layout, P = _rows_launch(b, scheme.dim)
             be.launch("bag", f"bag_forward_rows<{RT.ctype(dtype)}, {RT.ctype(b.idx.dtype)}, "
-                             f"{_rows_args(scheme, _st(starts))}>", -(-(b.B * T) // 32) * 32,
-                      [s, b.idx] + _rows_layout(b) + [i64(table0),
+                             f"{_rows_args(scheme, _st(starts))}>", threads,
+                      [s, b.idx] + layout + [i64(table0),
                        starts if starts is not None else b.idx, w, psw, i64(b.psw is not None),
-                       out, i64(b.mode), i64(b.has_pad), i64(b.pad),
-                       i64(lanes(min(scheme.dim, 32), 1))] + tail)
+                       out, i64(b.mode), i64(b.has_pad), i64(b.pad), P] + tail)
         else:
             W = lanes(scheme.dim, FORWARD_PER)
             be.launch("bag", f"bag_forward<{RT.ctype(dtype)}, {RT.ctype(b.idx.dtype)}, "
@@ -208,7 +213,7 @@ def backward(grad_output, indices, offsets, scheme, table0, T, mode, per_sample_
         det = RT.OPTIONS["deterministic"] if deterministic is None else bool(deterministic)
         # only the warp kernel runs (no deterministic pairs, no Adagrad walk,
         # which still read precomputed starts best)
-        rows_only = _rows(scheme, b) and not det and not isinstance(optimizer, Adagrad)
+        rows_only = _rows(b) and not det and not isinstance(optimizer, Adagrad)
         run = _Runner(be, scheme, b, table0, g, w, dtype, given, rows_only)
         if optimizer is None:
             grad = xp.zeros(scheme.size, dtype)
@@ -278,18 +283,18 @@ class _Runner:
         if det:
             keys, vals = self._pairs(alpha)
             self._segments(keys, vals, 0, target, None, 0.0, 0.0)
-        elif _rows(self.scheme, self.b):
+        elif _rows(self.b):
             # also max-mode SGD: a one-entry bag's winner is its entry, so
             # no weight is read while the step moves it
             b = self.b
+            threads, layout, P = _rows_launch(b, self.scheme.dim)
             self.be.launch("bag", f"bag_backward_rows<{self.R}, {RT.ctype(b.idx.dtype)}, "
-                                  f"{_rows_args(self.scheme, _st(self.starts))}>",
-                           -(-(b.B * b.T) // 32) * 32,
-                           [self.s, b.idx] + _rows_layout(b) + [i64(self.table0),
+                                  f"{_rows_args(self.scheme, _st(self.starts))}>", threads,
+                           [self.s, b.idx] + layout + [i64(self.table0),
                             self.starts if self.starts is not None else b.idx,
                             b.psw if b.psw is not None else self.g, i64(b.psw is not None),
-                            self.g, self._scalar(alpha), i64(b.has_pad), i64(b.pad),
-                            i64(lanes(min(self.scheme.dim, 32), 1)), target])
+                            self.g, self._scalar(alpha), i64(b.has_pad), i64(b.pad), P,
+                            target])
         elif self.b.mode == 2 and target is self.w:
             # max-mode SGD: every winner is read from the weight before it moves
             keys, vals = self._pairs(alpha, sort=False)
