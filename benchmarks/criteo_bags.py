@@ -54,24 +54,29 @@ def make_methods(card, compression, train, lr=0.01):
     size = int(sum(card) * D / compression)
     methods = {}
 
-    def he_method(scheme_fn):
+    def he_method(scheme_fn, two_d=False):
         def setup(flat, off, B):
             scheme = scheme_fn()
             W = scheme.init_weight()
             opt = he.SGD(lr)
             G = np.full((B, T * D), 1e-3, np.float32)
+            x, o = flat, off
+            if two_d:           # the same batch as a (B, T) array, what a DLRM hands over
+                x, o = np.ascontiguousarray(flat.reshape(T, B).T), None
             if not train:
-                return lambda: he.embedding_bags(flat, W, off, scheme=scheme, num_tables=T)
+                return lambda: he.embedding_bags(x, W, o, scheme=scheme, num_tables=T)
 
             def step():         # backward reuses forward's run starts, as the torch modules do
-                _, saved = he.embedding_bags(flat, W, off, scheme=scheme, num_tables=T,
+                _, saved = he.embedding_bags(x, W, o, scheme=scheme, num_tables=T,
                                              return_saved=True)
-                he.embedding_bags_backward(G, flat, off, scheme=scheme, num_tables=T,
+                he.embedding_bags_backward(G, x, o, scheme=scheme, num_tables=T,
                                            weight=W, optimizer=opt, saved=saved)
             return step
         return setup
 
     methods["hashemb RobeZ Z=16"] = he_method(lambda: he.RobeZ(size, D, block=16))
+    methods["hashemb RobeZ Z=16, (B, T) input"] = he_method(lambda: he.RobeZ(size, D, block=16),
+                                                           two_d=True)
     methods["hashemb RobeZ Z=32"] = he_method(lambda: he.RobeZ(size, D, block=32))
     methods["hashemb HashedNet (Z=1)"] = he_method(lambda: he.HashedNet(size, D))
     methods["hashemb FullTable"] = he_method(lambda: he.FullTable(card, D))
