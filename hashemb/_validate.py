@@ -106,18 +106,35 @@ def check_scheme(scheme):
     return scheme
 
 
-def weight_dtype(weight):
+_HALF = np.dtype(np.float16)
+_F32 = np.dtype(np.float32)
+
+
+def compute_dtype(dtype):
+    """The dtype a kernel computes in for an array of ``dtype``: float16 is
+    storage only, pooled and scattered in float32."""
+    return _F32 if dtype == _HALF else dtype
+
+
+def weight_dtype(weight, storage=False):
+    """weight's dtype, checked: float32 or float64, or float16 where the
+    caller takes float16 storage (``storage``: the bag functions); returns
+    the dtype the kernels compute in (float32 for float16)."""
     if not isinstance(weight, np.ndarray):
         raise TypeError(f"weight: expected a numpy.ndarray, got {_desc(weight)}")
-    if weight.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"weight: expected a float32 or float64 array, got dtype {weight.dtype}")
-    return weight.dtype
+    if weight.dtype in _FLOAT_DTYPES:
+        return weight.dtype
+    if storage and weight.dtype == _HALF:
+        return _F32
+    want = "float16, float32 or float64" if storage else "float32 or float64"
+    raise TypeError(f"weight: expected a {want} array, got dtype {weight.dtype}")
 
 
-def as_weight(weight, scheme, *, writable=False):
+def as_weight(weight, scheme, *, writable=False, storage=False):
     """The array as a flat contiguous vector of scheme.size floats. writable=True:
-    a view of the caller's memory (in-place updates), so it must be C-contiguous."""
-    weight_dtype(weight)
+    a view of the caller's memory (in-place updates), so it must be C-contiguous.
+    storage: float16 accepted (see weight_dtype)."""
+    weight_dtype(weight, storage)
     if weight.shape not in ((scheme.size,), scheme.weight_shape):
         want = " or ".join(sorted({str((scheme.size,)), str(scheme.weight_shape)}))
         raise ValueError(f"weight: expected shape {want}, got {weight.shape}")

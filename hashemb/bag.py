@@ -14,6 +14,19 @@ _DETERMINISM = """
     same order; backward with atomic adds, or ``deterministic=True``)."""
 
 
+_NO_HALF = np.empty(0, np.uint16)
+_EMPTY = {np.dtype(np.float32): np.empty(0, np.float32),
+          np.dtype(np.float64): np.empty(0, np.float64)}
+
+
+def _split(w, dtype):
+    """(the array as the kernels' real type, its float16 bits): one of them
+    empty, the other the array (a float16 array is read through its bits)."""
+    if w.dtype == V._HALF:
+        return _EMPTY[dtype], w.view(np.uint16)
+    return w, _NO_HALF
+
+
 class BagSaved:
     """What :func:`embedding_bag` / :func:`embedding_bags` computed that their
     backward reuses (``return_saved=True``): every entry's run starts, hashed
@@ -54,18 +67,18 @@ def _forward(indices, weight, offsets, scheme, table0, T, mode, per_sample_weigh
                          include_last_offset, padding_idx, return_saved=return_saved)
     k = kernels(indices, weight, offsets, per_sample_weights)
     scheme = V.check_scheme(scheme)
-    dtype = V.weight_dtype(weight)
+    dtype = V.weight_dtype(weight, storage=True)
     b = V.bags(k, indices, offsets, per_sample_weights, scheme=scheme, mode=mode,
                dtype=dtype, table0=table0, num_tables=T,
                include_last_offset=include_last_offset, padding_idx=padding_idx)
-    w = V.as_weight(weight, scheme)
+    w, hw = _split(V.as_weight(weight, scheme, storage=True), dtype)
     out = np.empty((b.B, T * scheme.dim), dtype)
     keep = return_saved and k.wants_starts(scheme._view, b.mode) and b.idx.shape[0] > 0
     # zeros (calloc: free until written): entries outside every bag keep a
     # valid start, so a saved of other offsets never sends backward out of bounds
     starts = np.zeros(b.idx.shape[0] * (scheme.dim // scheme._run) if keep else 0, np.uint64)
     k.forward(scheme._view, b.idx, b.off, w, b.psw, out, b.B, T, table0, b.mode,
-              b.has_pad, b.pad, starts)
+              b.has_pad, b.pad, starts, hw)
     if not return_saved:
         return out
     return out, BagSaved(starts if keep else None, scheme, table0, T, b.B, b.idx.shape[0],
@@ -86,7 +99,7 @@ def _backward(grad_output, indices, offsets, scheme, table0, T, mode, per_sample
     optimizer = check_optimizer(optimizer)
     V.check_mode(mode)
     V.check_backward_weight(weight, mode, optimizer)
-    dtype = V.weight_dtype(weight) if weight is not None else \
+    dtype = V.weight_dtype(weight, storage=True) if weight is not None else \
         V.as_float(grad_output, "grad_output").dtype
     b = V.bags(k, indices, offsets, per_sample_weights, scheme=scheme, mode=mode,
                dtype=dtype, table0=table0, num_tables=T,
@@ -98,17 +111,22 @@ def _backward(grad_output, indices, offsets, scheme, table0, T, mode, per_sample
     if weight is None:
         w = np.empty(0, dtype)
     else:
-        w = V.as_weight(weight, scheme, writable=optimizer is not None)
+        w = V.as_weight(weight, scheme, writable=optimizer is not None, storage=True)
+    wr, hw = _split(w, dtype)
+    none = _EMPTY[dtype]
 
-    def run(target, alpha, scratch, state, eps):
+    def run(target, alpha, scratch, state, eps, seed=0):
+        # a float16 target is the weight itself, moved in the apply pass
         k.backward(scheme._view, b.idx, b.off, b.psw, g, b.B, T, table0, b.mode,
-                   b.has_pad, b.pad, w, target, alpha, scratch, state, eps, starts)
+                   b.has_pad, b.pad, wr, none if target is w and hw.size else target,
+                   alpha, none if scratch is None else scratch,
+                   none if state is None else state, eps, starts, hw, seed)
 
     if optimizer is not None:
         optimizer._apply(k, run, w)
         return None
     grad = np.zeros(scheme.size, dtype)
-    run(grad, 1.0, np.empty(0, dtype), np.empty(0, dtype), 0.0)
+    run(grad, 1.0, None, None, 0.0)
     return grad.reshape(weight.shape if weight is not None else scheme.weight_shape)
 
 

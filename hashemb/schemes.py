@@ -131,12 +131,13 @@ class Scheme:
             scale = self._default_scale()
         scale = V.check_float(scale, "scale", nonneg=True)
         dtype = np.dtype(dtype)
-        if dtype not in (np.float32, np.float64):
-            raise TypeError(f"dtype: expected float32 or float64, got {dtype}")
-        w = rng.random(self.weight_shape, dtype=dtype)     # no float64 temporary
+        if dtype not in (np.float16, np.float32, np.float64):
+            raise TypeError(f"dtype: expected float16, float32 or float64, got {dtype}")
+        # float16 (storage for the bag functions): drawn in float32, rounded once
+        w = rng.random(self.weight_shape, dtype=np.float32 if dtype == np.float16 else dtype)
         w *= 2 * scale
         w -= scale
-        return w
+        return w.astype(dtype, copy=False)
 
     def _default_scale(self):
         return 1.0 / np.sqrt(self.dim)

@@ -11,7 +11,7 @@ bitwise deterministic and no thread writes where another does.
 """
 from cython.parallel cimport prange, parallel, threadid
 from libc.math cimport sqrt
-from libc.stdint cimport int32_t, int64_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, malloc, free
 from libc.string cimport memcpy
 
@@ -72,6 +72,39 @@ cdef extern from *:
     void he_scal_d(double* y, const double* x, double a, int64_t n) noexcept nogil
 
 
+cdef extern from "hashemb/half.h" nogil:
+    float he_h2f(uint16_t h) noexcept
+    uint16_t he_f2h(float f) noexcept
+    uint16_t he_f2h_sr(float f, uint32_t rnd) noexcept
+    uint32_t he_round_bits(uint64_t seed, uint64_t slot) noexcept
+    void he_half_sub(uint16_t* w, uint64_t slot, float step, uint64_t seed) noexcept
+
+
+cdef extern from *:
+    """
+    #include "hashemb/half.h"
+    /* y[:n] = / += a * float(x[:n]) for a run of a float16 array */
+    static inline void he_h2f_scal(float* __restrict y, const uint16_t* __restrict x,
+                                   float a, int64_t n)
+    {
+        for (int64_t i = 0; i < n; i++) y[i] = a * he_h2f(x[i]);
+    }
+    static inline void he_h2f_axpy(float* __restrict y, const uint16_t* __restrict x,
+                                   float a, int64_t n)
+    {
+        for (int64_t i = 0; i < n; i++) y[i] += a * he_h2f(x[i]);
+    }
+    static inline void he_h2f_copy(float* __restrict y, const uint16_t* __restrict x,
+                                   int64_t n)
+    {
+        for (int64_t i = 0; i < n; i++) y[i] = he_h2f(x[i]);
+    }
+    """
+    void he_h2f_scal(float* y, const uint16_t* x, float a, int64_t n) noexcept nogil
+    void he_h2f_axpy(float* y, const uint16_t* x, float a, int64_t n) noexcept nogil
+    void he_h2f_copy(float* y, const uint16_t* x, int64_t n) noexcept nogil
+
+
 cdef extern from "hashemb/stream.h" nogil:
     int64_t HE_STREAM_BYTES
     void he_stream_f(float* dst, const float* src, int64_t n) noexcept
@@ -124,8 +157,42 @@ cdef inline void _copy_run(real* dst, const real* src, int64_t L) noexcept nogil
             dst[i] = src[i]
 
 
+cdef inline real _ld(const real* M, const uint16_t* H, uint64_t i) noexcept nogil:
+    """Element i of the array: M's, or float16 H's as a float (H given)."""
+    if H != NULL:
+        return he_h2f(H[i])
+    return M[i]
+
+
+cdef inline const void* _at(const real* M, const uint16_t* H, uint64_t i) noexcept nogil:
+    """Address of element i (for prefetches)."""
+    if H != NULL:
+        return H + i
+    return M + i
+
+
+cdef inline void _run_h(real* y, const uint16_t* x, real a, int64_t n, int how) noexcept nogil:
+    """y[:n] = a * x (how 0), += a * x (1) or = x (2) for a run of a float16
+    array (real is float wherever H is given; double is a dead branch)."""
+    cdef int64_t i
+    if real is float:
+        if how == 0:
+            he_h2f_scal(y, x, a, n)
+        elif how == 1:
+            he_h2f_axpy(y, x, a, n)
+        else:
+            he_h2f_copy(y, x, n)
+    else:
+        for i in range(n):
+            if how == 1:
+                y[i] += a * he_h2f(x[i])
+            else:
+                y[i] = (a if how == 0 else 1) * he_h2f(x[i])
+
+
 cdef inline void _gather_row(const he_scheme* s, const he_row* row, const real* M,
-                             real w, real* o, int first, int mode) noexcept nogil:
+                             const uint16_t* H, real w, real* o, int first,
+                             int mode) noexcept nogil:
     """o[i] = / += / max= w * E(x)[i] for one row."""
     cdef int64_t L = s.run, k, i
     cdef uint64_t st
@@ -136,14 +203,16 @@ cdef inline void _gather_row(const he_scheme* s, const he_row* row, const real* 
         st = he_run_start(s, row, k)
         ok = o + k * L
         if mode != MAX and not s.is_signed and st + <uint64_t>L <= s.size:
-            src = M + st          # one contiguous run, no sign, no wrap
-            if first:
-                _scal(ok, src, w, L)
+            # one contiguous run, no sign, no wrap
+            if H != NULL:
+                _run_h(ok, H + st, w, L, 0 if first else 1)
+            elif first:
+                _scal(ok, M + st, w, L)
             else:
-                _axpy(ok, src, w, L)
+                _axpy(ok, M + st, w, L)
         else:
             for i in range(L):
-                v = he_sign(s, row, k * L + i) * M[he_run_slot(s, st, i)]
+                v = he_sign(s, row, k * L + i) * _ld(M, H, he_run_slot(s, st, i))
                 if mode == MAX:
                     if first or v > ok[i]:
                         ok[i] = v
@@ -154,7 +223,7 @@ cdef inline void _gather_row(const he_scheme* s, const he_row* row, const real* 
 
 
 cdef inline void _bag(const he_scheme* s, const index_t* idx, int64_t j0, int64_t j1,
-                      const real* M, const real* psw, real* o, int64_t table, he_tterm tt,
+                      const real* M, const uint16_t* H, const real* psw, real* o, int64_t table, he_tterm tt,
                       int mode, bint has_pad, int64_t pad, uint64_t* pre) noexcept nogil:
     """o = pool of one bag (entries j0..j1-1) of table `table` (tt: its
     he_table_term), the general case; pre, when given, receives every
@@ -170,7 +239,7 @@ cdef inline void _bag(const he_scheme* s, const index_t* idx, int64_t j0, int64_
         row = he_row_begin_t(s, table, tt, idx[j])
         if pre != NULL:
             _starts_row(s, &row, pre + j * s.runs)
-        _gather_row(s, &row, M, psw[j] if psw != NULL else 1, o, cnt == 0, mode)
+        _gather_row(s, &row, M, H, psw[j] if psw != NULL else 1, o, cnt == 0, mode)
         cnt += 1
     if cnt == 0:
         for i in range(D):
@@ -181,20 +250,23 @@ cdef inline void _bag(const he_scheme* s, const index_t* idx, int64_t j0, int64_
 
 
 cdef inline void _gather_runs(const he_scheme* s, const uint64_t* r, const real* M,
-                             real* o) noexcept nogil:
+                             const uint16_t* H, real* o) noexcept nogil:
     """o[:D] = the row whose runs start at r[0..R): each run copied, or slot
     by slot where it wraps past the end of the array."""
     cdef int64_t k, i, L = s.run
     for k in range(s.runs):
         if r[k] + <uint64_t>L <= s.size:
-            _copy_run(o + k * L, M + r[k], L)
+            if H != NULL:
+                _run_h(o + k * L, H + r[k], 1, L, 2)
+            else:
+                _copy_run(o + k * L, M + r[k], L)
         else:
             for i in range(L):
-                o[k * L + i] = M[he_run_slot(s, r[k], i)]
+                o[k * L + i] = _ld(M, H, he_run_slot(s, r[k], i))
 
 
 cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* off,
-                         const real* M, const real* psw, real* out, int64_t B,
+                         const real* M, const uint16_t* H, const real* psw, real* out, int64_t B,
                          int64_t T, int64_t ostride, int64_t table0, int mode,
                          bint has_pad, int64_t pad, int64_t b0, int64_t b1,
                          uint64_t* ring, uint64_t* pre) noexcept nogil:
@@ -220,7 +292,8 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
     # full table: measured faster in every A/B pair), else 8 (an array in the
     # caches gains nothing, and 16 element-wise rows of D lines each overflow
     # the core's miss buffers: HashedNet 19% slower)
-    cdef int64_t ahead = FAR_AHEAD if (R <= 4 and <int64_t>(m * sizeof(real)) >= FAR_BYTES) \
+    cdef int64_t ahead = FAR_AHEAD if (R <= 4 and <int64_t>(m * (2 if H != NULL else sizeof(real)))
+                                       >= FAR_BYTES) \
         else AHEAD
     # schemes that read memory to find a row's runs (LSH) get two more stages
     cdef int64_t deep = ahead if he_reads_map(s) else 0
@@ -245,17 +318,18 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                         r = ring + (g & (ahead - 1)) * R
                         o = out + g * ostride + t * D
                         for k in range(R):
-                            o[k] = M[r[k]]
+                            o[k] = _ld(M, H, r[k])
                     elif g >= 0:    # gather bag g, hashed ahead bags before (its ring slot is c's)
-                        _gather_runs(s, ring + (g & (ahead - 1)) * R, M, out + g * ostride + t * D)
+                        _gather_runs(s, ring + (g & (ahead - 1)) * R, M, H,
+                                     out + g * ostride + t * D)
                     if c < n:       # hash bag c's runs, prefetch them
                         row = he_row_begin_t(s, table0 + t, tt, idx[j0 + c])
                         r = ring + (c & (ahead - 1)) * R
                         for k in range(R):
                             r[k] = he_run_start(s, &row, k)
-                            he_prefetch(M + r[k])
+                            he_prefetch(_at(M, H, r[k]))
                             if L > 1:
-                                he_prefetch(M + r[k] + L - 1)
+                                he_prefetch(_at(M, H, r[k] + L - 1))
                         if pre != NULL:
                             for k in range(R):
                                 pre[(j0 + c) * R + k] = r[k]
@@ -263,7 +337,7 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
         if not fast:
             for b in range(n):
                 q = t * B + b0 + b
-                _bag(s, idx, off[q], off[q + 1], M, psw, out + b * ostride + t * D,
+                _bag(s, idx, off[q], off[q + 1], M, H, psw, out + b * ostride + t * D,
                      table0 + t, tt, mode, has_pad, pad, pre)
             continue
         for c in range(n + deep + deep + ahead):
@@ -272,9 +346,9 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                 j = off[t * B + b0 + g]
                 o = out + g * ostride + t * D
                 if off[t * B + b0 + g + 1] - j == 1:
-                    _gather_runs(s, ring + (g & (ahead - 1)) * R, M, o)
+                    _gather_runs(s, ring + (g & (ahead - 1)) * R, M, H, o)
                 else:
-                    _bag(s, idx, j, off[t * B + b0 + g + 1], M, psw, o, table0 + t, tt,
+                    _bag(s, idx, j, off[t * B + b0 + g + 1], M, H, psw, o, table0 + t, tt,
                          mode, has_pad, pad, pre)
             q = c - deep
             if 0 <= q < n:      # begin bag q's first row, prefetch what its runs read
@@ -293,9 +367,9 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                     r = ring + (q & (ahead - 1)) * R
                     for k in range(R):
                         r[k] = he_run_start(s, &rows[q % (2 * FAR_AHEAD)], k)
-                        he_prefetch(M + r[k])
+                        he_prefetch(_at(M, H, r[k]))
                         if L > 1:       # a run of one float is on one line
-                            he_prefetch(M + r[k] + L - 1)
+                            he_prefetch(_at(M, H, r[k] + L - 1))
                     if pre != NULL and off[t * B + b0 + q + 1] - j == 1:
                         for k in range(R):   # (bags of several entries: in _bag)
                             pre[j * R + k] = r[k]
@@ -323,7 +397,7 @@ cdef inline void _copy_rows(real* dst, int64_t dstride, const real* src, int64_t
 
 
 cdef void _forward(const he_scheme* s, const index_t* idx, const int64_t* off,
-                   const real* M, const real* psw, real* out, int64_t B, int64_t T,
+                   const real* M, const uint16_t* H, const real* psw, real* out, int64_t B, int64_t T,
                    int64_t ostride, int64_t table0, int mode, bint has_pad,
                    int64_t pad, int nt, uint64_t* rings, real* bufs,
                    uint64_t* pre) noexcept nogil:
@@ -345,7 +419,7 @@ cdef void _forward(const he_scheme* s, const index_t* idx, const int64_t* off,
             # on read-for-ownership misses)
             b0 = c * CHUNK
             nb = min(B - b0, CHUNK)
-            _forward_chunk(s, idx, off, M, psw, buf, B, T, width, table0, mode,
+            _forward_chunk(s, idx, off, M, H, psw, buf, B, T, width, table0, mode,
                            has_pad, pad, b0, b0 + nb, ring, pre)
             _copy_rows(out + b0 * ostride, ostride, buf, width, nb, stream)
         if stream:
@@ -365,11 +439,12 @@ def wants_starts(SchemeView sv, int mode):
 def forward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offsets,
             const real[::1] weight, const real[::1] psw, real[:, ::1] out,
             int64_t B, int64_t T, int64_t table0, int mode, bint has_pad,
-            int64_t pad, uint64_t[::1] starts):
+            int64_t pad, uint64_t[::1] starts, const uint16_t[::1] hweight):
     """out[b, t*D:(t+1)*D] = pool over bag t*B+b; psw of length 0 means none.
     starts, when not empty (len(indices) * runs, see wants_starts), receives
     every entry's run starts as the gathers compute them: backward given
-    them hashes nothing."""
+    them hashes nothing. hweight, when not empty, is the array instead of
+    weight: float16 bits, read as floats (real is float then)."""
     if B == 0 or T == 0:
         return
     cdef const index_t* ip = &indices[0] if indices.shape[0] else NULL
@@ -393,28 +468,41 @@ def forward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offset
                          f"got {starts.shape[0]}")
     if starts.shape[0] > 0 and ip != NULL:
         pre = &starts[0]
+    cdef const real* M = &weight[0] if weight.shape[0] else NULL
+    cdef const uint16_t* H = &hweight[0] if hweight.shape[0] else NULL
     with nogil:
-        _forward(&sv.s, ip, &offsets[0], &weight[0], pp, &out[0, 0], B, T,
+        _forward(&sv.s, ip, &offsets[0], M, H, pp, &out[0, 0], B, T,
                  out.shape[1], table0, mode, has_pad, pad, nt, rings, bufs, pre)
     free(bufs)
     free(rings)
 
 
-cdef inline void _adagrad(real* w, real* g, real* state, uint64_t slot, real lr,
-                          real eps) noexcept nogil:
-    """state += g^2; w -= lr * g / (sqrt(state) + eps); g = 0 (only where g != 0:
-    a zero gradient changes neither, so skipping it is exact)."""
+cdef inline void _adagrad(real* w, uint16_t* hw, real* g, real* state, uint64_t slot,
+                          real lr, real eps, uint64_t seed) noexcept nogil:
+    """The update of slot from its summed gradient g, then g = 0 (only where
+    g != 0: a zero gradient changes nothing, so skipping it is exact):
+    Adagrad (state given), state += g^2, w -= lr * g / (sqrt(state) + eps);
+    SGD (no state, float16 weights), w -= lr * g. A float16 weight (hw) is
+    rounded once (he_half_sub: to nearest, or stochastically from seed)."""
     cdef real gv = g[slot]
+    cdef real step
     if gv != 0:
-        state[slot] += gv * gv
-        w[slot] -= lr * gv / (sqrt(state[slot]) + eps)
+        if state != NULL:
+            state[slot] += gv * gv
+            step = lr * gv / (sqrt(state[slot]) + eps)
+        else:
+            step = lr * gv
+        if hw != NULL:
+            he_half_sub(hw, slot, <float>step, seed)
+        else:
+            w[slot] -= step
         g[slot] = 0
 
 
 cdef inline void _visit(const he_scheme* s, const he_row* row, int64_t k, uint64_t st,
                         int64_t i0, int64_t n, const real* g, real alpha, real* target,
-                        real* scratch, real* state, real eps, int64_t lo,
-                        int64_t hi, int act) noexcept nogil:
+                        uint16_t* htarget, real* scratch, real* state, real eps,
+                        uint64_t seed, int64_t lo, int64_t hi, int act) noexcept nogil:
     """Act on elements k*L+i0 .. k*L+i0+n-1 of a row (run k starts at slot st)
     whose slots lie in [lo, hi)."""
     cdef int64_t L = s.run, i, a, z
@@ -435,7 +523,7 @@ cdef inline void _visit(const he_scheme* s, const he_row* row, int64_t k, uint64
         if act == ACT_ADD:
             target[slot] += alpha * he_sign(s, row, k * L + i) * g[i - i0]
         else:
-            _adagrad(target, scratch, state, slot, alpha, eps)
+            _adagrad(target, htarget, scratch, state, slot, alpha, eps, seed)
 
 
 cdef inline bint _touches(int64_t slot, int64_t L, int64_t lo, int64_t hi) noexcept nogil:
@@ -460,6 +548,8 @@ cdef inline void _prefetch_runs(const he_scheme* s, const uint64_t* pre, int64_t
                                 real* target, int64_t lo, int64_t hi) noexcept nogil:
     """Prefetch, for writing, the runs of entry j that this thread owns."""
     cdef int64_t k, slot
+    if target == NULL:      # a float16 weight's apply pass: its scratch leads
+        return
     for k in range(s.runs):
         slot = <int64_t>pre[j * s.runs + k]
         if _touches(slot, s.run, lo, hi):
@@ -481,13 +571,14 @@ cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* 
                          const real* psw, const real* grad, int64_t gstride,
                          int64_t B, int64_t T, int64_t table0, int mode,
                          bint has_pad, int64_t pad, const int64_t* win,
-                         real alpha, real* target, real* scratch, real* state,
-                         real eps, int64_t lo, int64_t hi, int act,
-                         const uint64_t* pre) noexcept nogil:
+                         real alpha, real* target, uint16_t* htarget, real* scratch,
+                         real* state, real eps, uint64_t seed, int64_t lo, int64_t hi,
+                         int act, const uint64_t* pre) noexcept nogil:
     """One thread's share of backward: every entry, only slots in [lo, hi).
 
     ACT_ADD adds alpha * psw[j] / count * g into target; ACT_ADAGRAD applies the
-    Adagrad step (learning rate alpha) at each visited slot. pre, when given,
+    update (learning rate alpha, see _adagrad) at each visited slot of target
+    or float16 htarget. pre, when given,
     holds every entry's run starts (hashed once, shared by the threads).
     """
     cdef int64_t b, t, j, i, cnt, D = s.dim, L = s.run, k, slot, R = s.runs
@@ -511,7 +602,8 @@ cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* 
                     if j >= 0:
                         row = he_row_begin(s, table0 + t, idx[j])
                         _visit(s, &row, i // L, he_run_start(s, &row, i // L), i % L, 1,
-                               g + i, alpha, target, scratch, state, eps, lo, hi, act)
+                               g + i, alpha, target, htarget, scratch, state, eps, seed,
+                               lo, hi, act)
                 continue
             if ahead and b + AHEAD < B and _wanted(s, off, pre, t * B + b + AHEAD, lo, hi):
                 # grad rows are gstride apart: a stride the hardware prefetcher
@@ -554,7 +646,7 @@ cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* 
                            pre[j * s.runs + k] if pre != NULL else he_run_start(s, &row, k),
                            0, L, g + k * L,
                            w * psw[j] if (psw != NULL and act == ACT_ADD) else w,
-                           target, scratch, state, eps, lo, hi, act)
+                           target, htarget, scratch, state, eps, seed, lo, hi, act)
 
 
 cdef inline void _starts_row(const he_scheme* s, const he_row* row, uint64_t* out) noexcept nogil:
@@ -622,7 +714,7 @@ cdef void _run_starts(const he_scheme* s, const index_t* idx, const int64_t* off
 
 
 cdef void _argmax(const he_scheme* s, const index_t* idx, const int64_t* off,
-                  const real* M, int64_t B, int64_t T, int64_t table0,
+                  const real* M, const uint16_t* H, int64_t B, int64_t T, int64_t table0,
                   bint has_pad, int64_t pad, int64_t* win, real* best) noexcept nogil:
     """win[q*D + i] = first entry of bag q holding the maximum of element i, or -1
     (best: D floats of scratch)."""
@@ -640,7 +732,7 @@ cdef void _argmax(const he_scheme* s, const index_t* idx, const int64_t* off,
             for k in range(s.runs):
                 st = he_run_start(s, &row, k)
                 for i in range(k * L, k * L + L):
-                    v = he_sign(s, &row, i) * M[he_run_slot(s, st, i - k * L)]
+                    v = he_sign(s, &row, i) * _ld(M, H, he_run_slot(s, st, i - k * L))
                     if win[q * D + i] < 0 or v > best[i]:
                         best[i] = v
                         win[q * D + i] = j
@@ -707,9 +799,9 @@ cdef void _bucket_pass(const he_scheme* s, const index_t* idx, const int64_t* of
 
 cdef void _backward_owned(const he_scheme* s, const int64_t* pairs, int64_t n,
                           const real* psw, const real* grad, int64_t gstride, int64_t B,
-                          const int64_t* cnt, real alpha, real* target, real* scratch,
-                          real* state, real eps, int64_t lo, int64_t hi, int act,
-                          const uint64_t* pre) noexcept nogil:
+                          const int64_t* cnt, real alpha, real* target, uint16_t* htarget,
+                          real* scratch, real* state, real eps, uint64_t seed, int64_t lo,
+                          int64_t hi, int act, const uint64_t* pre) noexcept nogil:
     """One thread's bucket: the entries (j, bag q) whose runs touch its slots
     [lo, hi), in entry order (so each slot sums in entry order, as in
     _backward_part: the same bits). cnt[q]: the entries of mean bag q."""
@@ -733,15 +825,16 @@ cdef void _backward_owned(const he_scheme* s, const int64_t* pairs, int64_t n,
             if psw != NULL:
                 w = w * psw[j]
         for k in range(R):
-            _visit(s, NULL, k, pre[j * R + k], 0, L, g + k * L, w, target, scratch, state,
-                   eps, lo, hi, act)
+            _visit(s, NULL, k, pre[j * R + k], 0, L, g + k * L, w, target, htarget, scratch,
+                   state, eps, seed, lo, hi, act)
 
 
 cdef int _backward_bucketed(const he_scheme* s, const index_t* idx, const int64_t* off,
                             const real* psw, const real* grad, int64_t gstride, int64_t B,
                             int64_t T, int mode, bint has_pad, int64_t pad, real alpha,
-                            real* target, real* scratch, real* state, real eps, bint sweep,
-                            int nt, const uint64_t* pre) noexcept nogil:
+                            real* target, uint16_t* htarget, real* scratch, real* state,
+                            real eps, uint64_t seed, bint sweep, int nt,
+                            const uint64_t* pre) noexcept nogil:
     """Backward on nt threads where each thread walks only the entries that
     touch its slot range (not every entry, as _backward_part does): the
     entries are bucketed by owner, stably, in two passes over the bags, then
@@ -779,20 +872,20 @@ cdef int _backward_bucketed(const he_scheme* s, const index_t* idx, const int64_
             for q in prange(Q, num_threads=nt, schedule='static'):
                 cnt[q] = _live(idx, off[q], off[q + 1], has_pad, pad)
         for r in prange(nt, num_threads=nt, schedule='static', chunksize=1):
-            if scratch != NULL:     # Adagrad: the gradient into scratch, then the rule
+            if scratch != NULL:     # two phases: the gradient into scratch, then the rule
                 _backward_owned(s, pairs + 2 * start[r], start[r + 1] - start[r], psw, grad,
-                                gstride, B, cnt, 1, scratch, NULL, NULL, 0, lo[r], lo[r + 1],
-                                ACT_ADD, pre)
+                                gstride, B, cnt, 1, scratch, NULL, NULL, NULL, 0, 0, lo[r],
+                                lo[r + 1], ACT_ADD, pre)
                 if sweep:
                     for q in range(<int64_t>lo[r], <int64_t>lo[r + 1]):
-                        _adagrad(target, scratch, state, q, alpha, eps)
+                        _adagrad(target, htarget, scratch, state, q, alpha, eps, seed)
                 else:
                     _backward_owned(s, pairs + 2 * start[r], start[r + 1] - start[r], psw,
-                                    grad, gstride, B, cnt, alpha, target, scratch, state, eps,
-                                    lo[r], lo[r + 1], ACT_ADAGRAD, pre)
+                                    grad, gstride, B, cnt, alpha, target, htarget, scratch,
+                                    state, eps, seed, lo[r], lo[r + 1], ACT_ADAGRAD, pre)
             else:
                 _backward_owned(s, pairs + 2 * start[r], start[r + 1] - start[r], psw, grad,
-                                gstride, B, cnt, alpha, target, NULL, NULL, 0, lo[r],
+                                gstride, B, cnt, alpha, target, NULL, NULL, NULL, 0, 0, lo[r],
                                 lo[r + 1], ACT_ADD, pre)
     free(count)
     free(pos)
@@ -807,16 +900,20 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
              const real[::1] psw, const real[:, ::1] grad, int64_t B, int64_t T,
              int64_t table0, int mode, bint has_pad, int64_t pad,
              const real[::1] weight, real[::1] target, double alpha,
-             real[::1] scratch, real[::1] state, double eps, const uint64_t[::1] starts):
-    """Scatter-add of grad into the slots, three ways by what is passed.
+             real[::1] scratch, real[::1] state, double eps, const uint64_t[::1] starts,
+             const uint16_t[::1] hweight, uint64_t seed):
+    """Scatter-add of grad into the slots, four ways by what is passed.
 
     - plain gradient: target = a zero array of size m, alpha = 1;
     - fused SGD: target = weight, alpha = -lr (an in-place update);
     - fused Adagrad: target = weight, alpha = lr, scratch = zeros(m) (kept zero
-      between calls), state = the accumulator of squared gradients.
-    weight is read only in max mode, to find each element's winning entry.
-    starts, when not empty, are the entries' run starts from forward (see
-    wants_starts): nothing is hashed again.
+      between calls), state = the accumulator of squared gradients;
+    - a float16 weight (hweight, its bits; weight and target empty): SGD
+      as Adagrad without state (alpha = lr, scratch given), or Adagrad,
+      each slot rounded once (seed 0: to nearest, else stochastically).
+    weight (or hweight) is read only in max mode, to find each element's
+    winning entry. starts, when not empty, are the entries' run starts from
+    forward (see wants_starts): nothing is hashed again.
     """
     cdef const he_scheme* s = &sv.s
     cdef const index_t* ip = &indices[0] if indices.shape[0] else NULL
@@ -828,9 +925,15 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
     cdef bint sweep
     cdef uint64_t* pre = NULL
     cdef real* best = NULL
+    # two phases (Adagrad, or float16 SGD): the gradient summed into scratch,
+    # then the rule applied once per touched slot
     cdef bint adagrad = scratch.shape[0] > 0
     cdef real* sp = &scratch[0] if adagrad else NULL
-    cdef real* stp = &state[0] if adagrad else NULL
+    cdef real* stp = &state[0] if state.shape[0] else NULL
+    cdef real* tp = &target[0] if target.shape[0] else NULL
+    # written only by an optimizer (the caller passes a writeable array then)
+    cdef uint16_t* hp = <uint16_t*>&hweight[0] if hweight.shape[0] else NULL
+    cdef const real* M = &weight[0] if weight.shape[0] else NULL
     cdef bint chunked
     cdef uint64_t* buf = NULL
     cdef int64_t* loc = NULL
@@ -851,7 +954,7 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
             free(best)
             raise MemoryError("embedding bag backward: no memory for the max-mode winners")
         with nogil:
-            _argmax(s, ip, &offsets[0], &weight[0], B, T, table0, has_pad, pad, win, best)
+            _argmax(s, ip, &offsets[0], M, hp, B, T, table0, has_pad, pad, win, best)
         free(best)
     if nt > 1 and (m < <uint64_t>(4096 * nt) or indices.shape[0] * s.dim < SMALL_WORK):
         # not worth the threads: a parallel region costs more than the work, and
@@ -887,8 +990,8 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
     if pre != NULL and 1 < nt <= 64:
         with nogil:
             done = _backward_bucketed(s, ip, &offsets[0], pp, &grad[0, 0], grad.shape[1], B,
-                                      T, mode, has_pad, pad, <real>alpha, &target[0], sp,
-                                      stp, <real>eps, sweep, nt, pre) == 0
+                                      T, mode, has_pad, pad, <real>alpha, tp, hp, sp,
+                                      stp, <real>eps, seed, sweep, nt, pre) == 0
         if done:
             free(win)
             if own:
@@ -916,27 +1019,27 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
                                        &grad[0, 0] + b0 * grad.shape[1] + t * s.dim,
                                        grad.shape[1], b1 - b0, 1, table0 + t, mode, has_pad,
                                        pad, NULL, 1 if adagrad else <real>alpha,
-                                       sp if adagrad else &target[0], NULL, NULL, 0,
+                                       sp if adagrad else tp, NULL, NULL, NULL, 0, 0,
                                        <int64_t>_range_lo(m, q, nt), <int64_t>_range_lo(m, q + 1, nt),
                                        ACT_ADD, buf)
             if adagrad:
                 for slot in range(lo, hi):
-                    _adagrad(&target[0], sp, stp, slot, <real>alpha, <real>eps)
+                    _adagrad(tp, hp, sp, stp, slot, <real>alpha, <real>eps, seed)
         elif adagrad:
             _backward_part(s, ip, &offsets[0], pp, &grad[0, 0], grad.shape[1], B, T,
-                           table0, mode, has_pad, pad, win, 1, sp, NULL, NULL, 0,
+                           table0, mode, has_pad, pad, win, 1, sp, NULL, NULL, NULL, 0, 0,
                            lo, hi, ACT_ADD, pre)
             if sweep:
                 for slot in range(lo, hi):
-                    _adagrad(&target[0], sp, stp, slot, <real>alpha, <real>eps)
+                    _adagrad(tp, hp, sp, stp, slot, <real>alpha, <real>eps, seed)
             else:
                 _backward_part(s, ip, &offsets[0], pp, &grad[0, 0], grad.shape[1], B,
                                T, table0, mode, has_pad, pad, win, <real>alpha,
-                               &target[0], sp, stp, <real>eps, lo, hi, ACT_ADAGRAD, pre)
+                               tp, hp, sp, stp, <real>eps, seed, lo, hi, ACT_ADAGRAD, pre)
         else:
             _backward_part(s, ip, &offsets[0], pp, &grad[0, 0], grad.shape[1], B, T,
-                           table0, mode, has_pad, pad, win, <real>alpha, &target[0],
-                           NULL, NULL, 0, lo, hi, ACT_ADD, pre)
+                           table0, mode, has_pad, pad, win, <real>alpha, tp,
+                           NULL, NULL, NULL, 0, 0, lo, hi, ACT_ADD, pre)
     free(win)
     if own:
         free(pre)
@@ -1002,3 +1105,24 @@ def feature_major(const index_t[:, ::1] x, index_t[::1] out):
     cdef int nt = <int>max(1, min(<int64_t>he_max_threads(), (B * T * sizeof(index_t)) >> 20))
     with nogil:
         _feature_major(&x[0, 0], &out[0], B, T, nt)
+
+
+def half_widen(const uint16_t[::1] h, float[::1] out):
+    """out = the float16 bits h as floats (he_h2f; exact)."""
+    cdef int64_t i
+    if out.shape[0] != h.shape[0]:
+        raise ValueError(f"out: expected {h.shape[0]} values, got {out.shape[0]}")
+    with nogil:
+        for i in range(h.shape[0]):
+            out[i] = he_h2f(h[i])
+
+
+def half_round(const float[::1] x, uint16_t[::1] out, uint64_t seed):
+    """out = x rounded to float16 bits: to nearest even (seed 0, he_f2h), or
+    stochastically with the bits of (seed, i) for element i (he_f2h_sr)."""
+    cdef int64_t i
+    if out.shape[0] != x.shape[0]:
+        raise ValueError(f"out: expected {x.shape[0]} values, got {out.shape[0]}")
+    with nogil:
+        for i in range(x.shape[0]):
+            out[i] = he_f2h_sr(x[i], he_round_bits(seed, i)) if seed else he_f2h(x[i])

@@ -59,7 +59,11 @@ class HashEmbeddingBag(nn.Module):
     _weight : Tensor, optional
         Initial array (copied); default ``scheme.init_weight(init_seed)``.
     init_seed : int
-    dtype : torch.float32 or torch.float64
+    dtype : torch.float32, torch.float64 or torch.float16
+        Of the array. float16 is storage: lookups pool in float32 and return
+        float32; a fused optimizer rounds each updated slot to float16
+        (stochastically by default, see :class:`hashemb.SGD`); without one,
+        autograd hands the float32 gradient to ``weight.grad`` in float16.
 
     Notes
     -----
@@ -92,9 +96,11 @@ class HashEmbeddingBag(nn.Module):
                           else type(optimizer).__name__.lower(), lr, eps)
         self._build(scheme, make_optimizer(optimizer, lr, eps))
         if _weight is None:
-            np_dtype = {torch.float32: np.float32, torch.float64: np.float64}.get(dtype)
+            np_dtype = {torch.float32: np.float32, torch.float64: np.float64,
+                        torch.float16: np.float16}.get(dtype)
             if np_dtype is None:
-                raise TypeError(f"dtype: expected torch.float32 or torch.float64, got {dtype}")
+                raise TypeError(f"dtype: expected torch.float32, torch.float64 or "
+                                f"torch.float16, got {dtype}")
             w = torch.from_numpy(scheme.init_weight(seed=init_seed, dtype=np_dtype))
         else:
             w = torch.as_tensor(_weight).detach().clone()
@@ -104,8 +110,10 @@ class HashEmbeddingBag(nn.Module):
         self.weight = nn.Parameter(w.contiguous())
         self.weight._hashemb_fused = self._lookup.optimizer is not None
         if self._opt_args[0] == "adagrad":
-            self.register_buffer("optimizer_state", torch.zeros(self.weight.numel(),
-                                                                dtype=self.weight.dtype))
+            # float16 arrays keep a float32 accumulator (the kernels' dtype)
+            self.register_buffer("optimizer_state", torch.zeros(
+                self.weight.numel(), dtype=torch.float32 if self.weight.dtype == torch.float16
+                else self.weight.dtype))
 
     def _build(self, scheme, optimizer):
         self.scheme = scheme

@@ -1,0 +1,295 @@
+"""float16 storage: the conversions of hashemb/half.h against NumPy and an
+exact-rational model of stochastic rounding; the bag functions on float16
+arrays against the same functions on the float32 widening of the array
+(bitwise: the conversion is exact and the arithmetic the same); the fused
+updates against float32 arithmetic rounded by the reference; and what
+stochastic rounding is for (small steps move a weight on average)."""
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import hashemb as he
+from hashemb._cpu import _bag
+from reference import M64, mix64
+from test_bag import batches
+
+GOLD = 0x9E3779B97F4A7C15
+
+
+def widen(h):
+    out = np.empty(h.size, np.float32)
+    _bag.half_widen(np.ascontiguousarray(h).view(np.uint16).reshape(-1), out)
+    return out
+
+
+def round_half(x, seed=0):
+    out = np.empty(x.size, np.uint16)
+    _bag.half_round(np.ascontiguousarray(x, np.float32).reshape(-1), out, seed)
+    return out.view(np.float16)
+
+
+def round_bits(seed, slot):
+    """he_round_bits, exact integers."""
+    return mix64((int(seed) + (int(slot) + 1) * GOLD) & M64) >> 32
+
+
+def sr_reference(x, rnd):
+    """Stochastic rounding of the float32 x: |x| truncated to float16, plus one
+    step away from zero when rnd < floor(2^32 (|x| - |lo|) / step); past
+    65504 the step up is inf."""
+    x = np.float32(x)
+    if not np.isfinite(x):
+        return np.float16(x)
+    ax = Fraction(abs(float(x)))
+    with np.errstate(over="ignore"):
+        h = np.float16(abs(float(x)))   # nearest; step back if it rounded up
+    if np.isinf(h):
+        h = np.float16(65504)
+    lo = h if Fraction(float(h)) <= ax else np.nextafter(h, np.float16(0))
+    with np.errstate(over="ignore"):
+        hi = np.nextafter(lo, np.float16(np.inf))
+    lo_f = Fraction(float(lo))
+    step = Fraction(65536) - lo_f if np.isinf(hi) else Fraction(float(hi)) - lo_f
+    p = (ax - lo_f) / step
+    up = rnd < int(p * (1 << 32))
+    if abs(float(x)) >= 65536:
+        r = np.float16(np.inf)
+    else:
+        r = hi if up else lo
+    return -r if x < 0 or (x == 0 and np.signbit(x)) else r
+
+
+def test_widen_is_exact_on_every_half():
+    h = np.arange(1 << 16, dtype=np.uint16)
+    got, want = widen(h), h.view(np.float16).astype(np.float32)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+
+
+def test_round_to_nearest_matches_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 1 << 32, 2_000_000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    grid = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+    grid = grid[np.isfinite(grid)]
+    grid.sort()
+    mid = ((grid[:-1].astype(np.float64) + grid[1:]) / 2).astype(np.float32)   # ties
+    edges = np.float32([65504, 65519.996, 65520, 65536, 2.0**-24, 2.0**-25, 1.5 * 2.0**-25,
+                        2.0**-14, 1e-45, -0.0, 0.0, np.inf, -np.inf, np.nan])
+    x = np.concatenate([x, grid, mid, np.nextafter(mid, np.float32(np.inf)),
+                        np.nextafter(mid, np.float32(-np.inf)), -mid, edges])
+    got = round_half(x)
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = x.astype(np.float16)
+    nan = np.isnan(x)
+    assert np.isnan(got[nan]).all()
+    assert np.array_equal(got[~nan].view(np.uint16), want[~nan].view(np.uint16))
+
+
+@settings(max_examples=300)
+@given(st.floats(width=32, allow_nan=False), st.integers(1, M64))
+def test_stochastic_rounding_matches_the_exact_model(x, seed):
+    got = round_half(np.float32([x] * 3), seed)
+    for i in range(3):
+        want = sr_reference(x, round_bits(seed, i))
+        assert got[i].view(np.uint16) == want.view(np.uint16), (x, i)
+
+
+def test_stochastic_rounding_is_unbiased_and_brackets():
+    # a value a third of the way between two halves, in the normal and the
+    # subnormal range: every result is one of the two, and the mean is x
+    for lo in (np.float16(0.1), np.float16(2.0**-20), np.float16(-300.0)):
+        hi = np.nextafter(lo, np.float16(np.inf) * np.sign(lo))
+        x = np.float32(float(lo) + (float(hi) - float(lo)) / 3)
+        n = 200_000
+        got = round_half(np.full(n, x), seed=7).astype(np.float64)
+        assert set(np.unique(got)) <= {float(lo), float(hi)}
+        p_up = np.mean(got == float(hi))
+        sd = np.sqrt((1 / 3) * (2 / 3) / n)
+        assert abs(p_up - 1 / 3) < 5 * sd
+        # exact halves never move
+        assert np.array_equal(round_half(np.full(100, np.float32(lo)), seed=7),
+                              np.full(100, lo))
+
+
+def _half_batch(b):
+    scheme, idx, off, M, T, table0, mode, psw, pad, B = b
+    H = M.astype(np.float16)
+    psw = None if psw is None else psw.astype(np.float32)
+    return scheme, idx, off, H, widen(H).reshape(H.shape), T, mode, psw, B
+
+
+@given(batches(multi=True))
+def test_forward_equals_the_widened_array_bitwise(b):
+    scheme, idx, off, H, W, T, mode, psw, B = _half_batch(b)
+    out = he.embedding_bags(idx, H, off, scheme=scheme, num_tables=T, mode=mode,
+                            per_sample_weights=psw)
+    want = he.embedding_bags(idx, W, off, scheme=scheme, num_tables=T, mode=mode,
+                             per_sample_weights=psw)
+    assert out.dtype == np.float32
+    assert np.array_equal(out.view(np.uint32), want.view(np.uint32))
+
+
+@given(batches(multi=True), st.integers(0, 99))
+def test_gradient_equals_the_widened_array_bitwise(b, gseed):
+    scheme, idx, off, H, W, T, mode, psw, B = _half_batch(b)
+    G = np.random.default_rng(gseed).standard_normal((B, T * scheme.dim)).astype(np.float32)
+    got = he.embedding_bags_backward(G, idx, off, scheme=scheme, num_tables=T, mode=mode,
+                                     per_sample_weights=psw, weight=H)
+    want = he.embedding_bags_backward(G, idx, off, scheme=scheme, num_tables=T, mode=mode,
+                                      per_sample_weights=psw, weight=W)
+    assert got.dtype == np.float32 and got.shape == H.shape
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def _expected_update(opt, W32, grad, state, seed):
+    """The fused step in float32 from the summed gradient, rounded per slot."""
+    g = grad.reshape(-1)
+    lr = np.float32(opt.lr)
+    if isinstance(opt, he.Adagrad):
+        state += np.where(g != 0, g * g, np.float32(0))
+        step = np.where(g != 0, lr * g / (np.sqrt(state) + np.float32(opt.eps)), 0)
+    else:
+        step = lr * g
+    v = (W32.reshape(-1) - step.astype(np.float32)).astype(np.float32)
+    touched = g != 0
+    out = W32.reshape(-1).astype(np.float16)
+    if seed == 0:
+        out[touched] = v[touched].astype(np.float16)
+    else:
+        for j in np.flatnonzero(touched):
+            out[j] = sr_reference(v[j], round_bits(seed, j))
+    return out
+
+
+@settings(max_examples=60)
+@given(batches(multi=True), st.integers(0, 99), st.sampled_from(["sgd", "adagrad"]),
+       st.booleans())
+def test_fused_update_rounds_the_float32_step(b, gseed, opt, sr):
+    scheme, idx, off, H, W, T, mode, psw, B = _half_batch(b)
+    G = np.random.default_rng(gseed).standard_normal((B, T * scheme.dim)).astype(np.float32)
+    make = (lambda: he.SGD(0.1, stochastic_rounding=sr, seed=gseed)) if opt == "sgd" else \
+        (lambda: he.Adagrad(0.1, eps=1e-3, stochastic_rounding=sr, seed=gseed))
+    optimizer, twin = make(), make()
+    Hw = H.copy()
+    state = np.zeros(H.size, np.float32)
+    for step in range(2):       # Adagrad's state and the rounding stream carry over
+        W32 = widen(Hw).reshape(H.shape)
+        grad = he.embedding_bags_backward(G, idx, off, scheme=scheme, num_tables=T, mode=mode,
+                                          per_sample_weights=psw, weight=W32)
+        want = _expected_update(twin, W32, grad, state, twin._round_seed(Hw))
+        assert he.embedding_bags_backward(G, idx, off, scheme=scheme, num_tables=T, mode=mode,
+                                          per_sample_weights=psw, weight=Hw,
+                                          optimizer=optimizer) is None
+        assert np.array_equal(Hw.reshape(-1).view(np.uint16), want.view(np.uint16))
+        if opt == "adagrad":
+            np.testing.assert_array_equal(optimizer.state_for(Hw)[0], state)
+            assert optimizer.state_for(Hw)[0].dtype == np.float32
+        assert not optimizer.scratch_for(Hw).any()      # left zeroed for the next call
+
+
+def test_stochastic_rounding_moves_small_steps_on_average():
+    # 64 slots at 1.0, 400 SGD steps of 1e-4 each (a tenth of float16's spacing
+    # at 1, a fifth below it): to nearest, nothing ever moves; stochastically
+    # the mean lands on 1 - 0.04, as in float32
+    full = he.FullTable([1], 64)
+    x = np.zeros((1, 1), np.int64)
+    g = np.ones((1, 64), np.float32)
+    ends = {}
+    for sr in (False, True):
+        W = np.ones((1, 64), np.float16)
+        opt = he.SGD(1e-4, stochastic_rounding=sr, seed=3)
+        for _ in range(400):
+            he.embedding_bags_backward(g, x, scheme=full, num_tables=1, weight=W, optimizer=opt)
+        ends[sr] = W.astype(np.float64)
+    assert (ends[False] == 1.0).all()
+    # per step the rounding adds at most spacing^2 / 4 of variance (spacing <= 2^-10)
+    sd = np.sqrt(400 * (2.0**-10) ** 2 / 4 / 64)
+    assert abs(ends[True].mean() - (1 - 0.04)) < 5 * sd
+    assert ends[True].std() > 0
+
+
+def test_rounding_is_the_same_on_any_thread_count():
+    import hashlib
+    import os
+    import subprocess
+    import sys
+    code = ("import numpy as np, hashemb as he, hashlib;"
+            "r=he.RobeZ(50000, 16, block=4);x=np.random.default_rng(0).integers(0,10**9,(4096,8));"
+            "g=np.random.default_rng(1).standard_normal((4096,128)).astype(np.float32);"
+            "W=r.init_weight(dtype=np.float16);"
+            "[he.embedding_bags_backward(g,x,scheme=r,num_tables=8,weight=W,"
+            "optimizer=o) for o in (he.SGD(1e-3, seed=5), he.Adagrad(1e-2, seed=5))];"
+            "print(hashlib.sha1(W.tobytes()).hexdigest())")
+    outs = set()
+    for n in ("1", "2", "3"):
+        env = dict(os.environ, OMP_NUM_THREADS=n)
+        outs.add(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                text=True, check=True).stdout)
+    assert len(outs) == 1 and hashlib is not None
+
+
+def test_two_d_input_and_saved_starts():
+    robe = he.RobeZ(5000, 16, block=16)
+    H = robe.init_weight(seed=2, dtype=np.float16)
+    x = np.random.default_rng(0).integers(0, 10**9, (300, 7))
+    out, saved = he.embedding_bags(x, H, scheme=robe, num_tables=7, return_saved=True)
+    assert np.array_equal(out, he.embedding_bags(x, widen(H), scheme=robe, num_tables=7))
+    g = np.random.default_rng(1).standard_normal(out.shape).astype(np.float32)
+    H1, H2 = H.copy(), H.copy()
+    he.embedding_bags_backward(g, x, scheme=robe, num_tables=7, weight=H1,
+                               optimizer=he.SGD(0.01, seed=1), saved=saved)
+    he.embedding_bags_backward(g, x, scheme=robe, num_tables=7, weight=H2,
+                               optimizer=he.SGD(0.01, seed=1))
+    assert np.array_equal(H1.view(np.uint16), H2.view(np.uint16))
+    assert (H1 != H).any()
+
+
+def test_init_weight_float16():
+    robe = he.RobeZ(1000, 16)
+    H = robe.init_weight(seed=4, dtype=np.float16)
+    assert H.dtype == np.float16
+    assert np.array_equal(H, robe.init_weight(seed=4).astype(np.float16))
+
+
+def test_errors():
+    robe = he.RobeZ(100, 4)
+    H = robe.init_weight(dtype=np.float16)
+    x = np.array([[1, 2]])
+    with pytest.raises(TypeError, match="weight: expected a float32 or float64"):
+        he.embedding(np.array([1]), np.zeros((3, 4), np.float16))
+    with pytest.raises(TypeError, match="weight: expected a float16, float32 or float64"):
+        he.embedding_bag(x, H.astype(np.int16), scheme=robe)
+    with pytest.raises(ValueError, match="state: expected a writeable C-contiguous float32"):
+        he.Adagrad(0.1).use_state(H, np.zeros(100, np.float16))
+    with pytest.raises(ValueError, match="weight: expected a writeable C-contiguous"):
+        he.embedding_bag_backward(np.ones((1, 4), np.float32), x, scheme=robe,
+                                  weight=H[::-1], optimizer=he.SGD(0.1))
+    with pytest.raises(TypeError, match="seed"):
+        he.SGD(0.1, seed="a")
+    with pytest.raises(TypeError, match="dtype: expected float16, float32 or float64"):
+        robe.init_weight(dtype=np.int8)
+
+
+def test_torch_module_float16():
+    torch = pytest.importorskip("torch")
+    from hashemb.torch import RobeEmbeddingBagCollection
+    x = torch.randint(0, 1000, (32, 4))
+    ref = RobeEmbeddingBagCollection([1000] * 4, 16, compression=10)
+    for opt in (None, "sgd", "adagrad"):
+        m = RobeEmbeddingBagCollection([1000] * 4, 16, compression=10, optimizer=opt,
+                                       dtype=torch.float16)
+        assert m.weight.dtype == torch.float16
+        ref.weight.data = m.weight.detach().float()
+        y = m(x)
+        assert y.dtype == torch.float32 and torch.equal(y, ref(x))
+        w0 = m.weight.detach().clone()
+        y.square().sum().backward()
+        if opt is None:         # autograd hands the float32 gradient over as float16
+            assert m.weight.grad.dtype == torch.float16
+        else:
+            assert m.weight.grad is None and (m.weight != w0).any()
+        if opt == "adagrad":
+            assert m.optimizer_state.dtype == torch.float32 and m.optimizer_state.any()
