@@ -126,23 +126,30 @@ def test_fuzz_raises_python_errors_or_works(idx, off, psw, grad, table, pad, mod
 
 def test_fuzz_in_subprocess_never_crashes():
     """Bags of a sized and a hashed scheme, forward and max-mode backward, on
-    random tokens and malformed offsets (tests/fuzzing.py)."""
+    random tokens and malformed offsets (tests/fuzzing.py), float32 and
+    float16 arrays (and a fused float16 step)."""
     fuzzing.run("""
         import numpy as np, hashemb as he
         rng = np.random.default_rng(0)
         s = he.FullTable([5, 7], 4); W = s.init_weight()
         r = he.RobeZ(64, 4); M = r.init_weight()
+        W16, M16 = W.astype(np.float16), M.astype(np.float16)
+        opt = he.Adagrad(0.1)
         for it in range(3000):
             n = int(rng.integers(0, 8))
             idx = rng.integers(-2**62, 2**62, n) if it % 3 else rng.integers(-3, 9, n)
             off = np.sort(rng.integers(-2, n + 3, int(rng.integers(0, 5))))
             if it % 5 == 0:
                 off = off[::-1].copy()
-            for scheme, w in ((s, W), (r, M)):
+            for scheme, w in ((s, W), (r, M), (s, W16), (r, M16)):
                 attempt(lambda: he.embedding_bags(idx, w, off, scheme=scheme, num_tables=2))
                 attempt(lambda: he.embedding_bag_backward(
                     np.ones((max(len(off), 1), 4)), idx, off, scheme=scheme, mode="max",
                     weight=w))
+            # float16 storage: the two-phase fused step
+            attempt(lambda: he.embedding_bag_backward(
+                np.ones((max(len(off), 1), 4), np.float32), idx, off, scheme=r, weight=M16,
+                optimizer=opt))
     """)
 
 def test_fuzz_tt_and_lookups_in_subprocess_never_crash():

@@ -484,6 +484,91 @@ def test_fused_optimizers_equal_cpu(dev, b, gseed, opt, det):
         np.testing.assert_allclose(dev.get(Wd), W, rtol=1e-4, atol=1e-4)
 
 
+def _half(b):
+    """A batch of test_bag.batches with its array stored as float16."""
+    scheme, idx, off, M, T, table0, mode, psw, pad, B = b
+    return (scheme, idx, off, M.astype(np.float16), T, table0, mode,
+            None if psw is None else psw.astype(np.float32), pad, B)
+
+
+@FIXTURE
+@given(b=batches(multi=True), gseed=st.integers(0, 99), det=st.booleans())
+def test_half_forward_and_gradient_equal_cpu(dev, b, gseed, det):
+    """float16 storage: the forward is the CPU's bit for bit (float32 out),
+    the gradient (float32) the CPU's bit for bit when deterministic."""
+    scheme, idx, off, H, T, table0, mode, psw, pad, B = _half(b)
+    want = he.embedding_bags(idx, H, off, scheme=scheme, num_tables=T, mode=mode,
+                             per_sample_weights=psw)
+    got = dev.bags(dev.put(idx), dev.put(H), dev.put(off), scheme, T, mode, dev.put(psw))
+    assert got.dtype == np.float32
+    dev.same(got, want)
+    G = np.random.default_rng(gseed).standard_normal((B, T * scheme.dim)).astype(np.float32)
+    want = he.embedding_bags_backward(G, idx, off, scheme=scheme, num_tables=T, mode=mode,
+                                      per_sample_weights=psw, weight=H)
+    got = dev.bags_backward(dev.put(G), dev.put(idx), dev.put(off), scheme, T, mode,
+                            dev.put(psw), dev.put(H), det=det)
+    assert got.dtype == np.float32 and got.shape == H.shape
+    if det:
+        dev.same(got, want)
+    else:
+        np.testing.assert_allclose(dev.get(got), want, **tol(np.float32))
+
+
+def _same_half(dev, got, want, exact):
+    """float16 results: bitwise where the summed gradients are (the
+    deterministic path off a device's -ftz), else within one float16 step
+    (a sum in another order can round to the neighbouring value)."""
+    got = dev.get(got)
+    if exact and dev.kind == "emulator":
+        np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+    else:
+        np.testing.assert_allclose(got.astype(np.float64), want.astype(np.float64),
+                                   rtol=2.0**-10, atol=2.0**-24)
+
+
+@FIXTURE
+@given(b=batches(multi=True), gseed=st.integers(0, 99), opt=st.sampled_from(["sgd", "adagrad"]),
+       det=st.booleans(), sr=st.booleans())
+def test_half_fused_optimizers_equal_cpu(dev, b, gseed, opt, det, sr):
+    """float16 storage with a fused step: the gradient summed in float32,
+    then each touched slot moved once and rounded with the same bits (the
+    rounding seed comes from the optimizer, the bits from (seed, slot))."""
+    scheme, idx, off, H, T, table0, mode, psw, pad, B = _half(b)
+    G = np.random.default_rng(gseed).standard_normal((B, T * scheme.dim)).astype(np.float32)
+    make = (lambda: he.SGD(0.1, stochastic_rounding=sr, seed=gseed)) if opt == "sgd" else \
+        (lambda: he.Adagrad(0.1, eps=1e-3, stochastic_rounding=sr, seed=gseed))
+    steps = 1 if mode == "max" else 2
+    W, o = H.copy(), make()
+    for _ in range(steps):
+        he.embedding_bags_backward(G, idx, off, scheme=scheme, num_tables=T, mode=mode,
+                                   per_sample_weights=psw, weight=W, optimizer=o)
+    Wd, od = dev.put(H), make()
+    args = (dev.put(G), dev.put(idx), dev.put(off), scheme, T, mode, dev.put(psw))
+    for _ in range(steps):
+        assert dev.bags_backward(*args, weight=Wd, optimizer=od, det=det) is None
+    assert dev.get(Wd).dtype == np.float16
+    _same_half(dev, Wd, W, det)
+    if opt == "adagrad":
+        assert dev.get(od.state_for(Wd)[0]).dtype == np.float32
+    assert not dev.get(od.scratch_for(Wd)).any()
+
+
+def test_half_weights_on_the_emulator_pass_their_bits():
+    """The float16 instantiations take the array's bits (he_u16), the same
+    launchers and checks; plain lookups keep rejecting float16."""
+    be = gpu_emu.emu_backend()
+    robe = he.RobeZ(500, 8, block=4)
+    H = robe.init_weight(dtype=np.float16)
+    X = np.random.default_rng(0).integers(0, 1 << 40, (40, 3))
+    be.launches.clear()
+    out = GB.forward(X, H, None, robe, 0, 3, "sum", None, True, None, be=be)
+    np.testing.assert_array_equal(out, he.embedding_bags(X, H.astype(np.float32), scheme=robe,
+                                                         num_tables=3))
+    assert all("unsigned short" in k for k in be.launches if k.startswith("bag_forward"))
+    with pytest.raises(TypeError, match="weight: expected a float32 or float64"):
+        GE.gather(X, np.zeros((4, 8), np.float16), _lookup._layout(4, 8), True, be=be)
+
+
 @pytest.mark.parametrize("layout", ["BxN", "BxT"])
 def test_two_d_input_read_in_place(dev, layout):
     rng = np.random.default_rng(1)
@@ -928,6 +1013,51 @@ def test_one_entry_rows_kernel_equals_cpu(dev, b, pre, keep, opt, flat):
         np.testing.assert_allclose(dev.get(Md), Mh, **tol(dtype))
     if B and dev.be:
         assert any(k.startswith("bag_backward_rows") for k in be.launches), be.launches
+
+
+@FIXTURE
+@given(b=_one_entry_bags(), opt=st.sampled_from([None, "sgd", "adagrad"]), flat=st.booleans())
+def test_half_one_entry_rows_equal_cpu(dev, b, opt, flat):
+    """float16 storage through the one-entry warp kernels (2-D input, or
+    offsets of one entry a bag): forward bit for bit, gradient and fused
+    steps as the general kernels'."""
+    scheme, X, mode, dtype, psw, pad = b
+    be = dev.be or RT.backend()
+    B, T = X.shape
+    H = np.random.default_rng(3).standard_normal(scheme.size).astype(np.float16)
+    psw = None if psw is None else psw.astype(np.float32)
+    if flat:
+        idx, off = np.ascontiguousarray(X.T).reshape(-1), np.arange(B * T + 1)
+        psw = None if psw is None else np.ascontiguousarray(psw.T).reshape(-1)
+    else:
+        idx, off = X, None
+    kw = dict(scheme=scheme, num_tables=T, mode=mode, per_sample_weights=psw)
+    if T == 1 and pad is not None:
+        kw = dict(scheme=scheme, mode=mode, per_sample_weights=psw, padding_idx=pad,
+                  include_last_offset=True)
+    fwd = he.embedding_bags if "num_tables" in kw else he.embedding_bag
+    bwd = he.embedding_bags_backward if "num_tables" in kw else he.embedding_bag_backward
+    want = fwd(idx, H, off, **kw)
+    if dev.be:
+        be.launches.clear()
+    got = GB.forward(dev.put(idx), dev.put(H), dev.put(off), scheme, 0, T, mode, dev.put(psw),
+                     True, pad if T == 1 else None, be=be)
+    dev.same(got, want)
+    if B and dev.be:
+        assert any(k.startswith("bag_forward_rows") and "unsigned short" in k
+                   for k in be.launches), be.launches
+    G = np.random.default_rng(4).standard_normal((B, T * scheme.dim)).astype(np.float32)
+    make = {None: lambda: None, "sgd": lambda: he.SGD(0.1, seed=9),
+            "adagrad": lambda: he.Adagrad(0.1, seed=9)}[opt]
+    Hh = H.copy()
+    gw = bwd(G, idx, off, weight=Hh, optimizer=make(), **kw)
+    Hd = dev.put(H)
+    gg = GB.backward(dev.put(G), dev.put(idx), dev.put(off), scheme, 0, T, mode, dev.put(psw),
+                     True, pad if T == 1 else None, Hd, make(), False, be=be)
+    if opt is None:
+        np.testing.assert_allclose(dev.get(gg), gw, **tol(np.float32))
+    else:
+        _same_half(dev, Hd, Hh, False)
 
 
 def test_warp_kernels_fit_the_launch_block():

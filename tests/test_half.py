@@ -148,9 +148,11 @@ def _expected_update(opt, W32, grad, state, seed):
     """The fused step in float32 from the summed gradient, rounded per slot."""
     g = grad.reshape(-1)
     lr = np.float32(opt.lr)
-    if isinstance(opt, he.Adagrad):
+    if isinstance(opt, he.Adagrad):      # in double from float32 parts, as the kernels
         state += np.where(g != 0, g * g, np.float32(0))
-        step = np.where(g != 0, lr * g / (np.sqrt(state) + np.float32(opt.eps)), 0)
+        step = (lr * g).astype(np.float64) / (np.sqrt(state.astype(np.float64))
+                                              + float(np.float32(opt.eps)))
+        step = np.where(g != 0, step, 0).astype(np.float32)
     else:
         step = lr * g
     v = (W32.reshape(-1) - step.astype(np.float32)).astype(np.float32)

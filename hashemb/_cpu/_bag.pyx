@@ -485,7 +485,7 @@ cdef inline void _adagrad(real* w, uint16_t* hw, real* g, real* state, uint64_t 
     SGD (no state, float16 weights), w -= lr * g. A float16 weight (hw) is
     rounded once (he_half_sub: to nearest, or stochastically from seed)."""
     cdef real gv = g[slot]
-    cdef real step
+    cdef double step        # libm's double sqrt: the step is formed in double
     if gv != 0:
         if state != NULL:
             state[slot] += gv * gv

@@ -53,17 +53,22 @@ def as_float(be, x, name, dtype=None):
                                                       else np.float32))
 
 
-def weight_dtype(be, weight):
+def weight_dtype(be, weight, storage=False):
+    """The dtype the kernels compute in (V.weight_dtype's rules: float16 is
+    storage, computed in float32, where ``storage``)."""
     as_array(be, weight, "weight")
-    if weight.dtype not in _FLOAT:
-        raise TypeError(f"weight: expected a float32 or float64 array, got dtype {weight.dtype}")
-    return weight.dtype
+    if weight.dtype in _FLOAT:
+        return weight.dtype
+    if storage and weight.dtype == V._HALF:
+        return V._F32
+    want = "float16, float32 or float64" if storage else "float32 or float64"
+    raise TypeError(f"weight: expected a {want} array, got dtype {weight.dtype}")
 
 
-def as_weight(be, weight, scheme, *, writable=False):
+def as_weight(be, weight, scheme, *, writable=False, storage=False):
     """The weight as the kernels take it: C-contiguous, in its own shape (a
     kernel sees a pointer; no flat view is made per call)."""
-    weight_dtype(be, weight)
+    weight_dtype(be, weight, storage)
     if weight.shape not in ((scheme.size,), scheme.weight_shape):
         want = " or ".join(sorted({str((scheme.size,)), str(scheme.weight_shape)}))
         raise ValueError(f"weight: expected shape {want}, got {weight.shape}")

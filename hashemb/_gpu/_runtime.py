@@ -20,6 +20,7 @@ import numpy as np
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 HEADER = os.path.join(os.path.dirname(_HERE), "_include", "hashemb", "slots.h")
+HALF = os.path.join(os.path.dirname(_HERE), "_include", "hashemb", "half.h")
 COMMON = os.path.join(_HERE, "common.cuh")
 FAMILIES = ("bag", "segment", "slots", "embed", "tt")
 
@@ -50,10 +51,10 @@ def _read(path):
 
 
 def source(family):
-    """The text NVRTC compiles: slots.h, common.cuh, then <family>.cu, each
-    under a #line marker so compile errors name the right file and line."""
+    """The text NVRTC compiles: slots.h, half.h, common.cuh, then <family>.cu,
+    each under a #line marker so compile errors name the right file and line."""
     parts = []
-    for path in (HEADER, COMMON, os.path.join(_HERE, family + ".cu")):
+    for path in (HEADER, HALF, COMMON, os.path.join(_HERE, family + ".cu")):
         parts.append(f'#line 1 "{os.path.basename(path)}"\n{_read(path)}')
     return "\n".join(parts)
 
@@ -64,7 +65,8 @@ def kernel_names(family):
 
 
 _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double",
-           np.dtype(np.int32): "int", np.dtype(np.int64): "long long"}
+           np.dtype(np.int32): "int", np.dtype(np.int64): "long long",
+           np.dtype(np.float16): "unsigned short"}     # float16 storage: its bits
 
 
 def ctype(dtype):

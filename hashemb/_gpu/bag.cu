@@ -156,10 +156,10 @@ __global__ void bag_starts(const he_scheme* __restrict__ s, const I* __restrict_
  * element writes it), so that a training step's backward hashes nothing
  * and the forward is still one launch.
  */
-template <typename R, typename I, bool ST, int EPT>
+template <typename R, typename I, bool ST, int EPT, typename S = R>
 __global__ void bag_forward(const he_scheme* __restrict__ s, const I* __restrict__ idx,
                             const int64_t* __restrict__ off, i64 use_off, i64 rowlen, i64 nper,
-                            const uint64_t* __restrict__ starts, const R* __restrict__ M,
+                            const uint64_t* __restrict__ starts, const S* __restrict__ M,
                             const R* __restrict__ psw, i64 use_psw, R* __restrict__ out,
                             i64 B, i64 T, i64 table0, i64 mode, i64 has_pad, i64 pad, i64 W,
                             uint64_t* __restrict__ keep, i64 use_keep)
@@ -194,7 +194,7 @@ __global__ void bag_forward(const he_scheme* __restrict__ s, const I* __restrict
                     if (!ST && use_keep && jj[c] == 0)
                         keep[j * s->runs + kk[c]] = st;
                     const int sg = he_entry_sign<ST>(s, &row, i);
-                    const R v = (R)sg * M[he_run_slot(s, st, jj[c])];
+                    const R v = (R)sg * he_weight(M, he_run_slot(s, st, jj[c]));
                     if (mode == HE_MAX) {
                         if (cnt == 0 || v > acc[c])
                             acc[c] = v;
@@ -336,11 +336,11 @@ __device__ __forceinline__ void he_rows_each(const he_scheme* s, const he_row_wa
     }
 }
 
-template <typename R, typename I, bool ST, bool GEN>
+template <typename R, typename I, bool ST, bool GEN, typename S = R>
 __global__ void bag_forward_rows(const he_scheme* __restrict__ s, const I* __restrict__ idx,
                                  i64 n, i64 B, i64 T, i64 fm, i64 table0,
                                  const uint64_t* __restrict__ starts,
-                                 const R* __restrict__ M, const R* __restrict__ psw,
+                                 const S* __restrict__ M, const R* __restrict__ psw,
                                  i64 use_psw, R* __restrict__ out, i64 mode, i64 has_pad,
                                  i64 pad, i64 P, uint64_t* __restrict__ keep, i64 use_keep)
 {
@@ -358,7 +358,7 @@ __global__ void bag_forward_rows(const he_scheme* __restrict__ s, const I* __res
             *o = 0;
             return;
         }
-        const R v = GEN ? (R)sg * M[slot] : M[slot];
+        const R v = GEN ? (R)sg * he_weight(M, slot) : (R)he_weight(M, slot);
         *o = mode == HE_MAX ? v : w->scale[e] * v;
     });
 }
@@ -400,9 +400,9 @@ __global__ void bag_backward_rows(const he_scheme* __restrict__ s, const I* __re
  * s * M[slot] (the CPU's _argmax), as its slot and sign; found = 0 for a bag
  * with no non-padding entry.
  */
-template <bool ST, typename R, typename I>
+template <bool ST, typename R, typename I, typename S>
 __device__ __forceinline__ int he_argmax(const he_scheme* s, const I* idx, const he_range& r,
-                                         const uint64_t* starts, const R* M, i64 table,
+                                         const uint64_t* starts, const S* M, i64 table,
                                          he_tterm tt, i64 has_pad, i64 pad, i64 i, int k, int jr,
                                          uint64_t* slot, int* sign)
 {
@@ -415,7 +415,7 @@ __device__ __forceinline__ int he_argmax(const he_scheme* s, const I* idx, const
         const he_row row = he_entry_row<ST>(s, table, tt, x);
         const uint64_t sl = he_run_slot(s, he_start<ST>(s, &row, starts, j, k), jr);
         const int sg = he_entry_sign<ST>(s, &row, i);
-        const R v = (R)sg * M[sl];
+        const R v = (R)sg * (R)he_weight(M, sl);
         if (!found || v > best) {
             best = v;
             *slot = sl;
@@ -437,13 +437,13 @@ __device__ __forceinline__ int he_argmax(const he_scheme* s, const I* idx, const
  * (mean over > 1 entries) or alpha; max sends alpha * s * g[i] to the
  * element's first maximum only. (The CPU's _backward_part.)
  */
-template <typename R, typename I, bool ST>
+template <typename R, typename I, bool ST, typename S = R>
 __global__ void bag_backward(const he_scheme* __restrict__ s, const I* __restrict__ idx,
                              const int64_t* __restrict__ off, i64 use_off, i64 rowlen, i64 nper,
                              const uint64_t* __restrict__ starts, const R* __restrict__ psw,
                              i64 use_psw,
                              const R* __restrict__ grad, i64 B, i64 T, i64 table0, i64 mode,
-                             i64 has_pad, i64 pad, i64 W, const R* __restrict__ M, R alpha,
+                             i64 has_pad, i64 pad, i64 W, const S* __restrict__ M, R alpha,
                              i64 out_mode, R* __restrict__ target, int64_t* __restrict__ keys,
                              R* __restrict__ vals)
 {
@@ -461,8 +461,8 @@ __global__ void bag_backward(const he_scheme* __restrict__ s, const I* __restric
             const int k = i / L, jr = i - k * L;
             uint64_t slot = 0;
             int sg = 1;
-            const int found = he_argmax<ST>(s, idx, r, starts, M, table, tt, has_pad, pad, i, k, jr,
-                                            &slot, &sg);
+            const int found = he_argmax<ST, R>(s, idx, r, starts, M, table, tt, has_pad, pad, i,
+                                               k, jr, &slot, &sg);
             const R c = (alpha * (R)sg) * go[i];
             if (out_mode == 0) {
                 if (found)
@@ -533,18 +533,20 @@ __global__ void bag_backward(const he_scheme* __restrict__ s, const I* __restric
 }
 
 /*
- * Adagrad's apply pass by walking the batch again (when the array is large
- * next to the batch): every slot an entry touches is claimed with an atomic
- * exchange of its scratch gradient for 0, so each slot is updated exactly
- * once, and only where its gradient is non-zero (the CPU's ACT_ADAGRAD).
+ * The apply pass of a two-phase update (Adagrad; SGD of float16 weights:
+ * he_apply's rule and seed) by walking the batch again (when the array is
+ * large next to the batch): every slot an entry touches is claimed with an
+ * atomic exchange of its scratch gradient for 0, so each slot is updated
+ * exactly once, and only where its gradient is non-zero (the CPU's
+ * ACT_ADAGRAD). S: the weight's storage (R, or he_u16 for float16).
  */
-template <typename R, typename I, bool ST>
+template <typename R, typename I, bool ST, typename S = R>
 __global__ void bag_adagrad_walk(const he_scheme* __restrict__ s, const I* __restrict__ idx,
                                  const int64_t* __restrict__ off, i64 use_off, i64 rowlen,
                                  i64 nper, const uint64_t* __restrict__ starts, i64 B, i64 T,
                                  i64 table0, i64 has_pad, i64 pad, i64 W,
-                                 R* __restrict__ w, R* __restrict__ scratch,
-                                 R* __restrict__ state, R lr, R eps)
+                                 S* __restrict__ w, R* __restrict__ scratch,
+                                 R* __restrict__ state, R lr, R eps, i64 rule, i64 seed)
 {
     he_bag_thread h;
     if (!he_bag_thread_of(W, B, T, table0, off, use_off, rowlen, nper, &h))
@@ -564,7 +566,7 @@ __global__ void bag_adagrad_walk(const he_scheme* __restrict__ s, const I* __res
                 he_run_slot(s, he_start<ST>(s, &row, starts, j, k), (int)i - k * L);
             const R gs = he_take(scratch + slot);
             if (gs != (R)0)
-                he_adagrad(w, state, (i64)slot, gs, lr, eps);
+                he_apply(w, state, (i64)slot, gs, lr, eps, rule, seed);
         }
     }
 }
@@ -674,5 +676,30 @@ HE_KERNEL(bag_adagrad_walk<double, int, false>)
 HE_KERNEL(bag_adagrad_walk<double, int, true>)
 HE_KERNEL(bag_adagrad_walk<double, long long, false>)
 HE_KERNEL(bag_adagrad_walk<double, long long, true>)
+/* float16 storage (he_u16 bits, float arithmetic) */
+HE_KERNEL(bag_forward<float, int, false, 4, unsigned short>)
+HE_KERNEL(bag_forward<float, int, false, 16, unsigned short>)
+HE_KERNEL(bag_forward<float, int, true, 4, unsigned short>)
+HE_KERNEL(bag_forward<float, int, true, 16, unsigned short>)
+HE_KERNEL(bag_forward<float, long long, false, 4, unsigned short>)
+HE_KERNEL(bag_forward<float, long long, false, 16, unsigned short>)
+HE_KERNEL(bag_forward<float, long long, true, 4, unsigned short>)
+HE_KERNEL(bag_forward<float, long long, true, 16, unsigned short>)
+HE_KERNEL(bag_forward_rows<float, int, false, false, unsigned short>)
+HE_KERNEL(bag_forward_rows<float, int, false, true, unsigned short>)
+HE_KERNEL(bag_forward_rows<float, int, true, false, unsigned short>)
+HE_KERNEL(bag_forward_rows<float, int, true, true, unsigned short>)
+HE_KERNEL(bag_forward_rows<float, long long, false, false, unsigned short>)
+HE_KERNEL(bag_forward_rows<float, long long, false, true, unsigned short>)
+HE_KERNEL(bag_forward_rows<float, long long, true, false, unsigned short>)
+HE_KERNEL(bag_forward_rows<float, long long, true, true, unsigned short>)
+HE_KERNEL(bag_backward<float, int, false, unsigned short>)
+HE_KERNEL(bag_backward<float, int, true, unsigned short>)
+HE_KERNEL(bag_backward<float, long long, false, unsigned short>)
+HE_KERNEL(bag_backward<float, long long, true, unsigned short>)
+HE_KERNEL(bag_adagrad_walk<float, int, false, unsigned short>)
+HE_KERNEL(bag_adagrad_walk<float, int, true, unsigned short>)
+HE_KERNEL(bag_adagrad_walk<float, long long, false, unsigned short>)
+HE_KERNEL(bag_adagrad_walk<float, long long, true, unsigned short>)
 HE_KERNEL(bag_check<int>)
 HE_KERNEL(bag_check<long long>)

@@ -119,6 +119,19 @@ def _st(starts):
     return "true" if starts is not None else "false"
 
 
+def _storage(w):
+    """The S template argument of a kernel that reads or writes the weight,
+    as a suffix: none for float32 / float64 (S = R), ", unsigned short" for
+    float16 storage (its bits, read as floats)."""
+    return ", unsigned short" if w.dtype == V._HALF else ""
+
+
+def _i64_bits(v):
+    """A 64-bit unsigned value (a rounding seed) as the signed kernel argument
+    of the same bits."""
+    return i64(v - (1 << 64) if v >= 1 << 63 else v)
+
+
 def _common(be, scheme, b, table0, given=None, inline=False):
     """(struct, layout args, the run starts or None) shared by every bag
     launch; ``given``: the starts a forward of the same inputs kept. With
@@ -148,11 +161,11 @@ def forward(indices, weight, offsets, scheme, table0, T, mode, per_sample_weight
     A.as_array(be, weight, "weight")
     with be.device_of(weight):
         scheme = V.check_scheme(scheme)
-        dtype = A.weight_dtype(be, weight)
+        dtype = A.weight_dtype(be, weight, storage=True)
         b = A.bags(be, indices, offsets, per_sample_weights, scheme=scheme, mode=mode,
                    dtype=dtype, table0=table0, num_tables=T,
                    include_last_offset=include_last_offset, padding_idx=padding_idx)
-        w = A.as_weight(be, weight, scheme)
+        w = A.as_weight(be, weight, scheme, storage=True)
         out = be.xp.empty((b.B, T * scheme.dim), dtype)
 
         def result(starts):
@@ -168,19 +181,20 @@ def forward(indices, weight, offsets, scheme, table0, T, mode, per_sample_weight
         # by default its one launch hashes (per entry in the warp kernels, per
         # lane in bag_forward), writing the starts to `keep` for a backward
         s, layout, starts = _common(be, scheme, b, table0, inline=True)
-        psw = b.psw if b.psw is not None else w
+        psw = b.psw if b.psw is not None else out      # (unread: any pointer of type R)
+        S = _storage(w)
         tail = [keep if keep is not None else out, i64(keep is not None)]
         if _rows(b):
             threads, layout, P = _rows_launch(b, scheme.dim)
             be.launch("bag", f"bag_forward_rows<{RT.ctype(dtype)}, {RT.ctype(b.idx.dtype)}, "
-                             f"{_rows_args(scheme, _st(starts))}>", threads,
+                             f"{_rows_args(scheme, _st(starts))}{S}>", threads,
                       [s, b.idx] + layout + [i64(table0),
                        starts if starts is not None else b.idx, w, psw, i64(b.psw is not None),
                        out, i64(b.mode), i64(b.has_pad), i64(b.pad), P] + tail)
         else:
             W = lanes(scheme.dim, FORWARD_PER)
             be.launch("bag", f"bag_forward<{RT.ctype(dtype)}, {RT.ctype(b.idx.dtype)}, "
-                             f"{_st(starts)}, {_forward_ept(FORWARD_PER)}>",
+                             f"{_st(starts)}, {_forward_ept(FORWARD_PER)}{S}>",
                       b.B * T * W,
                       [s] + layout + [w, psw, i64(b.psw is not None), out, i64(b.B), i64(T),
                                       i64(table0), i64(b.mode), i64(b.has_pad), i64(b.pad),
@@ -200,7 +214,7 @@ def backward(grad_output, indices, offsets, scheme, table0, T, mode, per_sample_
     anchor = weight if weight is not None else A.as_array(be, grad_output, "grad_output")
     A.as_array(be, anchor, "weight")
     with be.device_of(anchor):
-        dtype = A.weight_dtype(be, weight) if weight is not None else \
+        dtype = A.weight_dtype(be, weight, storage=True) if weight is not None else \
             A.as_float(be, grad_output, "grad_output").dtype
         b = A.bags(be, indices, offsets, per_sample_weights, scheme=scheme, mode=mode,
                    dtype=dtype, table0=table0, num_tables=T,
@@ -209,17 +223,22 @@ def backward(grad_output, indices, offsets, scheme, table0, T, mode, per_sample_
         given = V.check_bag_saved(saved, BagSaved, scheme, table0, T, b.B, b.n,
                                   b.mode, True)
         w = None if weight is None else A.as_weight(be, weight, scheme,
-                                                     writable=optimizer is not None)
+                                                     writable=optimizer is not None,
+                                                     storage=True)
+        half = w is not None and w.dtype == V._HALF
         det = RT.OPTIONS["deterministic"] if deterministic is None else bool(deterministic)
-        # only the warp kernel runs (no deterministic pairs, no Adagrad walk,
+        # only the warp kernel runs (no deterministic pairs, no apply walk,
         # which still read precomputed starts best)
-        rows_only = _rows(b) and not det and not isinstance(optimizer, Adagrad)
+        rows_only = (_rows(b) and not det and not isinstance(optimizer, Adagrad)
+                     and not (half and optimizer is not None))
         run = _Runner(be, scheme, b, table0, g, w, dtype, given, rows_only)
         if optimizer is None:
             grad = xp.zeros(scheme.size, dtype)
             run.add(grad, 1.0, det)
             return grad.reshape(weight.shape if weight is not None else scheme.weight_shape)
-        if isinstance(optimizer, SGD):
+        if half:
+            run.two_phase(w, optimizer, det)
+        elif isinstance(optimizer, SGD):
             run.add(w, -optimizer.lr, det)
         else:
             state, scratch = optimizer.state_for(w)
@@ -245,13 +264,14 @@ class _Runner:
         self.W = lanes(scheme.dim, BACKWARD_PER)
         self.R = RT.ctype(dtype)
         self.tname = f"{self.R}, {RT.ctype(b.idx.dtype)}, {_st(starts)}"
+        self.S = _storage(self.w)       # bag_backward reads the weight (max mode)
 
     def _scalar(self, v):
         return RT.real(self.dtype, v)
 
     def _backward(self, alpha, out_mode, target, keys, vals):
         b = self.b
-        self.be.launch("bag", f"bag_backward<{self.tname}>", b.B * b.T * self.W,
+        self.be.launch("bag", f"bag_backward<{self.tname}{self.S}>", b.B * b.T * self.W,
                        [self.s] + self.layout + [
                            b.psw if b.psw is not None else self.g, i64(b.psw is not None),
                            self.g, i64(b.B), i64(b.T), i64(self.table0), i64(b.mode),
@@ -311,13 +331,31 @@ class _Runner:
             self._segments(keys, vals, 1, w, state, lr, eps)
             return
         self.add(scratch, 1.0, False)
+        self._apply(w, scratch, state, lr, eps, 1, 0)
+
+    def two_phase(self, w, optimizer, det):
+        """A float16 weight's step: the gradient summed into the optimizer's
+        float32 scratch (deterministic: bitwise the CPU's), then each touched
+        slot updated once and rounded (the CPU's order of work)."""
+        if self.empty:
+            return
+        adagrad = isinstance(optimizer, Adagrad)
+        state, scratch = optimizer.state_for(w) if adagrad else (None, optimizer.scratch_for(w))
+        self.add(scratch, 1.0, det)
+        self._apply(w, scratch, state if adagrad else scratch, optimizer.lr,
+                    optimizer.eps if adagrad else 0.0, int(adagrad), optimizer._round_seed(w))
+
+    def _apply(self, w, scratch, state, lr, eps, rule, seed):
+        """The apply pass (he_apply: rule 1 Adagrad, 0 SGD; seed: float16
+        rounding) where scratch is non-zero, clearing it."""
         m, D, b = self.scheme.size, self.scheme.dim, self.b
+        S = _storage(w)
+        tail = [self._scalar(lr), self._scalar(eps), i64(rule), _i64_bits(seed)]
         if m <= 8 * D * self.n:       # the CPU's rule: sweep a small array, else walk the batch
-            self.be.launch("segment", f"adagrad_sweep<{self.R}>", m,
-                           [w, scratch, state, i64(m), self._scalar(lr), self._scalar(eps)])
+            self.be.launch("segment", f"adagrad_sweep<{self.R}{S}>", m,
+                           [w, scratch, state, i64(m)] + tail)
         else:
-            self.be.launch("bag", f"bag_adagrad_walk<{self.tname}>", b.B * b.T * self.W,
+            self.be.launch("bag", f"bag_adagrad_walk<{self.tname}{S}>", b.B * b.T * self.W,
                            [self.s] + self.layout + [
                                i64(b.B), i64(b.T), i64(self.table0), i64(b.has_pad), i64(b.pad),
-                               i64(self.W), w, scratch, state, self._scalar(lr),
-                               self._scalar(eps)])
+                               i64(self.W), w, scratch, state] + tail)

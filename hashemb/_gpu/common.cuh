@@ -21,6 +21,9 @@
 #ifndef HASHEMB_SLOTS_H
 #include "hashemb/slots.h"
 #endif
+#ifndef HASHEMB_HALF_H
+#include "hashemb/half.h"
+#endif
 
 typedef long long i64;
 
@@ -109,16 +112,43 @@ __device__ __forceinline__ double he_take(double* p)
         (long long)atomicExch((unsigned long long*)p, 0ULL));
 }
 
+/* Element i of an array as the kernels compute with it: float16 storage
+ * (its bits, he_u16) reads as float, exactly (half.h). */
+__device__ __forceinline__ float he_weight(const float* M, uint64_t i) { return M[i]; }
+__device__ __forceinline__ double he_weight(const double* M, uint64_t i) { return M[i]; }
+__device__ __forceinline__ float he_weight(const he_u16* M, uint64_t i) { return he_h2f(M[i]); }
+
 /*
- * Adagrad on one slot, the CPU kernel's exact arithmetic (hashemb/_cpu/_bag.pyx
- * _adagrad: libm's double sqrt, so the step is formed in double for float too):
- * state += g^2; w -= lr * g / (sqrt(state) + eps).
+ * The update of one slot from its summed gradient g, the CPU kernel's exact
+ * arithmetic (hashemb/_cpu/_bag.pyx _adagrad: libm's double sqrt, so the
+ * step is formed in double for float too): rule 1, Adagrad, state += g^2,
+ * w -= lr * g / (sqrt(state) + eps); rule 0, SGD (two-phase only for
+ * float16 weights), w -= lr * g. A float16 weight rounds the float step
+ * once (half.h he_half_sub: seed 0 to nearest, else stochastically).
  */
 template <typename R>
-__device__ __forceinline__ void he_adagrad(R* w, R* state, i64 slot, R g, R lr, R eps)
+__device__ __forceinline__ void he_apply(R* w, R* state, i64 slot, R g, R lr, R eps, i64 rule,
+                                         i64 seed)
 {
-    state[slot] += g * g;
-    w[slot] = (R)((double)w[slot] - (double)(lr * g) / (sqrt((double)state[slot]) + (double)eps));
+    (void)seed;
+    if (rule) {
+        state[slot] += g * g;
+        w[slot] = (R)((double)w[slot] -
+                      (double)(lr * g) / (sqrt((double)state[slot]) + (double)eps));
+    } else {
+        w[slot] = (R)((double)w[slot] - (double)(lr * g));
+    }
+}
+
+__device__ __forceinline__ void he_apply(he_u16* w, float* state, i64 slot, float g, float lr,
+                                         float eps, i64 rule, i64 seed)
+{
+    double step = (double)(lr * g);
+    if (rule) {
+        state[slot] += g * g;
+        step /= sqrt((double)state[slot]) + (double)eps;
+    }
+    he_half_sub(w, (he_u64)slot, (float)step, (he_u64)seed);
 }
 
 /*

@@ -19,7 +19,7 @@
  * thread at the first position of each run of equal keys sums the run in
  * order. HE_ACT_ADD: target[key] += v_1, += v_2, ... (gradient, or SGD with
  * the learning rate folded into the values); HE_ACT_ADAGRAD: g = v_1 + v_2 +
- * ... from 0, then he_adagrad where g != 0 (target = the weight).
+ * ... from 0, then Adagrad (he_apply) where g != 0 (target = the weight).
  */
 template <typename R>
 __global__ void seg_apply(const int64_t* __restrict__ keys, const R* __restrict__ vals, i64 n,
@@ -41,7 +41,7 @@ __global__ void seg_apply(const int64_t* __restrict__ keys, const R* __restrict_
         for (i64 e = k; e < n && keys[e] == key; e++)
             acc += vals[e];
         if (acc != (R)0)
-            he_adagrad(target, state, (i64)key, acc, lr, eps);
+            he_apply(target, state, (i64)key, acc, lr, eps, 1, 0);
     }
 }
 
@@ -61,19 +61,21 @@ __global__ void pairs_add(const int64_t* __restrict__ keys, const R* __restrict_
 }
 
 /*
- * Adagrad's apply pass as a sweep of the array (when it is small next to the
- * batch): where the scratch gradient is non-zero, update and clear it.
+ * The apply pass of a two-phase update (Adagrad; SGD of float16 weights) as
+ * a sweep of the array (when it is small next to the batch): where the
+ * scratch gradient is non-zero, update (he_apply: rule, seed) and clear it.
+ * S: the weight's storage (R, or he_u16 for float16 with R float).
  */
-template <typename R>
-__global__ void adagrad_sweep(R* __restrict__ w, R* __restrict__ scratch, R* __restrict__ state,
-                              i64 m, R lr, R eps)
+template <typename R, typename S = R>
+__global__ void adagrad_sweep(S* __restrict__ w, R* __restrict__ scratch, R* __restrict__ state,
+                              i64 m, R lr, R eps, i64 rule, i64 seed)
 {
     const i64 k = he_tid();
     if (k >= m)
         return;
     const R g = scratch[k];
     if (g != (R)0) {
-        he_adagrad(w, state, k, g, lr, eps);
+        he_apply(w, state, k, g, lr, eps, rule, seed);
         scratch[k] = 0;
     }
 }
@@ -84,3 +86,4 @@ HE_KERNEL(pairs_add<float>)
 HE_KERNEL(pairs_add<double>)
 HE_KERNEL(adagrad_sweep<float>)
 HE_KERNEL(adagrad_sweep<double>)
+HE_KERNEL(adagrad_sweep<float, unsigned short>)

@@ -216,7 +216,7 @@ __global__ void tt_combine(const R* __restrict__ partial, const int64_t* __restr
 
 /*
  * The fused rule on the touched slices gv[0..ngroups-1] (S values each) from
- * their complete gradient: opt 1 SGD w -= lr g; opt 2 Adagrad (he_adagrad,
+ * their complete gradient: opt 1 SGD w -= lr g; opt 2 Adagrad (he_apply,
  * the CPU's arithmetic). Untouched slices keep their values and state.
  */
 template <typename R>
@@ -231,7 +231,7 @@ __global__ void tt_apply(R* __restrict__ w, const R* __restrict__ grad, R* __res
     if (opt == 1)
         w[e] -= lr * g;
     else
-        he_adagrad(w, state, e, g, lr, eps);
+        he_apply(w, state, e, g, lr, eps, 1, 0);
 }
 
 /*
