@@ -80,29 +80,8 @@ cdef extern from "hashemb/half.h" nogil:
     void he_half_sub(uint16_t* w, uint64_t slot, float step, uint64_t seed) noexcept
 
 
-cdef extern from *:
-    """
-    #include "hashemb/half.h"
-    /* y[:n] = / += a * float(x[:n]) for a run of a float16 array */
-    static inline void he_h2f_scal(float* __restrict y, const uint16_t* __restrict x,
-                                   float a, int64_t n)
-    {
-        for (int64_t i = 0; i < n; i++) y[i] = a * he_h2f(x[i]);
-    }
-    static inline void he_h2f_axpy(float* __restrict y, const uint16_t* __restrict x,
-                                   float a, int64_t n)
-    {
-        for (int64_t i = 0; i < n; i++) y[i] += a * he_h2f(x[i]);
-    }
-    static inline void he_h2f_copy(float* __restrict y, const uint16_t* __restrict x,
-                                   int64_t n)
-    {
-        for (int64_t i = 0; i < n; i++) y[i] = he_h2f(x[i]);
-    }
-    """
-    void he_h2f_scal(float* y, const uint16_t* x, float a, int64_t n) noexcept nogil
-    void he_h2f_axpy(float* y, const uint16_t* x, float a, int64_t n) noexcept nogil
-    void he_h2f_copy(float* y, const uint16_t* x, int64_t n) noexcept nogil
+cdef extern from "hashemb/half.h" nogil:
+    void he_h2f_run(float* y, const uint16_t* x, float a, int64_t n, int how) noexcept
 
 
 cdef extern from "hashemb/stream.h" nogil:
@@ -176,12 +155,7 @@ cdef inline void _run_h(real* y, const uint16_t* x, real a, int64_t n, int how) 
     array (real is float wherever H is given; double is a dead branch)."""
     cdef int64_t i
     if real is float:
-        if how == 0:
-            he_h2f_scal(y, x, a, n)
-        elif how == 1:
-            he_h2f_axpy(y, x, a, n)
-        else:
-            he_h2f_copy(y, x, n)
+        he_h2f_run(y, x, a, n, how)
     else:
         for i in range(n):
             if how == 1:
