@@ -54,10 +54,10 @@ def make_methods(card, compression, train, lr=0.01):
     size = int(sum(card) * D / compression)
     methods = {}
 
-    def he_method(scheme_fn, two_d=False):
+    def he_method(scheme_fn, two_d=False, dtype=np.float32):
         def setup(flat, off, B):
             scheme = scheme_fn()
-            W = scheme.init_weight()
+            W = scheme.init_weight(dtype=dtype)
             opt = he.SGD(lr)
             G = np.full((B, T * D), 1e-3, np.float32)
             x, o = flat, off
@@ -80,6 +80,11 @@ def make_methods(card, compression, train, lr=0.01):
     methods["hashemb RobeZ Z=32"] = he_method(lambda: he.RobeZ(size, D, block=32))
     methods["hashemb HashedNet (Z=1)"] = he_method(lambda: he.HashedNet(size, D))
     methods["hashemb FullTable"] = he_method(lambda: he.FullTable(card, D))
+    # float16 storage (pooled in float32; a fused step rounds stochastically)
+    methods["hashemb RobeZ Z=16, float16"] = he_method(lambda: he.RobeZ(size, D, block=16),
+                                                      dtype=np.float16)
+    methods["hashemb FullTable, float16"] = he_method(lambda: he.FullTable(card, D),
+                                                      dtype=np.float16)
 
     def torch_setup(flat, off, B):
         import torch
@@ -100,9 +105,9 @@ def make_methods(card, compression, train, lr=0.01):
             opt.step()
         return step
 
-    def fbgemm_setup(flat, off, B):
+    def fbgemm_setup(flat, off, B, half=False):
         import torch
-        from fbgemm_gpu.split_embedding_configs import EmbOptimType
+        from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType
         from fbgemm_gpu.split_table_batched_embeddings_ops_common import (EmbeddingLocation,
                                                                           PoolingMode)
         from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
@@ -110,7 +115,7 @@ def make_methods(card, compression, train, lr=0.01):
         emb = SplitTableBatchedEmbeddingBagsCodegen(
             embedding_specs=[(n, D, EmbeddingLocation.HOST, ComputeDevice.CPU) for n in card],
             optimizer=EmbOptimType.EXACT_SGD, learning_rate=lr, pooling_mode=PoolingMode.SUM,
-            device="cpu")
+            device="cpu", weights_precision=SparseType.FP16 if half else SparseType.FP32)
         idx, offs = torch.from_numpy(flat), torch.from_numpy(off)
         if not train:
             def fwd():
@@ -124,6 +129,7 @@ def make_methods(card, compression, train, lr=0.01):
 
     methods["torch.nn.EmbeddingBag"] = torch_setup
     methods["FBGEMM TBE (CPU)"] = fbgemm_setup
+    methods["FBGEMM TBE (CPU), float16"] = lambda flat, off, B: fbgemm_setup(flat, off, B, True)
     return methods, size
 
 

@@ -153,6 +153,8 @@ def main(argv=None):
         topt = torch.optim.SGD(emb.parameters(), lr=args.lr)
         W_full = as_xp(emb.weight)                       # the same memory as torch's
         M_robe = xp.asarray(robe.init_weight(seed=0))
+        M_robe16 = M_robe.astype(np.float16)            # float16 storage, pooled in float32
+        W_full16 = W_full.astype(np.float16)
         M_hnet = xp.asarray(hnet.init_weight(seed=0))
         M_mh = [xp.asarray(s.init_weight(seed=0)) for _, s in minhash]
         for B in args.batches:
@@ -207,6 +209,10 @@ def main(argv=None):
                         h_step(robe, M_robe, False)),
                        ("  deterministic bwd", None, h_step(robe, M_robe, True)),
                        ("hashemb FullTable", h_fwd(full, W_full), h_step(full, W_full, False)),
+                       ("hashemb RobeZ float16", h_fwd(robe, M_robe16),
+                        h_step(robe, M_robe16, False)),
+                       ("hashemb FullTable float16", h_fwd(full, W_full16),
+                        h_step(full, W_full16, False)),
                        (f"hashemb HashedNet {args.compression:g}x", h_fwd(hnet, M_hnet),
                         h_step(hnet, M_hnet, False)),
                        ("hashemb RobeZ, pool rows", h_fwd(robe, M_robe, Xp),
@@ -245,7 +251,7 @@ def main(argv=None):
                                  for kind in ("fwd", "train") if f"{kind}_x_robez" in row)
                 print(f"{D:>3} {B:>6} {name:<24} {cells('fwd', 9)} {cells('train', 10)}{x_robe}")
             del X, flat, offs, G, Xx, Gx, Xp
-        del emb, topt, W_full, M_robe, M_hnet, M_mh
+        del emb, topt, W_full, M_robe, M_hnet, M_mh, M_robe16, W_full16
         if dev == "cuda":
             torch.cuda.empty_cache()
     run = {"device": he.show_config()["gpu"] if dev == "cuda" else "cpu (dry run)",

@@ -37,6 +37,11 @@ def _parser():
                    help="of every part (default sgd; MovieLens adagrad)")
     p.add_argument("--lr", type=float, default=None,
                    help="learning rate of every part (default 0.5 for sgd, 0.05 for adagrad)")
+    p.add_argument("--weight-dtype", choices=("float32", "float16"), default="float32",
+                   help="storage of the hashemb arrays (float16: pooled in float32; the fused "
+                        "optimizer rounds each updated slot, see --rounding)")
+    p.add_argument("--rounding", choices=("stochastic", "nearest"), default="stochastic",
+                   help="how a float16 array's updates round (hashemb.SGD stochastic_rounding)")
     p.add_argument("--compression", type=float, default=None,
                    help="compression of the table (default 1000, MovieLens 10)")
     p.add_argument("--sweep", type=str, default=None,
@@ -98,21 +103,27 @@ def run_method(method, compression, tr, te, card, args, epochs, bar_desc):
     from .torch import DLRM, evaluate, make_embedding, train_epoch
     from .torch.dlrm import embedding_params, make_optimizer
     torch.manual_seed(args.seed)
+    from . import optim
+    # the hashemb arrays' storage, and their fused optimizer (which rounds float16)
+    dtype = getattr(torch, args.weight_dtype)
+    opt_cls = optim.SGD if args.optimizer == "sgd" else optim.Adagrad
+    fused = opt_cls(args.lr, stochastic_rounding=args.rounding == "stochastic", seed=args.seed)
     if method in ("lsh", "lma"):    # SCMA / LMA (issue 6): allocation learned from tr
         from .torch import LSHEmbeddingBagCollection
         emb = LSHEmbeddingBagCollection(tr.cats, card, 16, compression, lma=method == "lma",
                                         num_points=min(args.num_points, len(tr.labels)),
                                         num_hashes=args.num_hashes, block=args.lsh_block,
-                                        seed=args.seed, optimizer=args.optimizer, lr=args.lr,
-                                        init_seed=args.seed, progress=not args.no_progress)
-    elif method == "tt":     # TT-Rec (issue 7): ranks chosen to hit the compression
+                                        seed=args.seed, optimizer=fused, lr=args.lr,
+                                        init_seed=args.seed, progress=not args.no_progress,
+                                        dtype=dtype)
+    elif method == "tt":     # TT-Rec (issue 7; float32 cores): ranks chosen to hit the compression
         from .torch.tt import TTEmbeddingBagCollection, tt_ranks_for_compression
         emb = TTEmbeddingBagCollection(card, 16, tt_ranks_for_compression(card, 16, compression),
                                        sparse=True, optimizer=args.optimizer,
                                        learning_rate=args.lr, seed=args.seed)
     else:
         emb = make_embedding(method, card, 16, compression, args.lr, args.seed, args.block,
-                             args.optimizer)
+                             fused if method != "full" else args.optimizer, dtype=dtype)
     model = DLRM(emb, len(card), num_dense=tr.dense.shape[1], seed=args.seed).to(args.device)
     opt = make_optimizer(model, args.lr, args.optimizer)
     n = len(tr.labels)
@@ -125,11 +136,12 @@ def run_method(method, compression, tr, te, card, args, epochs, bar_desc):
             speeds.append(sps)
     ev = evaluate(model, te.dense, te.cats, te.labels)
     params = embedding_params(model)
+    nbytes = sum(p.numel() * p.element_size() for p in emb.parameters())
     extra = emb.scheme.extra_bytes() if hasattr(getattr(emb, "scheme", None), "extra_bytes") else 0
     full_params = sum(card) * 16
     return {"method": method, "nominal": compression, "compression": full_params / params,
             "epochs": epochs,
-            "embedding_params": params, "memory_mb": (params * 4 + extra) / 2 ** 20,
+            "embedding_params": params, "memory_mb": (nbytes + extra) / 2 ** 20,
             "auc": ev["auc"], "logloss": ev["logloss"], "train_sps": float(np.median(speeds)),
             "infer_sps": ev["samples_per_s"]}
 

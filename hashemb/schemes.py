@@ -17,6 +17,8 @@ ROBE_REF_P = 2038074743
 HNET_REF = (9824516537, 57857966300227, 104729, 117130198221199)
 
 
+_INIT_CHUNK = 1 << 20      # float16 init_weight: floats drawn at a time
+
 class Scheme:
     """Base of every slot scheme (see :class:`RobeZ`, :class:`HashedNet`,
     :class:`FullTable`).
@@ -133,11 +135,22 @@ class Scheme:
         dtype = np.dtype(dtype)
         if dtype not in (np.float16, np.float32, np.float64):
             raise TypeError(f"dtype: expected float16, float32 or float64, got {dtype}")
-        # float16 (storage for the bag functions): drawn in float32, rounded once
-        w = rng.random(self.weight_shape, dtype=np.float32 if dtype == np.float16 else dtype)
+        if dtype == np.float16:
+            # storage for the bag functions: the float32 draw rounded once, a
+            # chunk at a time (no float32 copy of a large table; the generator
+            # continues its stream across chunks, so the values are the same)
+            w = np.empty(self.weight_shape, np.float16)
+            flat = w.reshape(-1)
+            for a in range(0, flat.size, _INIT_CHUNK):
+                c = rng.random(min(_INIT_CHUNK, flat.size - a), dtype=np.float32)
+                c *= 2 * scale
+                c -= scale
+                flat[a:a + c.size] = c
+            return w
+        w = rng.random(self.weight_shape, dtype=dtype)     # no float64 temporary
         w *= 2 * scale
         w -= scale
-        return w.astype(dtype, copy=False)
+        return w
 
     def _default_scale(self):
         return 1.0 / np.sqrt(self.dim)

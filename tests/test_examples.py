@@ -96,10 +96,11 @@ def test_criteo_bags_benchmark_runs_and_plots(tmp_path):
              "--methods", "RobeZ Z=16,torch", "--plot", str(png), "--json", str(js)])
     import json
     res = json.loads(js.read_text())
-    names = ("hashemb RobeZ Z=16", "hashemb RobeZ Z=16, (B, T) input", "torch.nn.EmbeddingBag")
+    names = ("hashemb RobeZ Z=16", "hashemb RobeZ Z=16, (B, T) input",
+             "hashemb RobeZ Z=16, float16", "torch.nn.EmbeddingBag")
     assert {(r["name"], r["train"]) for r in res["summary"]} == {
         (n, t) for n in names for t in (0, 1)}
-    assert all(r["samples_per_s"] > 0 for r in res["rounds"]) and len(res["rounds"]) == 6
+    assert all(r["samples_per_s"] > 0 for r in res["rounds"]) and len(res["rounds"]) == 8
     assert png.stat().st_size > 5000
 
 
@@ -143,7 +144,8 @@ def test_gpu_bench_dry_run_on_the_cpu(tmp_path):
     assert again["results"] == res and (tmp_path / "b.png").stat().st_size > 10_000
     names = [r["method"] for r in res]
     assert names == ["torch.nn.EmbeddingBag", "hashemb RobeZ 1000x", "deterministic bwd",
-                     "hashemb FullTable", "hashemb HashedNet 1000x", "hashemb RobeZ, pool rows",
+                     "hashemb FullTable", "hashemb RobeZ float16", "hashemb FullTable float16",
+                     "hashemb HashedNet 1000x", "hashemb RobeZ, pool rows",
                      "hashemb SCMA Z=8", "hashemb LMA Z=8"]
     assert all(r["train_samples_per_s"] > 0 for r in res)
     assert all(r["fwd_x_robez"] > 0 and r["train_x_robez"] > 0 for r in res[-2:])

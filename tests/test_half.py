@@ -12,11 +12,8 @@ from hypothesis import given, settings, strategies as st
 
 import hashemb as he
 from hashemb._cpu import _bag
-from reference import M64, mix64
+from reference import M64
 from test_bag import batches
-
-GOLD = 0x9E3779B97F4A7C15
-
 
 def widen(h):
     out = np.empty(h.size, np.float32)
@@ -30,9 +27,19 @@ def round_half(x, seed=0):
     return out.view(np.float16)
 
 
+def mix32(x):
+    """he_mix32 (lowbias32), exact integers."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
 def round_bits(seed, slot):
     """he_round_bits, exact integers."""
-    return mix64((int(seed) + (int(slot) + 1) * GOLD) & M64) >> 32
+    seed, slot = int(seed), int(slot)
+    return mix32(mix32((slot ^ seed) & 0xFFFFFFFF) ^ (slot >> 32) ^ (seed >> 32) & 0xFFFFFFFF)
 
 
 def sr_reference(x, rnd):
@@ -249,11 +256,14 @@ def test_two_d_input_and_saved_starts():
     assert (H1 != H).any()
 
 
-def test_init_weight_float16():
-    robe = he.RobeZ(1000, 16)
-    H = robe.init_weight(seed=4, dtype=np.float16)
-    assert H.dtype == np.float16
-    assert np.array_equal(H, robe.init_weight(seed=4).astype(np.float16))
+@pytest.mark.parametrize("scheme", [he.RobeZ(1000, 16), he.FullTable([70_001, 3], 16)],
+                         ids=["small", "chunked"])
+def test_init_weight_float16(scheme):
+    # drawn a chunk at a time (the second spans two chunks and a partial one):
+    # the same values as the float32 draw, rounded
+    H = scheme.init_weight(seed=4, dtype=np.float16)
+    assert H.dtype == np.float16 and H.shape == scheme.weight_shape
+    assert np.array_equal(H, scheme.init_weight(seed=4).astype(np.float16))
 
 
 def test_errors():
@@ -295,3 +305,26 @@ def test_torch_module_float16():
             assert m.weight.grad is None and (m.weight != w0).any()
         if opt == "adagrad":
             assert m.optimizer_state.dtype == torch.float32 and m.optimizer_state.any()
+
+
+@pytest.mark.parametrize("sr", [True, False])
+def test_update_at_float16_edges_matches_the_model(sr):
+    # weights and steps around float16's subnormals, its largest values and
+    # overflow, mixed with ordinary ones in the same eight-slot groups (the
+    # vector apply sends such groups to the scalar code): bitwise the model
+    full = he.FullTable([64], 8)
+    rng = np.random.default_rng(5)
+    W = np.concatenate([rng.uniform(-1, 1, 256), rng.uniform(-2e-5, 2e-5, 128),
+                        rng.choice([65000.0, -65000.0, 60000.0, 1e-7, 0.0], 128)])
+    W = rng.permutation(W).astype(np.float16).reshape(64, 8)
+    x = np.arange(64).reshape(64, 1)
+    g = rng.choice([0.0, 1e-3, -3e-5, 50.0, -5e4, 1e-9], (64, 8)).astype(np.float32)
+    opt, twin = he.SGD(0.5, stochastic_rounding=sr, seed=11), he.SGD(0.5, stochastic_rounding=sr,
+                                                                     seed=11)
+    for _ in range(3):
+        W32 = widen(W).reshape(W.shape)
+        grad = he.embedding_bags_backward(g, x, scheme=full, num_tables=1, weight=W32)
+        want = _expected_update(twin, W32, grad, None, twin._round_seed(W))
+        he.embedding_bags_backward(g, x, scheme=full, num_tables=1, weight=W, optimizer=opt)
+        assert np.array_equal(W.reshape(-1).view(np.uint16), want.view(np.uint16))
+    assert np.isinf(W).any() and (np.abs(W[np.isfinite(W)]) < 2.0**-14).any()

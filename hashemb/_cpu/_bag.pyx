@@ -82,6 +82,8 @@ cdef extern from "hashemb/half.h" nogil:
 
 cdef extern from "hashemb/half.h" nogil:
     void he_h2f_run(float* y, const uint16_t* x, float a, int64_t n, int how) noexcept
+    void he_half_sgd_run(uint16_t* w, float* g, int64_t n, uint64_t slot0, float lr,
+                         uint64_t seed) noexcept
 
 
 cdef extern from "hashemb/stream.h" nogil:
@@ -473,6 +475,21 @@ cdef inline void _adagrad(real* w, uint16_t* hw, real* g, real* state, uint64_t 
         g[slot] = 0
 
 
+cdef inline void _apply_range(real* w, uint16_t* hw, real* g, real* state, int64_t lo,
+                              int64_t hi, real lr, real eps, uint64_t seed) noexcept nogil:
+    """_adagrad at every slot of [lo, hi) (an apply sweep, or a contiguous
+    run of an apply walk); float16 SGD runs eight slots a step where the
+    machine can (he_half_sgd_run: the same bits)."""
+    cdef int64_t slot
+    if real is float:
+        if hw != NULL and state == NULL:
+            if hi > lo:
+                he_half_sgd_run(hw + lo, g + lo, hi - lo, lo, lr, seed)
+            return
+    for slot in range(lo, hi):
+        _adagrad(w, hw, g, state, slot, lr, eps, seed)
+
+
 cdef inline void _visit(const he_scheme* s, const he_row* row, int64_t k, uint64_t st,
                         int64_t i0, int64_t n, const real* g, real alpha, real* target,
                         uint16_t* htarget, real* scratch, real* state, real eps,
@@ -483,12 +500,15 @@ cdef inline void _visit(const he_scheme* s, const he_row* row, int64_t k, uint64
     cdef uint64_t slot
     cdef int64_t sti = <int64_t>st      # slots are < 2^62: signed math is safe
     cdef real gv
-    if act == ACT_ADD and not s.is_signed and st + <uint64_t>(i0 + n) <= s.size:
+    if not s.is_signed and st + <uint64_t>(i0 + n) <= s.size and (act == ACT_ADD
+                                                                  or htarget != NULL):
         # contiguous run: clip it to this thread's slot range
         a = i0 if sti + i0 >= lo else lo - sti
         z = i0 + n if sti + i0 + n <= hi else hi - sti
-        if z > a:
+        if z > a and act == ACT_ADD:
             _axpy(target + sti + a, g + (a - i0), alpha, z - a)
+        elif z > a:         # a float16 weight's apply pass
+            _apply_range(target, htarget, scratch, state, sti + a, sti + z, alpha, eps, seed)
         return
     for i in range(i0, i0 + n):
         slot = he_run_slot(s, st, i)
@@ -519,16 +539,24 @@ cdef inline bint _wanted(const he_scheme* s, const int64_t* off, const uint64_t*
 
 
 cdef inline void _prefetch_runs(const he_scheme* s, const uint64_t* pre, int64_t j,
-                                real* target, int64_t lo, int64_t hi) noexcept nogil:
-    """Prefetch, for writing, the runs of entry j that this thread owns."""
+                                real* target, uint16_t* htarget, real* scratch, int64_t lo,
+                                int64_t hi) noexcept nogil:
+    """Prefetch, for writing, the runs of entry j that this thread owns in
+    each array given (the target; in an apply pass the float16 weight and
+    the scratch it reads: rows of a large table miss in cache otherwise)."""
     cdef int64_t k, slot
-    if target == NULL:      # a float16 weight's apply pass: its scratch leads
-        return
     for k in range(s.runs):
         slot = <int64_t>pre[j * s.runs + k]
         if _touches(slot, s.run, lo, hi):
-            he_prefetch_w(target + slot)
-            he_prefetch_w(target + slot + s.run - 1)
+            if target != NULL:
+                he_prefetch_w(target + slot)
+                he_prefetch_w(target + slot + s.run - 1)
+            if htarget != NULL:
+                he_prefetch_w(htarget + slot)
+                he_prefetch_w(htarget + slot + s.run - 1)
+            if scratch != NULL:
+                he_prefetch_w(scratch + slot)
+                he_prefetch_w(scratch + slot + s.run - 1)
 
 
 cdef inline int64_t _live(const index_t* idx, int64_t j0, int64_t j1, bint has_pad,
@@ -593,7 +621,8 @@ cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* 
                 if ahead and j + AHEAD < nent:
                     # the slots written AHEAD entries on: random lines of the
                     # array, missed in L2 without this (the forward does the same)
-                    _prefetch_runs(s, pre, j + AHEAD, target, lo, hi)
+                    _prefetch_runs(s, pre, j + AHEAD, target, htarget,
+                                   scratch if act == ACT_ADAGRAD else NULL, lo, hi)
                 x = idx[j]
                 if has_pad and x == pad:
                     continue
@@ -788,7 +817,8 @@ cdef void _backward_owned(const he_scheme* s, const int64_t* pairs, int64_t n,
             g = grad + (q % B) * gstride + (q // B) * D
             he_prefetch(g)
             he_prefetch(g + D - 1)
-            _prefetch_runs(s, pre, pairs[2 * (e + AHEAD)], target, lo, hi)
+            _prefetch_runs(s, pre, pairs[2 * (e + AHEAD)], target, htarget,
+                           scratch if act == ACT_ADAGRAD else NULL, lo, hi)
         j = pairs[2 * e]
         q = pairs[2 * e + 1]
         g = grad + (q % B) * gstride + (q // B) * D
@@ -851,8 +881,8 @@ cdef int _backward_bucketed(const he_scheme* s, const index_t* idx, const int64_
                                 gstride, B, cnt, 1, scratch, NULL, NULL, NULL, 0, 0, lo[r],
                                 lo[r + 1], ACT_ADD, pre)
                 if sweep:
-                    for q in range(<int64_t>lo[r], <int64_t>lo[r + 1]):
-                        _adagrad(target, htarget, scratch, state, q, alpha, eps, seed)
+                    _apply_range(target, htarget, scratch, state, lo[r], lo[r + 1], alpha,
+                                 eps, seed)
                 else:
                     _backward_owned(s, pairs + 2 * start[r], start[r + 1] - start[r], psw,
                                     grad, gstride, B, cnt, alpha, target, htarget, scratch,
@@ -997,15 +1027,13 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
                                        <int64_t>_range_lo(m, q, nt), <int64_t>_range_lo(m, q + 1, nt),
                                        ACT_ADD, buf)
             if adagrad:
-                for slot in range(lo, hi):
-                    _adagrad(tp, hp, sp, stp, slot, <real>alpha, <real>eps, seed)
+                _apply_range(tp, hp, sp, stp, lo, hi, <real>alpha, <real>eps, seed)
         elif adagrad:
             _backward_part(s, ip, &offsets[0], pp, &grad[0, 0], grad.shape[1], B, T,
                            table0, mode, has_pad, pad, win, 1, sp, NULL, NULL, NULL, 0, 0,
                            lo, hi, ACT_ADD, pre)
             if sweep:
-                for slot in range(lo, hi):
-                    _adagrad(tp, hp, sp, stp, slot, <real>alpha, <real>eps, seed)
+                _apply_range(tp, hp, sp, stp, lo, hi, <real>alpha, <real>eps, seed)
             else:
                 _backward_part(s, ip, &offsets[0], pp, &grad[0, 0], grad.shape[1], B,
                                T, table0, mode, has_pad, pad, win, <real>alpha,

@@ -82,12 +82,14 @@ class DLRM(nn.Module):
 
 
 def make_embedding(method, num_embeddings, dim=16, compression=1000.0, lr=0.1, seed=0,
-                   block=None, optimizer="sgd"):
+                   block=None, optimizer="sgd", dtype=torch.float32):
     """The embedding collection of a method of :data:`METHODS`, trained by
-    ``optimizer`` ("sgd" or "adagrad") at ``lr``, fused into backward for the
-    hashemb modules: "full" (torch nn.EmbeddingBag, sparse gradients, left to
-    the torch optimizer), "robez" (ROBE-Z, Z = ``block`` or dim), "hashednet",
-    "hashing_trick" (each at ``compression``).
+    ``optimizer`` ("sgd", "adagrad", or a hashemb.SGD / Adagrad object) at
+    ``lr``, fused into backward for the hashemb modules: "full" (torch
+    nn.EmbeddingBag, float32, sparse gradients, left to the torch
+    optimizer), "robez" (ROBE-Z, Z = ``block`` or dim), "hashednet",
+    "hashing_trick" (each at ``compression``, their array of ``dtype``:
+    float32, float64 or float16 storage).
 
     Examples
     --------
@@ -99,7 +101,8 @@ def make_embedding(method, num_embeddings, dim=16, compression=1000.0, lr=0.1, s
     """
     if method == "full":
         return TorchEmbeddingBagCollection(num_embeddings, dim, sparse=True, seed=seed)
-    kw = dict(compression=compression, seed=seed, optimizer=optimizer, lr=lr, init_seed=seed)
+    kw = dict(compression=compression, seed=seed, optimizer=optimizer, lr=lr, init_seed=seed,
+              dtype=dtype)
     if method == "robez":
         return RobeEmbeddingBagCollection(num_embeddings, dim, block=block, **kw)
     if method == "hashednet":

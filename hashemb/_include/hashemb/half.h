@@ -142,14 +142,25 @@ HE_HALF_FN he_u16 he_f2h_sr(float f, he_u32 rnd)
     }
 }
 
-/* 32 random bits for rounding slot `slot` in the call of `seed`
- * (SplitMix64's finaliser of their sum). */
+/* Chris Wellons' lowbias32 integer mixer: 32-bit multiplies only, so that
+ * eight of them run as one AVX2 instruction each (he_half_sgd_run). */
+HE_HALF_FN he_u32 he_mix32(he_u32 x)
+{
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    x ^= x >> 16;
+    return x;
+}
+
+/* 32 random bits for rounding slot `slot` in the call of `seed` (itself a
+ * mixed 64-bit value, new per call): two rounds of he_mix32 over the low
+ * and then the high halves of both. */
 HE_HALF_FN he_u32 he_round_bits(he_u64 seed, he_u64 slot)
 {
-    he_u64 z = seed + (slot + 1u) * 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return (he_u32)((z ^ (z >> 31)) >> 32);
+    return he_mix32(he_mix32((he_u32)slot ^ (he_u32)seed) ^ (he_u32)(slot >> 32) ^
+                    (he_u32)(seed >> 32));
 }
 
 /* w[slot] = w - step, rounded as asked (seed 0: to nearest; else
@@ -216,6 +227,120 @@ static inline void he_h2f_run(float* __restrict y, const he_u16* __restrict x, f
 }
 #else
 #define he_h2f_run he_h2f_run_soft
+#endif
+
+/* The float16 SGD apply over n consecutive slots slot0.. of weight bits w
+ * and their summed gradient g: where g != 0, w = round(float(w) - lr * g)
+ * (he_half_sub: to nearest for seed 0, else stochastically); g = 0 after.
+ * With AVX2 and F16C, eight slots a step: the same float arithmetic, the
+ * same random bits, and the same rounding (lanes outside float16's normal
+ * range take the scalar code), so the same bits as one slot at a time. */
+static inline void he_half_sgd_run_soft(he_u16* __restrict w, float* __restrict g, int64_t n,
+                                        uint64_t slot0, float lr, uint64_t seed)
+{
+    for (int64_t i = 0; i < n; i++)
+        if (g[i] != 0) {        /* he_half_sub of slot slot0 + i, at w[i] */
+            const float v = he_h2f(w[i]) - lr * g[i];
+            w[i] = seed ? he_f2h_sr(v, he_round_bits(seed, slot0 + (uint64_t)i)) : he_f2h(v);
+            g[i] = 0;
+        }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2,f16c"))) static void he_half_sgd_run_avx2(
+    he_u16* __restrict w, float* __restrict g, int64_t n, uint64_t slot0, float lr,
+    uint64_t seed)
+{
+    int64_t i = 0;
+    const __m256 vlr = _mm256_set1_ps(lr), zero = _mm256_setzero_ps();
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i s_lo = _mm256_set1_epi32((int)(he_u32)seed);
+    const __m256i s_hi = _mm256_set1_epi32((int)(he_u32)(seed >> 32));
+    const __m256i m1 = _mm256_set1_epi32(0x7feb352d), m2 = _mm256_set1_epi32((int)0x846ca68bu);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + i);
+        const __m256 live = _mm256_cmp_ps(gv, zero, _CMP_NEQ_UQ);
+        if (_mm256_testz_ps(live, live))
+            continue;                                       /* nothing to apply here */
+        const __m128i wh = _mm_loadu_si128((const __m128i*)(w + i));
+        const __m256 v = _mm256_sub_ps(_mm256_cvtph_ps(wh), _mm256_mul_ps(vlr, gv));
+        __m128i out;
+        if (seed == 0) {
+            out = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        } else {
+            const uint64_t s = slot0 + (uint64_t)i;
+            __m256i lo = _mm256_add_epi32(_mm256_set1_epi32((int)(he_u32)s), lane);
+            /* the high half of each lane's slot: +1 where the low half wrapped */
+            __m256i hi = _mm256_set1_epi32((int)(he_u32)(s >> 32));
+            hi = _mm256_sub_epi32(hi, _mm256_cmpgt_epi32(
+                _mm256_xor_si256(_mm256_set1_epi32((int)(he_u32)s), _mm256_set1_epi32(INT32_MIN)),
+                _mm256_xor_si256(lo, _mm256_set1_epi32(INT32_MIN))));
+            __m256i x = _mm256_xor_si256(lo, s_lo);
+#define HE_MIX32_V(x)                                                     \
+            x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));             \
+            x = _mm256_mullo_epi32(x, m1);                                 \
+            x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));             \
+            x = _mm256_mullo_epi32(x, m2);                                 \
+            x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+            HE_MIX32_V(x)
+            x = _mm256_xor_si256(_mm256_xor_si256(x, hi), s_hi);
+            HE_MIX32_V(x)
+#undef HE_MIX32_V
+            /* he_f2h_sr's normal-range case: 13 dropped bits against the top
+               13 random bits; any lane outside [2^-14, 65536) goes scalar */
+            const __m256i bits = _mm256_castps_si256(v);
+            const __m256i ax = _mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff));
+            const __m256i r = _mm256_sub_epi32(ax, _mm256_set1_epi32(0x38000000));
+            const __m256i small = _mm256_cmpgt_epi32(_mm256_set1_epi32(0x38800000), ax);
+            const __m256i big = _mm256_cmpgt_epi32(ax, _mm256_set1_epi32(0x477fffff));
+            if (!_mm256_testz_si256(_mm256_or_si256(small, big),
+                                    _mm256_castps_si256(live))) {
+                he_half_sgd_run_soft(w + i, g + i, 8, slot0 + (uint64_t)i, lr, seed);
+                continue;
+            }
+            __m256i q = _mm256_srli_epi32(r, 13);
+            const __m256i up = _mm256_cmpgt_epi32(_mm256_and_si256(r, _mm256_set1_epi32(0x1fff)),
+                                                  _mm256_srli_epi32(x, 19));
+            q = _mm256_sub_epi32(q, up);                        /* + 1 where up */
+            q = _mm256_or_si256(q, _mm256_and_si256(_mm256_srli_epi32(bits, 16),
+                                                    _mm256_set1_epi32(0x8000)));
+            /* 32 -> 16 bits per lane, in order */
+            q = _mm256_shuffle_epi8(q, _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1,
+                                                        -1, -1, -1, -1, -1, 0, 1, 4, 5, 8, 9,
+                                                        12, 13, -1, -1, -1, -1, -1, -1, -1,
+                                                        -1));
+            q = _mm256_permute4x64_epi64(q, 0x08);
+            out = _mm256_castsi256_si128(q);
+        }
+        /* keep the lanes whose gradient is 0 */
+        const __m128i keep = _mm_packs_epi32(_mm256_castsi256_si128(_mm256_castps_si256(live)),
+                                             _mm256_extracti128_si256(_mm256_castps_si256(live), 1));
+        out = _mm_blendv_epi8(wh, out, keep);
+        _mm_storeu_si128((__m128i*)(w + i), out);
+        _mm256_storeu_ps(g + i, zero);
+    }
+    if (i < n)
+        he_half_sgd_run_soft(w + i, g + i, n - i, slot0 + (uint64_t)i, lr, seed);
+}
+
+static inline int he_has_avx2_f16c(void)
+{
+    static int has = -1;
+    if (has < 0)
+        has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+    return has;
+}
+
+static inline void he_half_sgd_run(he_u16* __restrict w, float* __restrict g, int64_t n,
+                                   uint64_t slot0, float lr, uint64_t seed)
+{
+    if (n >= 8 && he_has_avx2_f16c())
+        he_half_sgd_run_avx2(w, g, n, slot0, lr, seed);
+    else
+        he_half_sgd_run_soft(w, g, n, slot0, lr, seed);
+}
+#else
+#define he_half_sgd_run he_half_sgd_run_soft
 #endif
 #endif
 
