@@ -147,8 +147,9 @@ def embedding_bag(indices, weight, offsets=None, *, scheme, table=0, mode="sum",
     ----------
     indices : ndarray of int32, int64 (or uint64 tokens)
         1-D with ``offsets``, or 2-D ``(B, N)``: B bags of N.
-    weight : ndarray of float32 or float64
+    weight : ndarray of float32, float64 or float16
         The array M, shape ``(scheme.size,)`` or ``scheme.weight_shape``.
+        float16 is storage: read as float32, pooled in float32.
     offsets : ndarray of int32 or int64, optional
         Start of each bag (B values), or B+1 with ``include_last_offset``.
     scheme : Scheme
@@ -167,7 +168,8 @@ def embedding_bag(indices, weight, offsets=None, *, scheme, table=0, mode="sum",
 
     Returns
     -------
-    ndarray, shape (B, scheme.dim), weight's dtype. Empty bags give zeros.
+    ndarray, shape (B, scheme.dim), weight's dtype (float32 for a float16
+    weight). Empty bags give zeros.
     With ``return_saved``: ``(out, saved)``.
 
     Raises
@@ -211,7 +213,9 @@ def embedding_bag_backward(grad_output, indices, offsets=None, *, scheme, table=
         As in :func:`embedding_bag`.
     weight : ndarray, optional
         Needed for ``mode="max"`` and for an optimizer (updated in place; must be
-        C-contiguous and writeable).
+        C-contiguous and writeable). A float16 weight gets a float32 gradient;
+        an optimizer moves it in float32 and rounds each updated slot once
+        (see :class:`hashemb.SGD`).
     optimizer : hashemb.SGD or hashemb.Adagrad, optional
     deterministic : bool, optional
         GPU only (the CPU is always deterministic): sum each slot's

@@ -81,6 +81,11 @@ class SGD(_Fused):
     ...                           scheme=robe, weight=w, optimizer=he.SGD(0.5))
     >>> float(w.sum())
     -2.0
+    >>> h = np.ones(64, np.float16)      # float16: 1 - 1e-4 lies between two values
+    >>> he.embedding_bag_backward(np.full((1, 4), 1e-4, np.float32), np.array([[3]]),
+    ...                           scheme=robe, weight=h, optimizer=he.SGD(1.0, seed=1))
+    >>> sorted(set(h.tolist()))          # each of 4 slots rounded up or down at random
+    [0.99951171875, 1.0]
     """
 
     def __init__(self, lr, *, stochastic_rounding=True, seed=0):
