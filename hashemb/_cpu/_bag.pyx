@@ -82,6 +82,8 @@ cdef extern from "hashemb/half.h" nogil:
 
 cdef extern from "hashemb/half.h" nogil:
     void he_h2f_run(float* y, const uint16_t* x, float a, int64_t n, int how) noexcept
+    int he_has_f16c() noexcept
+    int he_has_avx2_f16c() noexcept
     void he_half_sgd_run(uint16_t* w, float* g, int64_t n, uint64_t slot0, float lr,
                          uint64_t seed) noexcept
 
@@ -1128,3 +1130,10 @@ def half_round(const float[::1] x, uint16_t[::1] out, uint64_t seed):
     with nogil:
         for i in range(x.shape[0]):
             out[i] = he_f2h_sr(x[i], he_round_bits(seed, i)) if seed else he_f2h(x[i])
+
+
+def half_paths():
+    """Which float16 paths this machine takes: "F16C conversion, AVX2 update"
+    or the portable ones (the same results either way)."""
+    return ("F16C conversion" if he_has_f16c() else "scalar conversion") + ", " + \
+        ("AVX2 update" if he_has_avx2_f16c() else "scalar update")

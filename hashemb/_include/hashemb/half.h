@@ -227,6 +227,7 @@ static inline void he_h2f_run(float* __restrict y, const he_u16* __restrict x, f
 }
 #else
 #define he_h2f_run he_h2f_run_soft
+static inline int he_has_f16c(void) { return 0; }
 #endif
 
 /* The float16 SGD apply over n consecutive slots slot0.. of weight bits w
@@ -341,6 +342,7 @@ static inline void he_half_sgd_run(he_u16* __restrict w, float* __restrict g, in
 }
 #else
 #define he_half_sgd_run he_half_sgd_run_soft
+static inline int he_has_avx2_f16c(void) { return 0; }
 #endif
 #endif
 
