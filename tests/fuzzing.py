@@ -45,3 +45,15 @@ def run(body):
     ok, err, other = map(int, res.stdout.split("\n")[0].split())
     assert other == 0, res.stdout
     assert ok > 0 and err > 0, res.stdout
+
+
+def outputs_by_threads(code, counts=("1", "2", "3")):
+    """{thread count: what ``code`` prints} with OMP_NUM_THREADS at each count,
+    each in a fresh process (the thread count is fixed at start-up): tests
+    that a result is the same bits on any thread count compare these."""
+    outs = {}
+    for n in counts:
+        env = dict(os.environ, OMP_NUM_THREADS=n)
+        outs[n] = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                 text=True, check=True).stdout
+    return outs

@@ -3,6 +3,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 import hashemb as he
+import fuzzing
 from reference import bag_backward, bag_forward
 
 
@@ -236,21 +237,13 @@ def test_empty_bags_and_batches():
 
 
 def test_backward_deterministic_across_threads():
-    import os
-    import subprocess
-    import sys
     code = ("import numpy as np, hashemb as he;"
             "r=he.RobeZ(50000, 16, block=4);x=np.random.default_rng(0).integers(0,10**9,(4096,8));"
             "g=np.random.default_rng(1).standard_normal((4096,128)).astype(np.float32);"
             "print(he.embedding_bags_backward(g,x,scheme=r,num_tables=8).tobytes().hex()[:0] or "
             "__import__('hashlib').sha1(he.embedding_bags_backward(g,x,scheme=r,num_tables=8)"
             ".tobytes()).hexdigest())")
-    outs = set()
-    for n in ("1", "2", "3"):
-        env = dict(os.environ, OMP_NUM_THREADS=n)
-        outs.add(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                                text=True, check=True).stdout)
-    assert len(outs) == 1
+    assert len(set(fuzzing.outputs_by_threads(code).values())) == 1
 
 
 @pytest.mark.parametrize("scheme", [he.RobeZ(20000, 16, block=16), he.RobeZ(20011, 8, block=2),
@@ -374,14 +367,7 @@ def test_bucketed_backward_same_bits_on_any_thread_count():
     (runs crossing a range boundary or wrapping past the end go to both
     owners); each slot must still sum in entry order: the same bits on 1, 2,
     3 and 8 threads, for weights, padding, mean, SGD and both Adagrad passes."""
-    import os
-    import subprocess
-    import sys
-    outs = {}
-    for n in ("1", "2", "3", "8"):
-        env = dict(os.environ, OMP_NUM_THREADS=n)
-        outs[n] = subprocess.run([sys.executable, "-c", _THREADS_CODE], env=env,
-                                 capture_output=True, text=True, check=True).stdout
+    outs = fuzzing.outputs_by_threads(_THREADS_CODE, ("1", "2", "3", "8"))
     assert len(set(outs.values())) == 1, outs
 
 

@@ -12,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 import hashemb as he
 from hashemb._cpu import _bag
+import fuzzing
 from reference import M64
 from test_bag import batches
 
@@ -222,10 +223,6 @@ def test_stochastic_rounding_moves_small_steps_on_average():
 
 
 def test_rounding_is_the_same_on_any_thread_count():
-    import hashlib
-    import os
-    import subprocess
-    import sys
     code = ("import numpy as np, hashemb as he, hashlib;"
             "r=he.RobeZ(50000, 16, block=4);x=np.random.default_rng(0).integers(0,10**9,(4096,8));"
             "g=np.random.default_rng(1).standard_normal((4096,128)).astype(np.float32);"
@@ -233,12 +230,8 @@ def test_rounding_is_the_same_on_any_thread_count():
             "[he.embedding_bags_backward(g,x,scheme=r,num_tables=8,weight=W,"
             "optimizer=o) for o in (he.SGD(1e-3, seed=5), he.Adagrad(1e-2, seed=5))];"
             "print(hashlib.sha1(W.tobytes()).hexdigest())")
-    outs = set()
-    for n in ("1", "2", "3"):
-        env = dict(os.environ, OMP_NUM_THREADS=n)
-        outs.add(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                                text=True, check=True).stdout)
-    assert len(outs) == 1 and hashlib is not None
+    outs = fuzzing.outputs_by_threads(code)
+    assert len(set(outs.values())) == 1, outs
 
 
 def test_two_d_input_and_saved_starts():

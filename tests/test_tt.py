@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+import fuzzing
 import hashemb as he
 
 torch = pytest.importorskip("torch")
@@ -161,14 +162,7 @@ def test_same_bits_on_any_thread_count():
     """Forward chunks and backward groups are handed out dynamically, and the
     last chain step runs fused per chunk: every output, gradient and fused
     update must still be the same bits on 1, 2 and 3 threads."""
-    import os
-    import subprocess
-    import sys
-    outs = {}
-    for n in ("1", "2", "3"):
-        env = dict(os.environ, OMP_NUM_THREADS=n)
-        outs[n] = subprocess.run([sys.executable, "-c", _THREADS_CODE], env=env,
-                                 capture_output=True, text=True, check=True).stdout
+    outs = fuzzing.outputs_by_threads(_THREADS_CODE)
     assert len(set(outs.values())) == 1, outs
 
 
