@@ -15,6 +15,7 @@ _DETERMINISM = """
 
 
 _NO_HALF = np.empty(0, np.uint16)
+_NO_SCRATCH = object()      # a float16 full table's step sums per row, with no scratch
 _EMPTY = {np.dtype(np.float32): np.empty(0, np.float32),
           np.dtype(np.float64): np.empty(0, np.float64)}
 
@@ -116,11 +117,17 @@ def _backward(grad_output, indices, offsets, scheme, table0, T, mode, per_sample
     none = _EMPTY[dtype]
 
     def run(target, alpha, scratch, state, eps, seed=0):
-        # a float16 target is the weight itself, moved in the apply pass
+        # a float16 target is the weight itself, moved in the apply pass; a
+        # scratch not needed (k.wants_scratch) is not allocated
+        rows = scratch is _NO_SCRATCH
         k.backward(scheme._view, b.idx, b.off, b.psw, g, b.B, T, table0, b.mode,
                    b.has_pad, b.pad, wr, none if target is w and hw.size else target,
-                   alpha, none if scratch is None else scratch,
-                   none if state is None else state, eps, starts, hw, seed)
+                   alpha, none if scratch is None or rows else scratch,
+                   none if state is None else state, eps, starts, hw, seed, rows)
+
+    run.scratch = lambda opt: (opt.scratch_for(w)
+                               if k.wants_scratch(scheme._view, b.mode, b.idx.shape[0])
+                               else _NO_SCRATCH)
 
     if optimizer is not None:
         optimizer._apply(k, run, w)

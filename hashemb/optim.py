@@ -47,6 +47,12 @@ class _Fused:
                 weight.size, V.compute_dtype(weight.dtype))
         return s
 
+    def _scratch_of(self, run, weight):
+        """The scratch the CPU's run asks for (``run.scratch``: none for a
+        float16 full table, which sums per row), else scratch_for."""
+        ask = getattr(run, "scratch", None)
+        return ask(self) if ask is not None else self.scratch_for(weight)
+
     def _round_seed(self, weight):
         """The seed of this call's rounding bits: 0 (to nearest) unless a
         float16 weight is rounded stochastically; a new one per call."""
@@ -97,7 +103,7 @@ class SGD(_Fused):
 
     def _apply(self, k, run, w):
         if w.dtype == V._HALF:      # two phases: the update rounds once per slot
-            run(w, self.lr, self.scratch_for(w), None, 0.0, self._round_seed(w))
+            run(w, self.lr, self._scratch_of(run, w), None, 0.0, self._round_seed(w))
         else:
             run(w, -self.lr, None, None, 0.0, 0)
 
@@ -142,12 +148,16 @@ class Adagrad(_Fused):
         return f"Adagrad(lr={self.lr}, eps={self.eps})"
 
     def state_for(self, weight):
-        """The accumulator of ``weight`` (zeros until its first update)."""
+        """The accumulator of ``weight`` (zeros until its first update) and
+        its zeroed scratch (see scratch_for)."""
+        return self._state(weight), self.scratch_for(weight)
+
+    def _state(self, weight):
         key = self._key(weight)
         if key not in self.state:
             xp = array_module(weight)      # CuPy weights keep their state on the device
             self.state[key] = xp.zeros(weight.size, V.compute_dtype(weight.dtype))
-        return self.state[key], self.scratch_for(weight)
+        return self.state[key]
 
     def use_state(self, weight, state):
         """Keep the accumulator of ``weight`` in the caller's array ``state``
@@ -170,7 +180,8 @@ class Adagrad(_Fused):
         self._scratch[key] = array_module(weight).zeros(weight.size, dtype)
 
     def _apply(self, k, run, w):
-        state, scratch = self.state_for(w)
+        state = self._state(w)
+        scratch = self._scratch_of(run, w) if w.dtype == V._HALF else self.scratch_for(w)
         run(w, self.lr, scratch, state, self.eps, self._round_seed(w))
 
 

@@ -322,3 +322,55 @@ def test_update_at_float16_edges_matches_the_model(sr):
         he.embedding_bags_backward(g, x, scheme=full, num_tables=1, weight=W, optimizer=opt)
         assert np.array_equal(W.reshape(-1).view(np.uint16), want.view(np.uint16))
     assert np.isinf(W).any() and (np.abs(W[np.isfinite(W)]) < 2.0**-14).any()
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adagrad"])
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+@pytest.mark.parametrize("sr", [True, False])
+def test_full_table_step_sums_per_row_without_a_scratch(opt, mode, sr):
+    # a full table large next to its batch: the float16 step sums each row's
+    # gradient in a compact buffer (no scratch of the table's size is made),
+    # duplicates and weights included: bitwise the model's update; and, on a
+    # batch big enough for several threads (rows straddling their ranges),
+    # the same bits on 1, 2 and 3 threads
+    full = he.FullTable([40_000, 30_011], 8)
+    rng = np.random.default_rng(1)
+    B, T = 300, 2
+    x = rng.integers(0, 30_011, (B, T))
+    x[::7] = x[0]                                   # hot rows, summed in entry order
+    H = full.init_weight(seed=3, dtype=np.float16)
+    g = rng.standard_normal((B, T * 8)).astype(np.float32)
+    psw = rng.uniform(0.5, 2, (B, T)).astype(np.float32) if mode == "sum" else None
+    flat = np.ascontiguousarray(x.T).reshape(-1)
+    # bags of 1 to 3 entries (mean divides), feature-major
+    off = np.concatenate([[0], np.sort(rng.choice(np.arange(1, B * T), B * T // 2 - 1,
+                                                  replace=False)), [B * T]])
+    B = (off.size - 1) // T
+    off = off[:B * T + 1]
+    flat = flat[:off[-1]]
+    g = g[:B]
+    pw = None if psw is None else np.ascontiguousarray(psw.T).reshape(-1)[:off[-1]]
+    make = (lambda: he.SGD(0.3, stochastic_rounding=sr, seed=2)) if opt == "sgd" else \
+        (lambda: he.Adagrad(0.3, eps=1e-3, stochastic_rounding=sr, seed=2))
+    optimizer, twin = make(), make()
+    state = np.zeros(H.size, np.float32)
+    for _ in range(2):
+        W32 = widen(H).reshape(H.shape)
+        grad = he.embedding_bags_backward(g, flat, off, scheme=full, num_tables=T, mode=mode,
+                                          per_sample_weights=pw, weight=W32)
+        want = _expected_update(twin, W32, grad, state, twin._round_seed(H))
+        he.embedding_bags_backward(g, flat, off, scheme=full, num_tables=T, mode=mode,
+                                   per_sample_weights=pw, weight=H, optimizer=optimizer)
+        assert np.array_equal(H.reshape(-1).view(np.uint16), want.view(np.uint16))
+    assert not optimizer._scratch       # no dense float32 copy of the table
+    code = ("import numpy as np, hashemb as he, hashlib;"
+            "f=he.FullTable([200_003], 8);r=np.random.default_rng(0);"
+            "x=r.integers(0,200_003,(10_000,1));g=r.standard_normal((10_000,8)).astype(np.float32);"
+            # the rows that straddle two threads' slot ranges on 2 and 3 threads
+            "x[:3,0]=[(200_003*8*k//n)//8 for k,n in ((1,2),(1,3),(2,3))];"
+            "W=f.init_weight(dtype=np.float16);"
+            "[he.embedding_bags_backward(g,x,scheme=f,num_tables=1,weight=W,optimizer=o)"
+            " for o in (he.SGD(0.1, seed=5), he.Adagrad(0.1, seed=5))];"
+            "print(hashlib.sha1(W.tobytes()).hexdigest())")
+    outs = fuzzing.outputs_by_threads(code)
+    assert len(set(outs.values())) == 1, outs

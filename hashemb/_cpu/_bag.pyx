@@ -15,7 +15,7 @@ from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, malloc, free
 from libc.string cimport memcpy
 
-from hashemb._cpu._slots cimport (SchemeView, he_scheme, he_row, he_row_begin, he_reads_map,
+from hashemb._cpu._slots cimport (SchemeView, he_scheme, HE_FULL, he_row, he_row_begin, he_reads_map,
                                   he_row_data, he_table_probe, he_row_probe, he_probe_hint,
                                   he_row_begin_probed, he_tterm, he_table_term, he_row_begin_t,
                                   he_run_start, he_run_starts, he_run_slot, he_sign,
@@ -463,18 +463,24 @@ cdef inline void _adagrad(real* w, uint16_t* hw, real* g, real* state, uint64_t 
     SGD (no state, float16 weights), w -= lr * g. A float16 weight (hw) is
     rounded once (he_half_sub: to nearest, or stochastically from seed)."""
     cdef real gv = g[slot]
-    cdef double step        # libm's double sqrt: the step is formed in double
     if gv != 0:
-        if state != NULL:
-            state[slot] += gv * gv
-            step = lr * gv / (sqrt(state[slot]) + eps)
-        else:
-            step = lr * gv
-        if hw != NULL:
-            he_half_sub(hw, slot, <float>step, seed)
-        else:
-            w[slot] -= step
+        _rule(w, hw, state, slot, gv, lr, eps, seed)
         g[slot] = 0
+
+
+cdef inline void _rule(real* w, uint16_t* hw, real* state, uint64_t slot, real gv, real lr,
+                       real eps, uint64_t seed) noexcept nogil:
+    """_adagrad's update of slot from its non-zero summed gradient gv."""
+    cdef double step        # libm's double sqrt: the step is formed in double
+    if state != NULL:
+        state[slot] += gv * gv
+        step = lr * gv / (sqrt(state[slot]) + eps)
+    else:
+        step = lr * gv
+    if hw != NULL:
+        he_half_sub(hw, slot, <float>step, seed)
+    else:
+        w[slot] -= step
 
 
 cdef inline void _apply_range(real* w, uint16_t* hw, real* g, real* state, int64_t lo,
@@ -835,6 +841,98 @@ cdef void _backward_owned(const he_scheme* s, const int64_t* pairs, int64_t n,
                    state, eps, seed, lo, hi, act)
 
 
+cdef inline bint _rows_sparse(const he_scheme* s, int mode) noexcept nogil:
+    """Can a float16 step sum its gradient per row instead of in a dense
+    scratch: a full table's runs are whole rows (start = row * D), so two
+    entries' runs are the same slots or disjoint; not max mode (whose
+    winners are per element)."""
+    return s.kind == HE_FULL and s.runs == 1 and mode != MAX
+
+
+cdef int _half_rows_owned(const he_scheme* s, const int64_t* pairs, int64_t n,
+                          const real* psw, const real* grad, int64_t gstride, int64_t B,
+                          const int64_t* cnt, real lr, uint16_t* hw, real* state, real eps,
+                          uint64_t seed, int64_t lo, int64_t hi,
+                          const uint64_t* pre) noexcept nogil:
+    """A float16 full table's step on one thread's bucket (entries in entry
+    order, rows touching [lo, hi)) with no dense scratch: each row's gradient
+    is summed, in entry order, in a compact buffer found through an
+    open-addressing table keyed by the row's start, then every row is moved
+    once (he_half_sgd_run, or Adagrad's rule). The same sums in the same
+    order as the dense scratch, so the same bits; O(rows touched) memory
+    instead of the table's size. Returns -1 when out of memory."""
+    cdef int64_t e, j, q, h, u, a, z, i, nu = 0, D = s.dim, cap = 16
+    cdef uint64_t st
+    cdef const real* g
+    cdef real w
+    cdef real* row
+    while cap < 2 * n:
+        cap <<= 1
+    cdef uint64_t* keys = <uint64_t*>malloc(cap * sizeof(uint64_t))
+    cdef int64_t* slot_of = <int64_t*>malloc(cap * sizeof(int64_t))
+    cdef uint64_t* order = <uint64_t*>malloc((n + 1) * sizeof(uint64_t))
+    cdef real* acc = <real*>calloc(n * D + 1, sizeof(real))
+    if keys == NULL or slot_of == NULL or order == NULL or acc == NULL:
+        free(keys)
+        free(slot_of)
+        free(order)
+        free(acc)
+        return -1
+    for h in range(cap):
+        keys[h] = <uint64_t>(-1)        # empty (a start is < 2^62)
+    for e in range(n):
+        if e + AHEAD < n:
+            q = pairs[2 * (e + AHEAD) + 1]
+            g = grad + (q % B) * gstride + (q // B) * D
+            he_prefetch(g)
+            he_prefetch(g + D - 1)
+        j = pairs[2 * e]
+        q = pairs[2 * e + 1]
+        g = grad + (q % B) * gstride + (q // B) * D
+        w = 1
+        if cnt != NULL and cnt[q] > 1:
+            w = w / cnt[q]
+        if psw != NULL:
+            w = w * psw[j]
+        st = pre[j]
+        h = <int64_t>((st * <uint64_t>0x9E3779B97F4A7C15) >> 40) & (cap - 1)
+        while keys[h] != st and keys[h] != <uint64_t>(-1):
+            h = (h + 1) & (cap - 1)
+        if keys[h] != st:
+            keys[h] = st
+            slot_of[h] = nu
+            order[nu] = st
+            nu += 1
+        row = acc + slot_of[h] * D
+        # clipped to this thread's slots, as _visit clips a run
+        a = 0 if <int64_t>st >= lo else lo - <int64_t>st
+        z = D if <int64_t>st + D <= hi else hi - <int64_t>st
+        if z > a:
+            _axpy(row + a, g + a, w, z - a)
+    for u in range(nu):
+        if u + AHEAD < nu:
+            he_prefetch_w(hw + order[u + AHEAD])
+            he_prefetch_w(hw + order[u + AHEAD] + D - 1)
+        st = order[u]
+        row = acc + u * D
+        a = 0 if <int64_t>st >= lo else lo - <int64_t>st
+        z = D if <int64_t>st + D <= hi else hi - <int64_t>st
+        if z <= a:
+            continue
+        if real is float:
+            if state == NULL:
+                he_half_sgd_run(hw + st + a, row + a, z - a, st + a, lr, seed)
+                continue
+        for i in range(a, z):
+            if row[i] != 0:
+                _rule(NULL, hw, state, st + i, row[i], lr, eps, seed)
+    free(keys)
+    free(slot_of)
+    free(order)
+    free(acc)
+    return 0
+
+
 cdef int _backward_bucketed(const he_scheme* s, const index_t* idx, const int64_t* off,
                             const real* psw, const real* grad, int64_t gstride, int64_t B,
                             int64_t T, int mode, bint has_pad, int64_t pad, real alpha,
@@ -854,8 +952,9 @@ cdef int _backward_bucketed(const he_scheme* s, const index_t* idx, const int64_
     cdef uint64_t* lo = <uint64_t*>malloc((nt + 1) * sizeof(uint64_t))
     cdef int64_t* cnt = <int64_t*>malloc((Q + 1) * sizeof(int64_t)) if mode == MEAN else NULL
     cdef int64_t* pairs = NULL
+    cdef char* failed = <char*>calloc(nt, 1)
     cdef bint ok = (count != NULL and pos != NULL and start != NULL and lo != NULL
-                    and (mode != MEAN or cnt != NULL))
+                    and (mode != MEAN or cnt != NULL) and failed != NULL)
     if ok:
         for r in range(nt + 1):
             lo[r] = _range_lo(m, r, nt)
@@ -878,7 +977,12 @@ cdef int _backward_bucketed(const he_scheme* s, const index_t* idx, const int64_
             for q in prange(Q, num_threads=nt, schedule='static'):
                 cnt[q] = _live(idx, off[q], off[q + 1], has_pad, pad)
         for r in prange(nt, num_threads=nt, schedule='static', chunksize=1):
-            if scratch != NULL:     # two phases: the gradient into scratch, then the rule
+            if scratch == NULL and htarget != NULL:     # float16 rows, no dense scratch
+                if _half_rows_owned(s, pairs + 2 * start[r], start[r + 1] - start[r], psw,
+                                    grad, gstride, B, cnt, alpha, htarget, state, eps, seed,
+                                    lo[r], lo[r + 1], pre) != 0:
+                    failed[r] = 1
+            elif scratch != NULL:     # two phases: the gradient into scratch, then the rule
                 _backward_owned(s, pairs + 2 * start[r], start[r + 1] - start[r], psw, grad,
                                 gstride, B, cnt, 1, scratch, NULL, NULL, NULL, 0, 0, lo[r],
                                 lo[r + 1], ACT_ADD, pre)
@@ -893,12 +997,17 @@ cdef int _backward_bucketed(const he_scheme* s, const index_t* idx, const int64_
                 _backward_owned(s, pairs + 2 * start[r], start[r + 1] - start[r], psw, grad,
                                 gstride, B, cnt, alpha, target, NULL, NULL, NULL, 0, 0, lo[r],
                                 lo[r + 1], ACT_ADD, pre)
+    if ok:
+        for r in range(nt):
+            if failed[r]:
+                ok = False
     free(count)
     free(pos)
     free(start)
     free(lo)
     free(cnt)
     free(pairs)
+    free(failed)
     return 0 if ok else -1
 
 
@@ -907,7 +1016,7 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
              int64_t table0, int mode, bint has_pad, int64_t pad,
              const real[::1] weight, real[::1] target, double alpha,
              real[::1] scratch, real[::1] state, double eps, const uint64_t[::1] starts,
-             const uint16_t[::1] hweight, uint64_t seed):
+             const uint16_t[::1] hweight, uint64_t seed, bint rows=False):
     """Scatter-add of grad into the slots, four ways by what is passed.
 
     - plain gradient: target = a zero array of size m, alpha = 1;
@@ -916,7 +1025,9 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
       between calls), state = the accumulator of squared gradients;
     - a float16 weight (hweight, its bits; weight and target empty): SGD
       as Adagrad without state (alpha = lr, scratch given), or Adagrad,
-      each slot rounded once (seed 0: to nearest, else stochastically).
+      each slot rounded once (seed 0: to nearest, else stochastically);
+      rows (see wants_scratch): no scratch, each row's gradient summed in a
+      compact per-thread buffer (_half_rows_owned), the same bits.
     weight (or hweight) is read only in max mode, to find each element's
     winning entry. starts, when not empty, are the entries' run starts from
     forward (see wants_starts): nothing is hashed again.
@@ -993,6 +1104,25 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
         buf = <uint64_t*>malloc((most * s.runs + 1) * sizeof(uint64_t))
         loc = <int64_t*>malloc((CHUNK_BAGS + 1) * sizeof(int64_t))
         chunked = buf != NULL and loc != NULL
+    if rows:
+        if not (hp != NULL and _rows_sparse(s, mode)):
+            free(win)
+            if own:
+                free(pre)
+            raise ValueError("rows: only for a float16 full table's fused step")
+        if pre != NULL:
+            with nogil:
+                done = _backward_bucketed(s, ip, &offsets[0], pp, &grad[0, 0], grad.shape[1],
+                                          B, T, mode, has_pad, pad, <real>alpha, NULL, hp,
+                                          NULL, stp, <real>eps, seed, False, min(nt, 64),
+                                          pre) == 0
+        free(win)
+        if own:
+            free(pre)
+        if not done:
+            raise MemoryError("embedding bag backward: no memory for the float16 row sums "
+                              "(the weight may be partly updated)")
+        return
     if pre != NULL and 1 < nt <= 64:
         with nogil:
             done = _backward_bucketed(s, ip, &offsets[0], pp, &grad[0, 0], grad.shape[1], B,
@@ -1137,3 +1267,12 @@ def half_paths():
     or the portable ones (the same results either way)."""
     return ("F16C conversion" if he_has_f16c() else "scalar conversion") + ", " + \
         ("AVX2 update" if he_has_avx2_f16c() else "scalar update")
+
+
+def wants_scratch(SchemeView sv, int mode, int64_t n):
+    """Does a float16 fused step of n entries need the dense float32 scratch
+    (the array's size)? Not where the array is large next to the batch and
+    its rows never partly overlap (a full table, not max mode): there each
+    row's gradient is summed in a compact buffer instead (backward's rows)."""
+    return not (_rows_sparse(&sv.s, mode)
+                and sv.s.size > <uint64_t>(8 * sv.s.dim) * <uint64_t>n)
