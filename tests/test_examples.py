@@ -52,6 +52,21 @@ def test_theory_variance_example(tmp_path, monkeypatch):
     assert len(t2) == 10
 
 
+def test_float16_rounding_example(tmp_path, monkeypatch):
+    """float16 rounded stochastically follows float32 where rounding to
+    nearest stalls (the drift and the regression of the example)."""
+    pytest.importorskip("matplotlib")
+    ns = run_example("examples/float16_rounding.py", [], monkeypatch)
+    out = tmp_path / "f.png"
+    d, r = ns["main"](["--steps", "300", "--out", str(out)])
+    f32, sr, rn = (k for k, _, _ in ns["KINDS"])
+    assert d[rn][-1] == 1.0 and abs(d[sr][-1] - d[f32][-1]) < 1e-3 < 1 - d[f32][-1]
+    gain = r[f32][0] - r[f32][-1]
+    assert gain > 0 and abs(r[sr][-1] - r[f32][-1]) < 0.05 * gain
+    assert r[f32][0] - r[rn][-1] < 0.5 * gain
+    assert out.stat().st_size > 10_000
+
+
 def test_readme_cross_references_name_existing_sections():
     """'see Speed', 'see Learned allocation', ...: every capitalised 'see X'
     in the README names a section that is there (a section once went
