@@ -203,6 +203,14 @@ def main(argv=None):
         GB.ROWS = True
     profile("HashedNet forward (warp kernel keeping row state)", fwd(hnet, Mh))
     profile("HashedNet step", step(hnet, Mh))
+    # float16 storage: half the bytes read; the step sums into a float32
+    # scratch, then a sweep (RobeZ) or walk (FullTable) rounds each slot
+    M16, W16 = M.astype(np.float16), W.astype(np.float16)
+    profile("RobeZ forward, float16", fwd(robe, M16))
+    profile("RobeZ step, float16 (stochastic rounding)", step(robe, M16))
+    profile("FullTable forward, float16, check_indices=False", unchecked(fwd(full, W16)))
+    profile("FullTable step, float16, check_indices=False", unchecked(step(full, W16)))
+    del M16, W16
     he.set_gpu_options(precompute_starts=True)
     profile("RobeZ step, precompute_starts=True (bag_starts, then the forward)", step(robe, M))
     profile("RobeZ forward, precompute_starts=True", fwd(robe, M))
