@@ -808,6 +808,24 @@ cdef void _bucket_pass(const he_scheme* s, const index_t* idx, const int64_t* of
                 r += 1
 
 
+cdef inline const real* _pair_row(const real* grad, const int64_t* pairs, int64_t e, int64_t B,
+                                  int64_t gstride, int64_t D) noexcept nogil:
+    """The gradient row of bucket pair e's bag q = t*B + b (row b, table t)."""
+    cdef int64_t q = pairs[2 * e + 1]
+    return grad + (q % B) * gstride + (q // B) * D
+
+
+cdef inline real _pair_scale(real alpha, const int64_t* cnt, const real* psw, int64_t j,
+                             int64_t q) noexcept nogil:
+    """alpha, over the entries of mean bag q (cnt), times entry j's weight (psw)."""
+    cdef real w = alpha
+    if cnt != NULL and cnt[q] > 1:
+        w = alpha / cnt[q]
+    if psw != NULL:
+        w = w * psw[j]
+    return w
+
+
 cdef void _backward_owned(const he_scheme* s, const int64_t* pairs, int64_t n,
                           const real* psw, const real* grad, int64_t gstride, int64_t B,
                           const int64_t* cnt, real alpha, real* target, uint16_t* htarget,
@@ -821,21 +839,15 @@ cdef void _backward_owned(const he_scheme* s, const int64_t* pairs, int64_t n,
     cdef real w
     for e in range(n):
         if e + AHEAD < n:
-            q = pairs[2 * (e + AHEAD) + 1]
-            g = grad + (q % B) * gstride + (q // B) * D
+            g = _pair_row(grad, pairs, e + AHEAD, B, gstride, D)
             he_prefetch(g)
             he_prefetch(g + D - 1)
             _prefetch_runs(s, pre, pairs[2 * (e + AHEAD)], target, htarget,
                            scratch if act == ACT_ADAGRAD else NULL, lo, hi)
         j = pairs[2 * e]
         q = pairs[2 * e + 1]
-        g = grad + (q % B) * gstride + (q // B) * D
-        w = alpha
-        if act == ACT_ADD:
-            if cnt != NULL and cnt[q] > 1:
-                w = alpha / cnt[q]
-            if psw != NULL:
-                w = w * psw[j]
+        g = _pair_row(grad, pairs, e, B, gstride, D)
+        w = _pair_scale(alpha, cnt, psw, j, q) if act == ACT_ADD else alpha
         for k in range(R):
             _visit(s, NULL, k, pre[j * R + k], 0, L, g + k * L, w, target, htarget, scratch,
                    state, eps, seed, lo, hi, act)
@@ -861,7 +873,7 @@ cdef int _half_rows_owned(const he_scheme* s, const int64_t* pairs, int64_t n,
     once (he_half_sgd_run, or Adagrad's rule). The same sums in the same
     order as the dense scratch, so the same bits; O(rows touched) memory
     instead of the table's size. Returns -1 when out of memory."""
-    cdef int64_t e, j, q, h, u, a, z, i, nu = 0, D = s.dim, cap = 16
+    cdef int64_t e, j, h, u, a, z, i, nu = 0, D = s.dim, cap = 16
     cdef uint64_t st
     cdef const real* g
     cdef real w
@@ -882,18 +894,12 @@ cdef int _half_rows_owned(const he_scheme* s, const int64_t* pairs, int64_t n,
         keys[h] = <uint64_t>(-1)        # empty (a start is < 2^62)
     for e in range(n):
         if e + AHEAD < n:
-            q = pairs[2 * (e + AHEAD) + 1]
-            g = grad + (q % B) * gstride + (q // B) * D
+            g = _pair_row(grad, pairs, e + AHEAD, B, gstride, D)
             he_prefetch(g)
             he_prefetch(g + D - 1)
         j = pairs[2 * e]
-        q = pairs[2 * e + 1]
-        g = grad + (q % B) * gstride + (q // B) * D
-        w = 1
-        if cnt != NULL and cnt[q] > 1:
-            w = w / cnt[q]
-        if psw != NULL:
-            w = w * psw[j]
+        g = _pair_row(grad, pairs, e, B, gstride, D)
+        w = _pair_scale(1, cnt, psw, j, pairs[2 * e + 1])
         st = pre[j]
         h = <int64_t>((st * <uint64_t>0x9E3779B97F4A7C15) >> 40) & (cap - 1)
         while keys[h] != st and keys[h] != <uint64_t>(-1):
