@@ -202,8 +202,8 @@ def test_fused_update_rounds_the_float32_step(b, gseed, opt, sr):
 
 
 def test_stochastic_rounding_moves_small_steps_on_average():
-    # 64 slots at 1.0, 400 SGD steps of 1e-4 each (a tenth of float16's spacing
-    # at 1, a fifth below it): to nearest, nothing ever moves; stochastically
+    # 64 slots at 1.0, 400 SGD steps of 1e-4 each (a fifth of float16's spacing
+    # just below 1): to nearest, nothing ever moves; stochastically
     # the mean lands on 1 - 0.04, as in float32
     full = he.FullTable([1], 64)
     x = np.zeros((1, 1), np.int64)
