@@ -116,18 +116,24 @@ def compute_dtype(dtype):
     return _F32 if dtype == _HALF else dtype
 
 
-def weight_dtype(weight, storage=False):
-    """weight's dtype, checked: float32 or float64, or float16 where the
+def storage_dtype(dtype, storage=False):
+    """A weight's dtype, checked: float32 or float64, or float16 where the
     caller takes float16 storage (``storage``: the bag functions); returns
-    the dtype the kernels compute in (float32 for float16)."""
-    if not isinstance(weight, np.ndarray):
-        raise TypeError(f"weight: expected a numpy.ndarray, got {_desc(weight)}")
-    if weight.dtype in _FLOAT_DTYPES:
-        return weight.dtype
-    if storage and weight.dtype == _HALF:
+    the dtype the kernels compute in (float32 for float16). The rule of
+    NumPy and CuPy weights alike."""
+    if dtype in _FLOAT_DTYPES:
+        return dtype
+    if storage and dtype == _HALF:
         return _F32
     want = "float16, float32 or float64" if storage else "float32 or float64"
-    raise TypeError(f"weight: expected a {want} array, got dtype {weight.dtype}")
+    raise TypeError(f"weight: expected a {want} array, got dtype {dtype}")
+
+
+def weight_dtype(weight, storage=False):
+    """storage_dtype of a NumPy weight."""
+    if not isinstance(weight, np.ndarray):
+        raise TypeError(f"weight: expected a numpy.ndarray, got {_desc(weight)}")
+    return storage_dtype(weight.dtype, storage)
 
 
 def as_weight(weight, scheme, *, writable=False, storage=False):

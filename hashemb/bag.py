@@ -125,9 +125,10 @@ def _backward(grad_output, indices, offsets, scheme, table0, T, mode, per_sample
                    alpha, none if scratch is None or rows else scratch,
                    none if state is None else state, eps, starts, hw, seed, rows)
 
-    run.scratch = lambda opt: (opt.scratch_for(w)
-                               if k.wants_scratch(scheme._view, b.mode, b.idx.shape[0])
-                               else _NO_SCRATCH)
+    # the two-phase scratch of optimizer opt: none for a float16 full table's
+    # step, which sums per row (k.wants_scratch)
+    run.scratch = lambda opt: (_NO_SCRATCH if hw.size and not k.wants_scratch(
+        scheme._view, b.mode, b.idx.shape[0]) else opt.scratch_for(w))
 
     if optimizer is not None:
         optimizer._apply(k, run, w)

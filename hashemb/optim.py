@@ -47,12 +47,6 @@ class _Fused:
                 weight.size, V.compute_dtype(weight.dtype))
         return s
 
-    def _scratch_of(self, run, weight):
-        """The scratch the CPU's run asks for (``run.scratch``: none for a
-        float16 full table, which sums per row), else scratch_for."""
-        ask = getattr(run, "scratch", None)
-        return ask(self) if ask is not None else self.scratch_for(weight)
-
     def _round_seed(self, weight):
         """The seed of this call's rounding bits: 0 (to nearest) unless a
         float16 weight is rounded stochastically; a new one per call."""
@@ -103,7 +97,7 @@ class SGD(_Fused):
 
     def _apply(self, k, run, w):
         if w.dtype == V._HALF:      # two phases: the update rounds once per slot
-            run(w, self.lr, self._scratch_of(run, w), None, 0.0, self._round_seed(w))
+            run(w, self.lr, run.scratch(self), None, 0.0, self._round_seed(w))
         else:
             run(w, -self.lr, None, None, 0.0, 0)
 
@@ -180,9 +174,7 @@ class Adagrad(_Fused):
         self._scratch[key] = array_module(weight).zeros(weight.size, dtype)
 
     def _apply(self, k, run, w):
-        state = self._state(w)
-        scratch = self._scratch_of(run, w) if w.dtype == V._HALF else self.scratch_for(w)
-        run(w, self.lr, scratch, state, self.eps, self._round_seed(w))
+        run(w, self.lr, run.scratch(self), self._state(w), self.eps, self._round_seed(w))
 
 
 def check_optimizer(optimizer):

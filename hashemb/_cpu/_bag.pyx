@@ -78,12 +78,8 @@ cdef extern from "hashemb/half.h" nogil:
     uint16_t he_f2h_sr(float f, uint32_t rnd) noexcept
     uint32_t he_round_bits(uint64_t seed, uint64_t slot) noexcept
     void he_half_sub(uint16_t* w, uint64_t slot, float step, uint64_t seed) noexcept
-
-
-cdef extern from "hashemb/half.h" nogil:
     void he_h2f_run(float* y, const uint16_t* x, float a, int64_t n, int how) noexcept
-    int he_has_f16c() noexcept
-    int he_has_avx2_f16c() noexcept
+    int he_x86() noexcept
     void he_half_sgd_run(uint16_t* w, float* g, int64_t n, uint64_t slot0, float lr,
                          uint64_t seed) noexcept
 
@@ -485,17 +481,20 @@ cdef inline void _rule(real* w, uint16_t* hw, real* state, uint64_t slot, real g
 
 cdef inline void _apply_range(real* w, uint16_t* hw, real* g, real* state, int64_t lo,
                               int64_t hi, real lr, real eps, uint64_t seed) noexcept nogil:
-    """_adagrad at every slot of [lo, hi) (an apply sweep, or a contiguous
-    run of an apply walk); float16 SGD runs eight slots a step where the
-    machine can (he_half_sgd_run: the same bits)."""
+    """_adagrad at every slot of [lo, hi), whose summed gradients are
+    g[0 .. hi - lo) (an apply sweep's scratch, a contiguous run of an apply
+    walk, or a row's compact sums); float16 SGD runs eight slots a step
+    where the machine can (he_half_sgd_run: the same bits)."""
     cdef int64_t slot
     if real is float:
         if hw != NULL and state == NULL:
             if hi > lo:
-                he_half_sgd_run(hw + lo, g + lo, hi - lo, lo, lr, seed)
+                he_half_sgd_run(hw + lo, g, hi - lo, lo, lr, seed)
             return
     for slot in range(lo, hi):
-        _adagrad(w, hw, g, state, slot, lr, eps, seed)
+        if g[slot - lo] != 0:
+            _rule(w, hw, state, slot, g[slot - lo], lr, eps, seed)
+            g[slot - lo] = 0
 
 
 cdef inline void _visit(const he_scheme* s, const he_row* row, int64_t k, uint64_t st,
@@ -516,7 +515,8 @@ cdef inline void _visit(const he_scheme* s, const he_row* row, int64_t k, uint64
         if z > a and act == ACT_ADD:
             _axpy(target + sti + a, g + (a - i0), alpha, z - a)
         elif z > a:         # a float16 weight's apply pass
-            _apply_range(target, htarget, scratch, state, sti + a, sti + z, alpha, eps, seed)
+            _apply_range(target, htarget, scratch + sti + a, state, sti + a, sti + z, alpha,
+                         eps, seed)
         return
     for i in range(i0, i0 + n):
         slot = he_run_slot(s, st, i)
@@ -873,7 +873,7 @@ cdef int _half_rows_owned(const he_scheme* s, const int64_t* pairs, int64_t n,
     once (he_half_sgd_run, or Adagrad's rule). The same sums in the same
     order as the dense scratch, so the same bits; O(rows touched) memory
     instead of the table's size. Returns -1 when out of memory."""
-    cdef int64_t e, j, h, u, a, z, i, nu = 0, D = s.dim, cap = 16
+    cdef int64_t e, j, h, u, a, z, nu = 0, D = s.dim, cap = 16
     cdef uint64_t st
     cdef const real* g
     cdef real w
@@ -923,15 +923,8 @@ cdef int _half_rows_owned(const he_scheme* s, const int64_t* pairs, int64_t n,
         row = acc + u * D
         a = 0 if <int64_t>st >= lo else lo - <int64_t>st
         z = D if <int64_t>st + D <= hi else hi - <int64_t>st
-        if z <= a:
-            continue
-        if real is float:
-            if state == NULL:
-                he_half_sgd_run(hw + st + a, row + a, z - a, st + a, lr, seed)
-                continue
-        for i in range(a, z):
-            if row[i] != 0:
-                _rule(NULL, hw, state, st + i, row[i], lr, eps, seed)
+        if z > a:
+            _apply_range(NULL, hw, row + a, state, st + a, st + z, lr, eps, seed)
     free(keys)
     free(slot_of)
     free(order)
@@ -993,8 +986,8 @@ cdef int _backward_bucketed(const he_scheme* s, const index_t* idx, const int64_
                                 gstride, B, cnt, 1, scratch, NULL, NULL, NULL, 0, 0, lo[r],
                                 lo[r + 1], ACT_ADD, pre)
                 if sweep:
-                    _apply_range(target, htarget, scratch, state, lo[r], lo[r + 1], alpha,
-                                 eps, seed)
+                    _apply_range(target, htarget, scratch + lo[r], state, lo[r], lo[r + 1],
+                                 alpha, eps, seed)
                 else:
                     _backward_owned(s, pairs + 2 * start[r], start[r + 1] - start[r], psw,
                                     grad, gstride, B, cnt, alpha, target, htarget, scratch,
@@ -1165,13 +1158,13 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
                                        <int64_t>_range_lo(m, q, nt), <int64_t>_range_lo(m, q + 1, nt),
                                        ACT_ADD, buf)
             if adagrad:
-                _apply_range(tp, hp, sp, stp, lo, hi, <real>alpha, <real>eps, seed)
+                _apply_range(tp, hp, sp + lo, stp, lo, hi, <real>alpha, <real>eps, seed)
         elif adagrad:
             _backward_part(s, ip, &offsets[0], pp, &grad[0, 0], grad.shape[1], B, T,
                            table0, mode, has_pad, pad, win, 1, sp, NULL, NULL, NULL, 0, 0,
                            lo, hi, ACT_ADD, pre)
             if sweep:
-                _apply_range(tp, hp, sp, stp, lo, hi, <real>alpha, <real>eps, seed)
+                _apply_range(tp, hp, sp + lo, stp, lo, hi, <real>alpha, <real>eps, seed)
             else:
                 _backward_part(s, ip, &offsets[0], pp, &grad[0, 0], grad.shape[1], B,
                                T, table0, mode, has_pad, pad, win, <real>alpha,
@@ -1271,8 +1264,8 @@ def half_round(const float[::1] x, uint16_t[::1] out, uint64_t seed):
 def half_paths():
     """Which float16 paths this machine takes: "F16C conversion, AVX2 update"
     or the portable ones (the same results either way)."""
-    return ("F16C conversion" if he_has_f16c() else "scalar conversion") + ", " + \
-        ("AVX2 update" if he_has_avx2_f16c() else "scalar update")
+    return ("F16C conversion" if he_x86() & 1 else "scalar conversion") + ", " + \
+        ("AVX2 update" if he_x86() & 2 else "scalar update")
 
 
 def wants_scratch(SchemeView sv, int mode, int64_t n):

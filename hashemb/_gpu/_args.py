@@ -54,15 +54,8 @@ def as_float(be, x, name, dtype=None):
 
 
 def weight_dtype(be, weight, storage=False):
-    """The dtype the kernels compute in (V.weight_dtype's rules: float16 is
-    storage, computed in float32, where ``storage``)."""
-    as_array(be, weight, "weight")
-    if weight.dtype in _FLOAT:
-        return weight.dtype
-    if storage and weight.dtype == V._HALF:
-        return V._F32
-    want = "float16, float32 or float64" if storage else "float32 or float64"
-    raise TypeError(f"weight: expected a {want} array, got dtype {weight.dtype}")
+    """V.storage_dtype of a device weight."""
+    return V.storage_dtype(as_array(be, weight, "weight").dtype, storage)
 
 
 def as_weight(be, weight, scheme, *, writable=False, storage=False):

@@ -13,10 +13,12 @@
  *     move a weight on average (what makes float16 training work; FBGEMM's
  *     default for float16 tables). The bits are a hash of (seed, slot):
  *     the same on any thread count, CPU or GPU.
- * Integer arithmetic only (no float16 type, no F16C, no -ftz dependence:
- * subnormal halves are converted from integers), so results are bitwise the
- * same everywhere; the CUDA build uses the hardware conversion instructions,
- * which are exact and round to nearest even too. */
+ * The scalar code is integer arithmetic (no float16 type, no -ftz
+ * dependence: subnormal halves are converted from integers); the CUDA build
+ * uses the hardware conversion instructions, which are exact and round to
+ * nearest even too; the CPU's F16C / AVX2 paths (taken where the machine
+ * has them, he_x86) do the same arithmetic eight lanes at a time. So the
+ * results are bitwise the same everywhere. */
 #ifndef HASHEMB_HALF_H
 #define HASHEMB_HALF_H
 
@@ -30,9 +32,8 @@
 typedef uint32_t he_u32;
 typedef uint64_t he_u64;
 typedef unsigned short he_u16;
-#define HE_HALF_FN HE_HD
 
-HE_HALF_FN float he_bits_f(he_u32 b)
+HE_HD float he_bits_f(he_u32 b)
 {
 #if defined(__CUDA_ARCH__)
     return __int_as_float((int)b);
@@ -43,7 +44,7 @@ HE_HALF_FN float he_bits_f(he_u32 b)
 #endif
 }
 
-HE_HALF_FN he_u32 he_f_bits(float f)
+HE_HD he_u32 he_f_bits(float f)
 {
 #if defined(__CUDA_ARCH__)
     return (he_u32)__float_as_int(f);
@@ -56,7 +57,7 @@ HE_HALF_FN he_u32 he_f_bits(float f)
 
 /* binary16 bits -> float, exact. Branch-free selects, so loops over a run
  * vectorise. */
-HE_HALF_FN float he_h2f(he_u16 h)
+HE_HD float he_h2f(he_u16 h)
 {
 #if defined(__CUDA_ARCH__)
     float f;
@@ -77,7 +78,7 @@ HE_HALF_FN float he_h2f(he_u16 h)
 
 /* float -> binary16 bits, to nearest, ties to even (overflow to inf; nan
  * stays a quiet nan). */
-HE_HALF_FN he_u16 he_f2h(float f)
+HE_HD he_u16 he_f2h(float f)
 {
 #if defined(__CUDA_ARCH__)
     unsigned short h;
@@ -112,7 +113,7 @@ HE_HALF_FN he_u16 he_f2h(float f)
  * ulp with probability (dropped bits) / 2^(dropped width), compared against
  * the top bits of rnd. Values past the largest half go to inf as the next
  * value up; inf and nan as he_f2h. */
-HE_HALF_FN he_u16 he_f2h_sr(float f, he_u32 rnd)
+HE_HD he_u16 he_f2h_sr(float f, he_u32 rnd)
 {
     he_u32 x = he_f_bits(f);
     he_u32 sign = (x >> 16) & 0x8000u;
@@ -144,7 +145,7 @@ HE_HALF_FN he_u16 he_f2h_sr(float f, he_u32 rnd)
 
 /* Chris Wellons' lowbias32 integer mixer: 32-bit multiplies only, so that
  * eight of them run as one AVX2 instruction each (he_half_sgd_run). */
-HE_HALF_FN he_u32 he_mix32(he_u32 x)
+HE_HD he_u32 he_mix32(he_u32 x)
 {
     x ^= x >> 16;
     x *= 0x7feb352du;
@@ -157,18 +158,24 @@ HE_HALF_FN he_u32 he_mix32(he_u32 x)
 /* 32 random bits for rounding slot `slot` in the call of `seed` (itself a
  * mixed 64-bit value, new per call): two rounds of he_mix32 over the low
  * and then the high halves of both. */
-HE_HALF_FN he_u32 he_round_bits(he_u64 seed, he_u64 slot)
+HE_HD he_u32 he_round_bits(he_u64 seed, he_u64 slot)
 {
     return he_mix32(he_mix32((he_u32)slot ^ (he_u32)seed) ^ (he_u32)(slot >> 32) ^
                     (he_u32)(seed >> 32));
 }
 
-/* w[slot] = w - step, rounded as asked (seed 0: to nearest; else
- * stochastically, bits from (seed, slot)). */
-HE_HALF_FN void he_half_sub(he_u16* w, he_u64 slot, float step, he_u64 seed)
+/* The bits of float(w) - step, rounded as asked for slot `slot` (seed 0:
+ * to nearest; else stochastically, bits from (seed, slot)). */
+HE_HD he_u16 he_half_moved(he_u16 w, float step, he_u64 slot, he_u64 seed)
 {
-    float v = he_h2f(w[slot]) - step;
-    w[slot] = seed ? he_f2h_sr(v, he_round_bits(seed, slot)) : he_f2h(v);
+    float v = he_h2f(w) - step;
+    return seed ? he_f2h_sr(v, he_round_bits(seed, slot)) : he_f2h(v);
+}
+
+/* w[slot] = w[slot] - step, rounded (he_half_moved). */
+HE_HD void he_half_sub(he_u16* w, he_u64 slot, float step, he_u64 seed)
+{
+    w[slot] = he_half_moved(w[slot], step, slot, seed);
 }
 
 #if !defined(__CUDACC__)
@@ -209,25 +216,28 @@ __attribute__((target("avx,f16c"))) static void he_h2f_run_f16c(
         he_h2f_run_soft(y + i, x + i, a, n - i, how);
 }
 
-static inline int he_has_f16c(void)
+/* What the CPU can run, probed once: bit 0 AVX + F16C (he_h2f_run's
+ * conversion), bit 1 AVX2 + F16C as well (he_half_sgd_run). */
+static inline int he_x86(void)
 {
     static int has = -1;        /* a benign race: every thread stores the same */
     if (has < 0)
-        has = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+        has = (__builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c")) |
+              (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) << 1;
     return has;
 }
 
 static inline void he_h2f_run(float* __restrict y, const he_u16* __restrict x, float a,
                               int64_t n, int how)
 {
-    if (n >= 8 && he_has_f16c())
+    if (n >= 8 && (he_x86() & 1))
         he_h2f_run_f16c(y, x, a, n, how);
     else
         he_h2f_run_soft(y, x, a, n, how);
 }
 #else
 #define he_h2f_run he_h2f_run_soft
-static inline int he_has_f16c(void) { return 0; }
+static inline int he_x86(void) { return 0; }
 #endif
 
 /* The float16 SGD apply over n consecutive slots slot0.. of weight bits w
@@ -240,9 +250,8 @@ static inline void he_half_sgd_run_soft(he_u16* __restrict w, float* __restrict 
                                         uint64_t slot0, float lr, uint64_t seed)
 {
     for (int64_t i = 0; i < n; i++)
-        if (g[i] != 0) {        /* he_half_sub of slot slot0 + i, at w[i] */
-            const float v = he_h2f(w[i]) - lr * g[i];
-            w[i] = seed ? he_f2h_sr(v, he_round_bits(seed, slot0 + (uint64_t)i)) : he_f2h(v);
+        if (g[i] != 0) {
+            w[i] = he_half_moved(w[i], lr * g[i], slot0 + (uint64_t)i, seed);
             g[i] = 0;
         }
 }
@@ -324,25 +333,16 @@ __attribute__((target("avx2,f16c"))) static void he_half_sgd_run_avx2(
         he_half_sgd_run_soft(w + i, g + i, n - i, slot0 + (uint64_t)i, lr, seed);
 }
 
-static inline int he_has_avx2_f16c(void)
-{
-    static int has = -1;
-    if (has < 0)
-        has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-    return has;
-}
-
 static inline void he_half_sgd_run(he_u16* __restrict w, float* __restrict g, int64_t n,
                                    uint64_t slot0, float lr, uint64_t seed)
 {
-    if (n >= 8 && he_has_avx2_f16c())
+    if (n >= 8 && (he_x86() & 2))
         he_half_sgd_run_avx2(w, g, n, slot0, lr, seed);
     else
         he_half_sgd_run_soft(w, g, n, slot0, lr, seed);
 }
 #else
 #define he_half_sgd_run he_half_sgd_run_soft
-static inline int he_has_avx2_f16c(void) { return 0; }
 #endif
 #endif
 
