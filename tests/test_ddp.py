@@ -1,6 +1,7 @@
 """Two DDP workers on loopback (gloo) stay identical and match one process
 training on the same global batches."""
 import os
+import signal
 import subprocess
 import sys
 
@@ -23,8 +24,18 @@ def test_two_workers_match_single_process(tmp_path):
            "--compression", str(a["compression"]), "--seed", str(a["seed"]),
            "--save", str(tmp_path / "rank{rank}.pt")]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
+    # its own process group: on a timeout the workers torchrun started are
+    # killed too (subprocess.run kills only torchrun, then waits for the
+    # pipes the workers still hold, which can hang the whole test run)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env, start_new_session=True)
+    try:
+        _, err = p.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        _, err = p.communicate()
+        pytest.fail(f"torchrun with 2 workers did not finish in 300 s: {err[-3000:]}")
+    assert p.returncode == 0, err[-3000:]
     s0 = torch.load(tmp_path / "rank0.pt")
     s1 = torch.load(tmp_path / "rank1.pt")
     card = SyntheticCriteo(scale=a["scale"], seed=a["seed"]).cardinalities
