@@ -8,7 +8,7 @@ from .bag import (BagSaved, embedding_bag, embedding_bag_backward, embedding_bag
 from .lookup import (embedding, embedding_backward, multi_embedding,
                         multi_embedding_backward, unpack)
 from .hashing import UniversalHash
-from .optim import SGD, Adagrad
+from .optim import SGD, Adagrad, RowwiseAdagrad
 from .schemes import FullTable, HashedNet, RobeZ, Scheme
 from .lsh import LMA, LSHTable
 from . import theory
@@ -21,7 +21,7 @@ __all__ = [
     "UniversalHash", "Scheme", "RobeZ", "HashedNet", "FullTable", "LSHTable", "LMA",
     "embedding_bag", "embedding_bag_backward", "embedding_bags", "embedding_bags_backward",
     "BagSaved",
-    "SGD", "Adagrad", "show_config", "set_gpu_options", "theory",
+    "SGD", "Adagrad", "RowwiseAdagrad", "show_config", "set_gpu_options", "theory",
     "embedding", "embedding_backward", "multi_embedding", "multi_embedding_backward", "unpack",
     "tt_shapes", "tt_core_shapes", "tt_init", "tt_to_full", "tt_embedding_bag",
     "tt_embedding_bag_backward", "tt_embedding_bags", "tt_embedding_bags_backward", "TTCache",

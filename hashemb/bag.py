@@ -15,7 +15,6 @@ _DETERMINISM = """
 
 
 _NO_HALF = np.empty(0, np.uint16)
-_NO_SCRATCH = object()      # a float16 full table's step sums per row, with no scratch
 _EMPTY = {np.dtype(np.float32): np.empty(0, np.float32),
           np.dtype(np.float64): np.empty(0, np.float64)}
 
@@ -97,8 +96,8 @@ def _backward(grad_output, indices, offsets, scheme, table0, T, mode, per_sample
                           optimizer, deterministic, saved=saved)
     k = kernels(grad_output, indices, offsets, per_sample_weights, weight)
     scheme = V.check_scheme(scheme)
-    optimizer = check_optimizer(optimizer)
     V.check_mode(mode)
+    optimizer = check_optimizer(optimizer, scheme, mode)
     V.check_backward_weight(weight, mode, optimizer)
     dtype = V.weight_dtype(weight, storage=True) if weight is not None else \
         V.as_float(grad_output, "grad_output").dtype
@@ -117,18 +116,20 @@ def _backward(grad_output, indices, offsets, scheme, table0, T, mode, per_sample
     none = _EMPTY[dtype]
 
     def run(target, alpha, scratch, state, eps, seed=0):
-        # a float16 target is the weight itself, moved in the apply pass; a
-        # scratch not needed (k.wants_scratch) is not allocated
-        rows = scratch is _NO_SCRATCH
+        # a float16 target is the weight itself, moved in the apply pass;
+        # scratch "slot" / "row": a full table's step summed per row with no
+        # scratch, applied per element or row-wise (k.ROWS)
+        rows = k.ROWS[scratch] if isinstance(scratch, str) else 0
         k.backward(scheme._view, b.idx, b.off, b.psw, g, b.B, T, table0, b.mode,
                    b.has_pad, b.pad, wr, none if target is w and hw.size else target,
                    alpha, none if scratch is None or rows else scratch,
                    none if state is None else state, eps, starts, hw, seed, rows)
 
-    # the two-phase scratch of optimizer opt: none for a float16 full table's
-    # step, which sums per row (k.wants_scratch)
-    run.scratch = lambda opt: (_NO_SCRATCH if hw.size and not k.wants_scratch(
+    # the two-phase scratch of optimizer opt: none for a full table large
+    # next to its batch, whose step sums per row (k.wants_scratch)
+    run.scratch = lambda opt: ("slot" if not k.wants_scratch(
         scheme._view, b.mode, b.idx.shape[0]) else opt.scratch_for(w))
+    run.rows = scheme.size // scheme.dim
 
     if optimizer is not None:
         optimizer._apply(k, run, w)

@@ -36,6 +36,7 @@ from hashemb._gpu import bag as GB, embed as GE, slots as GS
 import fuzzing
 import gpu_emu
 from test_bag import batches, make_scheme
+from test_rowwise import full_batches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CU_FILES = sorted(glob.glob(os.path.join(ROOT, "hashemb", "**", "*.cu"), recursive=True)
@@ -551,6 +552,62 @@ def test_half_fused_optimizers_equal_cpu(dev, b, gseed, opt, det, sr):
     if opt == "adagrad":
         assert dev.get(od.state_for(Wd)[0]).dtype == np.float32
     assert not dev.get(od.scratch_for(Wd)).any()
+
+
+@FIXTURE
+@given(b=full_batches(), gseed=st.integers(0, 99),
+       dtype=st.sampled_from([np.float32, np.float64, np.float16]), det=st.booleans(),
+       sr=st.booleans())
+def test_rowwise_adagrad_equals_cpu(dev, b, gseed, dtype, det, sr):
+    """Row-wise Adagrad of full tables: the gradient summed in the scratch,
+    then each touched row claimed and moved once; with the deterministic
+    sums, the CPU's bits (float16: the same rounding bits too)."""
+    full, idx, off, T, B, mode, psw, pad, D = b
+    cdt = np.float32 if dtype == np.float16 else dtype
+    psw = None if psw is None else psw.astype(cdt)
+    M = full.init_weight(seed=gseed, dtype=dtype)
+    make = lambda: he.RowwiseAdagrad(0.1, eps=1e-3, stochastic_rounding=sr, seed=gseed)  # noqa: E731
+    W, o = M.copy(), make()
+    Wd, od = dev.put(M), make()
+    args = (dev.put(idx), dev.put(off), full, T, mode, dev.put(psw))
+    for step in range(2):
+        G = np.random.default_rng(gseed + step).standard_normal((B, T * D)).astype(cdt)
+        he.embedding_bags_backward(G, idx, off, scheme=full, num_tables=T, mode=mode,
+                                   per_sample_weights=psw, weight=W, optimizer=o)
+        assert dev.bags_backward(dev.put(G), *args, weight=Wd, optimizer=od, det=det) is None
+    rows = full.size // D
+    if dtype == np.float16:
+        _same_half(dev, Wd, W, det)
+    elif det:
+        dev.same(Wd, W)
+        dev.same(od.state_for(Wd, rows), o.state_for(W, rows))
+    else:
+        np.testing.assert_allclose(dev.get(Wd), W, **tol(cdt))
+    np.testing.assert_allclose(dev.get(od.state_for(Wd, rows)), o.state_for(W, rows),
+                               rtol=1e-4 if cdt == np.float32 else 1e-10)
+    assert not dev.get(od.scratch_for(Wd)).any()        # left zeroed for the next call
+
+
+def test_rowwise_claims_wrap():
+    """The row claims are call numbers: when the number wraps past 2^32 - 1
+    the claims are cleared, and a row is still moved exactly once a call."""
+    be = gpu_emu.emu_backend()
+    full = he.FullTable([6], 4)
+    x = np.array([[1], [1], [3]])
+    g = np.ones((3, 4), np.float32)
+    W, Wd = full.init_weight(), full.init_weight()
+    o, od = he.RowwiseAdagrad(0.1), he.RowwiseAdagrad(0.1)
+    od.claims_for(Wd, 6)
+    od._claims[od._key(Wd)][1] = (1 << 32) - 2      # the next calls: 2^32 - 1, then wrap
+    for _ in range(3):
+        he.embedding_bags_backward(g, x, scheme=full, num_tables=1, weight=W, optimizer=o)
+        GB.backward(g, x, None, full, 0, 1, "sum", None, True, None, Wd, od, True, be=be)
+    np.testing.assert_array_equal(Wd, W)
+    # the touched rows hold this call's number (threads run one at a time
+    # here, so a row moved twice would also find its scratch cleared: the
+    # claim is what keeps concurrent threads on a device apart)
+    claims, call = od._claims[od._key(Wd)]
+    assert call == 2 and claims.tolist() == [0, 2, 0, 2, 0, 0]
 
 
 def test_half_weights_on_the_emulator_pass_their_bits():

@@ -40,6 +40,12 @@ cdef enum:
     ACT_ADD = 0       # target[slot] += alpha * g  (gradient, or SGD with alpha=-lr)
     ACT_ADAGRAD = 1   # apply Adagrad where the gradient scratch is non-zero, clear it
 
+# a full table's two-phase step summed per row (_rows_owned), applied
+cdef enum:
+    ROWS_NONE = 0     # (a dense scratch, or none)
+    ROWS_SLOT = 1     # per element: Adagrad's rule, or float16 SGD
+    ROWS_ROW = 2      # row-wise Adagrad, one accumulator per row
+
 
 cdef extern from *:
     """
@@ -82,6 +88,13 @@ cdef extern from "hashemb/half.h" nogil:
     int he_x86() noexcept
     void he_half_sgd_run(uint16_t* w, float* g, int64_t n, uint64_t slot0, float lr,
                          uint64_t seed) noexcept
+
+
+cdef extern from "hashemb/optim.h" nogil:
+    double he_row_sumsq_f(const float* g, int64_t D) noexcept
+    double he_row_sumsq_d(const double* g, int64_t D) noexcept
+    double he_row_mult_f(float* G, double ss, int64_t D, float lr, float eps) noexcept
+    double he_row_mult_d(double* G, double ss, int64_t D, double lr, double eps) noexcept
 
 
 cdef extern from "hashemb/stream.h" nogil:
@@ -854,29 +867,57 @@ cdef void _backward_owned(const he_scheme* s, const int64_t* pairs, int64_t n,
 
 
 cdef inline bint _rows_sparse(const he_scheme* s, int mode) noexcept nogil:
-    """Can a float16 step sum its gradient per row instead of in a dense
+    """Can a two-phase step sum its gradient per row instead of in a dense
     scratch: a full table's runs are whole rows (start = row * D), so two
     entries' runs are the same slots or disjoint; not max mode (whose
     winners are per element)."""
     return s.kind == HE_FULL and s.runs == 1 and mode != MAX
 
 
-cdef int _half_rows_owned(const he_scheme* s, const int64_t* pairs, int64_t n,
-                          const real* psw, const real* grad, int64_t gstride, int64_t B,
-                          const int64_t* cnt, real lr, uint16_t* hw, real* state, real eps,
-                          uint64_t seed, int64_t lo, int64_t hi,
-                          const uint64_t* pre) noexcept nogil:
-    """A float16 full table's step on one thread's bucket (entries in entry
-    order, rows touching [lo, hi)) with no dense scratch: each row's gradient
-    is summed, in entry order, in a compact buffer found through an
-    open-addressing table keyed by the row's start, then every row is moved
-    once (he_half_sgd_run, or Adagrad's rule). The same sums in the same
-    order as the dense scratch, so the same bits; O(rows touched) memory
-    instead of the table's size. Returns -1 when out of memory."""
-    cdef int64_t e, j, h, u, a, z, nu = 0, D = s.dim, cap = 16
+cdef inline void _rowwise(real* w, uint16_t* hw, const real* g, real* state, uint64_t st,
+                          int64_t D, real lr, real eps, uint64_t seed) noexcept nogil:
+    """Row-wise Adagrad (optim.h) of the row at slots st .. st + D - 1 from
+    its summed gradient g: its accumulator state[st / D] grows by the mean
+    square, then every element moves by lr g_i / (sqrt(G) + eps), formed in
+    double (a float16 weight rounds once, he_half_sub). An all-zero
+    gradient changes nothing (G += 0, steps of 0), so it is skipped."""
+    cdef double ss, mult
+    cdef int64_t i
+    if real is float:
+        ss = he_row_sumsq_f(g, D)
+    else:
+        ss = he_row_sumsq_d(g, D)
+    if ss == 0:
+        return
+    if real is float:
+        mult = he_row_mult_f(state + st // <uint64_t>D, ss, D, lr, eps)
+    else:
+        mult = he_row_mult_d(state + st // <uint64_t>D, ss, D, lr, eps)
+    if hw != NULL:
+        for i in range(D):
+            he_half_sub(hw, st + i, <float>(mult * g[i]), seed)
+    else:
+        for i in range(D):
+            w[st + i] = <real>(w[st + i] - mult * g[i])
+
+
+cdef int _rows_owned(const he_scheme* s, const int64_t* pairs, int64_t n,
+                     const real* psw, const real* grad, int64_t gstride, int64_t B,
+                     const int64_t* cnt, real lr, real* w, uint16_t* hw, real* state, real eps,
+                     uint64_t seed, int rows, const uint64_t* pre) noexcept nogil:
+    """A full table's two-phase step on one thread's bucket (entries in
+    entry order; whole rows: the thread ranges are row-aligned) with no
+    dense scratch: each row's gradient is summed, in entry order, in a
+    compact buffer found through an open-addressing table keyed by the
+    row's start, then every row is moved once: per element (ROWS_SLOT:
+    _apply_range, Adagrad's rule or float16 SGD, the same sums in the same
+    order as the dense scratch, so the same bits) or row-wise (ROWS_ROW:
+    _rowwise). The weight is w, or hw for float16 storage. O(rows touched)
+    memory instead of the table's size. Returns -1 when out of memory."""
+    cdef int64_t e, j, h, u, nu = 0, D = s.dim, cap = 16
     cdef uint64_t st
     cdef const real* g
-    cdef real w
+    cdef real sc
     cdef real* row
     while cap < 2 * n:
         cap <<= 1
@@ -899,7 +940,7 @@ cdef int _half_rows_owned(const he_scheme* s, const int64_t* pairs, int64_t n,
             he_prefetch(g + D - 1)
         j = pairs[2 * e]
         g = _pair_row(grad, pairs, e, B, gstride, D)
-        w = _pair_scale(1, cnt, psw, j, pairs[2 * e + 1])
+        sc = _pair_scale(1, cnt, psw, j, pairs[2 * e + 1])
         st = pre[j]
         h = <int64_t>((st * <uint64_t>0x9E3779B97F4A7C15) >> 40) & (cap - 1)
         while keys[h] != st and keys[h] != <uint64_t>(-1):
@@ -909,22 +950,24 @@ cdef int _half_rows_owned(const he_scheme* s, const int64_t* pairs, int64_t n,
             slot_of[h] = nu
             order[nu] = st
             nu += 1
-        row = acc + slot_of[h] * D
-        # clipped to this thread's slots, as _visit clips a run
-        a = 0 if <int64_t>st >= lo else lo - <int64_t>st
-        z = D if <int64_t>st + D <= hi else hi - <int64_t>st
-        if z > a:
-            _axpy(row + a, g + a, w, z - a)
+        _axpy(acc + slot_of[h] * D, g, sc, D)
     for u in range(nu):
         if u + AHEAD < nu:
-            he_prefetch_w(hw + order[u + AHEAD])
-            he_prefetch_w(hw + order[u + AHEAD] + D - 1)
+            st = order[u + AHEAD]
+            if hw != NULL:
+                he_prefetch_w(hw + st)
+                he_prefetch_w(hw + st + D - 1)
+            else:
+                he_prefetch_w(w + st)
+                he_prefetch_w(w + st + D - 1)
+            if state != NULL:
+                he_prefetch_w(state + (st // <uint64_t>D if rows == ROWS_ROW else st))
         st = order[u]
         row = acc + u * D
-        a = 0 if <int64_t>st >= lo else lo - <int64_t>st
-        z = D if <int64_t>st + D <= hi else hi - <int64_t>st
-        if z > a:
-            _apply_range(NULL, hw, row + a, state, st + a, st + z, lr, eps, seed)
+        if rows == ROWS_ROW:
+            _rowwise(w, hw, row, state, st, D, lr, eps, seed)
+        else:
+            _apply_range(w, hw, row, state, st, st + D, lr, eps, seed)
     free(keys)
     free(slot_of)
     free(order)
@@ -937,12 +980,14 @@ cdef int _backward_bucketed(const he_scheme* s, const index_t* idx, const int64_
                             int64_t T, int mode, bint has_pad, int64_t pad, real alpha,
                             real* target, uint16_t* htarget, real* scratch, real* state,
                             real eps, uint64_t seed, bint sweep, int nt,
-                            const uint64_t* pre) noexcept nogil:
+                            const uint64_t* pre, int rows) noexcept nogil:
     """Backward on nt threads where each thread walks only the entries that
     touch its slot range (not every entry, as _backward_part does): the
     entries are bucketed by owner, stably, in two passes over the bags, then
     each thread runs its bucket. Same order per slot, so the same bits as
-    one thread. Returns -1 (nothing done) when out of memory."""
+    one thread. rows (ROWS_SLOT, ROWS_ROW): a full table's two-phase step
+    summed per row (_rows_owned), on row-aligned ranges. Returns -1
+    (nothing done) when out of memory."""
     cdef int64_t Q = T * B, p, r, q, total = 0
     cdef uint64_t m = s.size
     cdef int64_t* count = <int64_t*>calloc(nt * nt, sizeof(int64_t))
@@ -956,7 +1001,8 @@ cdef int _backward_bucketed(const he_scheme* s, const index_t* idx, const int64_
                     and (mode != MEAN or cnt != NULL) and failed != NULL)
     if ok:
         for r in range(nt + 1):
-            lo[r] = _range_lo(m, r, nt)
+            lo[r] = _range_lo(m // <uint64_t>s.dim, r, nt) * <uint64_t>s.dim if rows \
+                else _range_lo(m, r, nt)
         for p in prange(nt, num_threads=nt, schedule='static', chunksize=1):
             _bucket_pass(s, idx, off, pre, Q * p // nt, Q * (p + 1) // nt, lo, nt, has_pad,
                          pad, count + p * nt, NULL, NULL)
@@ -976,10 +1022,10 @@ cdef int _backward_bucketed(const he_scheme* s, const index_t* idx, const int64_
             for q in prange(Q, num_threads=nt, schedule='static'):
                 cnt[q] = _live(idx, off[q], off[q + 1], has_pad, pad)
         for r in prange(nt, num_threads=nt, schedule='static', chunksize=1):
-            if scratch == NULL and htarget != NULL:     # float16 rows, no dense scratch
-                if _half_rows_owned(s, pairs + 2 * start[r], start[r + 1] - start[r], psw,
-                                    grad, gstride, B, cnt, alpha, htarget, state, eps, seed,
-                                    lo[r], lo[r + 1], pre) != 0:
+            if rows:        # summed per row, no dense scratch
+                if _rows_owned(s, pairs + 2 * start[r], start[r + 1] - start[r], psw, grad,
+                               gstride, B, cnt, alpha, target, htarget, state, eps, seed,
+                               rows, pre) != 0:
                     failed[r] = 1
             elif scratch != NULL:     # two phases: the gradient into scratch, then the rule
                 _backward_owned(s, pairs + 2 * start[r], start[r + 1] - start[r], psw, grad,
@@ -1015,7 +1061,7 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
              int64_t table0, int mode, bint has_pad, int64_t pad,
              const real[::1] weight, real[::1] target, double alpha,
              real[::1] scratch, real[::1] state, double eps, const uint64_t[::1] starts,
-             const uint16_t[::1] hweight, uint64_t seed, bint rows=False):
+             const uint16_t[::1] hweight, uint64_t seed, int rows=ROWS_NONE):
     """Scatter-add of grad into the slots, four ways by what is passed.
 
     - plain gradient: target = a zero array of size m, alpha = 1;
@@ -1025,8 +1071,11 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
     - a float16 weight (hweight, its bits; weight and target empty): SGD
       as Adagrad without state (alpha = lr, scratch given), or Adagrad,
       each slot rounded once (seed 0: to nearest, else stochastically);
-      rows (see wants_scratch): no scratch, each row's gradient summed in a
-      compact per-thread buffer (_half_rows_owned), the same bits.
+    - rows (a full table's two-phase step; target = weight, or hweight):
+      no scratch, each row's gradient summed in a compact per-thread buffer
+      (_rows_owned), then applied per element (ROWS_SLOT: Adagrad, or
+      float16 SGD; the same bits as the scratch, see wants_scratch) or
+      row-wise (ROWS_ROW: row-wise Adagrad, state one value per row).
     weight (or hweight) is read only in max mode, to find each element's
     winning entry. starts, when not empty, are the entries' run starts from
     forward (see wants_starts): nothing is hashed again.
@@ -1104,29 +1153,31 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
         loc = <int64_t*>malloc((CHUNK_BAGS + 1) * sizeof(int64_t))
         chunked = buf != NULL and loc != NULL
     if rows:
-        if not (hp != NULL and _rows_sparse(s, mode)):
+        if not (_rows_sparse(s, mode) and (hp != NULL or tp != NULL)
+                and (rows == ROWS_SLOT or (rows == ROWS_ROW and stp != NULL))):
             free(win)
             if own:
                 free(pre)
-            raise ValueError("rows: only for a float16 full table's fused step")
+            raise ValueError("rows: only for a full table's fused step (row-wise: with "
+                             "its state)")
         if pre != NULL:
             with nogil:
                 done = _backward_bucketed(s, ip, &offsets[0], pp, &grad[0, 0], grad.shape[1],
-                                          B, T, mode, has_pad, pad, <real>alpha, NULL, hp,
+                                          B, T, mode, has_pad, pad, <real>alpha, tp, hp,
                                           NULL, stp, <real>eps, seed, False, min(nt, 64),
-                                          pre) == 0
+                                          pre, rows) == 0
         free(win)
         if own:
             free(pre)
         if not done:
-            raise MemoryError("embedding bag backward: no memory for the float16 row sums "
+            raise MemoryError("embedding bag backward: no memory for the row sums "
                               "(the weight may be partly updated)")
         return
     if pre != NULL and 1 < nt <= 64:
         with nogil:
             done = _backward_bucketed(s, ip, &offsets[0], pp, &grad[0, 0], grad.shape[1], B,
                                       T, mode, has_pad, pad, <real>alpha, tp, hp, sp,
-                                      stp, <real>eps, seed, sweep, nt, pre) == 0
+                                      stp, <real>eps, seed, sweep, nt, pre, ROWS_NONE) == 0
         if done:
             free(win)
             if own:
@@ -1261,6 +1312,9 @@ def half_round(const float[::1] x, uint16_t[::1] out, uint64_t seed):
             out[i] = he_f2h_sr(x[i], he_round_bits(seed, i)) if seed else he_f2h(x[i])
 
 
+ROWS = {"slot": ROWS_SLOT, "row": ROWS_ROW}
+
+
 def half_paths():
     """Which float16 paths this machine takes: "F16C conversion, AVX2 update"
     or the portable ones (the same results either way)."""
@@ -1269,9 +1323,10 @@ def half_paths():
 
 
 def wants_scratch(SchemeView sv, int mode, int64_t n):
-    """Does a float16 fused step of n entries need the dense float32 scratch
-    (the array's size)? Not where the array is large next to the batch and
-    its rows never partly overlap (a full table, not max mode): there each
-    row's gradient is summed in a compact buffer instead (backward's rows)."""
+    """Does a two-phase fused step of n entries (Adagrad; float16 SGD) need
+    the dense scratch (the array's size)? Not where the array is large next
+    to the batch and its rows never partly overlap (a full table, not max
+    mode): there each row's gradient is summed in a compact buffer instead
+    (backward's rows)."""
     return not (_rows_sparse(&sv.s, mode)
                 and sv.s.size > <uint64_t>(8 * sv.s.dim) * <uint64_t>n)

@@ -21,6 +21,7 @@ import numpy as np
 _HERE = os.path.dirname(os.path.abspath(__file__))
 HEADER = os.path.join(os.path.dirname(_HERE), "_include", "hashemb", "slots.h")
 HALF = os.path.join(os.path.dirname(_HERE), "_include", "hashemb", "half.h")
+OPTIM = os.path.join(os.path.dirname(_HERE), "_include", "hashemb", "optim.h")
 COMMON = os.path.join(_HERE, "common.cuh")
 FAMILIES = ("bag", "segment", "slots", "embed", "tt")
 
@@ -51,10 +52,10 @@ def _read(path):
 
 
 def source(family):
-    """The text NVRTC compiles: slots.h, half.h, common.cuh, then <family>.cu,
+    """The text NVRTC compiles: slots.h, half.h, optim.h, common.cuh, then <family>.cu,
     each under a #line marker so compile errors name the right file and line."""
     parts = []
-    for path in (HEADER, HALF, COMMON, os.path.join(_HERE, family + ".cu")):
+    for path in (HEADER, HALF, OPTIM, COMMON, os.path.join(_HERE, family + ".cu")):
         parts.append(f'#line 1 "{os.path.basename(path)}"\n{_read(path)}')
     return "\n".join(parts)
 

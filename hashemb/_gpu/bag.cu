@@ -572,6 +572,43 @@ __global__ void bag_adagrad_walk(const he_scheme* __restrict__ s, const I* __res
 }
 
 /*
+ * Row-wise Adagrad's apply pass (a full table, optim.h), after the gradient
+ * is summed in scratch: a thread per bag walks its entries and claims each
+ * entry's row with an atomic exchange of the row's claim for this call's
+ * number; the one thread that finds another number there moves the row
+ * (he_rowwise: its accumulator state[row], its D elements, its scratch
+ * cleared). So each touched row moves exactly once per call, whatever the
+ * order of the threads, and from the scratch's sums: given the
+ * deterministic sums, bitwise the CPU's step.
+ */
+template <typename R, typename I, bool ST, typename S = R>
+__global__ void bag_rowwise_walk(const he_scheme* __restrict__ s, const I* __restrict__ idx,
+                                 const int64_t* __restrict__ off, i64 use_off, i64 rowlen,
+                                 i64 nper, const uint64_t* __restrict__ starts, i64 B, i64 T,
+                                 i64 table0, i64 has_pad, i64 pad, S* __restrict__ w,
+                                 R* __restrict__ scratch, R* __restrict__ state,
+                                 unsigned int* __restrict__ claims, i64 call, R lr, R eps,
+                                 i64 seed)
+{
+    he_bag_thread h;
+    if (!he_bag_thread_of(1, B, T, table0, off, use_off, rowlen, nper, &h))
+        return;
+    const i64 D = s->dim, table = h.table;
+    const he_tterm tt = he_thread_term<ST>(s, table);
+    for (i64 j = h.r.j0; j < h.r.j1; j++) {
+        const i64 x = (i64)idx[j];
+        if (has_pad && x == pad)
+            continue;
+        const he_row row = he_entry_row<ST>(s, table, tt, x);
+        const uint64_t st = he_start<ST>(s, &row, starts, j, 0);
+        const uint64_t r = st / (uint64_t)D;
+        if (atomicExch(claims + r, (unsigned int)call) == (unsigned int)call)
+            continue;
+        he_rowwise(w, scratch + st, state + r, st, D, lr, eps, seed);
+    }
+}
+
+/*
  * The checks the CPU makes before its kernels, in one pass (one reduction):
  *   res[0] = first p >= 1 with off[p] < off[p-1] (else ~0), res[2] = off[0],
  *   res[3] = off[noff-1]  (use_off only);
@@ -676,6 +713,14 @@ HE_KERNEL(bag_adagrad_walk<double, int, false>)
 HE_KERNEL(bag_adagrad_walk<double, int, true>)
 HE_KERNEL(bag_adagrad_walk<double, long long, false>)
 HE_KERNEL(bag_adagrad_walk<double, long long, true>)
+HE_KERNEL(bag_rowwise_walk<float, int, false>)
+HE_KERNEL(bag_rowwise_walk<float, int, true>)
+HE_KERNEL(bag_rowwise_walk<float, long long, false>)
+HE_KERNEL(bag_rowwise_walk<float, long long, true>)
+HE_KERNEL(bag_rowwise_walk<double, int, false>)
+HE_KERNEL(bag_rowwise_walk<double, int, true>)
+HE_KERNEL(bag_rowwise_walk<double, long long, false>)
+HE_KERNEL(bag_rowwise_walk<double, long long, true>)
 /* float16 storage (he_u16 bits, float arithmetic) */
 HE_KERNEL(bag_forward<float, int, false, 4, unsigned short>)
 HE_KERNEL(bag_forward<float, int, false, 16, unsigned short>)
@@ -701,5 +746,9 @@ HE_KERNEL(bag_adagrad_walk<float, int, false, unsigned short>)
 HE_KERNEL(bag_adagrad_walk<float, int, true, unsigned short>)
 HE_KERNEL(bag_adagrad_walk<float, long long, false, unsigned short>)
 HE_KERNEL(bag_adagrad_walk<float, long long, true, unsigned short>)
+HE_KERNEL(bag_rowwise_walk<float, int, false, unsigned short>)
+HE_KERNEL(bag_rowwise_walk<float, int, true, unsigned short>)
+HE_KERNEL(bag_rowwise_walk<float, long long, false, unsigned short>)
+HE_KERNEL(bag_rowwise_walk<float, long long, true, unsigned short>)
 HE_KERNEL(bag_check<int>)
 HE_KERNEL(bag_check<long long>)

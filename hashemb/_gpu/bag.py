@@ -6,7 +6,7 @@ import numpy as np
 
 from .. import _validate as V
 from ..bag import BagSaved
-from ..optim import SGD, Adagrad, check_optimizer
+from ..optim import SGD, Adagrad, RowwiseAdagrad, check_optimizer
 from . import _args as A
 from . import _runtime as RT
 from ._runtime import i64
@@ -208,8 +208,8 @@ def backward(grad_output, indices, offsets, scheme, table0, T, mode, per_sample_
     be = be or RT.backend()
     xp = be.xp
     scheme = V.check_scheme(scheme)
-    optimizer = check_optimizer(optimizer)
     V.check_mode(mode)
+    optimizer = check_optimizer(optimizer, scheme, mode)
     V.check_backward_weight(weight, mode, optimizer)
     anchor = weight if weight is not None else A.as_array(be, grad_output, "grad_output")
     A.as_array(be, anchor, "weight")
@@ -229,14 +229,16 @@ def backward(grad_output, indices, offsets, scheme, table0, T, mode, per_sample_
         det = RT.OPTIONS["deterministic"] if deterministic is None else bool(deterministic)
         # only the warp kernel runs (no deterministic pairs, no apply walk,
         # which still read precomputed starts best)
-        rows_only = (_rows(b) and not det and not isinstance(optimizer, Adagrad)
+        rows_only = (_rows(b) and not det and not isinstance(optimizer, (Adagrad, RowwiseAdagrad))
                      and not (half and optimizer is not None))
         run = _Runner(be, scheme, b, table0, g, w, dtype, given, rows_only)
         if optimizer is None:
             grad = xp.zeros(scheme.size, dtype)
             run.add(grad, 1.0, det)
             return grad.reshape(weight.shape if weight is not None else scheme.weight_shape)
-        if half:
+        if isinstance(optimizer, RowwiseAdagrad):
+            run.rowwise(w, optimizer, det)
+        elif half:
             run.two_phase(w, optimizer, det)
         elif isinstance(optimizer, SGD):
             run.add(w, -optimizer.lr, det)
@@ -344,6 +346,25 @@ class _Runner:
         self.add(scratch, 1.0, det)
         self._apply(w, scratch, state if adagrad else scratch, optimizer.lr,
                     optimizer.eps if adagrad else 0.0, int(adagrad), optimizer._round_seed(w))
+
+    def rowwise(self, w, optimizer, det):
+        """Row-wise Adagrad (a full table): the gradient summed into the
+        optimizer's float32 scratch (deterministic: bitwise the CPU's row
+        sums), then each touched row claimed and moved once
+        (bag_rowwise_walk)."""
+        if self.empty:
+            return
+        rows = self.scheme.size // self.scheme.dim
+        scratch = optimizer.scratch_for(w)
+        self.add(scratch, 1.0, det)
+        state = optimizer.state_for(w, rows)
+        claims, call = optimizer.claims_for(w, rows)
+        b = self.b
+        self.be.launch("bag", f"bag_rowwise_walk<{self.tname}{_storage(w)}>", b.B * b.T,
+                       [self.s] + self.layout + [
+                           i64(b.B), i64(b.T), i64(self.table0), i64(b.has_pad), i64(b.pad),
+                           w, scratch, state, claims, i64(call), self._scalar(optimizer.lr),
+                           self._scalar(optimizer.eps), _i64_bits(optimizer._round_seed(w))])
 
     def _apply(self, w, scratch, state, lr, eps, rule, seed):
         """The apply pass (he_apply: rule 1 Adagrad, 0 SGD; seed: float16

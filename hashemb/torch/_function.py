@@ -9,7 +9,7 @@ import torch
 
 from .. import bag as _bag
 from .._backend import array_module
-from ..optim import SGD, Adagrad
+from ..optim import SGD, Adagrad, RowwiseAdagrad
 
 
 def check_cpu(t, name):
@@ -61,16 +61,29 @@ def device_context(t):
     return torch_stream(t)
 
 
-def make_optimizer(optimizer, lr, eps):
-    """None, "sgd", "adagrad" or a hashemb optimizer object."""
-    if optimizer is None or isinstance(optimizer, (SGD, Adagrad)):
+_NAMED = {"sgd": lambda lr, eps: SGD(lr), "adagrad": Adagrad, "rowwise_adagrad": RowwiseAdagrad}
+
+
+def optimizer_name(optimizer):
+    """The string make_optimizer takes for ``optimizer`` (a name or object)."""
+    if optimizer is None or isinstance(optimizer, str):
         return optimizer
-    if optimizer == "sgd":
-        return SGD(lr)
-    if optimizer == "adagrad":
-        return Adagrad(lr, eps)
-    raise ValueError(f"optimizer: expected None, 'sgd', 'adagrad', hashemb.SGD or "
-                     f"hashemb.Adagrad, got {optimizer!r}")
+    for name, kind in (("rowwise_adagrad", RowwiseAdagrad), ("adagrad", Adagrad),
+                       ("sgd", SGD)):
+        if isinstance(optimizer, kind):
+            return name
+    return type(optimizer).__name__.lower()     # make_optimizer names it in its error
+
+
+def make_optimizer(optimizer, lr, eps):
+    """None, "sgd", "adagrad", "rowwise_adagrad" or a hashemb optimizer object."""
+    if optimizer is None or isinstance(optimizer, (SGD, Adagrad, RowwiseAdagrad)):
+        return optimizer
+    if isinstance(optimizer, str) and optimizer in _NAMED:
+        return _NAMED[optimizer](lr, eps)
+    raise ValueError(f"optimizer: expected None, 'sgd', 'adagrad', 'rowwise_adagrad', "
+                     f"hashemb.SGD, hashemb.Adagrad or hashemb.RowwiseAdagrad, "
+                     f"got {optimizer!r}")
 
 
 class Lookup:

@@ -10,8 +10,9 @@ from .. import _validate as V
 from ..hashing import UniversalHash
 from ..lsh import LMA, LSHTable
 from ..schemes import FullTable, HashedNet, RobeZ, Scheme
+from ..optim import check_optimizer
 from ._function import (BagFunction, Lookup, as_any_array, as_tensor, device_context,
-                        make_optimizer)
+                        make_optimizer, optimizer_name)
 
 
 def _cupy():
@@ -49,11 +50,13 @@ class HashEmbeddingBag(nn.Module):
     mode : {"sum", "mean", "max"}
     padding_idx : int, optional
     include_last_offset : bool
-    optimizer : None, "sgd", "adagrad", hashemb.SGD or hashemb.Adagrad
+    optimizer : None, "sgd", "adagrad", "rowwise_adagrad" or a hashemb optimizer
         Fused optimizer: backward updates ``weight`` in place (``weight.grad``
         stays None, so leave ``weight`` out of the torch optimizer; see
         :func:`dense_parameters`). ``"adagrad"`` keeps its accumulator in the
-        ``optimizer_state`` buffer (saved in the state_dict).
+        ``optimizer_state`` buffer (saved in the state_dict);
+        ``"rowwise_adagrad"`` (:class:`hashemb.RowwiseAdagrad`, full tables)
+        keeps one value per row there.
     lr, eps : float
         Of the fused optimizer.
     _weight : Tensor, optional
@@ -92,9 +95,9 @@ class HashEmbeddingBag(nn.Module):
         self.table = V.check_table(table, scheme)
         self.mode, self.padding_idx = mode, padding_idx
         self.include_last_offset = bool(include_last_offset)
-        self._opt_args = (optimizer if isinstance(optimizer, (str, type(None)))
-                          else type(optimizer).__name__.lower(), lr, eps)
+        self._opt_args = (optimizer_name(optimizer), lr, eps)
         self._build(scheme, make_optimizer(optimizer, lr, eps))
+        check_optimizer(self._lookup.optimizer, scheme, mode)
         if _weight is None:
             np_dtype = {torch.float32: np.float32, torch.float64: np.float64,
                         torch.float16: np.float16}.get(dtype)
@@ -109,10 +112,13 @@ class HashEmbeddingBag(nn.Module):
                                  f"got {tuple(w.shape)}")
         self.weight = nn.Parameter(w.contiguous())
         self.weight._hashemb_fused = self._lookup.optimizer is not None
-        if self._opt_args[0] == "adagrad":
-            # float16 arrays keep a float32 accumulator (the kernels' dtype)
+        if self._opt_args[0] in ("adagrad", "rowwise_adagrad"):
+            # float16 arrays keep a float32 accumulator (the kernels' dtype);
+            # row-wise: one value per row
+            n = self.weight.numel()
             self.register_buffer("optimizer_state", torch.zeros(
-                self.weight.numel(), dtype=torch.float32 if self.weight.dtype == torch.float16
+                n if self._opt_args[0] == "adagrad" else n // scheme.dim,
+                dtype=torch.float32 if self.weight.dtype == torch.float16
                 else self.weight.dtype))
 
     def _build(self, scheme, optimizer):
@@ -176,7 +182,9 @@ class HashEmbeddingBag(nn.Module):
         the sampled tokens' map and slots or signatures)."""
         n = self.weight.numel() * self.weight.element_size()
         extra = self.scheme.extra_bytes() if hasattr(self.scheme, "extra_bytes") else 0
-        return n * (2 if hasattr(self, "optimizer_state") else 1) + extra
+        if hasattr(self, "optimizer_state"):
+            extra += self.optimizer_state.numel() * self.optimizer_state.element_size()
+        return n + extra
 
     def extra_repr(self):
         return f"{self.scheme!r}, mode={self.mode!r}, optimizer={self._opt_args[0]!r}"

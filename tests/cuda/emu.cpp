@@ -38,6 +38,12 @@ static inline unsigned long long atomicExch(unsigned long long* p, unsigned long
     *p = v;
     return o;
 }
+static inline unsigned int atomicExch(unsigned int* p, unsigned int v)
+{
+    unsigned int o = *p;
+    *p = v;
+    return o;
+}
 static inline unsigned long long atomicMin(unsigned long long* p, unsigned long long v)
 {
     unsigned long long o = *p;

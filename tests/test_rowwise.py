@@ -1,0 +1,260 @@
+"""Row-wise Adagrad (he.RowwiseAdagrad, FBGEMM's EXACT_ROWWISE_ADAGRAD):
+the fused step against a NumPy model of hashemb/optim.h (bitwise, from the
+kernel's own summed gradient, which test_bag checks against the reference),
+against a float64 model from the reference gradient (tolerance), against
+FBGEMM itself where it is installed, on any thread count, for float16
+storage, in the torch module, and its errors. Also: a float32 full table's
+per-element Adagrad sums per row (no array-sized scratch) with the same bits
+as the scratch."""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import hashemb as he
+import fuzzing
+from reference import bag_backward
+from test_half import round_bits, sr_reference, widen
+
+
+def rowwise_model(W, state, grad, lr, eps, seed=0):
+    """The step of optim.h from the summed gradient ``grad`` (W's shape, or
+    flat): rows with a non-zero gradient only; the squares summed in double
+    in element order, the mean added to the state in its type, the
+    multiplier and the steps in double. W is updated in place (float16:
+    each element rounded as he_half_sub does)."""
+    D = W.shape[-1]
+    g = np.asarray(grad).reshape(-1, D)
+    half = W.dtype == np.float16
+    R = np.float32 if half else W.dtype.type
+    g64 = g.astype(np.float64)
+    ss = np.add.accumulate(g64 * g64, axis=1)[:, -1]      # sequential, as the kernels
+    hit = ss != 0
+    state[hit] = state[hit] + (ss[hit] / D).astype(R)
+    mult = float(R(lr)) / (np.sqrt(state.astype(np.float64)) + float(R(eps)))
+    step = mult[:, None] * g64
+    if not half:
+        W64 = W.reshape(-1, D).astype(np.float64)
+        W.reshape(-1, D)[hit] = (W64 - step)[hit].astype(R)
+        return
+    v = (widen(W).reshape(-1, D) - step.astype(np.float32)).astype(np.float32)
+    flat = W.reshape(-1)
+    for r in np.flatnonzero(hit):
+        for i in range(D):
+            j = r * D + i
+            if seed == 0:
+                with np.errstate(over="ignore"):
+                    flat[j] = np.float16(v[r, i])
+            else:
+                flat[j] = sr_reference(v[r, i], round_bits(seed, j))
+
+
+@st.composite
+def full_batches(draw):
+    """(scheme, flat indices, offsets, T, B, mode, psw, pad, D): a few full
+    tables, bags of 0-4 entries with hot rows."""
+    D = draw(st.sampled_from([1, 4, 8, 16]))
+    T = draw(st.integers(1, 3))
+    sizes = draw(st.lists(st.integers(1, 40), min_size=T, max_size=T))
+    B = draw(st.integers(1, 12))
+    mode = draw(st.sampled_from(["sum", "mean"]))
+    counts = draw(st.lists(st.integers(0, 4), min_size=T * B, max_size=T * B))
+    off = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    idx = np.concatenate([rng.integers(0, min(sizes[q // B], 3) if rng.random() < 0.5
+                                       else sizes[q // B], counts[q])
+                          for q in range(T * B)] + [np.zeros(0, np.int64)]).astype(
+        draw(st.sampled_from([np.int32, np.int64])))
+    psw = rng.uniform(0.5, 2, idx.size) if mode == "sum" and draw(st.booleans()) else None
+    pad = draw(st.sampled_from([None, 0]))
+    return he.FullTable(sizes, D), idx, off, T, B, mode, psw, pad, D
+
+
+def _step(full, idx, off, T, mode, psw, pad, W, G, opt):
+    if T == 1:
+        return he.embedding_bag_backward(G, idx, off[:-1], scheme=full, mode=mode,
+                                         per_sample_weights=psw, padding_idx=pad, weight=W,
+                                         optimizer=opt)
+    return he.embedding_bags_backward(G, idx, off, scheme=full, num_tables=T, mode=mode,
+                                      per_sample_weights=psw, weight=W, optimizer=opt)
+
+
+@settings(max_examples=80, deadline=None)
+@given(full_batches(), st.sampled_from([np.float32, np.float64]), st.integers(0, 99))
+def test_step_equals_the_model_bitwise(b, dtype, gseed):
+    full, idx, off, T, B, mode, psw, pad, D = b
+    if T > 1:
+        pad = None
+    psw = None if psw is None else psw.astype(dtype)
+    rng = np.random.default_rng(gseed)
+    W = full.init_weight(seed=gseed, dtype=dtype)
+    want = W.copy()
+    state = np.zeros(full.size // D, dtype)
+    opt = he.RowwiseAdagrad(0.1, eps=1e-3)
+    for _ in range(3):      # the state carries over
+        G = rng.standard_normal((B, T * D)).astype(dtype)
+        grad = _step(full, idx, off, T, mode, psw, pad, want, G, None)
+        rowwise_model(want, state, grad, opt.lr, opt.eps)
+        assert _step(full, idx, off, T, mode, psw, pad, W, G, opt) is None
+        np.testing.assert_array_equal(W, want)
+        np.testing.assert_array_equal(opt.state_for(W, full.size // D), state)
+
+
+@settings(max_examples=40, deadline=None)
+@given(full_batches(), st.integers(0, 99))
+def test_step_against_the_float64_reference(b, gseed):
+    # the reference gradient (tests/reference.py) in float64, then the rule
+    full, idx, off, T, B, mode, psw, pad, D = b
+    pad = pad if T == 1 else None
+    rng = np.random.default_rng(gseed)
+    W = full.init_weight(seed=1, dtype=np.float64)
+    G = rng.standard_normal((B, T * D))
+    grad = bag_backward(full, idx, off, G, T, W.reshape(-1), 0, mode, psw, pad).reshape(-1, D)
+    lr, eps = 0.05, 1e-6
+    G2 = (grad ** 2).mean(axis=1)
+    want = W - np.where(G2[:, None] > 0, lr * grad / (np.sqrt(G2)[:, None] + eps), 0)
+    _step(full, idx, off, T, mode, psw, pad, W, G, he.RowwiseAdagrad(lr, eps=eps))
+    np.testing.assert_allclose(W, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("sr", [True, False])
+def test_float16_rounds_each_element_once(sr):
+    full = he.FullTable([300, 70], 8)
+    rng = np.random.default_rng(4)
+    x = rng.integers(0, 70, (64, 2))
+    x[::5] = x[0]
+    H = full.init_weight(seed=2, dtype=np.float16)
+    opt = he.RowwiseAdagrad(0.2, eps=1e-4, stochastic_rounding=sr, seed=9)
+    twin = he.RowwiseAdagrad(0.2, eps=1e-4, stochastic_rounding=sr, seed=9)
+    want, state = H.copy(), np.zeros(full.size // 8, np.float32)
+    for _ in range(2):
+        g = rng.standard_normal((64, 16)).astype(np.float32)
+        grad = he.embedding_bags_backward(g, x, scheme=full, num_tables=2,
+                                          weight=widen(want).reshape(H.shape))
+        rowwise_model(want, state, grad, twin.lr, twin.eps, twin._round_seed(H))
+        he.embedding_bags_backward(g, x, scheme=full, num_tables=2, weight=H, optimizer=opt)
+        assert np.array_equal(H.view(np.uint16), want.view(np.uint16))
+    assert opt.state_for(H, full.size // 8).dtype == np.float32
+    assert not opt._scratch
+
+
+def test_same_bits_on_any_thread_count():
+    # a batch big enough for several threads, whose row-aligned ranges
+    # split the table between them
+    code = ("import numpy as np, hashemb as he, hashlib;"
+            "f=he.FullTable([200_003, 1000], 16);r=np.random.default_rng(0);"
+            "x=r.integers(0,1000,(20_000,2));g=r.standard_normal((20_000,32)).astype(np.float32);"
+            "x[:3,0]=[200_003*k//n for k,n in ((1,2),(1,3),(2,3))];"
+            "W=f.init_weight();o=he.RowwiseAdagrad(0.1);"
+            "[he.embedding_bags_backward(g,x,scheme=f,num_tables=2,weight=W,optimizer=o)"
+            " for _ in range(2)];"
+            "print(hashlib.sha1(W.tobytes()+o.state_for(W,f.size//16).tobytes()).hexdigest())")
+    outs = fuzzing.outputs_by_threads(code)
+    assert len(set(outs.values())) == 1, outs
+
+
+def test_per_element_adagrad_sums_per_row_with_the_scratch_bits():
+    # a float32 full table large next to its batch: Adagrad sums each row in
+    # a compact buffer (no scratch of the table's size); the bits are those
+    # of the dense scratch (a small table next to the same batch takes it)
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 50, (400, 1))
+    x[::3] = 7
+    g = rng.standard_normal((400, 8)).astype(np.float32)
+    big, small = he.FullTable([100_000], 8), he.FullTable([50], 8)
+    Wb = big.init_weight(seed=1)
+    Ws = Wb[:50].copy()
+    ob, osm = he.Adagrad(0.1), he.Adagrad(0.1)
+    for _ in range(2):
+        he.embedding_bags_backward(g, x, scheme=big, num_tables=1, weight=Wb, optimizer=ob)
+        he.embedding_bags_backward(g, x, scheme=small, num_tables=1, weight=Ws, optimizer=osm)
+    assert not ob._scratch and osm._scratch
+    np.testing.assert_array_equal(Wb[:50], Ws)
+    np.testing.assert_array_equal(ob.state_for(Wb)[0][:400], osm.state_for(Ws)[0])
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_matches_fbgemm(mode):
+    """FBGEMM's own EXACT_ROWWISE_ADAGRAD (CPU), three steps over three tables
+    with bags of 0-3 entries and repeated rows."""
+    pytest.importorskip("fbgemm_gpu")
+    import torch
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import (EmbeddingLocation,
+                                                                      PoolingMode)
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+        ComputeDevice, SplitTableBatchedEmbeddingBagsCodegen)
+    card, D, B, lr, eps = [50, 7, 300], 8, 32, 0.3, 1e-6
+    rng = np.random.default_rng(0)
+    emb = SplitTableBatchedEmbeddingBagsCodegen(
+        embedding_specs=[(n, D, EmbeddingLocation.HOST, ComputeDevice.CPU) for n in card],
+        optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=lr, eps=eps,
+        pooling_mode=PoolingMode.SUM if mode == "sum" else PoolingMode.MEAN, device="cpu")
+    full = he.FullTable(card, D)
+    W = np.concatenate([w.detach().numpy().copy() for w in emb.split_embedding_weights()])
+    W0 = W.copy()
+    opt = he.RowwiseAdagrad(lr, eps=eps)
+    for _ in range(3):
+        counts = rng.integers(0, 4, len(card) * B)
+        off = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        idx = np.concatenate([rng.integers(0, min(card[q // B], 5), c)
+                              for q, c in enumerate(counts)]).astype(np.int64)
+        G = rng.standard_normal((B, len(card) * D)).astype(np.float32)
+        out = emb(torch.from_numpy(idx), torch.from_numpy(off))
+        out.backward(torch.from_numpy(G))
+        he.embedding_bags_backward(G, idx, off, scheme=full, num_tables=len(card), mode=mode,
+                                   weight=W, optimizer=opt)
+    theirs = np.concatenate([w.detach().numpy() for w in emb.split_embedding_weights()])
+    assert np.abs(theirs - W0).max() > 0.1          # the steps moved the rows
+    # within a few float32 spacings: FBGEMM forms the step in float32
+    np.testing.assert_allclose(W, theirs, rtol=2e-6, atol=5e-7)
+
+
+def test_errors():
+    x = np.array([[1, 2]])
+    g = np.ones((1, 8), np.float32)
+    robe = he.RobeZ(1000, 4)
+    with pytest.raises(ValueError, match="optimizer: RowwiseAdagrad .*FullTable.*RobeZ"):
+        he.embedding_bag_backward(g[:, :4], x, scheme=robe, weight=robe.init_weight(),
+                                  optimizer=he.RowwiseAdagrad(0.1))
+    full = he.FullTable([10], 8)
+    with pytest.raises(ValueError, match="optimizer: RowwiseAdagrad expected mode 'sum' or "
+                                         "'mean'.*got 'max'"):
+        he.embedding_bag_backward(g, x, scheme=full, mode="max", weight=full.init_weight(),
+                                  optimizer=he.RowwiseAdagrad(0.1))
+    with pytest.raises(ValueError, match="lr"):
+        he.RowwiseAdagrad(-1.0)
+    with pytest.raises(ValueError, match="eps"):
+        he.RowwiseAdagrad(0.1, eps=float("nan"))
+    W = full.init_weight()
+    opt = he.RowwiseAdagrad(0.1)
+    with pytest.raises(ValueError, match="state: expected .*one value per row"):
+        opt.use_state(W, np.zeros(7, np.float32))
+    opt.use_state(W, np.zeros(80, np.float32))      # divides the size, but not 10 rows
+    with pytest.raises(ValueError, match="state: expected 10 values"):
+        he.embedding_bag_backward(g, x, scheme=full, weight=W, optimizer=opt)
+    cores = he.tt_init(8, [2, 4], [2, 4], [2])
+    with pytest.raises(TypeError, match="optimizer: expected None, hashemb.SGD or "
+                                        "hashemb.Adagrad, got RowwiseAdagrad"):
+        he.tt_embedding_bag_backward(np.ones((1, 8), np.float32), np.array([1]), cores,
+                                     np.array([0, 1]), optimizer=he.RowwiseAdagrad(0.1))
+
+
+def test_torch_module():
+    torch = pytest.importorskip("torch")
+    from hashemb.torch import HashEmbeddingBagCollection
+    full = he.FullTable([30, 20], 4)
+    mod = HashEmbeddingBagCollection(full, 2, optimizer="rowwise_adagrad", lr=0.1)
+    assert mod.optimizer_state.shape == (50,)
+    W0 = mod.weight.detach().numpy().copy()
+    x = torch.tensor([[1, 2], [1, 19]])
+    mod(x).sum().backward()
+    want, state = W0.copy(), np.zeros(50, np.float32)
+    grad = he.embedding_bags_backward(np.ones((2, 8), np.float32), x.numpy(), scheme=full,
+                                      num_tables=2, weight=W0)
+    rowwise_model(want, state, grad, 0.1, 1e-10)
+    np.testing.assert_array_equal(mod.weight.detach().numpy(), want)
+    np.testing.assert_array_equal(mod.optimizer_state.numpy(), state)
+    sd = mod.state_dict()
+    assert "optimizer_state" in sd and sd["optimizer_state"].shape == (50,)
+    with pytest.raises(ValueError, match="optimizer: RowwiseAdagrad .*FullTable"):
+        HashEmbeddingBagCollection(he.RobeZ(100, 4), 2, optimizer="rowwise_adagrad")
