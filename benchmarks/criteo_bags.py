@@ -3,8 +3,10 @@
 Measures, in one run, samples/s of hashemb (RobeZ at 1000x, HashedNet, FullTable)
 beside torch.nn.EmbeddingBag and FBGEMM's table-batched embeddings (CPU), for
 inference (forward, batch 16384) and a training step (forward + backward +
-SGD, batch 2048), plus the peak memory a training step adds. Every ratio is
-against a peer measured in the same run.
+SGD, batch 2048; variants with Adagrad, row-wise Adagrad or float16
+storage), plus the peak memory a training step adds. Every ratio is against
+a peer measured in the same run (a variant also against the same variant of
+the peer: FBGEMM's for training, torch's for inference, where there is one).
 
     python benchmarks/criteo_bags.py                 # the full Criteo shape
     python benchmarks/criteo_bags.py --scale 0.01    # small tables, quick
@@ -54,11 +56,12 @@ def make_methods(card, compression, train, lr=0.01):
     size = int(sum(card) * D / compression)
     methods = {}
 
-    def he_method(scheme_fn, two_d=False, dtype=np.float32):
+    def he_method(scheme_fn, two_d=False, dtype=np.float32, optim="sgd"):
         def setup(flat, off, B):
             scheme = scheme_fn()
             W = scheme.init_weight(dtype=dtype)
-            opt = he.SGD(lr)
+            opt = {"sgd": he.SGD, "adagrad": he.Adagrad,
+                   "rowwise": he.RowwiseAdagrad}[optim](lr)
             G = np.full((B, T * D), 1e-3, np.float32)
             x, o = flat, off
             if two_d:           # the same batch as a (B, T) array, what a DLRM hands over
@@ -85,8 +88,16 @@ def make_methods(card, compression, train, lr=0.01):
                                                       dtype=np.float16)
     methods["hashemb FullTable, float16"] = he_method(lambda: he.FullTable(card, D),
                                                       dtype=np.float16)
+    # the training step with Adagrad (one accumulator per element) and
+    # row-wise Adagrad (one per row: FBGEMM's EXACT_ROWWISE_ADAGRAD)
+    methods["hashemb FullTable, Adagrad"] = he_method(lambda: he.FullTable(card, D),
+                                                      optim="adagrad")
+    methods["hashemb FullTable, rowwise Adagrad"] = he_method(lambda: he.FullTable(card, D),
+                                                              optim="rowwise")
+    methods["hashemb RobeZ Z=16, Adagrad"] = he_method(lambda: he.RobeZ(size, D, block=16),
+                                                       optim="adagrad")
 
-    def torch_setup(flat, off, B):
+    def torch_setup(flat, off, B, optim="sgd"):
         import torch
         embs = [torch.nn.EmbeddingBag(n, D, mode="sum", sparse=train) for n in card]
         cols = [torch.from_numpy(flat[t * B:(t + 1) * B].copy()) for t in range(T)]
@@ -96,7 +107,8 @@ def make_methods(card, compression, train, lr=0.01):
                 with torch.no_grad():
                     return [e(c, offs) for e, c in zip(embs, cols)]
             return fwd
-        opt = torch.optim.SGD([p for e in embs for p in e.parameters()], lr=lr)
+        opt = (torch.optim.SGD if optim == "sgd" else torch.optim.Adagrad)(
+            [p for e in embs for p in e.parameters()], lr=lr)
 
         def step():
             opt.zero_grad()
@@ -105,7 +117,7 @@ def make_methods(card, compression, train, lr=0.01):
             opt.step()
         return step
 
-    def fbgemm_setup(flat, off, B, half=False):
+    def fbgemm_setup(flat, off, B, half=False, optim="sgd"):
         import torch
         from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType
         from fbgemm_gpu.split_table_batched_embeddings_ops_common import (EmbeddingLocation,
@@ -114,7 +126,9 @@ def make_methods(card, compression, train, lr=0.01):
             ComputeDevice, SplitTableBatchedEmbeddingBagsCodegen)
         emb = SplitTableBatchedEmbeddingBagsCodegen(
             embedding_specs=[(n, D, EmbeddingLocation.HOST, ComputeDevice.CPU) for n in card],
-            optimizer=EmbOptimType.EXACT_SGD, learning_rate=lr, pooling_mode=PoolingMode.SUM,
+            optimizer={"sgd": EmbOptimType.EXACT_SGD, "adagrad": EmbOptimType.EXACT_ADAGRAD,
+                       "rowwise": EmbOptimType.EXACT_ROWWISE_ADAGRAD}[optim],
+            learning_rate=lr, pooling_mode=PoolingMode.SUM,
             device="cpu", weights_precision=SparseType.FP16 if half else SparseType.FP32)
         idx, offs = torch.from_numpy(flat), torch.from_numpy(off)
         if not train:
@@ -130,6 +144,12 @@ def make_methods(card, compression, train, lr=0.01):
     methods["torch.nn.EmbeddingBag"] = torch_setup
     methods["FBGEMM TBE (CPU)"] = fbgemm_setup
     methods["FBGEMM TBE (CPU), float16"] = lambda flat, off, B: fbgemm_setup(flat, off, B, True)
+    methods["torch.nn.EmbeddingBag, Adagrad"] = \
+        lambda flat, off, B: torch_setup(flat, off, B, optim="adagrad")
+    methods["FBGEMM TBE (CPU), Adagrad"] = \
+        lambda flat, off, B: fbgemm_setup(flat, off, B, optim="adagrad")
+    methods["FBGEMM TBE (CPU), rowwise Adagrad"] = \
+        lambda flat, off, B: fbgemm_setup(flat, off, B, optim="rowwise")
     return methods, size
 
 
@@ -180,7 +200,9 @@ def main(argv=None):
              any(s.strip() and s.strip() in n for s in args.methods.split(","))]
     # every round runs each method once, in its own process; the rounds give
     # the spread of the within-round ratios (this VM varies run to run)
-    jobs = [(r, tr, n) for r in range(args.repeat) for tr in (0, 1) for n in names]
+    # (an optimizer variant's forward is the plain method's: training only)
+    jobs = [(r, tr, n) for r in range(args.repeat) for tr in (0, 1) for n in names
+            if tr or "Adagrad" not in n]
     rounds = []
     for rnd, train, name in tqdm(jobs, desc="benchmark", unit="case"):
         cmd = [sys.executable, os.path.abspath(__file__), "--_one", name, "--_train", str(train),
@@ -210,12 +232,16 @@ def main(argv=None):
         head = (f"training step (forward + backward + SGD), batch {args.train_batch}" if train
                 else f"inference forward, batch {args.batch}")
         print(f"\n{head}\n")
+        peers = any(r["peer"] for r in rows)
         print(f"| method | samples/s (median) | vs {ref or '-'}: median | min - max over "
-              f"rounds | peak MB added |")
-        print("|---|---:|---:|---:|---:|")
+              f"rounds | peak MB added |" + (" vs the same variant of it: median (min - max) |"
+                                             if peers else ""))
+        print("|---|---:|---:|---:|---:|" + ("---:|" if peers else ""))
         for r in rows:
+            same = (f" {r['peer_ratio']:.2f}x ({r['peer_min']:.2f} - {r['peer_max']:.2f}) |"
+                    if r["peer"] else " |") if peers else ""
             print(f"| {r['name']} | {r['samples_per_s']:,.0f} | {r['ratio']:.2f}x | "
-                  f"{r['ratio_min']:.2f} - {r['ratio_max']:.2f} | {r['peak_mb']:,.0f} |")
+                  f"{r['ratio_min']:.2f} - {r['ratio_max']:.2f} | {r['peak_mb']:,.0f} |" + same)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
@@ -254,10 +280,17 @@ def summarise(rounds):
                 if peer:
                     ratios.append(r["samples_per_s"] / peer[0]["samples_per_s"])
             ratio, lo, hi = spread(ratios)
+            # the peer with the same variant (", float16", ", rowwise Adagrad", ...)
+            suffix = name[name.index(","):] if "," in name else ""
+            peer = ref + suffix if suffix and ref and ref + suffix in present else None
+            same = spread([r["samples_per_s"] / p["samples_per_s"] for r in mine for p in got
+                           if p["name"] == peer and p["round"] == r["round"]])
             out.append({"name": name, "train": train, "ref": ref, "batch": mine[0]["batch"],
                         "samples_per_s": float(np.median([r["samples_per_s"] for r in mine])),
                         "peak_mb": float(np.median([r["peak_mb"] for r in mine])),
-                        "ratio": ratio, "ratio_min": lo, "ratio_max": hi, "rounds": len(mine)})
+                        "ratio": ratio, "ratio_min": lo, "ratio_max": hi, "rounds": len(mine),
+                        "peer": peer, "peer_ratio": same[0], "peer_min": same[1],
+                        "peer_max": same[2]})
     return out
 
 
