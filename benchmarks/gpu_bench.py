@@ -179,9 +179,9 @@ def main(argv=None):
                 X = Xx if X is None else X
                 return lambda: he.embedding_bags(X, M, scheme=scheme, num_tables=T)
 
-            def h_step(scheme, M, det, X=None):
+            def h_step(scheme, M, det, X=None, opt=None):
                 X = Xx if X is None else X
-                opt = he.SGD(args.lr)
+                opt = opt or he.SGD(args.lr)
 
                 def step():
                     # as the torch modules make it: the forward keeps its run
@@ -209,6 +209,8 @@ def main(argv=None):
                         h_step(robe, M_robe, False)),
                        ("  deterministic bwd", None, h_step(robe, M_robe, True)),
                        ("hashemb FullTable", h_fwd(full, W_full), h_step(full, W_full, False)),
+                       ("  row-wise Adagrad step", None,
+                        h_step(full, W_full, False, opt=he.RowwiseAdagrad(args.lr))),
                        ("hashemb RobeZ float16", h_fwd(robe, M_robe16),
                         h_step(robe, M_robe16, False)),
                        ("hashemb FullTable float16", h_fwd(full, W_full16),

@@ -127,14 +127,14 @@ def test_fuzz_raises_python_errors_or_works(idx, off, psw, grad, table, pad, mod
 def test_fuzz_in_subprocess_never_crashes():
     """Bags of a sized and a hashed scheme, forward and max-mode backward, on
     random tokens and malformed offsets (tests/fuzzing.py), float32 and
-    float16 arrays (and a fused float16 step)."""
+    float16 arrays (and a fused float16 step, and row-wise Adagrad)."""
     fuzzing.run("""
         import numpy as np, hashemb as he
         rng = np.random.default_rng(0)
         s = he.FullTable([5, 7], 4); W = s.init_weight()
         r = he.RobeZ(64, 4); M = r.init_weight()
         W16, M16 = W.astype(np.float16), M.astype(np.float16)
-        opt = he.Adagrad(0.1)
+        opt, ropt = he.Adagrad(0.1), he.RowwiseAdagrad(0.1)
         for it in range(3000):
             n = int(rng.integers(0, 8))
             idx = rng.integers(-2**62, 2**62, n) if it % 3 else rng.integers(-3, 9, n)
@@ -150,6 +150,11 @@ def test_fuzz_in_subprocess_never_crashes():
             attempt(lambda: he.embedding_bag_backward(
                 np.ones((max(len(off), 1), 4), np.float32), idx, off, scheme=r, weight=M16,
                 optimizer=opt))
+            # row-wise Adagrad of the full tables (per-row sums), both dtypes
+            for w in (W, W16):
+                attempt(lambda: he.embedding_bags_backward(
+                    np.ones((max(len(off), 1), 8), np.float32), idx, off, scheme=s,
+                    num_tables=2, weight=w, optimizer=ropt))
     """)
 
 def test_fuzz_tt_and_lookups_in_subprocess_never_crash():
