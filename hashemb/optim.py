@@ -160,9 +160,10 @@ class Adagrad(_Accumulating):
     every entry that hits it first, then applied once). The optimizer keeps a
     state array and a zeroed scratch array per weight array it has updated
     (``state[key]``, keyed by the array's address and size), float32 for a
-    float16 weight. A full table large next to its batch (CPU; not max
-    mode) sums each touched row's gradient in a compact buffer instead of
-    the scratch: the same results, memory for the rows touched only.
+    float16 weight. A full table large next to its batch (not max mode)
+    sums each touched row's gradient instead (CPU: in a compact buffer; GPU:
+    entries sorted by row, deterministic): the same results, memory for the
+    rows touched only.
 
     Parameters
     ----------
@@ -222,9 +223,10 @@ class RowwiseAdagrad(_Accumulating):
     (as FBGEMM's table-batched embeddings): a hashed array has no rows
     (each slot serves many rows, and its per-slot :class:`Adagrad` state is
     as small as the array), and max mode sends each element's gradient to
-    a different row. The CPU sums each touched row in a compact buffer (no
-    array-sized scratch); the GPU sums into a float32 scratch of the
-    array's size, then moves each touched row once.
+    a different row. Each touched row's gradient is summed first, in entry
+    order, with no scratch the size of the table: the CPU in a compact
+    buffer per thread, the GPU by sorting the entries by row (so its
+    result is deterministic, and the CPU's bits).
 
     Parameters
     ----------
@@ -246,7 +248,6 @@ class RowwiseAdagrad(_Accumulating):
 
     def __init__(self, lr, eps=1e-10, *, stochastic_rounding=True, seed=0):
         super().__init__(lr, eps, stochastic_rounding, seed)
-        self._claims = {}
 
     def state_for(self, weight, rows):
         """The accumulator of ``weight``, one value per row (zeros until the
@@ -260,21 +261,6 @@ class RowwiseAdagrad(_Accumulating):
     @staticmethod
     def _sizes(weight):
         return f"one value per row (a divisor of {weight.size})"
-
-    def claims_for(self, weight, rows):
-        """(claims, call) of a GPU step: a uint32 per row, set to the call
-        number by the thread that moves the row (once per call), and this
-        call's number (1 .. 2^32 - 1; the claims are cleared when it wraps)."""
-        key = self._key(weight)
-        c = self._claims.get(key)
-        if c is None or c[0].size != rows:
-            c = [array_module(weight).zeros(rows, np.uint32), 0]
-            self._claims[key] = c
-        c[1] += 1
-        if c[1] == 1 << 32:
-            c[0].fill(0)
-            c[1] = 1
-        return c[0], c[1]
 
     def _apply(self, k, run, w):
         run(w, self.lr, "row", self._state(w, run.rows), self.eps, self._round_seed(w))

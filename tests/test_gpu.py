@@ -588,26 +588,43 @@ def test_rowwise_adagrad_equals_cpu(dev, b, gseed, dtype, det, sr):
     assert not dev.get(od.scratch_for(Wd)).any()        # left zeroed for the next call
 
 
-def test_rowwise_claims_wrap():
-    """The row claims are call numbers: when the number wraps past 2^32 - 1
-    the claims are cleared, and a row is still moved exactly once a call."""
+def test_full_table_steps_sum_per_row_without_a_scratch():
+    """A full table large next to its batch: Adagrad (float32, float64) and
+    float16 SGD / Adagrad steps sort the entries by row and move each row
+    once (seg_rows), with no scratch the size of the table: bitwise the
+    CPU's (deterministic flag or not); sum with weights, mean, hot rows,
+    and padding in a one-table call."""
     be = gpu_emu.emu_backend()
-    full = he.FullTable([6], 4)
-    x = np.array([[1], [1], [3]])
-    g = np.ones((3, 4), np.float32)
-    W, Wd = full.init_weight(), full.init_weight()
-    o, od = he.RowwiseAdagrad(0.1), he.RowwiseAdagrad(0.1)
-    od.claims_for(Wd, 6)
-    od._claims[od._key(Wd)][1] = (1 << 32) - 2      # the next calls: 2^32 - 1, then wrap
-    for _ in range(3):
-        he.embedding_bags_backward(g, x, scheme=full, num_tables=1, weight=W, optimizer=o)
-        GB.backward(g, x, None, full, 0, 1, "sum", None, True, None, Wd, od, True, be=be)
-    np.testing.assert_array_equal(Wd, W)
-    # the touched rows hold this call's number (threads run one at a time
-    # here, so a row moved twice would also find its scratch cleared: the
-    # claim is what keeps concurrent threads on a device apart)
-    claims, call = od._claims[od._key(Wd)]
-    assert call == 2 and claims.tolist() == [0, 2, 0, 2, 0, 0]
+    full = he.FullTable([5000, 3000], 8)
+    rng = np.random.default_rng(5)
+    off = np.concatenate([[0], np.cumsum(rng.integers(0, 4, 80))])   # 2 x 40 bags of 0-3
+    flat = rng.integers(0, 3000, off[-1])
+    flat[::4] = flat[1]                                                 # a hot row
+    psw = rng.uniform(0.5, 2, off[-1])
+    cases = [(np.float32, lambda: he.Adagrad(0.1, eps=1e-3)),
+             (np.float64, lambda: he.Adagrad(0.1, eps=1e-3)),
+             (np.float16, lambda: he.SGD(0.3, seed=4)),
+             (np.float16, lambda: he.Adagrad(0.1, eps=1e-3, seed=4)),
+             (np.float32, lambda: he.RowwiseAdagrad(0.1, eps=1e-3))]
+    for dtype, make in cases:
+        cdt = np.float32 if dtype == np.float16 else dtype
+        for mode, pw, T, pad in (("sum", psw.astype(cdt), 2, None), ("mean", None, 2, None),
+                                 ("mean", None, 1, int(flat[1]))):
+            W = full.init_weight(seed=2, dtype=dtype)
+            Wd, o, od = W.copy(), make(), make()
+            o_ = off if T == 2 else off[:41]
+            f_ = flat[:o_[-1]]
+            for step in range(2):
+                G = rng.standard_normal((40, 8 * T)).astype(cdt)
+                if T == 2:
+                    he.embedding_bags_backward(G, f_, o_, scheme=full, num_tables=2, mode=mode,
+                                               per_sample_weights=pw, weight=W, optimizer=o)
+                else:
+                    he.embedding_bag_backward(G, f_, o_, scheme=full, mode=mode, padding_idx=pad,
+                                              include_last_offset=True, weight=W, optimizer=o)
+                GB.backward(G, f_, o_, full, 0, T, mode, pw, True, pad, Wd, od, False, be=be)
+            np.testing.assert_array_equal(Wd.view(np.uint8), W.view(np.uint8))
+            assert not od._scratch, (dtype, mode)
 
 
 def test_half_weights_on_the_emulator_pass_their_bits():
@@ -1068,8 +1085,9 @@ def test_one_entry_rows_kernel_equals_cpu(dev, b, pre, keep, opt, flat):
     else:
         assert gg is None
         np.testing.assert_allclose(dev.get(Md), Mh, **tol(dtype))
-    if B and dev.be:
-        assert any(k.startswith("bag_backward_rows") for k in be.launches), be.launches
+    if B and dev.be:        # (a full table's Adagrad may sum per row instead: seg_rows)
+        assert any(k.startswith(("bag_backward_rows", "seg_rows")) for k in be.launches), \
+            be.launches
 
 
 @FIXTURE

@@ -572,39 +572,50 @@ __global__ void bag_adagrad_walk(const he_scheme* __restrict__ s, const I* __res
 }
 
 /*
- * Row-wise Adagrad's apply pass (a full table, optim.h), after the gradient
- * is summed in scratch: a thread per bag walks its entries and claims each
- * entry's row with an atomic exchange of the row's claim for this call's
- * number; the one thread that finds another number there moves the row
- * (he_rowwise: its accumulator state[row], its D elements, its scratch
- * cleared). So each touched row moves exactly once per call, whatever the
- * order of the threads, and from the scratch's sums: given the
- * deterministic sums, bitwise the CPU's step.
+ * A full table's two-phase step, summed per row (seg_rows, segment.cu), first
+ * pass: a thread per bag writes, for each entry at its CPU position pos,
+ * keys[pos] = its row's start (HE_NO_SLOT for padding), vals[pos] = its
+ * scale (1, over the count of a mean bag, times its per-sample weight: the
+ * CPU's _pair_scale) and grow[pos] = the offset of its bag's gradient row in
+ * grad. One key per entry, not per element: the sort that groups the rows
+ * is D times smaller than the deterministic backward's.
  */
-template <typename R, typename I, bool ST, typename S = R>
-__global__ void bag_rowwise_walk(const he_scheme* __restrict__ s, const I* __restrict__ idx,
-                                 const int64_t* __restrict__ off, i64 use_off, i64 rowlen,
-                                 i64 nper, const uint64_t* __restrict__ starts, i64 B, i64 T,
-                                 i64 table0, i64 has_pad, i64 pad, S* __restrict__ w,
-                                 R* __restrict__ scratch, R* __restrict__ state,
-                                 unsigned int* __restrict__ claims, i64 call, R lr, R eps,
-                                 i64 seed)
+template <typename R, typename I, bool ST>
+__global__ void bag_row_keys(const he_scheme* __restrict__ s, const I* __restrict__ idx,
+                             const int64_t* __restrict__ off, i64 use_off, i64 rowlen,
+                             i64 nper, const uint64_t* __restrict__ starts,
+                             const R* __restrict__ psw, i64 use_psw, i64 B, i64 T, i64 table0,
+                             i64 mode, i64 has_pad, i64 pad, int64_t* __restrict__ keys,
+                             R* __restrict__ vals, int64_t* __restrict__ grow)
 {
     he_bag_thread h;
     if (!he_bag_thread_of(1, B, T, table0, off, use_off, rowlen, nper, &h))
         return;
-    const i64 D = s->dim, table = h.table;
+    const i64 table = h.table, D = s->dim;
     const he_tterm tt = he_thread_term<ST>(s, table);
-    for (i64 j = h.r.j0; j < h.r.j1; j++) {
+    const he_range r = h.r;
+    R w = 1;
+    if (mode == HE_MEAN) {
+        i64 cnt = r.j1 - r.j0;
+        if (has_pad) {
+            cnt = 0;
+            for (i64 j = r.j0; j < r.j1; j++)
+                cnt += (i64)idx[j] != pad;
+        }
+        if (cnt > 1)
+            w = (R)1 / (R)cnt;
+    }
+    for (i64 j = r.j0; j < r.j1; j++) {
         const i64 x = (i64)idx[j];
-        if (has_pad && x == pad)
+        const i64 pos = r.pos0 + (j - r.j0);
+        if (has_pad && x == pad) {
+            keys[pos] = HE_NO_SLOT;
             continue;
+        }
         const he_row row = he_entry_row<ST>(s, table, tt, x);
-        const uint64_t st = he_start<ST>(s, &row, starts, j, 0);
-        const uint64_t r = st / (uint64_t)D;
-        if (atomicExch(claims + r, (unsigned int)call) == (unsigned int)call)
-            continue;
-        he_rowwise(w, scratch + st, state + r, st, D, lr, eps, seed);
+        keys[pos] = (int64_t)he_start<ST>(s, &row, starts, j, 0);
+        vals[pos] = use_psw ? w * psw[j] : w;
+        grow[pos] = h.b * (T * D) + h.t * D;
     }
 }
 
@@ -713,14 +724,6 @@ HE_KERNEL(bag_adagrad_walk<double, int, false>)
 HE_KERNEL(bag_adagrad_walk<double, int, true>)
 HE_KERNEL(bag_adagrad_walk<double, long long, false>)
 HE_KERNEL(bag_adagrad_walk<double, long long, true>)
-HE_KERNEL(bag_rowwise_walk<float, int, false>)
-HE_KERNEL(bag_rowwise_walk<float, int, true>)
-HE_KERNEL(bag_rowwise_walk<float, long long, false>)
-HE_KERNEL(bag_rowwise_walk<float, long long, true>)
-HE_KERNEL(bag_rowwise_walk<double, int, false>)
-HE_KERNEL(bag_rowwise_walk<double, int, true>)
-HE_KERNEL(bag_rowwise_walk<double, long long, false>)
-HE_KERNEL(bag_rowwise_walk<double, long long, true>)
 /* float16 storage (he_u16 bits, float arithmetic) */
 HE_KERNEL(bag_forward<float, int, false, 4, unsigned short>)
 HE_KERNEL(bag_forward<float, int, false, 16, unsigned short>)
@@ -746,9 +749,13 @@ HE_KERNEL(bag_adagrad_walk<float, int, false, unsigned short>)
 HE_KERNEL(bag_adagrad_walk<float, int, true, unsigned short>)
 HE_KERNEL(bag_adagrad_walk<float, long long, false, unsigned short>)
 HE_KERNEL(bag_adagrad_walk<float, long long, true, unsigned short>)
-HE_KERNEL(bag_rowwise_walk<float, int, false, unsigned short>)
-HE_KERNEL(bag_rowwise_walk<float, int, true, unsigned short>)
-HE_KERNEL(bag_rowwise_walk<float, long long, false, unsigned short>)
-HE_KERNEL(bag_rowwise_walk<float, long long, true, unsigned short>)
+HE_KERNEL(bag_row_keys<float, int, false>)
+HE_KERNEL(bag_row_keys<float, int, true>)
+HE_KERNEL(bag_row_keys<float, long long, false>)
+HE_KERNEL(bag_row_keys<float, long long, true>)
+HE_KERNEL(bag_row_keys<double, int, false>)
+HE_KERNEL(bag_row_keys<double, int, true>)
+HE_KERNEL(bag_row_keys<double, long long, false>)
+HE_KERNEL(bag_row_keys<double, long long, true>)
 HE_KERNEL(bag_check<int>)
 HE_KERNEL(bag_check<long long>)

@@ -236,8 +236,8 @@ def backward(grad_output, indices, offsets, scheme, table0, T, mode, per_sample_
             grad = xp.zeros(scheme.size, dtype)
             run.add(grad, 1.0, det)
             return grad.reshape(weight.shape if weight is not None else scheme.weight_shape)
-        if isinstance(optimizer, RowwiseAdagrad):
-            run.rowwise(w, optimizer, det)
+        if isinstance(optimizer, RowwiseAdagrad) or _per_row(scheme, b, optimizer, half):
+            run.rows(w, optimizer)
         elif half:
             run.two_phase(w, optimizer, det)
         elif isinstance(optimizer, SGD):
@@ -246,6 +246,16 @@ def backward(grad_output, indices, offsets, scheme, table0, T, mode, per_sample_
             state, scratch = optimizer.state_for(w)
             run.adagrad(w, state, scratch, optimizer.lr, optimizer.eps, det)
         return None
+
+
+def _per_row(scheme, b, optimizer, half):
+    """Does a two-phase step (Adagrad; SGD of float16 storage) of a full
+    table sum per row (_Runner.rows) rather than in a scratch the size of
+    the table: where the table is large next to the batch (the CPU's
+    wants_scratch rule) and not in max mode (whose winners are per
+    element)."""
+    return (scheme._kind == _FULL and b.mode != 2 and (half or isinstance(optimizer, Adagrad))
+            and scheme.size > 8 * scheme.dim * b.n)
 
 
 class _Runner:
@@ -347,24 +357,37 @@ class _Runner:
         self._apply(w, scratch, state if adagrad else scratch, optimizer.lr,
                     optimizer.eps if adagrad else 0.0, int(adagrad), optimizer._round_seed(w))
 
-    def rowwise(self, w, optimizer, det):
-        """Row-wise Adagrad (a full table): the gradient summed into the
-        optimizer's float32 scratch (deterministic: bitwise the CPU's row
-        sums), then each touched row claimed and moved once
-        (bag_rowwise_walk)."""
+    def rows(self, w, optimizer):
+        """A full table's two-phase step summed per row, with no scratch the
+        size of the table: one (row, scale, gradient row) key per entry
+        (bag_row_keys), a stable sort by row, then each row summed in entry
+        order and moved once (seg_rows: row-wise Adagrad, Adagrad, or SGD
+        of float16 storage). Deterministic, and bitwise the CPU's per-row
+        step (_rows_owned)."""
         if self.empty:
             return
-        rows = self.scheme.size // self.scheme.dim
-        scratch = optimizer.scratch_for(w)
-        self.add(scratch, 1.0, det)
-        state = optimizer.state_for(w, rows)
-        claims, call = optimizer.claims_for(w, rows)
-        b = self.b
-        self.be.launch("bag", f"bag_rowwise_walk<{self.tname}{_storage(w)}>", b.B * b.T,
+        xp, b, D = self.be.xp, self.b, self.scheme.dim
+        if isinstance(optimizer, RowwiseAdagrad):
+            rule, state = 2, optimizer.state_for(w, self.scheme.size // D)
+        elif isinstance(optimizer, Adagrad):
+            rule, state = 1, optimizer._state(w, w.size)
+        else:
+            rule, state = 0, None
+        keys = xp.full(self.n, np.int64(np.iinfo(np.int64).max), np.int64)
+        vals = xp.empty(self.n, self.dtype)
+        grow = xp.empty(self.n, np.int64)
+        self.be.launch("bag", f"bag_row_keys<{self.tname}>", b.B * b.T,
                        [self.s] + self.layout + [
-                           i64(b.B), i64(b.T), i64(self.table0), i64(b.has_pad), i64(b.pad),
-                           w, scratch, state, claims, i64(call), self._scalar(optimizer.lr),
-                           self._scalar(optimizer.eps), _i64_bits(optimizer._round_seed(w))])
+                           b.psw if b.psw is not None else self.g, i64(b.psw is not None),
+                           i64(b.B), i64(b.T), i64(self.table0), i64(b.mode), i64(b.has_pad),
+                           i64(b.pad), keys, vals, grow])
+        order = self.be.stable_argsort(keys)
+        keys, vals, grow = keys[order], vals[order], grow[order]
+        self.be.launch("segment", f"seg_rows<{self.R}{_storage(w)}>", self.n,
+                       [keys, vals, grow, i64(self.n), self.g, i64(D), w,
+                        state if state is not None else vals, self._scalar(optimizer.lr),
+                        self._scalar(getattr(optimizer, "eps", 0.0)), i64(rule),
+                        _i64_bits(optimizer._round_seed(w))])
 
     def _apply(self, w, scratch, state, lr, eps, rule, seed):
         """The apply pass (he_apply: rule 1 Adagrad, 0 SGD; seed: float16

@@ -154,12 +154,9 @@ __device__ __forceinline__ void he_apply(he_u16* w, float* state, i64 slot, floa
     he_half_sub(w, (he_u64)slot, (float)step, (he_u64)seed);
 }
 
-/* Row-wise Adagrad (optim.h) of the row at slots st .. st + D - 1 whose
- * summed gradient is g: the row's accumulator G grows, each element moves
- * by mult * g_i formed in double (float16 storage rounds once,
- * he_half_sub), and g is cleared. An all-zero gradient changes nothing. */
-__device__ __forceinline__ double he_row_sumsq(const float* g, i64 D) { return he_row_sumsq_f(g, D); }
-__device__ __forceinline__ double he_row_sumsq(const double* g, i64 D) { return he_row_sumsq_d(g, D); }
+/* Row-wise Adagrad's parts (optim.h) for both float types: the multiplier
+ * (the row's accumulator grows) and one element's move by a step formed in
+ * double (float16 storage rounds once, he_half_sub). */
 __device__ __forceinline__ double he_row_mult(float* G, double ss, i64 D, float lr, float eps)
 {
     return he_row_mult_f(G, ss, D, lr, eps);
@@ -178,20 +175,6 @@ __device__ __forceinline__ void he_row_move(he_u16* w, uint64_t slot, double ste
 {
     he_half_sub(w, (he_u64)slot, (float)step, (he_u64)seed);
 }
-template <typename R, typename S>
-__device__ __forceinline__ void he_rowwise(S* w, R* g, R* G, uint64_t st, i64 D, R lr, R eps,
-                                           i64 seed)
-{
-    const double ss = he_row_sumsq(g, D);
-    if (ss == 0)
-        return;
-    const double mult = he_row_mult(G, ss, D, lr, eps);
-    for (i64 i = 0; i < D; i++) {
-        he_row_move(w, st + (uint64_t)i, mult * (double)g[i], seed);
-        g[i] = 0;
-    }
-}
-
 /*
  * Entries j0 .. j1-1 of bag q = t*B + b, and pos0, the position of entry j0 in
  * the CPU kernels' order (table-major, the order a deterministic sum follows).

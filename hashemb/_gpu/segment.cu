@@ -1,6 +1,6 @@
 /*
  * hashemb/_gpu/segment.cu -- passes over a whole array: the deterministic
- * backward's segment sums and Adagrad's sweep.
+ * backward's segment sums, a full table's per-row steps and Adagrad's sweep.
  *
  * Deterministic backward (bag and plain lookups): every contribution is
  * written as a (slot key, value) pair in the CPU kernels' entry order; a
@@ -80,6 +80,55 @@ __global__ void adagrad_sweep(S* __restrict__ w, R* __restrict__ scratch, R* __r
     }
 }
 
+/*
+ * A full table's two-phase step from bag_row_keys' pairs, sorted stably by
+ * key (HE_NO_SLOT last): the thread at the first position of each row sums
+ * each element's contributions vals[e] * grad[grow[e] + i] in entry order,
+ * from the first (the CPU's _rows_owned: the same sums, the same bits), and
+ * moves the row once: rule 2 row-wise Adagrad (he_row_mult: the state is
+ * one value per row; the sums are formed twice, the same both times, to
+ * keep no row in registers), else he_apply per element with a non-zero sum
+ * (rule 1 Adagrad, 0 SGD; seed: float16 rounding). No scratch the size of
+ * the table, and deterministic whatever the thread order.
+ */
+template <typename R, typename S = R>
+__global__ void seg_rows(const int64_t* __restrict__ keys, const R* __restrict__ vals,
+                         const int64_t* __restrict__ grow, i64 n, const R* __restrict__ grad,
+                         i64 D, S* __restrict__ w, R* __restrict__ state, R lr, R eps, i64 rule,
+                         i64 seed)
+{
+    const i64 k = he_tid();
+    if (k >= n)
+        return;
+    const int64_t key = keys[k];
+    if (key == HE_NO_SLOT || (k > 0 && keys[k - 1] == key))
+        return;
+    i64 e1 = k + 1;
+    while (e1 < n && keys[e1] == key)
+        e1++;
+    const uint64_t st = (uint64_t)key;
+    double mult = 0;
+    for (int pass = rule == 2 ? 0 : 1; pass < 2; pass++) {
+        double ss = 0;
+        for (i64 i = 0; i < D; i++) {
+            R acc = vals[k] * grad[grow[k] + i];
+            for (i64 e = k + 1; e < e1; e++)
+                acc += vals[e] * grad[grow[e] + i];
+            if (pass == 0)
+                ss += (double)acc * (double)acc;
+            else if (rule == 2)
+                he_row_move(w, st + (uint64_t)i, mult * (double)acc, seed);
+            else if (acc != (R)0)
+                he_apply(w, state, (i64)(st + (uint64_t)i), acc, lr, eps, rule, seed);
+        }
+        if (pass == 0) {
+            if (ss == 0)
+                return;
+            mult = he_row_mult(state + st / (uint64_t)D, ss, D, lr, eps);
+        }
+    }
+}
+
 HE_KERNEL(seg_apply<float>)
 HE_KERNEL(seg_apply<double>)
 HE_KERNEL(pairs_add<float>)
@@ -87,3 +136,6 @@ HE_KERNEL(pairs_add<double>)
 HE_KERNEL(adagrad_sweep<float>)
 HE_KERNEL(adagrad_sweep<double>)
 HE_KERNEL(adagrad_sweep<float, unsigned short>)
+HE_KERNEL(seg_rows<float>)
+HE_KERNEL(seg_rows<double>)
+HE_KERNEL(seg_rows<float, unsigned short>)

@@ -26,7 +26,9 @@
 #endif
 
 /* sum_i g_i^2 of a row, in double, in element order (0 exactly when every
- * g_i is 0: a float's square never underflows in double). */
+ * g_i is 0: a float's square never underflows in double). The CPU's sum;
+ * the GPU's seg_rows adds the same squares in the same order as it forms
+ * each element's sum. */
 #define HE_ROW_SUMSQ(T, name)                                          \
     HE_HD double name(const T* g, int64_t D)                           \
     {                                                                  \
