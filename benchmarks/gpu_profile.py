@@ -167,11 +167,11 @@ def main(argv=None):
     def fwd(scheme, W_):
         return lambda: he.embedding_bags(Xx, W_, scheme=scheme, num_tables=T)
 
-    def step(scheme, W_):
+    def step(scheme, W_, opt_=None):
         def run():
             _, saved = he.embedding_bags(Xx, W_, scheme=scheme, num_tables=T, return_saved=True)
             he.embedding_bags_backward(G, Xx, scheme=scheme, num_tables=T, weight=W_,
-                                       optimizer=opt, saved=saved)
+                                       optimizer=opt_ or opt, saved=saved)
         return run
 
     # most telling first (a bounded run may be cut short): the default
@@ -203,14 +203,21 @@ def main(argv=None):
         GB.ROWS = True
     profile("HashedNet forward (warp kernel keeping row state)", fwd(hnet, Mh))
     profile("HashedNet step", step(hnet, Mh))
-    # float16 storage: half the bytes read; the step sums into a float32
-    # scratch, then a sweep (RobeZ) or walk (FullTable) rounds each slot
+    # float16 storage: half the bytes read; RobeZ's step sums into a float32
+    # scratch, then a sweep rounds each slot; FullTable's sorts its entries
+    # by row and moves each row once (seg_rows)
     M16, W16 = M.astype(np.float16), W.astype(np.float16)
     profile("RobeZ forward, float16", fwd(robe, M16))
     profile("RobeZ step, float16 (stochastic rounding)", step(robe, M16))
     profile("FullTable forward, float16, check_indices=False", unchecked(fwd(full, W16)))
     profile("FullTable step, float16, check_indices=False", unchecked(step(full, W16)))
     del M16, W16
+    # Adagrad and row-wise Adagrad of the full table: per-row sums (a
+    # stable sort of one key per entry, seg_rows), no table-sized scratch
+    profile("FullTable step, Adagrad, check_indices=False",
+            unchecked(step(full, W, he.Adagrad(0.01))))
+    profile("FullTable step, row-wise Adagrad, check_indices=False",
+            unchecked(step(full, W, he.RowwiseAdagrad(0.01))))
     he.set_gpu_options(precompute_starts=True)
     profile("RobeZ step, precompute_starts=True (bag_starts, then the forward)", step(robe, M))
     profile("RobeZ forward, precompute_starts=True", fwd(robe, M))
