@@ -159,7 +159,8 @@ def test_gpu_bench_dry_run_on_the_cpu(tmp_path):
     assert again["results"] == res and (tmp_path / "b.png").stat().st_size > 10_000
     names = [r["method"] for r in res]
     assert names == ["torch.nn.EmbeddingBag", "hashemb RobeZ 1000x", "deterministic bwd",
-                     "hashemb FullTable", "hashemb RobeZ float16", "hashemb FullTable float16",
+                     "hashemb FullTable", "row-wise Adagrad step", "hashemb RobeZ float16",
+                     "hashemb FullTable float16",
                      "hashemb HashedNet 1000x", "hashemb RobeZ, pool rows",
                      "hashemb SCMA Z=8", "hashemb LMA Z=8"]
     assert all(r["train_samples_per_s"] > 0 for r in res)
