@@ -132,7 +132,7 @@ class _Accumulating(_Fused):
         (the dtype the kernels compute in: float32 for a float16 weight, else
         the weight's; C-contiguous; updated in place), e.g. a buffer that a
         torch module saves in its state_dict. Binding the same memory again
-        is a no-op (the scratch array is kept)."""
+        is a no-op."""
         key = self._key(weight)
         dtype = V.compute_dtype(weight.dtype)
         same = is_cupy(state) if is_cupy(weight) else isinstance(state, np.ndarray)
@@ -145,7 +145,9 @@ class _Accumulating(_Fused):
         if bound is not None and data_ptr(bound) == data_ptr(state):
             return
         self.state[key] = state.reshape(-1)
-        self._scratch[key] = array_module(weight).zeros(weight.size, dtype)
+        # a scratch is made when a step needs one (never for a full table
+        # summed per row, nor for row-wise Adagrad): none is kept for it here
+        self._scratch.pop(key, None)
 
 
 class Adagrad(_Accumulating):
@@ -217,7 +219,7 @@ class RowwiseAdagrad(_Accumulating):
     the 33.76M rows of Criteo Kaggle at D=16, the reason it is the usual
     optimizer of large tables. Squares are summed in double; the
     multiplier and the steps are formed in double (hashemb/optim.h), so the
-    CPU and the GPU's deterministic path give the same bits.
+    CPU and the GPU give the same bits.
 
     For :class:`~hashemb.FullTable` schemes in ``"sum"`` or ``"mean"`` mode
     (as FBGEMM's table-batched embeddings): a hashed array has no rows
