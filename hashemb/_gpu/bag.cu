@@ -427,6 +427,26 @@ __device__ __forceinline__ int he_argmax(const he_scheme* s, const I* idx, const
 }
 
 /*
+ * The scale of a bag's entries in backward before their per-sample weights:
+ * alpha over the count of live (non-padding) entries of a mean bag of more
+ * than one, else alpha (the CPU's _pair_scale).
+ */
+template <typename R, typename I>
+__device__ __forceinline__ R he_bag_scale(const I* __restrict__ idx, he_range r, i64 mode,
+                                          i64 has_pad, i64 pad, R alpha)
+{
+    if (mode != HE_MEAN)
+        return alpha;
+    i64 cnt = r.j1 - r.j0;
+    if (has_pad) {
+        cnt = 0;
+        for (i64 j = r.j0; j < r.j1; j++)
+            cnt += (i64)idx[j] != pad;
+    }
+    return cnt > 1 ? alpha / (R)cnt : alpha;
+}
+
+/*
  * Backward, one bag per W lanes. out_mode 0: atomicAdd of every contribution
  * into target (the gradient, SGD's weight, or Adagrad's scratch);
  * out_mode 1: write each contribution as (keys[pos*D + i], vals[pos*D + i])
@@ -475,17 +495,7 @@ __global__ void bag_backward(const he_scheme* __restrict__ s, const I* __restric
         return;
     }
 
-    R w = alpha;
-    if (mode == HE_MEAN) {
-        i64 cnt = r.j1 - r.j0;
-        if (has_pad) {
-            cnt = 0;
-            for (i64 j = r.j0; j < r.j1; j++)
-                cnt += (i64)idx[j] != pad;
-        }
-        if (cnt > 1)
-            w = alpha / (R)cnt;
-    }
+    const R w = he_bag_scale(idx, r, mode, has_pad, pad, alpha);
     for (int i0 = (int)lane; i0 < D; i0 += HE_EPT * nw) {
         R gv[HE_EPT];
         int kk[HE_EPT], jj[HE_EPT];
@@ -594,17 +604,7 @@ __global__ void bag_row_keys(const he_scheme* __restrict__ s, const I* __restric
     const i64 table = h.table, D = s->dim;
     const he_tterm tt = he_thread_term<ST>(s, table);
     const he_range r = h.r;
-    R w = 1;
-    if (mode == HE_MEAN) {
-        i64 cnt = r.j1 - r.j0;
-        if (has_pad) {
-            cnt = 0;
-            for (i64 j = r.j0; j < r.j1; j++)
-                cnt += (i64)idx[j] != pad;
-        }
-        if (cnt > 1)
-            w = (R)1 / (R)cnt;
-    }
+    const R w = he_bag_scale(idx, r, mode, has_pad, pad, (R)1);
     for (i64 j = r.j0; j < r.j1; j++) {
         const i64 x = (i64)idx[j];
         const i64 pos = r.pos0 + (j - r.j0);

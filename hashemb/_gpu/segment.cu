@@ -14,6 +14,12 @@
 #include "common.cuh"
 #endif
 
+/* Is sorted position k the first of a run of equal keys (not HE_NO_SLOT)? */
+__device__ __forceinline__ bool he_run_head(const int64_t* __restrict__ keys, i64 k, i64 n)
+{
+    return k < n && keys[k] != HE_NO_SLOT && (k == 0 || keys[k - 1] != keys[k]);
+}
+
 /*
  * keys (sorted, n of them, HE_NO_SLOT last) and vals in the same order: the
  * thread at the first position of each run of equal keys sums the run in
@@ -26,11 +32,9 @@ __global__ void seg_apply(const int64_t* __restrict__ keys, const R* __restrict_
                           i64 act, R* __restrict__ target, R* __restrict__ state, R lr, R eps)
 {
     const i64 k = he_tid();
-    if (k >= n)
+    if (!he_run_head(keys, k, n))
         return;
     const int64_t key = keys[k];
-    if (key == HE_NO_SLOT || (k > 0 && keys[k - 1] == key))
-        return;
     if (act == HE_ACT_ADD) {
         R acc = target[key];
         for (i64 e = k; e < n && keys[e] == key; e++)
@@ -98,11 +102,9 @@ __global__ void seg_rows(const int64_t* __restrict__ keys, const R* __restrict__
                          i64 seed)
 {
     const i64 k = he_tid();
-    if (k >= n)
+    if (!he_run_head(keys, k, n))
         return;
     const int64_t key = keys[k];
-    if (key == HE_NO_SLOT || (k > 0 && keys[k - 1] == key))
-        return;
     i64 e1 = k + 1;
     while (e1 < n && keys[e1] == key)
         e1++;
