@@ -258,3 +258,23 @@ def test_torch_module():
     assert "optimizer_state" in sd and sd["optimizer_state"].shape == (50,)
     with pytest.raises(ValueError, match="optimizer: RowwiseAdagrad .*FullTable"):
         HashEmbeddingBagCollection(he.RobeZ(100, 4), 2, optimizer="rowwise_adagrad")
+
+
+@settings(max_examples=30, deadline=None)
+@given(full_batches(), st.integers(0, 99))
+def test_one_element_rows_are_adagrad(b, gseed):
+    # D = 1: a row's mean square is its element's square, so the rule is
+    # per-element Adagrad's (formed in another order: to float32 rounding)
+    full, idx, off, T, B, mode, psw, pad, D = b
+    full = he.FullTable(full.table_sizes, 1)
+    pad = pad if T == 1 else None
+    psw = None if psw is None else psw.astype(np.float32)
+    G = np.random.default_rng(gseed).standard_normal((B, T)).astype(np.float32)
+    W = full.init_weight(seed=gseed)
+    Wa = W.copy()
+    ro, ao = he.RowwiseAdagrad(0.1, eps=1e-3), he.Adagrad(0.1, eps=1e-3)
+    for _ in range(2):
+        _step(full, idx, off, T, mode, psw, pad, W, G, ro)
+        _step(full, idx, off, T, mode, psw, pad, Wa, G, ao)
+    np.testing.assert_allclose(W, Wa, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(ro.state_for(W, W.size), ao.state_for(Wa)[0], rtol=1e-6)
