@@ -33,10 +33,14 @@ def _parser():
                         "ROBE paper allows)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="training batch (default 2048; MovieLens 256)")
-    p.add_argument("--optimizer", choices=("sgd", "adagrad"), default=None,
-                   help="of every part (default sgd; MovieLens adagrad)")
+    p.add_argument("--optimizer", choices=("sgd", "adagrad", "rowwise_adagrad"), default=None,
+                   help="of every part (default sgd; MovieLens adagrad); rowwise_adagrad: "
+                        "FBGEMM's row-wise Adagrad for the full table (through hashemb's "
+                        "FullTable, fused), per-slot Adagrad for the compressed arrays, "
+                        "torch Adagrad for the MLP")
     p.add_argument("--lr", type=float, default=None,
-                   help="learning rate of every part (default 0.5 for sgd, 0.05 for adagrad)")
+                   help="learning rate of every part (default 0.5 for sgd, 0.05 for the "
+                        "adagrads)")
     p.add_argument("--weight-dtype", choices=("float32", "float16"), default="float32",
                    help="storage of the hashemb arrays (float16: pooled in float32; the fused "
                         "optimizer rounds each updated slot, see --rounding)")
@@ -106,7 +110,7 @@ def run_method(method, compression, tr, te, card, args, epochs, bar_desc):
     from . import optim
     # the hashemb arrays' storage, and their fused optimizer (which rounds float16)
     dtype = getattr(torch, args.weight_dtype)
-    opt_cls = optim.SGD if args.optimizer == "sgd" else optim.Adagrad
+    opt_cls = optim.SGD if args.optimizer == "sgd" else optim.Adagrad     # per slot
     fused = opt_cls(args.lr, stochastic_rounding=args.rounding == "stochastic", seed=args.seed)
     if method in ("lsh", "lma"):    # SCMA / LMA (issue 6): allocation learned from tr
         from .torch import LSHEmbeddingBagCollection
@@ -122,8 +126,9 @@ def run_method(method, compression, tr, te, card, args, epochs, bar_desc):
                                        sparse=True, optimizer=args.optimizer,
                                        learning_rate=args.lr, seed=args.seed)
     else:
+        full_opt = args.optimizer if args.optimizer == "rowwise_adagrad" else None
         emb = make_embedding(method, card, 16, compression, args.lr, args.seed, args.block,
-                             fused if method != "full" else args.optimizer, dtype=dtype)
+                             fused if method != "full" else full_opt, dtype=dtype)
     model = DLRM(emb, len(card), num_dense=tr.dense.shape[1], seed=args.seed).to(args.device)
     opt = make_optimizer(model, args.lr, args.optimizer)
     n = len(tr.labels)
@@ -139,7 +144,10 @@ def run_method(method, compression, tr, te, card, args, epochs, bar_desc):
     nbytes = sum(p.numel() * p.element_size() for p in emb.parameters())
     extra = emb.scheme.extra_bytes() if hasattr(getattr(emb, "scheme", None), "extra_bytes") else 0
     full_params = sum(card) * 16
-    return {"method": method, "nominal": compression, "compression": full_params / params,
+    label = NAMES[method] if not (method == "full" and args.optimizer == "rowwise_adagrad") \
+        else "full (FullTable, row-wise Adagrad)"
+    return {"method": method, "label": label, "nominal": compression,
+            "compression": full_params / params,
             "epochs": epochs,
             "embedding_params": params, "memory_mb": (nbytes + extra) / 2 ** 20,
             "auc": ev["auc"], "logloss": ev["logloss"], "train_sps": float(np.median(speeds)),
@@ -151,7 +159,7 @@ def _table(rows, oracle):
             "| train samples/s | inference samples/s |")
     lines = [head, "|" + "---|" * 8]
     for r in rows:
-        lines.append(f"| {NAMES[r['method']]} | {r['compression']:.0f}x | "
+        lines.append(f"| {r.get('label', NAMES[r['method']])} | {r['compression']:.0f}x | "
                      f"{r['embedding_params']:,} | {r['memory_mb']:.2f} | {r['auc']:.4f} | "
                      f"{r['logloss']:.4f} | {r['train_sps']:,.0f} | {r['infer_sps']:,.0f} |")
     if oracle is not None:
@@ -218,7 +226,7 @@ def main(argv=None):
     args.optimizer = args.optimizer or ("adagrad" if movielens else "sgd")
     args.epochs = args.epochs or (4 if movielens else 2)
     args.batch_size = args.batch_size or (256 if movielens else 2048)
-    args.lr = args.lr or (0.05 if args.optimizer == "adagrad" else 0.5)
+    args.lr = args.lr or (0.5 if args.optimizer == "sgd" else 0.05)
     sweep = args.sweep if args.sweep is not None else ("10,100" if movielens else "10,100,1000")
     sweep = [float(c) for c in sweep.split(",") if c.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -8,9 +8,11 @@ import torch
 from torch import nn
 
 from ..metrics import auc, logloss
-from .modules import (HashedNetEmbeddingBagCollection, HashingTrickEmbeddingBagCollection,
-                      RobeEmbeddingBagCollection, TorchEmbeddingBagCollection,
-                      dense_parameters)
+from ..schemes import FullTable
+from ._function import optimizer_name
+from .modules import (HashEmbeddingBagCollection, HashedNetEmbeddingBagCollection,
+                      HashingTrickEmbeddingBagCollection, RobeEmbeddingBagCollection,
+                      TorchEmbeddingBagCollection, _sizes, dense_parameters)
 
 METHODS = ("full", "robez", "hashednet", "hashing_trick")
 
@@ -87,7 +89,8 @@ def make_embedding(method, num_embeddings, dim=16, compression=1000.0, lr=0.1, s
     ``optimizer`` ("sgd", "adagrad", or a hashemb.SGD / Adagrad object) at
     ``lr``, fused into backward for the hashemb modules: "full" (torch
     nn.EmbeddingBag, float32, sparse gradients, left to the torch
-    optimizer), "robez" (ROBE-Z, Z = ``block`` or dim), "hashednet",
+    optimizer; with ``optimizer="rowwise_adagrad"`` hashemb's FullTable of
+    ``dtype`` and a fused :class:`hashemb.RowwiseAdagrad`), "robez" (ROBE-Z, Z = ``block`` or dim), "hashednet",
     "hashing_trick" (each at ``compression``, their array of ``dtype``:
     float32, float64 or float16 storage).
 
@@ -99,6 +102,10 @@ def make_embedding(method, num_embeddings, dim=16, compression=1000.0, lr=0.1, s
     >>> emb.weight.numel(), emb(torch.tensor([[1, 4999]])).shape
     (960, torch.Size([1, 32]))
     """
+    if method == "full" and optimizer_name(optimizer) == "rowwise_adagrad":
+        # FBGEMM's optimizer for large tables, fused: through hashemb's FullTable
+        return HashEmbeddingBagCollection(FullTable(num_embeddings, dim), len(_sizes(
+            num_embeddings)), optimizer=optimizer, lr=lr, init_seed=seed, dtype=dtype)
     if method == "full":
         return TorchEmbeddingBagCollection(num_embeddings, dim, sparse=True, seed=seed)
     kw = dict(compression=compression, seed=seed, optimizer=optimizer, lr=lr, init_seed=seed,
@@ -197,10 +204,10 @@ def evaluate(model, dense, cats, labels, batch_size=16384):
 
 
 def make_optimizer(model, lr, name="sgd"):
-    """torch SGD (or Adagrad) over the parameters not updated by a fused
-    hashemb optimizer."""
-    if name == "adagrad":
+    """torch SGD (or Adagrad: name "adagrad" or "rowwise_adagrad") over the
+    parameters not updated by a fused hashemb optimizer."""
+    if name in ("adagrad", "rowwise_adagrad"):
         return torch.optim.Adagrad(dense_parameters(model), lr=lr)
     if name != "sgd":
-        raise ValueError(f"name: expected 'sgd' or 'adagrad', got {name!r}")
+        raise ValueError(f"name: expected 'sgd', 'adagrad' or 'rowwise_adagrad', got {name!r}")
     return torch.optim.SGD(dense_parameters(model), lr=lr)
