@@ -278,3 +278,14 @@ def test_one_element_rows_are_adagrad(b, gseed):
         _step(full, idx, off, T, mode, psw, pad, Wa, G, ao)
     np.testing.assert_allclose(W, Wa, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(ro.state_for(W, W.size), ao.state_for(Wa)[0], rtol=1e-6)
+
+
+def test_make_embedding_full_rowwise_starts_from_the_torch_rows():
+    # the demo's full baseline with row-wise Adagrad: the same initial rows
+    # as the torch one, so the optimizer is the only difference
+    torch = pytest.importorskip("torch")
+    from hashemb.torch import make_embedding
+    a = make_embedding("full", [100, 50], 4, seed=3)
+    b = make_embedding("full", [100, 50], 4, seed=3, optimizer="rowwise_adagrad", lr=0.1)
+    assert torch.equal(torch.cat([t.weight for t in a.tables]), b.weight)
+    assert b.optimizer_state.shape == (150,) and b._lookup.optimizer.lr == 0.1

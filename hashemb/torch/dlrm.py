@@ -103,9 +103,13 @@ def make_embedding(method, num_embeddings, dim=16, compression=1000.0, lr=0.1, s
     (960, torch.Size([1, 32]))
     """
     if method == "full" and optimizer_name(optimizer) == "rowwise_adagrad":
-        # FBGEMM's optimizer for large tables, fused: through hashemb's FullTable
-        return HashEmbeddingBagCollection(FullTable(num_embeddings, dim), len(_sizes(
-            num_embeddings)), optimizer=optimizer, lr=lr, init_seed=seed, dtype=dtype)
+        # FBGEMM's optimizer for large tables, fused: through hashemb's
+        # FullTable, from the torch baseline's initial rows (the same draws)
+        sizes = _sizes(num_embeddings)
+        rows = torch.cat([t.weight.detach() for t in TorchEmbeddingBagCollection(
+            sizes, dim, sparse=True, seed=seed).tables]).to(dtype)
+        return HashEmbeddingBagCollection(FullTable(sizes, dim), len(sizes),
+                                          optimizer=optimizer, lr=lr, _weight=rows)
     if method == "full":
         return TorchEmbeddingBagCollection(num_embeddings, dim, sparse=True, seed=seed)
     kw = dict(compression=compression, seed=seed, optimizer=optimizer, lr=lr, init_seed=seed,
