@@ -289,3 +289,30 @@ def test_make_embedding_full_rowwise_starts_from_the_torch_rows():
     b = make_embedding("full", [100, 50], 4, seed=3, optimizer="rowwise_adagrad", lr=0.1)
     assert torch.equal(torch.cat([t.weight for t in a.tables]), b.weight)
     assert b.optimizer_state.shape == (150,) and b._lookup.optimizer.lr == 0.1
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_two_d_input_and_saved_starts(dtype):
+    # (B, T) input, and the run starts a forward kept (return_saved /
+    # saved): the same bits as flat indices with offsets
+    full = he.FullTable([300, 20, 7000], 8)
+    rng = np.random.default_rng(8)
+    X = np.stack([rng.integers(0, n, 50) for n in (300, 20, 7000)], 1)
+    flat = np.ascontiguousarray(X.T).reshape(-1)
+    off = np.arange(flat.size + 1, dtype=np.int64)
+    W0 = full.init_weight(seed=1, dtype=dtype)
+    outs = []
+    for two_d, keep in ((False, False), (True, False), (True, True), (False, True)):
+        W, opt = W0.copy(), he.RowwiseAdagrad(0.1, seed=3)
+        x, o = (X, None) if two_d else (flat, off)
+        for step in range(2):
+            G = np.random.default_rng(step).standard_normal((50, 24)).astype(np.float32)
+            saved = he.embedding_bags(x, W, o, scheme=full, num_tables=3,
+                                      return_saved=True)[1] if keep else None
+            he.embedding_bags_backward(G, x, o, scheme=full, num_tables=3, weight=W,
+                                       optimizer=opt, saved=saved)
+        outs.append(W)
+    for W in outs[1:]:
+        np.testing.assert_array_equal(W.view(np.uint16 if dtype == np.float16 else np.uint32),
+                                      outs[0].view(np.uint16 if dtype == np.float16 else np.uint32))
+    assert not np.array_equal(outs[0], W0)
