@@ -1296,8 +1296,9 @@ def test_index_helpers_past_32_bits():
 
 
 def test_fuzz_launchers_on_the_emulator_never_crash():
-    """The GPU launchers (bags forward and backward with SGD / Adagrad,
-    atomic and deterministic, on a sized, a hashed and a reference scheme;
+    """The GPU launchers (bags forward and backward with SGD / Adagrad /
+    row-wise Adagrad, atomic and deterministic, on sized (a small and a
+    large full table), hashed and reference schemes;
     TT bags; plain lookups) on malformed indices, offsets and padding, run
     on the host emulator (tests/fuzzing.py)."""
     gpu_emu.build_or_skip()
@@ -1311,6 +1312,7 @@ def test_fuzz_launchers_on_the_emulator_never_crash():
         be = gpu_emu.EmuBackend(gpu_emu.build())
         rng = np.random.default_rng(1)
         full = he.FullTable([5, 7], 4)
+        big = he.FullTable([5000, 7000], 4)       # steps summed per row (seg_rows)
         robe = he.RobeZ(64, 4, block=2)
         ref = he.RobeZ.reference(60, 4, 4)
         cores = he.tt_init(100, [10, 10], [2, 2], [3])
@@ -1331,11 +1333,11 @@ def test_fuzz_launchers_on_the_emulator_never_crash():
             mode = ["sum", "mean", "max"][it % 3]
             pad = [None, 3, -1][it % 3] if T == 1 else None
             last = bool(it % 2)
-            for s in (full, robe, ref):
+            for s in (full, big, robe, ref):
                 w = s.init_weight()
                 attempt(lambda: GB.forward(idx, w, off, s, 0, T, mode, None, last, pad, be=be))
                 for det in (False, True):
-                    for opt in (he.SGD(0.1), he.Adagrad(0.1)):
+                    for opt in (he.SGD(0.1), he.Adagrad(0.1), he.RowwiseAdagrad(0.1)):
                         attempt(lambda: GB.backward(G, idx, off, s, 0, T, mode, None, last, pad,
                                                     w.copy(), opt, det, be=be))
             attempt(lambda: GT.bags(idx, [cores], off, single=True, be=be))
