@@ -625,6 +625,17 @@ def test_full_table_steps_sum_per_row_without_a_scratch():
                 GB.backward(G, f_, o_, full, 0, T, mode, pw, True, pad, Wd, od, False, be=be)
             np.testing.assert_array_equal(Wd.view(np.uint8), W.view(np.uint8))
             assert not od._scratch, (dtype, mode)
+    # a one-table call of a later table (table=1): its rows and accumulators
+    W = full.init_weight(seed=2)
+    Wd, o, od = W.copy(), he.RowwiseAdagrad(0.1), he.RowwiseAdagrad(0.1)
+    G = rng.standard_normal((40, 8)).astype(np.float32)
+    he.embedding_bag_backward(G, flat[:off[40]], off[:41], scheme=full, table=1,
+                              include_last_offset=True, weight=W, optimizer=o)
+    GB.backward(G, flat[:off[40]], off[:41], full, 1, 1, "sum", None, True, None, Wd, od, False,
+                be=be)
+    np.testing.assert_array_equal(Wd, W)
+    np.testing.assert_array_equal(od.state_for(Wd, 8000), o.state_for(W, 8000))
+    assert o.state_for(W, 8000)[:5000].sum() == 0 and o.state_for(W, 8000)[5000:].any()
 
 
 def test_half_weights_on_the_emulator_pass_their_bits():

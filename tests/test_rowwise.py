@@ -316,3 +316,21 @@ def test_two_d_input_and_saved_starts(dtype):
         np.testing.assert_array_equal(W.view(np.uint16 if dtype == np.float16 else np.uint32),
                                       outs[0].view(np.uint16 if dtype == np.float16 else np.uint32))
     assert not np.array_equal(outs[0], W0)
+
+
+def test_single_table_call_of_a_later_table():
+    # embedding_bag_backward(table=1) moves table 1's rows (after table 0's),
+    # with their accumulators at the same rows
+    full = he.FullTable([30, 20], 4)
+    x = np.array([[3], [19], [3]])
+    g = np.arange(12, dtype=np.float32).reshape(3, 4) / 10
+    W1, W2 = full.init_weight(seed=1), full.init_weight(seed=1)
+    o1, o2 = he.RowwiseAdagrad(0.1), he.RowwiseAdagrad(0.1)
+    he.embedding_bag_backward(g, x, scheme=full, table=1, weight=W1, optimizer=o1)
+    X = np.concatenate([np.full((3, 1), 0), x], 1)           # table 0's entries: zero grad
+    G = np.concatenate([np.zeros((3, 4), np.float32), g], 1)
+    he.embedding_bags_backward(G, X, scheme=full, num_tables=2, weight=W2, optimizer=o2)
+    np.testing.assert_array_equal(W1, W2)
+    s1 = o1.state_for(W1, 50)
+    np.testing.assert_array_equal(s1, o2.state_for(W2, 50))
+    assert np.flatnonzero(s1).tolist() == [33, 49]
