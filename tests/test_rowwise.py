@@ -173,9 +173,12 @@ def test_per_element_adagrad_sums_per_row_with_the_scratch_bits():
 
 
 @pytest.mark.parametrize("mode", ["sum", "mean"])
-def test_matches_fbgemm(mode):
-    """FBGEMM's own EXACT_ROWWISE_ADAGRAD (CPU), three steps over three tables
-    with bags of 0-3 entries and repeated rows."""
+@pytest.mark.parametrize("kind", ["EXACT_ROWWISE_ADAGRAD", "EXACT_ADAGRAD", "EXACT_SGD"])
+def test_matches_fbgemm(mode, kind):
+    """FBGEMM's own fused optimizers (CPU) against hashemb's on a full table:
+    EXACT_ROWWISE_ADAGRAD / RowwiseAdagrad, and, as an independent check of
+    the older ones, EXACT_ADAGRAD / Adagrad and EXACT_SGD / SGD; three steps
+    over three tables with bags of 0-3 entries and repeated rows."""
     pytest.importorskip("fbgemm_gpu")
     import torch
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
@@ -187,12 +190,14 @@ def test_matches_fbgemm(mode):
     rng = np.random.default_rng(0)
     emb = SplitTableBatchedEmbeddingBagsCodegen(
         embedding_specs=[(n, D, EmbeddingLocation.HOST, ComputeDevice.CPU) for n in card],
-        optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=lr, eps=eps,
+        optimizer=getattr(EmbOptimType, kind), learning_rate=lr, eps=eps,
         pooling_mode=PoolingMode.SUM if mode == "sum" else PoolingMode.MEAN, device="cpu")
     full = he.FullTable(card, D)
     W = np.concatenate([w.detach().numpy().copy() for w in emb.split_embedding_weights()])
     W0 = W.copy()
-    opt = he.RowwiseAdagrad(lr, eps=eps)
+    opt = {"EXACT_ROWWISE_ADAGRAD": lambda: he.RowwiseAdagrad(lr, eps=eps),
+           "EXACT_ADAGRAD": lambda: he.Adagrad(lr, eps=eps),
+           "EXACT_SGD": lambda: he.SGD(lr)}[kind]()
     for _ in range(3):
         counts = rng.integers(0, 4, len(card) * B)
         off = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -205,7 +210,8 @@ def test_matches_fbgemm(mode):
                                    weight=W, optimizer=opt)
     theirs = np.concatenate([w.detach().numpy() for w in emb.split_embedding_weights()])
     assert np.abs(theirs - W0).max() > 0.1          # the steps moved the rows
-    # within a few float32 spacings: FBGEMM forms the step in float32
+    # within a few float32 spacings: FBGEMM forms its steps in float32 (and
+    # sums a row's gradient in another order)
     np.testing.assert_allclose(W, theirs, rtol=2e-6, atol=5e-7)
 
 
