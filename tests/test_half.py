@@ -331,8 +331,8 @@ def test_full_table_step_sums_per_row_without_a_scratch(opt, mode, sr):
     # a full table large next to its batch: the float16 step sums each row's
     # gradient in a compact buffer (no scratch of the table's size is made),
     # duplicates and weights included: bitwise the model's update; and, on a
-    # batch big enough for several threads (rows straddling their ranges),
-    # the same bits on 1, 2 and 3 threads
+    # batch big enough for several threads (rows at the edges of their
+    # row-aligned ranges), the same bits on 1, 2 and 3 threads
     full = he.FullTable([40_000, 30_011], 8)
     rng = np.random.default_rng(1)
     B, T = 300, 2
@@ -366,7 +366,7 @@ def test_full_table_step_sums_per_row_without_a_scratch(opt, mode, sr):
     code = ("import numpy as np, hashemb as he, hashlib;"
             "f=he.FullTable([200_003], 8);r=np.random.default_rng(0);"
             "x=r.integers(0,200_003,(10_000,1));g=r.standard_normal((10_000,8)).astype(np.float32);"
-            # the rows that straddle two threads' slot ranges on 2 and 3 threads
+            # the rows at the edges of 2 and 3 threads' ranges (row-aligned)
             "x[:3,0]=[(200_003*8*k//n)//8 for k,n in ((1,2),(1,3),(2,3))];"
             "W=f.init_weight(dtype=np.float16);"
             "[he.embedding_bags_backward(g,x,scheme=f,num_tables=1,weight=W,optimizer=o)"

@@ -12,7 +12,7 @@ from ..schemes import FullTable
 from ._function import optimizer_name
 from .modules import (HashEmbeddingBagCollection, HashedNetEmbeddingBagCollection,
                       HashingTrickEmbeddingBagCollection, RobeEmbeddingBagCollection,
-                      TorchEmbeddingBagCollection, _sizes, dense_parameters)
+                      TorchEmbeddingBagCollection, _sizes, dense_parameters, dlrm_init_)
 
 METHODS = ("full", "robez", "hashednet", "hashing_trick")
 
@@ -90,7 +90,8 @@ def make_embedding(method, num_embeddings, dim=16, compression=1000.0, lr=0.1, s
     ``lr``, fused into backward for the hashemb modules: "full" (torch
     nn.EmbeddingBag, float32, sparse gradients, left to the torch
     optimizer; with ``optimizer="rowwise_adagrad"`` hashemb's FullTable of
-    ``dtype`` and a fused :class:`hashemb.RowwiseAdagrad`), "robez" (ROBE-Z, Z = ``block`` or dim), "hashednet",
+    ``dtype`` and a fused :class:`hashemb.RowwiseAdagrad`), "robez"
+    (ROBE-Z, Z = ``block`` or dim), "hashednet",
     "hashing_trick" (each at ``compression``, their array of ``dtype``:
     float32, float64 or float16 storage).
 
@@ -104,12 +105,13 @@ def make_embedding(method, num_embeddings, dim=16, compression=1000.0, lr=0.1, s
     """
     if method == "full" and optimizer_name(optimizer) == "rowwise_adagrad":
         # FBGEMM's optimizer for large tables, fused: through hashemb's
-        # FullTable, from the torch baseline's initial rows (the same draws)
+        # FullTable, from the torch baseline's initial rows (the same draws,
+        # made once into one array rather than into a copy of the baseline)
         sizes = _sizes(num_embeddings)
-        rows = torch.cat([t.weight.detach() for t in TorchEmbeddingBagCollection(
-            sizes, dim, sparse=True, seed=seed).tables]).to(dtype)
+        rows = torch.empty(sum(sizes), dim)
+        dlrm_init_(rows.split(sizes), sizes, seed)
         return HashEmbeddingBagCollection(FullTable(sizes, dim), len(sizes),
-                                          optimizer=optimizer, lr=lr, _weight=rows)
+                                          optimizer=optimizer, lr=lr, _weight=rows.to(dtype))
     if method == "full":
         return TorchEmbeddingBagCollection(num_embeddings, dim, sparse=True, seed=seed)
     kw = dict(compression=compression, seed=seed, optimizer=optimizer, lr=lr, init_seed=seed,

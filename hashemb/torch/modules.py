@@ -526,6 +526,17 @@ class HashingTrickEmbeddingBagCollection(HashEmbeddingBagCollection):
         return as_tensor(out), off, psw
 
 
+def dlrm_init_(weights, sizes, seed):
+    """Fill the rows of each table (``weights[t]``, ``sizes[t]`` rows) uniform
+    on ``+-1/sqrt(sizes[t])``, as DLRM does, in table order from one
+    generator seeded with ``seed``: the draws of the torch baseline, whether
+    the tables are separate tensors or consecutive slices of one."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for w, n in zip(weights, sizes):
+            w.uniform_(-1 / math.sqrt(n), 1 / math.sqrt(n), generator=g)
+
+
 class TorchEmbeddingBagCollection(nn.Module):
     r"""The uncompressed baseline in plain torch: one ``nn.EmbeddingBag`` per
     table (mode sum, uniform init on ``+-1/sqrt(rows)`` as DLRM does), outputs
@@ -542,13 +553,9 @@ class TorchEmbeddingBagCollection(nn.Module):
     def __init__(self, num_embeddings, embedding_dim, sparse=True, seed=0):
         super().__init__()
         self.num_embeddings, self.embedding_dim = _sizes(num_embeddings), embedding_dim
-        g = torch.Generator().manual_seed(seed)
-        self.tables = nn.ModuleList()
-        for n in self.num_embeddings:
-            e = nn.EmbeddingBag(n, embedding_dim, mode="sum", sparse=sparse)
-            with torch.no_grad():
-                e.weight.uniform_(-1 / math.sqrt(n), 1 / math.sqrt(n), generator=g)
-            self.tables.append(e)
+        self.tables = nn.ModuleList(nn.EmbeddingBag(n, embedding_dim, mode="sum", sparse=sparse)
+                                    for n in self.num_embeddings)
+        dlrm_init_([e.weight for e in self.tables], self.num_embeddings, seed)
 
     def forward(self, input, offsets=None, per_sample_weights=None):
         if input.dim() != 2 or offsets is not None or per_sample_weights is not None:
