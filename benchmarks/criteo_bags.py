@@ -3,8 +3,8 @@
 Measures, in one run, samples/s of hashemb (RobeZ at 1000x, HashedNet, FullTable)
 beside torch.nn.EmbeddingBag and FBGEMM's table-batched embeddings (CPU), for
 inference (forward, batch 16384) and a training step (forward + backward +
-SGD, batch 2048; variants with Adagrad, row-wise Adagrad or float16
-storage), plus the peak memory a training step adds. Every ratio is against
+SGD, batch 2048; variants with Adagrad, row-wise Adagrad, float16 or
+bfloat16 storage), plus the peak memory a training step adds. Every ratio is against
 a peer measured in the same run (a variant also against the same variant of
 the peer: FBGEMM's for training, torch's for inference, where there is one).
 
@@ -59,7 +59,11 @@ def make_methods(card, compression, train, lr=0.01):
     def he_method(scheme_fn, two_d=False, dtype=np.float32, optim="sgd"):
         def setup(flat, off, B):
             scheme = scheme_fn()
-            W = scheme.init_weight(dtype=dtype)
+            if dtype == "bfloat16":
+                import ml_dtypes
+                W = scheme.init_weight(dtype=ml_dtypes.bfloat16)
+            else:
+                W = scheme.init_weight(dtype=dtype)
             opt = {"sgd": he.SGD, "adagrad": he.Adagrad,
                    "rowwise": he.RowwiseAdagrad}[optim](lr)
             G = np.full((B, T * D), 1e-3, np.float32)
@@ -88,6 +92,11 @@ def make_methods(card, compression, train, lr=0.01):
                                                       dtype=np.float16)
     methods["hashemb FullTable, float16"] = he_method(lambda: he.FullTable(card, D),
                                                       dtype=np.float16)
+    # bfloat16 storage (ml_dtypes' dtype; the same kernels, another rounding)
+    methods["hashemb RobeZ Z=16, bfloat16"] = he_method(lambda: he.RobeZ(size, D, block=16),
+                                                       dtype="bfloat16")
+    methods["hashemb FullTable, bfloat16"] = he_method(lambda: he.FullTable(card, D),
+                                                       dtype="bfloat16")
     # the training step with Adagrad (one accumulator per element) and
     # row-wise Adagrad (one per row: FBGEMM's EXACT_ROWWISE_ADAGRAD)
     methods["hashemb FullTable, Adagrad"] = he_method(lambda: he.FullTable(card, D),
@@ -97,9 +106,10 @@ def make_methods(card, compression, train, lr=0.01):
     methods["hashemb RobeZ Z=16, Adagrad"] = he_method(lambda: he.RobeZ(size, D, block=16),
                                                        optim="adagrad")
 
-    def torch_setup(flat, off, B, optim="sgd"):
+    def torch_setup(flat, off, B, optim="sgd", dtype=None):
         import torch
-        embs = [torch.nn.EmbeddingBag(n, D, mode="sum", sparse=train) for n in card]
+        embs = [torch.nn.EmbeddingBag(n, D, mode="sum", sparse=train, dtype=dtype)
+                for n in card]
         cols = [torch.from_numpy(flat[t * B:(t + 1) * B].copy()) for t in range(T)]
         offs = torch.arange(B)
         if not train:
@@ -113,7 +123,7 @@ def make_methods(card, compression, train, lr=0.01):
         def step():
             opt.zero_grad()
             outs = [e(c, offs) for e, c in zip(embs, cols)]
-            torch.cat(outs, 1).sum().backward()
+            torch.cat(outs, 1).float().sum().backward()
             opt.step()
         return step
 
@@ -144,6 +154,10 @@ def make_methods(card, compression, train, lr=0.01):
     methods["torch.nn.EmbeddingBag"] = torch_setup
     methods["FBGEMM TBE (CPU)"] = fbgemm_setup
     methods["FBGEMM TBE (CPU), float16"] = lambda flat, off, B: fbgemm_setup(flat, off, B, True)
+    # FBGEMM's CPU kernels have no bfloat16 ("not implemented for 'BFloat16'"):
+    # torch's bfloat16 tables (rounded to nearest by torch's SGD) are the peer
+    methods["torch.nn.EmbeddingBag, bfloat16"] = \
+        lambda flat, off, B: torch_setup(flat, off, B, dtype=__import__("torch").bfloat16)
     methods["torch.nn.EmbeddingBag, Adagrad"] = \
         lambda flat, off, B: torch_setup(flat, off, B, optim="adagrad")
     methods["FBGEMM TBE (CPU), Adagrad"] = \
@@ -280,9 +294,11 @@ def summarise(rounds):
                 if peer:
                     ratios.append(r["samples_per_s"] / peer[0]["samples_per_s"])
             ratio, lo, hi = spread(ratios)
-            # the peer with the same variant (", float16", ", rowwise Adagrad", ...)
+            # the peer with the same variant (", float16", ", rowwise Adagrad", ...):
+            # the reference's, else torch's (FBGEMM has no CPU bfloat16)
             suffix = name[name.index(","):] if "," in name else ""
-            peer = ref + suffix if suffix and ref and ref + suffix in present else None
+            peer = next((p + suffix for p in (ref, REFS[0]) if suffix and p
+                         and p + suffix in present and p + suffix != name), None)
             same = spread([r["samples_per_s"] / p["samples_per_s"] for r in mine for p in got
                            if p["name"] == peer and p["round"] == r["round"]])
             out.append({"name": name, "train": train, "ref": ref, "batch": mine[0]["batch"],

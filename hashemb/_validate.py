@@ -110,22 +110,38 @@ _HALF = np.dtype(np.float16)
 _F32 = np.dtype(np.float32)
 
 
+def format16(dtype):
+    """The 16-bit storage format of ``dtype``, as the kernels' flag: 0 for
+    float16, 1 for bfloat16 (ml_dtypes' dtype, known by its name so that
+    hashemb never imports ml_dtypes), None for any other dtype."""
+    if dtype == _HALF:
+        return 0
+    if dtype.kind == "V" and dtype.itemsize == 2 and dtype.name == "bfloat16":
+        return 1
+    return None
+
+
+def is16(dtype):
+    """Whether ``dtype`` is 16-bit storage (float16 or bfloat16)."""
+    return format16(dtype) is not None
+
+
 def compute_dtype(dtype):
-    """The dtype a kernel computes in for an array of ``dtype``: float16 is
-    storage only, pooled and scattered in float32."""
-    return _F32 if dtype == _HALF else dtype
+    """The dtype a kernel computes in for an array of ``dtype``: float16 and
+    bfloat16 are storage only, pooled and scattered in float32."""
+    return _F32 if is16(dtype) else dtype
 
 
 def storage_dtype(dtype, storage=False):
-    """A weight's dtype, checked: float32 or float64, or float16 where the
-    caller takes float16 storage (``storage``: the bag functions); returns
-    the dtype the kernels compute in (float32 for float16). The rule of
-    NumPy and CuPy weights alike."""
+    """A weight's dtype, checked: float32 or float64, or float16 / bfloat16
+    where the caller takes 16-bit storage (``storage``: the bag functions);
+    returns the dtype the kernels compute in (float32 for 16-bit storage).
+    The rule of NumPy and CuPy weights alike."""
     if dtype in _FLOAT_DTYPES:
         return dtype
-    if storage and dtype == _HALF:
+    if storage and is16(dtype):
         return _F32
-    want = "float16, float32 or float64" if storage else "float32 or float64"
+    want = "float16, bfloat16, float32 or float64" if storage else "float32 or float64"
     raise TypeError(f"weight: expected a {want} array, got dtype {dtype}")
 
 
@@ -139,7 +155,7 @@ def weight_dtype(weight, storage=False):
 def as_weight(weight, scheme, *, writable=False, storage=False):
     """The array as a flat contiguous vector of scheme.size floats. writable=True:
     a view of the caller's memory (in-place updates), so it must be C-contiguous.
-    storage: float16 accepted (see weight_dtype)."""
+    storage: float16 and bfloat16 accepted (see weight_dtype)."""
     weight_dtype(weight, storage)
     if weight.shape not in ((scheme.size,), scheme.weight_shape):
         want = " or ".join(sorted({str((scheme.size,)), str(scheme.weight_shape)}))

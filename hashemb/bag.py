@@ -20,11 +20,13 @@ _EMPTY = {np.dtype(np.float32): np.empty(0, np.float32),
 
 
 def _split(w, dtype):
-    """(the array as the kernels' real type, its float16 bits): one of them
-    empty, the other the array (a float16 array is read through its bits)."""
-    if w.dtype == V._HALF:
-        return _EMPTY[dtype], w.view(np.uint16)
-    return w, _NO_HALF
+    """(the array as the kernels' real type, its 16-bit bits, their format):
+    one of the arrays empty, the other the array (a float16 or bfloat16
+    array is read through its bits; format 1 for bfloat16, else 0)."""
+    bf = V.format16(w.dtype)
+    if bf is not None:
+        return _EMPTY[dtype], w.view(np.uint16), bf
+    return w, _NO_HALF, 0
 
 
 class BagSaved:
@@ -71,14 +73,14 @@ def _forward(indices, weight, offsets, scheme, table0, T, mode, per_sample_weigh
     b = V.bags(k, indices, offsets, per_sample_weights, scheme=scheme, mode=mode,
                dtype=dtype, table0=table0, num_tables=T,
                include_last_offset=include_last_offset, padding_idx=padding_idx)
-    w, hw = _split(V.as_weight(weight, scheme, storage=True), dtype)
+    w, hw, bf = _split(V.as_weight(weight, scheme, storage=True), dtype)
     out = np.empty((b.B, T * scheme.dim), dtype)
     keep = return_saved and k.wants_starts(scheme._view, b.mode) and b.idx.shape[0] > 0
     # zeros (calloc: free until written): entries outside every bag keep a
     # valid start, so a saved of other offsets never sends backward out of bounds
     starts = np.zeros(b.idx.shape[0] * (scheme.dim // scheme._run) if keep else 0, np.uint64)
     k.forward(scheme._view, b.idx, b.off, w, b.psw, out, b.B, T, table0, b.mode,
-              b.has_pad, b.pad, starts, hw)
+              b.has_pad, b.pad, starts, hw, bf)
     if not return_saved:
         return out
     return out, BagSaved(starts if keep else None, scheme, table0, T, b.B, b.idx.shape[0],
@@ -112,18 +114,18 @@ def _backward(grad_output, indices, offsets, scheme, table0, T, mode, per_sample
         w = np.empty(0, dtype)
     else:
         w = V.as_weight(weight, scheme, writable=optimizer is not None, storage=True)
-    wr, hw = _split(w, dtype)
+    wr, hw, bf = _split(w, dtype)
     none = _EMPTY[dtype]
 
     def run(target, alpha, scratch, state, eps, seed=0):
-        # a float16 target is the weight itself, moved in the apply pass;
+        # a 16-bit target is the weight itself, moved in the apply pass;
         # scratch "slot" / "row": a full table's step summed per row with no
         # scratch, applied per element or row-wise (k.ROWS)
         rows = k.ROWS[scratch] if isinstance(scratch, str) else 0
         k.backward(scheme._view, b.idx, b.off, b.psw, g, b.B, T, table0, b.mode,
                    b.has_pad, b.pad, wr, none if target is w and hw.size else target,
                    alpha, none if scratch is None or rows else scratch,
-                   none if state is None else state, eps, starts, hw, seed, rows)
+                   none if state is None else state, eps, starts, hw, seed, rows, bf)
 
     # the two-phase scratch of optimizer opt: none for a full table large
     # next to its batch, whose step sums per row (k.wants_scratch)
@@ -156,9 +158,11 @@ def embedding_bag(indices, weight, offsets=None, *, scheme, table=0, mode="sum",
     ----------
     indices : ndarray of int32, int64 (or uint64 tokens)
         1-D with ``offsets``, or 2-D ``(B, N)``: B bags of N.
-    weight : ndarray of float32, float64 or float16
+    weight : ndarray of float32, float64, float16 or bfloat16
         The array M, shape ``(scheme.size,)`` or ``scheme.weight_shape``.
-        float16 is storage: read as float32, pooled in float32.
+        float16 and bfloat16 (``ml_dtypes.bfloat16``; NumPy arrays only:
+        CuPy has no bfloat16) are storage: read as float32, pooled in
+        float32.
     offsets : ndarray of int32 or int64, optional
         Start of each bag (B values), or B+1 with ``include_last_offset``.
     scheme : Scheme
@@ -177,7 +181,7 @@ def embedding_bag(indices, weight, offsets=None, *, scheme, table=0, mode="sum",
 
     Returns
     -------
-    ndarray, shape (B, scheme.dim), weight's dtype (float32 for a float16
+    ndarray, shape (B, scheme.dim), weight's dtype (float32 for a 16-bit
     weight). Empty bags give zeros.
     With ``return_saved``: ``(out, saved)``.
 
@@ -222,7 +226,7 @@ def embedding_bag_backward(grad_output, indices, offsets=None, *, scheme, table=
         As in :func:`embedding_bag`.
     weight : ndarray, optional
         Needed for ``mode="max"`` and for an optimizer (updated in place; must be
-        C-contiguous and writeable). A float16 weight gets a float32 gradient;
+        C-contiguous and writeable). A 16-bit weight gets a float32 gradient;
         an optimizer moves it in float32 and rounds each updated slot once
         (see :class:`hashemb.SGD`).
     optimizer : hashemb.SGD or hashemb.Adagrad, optional

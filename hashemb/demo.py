@@ -41,11 +41,13 @@ def _parser():
     p.add_argument("--lr", type=float, default=None,
                    help="learning rate of every part (default 0.5 for sgd, 0.05 for the "
                         "adagrads)")
-    p.add_argument("--weight-dtype", choices=("float32", "float16"), default="float32",
-                   help="storage of the hashemb arrays (float16: pooled in float32; the fused "
-                        "optimizer rounds each updated slot, see --rounding)")
+    p.add_argument("--weight-dtype", choices=("float32", "float16", "bfloat16"),
+                   default="float32",
+                   help="storage of the hashemb arrays (float16, bfloat16: pooled in float32; "
+                        "the fused optimizer rounds each updated slot, see --rounding; "
+                        "bfloat16 needs ml_dtypes and the CPU)")
     p.add_argument("--rounding", choices=("stochastic", "nearest"), default="stochastic",
-                   help="how a float16 array's updates round (hashemb.SGD stochastic_rounding)")
+                   help="how a 16-bit array's updates round (hashemb.SGD stochastic_rounding)")
     p.add_argument("--compression", type=float, default=None,
                    help="compression of the table (default 1000, MovieLens 10)")
     p.add_argument("--sweep", type=str, default=None,
@@ -108,7 +110,7 @@ def run_method(method, compression, tr, te, card, args, epochs, bar_desc):
     from .torch.dlrm import embedding_params, make_optimizer
     torch.manual_seed(args.seed)
     from . import optim
-    # the hashemb arrays' storage, and their fused optimizer (which rounds float16)
+    # the hashemb arrays' storage, and their fused optimizer (which rounds 16-bit ones)
     dtype = getattr(torch, args.weight_dtype)
     opt_cls = optim.SGD if args.optimizer == "sgd" else optim.Adagrad     # per slot
     fused = opt_cls(args.lr, stochastic_rounding=args.rounding == "stochastic", seed=args.seed)

@@ -9,10 +9,11 @@ _MASK = (1 << 64) - 1
 
 _ROUNDING = """
     stochastic_rounding : bool
-        For float16 weights only (float32 / float64 are updated exactly as
-        above): each slot's update is computed in float32 from its summed
-        gradient and rounded once to float16, stochastically (default: up
-        with probability equal to the remainder over the float16 spacing, so
+        For float16 and bfloat16 weights only (float32 / float64 are updated
+        exactly as above): each slot's update is computed in float32 from its
+        summed gradient and rounded once to the weight's format,
+        stochastically (default: up with probability equal to the remainder
+        over the format's spacing, so
         the stored value is unbiased and steps under half a spacing still
         move it on average) or, with False, to nearest even. The random bits
         are a hash of (seed, call, slot): the same on any thread count and
@@ -23,8 +24,8 @@ _ROUNDING = """
 
 class _Fused:
     """What both fused optimizers keep per weight array: a zeroed float
-    scratch for the two-phase update (Adagrad; SGD of float16 weights) and
-    the rounding stream of float16 weights."""
+    scratch for the two-phase update (Adagrad; SGD of 16-bit weights) and
+    the rounding stream of 16-bit (float16, bfloat16) weights."""
 
     def __init__(self, stochastic_rounding, seed):
         self.stochastic_rounding = bool(stochastic_rounding)
@@ -49,8 +50,8 @@ class _Fused:
 
     def _round_seed(self, weight):
         """The seed of this call's rounding bits: 0 (to nearest) unless a
-        float16 weight is rounded stochastically; a new one per call."""
-        if weight.dtype != V._HALF or not self.stochastic_rounding:
+        16-bit weight is rounded stochastically; a new one per call."""
+        if not V.is16(weight.dtype) or not self.stochastic_rounding:
             return 0
         self._calls += 1
         z = (self.seed * 0x9E3779B97F4A7C15 + self._calls * 0xD1B54A32D192ED03) & _MASK
@@ -63,10 +64,11 @@ class SGD(_Fused):
 
     Each contribution is subtracted as it is scattered (no gradient buffer), in
     entry order per slot, so the result equals backward-then-update up to float
-    rounding of the summation order. A float16 weight is updated in two
-    phases instead: the gradient is summed in a float32 scratch (kept by the
-    optimizer, the array's size), then each touched slot moves once and is
-    rounded to float16.
+    rounding of the summation order. A float16 or bfloat16 weight is updated
+    in two phases instead: the gradient is summed in a float32 scratch (kept
+    by the optimizer, the array's size; a full table large next to its batch
+    sums per row instead), then each touched slot moves once and is rounded
+    to the weight's format.
 
     Parameters
     ----------
@@ -96,7 +98,7 @@ class SGD(_Fused):
         return f"SGD(lr={self.lr})"
 
     def _apply(self, k, run, w):
-        if w.dtype == V._HALF:      # two phases: the update rounds once per slot
+        if V.is16(w.dtype):     # two phases: the update rounds once per slot
             run(w, self.lr, run.scratch(self), None, 0.0, self._round_seed(w))
         else:
             run(w, -self.lr, None, None, 0.0, 0)
@@ -105,7 +107,7 @@ class SGD(_Fused):
 class _Accumulating(_Fused):
     """A fused optimizer with an accumulator per weight array (``state``,
     keyed by the array's address and size), in the dtype the kernels
-    compute in (float32 for a float16 weight)."""
+    compute in (float32 for a 16-bit weight)."""
 
     def __init__(self, lr, eps, stochastic_rounding, seed):
         super().__init__(stochastic_rounding, seed)
@@ -129,7 +131,7 @@ class _Accumulating(_Fused):
 
     def use_state(self, weight, state):
         """Keep the accumulator of ``weight`` in the caller's array ``state``
-        (the dtype the kernels compute in: float32 for a float16 weight, else
+        (the dtype the kernels compute in: float32 for a 16-bit weight, else
         the weight's; C-contiguous; updated in place), e.g. a buffer that a
         torch module saves in its state_dict. Binding the same memory again
         is a no-op."""
@@ -162,7 +164,7 @@ class Adagrad(_Accumulating):
     every entry that hits it first, then applied once). The optimizer keeps a
     state array and a zeroed scratch array per weight array it has updated
     (``state[key]``, keyed by the array's address and size), float32 for a
-    float16 weight. A full table large next to its batch (not max mode)
+    16-bit weight. A full table large next to its batch (not max mode)
     sums each touched row's gradient instead (CPU: in a compact buffer; GPU:
     entries sorted by row, deterministic): the same results, memory for the
     rows touched only.

@@ -17,7 +17,7 @@ ROBE_REF_P = 2038074743
 HNET_REF = (9824516537, 57857966300227, 104729, 117130198221199)
 
 
-_INIT_CHUNK = 1 << 20      # float16 init_weight: floats drawn at a time
+_INIT_CHUNK = 1 << 20      # 16-bit init_weight: floats drawn at a time
 
 class Scheme:
     """Base of every slot scheme (see :class:`RobeZ`, :class:`HashedNet`,
@@ -133,19 +133,22 @@ class Scheme:
             scale = self._default_scale()
         scale = V.check_float(scale, "scale", nonneg=True)
         dtype = np.dtype(dtype)
-        if dtype not in (np.float16, np.float32, np.float64):
-            raise TypeError(f"dtype: expected float16, float32 or float64, got {dtype}")
-        if dtype == np.float16:
-            # storage for the bag functions: the float32 draw rounded once, a
-            # chunk at a time (no float32 copy of a large table; the generator
-            # continues its stream across chunks, so the values are the same)
-            w = np.empty(self.weight_shape, np.float16)
-            flat = w.reshape(-1)
+        if dtype not in (np.float32, np.float64) and not V.is16(dtype):
+            raise TypeError(f"dtype: expected float16, bfloat16, float32 or float64, "
+                            f"got {dtype}")
+        if V.is16(dtype):
+            # storage for the bag functions: the float32 draw rounded once to
+            # nearest, a chunk at a time (no float32 copy of a large table;
+            # the generator continues its stream across chunks, so the
+            # values are the same)
+            w = np.empty(self.weight_shape, dtype)
+            flat = w.reshape(-1).view(np.uint16)
+            bf = V.format16(dtype)
             for a in range(0, flat.size, _INIT_CHUNK):
                 c = rng.random(min(_INIT_CHUNK, flat.size - a), dtype=np.float32)
                 c *= 2 * scale
                 c -= scale
-                flat[a:a + c.size] = c
+                kernels().half_round(c, flat[a:a + c.size], 0, bf)
             return w
         w = rng.random(self.weight_shape, dtype=dtype)     # no float64 temporary
         w *= 2 * scale

@@ -126,14 +126,16 @@ def test_fuzz_raises_python_errors_or_works(idx, off, psw, grad, table, pad, mod
 
 def test_fuzz_in_subprocess_never_crashes():
     """Bags of a sized and a hashed scheme, forward and max-mode backward, on
-    random tokens and malformed offsets (tests/fuzzing.py), float32 and
-    float16 arrays (and a fused float16 step, and row-wise Adagrad)."""
+    random tokens and malformed offsets (tests/fuzzing.py), float32,
+    float16 and bfloat16 arrays (and fused 16-bit steps, and row-wise
+    Adagrad)."""
     fuzzing.run("""
-        import numpy as np, hashemb as he
+        import numpy as np, hashemb as he, ml_dtypes
         rng = np.random.default_rng(0)
         s = he.FullTable([5, 7], 4); W = s.init_weight()
         r = he.RobeZ(64, 4); M = r.init_weight()
         W16, M16 = W.astype(np.float16), M.astype(np.float16)
+        Wb, Mb = W.astype(ml_dtypes.bfloat16), M.astype(ml_dtypes.bfloat16)
         opt, ropt = he.Adagrad(0.1), he.RowwiseAdagrad(0.1)
         for it in range(3000):
             n = int(rng.integers(0, 8))
@@ -141,17 +143,18 @@ def test_fuzz_in_subprocess_never_crashes():
             off = np.sort(rng.integers(-2, n + 3, int(rng.integers(0, 5))))
             if it % 5 == 0:
                 off = off[::-1].copy()
-            for scheme, w in ((s, W), (r, M), (s, W16), (r, M16)):
+            for scheme, w in ((s, W), (r, M), (s, W16), (r, M16), (s, Wb), (r, Mb)):
                 attempt(lambda: he.embedding_bags(idx, w, off, scheme=scheme, num_tables=2))
                 attempt(lambda: he.embedding_bag_backward(
                     np.ones((max(len(off), 1), 4)), idx, off, scheme=scheme, mode="max",
                     weight=w))
-            # float16 storage: the two-phase fused step
-            attempt(lambda: he.embedding_bag_backward(
-                np.ones((max(len(off), 1), 4), np.float32), idx, off, scheme=r, weight=M16,
-                optimizer=opt))
-            # row-wise Adagrad of the full tables (per-row sums), both dtypes
-            for w in (W, W16):
+            # 16-bit storage: the two-phase fused step
+            for w in (M16, Mb):
+                attempt(lambda: he.embedding_bag_backward(
+                    np.ones((max(len(off), 1), 4), np.float32), idx, off, scheme=r, weight=w,
+                    optimizer=opt))
+            # row-wise Adagrad of the full tables (per-row sums), every dtype
+            for w in (W, W16, Wb):
                 attempt(lambda: he.embedding_bags_backward(
                     np.ones((max(len(off), 1), 8), np.float32), idx, off, scheme=s,
                     num_tables=2, weight=w, optimizer=ropt))

@@ -266,7 +266,7 @@ def test_errors():
     x = np.array([[1, 2]])
     with pytest.raises(TypeError, match="weight: expected a float32 or float64"):
         he.embedding(np.array([1]), np.zeros((3, 4), np.float16))
-    with pytest.raises(TypeError, match="weight: expected a float16, float32 or float64"):
+    with pytest.raises(TypeError, match="weight: expected a float16, bfloat16, float32 or float64"):
         he.embedding_bag(x, H.astype(np.int16), scheme=robe)
     with pytest.raises(ValueError, match="state: expected a writeable C-contiguous float32"):
         he.Adagrad(0.1).use_state(H, np.zeros(100, np.float16))
@@ -275,7 +275,7 @@ def test_errors():
                                   weight=H[::-1], optimizer=he.SGD(0.1))
     with pytest.raises(TypeError, match="seed"):
         he.SGD(0.1, seed="a")
-    with pytest.raises(TypeError, match="dtype: expected float16, float32 or float64"):
+    with pytest.raises(TypeError, match="dtype: expected float16, bfloat16, float32 or float64"):
         robe.init_weight(dtype=np.int8)
 
 

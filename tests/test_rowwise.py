@@ -20,18 +20,27 @@ def rowwise_model(W, state, grad, lr, eps, seed=0):
     """The step of optim.h from the summed gradient ``grad`` (W's shape, or
     flat): rows with a non-zero gradient only; the squares summed in double
     in element order, the mean added to the state in its type, the
-    multiplier and the steps in double. W is updated in place (float16:
-    each element rounded as he_half_sub does)."""
+    multiplier and the steps in double. W is updated in place (float16 or
+    bfloat16: each element rounded as he_half_sub does, by the models of
+    test_half / test_bfloat16)."""
     D = W.shape[-1]
     g = np.asarray(grad).reshape(-1, D)
     half = W.dtype == np.float16
-    R = np.float32 if half else W.dtype.type
+    bf = W.dtype.name == "bfloat16"
+    R = np.float32 if half or bf else W.dtype.type
     g64 = g.astype(np.float64)
     ss = np.add.accumulate(g64 * g64, axis=1)[:, -1]      # sequential, as the kernels
     hit = ss != 0
     state[hit] = state[hit] + (ss[hit] / D).astype(R)
     mult = float(R(lr)) / (np.sqrt(state.astype(np.float64)) + float(R(eps)))
     step = mult[:, None] * g64
+    if bf:
+        import test_bfloat16 as tb
+        v = (tb.widen(W).reshape(-1, D) - step.astype(np.float32)).astype(np.float32)
+        bits = W.reshape(-1).view(np.uint16)
+        for j in (r * D + i for r in np.flatnonzero(hit) for i in range(D)):
+            bits[j] = tb.model(v.reshape(-1)[j], round_bits(seed, j) if seed else None)
+        return
     if not half:
         W64 = W.reshape(-1, D).astype(np.float64)
         W.reshape(-1, D)[hit] = (W64 - step)[hit].astype(R)

@@ -110,15 +110,17 @@ cdef extern from *:
 
 
 cdef extern from "hashemb/half.h" nogil:
-    float he_h2f(uint16_t h) noexcept
+    float he_s2f(uint16_t h, int bf) noexcept
     uint16_t he_f2h(float f) noexcept
     uint16_t he_f2h_sr(float f, uint32_t rnd) noexcept
+    uint16_t he_f2b(float f) noexcept
+    uint16_t he_f2b_sr(float f, uint32_t rnd) noexcept
     uint32_t he_round_bits(uint64_t seed, uint64_t slot) noexcept
-    void he_half_sub(uint16_t* w, uint64_t slot, float step, uint64_t seed) noexcept
-    void he_h2f_run(float* y, const uint16_t* x, float a, int64_t n, int how) noexcept
+    void he_half_sub(uint16_t* w, uint64_t slot, float step, uint64_t seed, int bf) noexcept
+    void he_s2f_run(float* y, const uint16_t* x, float a, int64_t n, int how, int bf) noexcept
     int he_x86() noexcept
     void he_half_sgd_run(uint16_t* w, float* g, int64_t n, uint64_t slot0, float lr,
-                         uint64_t seed) noexcept
+                         uint64_t seed, int bf) noexcept
 
 
 cdef extern from "hashemb/optim.h" nogil:
@@ -180,10 +182,11 @@ cdef inline void _copy_run(real* dst, const real* src, int64_t L) noexcept nogil
             dst[i] = src[i]
 
 
-cdef inline real _ld(const real* M, const uint16_t* H, uint64_t i) noexcept nogil:
-    """Element i of the array: M's, or float16 H's as a float (H given)."""
+cdef inline real _ld(const real* M, const uint16_t* H, int bf, uint64_t i) noexcept nogil:
+    """Element i of the array: M's, or 16-bit H's as a float (H given; bf:
+    bfloat16, else float16)."""
     if H != NULL:
-        return he_h2f(H[i])
+        return he_s2f(H[i], bf)
     return M[i]
 
 
@@ -194,22 +197,24 @@ cdef inline const void* _at(const real* M, const uint16_t* H, uint64_t i) noexce
     return M + i
 
 
-cdef inline void _run_h(real* y, const uint16_t* x, real a, int64_t n, int how) noexcept nogil:
-    """y[:n] = a * x (how 0), += a * x (1) or = x (2) for a run of a float16
-    array (real is float wherever H is given; double is a dead branch)."""
+cdef inline void _run_h(real* y, const uint16_t* x, int bf, real a, int64_t n,
+                        int how) noexcept nogil:
+    """y[:n] = a * x (how 0), += a * x (1) or = x (2) for a run of a 16-bit
+    array of format bf (real is float wherever H is given; double is a dead
+    branch)."""
     cdef int64_t i
     if real is float:
-        he_h2f_run(y, x, a, n, how)
+        he_s2f_run(y, x, a, n, how, bf)
     else:
         for i in range(n):
             if how == 1:
-                y[i] += a * he_h2f(x[i])
+                y[i] += a * he_s2f(x[i], bf)
             else:
-                y[i] = (a if how == 0 else 1) * he_h2f(x[i])
+                y[i] = (a if how == 0 else 1) * he_s2f(x[i], bf)
 
 
 cdef inline void _gather_row(const he_scheme* s, const he_row* row, const real* M,
-                             const uint16_t* H, real w, real* o, int first,
+                             const uint16_t* H, int bf, real w, real* o, int first,
                              int mode) noexcept nogil:
     """o[i] = / += / max= w * E(x)[i] for one row."""
     cdef int64_t L = s.run, k, i
@@ -223,14 +228,14 @@ cdef inline void _gather_row(const he_scheme* s, const he_row* row, const real* 
         if mode != MAX and not s.is_signed and st + <uint64_t>L <= s.size:
             # one contiguous run, no sign, no wrap
             if H != NULL:
-                _run_h(ok, H + st, w, L, 0 if first else 1)
+                _run_h(ok, H + st, bf, w, L, 0 if first else 1)
             elif first:
                 _scal(ok, M + st, w, L)
             else:
                 _axpy(ok, M + st, w, L)
         else:
             for i in range(L):
-                v = he_sign(s, row, k * L + i) * _ld(M, H, he_run_slot(s, st, i))
+                v = he_sign(s, row, k * L + i) * _ld(M, H, bf, he_run_slot(s, st, i))
                 if mode == MAX:
                     if first or v > ok[i]:
                         ok[i] = v
@@ -241,7 +246,7 @@ cdef inline void _gather_row(const he_scheme* s, const he_row* row, const real* 
 
 
 cdef inline void _bag(const he_scheme* s, const index_t* idx, int64_t j0, int64_t j1,
-                      const real* M, const uint16_t* H, const real* psw, real* o, int64_t table, he_tterm tt,
+                      const real* M, const uint16_t* H, int bf, const real* psw, real* o, int64_t table, he_tterm tt,
                       int mode, bint has_pad, int64_t pad, uint64_t* pre) noexcept nogil:
     """o = pool of one bag (entries j0..j1-1) of table `table` (tt: its
     he_table_term), the general case; pre, when given, receives every
@@ -257,7 +262,7 @@ cdef inline void _bag(const he_scheme* s, const index_t* idx, int64_t j0, int64_
         row = he_row_begin_t(s, table, tt, idx[j])
         if pre != NULL:
             _starts_row(s, &row, pre + j * s.runs)
-        _gather_row(s, &row, M, H, psw[j] if psw != NULL else 1, o, cnt == 0, mode)
+        _gather_row(s, &row, M, H, bf, psw[j] if psw != NULL else 1, o, cnt == 0, mode)
         cnt += 1
     if cnt == 0:
         for i in range(D):
@@ -268,23 +273,23 @@ cdef inline void _bag(const he_scheme* s, const index_t* idx, int64_t j0, int64_
 
 
 cdef inline void _gather_runs(const he_scheme* s, const uint64_t* r, const real* M,
-                             const uint16_t* H, real* o) noexcept nogil:
+                             const uint16_t* H, int bf, real* o) noexcept nogil:
     """o[:D] = the row whose runs start at r[0..R): each run copied, or slot
     by slot where it wraps past the end of the array."""
     cdef int64_t k, i, L = s.run
     for k in range(s.runs):
         if r[k] + <uint64_t>L <= s.size:
             if H != NULL:
-                _run_h(o + k * L, H + r[k], 1, L, 2)
+                _run_h(o + k * L, H + r[k], bf, 1, L, 2)
             else:
                 _copy_run(o + k * L, M + r[k], L)
         else:
             for i in range(L):
-                o[k * L + i] = _ld(M, H, he_run_slot(s, r[k], i))
+                o[k * L + i] = _ld(M, H, bf, he_run_slot(s, r[k], i))
 
 
 cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* off,
-                         const real* M, const uint16_t* H, const real* psw, real* out, int64_t B,
+                         const real* M, const uint16_t* H, int bf, const real* psw, real* out, int64_t B,
                          int64_t T, int64_t ostride, int64_t table0, int mode,
                          bint has_pad, int64_t pad, int64_t b0, int64_t b1,
                          uint64_t* ring, uint64_t* pre) noexcept nogil:
@@ -336,9 +341,9 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                         r = ring + (g & (ahead - 1)) * R
                         o = out + g * ostride + t * D
                         for k in range(R):
-                            o[k] = _ld(M, H, r[k])
+                            o[k] = _ld(M, H, bf, r[k])
                     elif g >= 0:    # gather bag g, hashed ahead bags before (its ring slot is c's)
-                        _gather_runs(s, ring + (g & (ahead - 1)) * R, M, H,
+                        _gather_runs(s, ring + (g & (ahead - 1)) * R, M, H, bf,
                                      out + g * ostride + t * D)
                     if c < n:       # hash bag c's runs, prefetch them
                         row = he_row_begin_t(s, table0 + t, tt, idx[j0 + c])
@@ -355,7 +360,7 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
         if not fast:
             for b in range(n):
                 q = t * B + b0 + b
-                _bag(s, idx, off[q], off[q + 1], M, H, psw, out + b * ostride + t * D,
+                _bag(s, idx, off[q], off[q + 1], M, H, bf, psw, out + b * ostride + t * D,
                      table0 + t, tt, mode, has_pad, pad, pre)
             continue
         for c in range(n + deep + deep + ahead):
@@ -364,9 +369,9 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                 j = off[t * B + b0 + g]
                 o = out + g * ostride + t * D
                 if off[t * B + b0 + g + 1] - j == 1:
-                    _gather_runs(s, ring + (g & (ahead - 1)) * R, M, H, o)
+                    _gather_runs(s, ring + (g & (ahead - 1)) * R, M, H, bf, o)
                 else:
-                    _bag(s, idx, j, off[t * B + b0 + g + 1], M, H, psw, o, table0 + t, tt,
+                    _bag(s, idx, j, off[t * B + b0 + g + 1], M, H, bf, psw, o, table0 + t, tt,
                          mode, has_pad, pad, pre)
             q = c - deep
             if 0 <= q < n:      # begin bag q's first row, prefetch what its runs read
@@ -415,7 +420,7 @@ cdef inline void _copy_rows(real* dst, int64_t dstride, const real* src, int64_t
 
 
 cdef void _forward(const he_scheme* s, const index_t* idx, const int64_t* off,
-                   const real* M, const uint16_t* H, const real* psw, real* out, int64_t B, int64_t T,
+                   const real* M, const uint16_t* H, int bf, const real* psw, real* out, int64_t B, int64_t T,
                    int64_t ostride, int64_t table0, int mode, bint has_pad,
                    int64_t pad, int nt, uint64_t* rings, real* bufs,
                    uint64_t* pre) noexcept nogil:
@@ -437,7 +442,7 @@ cdef void _forward(const he_scheme* s, const index_t* idx, const int64_t* off,
             # on read-for-ownership misses)
             b0 = c * CHUNK
             nb = min(B - b0, CHUNK)
-            _forward_chunk(s, idx, off, M, H, psw, buf, B, T, width, table0, mode,
+            _forward_chunk(s, idx, off, M, H, bf, psw, buf, B, T, width, table0, mode,
                            has_pad, pad, b0, b0 + nb, ring, pre)
             _copy_rows(out + b0 * ostride, ostride, buf, width, nb, stream)
         if stream:
@@ -457,12 +462,13 @@ def wants_starts(SchemeView sv, int mode):
 def forward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offsets,
             const real[::1] weight, const real[::1] psw, real[:, ::1] out,
             int64_t B, int64_t T, int64_t table0, int mode, bint has_pad,
-            int64_t pad, uint64_t[::1] starts, const uint16_t[::1] hweight):
+            int64_t pad, uint64_t[::1] starts, const uint16_t[::1] hweight, int bf=0):
     """out[b, t*D:(t+1)*D] = pool over bag t*B+b; psw of length 0 means none.
     starts, when not empty (len(indices) * runs, see wants_starts), receives
     every entry's run starts as the gathers compute them: backward given
     them hashes nothing. hweight, when not empty, is the array instead of
-    weight: float16 bits, read as floats (real is float then)."""
+    weight: 16-bit values' bits (bf: bfloat16, else float16), read as floats
+    (real is float then)."""
     if B == 0 or T == 0:
         return
     cdef const index_t* ip = &indices[0] if indices.shape[0] else NULL
@@ -489,13 +495,13 @@ def forward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offset
     cdef const real* M = &weight[0] if weight.shape[0] else NULL
     cdef const uint16_t* H = &hweight[0] if hweight.shape[0] else NULL
     with nogil:
-        _forward(&sv.s, ip, &offsets[0], M, H, pp, &out[0, 0], B, T,
+        _forward(&sv.s, ip, &offsets[0], M, H, bf, pp, &out[0, 0], B, T,
                  out.shape[1], table0, mode, has_pad, pad, nt, rings, bufs, pre)
     free(bufs)
     free(rings)
 
 
-cdef inline void _adagrad(real* w, uint16_t* hw, real* g, real* state, uint64_t slot,
+cdef inline void _adagrad(real* w, uint16_t* hw, int bf, real* g, real* state, uint64_t slot,
                           real lr, real eps, uint64_t seed) noexcept nogil:
     """The update of slot from its summed gradient g, then g = 0 (only where
     g != 0: a zero gradient changes nothing, so skipping it is exact):
@@ -504,11 +510,11 @@ cdef inline void _adagrad(real* w, uint16_t* hw, real* g, real* state, uint64_t 
     rounded once (he_half_sub: to nearest, or stochastically from seed)."""
     cdef real gv = g[slot]
     if gv != 0:
-        _rule(w, hw, state, slot, gv, lr, eps, seed)
+        _rule(w, hw, bf, state, slot, gv, lr, eps, seed)
         g[slot] = 0
 
 
-cdef inline void _rule(real* w, uint16_t* hw, real* state, uint64_t slot, real gv, real lr,
+cdef inline void _rule(real* w, uint16_t* hw, int bf, real* state, uint64_t slot, real gv, real lr,
                        real eps, uint64_t seed) noexcept nogil:
     """_adagrad's update of slot from its non-zero summed gradient gv."""
     cdef double step        # libm's double sqrt: the step is formed in double
@@ -518,12 +524,12 @@ cdef inline void _rule(real* w, uint16_t* hw, real* state, uint64_t slot, real g
     else:
         step = lr * gv
     if hw != NULL:
-        he_half_sub(hw, slot, <float>step, seed)
+        he_half_sub(hw, slot, <float>step, seed, bf)
     else:
         w[slot] -= step
 
 
-cdef inline void _apply_range(real* w, uint16_t* hw, real* g, real* state, int64_t lo,
+cdef inline void _apply_range(real* w, uint16_t* hw, int bf, real* g, real* state, int64_t lo,
                               int64_t hi, real lr, real eps, uint64_t seed) noexcept nogil:
     """_adagrad at every slot of [lo, hi), whose summed gradients are
     g[0 .. hi - lo) (an apply sweep's scratch, a contiguous run of an apply
@@ -533,17 +539,17 @@ cdef inline void _apply_range(real* w, uint16_t* hw, real* g, real* state, int64
     if real is float:
         if hw != NULL and state == NULL:
             if hi > lo:
-                he_half_sgd_run(hw + lo, g, hi - lo, lo, lr, seed)
+                he_half_sgd_run(hw + lo, g, hi - lo, lo, lr, seed, bf)
             return
     for slot in range(lo, hi):
         if g[slot - lo] != 0:
-            _rule(w, hw, state, slot, g[slot - lo], lr, eps, seed)
+            _rule(w, hw, bf, state, slot, g[slot - lo], lr, eps, seed)
             g[slot - lo] = 0
 
 
 cdef inline void _visit(const he_scheme* s, const he_row* row, int64_t k, uint64_t st,
                         int64_t i0, int64_t n, const real* g, real alpha, real* target,
-                        uint16_t* htarget, real* scratch, real* state, real eps,
+                        uint16_t* htarget, int bf, real* scratch, real* state, real eps,
                         uint64_t seed, int64_t lo, int64_t hi, int act) noexcept nogil:
     """Act on elements k*L+i0 .. k*L+i0+n-1 of a row (run k starts at slot st)
     whose slots lie in [lo, hi)."""
@@ -559,7 +565,7 @@ cdef inline void _visit(const he_scheme* s, const he_row* row, int64_t k, uint64
         if z > a and act == ACT_ADD:
             _axpy(target + sti + a, g + (a - i0), alpha, z - a)
         elif z > a:         # a float16 weight's apply pass
-            _apply_range(target, htarget, scratch + sti + a, state, sti + a, sti + z, alpha,
+            _apply_range(target, htarget, bf, scratch + sti + a, state, sti + a, sti + z, alpha,
                          eps, seed)
         return
     for i in range(i0, i0 + n):
@@ -569,7 +575,7 @@ cdef inline void _visit(const he_scheme* s, const he_row* row, int64_t k, uint64
         if act == ACT_ADD:
             target[slot] += alpha * he_sign(s, row, k * L + i) * g[i - i0]
         else:
-            _adagrad(target, htarget, scratch, state, slot, alpha, eps, seed)
+            _adagrad(target, htarget, bf, scratch, state, slot, alpha, eps, seed)
 
 
 cdef inline bint _touches(int64_t slot, int64_t L, int64_t lo, int64_t hi) noexcept nogil:
@@ -625,7 +631,7 @@ cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* 
                          const real* psw, const real* grad, int64_t gstride,
                          int64_t B, int64_t T, int64_t table0, int mode,
                          bint has_pad, int64_t pad, const int64_t* win,
-                         real alpha, real* target, uint16_t* htarget, real* scratch,
+                         real alpha, real* target, uint16_t* htarget, int bf, real* scratch,
                          real* state, real eps, uint64_t seed, int64_t lo, int64_t hi,
                          int act, const uint64_t* pre) noexcept nogil:
     """One thread's share of backward: every entry, only slots in [lo, hi).
@@ -656,7 +662,7 @@ cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* 
                     if j >= 0:
                         row = he_row_begin(s, table0 + t, idx[j])
                         _visit(s, &row, i // L, he_run_start(s, &row, i // L), i % L, 1,
-                               g + i, alpha, target, htarget, scratch, state, eps, seed,
+                               g + i, alpha, target, htarget, bf, scratch, state, eps, seed,
                                lo, hi, act)
                 continue
             if ahead and b + AHEAD < B and _wanted(s, off, pre, t * B + b + AHEAD, lo, hi):
@@ -701,7 +707,7 @@ cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* 
                            pre[j * s.runs + k] if pre != NULL else he_run_start(s, &row, k),
                            0, L, g + k * L,
                            w * psw[j] if (psw != NULL and act == ACT_ADD) else w,
-                           target, htarget, scratch, state, eps, seed, lo, hi, act)
+                           target, htarget, bf, scratch, state, eps, seed, lo, hi, act)
 
 
 cdef inline void _starts_row(const he_scheme* s, const he_row* row, uint64_t* out) noexcept nogil:
@@ -769,7 +775,7 @@ cdef void _run_starts(const he_scheme* s, const index_t* idx, const int64_t* off
 
 
 cdef void _argmax(const he_scheme* s, const index_t* idx, const int64_t* off,
-                  const real* M, const uint16_t* H, int64_t B, int64_t T, int64_t table0,
+                  const real* M, const uint16_t* H, int bf, int64_t B, int64_t T, int64_t table0,
                   bint has_pad, int64_t pad, int64_t* win, real* best) noexcept nogil:
     """win[q*D + i] = first entry of bag q holding the maximum of element i, or -1
     (best: D floats of scratch)."""
@@ -787,7 +793,7 @@ cdef void _argmax(const he_scheme* s, const index_t* idx, const int64_t* off,
             for k in range(s.runs):
                 st = he_run_start(s, &row, k)
                 for i in range(k * L, k * L + L):
-                    v = he_sign(s, &row, i) * _ld(M, H, he_run_slot(s, st, i - k * L))
+                    v = he_sign(s, &row, i) * _ld(M, H, bf, he_run_slot(s, st, i - k * L))
                     if win[q * D + i] < 0 or v > best[i]:
                         best[i] = v
                         win[q * D + i] = j
@@ -872,7 +878,7 @@ cdef inline real _pair_scale(real alpha, const int64_t* cnt, const real* psw, in
 
 cdef void _backward_owned(const he_scheme* s, const int64_t* pairs, int64_t n,
                           const real* psw, const real* grad, int64_t gstride, int64_t B,
-                          const int64_t* cnt, real alpha, real* target, uint16_t* htarget,
+                          const int64_t* cnt, real alpha, real* target, uint16_t* htarget, int bf,
                           real* scratch, real* state, real eps, uint64_t seed, int64_t lo,
                           int64_t hi, int act, const uint64_t* pre) noexcept nogil:
     """One thread's bucket: the entries (j, bag q) whose runs touch its slots
@@ -893,7 +899,7 @@ cdef void _backward_owned(const he_scheme* s, const int64_t* pairs, int64_t n,
         g = _pair_row(grad, pairs, e, B, gstride, D)
         w = _pair_scale(alpha, cnt, psw, j, q) if act == ACT_ADD else alpha
         for k in range(R):
-            _visit(s, NULL, k, pre[j * R + k], 0, L, g + k * L, w, target, htarget, scratch,
+            _visit(s, NULL, k, pre[j * R + k], 0, L, g + k * L, w, target, htarget, bf, scratch,
                    state, eps, seed, lo, hi, act)
 
 
@@ -905,7 +911,7 @@ cdef inline bint _rows_sparse(const he_scheme* s, int mode) noexcept nogil:
     return s.kind == HE_FULL and s.runs == 1 and mode != MAX
 
 
-cdef inline void _rowwise(real* w, uint16_t* hw, const real* g, real* state, uint64_t st,
+cdef inline void _rowwise(real* w, uint16_t* hw, int bf, const real* g, real* state, uint64_t st,
                           int64_t D, real lr, real eps, uint64_t seed) noexcept nogil:
     """Row-wise Adagrad (optim.h) of the row at slots st .. st + D - 1 from
     its summed gradient g: its accumulator state[st / D] grows by the mean
@@ -926,7 +932,7 @@ cdef inline void _rowwise(real* w, uint16_t* hw, const real* g, real* state, uin
         mult = he_row_mult_d(state + st // <uint64_t>D, ss, D, lr, eps)
     if hw != NULL:
         for i in range(D):
-            he_half_sub(hw, st + i, <float>(mult * g[i]), seed)
+            he_half_sub(hw, st + i, <float>(mult * g[i]), seed, bf)
     else:
         for i in range(D):
             w[st + i] = <real>(w[st + i] - mult * g[i])
@@ -947,7 +953,7 @@ cdef inline int64_t _rows_bytes(int64_t n, int64_t D, int64_t rsize) noexcept no
 
 cdef void _rows_owned(const he_scheme* s, const int64_t* pairs, int64_t n,
                       const real* psw, const real* grad, int64_t gstride, int64_t B,
-                      const int64_t* cnt, real lr, real* w, uint16_t* hw, real* state, real eps,
+                      const int64_t* cnt, real lr, real* w, uint16_t* hw, int bf, real* state, real eps,
                       uint64_t seed, int rows, const uint64_t* pre, char* mem) noexcept nogil:
     """A full table's two-phase step on one thread's bucket (entries in
     entry order; whole rows: the thread ranges are row-aligned) with no
@@ -1004,15 +1010,15 @@ cdef void _rows_owned(const he_scheme* s, const int64_t* pairs, int64_t n,
         st = order[u]
         row = acc + u * D
         if rows == ROWS_ROW:
-            _rowwise(w, hw, row, state, st, D, lr, eps, seed)
+            _rowwise(w, hw, bf, row, state, st, D, lr, eps, seed)
         else:
-            _apply_range(w, hw, row, state, st, st + D, lr, eps, seed)
+            _apply_range(w, hw, bf, row, state, st, st + D, lr, eps, seed)
 
 
 cdef int _backward_bucketed(const he_scheme* s, const index_t* idx, const int64_t* off,
                             const real* psw, const real* grad, int64_t gstride, int64_t B,
                             int64_t T, int mode, bint has_pad, int64_t pad, real alpha,
-                            real* target, uint16_t* htarget, real* scratch, real* state,
+                            real* target, uint16_t* htarget, int bf, real* scratch, real* state,
                             real eps, uint64_t seed, bint sweep, int nt,
                             const uint64_t* pre, int rows) noexcept nogil:
     """Backward on nt threads where each thread walks only the entries that
@@ -1067,22 +1073,22 @@ cdef int _backward_bucketed(const he_scheme* s, const index_t* idx, const int64_
         for r in prange(nt, num_threads=nt, schedule='static', chunksize=1):
             if rows:        # summed per row, no dense scratch
                 _rows_owned(s, pairs + 2 * start[r], start[r + 1] - start[r], psw, grad,
-                            gstride, B, cnt, alpha, target, htarget, state, eps, seed, rows,
+                            gstride, B, cnt, alpha, target, htarget, bf, state, eps, seed, rows,
                             pre, ws + rmem[r])
             elif scratch != NULL:     # two phases: the gradient into scratch, then the rule
                 _backward_owned(s, pairs + 2 * start[r], start[r + 1] - start[r], psw, grad,
-                                gstride, B, cnt, 1, scratch, NULL, NULL, NULL, 0, 0, lo[r],
+                                gstride, B, cnt, 1, scratch, NULL, 0, NULL, NULL, 0, 0, lo[r],
                                 lo[r + 1], ACT_ADD, pre)
                 if sweep:
-                    _apply_range(target, htarget, scratch + lo[r], state, lo[r], lo[r + 1],
+                    _apply_range(target, htarget, bf, scratch + lo[r], state, lo[r], lo[r + 1],
                                  alpha, eps, seed)
                 else:
                     _backward_owned(s, pairs + 2 * start[r], start[r + 1] - start[r], psw,
-                                    grad, gstride, B, cnt, alpha, target, htarget, scratch,
+                                    grad, gstride, B, cnt, alpha, target, htarget, bf, scratch,
                                     state, eps, seed, lo[r], lo[r + 1], ACT_ADAGRAD, pre)
             else:
                 _backward_owned(s, pairs + 2 * start[r], start[r + 1] - start[r], psw, grad,
-                                gstride, B, cnt, alpha, target, NULL, NULL, NULL, 0, 0, lo[r],
+                                gstride, B, cnt, alpha, target, NULL, 0, NULL, NULL, 0, 0, lo[r],
                                 lo[r + 1], ACT_ADD, pre)
     free(count)
     free(pos)
@@ -1098,16 +1104,17 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
              int64_t table0, int mode, bint has_pad, int64_t pad,
              const real[::1] weight, real[::1] target, double alpha,
              real[::1] scratch, real[::1] state, double eps, const uint64_t[::1] starts,
-             const uint16_t[::1] hweight, uint64_t seed, int rows=ROWS_NONE):
+             const uint16_t[::1] hweight, uint64_t seed, int rows=ROWS_NONE, int bf=0):
     """Scatter-add of grad into the slots, four ways by what is passed.
 
     - plain gradient: target = a zero array of size m, alpha = 1;
     - fused SGD: target = weight, alpha = -lr (an in-place update);
     - fused Adagrad: target = weight, alpha = lr, scratch = zeros(m) (kept zero
       between calls), state = the accumulator of squared gradients;
-    - a float16 weight (hweight, its bits; weight and target empty): SGD
-      as Adagrad without state (alpha = lr, scratch given), or Adagrad,
-      each slot rounded once (seed 0: to nearest, else stochastically);
+    - a 16-bit weight (hweight, its bits: bfloat16 where bf, else float16;
+      weight and target empty): SGD as Adagrad without state (alpha = lr,
+      scratch given), or Adagrad, each slot rounded once (seed 0: to
+      nearest, else stochastically);
     - rows (a full table's two-phase step; target = weight, or hweight):
       no scratch, each row's gradient summed in a compact per-thread buffer
       (_rows_owned), then applied per element (ROWS_SLOT: Adagrad, or
@@ -1156,7 +1163,7 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
             free(best)
             raise MemoryError("embedding bag backward: no memory for the max-mode winners")
         with nogil:
-            _argmax(s, ip, &offsets[0], M, hp, B, T, table0, has_pad, pad, win, best)
+            _argmax(s, ip, &offsets[0], M, hp, bf, B, T, table0, has_pad, pad, win, best)
         free(best)
     if nt > 1 and (m < <uint64_t>(4096 * nt) or indices.shape[0] * s.dim < SMALL_WORK):
         # not worth the threads: a parallel region costs more than the work, and
@@ -1200,7 +1207,7 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
         if pre != NULL:
             with nogil:
                 done = _backward_bucketed(s, ip, &offsets[0], pp, &grad[0, 0], grad.shape[1],
-                                          B, T, mode, has_pad, pad, <real>alpha, tp, hp,
+                                          B, T, mode, has_pad, pad, <real>alpha, tp, hp, bf,
                                           NULL, stp, <real>eps, seed, False, min(nt, 64),
                                           pre, rows) == 0
         free(win)
@@ -1213,7 +1220,7 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
     if pre != NULL and 1 < nt <= 64:
         with nogil:
             done = _backward_bucketed(s, ip, &offsets[0], pp, &grad[0, 0], grad.shape[1], B,
-                                      T, mode, has_pad, pad, <real>alpha, tp, hp, sp,
+                                      T, mode, has_pad, pad, <real>alpha, tp, hp, bf, sp,
                                       stp, <real>eps, seed, sweep, nt, pre, ROWS_NONE) == 0
         if done:
             free(win)
@@ -1242,25 +1249,25 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
                                        &grad[0, 0] + b0 * grad.shape[1] + t * s.dim,
                                        grad.shape[1], b1 - b0, 1, table0 + t, mode, has_pad,
                                        pad, NULL, 1 if adagrad else <real>alpha,
-                                       sp if adagrad else tp, NULL, NULL, NULL, 0, 0,
+                                       sp if adagrad else tp, NULL, 0, NULL, NULL, 0, 0,
                                        <int64_t>_range_lo(m, q, nt), <int64_t>_range_lo(m, q + 1, nt),
                                        ACT_ADD, buf)
             if adagrad:
-                _apply_range(tp, hp, sp + lo, stp, lo, hi, <real>alpha, <real>eps, seed)
+                _apply_range(tp, hp, bf, sp + lo, stp, lo, hi, <real>alpha, <real>eps, seed)
         elif adagrad:
             _backward_part(s, ip, &offsets[0], pp, &grad[0, 0], grad.shape[1], B, T,
-                           table0, mode, has_pad, pad, win, 1, sp, NULL, NULL, NULL, 0, 0,
+                           table0, mode, has_pad, pad, win, 1, sp, NULL, 0, NULL, NULL, 0, 0,
                            lo, hi, ACT_ADD, pre)
             if sweep:
-                _apply_range(tp, hp, sp + lo, stp, lo, hi, <real>alpha, <real>eps, seed)
+                _apply_range(tp, hp, bf, sp + lo, stp, lo, hi, <real>alpha, <real>eps, seed)
             else:
                 _backward_part(s, ip, &offsets[0], pp, &grad[0, 0], grad.shape[1], B,
                                T, table0, mode, has_pad, pad, win, <real>alpha,
-                               tp, hp, sp, stp, <real>eps, seed, lo, hi, ACT_ADAGRAD, pre)
+                               tp, hp, bf, sp, stp, <real>eps, seed, lo, hi, ACT_ADAGRAD, pre)
         else:
             _backward_part(s, ip, &offsets[0], pp, &grad[0, 0], grad.shape[1], B, T,
                            table0, mode, has_pad, pad, win, <real>alpha, tp,
-                           NULL, NULL, NULL, 0, 0, lo, hi, ACT_ADD, pre)
+                           NULL, 0, NULL, NULL, 0, 0, lo, hi, ACT_ADD, pre)
     free(win)
     if own:
         free(pre)
@@ -1328,25 +1335,30 @@ def feature_major(const index_t[:, ::1] x, index_t[::1] out):
         _feature_major(&x[0, 0], &out[0], B, T, nt)
 
 
-def half_widen(const uint16_t[::1] h, float[::1] out):
-    """out = the float16 bits h as floats (he_h2f; exact)."""
+def half_widen(const uint16_t[::1] h, float[::1] out, int bf=0):
+    """out = the 16-bit values h as floats (bf: bfloat16 bits, else
+    float16; he_s2f, exact)."""
     cdef int64_t i
     if out.shape[0] != h.shape[0]:
         raise ValueError(f"out: expected {h.shape[0]} values, got {out.shape[0]}")
     with nogil:
         for i in range(h.shape[0]):
-            out[i] = he_h2f(h[i])
+            out[i] = he_s2f(h[i], bf)
 
 
-def half_round(const float[::1] x, uint16_t[::1] out, uint64_t seed):
-    """out = x rounded to float16 bits: to nearest even (seed 0, he_f2h), or
-    stochastically with the bits of (seed, i) for element i (he_f2h_sr)."""
+def half_round(const float[::1] x, uint16_t[::1] out, uint64_t seed, int bf=0):
+    """out = x rounded to float16 bits (bf: bfloat16): to nearest even
+    (seed 0, he_f2h / he_f2b), or stochastically with the bits of (seed, i)
+    for element i (he_f2h_sr / he_f2b_sr)."""
     cdef int64_t i
     if out.shape[0] != x.shape[0]:
         raise ValueError(f"out: expected {x.shape[0]} values, got {out.shape[0]}")
     with nogil:
         for i in range(x.shape[0]):
-            out[i] = he_f2h_sr(x[i], he_round_bits(seed, i)) if seed else he_f2h(x[i])
+            if bf:
+                out[i] = he_f2b_sr(x[i], he_round_bits(seed, i)) if seed else he_f2b(x[i])
+            else:
+                out[i] = he_f2h_sr(x[i], he_round_bits(seed, i)) if seed else he_f2h(x[i])
 
 
 ROWS = {"slot": ROWS_SLOT, "row": ROWS_ROW}

@@ -151,7 +151,7 @@ __device__ __forceinline__ void he_apply(he_u16* w, float* state, i64 slot, floa
         state[slot] += g * g;
         step /= sqrt((double)state[slot]) + (double)eps;
     }
-    he_half_sub(w, (he_u64)slot, (float)step, (he_u64)seed);
+    he_half_sub(w, (he_u64)slot, (float)step, (he_u64)seed, 0);
 }
 
 /* Row-wise Adagrad's parts (optim.h) for both float types: the multiplier
@@ -173,7 +173,7 @@ __device__ __forceinline__ void he_row_move(R* w, uint64_t slot, double step, i6
 }
 __device__ __forceinline__ void he_row_move(he_u16* w, uint64_t slot, double step, i64 seed)
 {
-    he_half_sub(w, (he_u64)slot, (float)step, (he_u64)seed);
+    he_half_sub(w, (he_u64)slot, (float)step, (he_u64)seed, 0);
 }
 /*
  * Entries j0 .. j1-1 of bag q = t*B + b, and pos0, the position of entry j0 in

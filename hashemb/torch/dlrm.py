@@ -93,7 +93,7 @@ def make_embedding(method, num_embeddings, dim=16, compression=1000.0, lr=0.1, s
     ``dtype`` and a fused :class:`hashemb.RowwiseAdagrad`), "robez"
     (ROBE-Z, Z = ``block`` or dim), "hashednet",
     "hashing_trick" (each at ``compression``, their array of ``dtype``:
-    float32, float64 or float16 storage).
+    float32, float64, float16 or bfloat16 storage).
 
     Examples
     --------

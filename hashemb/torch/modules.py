@@ -11,7 +11,7 @@ from ..hashing import UniversalHash
 from ..lsh import LMA, LSHTable
 from ..schemes import FullTable, HashedNet, RobeZ, Scheme
 from ..optim import check_optimizer
-from ._function import (BagFunction, Lookup, as_any_array, as_tensor, device_context,
+from ._function import (BagFunction, Lookup, as_any_array, as_tensor, bfloat16, device_context,
                         make_optimizer, optimizer_name)
 
 
@@ -62,11 +62,13 @@ class HashEmbeddingBag(nn.Module):
     _weight : Tensor, optional
         Initial array (copied); default ``scheme.init_weight(init_seed)``.
     init_seed : int
-    dtype : torch.float32, torch.float64 or torch.float16
-        Of the array. float16 is storage: lookups pool in float32 and return
-        float32; a fused optimizer rounds each updated slot to float16
-        (stochastically by default, see :class:`hashemb.SGD`); without one,
-        autograd hands the float32 gradient to ``weight.grad`` in float16.
+    dtype : torch.float32, torch.float64, torch.float16 or torch.bfloat16
+        Of the array. float16 and bfloat16 are storage: lookups pool in
+        float32 and return float32; a fused optimizer rounds each updated
+        slot to the array's format (stochastically by default, see
+        :class:`hashemb.SGD`); without one, autograd hands the float32
+        gradient to ``weight.grad`` in the array's dtype. bfloat16 runs on
+        the CPU (CuPy has no bfloat16) and needs the ``ml_dtypes`` package.
 
     Notes
     -----
@@ -101,10 +103,12 @@ class HashEmbeddingBag(nn.Module):
         if _weight is None:
             np_dtype = {torch.float32: np.float32, torch.float64: np.float64,
                         torch.float16: np.float16}.get(dtype)
+            if dtype == torch.bfloat16:
+                np_dtype = bfloat16()
             if np_dtype is None:
-                raise TypeError(f"dtype: expected torch.float32, torch.float64 or "
-                                f"torch.float16, got {dtype}")
-            w = torch.from_numpy(scheme.init_weight(seed=init_seed, dtype=np_dtype))
+                raise TypeError(f"dtype: expected torch.float32, torch.float64, "
+                                f"torch.float16 or torch.bfloat16, got {dtype}")
+            w = as_tensor(scheme.init_weight(seed=init_seed, dtype=np_dtype))
         else:
             w = torch.as_tensor(_weight).detach().clone()
             if tuple(w.shape) not in (tuple(scheme.weight_shape), (scheme.size,)):
@@ -113,12 +117,12 @@ class HashEmbeddingBag(nn.Module):
         self.weight = nn.Parameter(w.contiguous())
         self.weight._hashemb_fused = self._lookup.optimizer is not None
         if self._opt_args[0] in ("adagrad", "rowwise_adagrad"):
-            # float16 arrays keep a float32 accumulator (the kernels' dtype);
+            # 16-bit arrays keep a float32 accumulator (the kernels' dtype);
             # row-wise: one value per row
             n = self.weight.numel()
             self.register_buffer("optimizer_state", torch.zeros(
                 n if self._opt_args[0] == "adagrad" else n // scheme.dim,
-                dtype=torch.float32 if self.weight.dtype == torch.float16
+                dtype=torch.float32 if self.weight.dtype in (torch.float16, torch.bfloat16)
                 else self.weight.dtype))
 
     def _build(self, scheme, optimizer):

@@ -1,24 +1,30 @@
-/* float16 storage: conversions between IEEE binary16 (kept as its 16 bits,
- * uint16_t) and float, one source for the CPU kernels (_cpu/_bag.pyx), the
- * CUDA kernels (prepended to every .cu like slots.h) and the host emulator.
+/* 16-bit storage: conversions between the 16-bit formats (kept as their
+ * bits, uint16_t) and float, one source for the CPU kernels
+ * (_cpu/_bag.pyx), the CUDA kernels (prepended to every .cu like slots.h)
+ * and the host emulator. Two formats, chosen by a flag `bf` where a
+ * function serves both:
+ *   - IEEE binary16 (float16, bf = 0): 5 exponent bits, 10 fraction bits;
+ *   - bfloat16 (bf = 1): float32's top half, 8 exponent bits (float32's
+ *     range), 7 fraction bits.
  *
- * A float16 array is storage only: the kernels read each element as a
- * float (exact: every binary16 value is a float), pool and scatter in
- * float32, and write float16 only where a fused optimizer moves a weight,
- * rounding once per slot and step:
- *   - to nearest, ties to even (IEEE, as NumPy's astype(float16)), or
+ * A 16-bit array is storage only: the kernels read each element as a
+ * float (exact: every value of either format is a float), pool and scatter
+ * in float32, and write 16 bits only where a fused optimizer moves a
+ * weight, rounding once per slot and step:
+ *   - to nearest, ties to even (IEEE, as NumPy's astype(float16) and
+ *     ml_dtypes' astype(bfloat16)), or
  *   - stochastically: up (away from zero) with probability (|x| - |lo|) / ulp,
- *     where lo is |x| truncated to float16, from 32 random bits, so that the
- *     expected stored value is x and updates smaller than half an ulp still
- *     move a weight on average (what makes float16 training work; FBGEMM's
- *     default for float16 tables). The bits are a hash of (seed, slot):
- *     the same on any thread count, CPU or GPU.
- * The scalar code is integer arithmetic (no float16 type, no -ftz
+ *     where lo is |x| truncated to the format, from 32 random bits, so that
+ *     the expected stored value is x and updates smaller than half an ulp
+ *     still move a weight on average (what makes 16-bit training work;
+ *     FBGEMM's default for float16 tables). The bits are a hash of
+ *     (seed, slot): the same on any thread count, CPU or GPU.
+ * The scalar code is integer arithmetic (no 16-bit float type, no -ftz
  * dependence: subnormal halves are converted from integers); the CUDA build
- * uses the hardware conversion instructions, which are exact and round to
- * nearest even too; the CPU's F16C / AVX2 paths (taken where the machine
- * has them, he_x86) do the same arithmetic eight lanes at a time. So the
- * results are bitwise the same everywhere. */
+ * uses the hardware conversion instructions for float16, which are exact
+ * and round to nearest even too; the CPU's F16C / AVX2 paths (taken where
+ * the machine has them, he_x86) do the same float16 arithmetic eight lanes
+ * at a time. So the results are bitwise the same everywhere. */
 #ifndef HASHEMB_HALF_H
 #define HASHEMB_HALF_H
 
@@ -143,6 +149,41 @@ HE_HD he_u16 he_f2h_sr(float f, he_u32 rnd)
     }
 }
 
+/* bfloat16 bits -> float: the top half of its float32, exact. */
+HE_HD float he_b2f(he_u16 h)
+{
+    return he_bits_f((he_u32)h << 16);
+}
+
+/* float -> bfloat16 bits, to nearest, ties to even: the low 16 bits
+ * rounded into the top half (a carry out of the fraction steps the
+ * exponent, up to inf past the largest bfloat16); nan stays a quiet nan. */
+HE_HD he_u16 he_f2b(float f)
+{
+    he_u32 x = he_f_bits(f);
+    if ((x & 0x7fffffffu) > 0x7f800000u)
+        return (he_u16)((x >> 16) | 0x40u);
+    return (he_u16)((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+}
+
+/* float -> bfloat16 bits, stochastically: the top 16 random bits added to
+ * the 16 dropped ones, then truncated, so |x| goes up one ulp with
+ * probability (dropped bits) / 2^16 (float32 subnormals too; past the
+ * largest bfloat16, up is inf); inf and nan as he_f2b. */
+HE_HD he_u16 he_f2b_sr(float f, he_u32 rnd)
+{
+    he_u32 x = he_f_bits(f);
+    if ((x & 0x7fffffffu) >= 0x7f800000u)
+        return he_f2b(f);
+    return (he_u16)((x + (rnd >> 16)) >> 16);
+}
+
+/* The format's bits as a float (bf: bfloat16, else float16). */
+HE_HD float he_s2f(he_u16 h, int bf)
+{
+    return bf ? he_b2f(h) : he_h2f(h);
+}
+
 /* Chris Wellons' lowbias32 integer mixer: 32-bit multiplies only, so that
  * eight of them run as one AVX2 instruction each (he_half_sgd_run). */
 HE_HD he_u32 he_mix32(he_u32 x)
@@ -164,18 +205,21 @@ HE_HD he_u32 he_round_bits(he_u64 seed, he_u64 slot)
                     (he_u32)(seed >> 32));
 }
 
-/* The bits of float(w) - step, rounded as asked for slot `slot` (seed 0:
- * to nearest; else stochastically, bits from (seed, slot)). */
-HE_HD he_u16 he_half_moved(he_u16 w, float step, he_u64 slot, he_u64 seed)
+/* The bits of float(w) - step in the format (bf: bfloat16, else
+ * float16), rounded as asked for slot `slot` (seed 0: to nearest; else
+ * stochastically, bits from (seed, slot)). */
+HE_HD he_u16 he_half_moved(he_u16 w, float step, he_u64 slot, he_u64 seed, int bf)
 {
-    float v = he_h2f(w) - step;
+    float v = he_s2f(w, bf) - step;
+    if (bf)
+        return seed ? he_f2b_sr(v, he_round_bits(seed, slot)) : he_f2b(v);
     return seed ? he_f2h_sr(v, he_round_bits(seed, slot)) : he_f2h(v);
 }
 
 /* w[slot] = w[slot] - step, rounded (he_half_moved). */
-HE_HD void he_half_sub(he_u16* w, he_u64 slot, float step, he_u64 seed)
+HE_HD void he_half_sub(he_u16* w, he_u64 slot, float step, he_u64 seed, int bf)
 {
-    w[slot] = he_half_moved(w[slot], step, slot, seed);
+    w[slot] = he_half_moved(w[slot], step, slot, seed, bf);
 }
 
 #if !defined(__CUDACC__)
@@ -240,26 +284,73 @@ static inline void he_h2f_run(float* __restrict y, const he_u16* __restrict x, f
 static inline int he_x86(void) { return 0; }
 #endif
 
-/* The float16 SGD apply over n consecutive slots slot0.. of weight bits w
- * and their summed gradient g: where g != 0, w = round(float(w) - lr * g)
- * (he_half_sub: to nearest for seed 0, else stochastically); g = 0 after.
- * With AVX2 and F16C, eight slots a step: the same float arithmetic, the
- * same random bits, and the same rounding (lanes outside float16's normal
- * range take the scalar code), so the same bits as one slot at a time. */
+/* he_h2f_run for bfloat16 bits: a shift per element, which the compiler
+ * vectorises on any x86-64 (the same multiply and add, no FMA). */
+static inline void he_b2f_run(float* __restrict y, const he_u16* __restrict x, float a,
+                              int64_t n, int how)
+{
+    int64_t i;
+    if (how == 0)
+        for (i = 0; i < n; i++) y[i] = a * he_b2f(x[i]);
+    else if (how == 1)
+        for (i = 0; i < n; i++) y[i] += a * he_b2f(x[i]);
+    else
+        for (i = 0; i < n; i++) y[i] = he_b2f(x[i]);
+}
+
+/* y[:n] = a * x (how 0), += a * x (1) or = x (2) for a run of 16-bit
+ * storage x in the format bf (bfloat16, else float16). */
+static inline void he_s2f_run(float* __restrict y, const he_u16* __restrict x, float a,
+                              int64_t n, int how, int bf)
+{
+    if (bf)
+        he_b2f_run(y, x, a, n, how);
+    else
+        he_h2f_run(y, x, a, n, how);
+}
+
+/* The 16-bit SGD apply over n consecutive slots slot0.. of weight bits w
+ * (format bf) and their summed gradient g: where g != 0,
+ * w = round(float(w) - lr * g) (he_half_sub: to nearest for seed 0, else
+ * stochastically); g = 0 after. For float16 with AVX2 and F16C, eight
+ * slots a step: the same float arithmetic, the same random bits, and the
+ * same rounding (lanes outside float16's normal range take the scalar
+ * code), so the same bits as one slot at a time. */
 static inline void he_half_sgd_run_soft(he_u16* __restrict w, float* __restrict g, int64_t n,
-                                        uint64_t slot0, float lr, uint64_t seed)
+                                        uint64_t slot0, float lr, uint64_t seed, int bf)
 {
     for (int64_t i = 0; i < n; i++)
         if (g[i] != 0) {
-            w[i] = he_half_moved(w[i], lr * g[i], slot0 + (uint64_t)i, seed);
+            w[i] = he_half_moved(w[i], lr * g[i], slot0 + (uint64_t)i, seed, bf);
             g[i] = 0;
         }
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
+/* bfloat16 rounding of eight float32 bit patterns (32-bit lanes, result in
+ * the low 16 bits): the scalar he_f2b / he_f2b_sr arithmetic, add then
+ * truncate (rnd: the lanes' random bits, or none for to nearest); nan
+ * lanes become quiet nans. */
+__attribute__((target("avx2"))) static inline __m256i he_f2b_v(__m256i bits, const __m256i* rnd)
+{
+    const __m256i add = rnd ? _mm256_srli_epi32(*rnd, 16)
+                            : _mm256_add_epi32(_mm256_set1_epi32(0x7fff),
+                                               _mm256_and_si256(_mm256_srli_epi32(bits, 16),
+                                                                _mm256_set1_epi32(1)));
+    const __m256i q = _mm256_srli_epi32(_mm256_add_epi32(bits, add), 16);
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff)),
+                                           _mm256_set1_epi32(0x7f800000));
+    return _mm256_blendv_epi8(q, _mm256_or_si256(_mm256_srli_epi32(bits, 16),
+                                                 _mm256_set1_epi32(0x40)), nan);
+}
+
+/* The same apply, eight slots a step (AVX2; F16C for float16): the same
+ * float arithmetic, the same random bits and the same rounding as
+ * he_half_sgd_run_soft (float16 lanes outside its normal range take the
+ * scalar code), so the same bits as one slot at a time. */
 __attribute__((target("avx2,f16c"))) static void he_half_sgd_run_avx2(
     he_u16* __restrict w, float* __restrict g, int64_t n, uint64_t slot0, float lr,
-    uint64_t seed)
+    uint64_t seed, int bf)
 {
     int64_t i = 0;
     const __m256 vlr = _mm256_set1_ps(lr), zero = _mm256_setzero_ps();
@@ -267,59 +358,70 @@ __attribute__((target("avx2,f16c"))) static void he_half_sgd_run_avx2(
     const __m256i s_lo = _mm256_set1_epi32((int)(he_u32)seed);
     const __m256i s_hi = _mm256_set1_epi32((int)(he_u32)(seed >> 32));
     const __m256i m1 = _mm256_set1_epi32(0x7feb352d), m2 = _mm256_set1_epi32((int)0x846ca68bu);
+    /* 32 -> 16 bits per lane, in order (then the two 64-bit halves joined) */
+    const __m256i pack = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1,
+                                          -1, 0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1,
+                                          -1, -1);
     for (; i + 8 <= n; i += 8) {
         const __m256 gv = _mm256_loadu_ps(g + i);
         const __m256 live = _mm256_cmp_ps(gv, zero, _CMP_NEQ_UQ);
         if (_mm256_testz_ps(live, live))
             continue;                                       /* nothing to apply here */
         const __m128i wh = _mm_loadu_si128((const __m128i*)(w + i));
-        const __m256 v = _mm256_sub_ps(_mm256_cvtph_ps(wh), _mm256_mul_ps(vlr, gv));
+        const __m256 wf = bf ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(wh), 16))
+                             : _mm256_cvtph_ps(wh);
+        const __m256 v = _mm256_sub_ps(wf, _mm256_mul_ps(vlr, gv));
+        const __m256i bits = _mm256_castps_si256(v);
         __m128i out;
-        if (seed == 0) {
+        if (seed == 0 && !bf) {
             out = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         } else {
-            const uint64_t s = slot0 + (uint64_t)i;
-            __m256i lo = _mm256_add_epi32(_mm256_set1_epi32((int)(he_u32)s), lane);
-            /* the high half of each lane's slot: +1 where the low half wrapped */
-            __m256i hi = _mm256_set1_epi32((int)(he_u32)(s >> 32));
-            hi = _mm256_sub_epi32(hi, _mm256_cmpgt_epi32(
-                _mm256_xor_si256(_mm256_set1_epi32((int)(he_u32)s), _mm256_set1_epi32(INT32_MIN)),
-                _mm256_xor_si256(lo, _mm256_set1_epi32(INT32_MIN))));
-            __m256i x = _mm256_xor_si256(lo, s_lo);
+            __m256i q;
+            if (seed == 0) {
+                q = he_f2b_v(bits, NULL);
+            } else {
+                const uint64_t s = slot0 + (uint64_t)i;
+                __m256i lo = _mm256_add_epi32(_mm256_set1_epi32((int)(he_u32)s), lane);
+                /* the high half of each lane's slot: +1 where the low half wrapped */
+                __m256i hi = _mm256_set1_epi32((int)(he_u32)(s >> 32));
+                hi = _mm256_sub_epi32(hi, _mm256_cmpgt_epi32(
+                    _mm256_xor_si256(_mm256_set1_epi32((int)(he_u32)s), _mm256_set1_epi32(INT32_MIN)),
+                    _mm256_xor_si256(lo, _mm256_set1_epi32(INT32_MIN))));
+                __m256i x = _mm256_xor_si256(lo, s_lo);
 #define HE_MIX32_V(x)                                                     \
-            x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));             \
-            x = _mm256_mullo_epi32(x, m1);                                 \
-            x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));             \
-            x = _mm256_mullo_epi32(x, m2);                                 \
-            x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
-            HE_MIX32_V(x)
-            x = _mm256_xor_si256(_mm256_xor_si256(x, hi), s_hi);
-            HE_MIX32_V(x)
+                x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));         \
+                x = _mm256_mullo_epi32(x, m1);                             \
+                x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));         \
+                x = _mm256_mullo_epi32(x, m2);                             \
+                x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+                HE_MIX32_V(x)
+                x = _mm256_xor_si256(_mm256_xor_si256(x, hi), s_hi);
+                HE_MIX32_V(x)
 #undef HE_MIX32_V
-            /* he_f2h_sr's normal-range case: 13 dropped bits against the top
-               13 random bits; any lane outside [2^-14, 65536) goes scalar */
-            const __m256i bits = _mm256_castps_si256(v);
-            const __m256i ax = _mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff));
-            const __m256i r = _mm256_sub_epi32(ax, _mm256_set1_epi32(0x38000000));
-            const __m256i small = _mm256_cmpgt_epi32(_mm256_set1_epi32(0x38800000), ax);
-            const __m256i big = _mm256_cmpgt_epi32(ax, _mm256_set1_epi32(0x477fffff));
-            if (!_mm256_testz_si256(_mm256_or_si256(small, big),
-                                    _mm256_castps_si256(live))) {
-                he_half_sgd_run_soft(w + i, g + i, 8, slot0 + (uint64_t)i, lr, seed);
-                continue;
+                if (bf) {
+                    q = he_f2b_v(bits, &x);
+                } else {
+                    /* he_f2h_sr's normal-range case: 13 dropped bits against the
+                       top 13 random bits; any lane outside [2^-14, 65536) goes
+                       scalar */
+                    const __m256i ax = _mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff));
+                    const __m256i r = _mm256_sub_epi32(ax, _mm256_set1_epi32(0x38000000));
+                    const __m256i small = _mm256_cmpgt_epi32(_mm256_set1_epi32(0x38800000), ax);
+                    const __m256i big = _mm256_cmpgt_epi32(ax, _mm256_set1_epi32(0x477fffff));
+                    if (!_mm256_testz_si256(_mm256_or_si256(small, big),
+                                            _mm256_castps_si256(live))) {
+                        he_half_sgd_run_soft(w + i, g + i, 8, slot0 + (uint64_t)i, lr, seed, 0);
+                        continue;
+                    }
+                    q = _mm256_srli_epi32(r, 13);
+                    const __m256i up = _mm256_cmpgt_epi32(
+                        _mm256_and_si256(r, _mm256_set1_epi32(0x1fff)), _mm256_srli_epi32(x, 19));
+                    q = _mm256_sub_epi32(q, up);                        /* + 1 where up */
+                    q = _mm256_or_si256(q, _mm256_and_si256(_mm256_srli_epi32(bits, 16),
+                                                            _mm256_set1_epi32(0x8000)));
+                }
             }
-            __m256i q = _mm256_srli_epi32(r, 13);
-            const __m256i up = _mm256_cmpgt_epi32(_mm256_and_si256(r, _mm256_set1_epi32(0x1fff)),
-                                                  _mm256_srli_epi32(x, 19));
-            q = _mm256_sub_epi32(q, up);                        /* + 1 where up */
-            q = _mm256_or_si256(q, _mm256_and_si256(_mm256_srli_epi32(bits, 16),
-                                                    _mm256_set1_epi32(0x8000)));
-            /* 32 -> 16 bits per lane, in order */
-            q = _mm256_shuffle_epi8(q, _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1,
-                                                        -1, -1, -1, -1, -1, 0, 1, 4, 5, 8, 9,
-                                                        12, 13, -1, -1, -1, -1, -1, -1, -1,
-                                                        -1));
-            q = _mm256_permute4x64_epi64(q, 0x08);
+            q = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(q, pack), 0x08);
             out = _mm256_castsi256_si128(q);
         }
         /* keep the lanes whose gradient is 0 */
@@ -330,16 +432,16 @@ __attribute__((target("avx2,f16c"))) static void he_half_sgd_run_avx2(
         _mm256_storeu_ps(g + i, zero);
     }
     if (i < n)
-        he_half_sgd_run_soft(w + i, g + i, n - i, slot0 + (uint64_t)i, lr, seed);
+        he_half_sgd_run_soft(w + i, g + i, n - i, slot0 + (uint64_t)i, lr, seed, bf);
 }
 
 static inline void he_half_sgd_run(he_u16* __restrict w, float* __restrict g, int64_t n,
-                                   uint64_t slot0, float lr, uint64_t seed)
+                                   uint64_t slot0, float lr, uint64_t seed, int bf)
 {
     if (n >= 8 && (he_x86() & 2))
-        he_half_sgd_run_avx2(w, g, n, slot0, lr, seed);
+        he_half_sgd_run_avx2(w, g, n, slot0, lr, seed, bf);
     else
-        he_half_sgd_run_soft(w, g, n, slot0, lr, seed);
+        he_half_sgd_run_soft(w, g, n, slot0, lr, seed, bf);
 }
 #else
 #define he_half_sgd_run he_half_sgd_run_soft
