@@ -285,8 +285,13 @@ static inline int he_x86(void) { return 0; }
 #endif
 
 /* he_h2f_run for bfloat16 bits: a shift per element, which the compiler
- * vectorises on any x86-64 (the same multiply and add, no FMA). */
-static inline void he_b2f_run(float* __restrict y, const he_u16* __restrict x, float a,
+ * vectorises on any x86-64 (the same multiply and add, no FMA). Not
+ * inlined: its vector loops, inlined into the gather loops, cost the
+ * float32 path there registers and instructions (+7% in a forward). */
+#if defined(__GNUC__)
+__attribute__((noinline))
+#endif
+static void he_b2f_run(float* __restrict y, const he_u16* __restrict x, float a,
                               int64_t n, int how)
 {
     int64_t i;
@@ -348,9 +353,9 @@ __attribute__((target("avx2"))) static inline __m256i he_f2b_v(__m256i bits, con
  * float arithmetic, the same random bits and the same rounding as
  * he_half_sgd_run_soft (float16 lanes outside its normal range take the
  * scalar code), so the same bits as one slot at a time. */
-__attribute__((target("avx2,f16c"))) static void he_half_sgd_run_avx2(
+__attribute__((target("avx2,f16c"), always_inline)) static inline void he_half_sgd_run_v(
     he_u16* __restrict w, float* __restrict g, int64_t n, uint64_t slot0, float lr,
-    uint64_t seed, int bf)
+    uint64_t seed, const int bf)
 {
     int64_t i = 0;
     const __m256 vlr = _mm256_set1_ps(lr), zero = _mm256_setzero_ps();
@@ -435,12 +440,28 @@ __attribute__((target("avx2,f16c"))) static void he_half_sgd_run_avx2(
         he_half_sgd_run_soft(w + i, g + i, n - i, slot0 + (uint64_t)i, lr, seed, bf);
 }
 
+/* one copy per format (bf a constant in each: no per-step tests of it) */
+__attribute__((target("avx2,f16c"))) static void he_half_sgd_run_avx2_h(
+    he_u16* __restrict w, float* __restrict g, int64_t n, uint64_t slot0, float lr, uint64_t seed)
+{
+    he_half_sgd_run_v(w, g, n, slot0, lr, seed, 0);
+}
+
+__attribute__((target("avx2,f16c"))) static void he_half_sgd_run_avx2_b(
+    he_u16* __restrict w, float* __restrict g, int64_t n, uint64_t slot0, float lr, uint64_t seed)
+{
+    he_half_sgd_run_v(w, g, n, slot0, lr, seed, 1);
+}
+
 static inline void he_half_sgd_run(he_u16* __restrict w, float* __restrict g, int64_t n,
                                    uint64_t slot0, float lr, uint64_t seed, int bf)
 {
-    if (n >= 8 && (he_x86() & 2))
-        he_half_sgd_run_avx2(w, g, n, slot0, lr, seed, bf);
-    else
+    if (n >= 8 && (he_x86() & 2)) {
+        if (bf)
+            he_half_sgd_run_avx2_b(w, g, n, slot0, lr, seed);
+        else
+            he_half_sgd_run_avx2_h(w, g, n, slot0, lr, seed);
+    } else
         he_half_sgd_run_soft(w, g, n, slot0, lr, seed, bf);
 }
 #else
