@@ -59,11 +59,14 @@ def test_float16_rounding_example(tmp_path, monkeypatch):
     ns = run_example("examples/float16_rounding.py", [], monkeypatch)
     out = tmp_path / "f.png"
     d, r = ns["main"](["--steps", "300", "--out", str(out)])
-    f32, sr, rn = (k for k, _, _ in ns["KINDS"])
-    assert d[rn][-1] == 1.0 and abs(d[sr][-1] - d[f32][-1]) < 1e-3 < 1 - d[f32][-1]
+    f32, sr, rn, bsr, brn = (k for k, _, _ in ns["KINDS"])
     gain = r[f32][0] - r[f32][-1]
-    assert gain > 0 and abs(r[sr][-1] - r[f32][-1]) < 0.05 * gain
-    assert r[f32][0] - r[rn][-1] < 0.5 * gain
+    assert gain > 0
+    # bfloat16's spacing is 8x float16's: its stochastic mean is noisier
+    for s, n, close in ((sr, rn, 1e-3), (bsr, brn, 4e-3)):
+        assert d[n][-1] == 1.0 and abs(d[s][-1] - d[f32][-1]) < close < 1 - d[f32][-1]
+        assert abs(r[s][-1] - r[f32][-1]) < 0.05 * gain
+        assert r[f32][0] - r[n][-1] < 0.5 * gain
     assert out.stat().st_size > 10_000
 
 
