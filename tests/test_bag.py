@@ -136,6 +136,44 @@ def test_fused_optimizer_equals_backward_then_update(b, gseed, opt):
     np.testing.assert_allclose(W, want, rtol=1e-4, atol=1e-4)
 
 
+def adagrad_model(W, state, grad, lr, eps):
+    """hashemb.Adagrad's float32 step from the summed gradient, in NumPy:
+    where g != 0, s += g*g in float32; the step lr*g (float32) over
+    sqrt(s) + eps in float64; the weight moved in float64, rounded once."""
+    g = grad.reshape(-1)
+    hit = g != 0
+    state[hit] = state[hit] + g[hit] * g[hit]
+    step = (np.float32(lr) * g[hit]).astype(np.float64) / (
+        np.sqrt(state[hit].astype(np.float64)) + float(np.float32(eps)))
+    flat = W.reshape(-1)
+    flat[hit] = (flat[hit].astype(np.float64) - step).astype(np.float32)
+
+
+@pytest.mark.parametrize("scheme", [he.RobeZ(4099, 16, block=16), he.HashedNet(3001, 8),
+                                    he.RobeZ(100_003, 8, block=4),
+                                    he.FullTable([20_000, 7_001], 16)],
+                         ids=["robe-sweep", "hashednet", "robe-walk", "full-rows"])
+def test_float32_adagrad_step_is_the_model_bit_for_bit(scheme):
+    # the apply runs eight slots a step where the machine can (AVX2) and the
+    # rest one at a time: either way each slot's step is the model's, over
+    # three calls (the state carries over), through the scratch sweep, the
+    # walk and a full table's per-row sums; steps large next to the weights
+    rng = np.random.default_rng(0)
+    T, B = 2, 300
+    x = rng.integers(0, 7_001, (B, T))
+    x[::4] = x[1]
+    W = (rng.standard_normal(scheme.size) * 0.01).astype(np.float32)
+    opt = he.Adagrad(0.7, eps=1e-6)
+    Wm, state = W.copy(), np.zeros(scheme.size, np.float32)
+    for step in range(3):
+        G = rng.standard_normal((B, T * scheme.dim)).astype(np.float32) * 10.0 ** (step - 1)
+        grad = he.embedding_bags_backward(G, x, scheme=scheme, num_tables=T, weight=Wm)
+        adagrad_model(Wm, state, grad, opt.lr, opt.eps)
+        he.embedding_bags_backward(G, x, scheme=scheme, num_tables=T, weight=W, optimizer=opt)
+        assert np.array_equal(W.view(np.uint32), Wm.view(np.uint32)), step
+    np.testing.assert_array_equal(opt.state_for(W)[0], state)
+
+
 def test_two_d_input_and_dtypes():
     robe = he.RobeZ(1000, 8, block=4)
     M = robe.init_weight(seed=1)

@@ -128,6 +128,7 @@ cdef extern from "hashemb/optim.h" nogil:
     double he_row_sumsq_d(const double* g, int64_t D) noexcept
     double he_row_mult_f(float* G, double ss, int64_t D, float lr, float eps) noexcept
     double he_row_mult_d(double* G, double ss, int64_t D, double lr, double eps) noexcept
+    void he_adagrad_run(float* w, float* s, float* g, int64_t n, float lr, float eps) noexcept
 
 
 cdef extern from "hashemb/stream.h" nogil:
@@ -533,13 +534,18 @@ cdef inline void _apply_range(real* w, uint16_t* hw, int bf, real* g, real* stat
                               int64_t hi, real lr, real eps, uint64_t seed) noexcept nogil:
     """_adagrad at every slot of [lo, hi), whose summed gradients are
     g[0 .. hi - lo) (an apply sweep's scratch, a contiguous run of an apply
-    walk, or a row's compact sums); float16 SGD runs eight slots a step
-    where the machine can (he_half_sgd_run: the same bits)."""
+    walk, or a row's compact sums); 16-bit SGD and float32 Adagrad run
+    eight slots a step where the machine can (he_half_sgd_run,
+    he_adagrad_run: the same bits)."""
     cdef int64_t slot
     if real is float:
         if hw != NULL and state == NULL:
             if hi > lo:
                 he_half_sgd_run(hw + lo, g, hi - lo, lo, lr, seed, bf)
+            return
+        if hw == NULL and state != NULL:
+            if hi > lo:
+                he_adagrad_run(w + lo, state + lo, g, hi - lo, lr, eps)
             return
     for slot in range(lo, hi):
         if g[slot - lo] != 0:

@@ -50,4 +50,79 @@ HE_ROW_SUMSQ(double, he_row_sumsq_d)
 HE_ROW_MULT(float, he_row_mult_f)
 HE_ROW_MULT(double, he_row_mult_d)
 
+#if !defined(__CUDACC__)
+/* Per-element Adagrad (hashemb.Adagrad) over n consecutive slots of a
+ * float32 weight w, its state s and their summed gradient g, the CPU
+ * kernels' rule (_bag.pyx _rule) a run at a time: where g != 0,
+ *     s += g^2 (float),  w = (float)(w - (double)(lr g) / (sqrt((double)s) + eps)),
+ * then g = 0. The step is formed in double (libm's double sqrt). */
+static inline void he_adagrad_run_soft(float* __restrict w, float* __restrict s,
+                                       float* __restrict g, int64_t n, float lr, float eps)
+{
+    for (int64_t i = 0; i < n; i++)
+        if (g[i] != 0) {
+            const float gv = g[i];
+            s[i] = s[i] + gv * gv;
+            const double step = (double)(lr * gv) / (sqrt((double)s[i]) + (double)eps);
+            w[i] = (float)((double)w[i] - step);
+            g[i] = 0;
+        }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+/* Eight slots a step (AVX2): the same operations, each correctly rounded
+ * (float square and sum, float product, double sqrt, sum, quotient and
+ * difference, one rounding to float), so the same bits as the scalar rule;
+ * the default build targets baseline x86-64, so this is chosen at run
+ * time. */
+__attribute__((target("avx2"))) static void he_adagrad_run_avx2(
+    float* __restrict w, float* __restrict s, float* __restrict g, int64_t n, float lr,
+    float eps)
+{
+    int64_t i = 0;
+    const __m256 vlr = _mm256_set1_ps(lr), zero = _mm256_setzero_ps();
+    const __m256d veps = _mm256_set1_pd((double)eps);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + i);
+        const __m256 live = _mm256_cmp_ps(gv, zero, _CMP_NEQ_UQ);
+        if (_mm256_testz_ps(live, live))
+            continue;                                       /* nothing to apply here */
+        const __m256 sv = _mm256_add_ps(_mm256_loadu_ps(s + i), _mm256_mul_ps(gv, gv));
+        const __m256 num = _mm256_mul_ps(vlr, gv);
+        const __m256 wv = _mm256_loadu_ps(w + i);
+        __m128 half[2];
+        for (int h = 0; h < 2; h++) {
+            const __m128 n4 = h ? _mm256_extractf128_ps(num, 1) : _mm256_castps256_ps128(num);
+            const __m128 s4 = h ? _mm256_extractf128_ps(sv, 1) : _mm256_castps256_ps128(sv);
+            const __m128 w4 = h ? _mm256_extractf128_ps(wv, 1) : _mm256_castps256_ps128(wv);
+            const __m256d den = _mm256_add_pd(_mm256_sqrt_pd(_mm256_cvtps_pd(s4)), veps);
+            const __m256d step = _mm256_div_pd(_mm256_cvtps_pd(n4), den);
+            half[h] = _mm256_cvtpd_ps(_mm256_sub_pd(_mm256_cvtps_pd(w4), step));
+        }
+        const __m256 moved = _mm256_insertf128_ps(_mm256_castps128_ps256(half[0]), half[1], 1);
+        _mm256_storeu_ps(s + i, _mm256_blendv_ps(_mm256_loadu_ps(s + i), sv, live));
+        _mm256_storeu_ps(w + i, _mm256_blendv_ps(wv, moved, live));
+        _mm256_storeu_ps(g + i, zero);
+    }
+    if (i < n)
+        he_adagrad_run_soft(w + i, s + i, g + i, n - i, lr, eps);
+}
+
+static inline void he_adagrad_run(float* __restrict w, float* __restrict s, float* __restrict g,
+                                  int64_t n, float lr, float eps)
+{
+    static int avx2 = -1;       /* a benign race: every thread stores the same */
+    if (avx2 < 0)
+        avx2 = __builtin_cpu_supports("avx2") ? 1 : 0;
+    if (n >= 8 && avx2)
+        he_adagrad_run_avx2(w, s, g, n, lr, eps);
+    else
+        he_adagrad_run_soft(w, s, g, n, lr, eps);
+}
+#else
+#define he_adagrad_run he_adagrad_run_soft
+#endif
+#endif
+
 #endif /* HASHEMB_OPTIM_H */
