@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 import hashemb as he
 import fuzzing
 from reference import bag_backward
-from test_half import round_bits, sr_reference, widen
+from storage16 import bf_model, round_bits, sr_reference, widen
 
 
 def rowwise_model(W, state, grad, lr, eps, seed=0):
@@ -22,7 +22,7 @@ def rowwise_model(W, state, grad, lr, eps, seed=0):
     in element order, the mean added to the state in its type, the
     multiplier and the steps in double. W is updated in place (float16 or
     bfloat16: each element rounded as he_half_sub does, by the models of
-    test_half / test_bfloat16)."""
+    storage16.py)."""
     D = W.shape[-1]
     g = np.asarray(grad).reshape(-1, D)
     half = W.dtype == np.float16
@@ -35,11 +35,10 @@ def rowwise_model(W, state, grad, lr, eps, seed=0):
     mult = float(R(lr)) / (np.sqrt(state.astype(np.float64)) + float(R(eps)))
     step = mult[:, None] * g64
     if bf:
-        import test_bfloat16 as tb
-        v = (tb.widen(W).reshape(-1, D) - step.astype(np.float32)).astype(np.float32)
+        v = (widen(W).reshape(-1, D) - step.astype(np.float32)).astype(np.float32)
         bits = W.reshape(-1).view(np.uint16)
         for j in (r * D + i for r in np.flatnonzero(hit) for i in range(D)):
-            bits[j] = tb.model(v.reshape(-1)[j], round_bits(seed, j) if seed else None)
+            bits[j] = bf_model(v.reshape(-1)[j], round_bits(seed, j) if seed else None)
         return
     if not half:
         W64 = W.reshape(-1, D).astype(np.float64)
