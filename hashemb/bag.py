@@ -160,9 +160,8 @@ def embedding_bag(indices, weight, offsets=None, *, scheme, table=0, mode="sum",
         1-D with ``offsets``, or 2-D ``(B, N)``: B bags of N.
     weight : ndarray of float32, float64, float16 or bfloat16
         The array M, shape ``(scheme.size,)`` or ``scheme.weight_shape``.
-        float16 and bfloat16 (``ml_dtypes.bfloat16``; NumPy arrays only:
-        CuPy has no bfloat16) are storage: read as float32, pooled in
-        float32.
+        float16 and bfloat16 (``ml_dtypes.bfloat16``; on CuPy arrays from
+        CuPy 14) are storage: read as float32, pooled in float32.
     offsets : ndarray of int32 or int64, optional
         Start of each bag (B values), or B+1 with ``include_last_offset``.
     scheme : Scheme

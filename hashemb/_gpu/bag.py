@@ -122,8 +122,9 @@ def _st(starts):
 def _storage(w):
     """The S template argument of a kernel that reads or writes the weight,
     as a suffix: none for float32 / float64 (S = R), ", unsigned short" for
-    float16 storage (its bits, read as floats)."""
-    return ", unsigned short" if w.dtype == V._HALF else ""
+    float16 storage (its bits, read as floats), ", he_bf16" for bfloat16
+    (CuPy 14 arrays of ml_dtypes' dtype)."""
+    return {None: "", 0: ", unsigned short", 1: ", he_bf16"}[V.format16(w.dtype)]
 
 
 def _i64_bits(v):
@@ -225,7 +226,7 @@ def backward(grad_output, indices, offsets, scheme, table0, T, mode, per_sample_
         w = None if weight is None else A.as_weight(be, weight, scheme,
                                                      writable=optimizer is not None,
                                                      storage=True)
-        half = w is not None and w.dtype == V._HALF
+        half = w is not None and V.is16(w.dtype)
         det = RT.OPTIONS["deterministic"] if deterministic is None else bool(deterministic)
         # only the warp kernel runs (no deterministic pairs, no apply walk,
         # which still read precomputed starts best)
@@ -249,7 +250,7 @@ def backward(grad_output, indices, offsets, scheme, table0, T, mode, per_sample_
 
 
 def _per_row(scheme, b, optimizer, half):
-    """Does a two-phase step (Adagrad; SGD of float16 storage) of a full
+    """Does a two-phase step (Adagrad; SGD of 16-bit storage) of a full
     table sum per row (_Runner.rows) rather than in a scratch the size of
     the table: where the table is large next to the batch (the CPU's
     wants_scratch rule) and not in max mode (whose winners are per
@@ -346,7 +347,7 @@ class _Runner:
         self._apply(w, scratch, state, lr, eps, 1, 0)
 
     def two_phase(self, w, optimizer, det):
-        """A float16 weight's step: the gradient summed into the optimizer's
+        """A 16-bit weight's step: the gradient summed into the optimizer's
         float32 scratch (deterministic: bitwise the CPU's), then each touched
         slot updated once and rounded (the CPU's order of work)."""
         if self.empty:
@@ -362,7 +363,7 @@ class _Runner:
         size of the table: one (row, scale, gradient row) key per entry
         (bag_row_keys), a stable sort by row, then each row summed in entry
         order and moved once (seg_rows: row-wise Adagrad, Adagrad, or SGD
-        of float16 storage). Deterministic, and bitwise the CPU's per-row
+        of 16-bit storage). Deterministic, and bitwise the CPU's per-row
         step (_rows_owned)."""
         if self.empty:
             return
@@ -390,7 +391,7 @@ class _Runner:
                         _i64_bits(optimizer._round_seed(w))])
 
     def _apply(self, w, scratch, state, lr, eps, rule, seed):
-        """The apply pass (he_apply: rule 1 Adagrad, 0 SGD; seed: float16
+        """The apply pass (he_apply: rule 1 Adagrad, 0 SGD; seed: 16-bit
         rounding) where scratch is non-zero, clearing it."""
         m, D, b = self.scheme.size, self.scheme.dim, self.b
         S = _storage(w)

@@ -115,11 +115,19 @@ __device__ __forceinline__ double he_take(double* p)
         (long long)atomicExch((unsigned long long*)p, 0ULL));
 }
 
-/* Element i of an array as the kernels compute with it: float16 storage
- * (its bits, he_u16) reads as float, exactly (half.h). */
+/* bfloat16 storage: its bits in a type of their own, so that a kernel's
+ * storage template argument S tells the two 16-bit formats apart (float16
+ * storage is he_u16 itself). */
+struct he_bf16 {
+    he_u16 b;
+};
+
+/* Element i of an array as the kernels compute with it: 16-bit storage
+ * (float16 bits he_u16, bfloat16 he_bf16) reads as float, exactly (half.h). */
 __device__ __forceinline__ float he_weight(const float* M, uint64_t i) { return M[i]; }
 __device__ __forceinline__ double he_weight(const double* M, uint64_t i) { return M[i]; }
 __device__ __forceinline__ float he_weight(const he_u16* M, uint64_t i) { return he_h2f(M[i]); }
+__device__ __forceinline__ float he_weight(const he_bf16* M, uint64_t i) { return he_b2f(M[i].b); }
 
 /*
  * The update of one slot from its summed gradient g, the CPU kernel's exact
@@ -143,15 +151,26 @@ __device__ __forceinline__ void he_apply(R* w, R* state, i64 slot, R g, R lr, R 
     }
 }
 
-__device__ __forceinline__ void he_apply(he_u16* w, float* state, i64 slot, float g, float lr,
-                                         float eps, i64 rule, i64 seed)
+/* 16-bit storage (bf: bfloat16, else float16): the step in float, rounded once */
+__device__ __forceinline__ void he_apply16(he_u16* w, float* state, i64 slot, float g, float lr,
+                                           float eps, i64 rule, i64 seed, int bf)
 {
     double step = (double)(lr * g);
     if (rule) {
         state[slot] += g * g;
         step /= sqrt((double)state[slot]) + (double)eps;
     }
-    he_half_sub(w, (he_u64)slot, (float)step, (he_u64)seed, 0);
+    he_half_sub(w, (he_u64)slot, (float)step, (he_u64)seed, bf);
+}
+__device__ __forceinline__ void he_apply(he_u16* w, float* state, i64 slot, float g, float lr,
+                                         float eps, i64 rule, i64 seed)
+{
+    he_apply16(w, state, slot, g, lr, eps, rule, seed, 0);
+}
+__device__ __forceinline__ void he_apply(he_bf16* w, float* state, i64 slot, float g, float lr,
+                                         float eps, i64 rule, i64 seed)
+{
+    he_apply16(&w->b, state, slot, g, lr, eps, rule, seed, 1);
 }
 
 /* Row-wise Adagrad's parts (optim.h) for both float types: the multiplier
@@ -174,6 +193,10 @@ __device__ __forceinline__ void he_row_move(R* w, uint64_t slot, double step, i6
 __device__ __forceinline__ void he_row_move(he_u16* w, uint64_t slot, double step, i64 seed)
 {
     he_half_sub(w, (he_u64)slot, (float)step, (he_u64)seed, 0);
+}
+__device__ __forceinline__ void he_row_move(he_bf16* w, uint64_t slot, double step, i64 seed)
+{
+    he_half_sub(&w->b, (he_u64)slot, (float)step, (he_u64)seed, 1);
 }
 /*
  * Entries j0 .. j1-1 of bag q = t*B + b, and pos0, the position of entry j0 in

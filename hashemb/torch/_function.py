@@ -54,9 +54,15 @@ def as_any_array(t, name):
         return as_array(t, name)
     import cupy
     if t.dtype == torch.bfloat16:
-        raise TypeError(f"{name}: expected a float16, float32 or float64 tensor on CUDA, got "
-                        f"torch.bfloat16 (CuPy has no bfloat16 dtype; bfloat16 storage runs "
-                        f"on the CPU)")
+        # CuPy 14 has bfloat16 (ml_dtypes' dtype): the tensor's bits, viewed
+        # as it (DLPack carries int16 on every CuPy version)
+        bits = cupy.from_dlpack(t.detach().view(torch.int16))
+        try:
+            return bits.view(bfloat16())
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"{name}: a torch.bfloat16 tensor on CUDA needs CuPy 14 or newer "
+                            f"with ml_dtypes (CuPy's bfloat16), got CuPy {cupy.__version__} "
+                            f"({e})") from None
     t = t.detach()
     if t.is_conj() or t.is_neg():
         t = t.resolve_conj().resolve_neg()

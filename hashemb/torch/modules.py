@@ -67,8 +67,8 @@ class HashEmbeddingBag(nn.Module):
         float32 and return float32; a fused optimizer rounds each updated
         slot to the array's format (stochastically by default, see
         :class:`hashemb.SGD`); without one, autograd hands the float32
-        gradient to ``weight.grad`` in the array's dtype. bfloat16 runs on
-        the CPU (CuPy has no bfloat16) and needs the ``ml_dtypes`` package.
+        gradient to ``weight.grad`` in the array's dtype. bfloat16 needs
+        the ``ml_dtypes`` package (and, on CUDA, CuPy 14 or newer).
 
     Notes
     -----
