@@ -22,9 +22,10 @@ def round_half(x, seed=0):
     return round16(x, seed).view(np.float16)
 
 
-def test_widen_is_exact_on_every_half():
-    h = np.arange(1 << 16, dtype=np.uint16)
-    got, want = widen(h.view(np.float16)), h.view(np.float16).astype(np.float32)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_widen_is_exact_on_every_value(fmt):
+    h = np.arange(1 << 16, dtype=np.uint16).view(fmt.dtype)
+    got, want = widen(h), h.astype(np.float32)
     nan = np.isnan(want)
     assert np.array_equal(np.isnan(got), nan)
     assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))

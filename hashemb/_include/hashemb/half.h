@@ -228,17 +228,19 @@ HE_HD void he_half_sub(he_u16* w, he_u64 slot, float step, he_u64 seed, int bf)
  * the default build targets baseline x86-64) eight elements convert in one
  * instruction; the arithmetic is the same multiply and add either way (no
  * FMA), so results do not depend on the machine. */
-static inline void he_h2f_run_soft(float* __restrict y, const he_u16* __restrict x, float a,
-                                   int64_t n, int how)
-{
-    int64_t i;
-    if (how == 0)
-        for (i = 0; i < n; i++) y[i] = a * he_h2f(x[i]);
-    else if (how == 1)
-        for (i = 0; i < n; i++) y[i] += a * he_h2f(x[i]);
-    else
-        for (i = 0; i < n; i++) y[i] = he_h2f(x[i]);
-}
+#define HE_S2F_RUN(QUAL, name, conv)                                                  \
+    QUAL void name(float* __restrict y, const he_u16* __restrict x, float a, int64_t n,   \
+                   int how)                                                              \
+    {                                                                                    \
+        int64_t i;                                                                       \
+        if (how == 0)                                                                    \
+            for (i = 0; i < n; i++) y[i] = a * conv(x[i]);                               \
+        else if (how == 1)                                                               \
+            for (i = 0; i < n; i++) y[i] += a * conv(x[i]);                              \
+        else                                                                             \
+            for (i = 0; i < n; i++) y[i] = conv(x[i]);                                   \
+    }
+HE_S2F_RUN(static inline, he_h2f_run_soft, he_h2f)
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -289,19 +291,10 @@ static inline int he_x86(void) { return 0; }
  * inlined: its vector loops, inlined into the gather loops, cost the
  * float32 path there registers and instructions (+7% in a forward). */
 #if defined(__GNUC__)
-__attribute__((noinline))
+HE_S2F_RUN(__attribute__((noinline)) static, he_b2f_run, he_b2f)
+#else
+HE_S2F_RUN(static, he_b2f_run, he_b2f)
 #endif
-static void he_b2f_run(float* __restrict y, const he_u16* __restrict x, float a,
-                              int64_t n, int how)
-{
-    int64_t i;
-    if (how == 0)
-        for (i = 0; i < n; i++) y[i] = a * he_b2f(x[i]);
-    else if (how == 1)
-        for (i = 0; i < n; i++) y[i] += a * he_b2f(x[i]);
-    else
-        for (i = 0; i < n; i++) y[i] = he_b2f(x[i]);
-}
 
 /* y[:n] = a * x (how 0), += a * x (1) or = x (2) for a run of 16-bit
  * storage x in the format bf (bfloat16, else float16). */
