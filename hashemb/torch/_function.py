@@ -7,7 +7,7 @@ import contextlib
 import numpy as np
 import torch
 
-from .. import bag as _bag
+from .. import _validate as V, bag as _bag
 from .._backend import array_module
 from ..optim import SGD, Adagrad, RowwiseAdagrad
 
@@ -72,7 +72,7 @@ def as_any_array(t, name):
 def as_tensor(a):
     """The result array as a tensor, without a copy (NumPy or CuPy)."""
     if isinstance(a, np.ndarray):
-        if a.dtype.kind == "V" and a.dtype.name == "bfloat16":
+        if V.format16(a.dtype) == 1:       # bfloat16: torch takes its bits
             return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(a)
     return torch.from_dlpack(a)

@@ -70,6 +70,7 @@ static inline void he_adagrad_run_soft(float* __restrict w, float* __restrict s,
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
+#include "hashemb/half.h"        /* he_x86: what the CPU can run, probed once */
 #include <immintrin.h>
 /* Eight slots a step (AVX2): the same operations, each correctly rounded
  * (float square and sum, float product, double sqrt, sum, quotient and
@@ -88,7 +89,8 @@ __attribute__((target("avx2"))) static void he_adagrad_run_avx2(
         const __m256 live = _mm256_cmp_ps(gv, zero, _CMP_NEQ_UQ);
         if (_mm256_testz_ps(live, live))
             continue;                                       /* nothing to apply here */
-        const __m256 sv = _mm256_add_ps(_mm256_loadu_ps(s + i), _mm256_mul_ps(gv, gv));
+        const __m256 s0 = _mm256_loadu_ps(s + i);
+        const __m256 sv = _mm256_add_ps(s0, _mm256_mul_ps(gv, gv));
         const __m256 num = _mm256_mul_ps(vlr, gv);
         const __m256 wv = _mm256_loadu_ps(w + i);
         __m128 half[2];
@@ -101,7 +103,7 @@ __attribute__((target("avx2"))) static void he_adagrad_run_avx2(
             half[h] = _mm256_cvtpd_ps(_mm256_sub_pd(_mm256_cvtps_pd(w4), step));
         }
         const __m256 moved = _mm256_insertf128_ps(_mm256_castps128_ps256(half[0]), half[1], 1);
-        _mm256_storeu_ps(s + i, _mm256_blendv_ps(_mm256_loadu_ps(s + i), sv, live));
+        _mm256_storeu_ps(s + i, _mm256_blendv_ps(s0, sv, live));
         _mm256_storeu_ps(w + i, _mm256_blendv_ps(wv, moved, live));
         _mm256_storeu_ps(g + i, zero);
     }
@@ -112,10 +114,7 @@ __attribute__((target("avx2"))) static void he_adagrad_run_avx2(
 static inline void he_adagrad_run(float* __restrict w, float* __restrict s, float* __restrict g,
                                   int64_t n, float lr, float eps)
 {
-    static int avx2 = -1;       /* a benign race: every thread stores the same */
-    if (avx2 < 0)
-        avx2 = __builtin_cpu_supports("avx2") ? 1 : 0;
-    if (n >= 8 && avx2)
+    if (n >= 8 && (he_x86() & 2))      /* AVX2 (with F16C, as every AVX2 CPU has) */
         he_adagrad_run_avx2(w, s, g, n, lr, eps);
     else
         he_adagrad_run_soft(w, s, g, n, lr, eps);
