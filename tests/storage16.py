@@ -1,7 +1,8 @@
 """16-bit storage in the tests: the kernels' conversions (through _bag),
 exact-rational models of both formats' rounding (independent of half.h's
-bit arithmetic), the fused step's model, and FORMATS, the two formats as
-the tests shared by float16 and bfloat16 (test_half.py) take them."""
+bit arithmetic), the fused steps' models (SGD / Adagrad, and row-wise
+Adagrad for any weight dtype), and FORMATS, the two formats as the tests
+shared by float16 and bfloat16 (test_half.py) take them."""
 from fractions import Fraction
 
 import numpy as np
@@ -175,3 +176,36 @@ def expected_update(opt, W32, grad, state, seed, fmt):
         for j in np.flatnonzero(touched):
             out[j] = fmt.stochastic(v[j], round_bits(seed, j))
     return out
+
+
+def rowwise_model(W, state, grad, lr, eps, seed=0):
+    """The row-wise Adagrad step of hashemb/optim.h from the summed gradient
+    ``grad`` (W's shape, or flat), rows with a non-zero gradient only: the
+    squares summed in double in element order, the mean added to the state
+    in its type (float32 for 16-bit storage), the multiplier and the steps
+    in double; the elements with a non-zero gradient move. W is updated in
+    place; a 16-bit W has each moved element rounded once by its format's
+    model (to nearest for seed 0, else with the bits of (seed, slot))."""
+    D = W.shape[-1]
+    g64 = np.asarray(grad).reshape(-1, D).astype(np.float64)
+    fmt = next((f for f in (F16, BF16) if f.dtype is not None and f.dtype == W.dtype), None)
+    R = np.float32 if fmt else W.dtype.type
+    ss = np.add.accumulate(g64 * g64, axis=1)[:, -1]      # sequential, as the kernels
+    hit = ss != 0
+    state[hit] = state[hit] + (ss[hit] / D).astype(R)
+    mult = float(R(lr)) / (np.sqrt(state.astype(np.float64)) + float(R(eps)))
+    step = mult[:, None] * g64
+    moved = g64.reshape(-1) != 0
+    if fmt is None:
+        flat = W.reshape(-1)
+        flat[moved] = (flat.astype(np.float64) - step.reshape(-1))[moved].astype(R)
+        return
+    with np.errstate(over="ignore"):        # past the largest float: inf, as intended
+        v = (widen(W) - step.astype(np.float32).reshape(-1)).astype(np.float32)
+    bits = W.reshape(-1).view(np.uint16)
+    j = np.flatnonzero(moved)
+    if seed == 0:
+        bits[j] = fmt.nearest(v[j])
+    else:
+        for k in j:
+            bits[k] = fmt.stochastic(v[k], round_bits(seed, k))

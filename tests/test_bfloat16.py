@@ -1,10 +1,10 @@
 """bfloat16 storage (ml_dtypes' dtype), its own parts: the roundings of
 hashemb/half.h against an exact-rational model of bfloat16 (nearest-even
 and stochastic rounding, storage16.py), ml_dtypes and torch; ties through
-the vector and the scalar apply; row-wise Adagrad; errors. The tests both
-16-bit formats share (the bag functions against the widened array, the
-fused steps against the model, threads, torch modules) are test_half.py's,
-run for each format."""
+the vector and the scalar apply; errors. The tests both 16-bit formats
+share (the bag functions against the widened array, the fused steps and
+row-wise Adagrad against the models, threads, torch modules) are
+test_half.py's, run for each format."""
 import sys
 
 import numpy as np
@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 import hashemb as he
 from reference import M64
-from storage16 import BF_MAX_BITS, bf_model as model, bf_value as value, round16, round_bits, widen
+from storage16 import BF_MAX_BITS, bf_model as model, bf_value as value, round16, round_bits
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 BF = np.dtype(ml_dtypes.bfloat16)
@@ -93,27 +93,6 @@ def test_apply_rounds_ties_to_even(D):
         v = (np.float32(sign) - np.float32(sign) * g.reshape(-1)).astype(np.float32)
         assert np.array_equal(W.reshape(-1).view(np.uint16), v.astype(BF).view(np.uint16))
         assert all(W.reshape(-1).view(np.uint16)[j] == model(v[j]) for j in range(0, v.size, 7))
-
-
-def test_rowwise_adagrad_rounds_each_element_once():
-    from test_rowwise import rowwise_model
-    full = he.FullTable([5000, 3000], 16)
-    rng = np.random.default_rng(4)
-    x = rng.integers(0, 3000, (400, 2))
-    x[::5] = x[1]
-    H = full.init_weight(seed=1, dtype=BF)
-    g = rng.standard_normal((400, 32)).astype(np.float32)
-    for sr in (True, False):
-        opt, twin = (he.RowwiseAdagrad(0.05, stochastic_rounding=sr, seed=9) for _ in range(2))
-        Hw, Wm = H.copy(), H.copy()
-        state = np.zeros(full.size // 16, np.float32)
-        for _ in range(2):
-            grad = he.embedding_bags_backward(g, x, scheme=full, num_tables=2,
-                                              weight=widen(Wm).reshape(H.shape))
-            rowwise_model(Wm, state, grad, twin.lr, twin.eps, twin._round_seed(Wm))
-            he.embedding_bags_backward(g, x, scheme=full, num_tables=2, weight=Hw, optimizer=opt)
-            assert np.array_equal(Hw.view(np.uint16), Wm.view(np.uint16))
-        np.testing.assert_array_equal(opt.state_for(Hw, full.size // 16), state)
 
 
 def test_errors(monkeypatch):

@@ -36,7 +36,7 @@ from hashemb._gpu import bag as GB, embed as GE, slots as GS
 import fuzzing
 import gpu_emu
 from test_bag import batches, make_scheme
-from test_rowwise import full_batches
+from test_rowwise import DTYPES, full_batches, zero_sum_case
 from storage16 import BF, FORMATS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -606,6 +606,23 @@ def test_rowwise_adagrad_equals_cpu(dev, b, gseed, dtype, det, sr):
     np.testing.assert_allclose(dev.get(od.state_for(Wd, rows)), o.state_for(W, rows),
                                rtol=1e-4 if cdt == np.float32 else 1e-10)
     assert not dev.get(od.scratch_for(Wd)).any()        # left zeroed for the next call
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_rowwise_zero_sum_moves_nothing_on_the_emulator(dtype):
+    """seg_rows moves only elements with a non-zero sum, as the CPU: a -0.0
+    weight under a -0.0 sum stays -0.0 (bitwise the CPU's step)."""
+    be = gpu_emu.emu_backend()
+    full, W, x, g = zero_sum_case(dtype)
+    cdt = np.float64 if dtype == np.float64 else np.float32
+    G, Wd = g.astype(cdt), W.copy()
+    flat, off = x.reshape(-1), np.arange(3)
+    he.embedding_bags_backward(G, x, scheme=full, num_tables=1, weight=W,
+                               optimizer=he.RowwiseAdagrad(0.1))
+    GB.backward(G, flat, off, full, 0, 1, "sum", None, True, None, Wd,
+                he.RowwiseAdagrad(0.1), False, be=be)
+    np.testing.assert_array_equal(Wd.view(np.uint8), W.view(np.uint8))
+    assert np.signbit(W.astype(np.float32)[3, 0])
 
 
 def test_full_table_steps_sum_per_row_without_a_scratch():

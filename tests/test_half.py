@@ -14,7 +14,8 @@ from hypothesis import given, settings, strategies as st
 import hashemb as he
 import fuzzing
 from reference import M64
-from storage16 import FORMATS, expected_update, round16, round_bits, sr_reference, widen
+from storage16 import (FORMATS, expected_update, round16, round_bits, rowwise_model,
+                       sr_reference, widen)
 from test_bag import batches
 
 
@@ -267,36 +268,89 @@ def test_torch_module(fmt):
 
 # per format: uniform weights near 0 (its subnormals), weights near its
 # largest values, steps; and the bound below which a value is subnormal
-EDGES = {"float16": (2e-5, [65000.0, -65000.0, 60000.0, 1e-7, 0.0],
-                     [0.0, 1e-3, -3e-5, 50.0, -5e4, 1e-9], 2.0**-14),
-         "bfloat16": (2e-39, [3.38e38, -3.38e38, 3e38, 1e-40, 0.0],
-                      [0.0, 1e-3, -3e-41, 5e36, -5e37, 1e-39], 2.0**-126)}
+# per format: weights around its subnormals (tiny) and largest values (big),
+# SGD's steps, its smallest normal, and Adagrad's large lr (steps of about
+# lr, with eps 1: past the largest value from the big weights)
+EDGES = {"float16": (2e-5, [65000.0, -65000.0, 60000.0, 1e-7, 0.0, -0.0],
+                     [0.0, 1e-3, -3e-5, 50.0, -5e4, 1e-9], 2.0**-14, 3000.0),
+         "bfloat16": (2e-39, [3.38e38, -3.38e38, 3e38, 1e-40, 0.0, -0.0],
+                      [0.0, 1e-3, -3e-41, 5e36, -5e37, 1e-39], 2.0**-126, 3e37)}
+# Adagrad's gradients: |lr g| stays a float; -3e-41 (a float32 subnormal)
+# and 1e-9 give subnormal steps at lr 0.5; a zero sum, of either sign,
+# moves nothing (w - (-0.0) would turn a -0.0 weight into +0.0)
+ADAGRAD_GRADS = [0.0, -0.0, 1e-3, -3e-5, 0.5, -0.9, 1e-9, -3e-41]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("sr", [True, False])
-def test_update_at_the_edges_matches_the_model(fmt, sr):
+@pytest.mark.parametrize("opt", ["sgd", "adagrad", "rowwise"])
+def test_update_at_the_edges_matches_the_model(fmt, sr, opt):
     # weights and steps around the format's subnormals, its largest values
     # and overflow, mixed with ordinary ones in the same eight-slot groups
     # (float16's vector apply sends such groups to the scalar code): bitwise
     # the model, and the edges reached
-    tiny, big, steps, normal = EDGES[fmt.name]
+    tiny, big, steps, normal, big_lr = EDGES[fmt.name]
     full = he.FullTable([64], 8)
     rng = np.random.default_rng(5)
     W = np.concatenate([rng.uniform(-1, 1, 256), rng.uniform(-tiny, tiny, 128),
                         rng.choice(big, 128)])
     W = rng.permutation(W).astype(np.float32).astype(fmt.dtype).reshape(64, 8)
     x = np.arange(64).reshape(64, 1)
-    g = rng.choice(steps, (64, 8)).astype(np.float32)
-    opt, twin = (he.SGD(0.5, stochastic_rounding=sr, seed=11) for _ in range(2))
-    for _ in range(3):
-        W32 = widen(W).reshape(W.shape)
-        grad = he.embedding_bags_backward(g, x, scheme=full, num_tables=1, weight=W32)
-        want = expected_update(twin, W32, grad, None, twin._round_seed(W), fmt)
-        he.embedding_bags_backward(g, x, scheme=full, num_tables=1, weight=W, optimizer=opt)
-        assert np.array_equal(W.reshape(-1).view(np.uint16), want)
+    g = rng.choice(steps if opt == "sgd" else ADAGRAD_GRADS, (64, 8)).astype(np.float32)
+    for lr in [0.5] if opt == "sgd" else [0.5, big_lr]:
+        make = {"sgd": lambda: he.SGD(lr, stochastic_rounding=sr, seed=11),
+                "adagrad": lambda: he.Adagrad(lr, eps=1.0, stochastic_rounding=sr, seed=11),
+                "rowwise": lambda: he.RowwiseAdagrad(lr, eps=1.0, stochastic_rounding=sr,
+                                                     seed=11)}[opt]
+        o, twin = make(), make()
+        state = np.zeros(64 if opt == "rowwise" else W.size, np.float32)
+        for _ in range(3):      # the state carries over
+            W32 = widen(W).reshape(W.shape)
+            grad = he.embedding_bags_backward(g, x, scheme=full, num_tables=1, weight=W32)
+            seed = twin._round_seed(W)
+            if opt == "rowwise":
+                want = W.copy()
+                rowwise_model(want, state, grad, lr, 1.0, seed)
+                want = want.reshape(-1).view(np.uint16)
+            else:
+                want = expected_update(twin, W32, grad, state if opt == "adagrad" else None,
+                                       seed, fmt)
+            he.embedding_bags_backward(g, x, scheme=full, num_tables=1, weight=W, optimizer=o)
+            assert np.array_equal(W.reshape(-1).view(np.uint16), want)
     W32 = widen(W)
     assert np.isinf(W32).any() and (np.abs(W32[np.isfinite(W32)]) < normal).any()
+    # a -0.0 weight stays -0.0 under a -0.0 gradient (the fused step's sum
+    # keeps the sign, the model's gradient, summed into zeros, does not)
+    if opt != "sgd":
+        neg = (W.reshape(-1).view(np.uint16) == 0x8000) & (g.reshape(-1) == 0) & np.signbit(
+            g.reshape(-1))
+        assert neg.any()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("D", [8, 13, 16])
+@pytest.mark.parametrize("sr", [True, False])
+def test_rowwise_adagrad_rounds_each_element_once(fmt, D, sr):
+    # every element of a moved row, rounded once: eight a step where the
+    # machine can, the rest (D 13) one at a time; hot rows summed first
+    full = he.FullTable([3000, 700], D)
+    rng = np.random.default_rng(4)
+    x = rng.integers(0, 700, (150, 2))
+    x[::5] = x[1]
+    H = full.init_weight(seed=1, dtype=fmt.dtype)
+    opt, twin = (he.RowwiseAdagrad(0.05, eps=1e-4, stochastic_rounding=sr, seed=9)
+                 for _ in range(2))
+    want, state = H.copy(), np.zeros(full.size // D, np.float32)
+    for _ in range(2):          # the state and the rounding stream carry over
+        g = rng.standard_normal((150, 2 * D)).astype(np.float32)
+        grad = he.embedding_bags_backward(g, x, scheme=full, num_tables=2,
+                                          weight=widen(want).reshape(H.shape))
+        rowwise_model(want, state, grad, twin.lr, twin.eps, twin._round_seed(want))
+        he.embedding_bags_backward(g, x, scheme=full, num_tables=2, weight=H, optimizer=opt)
+        assert np.array_equal(H.view(np.uint16), want.view(np.uint16))
+    np.testing.assert_array_equal(opt.state_for(H, full.size // D), state)
+    assert opt.state_for(H, full.size // D).dtype == np.float32
+    assert not opt._scratch
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

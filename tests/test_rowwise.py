@@ -13,47 +13,7 @@ from hypothesis import given, settings, strategies as st
 import hashemb as he
 import fuzzing
 from reference import bag_backward
-from storage16 import bf_model, round_bits, sr_reference, widen
-
-
-def rowwise_model(W, state, grad, lr, eps, seed=0):
-    """The step of optim.h from the summed gradient ``grad`` (W's shape, or
-    flat): rows with a non-zero gradient only; the squares summed in double
-    in element order, the mean added to the state in its type, the
-    multiplier and the steps in double. W is updated in place (float16 or
-    bfloat16: each element rounded as he_half_sub does, by the models of
-    storage16.py)."""
-    D = W.shape[-1]
-    g = np.asarray(grad).reshape(-1, D)
-    half = W.dtype == np.float16
-    bf = W.dtype.name == "bfloat16"
-    R = np.float32 if half or bf else W.dtype.type
-    g64 = g.astype(np.float64)
-    ss = np.add.accumulate(g64 * g64, axis=1)[:, -1]      # sequential, as the kernels
-    hit = ss != 0
-    state[hit] = state[hit] + (ss[hit] / D).astype(R)
-    mult = float(R(lr)) / (np.sqrt(state.astype(np.float64)) + float(R(eps)))
-    step = mult[:, None] * g64
-    if bf:
-        v = (widen(W).reshape(-1, D) - step.astype(np.float32)).astype(np.float32)
-        bits = W.reshape(-1).view(np.uint16)
-        for j in (r * D + i for r in np.flatnonzero(hit) for i in range(D)):
-            bits[j] = bf_model(v.reshape(-1)[j], round_bits(seed, j) if seed else None)
-        return
-    if not half:
-        W64 = W.reshape(-1, D).astype(np.float64)
-        W.reshape(-1, D)[hit] = (W64 - step)[hit].astype(R)
-        return
-    v = (widen(W).reshape(-1, D) - step.astype(np.float32)).astype(np.float32)
-    flat = W.reshape(-1)
-    for r in np.flatnonzero(hit):
-        for i in range(D):
-            j = r * D + i
-            if seed == 0:
-                with np.errstate(over="ignore"):
-                    flat[j] = np.float16(v[r, i])
-            else:
-                flat[j] = sr_reference(v[r, i], round_bits(seed, j))
+from storage16 import BF, rowwise_model
 
 
 @st.composite
@@ -124,25 +84,36 @@ def test_step_against_the_float64_reference(b, gseed):
     np.testing.assert_allclose(W, want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("sr", [True, False])
-def test_float16_rounds_each_element_once(sr):
-    full = he.FullTable([300, 70], 8)
-    rng = np.random.default_rng(4)
-    x = rng.integers(0, 70, (64, 2))
-    x[::5] = x[0]
-    H = full.init_weight(seed=2, dtype=np.float16)
-    opt = he.RowwiseAdagrad(0.2, eps=1e-4, stochastic_rounding=sr, seed=9)
-    twin = he.RowwiseAdagrad(0.2, eps=1e-4, stochastic_rounding=sr, seed=9)
-    want, state = H.copy(), np.zeros(full.size // 8, np.float32)
-    for _ in range(2):
-        g = rng.standard_normal((64, 16)).astype(np.float32)
-        grad = he.embedding_bags_backward(g, x, scheme=full, num_tables=2,
-                                          weight=widen(want).reshape(H.shape))
-        rowwise_model(want, state, grad, twin.lr, twin.eps, twin._round_seed(H))
-        he.embedding_bags_backward(g, x, scheme=full, num_tables=2, weight=H, optimizer=opt)
-        assert np.array_equal(H.view(np.uint16), want.view(np.uint16))
-    assert opt.state_for(H, full.size // 8).dtype == np.float32
-    assert not opt._scratch
+def zero_sum_case(dtype):
+    """A full table of -0.0 weights and two rows whose gradient sums are
+    -0.0 in some elements (one entry each: a per-row sum starts from it)
+    and non-zero in the others; D 13: eight elements a step and a tail."""
+    full = he.FullTable([1000], 13)
+    W = np.full((1000, 13), -0.0, np.float32).astype(dtype)
+    x = np.array([[3], [7]])
+    g = np.tile(np.resize([-0.0, 1, -0.0, 2, 0.0, -0.0, 3, -0.0, 4, -0.0], 13), (2, 1))
+    return full, W, x, g
+
+
+DTYPES = [np.float32, np.float64, np.float16] + ([BF] if BF is not None else [])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_a_zero_sum_moves_nothing_whatever_its_sign(dtype):
+    # w - (-0.0) would turn a -0.0 weight into +0.0, and the sign of a zero
+    # sum depends on how it was summed (this one -0.0; a dense gradient
+    # summed into zeros gives +0.0): only non-zero sums move an element
+    full, W, x, g = zero_sum_case(dtype)
+    cdt = np.float64 if dtype == np.float64 else np.float32
+    he.embedding_bags_backward(g.astype(cdt), x, scheme=full, num_tables=1, weight=W,
+                               optimizer=he.RowwiseAdagrad(0.1))
+    bits = W.view(np.uint64 if dtype == np.float64 else
+                  np.uint16 if W.itemsize == 2 else np.uint32)
+    sign = bits[0, 0]                       # -0.0's bits
+    moved = g[0] != 0
+    assert (bits[[3, 7]][:, ~moved] == sign).all()
+    assert (bits[[3, 7]][:, moved] != sign).all()
+    assert (bits[np.setdiff1d(np.arange(1000), [3, 7])] == sign).all()
 
 
 def test_same_bits_on_any_thread_count():

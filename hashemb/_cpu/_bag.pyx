@@ -129,6 +129,10 @@ cdef extern from "hashemb/optim.h" nogil:
     double he_row_mult_f(float* G, double ss, int64_t D, float lr, float eps) noexcept
     double he_row_mult_d(double* G, double ss, int64_t D, double lr, double eps) noexcept
     void he_adagrad_run(float* w, float* s, float* g, int64_t n, float lr, float eps) noexcept
+    void he_half_adagrad_run(uint16_t* w, float* s, float* g, int64_t n, uint64_t slot0,
+                             float lr, float eps, uint64_t seed, int bf) noexcept
+    void he_half_rowwise_run(uint16_t* w, const float* g, int64_t n, uint64_t slot0,
+                             double mult, uint64_t seed, int bf) noexcept
 
 
 cdef extern from "hashemb/stream.h" nogil:
@@ -534,18 +538,21 @@ cdef inline void _apply_range(real* w, uint16_t* hw, int bf, real* g, real* stat
                               int64_t hi, real lr, real eps, uint64_t seed) noexcept nogil:
     """_adagrad at every slot of [lo, hi), whose summed gradients are
     g[0 .. hi - lo) (an apply sweep's scratch, a contiguous run of an apply
-    walk, or a row's compact sums); 16-bit SGD and float32 Adagrad run
-    eight slots a step where the machine can (he_half_sgd_run,
-    he_adagrad_run: the same bits)."""
+    walk, or a row's compact sums); float32 runs eight slots a step where
+    the machine can (he_half_sgd_run, he_half_adagrad_run, he_adagrad_run:
+    the same bits as _rule)."""
     cdef int64_t slot
     if real is float:
-        if hw != NULL and state == NULL:
-            if hi > lo:
-                he_half_sgd_run(hw + lo, g, hi - lo, lo, lr, seed, bf)
+        if hi <= lo:
             return
-        if hw == NULL and state != NULL:
-            if hi > lo:
-                he_adagrad_run(w + lo, state + lo, g, hi - lo, lr, eps)
+        if hw != NULL:
+            if state == NULL:
+                he_half_sgd_run(hw + lo, g, hi - lo, lo, lr, seed, bf)
+            else:
+                he_half_adagrad_run(hw + lo, state + lo, g, hi - lo, lo, lr, eps, seed, bf)
+            return
+        if state != NULL:
+            he_adagrad_run(w + lo, state + lo, g, hi - lo, lr, eps)
             return
     for slot in range(lo, hi):
         if g[slot - lo] != 0:
@@ -921,8 +928,8 @@ cdef inline void _rowwise(real* w, uint16_t* hw, int bf, const real* g, real* st
                           int64_t D, real lr, real eps, uint64_t seed) noexcept nogil:
     """Row-wise Adagrad (optim.h) of the row at slots st .. st + D - 1 from
     its summed gradient g: its accumulator state[st / D] grows by the mean
-    square, then every element moves by lr g_i / (sqrt(G) + eps), formed in
-    double (a float16 weight rounds once, he_half_sub). An all-zero
+    square, then every element with g_i != 0 moves by
+    lr g_i / (sqrt(G) + eps), formed in double (a 16-bit weight rounds once, he_half_rowwise_run). An all-zero
     gradient changes nothing (G += 0, steps of 0), so it is skipped."""
     cdef double ss, mult
     cdef int64_t i
@@ -934,13 +941,13 @@ cdef inline void _rowwise(real* w, uint16_t* hw, int bf, const real* g, real* st
         return
     if real is float:
         mult = he_row_mult_f(state + st // <uint64_t>D, ss, D, lr, eps)
+        if hw != NULL:              # eight elements a step where the machine can
+            he_half_rowwise_run(hw + st, g, D, st, mult, seed, bf)
+            return
     else:
         mult = he_row_mult_d(state + st // <uint64_t>D, ss, D, lr, eps)
-    if hw != NULL:
-        for i in range(D):
-            he_half_sub(hw, st + i, <float>(mult * g[i]), seed, bf)
-    else:
-        for i in range(D):
+    for i in range(D):
+        if g[i] != 0:               # a zero sum moves nothing, whatever its sign
             w[st + i] = <real>(w[st + i] - mult * g[i])
 
 

@@ -89,10 +89,10 @@ __global__ void adagrad_sweep(S* __restrict__ w, R* __restrict__ scratch, R* __r
  * key (HE_NO_SLOT last): the thread at the first position of each row sums
  * each element's contributions vals[e] * grad[grow[e] + i] in entry order,
  * from the first (the CPU's _rows_owned: the same sums, the same bits), and
- * moves the row once: rule 2 row-wise Adagrad (he_row_mult: the state is
- * one value per row; the sums are formed twice, the same both times, to
- * keep no row in registers), else he_apply per element with a non-zero sum
- * (rule 1 Adagrad, 0 SGD; seed: float16 rounding). No scratch the size of
+ * moves the row once, each element with a non-zero sum: rule 2 row-wise
+ * Adagrad (he_row_mult: the state is one value per row; the sums are
+ * formed twice, the same both times, to keep no row in registers), else
+ * he_apply (rule 1 Adagrad, 0 SGD; seed: 16-bit rounding). No scratch the size of
  * the table, and deterministic whatever the thread order.
  */
 template <typename R, typename S = R>
@@ -118,10 +118,12 @@ __global__ void seg_rows(const int64_t* __restrict__ keys, const R* __restrict__
                 acc += vals[e] * grad[grow[e] + i];
             if (pass == 0)
                 ss += (double)acc * (double)acc;
-            else if (rule == 2)
-                he_row_move(w, st + (uint64_t)i, mult * (double)acc, seed);
-            else if (acc != (R)0)
-                he_apply(w, state, (i64)(st + (uint64_t)i), acc, lr, eps, rule, seed);
+            else if (acc != (R)0) {
+                if (rule == 2)
+                    he_row_move(w, st + (uint64_t)i, mult * (double)acc, seed);
+                else
+                    he_apply(w, state, (i64)(st + (uint64_t)i), acc, lr, eps, rule, seed);
+            }
         }
         if (pass == 0) {
             if (ss == 0)

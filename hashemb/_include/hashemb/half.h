@@ -342,91 +342,116 @@ __attribute__((target("avx2"))) static inline __m256i he_f2b_v(__m256i bits, con
                                                  _mm256_set1_epi32(0x40)), nan);
 }
 
-/* The same apply, eight slots a step (AVX2; F16C for float16): the same
- * float arithmetic, the same random bits and the same rounding as
- * he_half_sgd_run_soft (float16 lanes outside its normal range take the
- * scalar code), so the same bits as one slot at a time. */
+/* The random bits of slots s .. s + 7 in the call of seed (he_round_bits,
+ * eight lanes). */
+__attribute__((target("avx2"), always_inline)) static inline __m256i he_round_bits_v(
+    uint64_t s, uint64_t seed)
+{
+    const __m256i m1 = _mm256_set1_epi32(0x7feb352d), m2 = _mm256_set1_epi32((int)0x846ca68bu);
+    const __m256i flip = _mm256_set1_epi32(INT32_MIN);
+    const __m256i base = _mm256_set1_epi32((int)(he_u32)s);
+    const __m256i lo = _mm256_add_epi32(base, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    /* the high half of each lane's slot: +1 where the low half wrapped */
+    const __m256i hi = _mm256_sub_epi32(
+        _mm256_set1_epi32((int)(he_u32)(s >> 32)),
+        _mm256_cmpgt_epi32(_mm256_xor_si256(base, flip), _mm256_xor_si256(lo, flip)));
+    __m256i x = _mm256_xor_si256(lo, _mm256_set1_epi32((int)(he_u32)seed));
+#define HE_MIX32_V(x)                                                     \
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));                     \
+    x = _mm256_mullo_epi32(x, m1);                                         \
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));                     \
+    x = _mm256_mullo_epi32(x, m2);                                         \
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+    HE_MIX32_V(x)
+    x = _mm256_xor_si256(_mm256_xor_si256(x, hi), _mm256_set1_epi32((int)(he_u32)(seed >> 32)));
+    HE_MIX32_V(x)
+#undef HE_MIX32_V
+    return x;
+}
+
+/* Eight 16-bit weights wh (format bf) as floats, exact. */
+__attribute__((target("avx2,f16c"), always_inline)) static inline __m256 he_s2f_v(__m128i wh,
+                                                                                   const int bf)
+{
+    return bf ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(wh), 16))
+              : _mm256_cvtph_ps(wh);
+}
+
+/* w[0 .. 8) = v rounded to the format bf in the lanes of live (the others
+ * keep wh, w's bits as loaded): to nearest for seed 0, else stochastically
+ * with the random bits of slots s .. s + 7; the same bits as he_f2h /
+ * he_f2h_sr / he_f2b / he_f2b_sr lane by lane (float16 lanes outside its
+ * normal range, stochastically, take that scalar code). */
+__attribute__((target("avx2,f16c"), always_inline)) static inline void he_half_put_v(
+    he_u16* __restrict w, __m128i wh, __m256 v, __m256 live, uint64_t s, uint64_t seed,
+    const int bf)
+{
+    const __m256i bits = _mm256_castps_si256(v);
+    __m128i out;
+    if (seed == 0 && !bf) {
+        out = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    } else {
+        __m256i q;
+        if (seed == 0) {
+            q = he_f2b_v(bits, NULL);
+        } else {
+            __m256i x = he_round_bits_v(s, seed);
+            if (bf) {
+                q = he_f2b_v(bits, &x);
+            } else {
+                /* he_f2h_sr's normal-range case: 13 dropped bits against the
+                   top 13 random bits */
+                const __m256i ax = _mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff));
+                const __m256i r = _mm256_sub_epi32(ax, _mm256_set1_epi32(0x38000000));
+                const __m256i small = _mm256_cmpgt_epi32(_mm256_set1_epi32(0x38800000), ax);
+                const __m256i big = _mm256_cmpgt_epi32(ax, _mm256_set1_epi32(0x477fffff));
+                if (!_mm256_testz_si256(_mm256_or_si256(small, big),
+                                        _mm256_castps_si256(live))) {
+                    float vs[8];
+                    const int m = _mm256_movemask_ps(live);
+                    _mm256_storeu_ps(vs, v);
+                    for (int l = 0; l < 8; l++)
+                        if (m >> l & 1)
+                            w[l] = he_f2h_sr(vs[l], he_round_bits(seed, s + (uint64_t)l));
+                    return;
+                }
+                q = _mm256_srli_epi32(r, 13);
+                const __m256i up = _mm256_cmpgt_epi32(
+                    _mm256_and_si256(r, _mm256_set1_epi32(0x1fff)), _mm256_srli_epi32(x, 19));
+                q = _mm256_sub_epi32(q, up);                        /* + 1 where up */
+                q = _mm256_or_si256(q, _mm256_and_si256(_mm256_srli_epi32(bits, 16),
+                                                        _mm256_set1_epi32(0x8000)));
+            }
+        }
+        /* 32 -> 16 bits per lane, in order (then the two 64-bit halves joined) */
+        const __m256i pack = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1,
+                                              -1, -1, 0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1,
+                                              -1, -1, -1, -1);
+        q = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(q, pack), 0x08);
+        out = _mm256_castsi256_si128(q);
+    }
+    const __m128i keep = _mm_packs_epi32(_mm256_castsi256_si128(_mm256_castps_si256(live)),
+                                         _mm256_extracti128_si256(_mm256_castps_si256(live), 1));
+    _mm_storeu_si128((__m128i*)w, _mm_blendv_epi8(wh, out, keep));
+}
+
+/* The 16-bit SGD apply, eight slots a step (AVX2; F16C for float16): the
+ * same float arithmetic, random bits and rounding as
+ * he_half_sgd_run_soft, so the same bits as one slot at a time. */
 __attribute__((target("avx2,f16c"), always_inline)) static inline void he_half_sgd_run_v(
     he_u16* __restrict w, float* __restrict g, int64_t n, uint64_t slot0, float lr,
     uint64_t seed, const int bf)
 {
     int64_t i = 0;
     const __m256 vlr = _mm256_set1_ps(lr), zero = _mm256_setzero_ps();
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256i s_lo = _mm256_set1_epi32((int)(he_u32)seed);
-    const __m256i s_hi = _mm256_set1_epi32((int)(he_u32)(seed >> 32));
-    const __m256i m1 = _mm256_set1_epi32(0x7feb352d), m2 = _mm256_set1_epi32((int)0x846ca68bu);
-    /* 32 -> 16 bits per lane, in order (then the two 64-bit halves joined) */
-    const __m256i pack = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1,
-                                          -1, 0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1,
-                                          -1, -1);
     for (; i + 8 <= n; i += 8) {
         const __m256 gv = _mm256_loadu_ps(g + i);
         const __m256 live = _mm256_cmp_ps(gv, zero, _CMP_NEQ_UQ);
         if (_mm256_testz_ps(live, live))
             continue;                                       /* nothing to apply here */
         const __m128i wh = _mm_loadu_si128((const __m128i*)(w + i));
-        const __m256 wf = bf ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(wh), 16))
-                             : _mm256_cvtph_ps(wh);
-        const __m256 v = _mm256_sub_ps(wf, _mm256_mul_ps(vlr, gv));
-        const __m256i bits = _mm256_castps_si256(v);
-        __m128i out;
-        if (seed == 0 && !bf) {
-            out = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        } else {
-            __m256i q;
-            if (seed == 0) {
-                q = he_f2b_v(bits, NULL);
-            } else {
-                const uint64_t s = slot0 + (uint64_t)i;
-                __m256i lo = _mm256_add_epi32(_mm256_set1_epi32((int)(he_u32)s), lane);
-                /* the high half of each lane's slot: +1 where the low half wrapped */
-                __m256i hi = _mm256_set1_epi32((int)(he_u32)(s >> 32));
-                hi = _mm256_sub_epi32(hi, _mm256_cmpgt_epi32(
-                    _mm256_xor_si256(_mm256_set1_epi32((int)(he_u32)s), _mm256_set1_epi32(INT32_MIN)),
-                    _mm256_xor_si256(lo, _mm256_set1_epi32(INT32_MIN))));
-                __m256i x = _mm256_xor_si256(lo, s_lo);
-#define HE_MIX32_V(x)                                                     \
-                x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));         \
-                x = _mm256_mullo_epi32(x, m1);                             \
-                x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));         \
-                x = _mm256_mullo_epi32(x, m2);                             \
-                x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
-                HE_MIX32_V(x)
-                x = _mm256_xor_si256(_mm256_xor_si256(x, hi), s_hi);
-                HE_MIX32_V(x)
-#undef HE_MIX32_V
-                if (bf) {
-                    q = he_f2b_v(bits, &x);
-                } else {
-                    /* he_f2h_sr's normal-range case: 13 dropped bits against the
-                       top 13 random bits; any lane outside [2^-14, 65536) goes
-                       scalar */
-                    const __m256i ax = _mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff));
-                    const __m256i r = _mm256_sub_epi32(ax, _mm256_set1_epi32(0x38000000));
-                    const __m256i small = _mm256_cmpgt_epi32(_mm256_set1_epi32(0x38800000), ax);
-                    const __m256i big = _mm256_cmpgt_epi32(ax, _mm256_set1_epi32(0x477fffff));
-                    if (!_mm256_testz_si256(_mm256_or_si256(small, big),
-                                            _mm256_castps_si256(live))) {
-                        he_half_sgd_run_soft(w + i, g + i, 8, slot0 + (uint64_t)i, lr, seed, 0);
-                        continue;
-                    }
-                    q = _mm256_srli_epi32(r, 13);
-                    const __m256i up = _mm256_cmpgt_epi32(
-                        _mm256_and_si256(r, _mm256_set1_epi32(0x1fff)), _mm256_srli_epi32(x, 19));
-                    q = _mm256_sub_epi32(q, up);                        /* + 1 where up */
-                    q = _mm256_or_si256(q, _mm256_and_si256(_mm256_srli_epi32(bits, 16),
-                                                            _mm256_set1_epi32(0x8000)));
-                }
-            }
-            q = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(q, pack), 0x08);
-            out = _mm256_castsi256_si128(q);
-        }
-        /* keep the lanes whose gradient is 0 */
-        const __m128i keep = _mm_packs_epi32(_mm256_castsi256_si128(_mm256_castps_si256(live)),
-                                             _mm256_extracti128_si256(_mm256_castps_si256(live), 1));
-        out = _mm_blendv_epi8(wh, out, keep);
-        _mm_storeu_si128((__m128i*)(w + i), out);
+        const __m256 v = _mm256_sub_ps(he_s2f_v(wh, bf), _mm256_mul_ps(vlr, gv));
+        he_half_put_v(w + i, wh, v, live, slot0 + (uint64_t)i, seed, bf);
         _mm256_storeu_ps(g + i, zero);
     }
     if (i < n)

@@ -6,7 +6,11 @@
  * For a row r of D elements whose gradient over the batch is g (summed
  * over every entry that reads the row, first):
  *
- *     G_r += (1/D) sum_i g_i^2,     w_ri -= lr g_i / (sqrt(G_r) + eps).
+ *     G_r += (1/D) sum_i g_i^2,     w_ri -= lr g_i / (sqrt(G_r) + eps),
+ *
+ * the second only where g_i != 0: a zero sum moves nothing, whatever its
+ * sign (w - (-0.0) would turn a -0.0 weight into +0.0, and the sign of a
+ * zero sum depends on how it was summed).
  *
  * Precision, the same on every device: the squares are summed in double in
  * element order; the mean is rounded to the accumulator's type (the
@@ -51,6 +55,7 @@ HE_ROW_MULT(float, he_row_mult_f)
 HE_ROW_MULT(double, he_row_mult_d)
 
 #if !defined(__CUDACC__)
+#include "hashemb/half.h"        /* 16-bit rounding; he_x86: what the CPU can run */
 /* Per-element Adagrad (hashemb.Adagrad) over n consecutive slots of a
  * float32 weight w, its state s and their summed gradient g, the CPU
  * kernels' rule (_bag.pyx _rule) a run at a time: where g != 0,
@@ -69,8 +74,38 @@ static inline void he_adagrad_run_soft(float* __restrict w, float* __restrict s,
         }
 }
 
+/* The same rule over 16-bit weight bits w (format bf, slots slot0 ..):
+ * the step formed as above, rounded to float, then he_half_moved (to
+ * nearest for seed 0, else stochastically). */
+static inline void he_half_adagrad_run_soft(he_u16* __restrict w, float* __restrict s,
+                                            float* __restrict g, int64_t n, uint64_t slot0,
+                                            float lr, float eps, uint64_t seed, int bf)
+{
+    for (int64_t i = 0; i < n; i++)
+        if (g[i] != 0) {
+            const float gv = g[i];
+            s[i] = s[i] + gv * gv;
+            const double step = (double)(lr * gv) / (sqrt((double)s[i]) + (double)eps);
+            w[i] = he_half_moved(w[i], (float)step, slot0 + (uint64_t)i, seed, bf);
+            g[i] = 0;
+        }
+}
+
+/* A row's row-wise step over 16-bit weight bits w (format bf, slots
+ * slot0 ..) from its summed gradient g and multiplier mult (he_row_mult):
+ * where g_i != 0, w_i moves by (float)(mult g_i), rounded once
+ * (he_half_moved). */
+static inline void he_half_rowwise_run_soft(he_u16* __restrict w, const float* __restrict g,
+                                            int64_t n, uint64_t slot0, double mult,
+                                            uint64_t seed, int bf)
+{
+    for (int64_t i = 0; i < n; i++)
+        if (g[i] != 0)
+            w[i] = he_half_moved(w[i], (float)(mult * (double)g[i]), slot0 + (uint64_t)i, seed,
+                                 bf);
+}
+
 #if defined(__x86_64__) && defined(__GNUC__)
-#include "hashemb/half.h"        /* he_x86: what the CPU can run, probed once */
 #include <immintrin.h>
 /* Eight slots a step (AVX2): the same operations, each correctly rounded
  * (float square and sum, float product, double sqrt, sum, quotient and
@@ -111,6 +146,109 @@ __attribute__((target("avx2"))) static void he_adagrad_run_avx2(
         he_adagrad_run_soft(w + i, s + i, g + i, n - i, lr, eps);
 }
 
+/* lr g / (sqrt(s) + eps) of eight lanes, in double, rounded to float
+ * (he_adagrad_run_avx2's step, kept in float for a 16-bit weight). */
+__attribute__((target("avx2"), always_inline)) static inline __m256 he_adagrad_step_v(
+    __m256 num, __m256 s, __m256d eps)
+{
+    __m128 half[2];
+    for (int h = 0; h < 2; h++) {
+        const __m128 n4 = h ? _mm256_extractf128_ps(num, 1) : _mm256_castps256_ps128(num);
+        const __m128 s4 = h ? _mm256_extractf128_ps(s, 1) : _mm256_castps256_ps128(s);
+        const __m256d den = _mm256_add_pd(_mm256_sqrt_pd(_mm256_cvtps_pd(s4)), eps);
+        half[h] = _mm256_cvtpd_ps(_mm256_div_pd(_mm256_cvtps_pd(n4), den));
+    }
+    return _mm256_insertf128_ps(_mm256_castps128_ps256(half[0]), half[1], 1);
+}
+
+/* he_half_adagrad_run_soft eight slots a step: the same operations and
+ * the same rounding (he_half_put_v), so the same bits. */
+__attribute__((target("avx2,f16c"), always_inline)) static inline void he_half_adagrad_run_v(
+    he_u16* __restrict w, float* __restrict s, float* __restrict g, int64_t n, uint64_t slot0,
+    float lr, float eps, uint64_t seed, const int bf)
+{
+    int64_t i = 0;
+    const __m256 vlr = _mm256_set1_ps(lr), zero = _mm256_setzero_ps();
+    const __m256d veps = _mm256_set1_pd((double)eps);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + i);
+        const __m256 live = _mm256_cmp_ps(gv, zero, _CMP_NEQ_UQ);
+        if (_mm256_testz_ps(live, live))
+            continue;
+        const __m256 s0 = _mm256_loadu_ps(s + i);
+        const __m256 sv = _mm256_add_ps(s0, _mm256_mul_ps(gv, gv));
+        const __m256 step = he_adagrad_step_v(_mm256_mul_ps(vlr, gv), sv, veps);
+        const __m128i wh = _mm_loadu_si128((const __m128i*)(w + i));
+        const __m256 v = _mm256_sub_ps(he_s2f_v(wh, bf), step);
+        he_half_put_v(w + i, wh, v, live, slot0 + (uint64_t)i, seed, bf);
+        _mm256_storeu_ps(s + i, _mm256_blendv_ps(s0, sv, live));
+        _mm256_storeu_ps(g + i, zero);
+    }
+    if (i < n)
+        he_half_adagrad_run_soft(w + i, s + i, g + i, n - i, slot0 + (uint64_t)i, lr, eps, seed,
+                                 bf);
+}
+
+/* he_half_rowwise_run_soft eight elements a step. */
+__attribute__((target("avx2,f16c"), always_inline)) static inline void he_half_rowwise_run_v(
+    he_u16* __restrict w, const float* __restrict g, int64_t n, uint64_t slot0, double mult,
+    uint64_t seed, const int bf)
+{
+    int64_t i = 0;
+    const __m256d vm = _mm256_set1_pd(mult);
+    const __m256 zero = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + i);
+        const __m256 live = _mm256_cmp_ps(gv, zero, _CMP_NEQ_UQ);
+        const __m128 lo = _mm256_cvtpd_ps(_mm256_mul_pd(vm, _mm256_cvtps_pd(_mm256_castps256_ps128(gv))));
+        const __m128 hi = _mm256_cvtpd_ps(_mm256_mul_pd(vm, _mm256_cvtps_pd(_mm256_extractf128_ps(gv, 1))));
+        const __m128i wh = _mm_loadu_si128((const __m128i*)(w + i));
+        const __m256 v = _mm256_sub_ps(he_s2f_v(wh, bf),
+                                       _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1));
+        he_half_put_v(w + i, wh, v, live, slot0 + (uint64_t)i, seed, bf);
+    }
+    if (i < n)
+        he_half_rowwise_run_soft(w + i, g + i, n - i, slot0 + (uint64_t)i, mult, seed, bf);
+}
+
+/* one copy per format, as he_half_sgd_run */
+#define HE_HALF_OPT_COPIES(sfx, bf)                                                           \
+    __attribute__((target("avx2,f16c"))) static void he_half_adagrad_run_avx2##sfx(          \
+        he_u16* __restrict w, float* __restrict s, float* __restrict g, int64_t n,           \
+        uint64_t slot0, float lr, float eps, uint64_t seed)                                   \
+    {                                                                                         \
+        he_half_adagrad_run_v(w, s, g, n, slot0, lr, eps, seed, bf);                          \
+    }                                                                                         \
+    __attribute__((target("avx2,f16c"))) static void he_half_rowwise_run_avx2##sfx(          \
+        he_u16* __restrict w, const float* __restrict g, int64_t n, uint64_t slot0,          \
+        double mult, uint64_t seed)                                                           \
+    {                                                                                         \
+        he_half_rowwise_run_v(w, g, n, slot0, mult, seed, bf);                                \
+    }
+HE_HALF_OPT_COPIES(_h, 0)
+HE_HALF_OPT_COPIES(_b, 1)
+#undef HE_HALF_OPT_COPIES
+
+static inline void he_half_adagrad_run(he_u16* __restrict w, float* __restrict s,
+                                       float* __restrict g, int64_t n, uint64_t slot0, float lr,
+                                       float eps, uint64_t seed, int bf)
+{
+    if (n >= 8 && (he_x86() & 2))
+        (bf ? he_half_adagrad_run_avx2_b : he_half_adagrad_run_avx2_h)(w, s, g, n, slot0, lr, eps,
+                                                                        seed);
+    else
+        he_half_adagrad_run_soft(w, s, g, n, slot0, lr, eps, seed, bf);
+}
+
+static inline void he_half_rowwise_run(he_u16* __restrict w, const float* __restrict g, int64_t n,
+                                       uint64_t slot0, double mult, uint64_t seed, int bf)
+{
+    if (n >= 8 && (he_x86() & 2))
+        (bf ? he_half_rowwise_run_avx2_b : he_half_rowwise_run_avx2_h)(w, g, n, slot0, mult, seed);
+    else
+        he_half_rowwise_run_soft(w, g, n, slot0, mult, seed, bf);
+}
+
 static inline void he_adagrad_run(float* __restrict w, float* __restrict s, float* __restrict g,
                                   int64_t n, float lr, float eps)
 {
@@ -121,6 +259,8 @@ static inline void he_adagrad_run(float* __restrict w, float* __restrict s, floa
 }
 #else
 #define he_adagrad_run he_adagrad_run_soft
+#define he_half_adagrad_run he_half_adagrad_run_soft
+#define he_half_rowwise_run he_half_rowwise_run_soft
 #endif
 #endif
 
