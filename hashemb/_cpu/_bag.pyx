@@ -129,6 +129,7 @@ cdef extern from "hashemb/optim.h" nogil:
     double he_row_mult_f(float* G, double ss, int64_t D, float lr, float eps) noexcept
     double he_row_mult_d(double* G, double ss, int64_t D, double lr, double eps) noexcept
     void he_adagrad_run(float* w, float* s, float* g, int64_t n, float lr, float eps) noexcept
+    void he_rowwise_run(float* w, const float* g, int64_t n, double mult) noexcept
     void he_half_adagrad_run(uint16_t* w, float* s, float* g, int64_t n, uint64_t slot0,
                              float lr, float eps, uint64_t seed, int bf) noexcept
     void he_half_rowwise_run(uint16_t* w, const float* g, int64_t n, uint64_t slot0,
@@ -543,16 +544,17 @@ cdef inline void _apply_range(real* w, uint16_t* hw, int bf, real* g, real* stat
     the same bits as _rule)."""
     cdef int64_t slot
     if real is float:
-        if hi <= lo:
+        if hw != NULL and state == NULL:
+            if hi > lo:
+                he_half_sgd_run(hw + lo, g, hi - lo, lo, lr, seed, bf)
+            return
+        if hw == NULL and state != NULL:
+            if hi > lo:
+                he_adagrad_run(w + lo, state + lo, g, hi - lo, lr, eps)
             return
         if hw != NULL:
-            if state == NULL:
-                he_half_sgd_run(hw + lo, g, hi - lo, lo, lr, seed, bf)
-            else:
+            if hi > lo:
                 he_half_adagrad_run(hw + lo, state + lo, g, hi - lo, lo, lr, eps, seed, bf)
-            return
-        if state != NULL:
-            he_adagrad_run(w + lo, state + lo, g, hi - lo, lr, eps)
             return
     for slot in range(lo, hi):
         if g[slot - lo] != 0:
@@ -939,16 +941,17 @@ cdef inline void _rowwise(real* w, uint16_t* hw, int bf, const real* g, real* st
         ss = he_row_sumsq_d(g, D)
     if ss == 0:
         return
-    if real is float:
+    if real is float:               # eight elements a step where the machine can
         mult = he_row_mult_f(state + st // <uint64_t>D, ss, D, lr, eps)
-        if hw != NULL:              # eight elements a step where the machine can
+        if hw != NULL:
             he_half_rowwise_run(hw + st, g, D, st, mult, seed, bf)
-            return
+        else:
+            he_rowwise_run(w + st, g, D, mult)
     else:
         mult = he_row_mult_d(state + st // <uint64_t>D, ss, D, lr, eps)
-    for i in range(D):
-        if g[i] != 0:               # a zero sum moves nothing, whatever its sign
-            w[st + i] = <real>(w[st + i] - mult * g[i])
+        for i in range(D):
+            if g[i] != 0:           # a zero sum moves nothing, whatever its sign
+                w[st + i] = w[st + i] - mult * g[i]
 
 
 cdef inline int64_t _rows_cap(int64_t n) noexcept nogil:

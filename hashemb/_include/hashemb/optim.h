@@ -74,6 +74,17 @@ static inline void he_adagrad_run_soft(float* __restrict w, float* __restrict s,
         }
 }
 
+/* A row's row-wise step over float32 weights w from its summed gradient
+ * g and multiplier mult (he_row_mult): where g_i != 0,
+ * w_i = (float)(w_i - mult g_i), in double. */
+static inline void he_rowwise_run_soft(float* __restrict w, const float* __restrict g, int64_t n,
+                                       double mult)
+{
+    for (int64_t i = 0; i < n; i++)
+        if (g[i] != 0)
+            w[i] = (float)((double)w[i] - mult * (double)g[i]);
+}
+
 /* The same rule over 16-bit weight bits w (format bf, slots slot0 ..):
  * the step formed as above, rounded to float, then he_half_moved (to
  * nearest for seed 0, else stochastically). */
@@ -144,6 +155,40 @@ __attribute__((target("avx2"))) static void he_adagrad_run_avx2(
     }
     if (i < n)
         he_adagrad_run_soft(w + i, s + i, g + i, n - i, lr, eps);
+}
+
+/* he_rowwise_run_soft eight elements a step: the same double product and
+ * difference (no FMA), one rounding to float, so the same bits. */
+__attribute__((target("avx2"))) static void he_rowwise_run_avx2(float* __restrict w,
+                                                                const float* __restrict g,
+                                                                int64_t n, double mult)
+{
+    int64_t i = 0;
+    const __m256d vm = _mm256_set1_pd(mult);
+    const __m256 zero = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + i), wv = _mm256_loadu_ps(w + i);
+        __m128 half[2];
+        for (int h = 0; h < 2; h++) {
+            const __m128 g4 = h ? _mm256_extractf128_ps(gv, 1) : _mm256_castps256_ps128(gv);
+            const __m128 w4 = h ? _mm256_extractf128_ps(wv, 1) : _mm256_castps256_ps128(wv);
+            half[h] = _mm256_cvtpd_ps(_mm256_sub_pd(_mm256_cvtps_pd(w4),
+                                                    _mm256_mul_pd(vm, _mm256_cvtps_pd(g4))));
+        }
+        const __m256 moved = _mm256_insertf128_ps(_mm256_castps128_ps256(half[0]), half[1], 1);
+        _mm256_storeu_ps(w + i, _mm256_blendv_ps(wv, moved, _mm256_cmp_ps(gv, zero, _CMP_NEQ_UQ)));
+    }
+    if (i < n)
+        he_rowwise_run_soft(w + i, g + i, n - i, mult);
+}
+
+static inline void he_rowwise_run(float* __restrict w, const float* __restrict g, int64_t n,
+                                  double mult)
+{
+    if (n >= 8 && (he_x86() & 2))
+        he_rowwise_run_avx2(w, g, n, mult);
+    else
+        he_rowwise_run_soft(w, g, n, mult);
 }
 
 /* lr g / (sqrt(s) + eps) of eight lanes, in double, rounded to float
@@ -259,6 +304,7 @@ static inline void he_adagrad_run(float* __restrict w, float* __restrict s, floa
 }
 #else
 #define he_adagrad_run he_adagrad_run_soft
+#define he_rowwise_run he_rowwise_run_soft
 #define he_half_adagrad_run he_half_adagrad_run_soft
 #define he_half_rowwise_run he_half_rowwise_run_soft
 #endif
