@@ -105,6 +105,11 @@ def make_methods(card, compression, train, lr=0.01):
                                                               optim="rowwise")
     methods["hashemb RobeZ Z=16, Adagrad"] = he_method(lambda: he.RobeZ(size, D, block=16),
                                                        optim="adagrad")
+    # FBGEMM's usual training set-up: float16 tables with EXACT_ROWWISE_ADAGRAD
+    methods["hashemb FullTable, float16, rowwise Adagrad"] = he_method(
+        lambda: he.FullTable(card, D), dtype=np.float16, optim="rowwise")
+    methods["hashemb RobeZ Z=16, float16, Adagrad"] = he_method(
+        lambda: he.RobeZ(size, D, block=16), dtype=np.float16, optim="adagrad")
 
     def torch_setup(flat, off, B, optim="sgd", dtype=None):
         import torch
@@ -164,6 +169,10 @@ def make_methods(card, compression, train, lr=0.01):
         lambda flat, off, B: fbgemm_setup(flat, off, B, optim="adagrad")
     methods["FBGEMM TBE (CPU), rowwise Adagrad"] = \
         lambda flat, off, B: fbgemm_setup(flat, off, B, optim="rowwise")
+    methods["FBGEMM TBE (CPU), float16, rowwise Adagrad"] = \
+        lambda flat, off, B: fbgemm_setup(flat, off, B, True, optim="rowwise")
+    methods["FBGEMM TBE (CPU), float16, Adagrad"] = \
+        lambda flat, off, B: fbgemm_setup(flat, off, B, True, optim="adagrad")
     return methods, size
 
 
@@ -295,9 +304,10 @@ def summarise(rounds):
                     ratios.append(r["samples_per_s"] / peer[0]["samples_per_s"])
             ratio, lo, hi = spread(ratios)
             # the peer with the same variant (", float16", ", rowwise Adagrad", ...):
-            # the reference's, else torch's (FBGEMM has no CPU bfloat16)
+            # the mode's reference's, else torch's (FBGEMM has no CPU bfloat16),
+            # whether or not the plain reference ran
             suffix = name[name.index(","):] if "," in name else ""
-            peer = next((p + suffix for p in (ref, REFS[0]) if suffix and p
+            peer = next((p + suffix for p in (REFS[train], REFS[0]) if suffix
                          and p + suffix in present and p + suffix != name), None)
             same = spread([r["samples_per_s"] / p["samples_per_s"] for r in mine for p in got
                            if p["name"] == peer and p["round"] == r["round"]])

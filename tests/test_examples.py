@@ -104,6 +104,14 @@ def test_criteo_bags_ratios_are_taken_within_a_round():
     assert (x["ratio"], x["ratio_min"], x["ratio_max"]) == (2.0, 1.0, 3.0)
     assert x["samples_per_s"] == 400.0 and x["peak_mb"] == 2.0
     assert rows["torch.nn.EmbeddingBag"]["ratio"] == 1.0
+    # a variant's peer is the same variant of the mode's reference (FBGEMM
+    # for a training step, before torch's), also where the plain one did not run
+    v = ", float16, rowwise Adagrad"
+    rounds = [dict(name=n + v, train=1, batch=8, peak_mb=1, samples_per_s=s, round=0)
+              for n, s in [("hashemb X", 300.0), ("FBGEMM TBE (CPU)", 100.0),
+                           ("torch.nn.EmbeddingBag", 50.0)]]
+    x = {r["name"]: r for r in cb.summarise(rounds)}["hashemb X" + v]
+    assert x["peer"] == "FBGEMM TBE (CPU)" + v and x["peer_ratio"] == 3.0
 
 
 def test_criteo_bags_benchmark_runs_and_plots(tmp_path):
@@ -117,10 +125,11 @@ def test_criteo_bags_benchmark_runs_and_plots(tmp_path):
     names = ("hashemb RobeZ Z=16", "hashemb RobeZ Z=16, (B, T) input",
              "hashemb RobeZ Z=16, float16", "hashemb RobeZ Z=16, bfloat16",
              "torch.nn.EmbeddingBag", "torch.nn.EmbeddingBag, bfloat16")
-    steps = ("hashemb RobeZ Z=16, Adagrad", "torch.nn.EmbeddingBag, Adagrad")  # training only
+    steps = ("hashemb RobeZ Z=16, Adagrad", "torch.nn.EmbeddingBag, Adagrad",  # training only
+             "hashemb RobeZ Z=16, float16, Adagrad")
     assert {(r["name"], r["train"]) for r in res["summary"]} == {
         (n, t) for n in names for t in (0, 1)} | {(n, 1) for n in steps}
-    assert all(r["samples_per_s"] > 0 for r in res["rounds"]) and len(res["rounds"]) == 14
+    assert all(r["samples_per_s"] > 0 for r in res["rounds"]) and len(res["rounds"]) == 15
     # a variant's ratio to the same variant of the peer (torch's Adagrad and
     # bfloat16 here)
     for mine, peer in ((steps[0], steps[1]), (names[3], names[5])):
