@@ -56,76 +56,84 @@ HE_ROW_MULT(double, he_row_mult_d)
 
 #if !defined(__CUDACC__)
 #include "hashemb/half.h"        /* 16-bit rounding; he_x86: what the CPU can run */
-/* Per-element Adagrad (hashemb.Adagrad) over n consecutive slots of a
- * float32 weight w, its state s and their summed gradient g, the CPU
- * kernels' rule (_bag.pyx _rule) a run at a time: where g != 0,
- *     s += g^2 (float),  w = (float)(w - (double)(lr g) / (sqrt((double)s) + eps)),
- * then g = 0. The step is formed in double (libm's double sqrt). */
-static inline void he_adagrad_run_soft(float* __restrict w, float* __restrict s,
-                                       float* __restrict g, int64_t n, float lr, float eps)
-{
-    for (int64_t i = 0; i < n; i++)
-        if (g[i] != 0) {
-            const float gv = g[i];
-            s[i] = s[i] + gv * gv;
-            const double step = (double)(lr * gv) / (sqrt((double)s[i]) + (double)eps);
-            w[i] = (float)((double)w[i] - step);
-            g[i] = 0;
-        }
-}
-
-/* A row's row-wise step over float32 weights w from its summed gradient
- * g and multiplier mult (he_row_mult): where g_i != 0,
- * w_i = (float)(w_i - mult g_i), in double. */
-static inline void he_rowwise_run_soft(float* __restrict w, const float* __restrict g, int64_t n,
-                                       double mult)
-{
-    for (int64_t i = 0; i < n; i++)
-        if (g[i] != 0)
-            w[i] = (float)((double)w[i] - mult * (double)g[i]);
-}
-
-/* The same rule over 16-bit weight bits w (format bf, slots slot0 ..):
- * the step formed as above, rounded to float, then he_half_moved (to
+/* The CPU's runs of the fused rules, over n consecutive slots (slot0 ..) of
+ * a weight that is float32 (w32; w16 NULL) or 16-bit bits (w16, format
+ * bf), and their summed gradients g (_bag.pyx _apply_range, _rowwise):
+ *   - per-element Adagrad (hashemb.Adagrad; the state s, float32), where
+ *     g != 0: s += g^2 (float), d = (double)(lr g) / (sqrt((double)s) + eps),
+ *     then g = 0 (libm's double sqrt, as _rule);
+ *   - row-wise Adagrad (one row; mult from he_row_mult), where g != 0:
+ *     d = mult g, in double;
+ * and the element moves by d: a float32 weight to (float)(w - d), in
+ * double; a 16-bit one by (float)d, rounded once (he_half_moved: to
  * nearest for seed 0, else stochastically). */
-static inline void he_half_adagrad_run_soft(he_u16* __restrict w, float* __restrict s,
-                                            float* __restrict g, int64_t n, uint64_t slot0,
-                                            float lr, float eps, uint64_t seed, int bf)
+static inline void he_move1(float* __restrict w32, he_u16* __restrict w16, int64_t i, double d,
+                            uint64_t slot0, uint64_t seed, int bf)
+{
+    if (w16)
+        w16[i] = he_half_moved(w16[i], (float)d, slot0 + (uint64_t)i, seed, bf);
+    else
+        w32[i] = (float)((double)w32[i] - d);
+}
+
+static inline void he_adagrad_soft(float* __restrict w32, he_u16* __restrict w16,
+                                   float* __restrict s, float* __restrict g, int64_t n,
+                                   uint64_t slot0, float lr, float eps, uint64_t seed, int bf)
 {
     for (int64_t i = 0; i < n; i++)
         if (g[i] != 0) {
             const float gv = g[i];
             s[i] = s[i] + gv * gv;
-            const double step = (double)(lr * gv) / (sqrt((double)s[i]) + (double)eps);
-            w[i] = he_half_moved(w[i], (float)step, slot0 + (uint64_t)i, seed, bf);
+            he_move1(w32, w16, i, (double)(lr * gv) / (sqrt((double)s[i]) + (double)eps), slot0,
+                     seed, bf);
             g[i] = 0;
         }
 }
 
-/* A row's row-wise step over 16-bit weight bits w (format bf, slots
- * slot0 ..) from its summed gradient g and multiplier mult (he_row_mult):
- * where g_i != 0, w_i moves by (float)(mult g_i), rounded once
- * (he_half_moved). */
-static inline void he_half_rowwise_run_soft(he_u16* __restrict w, const float* __restrict g,
-                                            int64_t n, uint64_t slot0, double mult,
-                                            uint64_t seed, int bf)
+static inline void he_rowwise_soft(float* __restrict w32, he_u16* __restrict w16,
+                                   const float* __restrict g, int64_t n, uint64_t slot0,
+                                   double mult, uint64_t seed, int bf)
 {
     for (int64_t i = 0; i < n; i++)
         if (g[i] != 0)
-            w[i] = he_half_moved(w[i], (float)(mult * (double)g[i]), slot0 + (uint64_t)i, seed,
-                                 bf);
+            he_move1(w32, w16, i, mult * (double)g[i], slot0, seed, bf);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
-/* Eight slots a step (AVX2): the same operations, each correctly rounded
- * (float square and sum, float product, double sqrt, sum, quotient and
- * difference, one rounding to float), so the same bits as the scalar rule;
+/* Eight slots a step (AVX2; F16C for 16-bit weights): the same operations,
+ * each correctly rounded (float square, sum and product; double sqrt, sum,
+ * quotient, product and difference; the same roundings to float and to
+ * the 16-bit format, he_half_put_v), so the same bits as the scalar runs;
  * the default build targets baseline x86-64, so this is chosen at run
- * time. */
-__attribute__((target("avx2"))) static void he_adagrad_run_avx2(
-    float* __restrict w, float* __restrict s, float* __restrict g, int64_t n, float lr,
-    float eps)
+ * time. bf < 0: a float32 weight; one copy of each loop per weight type. */
+
+/* Lanes i .. i + 7 moved by the double steps d (low and high four) where
+ * live. */
+__attribute__((target("avx2,f16c"), always_inline)) static inline void he_move_v(
+    float* __restrict w32, he_u16* __restrict w16, int64_t i, const __m256d* d, __m256 live,
+    uint64_t slot0, uint64_t seed, const int bf)
+{
+    if (bf < 0) {
+        const __m256 wv = _mm256_loadu_ps(w32 + i);
+        const __m128 lo = _mm256_cvtpd_ps(_mm256_sub_pd(
+            _mm256_cvtps_pd(_mm256_castps256_ps128(wv)), d[0]));
+        const __m128 hi = _mm256_cvtpd_ps(_mm256_sub_pd(
+            _mm256_cvtps_pd(_mm256_extractf128_ps(wv, 1)), d[1]));
+        _mm256_storeu_ps(w32 + i, _mm256_blendv_ps(
+            wv, _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1), live));
+    } else {
+        const __m256 step = _mm256_insertf128_ps(
+            _mm256_castps128_ps256(_mm256_cvtpd_ps(d[0])), _mm256_cvtpd_ps(d[1]), 1);
+        const __m128i wh = _mm_loadu_si128((const __m128i*)(w16 + i));
+        he_half_put_v(w16 + i, wh, _mm256_sub_ps(he_s2f_v(wh, bf), step), live,
+                      slot0 + (uint64_t)i, seed, bf);
+    }
+}
+
+__attribute__((target("avx2,f16c"), always_inline)) static inline void he_adagrad_v(
+    float* __restrict w32, he_u16* __restrict w16, float* __restrict s, float* __restrict g,
+    int64_t n, uint64_t slot0, float lr, float eps, uint64_t seed, const int bf)
 {
     int64_t i = 0;
     const __m256 vlr = _mm256_set1_ps(lr), zero = _mm256_setzero_ps();
@@ -138,176 +146,100 @@ __attribute__((target("avx2"))) static void he_adagrad_run_avx2(
         const __m256 s0 = _mm256_loadu_ps(s + i);
         const __m256 sv = _mm256_add_ps(s0, _mm256_mul_ps(gv, gv));
         const __m256 num = _mm256_mul_ps(vlr, gv);
-        const __m256 wv = _mm256_loadu_ps(w + i);
-        __m128 half[2];
+        __m256d d[2];
         for (int h = 0; h < 2; h++) {
             const __m128 n4 = h ? _mm256_extractf128_ps(num, 1) : _mm256_castps256_ps128(num);
             const __m128 s4 = h ? _mm256_extractf128_ps(sv, 1) : _mm256_castps256_ps128(sv);
-            const __m128 w4 = h ? _mm256_extractf128_ps(wv, 1) : _mm256_castps256_ps128(wv);
-            const __m256d den = _mm256_add_pd(_mm256_sqrt_pd(_mm256_cvtps_pd(s4)), veps);
-            const __m256d step = _mm256_div_pd(_mm256_cvtps_pd(n4), den);
-            half[h] = _mm256_cvtpd_ps(_mm256_sub_pd(_mm256_cvtps_pd(w4), step));
+            d[h] = _mm256_div_pd(_mm256_cvtps_pd(n4),
+                                 _mm256_add_pd(_mm256_sqrt_pd(_mm256_cvtps_pd(s4)), veps));
         }
-        const __m256 moved = _mm256_insertf128_ps(_mm256_castps128_ps256(half[0]), half[1], 1);
-        _mm256_storeu_ps(s + i, _mm256_blendv_ps(s0, sv, live));
-        _mm256_storeu_ps(w + i, _mm256_blendv_ps(wv, moved, live));
-        _mm256_storeu_ps(g + i, zero);
-    }
-    if (i < n)
-        he_adagrad_run_soft(w + i, s + i, g + i, n - i, lr, eps);
-}
-
-/* he_rowwise_run_soft eight elements a step: the same double product and
- * difference (no FMA), one rounding to float, so the same bits. */
-__attribute__((target("avx2"))) static void he_rowwise_run_avx2(float* __restrict w,
-                                                                const float* __restrict g,
-                                                                int64_t n, double mult)
-{
-    int64_t i = 0;
-    const __m256d vm = _mm256_set1_pd(mult);
-    const __m256 zero = _mm256_setzero_ps();
-    for (; i + 8 <= n; i += 8) {
-        const __m256 gv = _mm256_loadu_ps(g + i), wv = _mm256_loadu_ps(w + i);
-        __m128 half[2];
-        for (int h = 0; h < 2; h++) {
-            const __m128 g4 = h ? _mm256_extractf128_ps(gv, 1) : _mm256_castps256_ps128(gv);
-            const __m128 w4 = h ? _mm256_extractf128_ps(wv, 1) : _mm256_castps256_ps128(wv);
-            half[h] = _mm256_cvtpd_ps(_mm256_sub_pd(_mm256_cvtps_pd(w4),
-                                                    _mm256_mul_pd(vm, _mm256_cvtps_pd(g4))));
-        }
-        const __m256 moved = _mm256_insertf128_ps(_mm256_castps128_ps256(half[0]), half[1], 1);
-        _mm256_storeu_ps(w + i, _mm256_blendv_ps(wv, moved, _mm256_cmp_ps(gv, zero, _CMP_NEQ_UQ)));
-    }
-    if (i < n)
-        he_rowwise_run_soft(w + i, g + i, n - i, mult);
-}
-
-static inline void he_rowwise_run(float* __restrict w, const float* __restrict g, int64_t n,
-                                  double mult)
-{
-    if (n >= 8 && (he_x86() & 2))
-        he_rowwise_run_avx2(w, g, n, mult);
-    else
-        he_rowwise_run_soft(w, g, n, mult);
-}
-
-/* lr g / (sqrt(s) + eps) of eight lanes, in double, rounded to float
- * (he_adagrad_run_avx2's step, kept in float for a 16-bit weight). */
-__attribute__((target("avx2"), always_inline)) static inline __m256 he_adagrad_step_v(
-    __m256 num, __m256 s, __m256d eps)
-{
-    __m128 half[2];
-    for (int h = 0; h < 2; h++) {
-        const __m128 n4 = h ? _mm256_extractf128_ps(num, 1) : _mm256_castps256_ps128(num);
-        const __m128 s4 = h ? _mm256_extractf128_ps(s, 1) : _mm256_castps256_ps128(s);
-        const __m256d den = _mm256_add_pd(_mm256_sqrt_pd(_mm256_cvtps_pd(s4)), eps);
-        half[h] = _mm256_cvtpd_ps(_mm256_div_pd(_mm256_cvtps_pd(n4), den));
-    }
-    return _mm256_insertf128_ps(_mm256_castps128_ps256(half[0]), half[1], 1);
-}
-
-/* he_half_adagrad_run_soft eight slots a step: the same operations and
- * the same rounding (he_half_put_v), so the same bits. */
-__attribute__((target("avx2,f16c"), always_inline)) static inline void he_half_adagrad_run_v(
-    he_u16* __restrict w, float* __restrict s, float* __restrict g, int64_t n, uint64_t slot0,
-    float lr, float eps, uint64_t seed, const int bf)
-{
-    int64_t i = 0;
-    const __m256 vlr = _mm256_set1_ps(lr), zero = _mm256_setzero_ps();
-    const __m256d veps = _mm256_set1_pd((double)eps);
-    for (; i + 8 <= n; i += 8) {
-        const __m256 gv = _mm256_loadu_ps(g + i);
-        const __m256 live = _mm256_cmp_ps(gv, zero, _CMP_NEQ_UQ);
-        if (_mm256_testz_ps(live, live))
-            continue;
-        const __m256 s0 = _mm256_loadu_ps(s + i);
-        const __m256 sv = _mm256_add_ps(s0, _mm256_mul_ps(gv, gv));
-        const __m256 step = he_adagrad_step_v(_mm256_mul_ps(vlr, gv), sv, veps);
-        const __m128i wh = _mm_loadu_si128((const __m128i*)(w + i));
-        const __m256 v = _mm256_sub_ps(he_s2f_v(wh, bf), step);
-        he_half_put_v(w + i, wh, v, live, slot0 + (uint64_t)i, seed, bf);
+        he_move_v(w32, w16, i, d, live, slot0, seed, bf);
         _mm256_storeu_ps(s + i, _mm256_blendv_ps(s0, sv, live));
         _mm256_storeu_ps(g + i, zero);
     }
     if (i < n)
-        he_half_adagrad_run_soft(w + i, s + i, g + i, n - i, slot0 + (uint64_t)i, lr, eps, seed,
-                                 bf);
+        he_adagrad_soft(bf < 0 ? w32 + i : NULL, bf < 0 ? NULL : w16 + i, s + i, g + i, n - i,
+                        slot0 + (uint64_t)i, lr, eps, seed, bf);
 }
 
-/* he_half_rowwise_run_soft eight elements a step. */
-__attribute__((target("avx2,f16c"), always_inline)) static inline void he_half_rowwise_run_v(
-    he_u16* __restrict w, const float* __restrict g, int64_t n, uint64_t slot0, double mult,
-    uint64_t seed, const int bf)
+__attribute__((target("avx2,f16c"), always_inline)) static inline void he_rowwise_v(
+    float* __restrict w32, he_u16* __restrict w16, const float* __restrict g, int64_t n,
+    uint64_t slot0, double mult, uint64_t seed, const int bf)
 {
     int64_t i = 0;
     const __m256d vm = _mm256_set1_pd(mult);
     const __m256 zero = _mm256_setzero_ps();
     for (; i + 8 <= n; i += 8) {
         const __m256 gv = _mm256_loadu_ps(g + i);
-        const __m256 live = _mm256_cmp_ps(gv, zero, _CMP_NEQ_UQ);
-        const __m128 lo = _mm256_cvtpd_ps(_mm256_mul_pd(vm, _mm256_cvtps_pd(_mm256_castps256_ps128(gv))));
-        const __m128 hi = _mm256_cvtpd_ps(_mm256_mul_pd(vm, _mm256_cvtps_pd(_mm256_extractf128_ps(gv, 1))));
-        const __m128i wh = _mm_loadu_si128((const __m128i*)(w + i));
-        const __m256 v = _mm256_sub_ps(he_s2f_v(wh, bf),
-                                       _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1));
-        he_half_put_v(w + i, wh, v, live, slot0 + (uint64_t)i, seed, bf);
+        const __m256d d[2] = {
+            _mm256_mul_pd(vm, _mm256_cvtps_pd(_mm256_castps256_ps128(gv))),
+            _mm256_mul_pd(vm, _mm256_cvtps_pd(_mm256_extractf128_ps(gv, 1)))};
+        he_move_v(w32, w16, i, d, _mm256_cmp_ps(gv, zero, _CMP_NEQ_UQ), slot0, seed, bf);
     }
     if (i < n)
-        he_half_rowwise_run_soft(w + i, g + i, n - i, slot0 + (uint64_t)i, mult, seed, bf);
+        he_rowwise_soft(bf < 0 ? w32 + i : NULL, bf < 0 ? NULL : w16 + i, g + i, n - i,
+                        slot0 + (uint64_t)i, mult, seed, bf);
 }
 
-/* one copy per format, as he_half_sgd_run */
-#define HE_HALF_OPT_COPIES(sfx, bf)                                                           \
-    __attribute__((target("avx2,f16c"))) static void he_half_adagrad_run_avx2##sfx(          \
-        he_u16* __restrict w, float* __restrict s, float* __restrict g, int64_t n,           \
-        uint64_t slot0, float lr, float eps, uint64_t seed)                                   \
+#define HE_OPT_COPIES(sfx, bf)                                                                \
+    __attribute__((target("avx2,f16c"))) static void he_adagrad_avx2##sfx(                    \
+        float* __restrict w32, he_u16* __restrict w16, float* __restrict s,                   \
+        float* __restrict g, int64_t n, uint64_t slot0, float lr, float eps, uint64_t seed)   \
     {                                                                                         \
-        he_half_adagrad_run_v(w, s, g, n, slot0, lr, eps, seed, bf);                          \
+        he_adagrad_v(w32, w16, s, g, n, slot0, lr, eps, seed, bf);                            \
     }                                                                                         \
-    __attribute__((target("avx2,f16c"))) static void he_half_rowwise_run_avx2##sfx(          \
-        he_u16* __restrict w, const float* __restrict g, int64_t n, uint64_t slot0,          \
-        double mult, uint64_t seed)                                                           \
+    __attribute__((target("avx2,f16c"))) static void he_rowwise_avx2##sfx(                    \
+        float* __restrict w32, he_u16* __restrict w16, const float* __restrict g, int64_t n,  \
+        uint64_t slot0, double mult, uint64_t seed)                                           \
     {                                                                                         \
-        he_half_rowwise_run_v(w, g, n, slot0, mult, seed, bf);                                \
+        he_rowwise_v(w32, w16, g, n, slot0, mult, seed, bf);                                  \
     }
-HE_HALF_OPT_COPIES(_h, 0)
-HE_HALF_OPT_COPIES(_b, 1)
-#undef HE_HALF_OPT_COPIES
+HE_OPT_COPIES(_f, -1)
+HE_OPT_COPIES(_h, 0)
+HE_OPT_COPIES(_b, 1)
+#undef HE_OPT_COPIES
+/* where the machine can, a run of eight or more goes to the vector copy */
+#define HE_TRY_VECTOR(n, call)                                                                \
+    if ((n) >= 8 && (he_x86() & 2)) {      /* AVX2 and F16C */                                \
+        call;                                                                                 \
+        return;                                                                               \
+    }
+#else
+#define HE_TRY_VECTOR(n, call)
+#endif
+
+/* The runs, float32 and 16-bit (format bf), for the Cython kernels. */
+static inline void he_adagrad_run(float* __restrict w, float* __restrict s, float* __restrict g,
+                                  int64_t n, float lr, float eps)
+{
+    HE_TRY_VECTOR(n, he_adagrad_avx2_f(w, NULL, s, g, n, 0, lr, eps, 0))
+    he_adagrad_soft(w, NULL, s, g, n, 0, lr, eps, 0, 0);
+}
 
 static inline void he_half_adagrad_run(he_u16* __restrict w, float* __restrict s,
                                        float* __restrict g, int64_t n, uint64_t slot0, float lr,
                                        float eps, uint64_t seed, int bf)
 {
-    if (n >= 8 && (he_x86() & 2))
-        (bf ? he_half_adagrad_run_avx2_b : he_half_adagrad_run_avx2_h)(w, s, g, n, slot0, lr, eps,
-                                                                        seed);
-    else
-        he_half_adagrad_run_soft(w, s, g, n, slot0, lr, eps, seed, bf);
+    HE_TRY_VECTOR(n, (bf ? he_adagrad_avx2_b : he_adagrad_avx2_h)(NULL, w, s, g, n, slot0, lr,
+                                                                  eps, seed))
+    he_adagrad_soft(NULL, w, s, g, n, slot0, lr, eps, seed, bf);
+}
+
+static inline void he_rowwise_run(float* __restrict w, const float* __restrict g, int64_t n,
+                                  double mult)
+{
+    HE_TRY_VECTOR(n, he_rowwise_avx2_f(w, NULL, g, n, 0, mult, 0))
+    he_rowwise_soft(w, NULL, g, n, 0, mult, 0, 0);
 }
 
 static inline void he_half_rowwise_run(he_u16* __restrict w, const float* __restrict g, int64_t n,
                                        uint64_t slot0, double mult, uint64_t seed, int bf)
 {
-    if (n >= 8 && (he_x86() & 2))
-        (bf ? he_half_rowwise_run_avx2_b : he_half_rowwise_run_avx2_h)(w, g, n, slot0, mult, seed);
-    else
-        he_half_rowwise_run_soft(w, g, n, slot0, mult, seed, bf);
+    HE_TRY_VECTOR(n, (bf ? he_rowwise_avx2_b : he_rowwise_avx2_h)(NULL, w, g, n, slot0, mult,
+                                                                  seed))
+    he_rowwise_soft(NULL, w, g, n, slot0, mult, seed, bf);
 }
-
-static inline void he_adagrad_run(float* __restrict w, float* __restrict s, float* __restrict g,
-                                  int64_t n, float lr, float eps)
-{
-    if (n >= 8 && (he_x86() & 2))      /* AVX2 (with F16C, as every AVX2 CPU has) */
-        he_adagrad_run_avx2(w, s, g, n, lr, eps);
-    else
-        he_adagrad_run_soft(w, s, g, n, lr, eps);
-}
-#else
-#define he_adagrad_run he_adagrad_run_soft
-#define he_rowwise_run he_rowwise_run_soft
-#define he_half_adagrad_run he_half_adagrad_run_soft
-#define he_half_rowwise_run he_half_rowwise_run_soft
-#endif
+#undef HE_TRY_VECTOR
 #endif
 
 #endif /* HASHEMB_OPTIM_H */
