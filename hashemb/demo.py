@@ -101,6 +101,18 @@ def load(args):
     return tr, te, gen.cardinalities, auc(te.labels, te.prob), desc
 
 
+def fused_optimizers(args):
+    """The optimizers fused into the hashemb modules' backward: the
+    compressed arrays' (per slot: SGD, else Adagrad) and the full table's
+    (row-wise Adagrad, or None: torch's nn.EmbeddingBag and optimizer), each
+    rounding 16-bit storage as ``--rounding`` says."""
+    from . import optim
+    kw = dict(stochastic_rounding=args.rounding == "stochastic", seed=args.seed)
+    fused = (optim.SGD if args.optimizer == "sgd" else optim.Adagrad)(args.lr, **kw)
+    full = optim.RowwiseAdagrad(args.lr, **kw) if args.optimizer == "rowwise_adagrad" else None
+    return fused, full
+
+
 def run_method(method, compression, tr, te, card, args, epochs, bar_desc):
     """Train one DLRM; returns the result row."""
     import torch
@@ -109,11 +121,8 @@ def run_method(method, compression, tr, te, card, args, epochs, bar_desc):
     from .torch import DLRM, evaluate, make_embedding, train_epoch
     from .torch.dlrm import embedding_params, make_optimizer
     torch.manual_seed(args.seed)
-    from . import optim
-    # the hashemb arrays' storage, and their fused optimizer (which rounds 16-bit ones)
-    dtype = getattr(torch, args.weight_dtype)
-    opt_cls = optim.SGD if args.optimizer == "sgd" else optim.Adagrad     # per slot
-    fused = opt_cls(args.lr, stochastic_rounding=args.rounding == "stochastic", seed=args.seed)
+    dtype = getattr(torch, args.weight_dtype)       # the hashemb arrays' storage
+    fused, full_opt = fused_optimizers(args)
     if method in ("lsh", "lma"):    # SCMA / LMA (issue 6): allocation learned from tr
         from .torch import LSHEmbeddingBagCollection
         emb = LSHEmbeddingBagCollection(tr.cats, card, 16, compression, lma=method == "lma",
@@ -128,7 +137,6 @@ def run_method(method, compression, tr, te, card, args, epochs, bar_desc):
                                        sparse=True, optimizer=args.optimizer,
                                        learning_rate=args.lr, seed=args.seed)
     else:
-        full_opt = args.optimizer if args.optimizer == "rowwise_adagrad" else None
         emb = make_embedding(method, card, 16, compression, args.lr, args.seed, args.block,
                              fused if method != "full" else full_opt, dtype=dtype)
     model = DLRM(emb, len(card), num_dense=tr.dense.shape[1], seed=args.seed).to(args.device)

@@ -7,6 +7,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("matplotlib")
 
+import hashemb as he                                     # noqa: E402
 from hashemb.__main__ import main                       # noqa: E402
 from hashemb.data import SyntheticCriteo                # noqa: E402
 
@@ -103,3 +104,19 @@ def test_demo_rowwise_adagrad(tmp_path, capsys):
     assert 0 < rows[0]["auc"] <= 1 and rows[1]["auc"] > 0.55
     assert rows[0]["compression"] == 1.0
     assert "| full (FullTable, row-wise Adagrad) | 1x |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+def test_demo_rounding_reaches_every_fused_optimizer(rounding):
+    # --rounding is the compressed arrays' and the row-wise full table's
+    from hashemb import demo
+    args = demo._parser().parse_args(["--optimizer", "rowwise_adagrad", "--rounding", rounding,
+                                      "--seed", "3", "--lr", "0.2"])
+    fused, full = demo.fused_optimizers(args)
+    assert isinstance(fused, he.Adagrad) and isinstance(full, he.RowwiseAdagrad)
+    for o in (fused, full):
+        assert o.stochastic_rounding == (rounding == "stochastic") and o.seed == 3
+        assert o.lr == 0.2
+    args = demo._parser().parse_args(["--optimizer", "sgd", "--lr", "0.5"])
+    fused, full = demo.fused_optimizers(args)
+    assert isinstance(fused, he.SGD) and full is None
