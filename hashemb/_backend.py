@@ -69,3 +69,16 @@ def data_ptr(a):
     if is_cupy(a):
         return a.data.ptr
     return a.__array_interface__["data"][0]
+
+
+def aligned(shape, dtype, zero=False):
+    """A new NumPy array whose data starts on a 64-byte boundary (a cache
+    line, as torch aligns its tensors). NumPy's large arrays start 16 bytes
+    past one, so a full table's 64-byte rows (D = 16 float32) would each
+    span two lines. ``zero``: zeroed (calloc'd, so its pages are zeroed as
+    they are first touched)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    buf = (np.zeros if zero else np.empty)(nbytes + 64, np.uint8)
+    k = -buf.ctypes.data % 64
+    return buf[k:k + nbytes].view(dtype).reshape(shape)

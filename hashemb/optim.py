@@ -3,7 +3,7 @@ array in place in the same pass, with no full-size gradient returned."""
 import numpy as np
 
 from . import _validate as V
-from ._backend import array_module, data_ptr, is_cupy
+from ._backend import aligned, array_module, data_ptr, is_cupy
 
 _MASK = (1 << 64) - 1
 
@@ -20,6 +20,17 @@ _ROUNDING = """
         on CPU and GPU.
     seed : int
         Seed of those bits."""
+
+
+def _zeros(weight, size):
+    """A zeroed accumulator or scratch for ``weight``, in the dtype the
+    kernels compute in: on the device for a CuPy weight, else starting on a
+    64-byte boundary like hashemb's weights (the same slot of both then
+    shares its position in a cache line)."""
+    dtype = V.compute_dtype(weight.dtype)
+    if is_cupy(weight):
+        return array_module(weight).zeros(size, dtype)
+    return aligned(size, dtype, zero=True)
 
 
 class _Fused:
@@ -44,8 +55,7 @@ class _Fused:
         key = self._key(weight)
         s = self._scratch.get(key)
         if s is None:
-            s = self._scratch[key] = array_module(weight).zeros(
-                weight.size, V.compute_dtype(weight.dtype))
+            s = self._scratch[key] = _zeros(weight, weight.size)
         return s
 
     def _round_seed(self, weight):
@@ -122,8 +132,7 @@ class _Accumulating(_Fused):
         key = self._key(weight)
         s = self.state.get(key)
         if s is None:
-            xp = array_module(weight)      # CuPy weights keep their state on the device
-            s = self.state[key] = xp.zeros(size, V.compute_dtype(weight.dtype))
+            s = self.state[key] = _zeros(weight, size)
         elif s.size != size:
             raise ValueError(f"state: expected {size} values for this weight, got {s.size} "
                              f"(bound by use_state)")

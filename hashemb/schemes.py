@@ -6,7 +6,7 @@ hashemb/slots.h turns into run starts; the bag kernels are shared by all.
 import numpy as np
 
 from . import _validate as V
-from ._backend import is_cupy, kernels
+from ._backend import aligned, is_cupy, kernels
 from .hashing import P, UniversalHash
 
 # kinds of hashemb/_include/hashemb/slots.h
@@ -123,7 +123,9 @@ class Scheme:
         return out.reshape(idx.shape + (self.dim,))
 
     def init_weight(self, seed=0, dtype=np.float32, scale=None):
-        """A new array of ``weight_shape``, uniform on ``[-scale, scale]``.
+        """A new array of ``weight_shape``, uniform on ``[-scale, scale]``,
+        starting on a 64-byte boundary (a full table's rows then start on
+        cache lines).
 
         ``scale`` defaults to ``1/sqrt(rows)`` for a FullTable (rows of its first
         table, as torch's DLRM does) and ``1/sqrt(dim)`` for a shared array.
@@ -141,7 +143,7 @@ class Scheme:
             # nearest, a chunk at a time (no float32 copy of a large table;
             # the generator continues its stream across chunks, so the
             # values are the same)
-            w = np.empty(self.weight_shape, dtype)
+            w = aligned(self.weight_shape, dtype)
             flat = w.reshape(-1).view(np.uint16)
             bf = V.format16(dtype)
             for a in range(0, flat.size, _INIT_CHUNK):
@@ -150,7 +152,7 @@ class Scheme:
                 c -= scale
                 kernels().half_round(c, flat[a:a + c.size], 0, bf)
             return w
-        w = rng.random(self.weight_shape, dtype=dtype)     # no float64 temporary
+        w = rng.random(dtype=dtype, out=aligned(self.weight_shape, dtype))  # no float64 copy
         w *= 2 * scale
         w -= scale
         return w

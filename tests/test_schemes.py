@@ -140,3 +140,26 @@ def test_equality_and_repr():
     assert he.RobeZ(100, 4, seed=1) != he.RobeZ(100, 4, seed=2)
     assert "block=4" in repr(he.RobeZ(100, 4))
     assert he.HashedNet(100, 4).block == 1
+
+
+@pytest.mark.parametrize("scheme", [he.FullTable([1000, 77], 16), he.RobeZ(12345, 16, block=4),
+                                    he.HashedNet(999, 8)], ids=["full", "robez", "hashednet"])
+def test_init_weight_and_optimizer_state_start_on_a_cache_line(scheme):
+    # NumPy's large arrays start 16 bytes past a 64-byte line, which puts a
+    # full table's 64-byte rows across two lines; hashemb's own arrays (the
+    # weight, Adagrad's state, the two-phase scratch) start on one, with
+    # the values the generator gives without it
+    from storage16 import BF
+    for dtype in [np.float32, np.float64, np.float16] + ([BF] if BF is not None else []):
+        w = scheme.init_weight(seed=7, dtype=dtype)
+        assert w.ctypes.data % 64 == 0 and w.shape == scheme.weight_shape and w.dtype == dtype
+        assert w.flags.c_contiguous and w.flags.writeable
+        if dtype in (np.float32, np.float64):
+            rng = np.random.default_rng(7)
+            scale = np.float64(scheme._default_scale()).astype(dtype)
+            want = rng.random(scheme.weight_shape, dtype=dtype) * (2 * scale) - scale
+            np.testing.assert_array_equal(w, want)
+        opt = he.Adagrad(0.1)
+        state = opt._state(w, w.size)
+        assert state.ctypes.data % 64 == 0 and not state.any()
+        assert opt.scratch_for(w).ctypes.data % 64 == 0 and not opt.scratch_for(w).any()
