@@ -539,9 +539,10 @@ cdef inline void _apply_range(real* w, uint16_t* hw, int bf, real* g, real* stat
                               int64_t hi, real lr, real eps, uint64_t seed) noexcept nogil:
     """_adagrad at every slot of [lo, hi), whose summed gradients are
     g[0 .. hi - lo) (an apply sweep's scratch, a contiguous run of an apply
-    walk, or a row's compact sums); float32 runs eight slots a step where
-    the machine can (he_half_sgd_run, he_half_adagrad_run, he_adagrad_run:
-    the same bits as _rule)."""
+    walk, or a row's compact sums). For float32 arithmetic, Adagrad of any
+    weight and SGD of a 16-bit one run eight slots a step where the machine
+    can (he_adagrad_run, he_half_adagrad_run, he_half_sgd_run: the same
+    bits as _rule)."""
     cdef int64_t slot
     if real is float:
         if hw != NULL and state == NULL:
@@ -931,8 +932,11 @@ cdef inline void _rowwise(real* w, uint16_t* hw, int bf, const real* g, real* st
     """Row-wise Adagrad (optim.h) of the row at slots st .. st + D - 1 from
     its summed gradient g: its accumulator state[st / D] grows by the mean
     square, then every element with g_i != 0 moves by
-    lr g_i / (sqrt(G) + eps), formed in double (a 16-bit weight rounds once, he_half_rowwise_run). An all-zero
-    gradient changes nothing (G += 0, steps of 0), so it is skipped."""
+    lr g_i / (sqrt(G) + eps), formed in double (a 16-bit weight rounds
+    once): for float32 arithmetic eight elements a step where the machine
+    can (he_rowwise_run, he_half_rowwise_run: the same bits). An all-zero
+    gradient changes nothing (G += 0, no element moves), so it is
+    skipped."""
     cdef double ss, mult
     cdef int64_t i
     if real is float:
@@ -941,7 +945,7 @@ cdef inline void _rowwise(real* w, uint16_t* hw, int bf, const real* g, real* st
         ss = he_row_sumsq_d(g, D)
     if ss == 0:
         return
-    if real is float:               # eight elements a step where the machine can
+    if real is float:
         mult = he_row_mult_f(state + st // <uint64_t>D, ss, D, lr, eps)
         if hw != NULL:
             he_half_rowwise_run(hw + st, g, D, st, mult, seed, bf)

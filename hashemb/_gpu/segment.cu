@@ -92,8 +92,8 @@ __global__ void adagrad_sweep(S* __restrict__ w, R* __restrict__ scratch, R* __r
  * moves the row once, each element with a non-zero sum: rule 2 row-wise
  * Adagrad (he_row_mult: the state is one value per row; the sums are
  * formed twice, the same both times, to keep no row in registers), else
- * he_apply (rule 1 Adagrad, 0 SGD; seed: 16-bit rounding). No scratch the size of
- * the table, and deterministic whatever the thread order.
+ * he_apply (rule 1 Adagrad, 0 SGD; seed: 16-bit rounding). No scratch the
+ * size of the table, and deterministic whatever the thread order.
  */
 template <typename R, typename S = R>
 __global__ void seg_rows(const int64_t* __restrict__ keys, const R* __restrict__ vals,
