@@ -29,6 +29,23 @@ def test_robe_slots_and_signs_match_reference(scheme, tokens, table):
     assert ((S >= 0) & (S < scheme.size)).all()
 
 
+@given(size=st.one_of(st.integers(2, 2**61 - 1),
+                      st.sampled_from([2, 3, 2**32 - 1, 2**32, 2**32 + 1, 2**60 + 3, 2**61 - 2,
+                                       2**61 - 1])),
+       dim=st.sampled_from([4, 6, 16, 33]), seed=st.integers(0, 2**64 - 1), tokens=TOKENS,
+       table=st.integers(0, 30))
+def test_many_runs_match_reference_at_any_size(size, dim, seed, tokens, table):
+    # rows of four or more runs (HashedNet: D runs of one float; ROBE-Z with
+    # Z = 2 or 3) take the four-a-step run starts where the machine has AVX2
+    # (the 64-bit high product from 32-bit ones): the reference's slots up
+    # to the largest array (P - 1 floats), with scalar tails (D 6, 33)
+    x = np.array(tokens, np.int64)
+    for scheme in (he.HashedNet(size, dim, seed=seed),
+                   he.RobeZ(size, dim, block=2 if dim % 2 == 0 else 3, seed=seed)):
+        S, _ = slots_signs(scheme, x, [table] * len(x))
+        assert (scheme.slots(x, table=table) == S).all()
+
+
 @given(size=st.integers(1, 10**6), dim=st.integers(1, 20),
        tokens=st.lists(st.integers(0, 2**40), min_size=1, max_size=8))
 def test_hashednet_reference_map(size, dim, tokens):

@@ -354,8 +354,8 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                     if c < n:       # hash bag c's runs, prefetch them
                         row = he_row_begin_t(s, table0 + t, tt, idx[j0 + c])
                         r = ring + (c & (ahead - 1)) * R
+                        he_run_starts(s, &row, r)
                         for k in range(R):
-                            r[k] = he_run_start(s, &row, k)
                             he_prefetch(_at(M, H, r[k]))
                             if L > 1:
                                 he_prefetch(_at(M, H, r[k] + L - 1))
@@ -394,8 +394,8 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                 j = off[t * B + b0 + q]
                 if off[t * B + b0 + q + 1] > j:
                     r = ring + (q & (ahead - 1)) * R
+                    he_run_starts(s, &rows[q % (2 * FAR_AHEAD)], r)
                     for k in range(R):
-                        r[k] = he_run_start(s, &rows[q % (2 * FAR_AHEAD)], k)
                         he_prefetch(_at(M, H, r[k]))
                         if L > 1:       # a run of one float is on one line
                             he_prefetch(_at(M, H, r[k] + L - 1))

@@ -95,15 +95,22 @@ def slots(SchemeView sv, const index_t[::1] tokens, const int64_t[::1] tables,
           int64_t[:, ::1] out):
     """out[n, i] = slot(tables[n], tokens[n], i) for every element i < D."""
     cdef const he_scheme* s = &sv.s
-    cdef int64_t n, k, i, L = s.run
+    cdef int64_t n, k, i, L = s.run, R = s.runs, D = s.dim
     cdef uint64_t st
+    cdef uint64_t* o
     cdef he_row row
     for n in prange(tokens.shape[0], nogil=True, schedule='static'):
         row = he_row_begin(s, tables[n], tokens[n])
-        for k in range(s.runs):
-            st = he_run_start(s, &row, k)
+        # the row's R run starts (he_run_starts, as the bag kernels take
+        # them) into its last R places, then each run's L slots from the
+        # first run on: run k fills [kL, kL + L), which ends before run
+        # k + 1's start at D - R + k + 1 (D = R L)
+        o = <uint64_t*>&out[n, 0]
+        he_run_starts(s, &row, o + D - R)
+        for k in range(R):
+            st = o[D - R + k]
             for i in range(L):
-                out[n, k * L + i] = <int64_t>he_run_slot(s, st, i)
+                o[k * L + i] = he_run_slot(s, st, i)
 
 
 def signs(SchemeView sv, const index_t[::1] tokens, const int64_t[::1] tables,

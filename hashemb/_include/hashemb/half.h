@@ -262,17 +262,6 @@ __attribute__((target("avx,f16c"))) static void he_h2f_run_f16c(
         he_h2f_run_soft(y + i, x + i, a, n - i, how);
 }
 
-/* What the CPU can run, probed once: bit 0 AVX + F16C (he_h2f_run's
- * conversion), bit 1 AVX2 + F16C as well (he_half_sgd_run). */
-static inline int he_x86(void)
-{
-    static int has = -1;        /* a benign race: every thread stores the same */
-    if (has < 0)
-        has = (__builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c")) |
-              (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) << 1;
-    return has;
-}
-
 static inline void he_h2f_run(float* __restrict y, const he_u16* __restrict x, float a,
                               int64_t n, int how)
 {
@@ -283,7 +272,6 @@ static inline void he_h2f_run(float* __restrict y, const he_u16* __restrict x, f
 }
 #else
 #define he_h2f_run he_h2f_run_soft
-static inline int he_x86(void) { return 0; }
 #endif
 
 /* he_h2f_run for bfloat16 bits: a shift per element, which the compiler

@@ -374,6 +374,64 @@ HE_HD uint64_t he_run_start(const he_scheme* s, const he_row* r, int64_t k)
     }
 }
 
+#if !defined(__CUDACC__) && defined(__x86_64__) && defined(__GNUC__)
+#define HE_X86_VECTOR 1
+#include <immintrin.h>
+/* What the CPU can run, probed once (the default build targets baseline
+ * x86-64): bit 0 AVX + F16C (half.h's conversions), bit 1 AVX2 + F16C as
+ * well (the eight-slot applies, the run starts below). */
+static inline int he_x86(void)
+{
+    static int has = -1;        /* a benign race: every thread stores the same */
+    if (has < 0)
+        has = (__builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c")) |
+              (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) << 1;
+    return has;
+}
+
+/* out[k] = he_fastmod(he_addmod(base, rc[k]), m, inv) for k < n, four
+ * runs a step (AVX2): the same integer arithmetic, the high half of the
+ * 64 x 64-bit product built from four 32 x 32-bit ones, so the same
+ * starts. Every value stays below 2^63 (base, rc < P; m < 2^62), so the
+ * signed 64-bit compares are exact. */
+__attribute__((target("avx2"))) static void he_robe_starts_avx2(uint64_t base,
+                                                               const uint64_t* rc, int64_t n,
+                                                               uint64_t m, uint64_t inv,
+                                                               uint64_t* out)
+{
+    const __m256i vb = _mm256_set1_epi64x((long long)base);
+    const __m256i P = _mm256_set1_epi64x((long long)HE_P);
+    const __m256i Pm1 = _mm256_set1_epi64x((long long)(HE_P - 1));
+    const __m256i vm = _mm256_set1_epi64x((long long)m), mh = _mm256_srli_epi64(vm, 32);
+    const __m256i vi = _mm256_set1_epi64x((long long)inv), ih = _mm256_srli_epi64(vi, 32);
+    const __m256i lo32 = _mm256_set1_epi64x(0xffffffffLL);
+    int64_t k = 0;
+    for (; k + 4 <= n; k += 4) {
+        __m256i v = _mm256_add_epi64(vb, _mm256_loadu_si256((const __m256i*)(rc + k)));
+        v = _mm256_sub_epi64(v, _mm256_and_si256(_mm256_cmpgt_epi64(v, Pm1), P));
+        const __m256i vh = _mm256_srli_epi64(v, 32);
+        const __m256i ll = _mm256_mul_epu32(v, vi), lh = _mm256_mul_epu32(v, ih);
+        const __m256i hl = _mm256_mul_epu32(vh, vi), hh = _mm256_mul_epu32(vh, ih);
+        const __m256i mid = _mm256_add_epi64(
+            _mm256_add_epi64(_mm256_srli_epi64(ll, 32), _mm256_and_si256(lh, lo32)),
+            _mm256_and_si256(hl, lo32));
+        const __m256i q = _mm256_add_epi64(
+            _mm256_add_epi64(hh, _mm256_srli_epi64(lh, 32)),
+            _mm256_add_epi64(_mm256_srli_epi64(hl, 32), _mm256_srli_epi64(mid, 32)));
+        const __m256i qm = _mm256_add_epi64(
+            _mm256_mul_epu32(q, vm),
+            _mm256_slli_epi64(_mm256_add_epi64(_mm256_mul_epu32(q, mh),
+                                               _mm256_mul_epu32(_mm256_srli_epi64(q, 32), vm)),
+                              32));
+        const __m256i r = _mm256_sub_epi64(v, qm);
+        _mm256_storeu_si256((__m256i*)(out + k),
+                            _mm256_sub_epi64(r, _mm256_andnot_si256(_mm256_cmpgt_epi64(vm, r), vm)));
+    }
+    for (; k < n; k++)
+        out[k] = he_fastmod(he_addmod(base, rc[k]), m, inv);
+}
+#endif
+
 /* out[k] = he_run_start(s, r, k) for every run k of a row: the scheme's
  * case chosen once, not per run (HashedNet rows have D runs of one float). */
 HE_HD void he_run_starts(const he_scheme* s, const he_row* r, uint64_t* out)
@@ -381,6 +439,12 @@ HE_HD void he_run_starts(const he_scheme* s, const he_row* r, uint64_t* out)
     if (s->kind == HE_ROBE) {
         const uint64_t base = r->base, mod = s->mod, inv = s->mod_inv;
         const uint64_t* rc = s->run_coef;
+#if defined(HE_X86_VECTOR)
+        if (s->runs >= 4 && (he_x86() & 2)) {
+            he_robe_starts_avx2(base, rc, s->runs, mod, inv, out);
+            return;
+        }
+#endif
         for (int64_t k = 0; k < s->runs; k++)
             out[k] = he_fastmod(he_addmod(base, rc[k]), mod, inv);
         return;
