@@ -48,8 +48,9 @@ def set_gpu_options(**options):
 
 def show_config():
     """What this build has: a dict (also printed) with the version, OpenMP and
-    its thread count, the CPU's float16 paths (F16C conversion and the AVX2
-    float16 update, each used only where the machine has it), the GPU
+    its thread count, the CPU's vector paths (AVX2 run starts and optimizer
+    applies, F16C float16 reads, each used only where the machine has
+    them, with the same results as the scalar code), the GPU
     backend's state (CuPy version and device, or why it is not available)
     and whether FastEmbedding's native torch op is built in this process.
 
@@ -59,7 +60,7 @@ def show_config():
     >>> info = he.show_config()              # doctest: +ELLIPSIS
     version  ...
     >>> sorted(info)
-    ['float16', 'gpu', 'openmp', 'threads', 'torch op', 'version']
+    ['gpu', 'openmp', 'simd', 'threads', 'torch op', 'version']
     """
     from ._cpu import _bag, _slots
     from ._gpu import info as gpu_info
@@ -68,7 +69,7 @@ def show_config():
         "version": __version__,
         "openmp": _slots.has_openmp(),
         "threads": _slots.max_threads(),
-        "float16": _bag.half_paths(),
+        "simd": _bag.simd_paths(),
         "gpu": gpu_info(),
         # FastEmbedding's native CPU op, built on first use
         "torch op": native.status() if native else "hashemb.torch not imported",

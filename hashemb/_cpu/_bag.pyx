@@ -1384,11 +1384,14 @@ def half_round(const float[::1] x, uint16_t[::1] out, uint64_t seed, int bf=0):
 ROWS = {"slot": ROWS_SLOT, "row": ROWS_ROW}
 
 
-def half_paths():
-    """Which float16 paths this machine takes: "F16C conversion, AVX2 update"
-    or the portable ones (the same results either way)."""
-    return ("F16C conversion" if he_x86() & 1 else "scalar conversion") + ", " + \
-        ("AVX2 update" if he_x86() & 2 else "scalar update")
+def simd_paths():
+    """Which vector paths this machine takes (checked at run time; the same
+    results as the portable code either way)."""
+    if he_x86() & 2:
+        return "AVX2 + F16C: run starts, optimizer applies, float16 reads"
+    if he_x86() & 1:
+        return "AVX + F16C: float16 reads (scalar run starts and applies)"
+    return "none: scalar code"
 
 
 def wants_scratch(SchemeView sv, int mode, int64_t n):
