@@ -149,6 +149,9 @@ class Fmt:
 
 F16 = Fmt("float16", np.dtype(np.float16), 0, 2.0**-11)
 BF16 = Fmt("bfloat16", BF, 1, 2.0**-8)
+# every weight dtype the bag functions take (bfloat16 where ml_dtypes is)
+DTYPES = [np.float32, np.float64, np.float16] + ([BF] if BF is not None else [])
+
 FORMATS = [pytest.param(F16, id="float16"),
            pytest.param(BF16, id="bfloat16",
                         marks=pytest.mark.skipif(BF is None, reason="ml_dtypes not installed"))]

@@ -36,8 +36,8 @@ from hashemb._gpu import bag as GB, embed as GE, slots as GS
 import fuzzing
 import gpu_emu
 from test_bag import batches, make_scheme
-from test_rowwise import DTYPES, full_batches, zero_sum_case
-from storage16 import BF, FORMATS
+from test_rowwise import full_batches, zero_sum_case
+from storage16 import BF, DTYPES, FORMATS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CU_FILES = sorted(glob.glob(os.path.join(ROOT, "hashemb", "**", "*.cu"), recursive=True)
@@ -576,7 +576,7 @@ def test_half_fused_optimizers_equal_cpu(dev, fmt, b, gseed, opt, det, sr):
 
 @FIXTURE
 @given(b=full_batches(), gseed=st.integers(0, 99),
-       dtype=st.sampled_from([np.float32, np.float64, np.float16] + ([BF] if BF else [])),
+       dtype=st.sampled_from(DTYPES),
        det=st.booleans(), sr=st.booleans())
 def test_rowwise_adagrad_equals_cpu(dev, b, gseed, dtype, det, sr):
     """Row-wise Adagrad of full tables: the gradient summed in the scratch,

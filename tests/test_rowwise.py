@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 import hashemb as he
 import fuzzing
 from reference import bag_backward
-from storage16 import BF, rowwise_model
+from storage16 import DTYPES, rowwise_model
 
 
 @st.composite
@@ -93,9 +93,6 @@ def zero_sum_case(dtype):
     x = np.array([[3], [7]])
     g = np.tile(np.resize([-0.0, 1, -0.0, 2, 0.0, -0.0, 3, -0.0, 4, -0.0], 13), (2, 1))
     return full, W, x, g
-
-
-DTYPES = [np.float32, np.float64, np.float16] + ([BF] if BF is not None else [])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)

@@ -167,8 +167,8 @@ def test_init_weight_and_optimizer_state_start_on_a_cache_line(scheme):
     # full table's 64-byte rows across two lines; hashemb's own arrays (the
     # weight, Adagrad's state, the two-phase scratch) start on one, with
     # the values the generator gives without it
-    from storage16 import BF
-    for dtype in [np.float32, np.float64, np.float16] + ([BF] if BF is not None else []):
+    from storage16 import DTYPES
+    for dtype in DTYPES:
         w = scheme.init_weight(seed=7, dtype=dtype)
         assert w.ctypes.data % 64 == 0 and w.shape == scheme.weight_shape and w.dtype == dtype
         assert w.flags.c_contiguous and w.flags.writeable

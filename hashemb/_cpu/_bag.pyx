@@ -111,11 +111,7 @@ cdef extern from *:
 
 cdef extern from "hashemb/half.h" nogil:
     float he_s2f(uint16_t h, int bf) noexcept
-    uint16_t he_f2h(float f) noexcept
-    uint16_t he_f2h_sr(float f, uint32_t rnd) noexcept
-    uint16_t he_f2b(float f) noexcept
-    uint16_t he_f2b_sr(float f, uint32_t rnd) noexcept
-    uint32_t he_round_bits(uint64_t seed, uint64_t slot) noexcept
+    uint16_t he_round16(float v, uint64_t slot, uint64_t seed, int bf) noexcept
     void he_half_sub(uint16_t* w, uint64_t slot, float step, uint64_t seed, int bf) noexcept
     void he_s2f_run(float* y, const uint16_t* x, float a, int64_t n, int how, int bf) noexcept
     int he_x86() noexcept
@@ -1367,18 +1363,15 @@ def half_widen(const uint16_t[::1] h, float[::1] out, int bf=0):
 
 
 def half_round(const float[::1] x, uint16_t[::1] out, uint64_t seed, int bf=0):
-    """out = x rounded to float16 bits (bf: bfloat16): to nearest even
-    (seed 0, he_f2h / he_f2b), or stochastically with the bits of (seed, i)
-    for element i (he_f2h_sr / he_f2b_sr)."""
+    """out = x rounded to float16 bits (bf: bfloat16) by he_round16: to
+    nearest even (seed 0), or stochastically with the bits of (seed, i) for
+    element i."""
     cdef int64_t i
     if out.shape[0] != x.shape[0]:
         raise ValueError(f"out: expected {x.shape[0]} values, got {out.shape[0]}")
     with nogil:
         for i in range(x.shape[0]):
-            if bf:
-                out[i] = he_f2b_sr(x[i], he_round_bits(seed, i)) if seed else he_f2b(x[i])
-            else:
-                out[i] = he_f2h_sr(x[i], he_round_bits(seed, i)) if seed else he_f2h(x[i])
+            out[i] = he_round16(x[i], i, seed, bf)
 
 
 ROWS = {"slot": ROWS_SLOT, "row": ROWS_ROW}

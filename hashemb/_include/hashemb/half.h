@@ -205,15 +205,20 @@ HE_HD he_u32 he_round_bits(he_u64 seed, he_u64 slot)
                     (he_u32)(seed >> 32));
 }
 
-/* The bits of float(w) - step in the format (bf: bfloat16, else
- * float16), rounded as asked for slot `slot` (seed 0: to nearest; else
- * stochastically, bits from (seed, slot)). */
-HE_HD he_u16 he_half_moved(he_u16 w, float step, he_u64 slot, he_u64 seed, int bf)
+/* v's bits in the format (bf: bfloat16, else float16), rounded as asked
+ * for slot `slot` (seed 0: to nearest; else stochastically, bits from
+ * (seed, slot)). */
+HE_HD he_u16 he_round16(float v, he_u64 slot, he_u64 seed, int bf)
 {
-    float v = he_s2f(w, bf) - step;
     if (bf)
         return seed ? he_f2b_sr(v, he_round_bits(seed, slot)) : he_f2b(v);
     return seed ? he_f2h_sr(v, he_round_bits(seed, slot)) : he_f2h(v);
+}
+
+/* The bits of float(w) - step, rounded (he_round16). */
+HE_HD he_u16 he_half_moved(he_u16 w, float step, he_u64 slot, he_u64 seed, int bf)
+{
+    return he_round16(he_s2f(w, bf) - step, slot, seed, bf);
 }
 
 /* w[slot] = w[slot] - step, rounded (he_half_moved). */
@@ -298,10 +303,9 @@ static inline void he_s2f_run(float* __restrict y, const he_u16* __restrict x, f
 /* The 16-bit SGD apply over n consecutive slots slot0.. of weight bits w
  * (format bf) and their summed gradient g: where g != 0,
  * w = round(float(w) - lr * g) (he_half_sub: to nearest for seed 0, else
- * stochastically); g = 0 after. For float16 with AVX2 and F16C, eight
- * slots a step: the same float arithmetic, the same random bits, and the
- * same rounding (lanes outside float16's normal range take the scalar
- * code), so the same bits as one slot at a time. */
+ * stochastically); g = 0 after. With AVX2 and F16C, eight slots a step
+ * (he_half_sgd_run_v): the same float arithmetic, the same random bits,
+ * and the same rounding, so the same bits as one slot at a time. */
 static inline void he_half_sgd_run_soft(he_u16* __restrict w, float* __restrict g, int64_t n,
                                         uint64_t slot0, float lr, uint64_t seed, int bf)
 {
