@@ -53,6 +53,11 @@ cdef extern from "hashemb/slots.h" nogil:
     he_row he_row_begin_t(const he_scheme* s, int64_t table, he_tterm tt, int64_t token)
     uint64_t he_run_start(const he_scheme* s, const he_row* r, int64_t k)
     void he_run_starts(const he_scheme* s, const he_row* r, uint64_t* out)
+    ctypedef struct he_one_run_k:
+        int kind
+    int he_one_run(const he_scheme* s)
+    he_one_run_k he_one_run_of(const he_scheme* s, int64_t table, he_tterm tt)
+    uint64_t he_one_run_start(const he_one_run_k* k, uint64_t x)
     int he_sign(const he_scheme* s, const he_row* r, int64_t i)
     int he_sign_of_key(const uint64_t* q, uint64_t k)
     uint64_t he_hash_base(const uint64_t* c, uint64_t e, uint64_t u)

@@ -143,10 +143,25 @@ HE_HD uint64_t he_fastdiv(uint64_t v, uint64_t d, uint64_t inv)
     return (v - q * d) >= d ? q + 1 : q;
 }
 
+/*
+ * (a * u + b) mod P for a < P, b < 2^62 and any 64-bit u, with one full
+ * reduction instead of three: u is only folded once (u' < 2^61 + 8, u' == u
+ * mod P), so a * u' < 2^123 splits at bit 61 into two parts below 2^61 and
+ * 2^62, and b plus both stays below 5 * 2^61 < 2^64 for he_fold. The same
+ * residue as he_addmod(he_mulmod(a, he_fold(u)), b mod P): a row hash's
+ * three folds cost more than its multiply.
+ */
+HE_HD uint64_t he_muladd(uint64_t a, uint64_t u, uint64_t b)
+{
+    uint64_t hi, lo;
+    he_mul128(a, (u & HE_P) + (u >> 61), &hi, &lo);
+    return he_fold(b + (lo & HE_P) + ((hi << 3) | (lo >> 61)));
+}
+
 /* he_hash_base given ta = A*e mod P, the part fixed for a whole table. */
 HE_HD uint64_t he_hash_base_t(const uint64_t* c, uint64_t ta, uint64_t u)
 {
-    return he_fold(ta + he_mulmod(c[1], he_fold(u)) + c[3]);
+    return he_muladd(c[1], u, ta + c[3]);
 }
 
 /* (A*e + B*u + D0) mod P: the part of h(e, u, c) that is fixed for a row. */
@@ -372,6 +387,60 @@ HE_HD uint64_t he_run_start(const he_scheme* s, const he_row* r, int64_t k)
     default: /* HE_FULL, HE_ROBE_WIDE: one run of D */
         return r->base;
     }
+}
+
+/*
+ * Rows of one run (full tables, ROBE-Z with Z >= D: he_one_run(s)) of one
+ * table, with what the table fixes worked out once: for k =
+ * he_one_run_of(s, e, tt), he_one_run_start(&k, x) == he_run_start(s, &row, 0)
+ * with row = he_row_begin_t(s, e, tt, x). A loop over the table's rows keeps
+ * k in registers; through s it reloads the fields after every store (a
+ * store of a run start may alias them), and re-reads the scheme's kind.
+ * ROBE-Z's sum A e + D0 + C 0 is taken mod P once: the terms are each
+ * below P, so folding them together gives the same residue.
+ */
+typedef struct he_one_run_k {
+    int kind;
+    uint64_t add, mul, mod, inv, rows, rows_inv, size, dim;
+} he_one_run_k;
+
+HE_HD int he_one_run(const he_scheme* s)
+{
+    return s->runs == 1 &&
+           (s->kind == HE_FULL || s->kind == HE_ROBE || s->kind == HE_ROBE_WIDE);
+}
+
+HE_HD he_one_run_k he_one_run_of(const he_scheme* s, int64_t table, he_tterm tt)
+{
+    he_one_run_k k;
+    k.kind = s->kind;
+    k.mul = s->coef[HE_CB];
+    k.mod = s->mod;
+    k.inv = s->mod_inv;
+    k.rows = s->rows;
+    k.rows_inv = s->rows_inv;
+    k.size = s->size;
+    k.dim = (uint64_t)s->dim;
+    if (s->kind == HE_FULL)
+        k.add = (uint64_t)s->table_base[table];
+    else if (s->kind == HE_ROBE)
+        k.add = he_fold(tt.a + s->coef[HE_CD] + s->run_coef[0]);
+    else
+        k.add = he_fold(tt.a + s->coef[HE_CD]);
+    return k;
+}
+
+HE_HD uint64_t he_one_run_start(const he_one_run_k* k, uint64_t x)
+{
+    if (k->kind == HE_FULL)
+        return (k->add + x) * k->dim;
+    if (k->kind == HE_ROBE)
+        return he_fastmod(he_muladd(k->mul, x, k->add), k->mod, k->inv);
+    /* HE_ROBE_WIDE: he_row_begin_t's case */
+    const uint64_t blk = he_fastdiv(x, k->rows, k->rows_inv);
+    const uint64_t h = he_fastmod(he_muladd(k->mul, blk, k->add), k->mod, k->inv);
+    const uint64_t slot = h + (x - blk * k->rows) * k->dim;
+    return slot >= k->size ? slot - k->size : slot;
 }
 
 #if !defined(__CUDACC__) && defined(__x86_64__) && defined(__GNUC__)
