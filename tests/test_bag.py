@@ -245,6 +245,49 @@ def test_large_batch_fast_path_matches_general_path():
         np.testing.assert_array_equal(a, b)
 
 
+def fold_edge_tokens(scheme, table, P=(1 << 61) - 1):
+    """int64 tokens whose ROBE-Z row hash (A e + B u + D0) mod P is 0 .. 7,
+    each residue in every 64-bit representative u + j P: the values at
+    which a lazily reduced sum needs its last conditional subtraction."""
+    A, B, _, D0 = (int(v) for v in scheme.hash.coef[:4])
+    inv = pow(B, P - 2, P)
+    out = []
+    for r in range(8):
+        u = (r - A * table - D0) * inv % P
+        out += [u + j * P for j in range(9) if u + j * P < 1 << 64]
+    return np.array(out, np.uint64).view(np.int64)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32])
+def test_one_entry_rows_of_one_run_take_any_token(dtype):
+    # one-entry bags of one-run rows hash a table's tokens in one pass (four
+    # at a time with AVX2): every 64-bit token, int32 ones sign-extended as
+    # slots() takes them, and the hash's fold edges, against the reference
+    from reference import slot
+    rng = np.random.default_rng(5)
+    for scheme in (he.RobeZ(1009, 8, block=8, seed=3), he.RobeZ(1009, 8, block=16, seed=4)):
+        M = scheme.init_weight(seed=1)
+        info = np.iinfo(dtype)
+        cols = [np.concatenate([[info.min, info.min + 1, -1, 0, 1, info.max],
+                                rng.integers(info.min, info.max, 30, dtype=dtype)])
+                for _ in range(2)]
+        if dtype == np.int64 and scheme.block == scheme.dim:
+            cols = [np.concatenate([c, fold_edge_tokens(scheme, t)]) for t, c in enumerate(cols)]
+            for t, c in enumerate(cols):        # the scalar hash (slots() of one-run rows)
+                assert (scheme.slots(c, table=t) ==
+                        [[slot(scheme, t, int(x), i) for i in range(8)] for x in c]).all()
+        n = min(len(c) for c in cols)
+        X = np.stack([c[:n] for c in cols], 1).astype(dtype)
+        out = he.embedding_bags(X, M, scheme=scheme, num_tables=2)
+        want = [[M[slot(scheme, t, int(X[b, t]), i)] for t in range(2) for i in range(8)]
+                for b in range(n)]
+        np.testing.assert_array_equal(out, want)
+        # batches of 3 hash one token at a time (the scalar he_one_run_start)
+        np.testing.assert_array_equal(
+            np.concatenate([he.embedding_bags(X[b:b + 3], M, scheme=scheme, num_tables=2)
+                            for b in range(0, n, 3)]), want)
+
+
 def test_full_table_equals_plain_lookup():
     full = he.FullTable([10, 20], 4)
     W = full.init_weight(seed=3)

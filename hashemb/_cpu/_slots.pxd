@@ -58,6 +58,8 @@ cdef extern from "hashemb/slots.h" nogil:
     int he_one_run(const he_scheme* s)
     he_one_run_k he_one_run_of(const he_scheme* s, int64_t table, he_tterm tt)
     uint64_t he_one_run_start(const he_one_run_k* k, uint64_t x)
+    void he_one_run_starts(const he_one_run_k* k, const void* x, int wide, int64_t n,
+                           uint64_t* out)
     int he_sign(const he_scheme* s, const he_row* r, int64_t i)
     int he_sign_of_key(const uint64_t* q, uint64_t k)
     uint64_t he_hash_base(const uint64_t* c, uint64_t e, uint64_t u)

@@ -458,10 +458,36 @@ static inline int he_x86(void)
     return has;
 }
 
+/* Four lanes of he_fastmod(v, m, inv) (AVX2), given mh = m >> 32 and
+ * ih = inv >> 32: q, the high half of v * inv, built from four 32 x 32-bit
+ * products, then r = v - q m and one conditional subtraction: the same
+ * integer arithmetic, so the same values. r < 2m < 2^63 (m < 2^62), so
+ * the signed compare is exact. */
+__attribute__((target("avx2"))) static inline __m256i he_fastmod_v(__m256i v, __m256i vm,
+                                                                  __m256i mh, __m256i vi,
+                                                                  __m256i ih)
+{
+    const __m256i lo32 = _mm256_set1_epi64x(0xffffffffLL);
+    const __m256i vh = _mm256_srli_epi64(v, 32);
+    const __m256i ll = _mm256_mul_epu32(v, vi), lh = _mm256_mul_epu32(v, ih);
+    const __m256i hl = _mm256_mul_epu32(vh, vi), hh = _mm256_mul_epu32(vh, ih);
+    const __m256i mid = _mm256_add_epi64(
+        _mm256_add_epi64(_mm256_srli_epi64(ll, 32), _mm256_and_si256(lh, lo32)),
+        _mm256_and_si256(hl, lo32));
+    const __m256i q = _mm256_add_epi64(
+        _mm256_add_epi64(hh, _mm256_srli_epi64(lh, 32)),
+        _mm256_add_epi64(_mm256_srli_epi64(hl, 32), _mm256_srli_epi64(mid, 32)));
+    const __m256i qm = _mm256_add_epi64(
+        _mm256_mul_epu32(q, vm),
+        _mm256_slli_epi64(_mm256_add_epi64(_mm256_mul_epu32(q, mh),
+                                           _mm256_mul_epu32(_mm256_srli_epi64(q, 32), vm)),
+                          32));
+    const __m256i r = _mm256_sub_epi64(v, qm);
+    return _mm256_sub_epi64(r, _mm256_andnot_si256(_mm256_cmpgt_epi64(vm, r), vm));
+}
+
 /* out[k] = he_fastmod(he_addmod(base, rc[k]), m, inv) for k < n, four
- * runs a step (AVX2): the same integer arithmetic, the high half of the
- * 64 x 64-bit product built from four 32 x 32-bit ones, so the same
- * starts. Every value stays below 2^63 (base, rc < P; m < 2^62), so the
+ * runs a step (AVX2). Every value stays below 2^63 (base, rc < P), so the
  * signed 64-bit compares are exact. */
 __attribute__((target("avx2"))) static void he_robe_starts_avx2(uint64_t base,
                                                                const uint64_t* rc, int64_t n,
@@ -473,31 +499,58 @@ __attribute__((target("avx2"))) static void he_robe_starts_avx2(uint64_t base,
     const __m256i Pm1 = _mm256_set1_epi64x((long long)(HE_P - 1));
     const __m256i vm = _mm256_set1_epi64x((long long)m), mh = _mm256_srli_epi64(vm, 32);
     const __m256i vi = _mm256_set1_epi64x((long long)inv), ih = _mm256_srli_epi64(vi, 32);
-    const __m256i lo32 = _mm256_set1_epi64x(0xffffffffLL);
     int64_t k = 0;
     for (; k + 4 <= n; k += 4) {
         __m256i v = _mm256_add_epi64(vb, _mm256_loadu_si256((const __m256i*)(rc + k)));
         v = _mm256_sub_epi64(v, _mm256_and_si256(_mm256_cmpgt_epi64(v, Pm1), P));
-        const __m256i vh = _mm256_srli_epi64(v, 32);
-        const __m256i ll = _mm256_mul_epu32(v, vi), lh = _mm256_mul_epu32(v, ih);
-        const __m256i hl = _mm256_mul_epu32(vh, vi), hh = _mm256_mul_epu32(vh, ih);
-        const __m256i mid = _mm256_add_epi64(
-            _mm256_add_epi64(_mm256_srli_epi64(ll, 32), _mm256_and_si256(lh, lo32)),
-            _mm256_and_si256(hl, lo32));
-        const __m256i q = _mm256_add_epi64(
-            _mm256_add_epi64(hh, _mm256_srli_epi64(lh, 32)),
-            _mm256_add_epi64(_mm256_srli_epi64(hl, 32), _mm256_srli_epi64(mid, 32)));
-        const __m256i qm = _mm256_add_epi64(
-            _mm256_mul_epu32(q, vm),
-            _mm256_slli_epi64(_mm256_add_epi64(_mm256_mul_epu32(q, mh),
-                                               _mm256_mul_epu32(_mm256_srli_epi64(q, 32), vm)),
-                              32));
-        const __m256i r = _mm256_sub_epi64(v, qm);
-        _mm256_storeu_si256((__m256i*)(out + k),
-                            _mm256_sub_epi64(r, _mm256_andnot_si256(_mm256_cmpgt_epi64(vm, r), vm)));
+        _mm256_storeu_si256((__m256i*)(out + k), he_fastmod_v(v, vm, mh, vi, ih));
     }
     for (; k < n; k++)
         out[k] = he_fastmod(he_addmod(base, rc[k]), m, inv);
+}
+
+/*
+ * out[i] = he_one_run_start(k, x[i]) for i < n, ROBE-Z's rows (k->kind ==
+ * HE_ROBE) four at a time (AVX2); x holds int64 tokens (wide) or int32
+ * ones, taken as he_one_run_start takes them (sign-extended). he_muladd's
+ * residue by another split of the product a u (a = ah 2^32 + al, u = uh
+ * 2^32 + ul; u folded once, as there): with 2^61 == 1 and 2^64 == 8 mod P,
+ * a u == 8 hh + (mid >> 29) + ((mid mod 2^29) << 32) + (ll mod 2^61) +
+ * (ll >> 61), mid = lh + hl < 2^63, hh < 2^59, and b plus all of it stays
+ * below 5 * 2^61 + 2^35 < 2^64, so one fold gives he_muladd's value.
+ */
+__attribute__((target("avx2"))) static void he_robe_one_starts_avx2(const he_one_run_k* k,
+                                                                   const void* x, int wide,
+                                                                   int64_t n, uint64_t* out)
+{
+    const __m256i P = _mm256_set1_epi64x((long long)HE_P);
+    const __m256i Pm1 = _mm256_set1_epi64x((long long)(HE_P - 1));
+    const __m256i m29 = _mm256_set1_epi64x((1LL << 29) - 1);
+    const __m256i va = _mm256_set1_epi64x((long long)k->mul), ah = _mm256_srli_epi64(va, 32);
+    const __m256i vb = _mm256_set1_epi64x((long long)k->add);
+    const __m256i vm = _mm256_set1_epi64x((long long)k->mod), mh = _mm256_srli_epi64(vm, 32);
+    const __m256i vi = _mm256_set1_epi64x((long long)k->inv), ih = _mm256_srli_epi64(vi, 32);
+    const int64_t* x64 = (const int64_t*)x;
+    const int32_t* x32 = (const int32_t*)x;
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        const __m256i xv = wide ? _mm256_loadu_si256((const __m256i*)(x64 + i))
+                                : _mm256_cvtepi32_epi64(_mm_loadu_si128((const __m128i*)(x32 + i)));
+        const __m256i u = _mm256_add_epi64(_mm256_and_si256(xv, P), _mm256_srli_epi64(xv, 61));
+        const __m256i uh = _mm256_srli_epi64(u, 32);
+        const __m256i ll = _mm256_mul_epu32(u, va), hh = _mm256_mul_epu32(uh, ah);
+        const __m256i mid = _mm256_add_epi64(_mm256_mul_epu32(u, ah), _mm256_mul_epu32(uh, va));
+        __m256i t = _mm256_add_epi64(
+            _mm256_add_epi64(_mm256_add_epi64(vb, _mm256_slli_epi64(hh, 3)),
+                             _mm256_add_epi64(_mm256_srli_epi64(mid, 29),
+                                              _mm256_slli_epi64(_mm256_and_si256(mid, m29), 32))),
+            _mm256_add_epi64(_mm256_and_si256(ll, P), _mm256_srli_epi64(ll, 61)));
+        t = _mm256_add_epi64(_mm256_and_si256(t, P), _mm256_srli_epi64(t, 61));
+        t = _mm256_sub_epi64(t, _mm256_and_si256(_mm256_cmpgt_epi64(t, Pm1), P));
+        _mm256_storeu_si256((__m256i*)(out + i), he_fastmod_v(t, vm, mh, vi, ih));
+    }
+    for (; i < n; i++)
+        out[i] = he_one_run_start(k, wide ? (uint64_t)x64[i] : (uint64_t)(int64_t)x32[i]);
 }
 #endif
 
@@ -520,6 +573,22 @@ HE_HD void he_run_starts(const he_scheme* s, const he_row* r, uint64_t* out)
     }
     for (int64_t k = 0; k < s->runs; k++)
         out[k] = he_run_start(s, r, k);
+}
+
+/* out[i] = he_one_run_start(k, x[i]) for i < n (x: int64 tokens if wide,
+ * else int32): ROBE-Z's four at a time where the CPU has AVX2. */
+HE_HD void he_one_run_starts(const he_one_run_k* k, const void* x, int wide, int64_t n,
+                             uint64_t* out)
+{
+#if defined(HE_X86_VECTOR)
+    if (k->kind == HE_ROBE && n >= 4 && (he_x86() & 2)) {
+        he_robe_one_starts_avx2(k, x, wide, n, out);
+        return;
+    }
+#endif
+    for (int64_t i = 0; i < n; i++)
+        out[i] = he_one_run_start(k, wide ? (uint64_t)((const int64_t*)x)[i]
+                                          : (uint64_t)(int64_t)((const int32_t*)x)[i]);
 }
 
 /*
