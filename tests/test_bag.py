@@ -288,6 +288,35 @@ def test_one_entry_rows_of_one_run_take_any_token(dtype):
                             for b in range(0, n, 3)]), want)
 
 
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+@pytest.mark.parametrize("scheme", [he.RobeZ(37, 8, block=8, seed=2),        # most rows wrap
+                                    he.RobeZ(41, 8, block=16, seed=3),
+                                    he.FullTable([9, 5], 8)], ids=repr)
+def test_one_entry_rows_of_one_run_backward(scheme, mode):
+    # one-entry bags of one-run rows take one walk over the run starts
+    # (_add_one_runs): the reference gradient, per-sample weights and runs
+    # that wrap past the array's end included, and the fused SGD step
+    rng = np.random.default_rng(7)
+    B, T = 40, 2
+    hi = 5 if isinstance(scheme, he.FullTable) else 2**40
+    X = rng.integers(0, hi, (B, T))
+    psw = rng.standard_normal((B, T)).astype(np.float32) if mode == "sum" else None
+    G = rng.standard_normal((B, T * 8)).astype(np.float32)
+    flat, off = np.ascontiguousarray(X.T).reshape(-1), np.arange(T * B + 1)
+    want = bag_backward(scheme, flat, off, G, T, mode=mode,
+                        psw=None if psw is None else psw.T.reshape(-1))
+    for x, o in ((X, None), (flat, off)):
+        p = psw if o is None or psw is None else psw.T.reshape(-1)
+        got = he.embedding_bags_backward(G, x, o, scheme=scheme, num_tables=T, mode=mode,
+                                         per_sample_weights=p)
+        np.testing.assert_allclose(got.reshape(-1), want, rtol=1e-5, atol=1e-6)
+        W = scheme.init_weight(seed=1)
+        W0 = W.copy().reshape(-1)
+        he.embedding_bags_backward(G, x, o, scheme=scheme, num_tables=T, mode=mode,
+                                   per_sample_weights=p, weight=W, optimizer=he.SGD(0.5))
+        np.testing.assert_allclose(W.reshape(-1), W0 - 0.5 * want, rtol=1e-5, atol=1e-6)
+
+
 def test_full_table_equals_plain_lookup():
     full = he.FullTable([10, 20], 4)
     W = full.init_weight(seed=3)
