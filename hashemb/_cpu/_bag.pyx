@@ -19,7 +19,7 @@ from hashemb._cpu._slots cimport (SchemeView, he_scheme, HE_FULL, he_row, he_row
                                   he_row_data, he_table_probe, he_row_probe, he_probe_hint,
                                   he_row_begin_probed, he_tterm, he_table_term, he_row_begin_t,
                                   he_run_start, he_run_starts, he_run_slot, he_sign,
-                                  he_one_run_k, he_one_run, he_one_run_of, he_one_run_starts, he_fastdiv,
+                                  he_one_run_k, he_one_run, he_one_run_of, he_one_run_starts,
                                   he_max_threads)
 
 ctypedef fused real:
@@ -985,18 +985,10 @@ cdef void _bucket_pass(const he_scheme* s, const index_t* idx, const int64_t* of
 
 
 cdef inline const real* _pair_row(const real* grad, const int64_t* pairs, int64_t e, int64_t B,
-                                  uint64_t binv, int64_t gstride, int64_t D) noexcept nogil:
-    """The gradient row of bucket pair e's bag q = t*B + b (row b, table t);
-    binv = _inverse(B): t by a multiply, not a 64-bit division (tens of
-    cycles, more than the rest of an entry's work)."""
-    cdef uint64_t q = <uint64_t>pairs[2 * e + 1]
-    cdef uint64_t t = he_fastdiv(q, <uint64_t>B, binv)
-    return grad + <int64_t>(q - t * <uint64_t>B) * gstride + <int64_t>t * D
-
-
-cdef inline uint64_t _inverse(int64_t d) noexcept nogil:
-    """floor((2^64 - 1) / d), he_fastdiv's reciprocal of d >= 1."""
-    return (<uint64_t>0xFFFFFFFFFFFFFFFF) // <uint64_t>d
+                                  int64_t gstride, int64_t D) noexcept nogil:
+    """The gradient row of bucket pair e's bag q = t*B + b (row b, table t)."""
+    cdef int64_t q = pairs[2 * e + 1]
+    return grad + (q % B) * gstride + (q // B) * D
 
 
 cdef inline real _pair_scale(real alpha, const int64_t* cnt, const real* psw, int64_t j,
@@ -1019,19 +1011,18 @@ cdef void _backward_owned(const he_scheme* s, const int64_t* pairs, int64_t n,
     [lo, hi), in entry order (so each slot sums in entry order, as in
     _backward_part: the same bits). cnt[q]: the entries of mean bag q."""
     cdef int64_t e, j, q, k, R = s.runs, L = s.run, D = s.dim
-    cdef uint64_t binv = _inverse(B)
     cdef const real* g
     cdef real w
     for e in range(n):
         if e + AHEAD < n:
-            g = _pair_row(grad, pairs, e + AHEAD, B, binv, gstride, D)
+            g = _pair_row(grad, pairs, e + AHEAD, B, gstride, D)
             he_prefetch(g)
             he_prefetch(g + D - 1)
             _prefetch_runs(s, pre, pairs[2 * (e + AHEAD)], target, htarget,
                            scratch if act == ACT_ADAGRAD else NULL, lo, hi)
         j = pairs[2 * e]
         q = pairs[2 * e + 1]
-        g = _pair_row(grad, pairs, e, B, binv, gstride, D)
+        g = _pair_row(grad, pairs, e, B, gstride, D)
         w = _pair_scale(alpha, cnt, psw, j, q) if act == ACT_ADD else alpha
         for k in range(R):
             _visit(s, NULL, k, pre[j * R + k], 0, L, g + k * L, w, target, htarget, bf, scratch,
@@ -1104,7 +1095,7 @@ cdef void _rows_owned(const he_scheme* s, const int64_t* pairs, int64_t n,
     _rowwise). The weight is w, or hw for float16 storage. O(rows touched)
     memory (mem: _rows_bytes(n) of it) instead of the table's size."""
     cdef int64_t e, j, h, u, nu = 0, D = s.dim, cap = _rows_cap(n)
-    cdef uint64_t st, binv = _inverse(B)
+    cdef uint64_t st
     cdef const real* g
     cdef real sc
     cdef real* row
@@ -1117,11 +1108,11 @@ cdef void _rows_owned(const he_scheme* s, const int64_t* pairs, int64_t n,
         keys[2 * h] = <uint64_t>(-1)        # empty (a start is < 2^62)
     for e in range(n):
         if e + AHEAD < n:
-            g = _pair_row(grad, pairs, e + AHEAD, B, binv, gstride, D)
+            g = _pair_row(grad, pairs, e + AHEAD, B, gstride, D)
             he_prefetch(g)
             he_prefetch(g + D - 1)
         j = pairs[2 * e]
-        g = _pair_row(grad, pairs, e, B, binv, gstride, D)
+        g = _pair_row(grad, pairs, e, B, gstride, D)
         sc = _pair_scale(1, cnt, psw, j, pairs[2 * e + 1])
         st = pre[j]
         h = <int64_t>((st * <uint64_t>0x9E3779B97F4A7C15) >> 40) & (cap - 1)

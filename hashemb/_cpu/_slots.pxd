@@ -42,7 +42,6 @@ cdef extern from "hashemb/slots.h" nogil:
     uint64_t he_fold(uint64_t x)
     uint64_t he_mulmod(uint64_t a, uint64_t b)
     uint64_t he_fastmod(uint64_t v, uint64_t d, uint64_t inv)
-    uint64_t he_fastdiv(uint64_t v, uint64_t d, uint64_t inv)
     uint64_t he_hash(const uint64_t* c, uint64_t e, uint64_t u, uint64_t blk,
                      uint64_t m, uint64_t m_inv)
     ctypedef struct he_tterm:
