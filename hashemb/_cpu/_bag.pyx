@@ -4,10 +4,12 @@
 One kernel family serves all schemes: a kernel walks the bag entries and asks
 slots.h for the start of each contiguous run of a row; it never builds an
 (N x D) slot array. Forward parallelises over samples (each thread owns whole
-output rows). Backward partitions the *slots* among threads: every thread walks
-all entries in order and adds only into its own slot range, so each slot sums
-its contributions in entry order, whatever the thread count: results are
-bitwise deterministic and no thread writes where another does.
+output rows). Backward partitions the *slots* among threads: a thread walks
+the entries (those bucketed to it) in order and adds only into its own slot
+range, so each slot sums its contributions in entry order, whatever the
+thread count: results are bitwise deterministic and no thread writes where
+another does. One-entry bags of one-run rows take one thread's tight walk
+(_add_one_runs), in the same order.
 """
 from cython.parallel cimport prange, parallel, threadid
 from libc.math cimport sqrt
