@@ -311,7 +311,7 @@ cdef void _one_run_rows(const he_scheme* s, const index_t* x, int64_t n, const r
     constants in registers (he_one_run_of) instead of the general pipeline:
     under half the instructions a row."""
     cdef he_one_run_k k = he_one_run_of(s, table, tt)
-    cdef int64_t D = s.dim, g, i
+    cdef int64_t D = s.dim, g
     cdef uint64_t m = s.size
     cdef bint wraps = False
     he_one_run_starts(&k, x, sizeof(index_t) == 8, n, st)
@@ -319,16 +319,9 @@ cdef void _one_run_rows(const he_scheme* s, const index_t* x, int64_t n, const r
         he_prefetch(_at(M, H, st[g]))
         he_prefetch(_at(M, H, st[g] + D - 1))
         wraps |= st[g] + <uint64_t>D > m
-    if wraps or H != NULL:
+    if wraps or H != NULL:  # a run wrapping past the array's end (ROBE-Z), or 16-bit
         for g in range(n):
-            if st[g] + <uint64_t>D <= m:
-                if H != NULL:
-                    _run_h(o + g * ostride, H + st[g], bf, 1, D, 2)
-                else:
-                    _copy_run(o + g * ostride, M + st[g], D)
-            else:           # the run wraps past the array's end (ROBE-Z)
-                for i in range(D):
-                    o[g * ostride + i] = _ld(M, H, bf, he_run_slot(s, st[g], i))
+            _gather_runs(s, st + g, M, H, bf, o + g * ostride)
     elif D == 16:           # the common widths copied with fixed-size moves
         _copy_one_runs(o, ostride, M, st, n, 16)
     elif D == 32:

@@ -321,6 +321,60 @@ HE_HD he_tterm he_table_term(const he_scheme* s, int64_t table)
     return t;
 }
 
+/*
+ * Rows of one run (full tables, ROBE-Z with Z >= D: he_one_run(s)) of one
+ * table, with what the table fixes worked out once: k = he_one_run_of(s, e,
+ * tt), then he_one_run_start(&k, x) is row x's one run start (wide
+ * ROBE-Z's rows in he_row_begin_t too). A loop over the table's
+ * rows keeps k in registers; through s it reloads the fields after every
+ * store (a store of a run start may alias them), and re-reads the kind.
+ * ROBE-Z's sum A e + D0 + C 0 is taken mod P once: the terms are each
+ * below P, so folding them together gives the same residue.
+ */
+typedef struct he_one_run_k {
+    int kind;
+    uint64_t add, mul, mod, inv, rows, rows_inv, size, dim;
+} he_one_run_k;
+
+HE_HD int he_one_run(const he_scheme* s)
+{
+    return s->runs == 1 &&
+           (s->kind == HE_FULL || s->kind == HE_ROBE || s->kind == HE_ROBE_WIDE);
+}
+
+HE_HD he_one_run_k he_one_run_of(const he_scheme* s, int64_t table, he_tterm tt)
+{
+    he_one_run_k k;
+    k.kind = s->kind;
+    k.mul = s->coef[HE_CB];
+    k.mod = s->mod;
+    k.inv = s->mod_inv;
+    k.rows = s->rows;
+    k.rows_inv = s->rows_inv;
+    k.size = s->size;
+    k.dim = (uint64_t)s->dim;
+    if (s->kind == HE_FULL)
+        k.add = (uint64_t)s->table_base[table];
+    else if (s->kind == HE_ROBE)
+        k.add = he_fold(tt.a + s->coef[HE_CD] + s->run_coef[0]);
+    else        /* below 2^62, as he_muladd takes it (he_hash_base_t's sum) */
+        k.add = tt.a + s->coef[HE_CD];
+    return k;
+}
+
+HE_HD uint64_t he_one_run_start(const he_one_run_k* k, uint64_t x)
+{
+    if (k->kind == HE_FULL)
+        return (k->add + x) * k->dim;
+    if (k->kind == HE_ROBE)
+        return he_fastmod(he_muladd(k->mul, x, k->add), k->mod, k->inv);
+    /* HE_ROBE_WIDE: Z / D consecutive rows share a block */
+    const uint64_t blk = he_fastdiv(x, k->rows, k->rows_inv);
+    const uint64_t h = he_fastmod(he_muladd(k->mul, blk, k->add), k->mod, k->inv);
+    const uint64_t slot = h + (x - blk * k->rows) * k->dim;
+    return slot >= k->size ? slot - k->size : slot;
+}
+
 HE_HD he_row he_row_begin_t(const he_scheme* s, int64_t table, he_tterm tt, int64_t token)
 {
     he_row r;
@@ -330,16 +384,14 @@ HE_HD he_row he_row_begin_t(const he_scheme* s, int64_t table, he_tterm tt, int6
     case HE_FULL:
         r.base = (uint64_t)(s->table_base[table] + token) * (uint64_t)s->dim;
         break;
+    case HE_ROBE_WIDE: {
+        const he_one_run_k k = he_one_run_of(s, table, tt);
+        r.base = he_one_run_start(&k, x);
+        break;
+    }
     case HE_ROBE:
         r.base = he_hash_base_t(s->coef, tt.a, x);
         break;
-    case HE_ROBE_WIDE: {
-        uint64_t blk = he_fastdiv(x, s->rows, s->rows_inv);
-        uint64_t h = he_fastmod(he_hash_base_t(s->coef, tt.a, blk), s->mod, s->mod_inv);
-        uint64_t slot = h + (x - blk * s->rows) * (uint64_t)s->dim;
-        r.base = slot >= s->size ? slot - s->size : slot;
-        break;
-    }
     case HE_ROBE_REF: {
         /* key(x, c) = (R2*x + R1*c + R0) mod p with x the global token id */
         uint64_t xg = (uint64_t)(token + (s->num_tables ? s->table_base[table] : 0));
@@ -387,60 +439,6 @@ HE_HD uint64_t he_run_start(const he_scheme* s, const he_row* r, int64_t k)
     default: /* HE_FULL, HE_ROBE_WIDE: one run of D */
         return r->base;
     }
-}
-
-/*
- * Rows of one run (full tables, ROBE-Z with Z >= D: he_one_run(s)) of one
- * table, with what the table fixes worked out once: for k =
- * he_one_run_of(s, e, tt), he_one_run_start(&k, x) == he_run_start(s, &row, 0)
- * with row = he_row_begin_t(s, e, tt, x). A loop over the table's rows keeps
- * k in registers; through s it reloads the fields after every store (a
- * store of a run start may alias them), and re-reads the scheme's kind.
- * ROBE-Z's sum A e + D0 + C 0 is taken mod P once: the terms are each
- * below P, so folding them together gives the same residue.
- */
-typedef struct he_one_run_k {
-    int kind;
-    uint64_t add, mul, mod, inv, rows, rows_inv, size, dim;
-} he_one_run_k;
-
-HE_HD int he_one_run(const he_scheme* s)
-{
-    return s->runs == 1 &&
-           (s->kind == HE_FULL || s->kind == HE_ROBE || s->kind == HE_ROBE_WIDE);
-}
-
-HE_HD he_one_run_k he_one_run_of(const he_scheme* s, int64_t table, he_tterm tt)
-{
-    he_one_run_k k;
-    k.kind = s->kind;
-    k.mul = s->coef[HE_CB];
-    k.mod = s->mod;
-    k.inv = s->mod_inv;
-    k.rows = s->rows;
-    k.rows_inv = s->rows_inv;
-    k.size = s->size;
-    k.dim = (uint64_t)s->dim;
-    if (s->kind == HE_FULL)
-        k.add = (uint64_t)s->table_base[table];
-    else if (s->kind == HE_ROBE)
-        k.add = he_fold(tt.a + s->coef[HE_CD] + s->run_coef[0]);
-    else
-        k.add = he_fold(tt.a + s->coef[HE_CD]);
-    return k;
-}
-
-HE_HD uint64_t he_one_run_start(const he_one_run_k* k, uint64_t x)
-{
-    if (k->kind == HE_FULL)
-        return (k->add + x) * k->dim;
-    if (k->kind == HE_ROBE)
-        return he_fastmod(he_muladd(k->mul, x, k->add), k->mod, k->inv);
-    /* HE_ROBE_WIDE: he_row_begin_t's case */
-    const uint64_t blk = he_fastdiv(x, k->rows, k->rows_inv);
-    const uint64_t h = he_fastmod(he_muladd(k->mul, blk, k->add), k->mod, k->inv);
-    const uint64_t slot = h + (x - blk * k->rows) * k->dim;
-    return slot >= k->size ? slot - k->size : slot;
 }
 
 #if !defined(__CUDACC__) && defined(__x86_64__) && defined(__GNUC__)
@@ -510,18 +508,19 @@ __attribute__((target("avx2"))) static void he_robe_starts_avx2(uint64_t base,
 }
 
 /*
- * out[i] = he_one_run_start(k, x[i]) for i < n, ROBE-Z's rows (k->kind ==
- * HE_ROBE) four at a time (AVX2); x holds int64 tokens (wide) or int32
- * ones, taken as he_one_run_start takes them (sign-extended). he_muladd's
+ * out[i] = he_one_run_start(k, x[i]) for i < n - n % 4, ROBE-Z's rows
+ * (k->kind == HE_ROBE) four at a time (AVX2); returns that count. x holds
+ * int64 tokens (wide) or int32 ones, taken as he_one_run_start takes them
+ * (sign-extended). he_muladd's
  * residue by another split of the product a u (a = ah 2^32 + al, u = uh
  * 2^32 + ul; u folded once, as there): with 2^61 == 1 and 2^64 == 8 mod P,
  * a u == 8 hh + (mid >> 29) + ((mid mod 2^29) << 32) + (ll mod 2^61) +
  * (ll >> 61), mid = lh + hl < 2^63, hh < 2^59, and b plus all of it stays
  * below 5 * 2^61 + 2^35 < 2^64, so one fold gives he_muladd's value.
  */
-__attribute__((target("avx2"))) static void he_robe_one_starts_avx2(const he_one_run_k* k,
-                                                                   const void* x, int wide,
-                                                                   int64_t n, uint64_t* out)
+__attribute__((target("avx2"))) static int64_t he_robe_one_starts_avx2(const he_one_run_k* k,
+                                                                      const void* x, int wide,
+                                                                      int64_t n, uint64_t* out)
 {
     const __m256i P = _mm256_set1_epi64x((long long)HE_P);
     const __m256i Pm1 = _mm256_set1_epi64x((long long)(HE_P - 1));
@@ -549,8 +548,7 @@ __attribute__((target("avx2"))) static void he_robe_one_starts_avx2(const he_one
         t = _mm256_sub_epi64(t, _mm256_and_si256(_mm256_cmpgt_epi64(t, Pm1), P));
         _mm256_storeu_si256((__m256i*)(out + i), he_fastmod_v(t, vm, mh, vi, ih));
     }
-    for (; i < n; i++)
-        out[i] = he_one_run_start(k, wide ? (uint64_t)x64[i] : (uint64_t)(int64_t)x32[i]);
+    return i;
 }
 #endif
 
@@ -580,13 +578,12 @@ HE_HD void he_run_starts(const he_scheme* s, const he_row* r, uint64_t* out)
 HE_HD void he_one_run_starts(const he_one_run_k* k, const void* x, int wide, int64_t n,
                              uint64_t* out)
 {
+    int64_t i = 0;
 #if defined(HE_X86_VECTOR)
-    if (k->kind == HE_ROBE && n >= 4 && (he_x86() & 2)) {
-        he_robe_one_starts_avx2(k, x, wide, n, out);
-        return;
-    }
+    if (k->kind == HE_ROBE && n >= 4 && (he_x86() & 2))
+        i = he_robe_one_starts_avx2(k, x, wide, n, out);
 #endif
-    for (int64_t i = 0; i < n; i++)
+    for (; i < n; i++)
         out[i] = he_one_run_start(k, wide ? (uint64_t)((const int64_t*)x)[i]
                                           : (uint64_t)(int64_t)((const int32_t*)x)[i]);
 }
