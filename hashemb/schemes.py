@@ -271,7 +271,8 @@ class RobeZ(Scheme):
         self._sign_coef = np.array([coef[6] * i % P for i in range(dim)], np.uint64)
         mod = size if wrap else size - block + 1
         if block <= dim:
-            self._run_coef = np.array([coef[2] * k % P for k in range(dim // block)], np.uint64)
+            rc = [coef[2] * k % P for k in range(dim // block)]
+            self._run_coef = np.array(rc + [c % mod for c in rc], np.uint64)
             self._setup(_ROBE, size, dim, block, mod, coef)
         else:
             self._rows = block // dim

@@ -258,6 +258,40 @@ def fold_edge_tokens(scheme, table, P=(1 << 61) - 1):
     return np.array(out, np.uint64).view(np.int64)
 
 
+def base_tokens(scheme, table, bases, P=(1 << 61) - 1):
+    """Tokens whose ROBE-Z row hash (A e + B u + D0) mod P is each of bases."""
+    A, B, _, D0 = (int(v) for v in scheme.hash.coef[:4])
+    inv = pow(B, P - 2, P)
+    return np.array([(b - A * table - D0) * inv % P for b in bases], np.int64)
+
+
+@pytest.mark.parametrize("scheme", [he.HashedNet(1009, 6, seed=2),
+                                    he.RobeZ(1009, 20, block=4, seed=3),
+                                    he.RobeZ(2**40 + 15, 16, block=2, seed=4),
+                                    he.RobeZ(1000, 16, block=4, seed=5, wrap=False)],
+                         ids=repr)
+def test_run_starts_at_the_wrap_of_P(scheme):
+    # rows of several runs take their run starts from residues (one division a
+    # row, he_robe_run_start; four at a time with AVX2, then a scalar tail):
+    # rows whose hash plus a run's coefficient lands on P - 1, P and P + 1,
+    # where the sum wraps, and on 0 and P - 1, against the reference
+    from reference import slot
+    P = (1 << 61) - 1
+    rc = [int(c) for c in scheme._run_coef[:scheme.dim // scheme.block]]
+    bases = [0, 1, P - 1] + [(P + d - c) % P for c in rc for d in (-1, 0, 1)]
+    for t in range(2):
+        x = base_tokens(scheme, t, bases)
+        want = [[slot(scheme, t, int(v), i) for i in range(scheme.dim)] for v in x]
+        assert (scheme.slots(x, table=t) == want).all()
+    if scheme.size > 10**6:
+        return          # (no array of 2^40 floats: the slots above are the check)
+    X = np.stack([base_tokens(scheme, t, bases) for t in range(2)], 1)
+    M = scheme.init_weight(seed=1)
+    want = [[M[slot(scheme, t, int(X[b, t]), i)] for t in range(2) for i in range(scheme.dim)]
+            for b in range(len(X))]
+    np.testing.assert_array_equal(he.embedding_bags(X, M, scheme=scheme, num_tables=2), want)
+
+
 @pytest.mark.parametrize("dtype", [np.int64, np.int32])
 def test_one_entry_rows_of_one_run_take_any_token(dtype):
     # one-entry bags of one-run rows hash a table's tokens in one pass (four

@@ -180,6 +180,10 @@ cdef inline void _copy_run(real* dst, const real* src, int64_t L) noexcept nogil
         memcpy(dst, src, 32 * sizeof(real))
     elif L == 8:
         memcpy(dst, src, 8 * sizeof(real))
+    elif L == 4:
+        memcpy(dst, src, 4 * sizeof(real))
+    elif L == 2:
+        memcpy(dst, src, 2 * sizeof(real))
     elif L == 64:
         memcpy(dst, src, 64 * sizeof(real))
     else:
@@ -293,6 +297,36 @@ cdef inline void _gather_runs(const he_scheme* s, const uint64_t* r, const real*
                 o[k * L + i] = _ld(M, H, bf, he_run_slot(s, r[k], i))
 
 
+cdef inline void _copy_elems(real* o, const real* M, const uint64_t* r, int64_t R) noexcept nogil:
+    """o[k] = M[r[k]] for k < R: a row of runs of one float (HashedNet);
+    the common widths with a constant count, which the compiler unrolls."""
+    cdef int64_t k
+    if R == 16:
+        for k in range(16):
+            o[k] = M[r[k]]
+    elif R == 32:
+        for k in range(32):
+            o[k] = M[r[k]]
+    else:
+        for k in range(R):
+            o[k] = M[r[k]]
+
+
+cdef inline void _prefetch_elems(const real* M, const uint16_t* H, const uint64_t* r,
+                                 int64_t R) noexcept nogil:
+    """Prefetch a row of runs of one float (one line each)."""
+    cdef int64_t k
+    if H != NULL:
+        for k in range(R):
+            he_prefetch(H + r[k])
+    elif R == 16:
+        for k in range(16):
+            he_prefetch(M + r[k])
+    else:
+        for k in range(R):
+            he_prefetch(M + r[k])
+
+
 cdef inline void _copy_one_runs(real* o, int64_t ostride, const real* M, const uint64_t* st,
                                 int64_t n, int64_t L) noexcept nogil:
     """o[g * ostride:][:L] = M[st[g]:][:L] for g < n (runs that do not wrap)."""
@@ -395,8 +429,11 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                     if g >= 0 and L == 1:   # element-wise (HashedNet): D floats, none wraps
                         r = ring + (g & (ahead - 1)) * R
                         o = out + g * ostride + t * D
-                        for k in range(R):
-                            o[k] = _ld(M, H, bf, r[k])
+                        if H == NULL:
+                            _copy_elems(o, M, r, R)
+                        else:
+                            for k in range(R):
+                                o[k] = _ld(M, H, bf, r[k])
                     elif g >= 0:    # gather bag g, hashed ahead bags before (its ring slot is c's)
                         _gather_runs(s, ring + (g & (ahead - 1)) * R, M, H, bf,
                                      out + g * ostride + t * D)
@@ -404,9 +441,11 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                         row = he_row_begin_t(s, table0 + t, tt, idx[j0 + c])
                         r = ring + (c & (ahead - 1)) * R
                         he_run_starts(s, &row, r)
-                        for k in range(R):
-                            he_prefetch(_at(M, H, r[k]))
-                            if L > 1:
+                        if L == 1:
+                            _prefetch_elems(M, H, r, R)
+                        else:
+                            for k in range(R):
+                                he_prefetch(_at(M, H, r[k]))
                                 he_prefetch(_at(M, H, r[k] + L - 1))
                         if pre != NULL:
                             for k in range(R):

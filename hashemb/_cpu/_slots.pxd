@@ -16,6 +16,7 @@ cdef extern from "hashemb/slots.h" nogil:
         uint64_t size
         uint64_t mod
         uint64_t mod_inv
+        uint64_t p_mod
         uint64_t rows
         uint64_t rows_inv
         uint64_t ref_p

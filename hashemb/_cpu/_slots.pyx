@@ -28,6 +28,7 @@ cdef class SchemeView:
         self.s.size = scheme.size
         self.s.mod = scheme._mod
         self.s.mod_inv = reciprocal(self.s.mod)
+        self.s.p_mod = HE_P % self.s.mod if self.s.mod else 0
         self.s.rows = scheme._rows
         self.s.rows_inv = reciprocal(self.s.rows)
         self.s.ref_p = scheme._ref_p

@@ -65,12 +65,13 @@ typedef struct he_scheme {
     uint64_t size;          /* m: floats in the array                          */
     uint64_t mod;           /* divisor of the run-start hash: m, or m - Z + 1  */
     uint64_t mod_inv;       /* floor((2^64 - 1) / mod), for he_fastmod         */
+    uint64_t p_mod;         /* P mod `mod` (he_robe_run_start)                 */
     uint64_t rows;          /* HE_ROBE_WIDE: r = Z / D rows per block          */
     uint64_t rows_inv;
     uint64_t ref_p;         /* HE_ROBE_REF / HE_HNET_REF inner prime            */
     uint64_t ref_p_inv;
     uint64_t coef[HE_NCOEF];/* universal-hash coefficients, see HE_C*, HE_S*, HE_Q */
-    const uint64_t* run_coef;   /* [D/L]: C * k mod P (per run k)              */
+    const uint64_t* run_coef;   /* [2 D/L] (HE_ROBE): C k mod P per run k, then each mod `mod` */
     const uint64_t* sign_coef;  /* [D]:   C' * i mod P (per element i)         */
     const int64_t* table_base;  /* [num_tables]: rows before table e           */
     int64_t num_tables;         /* tables with a size (0: any table id)        */
@@ -441,6 +442,21 @@ HE_HD uint64_t he_run_start(const he_scheme* s, const he_row* r, int64_t k)
     }
 }
 
+/*
+ * Run k's start of a ROBE-Z row, he_fastmod(he_addmod(base, c), m), from
+ * residues instead of a division: bm = base mod m (once a row), cm = c mod m
+ * and pm = P mod m (once a scheme), c = run_coef[k]. base + c < 2P wraps past
+ * P iff (base + c + 1) >> 61 (P = 2^61 - 1), and then loses P, so the start
+ * is bm + cm - w pm mod m, a value in (-m, 2m): one correction either way.
+ */
+HE_HD uint64_t he_robe_run_start(uint64_t base, uint64_t bm, uint64_t c, uint64_t cm,
+                                  uint64_t pm, uint64_t m)
+{
+    const uint64_t w = (base + c + 1) >> 61;
+    const int64_t v = (int64_t)(bm + cm) - (int64_t)((0 - w) & pm);
+    return (uint64_t)(v < 0 ? v + (int64_t)m : v >= (int64_t)m ? v - (int64_t)m : v);
+}
+
 #if !defined(__CUDACC__) && defined(__x86_64__) && defined(__GNUC__)
 #define HE_X86_VECTOR 1
 #include <immintrin.h>
@@ -484,27 +500,34 @@ __attribute__((target("avx2"))) static inline __m256i he_fastmod_v(__m256i v, __
     return _mm256_sub_epi64(r, _mm256_andnot_si256(_mm256_cmpgt_epi64(vm, r), vm));
 }
 
-/* out[k] = he_fastmod(he_addmod(base, rc[k]), m, inv) for k < n, four
- * runs a step (AVX2). Every value stays below 2^63 (base, rc < P), so the
- * signed 64-bit compares are exact. */
-__attribute__((target("avx2"))) static void he_robe_starts_avx2(uint64_t base,
-                                                               const uint64_t* rc, int64_t n,
-                                                               uint64_t m, uint64_t inv,
-                                                               uint64_t* out)
+/* out[k] = he_robe_run_start(base, bm, rc[k], rm[k], pm, m) for k < n - n % 4,
+ * four runs a step (AVX2); returns that count. Every sum stays below 2^63
+ * (base, rc < P; bm, rm, pm < m < 2^62), so the signed compares are exact. */
+__attribute__((target("avx2"))) static int64_t he_robe_starts_avx2(uint64_t base, uint64_t bm,
+                                                                  const uint64_t* rc,
+                                                                  const uint64_t* rm,
+                                                                  uint64_t pm, int64_t n,
+                                                                  uint64_t m, uint64_t* out)
 {
-    const __m256i vb = _mm256_set1_epi64x((long long)base);
-    const __m256i P = _mm256_set1_epi64x((long long)HE_P);
-    const __m256i Pm1 = _mm256_set1_epi64x((long long)(HE_P - 1));
-    const __m256i vm = _mm256_set1_epi64x((long long)m), mh = _mm256_srli_epi64(vm, 32);
-    const __m256i vi = _mm256_set1_epi64x((long long)inv), ih = _mm256_srli_epi64(vi, 32);
+    const __m256i b1 = _mm256_set1_epi64x((long long)(base + 1));
+    const __m256i vbm = _mm256_set1_epi64x((long long)bm);
+    const __m256i vpm = _mm256_set1_epi64x((long long)pm);
+    const __m256i vm = _mm256_set1_epi64x((long long)m);
+    const __m256i vm1 = _mm256_set1_epi64x((long long)(m - 1));
+    const __m256i zero = _mm256_setzero_si256();
     int64_t k = 0;
     for (; k + 4 <= n; k += 4) {
-        __m256i v = _mm256_add_epi64(vb, _mm256_loadu_si256((const __m256i*)(rc + k)));
-        v = _mm256_sub_epi64(v, _mm256_and_si256(_mm256_cmpgt_epi64(v, Pm1), P));
-        _mm256_storeu_si256((__m256i*)(out + k), he_fastmod_v(v, vm, mh, vi, ih));
+        const __m256i w = _mm256_srli_epi64(
+            _mm256_add_epi64(b1, _mm256_loadu_si256((const __m256i*)(rc + k))), 61);
+        __m256i v = _mm256_sub_epi64(
+            _mm256_add_epi64(vbm, _mm256_loadu_si256((const __m256i*)(rm + k))),
+            _mm256_and_si256(_mm256_sub_epi64(zero, w), vpm));
+        v = _mm256_add_epi64(v, _mm256_and_si256(_mm256_cmpgt_epi64(zero, v), vm));
+        v = _mm256_sub_epi64(v, _mm256_and_si256(_mm256_cmpgt_epi64(v, vm1), vm));
+        _mm_storeu_si128((__m128i*)(out + k), _mm256_castsi256_si128(v));
+        _mm_storeu_si128((__m128i*)(out + k + 2), _mm256_extracti128_si256(v, 1));
     }
-    for (; k < n; k++)
-        out[k] = he_fastmod(he_addmod(base, rc[k]), m, inv);
+    return k;
 }
 
 /*
@@ -553,23 +576,25 @@ __attribute__((target("avx2"))) static int64_t he_robe_one_starts_avx2(const he_
 #endif
 
 /* out[k] = he_run_start(s, r, k) for every run k of a row: the scheme's
- * case chosen once, not per run (HashedNet rows have D runs of one float). */
+ * case chosen once, not per run (HashedNet rows have D runs of one float);
+ * ROBE-Z's from residues (he_robe_run_start: one division a row, not one a
+ * run), four at a time where the CPU has AVX2. */
 HE_HD void he_run_starts(const he_scheme* s, const he_row* r, uint64_t* out)
 {
+    int64_t k = 0;
     if (s->kind == HE_ROBE) {
-        const uint64_t base = r->base, mod = s->mod, inv = s->mod_inv;
-        const uint64_t* rc = s->run_coef;
+        const uint64_t base = r->base, m = s->mod, pm = s->p_mod;
+        const uint64_t bm = he_fastmod(base, m, s->mod_inv);
+        const uint64_t *rc = s->run_coef, *rm = s->run_coef + s->runs;
 #if defined(HE_X86_VECTOR)
-        if (s->runs >= 4 && (he_x86() & 2)) {
-            he_robe_starts_avx2(base, rc, s->runs, mod, inv, out);
-            return;
-        }
+        if (s->runs >= 4 && (he_x86() & 2))
+            k = he_robe_starts_avx2(base, bm, rc, rm, pm, s->runs, m, out);
 #endif
-        for (int64_t k = 0; k < s->runs; k++)
-            out[k] = he_fastmod(he_addmod(base, rc[k]), mod, inv);
+        for (; k < s->runs; k++)
+            out[k] = he_robe_run_start(base, bm, rc[k], rm[k], pm, m);
         return;
     }
-    for (int64_t k = 0; k < s->runs; k++)
+    for (; k < s->runs; k++)
         out[k] = he_run_start(s, r, k);
 }
 
