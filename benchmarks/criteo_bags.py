@@ -11,6 +11,7 @@ the peer: FBGEMM's for training, torch's for inference, where there is one).
     python benchmarks/criteo_bags.py                 # the full Criteo shape
     python benchmarks/criteo_bags.py --scale 0.01    # small tables, quick
     python benchmarks/criteo_bags.py --json docs/criteo_bags.json --plot docs/criteo_bags.png
+    python benchmarks/criteo_bags.py --pooling 8      # multi-hot: bags of 8 indices
 """
 import argparse
 import json
@@ -31,8 +32,14 @@ def cardinalities(scale):
     return [max(1, int(n * scale)) for n in CRITEO]
 
 
-def batch(card, B, seed):
+def batch(card, B, seed, pooling=1):
+    """(X, flat, offsets) of B samples: `pooling` indices per table per
+    sample (bags of that many entries), feature-major; X is the (B, T)
+    array of the one-index case (None otherwise)."""
     rng = np.random.default_rng(seed)
+    if pooling > 1:
+        flat = np.concatenate([rng.integers(0, n, B * pooling) for n in card])
+        return None, flat, np.arange(0, len(card) * B * pooling + 1, pooling, dtype=np.int64)
     X = np.stack([rng.integers(0, n, B) for n in card], 1)      # (B, T)
     flat = np.ascontiguousarray(X.T).reshape(-1)                 # feature-major
     return X, flat, np.arange(len(card) * B + 1, dtype=np.int64)
@@ -115,19 +122,19 @@ def make_methods(card, compression, train, lr=0.01):
         import torch
         embs = [torch.nn.EmbeddingBag(n, D, mode="sum", sparse=train, dtype=dtype)
                 for n in card]
-        cols = [torch.from_numpy(flat[t * B:(t + 1) * B].copy()) for t in range(T)]
-        offs = torch.arange(B)
+        cols = [torch.from_numpy(flat[off[t * B]:off[(t + 1) * B]].copy()) for t in range(T)]
+        offs = [torch.from_numpy(off[t * B:(t + 1) * B] - off[t * B]) for t in range(T)]
         if not train:
             def fwd():
                 with torch.no_grad():
-                    return [e(c, offs) for e, c in zip(embs, cols)]
+                    return [e(c, o) for e, c, o in zip(embs, cols, offs)]
             return fwd
         opt = (torch.optim.SGD if optim == "sgd" else torch.optim.Adagrad)(
             [p for e in embs for p in e.parameters()], lr=lr)
 
         def step():
             opt.zero_grad()
-            outs = [e(c, offs) for e, c in zip(embs, cols)]
+            outs = [e(c, o) for e, c, o in zip(embs, cols, offs)]
             torch.cat(outs, 1).float().sum().backward()
             opt.step()
         return step
@@ -188,7 +195,7 @@ def run_one(name, args, train, B):
         import fbgemm_gpu  # noqa: F401
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     methods, size = make_methods(card, args.compression, train)
-    _, flat, off = batch(card, B, seed=0)
+    _, flat, off = batch(card, B, seed=0, pooling=args.pooling)
     step = methods[name](flat, off, B)
     t = timeit(step, args.iters)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -203,6 +210,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=16384, help="inference batch")
     ap.add_argument("--train-batch", type=int, default=2048)
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--pooling", type=int, default=1,
+                    help="indices per table per sample (multi-hot bags; 1 = Criteo's one-hot)")
     ap.add_argument("--methods", default="", help="comma-separated subset (substring match)")
     ap.add_argument("--json", default="", help="write the results here")
     ap.add_argument("--plot", default="", help="write a PNG of throughput and memory here")
@@ -221,6 +230,8 @@ def main(argv=None):
     names, _ = make_methods(cardinalities(args.scale), args.compression, False)
     names = [n for n in names if not args.methods or
              any(s.strip() and s.strip() in n for s in args.methods.split(","))]
+    if args.pooling > 1:    # a (B, T) array holds one index per table
+        names = [n for n in names if "(B, T) input" not in n]
     # every round runs each method once, in its own process; the rounds give
     # the spread of the within-round ratios (this VM varies run to run)
     # (an optimizer variant's forward is the plain method's: training only)
@@ -231,7 +242,7 @@ def main(argv=None):
         cmd = [sys.executable, os.path.abspath(__file__), "--_one", name, "--_train", str(train),
                "--scale", str(args.scale), "--compression", str(args.compression),
                "--batch", str(args.batch), "--train-batch", str(args.train_batch),
-               "--iters", str(args.iters)]
+               "--iters", str(args.iters), "--pooling", str(args.pooling)]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode:
             tqdm.write(f"{name}: failed\n{res.stderr[-1500:]}")
@@ -240,10 +251,11 @@ def main(argv=None):
     results = summarise(rounds)
 
     card = cardinalities(args.scale)
+    bags = f"; {args.pooling} indices per bag" if args.pooling > 1 else ""
     title = (f"Criteo Kaggle shape x{args.scale:g}: {len(card)} tables, {sum(card):,} rows, "
-             f"D={D}; {args.compression:g}x; {os.cpu_count()} cores; median of "
+             f"D={D}{bags}; {args.compression:g}x; {os.cpu_count()} cores; median of "
              f"{args.repeat} round(s)")
-    print(f"\nCriteo Kaggle shape x{args.scale}: {len(card)} tables, {sum(card):,} rows, D={D}; "
+    print(f"\nCriteo Kaggle shape x{args.scale}: {len(card)} tables, {sum(card):,} rows, D={D}{bags}; "
           f"compressed array {int(sum(card) * D / args.compression):,} floats "
           f"({args.compression:g}x); {os.cpu_count()} cores; {args.repeat} round(s), each "
           f"method in its own process per round")

@@ -351,6 +351,56 @@ def test_one_entry_rows_of_one_run_backward(scheme, mode):
         np.testing.assert_allclose(W.reshape(-1), W0 - 0.5 * want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [np.int64, np.int32])
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+@pytest.mark.parametrize("scheme", [he.RobeZ(37, 8, block=8, seed=2),        # most rows wrap
+                                    he.RobeZ(1009, 8, block=16, seed=3),
+                                    he.FullTable([9, 5], 8)], ids=repr)
+def test_bags_of_one_run_rows(scheme, mode, dtype):
+    # bags of several entries (empty ones too) of one-run rows are hashed a
+    # segment at a time (_one_run_bags) and, given their starts, walked once
+    # by backward (_add_one_runs): the reference forward, gradient, fused
+    # SGD and Adagrad steps, float and 16-bit arrays, over several chunks
+    # and segments that straddle bags
+    rng = np.random.default_rng(11)
+    B, T = 75, 2
+    hi = 5 if isinstance(scheme, he.FullTable) else 2**31 - 1
+    sizes = rng.integers(0, 9, T * B)
+    sizes[:5] = [0, 1, 40, 0, 3]                # a bag longer than a segment
+    off = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    flat = rng.integers(0, hi, off[-1]).astype(dtype)
+    M = scheme.init_weight(seed=1)
+    want = bag_forward(scheme, flat, off, M, T, mode=mode)
+    out, saved = he.embedding_bags(flat, M, off, scheme=scheme, num_tables=T, mode=mode,
+                                   return_saved=True)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+    for dt in (np.float16, "bfloat16"):
+        if dt == "bfloat16":
+            dt = pytest.importorskip("ml_dtypes").bfloat16
+        H = M.astype(dt)
+        np.testing.assert_allclose(
+            he.embedding_bags(flat, H, off, scheme=scheme, num_tables=T, mode=mode),
+            bag_forward(scheme, flat, off, H.astype(np.float32), T, mode=mode),
+            rtol=1e-5, atol=1e-6)
+    G = rng.standard_normal((B, T * 8)).astype(np.float32)
+    grad = bag_backward(scheme, flat, off, G, T, mode=mode)
+    got = he.embedding_bags_backward(G, flat, off, scheme=scheme, num_tables=T, mode=mode,
+                                     saved=saved)
+    np.testing.assert_allclose(got.reshape(-1), grad, rtol=1e-5, atol=1e-6)
+    W = M.copy()
+    he.embedding_bags_backward(G, flat, off, scheme=scheme, num_tables=T, mode=mode,
+                               weight=W, optimizer=he.SGD(0.5), saved=saved)
+    np.testing.assert_allclose(W.reshape(-1), M.reshape(-1) - 0.5 * grad, rtol=1e-5,
+                               atol=1e-6)
+    W = M.copy()
+    he.embedding_bags_backward(G, flat, off, scheme=scheme, num_tables=T, mode=mode,
+                               weight=W, optimizer=he.Adagrad(0.5, eps=1e-8), saved=saved)
+    hit = grad != 0
+    want_w = M.reshape(-1).astype(np.float64)
+    want_w[hit] -= 0.5 * grad[hit] / (np.abs(grad[hit]) + 1e-8)
+    np.testing.assert_allclose(W.reshape(-1), want_w, rtol=1e-4, atol=1e-5)
+
+
 def test_full_table_equals_plain_lookup():
     full = he.FullTable([10, 20], 4)
     W = full.init_weight(seed=3)

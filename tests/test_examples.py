@@ -3,6 +3,7 @@ import runpy
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 
@@ -136,6 +137,26 @@ def test_criteo_bags_benchmark_runs_and_plots(tmp_path):
         row = next(r for r in res["summary"] if r["name"] == mine and r["train"])
         assert row["peer"] == peer and row["peer_ratio"] > 0
     assert png.stat().st_size > 5000
+
+
+def test_criteo_bags_pooling(tmp_path):
+    # --pooling N: bags of N indices per table per sample, feature-major, the
+    # same bags for every method (torch's per-table offsets included)
+    pytest.importorskip("torch")
+    cb = _criteo_bags()
+    X, flat, off = cb.batch([5, 7], 4, 0, pooling=3)
+    assert X is None and len(flat) == 24 and (off == np.arange(0, 25, 3)).all()
+    assert flat[:12].max() < 5 and flat[12:].max() < 7
+    js = tmp_path / "cb.json"
+    cb.main(["--scale", "0.0005", "--iters", "1", "--batch", "64", "--train-batch", "32",
+             "--methods", "RobeZ Z=32,torch.nn.EmbeddingBag,", "--pooling", "3",
+             "--json", str(js)])
+    import json
+    res = json.loads(js.read_text())
+    assert res["args"]["pooling"] == 3
+    names = {r["name"] for r in res["summary"]}
+    assert {"hashemb RobeZ Z=32", "torch.nn.EmbeddingBag"} <= names
+    assert all(r["samples_per_s"] > 0 for r in res["rounds"])
 
 
 def test_own_model_example(tmp_path, monkeypatch):

@@ -8,8 +8,8 @@ output rows). Backward partitions the *slots* among threads: a thread walks
 the entries (those bucketed to it) in order and adds only into its own slot
 range, so each slot sums its contributions in entry order, whatever the
 thread count: results are bitwise deterministic and no thread writes where
-another does. One-entry bags of one-run rows take one thread's tight walk
-(_add_one_runs), in the same order.
+another does. Rows of one run (full tables, ROBE-Z with Z >= D) given their
+run starts take one thread's tight walk (_add_one_runs), in the same order.
 """
 from cython.parallel cimport prange, parallel, threadid
 from libc.math cimport sqrt
@@ -366,11 +366,61 @@ cdef void _one_run_rows(const he_scheme* s, const index_t* x, int64_t n, const r
         _copy_one_runs(o, ostride, M, st, n, D)
 
 
+cdef void _one_run_bags(const he_scheme* s, const index_t* x, const int64_t* off, int64_t n,
+                        const real* M, const uint16_t* H, int bf, real* o, int64_t ostride,
+                        int64_t table, he_tterm tt, int mode, uint64_t* ring,
+                        uint64_t* pre) noexcept nogil:
+    """o[b * ostride:][:D] = sum (mean) of rows x[j] of table `table`, j in
+    off[b]..off[b+1]-1, for bags b < n of rows of one run (he_one_run): the
+    entries hashed a segment of CHUNK at a time (he_one_run_starts: ROBE-Z's
+    four at a time with AVX2) and prefetched a segment before they are
+    added, in entry order (the general _bag's arithmetic). Starts go to
+    pre[j] when given, else to ring[(j - off[0]) % (2 CHUNK)]."""
+    cdef he_one_run_k k = he_one_run_of(s, table, tt)
+    cdef int64_t D = s.dim, j0 = off[0], j1 = off[n], a, z, j, b, i, cnt
+    cdef uint64_t m = s.size, st
+    cdef real* ob
+    for b in range(n):
+        for i in range(D):
+            o[b * ostride + i] = 0
+    b = 0
+    for a in range(j0, j1 + CHUNK, CHUNK):
+        z = min(a + CHUNK, j1)
+        if a < j1:          # hash the segment a..z-1 and prefetch its rows
+            st = <uint64_t>(a - j0) % (2 * CHUNK)
+            he_one_run_starts(&k, x + a, sizeof(index_t) == 8, z - a,
+                              pre + a if pre != NULL else ring + st)
+            for j in range(a, z):
+                st = pre[j] if pre != NULL else ring[(j - j0) % (2 * CHUNK)]
+                he_prefetch(_at(M, H, st))
+                he_prefetch(_at(M, H, st + D - 1))
+        if a == j0:
+            continue
+        for j in range(a - CHUNK, min(a, j1)):     # add the segment before
+            while off[b + 1] <= j:
+                b += 1
+            st = pre[j] if pre != NULL else ring[(j - j0) % (2 * CHUNK)]
+            ob = o + b * ostride
+            if st + <uint64_t>D > m:            # a run wrapping past the array's end
+                for i in range(D):
+                    ob[i] += _ld(M, H, bf, he_run_slot(s, st, i))
+            elif H != NULL:
+                _run_h(ob, H + st, bf, 1, D, 1)
+            else:
+                _axpy(ob, M + st, <real>1, D)
+    if mode == MEAN:
+        for b in range(n):
+            cnt = off[b + 1] - off[b]
+            if cnt > 1:
+                for i in range(D):
+                    o[b * ostride + i] = o[b * ostride + i] / cnt
+
+
 cdef inline int64_t _ring_len(int64_t runs) noexcept nogil:
-    """A thread's run starts in flight: FAR_AHEAD rows' (a CHUNK's rows of
-    one run, _one_run_rows), padded by 128 bytes so that threads never
-    share a cache line."""
-    return max(FAR_AHEAD * runs, CHUNK) + 16
+    """A thread's run starts in flight: FAR_AHEAD rows' (two segments of
+    CHUNK rows of one run: _one_run_rows, _one_run_bags), padded by 128
+    bytes so that threads never share a cache line."""
+    return max(FAR_AHEAD * runs, 2 * CHUNK) + 16
 
 
 cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* off,
@@ -422,6 +472,10 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
             if single and he_one_run(s):
                 _one_run_rows(s, idx + j0, n, M, H, bf, out + t * D, ostride, table0 + t, tt,
                               ring if pre == NULL else pre + j0)
+                continue
+            if he_one_run(s):       # bags of any size (empty ones too)
+                _one_run_bags(s, idx, off + t * B + b0, n, M, H, bf, out + t * D, ostride,
+                              table0 + t, tt, mode, ring, pre)
                 continue
             if single:
                 for c in range(n + ahead):
@@ -731,56 +785,50 @@ cdef inline int64_t _live(const index_t* idx, int64_t j0, int64_t j1, bint has_p
     return n
 
 
-cdef inline bint _unit(const int64_t* off, int64_t Q) noexcept nogil:
-    """Whether every one of the Q bags holds one entry (off[q] = q): 2-D
-    input, or offsets of one index per table per sample."""
-    cdef int64_t q
-    for q in range(Q + 1):
-        if off[q] != q:
-            return False
-    return True
-
-
-cdef void _add_one_runs(const he_scheme* s, const uint64_t* pre, const real* psw,
-                        const real* grad, int64_t gstride, int64_t B, int64_t T, real alpha,
-                        real* target) noexcept nogil:
-    """Backward's ACT_ADD over the whole array for rows of one run and bags
-    of one entry (entry j = bag q = t*B + b; sum and mean alike), from the
-    run starts pre: target[st:st+D] += alpha * psw[j] * grad row, in entry
-    order. The general walk's tests per entry (padding, counts, runs, signs,
-    max mode, thread ranges) cost more than the row's add."""
-    cdef int64_t t, b, j, D = s.dim
+cdef void _add_one_runs(const he_scheme* s, const uint64_t* pre, const int64_t* off,
+                        const real* psw, const real* grad, int64_t gstride, int64_t B,
+                        int64_t T, int mode, real alpha, real* target) noexcept nogil:
+    """Backward's ACT_ADD over the whole array for rows of one run, no
+    padding, from the run starts pre: entry j of bag q = t*B + b adds
+    w psw[j] times the bag's gradient row into target[pre[j]:][:D], in
+    entry order (w = alpha, over the bag's entries in mean mode). The
+    general walk's tests per entry (padding, runs, signs, max mode, thread
+    ranges) cost more than the row's add."""
+    cdef int64_t t, b, j, q, D = s.dim, nent = off[T * B]
     cdef uint64_t st, m = s.size
-    cdef real w = alpha
+    cdef real w, ww
     cdef const real* g
     for t in range(T):
         for b in range(B):
-            j = t * B + b
+            q = t * B + b
             if b + AHEAD < B:
                 # gradient rows are gstride apart: a stride the hardware
                 # prefetcher loses at every page (each row a miss at large B)
                 he_prefetch(grad + (b + AHEAD) * gstride + t * D)
                 he_prefetch(grad + (b + AHEAD) * gstride + t * D + D - 1)
-            if j + AHEAD < T * B:
-                # the run AHEAD entries on: a random line of the array
-                he_prefetch_w(target + pre[j + AHEAD])
-                he_prefetch_w(target + pre[j + AHEAD] + D - 1)
-            st = pre[j]
             g = grad + b * gstride + t * D
-            if psw != NULL:
-                w = alpha * psw[j]
-            if st + <uint64_t>D <= m:
-                _axpy(target + st, g, w, D)
-            else:               # the run wraps past the array's end (ROBE-Z)
-                _visit(s, NULL, 0, st, 0, D, g, w, target, NULL, 0, NULL, NULL, 0, 0, 0,
-                       <int64_t>m, ACT_ADD)
+            w = alpha
+            if mode == MEAN and off[q + 1] - off[q] > 1:
+                w = alpha / (off[q + 1] - off[q])
+            ww = w
+            for j in range(off[q], off[q + 1]):
+                if j + AHEAD < nent:
+                    # the run AHEAD entries on: a random line of the array
+                    he_prefetch_w(target + pre[j + AHEAD])
+                    he_prefetch_w(target + pre[j + AHEAD] + D - 1)
+                st = pre[j]
+                if psw != NULL:
+                    ww = w * psw[j]
+                if st + <uint64_t>D <= m:
+                    _axpy(target + st, g, ww, D)
+                else:           # the run wraps past the array's end (ROBE-Z)
+                    _visit(s, NULL, 0, st, 0, D, g, ww, target, NULL, 0, NULL, NULL, 0, 0, 0,
+                           <int64_t>m, ACT_ADD)
 
 
-cdef inline bint _one_runs(const he_scheme* s, const int64_t* off, int64_t Q, int mode,
-                           bint has_pad) noexcept nogil:
+cdef inline bint _one_runs(const he_scheme* s, int mode, bint has_pad) noexcept nogil:
     """Whether _add_one_runs serves this batch (given its run starts)."""
-    return (s.runs == 1 and mode != MAX and not has_pad and not s.is_signed
-            and _unit(off, Q))
+    return s.runs == 1 and mode != MAX and not has_pad and not s.is_signed
 
 
 cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* off,
@@ -809,8 +857,8 @@ cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* 
     cdef uint64_t hashed[MAXR]
     cdef const uint64_t* st
     if (pre != NULL and act == ACT_ADD and lo == 0 and <uint64_t>hi == s.size
-            and _one_runs(s, off, T * B, mode, has_pad)):
-        _add_one_runs(s, pre, psw, grad, gstride, B, T, alpha, target)
+            and _one_runs(s, mode, has_pad)):
+        _add_one_runs(s, pre, off, psw, grad, gstride, B, T, mode, alpha, target)
         return
     for t in range(T):
         tt = he_table_term(s, table0 + t)
@@ -1382,14 +1430,14 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
                               "(the weight may be partly updated)")
         return
     if (pre != NULL and (not adagrad or sweep)
-            and _one_runs(s, &offsets[0], T * B, mode, has_pad)):
-        # one-entry bags of one-run rows: one thread's walk (_add_one_runs)
+            and _one_runs(s, mode, has_pad)):
+        # rows of one run: one thread's walk (_add_one_runs)
         # took about a third of the bucketed time on two threads (0.27
         # against 0.91 ms, RobeZ SGD at batch 2048 x 26), and two threads
         # walking every entry 0.52: the walk, not the adds, is the work.
         # A two-phase step then applies its rule on every thread.
         with nogil:
-            _add_one_runs(s, pre, pp, &grad[0, 0], grad.shape[1], B, T,
+            _add_one_runs(s, pre, &offsets[0], pp, &grad[0, 0], grad.shape[1], B, T, mode,
                           1 if adagrad else <real>alpha, sp if adagrad else tp)
             if adagrad:
                 for r in prange(nt, num_threads=nt, schedule='static', chunksize=1):
