@@ -360,8 +360,8 @@ def test_bags_of_one_run_rows(scheme, mode, dtype):
     # bags of several entries (empty ones too) of one-run rows are hashed a
     # segment at a time (_one_run_bags) and, given their starts, walked once
     # by backward (_add_one_runs): the reference forward, gradient, fused
-    # SGD and Adagrad steps, float and 16-bit arrays, over several chunks
-    # and segments that straddle bags
+    # SGD and Adagrad steps, float and 16-bit arrays, per-sample weights,
+    # over several chunks and segments that straddle bags
     rng = np.random.default_rng(11)
     B, T = 75, 2
     hi = 5 if isinstance(scheme, he.FullTable) else 2**31 - 1
@@ -369,32 +369,33 @@ def test_bags_of_one_run_rows(scheme, mode, dtype):
     sizes[:5] = [0, 1, 40, 0, 3]                # a bag longer than a segment
     off = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     flat = rng.integers(0, hi, off[-1]).astype(dtype)
+    # per-sample weights (sum mode only)
+    psw = rng.standard_normal(off[-1]).astype(np.float32) if mode == "sum" else None
+    kw = dict(scheme=scheme, num_tables=T, mode=mode, per_sample_weights=psw)
     M = scheme.init_weight(seed=1)
-    want = bag_forward(scheme, flat, off, M, T, mode=mode)
-    out, saved = he.embedding_bags(flat, M, off, scheme=scheme, num_tables=T, mode=mode,
-                                   return_saved=True)
+    want = bag_forward(scheme, flat, off, M, T, mode=mode, psw=psw)
+    out, saved = he.embedding_bags(flat, M, off, return_saved=True, **kw)
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
     for dt in (np.float16, "bfloat16"):
         if dt == "bfloat16":
             dt = pytest.importorskip("ml_dtypes").bfloat16
         H = M.astype(dt)
         np.testing.assert_allclose(
-            he.embedding_bags(flat, H, off, scheme=scheme, num_tables=T, mode=mode),
-            bag_forward(scheme, flat, off, H.astype(np.float32), T, mode=mode),
+            he.embedding_bags(flat, H, off, **kw),
+            bag_forward(scheme, flat, off, H.astype(np.float32), T, mode=mode, psw=psw),
             rtol=1e-5, atol=1e-6)
     G = rng.standard_normal((B, T * 8)).astype(np.float32)
-    grad = bag_backward(scheme, flat, off, G, T, mode=mode)
-    got = he.embedding_bags_backward(G, flat, off, scheme=scheme, num_tables=T, mode=mode,
-                                     saved=saved)
+    grad = bag_backward(scheme, flat, off, G, T, mode=mode, psw=psw)
+    got = he.embedding_bags_backward(G, flat, off, saved=saved, **kw)
     np.testing.assert_allclose(got.reshape(-1), grad, rtol=1e-5, atol=1e-6)
     W = M.copy()
-    he.embedding_bags_backward(G, flat, off, scheme=scheme, num_tables=T, mode=mode,
-                               weight=W, optimizer=he.SGD(0.5), saved=saved)
+    he.embedding_bags_backward(G, flat, off, weight=W, optimizer=he.SGD(0.5), saved=saved,
+                               **kw)
     np.testing.assert_allclose(W.reshape(-1), M.reshape(-1) - 0.5 * grad, rtol=1e-5,
                                atol=1e-6)
     W = M.copy()
-    he.embedding_bags_backward(G, flat, off, scheme=scheme, num_tables=T, mode=mode,
-                               weight=W, optimizer=he.Adagrad(0.5, eps=1e-8), saved=saved)
+    he.embedding_bags_backward(G, flat, off, weight=W, optimizer=he.Adagrad(0.5, eps=1e-8),
+                               saved=saved, **kw)
     hit = grad != 0
     want_w = M.reshape(-1).astype(np.float64)
     want_w[hit] -= 0.5 * grad[hit] / (np.abs(grad[hit]) + 1e-8)

@@ -222,17 +222,27 @@ cdef inline void _run_h(real* y, const uint16_t* x, int bf, real a, int64_t n,
                 y[i] = (a if how == 0 else 1) * he_s2f(x[i], bf)
 
 
-cdef inline void _gather_row(const he_scheme* s, const he_row* row, const real* M,
-                             const uint16_t* H, int bf, real w, real* o, int first,
-                             int mode) noexcept nogil:
-    """o[i] = / += / max= w * E(x)[i] for one row."""
+cdef inline void _gather_row(const he_scheme* s, const he_row* row, const uint64_t* r,
+                             const real* M, const uint16_t* H, int bf, real w, real* o,
+                             int first, int mode) noexcept nogil:
+    """o[i] = / += / max= w * E(x)[i] for one row (r: its run starts, or
+    NULL to hash them here)."""
     cdef int64_t L = s.run, k, i
     cdef uint64_t st
     cdef const real* src
     cdef real* ok
     cdef real v
+    if r != NULL and L == 1 and mode != MAX and not s.is_signed and H == NULL:
+        # element-wise (HashedNet): one float a run, none wraps
+        if first:
+            for k in range(s.runs):
+                o[k] = w * M[r[k]]
+        else:
+            for k in range(s.runs):
+                o[k] += w * M[r[k]]
+        return
     for k in range(s.runs):
-        st = he_run_start(s, row, k)
+        st = r[k] if r != NULL else he_run_start(s, row, k)
         ok = o + k * L
         if mode != MAX and not s.is_signed and st + <uint64_t>L <= s.size:
             # one contiguous run, no sign, no wrap
@@ -262,6 +272,8 @@ cdef inline void _bag(const he_scheme* s, const index_t* idx, int64_t j0, int64_
     entry's run starts (padding's too: backward's look-ahead reads them)."""
     cdef int64_t j, i, cnt = 0, D = s.dim
     cdef he_row row
+    cdef uint64_t here[MAXR]
+    cdef uint64_t* r
     for j in range(j0, j1):
         if has_pad and idx[j] == pad:
             if pre != NULL:
@@ -269,9 +281,11 @@ cdef inline void _bag(const he_scheme* s, const index_t* idx, int64_t j0, int64_
                 _starts_row(s, &row, pre + j * s.runs)
             continue
         row = he_row_begin_t(s, table, tt, idx[j])
-        if pre != NULL:
-            _starts_row(s, &row, pre + j * s.runs)
-        _gather_row(s, &row, M, H, bf, psw[j] if psw != NULL else 1, o, cnt == 0, mode)
+        # the row's run starts hashed in one loop (he_run_starts), not one by one
+        r = pre + j * s.runs if pre != NULL else (here if s.runs <= MAXR else NULL)
+        if r != NULL:
+            _starts_row(s, &row, r)
+        _gather_row(s, &row, r, M, H, bf, psw[j] if psw != NULL else 1, o, cnt == 0, mode)
         cnt += 1
     if cnt == 0:
         for i in range(D):
@@ -367,11 +381,12 @@ cdef void _one_run_rows(const he_scheme* s, const index_t* x, int64_t n, const r
 
 
 cdef void _one_run_bags(const he_scheme* s, const index_t* x, const int64_t* off, int64_t n,
-                        const real* M, const uint16_t* H, int bf, real* o, int64_t ostride,
-                        int64_t table, he_tterm tt, int mode, uint64_t* ring,
+                        const real* M, const uint16_t* H, int bf, const real* psw, real* o,
+                        int64_t ostride, int64_t table, he_tterm tt, int mode, uint64_t* ring,
                         uint64_t* pre) noexcept nogil:
-    """o[b * ostride:][:D] = sum (mean) of rows x[j] of table `table`, j in
-    off[b]..off[b+1]-1, for bags b < n of rows of one run (he_one_run): the
+    """o[b * ostride:][:D] = sum (mean) of psw[j] times row x[j] of table
+    `table` (psw NULL: ones), j in off[b]..off[b+1]-1, for bags b < n of rows
+    of one run (he_one_run): the
     entries hashed a segment of CHUNK at a time (he_one_run_starts: ROBE-Z's
     four at a time with AVX2) and prefetched a segment before they are
     added, in entry order (the general _bag's arithmetic). Starts go to
@@ -380,6 +395,7 @@ cdef void _one_run_bags(const he_scheme* s, const index_t* x, const int64_t* off
     cdef int64_t D = s.dim, j0 = off[0], j1 = off[n], a, z, j, b, i, cnt
     cdef uint64_t m = s.size, st
     cdef real* ob
+    cdef real w = 1
     for b in range(n):
         for i in range(D):
             o[b * ostride + i] = 0
@@ -401,13 +417,15 @@ cdef void _one_run_bags(const he_scheme* s, const index_t* x, const int64_t* off
                 b += 1
             st = pre[j] if pre != NULL else ring[(j - j0) % (2 * CHUNK)]
             ob = o + b * ostride
+            if psw != NULL:
+                w = psw[j]
             if st + <uint64_t>D > m:            # a run wrapping past the array's end
                 for i in range(D):
-                    ob[i] += _ld(M, H, bf, he_run_slot(s, st, i))
+                    ob[i] += w * _ld(M, H, bf, he_run_slot(s, st, i))
             elif H != NULL:
-                _run_h(ob, H + st, bf, 1, D, 1)
+                _run_h(ob, H + st, bf, w, D, 1)
             else:
-                _axpy(ob, M + st, <real>1, D)
+                _axpy(ob, M + st, w, D)
     if mode == MEAN:
         for b in range(n):
             cnt = off[b + 1] - off[b]
@@ -457,10 +475,13 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
     cdef int64_t deep = ahead if he_reads_map(s) else 0
     cdef bint fast = (ring != NULL and psw == NULL and not has_pad and mode != MAX
                       and not s.is_signed)
+    # rows of one run (full tables, ROBE-Z with Z >= D): per-sample weights too
+    cdef bint one = (ring != NULL and not has_pad and mode != MAX and not s.is_signed
+                     and he_one_run(s))
     for t in range(T):
         tprobe = he_table_probe(s, table0 + t)
         tt = he_table_term(s, table0 + t)
-        if fast and deep == 0:
+        if one or (fast and deep == 0):
             # one entry in every bag of the chunk (2-D input: the DLRM case):
             # bag b is entry j0 + b, and the pipeline needs no offsets
             j0 = off[t * B + b0]
@@ -469,12 +490,12 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                 if off[t * B + b0 + b] != j0 + b:
                     single = False
                     break
-            if single and he_one_run(s):
+            if one and single and psw == NULL:
                 _one_run_rows(s, idx + j0, n, M, H, bf, out + t * D, ostride, table0 + t, tt,
                               ring if pre == NULL else pre + j0)
                 continue
-            if he_one_run(s):       # bags of any size (empty ones too)
-                _one_run_bags(s, idx, off + t * B + b0, n, M, H, bf, out + t * D, ostride,
+            if one:                 # bags of any size (empty ones too)
+                _one_run_bags(s, idx, off + t * B + b0, n, M, H, bf, psw, out + t * D, ostride,
                               table0 + t, tt, mode, ring, pre)
                 continue
             if single:
