@@ -446,8 +446,10 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                          int64_t T, int64_t ostride, int64_t table0, int mode,
                          bint has_pad, int64_t pad, int64_t b0, int64_t b1,
                          uint64_t* ring, uint64_t* pre) noexcept nogil:
-    """Bags of samples b0..b1-1, table by table. A single-entry bag (one token
-    per table per sample: the DLRM/Criteo case) of an unsigned scheme is copied
+    """Bags of samples b0..b1-1, table by table. Bags of rows of one run
+    (full tables, ROBE-Z with Z >= D) of an unsigned scheme take tight loops:
+    one entry each (the DLRM/Criteo case) _one_run_rows, any other sizes
+    _one_run_bags. A single-entry bag of another unsigned scheme is copied
     straight from the array, its runs hashed AHEAD bags early and prefetched:
     the gathers are latency-bound, the hashes are not. Every other bag takes
     the general loop. pre, when given, receives every entry's run starts as
