@@ -73,6 +73,61 @@ cdef extern from *:
     HE_AXPY(float, he_scal_f, =)
     HE_AXPY(double, he_scal_d, =)
 
+    /* y[:D] += w[g] * M[st[g]:][:D] for g < n, in order (w NULL: plain adds):
+       one bag's rows, float32, D a multiple of 8, with AVX, the bag's sum
+       kept in registers (D = 16: two independent chains) instead of stored
+       and reloaded after every row. A multiply, then an add, in the same
+       order: he_axpy_f's arithmetic (an add of x is a 1 * x's), so the same
+       bits. Returns 0, doing nothing, where it cannot run. */
+    #if defined(HE_X86_VECTOR)
+    __attribute__((target("avx"))) static void he_add_rows_avx(
+        float* y, const float* M, const uint64_t* st, const float* w, int64_t n, int64_t D)
+    {
+        int64_t g, c;
+        if (D == 16) {
+            __m256 a0 = _mm256_loadu_ps(y), a1 = _mm256_loadu_ps(y + 8);
+            for (g = 0; g < n; g++) {
+                const float* r = M + st[g];
+                __m256 x0 = _mm256_loadu_ps(r), x1 = _mm256_loadu_ps(r + 8);
+                if (w) {
+                    const __m256 wg = _mm256_set1_ps(w[g]);
+                    x0 = _mm256_mul_ps(wg, x0);
+                    x1 = _mm256_mul_ps(wg, x1);
+                }
+                a0 = _mm256_add_ps(a0, x0);
+                a1 = _mm256_add_ps(a1, x1);
+            }
+            _mm256_storeu_ps(y, a0);
+            _mm256_storeu_ps(y + 8, a1);
+            return;
+        }
+        for (c = 0; c < D; c += 8) {
+            __m256 a = _mm256_loadu_ps(y + c);
+            for (g = 0; g < n; g++) {
+                __m256 x = _mm256_loadu_ps(M + st[g] + c);
+                if (w)
+                    x = _mm256_mul_ps(_mm256_set1_ps(w[g]), x);
+                a = _mm256_add_ps(a, x);
+            }
+            _mm256_storeu_ps(y + c, a);
+        }
+    }
+    static inline int he_add_rows_f(float* y, const float* M, const uint64_t* st,
+                                    const float* w, int64_t n, int64_t D)
+    {
+        if (D % 8 || !(he_x86() & 1))
+            return 0;
+        he_add_rows_avx(y, M, st, w, n, D);
+        return 1;
+    }
+    #else
+    static inline int he_add_rows_f(float* y, const float* M, const uint64_t* st,
+                                    const float* w, int64_t n, int64_t D)
+    {
+        return 0;
+    }
+    #endif
+
     /* Per-call scratch from one cached block: fresh memory costs page
        faults, and blocks that OpenMP threads free go back to the kernel with
        TLB shootdowns; at a training step's sizes that costs more than the
@@ -108,6 +163,8 @@ cdef extern from *:
     void he_axpy_d(double* y, const double* x, double a, int64_t n) noexcept nogil
     void he_scal_f(float* y, const float* x, float a, int64_t n) noexcept nogil
     void he_scal_d(double* y, const double* x, double a, int64_t n) noexcept nogil
+    int he_add_rows_f(float* y, const float* M, const uint64_t* st, const float* w, int64_t n,
+                      int64_t D) noexcept nogil
     void* he_ws_take(size_t bytes) noexcept nogil
     void he_ws_give(void* p) noexcept nogil
 
@@ -386,14 +443,17 @@ cdef void _one_run_bags(const he_scheme* s, const index_t* x, const int64_t* off
                         uint64_t* pre) noexcept nogil:
     """o[b * ostride:][:D] = sum (mean) of psw[j] times row x[j] of table
     `table` (psw NULL: ones), j in off[b]..off[b+1]-1, for bags b < n of rows
-    of one run (he_one_run): the
-    entries hashed a segment of CHUNK at a time (he_one_run_starts: ROBE-Z's
-    four at a time with AVX2) and prefetched a segment before they are
-    added, in entry order (the general _bag's arithmetic). Starts go to
-    pre[j] when given, else to ring[(j - off[0]) % (2 CHUNK)]."""
+    of one run (he_one_run): the entries hashed a segment of CHUNK at a time
+    (he_one_run_starts: ROBE-Z's four at a time with AVX2) and prefetched a
+    segment before they are added, in entry order (the general _bag's
+    arithmetic), a bag's entries of a segment in one tight loop. Starts go
+    to pre[j] when given, else to the two halves of ring in turn."""
     cdef he_one_run_k k = he_one_run_of(s, table, tt)
-    cdef int64_t D = s.dim, j0 = off[0], j1 = off[n], a, z, j, b, i, cnt
+    cdef int64_t D = s.dim, j0 = off[0], j1 = off[n], a, z, j, e, b, i, g, cnt, seg = 0
     cdef uint64_t m = s.size, st
+    cdef uint64_t* nxt
+    cdef uint64_t* cur = NULL      # starts of the segment being added (entry a - CHUNK first)
+    cdef bint wraps = False, cur_wraps = False
     cdef real* ob
     cdef real w = 1
     for b in range(n):
@@ -401,31 +461,52 @@ cdef void _one_run_bags(const he_scheme* s, const index_t* x, const int64_t* off
             o[b * ostride + i] = 0
     b = 0
     for a in range(j0, j1 + CHUNK, CHUNK):
-        z = min(a + CHUNK, j1)
+        nxt = pre + a if pre != NULL else ring + (seg & 1) * CHUNK
+        seg += 1
+        wraps = False
         if a < j1:          # hash the segment a..z-1 and prefetch its rows
-            st = <uint64_t>(a - j0) % (2 * CHUNK)
-            he_one_run_starts(&k, x + a, sizeof(index_t) == 8, z - a,
-                              pre + a if pre != NULL else ring + st)
-            for j in range(a, z):
-                st = pre[j] if pre != NULL else ring[(j - j0) % (2 * CHUNK)]
-                he_prefetch(_at(M, H, st))
-                he_prefetch(_at(M, H, st + D - 1))
-        if a == j0:
-            continue
-        for j in range(a - CHUNK, min(a, j1)):     # add the segment before
-            while off[b + 1] <= j:
-                b += 1
-            st = pre[j] if pre != NULL else ring[(j - j0) % (2 * CHUNK)]
-            ob = o + b * ostride
-            if psw != NULL:
-                w = psw[j]
-            if st + <uint64_t>D > m:            # a run wrapping past the array's end
-                for i in range(D):
-                    ob[i] += w * _ld(M, H, bf, he_run_slot(s, st, i))
-            elif H != NULL:
-                _run_h(ob, H + st, bf, w, D, 1)
-            else:
-                _axpy(ob, M + st, w, D)
+            z = min(a + CHUNK, j1)
+            he_one_run_starts(&k, x + a, sizeof(index_t) == 8, z - a, nxt)
+            for g in range(z - a):
+                he_prefetch(_at(M, H, nxt[g]))
+                he_prefetch(_at(M, H, nxt[g] + D - 1))
+                wraps |= nxt[g] + <uint64_t>D > m
+        if a > j0:          # add the segment before, a bag's entries at a time
+            j = a - CHUNK
+            z = min(a, j1)
+            while j < z:
+                while off[b + 1] <= j:
+                    b += 1
+                e = min(off[b + 1], z)
+                ob = o + b * ostride
+                if not cur_wraps and H == NULL:
+                    if real is float:
+                        if he_add_rows_f(ob, M, cur + (j - (a - CHUNK)),
+                                         psw + j if psw != NULL else NULL, e - j, D):
+                            j = e
+                            continue
+                    if psw == NULL:
+                        for j in range(j, e):
+                            _axpy(ob, M + cur[j - (a - CHUNK)], <real>1, D)
+                    else:
+                        for j in range(j, e):
+                            _axpy(ob, M + cur[j - (a - CHUNK)], psw[j], D)
+                    j = e
+                    continue
+                for j in range(j, e):
+                    st = cur[j - (a - CHUNK)]
+                    if psw != NULL:
+                        w = psw[j]
+                    if st + <uint64_t>D > m:        # a run wrapping past the array's end
+                        for i in range(D):
+                            ob[i] += w * _ld(M, H, bf, he_run_slot(s, st, i))
+                    elif H != NULL:
+                        _run_h(ob, H + st, bf, w, D, 1)
+                    else:
+                        _axpy(ob, M + st, w, D)
+                j = e
+        cur = nxt
+        cur_wraps = wraps
     if mode == MEAN:
         for b in range(n):
             cnt = off[b + 1] - off[b]
