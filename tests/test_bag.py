@@ -355,7 +355,10 @@ def test_one_entry_rows_of_one_run_backward(scheme, mode):
 @pytest.mark.parametrize("mode", ["sum", "mean"])
 @pytest.mark.parametrize("scheme", [he.RobeZ(37, 8, block=8, seed=2),        # most rows wrap
                                     he.RobeZ(1009, 8, block=16, seed=3),
-                                    he.FullTable([9, 5], 8)], ids=repr)
+                                    he.RobeZ(100003, 16, block=16, seed=4),
+                                    he.FullTable([9, 5], 8), he.FullTable([9, 5], 24),
+                                    he.FullTable([9, 5], 6)],
+                         ids=repr)
 def test_bags_of_one_run_rows(scheme, mode, dtype):
     # bags of several entries (empty ones too) of one-run rows are hashed a
     # segment at a time (_one_run_bags) and, given their starts, walked once
@@ -384,7 +387,7 @@ def test_bags_of_one_run_rows(scheme, mode, dtype):
             he.embedding_bags(flat, H, off, **kw),
             bag_forward(scheme, flat, off, H.astype(np.float32), T, mode=mode, psw=psw),
             rtol=1e-5, atol=1e-6)
-    G = rng.standard_normal((B, T * 8)).astype(np.float32)
+    G = rng.standard_normal((B, T * scheme.dim)).astype(np.float32)
     grad = bag_backward(scheme, flat, off, G, T, mode=mode, psw=psw)
     got = he.embedding_bags_backward(G, flat, off, saved=saved, **kw)
     np.testing.assert_allclose(got.reshape(-1), grad, rtol=1e-5, atol=1e-6)
