@@ -479,20 +479,12 @@ cdef void _one_run_bags(const he_scheme* s, const index_t* x, const int64_t* off
                     b += 1
                 e = min(off[b + 1], z)
                 ob = o + b * ostride
-                if not cur_wraps and H == NULL:
-                    if real is float:
-                        if he_add_rows_f(ob, M, cur + (j - (a - CHUNK)),
-                                         psw + j if psw != NULL else NULL, e - j, D):
-                            j = e
-                            continue
-                    if psw == NULL:
-                        for j in range(j, e):
-                            _axpy(ob, M + cur[j - (a - CHUNK)], <real>1, D)
-                    else:
-                        for j in range(j, e):
-                            _axpy(ob, M + cur[j - (a - CHUNK)], psw[j], D)
-                    j = e
-                    continue
+                if real is float:   # (without AVX, or for other D: row by row below)
+                    if not cur_wraps and H == NULL and he_add_rows_f(
+                            ob, M, cur + (j - (a - CHUNK)), psw + j if psw != NULL else NULL,
+                            e - j, D):
+                        j = e
+                        continue
                 for j in range(j, e):
                     st = cur[j - (a - CHUNK)]
                     if psw != NULL:
@@ -559,8 +551,7 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
     cdef bint fast = (ring != NULL and psw == NULL and not has_pad and mode != MAX
                       and not s.is_signed)
     # rows of one run (full tables, ROBE-Z with Z >= D): per-sample weights too
-    cdef bint one = (ring != NULL and not has_pad and mode != MAX and not s.is_signed
-                     and he_one_run(s))
+    cdef bint one = ring != NULL and he_one_run(s) and _one_runs(s, mode, has_pad)
     for t in range(T):
         tprobe = he_table_probe(s, table0 + t)
         tt = he_table_term(s, table0 + t)

@@ -524,8 +524,7 @@ __attribute__((target("avx2"))) static int64_t he_robe_starts_avx2(uint64_t base
             _mm256_and_si256(_mm256_sub_epi64(zero, w), vpm));
         v = _mm256_add_epi64(v, _mm256_and_si256(_mm256_cmpgt_epi64(zero, v), vm));
         v = _mm256_sub_epi64(v, _mm256_and_si256(_mm256_cmpgt_epi64(v, vm1), vm));
-        _mm_storeu_si128((__m128i*)(out + k), _mm256_castsi256_si128(v));
-        _mm_storeu_si128((__m128i*)(out + k + 2), _mm256_extracti128_si256(v, 1));
+        _mm256_storeu_si256((__m256i*)(out + k), v);
     }
     return k;
 }
