@@ -73,12 +73,17 @@ cdef extern from *:
     HE_AXPY(float, he_scal_f, =)
     HE_AXPY(double, he_scal_d, =)
 
-    /* y[:D] += w[g] * M[st[g]:][:D] for g < n, in order (w NULL: plain adds):
-       one bag's rows, float32, D a multiple of 8, with AVX, the bag's sum
-       kept in registers (D = 16: two independent chains) instead of stored
-       and reloaded after every row. A multiply, then an add, in the same
-       order: he_axpy_f's arithmetic (an add of x is a 1 * x's), so the same
-       bits. Returns 0, doing nothing, where it cannot run. */
+    /* y[:D] += w[g] * row g for g < n, in order (w NULL: plain adds): one
+       bag's rows (float32), the bag's sum kept in registers instead of
+       stored and reloaded after every row. A multiply, then an add, in the
+       same order: he_axpy_f's arithmetic (an add of x is a 1 * x's), so the
+       same bits. he_add_rows_f: rows of one run, row g at M + st[g], D a
+       multiple of 8, with AVX (D = 16: two independent chains).
+       he_add_runs_f: rows of R = D / L runs, run k of row g at
+       M + st[g * R + k], none wrapping: runs of a multiple of 8 floats with
+       AVX, runs of 4 (ROBE-Z, Z = 4) and of 1 (HashedNet) in C over a small
+       accumulator array, which the compiler keeps in registers. Both return
+       0, doing nothing, where they cannot run. */
     #if defined(HE_X86_VECTOR)
     __attribute__((target("avx"))) static void he_add_rows_avx(
         float* y, const float* M, const uint64_t* st, const float* w, int64_t n, int64_t D)
@@ -112,6 +117,23 @@ cdef extern from *:
             _mm256_storeu_ps(y + c, a);
         }
     }
+    __attribute__((target("avx"))) static void he_add_runs_avx(
+        float* y, const float* M, const uint64_t* st, const float* w, int64_t n, int64_t D,
+        int64_t L)
+    {
+        const int64_t R = D / L;
+        int64_t g, c;
+        for (c = 0; c < D; c += 8) {
+            __m256 a = _mm256_loadu_ps(y + c);
+            for (g = 0; g < n; g++) {
+                __m256 x = _mm256_loadu_ps(M + st[g * R + c / L] + c % L);
+                if (w)
+                    x = _mm256_mul_ps(_mm256_set1_ps(w[g]), x);
+                a = _mm256_add_ps(a, x);
+            }
+            _mm256_storeu_ps(y + c, a);
+        }
+    }
     static inline int he_add_rows_f(float* y, const float* M, const uint64_t* st,
                                     const float* w, int64_t n, int64_t D)
     {
@@ -127,6 +149,51 @@ cdef extern from *:
         return 0;
     }
     #endif
+    /* columns c0..c0+W-1 (W = 16 or 4, D - c0 >= W) of runs of LL = 1 or 4 */
+    #define HE_ADD_COLS(W, LL)                                                      \
+        {                                                                         \
+            float acc[W];                                                         \
+            int64_t g, i;                                                         \
+            for (i = 0; i < W; i++)                                               \
+                acc[i] = y[c0 + i];                                               \
+            for (g = 0; g < n; g++) {                                             \
+                const uint64_t* q = st + g * R + c0 / LL;                         \
+                const float wg = w ? w[g] : 1.0f;                                 \
+                for (i = 0; i < W; i++)                                           \
+                    acc[i] += wg * M[q[i / LL] + i % LL];                         \
+            }                                                                     \
+            for (i = 0; i < W; i++)                                               \
+                y[c0 + i] = acc[i];                                               \
+        }
+    static int he_add_runs_f(float* __restrict y, const float* __restrict M,
+                             const uint64_t* __restrict st, const float* __restrict w,
+                             int64_t n, int64_t D, int64_t L)
+    {
+        const int64_t R = D / L;
+        int64_t c0;
+    #if defined(HE_X86_VECTOR)
+        if (L % 8 == 0 && (he_x86() & 1)) {
+            he_add_runs_avx(y, M, st, w, n, D, L);
+            return 1;
+        }
+    #endif
+        if ((L != 1 && L != 4) || D % 4)
+            return 0;
+        for (c0 = 0; c0 + 16 <= D; c0 += 16) {
+            if (L == 1)
+                HE_ADD_COLS(16, 1)
+            else
+                HE_ADD_COLS(16, 4)
+        }
+        for (; c0 < D; c0 += 4) {
+            if (L == 1)
+                HE_ADD_COLS(4, 1)
+            else
+                HE_ADD_COLS(4, 4)
+        }
+        return 1;
+    }
+    #undef HE_ADD_COLS
 
     /* Per-call scratch from one cached block: fresh memory costs page
        faults, and blocks that OpenMP threads free go back to the kernel with
@@ -165,6 +232,8 @@ cdef extern from *:
     void he_scal_d(double* y, const double* x, double a, int64_t n) noexcept nogil
     int he_add_rows_f(float* y, const float* M, const uint64_t* st, const float* w, int64_t n,
                       int64_t D) noexcept nogil
+    int he_add_runs_f(float* y, const float* M, const uint64_t* st, const float* w, int64_t n,
+                      int64_t D, int64_t L) noexcept nogil
     void* he_ws_take(size_t bytes) noexcept nogil
     void he_ws_give(void* p) noexcept nogil
 
@@ -203,6 +272,7 @@ DEF AHEAD = 8       # rows hashed (and prefetched) this far ahead
 DEF FAR_AHEAD = 16  # forward, a few runs per row from an array far past the caches
 DEF FAR_BYTES = 64 << 20  # "far past the caches": arrays from this size on
 DEF MAXR = 64       # fast path: at most this many runs per row
+DEF SEG_RUNS = 128  # multi-hot bags of rows of several runs: runs hashed ahead
 DEF SMALL_WORK = 1 << 16  # backward: gradient floats below which one thread runs
 DEF CHUNK_BAGS = 8192  # backward with many runs per entry: bags hashed per round
 
@@ -385,17 +455,21 @@ cdef inline void _copy_elems(real* o, const real* M, const uint64_t* r, int64_t 
 
 cdef inline void _prefetch_elems(const real* M, const uint16_t* H, const uint64_t* r,
                                  int64_t R) noexcept nogil:
-    """Prefetch a row of runs of one float (one line each)."""
-    cdef int64_t k
+    """Prefetch R runs of one float (one line each), four a step (the loop's
+    count and branch cost about what a prefetch does)."""
+    cdef int64_t k = 0
     if H != NULL:
         for k in range(R):
             he_prefetch(H + r[k])
-    elif R == 16:
-        for k in range(16):
-            he_prefetch(M + r[k])
-    else:
-        for k in range(R):
-            he_prefetch(M + r[k])
+        return
+    while k + 4 <= R:
+        he_prefetch(M + r[k])
+        he_prefetch(M + r[k + 1])
+        he_prefetch(M + r[k + 2])
+        he_prefetch(M + r[k + 3])
+        k += 4
+    for k in range(k, R):
+        he_prefetch(M + r[k])
 
 
 cdef inline void _copy_one_runs(real* o, int64_t ostride, const real* M, const uint64_t* st,
@@ -437,68 +511,93 @@ cdef void _one_run_rows(const he_scheme* s, const index_t* x, int64_t n, const r
         _copy_one_runs(o, ostride, M, st, n, D)
 
 
-cdef void _one_run_bags(const he_scheme* s, const index_t* x, const int64_t* off, int64_t n,
-                        const real* M, const uint16_t* H, int bf, const real* psw, real* o,
-                        int64_t ostride, int64_t table, he_tterm tt, int mode, uint64_t* ring,
-                        uint64_t* pre) noexcept nogil:
+cdef void _seg_bags(const he_scheme* s, const index_t* x, const int64_t* off, int64_t n,
+                    const real* M, const uint16_t* H, int bf, const real* psw, real* o,
+                    int64_t ostride, int64_t table, he_tterm tt, int mode, uint64_t* ring,
+                    uint64_t* pre) noexcept nogil:
     """o[b * ostride:][:D] = sum (mean) of psw[j] times row x[j] of table
-    `table` (psw NULL: ones), j in off[b]..off[b+1]-1, for bags b < n of rows
-    of one run (he_one_run): the entries hashed a segment of CHUNK at a time
-    (he_one_run_starts: ROBE-Z's four at a time with AVX2) and prefetched a
-    segment before they are added, in entry order (the general _bag's
-    arithmetic), a bag's entries of a segment in one tight loop. Starts go
-    to pre[j] when given, else to the two halves of ring in turn."""
-    cdef he_one_run_k k = he_one_run_of(s, table, tt)
-    cdef int64_t D = s.dim, j0 = off[0], j1 = off[n], a, z, j, e, b, i, g, cnt, seg = 0
+    `table` (psw NULL: ones), j in off[b]..off[b+1]-1, for bags b < n of an
+    unsigned scheme that reads no map: the entries' run starts hashed a
+    segment of entries at a time (rows of one run, he_one_run_starts:
+    ROBE-Z's four at a time with AVX2; else he_run_starts row by row) and
+    prefetched a segment before they are added, in entry order (the
+    general _bag's arithmetic), a bag's entries of a segment in one tight
+    loop. Starts go to pre[j * R] when given, else to the two halves of
+    ring in turn (_ring_len: a segment's are at most 2 SEG_RUNS, or one
+    row's)."""
+    cdef he_one_run_k k1
+    cdef bint one = he_one_run(s)
+    cdef int64_t D = s.dim, L = s.run, R = s.runs, j0 = off[0], j1 = off[n]
+    cdef int64_t a, z, j, e, b, i, g, r, cnt, seg = 0
+    # entries a segment: CHUNK rows of one run; else about SEG_RUNS runs
+    cdef int64_t sn = CHUNK if R == 1 else max(1, min(CHUNK, SEG_RUNS // R))
     cdef uint64_t m = s.size, st
     cdef uint64_t* nxt
-    cdef uint64_t* cur = NULL      # starts of the segment being added (entry a - CHUNK first)
+    cdef uint64_t* cur = NULL      # starts of the segment being added (entry a - sn first)
+    cdef const uint64_t* q
     cdef bint wraps = False, cur_wraps = False
     cdef real* ob
     cdef real w = 1
+    cdef he_row row
+    if one:
+        k1 = he_one_run_of(s, table, tt)
     for b in range(n):
         for i in range(D):
             o[b * ostride + i] = 0
     b = 0
-    for a in range(j0, j1 + CHUNK, CHUNK):
-        nxt = pre + a if pre != NULL else ring + (seg & 1) * CHUNK
+    a = j0
+    while a < j1 + sn:
+        nxt = pre + a * R if pre != NULL else ring + (seg & 1) * sn * R
         seg += 1
         wraps = False
-        if a < j1:          # hash the segment a..z-1 and prefetch its rows
-            z = min(a + CHUNK, j1)
-            he_one_run_starts(&k, x + a, sizeof(index_t) == 8, z - a, nxt)
-            for g in range(z - a):
-                he_prefetch(_at(M, H, nxt[g]))
-                he_prefetch(_at(M, H, nxt[g] + D - 1))
-                wraps |= nxt[g] + <uint64_t>D > m
+        if a < j1:          # hash the segment a..z-1 and prefetch its runs
+            z = min(a + sn, j1)
+            if one:
+                he_one_run_starts(&k1, x + a, sizeof(index_t) == 8, z - a, nxt)
+            else:
+                for g in range(z - a):
+                    row = he_row_begin_t(s, table, tt, x[a + g])
+                    he_run_starts(s, &row, nxt + g * R)
+            if L == 1:      # runs of one float: one line each, none wraps
+                _prefetch_elems(M, H, nxt, (z - a) * R)
+            else:
+                for g in range((z - a) * R):
+                    he_prefetch(_at(M, H, nxt[g]))
+                    he_prefetch(_at(M, H, nxt[g] + L - 1))
+                    wraps |= nxt[g] + <uint64_t>L > m
         if a > j0:          # add the segment before, a bag's entries at a time
-            j = a - CHUNK
+            j = a - sn
             z = min(a, j1)
             while j < z:
                 while off[b + 1] <= j:
                     b += 1
                 e = min(off[b + 1], z)
                 ob = o + b * ostride
-                if real is float:   # (without AVX, or for other D: row by row below)
-                    if not cur_wraps and H == NULL and he_add_rows_f(
-                            ob, M, cur + (j - (a - CHUNK)), psw + j if psw != NULL else NULL,
-                            e - j, D):
+                if real is float and not cur_wraps and H == NULL:
+                    # the C sums (what they do not take: row by row below)
+                    q = cur + (j - (a - sn)) * R
+                    if (he_add_rows_f(ob, M, q, psw + j if psw != NULL else NULL, e - j, D)
+                            if R == 1 else
+                            he_add_runs_f(ob, M, q, psw + j if psw != NULL else NULL, e - j, D, L)):
                         j = e
                         continue
                 for j in range(j, e):
-                    st = cur[j - (a - CHUNK)]
+                    q = cur + (j - (a - sn)) * R
                     if psw != NULL:
                         w = psw[j]
-                    if st + <uint64_t>D > m:        # a run wrapping past the array's end
-                        for i in range(D):
-                            ob[i] += w * _ld(M, H, bf, he_run_slot(s, st, i))
-                    elif H != NULL:
-                        _run_h(ob, H + st, bf, w, D, 1)
-                    else:
-                        _axpy(ob, M + st, w, D)
+                    for r in range(R):
+                        st = q[r]
+                        if st + <uint64_t>L > m:        # a run wrapping past the array's end
+                            for i in range(L):
+                                ob[r * L + i] += w * _ld(M, H, bf, he_run_slot(s, st, i))
+                        elif H != NULL:
+                            _run_h(ob + r * L, H + st, bf, w, L, 1)
+                        else:
+                            _axpy(ob + r * L, M + st, w, L)
                 j = e
         cur = nxt
         cur_wraps = wraps
+        a += sn
     if mode == MEAN:
         for b in range(n):
             cnt = off[b + 1] - off[b]
@@ -508,10 +607,11 @@ cdef void _one_run_bags(const he_scheme* s, const index_t* x, const int64_t* off
 
 
 cdef inline int64_t _ring_len(int64_t runs) noexcept nogil:
-    """A thread's run starts in flight: FAR_AHEAD rows' (two segments of
-    CHUNK rows of one run: _one_run_rows, _one_run_bags), padded by 128
-    bytes so that threads never share a cache line."""
-    return max(FAR_AHEAD * runs, 2 * CHUNK) + 16
+    """A thread's run starts in flight: FAR_AHEAD rows' (_forward_chunk's
+    pipeline), or two segments of _seg_bags (CHUNK rows of one run, or
+    about SEG_RUNS runs), padded by 128 bytes so that threads never share a
+    cache line."""
+    return max(FAR_AHEAD * runs, 2 * CHUNK, 2 * SEG_RUNS) + 16
 
 
 cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* off,
@@ -519,14 +619,16 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                          int64_t T, int64_t ostride, int64_t table0, int mode,
                          bint has_pad, int64_t pad, int64_t b0, int64_t b1,
                          uint64_t* ring, uint64_t* pre) noexcept nogil:
-    """Bags of samples b0..b1-1, table by table. Bags of rows of one run
-    (full tables, ROBE-Z with Z >= D) of an unsigned scheme take tight loops:
-    one entry each (the DLRM/Criteo case) _one_run_rows, any other sizes
-    _one_run_bags. A single-entry bag of another unsigned scheme is copied
-    straight from the array, its runs hashed AHEAD bags early and prefetched:
-    the gathers are latency-bound, the hashes are not. Every other bag takes
-    the general loop. pre, when given, receives every entry's run starts as
-    they are computed (for backward to reuse)."""
+    """Bags of samples b0..b1-1, table by table. Bags of an unsigned scheme
+    that reads no map, without padding or max, take tight loops: one entry
+    each (the DLRM/Criteo case) of rows of one run (full tables, ROBE-Z
+    with Z >= D) _one_run_rows, of rows of several runs a pipeline that
+    copies each row straight from the array, its runs hashed AHEAD bags
+    early and prefetched (the gathers are latency-bound, the hashes are
+    not); any other sizes, or per-sample weights, _seg_bags. Every other
+    bag takes the general loop (LSH's single-entry bags a deeper
+    pipeline). pre, when given, receives every entry's run starts as they
+    are computed (for backward to reuse)."""
     cdef int64_t D = s.dim, L = s.run, R = s.runs, t, b, c, g, j, k, q, n = b1 - b0
     cdef uint64_t m = s.size
     cdef uint64_t* r
@@ -550,12 +652,13 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
     cdef int64_t deep = ahead if he_reads_map(s) else 0
     cdef bint fast = (ring != NULL and psw == NULL and not has_pad and mode != MAX
                       and not s.is_signed)
-    # rows of one run (full tables, ROBE-Z with Z >= D): per-sample weights too
-    cdef bint one = ring != NULL and he_one_run(s) and _one_runs(s, mode, has_pad)
+    # bags of any size (per-sample weights too) hashed a segment at a time
+    cdef bint seg = (ring != NULL and mode != MAX and not has_pad and not s.is_signed
+                     and deep == 0)
     for t in range(T):
         tprobe = he_table_probe(s, table0 + t)
         tt = he_table_term(s, table0 + t)
-        if one or (fast and deep == 0):
+        if seg:
             # one entry in every bag of the chunk (2-D input: the DLRM case):
             # bag b is entry j0 + b, and the pipeline needs no offsets
             j0 = off[t * B + b0]
@@ -564,42 +667,42 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                 if off[t * B + b0 + b] != j0 + b:
                     single = False
                     break
-            if one and single and psw == NULL:
+            if single and psw == NULL and he_one_run(s):
                 _one_run_rows(s, idx + j0, n, M, H, bf, out + t * D, ostride, table0 + t, tt,
                               ring if pre == NULL else pre + j0)
                 continue
-            if one:                 # bags of any size (empty ones too)
-                _one_run_bags(s, idx, off + t * B + b0, n, M, H, bf, psw, out + t * D, ostride,
-                              table0 + t, tt, mode, ring, pre)
+            if not (single and psw == NULL):
+                _seg_bags(s, idx, off + t * B + b0, n, M, H, bf, psw, out + t * D, ostride,
+                          table0 + t, tt, mode, ring, pre)
                 continue
-            if single:
-                for c in range(n + ahead):
-                    g = c - ahead
-                    if g >= 0 and L == 1:   # element-wise (HashedNet): D floats, none wraps
-                        r = ring + (g & (ahead - 1)) * R
-                        o = out + g * ostride + t * D
-                        if H == NULL:
-                            _copy_elems(o, M, r, R)
-                        else:
-                            for k in range(R):
-                                o[k] = _ld(M, H, bf, r[k])
-                    elif g >= 0:    # gather bag g, hashed ahead bags before (its ring slot is c's)
-                        _gather_runs(s, ring + (g & (ahead - 1)) * R, M, H, bf,
-                                     out + g * ostride + t * D)
-                    if c < n:       # hash bag c's runs, prefetch them
-                        row = he_row_begin_t(s, table0 + t, tt, idx[j0 + c])
-                        r = ring + (c & (ahead - 1)) * R
-                        he_run_starts(s, &row, r)
-                        if L == 1:
-                            _prefetch_elems(M, H, r, R)
-                        else:
-                            for k in range(R):
-                                he_prefetch(_at(M, H, r[k]))
-                                he_prefetch(_at(M, H, r[k] + L - 1))
-                        if pre != NULL:
-                            for k in range(R):
-                                pre[(j0 + c) * R + k] = r[k]
-                continue
+            # one entry in every bag, rows of several runs: hashed ahead bags early
+            for c in range(n + ahead):
+                g = c - ahead
+                if g >= 0 and L == 1:   # element-wise (HashedNet): D floats, none wraps
+                    r = ring + (g & (ahead - 1)) * R
+                    o = out + g * ostride + t * D
+                    if H == NULL:
+                        _copy_elems(o, M, r, R)
+                    else:
+                        for k in range(R):
+                            o[k] = _ld(M, H, bf, r[k])
+                elif g >= 0:    # gather bag g, hashed ahead bags before (its ring slot is c's)
+                    _gather_runs(s, ring + (g & (ahead - 1)) * R, M, H, bf,
+                                 out + g * ostride + t * D)
+                if c < n:       # hash bag c's runs, prefetch them
+                    row = he_row_begin_t(s, table0 + t, tt, idx[j0 + c])
+                    r = ring + (c & (ahead - 1)) * R
+                    he_run_starts(s, &row, r)
+                    if L == 1:
+                        _prefetch_elems(M, H, r, R)
+                    else:
+                        for k in range(R):
+                            he_prefetch(_at(M, H, r[k]))
+                            he_prefetch(_at(M, H, r[k] + L - 1))
+                    if pre != NULL:
+                        for k in range(R):
+                            pre[(j0 + c) * R + k] = r[k]
+            continue
         if not fast:
             for b in range(n):
                 q = t * B + b0 + b
