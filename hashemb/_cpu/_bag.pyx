@@ -66,6 +66,7 @@ cdef extern from *:
             if (n == 16) { for (i = 0; i < 16; i++) y[i] op a * x[i]; return; }  \
             if (n == 8) { for (i = 0; i < 8; i++) y[i] op a * x[i]; return; }    \
             if (n == 32) { for (i = 0; i < 32; i++) y[i] op a * x[i]; return; }  \
+            if (n == 4) { for (i = 0; i < 4; i++) y[i] op a * x[i]; return; }    \
             for (i = 0; i < n; i++) y[i] op a * x[i];                            \
         }
     HE_AXPY(float, he_axpy_f, +=)
