@@ -296,27 +296,38 @@ def test_run_starts_at_the_wrap_of_P(scheme):
 @pytest.mark.parametrize("dtype", [np.int64, np.int32])
 def test_one_entry_rows_of_one_run_take_any_token(dtype):
     # one-entry bags of one-run rows hash a table's tokens in one pass (four
-    # at a time with AVX2): every 64-bit token, int32 ones sign-extended as
-    # slots() takes them, and the hash's fold edges, against the reference
+    # at a time with AVX2; Z > D: the block x div Z/D hashed, x mod Z/D the
+    # row in it, past the array's end wrapping): every 64-bit token, int32
+    # ones sign-extended as slots() takes them, and the hash's fold edges,
+    # against the reference
     from reference import slot
     rng = np.random.default_rng(5)
-    for scheme in (he.RobeZ(1009, 8, block=8, seed=3), he.RobeZ(1009, 8, block=16, seed=4)):
+    for scheme in (he.RobeZ(1009, 8, block=8, seed=3), he.RobeZ(1009, 8, block=16, seed=4),
+                   he.RobeZ(101, 8, block=32, seed=6)):
         M = scheme.init_weight(seed=1)
         info = np.iinfo(dtype)
         cols = [np.concatenate([[info.min, info.min + 1, -1, 0, 1, info.max],
                                 rng.integers(info.min, info.max, 30, dtype=dtype)])
                 for _ in range(2)]
-        if dtype == np.int64 and scheme.block == scheme.dim:
-            cols = [np.concatenate([c, fold_edge_tokens(scheme, t)]) for t, c in enumerate(cols)]
+        if dtype == np.int64:
+            rows = scheme.block // scheme.dim
+            # blocks whose hash is at a fold edge: their first and last rows
+            edges = [np.array([u * rows + j for u in fold_edge_tokens(scheme, t).view(np.uint64)
+                               .astype(object) for j in (0, rows - 1) if u * rows + j < 1 << 64],
+                              np.uint64).view(np.int64) for t in range(2)]
+            cols = [np.concatenate([c, e]) for c, e in zip(cols, edges)]
             for t, c in enumerate(cols):        # the scalar hash (slots() of one-run rows)
                 assert (scheme.slots(c, table=t) ==
                         [[slot(scheme, t, int(x), i) for i in range(8)] for x in c]).all()
         n = min(len(c) for c in cols)
         X = np.stack([c[:n] for c in cols], 1).astype(dtype)
-        out = he.embedding_bags(X, M, scheme=scheme, num_tables=2)
+        out, saved = he.embedding_bags(X, M, scheme=scheme, num_tables=2, return_saved=True)
         want = [[M[slot(scheme, t, int(X[b, t]), i)] for t in range(2) for i in range(8)]
                 for b in range(n)]
         np.testing.assert_array_equal(out, want)
+        # the run starts backward takes over: each row's first slot (below size)
+        assert (saved.starts == [slot(scheme, t, int(X[b, t]), 0)
+                                 for t in range(2) for b in range(n)]).all()
         # batches of 3 hash one token at a time (the scalar he_one_run_start)
         np.testing.assert_array_equal(
             np.concatenate([he.embedding_bags(X[b:b + 3], M, scheme=scheme, num_tables=2)

@@ -476,10 +476,10 @@ static inline int he_x86(void)
  * ih = inv >> 32: q, the high half of v * inv, built from four 32 x 32-bit
  * products, then r = v - q m and one conditional subtraction: the same
  * integer arithmetic, so the same values. r < 2m < 2^63 (m < 2^62), so
- * the signed compare is exact. */
-__attribute__((target("avx2"))) static inline __m256i he_fastmod_v(__m256i v, __m256i vm,
-                                                                  __m256i mh, __m256i vi,
-                                                                  __m256i ih)
+ * the signed compare is exact. he_fastdivmod_v also gives the lanes of
+ * he_fastdiv(v, m, inv) in *quot (when not NULL). */
+__attribute__((target("avx2"), always_inline)) static inline __m256i he_fastdivmod_v(
+    __m256i v, __m256i vm, __m256i mh, __m256i vi, __m256i ih, __m256i* quot)
 {
     const __m256i lo32 = _mm256_set1_epi64x(0xffffffffLL);
     const __m256i vh = _mm256_srli_epi64(v, 32);
@@ -497,7 +497,16 @@ __attribute__((target("avx2"))) static inline __m256i he_fastmod_v(__m256i v, __
                                            _mm256_mul_epu32(_mm256_srli_epi64(q, 32), vm)),
                           32));
     const __m256i r = _mm256_sub_epi64(v, qm);
-    return _mm256_sub_epi64(r, _mm256_andnot_si256(_mm256_cmpgt_epi64(vm, r), vm));
+    const __m256i ge = _mm256_cmpgt_epi64(vm, r);       /* r < m: no correction */
+    if (quot)       /* he_fastdiv's quotient: q, plus one where r >= m */
+        *quot = _mm256_sub_epi64(q, _mm256_andnot_si256(ge, _mm256_set1_epi64x(-1)));
+    return _mm256_sub_epi64(r, _mm256_andnot_si256(ge, vm));
+}
+
+__attribute__((target("avx2"), always_inline)) static inline __m256i he_fastmod_v(
+    __m256i v, __m256i vm, __m256i mh, __m256i vi, __m256i ih)
+{
+    return he_fastdivmod_v(v, vm, mh, vi, ih, 0);
 }
 
 /* out[k] = he_robe_run_start(base, bm, rc[k], rm[k], pm, m) for k < n - n % 4,
@@ -531,7 +540,8 @@ __attribute__((target("avx2"))) static int64_t he_robe_starts_avx2(uint64_t base
 
 /*
  * out[i] = he_one_run_start(k, x[i]) for i < n - n % 4, ROBE-Z's rows
- * (k->kind == HE_ROBE) four at a time (AVX2); returns that count. x holds
+ * (k->kind HE_ROBE, or HE_ROBE_WIDE: Z > D) four at a time (AVX2);
+ * returns that count. x holds
  * int64 tokens (wide) or int32 ones, taken as he_one_run_start takes them
  * (sign-extended). he_muladd's
  * residue by another split of the product a u (a = ah 2^32 + al, u = uh
@@ -551,12 +561,27 @@ __attribute__((target("avx2"))) static int64_t he_robe_one_starts_avx2(const he_
     const __m256i vb = _mm256_set1_epi64x((long long)k->add);
     const __m256i vm = _mm256_set1_epi64x((long long)k->mod), mh = _mm256_srli_epi64(vm, 32);
     const __m256i vi = _mm256_set1_epi64x((long long)k->inv), ih = _mm256_srli_epi64(vi, 32);
+    /* HE_ROBE_WIDE: the block of x (x div rows) is hashed, x mod rows
+       picks the row inside it */
+    const int in_blocks = k->kind == HE_ROBE_WIDE;
+    const __m256i vr = _mm256_set1_epi64x((long long)k->rows), rh = _mm256_srli_epi64(vr, 32);
+    const __m256i vri = _mm256_set1_epi64x((long long)k->rows_inv);
+    const __m256i rih = _mm256_srli_epi64(vri, 32);
+    const __m256i vd = _mm256_set1_epi64x((long long)k->dim);
+    const __m256i vs = _mm256_set1_epi64x((long long)k->size);
+    const __m256i vs1 = _mm256_set1_epi64x((long long)(k->size - 1));
     const int64_t* x64 = (const int64_t*)x;
     const int32_t* x32 = (const int32_t*)x;
     int64_t i = 0;
     for (; i + 4 <= n; i += 4) {
-        const __m256i xv = wide ? _mm256_loadu_si256((const __m256i*)(x64 + i))
-                                : _mm256_cvtepi32_epi64(_mm_loadu_si128((const __m128i*)(x32 + i)));
+        __m256i xv = wide ? _mm256_loadu_si256((const __m256i*)(x64 + i))
+                          : _mm256_cvtepi32_epi64(_mm_loadu_si128((const __m128i*)(x32 + i)));
+        __m256i within = _mm256_setzero_si256();
+        if (in_blocks) {
+            __m256i blk;
+            within = _mm256_mul_epu32(he_fastdivmod_v(xv, vr, rh, vri, rih, &blk), vd);
+            xv = blk;
+        }
         const __m256i u = _mm256_add_epi64(_mm256_and_si256(xv, P), _mm256_srli_epi64(xv, 61));
         const __m256i uh = _mm256_srli_epi64(u, 32);
         const __m256i ll = _mm256_mul_epu32(u, va), hh = _mm256_mul_epu32(uh, ah);
@@ -568,7 +593,12 @@ __attribute__((target("avx2"))) static int64_t he_robe_one_starts_avx2(const he_
             _mm256_add_epi64(_mm256_and_si256(ll, P), _mm256_srli_epi64(ll, 61)));
         t = _mm256_add_epi64(_mm256_and_si256(t, P), _mm256_srli_epi64(t, 61));
         t = _mm256_sub_epi64(t, _mm256_and_si256(_mm256_cmpgt_epi64(t, Pm1), P));
-        _mm256_storeu_si256((__m256i*)(out + i), he_fastmod_v(t, vm, mh, vi, ih));
+        t = he_fastmod_v(t, vm, mh, vi, ih);
+        if (in_blocks) {    /* slot = h + (x mod rows) dim, less size past the end */
+            t = _mm256_add_epi64(t, within);
+            t = _mm256_sub_epi64(t, _mm256_and_si256(_mm256_cmpgt_epi64(t, vs1), vs));
+        }
+        _mm256_storeu_si256((__m256i*)(out + i), t);
     }
     return i;
 }
@@ -598,13 +628,15 @@ HE_HD void he_run_starts(const he_scheme* s, const he_row* r, uint64_t* out)
 }
 
 /* out[i] = he_one_run_start(k, x[i]) for i < n (x: int64 tokens if wide,
- * else int32): ROBE-Z's four at a time where the CPU has AVX2. */
+ * else int32): ROBE-Z's (Z >= D) four at a time where the CPU has AVX2. */
 HE_HD void he_one_run_starts(const he_one_run_k* k, const void* x, int wide, int64_t n,
                              uint64_t* out)
 {
     int64_t i = 0;
 #if defined(HE_X86_VECTOR)
-    if (k->kind == HE_ROBE && n >= 4 && (he_x86() & 2))
+    /* (a block's offsets x mod rows times dim = Z below 2^32: 32-bit products) */
+    if ((k->kind == HE_ROBE || (k->kind == HE_ROBE_WIDE && k->rows * k->dim < ((uint64_t)1 << 32)))
+        && n >= 4 && (he_x86() & 2))
         i = he_robe_one_starts_avx2(k, x, wide, n, out);
 #endif
     for (; i < n; i++)
