@@ -118,6 +118,19 @@ cdef extern from *:
             _mm256_storeu_ps(y + c, a);
         }
     }
+    /* o[g * ostride:][:16] = M[st[g]:][:16] for g < n: one-entry bags of
+       one-run rows at D = 16, two 8-float moves a row (not a memcpy whose
+       code depends on the caller's register allocation). */
+    __attribute__((target("avx"))) static void he_copy_rows16(
+        float* o, int64_t ostride, const float* M, const uint64_t* st, int64_t n)
+    {
+        int64_t g;
+        for (g = 0; g < n; g++) {
+            const float* r = M + st[g];
+            _mm256_storeu_ps(o + g * ostride, _mm256_loadu_ps(r));
+            _mm256_storeu_ps(o + g * ostride + 8, _mm256_loadu_ps(r + 8));
+        }
+    }
     __attribute__((target("avx"))) static void he_add_runs_avx(
         float* y, const float* M, const uint64_t* st, const float* w, int64_t n, int64_t D,
         int64_t L)
@@ -206,7 +219,20 @@ cdef extern from *:
         he_add_rows_avx(y, M, st, w, n, D);
         return 1;
     }
+    static inline int he_copy_rows16_f(float* o, int64_t ostride, const float* M,
+                                       const uint64_t* st, int64_t n)
+    {
+        if (!(he_x86() & 1))
+            return 0;
+        he_copy_rows16(o, ostride, M, st, n);
+        return 1;
+    }
     #else
+    static inline int he_copy_rows16_f(float* o, int64_t ostride, const float* M,
+                                       const uint64_t* st, int64_t n)
+    {
+        return 0;
+    }
     static inline int he_add_rows_f(float* y, const float* M, const uint64_t* st,
                                     const float* w, int64_t n, int64_t D)
     {
@@ -305,6 +331,8 @@ cdef extern from *:
                       int64_t D, int64_t L) noexcept nogil
     int he_add_runs16(float* y, const uint16_t* H, const uint64_t* st, const float* w, int64_t n,
                       int64_t D, int64_t L, int bf) noexcept nogil
+    int he_copy_rows16_f(float* o, int64_t ostride, const float* M, const uint64_t* st,
+                         int64_t n) noexcept nogil
     void* he_ws_take(size_t bytes) noexcept nogil
     void he_ws_give(void* p) noexcept nogil
 
@@ -573,6 +601,9 @@ cdef void _one_run_rows(const he_scheme* s, const index_t* x, int64_t n, const r
         for g in range(n):
             _gather_runs(s, st + g, M, H, bf, o + g * ostride)
     elif D == 16:           # the common widths copied with fixed-size moves
+        if real is float:
+            if he_copy_rows16_f(o, ostride, M, st, n):
+                return
         _copy_one_runs(o, ostride, M, st, n, 16)
     elif D == 32:
         _copy_one_runs(o, ostride, M, st, n, 32)

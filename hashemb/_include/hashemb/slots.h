@@ -550,9 +550,8 @@ __attribute__((target("avx2"))) static int64_t he_robe_starts_avx2(uint64_t base
  * (ll >> 61), mid = lh + hl < 2^63, hh < 2^59, and b plus all of it stays
  * below 5 * 2^61 + 2^35 < 2^64, so one fold gives he_muladd's value.
  */
-__attribute__((target("avx2"))) static int64_t he_robe_one_starts_avx2(const he_one_run_k* k,
-                                                                      const void* x, int wide,
-                                                                      int64_t n, uint64_t* out)
+__attribute__((target("avx2"), always_inline)) static inline int64_t he_robe_one_starts_of(
+    const he_one_run_k* k, const void* x, int wide, int64_t n, uint64_t* out, int in_blocks)
 {
     const __m256i P = _mm256_set1_epi64x((long long)HE_P);
     const __m256i Pm1 = _mm256_set1_epi64x((long long)(HE_P - 1));
@@ -561,9 +560,8 @@ __attribute__((target("avx2"))) static int64_t he_robe_one_starts_avx2(const he_
     const __m256i vb = _mm256_set1_epi64x((long long)k->add);
     const __m256i vm = _mm256_set1_epi64x((long long)k->mod), mh = _mm256_srli_epi64(vm, 32);
     const __m256i vi = _mm256_set1_epi64x((long long)k->inv), ih = _mm256_srli_epi64(vi, 32);
-    /* HE_ROBE_WIDE: the block of x (x div rows) is hashed, x mod rows
-       picks the row inside it */
-    const int in_blocks = k->kind == HE_ROBE_WIDE;
+    /* in_blocks (HE_ROBE_WIDE, a constant where inlined): the block of x
+       (x div rows) is hashed, x mod rows picks the row inside it */
     const __m256i vr = _mm256_set1_epi64x((long long)k->rows), rh = _mm256_srli_epi64(vr, 32);
     const __m256i vri = _mm256_set1_epi64x((long long)k->rows_inv);
     const __m256i rih = _mm256_srli_epi64(vri, 32);
@@ -601,6 +599,15 @@ __attribute__((target("avx2"))) static int64_t he_robe_one_starts_avx2(const he_
         _mm256_storeu_si256((__m256i*)(out + i), t);
     }
     return i;
+}
+
+__attribute__((target("avx2"))) static int64_t he_robe_one_starts_avx2(const he_one_run_k* k,
+                                                                      const void* x, int wide,
+                                                                      int64_t n, uint64_t* out)
+{
+    if (k->kind == HE_ROBE_WIDE)
+        return he_robe_one_starts_of(k, x, wide, n, out, 1);
+    return he_robe_one_starts_of(k, x, wide, n, out, 0);
 }
 #endif
 
