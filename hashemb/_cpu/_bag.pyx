@@ -86,6 +86,12 @@ cdef extern from *:
        accumulator array, which the compiler keeps in registers. Both return
        0, doing nothing, where they cannot run. */
     #if defined(HE_X86_VECTOR)
+    /* a + w[g] * x (w NULL: a + x): one row's step of a bag's sum */
+    __attribute__((target("avx"), always_inline)) static inline __m256 he_wadd8(
+        __m256 a, __m256 x, const float* w, int64_t g)
+    {
+        return _mm256_add_ps(a, w ? _mm256_mul_ps(_mm256_set1_ps(w[g]), x) : x);
+    }
     __attribute__((target("avx"))) static void he_add_rows_avx(
         float* y, const float* M, const uint64_t* st, const float* w, int64_t n, int64_t D)
     {
@@ -94,14 +100,8 @@ cdef extern from *:
             __m256 a0 = _mm256_loadu_ps(y), a1 = _mm256_loadu_ps(y + 8);
             for (g = 0; g < n; g++) {
                 const float* r = M + st[g];
-                __m256 x0 = _mm256_loadu_ps(r), x1 = _mm256_loadu_ps(r + 8);
-                if (w) {
-                    const __m256 wg = _mm256_set1_ps(w[g]);
-                    x0 = _mm256_mul_ps(wg, x0);
-                    x1 = _mm256_mul_ps(wg, x1);
-                }
-                a0 = _mm256_add_ps(a0, x0);
-                a1 = _mm256_add_ps(a1, x1);
+                a0 = he_wadd8(a0, _mm256_loadu_ps(r), w, g);
+                a1 = he_wadd8(a1, _mm256_loadu_ps(r + 8), w, g);
             }
             _mm256_storeu_ps(y, a0);
             _mm256_storeu_ps(y + 8, a1);
@@ -110,10 +110,7 @@ cdef extern from *:
         for (c = 0; c < D; c += 8) {
             __m256 a = _mm256_loadu_ps(y + c);
             for (g = 0; g < n; g++) {
-                __m256 x = _mm256_loadu_ps(M + st[g] + c);
-                if (w)
-                    x = _mm256_mul_ps(_mm256_set1_ps(w[g]), x);
-                a = _mm256_add_ps(a, x);
+                a = he_wadd8(a, _mm256_loadu_ps(M + st[g] + c), w, g);
             }
             _mm256_storeu_ps(y + c, a);
         }
@@ -140,10 +137,7 @@ cdef extern from *:
         for (c = 0; c < D; c += 8) {
             __m256 a = _mm256_loadu_ps(y + c);
             for (g = 0; g < n; g++) {
-                __m256 x = _mm256_loadu_ps(M + st[g * R + c / L] + c % L);
-                if (w)
-                    x = _mm256_mul_ps(_mm256_set1_ps(w[g]), x);
-                a = _mm256_add_ps(a, x);
+                a = he_wadd8(a, _mm256_loadu_ps(M + st[g * R + c / L] + c % L), w, g);
             }
             _mm256_storeu_ps(y + c, a);
         }
@@ -169,15 +163,8 @@ cdef extern from *:
             __m256 a0 = _mm256_loadu_ps(y), a1 = _mm256_loadu_ps(y + 8);
             for (g = 0; g < n; g++) {
                 const uint16_t* r0 = H + st[g * R];
-                __m256 x0 = he_widen8(r0, bf);
-                __m256 x1 = he_widen8(R == 1 ? r0 + 8 : H + st[g * R + 1], bf);
-                if (w) {
-                    const __m256 wg = _mm256_set1_ps(w[g]);
-                    x0 = _mm256_mul_ps(wg, x0);
-                    x1 = _mm256_mul_ps(wg, x1);
-                }
-                a0 = _mm256_add_ps(a0, x0);
-                a1 = _mm256_add_ps(a1, x1);
+                a0 = he_wadd8(a0, he_widen8(r0, bf), w, g);
+                a1 = he_wadd8(a1, he_widen8(R == 1 ? r0 + 8 : H + st[g * R + 1], bf), w, g);
             }
             _mm256_storeu_ps(y, a0);
             _mm256_storeu_ps(y + 8, a1);
@@ -186,10 +173,7 @@ cdef extern from *:
         for (c = 0; c < D; c += 8) {
             __m256 a = _mm256_loadu_ps(y + c);
             for (g = 0; g < n; g++) {
-                __m256 x = he_widen8(H + st[g * R + c / L] + c % L, bf);
-                if (w)
-                    x = _mm256_mul_ps(_mm256_set1_ps(w[g]), x);
-                a = _mm256_add_ps(a, x);
+                a = he_wadd8(a, he_widen8(H + st[g * R + c / L] + c % L, bf), w, g);
             }
             _mm256_storeu_ps(y + c, a);
         }
