@@ -79,29 +79,45 @@ cdef extern from *:
        stored and reloaded after every row. A multiply, then an add, in the
        same order: he_axpy_f's arithmetic (an add of x is a 1 * x's), so the
        same bits. he_add_rows_f: rows of one run, row g at M + st[g], D a
-       multiple of 8, with AVX (D = 16: two independent chains).
+       multiple of 8, with AVX2 (D = 16: two independent chains).
        he_add_runs_f: rows of R = D / L runs, run k of row g at
        M + st[g * R + k], none wrapping: runs of a multiple of 8 floats with
-       AVX, runs of 4 (ROBE-Z, Z = 4) and of 1 (HashedNet) in C over a small
+       AVX2, runs of 4 (ROBE-Z, Z = 4) and of 1 (HashedNet) in C over a small
        accumulator array, which the compiler keeps in registers. Both return
        0, doing nothing, where they cannot run. */
     #if defined(HE_X86_VECTOR)
+    /* Eight values of array A from element i, as floats (fmt 0: float32; 1:
+       float16, F16C's conversion; 2: bfloat16, a shift): exact, as he_s2f. */
+    __attribute__((target("avx2,f16c"), always_inline)) static inline __m256 he_load8(
+        const void* A, uint64_t i, int fmt)
+    {
+        __m128i h;
+        if (fmt == 0)
+            return _mm256_loadu_ps((const float*)A + i);
+        h = _mm_loadu_si128((const __m128i*)((const uint16_t*)A + i));
+        return fmt == 2 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+                        : _mm256_cvtph_ps(h);
+    }
     /* a + w[g] * x (w NULL: a + x): one row's step of a bag's sum */
     __attribute__((target("avx"), always_inline)) static inline __m256 he_wadd8(
         __m256 a, __m256 x, const float* w, int64_t g)
     {
         return _mm256_add_ps(a, w ? _mm256_mul_ps(_mm256_set1_ps(w[g]), x) : x);
     }
-    __attribute__((target("avx"))) static void he_add_rows_avx(
-        float* y, const float* M, const uint64_t* st, const float* w, int64_t n, int64_t D)
+    /* The bag sum of an array A of format fmt, runs of L (a multiple of 8)
+       values, D = 16 as two chains; one (rows of one run, L = D) and fmt are
+       constants where it is inlined, so each caller gets its own loop. */
+    __attribute__((target("avx2,f16c"), always_inline)) static inline void he_add_of(
+        float* y, const void* A, const uint64_t* st, const float* w, int64_t n, int64_t D,
+        int64_t L, int fmt, int one)
     {
+        const int64_t R = one ? 1 : D / L;
         int64_t g, c;
         if (D == 16) {
             __m256 a0 = _mm256_loadu_ps(y), a1 = _mm256_loadu_ps(y + 8);
             for (g = 0; g < n; g++) {
-                const float* r = M + st[g];
-                a0 = he_wadd8(a0, _mm256_loadu_ps(r), w, g);
-                a1 = he_wadd8(a1, _mm256_loadu_ps(r + 8), w, g);
+                a0 = he_wadd8(a0, he_load8(A, st[g * R], fmt), w, g);
+                a1 = he_wadd8(a1, he_load8(A, R == 1 ? st[g] + 8 : st[g * R + 1], fmt), w, g);
             }
             _mm256_storeu_ps(y, a0);
             _mm256_storeu_ps(y + 8, a1);
@@ -109,11 +125,27 @@ cdef extern from *:
         }
         for (c = 0; c < D; c += 8) {
             __m256 a = _mm256_loadu_ps(y + c);
-            for (g = 0; g < n; g++) {
-                a = he_wadd8(a, _mm256_loadu_ps(M + st[g] + c), w, g);
-            }
+            for (g = 0; g < n; g++)
+                a = he_wadd8(a, he_load8(A, one ? st[g] + c : st[g * R + c / L] + c % L, fmt),
+                             w, g);
             _mm256_storeu_ps(y + c, a);
         }
+    }
+    __attribute__((target("avx2,f16c"))) static void he_add_rows_avx2(
+        float* y, const float* M, const uint64_t* st, const float* w, int64_t n, int64_t D)
+    {
+        he_add_of(y, M, st, w, n, D, D, 0, 1);
+    }
+    __attribute__((target("avx2,f16c"))) static void he_add_runs_avx2(
+        float* y, const void* A, const uint64_t* st, const float* w, int64_t n, int64_t D,
+        int64_t L, int fmt)
+    {
+        if (fmt == 2)
+            he_add_of(y, A, st, w, n, D, L, 2, 0);
+        else if (fmt == 1)
+            he_add_of(y, A, st, w, n, D, L, 1, 0);
+        else
+            he_add_of(y, A, st, w, n, D, L, 0, 0);
     }
     /* o[g * ostride:][:16] = M[st[g]:][:16] for g < n: one-entry bags of
        one-run rows at D = 16, two 8-float moves a row (not a memcpy whose
@@ -128,79 +160,21 @@ cdef extern from *:
             _mm256_storeu_ps(o + g * ostride + 8, _mm256_loadu_ps(r + 8));
         }
     }
-    __attribute__((target("avx"))) static void he_add_runs_avx(
-        float* y, const float* M, const uint64_t* st, const float* w, int64_t n, int64_t D,
-        int64_t L)
-    {
-        const int64_t R = D / L;
-        int64_t g, c;
-        for (c = 0; c < D; c += 8) {
-            __m256 a = _mm256_loadu_ps(y + c);
-            for (g = 0; g < n; g++) {
-                a = he_wadd8(a, _mm256_loadu_ps(M + st[g * R + c / L] + c % L), w, g);
-            }
-            _mm256_storeu_ps(y + c, a);
-        }
-    }
-    /* he_add_runs_avx for a 16-bit array H (bf: bfloat16, else float16),
-       runs of a multiple of 8 values: eight widened a step (F16C's
-       conversion; bfloat16's a shift), exact as he_s2f's, then the same
-       multiply and add. */
-    __attribute__((target("avx2,f16c"), always_inline)) static inline __m256 he_widen8(
-        const uint16_t* p, int bf)
-    {
-        const __m128i h = _mm_loadu_si128((const __m128i*)p);
-        return bf ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
-                  : _mm256_cvtph_ps(h);
-    }
-    __attribute__((target("avx2,f16c"), always_inline)) static inline void he_add_runs16_of(
-        float* y, const uint16_t* H, const uint64_t* st, const float* w, int64_t n,
-        int64_t D, int64_t L, int bf)
-    {
-        const int64_t R = D / L;
-        int64_t g, c;
-        if (D == 16) {      /* two chains, as he_add_rows_avx */
-            __m256 a0 = _mm256_loadu_ps(y), a1 = _mm256_loadu_ps(y + 8);
-            for (g = 0; g < n; g++) {
-                const uint16_t* r0 = H + st[g * R];
-                a0 = he_wadd8(a0, he_widen8(r0, bf), w, g);
-                a1 = he_wadd8(a1, he_widen8(R == 1 ? r0 + 8 : H + st[g * R + 1], bf), w, g);
-            }
-            _mm256_storeu_ps(y, a0);
-            _mm256_storeu_ps(y + 8, a1);
-            return;
-        }
-        for (c = 0; c < D; c += 8) {
-            __m256 a = _mm256_loadu_ps(y + c);
-            for (g = 0; g < n; g++) {
-                a = he_wadd8(a, he_widen8(H + st[g * R + c / L] + c % L, bf), w, g);
-            }
-            _mm256_storeu_ps(y + c, a);
-        }
-    }
-    __attribute__((target("avx2,f16c"))) static void he_add_runs16_avx2(
-        float* y, const uint16_t* H, const uint64_t* st, const float* w, int64_t n,
-        int64_t D, int64_t L, int bf)
-    {
-        if (bf)
-            he_add_runs16_of(y, H, st, w, n, D, L, 1);
-        else
-            he_add_runs16_of(y, H, st, w, n, D, L, 0);
-    }
+    /* 16-bit arrays (H, bf: bfloat16, else float16), runs of a multiple of 8 */
     static inline int he_add_runs16(float* y, const uint16_t* H, const uint64_t* st,
                                     const float* w, int64_t n, int64_t D, int64_t L, int bf)
     {
         if (L % 8 || !(he_x86() & 2))
             return 0;
-        he_add_runs16_avx2(y, H, st, w, n, D, L, bf);
+        he_add_runs_avx2(y, H, st, w, n, D, L, bf ? 2 : 1);
         return 1;
     }
     static inline int he_add_rows_f(float* y, const float* M, const uint64_t* st,
                                     const float* w, int64_t n, int64_t D)
     {
-        if (D % 8 || !(he_x86() & 1))
+        if (D % 8 || !(he_x86() & 2))
             return 0;
-        he_add_rows_avx(y, M, st, w, n, D);
+        he_add_rows_avx2(y, M, st, w, n, D);
         return 1;
     }
     static inline int he_copy_rows16_f(float* o, int64_t ostride, const float* M,
@@ -251,8 +225,8 @@ cdef extern from *:
         const int64_t R = D / L;
         int64_t c0;
     #if defined(HE_X86_VECTOR)
-        if (L % 8 == 0 && (he_x86() & 1)) {
-            he_add_runs_avx(y, M, st, w, n, D, L);
+        if (L % 8 == 0 && (he_x86() & 2)) {
+            he_add_runs_avx2(y, M, st, w, n, D, L, 0);
             return 1;
         }
     #endif
