@@ -370,11 +370,13 @@ def test_one_entry_rows_of_one_run_backward(scheme, mode):
                                     he.RobeZ(100003, 16, block=16, seed=4),
                                     he.FullTable([9, 5], 8), he.FullTable([9, 5], 24),
                                     he.FullTable([9, 5], 6),
-                                    # rows of several runs: of 1 float (the C sums over
-                                    # 16 and 4 columns; D = 6 row by row), of 4 (some
-                                    # wrap), of 8 and 16 (AVX), of 2 (row by row)
+                                    # rows of several runs: of 1 float (AVX2 gathers at
+                                    # D = 16, 24; the C sums over 16 and 4 columns at
+                                    # D = 20; D = 6 row by row), of 4 (some wrap), of 8
+                                    # and 16 (AVX), of 2 (row by row)
                                     he.HashedNet(30011, 16, seed=5), he.HashedNet(997, 20),
-                                    he.HashedNet(1000, 6), he.RobeZ(37, 16, block=4, seed=6),
+                                    he.HashedNet(1000, 6), he.HashedNet(1009, 24),
+                                    he.RobeZ(37, 16, block=4, seed=6),
                                     he.RobeZ(100003, 16, block=4), he.RobeZ(1009, 12, block=4),
                                     he.RobeZ(100003, 16, block=8), he.RobeZ(1009, 24, block=8),
                                     he.RobeZ(5003, 32, block=16), he.RobeZ(500, 8, block=2)],
@@ -549,8 +551,11 @@ h = hashlib.sha1()
 rng = np.random.default_rng(3)
 # >= 2^16 gradient floats (more than one thread); Adagrad sweeps the scratch of
 # the small arrays and walks the entries again for the large one (m > 8 N D)
+# HashedNet: the chunked backward's one slot range and Adagrad's apply after
+# it, and (the large array) each thread's range of every entry's adds
 for scheme in [he.RobeZ(50021, 16, block=16), he.RobeZ(40009, 8, block=2),
-               he.RobeZ(5000011, 16, block=16)]:
+               he.RobeZ(5000011, 16, block=16), he.HashedNet(40009, 8),
+               he.HashedNet(5000011, 8)]:
     D = scheme.dim
     for N in (24000,):
         T, B = 3, N // 3
@@ -585,8 +590,10 @@ print(h.hexdigest())
 def test_bucketed_backward_same_bits_on_any_thread_count():
     """The multi-thread backward buckets entries by the slot range they touch
     (runs crossing a range boundary or wrapping past the end go to both
-    owners); each slot must still sum in entry order: the same bits on 1, 2,
-    3 and 8 threads, for weights, padding, mean, SGD and both Adagrad passes."""
+    owners), or (HashedNet) hashes chunks of bags in parallel for one range
+    or each thread's; each slot must still sum in entry order: the same bits
+    on 1, 2, 3 and 8 threads, for weights, padding, mean, SGD and both
+    Adagrad passes."""
     outs = fuzzing.outputs_by_threads(_THREADS_CODE, ("1", "2", "3", "8"))
     assert len(set(outs.values())) == 1, outs
 

@@ -4,6 +4,7 @@ from hypothesis import given, strategies as st
 from scipy import stats
 
 import hashemb as he
+from hashemb._backend import kernels
 from reference import slots_signs
 
 TOKENS = st.lists(st.integers(-(1 << 63), (1 << 63) - 1), min_size=1, max_size=12)
@@ -29,22 +30,32 @@ def test_robe_slots_and_signs_match_reference(scheme, tokens, table):
     assert ((S >= 0) & (S < scheme.size)).all()
 
 
-@given(size=st.one_of(st.integers(2, 2**61 - 1),
-                      st.sampled_from([2, 3, 2**32 - 1, 2**32, 2**32 + 1, 2**60 + 3, 2**61 - 2,
-                                       2**61 - 1])),
-       dim=st.sampled_from([4, 6, 16, 33]), seed=st.integers(0, 2**64 - 1), tokens=TOKENS,
-       table=st.integers(0, 30))
-def test_many_runs_match_reference_at_any_size(size, dim, seed, tokens, table):
-    # rows of four or more runs (HashedNet: D runs of one float; ROBE-Z with
-    # Z = 2 or 3) take the four-a-step run starts where the machine has AVX2
-    # (the 64-bit high product from 32-bit ones): the reference's slots up
-    # to the largest array (P - 1 floats), with scalar tails (D 6, 33)
-    x = np.array(tokens, np.int64)
+@given(size=st.one_of(st.integers(2, 2**61 - 1), st.integers(2, 2**31 + 4),
+                      st.sampled_from([2, 3, 2**30, 2**31 - 1, 2**31, 2**31 + 1, 2**32 - 1, 2**32,
+                                       2**32 + 1, 2**60 + 3, 2**61 - 2, 2**61 - 1])),
+       dim=st.sampled_from([4, 6, 8, 16, 24, 33, 256]), seed=st.integers(0, 2**64 - 1),
+       tokens=st.lists(st.integers(-(1 << 31), (1 << 31) - 1), min_size=1, max_size=12),
+       wide=st.booleans(), tables=st.lists(st.integers(0, 30), min_size=1, max_size=3))
+def test_many_runs_match_reference_at_any_size(size, dim, seed, tokens, wide, tables):
+    # rows of several runs (HashedNet: D runs of one float; ROBE-Z with Z = 2
+    # or 3) take the batched run starts (he_runs_starts: with AVX2 four rows
+    # hashed at once and, below 2^31 floats, eight runs a step in 32-bit lanes,
+    # R = 2, 4, 8 packed, R = 16, 24, 256 a row at a time, 256 past the
+    # eight-lane limit): the reference's slots up to the largest array (P - 1
+    # floats), with scalar tails (n mod 4 rows, D 6, 33), int32 and int64
+    # tokens, and a table change inside a batch
+    x = np.array(tokens, np.int64 if wide else np.int32)
+    tab = [tables[i * len(tables) // len(x)] for i in range(len(x))]
     block = 2 if dim % 2 == 0 else 3
     for scheme in [he.HashedNet(size, dim, seed=seed)] + (
-            [he.RobeZ(size, dim, block=block, seed=seed)] if size >= block else []):
-        S, _ = slots_signs(scheme, x, [table] * len(x))
-        assert (scheme.slots(x, table=table) == S).all()
+            [he.RobeZ(size, dim, block=b, seed=seed) for b in (block, 4) if dim % b == 0
+             and size >= b]):
+        S, _ = slots_signs(scheme, x, tab)
+        if len(set(tab)) == 1:
+            assert (scheme.slots(x, table=tab[0]) == S).all()
+        got = np.empty((len(x), dim), np.int64)     # the kernel, tables changing in a batch
+        kernels().slots(scheme._view, x, np.array(tab, np.int64), got)
+        assert (got == S).all()
 
 
 @given(size=st.integers(1, 10**6), dim=st.integers(1, 20),

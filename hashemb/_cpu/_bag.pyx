@@ -17,11 +17,12 @@ from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, malloc, free
 from libc.string cimport memcpy
 
-from hashemb._cpu._slots cimport (SchemeView, he_scheme, HE_FULL, he_row, he_row_begin, he_reads_map,
+from hashemb._cpu._slots cimport (SchemeView, he_scheme, HE_FULL, HE_ROBE, he_row, he_row_begin, he_reads_map,
                                   he_row_data, he_table_probe, he_row_probe, he_probe_hint,
                                   he_row_begin_probed, he_tterm, he_table_term, he_row_begin_t,
                                   he_run_start, he_run_starts, he_run_slot, he_sign,
                                   he_one_run_k, he_one_run, he_one_run_of, he_one_run_starts,
+                                  he_runs_k, he_runs_of, he_runs_starts,
                                   he_max_threads)
 
 ctypedef fused real:
@@ -69,6 +70,34 @@ cdef extern from *:
             if (n == 4) { for (i = 0; i < 4; i++) y[i] op a * x[i]; return; }    \
             for (i = 0; i < n; i++) y[i] op a * x[i];                            \
         }
+    /* T[st[k]] += a * g[k] for k < n: a row of runs of one float (HashedNet)
+       into the whole array, in order (two of its slots may be one). */
+    #define HE_SCATTER(T_, name)                                                  \
+        static inline void name(T_* __restrict t, const uint64_t* __restrict st,  \
+                                const T_* __restrict g, T_ a, int64_t n)          \
+        {                                                                        \
+            int64_t k;                                                           \
+            if (n == 16) { for (k = 0; k < 16; k++) t[st[k]] += a * g[k]; return; } \
+            for (k = 0; k < n; k++) t[st[k]] += a * g[k];                        \
+        }
+    HE_SCATTER(float, he_scatter_f)
+    HE_SCATTER(double, he_scatter_d)
+    /* The same, only the slots in [lo, hi) (one thread's share): the others'
+       adds go to a scratch of 8 (spare[k mod 8]) instead of a branch, which a
+       random slot would mispredict half the time. */
+    #define HE_SCATTER_IN(T_, name)                                               \
+        static inline void name(T_* __restrict t, const uint64_t* __restrict st,  \
+                                const T_* __restrict g, T_ a, int64_t n,          \
+                                uint64_t lo, uint64_t hi, T_* __restrict spare)   \
+        {                                                                        \
+            int64_t k;                                                           \
+            for (k = 0; k < n; k++) {                                            \
+                T_* p = st[k] - lo < hi - lo ? t + st[k] : spare + (k & 7);      \
+                *p += a * g[k];                                                  \
+            }                                                                    \
+        }
+    HE_SCATTER_IN(float, he_scatter_in_f)
+    HE_SCATTER_IN(double, he_scatter_in_d)
     HE_AXPY(float, he_axpy_f, +=)
     HE_AXPY(double, he_axpy_d, +=)
     HE_AXPY(float, he_scal_f, =)
@@ -98,6 +127,15 @@ cdef extern from *:
         return fmt == 2 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
                         : _mm256_cvtph_ps(h);
     }
+    /* Eight floats M[q[0]], .., M[q[7]] (runs of one float: HashedNet): two
+       four-lane gathers by the 64-bit run starts. */
+    __attribute__((target("avx2"), always_inline)) static inline __m256 he_gather8(
+        const float* M, const uint64_t* q)
+    {
+        const __m128 lo = _mm256_i64gather_ps(M, _mm256_loadu_si256((const __m256i*)q), 4);
+        const __m128 hi = _mm256_i64gather_ps(M, _mm256_loadu_si256((const __m256i*)(q + 4)), 4);
+        return _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1);
+    }
     /* a + w[g] * x (w NULL: a + x): one row's step of a bag's sum */
     __attribute__((target("avx"), always_inline)) static inline __m256 he_wadd8(
         __m256 a, __m256 x, const float* w, int64_t g)
@@ -113,6 +151,16 @@ cdef extern from *:
     {
         const int64_t R = one ? 1 : D / L;
         int64_t g, c;
+        if (D == 16 && L == 1 && fmt == 0) {     /* element-wise rows, gathered */
+            __m256 a0 = _mm256_loadu_ps(y), a1 = _mm256_loadu_ps(y + 8);
+            for (g = 0; g < n; g++) {
+                a0 = he_wadd8(a0, he_gather8((const float*)A, st + g * 16), w, g);
+                a1 = he_wadd8(a1, he_gather8((const float*)A, st + g * 16 + 8), w, g);
+            }
+            _mm256_storeu_ps(y, a0);
+            _mm256_storeu_ps(y + 8, a1);
+            return;
+        }
         if (D == 16) {
             __m256 a0 = _mm256_loadu_ps(y), a1 = _mm256_loadu_ps(y + 8);
             for (g = 0; g < n; g++) {
@@ -126,8 +174,9 @@ cdef extern from *:
         for (c = 0; c < D; c += 8) {
             __m256 a = _mm256_loadu_ps(y + c);
             for (g = 0; g < n; g++)
-                a = he_wadd8(a, he_load8(A, one ? st[g] + c : st[g * R + c / L] + c % L, fmt),
-                             w, g);
+                a = he_wadd8(a, L == 1 && fmt == 0 ? he_gather8((const float*)A, st + g * R + c)
+                                       : he_load8(A, one ? st[g] + c : st[g * R + c / L] + c % L,
+                                                  fmt), w, g);
             _mm256_storeu_ps(y + c, a);
         }
     }
@@ -144,6 +193,8 @@ cdef extern from *:
             he_add_of(y, A, st, w, n, D, L, 2, 0);
         else if (fmt == 1)
             he_add_of(y, A, st, w, n, D, L, 1, 0);
+        else if (L == 1)
+            he_add_of(y, A, st, w, n, D, 1, 0, 0);
         else
             he_add_of(y, A, st, w, n, D, L, 0, 0);
     }
@@ -225,7 +276,7 @@ cdef extern from *:
         const int64_t R = D / L;
         int64_t c0;
     #if defined(HE_X86_VECTOR)
-        if (L % 8 == 0 && (he_x86() & 2)) {
+        if ((L % 8 == 0 || (L == 1 && D % 8 == 0)) && (he_x86() & 2)) {
             he_add_runs_avx2(y, M, st, w, n, D, L, 0);
             return 1;
         }
@@ -279,6 +330,12 @@ cdef extern from *:
     """
     void he_prefetch(const void* p) noexcept nogil
     void he_prefetch_w(const void* p) noexcept nogil
+    void he_scatter_f(float* t, const uint64_t* st, const float* g, float a, int64_t n) noexcept nogil
+    void he_scatter_d(double* t, const uint64_t* st, const double* g, double a, int64_t n) noexcept nogil
+    void he_scatter_in_f(float* t, const uint64_t* st, const float* g, float a, int64_t n,
+                         uint64_t lo, uint64_t hi, float* spare) noexcept nogil
+    void he_scatter_in_d(double* t, const uint64_t* st, const double* g, double a, int64_t n,
+                         uint64_t lo, uint64_t hi, double* spare) noexcept nogil
     void he_axpy_f(float* y, const float* x, float a, int64_t n) noexcept nogil
     void he_axpy_d(double* y, const double* x, double a, int64_t n) noexcept nogil
     void he_scal_f(float* y, const float* x, float a, int64_t n) noexcept nogil
@@ -601,8 +658,12 @@ cdef void _seg_bags(const he_scheme* s, const index_t* x, const int64_t* off, in
     cdef const real* wj
     cdef bint summed
     cdef he_row row
+    cdef he_runs_k kr
+    cdef bint robe = not one and s.kind == HE_ROBE
     if one:
         k1 = he_one_run_of(s, table, tt)
+    elif robe:
+        he_runs_of(&kr, s, tt)
     for b in range(n):
         for i in range(D):
             o[b * ostride + i] = 0
@@ -616,6 +677,8 @@ cdef void _seg_bags(const he_scheme* s, const index_t* x, const int64_t* off, in
             z = min(a + sn, j1)
             if one:
                 he_one_run_starts(&k1, x + a, sizeof(index_t) == 8, z - a, nxt)
+            elif robe:
+                he_runs_starts(&kr, x + a, sizeof(index_t) == 8, z - a, nxt)
             else:
                 for g in range(z - a):
                     row = he_row_begin_t(s, table, tt, x[a + g])
@@ -722,6 +785,8 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
     # bags of any size (per-sample weights too) hashed a segment at a time
     cdef bint seg = (ring != NULL and mode != MAX and not has_pad and not s.is_signed
                      and deep == 0)
+    cdef bint robe = s.kind == HE_ROBE and not he_one_run(s)
+    cdef he_runs_k kr
     for t in range(T):
         tprobe = he_table_probe(s, table0 + t)
         tt = he_table_term(s, table0 + t)
@@ -742,33 +807,41 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                 _seg_bags(s, idx, off + t * B + b0, n, M, H, bf, psw, out + t * D, ostride,
                           table0 + t, tt, mode, ring, pre)
                 continue
-            # one entry in every bag, rows of several runs: hashed ahead bags early
-            for c in range(n + ahead):
-                g = c - ahead
-                if g >= 0 and L == 1:   # element-wise (HashedNet): D floats, none wraps
+            # one entry in every bag, rows of several runs: hashed ahead bags
+            # early, ROBE-Z's four rows a step (ahead is a multiple of 4)
+            q = 4 if robe else 1
+            if robe:
+                he_runs_of(&kr, s, tt)
+            c = 0
+            while c < n + ahead:
+                # gather bags c - ahead .. (hashed ahead bags before: their ring slots are c's)
+                for g in range(max(c - ahead, 0), min(c - ahead + q, n)):
                     r = ring + (g & (ahead - 1)) * R
                     o = out + g * ostride + t * D
-                    if H == NULL:
+                    if L == 1 and H == NULL:    # element-wise (HashedNet): none wraps
                         _copy_elems(o, M, r, R)
-                    else:
+                    elif L == 1:
                         for k in range(R):
                             o[k] = _ld(M, H, bf, r[k])
-                elif g >= 0:    # gather bag g, hashed ahead bags before (its ring slot is c's)
-                    _gather_runs(s, ring + (g & (ahead - 1)) * R, M, H, bf,
-                                 out + g * ostride + t * D)
-                if c < n:       # hash bag c's runs, prefetch them
-                    row = he_row_begin_t(s, table0 + t, tt, idx[j0 + c])
-                    r = ring + (c & (ahead - 1)) * R
-                    he_run_starts(s, &row, r)
-                    if L == 1:
-                        _prefetch_elems(M, H, r, R)
                     else:
-                        for k in range(R):
+                        _gather_runs(s, r, M, H, bf, o)
+                if c < n:       # hash bags c .., prefetch their runs
+                    r = ring + (c & (ahead - 1)) * R
+                    g = min(q, n - c)
+                    if robe:
+                        he_runs_starts(&kr, idx + j0 + c, sizeof(index_t) == 8, g, r)
+                    else:
+                        row = he_row_begin_t(s, table0 + t, tt, idx[j0 + c])
+                        he_run_starts(s, &row, r)
+                    if L == 1:
+                        _prefetch_elems(M, H, r, g * R)
+                    else:
+                        for k in range(g * R):
                             he_prefetch(_at(M, H, r[k]))
                             he_prefetch(_at(M, H, r[k] + L - 1))
                     if pre != NULL:
-                        for k in range(R):
-                            pre[(j0 + c) * R + k] = r[k]
+                        memcpy(pre + (j0 + c) * R, r, g * R * sizeof(uint64_t))
+                c += q
             continue
         if not fast:
             for b in range(n):
@@ -1120,6 +1193,7 @@ cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* 
     cdef he_tterm tt
     cdef he_row row
     cdef uint64_t hashed[MAXR]
+    cdef real spare[8]          # the other threads' adds (he_scatter_in_f)
     cdef const uint64_t* st
     if (pre != NULL and act == ACT_ADD and lo == 0 and <uint64_t>hi == s.size
             and _one_runs(s, mode, has_pad)):
@@ -1168,10 +1242,16 @@ cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* 
                         he_run_starts(s, &row, hashed)
                         st = hashed
                     ww = w * psw[j] if psw != NULL else w
-                    for k in range(s.runs):
-                        slot = <int64_t>st[k]
-                        if lo <= slot < hi:
-                            target[slot] += ww * g[k]
+                    if lo == 0 and <uint64_t>hi == s.size:     # one thread: every slot
+                        if real is float:
+                            he_scatter_f(target, st, g, ww, s.runs)
+                        else:
+                            he_scatter_d(target, st, g, ww, s.runs)
+                        continue
+                    if real is float:
+                        he_scatter_in_f(target, st, g, ww, s.runs, lo, hi, spare)
+                    else:
+                        he_scatter_in_d(target, st, g, ww, s.runs, lo, hi, spare)
                     continue
                 if pre == NULL:
                     row = he_row_begin_t(s, table0 + t, tt, x)
@@ -1186,6 +1266,28 @@ cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* 
 cdef inline void _starts_row(const he_scheme* s, const he_row* row, uint64_t* out) noexcept nogil:
     """out[k] = start of run k of a begun row, for every run."""
     he_run_starts(s, row, out)
+
+
+cdef void _hash_rows(const he_scheme* s, int64_t table, he_tterm tt, const index_t* x,
+                     int64_t n, uint64_t* out) noexcept nogil:
+    """out[g * R + k] = start of run k of row x[g] of `table` (tt its
+    he_table_term), g < n: rows of one run and ROBE-Z's of several runs a
+    batch at a time (he_one_run_starts, he_runs_starts: AVX2 where the CPU
+    has it), any other row by row (a map's probes not prefetched)."""
+    cdef he_one_run_k k1
+    cdef he_runs_k kr
+    cdef he_row row
+    cdef int64_t g
+    if he_one_run(s):
+        k1 = he_one_run_of(s, table, tt)
+        he_one_run_starts(&k1, x, sizeof(index_t) == 8, n, out)
+    elif s.kind == HE_ROBE:
+        he_runs_of(&kr, s, tt)
+        he_runs_starts(&kr, x, sizeof(index_t) == 8, n, out)
+    else:
+        for g in range(n):
+            row = he_row_begin_t(s, table, tt, x[g])
+            he_run_starts(s, &row, out + g * s.runs)
 
 
 DEF PROBES = 16     # ring of map probes in flight (> AHEAD)
@@ -1211,10 +1313,8 @@ cdef void _starts_range(const he_scheme* s, const index_t* idx, const int64_t* o
     while a < b:
         end = min(off[t * B + B], b)
         if not deep:
-            tt = he_table_term(s, table0 + t)
-            for j in range(a, end):
-                row = he_row_begin_t(s, table0 + t, tt, idx[j])
-                _starts_row(s, &row, pre + j * R)
+            _hash_rows(s, table0 + t, he_table_term(s, table0 + t), idx + a, end - a,
+                       pre + a * R)
         else:
             tprobe = he_table_probe(s, table0 + t)
             for j in range(a, min(a + AHEAD, end)):
@@ -1663,8 +1763,9 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
     sweep = m <= <uint64_t>(8 * s.dim) * <uint64_t>indices.shape[0]
     # many runs per entry (HashedNet-like): hash a chunk of bags once, in parallel,
     # then let each thread add its slot range; chunks bound the starts kept
-    chunked = (nt > 1 and pre == NULL and mode != MAX and not s.is_signed
+    chunked = (pre == NULL and mode != MAX and not s.is_signed
                and (not adagrad or sweep))
+    cdef int parts = 1 if s.run == 1 else nt    # slot ranges of a chunked backward
     if chunked:
         for t in range(T):
             for b0 in range(0, B, CHUNK_BAGS):
@@ -1736,19 +1837,25 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
                     j0 = offsets[t * B + b0]
                     for i in prange(b1 - b0 + 1, schedule='static'):
                         loc[i] = offsets[t * B + b0 + i] - j0
-                    for jj in prange(offsets[t * B + b1] - j0, schedule='static'):
-                        row = he_row_begin_t(s, table0 + t, tt, ip[j0 + jj])
-                        _starts_row(s, &row, buf + jj * s.runs)
-                    # one iteration per slot range: a barrier before the next chunk
+                    r = offsets[t * B + b1] - j0
                     for q in prange(nt, schedule='static', chunksize=1):
+                        jj = r * q // nt
+                        _hash_rows(s, table0 + t, tt, ip + j0 + jj, r * (q + 1) // nt - jj,
+                                   buf + jj * s.runs)
+                    # one iteration per slot range: a barrier before the next chunk.
+                    # Runs of one float (HashedNet) take one range: each thread
+                    # would walk every entry for a half of the adds, and the
+                    # walk is the work (bags of 8 at 1000x: 14-18 ms a
+                    # backward on one thread, 26-55 on two)
+                    for q in prange(parts, schedule='static', chunksize=1):
                         _backward_part(s, ip + j0, loc, pp + j0 if pp != NULL else NULL,
                                        &grad[0, 0] + b0 * grad.shape[1] + t * s.dim,
                                        grad.shape[1], b1 - b0, 1, table0 + t, mode, has_pad,
                                        pad, NULL, 1 if adagrad else <real>alpha,
                                        sp if adagrad else tp, NULL, 0, NULL, NULL, 0, 0,
-                                       <int64_t>_range_lo(m, q, nt), <int64_t>_range_lo(m, q + 1, nt),
-                                       ACT_ADD, buf)
-            if adagrad:
+                                       <int64_t>_range_lo(m, q, parts),
+                                       <int64_t>_range_lo(m, q + 1, parts), ACT_ADD, buf)
+            if adagrad and parts == nt:     # (one range: after the region, below)
                 _apply_range(tp, hp, bf, sp + lo, stp, lo, hi, <real>alpha, <real>eps, seed)
         elif adagrad:
             _backward_part(s, ip, &offsets[0], pp, &grad[0, 0], grad.shape[1], B, T,
@@ -1764,6 +1871,14 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
             _backward_part(s, ip, &offsets[0], pp, &grad[0, 0], grad.shape[1], B, T,
                            table0, mode, has_pad, pad, win, <real>alpha, tp,
                            NULL, 0, NULL, NULL, 0, 0, lo, hi, ACT_ADD, pre)
+    if chunked and adagrad and parts != nt:
+        # the pranges above end without a barrier (each begins with one): a
+        # thread may apply a range only once the one range's adds are done
+        with nogil:
+            for r in prange(nt, num_threads=nt, schedule='static', chunksize=1):
+                lo = <int64_t>_range_lo(m, r, nt)
+                _apply_range(tp, hp, bf, sp + lo, stp, lo, <int64_t>_range_lo(m, r + 1, nt),
+                             <real>alpha, <real>eps, seed)
     free(win)
     if own:
         free(pre)

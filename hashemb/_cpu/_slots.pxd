@@ -61,6 +61,11 @@ cdef extern from "hashemb/slots.h" nogil:
     uint64_t he_one_run_start(const he_one_run_k* k, uint64_t x)
     void he_one_run_starts(const he_one_run_k* k, const void* x, int wide, int64_t n,
                            uint64_t* out)
+    enum: HE_RUNS_VEC
+    ctypedef struct he_runs_k:
+        int64_t runs
+    void he_runs_of(he_runs_k* k, const he_scheme* s, he_tterm tt)
+    void he_runs_starts(const he_runs_k* k, const void* x, int wide, int64_t n, uint64_t* out)
     int he_sign(const he_scheme* s, const he_row* r, int64_t i)
     int he_sign_of_key(const uint64_t* q, uint64_t k)
     uint64_t he_hash_base(const uint64_t* c, uint64_t e, uint64_t u)

@@ -539,23 +539,49 @@ __attribute__((target("avx2"))) static int64_t he_robe_starts_avx2(uint64_t base
 }
 
 /*
- * out[i] = he_one_run_start(k, x[i]) for i < n - n % 4, ROBE-Z's rows
- * (k->kind HE_ROBE, or HE_ROBE_WIDE: Z > D) four at a time (AVX2);
- * returns that count. x holds
- * int64 tokens (wide) or int32 ones, taken as he_one_run_start takes them
- * (sign-extended). he_muladd's
- * residue by another split of the product a u (a = ah 2^32 + al, u = uh
- * 2^32 + ul; u folded once, as there): with 2^61 == 1 and 2^64 == 8 mod P,
- * a u == 8 hh + (mid >> 29) + ((mid mod 2^29) << 32) + (ll mod 2^61) +
- * (ll >> 61), mid = lh + hl < 2^63, hh < 2^59, and b plus all of it stays
- * below 5 * 2^61 + 2^35 < 2^64, so one fold gives he_muladd's value.
+ * Four lanes of he_muladd(a, u, b) (AVX2; ah = a >> 32): its residue by
+ * another split of the product a u (a = ah 2^32 + al, u = uh 2^32 + ul;
+ * u folded once, as there): with 2^61 == 1 and 2^64 == 8 mod P, a u == 8
+ * hh + (mid >> 29) + ((mid mod 2^29) << 32) + (ll mod 2^61) + (ll >> 61),
+ * mid = lh + hl < 2^63, hh < 2^59, and b (< 2^62) plus all of it stays
+ * below 2^64, so one fold gives he_muladd's value.
  */
-__attribute__((target("avx2"), always_inline)) static inline int64_t he_robe_one_starts_of(
-    const he_one_run_k* k, const void* x, int wide, int64_t n, uint64_t* out, int in_blocks)
+__attribute__((target("avx2"), always_inline)) static inline __m256i he_muladd_v(
+    __m256i u, __m256i va, __m256i ah, __m256i vb)
 {
     const __m256i P = _mm256_set1_epi64x((long long)HE_P);
     const __m256i Pm1 = _mm256_set1_epi64x((long long)(HE_P - 1));
     const __m256i m29 = _mm256_set1_epi64x((1LL << 29) - 1);
+    u = _mm256_add_epi64(_mm256_and_si256(u, P), _mm256_srli_epi64(u, 61));
+    const __m256i uh = _mm256_srli_epi64(u, 32);
+    const __m256i ll = _mm256_mul_epu32(u, va), hh = _mm256_mul_epu32(uh, ah);
+    const __m256i mid = _mm256_add_epi64(_mm256_mul_epu32(u, ah), _mm256_mul_epu32(uh, va));
+    __m256i t = _mm256_add_epi64(
+        _mm256_add_epi64(_mm256_add_epi64(vb, _mm256_slli_epi64(hh, 3)),
+                         _mm256_add_epi64(_mm256_srli_epi64(mid, 29),
+                                          _mm256_slli_epi64(_mm256_and_si256(mid, m29), 32))),
+        _mm256_add_epi64(_mm256_and_si256(ll, P), _mm256_srli_epi64(ll, 61)));
+    t = _mm256_add_epi64(_mm256_and_si256(t, P), _mm256_srli_epi64(t, 61));
+    return _mm256_sub_epi64(t, _mm256_and_si256(_mm256_cmpgt_epi64(t, Pm1), P));
+}
+
+/* Four tokens x[i..i+3] as 64-bit lanes: int64 (wide) or sign-extended int32. */
+__attribute__((target("avx2"), always_inline)) static inline __m256i he_tokens_v(
+    const void* x, int wide, int64_t i)
+{
+    return wide ? _mm256_loadu_si256((const __m256i*)((const int64_t*)x + i))
+                : _mm256_cvtepi32_epi64(_mm_loadu_si128((const __m128i*)((const int32_t*)x + i)));
+}
+
+/*
+ * out[i] = he_one_run_start(k, x[i]) for i < n - n % 4, ROBE-Z's rows
+ * (k->kind HE_ROBE, or HE_ROBE_WIDE: Z > D) four at a time (AVX2);
+ * returns that count. x holds int64 tokens (wide) or int32 ones, taken as
+ * he_one_run_start takes them (sign-extended); he_muladd_v hashes them.
+ */
+__attribute__((target("avx2"), always_inline)) static inline int64_t he_robe_one_starts_of(
+    const he_one_run_k* k, const void* x, int wide, int64_t n, uint64_t* out, int in_blocks)
+{
     const __m256i va = _mm256_set1_epi64x((long long)k->mul), ah = _mm256_srli_epi64(va, 32);
     const __m256i vb = _mm256_set1_epi64x((long long)k->add);
     const __m256i vm = _mm256_set1_epi64x((long long)k->mod), mh = _mm256_srli_epi64(vm, 32);
@@ -568,30 +594,16 @@ __attribute__((target("avx2"), always_inline)) static inline int64_t he_robe_one
     const __m256i vd = _mm256_set1_epi64x((long long)k->dim);
     const __m256i vs = _mm256_set1_epi64x((long long)k->size);
     const __m256i vs1 = _mm256_set1_epi64x((long long)(k->size - 1));
-    const int64_t* x64 = (const int64_t*)x;
-    const int32_t* x32 = (const int32_t*)x;
     int64_t i = 0;
     for (; i + 4 <= n; i += 4) {
-        __m256i xv = wide ? _mm256_loadu_si256((const __m256i*)(x64 + i))
-                          : _mm256_cvtepi32_epi64(_mm_loadu_si128((const __m128i*)(x32 + i)));
+        __m256i xv = he_tokens_v(x, wide, i);
         __m256i within = _mm256_setzero_si256();
         if (in_blocks) {
             __m256i blk;
             within = _mm256_mul_epu32(he_fastdivmod_v(xv, vr, rh, vri, rih, &blk), vd);
             xv = blk;
         }
-        const __m256i u = _mm256_add_epi64(_mm256_and_si256(xv, P), _mm256_srli_epi64(xv, 61));
-        const __m256i uh = _mm256_srli_epi64(u, 32);
-        const __m256i ll = _mm256_mul_epu32(u, va), hh = _mm256_mul_epu32(uh, ah);
-        const __m256i mid = _mm256_add_epi64(_mm256_mul_epu32(u, ah), _mm256_mul_epu32(uh, va));
-        __m256i t = _mm256_add_epi64(
-            _mm256_add_epi64(_mm256_add_epi64(vb, _mm256_slli_epi64(hh, 3)),
-                             _mm256_add_epi64(_mm256_srli_epi64(mid, 29),
-                                              _mm256_slli_epi64(_mm256_and_si256(mid, m29), 32))),
-            _mm256_add_epi64(_mm256_and_si256(ll, P), _mm256_srli_epi64(ll, 61)));
-        t = _mm256_add_epi64(_mm256_and_si256(t, P), _mm256_srli_epi64(t, 61));
-        t = _mm256_sub_epi64(t, _mm256_and_si256(_mm256_cmpgt_epi64(t, Pm1), P));
-        t = he_fastmod_v(t, vm, mh, vi, ih);
+        __m256i t = he_fastmod_v(he_muladd_v(xv, va, ah, vb), vm, mh, vi, ih);
         if (in_blocks) {    /* slot = h + (x mod rows) dim, less size past the end */
             t = _mm256_add_epi64(t, within);
             t = _mm256_sub_epi64(t, _mm256_and_si256(_mm256_cmpgt_epi64(t, vs1), vs));
@@ -650,6 +662,163 @@ HE_HD void he_one_run_starts(const he_one_run_k* k, const void* x, int wide, int
         out[i] = he_one_run_start(k, wide ? (uint64_t)((const int64_t*)x)[i]
                                           : (uint64_t)(int64_t)((const int32_t*)x)[i]);
 }
+
+#if !defined(__CUDACC__)
+/*
+ * Rows of several runs of one ROBE-Z table (HE_ROBE, Z < D; HashedNet is Z
+ * = 1), their run starts a batch of rows at a time (CPU): he_runs_of(&k,
+ * s, e, tt) once a table, then he_runs_starts(&k, x, wide, n, out) gives
+ * out[i R + r] = he_run_start of run r of row x[i] (R = D / Z runs), the
+ * values he_run_starts gives.
+ *
+ * Why: a row's starts are bm + rm[r] - w_r pm mod m (he_robe_run_start),
+ * and w_r = [base + rc[r] >= P] = [rc[r] > P - 1 - base], so run r's
+ * residue is rm[r] or, when w_r, rw[r] = (rm[r] - pm) mod m, and bm plus
+ * it is below 2m: one subtraction. With m < 2^31 that is 32-bit
+ * arithmetic, eight runs a step (AVX2), after four rows are hashed at once
+ * (he_muladd_v). An eight-lane step holds 8 / R rows (R = 2, 4, 8) or an
+ * eighth of one (R a multiple of 8); its two 64-bit compares of rc with
+ * the rows' thresholds fill the even and the odd lanes (a blend), so rcd
+ * keeps rc in that order: rcd[8j + i] = rc of lane 2i, rcd[8j + 4 + i] =
+ * rc of lane 2i + 1.
+ */
+#define HE_RUNS_VEC 128     /* runs of a row the eight-lane step takes */
+
+typedef struct he_runs_k {
+    uint64_t add, mul, mod, inv, pm;
+    int64_t runs;
+    const uint64_t *rc, *rm;    /* run_coef: rc[r] = C r mod P, rm[r] = rc[r] mod m */
+    int lanes;                  /* eight-lane steps: 1 rows of R | 8, 2 rows of 8 | R, 0 none */
+    uint64_t rcd[HE_RUNS_VEC];
+    uint32_t rm32[HE_RUNS_VEC], rw32[HE_RUNS_VEC];  /* a step's lanes (R | 8) or a row's */
+    int32_t thr_idx[4][8], bm_idx[4][8];            /* R | 8: a step's rows among four */
+} he_runs_k;
+
+static inline void he_runs_of(he_runs_k* k, const he_scheme* s, he_tterm tt)
+{
+    const int64_t R = s->runs;
+    k->add = tt.a + s->coef[HE_CD];      /* below 2^62, as he_muladd takes it */
+    k->mul = s->coef[HE_CB];
+    k->mod = s->mod;
+    k->inv = s->mod_inv;
+    k->pm = s->p_mod;
+    k->runs = R;
+    k->rc = s->run_coef;
+    k->rm = s->run_coef + R;
+    k->lanes = 0;
+#if defined(HE_X86_VECTOR)
+    if (!(he_x86() & 2) || s->mod >= ((uint64_t)1 << 31) || R < 2)
+        return;
+    const int64_t n = R <= 8 ? 8 : R;   /* lanes of one step, or of a row */
+    if ((R <= 8 && 8 % R) || (R > 8 && (R % 8 || R > HE_RUNS_VEC)))
+        return;
+    for (int64_t p = 0; p < n; p++) {   /* lane p: run p mod R */
+        const uint64_t rm = k->rm[p % R];
+        k->rm32[p] = (uint32_t)rm;
+        k->rw32[p] = (uint32_t)(rm >= k->pm ? rm - k->pm : rm + k->mod - k->pm);
+    }
+    for (int64_t j = 0; j < n / 8; j++)
+        for (int i = 0; i < 4; i++) {
+            k->rcd[8 * j + i] = k->rc[(8 * j + 2 * i) % R];
+            k->rcd[8 * j + 4 + i] = k->rc[(8 * j + 2 * i + 1) % R];
+        }
+    if (R <= 8)     /* step j of four rows: lanes 8j .. 8j + 7 of their 4R */
+        for (int j = 0; j < R / 2; j++)
+            for (int i = 0; i < 8; i++) {
+                const int ra = (int)((8 * j + 2 * (i / 2)) / R), rb = (int)((8 * j + i) / R);
+                k->thr_idx[j][i] = 2 * ra + (i & 1);    /* 64-bit lane i / 2: row ra */
+                k->bm_idx[j][i] = 2 * rb;               /* low half of row rb's bm */
+            }
+    k->lanes = R <= 8 ? 1 : 2;
+#endif
+}
+
+#if defined(HE_X86_VECTOR)
+/* Eight run starts from 32-bit lanes: lane p's residue rm or (where the
+ * 64-bit compare of rc with the row's threshold P - 1 - base says the sum
+ * wraps) rw, plus bm, less m once; stored widened to 64 bits. */
+__attribute__((target("avx2"), always_inline)) static inline void he_runs_step8(
+    const he_runs_k* k, int64_t j, __m256i thr, __m256i bm32, __m256i m32, uint64_t* out)
+{
+    const __m256i wa = _mm256_cmpgt_epi64(_mm256_loadu_si256((const __m256i*)(k->rcd + 8 * j)),
+                                          thr);
+    const __m256i wb = _mm256_cmpgt_epi64(
+        _mm256_loadu_si256((const __m256i*)(k->rcd + 8 * j + 4)), thr);
+    const __m256i w = _mm256_blend_epi32(wa, wb, 0xAA);
+    __m256i v = _mm256_blendv_epi8(_mm256_loadu_si256((const __m256i*)(k->rm32 + 8 * j)),
+                                   _mm256_loadu_si256((const __m256i*)(k->rw32 + 8 * j)), w);
+    v = _mm256_add_epi32(v, bm32);
+    v = _mm256_min_epu32(v, _mm256_sub_epi32(v, m32));     /* < 2m <= 2^32 */
+    _mm256_storeu_si256((__m256i*)out, _mm256_cvtepu32_epi64(_mm256_castsi256_si128(v)));
+    _mm256_storeu_si256((__m256i*)(out + 4), _mm256_cvtepu32_epi64(_mm256_extracti128_si256(v, 1)));
+}
+
+/* he_runs_starts' rows i < n - n % 4 (k->lanes), four at a time; returns that count. */
+__attribute__((target("avx2"))) static int64_t he_runs_starts_avx2(const he_runs_k* k,
+                                                                  const void* x, int wide,
+                                                                  int64_t n, uint64_t* out)
+{
+    const __m256i va = _mm256_set1_epi64x((long long)k->mul), ah = _mm256_srli_epi64(va, 32);
+    const __m256i vb = _mm256_set1_epi64x((long long)k->add);
+    const __m256i vm = _mm256_set1_epi64x((long long)k->mod), mh = _mm256_srli_epi64(vm, 32);
+    const __m256i vi = _mm256_set1_epi64x((long long)k->inv), ih = _mm256_srli_epi64(vi, 32);
+    const __m256i pm1 = _mm256_set1_epi64x((long long)(HE_P - 1));
+    const __m256i m32 = _mm256_set1_epi32((int)k->mod);
+    const int64_t R = k->runs;
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        const __m256i base = he_muladd_v(he_tokens_v(x, wide, i), va, ah, vb);
+        const __m256i bm = he_fastmod_v(base, vm, mh, vi, ih);
+        const __m256i thr = _mm256_sub_epi64(pm1, base);     /* w where rc > thr */
+        uint64_t* o = out + i * R;
+        if (k->lanes == 1) {
+            for (int64_t j = 0; j < R / 2; j++)
+                he_runs_step8(k, 0, _mm256_permutevar8x32_epi32(
+                                        thr, _mm256_loadu_si256((const __m256i*)k->thr_idx[j])),
+                              _mm256_permutevar8x32_epi32(
+                                  bm, _mm256_loadu_si256((const __m256i*)k->bm_idx[j])),
+                              m32, o + 8 * j);
+            continue;
+        }
+        uint64_t th[4], b[4];
+        _mm256_storeu_si256((__m256i*)th, thr);
+        _mm256_storeu_si256((__m256i*)b, bm);
+        for (int r = 0; r < 4; r++) {
+            const __m256i t1 = _mm256_set1_epi64x((long long)th[r]);
+            const __m256i b1 = _mm256_set1_epi32((int)b[r]);
+            for (int64_t j = 0; j < R / 8; j++)
+                he_runs_step8(k, j, t1, b1, m32, o + r * R + 8 * j);
+        }
+    }
+    return i;
+}
+#endif
+
+static inline void he_runs_starts(const he_runs_k* k, const void* x, int wide, int64_t n,
+                                  uint64_t* out)
+{
+    const int64_t R = k->runs;
+    int64_t i = 0;
+#if defined(HE_X86_VECTOR)
+    if (k->lanes)
+        i = he_runs_starts_avx2(k, x, wide, n, out);
+#endif
+    for (; i < n; i++) {
+        const uint64_t u = wide ? (uint64_t)((const int64_t*)x)[i]
+                                : (uint64_t)(int64_t)((const int32_t*)x)[i];
+        const uint64_t base = he_muladd(k->mul, u, k->add);
+        const uint64_t bm = he_fastmod(base, k->mod, k->inv);
+        uint64_t* o = out + i * R;
+        int64_t r = 0;
+#if defined(HE_X86_VECTOR)
+        if (R >= 4 && (he_x86() & 2))
+            r = he_robe_starts_avx2(base, bm, k->rc, k->rm, k->pm, R, k->mod, o);
+#endif
+        for (; r < R; r++)
+            o[r] = he_robe_run_start(base, bm, k->rc[r], k->rm[r], k->pm, k->mod);
+    }
+}
+#endif
 
 /*
  * Sign of a sign-hash key k = (A'e + B'x + C'i + D0') mod P:
