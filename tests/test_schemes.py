@@ -58,6 +58,19 @@ def test_many_runs_match_reference_at_any_size(size, dim, seed, tokens, wide, ta
         assert (got == S).all()
 
 
+@pytest.mark.parametrize("size", [2**30 + 3, 2**31 - 1, 2**31, 2**32 - 1, 2**32 + 5])
+def test_many_runs_at_the_32_bit_limits(size):
+    # the eight-lane run starts add two residues below m in 32 bits: exact
+    # below 2^31 floats, and the scalar path from there on (sums up to 2^33)
+    rng = np.random.default_rng(size)
+    x = rng.integers(0, 2**62, 64)
+    for scheme in [he.HashedNet(size, 16, seed=1), he.HashedNet(size, 24, seed=2),
+                   he.RobeZ(size, 16, block=4, seed=3), he.RobeZ(size, 8, block=4, seed=4),
+                   he.RobeZ(size, 16, block=2, seed=5)]:
+        S, _ = slots_signs(scheme, x, [3] * len(x))
+        assert (scheme.slots(x, table=3) == S).all()
+
+
 @given(size=st.integers(1, 10**6), dim=st.integers(1, 20),
        tokens=st.lists(st.integers(0, 2**40), min_size=1, max_size=8))
 def test_hashednet_reference_map(size, dim, tokens):

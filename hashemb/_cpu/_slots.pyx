@@ -95,12 +95,15 @@ ctypedef fused key_t:
 cdef void _row_slots(const he_scheme* s, uint64_t* o) noexcept nogil:
     """A row's run starts, in its last R places of o, spread to its D slots
     from the first run on: run k fills [kL, kL + L), which ends before run
-    k + 1's start at D - R + k + 1 (D = R L)."""
+    k + 1's start at D - R + k + 1 (D = R L). A run's first slot is its
+    start as the kernels computed it, unwrapped: a start past the array
+    shows."""
     cdef int64_t k, i, L = s.run, R = s.runs, D = s.dim
     cdef uint64_t st
     for k in range(R):
         st = o[D - R + k]
-        for i in range(L):
+        o[k * L] = st
+        for i in range(1, L):
             o[k * L + i] = he_run_slot(s, st, i)
 
 
