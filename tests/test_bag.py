@@ -509,9 +509,10 @@ def test_threaded_backward_on_large_arrays(scheme, mode, empty):
 
 @pytest.mark.parametrize("opt", [None, "sgd", "adagrad"])
 def test_chunked_element_wise_backward_spans_chunks(opt):
-    """HashedNet (8 runs per entry) on 2 threads hashes bags in chunks of 8192 and
-    each thread adds its slot range: 9000 bags per table span two chunks. The
-    oracle is np.add.at over the (separately verified) slots."""
+    """HashedNet (8 runs per entry) hashes bags in chunks of 8192 (on every
+    thread) and adds them on one slot range, Adagrad applying each thread's
+    range after all of them: 9000 bags per table span two chunks. The oracle
+    is np.add.at over the (separately verified) slots."""
     rng = np.random.default_rng(8)
     scheme = he.HashedNet(40_000, 8)
     T, B, D = 2, 9000, 8

@@ -1762,7 +1762,9 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
     # else walk the entries again (a full table's scratch is mostly zeros)
     sweep = m <= <uint64_t>(8 * s.dim) * <uint64_t>indices.shape[0]
     # many runs per entry (HashedNet-like): hash a chunk of bags once, in parallel,
-    # then let each thread add its slot range; chunks bound the starts kept
+    # then add the chunk on each thread's slot range (runs of one float: one
+    # range, below); chunks bound the starts kept (one thread too: the rows
+    # are hashed a batch at a time)
     chunked = (pre == NULL and mode != MAX and not s.is_signed
                and (not adagrad or sweep))
     cdef int parts = 1 if s.run == 1 else nt    # slot ranges of a chunked backward
