@@ -63,7 +63,7 @@ cdef extern from "hashemb/slots.h" nogil:
                            uint64_t* out)
     enum: HE_RUNS_VEC
     ctypedef struct he_runs_k:
-        int64_t runs
+        int lanes
     void he_runs_of(he_runs_k* k, const he_scheme* s, he_tterm tt)
     void he_runs_starts(const he_runs_k* k, const void* x, int wide, int64_t n, uint64_t* out)
     int he_sign(const he_scheme* s, const he_row* r, int64_t i)

@@ -685,9 +685,8 @@ HE_HD void he_one_run_starts(const he_one_run_k* k, const void* x, int wide, int
 #define HE_RUNS_VEC 128     /* runs of a row the eight-lane step takes */
 
 typedef struct he_runs_k {
-    uint64_t add, mul, mod, inv, pm;
-    int64_t runs;
-    const uint64_t *rc, *rm;    /* run_coef: rc[r] = C r mod P, rm[r] = rc[r] mod m */
+    const he_scheme* s;
+    uint64_t add;               /* the table's part of the row hash (he_hash_base_t) */
     int lanes;                  /* eight-lane steps: 1 rows of R | 8, 2 rows of 8 | R, 0 none */
     uint64_t rcd[HE_RUNS_VEC];
     uint32_t rm32[HE_RUNS_VEC], rw32[HE_RUNS_VEC];  /* a step's lanes (R | 8) or a row's */
@@ -697,14 +696,9 @@ typedef struct he_runs_k {
 static inline void he_runs_of(he_runs_k* k, const he_scheme* s, he_tterm tt)
 {
     const int64_t R = s->runs;
+    const uint64_t *rc = s->run_coef, *rm = s->run_coef + R, pm = s->p_mod;
+    k->s = s;
     k->add = tt.a + s->coef[HE_CD];      /* below 2^62, as he_muladd takes it */
-    k->mul = s->coef[HE_CB];
-    k->mod = s->mod;
-    k->inv = s->mod_inv;
-    k->pm = s->p_mod;
-    k->runs = R;
-    k->rc = s->run_coef;
-    k->rm = s->run_coef + R;
     k->lanes = 0;
 #if defined(HE_X86_VECTOR)
     if (!(he_x86() & 2) || s->mod >= ((uint64_t)1 << 31) || R < 2)
@@ -713,14 +707,13 @@ static inline void he_runs_of(he_runs_k* k, const he_scheme* s, he_tterm tt)
     if ((R <= 8 && 8 % R) || (R > 8 && (R % 8 || R > HE_RUNS_VEC)))
         return;
     for (int64_t p = 0; p < n; p++) {   /* lane p: run p mod R */
-        const uint64_t rm = k->rm[p % R];
-        k->rm32[p] = (uint32_t)rm;
-        k->rw32[p] = (uint32_t)(rm >= k->pm ? rm - k->pm : rm + k->mod - k->pm);
+        k->rm32[p] = (uint32_t)rm[p % R];
+        k->rw32[p] = (uint32_t)(rm[p % R] >= pm ? rm[p % R] - pm : rm[p % R] + s->mod - pm);
     }
     for (int64_t j = 0; j < n / 8; j++)
         for (int i = 0; i < 4; i++) {
-            k->rcd[8 * j + i] = k->rc[(8 * j + 2 * i) % R];
-            k->rcd[8 * j + 4 + i] = k->rc[(8 * j + 2 * i + 1) % R];
+            k->rcd[8 * j + i] = rc[(8 * j + 2 * i) % R];
+            k->rcd[8 * j + 4 + i] = rc[(8 * j + 2 * i + 1) % R];
         }
     if (R <= 8)     /* step j of four rows: lanes 8j .. 8j + 7 of their 4R */
         for (int j = 0; j < R / 2; j++)
@@ -758,13 +751,14 @@ __attribute__((target("avx2"))) static int64_t he_runs_starts_avx2(const he_runs
                                                                   const void* x, int wide,
                                                                   int64_t n, uint64_t* out)
 {
-    const __m256i va = _mm256_set1_epi64x((long long)k->mul), ah = _mm256_srli_epi64(va, 32);
+    const he_scheme* s = k->s;
+    const __m256i va = _mm256_set1_epi64x((long long)s->coef[HE_CB]), ah = _mm256_srli_epi64(va, 32);
     const __m256i vb = _mm256_set1_epi64x((long long)k->add);
-    const __m256i vm = _mm256_set1_epi64x((long long)k->mod), mh = _mm256_srli_epi64(vm, 32);
-    const __m256i vi = _mm256_set1_epi64x((long long)k->inv), ih = _mm256_srli_epi64(vi, 32);
+    const __m256i vm = _mm256_set1_epi64x((long long)s->mod), mh = _mm256_srli_epi64(vm, 32);
+    const __m256i vi = _mm256_set1_epi64x((long long)s->mod_inv), ih = _mm256_srli_epi64(vi, 32);
     const __m256i pm1 = _mm256_set1_epi64x((long long)(HE_P - 1));
-    const __m256i m32 = _mm256_set1_epi32((int)k->mod);
-    const int64_t R = k->runs;
+    const __m256i m32 = _mm256_set1_epi32((int)s->mod);
+    const int64_t R = s->runs;
     int64_t i = 0;
     for (; i + 4 <= n; i += 4) {
         const __m256i base = he_muladd_v(he_tokens_v(x, wide, i), va, ah, vb);
@@ -797,25 +791,17 @@ __attribute__((target("avx2"))) static int64_t he_runs_starts_avx2(const he_runs
 static inline void he_runs_starts(const he_runs_k* k, const void* x, int wide, int64_t n,
                                   uint64_t* out)
 {
-    const int64_t R = k->runs;
     int64_t i = 0;
+    he_row row;
 #if defined(HE_X86_VECTOR)
     if (k->lanes)
         i = he_runs_starts_avx2(k, x, wide, n, out);
 #endif
+    row.sbase = 0;      /* the rest row by row: he_row_begin_t's base, he_run_starts */
     for (; i < n; i++) {
-        const uint64_t u = wide ? (uint64_t)((const int64_t*)x)[i]
-                                : (uint64_t)(int64_t)((const int32_t*)x)[i];
-        const uint64_t base = he_muladd(k->mul, u, k->add);
-        const uint64_t bm = he_fastmod(base, k->mod, k->inv);
-        uint64_t* o = out + i * R;
-        int64_t r = 0;
-#if defined(HE_X86_VECTOR)
-        if (R >= 4 && (he_x86() & 2))
-            r = he_robe_starts_avx2(base, bm, k->rc, k->rm, k->pm, R, k->mod, o);
-#endif
-        for (; r < R; r++)
-            o[r] = he_robe_run_start(base, bm, k->rc[r], k->rm[r], k->pm, k->mod);
+        row.base = he_muladd(k->s->coef[HE_CB], wide ? (uint64_t)((const int64_t*)x)[i]
+                                          : (uint64_t)(int64_t)((const int32_t*)x)[i], k->add);
+        he_run_starts(k->s, &row, out + i * k->s->runs);
     }
 }
 #endif
