@@ -8,8 +8,8 @@ output rows). Backward partitions the *slots* among threads: a thread walks
 the entries (those bucketed to it) in order and adds only into its own slot
 range, so each slot sums its contributions in entry order, whatever the
 thread count: results are bitwise deterministic and no thread writes where
-another does. Rows of one run (full tables, ROBE-Z with Z >= D) given their
-run starts take one thread's tight walk (_add_one_runs), in the same order.
+another does. Rows of a few runs (full tables, ROBE-Z with Z >= D / 4) given
+their run starts take one thread's tight walk (_add_runs), in the same order.
 """
 from cython.parallel cimport prange, parallel, threadid
 from libc.math cimport sqrt
@@ -102,6 +102,95 @@ cdef extern from *:
     HE_AXPY(double, he_axpy_d, +=)
     HE_AXPY(float, he_scal_f, =)
     HE_AXPY(double, he_scal_d, =)
+
+    enum { HE_AHEAD = 8 };  /* entries (rows) hashed and prefetched this far ahead */
+    /* Backward's add over the whole array for rows of R runs of L floats (no
+       padding, unsigned), given every entry's run starts pre: entry j of bag
+       q = t B + b adds w psw[j] times run k of the bag's gradient row (the
+       row of T blocks of D at grad + b gstride + t D) into the run from
+       slot pre[j R + k] (circular in m), in entry order, then run order:
+       the general walk's order, so the same bits (w = alpha, over the bag's
+       entries where mean). The general walk's tests per run (padding, signs,
+       max mode, thread ranges) cost more than a run's add. In C for the
+       attributes: a copy for each case, none inlined into another, so that
+       each keeps its registers (gcc, given one Cython function with the
+       cases inlined, spilled three of them in the case of one run). */
+    #define HE_ADD_RUNS(T_, name, axpy)                                           \
+        __attribute__((always_inline)) static inline void name##_of(             \
+            const uint64_t* __restrict pre, const int64_t* __restrict off,       \
+            const T_* psw, const T_* grad, int64_t gstride, int64_t B,           \
+            int64_t T, int64_t D, int mean, T_ alpha, T_* __restrict target,     \
+            uint64_t m, int64_t R, int64_t L)                                    \
+        {                                                                        \
+            int64_t t, b, j, k, i, nent = off[T * B];                            \
+            for (t = 0; t < T; t++)                                              \
+                for (b = 0; b < B; b++) {                                        \
+                    const int64_t q = t * B + b;                                 \
+                    const T_* g = grad + b * gstride + t * D;                    \
+                    T_ w = alpha, ww;                                            \
+                    if (b + HE_AHEAD < B) {                                      \
+                        /* gradient rows are gstride apart: a stride the      */ \
+                        /* hardware prefetcher loses at every page           */ \
+                        he_prefetch(g + HE_AHEAD * gstride);                     \
+                        he_prefetch(g + HE_AHEAD * gstride + D - 1);             \
+                    }                                                            \
+                    if (mean && off[q + 1] - off[q] > 1)                         \
+                        w = alpha / (off[q + 1] - off[q]);                       \
+                    ww = w;                                                      \
+                    for (j = off[q]; j < off[q + 1]; j++) {                      \
+                        if (__builtin_expect(j + HE_AHEAD < nent, 1))  /* random lines */ \
+                            for (k = 0; k < R; k++) {                            \
+                                he_prefetch_w(target + pre[(j + HE_AHEAD) * R + k]); \
+                                he_prefetch_w(target + pre[(j + HE_AHEAD) * R + k] + L - 1); \
+                            }                                                    \
+                        if (psw)                                                 \
+                            ww = w * psw[j];                                     \
+                        for (k = 0; k < R; k++) {                                \
+                            const uint64_t st = pre[j * R + k];                  \
+                            if (__builtin_expect(st + (uint64_t)L <= m, 1))      \
+                                axpy(target + st, g + k * L, ww, L);             \
+                            else    /* the run wraps past the array's end */     \
+                                for (i = 0; i < L; i++)                          \
+                                    target[he_wrap(st, i, m)] += ww * g[k * L + i]; \
+                        }                                                        \
+                    }                                                            \
+                }                                                                \
+        }                                                                        \
+        __attribute__((noinline)) static void name##_1(                          \
+            const uint64_t* pre, const int64_t* off, const T_* psw, const T_* grad, \
+            int64_t gstride, int64_t B, int64_t T, int64_t D, int mean, T_ alpha,  \
+            T_* target, uint64_t m)                                              \
+        {                                                                        \
+            name##_of(pre, off, psw, grad, gstride, B, T, D, mean, alpha, target, m, 1, D); \
+        }                                                                        \
+        __attribute__((noinline)) static void name##_4(                          \
+            const uint64_t* pre, const int64_t* off, const T_* psw, const T_* grad, \
+            int64_t gstride, int64_t B, int64_t T, int64_t D, int mean, T_ alpha,  \
+            T_* target, uint64_t m)                                              \
+        {                                                                        \
+            name##_of(pre, off, psw, grad, gstride, B, T, D, mean, alpha, target, m, D / 4, 4); \
+        }                                                                        \
+        __attribute__((noinline)) static void name##_n(                          \
+            const uint64_t* pre, const int64_t* off, const T_* psw, const T_* grad, \
+            int64_t gstride, int64_t B, int64_t T, int64_t D, int mean, T_ alpha,  \
+            T_* target, uint64_t m, int64_t L)                                   \
+        {                                                                        \
+            name##_of(pre, off, psw, grad, gstride, B, T, D, mean, alpha, target, m, D / L, L); \
+        }                                                                        \
+        static inline void name(const uint64_t* pre, const int64_t* off, const T_* psw, \
+                                const T_* grad, int64_t gstride, int64_t B, int64_t T,  \
+                                int64_t D, int mean, T_ alpha, T_* target, uint64_t m,  \
+                                int64_t L)                                       \
+        {                                                                        \
+            if (L == D)                                                          \
+                name##_1(pre, off, psw, grad, gstride, B, T, D, mean, alpha, target, m); \
+            else if (L == 4)                                                     \
+                name##_4(pre, off, psw, grad, gstride, B, T, D, mean, alpha, target, m); \
+            else                                                                 \
+                name##_n(pre, off, psw, grad, gstride, B, T, D, mean, alpha, target, m, L); \
+        }
+    HE_ADD_RUNS(float, he_add_back_f, he_axpy_f)
+    HE_ADD_RUNS(double, he_add_back_d, he_axpy_d)
 
     /* y[:D] += w[g] * row g for g < n, in order (w NULL: plain adds): one
        bag's rows (float32), the bag's sum kept in registers instead of
@@ -348,6 +437,14 @@ cdef extern from *:
                       int64_t D, int64_t L, int bf) noexcept nogil
     int he_copy_rows16_f(float* o, int64_t ostride, const float* M, const uint64_t* st,
                          int64_t n) noexcept nogil
+    enum: AHEAD "HE_AHEAD"
+    void he_add_back_f(const uint64_t* pre, const int64_t* off, const float* psw,
+                       const float* grad, int64_t gstride, int64_t B, int64_t T, int64_t D,
+                       int mean, float alpha, float* target, uint64_t m, int64_t L) noexcept nogil
+    void he_add_back_d(const uint64_t* pre, const int64_t* off, const double* psw,
+                       const double* grad, int64_t gstride, int64_t B, int64_t T, int64_t D,
+                       int mean, double alpha, double* target, uint64_t m,
+                       int64_t L) noexcept nogil
     void* he_ws_take(size_t bytes) noexcept nogil
     void he_ws_give(void* p) noexcept nogil
 
@@ -382,7 +479,6 @@ cdef extern from "hashemb/stream.h" nogil:
     void he_stream_fence() noexcept
 
 DEF CHUNK = 32      # samples per parallel work item (its output stays in L2)
-DEF AHEAD = 8       # rows hashed (and prefetched) this far ahead
 DEF FAR_AHEAD = 16  # forward, a few runs per row from an array far past the caches
 DEF FAR_BYTES = 64 << 20  # "far past the caches": arrays from this size on
 DEF MAXR = 64       # fast path: at most this many runs per row
@@ -1123,50 +1219,23 @@ cdef inline int64_t _live(const index_t* idx, int64_t j0, int64_t j1, bint has_p
     return n
 
 
-cdef void _add_one_runs(const he_scheme* s, const uint64_t* pre, const int64_t* off,
-                        const real* psw, const real* grad, int64_t gstride, int64_t B,
-                        int64_t T, int mode, real alpha, real* target) noexcept nogil:
-    """Backward's ACT_ADD over the whole array for rows of one run, no
-    padding, from the run starts pre: entry j of bag q = t*B + b adds
-    w psw[j] times the bag's gradient row into target[pre[j]:][:D], in
-    entry order (w = alpha, over the bag's entries in mean mode). The
-    general walk's tests per entry (padding, runs, signs, max mode, thread
-    ranges) cost more than the row's add."""
-    cdef int64_t t, b, j, q, D = s.dim, nent = off[T * B]
-    cdef uint64_t st, m = s.size
-    cdef real w, ww
-    cdef const real* g
-    for t in range(T):
-        for b in range(B):
-            q = t * B + b
-            if b + AHEAD < B:
-                # gradient rows are gstride apart: a stride the hardware
-                # prefetcher loses at every page (each row a miss at large B)
-                he_prefetch(grad + (b + AHEAD) * gstride + t * D)
-                he_prefetch(grad + (b + AHEAD) * gstride + t * D + D - 1)
-            g = grad + b * gstride + t * D
-            w = alpha
-            if mode == MEAN and off[q + 1] - off[q] > 1:
-                w = alpha / (off[q + 1] - off[q])
-            ww = w
-            for j in range(off[q], off[q + 1]):
-                if j + AHEAD < nent:
-                    # the run AHEAD entries on: a random line of the array
-                    he_prefetch_w(target + pre[j + AHEAD])
-                    he_prefetch_w(target + pre[j + AHEAD] + D - 1)
-                st = pre[j]
-                if psw != NULL:
-                    ww = w * psw[j]
-                if st + <uint64_t>D <= m:
-                    _axpy(target + st, g, ww, D)
-                else:           # the run wraps past the array's end (ROBE-Z)
-                    _visit(s, NULL, 0, st, 0, D, g, ww, target, NULL, 0, NULL, NULL, 0, 0, 0,
-                           <int64_t>m, ACT_ADD)
+cdef inline void _add_runs(const he_scheme* s, const uint64_t* pre, const int64_t* off,
+                           const real* psw, const real* grad, int64_t gstride, int64_t B,
+                           int64_t T, int mode, real alpha, real* target) noexcept nogil:
+    """Backward's ACT_ADD over the whole array for rows of a few runs, no
+    padding, from the run starts pre, in the general walk's order
+    (he_add_back_f in C)."""
+    if real is float:
+        he_add_back_f(pre, off, psw, grad, gstride, B, T, s.dim, mode == MEAN, alpha, target,
+                      s.size, s.run)
+    else:
+        he_add_back_d(pre, off, psw, grad, gstride, B, T, s.dim, mode == MEAN, alpha, target,
+                      s.size, s.run)
 
 
-cdef inline bint _one_runs(const he_scheme* s, int mode, bint has_pad) noexcept nogil:
-    """Whether _add_one_runs serves this batch (given its run starts)."""
-    return s.runs == 1 and mode != MAX and not has_pad and not s.is_signed
+cdef inline bint _few_runs(const he_scheme* s, int mode, bint has_pad) noexcept nogil:
+    """Whether _add_runs serves this batch (given its run starts)."""
+    return _wants_starts(s, mode) and not has_pad
 
 
 cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* off,
@@ -1196,8 +1265,8 @@ cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* 
     cdef real spare[8]          # the other threads' adds (he_scatter_in_f)
     cdef const uint64_t* st
     if (pre != NULL and act == ACT_ADD and lo == 0 and <uint64_t>hi == s.size
-            and _one_runs(s, mode, has_pad)):
-        _add_one_runs(s, pre, off, psw, grad, gstride, B, T, mode, alpha, target)
+            and _few_runs(s, mode, has_pad)):
+        _add_runs(s, pre, off, psw, grad, gstride, B, T, mode, alpha, target)
         return
     for t in range(T):
         tt = he_table_term(s, table0 + t)
@@ -1798,14 +1867,14 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
                               "(the weight may be partly updated)")
         return
     if (pre != NULL and (not adagrad or sweep)
-            and _one_runs(s, mode, has_pad)):
-        # rows of one run: one thread's walk (_add_one_runs)
+            and _few_runs(s, mode, has_pad)):
+        # rows of a few runs: one thread's walk (_add_runs)
         # took about a third of the bucketed time on two threads (0.27
         # against 0.91 ms, RobeZ SGD at batch 2048 x 26), and two threads
         # walking every entry 0.52: the walk, not the adds, is the work.
         # A two-phase step then applies its rule on every thread.
         with nogil:
-            _add_one_runs(s, pre, &offsets[0], pp, &grad[0, 0], grad.shape[1], B, T, mode,
+            _add_runs(s, pre, &offsets[0], pp, &grad[0, 0], grad.shape[1], B, T, mode,
                           1 if adagrad else <real>alpha, sp if adagrad else tp)
             if adagrad:
                 for r in prange(nt, num_threads=nt, schedule='static', chunksize=1):
