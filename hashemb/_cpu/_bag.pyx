@@ -22,7 +22,7 @@ from hashemb._cpu._slots cimport (SchemeView, he_scheme, HE_FULL, HE_ROBE, he_ro
                                   he_row_begin_probed, he_tterm, he_table_term, he_row_begin_t,
                                   he_run_start, he_run_starts, he_run_slot, he_sign,
                                   he_one_run_k, he_one_run, he_one_run_of, he_one_run_starts,
-                                  he_runs_k, he_runs_of, he_runs_starts,
+                                  he_rows_k, he_rows_of, he_rows_starts, HE_ROWS_EACH,
                                   he_max_threads)
 
 ctypedef fused real:
@@ -731,15 +731,12 @@ cdef void _seg_bags(const he_scheme* s, const index_t* x, const int64_t* off, in
     """o[b * ostride:][:D] = sum (mean) of psw[j] times row x[j] of table
     `table` (psw NULL: ones), j in off[b]..off[b+1]-1, for bags b < n of an
     unsigned scheme that reads no map: the entries' run starts hashed a
-    segment of entries at a time (rows of one run, he_one_run_starts:
-    ROBE-Z's four at a time with AVX2; else he_run_starts row by row) and
+    segment of entries at a time (he_rows_starts) and
     prefetched a segment before they are added, in entry order (the
     general _bag's arithmetic), a bag's entries of a segment in one tight
     loop. Starts go to pre[j * R] when given, else to the two halves of
     ring in turn (_ring_len: a segment's are at most 2 SEG_RUNS, or one
     row's)."""
-    cdef he_one_run_k k1
-    cdef bint one = he_one_run(s)
     cdef int64_t D = s.dim, L = s.run, R = s.runs, j0 = off[0], j1 = off[n]
     cdef int64_t a, z, j, e, b, i, g, r, cnt, seg = 0
     # entries a segment: CHUNK rows of one run; else about SEG_RUNS runs
@@ -753,13 +750,8 @@ cdef void _seg_bags(const he_scheme* s, const index_t* x, const int64_t* off, in
     cdef real w = 1
     cdef const real* wj
     cdef bint summed
-    cdef he_row row
-    cdef he_runs_k kr
-    cdef bint robe = not one and s.kind == HE_ROBE
-    if one:
-        k1 = he_one_run_of(s, table, tt)
-    elif robe:
-        he_runs_of(&kr, s, tt)
+    cdef he_rows_k k
+    he_rows_of(&k, s, table, tt)
     for b in range(n):
         for i in range(D):
             o[b * ostride + i] = 0
@@ -771,14 +763,7 @@ cdef void _seg_bags(const he_scheme* s, const index_t* x, const int64_t* off, in
         wraps = False
         if a < j1:          # hash the segment a..z-1 and prefetch its runs
             z = min(a + sn, j1)
-            if one:
-                he_one_run_starts(&k1, x + a, sizeof(index_t) == 8, z - a, nxt)
-            elif robe:
-                he_runs_starts(&kr, x + a, sizeof(index_t) == 8, z - a, nxt)
-            else:
-                for g in range(z - a):
-                    row = he_row_begin_t(s, table, tt, x[a + g])
-                    he_run_starts(s, &row, nxt + g * R)
+            he_rows_starts(&k, x + a, sizeof(index_t) == 8, z - a, nxt)
             if L == 1:      # runs of one float: one line each, none wraps
                 _prefetch_elems(M, H, nxt, (z - a) * R)
             else:
@@ -881,8 +866,7 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
     # bags of any size (per-sample weights too) hashed a segment at a time
     cdef bint seg = (ring != NULL and mode != MAX and not has_pad and not s.is_signed
                      and deep == 0)
-    cdef bint robe = s.kind == HE_ROBE and not he_one_run(s)
-    cdef he_runs_k kr
+    cdef he_rows_k kr
     for t in range(T):
         tprobe = he_table_probe(s, table0 + t)
         tt = he_table_term(s, table0 + t)
@@ -905,9 +889,8 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                 continue
             # one entry in every bag, rows of several runs: hashed ahead bags
             # early, ROBE-Z's four rows a step (ahead is a multiple of 4)
-            q = 4 if robe else 1
-            if robe:
-                he_runs_of(&kr, s, tt)
+            he_rows_of(&kr, s, table0 + t, tt)
+            q = 1 if kr.how == HE_ROWS_EACH else 4
             c = 0
             while c < n + ahead:
                 # gather bags c - ahead .. (hashed ahead bags before: their ring slots are c's)
@@ -924,11 +907,7 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                 if c < n:       # hash bags c .., prefetch their runs
                     r = ring + (c & (ahead - 1)) * R
                     g = min(q, n - c)
-                    if robe:
-                        he_runs_starts(&kr, idx + j0 + c, sizeof(index_t) == 8, g, r)
-                    else:
-                        row = he_row_begin_t(s, table0 + t, tt, idx[j0 + c])
-                        he_run_starts(s, &row, r)
+                    he_rows_starts(&kr, idx + j0 + c, sizeof(index_t) == 8, g, r)
                     if L == 1:
                         _prefetch_elems(M, H, r, g * R)
                     else:
@@ -1139,6 +1118,18 @@ cdef inline void _apply_range(real* w, uint16_t* hw, int bf, real* g, real* stat
             g[slot - lo] = 0
 
 
+cdef void _apply_all(real* w, uint16_t* hw, int bf, real* g, real* state, uint64_t m, real lr,
+                     real eps, uint64_t seed, int nt) noexcept nogil:
+    """_apply_range over the whole array of m slots (g: the scratch), a range
+    of it for each of nt threads."""
+    cdef int r
+    cdef int64_t lo
+    for r in prange(nt, num_threads=nt, schedule='static', chunksize=1):
+        lo = <int64_t>_range_lo(m, r, nt)
+        _apply_range(w, hw, bf, g + lo, state, lo, <int64_t>_range_lo(m, r + 1, nt), lr, eps,
+                     seed)
+
+
 cdef inline void _visit(const he_scheme* s, const he_row* row, int64_t k, uint64_t st,
                         int64_t i0, int64_t n, const real* g, real alpha, real* target,
                         uint16_t* htarget, int bf, real* scratch, real* state, real eps,
@@ -1340,23 +1331,10 @@ cdef inline void _starts_row(const he_scheme* s, const he_row* row, uint64_t* ou
 cdef void _hash_rows(const he_scheme* s, int64_t table, he_tterm tt, const index_t* x,
                      int64_t n, uint64_t* out) noexcept nogil:
     """out[g * R + k] = start of run k of row x[g] of `table` (tt its
-    he_table_term), g < n: rows of one run and ROBE-Z's of several runs a
-    batch at a time (he_one_run_starts, he_runs_starts: AVX2 where the CPU
-    has it), any other row by row (a map's probes not prefetched)."""
-    cdef he_one_run_k k1
-    cdef he_runs_k kr
-    cdef he_row row
-    cdef int64_t g
-    if he_one_run(s):
-        k1 = he_one_run_of(s, table, tt)
-        he_one_run_starts(&k1, x, sizeof(index_t) == 8, n, out)
-    elif s.kind == HE_ROBE:
-        he_runs_of(&kr, s, tt)
-        he_runs_starts(&kr, x, sizeof(index_t) == 8, n, out)
-    else:
-        for g in range(n):
-            row = he_row_begin_t(s, table, tt, x[g])
-            he_run_starts(s, &row, out + g * s.runs)
+    he_table_term), g < n (he_rows_starts)."""
+    cdef he_rows_k k
+    he_rows_of(&k, s, table, tt)
+    he_rows_starts(&k, x, sizeof(index_t) == 8, n, out)
 
 
 DEF PROBES = 16     # ring of map probes in flight (> AHEAD)
@@ -1875,12 +1853,9 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
         # A two-phase step then applies its rule on every thread.
         with nogil:
             _add_runs(s, pre, &offsets[0], pp, &grad[0, 0], grad.shape[1], B, T, mode,
-                          1 if adagrad else <real>alpha, sp if adagrad else tp)
+                      1 if adagrad else <real>alpha, sp if adagrad else tp)
             if adagrad:
-                for r in prange(nt, num_threads=nt, schedule='static', chunksize=1):
-                    lo = <int64_t>_range_lo(m, r, nt)
-                    _apply_range(tp, hp, bf, sp + lo, stp, lo, <int64_t>_range_lo(m, r + 1, nt),
-                                 <real>alpha, <real>eps, seed)
+                _apply_all(tp, hp, bf, sp, stp, m, <real>alpha, <real>eps, seed, nt)
         free(win)
         if own:
             free(pre)
@@ -1946,10 +1921,7 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
         # the pranges above end without a barrier (each begins with one): a
         # thread may apply a range only once the one range's adds are done
         with nogil:
-            for r in prange(nt, num_threads=nt, schedule='static', chunksize=1):
-                lo = <int64_t>_range_lo(m, r, nt)
-                _apply_range(tp, hp, bf, sp + lo, stp, lo, <int64_t>_range_lo(m, r + 1, nt),
-                             <real>alpha, <real>eps, seed)
+            _apply_all(tp, hp, bf, sp, stp, m, <real>alpha, <real>eps, seed, nt)
     free(win)
     if own:
         free(pre)

@@ -66,6 +66,11 @@ cdef extern from "hashemb/slots.h" nogil:
         int lanes
     void he_runs_of(he_runs_k* k, const he_scheme* s, he_tterm tt)
     void he_runs_starts(const he_runs_k* k, const void* x, int wide, int64_t n, uint64_t* out)
+    enum: HE_ROWS_ONE, HE_ROWS_ROBE, HE_ROWS_EACH
+    ctypedef struct he_rows_k:
+        int how
+    void he_rows_of(he_rows_k* k, const he_scheme* s, int64_t table, he_tterm tt)
+    void he_rows_starts(const he_rows_k* k, const void* x, int wide, int64_t n, uint64_t* out)
     int he_sign(const he_scheme* s, const he_row* r, int64_t i)
     int he_sign_of_key(const uint64_t* q, uint64_t k)
     uint64_t he_hash_base(const uint64_t* c, uint64_t e, uint64_t u)

@@ -110,11 +110,11 @@ cdef void _row_slots(const he_scheme* s, uint64_t* o) noexcept nogil:
 DEF SLOT_ROWS = 64  # tokens a work item of slots()
 
 
-cdef void _robe_slots(const he_scheme* s, const index_t* x, const int64_t* tables,
+cdef void _rows_slots(const he_scheme* s, const index_t* x, const int64_t* tables,
                       int64_t n, uint64_t* out) noexcept nogil:
-    """slots() of n tokens of ROBE-Z rows of several runs: the tokens of one
-    table four at a time through he_runs_starts (what the bag kernels take)."""
-    cdef he_runs_k k
+    """slots() of n tokens: the run starts of a table's tokens four at a time
+    through he_rows_starts (the bag kernels' hashing), spread by _row_slots."""
+    cdef he_rows_k k
     cdef uint64_t buf[4 * HE_RUNS_VEC]
     cdef int64_t a = 0, z, j, c, i, R = s.runs, D = s.dim
     cdef bint batch = R <= HE_RUNS_VEC
@@ -122,11 +122,11 @@ cdef void _robe_slots(const he_scheme* s, const index_t* x, const int64_t* table
         z = a + 1
         while z < n and tables[z] == tables[a]:
             z += 1
-        he_runs_of(&k, s, he_table_term(s, tables[a]))
+        he_rows_of(&k, s, tables[a], he_table_term(s, tables[a]))
         j = a
         while j < z:
             c = min(4, z - j) if batch else 1
-            he_runs_starts(&k, x + j, sizeof(index_t) == 8, c,
+            he_rows_starts(&k, x + j, sizeof(index_t) == 8, c,
                            &buf[0] if batch else out + j * D + D - R)
             if batch:
                 for i in range(c):
@@ -141,17 +141,10 @@ def slots(SchemeView sv, const index_t[::1] tokens, const int64_t[::1] tables,
           int64_t[:, ::1] out):
     """out[n, i] = slot(tables[n], tokens[n], i) for every element i < D."""
     cdef const he_scheme* s = &sv.s
-    cdef int64_t n, c, N = tokens.shape[0]
-    cdef he_row row
-    if s.kind == HE_ROBE and s.runs > 1:
-        for c in prange((N + SLOT_ROWS - 1) // SLOT_ROWS, nogil=True, schedule='static'):
-            _robe_slots(s, &tokens[c * SLOT_ROWS], &tables[c * SLOT_ROWS],
-                        min(SLOT_ROWS, N - c * SLOT_ROWS), <uint64_t*>&out[c * SLOT_ROWS, 0])
-        return
-    for n in prange(N, nogil=True, schedule='static'):
-        row = he_row_begin(s, tables[n], tokens[n])
-        he_run_starts(s, &row, <uint64_t*>&out[n, 0] + s.dim - s.runs)
-        _row_slots(s, <uint64_t*>&out[n, 0])
+    cdef int64_t c, N = tokens.shape[0]
+    for c in prange((N + SLOT_ROWS - 1) // SLOT_ROWS, nogil=True, schedule='static'):
+        _rows_slots(s, &tokens[c * SLOT_ROWS], &tables[c * SLOT_ROWS],
+                    min(SLOT_ROWS, N - c * SLOT_ROWS), <uint64_t*>&out[c * SLOT_ROWS, 0])
 
 
 def signs(SchemeView sv, const index_t[::1] tokens, const int64_t[::1] tables,

@@ -804,6 +804,60 @@ static inline void he_runs_starts(const he_runs_k* k, const void* x, int wide, i
         he_run_starts(k->s, &row, out + i * k->s->runs);
     }
 }
+
+/*
+ * Run starts of the rows of one table, a batch at a time, for any scheme:
+ * rows of one run (he_one_run_starts) and ROBE-Z's rows of several runs
+ * (he_runs_starts) four a step with AVX2, any other row by row
+ * (he_row_begin_t, he_run_starts; a map's probes not prefetched). Set up
+ * once a table, he_rows_of(&k, s, table, tt); then
+ * he_rows_starts(&k, x, wide, n, out): out[g R + r] = start of run r of row
+ * x[g], g < n (x int64 where wide, else int32, sign-extended). The kernels'
+ * one dispatch; one copy (not inlined), called once a batch of rows.
+ */
+enum { HE_ROWS_ONE, HE_ROWS_ROBE, HE_ROWS_EACH };
+
+typedef struct he_rows_k {
+    const he_scheme* s;
+    int how;                    /* HE_ROWS_ONE, HE_ROWS_ROBE or HE_ROWS_EACH */
+    int64_t table;
+    he_tterm tt;
+    he_one_run_k one;
+    he_runs_k runs;
+} he_rows_k;
+
+static inline void he_rows_of(he_rows_k* k, const he_scheme* s, int64_t table, he_tterm tt)
+{
+    k->s = s;
+    k->table = table;
+    k->tt = tt;
+    if (he_one_run(s)) {
+        k->how = HE_ROWS_ONE;
+        k->one = he_one_run_of(s, table, tt);
+    } else if (s->kind == HE_ROBE) {
+        k->how = HE_ROWS_ROBE;
+        he_runs_of(&k->runs, s, tt);
+    } else {
+        k->how = HE_ROWS_EACH;
+    }
+}
+
+__attribute__((noinline)) static inline void he_rows_starts(const he_rows_k* k, const void* x,
+                                                            int wide, int64_t n, uint64_t* out)
+{
+    if (k->how == HE_ROWS_ONE) {
+        he_one_run_starts(&k->one, x, wide, n, out);
+    } else if (k->how == HE_ROWS_ROBE) {
+        he_runs_starts(&k->runs, x, wide, n, out);
+    } else {
+        for (int64_t g = 0; g < n; g++) {
+            const he_row row = he_row_begin_t(k->s, k->table, k->tt,
+                                              wide ? ((const int64_t*)x)[g]
+                                                   : (int64_t)((const int32_t*)x)[g]);
+            he_run_starts(k->s, &row, out + g * k->s->runs);
+        }
+    }
+}
 #endif
 
 /*
