@@ -246,6 +246,30 @@ def test_large_batch_fast_path_matches_general_path():
         np.testing.assert_array_equal(b, a * np.repeat(w, scheme.dim, axis=1))
 
 
+@pytest.mark.parametrize("scheme", [
+    he.RobeZ.reference(3001, 16, block=4, table_sizes=[50] * 4),   # rows hashed one by one
+    he.RobeZ.reference(3001, 16, block=16, table_sizes=[50] * 4),
+    he.HashedNet.reference(3001, 8), he.RobeZ(3001, 16, block=4), he.RobeZ(3001, 16, block=8),
+    he.RobeZ(3001, 8, block=32), he.HashedNet(3001, 16), he.FullTable([50] * 4, 16)], ids=repr)
+def test_one_entry_bags_of_many_tables_match_slots(scheme):
+    """Bags of one entry each over 4 tables (the offset-free pipeline: its
+    row hashing is set up per table), against the rows that slots() gives;
+    the backward's plain gradient against np.add.at over the same slots."""
+    rng = np.random.default_rng(4)
+    T, D = 4, scheme.dim
+    X = rng.integers(0, 50, size=(1000, T))
+    M = scheme.init_weight(seed=1)
+    out = he.embedding_bags(X, M, scheme=scheme, num_tables=T)
+    G = rng.standard_normal(out.shape).astype(np.float32)
+    want = np.zeros(M.size, np.float64)
+    for t in range(T):
+        sl = scheme.slots(X[:, t], table=t)
+        np.testing.assert_array_equal(out[:, t * D:(t + 1) * D], M.reshape(-1)[sl])
+        np.add.at(want, sl.reshape(-1), G[:, t * D:(t + 1) * D].reshape(-1))
+    grad = he.embedding_bags_backward(G, X, scheme=scheme, num_tables=T)
+    np.testing.assert_allclose(grad.reshape(-1), want, rtol=1e-5, atol=1e-4)
+
+
 def fold_edge_tokens(scheme, table, P=(1 << 61) - 1):
     """int64 tokens whose ROBE-Z row hash (A e + B u + D0) mod P is 0 .. 7,
     each residue in every 64-bit representative u + j P: the values at

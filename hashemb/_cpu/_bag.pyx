@@ -632,11 +632,32 @@ cdef inline void _bag(const he_scheme* s, const index_t* idx, int64_t j0, int64_
             o[i] = o[i] / cnt
 
 
+cdef inline void _copy_runs(const he_scheme* s, const uint64_t* r, const real* M, real* o,
+                            int64_t L) noexcept nogil:
+    """_gather_runs of a float array with runs of L floats (a constant where
+    inlined: the copy's length is then chosen once, not once a run)."""
+    cdef int64_t k, i
+    for k in range(s.runs):
+        if r[k] + <uint64_t>L <= s.size:
+            _copy_run(o + k * L, M + r[k], L)
+        else:
+            for i in range(L):
+                o[k * L + i] = M[he_run_slot(s, r[k], i)]
+
+
 cdef inline void _gather_runs(const he_scheme* s, const uint64_t* r, const real* M,
                              const uint16_t* H, int bf, real* o) noexcept nogil:
     """o[:D] = the row whose runs start at r[0..R): each run copied, or slot
     by slot where it wraps past the end of the array."""
     cdef int64_t k, i, L = s.run
+    if H == NULL:
+        if L == 4:
+            _copy_runs(s, r, M, o, 4)
+        elif L == 8:
+            _copy_runs(s, r, M, o, 8)
+        else:
+            _copy_runs(s, r, M, o, L)
+        return
     for k in range(s.runs):
         if r[k] + <uint64_t>L <= s.size:
             if H != NULL:
