@@ -706,19 +706,24 @@ static inline void he_runs_of(he_runs_k* k, const he_scheme* s, he_tterm tt)
     const int64_t n = R <= 8 ? 8 : R;   /* lanes of one step, or of a row */
     if ((R <= 8 && 8 % R) || (R > 8 && (R % 8 || R > HE_RUNS_VEC)))
         return;
-    for (int64_t p = 0; p < n; p++) {   /* lane p: run p mod R */
-        k->rm32[p] = (uint32_t)rm[p % R];
-        k->rw32[p] = (uint32_t)(rm[p % R] >= pm ? rm[p % R] - pm : rm[p % R] + s->mod - pm);
+    /* lane p's run, p mod R: R | 8 is a power of two, and n = R otherwise
+       (no division: this runs once a table in every chunk of a forward) */
+    const int64_t rmask = R <= 8 ? R - 1 : -1;
+    const int rshift = __builtin_ctzll((unsigned long long)R);    /* log2 R where R <= 8 */
+    for (int64_t p = 0; p < n; p++) {
+        const uint64_t r = rm[p & rmask];
+        k->rm32[p] = (uint32_t)r;
+        k->rw32[p] = (uint32_t)(r >= pm ? r - pm : r + s->mod - pm);
     }
     for (int64_t j = 0; j < n / 8; j++)
         for (int i = 0; i < 4; i++) {
-            k->rcd[8 * j + i] = rc[(8 * j + 2 * i) % R];
-            k->rcd[8 * j + 4 + i] = rc[(8 * j + 2 * i + 1) % R];
+            k->rcd[8 * j + i] = rc[(8 * j + 2 * i) & rmask];
+            k->rcd[8 * j + 4 + i] = rc[(8 * j + 2 * i + 1) & rmask];
         }
     if (R <= 8)     /* step j of four rows: lanes 8j .. 8j + 7 of their 4R */
         for (int j = 0; j < R / 2; j++)
             for (int i = 0; i < 8; i++) {
-                const int ra = (int)((8 * j + 2 * (i / 2)) / R), rb = (int)((8 * j + i) / R);
+                const int ra = (8 * j + 2 * (i / 2)) >> rshift, rb = (8 * j + i) >> rshift;
                 k->thr_idx[j][i] = 2 * ra + (i & 1);    /* 64-bit lane i / 2: row ra */
                 k->bm_idx[j][i] = 2 * rb;               /* low half of row rb's bm */
             }
@@ -842,7 +847,7 @@ static inline void he_rows_of(he_rows_k* k, const he_scheme* s, int64_t table, h
     }
 }
 
-__attribute__((noinline)) static inline void he_rows_starts(const he_rows_k* k, const void* x,
+__attribute__((noinline, unused)) static void he_rows_starts(const he_rows_k* k, const void* x,
                                                             int wide, int64_t n, uint64_t* out)
 {
     if (k->how == HE_ROWS_ONE) {
