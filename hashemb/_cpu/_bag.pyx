@@ -20,7 +20,7 @@ from libc.string cimport memcpy
 from hashemb._cpu._slots cimport (SchemeView, he_scheme, HE_FULL, HE_ROBE, he_row, he_row_begin, he_reads_map,
                                   he_row_data, he_table_probe, he_row_probe, he_probe_hint,
                                   he_row_begin_probed, he_tterm, he_table_term, he_row_begin_t,
-                                  he_run_start, he_run_starts, he_run_slot, he_sign,
+                                  he_run_start, he_run_starts, he_run_slot, he_sign, he_signs,
                                   he_one_run_k, he_one_run, he_one_run_of, he_one_run_starts,
                                   he_rows_k, he_rows_of, he_rows_starts, HE_ROWS_EACH,
                                   he_max_threads)
@@ -482,6 +482,7 @@ DEF CHUNK = 32      # samples per parallel work item (its output stays in L2)
 DEF FAR_AHEAD = 16  # forward, a few runs per row from an array far past the caches
 DEF FAR_BYTES = 64 << 20  # "far past the caches": arrays from this size on
 DEF MAXR = 64       # fast path: at most this many runs per row
+DEF SIGNS = 64      # signed schemes: a run's signs computed this many at a time
 DEF SEG_RUNS = 128  # multi-hot bags of rows of several runs: runs hashed ahead
 DEF SMALL_WORK = 1 << 16  # backward: gradient floats below which one thread runs
 DEF CHUNK_BAGS = 8192  # backward with many runs per entry: bags hashed per round
@@ -564,11 +565,12 @@ cdef inline void _gather_row(const he_scheme* s, const he_row* row, const uint64
                              int first, int mode) noexcept nogil:
     """o[i] = / += / max= w * E(x)[i] for one row (r: its run starts, or
     NULL to hash them here)."""
-    cdef int64_t L = s.run, k, i
+    cdef int64_t L = s.run, k, i, i0, n
     cdef uint64_t st
     cdef const real* src
     cdef real* ok
     cdef real v
+    cdef float sg[SIGNS]        # a run's signs (he_signs), SIGNS at a time
     if r != NULL and L == 1 and mode != MAX and not s.is_signed and H == NULL:
         # element-wise (HashedNet): one float a run, none wraps
         if first:
@@ -589,16 +591,35 @@ cdef inline void _gather_row(const he_scheme* s, const he_row* row, const uint64
                 _scal(ok, M + st, w, L)
             else:
                 _axpy(ok, M + st, w, L)
-        else:
-            for i in range(L):
-                v = he_sign(s, row, k * L + i) * _ld(M, H, bf, he_run_slot(s, st, i))
-                if mode == MAX:
-                    if first or v > ok[i]:
-                        ok[i] = v
-                elif first:
-                    ok[i] = w * v
+        elif mode != MAX and H == NULL and st + <uint64_t>L <= s.size:
+            # a signed run, contiguous: its signs a chunk at a time, then
+            # one tight loop (the same products: sign * value, then w *)
+            for i0 in range(0, L, SIGNS):
+                n = min(SIGNS, L - i0)
+                he_signs(s, row, k * L + i0, n, sg)
+                src = M + st + i0
+                if first:
+                    for i in range(n):
+                        ok[i0 + i] = w * (sg[i] * src[i])
                 else:
-                    ok[i] += w * v
+                    for i in range(n):
+                        ok[i0 + i] += w * (sg[i] * src[i])
+        else:
+            for i0 in range(0, L, SIGNS):
+                n = min(SIGNS, L - i0)
+                if s.is_signed:
+                    he_signs(s, row, k * L + i0, n, sg)
+                for i in range(i0, i0 + n):
+                    v = _ld(M, H, bf, he_run_slot(s, st, i))
+                    if s.is_signed:
+                        v = sg[i - i0] * v
+                    if mode == MAX:
+                        if first or v > ok[i]:
+                            ok[i] = v
+                    elif first:
+                        ok[i] = w * v
+                    else:
+                        ok[i] += w * v
 
 
 cdef inline void _bag(const he_scheme* s, const index_t* idx, int64_t j0, int64_t j1,
@@ -1161,6 +1182,7 @@ cdef inline void _visit(const he_scheme* s, const he_row* row, int64_t k, uint64
     cdef uint64_t slot
     cdef int64_t sti = <int64_t>st      # slots are < 2^62: signed math is safe
     cdef real gv
+    cdef float sg[SIGNS]        # signs of SIGNS elements (he_signs)
     if not s.is_signed and st + <uint64_t>(i0 + n) <= s.size and (act == ACT_ADD
                                                                   or htarget != NULL):
         # contiguous run: clip it to this thread's slot range
@@ -1172,14 +1194,26 @@ cdef inline void _visit(const he_scheme* s, const he_row* row, int64_t k, uint64
             _apply_range(target, htarget, bf, scratch + sti + a, state, sti + a, sti + z, alpha,
                          eps, seed)
         return
-    for i in range(i0, i0 + n):
-        slot = he_run_slot(s, st, i)
-        if <int64_t>slot < lo or <int64_t>slot >= hi:
-            continue
-        if act == ACT_ADD:
-            target[slot] += alpha * he_sign(s, row, k * L + i) * g[i - i0]
-        else:
-            _adagrad(target, htarget, bf, scratch, state, slot, alpha, eps, seed)
+    for a in range(i0, i0 + n, SIGNS):
+        z = min(a + SIGNS, i0 + n)
+        if s.is_signed and act == ACT_ADD:
+            he_signs(s, row, k * L + a, z - a, sg)
+            if st + <uint64_t>z <= s.size:
+                # contiguous: the elements whose slots lie in [lo, hi), in
+                # one tight loop (the same products: alpha * sign, then * g)
+                for i in range(max(a, lo - sti), min(z, hi - sti)):
+                    target[sti + i] += alpha * sg[i - a] * g[i - i0]
+                continue
+        for i in range(a, z):
+            slot = he_run_slot(s, st, i)
+            if <int64_t>slot < lo or <int64_t>slot >= hi:
+                continue
+            if act != ACT_ADD:
+                _adagrad(target, htarget, bf, scratch, state, slot, alpha, eps, seed)
+            elif s.is_signed:
+                target[slot] += alpha * sg[i - a] * g[i - i0]
+            else:
+                target[slot] += alpha * g[i - i0]
 
 
 cdef inline bint _touches(int64_t slot, int64_t L, int64_t lo, int64_t hi) noexcept nogil:

@@ -155,8 +155,7 @@ def signs(SchemeView sv, const index_t[::1] tokens, const int64_t[::1] tables,
     cdef he_row row
     for n in prange(tokens.shape[0], nogil=True, schedule='static'):
         row = he_row_begin(s, tables[n], tokens[n])
-        for i in range(s.dim):
-            out[n, i] = he_sign(s, &row, i)
+        he_signs(s, &row, 0, s.dim, &out[n, 0])
 
 
 def universal_hash(const uint64_t[::1] coef, const key_t[::1] keys, uint64_t table,
