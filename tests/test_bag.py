@@ -4,7 +4,7 @@ from hypothesis import given, strategies as st
 
 import hashemb as he
 import fuzzing
-from reference import bag_backward, bag_forward
+from reference import bag_backward, bag_forward, sign
 
 
 def make_scheme(kind, dim, seed, ntables=3):
@@ -98,6 +98,36 @@ def test_backward_matches_reference_and_is_adjoint(b, gseed):
         lhs = float((out.astype(np.float64) * G).sum())
         rhs = float((M.astype(np.float64) * grad.reshape(-1)).sum())
         assert abs(lhs - rhs) <= 1e-4 * (1 + abs(lhs))
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+@pytest.mark.parametrize("scheme", [he.RobeZ(1009, 200, block=100, seed=4, signed=True),
+                                    he.RobeZ(150, 136, block=136, seed=1, signed=True),
+                                    he.HashedNet(301, 70, seed=2, signed=True)], ids=repr)
+def test_signed_runs_longer_than_a_sign_chunk(scheme, mode):
+    """Signed runs of more than 64 elements (the kernels take a run's signs
+    64 at a time), contiguous and wrapping past the array's end, forward and
+    backward against the reference; signs() against the reference too."""
+    rng = np.random.default_rng(7)
+    T, B = 2, 40
+    sizes = rng.integers(0, 4, T * B)
+    off = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    idx = rng.integers(0, 10**6, off[-1])
+    M = rng.standard_normal(scheme.size).astype(np.float64)
+    psw = rng.random(off[-1]) if mode == "sum" else None
+    out = he.embedding_bags(idx, M, off, scheme=scheme, num_tables=T, mode=mode,
+                            per_sample_weights=psw)
+    np.testing.assert_allclose(out, bag_forward(scheme, idx, off, M, T, 0, mode, psw),
+                               rtol=1e-12, atol=1e-12)
+    G = rng.standard_normal(out.shape)
+    grad = he.embedding_bags_backward(G, idx, off, scheme=scheme, num_tables=T, mode=mode,
+                                      per_sample_weights=psw, weight=M)
+    np.testing.assert_allclose(grad, bag_backward(scheme, idx, off, G, T, M, 0, mode, psw),
+                               rtol=1e-12, atol=1e-12)
+    tok = idx[:20]
+    np.testing.assert_array_equal(scheme.signs(tok, table=1),
+                                  [[sign(scheme, 1, int(x), i) for i in range(scheme.dim)]
+                                   for x in tok])
 
 
 @given(batches(), st.integers(0, 99))

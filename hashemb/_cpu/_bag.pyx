@@ -115,6 +115,16 @@ cdef extern from *:
        attributes: a copy for each case, none inlined into another, so that
        each keeps its registers (gcc, given one Cython function with the
        cases inlined, spilled three of them in the case of one run). */
+    /* one case of HE_ADD_RUNS: rows of R_ runs of L_ floats (constants but
+       for the general case's L) */
+    #define HE_ADD_CASE(T_, fn, of, R_, L_)                                       \
+        __attribute__((noinline)) static void fn(                                \
+            const uint64_t* pre, const int64_t* off, const T_* psw, const T_* grad, \
+            int64_t gstride, int64_t B, int64_t T, int64_t D, int mean, T_ alpha,  \
+            T_* target, uint64_t m, int64_t L)                                   \
+        {                                                                        \
+            of(pre, off, psw, grad, gstride, B, T, D, mean, alpha, target, m, R_, L_); \
+        }
     #define HE_ADD_RUNS(T_, name, axpy)                                           \
         __attribute__((always_inline)) static inline void name##_of(             \
             const uint64_t* __restrict pre, const int64_t* __restrict off,       \
@@ -156,38 +166,16 @@ cdef extern from *:
                     }                                                            \
                 }                                                                \
         }                                                                        \
-        __attribute__((noinline)) static void name##_1(                          \
-            const uint64_t* pre, const int64_t* off, const T_* psw, const T_* grad, \
-            int64_t gstride, int64_t B, int64_t T, int64_t D, int mean, T_ alpha,  \
-            T_* target, uint64_t m)                                              \
-        {                                                                        \
-            name##_of(pre, off, psw, grad, gstride, B, T, D, mean, alpha, target, m, 1, D); \
-        }                                                                        \
-        __attribute__((noinline)) static void name##_4(                          \
-            const uint64_t* pre, const int64_t* off, const T_* psw, const T_* grad, \
-            int64_t gstride, int64_t B, int64_t T, int64_t D, int mean, T_ alpha,  \
-            T_* target, uint64_t m)                                              \
-        {                                                                        \
-            name##_of(pre, off, psw, grad, gstride, B, T, D, mean, alpha, target, m, D / 4, 4); \
-        }                                                                        \
-        __attribute__((noinline)) static void name##_n(                          \
-            const uint64_t* pre, const int64_t* off, const T_* psw, const T_* grad, \
-            int64_t gstride, int64_t B, int64_t T, int64_t D, int mean, T_ alpha,  \
-            T_* target, uint64_t m, int64_t L)                                   \
-        {                                                                        \
-            name##_of(pre, off, psw, grad, gstride, B, T, D, mean, alpha, target, m, D / L, L); \
-        }                                                                        \
+        HE_ADD_CASE(T_, name##_1, name##_of, 1, D)                                \
+        HE_ADD_CASE(T_, name##_4, name##_of, D / 4, 4)                            \
+        HE_ADD_CASE(T_, name##_n, name##_of, D / L, L)                            \
         static inline void name(const uint64_t* pre, const int64_t* off, const T_* psw, \
                                 const T_* grad, int64_t gstride, int64_t B, int64_t T,  \
                                 int64_t D, int mean, T_ alpha, T_* target, uint64_t m,  \
                                 int64_t L)                                       \
         {                                                                        \
-            if (L == D)                                                          \
-                name##_1(pre, off, psw, grad, gstride, B, T, D, mean, alpha, target, m); \
-            else if (L == 4)                                                     \
-                name##_4(pre, off, psw, grad, gstride, B, T, D, mean, alpha, target, m); \
-            else                                                                 \
-                name##_n(pre, off, psw, grad, gstride, B, T, D, mean, alpha, target, m, L); \
+            (L == D ? name##_1 : L == 4 ? name##_4 : name##_n)(                  \
+                pre, off, psw, grad, gstride, B, T, D, mean, alpha, target, m, L);  \
         }
     HE_ADD_RUNS(float, he_add_back_f, he_axpy_f)
     HE_ADD_RUNS(double, he_add_back_d, he_axpy_d)
