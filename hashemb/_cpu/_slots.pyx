@@ -151,7 +151,7 @@ def signs(SchemeView sv, const index_t[::1] tokens, const int64_t[::1] tables,
           float[:, ::1] out):
     """out[n, i] = g(tables[n], tokens[n], i), +-1 (all 1 for unsigned schemes)."""
     cdef const he_scheme* s = &sv.s
-    cdef int64_t n, i
+    cdef int64_t n
     cdef he_row row
     for n in prange(tokens.shape[0], nogil=True, schedule='static'):
         row = he_row_begin(s, tables[n], tokens[n])
