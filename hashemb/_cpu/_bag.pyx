@@ -17,7 +17,7 @@ from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, malloc, free
 from libc.string cimport memcpy
 
-from hashemb._cpu._slots cimport (SchemeView, he_scheme, HE_FULL, HE_ROBE, he_row, he_row_begin, he_reads_map,
+from hashemb._cpu._slots cimport (SchemeView, he_scheme, HE_FULL, he_row, he_row_begin, he_reads_map,
                                   he_row_data, he_table_probe, he_row_probe, he_probe_hint,
                                   he_row_begin_probed, he_tterm, he_table_term, he_row_begin_t,
                                   he_run_start, he_run_starts, he_run_slot, he_sign, he_signs,

@@ -62,10 +62,6 @@ cdef extern from "hashemb/slots.h" nogil:
     void he_one_run_starts(const he_one_run_k* k, const void* x, int wide, int64_t n,
                            uint64_t* out)
     enum: HE_RUNS_VEC
-    ctypedef struct he_runs_k:
-        int lanes
-    void he_runs_of(he_runs_k* k, const he_scheme* s, he_tterm tt)
-    void he_runs_starts(const he_runs_k* k, const void* x, int wide, int64_t n, uint64_t* out)
     enum: HE_ROWS_ONE, HE_ROWS_ROBE, HE_ROWS_EACH
     ctypedef struct he_rows_k:
         int how
