@@ -2033,6 +2033,73 @@ def feature_major(const index_t[:, ::1] x, index_t[::1] out):
         _feature_major(&x[0, 0], &out[0], B, T, nt)
 
 
+cdef int64_t _live_of(const index_t* idx, int64_t j0, int64_t j1, int64_t pad) noexcept nogil:
+    cdef int64_t j, c = 0
+    for j in range(j0, j1):
+        c += idx[j] != pad
+    return c
+
+
+cdef void _keep_live(const index_t* idx, const real* psw, int64_t j0, int64_t j1,
+                     int64_t pad, index_t* out, real* pout, int64_t c,
+                     int64_t end) noexcept nogil:
+    # every entry is written and the next live one overwrites a pad, so
+    # the only branch is the loop's end (at the bag's last live entry):
+    # a test per entry mispredicted about once a bag
+    cdef int64_t j
+    for j in range(j0, j1):
+        if c == end:
+            break
+        out[c] = idx[j]
+        if psw != NULL:
+            pout[c] = psw[j]
+        c += idx[j] != pad
+
+
+cdef int _unpad_threads(int64_t n) noexcept nogil:
+    return <int>min(<int64_t>he_max_threads(), max(<int64_t>1, n >> 16))
+
+
+def live_offsets(const index_t[::1] idx, const int64_t[::1] off, int64_t pad,
+                 int64_t[::1] out):
+    """out = the offsets of the same bags without their entries equal to
+    pad; returns out[-1], the entries left (== off[-1]: no padding)."""
+    cdef int64_t nb = off.shape[0] - 1, q
+    if out.shape[0] != off.shape[0] or nb < 0:
+        raise ValueError(f"out: expected {off.shape[0]} offsets, got {out.shape[0]}")
+    out[0] = 0
+    if off[nb] == 0:
+        out[:] = 0
+        return 0
+    with nogil:
+        for q in prange(nb, num_threads=_unpad_threads(off[nb]), schedule="static"):
+            out[q + 1] = _live_of(&idx[0], off[q], off[q + 1], pad)
+        for q in range(nb):
+            out[q + 1] += out[q]
+    return out[nb]
+
+
+def keep_live(const index_t[::1] idx, const int64_t[::1] off, const real[::1] psw,
+              int64_t pad, const int64_t[::1] live, index_t[::1] out, real[::1] pout):
+    """The entries of every bag that are not pad (and their per-sample
+    weights, where psw is not empty), in order, at the offsets live that
+    live_offsets gave: bags without their padding, whose pooled results are
+    the same bits (every pool skips padding; mean divides by the entries
+    left), for the kernels' tight loops, which take no padding."""
+    cdef int64_t nb = off.shape[0] - 1, q
+    if (live.shape[0] != off.shape[0] or out.shape[0] != live[nb]
+            or pout.shape[0] != (live[nb] if psw.shape[0] else 0)):
+        raise ValueError("live, out, pout: expected live_offsets' offsets and their sizes")
+    if live[nb] == 0:
+        return
+    cdef const real* pp = &psw[0] if psw.shape[0] else NULL
+    cdef real* po = &pout[0] if pout.shape[0] else NULL
+    with nogil:
+        for q in prange(nb, num_threads=_unpad_threads(off[nb]), schedule="static"):
+            _keep_live(&idx[0], pp, off[q], off[q + 1], pad, &out[0], po, live[q],
+                       live[q + 1])
+
+
 def half_widen(const uint16_t[::1] h, float[::1] out, int bf=0):
     """out = the 16-bit values h as floats (bf: bfloat16 bits, else
     float16; he_s2f, exact)."""
