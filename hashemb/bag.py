@@ -63,11 +63,12 @@ class BagSaved:
 
 
 def _unpadded(k, b):
-    """b without its padding entries, for the kernels' tight loops (which
-    take no padding; the general ones test every entry): the same bags in
-    the same order, so the same bits. Padded 2-D bags of 8, a third of
-    them padding, ran 2.4-4x slower forward and 6x slower per SGD step
-    than the same bags given without it."""
+    """b without its padding entries: the same bags in the same order, so
+    the same bits, and the CPU kernels take no padding. Every bag then
+    reaches the tight loops, which test no entry for it (when the kernels
+    tested padding, padded 2-D bags of 8, a third of them padding, ran
+    2.4-4x slower forward and 6x slower per SGD step than the same bags
+    given without it)."""
     if not b.has_pad:
         return b
     off = np.empty_like(b.off)
@@ -101,7 +102,7 @@ def _forward(indices, weight, offsets, scheme, table0, T, mode, per_sample_weigh
     # valid start, so a saved of other offsets never sends backward out of bounds
     starts = np.zeros(b.idx.shape[0] * (scheme.dim // scheme._run) if keep else 0, np.uint64)
     k.forward(scheme._view, b.idx, b.off, w, b.psw, out, b.B, T, table0, b.mode,
-              b.has_pad, b.pad, starts, hw, bf)
+              starts, hw, bf)
     if not return_saved:
         return out
     return out, BagSaved(starts if keep else None, scheme, table0, T, b.B, b.idx.shape[0],
@@ -145,7 +146,7 @@ def _backward(grad_output, indices, offsets, scheme, table0, T, mode, per_sample
         # scratch, applied per element or row-wise (k.ROWS)
         rows = k.ROWS[scratch] if isinstance(scratch, str) else 0
         k.backward(scheme._view, b.idx, b.off, b.psw, g, b.B, T, table0, b.mode,
-                   b.has_pad, b.pad, wr, none if target is w and hw.size else target,
+                   wr, none if target is w and hw.size else target,
                    alpha, none if scratch is None or rows else scratch,
                    none if state is None else state, eps, starts, hw, seed, rows, bf)
 

@@ -612,20 +612,15 @@ cdef inline void _gather_row(const he_scheme* s, const he_row* row, const uint64
 
 cdef inline void _bag(const he_scheme* s, const index_t* idx, int64_t j0, int64_t j1,
                       const real* M, const uint16_t* H, int bf, const real* psw, real* o, int64_t table, he_tterm tt,
-                      int mode, bint has_pad, int64_t pad, uint64_t* pre) noexcept nogil:
+                      int mode, uint64_t* pre) noexcept nogil:
     """o = pool of one bag (entries j0..j1-1) of table `table` (tt: its
     he_table_term), the general case; pre, when given, receives every
-    entry's run starts (padding's too: backward's look-ahead reads them)."""
+    entry's run starts."""
     cdef int64_t j, i, cnt = 0, D = s.dim
     cdef he_row row
     cdef uint64_t here[MAXR]
     cdef uint64_t* r
     for j in range(j0, j1):
-        if has_pad and idx[j] == pad:
-            if pre != NULL:
-                row = he_row_begin_t(s, table, tt, idx[j])
-                _starts_row(s, &row, pre + j * s.runs)
-            continue
         row = he_row_begin_t(s, table, tt, idx[j])
         # the row's run starts hashed in one loop (he_run_starts), not one by one
         r = pre + j * s.runs if pre != NULL else (here if s.runs <= MAXR else NULL)
@@ -858,10 +853,10 @@ cdef inline int64_t _ring_len(int64_t runs) noexcept nogil:
 cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* off,
                          const real* M, const uint16_t* H, int bf, const real* psw, real* out, int64_t B,
                          int64_t T, int64_t ostride, int64_t table0, int mode,
-                         bint has_pad, int64_t pad, int64_t b0, int64_t b1,
-                         uint64_t* ring, uint64_t* pre) noexcept nogil:
-    """Bags of samples b0..b1-1, table by table. Bags of an unsigned scheme
-    that reads no map, without padding or max, take tight loops: one entry
+                         int64_t b0, int64_t b1, uint64_t* ring, uint64_t* pre) noexcept nogil:
+    """Bags of samples b0..b1-1, table by table (padding dropped before:
+    bag.py's _unpadded). Bags of an unsigned scheme that reads no map,
+    without max, take tight loops: one entry
     each (the DLRM/Criteo case) of rows of one run (full tables, ROBE-Z
     with Z >= D) _one_run_rows, of rows of several runs a pipeline that
     copies each row straight from the array, its runs hashed AHEAD bags
@@ -891,11 +886,9 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
         else AHEAD
     # schemes that read memory to find a row's runs (LSH) get two more stages
     cdef int64_t deep = ahead if he_reads_map(s) else 0
-    cdef bint fast = (ring != NULL and psw == NULL and not has_pad and mode != MAX
-                      and not s.is_signed)
+    cdef bint fast = ring != NULL and psw == NULL and mode != MAX and not s.is_signed
     # bags of any size (per-sample weights too) hashed a segment at a time
-    cdef bint seg = (ring != NULL and mode != MAX and not has_pad and not s.is_signed
-                     and deep == 0)
+    cdef bint seg = ring != NULL and mode != MAX and not s.is_signed and deep == 0
     cdef he_rows_k kr
     for t in range(T):
         tprobe = he_table_probe(s, table0 + t)
@@ -952,7 +945,7 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
             for b in range(n):
                 q = t * B + b0 + b
                 _bag(s, idx, off[q], off[q + 1], M, H, bf, psw, out + b * ostride + t * D,
-                     table0 + t, tt, mode, has_pad, pad, pre)
+                     table0 + t, tt, mode, pre)
             continue
         for c in range(n + deep + deep + ahead):
             g = c - deep - deep - ahead
@@ -963,7 +956,7 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                     _gather_runs(s, ring + (g & (ahead - 1)) * R, M, H, bf, o)
                 else:
                     _bag(s, idx, j, off[t * B + b0 + g + 1], M, H, bf, psw, o, table0 + t, tt,
-                         mode, has_pad, pad, pre)
+                         mode, pre)
             q = c - deep
             if 0 <= q < n:      # begin bag q's first row, prefetch what its runs read
                 j = off[t * B + b0 + q]
@@ -1012,9 +1005,8 @@ cdef inline void _copy_rows(real* dst, int64_t dstride, const real* src, int64_t
 
 cdef void _forward(const he_scheme* s, const index_t* idx, const int64_t* off,
                    const real* M, const uint16_t* H, int bf, const real* psw, real* out, int64_t B, int64_t T,
-                   int64_t ostride, int64_t table0, int mode, bint has_pad,
-                   int64_t pad, int nt, uint64_t* rings, real* bufs,
-                   uint64_t* pre) noexcept nogil:
+                   int64_t ostride, int64_t table0, int mode, int nt, uint64_t* rings,
+                   real* bufs, uint64_t* pre) noexcept nogil:
     cdef int64_t c, b0, nb, nchunks = (B + CHUNK - 1) // CHUNK, width = T * s.dim
     cdef int tid
     cdef uint64_t* ring
@@ -1034,7 +1026,7 @@ cdef void _forward(const he_scheme* s, const index_t* idx, const int64_t* off,
             b0 = c * CHUNK
             nb = min(B - b0, CHUNK)
             _forward_chunk(s, idx, off, M, H, bf, psw, buf, B, T, width, table0, mode,
-                           has_pad, pad, b0, b0 + nb, ring, pre)
+                           b0, b0 + nb, ring, pre)
             _copy_rows(out + b0 * ostride, ostride, buf, width, nb, stream)
         if stream:
             he_stream_fence()
@@ -1052,9 +1044,10 @@ def wants_starts(SchemeView sv, int mode):
 
 def forward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offsets,
             const real[::1] weight, const real[::1] psw, real[:, ::1] out,
-            int64_t B, int64_t T, int64_t table0, int mode, bint has_pad,
-            int64_t pad, uint64_t[::1] starts, const uint16_t[::1] hweight, int bf=0):
+            int64_t B, int64_t T, int64_t table0, int mode, uint64_t[::1] starts,
+            const uint16_t[::1] hweight, int bf=0):
     """out[b, t*D:(t+1)*D] = pool over bag t*B+b; psw of length 0 means none.
+    No entry is padding (bag.py drops it: keep_live).
     starts, when not empty (len(indices) * runs, see wants_starts), receives
     every entry's run starts as the gathers compute them: backward given
     them hashes nothing. hweight, when not empty, is the array instead of
@@ -1087,7 +1080,7 @@ def forward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offset
     cdef const uint16_t* H = &hweight[0] if hweight.shape[0] else NULL
     with nogil:
         _forward(&sv.s, ip, &offsets[0], M, H, bf, pp, &out[0, 0], B, T,
-                 out.shape[1], table0, mode, has_pad, pad, nt, rings, bufs, pre)
+                 out.shape[1], table0, mode, nt, rings, bufs, pre)
     free(bufs)
     free(rings)
 
@@ -1243,21 +1236,11 @@ cdef inline void _prefetch_runs(const he_scheme* s, const uint64_t* pre, int64_t
                 he_prefetch_w(scratch + slot + s.run - 1)
 
 
-cdef inline int64_t _live(const index_t* idx, int64_t j0, int64_t j1, bint has_pad,
-                          int64_t pad) noexcept nogil:
-    """Entries j0..j1-1 that are not padding (what mean divides by)."""
-    cdef int64_t j, n = 0
-    for j in range(j0, j1):
-        if not (has_pad and idx[j] == pad):
-            n += 1
-    return n
-
-
 cdef inline void _add_runs(const he_scheme* s, const uint64_t* pre, const int64_t* off,
                            const real* psw, const real* grad, int64_t gstride, int64_t B,
                            int64_t T, int mode, real alpha, real* target) noexcept nogil:
-    """Backward's ACT_ADD over the whole array for rows of a few runs, no
-    padding, from the run starts pre, in the general walk's order
+    """Backward's ACT_ADD over the whole array for rows of a few runs,
+    from the run starts pre, in the general walk's order
     (he_add_back_f in C)."""
     if real is float:
         he_add_back_f(pre, off, psw, grad, gstride, B, T, s.dim, mode == MEAN, alpha, target,
@@ -1267,15 +1250,9 @@ cdef inline void _add_runs(const he_scheme* s, const uint64_t* pre, const int64_
                       s.size, s.run)
 
 
-cdef inline bint _few_runs(const he_scheme* s, int mode, bint has_pad) noexcept nogil:
-    """Whether _add_runs serves this batch (given its run starts)."""
-    return _wants_starts(s, mode) and not has_pad
-
-
 cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* off,
                          const real* psw, const real* grad, int64_t gstride,
-                         int64_t B, int64_t T, int64_t table0, int mode,
-                         bint has_pad, int64_t pad, const int64_t* win,
+                         int64_t B, int64_t T, int64_t table0, int mode, const int64_t* win,
                          real alpha, real* target, uint16_t* htarget, int bf, real* scratch,
                          real* state, real eps, uint64_t seed, int64_t lo, int64_t hi,
                          int act, const uint64_t* pre) noexcept nogil:
@@ -1299,7 +1276,7 @@ cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* 
     cdef real spare[8]          # the other threads' adds (he_scatter_in_f)
     cdef const uint64_t* st
     if (pre != NULL and act == ACT_ADD and lo == 0 and <uint64_t>hi == s.size
-            and _few_runs(s, mode, has_pad)):
+            and _wants_starts(s, mode)):
         _add_runs(s, pre, off, psw, grad, gstride, B, T, mode, alpha, target)
         return
     for t in range(T):
@@ -1322,7 +1299,7 @@ cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* 
                 he_prefetch(g + AHEAD * gstride + D - 1)
             w = alpha
             if mode == MEAN and act == ACT_ADD:
-                cnt = _live(idx, off[t * B + b], off[t * B + b + 1], has_pad, pad)
+                cnt = off[t * B + b + 1] - off[t * B + b]
                 if cnt > 1:
                     w = alpha / cnt
             for j in range(off[t * B + b], off[t * B + b + 1]):
@@ -1332,8 +1309,6 @@ cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* 
                     _prefetch_runs(s, pre, j + AHEAD, target, htarget,
                                    scratch if act == ACT_ADAGRAD else NULL, lo, hi)
                 x = idx[j]
-                if has_pad and x == pad:
-                    continue
                 if L == 1 and act == ACT_ADD and not s.is_signed and (pre != NULL
                                                                       or s.runs <= MAXR):
                     # element-wise slots (HashedNet), hashed before or here in
@@ -1439,7 +1414,7 @@ cdef void _run_starts(const he_scheme* s, const index_t* idx, const int64_t* off
 
 cdef void _argmax(const he_scheme* s, const index_t* idx, const int64_t* off,
                   const real* M, const uint16_t* H, int bf, int64_t B, int64_t T, int64_t table0,
-                  bint has_pad, int64_t pad, int64_t* win, real* best) noexcept nogil:
+                  int64_t* win, real* best) noexcept nogil:
     """win[q*D + i] = first entry of bag q holding the maximum of element i, or -1
     (best: D floats of scratch)."""
     cdef int64_t q, j, i, k, D = s.dim, L = s.run
@@ -1450,8 +1425,6 @@ cdef void _argmax(const he_scheme* s, const index_t* idx, const int64_t* off,
         for i in range(D):
             win[q * D + i] = -1
         for j in range(off[q], off[q + 1]):
-            if has_pad and idx[j] == pad:
-                continue
             row = he_row_begin(s, table0 + q // B, idx[j])
             for k in range(s.runs):
                 st = he_run_start(s, &row, k)
@@ -1495,7 +1468,7 @@ cdef inline uint64_t _owners(const he_scheme* s, const uint64_t* pre, int64_t j,
 
 cdef void _bucket_pass(const he_scheme* s, const index_t* idx, const int64_t* off,
                        const uint64_t* pre, int64_t q0, int64_t q1, const uint64_t* lo,
-                       int nt, bint has_pad, int64_t pad, int64_t* count, int64_t* pos,
+                       int nt, int64_t* count, int64_t* pos,
                        int64_t* pairs) noexcept nogil:
     """Bags q0..q1-1. First pass (pairs NULL): count[r] += entries touching
     range r. Second pass: write (j, q) at pairs[2 pos[r]] for each, advancing
@@ -1505,8 +1478,6 @@ cdef void _bucket_pass(const he_scheme* s, const index_t* idx, const int64_t* of
     cdef uint64_t mask
     for q in range(q0, q1):
         for j in range(off[q], off[q + 1]):
-            if has_pad and idx[j] == pad:
-                continue
             mask = _owners(s, pre, j, lo, nt)
             r = 0
             while mask:
@@ -1684,7 +1655,7 @@ cdef void _rows_owned(const he_scheme* s, const int64_t* pairs, int64_t n,
 
 cdef int _backward_bucketed(const he_scheme* s, const index_t* idx, const int64_t* off,
                             const real* psw, const real* grad, int64_t gstride, int64_t B,
-                            int64_t T, int mode, bint has_pad, int64_t pad, real alpha,
+                            int64_t T, int mode, real alpha,
                             real* target, uint16_t* htarget, int bf, real* scratch, real* state,
                             real eps, uint64_t seed, bint sweep, int nt,
                             const uint64_t* pre, int rows) noexcept nogil:
@@ -1712,8 +1683,8 @@ cdef int _backward_bucketed(const he_scheme* s, const index_t* idx, const int64_
             lo[r] = _range_lo(m // <uint64_t>s.dim, r, nt) * <uint64_t>s.dim if rows \
                 else _range_lo(m, r, nt)
         for p in prange(nt, num_threads=nt, schedule='static', chunksize=1):
-            _bucket_pass(s, idx, off, pre, Q * p // nt, Q * (p + 1) // nt, lo, nt, has_pad,
-                         pad, count + p * nt, NULL, NULL)
+            _bucket_pass(s, idx, off, pre, Q * p // nt, Q * (p + 1) // nt, lo, nt,
+                         count + p * nt, NULL, NULL)
         for r in range(nt):     # bucket r: the bag blocks' entries in block order
             start[r] = total
             rmem[r] = rbytes
@@ -1732,11 +1703,11 @@ cdef int _backward_bucketed(const he_scheme* s, const index_t* idx, const int64_
         if mode == MEAN:
             cnt = pairs + 2 * total + 2
         for p in prange(nt, num_threads=nt, schedule='static', chunksize=1):
-            _bucket_pass(s, idx, off, pre, Q * p // nt, Q * (p + 1) // nt, lo, nt, has_pad,
-                         pad, NULL, pos + p * nt, pairs)
+            _bucket_pass(s, idx, off, pre, Q * p // nt, Q * (p + 1) // nt, lo, nt,
+                         NULL, pos + p * nt, pairs)
         if cnt != NULL:
             for q in prange(Q, num_threads=nt, schedule='static'):
-                cnt[q] = _live(idx, off[q], off[q + 1], has_pad, pad)
+                cnt[q] = off[q + 1] - off[q]
         for r in prange(nt, num_threads=nt, schedule='static', chunksize=1):
             if rows:        # summed per row, no dense scratch
                 _rows_owned(s, pairs + 2 * start[r], start[r + 1] - start[r], psw, grad,
@@ -1768,8 +1739,7 @@ cdef int _backward_bucketed(const he_scheme* s, const index_t* idx, const int64_
 
 def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offsets,
              const real[::1] psw, const real[:, ::1] grad, int64_t B, int64_t T,
-             int64_t table0, int mode, bint has_pad, int64_t pad,
-             const real[::1] weight, real[::1] target, double alpha,
+             int64_t table0, int mode, const real[::1] weight, real[::1] target, double alpha,
              real[::1] scratch, real[::1] state, double eps, const uint64_t[::1] starts,
              const uint16_t[::1] hweight, uint64_t seed, int rows=ROWS_NONE, int bf=0):
     """Scatter-add of grad into the slots, four ways by what is passed.
@@ -1830,7 +1800,7 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
             free(best)
             raise MemoryError("embedding bag backward: no memory for the max-mode winners")
         with nogil:
-            _argmax(s, ip, &offsets[0], M, hp, bf, B, T, table0, has_pad, pad, win, best)
+            _argmax(s, ip, &offsets[0], M, hp, bf, B, T, table0, win, best)
         free(best)
     if nt > 1 and (m < <uint64_t>(4096 * nt) or indices.shape[0] * s.dim < SMALL_WORK):
         # not worth the threads: a parallel region costs more than the work, and
@@ -1877,7 +1847,7 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
         if pre != NULL:
             with nogil:
                 done = _backward_bucketed(s, ip, &offsets[0], pp, &grad[0, 0], grad.shape[1],
-                                          B, T, mode, has_pad, pad, <real>alpha, tp, hp, bf,
+                                          B, T, mode, <real>alpha, tp, hp, bf,
                                           NULL, stp, <real>eps, seed, False, min(nt, 64),
                                           pre, rows) == 0
         free(win)
@@ -1888,7 +1858,7 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
                               "(the weight may be partly updated)")
         return
     if (pre != NULL and (not adagrad or sweep)
-            and _few_runs(s, mode, has_pad)):
+            and _wants_starts(s, mode)):
         # rows of a few runs: one thread's walk (_add_runs)
         # took about a third of the bucketed time on two threads (0.27
         # against 0.91 ms, RobeZ SGD at batch 2048 x 26; Z=4, bags of 8:
@@ -1907,7 +1877,7 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
     if pre != NULL and 1 < nt <= 64:
         with nogil:
             done = _backward_bucketed(s, ip, &offsets[0], pp, &grad[0, 0], grad.shape[1], B,
-                                      T, mode, has_pad, pad, <real>alpha, tp, hp, bf, sp,
+                                      T, mode, <real>alpha, tp, hp, bf, sp,
                                       stp, <real>eps, seed, sweep, nt, pre, ROWS_NONE) == 0
         if done:
             free(win)
@@ -1940,8 +1910,8 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
                     for q in prange(parts, schedule='static', chunksize=1):
                         _backward_part(s, ip + j0, loc, pp + j0 if pp != NULL else NULL,
                                        &grad[0, 0] + b0 * grad.shape[1] + t * s.dim,
-                                       grad.shape[1], b1 - b0, 1, table0 + t, mode, has_pad,
-                                       pad, NULL, 1 if adagrad else <real>alpha,
+                                       grad.shape[1], b1 - b0, 1, table0 + t, mode, NULL,
+                                       1 if adagrad else <real>alpha,
                                        sp if adagrad else tp, NULL, 0, NULL, NULL, 0, 0,
                                        <int64_t>_range_lo(m, q, parts),
                                        <int64_t>_range_lo(m, q + 1, parts), ACT_ADD, buf)
@@ -1949,17 +1919,17 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
                 _apply_range(tp, hp, bf, sp + lo, stp, lo, hi, <real>alpha, <real>eps, seed)
         elif adagrad:
             _backward_part(s, ip, &offsets[0], pp, &grad[0, 0], grad.shape[1], B, T,
-                           table0, mode, has_pad, pad, win, 1, sp, NULL, 0, NULL, NULL, 0, 0,
+                           table0, mode, win, 1, sp, NULL, 0, NULL, NULL, 0, 0,
                            lo, hi, ACT_ADD, pre)
             if sweep:
                 _apply_range(tp, hp, bf, sp + lo, stp, lo, hi, <real>alpha, <real>eps, seed)
             else:
                 _backward_part(s, ip, &offsets[0], pp, &grad[0, 0], grad.shape[1], B,
-                               T, table0, mode, has_pad, pad, win, <real>alpha,
+                               T, table0, mode, win, <real>alpha,
                                tp, hp, bf, sp, stp, <real>eps, seed, lo, hi, ACT_ADAGRAD, pre)
         else:
             _backward_part(s, ip, &offsets[0], pp, &grad[0, 0], grad.shape[1], B, T,
-                           table0, mode, has_pad, pad, win, <real>alpha, tp,
+                           table0, mode, win, <real>alpha, tp,
                            NULL, 0, NULL, NULL, 0, 0, lo, hi, ACT_ADD, pre)
     if chunked and adagrad and parts != nt:
         # the pranges above end without a barrier (each begins with one): a
