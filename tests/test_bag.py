@@ -827,3 +827,36 @@ def test_padding_dropped_gives_the_bits_of_unpadded_bags(scheme, mode, n):
                 he.embedding_bag_backward(G, lx, live_off, per_sample_weights=lpsw,
                                           weight=b, optimizer=opt2, **kw)
             np.testing.assert_array_equal(a, b)
+
+
+def test_padding_buffers_are_per_thread_and_per_call():
+    """The dropped-padding buffers are kept per thread between calls: calls
+    from several Python threads at once (the kernels release the GIL), of
+    shrinking and growing sizes, each get their own bags' result."""
+    import threading
+    robe = he.RobeZ(5003, 8, block=8)
+    W = robe.init_weight()
+    rng = np.random.default_rng(5)
+    cases = []
+    for n in (50_000, 300, 120_000, 7):
+        x = rng.integers(0, 40, (n, 4))
+        psw = rng.random(x.shape).astype(np.float32)
+        want = he.embedding_bag(np.where(x == 3, 0, x), W, scheme=robe,
+                                per_sample_weights=np.where(x == 3, 0, psw).astype(np.float32))
+        cases.append((x, psw, want))
+    bad = []
+
+    def run(order):
+        for _ in range(5):
+            for i in order:
+                x, psw, want = cases[i]
+                out = he.embedding_bag(x, W, scheme=robe, per_sample_weights=psw, padding_idx=3)
+                if not np.allclose(out, want, rtol=1e-6, atol=1e-6):
+                    bad.append(i)
+
+    threads = [threading.Thread(target=run, args=(o,)) for o in ([0, 1, 2, 3], [3, 2, 1, 0])]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not bad
