@@ -610,7 +610,7 @@ rng = np.random.default_rng(3)
 # it, and (the large array) each thread's range of every entry's adds
 for scheme in [he.RobeZ(50021, 16, block=16), he.RobeZ(40009, 8, block=2),
                he.RobeZ(5000011, 16, block=16), he.HashedNet(40009, 8),
-               he.HashedNet(5000011, 8)]:
+               he.HashedNet(5000011, 8), he.HashedNet(40009, 8, signed=True)]:
     D = scheme.dim
     for N in (24000,):
         T, B = 3, N // 3
