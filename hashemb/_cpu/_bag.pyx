@@ -568,21 +568,19 @@ cdef inline void _gather_row(const he_scheme* s, const he_row* row, const uint64
             for k in range(s.runs):
                 o[k] += w * M[r[k]]
         return
-    if r != NULL and L == 1 and s.is_signed:
-        # element-wise and signed: the row's signs SIGNS at a time (he_signs,
-        # vector), not one run's at a time (one sign: the scalar cubic)
-        for i0 in range(0, s.runs, SIGNS):
-            n = min(SIGNS, s.runs - i0)
-            he_signs(s, row, i0, n, sg)
-            for i in range(n):
-                v = sg[i] * _ld(M, H, bf, r[i0 + i])
-                if mode == MAX:
-                    if first or v > o[i0 + i]:
-                        o[i0 + i] = v
-                elif first:
-                    o[i0 + i] = w * v
-                else:
-                    o[i0 + i] += w * v
+    if r != NULL and L == 1 and s.is_signed and s.runs <= SIGNS:
+        # element-wise and signed: the row's signs in one he_signs call
+        # (vector), not one scalar cubic a run
+        he_signs(s, row, 0, s.runs, sg)
+        for i in range(s.runs):
+            v = sg[i] * _ld(M, H, bf, r[i])
+            if mode == MAX:
+                if first or v > o[i]:
+                    o[i] = v
+            elif first:
+                o[i] = w * v
+            else:
+                o[i] += w * v
         return
     for k in range(s.runs):
         st = r[k] if r != NULL else he_run_start(s, row, k)
@@ -1351,16 +1349,16 @@ cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* 
                 if pre == NULL:
                     row = he_row_begin_t(s, table0 + t, tt, x)
                 if (L == 1 and s.is_signed and act == ACT_ADD and pre == NULL
-                        and s.runs <= MAXR):
+                        and R <= MAXR and R <= SIGNS):
                     # element-wise and signed: the row's slots in one loop and
-                    # its signs SIGNS at a time (vector), as _visit adds them
+                    # its signs in one he_signs call (vector), added as _visit
+                    # adds them
                     he_run_starts(s, &row, hashed)
+                    he_signs(s, &row, 0, R, sg)
                     ww = w * psw[j] if psw != NULL else w
-                    for k in range(0, R, SIGNS):
-                        he_signs(s, &row, k, min(SIGNS, R - k), sg)
-                        for i in range(k, min(k + SIGNS, R)):
-                            if lo <= <int64_t>hashed[i] < hi:
-                                target[hashed[i]] += ww * sg[i - k] * g[i]
+                    for i in range(R):
+                        if lo <= <int64_t>hashed[i] < hi:
+                            target[hashed[i]] += ww * sg[i] * g[i]
                     continue
                 for k in range(s.runs):
                     _visit(s, &row, k,
