@@ -103,11 +103,14 @@ def test_backward_matches_reference_and_is_adjoint(b, gseed):
 @pytest.mark.parametrize("mode", ["sum", "mean", "max"])
 @pytest.mark.parametrize("scheme", [he.RobeZ(1009, 200, block=100, seed=4, signed=True),
                                     he.RobeZ(150, 136, block=136, seed=1, signed=True),
-                                    he.HashedNet(301, 70, seed=2, signed=True)], ids=repr)
+                                    he.HashedNet(301, 70, seed=2, signed=True),
+                                    he.HashedNet(301, 16, seed=3, signed=True)], ids=repr)
 def test_signed_runs_longer_than_a_sign_chunk(scheme, mode):
     """Signed runs of more than 64 elements (the kernels take a run's signs
     64 at a time), contiguous and wrapping past the array's end, forward and
-    backward against the reference; signs() against the reference too."""
+    backward against the reference; signs() against the reference too.
+    Signed element-wise rows: of more than 64 runs, and of fewer (whose
+    signs the kernels take a row at a time), with per-sample weights."""
     rng = np.random.default_rng(7)
     T, B = 2, 40
     sizes = rng.integers(0, 4, T * B)
