@@ -1288,7 +1288,6 @@ cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* 
     cdef he_row row
     cdef uint64_t hashed[MAXR]
     cdef real spare[8]          # the other threads' adds (he_scatter_in_f)
-    cdef float sg[SIGNS]        # an element-wise signed row's signs (he_signs)
     cdef const uint64_t* st
     if (pre != NULL and act == ACT_ADD and lo == 0 and <uint64_t>hi == s.size
             and _wants_starts(s, mode)):
@@ -1348,18 +1347,6 @@ cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* 
                     continue
                 if pre == NULL:
                     row = he_row_begin_t(s, table0 + t, tt, x)
-                if (L == 1 and s.is_signed and act == ACT_ADD and pre == NULL
-                        and R <= MAXR and R <= SIGNS):
-                    # element-wise and signed: the row's slots in one loop and
-                    # its signs in one he_signs call (vector), added as _visit
-                    # adds them
-                    he_run_starts(s, &row, hashed)
-                    he_signs(s, &row, 0, R, sg)
-                    ww = w * psw[j] if psw != NULL else w
-                    for i in range(R):
-                        if lo <= <int64_t>hashed[i] < hi:
-                            target[hashed[i]] += ww * sg[i] * g[i]
-                    continue
                 for k in range(s.runs):
                     _visit(s, &row, k,
                            pre[j * s.runs + k] if pre != NULL else he_run_start(s, &row, k),
@@ -1380,6 +1367,58 @@ cdef void _hash_rows(const he_scheme* s, int64_t table, he_tterm tt, const index
     cdef he_rows_k k
     he_rows_of(&k, s, table, tt)
     he_rows_starts(&k, x, sizeof(index_t) == 8, n, out)
+
+
+cdef void _sign_rows(const he_scheme* s, int64_t table, he_tterm tt, const index_t* x,
+                     int64_t n, float* out) noexcept nogil:
+    """out[g * D + i] = sign of element i of row x[g] of `table` (he_signs)."""
+    cdef int64_t g
+    cdef he_row row
+    for g in range(n):
+        row = he_row_begin_t(s, table, tt, x[g])
+        he_signs(s, &row, 0, s.dim, out + g * s.dim)
+
+
+cdef void _signed_part(const he_scheme* s, const int64_t* off, int64_t B, const real* psw,
+                       const real* grad, int64_t gstride, int mode, const uint64_t* pre,
+                       const float* sgn, real alpha, real* target, int64_t lo,
+                       int64_t hi) noexcept nogil:
+    """A chunk of a signed scheme's bags (one table), given every entry's run
+    starts pre and signs sgn: target[slot] += alpha (/ count, * psw) * sign *
+    g for the slots in [lo, hi), in entry order; what _backward_part's
+    ACT_ADD does with the signs hashed there, the same products."""
+    cdef int64_t b, j, k, i, cnt, st, D = s.dim, L = s.run, R = s.runs
+    cdef uint64_t slot
+    cdef real w, ww
+    cdef const real* g
+    cdef const float* sg
+    for b in range(B):
+        g = grad + b * gstride
+        w = alpha
+        if mode == MEAN:
+            cnt = off[b + 1] - off[b]
+            if cnt > 1:
+                w = alpha / cnt
+        for j in range(off[b], off[b + 1]):
+            ww = w * psw[j] if psw != NULL else w
+            sg = sgn + j * D
+            if L == 1:          # element-wise: one float a run, none wraps
+                for k in range(R):
+                    st = <int64_t>pre[j * R + k]
+                    if lo <= st < hi:
+                        target[st] += ww * sg[k] * g[k]
+                continue
+            for k in range(R):
+                st = <int64_t>pre[j * R + k]
+                if <uint64_t>(st + L) <= s.size:
+                    # contiguous: the elements whose slots lie in [lo, hi)
+                    for i in range(max(<int64_t>0, lo - st), min(L, hi - st)):
+                        target[st + i] += ww * sg[k * L + i] * g[k * L + i]
+                    continue
+                for i in range(L):
+                    slot = he_run_slot(s, st, i)
+                    if lo <= <int64_t>slot < hi:
+                        target[slot] += ww * sg[k * L + i] * g[k * L + i]
 
 
 DEF PROBES = 16     # ring of map probes in flight (> AHEAD)
@@ -1809,6 +1848,7 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
     cdef const real* M = &weight[0] if weight.shape[0] else NULL
     cdef bint chunked
     cdef uint64_t* buf = NULL
+    cdef float* sgn = NULL
     cdef int64_t* loc = NULL
     cdef int64_t most = 0, t, b0, b1, c, i, j0, jj, q, r
     cdef he_tterm tt
@@ -1852,8 +1892,9 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
     # then add the chunk on each thread's slot range (runs of one float: one
     # range, below); chunks bound the starts kept (one thread too: the rows
     # are hashed a batch at a time)
-    chunked = (pre == NULL and mode != MAX and not s.is_signed
-               and (not adagrad or sweep))
+    # signed schemes too, their signs hashed with the starts: each thread
+    # walking every entry had hashed every sign (the work) on every thread
+    chunked = pre == NULL and mode != MAX and (not adagrad or sweep)
     cdef int parts = 1 if s.run == 1 else nt    # slot ranges of a chunked backward
     if chunked:
         for t in range(T):
@@ -1862,7 +1903,9 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
                 most = max(most, offsets[t * B + b1] - offsets[t * B + b0])
         buf = <uint64_t*>malloc((most * s.runs + 1) * sizeof(uint64_t))
         loc = <int64_t*>malloc((CHUNK_BAGS + 1) * sizeof(int64_t))
-        chunked = buf != NULL and loc != NULL
+        if s.is_signed:
+            sgn = <float*>malloc((most * s.dim + 1) * sizeof(float))
+        chunked = buf != NULL and loc != NULL and (sgn != NULL or not s.is_signed)
     if rows:
         if not (_rows_sparse(s, mode) and (hp != NULL or tp != NULL)
                 and (rows == ROWS_SLOT or (rows == ROWS_ROW and stp != NULL))):
@@ -1929,19 +1972,30 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
                         jj = r * q // nt
                         _hash_rows(s, table0 + t, tt, ip + j0 + jj, r * (q + 1) // nt - jj,
                                    buf + jj * s.runs)
+                        if sgn != NULL:
+                            _sign_rows(s, table0 + t, tt, ip + j0 + jj,
+                                       r * (q + 1) // nt - jj, sgn + jj * s.dim)
                     # one iteration per slot range: a barrier before the next chunk.
                     # Runs of one float (HashedNet) take one range: each thread
                     # would walk every entry for a half of the adds, and the
                     # walk is the work (bags of 8 at 1000x: 14-18 ms a
                     # backward on one thread, 26-55 on two)
                     for q in prange(parts, schedule='static', chunksize=1):
-                        _backward_part(s, ip + j0, loc, pp + j0 if pp != NULL else NULL,
-                                       &grad[0, 0] + b0 * grad.shape[1] + t * s.dim,
-                                       grad.shape[1], b1 - b0, 1, table0 + t, mode, NULL,
-                                       1 if adagrad else <real>alpha,
-                                       sp if adagrad else tp, NULL, 0, NULL, NULL, 0, 0,
-                                       <int64_t>_range_lo(m, q, parts),
-                                       <int64_t>_range_lo(m, q + 1, parts), ACT_ADD, buf)
+                        if sgn != NULL:
+                            _signed_part(s, loc, b1 - b0, pp + j0 if pp != NULL else NULL,
+                                         &grad[0, 0] + b0 * grad.shape[1] + t * s.dim,
+                                         grad.shape[1], mode, buf, sgn,
+                                         1 if adagrad else <real>alpha, sp if adagrad else tp,
+                                         <int64_t>_range_lo(m, q, parts),
+                                         <int64_t>_range_lo(m, q + 1, parts))
+                        else:
+                            _backward_part(s, ip + j0, loc, pp + j0 if pp != NULL else NULL,
+                                           &grad[0, 0] + b0 * grad.shape[1] + t * s.dim,
+                                           grad.shape[1], b1 - b0, 1, table0 + t, mode, NULL,
+                                           1 if adagrad else <real>alpha,
+                                           sp if adagrad else tp, NULL, 0, NULL, NULL, 0, 0,
+                                           <int64_t>_range_lo(m, q, parts),
+                                           <int64_t>_range_lo(m, q + 1, parts), ACT_ADD, buf)
             if adagrad and parts == nt:     # (one range: after the region, below)
                 _apply_range(tp, hp, bf, sp + lo, stp, lo, hi, <real>alpha, <real>eps, seed)
         elif adagrad:
@@ -1967,6 +2021,7 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
     if own:
         free(pre)
     free(buf)
+    free(sgn)
     free(loc)
 
 
