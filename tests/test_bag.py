@@ -610,10 +610,13 @@ rng = np.random.default_rng(3)
 # >= 2^16 gradient floats (more than one thread); Adagrad sweeps the scratch of
 # the small arrays and walks the entries again for the large one (m > 8 N D)
 # HashedNet: the chunked backward's one slot range and Adagrad's apply after
-# it, and (the large array) each thread's range of every entry's adds
+# it, and (the large array) each thread's range of every entry's adds;
+# signed schemes: chunked too, their signs hashed with the starts, runs
+# clipped to each thread's range
 for scheme in [he.RobeZ(50021, 16, block=16), he.RobeZ(40009, 8, block=2),
                he.RobeZ(5000011, 16, block=16), he.HashedNet(40009, 8),
-               he.HashedNet(5000011, 8), he.HashedNet(40009, 8, signed=True)]:
+               he.HashedNet(5000011, 8), he.HashedNet(40009, 8, signed=True),
+               he.RobeZ(40009, 16, block=8, signed=True)]:
     D = scheme.dim
     for N in (24000,):
         T, B = 3, N // 3
