@@ -548,6 +548,18 @@ cdef inline void _run_h(real* y, const uint16_t* x, int bf, real a, int64_t n,
                 y[i] = (a if how == 0 else 1) * he_s2f(x[i], bf)
 
 
+cdef inline void _pool_in(real* o, real v, real w, int first, int mode) noexcept nogil:
+    """Pool one element's value v (sign included) into o: max, or w * v
+    set (first entry of the bag) or added."""
+    if mode == MAX:
+        if first or v > o[0]:
+            o[0] = v
+    elif first:
+        o[0] = w * v
+    else:
+        o[0] += w * v
+
+
 cdef inline void _gather_row(const he_scheme* s, const he_row* row, const uint64_t* r,
                              const real* M, const uint16_t* H, int bf, real w, real* o,
                              int first, int mode) noexcept nogil:
@@ -573,14 +585,7 @@ cdef inline void _gather_row(const he_scheme* s, const he_row* row, const uint64
         # (vector), not one scalar cubic a run
         he_signs(s, row, 0, s.runs, sg)
         for i in range(s.runs):
-            v = sg[i] * _ld(M, H, bf, r[i])
-            if mode == MAX:
-                if first or v > o[i]:
-                    o[i] = v
-            elif first:
-                o[i] = w * v
-            else:
-                o[i] += w * v
+            _pool_in(o + i, sg[i] * _ld(M, H, bf, r[i]), w, first, mode)
         return
     for k in range(s.runs):
         st = r[k] if r != NULL else he_run_start(s, row, k)
@@ -615,13 +620,7 @@ cdef inline void _gather_row(const he_scheme* s, const he_row* row, const uint64
                     v = _ld(M, H, bf, he_run_slot(s, st, i))
                     if s.is_signed:
                         v = sg[i - i0] * v
-                    if mode == MAX:
-                        if first or v > ok[i]:
-                            ok[i] = v
-                    elif first:
-                        ok[i] = w * v
-                    else:
-                        ok[i] += w * v
+                    _pool_in(ok + i, v, w, first, mode)
 
 
 cdef inline void _bag(const he_scheme* s, const index_t* idx, int64_t j0, int64_t j1,
