@@ -1429,3 +1429,31 @@ def test_fuzz_launchers_on_the_emulator_never_crash():
                                              single=True, optimizer=he.SGD(0.1), be=be))
             attempt(lambda: GE.gather(idx, Wt, LK._layout(50, 8), True, be=be))
     """.replace("TESTS", repr(os.path.join(ROOT, "tests"))))
+
+
+def test_scheme_cache_survives_a_scheme_freed_under_its_lock():
+    """A cached scheme freed while the cache's lock is held (inside make(),
+    or by a garbage collection an allocation there starts) drops its entry
+    on the same thread: a plain lock deadlocked there, once, in the suite."""
+    import threading
+
+    class Be:
+        key = "test"
+
+        def current_device(self):
+            return 0
+
+    box = [he.RobeZ(100, 4, seed=1)]
+    RT._cached(Be(), box[0], "x", lambda: 1)
+
+    def make():
+        box.clear()                 # the last reference: its weakref callback runs here
+        return 2
+
+    scheme, done = he.RobeZ(100, 4, seed=2), []
+    th = threading.Thread(target=lambda: done.append(RT._cached(Be(), scheme, "x", make)),
+                          daemon=True)
+    th.start()
+    th.join(10)
+    assert done == [2], "the scheme cache deadlocked on its own lock"
+    assert not any(e[0]() is None for e in RT._SCHEMES.values())

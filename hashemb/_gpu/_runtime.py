@@ -314,7 +314,10 @@ def patch_struct(raw, fields, pointers):
 
 
 _SCHEMES = {}       # id(scheme) -> [weakref, SchemeView, {(backend, device, what): value}]
-_SCHEMES_LOCK = threading.Lock()
+# re-entrant: a scheme freed while the lock is held (by make(), or by a
+# garbage collection that any allocation under it can start) runs _forget
+# on this thread; a plain Lock deadlocked there (seen once in the test suite)
+_SCHEMES_LOCK = threading.RLock()
 
 
 def _forget(key, ref):
