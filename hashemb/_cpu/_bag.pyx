@@ -1531,8 +1531,7 @@ cdef inline uint64_t _owners(const he_scheme* s, const uint64_t* pre, int64_t j,
     return mask
 
 
-cdef void _bucket_pass(const he_scheme* s, const index_t* idx, const int64_t* off,
-                       const uint64_t* pre, int64_t q0, int64_t q1, const uint64_t* lo,
+cdef void _bucket_pass(const he_scheme* s, const int64_t* off, const uint64_t* pre, int64_t q0, int64_t q1, const uint64_t* lo,
                        int nt, int64_t* count, int64_t* pos,
                        int64_t* pairs) noexcept nogil:
     """Bags q0..q1-1. First pass (pairs NULL): count[r] += entries touching
@@ -1564,12 +1563,16 @@ cdef inline const real* _pair_row(const real* grad, const int64_t* pairs, int64_
     return grad + (q % B) * gstride + (q // B) * D
 
 
-cdef inline real _pair_scale(real alpha, const int64_t* cnt, const real* psw, int64_t j,
+cdef inline real _pair_scale(real alpha, const int64_t* moff, const real* psw, int64_t j,
                              int64_t q) noexcept nogil:
-    """alpha, over the entries of mean bag q (cnt), times entry j's weight (psw)."""
+    """alpha, over the entries of bag q where mean (moff: the offsets, else
+    NULL), times entry j's weight (psw)."""
     cdef real w = alpha
-    if cnt != NULL and cnt[q] > 1:
-        w = alpha / cnt[q]
+    cdef int64_t cnt
+    if moff != NULL:
+        cnt = moff[q + 1] - moff[q]
+        if cnt > 1:
+            w = alpha / cnt
     if psw != NULL:
         w = w * psw[j]
     return w
@@ -1577,12 +1580,12 @@ cdef inline real _pair_scale(real alpha, const int64_t* cnt, const real* psw, in
 
 cdef void _backward_owned(const he_scheme* s, const int64_t* pairs, int64_t n,
                           const real* psw, const real* grad, int64_t gstride, int64_t B,
-                          const int64_t* cnt, real alpha, real* target, uint16_t* htarget, int bf,
+                          const int64_t* moff, real alpha, real* target, uint16_t* htarget, int bf,
                           real* scratch, real* state, real eps, uint64_t seed, int64_t lo,
                           int64_t hi, int act, const uint64_t* pre) noexcept nogil:
     """One thread's bucket: the entries (j, bag q) whose runs touch its slots
     [lo, hi), in entry order (so each slot sums in entry order, as in
-    _backward_part: the same bits). cnt[q]: the entries of mean bag q."""
+    _backward_part: the same bits). moff: the offsets where mean, else NULL."""
     cdef int64_t e, j, q, k, R = s.runs, L = s.run, D = s.dim
     cdef const real* g
     cdef real w
@@ -1596,7 +1599,7 @@ cdef void _backward_owned(const he_scheme* s, const int64_t* pairs, int64_t n,
         j = pairs[2 * e]
         q = pairs[2 * e + 1]
         g = _pair_row(grad, pairs, e, B, gstride, D)
-        w = _pair_scale(alpha, cnt, psw, j, q) if act == ACT_ADD else alpha
+        w = _pair_scale(alpha, moff, psw, j, q) if act == ACT_ADD else alpha
         for k in range(R):
             _visit(s, NULL, k, pre[j * R + k], 0, L, g + k * L, w, target, htarget, bf, scratch,
                    state, eps, seed, lo, hi, act)
@@ -1656,7 +1659,7 @@ cdef inline int64_t _rows_bytes(int64_t n, int64_t D, int64_t rsize) noexcept no
 
 cdef void _rows_owned(const he_scheme* s, const int64_t* pairs, int64_t n,
                       const real* psw, const real* grad, int64_t gstride, int64_t B,
-                      const int64_t* cnt, real lr, real* w, uint16_t* hw, int bf, real* state, real eps,
+                      const int64_t* moff, real lr, real* w, uint16_t* hw, int bf, real* state, real eps,
                       uint64_t seed, int rows, const uint64_t* pre, char* mem) noexcept nogil:
     """A full table's two-phase step on one thread's bucket (entries in
     entry order; whole rows: the thread ranges are row-aligned) with no
@@ -1686,7 +1689,7 @@ cdef void _rows_owned(const he_scheme* s, const int64_t* pairs, int64_t n,
             he_prefetch(g + D - 1)
         j = pairs[2 * e]
         g = _pair_row(grad, pairs, e, B, gstride, D)
-        sc = _pair_scale(1, cnt, psw, j, pairs[2 * e + 1])
+        sc = _pair_scale(1, moff, psw, j, pairs[2 * e + 1])
         st = pre[j]
         h = <int64_t>((st * <uint64_t>0x9E3779B97F4A7C15) >> 40) & (cap - 1)
         while keys[2 * h] != st and keys[2 * h] != <uint64_t>(-1):
@@ -1718,7 +1721,7 @@ cdef void _rows_owned(const he_scheme* s, const int64_t* pairs, int64_t n,
             _apply_range(w, hw, bf, row, state, st, st + D, lr, eps, seed)
 
 
-cdef int _backward_bucketed(const he_scheme* s, const index_t* idx, const int64_t* off,
+cdef int _backward_bucketed(const he_scheme* s, const int64_t* off,
                             const real* psw, const real* grad, int64_t gstride, int64_t B,
                             int64_t T, int mode, real alpha,
                             real* target, uint16_t* htarget, int bf, real* scratch, real* state,
@@ -1731,14 +1734,15 @@ cdef int _backward_bucketed(const he_scheme* s, const index_t* idx, const int64_
     one thread. rows (ROWS_SLOT, ROWS_ROW): a full table's two-phase step
     summed per row (_rows_owned), on row-aligned ranges. Returns -1
     (nothing done) when out of memory."""
-    cdef int64_t Q = T * B, p, r, q, total = 0, rbytes = 0
+    cdef int64_t Q = T * B, p, r, total = 0, rbytes = 0
     cdef uint64_t m = s.size
     cdef int64_t* count = <int64_t*>calloc(nt * nt, sizeof(int64_t))
     cdef int64_t* pos = <int64_t*>malloc(nt * nt * sizeof(int64_t))
     cdef int64_t* start = <int64_t*>malloc((nt + 1) * sizeof(int64_t))
     cdef int64_t* rmem = <int64_t*>malloc((nt + 1) * sizeof(int64_t))
     cdef uint64_t* lo = <uint64_t*>malloc((nt + 1) * sizeof(uint64_t))
-    cdef int64_t* cnt = NULL
+    # mean bags scale by their entry count, off[q + 1] - off[q] (_pair_scale)
+    cdef const int64_t* moff = off if mode == MEAN else NULL
     cdef int64_t* pairs = NULL
     cdef char* ws = NULL
     cdef bint ok = (count != NULL and pos != NULL and start != NULL and rmem != NULL
@@ -1748,7 +1752,7 @@ cdef int _backward_bucketed(const he_scheme* s, const index_t* idx, const int64_
             lo[r] = _range_lo(m // <uint64_t>s.dim, r, nt) * <uint64_t>s.dim if rows \
                 else _range_lo(m, r, nt)
         for p in prange(nt, num_threads=nt, schedule='static', chunksize=1):
-            _bucket_pass(s, idx, off, pre, Q * p // nt, Q * (p + 1) // nt, lo, nt,
+            _bucket_pass(s, off, pre, Q * p // nt, Q * (p + 1) // nt, lo, nt,
                          count + p * nt, NULL, NULL)
         for r in range(nt):     # bucket r: the bag blocks' entries in block order
             start[r] = total
@@ -1760,38 +1764,33 @@ cdef int _backward_bucketed(const he_scheme* s, const index_t* idx, const int64_
                 rbytes += _rows_bytes(total - start[r], s.dim, sizeof(real))
         start[nt] = total
         rmem[nt] = rbytes
-        # one block (he_ws_take): the pairs, the mean counts, the row sums
-        ws = <char*>he_ws_take((2 * total + 2 + (Q + 1 if mode == MEAN else 0)) * 8 + rbytes)
+        # one block (he_ws_take): the pairs and the row sums
+        ws = <char*>he_ws_take((2 * total + 2) * 8 + rbytes)
         ok = ws != NULL
     if ok:
         pairs = <int64_t*>(ws + rbytes)
-        if mode == MEAN:
-            cnt = pairs + 2 * total + 2
         for p in prange(nt, num_threads=nt, schedule='static', chunksize=1):
-            _bucket_pass(s, idx, off, pre, Q * p // nt, Q * (p + 1) // nt, lo, nt,
+            _bucket_pass(s, off, pre, Q * p // nt, Q * (p + 1) // nt, lo, nt,
                          NULL, pos + p * nt, pairs)
-        if cnt != NULL:
-            for q in prange(Q, num_threads=nt, schedule='static'):
-                cnt[q] = off[q + 1] - off[q]
         for r in prange(nt, num_threads=nt, schedule='static', chunksize=1):
             if rows:        # summed per row, no dense scratch
                 _rows_owned(s, pairs + 2 * start[r], start[r + 1] - start[r], psw, grad,
-                            gstride, B, cnt, alpha, target, htarget, bf, state, eps, seed, rows,
+                            gstride, B, moff, alpha, target, htarget, bf, state, eps, seed, rows,
                             pre, ws + rmem[r])
             elif scratch != NULL:     # two phases: the gradient into scratch, then the rule
                 _backward_owned(s, pairs + 2 * start[r], start[r + 1] - start[r], psw, grad,
-                                gstride, B, cnt, 1, scratch, NULL, 0, NULL, NULL, 0, 0, lo[r],
+                                gstride, B, moff, 1, scratch, NULL, 0, NULL, NULL, 0, 0, lo[r],
                                 lo[r + 1], ACT_ADD, pre)
                 if sweep:
                     _apply_range(target, htarget, bf, scratch + lo[r], state, lo[r], lo[r + 1],
                                  alpha, eps, seed)
                 else:
                     _backward_owned(s, pairs + 2 * start[r], start[r + 1] - start[r], psw,
-                                    grad, gstride, B, cnt, alpha, target, htarget, bf, scratch,
+                                    grad, gstride, B, moff, alpha, target, htarget, bf, scratch,
                                     state, eps, seed, lo[r], lo[r + 1], ACT_ADAGRAD, pre)
             else:
                 _backward_owned(s, pairs + 2 * start[r], start[r + 1] - start[r], psw, grad,
-                                gstride, B, cnt, alpha, target, NULL, 0, NULL, NULL, 0, 0, lo[r],
+                                gstride, B, moff, alpha, target, NULL, 0, NULL, NULL, 0, 0, lo[r],
                                 lo[r + 1], ACT_ADD, pre)
     free(count)
     free(pos)
@@ -1915,7 +1914,7 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
                              "its state)")
         if pre != NULL:
             with nogil:
-                done = _backward_bucketed(s, ip, &offsets[0], pp, &grad[0, 0], grad.shape[1],
+                done = _backward_bucketed(s, &offsets[0], pp, &grad[0, 0], grad.shape[1],
                                           B, T, mode, <real>alpha, tp, hp, bf,
                                           NULL, stp, <real>eps, seed, False, min(nt, 64),
                                           pre, rows) == 0
@@ -1945,7 +1944,7 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
         return
     if pre != NULL and 1 < nt <= 64:
         with nogil:
-            done = _backward_bucketed(s, ip, &offsets[0], pp, &grad[0, 0], grad.shape[1], B,
+            done = _backward_bucketed(s, &offsets[0], pp, &grad[0, 0], grad.shape[1], B,
                                       T, mode, <real>alpha, tp, hp, bf, sp,
                                       stp, <real>eps, seed, sweep, nt, pre, ROWS_NONE) == 0
         if done:
