@@ -1166,6 +1166,25 @@ cdef void _apply_all(real* w, uint16_t* hw, int bf, real* g, real* state, uint64
                      seed)
 
 
+cdef inline void _add_signed(const he_scheme* s, uint64_t st, int64_t a, int64_t z,
+                            const float* sg, const real* g, real alpha, real* target,
+                            int64_t lo, int64_t hi) noexcept nogil:
+    """Elements a..z-1 of the run starting at slot st: target[slot] +=
+    alpha * sg[i - a] * g[i - a] where the slot lies in [lo, hi); a
+    contiguous run in one tight loop (the same products: alpha * sign,
+    then * g)."""
+    cdef int64_t i, sti = <int64_t>st      # slots are < 2^62: signed math is safe
+    cdef uint64_t slot
+    if st + <uint64_t>z <= s.size:
+        for i in range(max(a, lo - sti), min(z, hi - sti)):
+            target[sti + i] += alpha * sg[i - a] * g[i - a]
+        return
+    for i in range(a, z):
+        slot = he_run_slot(s, st, i)
+        if lo <= <int64_t>slot < hi:
+            target[slot] += alpha * sg[i - a] * g[i - a]
+
+
 cdef inline void _visit(const he_scheme* s, const he_row* row, int64_t k, uint64_t st,
                         int64_t i0, int64_t n, const real* g, real alpha, real* target,
                         uint16_t* htarget, int bf, real* scratch, real* state, real eps,
@@ -1192,20 +1211,14 @@ cdef inline void _visit(const he_scheme* s, const he_row* row, int64_t k, uint64
         z = min(a + SIGNS, i0 + n)
         if s.is_signed and act == ACT_ADD:
             he_signs(s, row, k * L + a, z - a, sg)
-            if st + <uint64_t>z <= s.size:
-                # contiguous: the elements whose slots lie in [lo, hi), in
-                # one tight loop (the same products: alpha * sign, then * g)
-                for i in range(max(a, lo - sti), min(z, hi - sti)):
-                    target[sti + i] += alpha * sg[i - a] * g[i - i0]
-                continue
+            _add_signed(s, st, a, z, sg, g + (a - i0), alpha, target, lo, hi)
+            continue
         for i in range(a, z):
             slot = he_run_slot(s, st, i)
             if <int64_t>slot < lo or <int64_t>slot >= hi:
                 continue
             if act != ACT_ADD:
                 _adagrad(target, htarget, bf, scratch, state, slot, alpha, eps, seed)
-            elif s.is_signed:
-                target[slot] += alpha * sg[i - a] * g[i - i0]
             else:
                 target[slot] += alpha * g[i - i0]
 
@@ -1386,8 +1399,7 @@ cdef void _signed_part(const he_scheme* s, const int64_t* off, int64_t B, const 
     starts pre and signs sgn: target[slot] += alpha (/ count, * psw) * sign *
     g for the slots in [lo, hi), in entry order; what _backward_part's
     ACT_ADD does with the signs hashed there, the same products."""
-    cdef int64_t b, j, k, i, cnt, st, D = s.dim, L = s.run, R = s.runs
-    cdef uint64_t slot
+    cdef int64_t b, j, k, cnt, st, D = s.dim, L = s.run, R = s.runs
     cdef real w, ww
     cdef const real* g
     cdef const float* sg
@@ -1408,16 +1420,7 @@ cdef void _signed_part(const he_scheme* s, const int64_t* off, int64_t B, const 
                         target[st] += ww * sg[k] * g[k]
                 continue
             for k in range(R):
-                st = <int64_t>pre[j * R + k]
-                if <uint64_t>(st + L) <= s.size:
-                    # contiguous: the elements whose slots lie in [lo, hi)
-                    for i in range(max(<int64_t>0, lo - st), min(L, hi - st)):
-                        target[st + i] += ww * sg[k * L + i] * g[k * L + i]
-                    continue
-                for i in range(L):
-                    slot = he_run_slot(s, st, i)
-                    if lo <= <int64_t>slot < hi:
-                        target[slot] += ww * sg[k * L + i] * g[k * L + i]
+                _add_signed(s, pre[j * R + k], 0, L, sg + k * L, g + k * L, ww, target, lo, hi)
 
 
 DEF PROBES = 16     # ring of map probes in flight (> AHEAD)
