@@ -42,7 +42,9 @@ def openmp_flags():
 
 
 omp = openmp_flags()
-cflags = ["-O3"] + omp
+# the sanitizer build at -O1, as ASan advises: it compiles in a third of
+# the time (about 1 min on 2 cores against 2.8) and checks the same accesses
+cflags = ["-O1" if os.environ.get("HASHEMB_ASAN") else "-O3"] + omp
 if os.environ.get("HASHEMB_NATIVE"):
     cflags.append("-march=native")
 debug = bool(os.environ.get("HASHEMB_DEBUG"))
