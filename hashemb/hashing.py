@@ -31,6 +31,43 @@ def coefficients(seed, count=8):
     return out
 
 
+def sign_terms(sign_coef, coef):
+    r"""``sign_coef`` (``c_i = C' i mod P``, one per element) followed by the
+    terms of the sign cubic expanded around each ``c_i``: for a row whose
+    sign key base is ``s``, :math:`q(s + c) = Q_3 s^3 + s^2 B_2 + s B_1 + B_0`
+    with
+
+    .. math::
+
+        B_0 = q(c),\quad B_1 = 3 Q_3 c^2 + 2 Q_2 c + Q_1,\quad B_2 = 3 Q_3 c + Q_2
+
+    (mod P), so a row's signs take two multiply-adds an element (slots.h,
+    ``he_signs``) where Horner takes three; the residues, and so the signs,
+    are the same. ``coef`` is the 12 coefficients of :class:`UniversalHash`.
+
+    Returns
+    -------
+    numpy.ndarray
+        uint64 of length ``4 D``: ``c``, ``B_0``, ``B_1``, ``B_2``.
+
+    Examples
+    --------
+    >>> h = UniversalHash(3)
+    >>> c = np.array([h.coef[6] * i % P for i in range(2)], np.uint64)
+    >>> t = [int(v) for v in sign_terms(c, h.coef)]
+    >>> q1, q2, q3, q0 = (int(v) for v in h.coef[8:])
+    >>> s, k = 12345, (12345 + t[1]) % P
+    >>> (q3 * s**3 + s * s * t[7] + s * t[5] + t[3]) % P == (q0 + q1*k + q2*k*k + q3*k**3) % P
+    True
+    """
+    q1, q2, q3, q0 = (int(v) for v in coef[8:12])
+    c = [int(v) for v in sign_coef]
+    b0 = [(((q3 * x + q2) * x + q1) * x + q0) % P for x in c]
+    b1 = [((3 * q3 * x + 2 * q2) * x + q1) % P for x in c]
+    b2 = [(3 * q3 * x + q2) % P for x in c]
+    return np.array(c + b0 + b1 + b2, np.uint64)
+
+
 class UniversalHash:
     r"""A seeded member of the universal family over :math:`P = 2^{61}-1`.
 

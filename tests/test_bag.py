@@ -184,8 +184,10 @@ def adagrad_model(W, state, grad, lr, eps):
 
 @pytest.mark.parametrize("scheme", [he.RobeZ(4099, 16, block=16), he.HashedNet(3001, 8),
                                     he.RobeZ(100_003, 8, block=4),
+                                    he.RobeZ(100_003, 8, block=4, signed=True),
                                     he.FullTable([20_000, 7_001], 16)],
-                         ids=["robe-sweep", "hashednet", "robe-walk", "full-rows"])
+                         ids=["robe-sweep", "hashednet", "robe-walk", "robe-signed-walk",
+                              "full-rows"])
 def test_float32_adagrad_step_is_the_model_bit_for_bit(scheme):
     # the apply runs eight slots a step where the machine can (AVX2) and the
     # rest one at a time: either way each slot's step is the model's, over

@@ -560,6 +560,17 @@ cdef inline void _pool_in(real* o, real v, real w, int first, int mode) noexcept
         o[0] += w * v
 
 
+cdef inline int64_t _run_signs(const he_scheme* s, const he_row* row, int64_t i0,
+                               int64_t n, float* sg, bint whole) noexcept nogil:
+    """Where in sg the signs of elements i0 .. i0+n-1 of a row start: there
+    already (whole: the row's, from index 0), or hashed into sg[0:n] now.
+    (An offset, not a pointer: the pooling loops index the local array.)"""
+    if whole:
+        return i0
+    he_signs(s, row, i0, n, sg)
+    return 0
+
+
 cdef inline void _gather_row(const he_scheme* s, const he_row* row, const uint64_t* r,
                              const real* M, const uint16_t* H, int bf, real w, real* o,
                              int first, int mode) noexcept nogil:
@@ -570,7 +581,11 @@ cdef inline void _gather_row(const he_scheme* s, const he_row* row, const uint64
     cdef const real* src
     cdef real* ok
     cdef real v
-    cdef float sg[SIGNS]        # a run's signs (he_signs), SIGNS at a time
+    cdef float sg[SIGNS]        # the row's signs (he_signs), or SIGNS at a time
+    cdef int64_t sk             # where a run's signs start in sg
+    # a signed row of up to SIGNS floats takes its signs in one he_signs
+    # call (its per-call terms once a row); a longer one a run's chunk at a time
+    cdef bint whole = s.is_signed and s.dim <= SIGNS
     if r != NULL and L == 1 and mode != MAX and not s.is_signed and H == NULL:
         # element-wise (HashedNet): one float a run, none wraps
         if first:
@@ -580,13 +595,12 @@ cdef inline void _gather_row(const he_scheme* s, const he_row* row, const uint64
             for k in range(s.runs):
                 o[k] += w * M[r[k]]
         return
-    if r != NULL and L == 1 and s.is_signed and s.runs <= SIGNS:
-        # element-wise and signed: the row's signs in one he_signs call
-        # (vector), not one scalar cubic a run
-        he_signs(s, row, 0, s.runs, sg)
-        for i in range(s.runs):
-            _pool_in(o + i, sg[i] * _ld(M, H, bf, r[i]), w, first, mode)
-        return
+    if whole:
+        he_signs(s, row, 0, s.dim, sg)
+        if r != NULL and L == 1:        # element-wise and signed
+            for i in range(s.runs):
+                _pool_in(o + i, sg[i] * _ld(M, H, bf, r[i]), w, first, mode)
+            return
     for k in range(s.runs):
         st = r[k] if r != NULL else he_run_start(s, row, k)
         ok = o + k * L
@@ -603,23 +617,23 @@ cdef inline void _gather_row(const he_scheme* s, const he_row* row, const uint64
             # one tight loop (the same products: sign * value, then w *)
             for i0 in range(0, L, SIGNS):
                 n = min(SIGNS, L - i0)
-                he_signs(s, row, k * L + i0, n, sg)
+                sk = _run_signs(s, row, k * L + i0, n, sg, whole)
                 src = M + st + i0
                 if first:
                     for i in range(n):
-                        ok[i0 + i] = w * (sg[i] * src[i])
+                        ok[i0 + i] = w * (sg[sk + i] * src[i])
                 else:
                     for i in range(n):
-                        ok[i0 + i] += w * (sg[i] * src[i])
+                        ok[i0 + i] += w * (sg[sk + i] * src[i])
         else:
             for i0 in range(0, L, SIGNS):
                 n = min(SIGNS, L - i0)
                 if s.is_signed:
-                    he_signs(s, row, k * L + i0, n, sg)
+                    sk = _run_signs(s, row, k * L + i0, n, sg, whole)
                 for i in range(i0, i0 + n):
                     v = _ld(M, H, bf, he_run_slot(s, st, i))
                     if s.is_signed:
-                        v = sg[i - i0] * v
+                        v = sg[sk + i - i0] * v
                     _pool_in(ok + i, v, w, first, mode)
 
 
@@ -1188,9 +1202,11 @@ cdef inline void _add_signed(const he_scheme* s, uint64_t st, int64_t a, int64_t
 cdef inline void _visit(const he_scheme* s, const he_row* row, int64_t k, uint64_t st,
                         int64_t i0, int64_t n, const real* g, real alpha, real* target,
                         uint16_t* htarget, int bf, real* scratch, real* state, real eps,
-                        uint64_t seed, int64_t lo, int64_t hi, int act) noexcept nogil:
+                        uint64_t seed, int64_t lo, int64_t hi, int act,
+                        const float* rsg) noexcept nogil:
     """Act on elements k*L+i0 .. k*L+i0+n-1 of a row (run k starts at slot st)
-    whose slots lie in [lo, hi)."""
+    whose slots lie in [lo, hi); rsg: the row's signs, or NULL to hash them
+    here."""
     cdef int64_t L = s.run, i, a, z
     cdef uint64_t slot
     cdef int64_t sti = <int64_t>st      # slots are < 2^62: signed math is safe
@@ -1210,8 +1226,10 @@ cdef inline void _visit(const he_scheme* s, const he_row* row, int64_t k, uint64
     for a in range(i0, i0 + n, SIGNS):
         z = min(a + SIGNS, i0 + n)
         if s.is_signed and act == ACT_ADD:
-            he_signs(s, row, k * L + a, z - a, sg)
-            _add_signed(s, st, a, z, sg, g + (a - i0), alpha, target, lo, hi)
+            if rsg == NULL:
+                he_signs(s, row, k * L + a, z - a, sg)
+            _add_signed(s, st, a, z, &sg[0] if rsg == NULL else rsg + k * L + a,
+                        g + (a - i0), alpha, target, lo, hi)
             continue
         for i in range(a, z):
             slot = he_run_slot(s, st, i)
@@ -1301,6 +1319,8 @@ cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* 
     cdef uint64_t hashed[MAXR]
     cdef real spare[8]          # the other threads' adds (he_scatter_in_f)
     cdef const uint64_t* st
+    cdef float rsg[SIGNS]       # a signed row's signs (_visit), rows of <= SIGNS floats
+    cdef bint whole = s.is_signed and act == ACT_ADD and D <= SIGNS
     if (pre != NULL and act == ACT_ADD and lo == 0 and <uint64_t>hi == s.size
             and _wants_starts(s, mode)):
         _add_runs(s, pre, off, psw, grad, gstride, B, T, mode, alpha, target)
@@ -1316,7 +1336,7 @@ cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* 
                         row = he_row_begin(s, table0 + t, idx[j])
                         _visit(s, &row, i // L, he_run_start(s, &row, i // L), i % L, 1,
                                g + i, alpha, target, htarget, bf, scratch, state, eps, seed,
-                               lo, hi, act)
+                               lo, hi, act, NULL)
                 continue
             if ahead and b + AHEAD < B and _wanted(s, off, pre, t * B + b + AHEAD, lo, hi):
                 # grad rows are gstride apart: a stride the hardware prefetcher
@@ -1359,12 +1379,15 @@ cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* 
                     continue
                 if pre == NULL:
                     row = he_row_begin_t(s, table0 + t, tt, x)
+                if whole:       # the row's signs once, not a run at a time
+                    he_signs(s, &row, 0, D, rsg)
                 for k in range(s.runs):
                     _visit(s, &row, k,
                            pre[j * s.runs + k] if pre != NULL else he_run_start(s, &row, k),
                            0, L, g + k * L,
                            w * psw[j] if (psw != NULL and act == ACT_ADD) else w,
-                           target, htarget, bf, scratch, state, eps, seed, lo, hi, act)
+                           target, htarget, bf, scratch, state, eps, seed, lo, hi, act,
+                           rsg if whole else NULL)
 
 
 cdef inline void _starts_row(const he_scheme* s, const he_row* row, uint64_t* out) noexcept nogil:
@@ -1605,7 +1628,7 @@ cdef void _backward_owned(const he_scheme* s, const int64_t* pairs, int64_t n,
         w = _pair_scale(alpha, moff, psw, j, q) if act == ACT_ADD else alpha
         for k in range(R):
             _visit(s, NULL, k, pre[j * R + k], 0, L, g + k * L, w, target, htarget, bf, scratch,
-                   state, eps, seed, lo, hi, act)
+                   state, eps, seed, lo, hi, act, NULL)
 
 
 cdef inline bint _rows_sparse(const he_scheme* s, int mode) noexcept nogil:

@@ -7,6 +7,8 @@ from libc.string cimport memcpy
 
 import numpy as np
 
+from ..hashing import sign_terms
+
 _EMPTY_U64 = np.zeros(2, np.uint64)
 _EMPTY_U32 = np.zeros(1, np.uint32)
 _EMPTY_I32 = np.zeros(1, np.int32)
@@ -16,10 +18,14 @@ cdef class SchemeView:
     def __cinit__(self, scheme):
         cdef const uint64_t[::1] coef = scheme._coef
         cdef const uint64_t[::1] run_coef = scheme._run_coef
-        cdef const uint64_t[::1] sign_coef = scheme._sign_coef
+        # a signed scheme's per-element terms of its expanded sign cubic
+        # follow c_i (he_signs reads sign_coef[D .. 4D))
+        terms = sign_terms(scheme._sign_coef, scheme._coef) if scheme._signed \
+            else scheme._sign_coef
+        cdef const uint64_t[::1] sign_coef = terms
         cdef const int64_t[::1] table_base = scheme._table_base
         cdef int i
-        self._keep = (scheme._coef, scheme._run_coef, scheme._sign_coef, scheme._table_base)
+        self._keep = (scheme._coef, scheme._run_coef, terms, scheme._table_base)
         self.s.kind = scheme._kind
         self.s.is_signed = scheme._signed
         self.s.dim = scheme.dim
@@ -57,7 +63,7 @@ cdef class SchemeView:
         self._keep = self._keep + (keys, data, pick, mh, mix)
         # (struct field, array) of every pointer, for a device copy of the struct
         self._pointers = [
-            ("run_coef", scheme._run_coef), ("sign_coef", scheme._sign_coef),
+            ("run_coef", scheme._run_coef), ("sign_coef", terms),
             ("table_base", scheme._table_base), ("lsh_keys", np.asarray(keys)),
             ("lsh_data", np.asarray(data)), ("lsh_pick", np.asarray(pick)),
             ("lsh_mh", np.asarray(mh)), ("lsh_mix", np.asarray(mix))]

@@ -893,32 +893,36 @@ HE_HD int he_sign(const he_scheme* s, const he_row* r, int64_t i)
 /*
  * out[j] = he_sign(s, r, i0 + j) for j < n, as floats: a run's signs at
  * once (the CPU kernels of signed schemes, where the signs are most of the
- * work). With AVX2 four elements a step: each Horner step of
- * he_sign_of_key is a multiply-add mod P (he_muladd_v, its multiplier the
- * lane's running value), exact and fully reduced like he_mulmod and
- * he_addmod, so the same residues and the same parities.
+ * work). With AVX2 four elements a step, and the cubic expanded around each
+ * element's c_i (hashing.sign_terms, stored after c in sign_coef): with
+ * s = r->sbase, q(s + c_i) = Q3 s^3 + s^2 B2_i + s B1_i + B0_i, two
+ * multiply-adds mod P an element (he_muladd_v, exact and fully reduced
+ * like he_mulmod and he_addmod) where Horner takes three, so the same
+ * residues and the same parities. s^2 and Q3 s^3 are made once a call.
  */
 #if defined(HE_X86_VECTOR)
 __attribute__((target("avx2"))) static int64_t he_signs_avx2(const he_scheme* s,
                                                              const he_row* r, int64_t i0,
                                                              int64_t n, float* out)
 {
-    const uint64_t* q = s->coef + HE_Q;
-    const __m256i sb = _mm256_set1_epi64x((long long)r->sbase);
-    const __m256i q2 = _mm256_set1_epi64x((long long)q[2]), q2h = _mm256_srli_epi64(q2, 32);
-    const __m256i q1 = _mm256_set1_epi64x((long long)q[1]);
-    const __m256i q0 = _mm256_set1_epi64x((long long)q[0]);
-    const __m256i q3 = _mm256_set1_epi64x((long long)q[3]);
+    const uint64_t sb = r->sbase, s2 = he_mulmod(sb, sb);
+    const __m256i vs = _mm256_set1_epi64x((long long)sb);
+    const __m256i vs2 = _mm256_set1_epi64x((long long)s2);
+    const __m256i k3 = _mm256_set1_epi64x((long long)he_mulmod(s->coef[HE_Q + 2],
+                                                               he_mulmod(s2, sb)));
+    const uint64_t* b0 = s->sign_coef + s->dim + i0;
+    const uint64_t* b1 = b0 + s->dim;
+    const uint64_t* b2 = b1 + s->dim;
     const __m256i one = _mm256_set1_epi64x(1);
     const __m256i low = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);   /* 64-bit lanes' low halves */
     int64_t j = 0;
     for (; j + 4 <= n; j += 4) {
-        /* the key, below 2P: he_muladd_v folds it (the same residue) */
-        const __m256i k = _mm256_add_epi64(
-            sb, _mm256_loadu_si256((const __m256i*)(s->sign_coef + i0 + j)));
-        __m256i v = he_muladd_v(k, q2, q2h, q1);
-        v = he_muladd_v(k, v, _mm256_srli_epi64(v, 32), q0);
-        v = he_muladd_v(k, v, _mm256_srli_epi64(v, 32), q3);
+        const __m256i c2 = _mm256_loadu_si256((const __m256i*)(b2 + j));
+        const __m256i c1 = _mm256_loadu_si256((const __m256i*)(b1 + j));
+        /* B0 + Q3 s^3 < 2P, below the 2^62 he_muladd_v takes */
+        __m256i v = he_muladd_v(vs2, c2, _mm256_srli_epi64(c2, 32),
+                                _mm256_add_epi64(k3, _mm256_loadu_si256((const __m256i*)(b0 + j))));
+        v = he_muladd_v(vs, c1, _mm256_srli_epi64(c1, 32), v);
         const __m256i g = _mm256_sub_epi64(one, _mm256_slli_epi64(_mm256_and_si256(v, one), 1));
         _mm_storeu_ps(out + j, _mm_cvtepi32_ps(_mm256_castsi256_si128(
                                    _mm256_permutevar8x32_epi32(g, low))));
@@ -927,7 +931,8 @@ __attribute__((target("avx2"))) static int64_t he_signs_avx2(const he_scheme* s,
 }
 #endif
 
-static inline void he_signs(const he_scheme* s, const he_row* r, int64_t i0, int64_t n, float* out)
+/* HE_HD: inlined (a call of its own costs about 36 instructions a row) */
+HE_HD void he_signs(const he_scheme* s, const he_row* r, int64_t i0, int64_t n, float* out)
 {
     int64_t j = 0;
 #if defined(HE_X86_VECTOR)
