@@ -20,7 +20,8 @@ from libc.string cimport memcpy
 from hashemb._cpu._slots cimport (SchemeView, he_scheme, HE_FULL, he_row, he_row_begin, he_reads_map,
                                   he_row_data, he_table_probe, he_row_probe, he_probe_hint,
                                   he_row_begin_probed, he_tterm, he_table_term, he_row_begin_t,
-                                  he_run_start, he_run_starts, he_run_slot, he_sign, he_signs,
+                                  he_sign_base, he_run_start, he_run_starts, he_run_slot, he_sign,
+                                  he_signs,
                                   he_one_run_k, he_one_run, he_one_run_of, he_one_run_starts,
                                   he_rows_k, he_rows_of, he_rows_starts, HE_ROWS_EACH,
                                   he_max_threads)
@@ -755,11 +756,18 @@ cdef void _one_run_rows(const he_scheme* s, const index_t* x, int64_t n, const r
     cdef int64_t D = s.dim, g
     cdef uint64_t m = s.size
     cdef bint wraps = False
+    cdef he_row row
     he_one_run_starts(&k, x, sizeof(index_t) == 8, n, st)
     for g in range(n):
         he_prefetch(_at(M, H, st[g]))
         he_prefetch(_at(M, H, st[g] + D - 1))
         wraps |= st[g] + <uint64_t>D > m
+    if s.is_signed:         # each row times its signs: the general loop's products
+        for g in range(n):
+            row.base = st[g]        # (its start is all the row needs besides)
+            row.sbase = he_sign_base(s, tt, x[g])
+            _gather_row(s, &row, st + g, M, H, bf, 1, o + g * ostride, 1, SUM)
+        return
     if wraps or H != NULL:  # a run wrapping past the array's end (ROBE-Z), or 16-bit
         for g in range(n):
             _gather_runs(s, st + g, M, H, bf, o + g * ostride)
@@ -916,11 +924,14 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
     cdef bint fast = ring != NULL and psw == NULL and mode != MAX and not s.is_signed
     # bags of any size (per-sample weights too) hashed a segment at a time
     cdef bint seg = ring != NULL and mode != MAX and not s.is_signed and deep == 0
+    # signed rows of one run, one entry a bag: _one_run_rows too
+    cdef bint one_signed = ring != NULL and mode != MAX and psw == NULL and s.is_signed \
+        and he_one_run(s)
     cdef he_rows_k kr
     for t in range(T):
         tprobe = he_table_probe(s, table0 + t)
         tt = he_table_term(s, table0 + t)
-        if seg:
+        if seg or one_signed:
             # one entry in every bag of the chunk (2-D input: the DLRM case):
             # bag b is entry j0 + b, and the pipeline needs no offsets
             j0 = off[t * B + b0]
@@ -933,6 +944,7 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                 _one_run_rows(s, idx + j0, n, M, H, bf, out + t * D, ostride, table0 + t, tt,
                               ring if pre == NULL else pre + j0)
                 continue
+        if seg:
             if not (single and psw == NULL):
                 _seg_bags(s, idx, off + t * B + b0, n, M, H, bf, psw, out + t * D, ostride,
                           table0 + t, tt, mode, ring, pre)

@@ -52,6 +52,7 @@ cdef extern from "hashemb/slots.h" nogil:
     he_row he_row_begin(const he_scheme* s, int64_t table, int64_t token)
     he_tterm he_table_term(const he_scheme* s, int64_t table)
     he_row he_row_begin_t(const he_scheme* s, int64_t table, he_tterm tt, int64_t token)
+    uint64_t he_sign_base(const he_scheme* s, he_tterm tt, int64_t token)
     uint64_t he_run_start(const he_scheme* s, const he_row* r, int64_t k)
     void he_run_starts(const he_scheme* s, const he_row* r, uint64_t* out)
     ctypedef struct he_one_run_k:

@@ -376,6 +376,12 @@ HE_HD uint64_t he_one_run_start(const he_one_run_k* k, uint64_t x)
     return slot >= k->size ? slot - k->size : slot;
 }
 
+/* A signed row's sign-hash base, (A'e + B'x + D0') mod P (he_row.sbase). */
+HE_HD uint64_t he_sign_base(const he_scheme* s, he_tterm tt, int64_t token)
+{
+    return he_hash_base_t(s->coef + HE_SA, tt.sa, (uint64_t)token);
+}
+
 HE_HD he_row he_row_begin_t(const he_scheme* s, int64_t table, he_tterm tt, int64_t token)
 {
     he_row r;
@@ -407,7 +413,7 @@ HE_HD he_row he_row_begin_t(const he_scheme* s, int64_t table, he_tterm tt, int6
         break;
     }
     if (s->is_signed)
-        r.sbase = he_hash_base_t(s->coef + HE_SA, tt.sa, x);
+        r.sbase = he_sign_base(s, tt, token);
     return r;
 }
 
