@@ -764,7 +764,7 @@ cdef void _one_run_rows(const he_scheme* s, const index_t* x, int64_t n, const r
         wraps |= st[g] + <uint64_t>D > m
     if s.is_signed:         # each row times its signs: the general loop's products
         for g in range(n):
-            row.base = st[g]        # (its start is all the row needs besides)
+            row.base = 0            # (unread: the start is given)
             row.sbase = he_sign_base(s, tt, x[g])
             _gather_row(s, &row, st + g, M, H, bf, 1, o + g * ostride, 1, SUM)
         return
@@ -890,8 +890,9 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                          int64_t T, int64_t ostride, int64_t table0, int mode,
                          int64_t b0, int64_t b1, uint64_t* ring, uint64_t* pre) noexcept nogil:
     """Bags of samples b0..b1-1, table by table (padding dropped before:
-    bag.py's _unpadded). Bags of an unsigned scheme that reads no map,
-    without max, take tight loops: one entry
+    bag.py's _unpadded). Bags of a scheme that reads no map, without max,
+    take tight loops (a signed scheme's only with one entry a bag and no
+    per-sample weights, each row then times its signs): one entry
     each (the DLRM/Criteo case) of rows of one run (full tables, ROBE-Z
     with Z >= D) _one_run_rows, of rows of several runs a pipeline that
     copies each row straight from the array, its runs hashed AHEAD bags
@@ -924,9 +925,9 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
     cdef bint fast = ring != NULL and psw == NULL and mode != MAX and not s.is_signed
     # bags of any size (per-sample weights too) hashed a segment at a time
     cdef bint seg = ring != NULL and mode != MAX and not s.is_signed and deep == 0
-    # signed rows of one run, one entry a bag: _one_run_rows too
+    # signed rows, one entry a bag: _one_run_rows or the pipeline below too
     cdef bint one_signed = ring != NULL and mode != MAX and psw == NULL and s.is_signed \
-        and he_one_run(s)
+        and deep == 0
     cdef he_rows_k kr
     for t in range(T):
         tprobe = he_table_probe(s, table0 + t)
@@ -944,7 +945,7 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                 _one_run_rows(s, idx + j0, n, M, H, bf, out + t * D, ostride, table0 + t, tt,
                               ring if pre == NULL else pre + j0)
                 continue
-        if seg:
+        if seg or (one_signed and single):
             if not (single and psw == NULL):
                 _seg_bags(s, idx, off + t * B + b0, n, M, H, bf, psw, out + t * D, ostride,
                           table0 + t, tt, mode, ring, pre)
@@ -959,7 +960,11 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                 for g in range(max(c - ahead, 0), min(c - ahead + q, n)):
                     r = ring + (g & (ahead - 1)) * R
                     o = out + g * ostride + t * D
-                    if L == 1 and H == NULL:    # element-wise (HashedNet): none wraps
+                    if s.is_signed:             # times its signs: the general loop's products
+                        row.base = 0            # (unread: the starts are given)
+                        row.sbase = he_sign_base(s, tt, idx[j0 + g])
+                        _gather_row(s, &row, r, M, H, bf, 1, o, 1, SUM)
+                    elif L == 1 and H == NULL:  # element-wise (HashedNet): none wraps
                         _copy_elems(o, M, r, R)
                     elif L == 1:
                         for k in range(R):
