@@ -743,6 +743,17 @@ cdef inline void _copy_one_runs(real* o, int64_t ostride, const real* M, const u
         _copy_run(o + g * ostride, M + st[g], L)
 
 
+cdef inline void _signed_row(const he_scheme* s, he_tterm tt, int64_t x, const uint64_t* r,
+                             const real* M, const uint16_t* H, int bf, real* o) noexcept nogil:
+    """o = row x of a signed scheme (tt: its table's he_table_term), one
+    entry a bag, its run starts r hashed already: the general loop's
+    products (_gather_row), with only the row's sign base hashed here."""
+    cdef he_row row
+    row.base = 0            # (unread: the starts are given)
+    row.sbase = he_sign_base(s, tt, x)
+    _gather_row(s, &row, r, M, H, bf, 1, o, 1, SUM)
+
+
 cdef void _one_run_rows(const he_scheme* s, const index_t* x, int64_t n, const real* M,
                         const uint16_t* H, int bf, real* o, int64_t ostride, int64_t table,
                         he_tterm tt, uint64_t* st) noexcept nogil:
@@ -756,17 +767,14 @@ cdef void _one_run_rows(const he_scheme* s, const index_t* x, int64_t n, const r
     cdef int64_t D = s.dim, g
     cdef uint64_t m = s.size
     cdef bint wraps = False
-    cdef he_row row
     he_one_run_starts(&k, x, sizeof(index_t) == 8, n, st)
     for g in range(n):
         he_prefetch(_at(M, H, st[g]))
         he_prefetch(_at(M, H, st[g] + D - 1))
         wraps |= st[g] + <uint64_t>D > m
-    if s.is_signed:         # each row times its signs: the general loop's products
+    if s.is_signed:
         for g in range(n):
-            row.base = 0            # (unread: the start is given)
-            row.sbase = he_sign_base(s, tt, x[g])
-            _gather_row(s, &row, st + g, M, H, bf, 1, o + g * ostride, 1, SUM)
+            _signed_row(s, tt, x[g], st + g, M, H, bf, o + g * ostride)
         return
     if wraps or H != NULL:  # a run wrapping past the array's end (ROBE-Z), or 16-bit
         for g in range(n):
@@ -960,10 +968,8 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                 for g in range(max(c - ahead, 0), min(c - ahead + q, n)):
                     r = ring + (g & (ahead - 1)) * R
                     o = out + g * ostride + t * D
-                    if s.is_signed:             # times its signs: the general loop's products
-                        row.base = 0            # (unread: the starts are given)
-                        row.sbase = he_sign_base(s, tt, idx[j0 + g])
-                        _gather_row(s, &row, r, M, H, bf, 1, o, 1, SUM)
+                    if s.is_signed:
+                        _signed_row(s, tt, idx[j0 + g], r, M, H, bf, o)
                     elif L == 1 and H == NULL:  # element-wise (HashedNet): none wraps
                         _copy_elems(o, M, r, R)
                     elif L == 1:
@@ -1574,8 +1580,8 @@ cdef inline uint64_t _owners(const he_scheme* s, const uint64_t* pre, int64_t j,
     return mask
 
 
-cdef void _bucket_pass(const he_scheme* s, const int64_t* off, const uint64_t* pre, int64_t q0, int64_t q1, const uint64_t* lo,
-                       int nt, int64_t* count, int64_t* pos,
+cdef void _bucket_pass(const he_scheme* s, const int64_t* off, const uint64_t* pre,
+                       int64_t q0, int64_t q1, const uint64_t* lo, int nt, int64_t* count, int64_t* pos,
                        int64_t* pairs) noexcept nogil:
     """Bags q0..q1-1. First pass (pairs NULL): count[r] += entries touching
     range r. Second pass: write (j, q) at pairs[2 pos[r]] for each, advancing
