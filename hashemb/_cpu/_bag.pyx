@@ -899,8 +899,9 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                          int64_t b0, int64_t b1, uint64_t* ring, uint64_t* pre) noexcept nogil:
     """Bags of samples b0..b1-1, table by table (padding dropped before:
     bag.py's _unpadded). Bags of a scheme that reads no map, without max,
-    take tight loops (a signed scheme's only with one entry a bag and no
-    per-sample weights, each row then times its signs): one entry
+    take tight loops (a signed scheme's only with rows of one run, one
+    entry a bag and no per-sample weights, each row then times its signs):
+    one entry
     each (the DLRM/Criteo case) of rows of one run (full tables, ROBE-Z
     with Z >= D) _one_run_rows, of rows of several runs a pipeline that
     copies each row straight from the array, its runs hashed AHEAD bags
@@ -933,9 +934,11 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
     cdef bint fast = ring != NULL and psw == NULL and mode != MAX and not s.is_signed
     # bags of any size (per-sample weights too) hashed a segment at a time
     cdef bint seg = ring != NULL and mode != MAX and not s.is_signed and deep == 0
-    # signed rows, one entry a bag: _one_run_rows or the pipeline below too
+    # signed rows of one run, one entry a bag: _one_run_rows too (not the
+    # pipeline below: a signed branch there cost its unsigned rows 4% more
+    # instructions)
     cdef bint one_signed = ring != NULL and mode != MAX and psw == NULL and s.is_signed \
-        and deep == 0
+        and he_one_run(s)
     cdef he_rows_k kr
     for t in range(T):
         tprobe = he_table_probe(s, table0 + t)
@@ -953,7 +956,7 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                 _one_run_rows(s, idx + j0, n, M, H, bf, out + t * D, ostride, table0 + t, tt,
                               ring if pre == NULL else pre + j0)
                 continue
-        if seg or (one_signed and single):
+        if seg:
             if not (single and psw == NULL):
                 _seg_bags(s, idx, off + t * B + b0, n, M, H, bf, psw, out + t * D, ostride,
                           table0 + t, tt, mode, ring, pre)
@@ -968,9 +971,7 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                 for g in range(max(c - ahead, 0), min(c - ahead + q, n)):
                     r = ring + (g & (ahead - 1)) * R
                     o = out + g * ostride + t * D
-                    if s.is_signed:
-                        _signed_row(s, tt, idx[j0 + g], r, M, H, bf, o)
-                    elif L == 1 and H == NULL:  # element-wise (HashedNet): none wraps
+                    if L == 1 and H == NULL:    # element-wise (HashedNet): none wraps
                         _copy_elems(o, M, r, R)
                     elif L == 1:
                         for k in range(R):
