@@ -114,6 +114,19 @@ def test_full_table_layout():
         full.slots(np.array([0]), table=3)
 
 
+@pytest.mark.parametrize("itype", [np.int32, np.int64])
+def test_full_table_rows_past_2_32(itype):
+    # the kernels take a full table's starts four rows a step with AVX2, as
+    # two 32-bit products: rows from 2^32 on need the high one (no weight
+    # is made, so a table of 2^33 rows costs nothing)
+    full = he.FullTable([3, 2 ** 33], 16)
+    x = np.array([0, 5, 2 ** 31 - 1, 7, 2 ** 32 + 5, 2 ** 33 - 1, 2 ** 32, 1, 2 ** 32 - 1],
+                 np.int64)
+    x = x[x <= np.iinfo(itype).max].astype(itype)
+    want = [[(3 + int(v)) * 16 + i for i in range(16)] for v in x]
+    assert full.slots(x, table=1).tolist() == want
+
+
 @given(scheme=robe_schemes(), tokens=TOKENS, table=st.integers(0, 5))
 def test_blocks_are_contiguous_and_wrap(scheme, tokens, table):
     S = scheme.slots(np.array(tokens, np.int64), table=table)

@@ -13,7 +13,7 @@ their run starts take one thread's tight walk (_add_runs), in the same order.
 """
 from cython.parallel cimport prange, parallel, threadid
 from libc.math cimport sqrt
-from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, malloc, free
 from libc.string cimport memcpy
 
@@ -99,6 +99,46 @@ cdef extern from *:
         }
     HE_SCATTER_IN(float, he_scatter_in_f)
     HE_SCATTER_IN(double, he_scatter_in_d)
+    /* Prefetch n runs of values of type T from A + st[g]: the first line
+       and, unless every run is one whole line (tail 0), the value tail on
+       (a run may straddle two lines); four a step (the loop's count and
+       branch cost about what a prefetch does). Returns the largest start
+       where top (whether a run wraps past the array's end), else 0. */
+    #define HE_PF_STEP(g)                                                         \
+        {                                                                         \
+            he_prefetch(A + st[g]);                                               \
+            if (tail)                                                             \
+                he_prefetch(A + st[g] + tail);                                    \
+            if (top)                                                              \
+                t = st[g] > t ? st[g] : t;                                        \
+        }
+    #define HE_PF_LOOP                                                            \
+        for (; g + 4 <= n; g += 4) {                                              \
+            HE_PF_STEP(g) HE_PF_STEP(g + 1) HE_PF_STEP(g + 2) HE_PF_STEP(g + 3)   \
+        }                                                                         \
+        for (; g < n; g++)                                                        \
+            HE_PF_STEP(g)
+    #define HE_PREFETCH_RUNS(T, name)                                             \
+        static inline uint64_t name(const T* A, const uint64_t* st, int64_t n,    \
+                                    int64_t tail, int top)                        \
+        {                                                                         \
+            uint64_t t = 0;                                                       \
+            int64_t g = 0;                                                        \
+            if (tail == 0 && !top) {    /* the cases as loops of their own */     \
+                HE_PF_LOOP                                                        \
+            } else if (!top) {                                                    \
+                HE_PF_LOOP                                                        \
+            } else {                                                              \
+                HE_PF_LOOP                                                        \
+            }                                                                     \
+            return t;                                                             \
+        }
+    HE_PREFETCH_RUNS(float, he_prefetch_runs_f)
+    HE_PREFETCH_RUNS(double, he_prefetch_runs_d)
+    HE_PREFETCH_RUNS(uint16_t, he_prefetch_runs_h)
+    #undef HE_PREFETCH_RUNS
+    #undef HE_PF_LOOP
+    #undef HE_PF_STEP
     HE_AXPY(float, he_axpy_f, +=)
     HE_AXPY(double, he_axpy_d, +=)
     HE_AXPY(float, he_scal_f, =)
@@ -181,17 +221,34 @@ cdef extern from *:
     HE_ADD_RUNS(float, he_add_back_f, he_axpy_f)
     HE_ADD_RUNS(double, he_add_back_d, he_axpy_d)
 
-    /* y[:D] += w[g] * row g for g < n, in order (w NULL: plain adds): one
-       bag's rows (float32), the bag's sum kept in registers instead of
-       stored and reloaded after every row. A multiply, then an add, in the
-       same order: he_axpy_f's arithmetic (an add of x is a 1 * x's), so the
-       same bits. he_add_rows_f: rows of one run, row g at M + st[g], D a
+    /* y[:D] += w[g] * row g for g < n, in order (w NULL: plain adds; first:
+       y taken as zeros, not read): one bag's rows (float32), the bag's sum
+       kept in registers instead of stored and reloaded after every row. A
+       multiply, then an add, in the same order: he_axpy_f's arithmetic (an
+       add of x is a 1 * x's), so the same bits. he_add_rows_f: rows of one run, row g at M + st[g], D a
        multiple of 8, with AVX2 (D = 16: two independent chains).
        he_add_runs_f: rows of R = D / L runs, run k of row g at
        M + st[g * R + k], none wrapping: runs of a multiple of 8 floats with
        AVX2, runs of 4 (ROBE-Z, Z = 4) and of 1 (HashedNet) in C over a small
        accumulator array, which the compiler keeps in registers. Both return
        0, doing nothing, where they cannot run. */
+    /* Whether the C sums below take rows of D values in runs of L (half:
+       a 16-bit array): what he_add_rows_f, he_add_runs_f and he_add_runs16
+       sum, every call, and what they return 0 for. */
+    static inline int he_sums_take(int64_t D, int64_t L, int half)
+    {
+    #if defined(HE_X86_VECTOR)
+        const int avx2 = (he_x86() & 2) != 0;
+    #else
+        const int avx2 = 0;
+    #endif
+        if (half)
+            return L % 8 == 0 && avx2;
+        if (L == D)
+            return D % 8 == 0 && avx2;
+        return ((L % 8 == 0 || (L == 1 && D % 8 == 0)) && avx2) ||
+               ((L == 1 || L == 4) && D % 4 == 0);
+    }
     #if defined(HE_X86_VECTOR)
     /* Eight values of array A from element i, as floats (fmt 0: float32; 1:
        float16, F16C's conversion; 2: bfloat16, a shift): exact, as he_s2f. */
@@ -225,12 +282,13 @@ cdef extern from *:
        constants where it is inlined, so each caller gets its own loop. */
     __attribute__((target("avx2,f16c"), always_inline)) static inline void he_add_of(
         float* y, const void* A, const uint64_t* st, const float* w, int64_t n, int64_t D,
-        int64_t L, int fmt, int one)
+        int64_t L, int fmt, int one, int first)
     {
         const int64_t R = one ? 1 : D / L;
         int64_t g, c;
         if (D == 16 && L == 1 && fmt == 0) {     /* element-wise rows, gathered */
-            __m256 a0 = _mm256_loadu_ps(y), a1 = _mm256_loadu_ps(y + 8);
+            __m256 a0 = first ? _mm256_setzero_ps() : _mm256_loadu_ps(y);
+            __m256 a1 = first ? _mm256_setzero_ps() : _mm256_loadu_ps(y + 8);
             for (g = 0; g < n; g++) {
                 a0 = he_wadd8(a0, he_gather8((const float*)A, st + g * 16), w, g);
                 a1 = he_wadd8(a1, he_gather8((const float*)A, st + g * 16 + 8), w, g);
@@ -240,7 +298,8 @@ cdef extern from *:
             return;
         }
         if (D == 16) {
-            __m256 a0 = _mm256_loadu_ps(y), a1 = _mm256_loadu_ps(y + 8);
+            __m256 a0 = first ? _mm256_setzero_ps() : _mm256_loadu_ps(y);
+            __m256 a1 = first ? _mm256_setzero_ps() : _mm256_loadu_ps(y + 8);
             for (g = 0; g < n; g++) {
                 a0 = he_wadd8(a0, he_load8(A, st[g * R], fmt), w, g);
                 a1 = he_wadd8(a1, he_load8(A, R == 1 ? st[g] + 8 : st[g * R + 1], fmt), w, g);
@@ -250,7 +309,7 @@ cdef extern from *:
             return;
         }
         for (c = 0; c < D; c += 8) {
-            __m256 a = _mm256_loadu_ps(y + c);
+            __m256 a = first ? _mm256_setzero_ps() : _mm256_loadu_ps(y + c);
             for (g = 0; g < n; g++)
                 a = he_wadd8(a, L == 1 && fmt == 0 ? he_gather8((const float*)A, st + g * R + c)
                                        : he_load8(A, one ? st[g] + c : st[g * R + c / L] + c % L,
@@ -259,22 +318,22 @@ cdef extern from *:
         }
     }
     __attribute__((target("avx2,f16c"))) static void he_add_rows_avx2(
-        float* y, const float* M, const uint64_t* st, const float* w, int64_t n, int64_t D)
+        float* y, const float* M, const uint64_t* st, const float* w, int64_t n, int64_t D, int first)
     {
-        he_add_of(y, M, st, w, n, D, D, 0, 1);
+        he_add_of(y, M, st, w, n, D, D, 0, 1, first);
     }
     __attribute__((target("avx2,f16c"))) static void he_add_runs_avx2(
         float* y, const void* A, const uint64_t* st, const float* w, int64_t n, int64_t D,
-        int64_t L, int fmt)
+        int64_t L, int fmt, int first)
     {
         if (fmt == 2)
-            he_add_of(y, A, st, w, n, D, L, 2, 0);
+            he_add_of(y, A, st, w, n, D, L, 2, 0, first);
         else if (fmt == 1)
-            he_add_of(y, A, st, w, n, D, L, 1, 0);
+            he_add_of(y, A, st, w, n, D, L, 1, 0, first);
         else if (L == 1)
-            he_add_of(y, A, st, w, n, D, 1, 0, 0);
+            he_add_of(y, A, st, w, n, D, 1, 0, 0, first);
         else
-            he_add_of(y, A, st, w, n, D, L, 0, 0);
+            he_add_of(y, A, st, w, n, D, L, 0, 0, first);
     }
     /* o[g * ostride:][:16] = M[st[g]:][:16] for g < n: one-entry bags of
        one-run rows at D = 16, two 8-float moves a row (not a memcpy whose
@@ -290,21 +349,16 @@ cdef extern from *:
         }
     }
     /* 16-bit arrays (H, bf: bfloat16, else float16), runs of a multiple of 8 */
-    static inline int he_add_runs16(float* y, const uint16_t* H, const uint64_t* st,
-                                    const float* w, int64_t n, int64_t D, int64_t L, int bf)
+    static inline void he_add_runs16(float* y, const uint16_t* H, const uint64_t* st,
+                                     const float* w, int64_t n, int64_t D, int64_t L, int bf,
+                                     int first)
     {
-        if (L % 8 || !(he_x86() & 2))
-            return 0;
-        he_add_runs_avx2(y, H, st, w, n, D, L, bf ? 2 : 1);
-        return 1;
+        he_add_runs_avx2(y, H, st, w, n, D, L, bf ? 2 : 1, first);
     }
-    static inline int he_add_rows_f(float* y, const float* M, const uint64_t* st,
-                                    const float* w, int64_t n, int64_t D)
+    static inline void he_add_rows_f(float* y, const float* M, const uint64_t* st,
+                                     const float* w, int64_t n, int64_t D, int first)
     {
-        if (D % 8 || !(he_x86() & 2))
-            return 0;
-        he_add_rows_avx2(y, M, st, w, n, D);
-        return 1;
+        he_add_rows_avx2(y, M, st, w, n, D, first);
     }
     static inline int he_copy_rows16_f(float* o, int64_t ostride, const float* M,
                                        const uint64_t* st, int64_t n)
@@ -320,15 +374,15 @@ cdef extern from *:
     {
         return 0;
     }
-    static inline int he_add_rows_f(float* y, const float* M, const uint64_t* st,
-                                    const float* w, int64_t n, int64_t D)
+    /* (never called: he_sums_take says 0 without AVX2) */
+    static inline void he_add_rows_f(float* y, const float* M, const uint64_t* st,
+                                     const float* w, int64_t n, int64_t D, int first)
     {
-        return 0;
     }
-    static inline int he_add_runs16(float* y, const uint16_t* H, const uint64_t* st,
-                                    const float* w, int64_t n, int64_t D, int64_t L, int bf)
+    static inline void he_add_runs16(float* y, const uint16_t* H, const uint64_t* st,
+                                     const float* w, int64_t n, int64_t D, int64_t L, int bf,
+                                     int first)
     {
-        return 0;
     }
     #endif
     /* columns c0..c0+W-1 (W = 16 or 4, D - c0 >= W) of runs of LL = 1 or 4 */
@@ -337,7 +391,7 @@ cdef extern from *:
             float acc[W];                                                         \
             int64_t g, i;                                                         \
             for (i = 0; i < W; i++)                                               \
-                acc[i] = y[c0 + i];                                               \
+                acc[i] = first ? 0.0f : y[c0 + i];                                \
             for (g = 0; g < n; g++) {                                             \
                 const uint64_t* q = st + g * R + c0 / LL;                         \
                 const float wg = w ? w[g] : 1.0f;                                 \
@@ -347,20 +401,18 @@ cdef extern from *:
             for (i = 0; i < W; i++)                                               \
                 y[c0 + i] = acc[i];                                               \
         }
-    static int he_add_runs_f(float* __restrict y, const float* __restrict M,
-                             const uint64_t* __restrict st, const float* __restrict w,
-                             int64_t n, int64_t D, int64_t L)
+    static void he_add_runs_f(float* __restrict y, const float* __restrict M,
+                              const uint64_t* __restrict st, const float* __restrict w,
+                              int64_t n, int64_t D, int64_t L, int first)
     {
         const int64_t R = D / L;
         int64_t c0;
     #if defined(HE_X86_VECTOR)
         if ((L % 8 == 0 || (L == 1 && D % 8 == 0)) && (he_x86() & 2)) {
-            he_add_runs_avx2(y, M, st, w, n, D, L, 0);
-            return 1;
+            he_add_runs_avx2(y, M, st, w, n, D, L, 0, first);
+            return;
         }
     #endif
-        if ((L != 1 && L != 4) || D % 4)
-            return 0;
         for (c0 = 0; c0 + 16 <= D; c0 += 16) {
             if (L == 1)
                 HE_ADD_COLS(16, 1)
@@ -373,7 +425,6 @@ cdef extern from *:
             else
                 HE_ADD_COLS(4, 4)
         }
-        return 1;
     }
     #undef HE_ADD_COLS
 
@@ -408,6 +459,12 @@ cdef extern from *:
     """
     void he_prefetch(const void* p) noexcept nogil
     void he_prefetch_w(const void* p) noexcept nogil
+    uint64_t he_prefetch_runs_f(const float* A, const uint64_t* st, int64_t n, int64_t tail,
+                                int top) noexcept nogil
+    uint64_t he_prefetch_runs_d(const double* A, const uint64_t* st, int64_t n, int64_t tail,
+                                int top) noexcept nogil
+    uint64_t he_prefetch_runs_h(const uint16_t* A, const uint64_t* st, int64_t n, int64_t tail,
+                                int top) noexcept nogil
     void he_scatter_f(float* t, const uint64_t* st, const float* g, float a, int64_t n) noexcept nogil
     void he_scatter_d(double* t, const uint64_t* st, const double* g, double a, int64_t n) noexcept nogil
     void he_scatter_in_f(float* t, const uint64_t* st, const float* g, float a, int64_t n,
@@ -418,12 +475,13 @@ cdef extern from *:
     void he_axpy_d(double* y, const double* x, double a, int64_t n) noexcept nogil
     void he_scal_f(float* y, const float* x, float a, int64_t n) noexcept nogil
     void he_scal_d(double* y, const double* x, double a, int64_t n) noexcept nogil
-    int he_add_rows_f(float* y, const float* M, const uint64_t* st, const float* w, int64_t n,
-                      int64_t D) noexcept nogil
-    int he_add_runs_f(float* y, const float* M, const uint64_t* st, const float* w, int64_t n,
-                      int64_t D, int64_t L) noexcept nogil
-    int he_add_runs16(float* y, const uint16_t* H, const uint64_t* st, const float* w, int64_t n,
-                      int64_t D, int64_t L, int bf) noexcept nogil
+    int he_sums_take(int64_t D, int64_t L, int half) noexcept nogil
+    void he_add_rows_f(float* y, const float* M, const uint64_t* st, const float* w, int64_t n,
+                       int64_t D, int first) noexcept nogil
+    void he_add_runs_f(float* y, const float* M, const uint64_t* st, const float* w, int64_t n,
+                       int64_t D, int64_t L, int first) noexcept nogil
+    void he_add_runs16(float* y, const uint16_t* H, const uint64_t* st, const float* w, int64_t n,
+                       int64_t D, int64_t L, int bf, int first) noexcept nogil
     int he_copy_rows16_f(float* o, int64_t ostride, const float* M, const uint64_t* st,
                          int64_t n) noexcept nogil
     enum: AHEAD "HE_AHEAD"
@@ -716,23 +774,32 @@ cdef inline void _copy_elems(real* o, const real* M, const uint64_t* r, int64_t 
             o[k] = M[r[k]]
 
 
-cdef inline void _prefetch_elems(const real* M, const uint16_t* H, const uint64_t* r,
-                                 int64_t R) noexcept nogil:
-    """Prefetch R runs of one float (one line each), four a step (the loop's
-    count and branch cost about what a prefetch does)."""
-    cdef int64_t k = 0
+cdef inline bint _far(const he_scheme* s, const uint16_t* H, const real* M) noexcept nogil:
+    """Whether the array is far past the caches (FAR_BYTES on)."""
+    return <int64_t>(s.size * (2 if H != NULL else sizeof(real))) >= FAR_BYTES
+
+
+cdef inline bint _prefetch_reads(const he_scheme* s, const real* M, const uint16_t* H,
+                                const uint64_t* st, int64_t n, int64_t L) noexcept nogil:
+    """Prefetch n runs of L values from st[g] (he_prefetch_runs_*); whether
+    one wraps past the array's end (the largest start decides). Runs of one
+    value (HashedNet) and a full table's rows never wrap, and where its rows
+    are whole lines (D = 16 float32, an array on a line boundary, as
+    init_weight makes it) one prefetch a row takes all of one."""
+    cdef int64_t es = 2 if H != NULL else sizeof(real)
+    cdef bint top = L > 1 and s.kind != HE_FULL
+    cdef int64_t tail = L - 1
+    cdef uint64_t t
+    if s.kind == HE_FULL and L * es == 64 and \
+            (<uintptr_t>H if H != NULL else <uintptr_t>M) % 64 == 0:
+        tail = 0
     if H != NULL:
-        for k in range(R):
-            he_prefetch(H + r[k])
-        return
-    while k + 4 <= R:
-        he_prefetch(M + r[k])
-        he_prefetch(M + r[k + 1])
-        he_prefetch(M + r[k + 2])
-        he_prefetch(M + r[k + 3])
-        k += 4
-    for k in range(k, R):
-        he_prefetch(M + r[k])
+        t = he_prefetch_runs_h(H, st, n, tail, top)
+    elif real is float:
+        t = he_prefetch_runs_f(M, st, n, tail, top)
+    else:
+        t = he_prefetch_runs_d(M, st, n, tail, top)
+    return top and n > 0 and t + <uint64_t>L > s.size
 
 
 cdef inline void _copy_one_runs(real* o, int64_t ostride, const real* M, const uint64_t* st,
@@ -768,10 +835,7 @@ cdef void _one_run_rows(const he_scheme* s, const index_t* x, int64_t n, const r
     cdef uint64_t m = s.size
     cdef bint wraps = False
     he_one_run_starts(&k, x, sizeof(index_t) == 8, n, st)
-    for g in range(n):
-        he_prefetch(_at(M, H, st[g]))
-        he_prefetch(_at(M, H, st[g] + D - 1))
-        wraps |= st[g] + <uint64_t>D > m
+    wraps = _prefetch_reads(s, M, H, st, n, D)
     if s.is_signed:
         for g in range(n):
             _signed_row(s, tt, x[g], st + g, M, H, bf, o + g * ostride)
@@ -799,14 +863,14 @@ cdef void _seg_bags(const he_scheme* s, const index_t* x, const int64_t* off, in
     """o[b * ostride:][:D] = sum (mean) of psw[j] times row x[j] of table
     `table` (psw NULL: ones), j in off[b]..off[b+1]-1, for bags b < n of an
     unsigned scheme that reads no map: the entries' run starts hashed a
-    segment of entries at a time (he_rows_starts) and
-    prefetched a segment before they are added, in entry order (the
-    general _bag's arithmetic), a bag's entries of a segment in one tight
-    loop. Starts go to pre[j * R] when given, else to the two halves of
-    ring in turn (_ring_len: a segment's are at most 2 SEG_RUNS, or one
-    row's)."""
+    segment of entries at a time (he_rows_starts) and prefetched a segment
+    before they are added, in entry order (the general _bag's arithmetic),
+    a bag's entries of a segment in one tight loop (its first starting from
+    zeros: no pass that zeroes the bags). Starts go to pre[j * R]
+    when given, else to the two halves of ring in turn (_ring_len: a
+    segment's are at most 2 SEG_RUNS, or one row's)."""
     cdef int64_t D = s.dim, L = s.run, R = s.runs, j0 = off[0], j1 = off[n]
-    cdef int64_t a, z, j, e, b, i, g, r, cnt, seg = 0
+    cdef int64_t a, z, j, e, b, i, r, cnt, jc, seg = 0
     # entries a segment: CHUNK rows of one run; else about SEG_RUNS runs
     cdef int64_t sn = CHUNK if R == 1 else max(1, min(CHUNK, SEG_RUNS // R))
     cdef uint64_t m = s.size, st
@@ -814,15 +878,17 @@ cdef void _seg_bags(const he_scheme* s, const index_t* x, const int64_t* off, in
     cdef uint64_t* cur = NULL      # starts of the segment being added (entry a - sn first)
     cdef const uint64_t* q
     cdef bint wraps = False, cur_wraps = False
+    # the C sums take every segment without a run wrapping past the array's end
+    cdef bint sums = real is float and he_sums_take(D, L, H != NULL)
     cdef real* ob
     cdef real w = 1
     cdef const real* wj
-    cdef bint summed
     cdef he_rows_k k
     he_rows_of(&k, s, table, tt)
-    for b in range(n):
-        for i in range(D):
-            o[b * ostride + i] = 0
+    for b in range(n):      # (a bag with entries is zeroed at its first)
+        if off[b + 1] == off[b]:
+            for i in range(D):
+                o[b * ostride + i] = 0
     b = 0
     a = j0
     while a < j1 + sn:
@@ -832,36 +898,35 @@ cdef void _seg_bags(const he_scheme* s, const index_t* x, const int64_t* off, in
         if a < j1:          # hash the segment a..z-1 and prefetch its runs
             z = min(a + sn, j1)
             he_rows_starts(&k, x + a, sizeof(index_t) == 8, z - a, nxt)
-            if L == 1:      # runs of one float: one line each, none wraps
-                _prefetch_elems(M, H, nxt, (z - a) * R)
-            else:
-                for g in range((z - a) * R):
-                    he_prefetch(_at(M, H, nxt[g]))
-                    he_prefetch(_at(M, H, nxt[g] + L - 1))
-                    wraps |= nxt[g] + <uint64_t>L > m
+            # (runs of one float from an array in the caches are not
+            # prefetched: HashedNet's bags at 1000x took 25% longer)
+            if L > 1 or _far(s, H, M):
+                wraps = _prefetch_reads(s, M, H, nxt, (z - a) * R, L)
         if a > j0:          # add the segment before, a bag's entries at a time
-            j = a - sn
+            jc = a - sn
+            j = jc
             z = min(a, j1)
             while j < z:
                 while off[b + 1] <= j:
                     b += 1
                 e = min(off[b + 1], z)
                 ob = o + b * ostride
-                if real is float and not cur_wraps:
-                    # the C sums (what they do not take: row by row below)
-                    q = cur + (j - (a - sn)) * R
+                if real is float and sums and not cur_wraps:
+                    q = cur + (j - jc) * R
                     wj = psw + j if psw != NULL else NULL
                     if H != NULL:
-                        summed = he_add_runs16(ob, H, q, wj, e - j, D, L, bf)
+                        he_add_runs16(ob, H, q, wj, e - j, D, L, bf, j == off[b])
                     elif R == 1:
-                        summed = he_add_rows_f(ob, M, q, wj, e - j, D)
+                        he_add_rows_f(ob, M, q, wj, e - j, D, j == off[b])
                     else:
-                        summed = he_add_runs_f(ob, M, q, wj, e - j, D, L)
-                    if summed:
-                        j = e
-                        continue
+                        he_add_runs_f(ob, M, q, wj, e - j, D, L, j == off[b])
+                    j = e
+                    continue
+                if j == off[b]:
+                    for i in range(D):
+                        ob[i] = 0
                 for j in range(j, e):
-                    q = cur + (j - (a - sn)) * R
+                    q = cur + (j - jc) * R
                     if psw != NULL:
                         w = psw[j]
                     for r in range(R):
@@ -926,9 +991,7 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
     # full table: measured faster in every A/B pair), else 8 (an array in the
     # caches gains nothing, and 16 element-wise rows of D lines each overflow
     # the core's miss buffers: HashedNet 19% slower)
-    cdef int64_t ahead = FAR_AHEAD if (R <= 4 and <int64_t>(m * (2 if H != NULL else sizeof(real)))
-                                       >= FAR_BYTES) \
-        else AHEAD
+    cdef int64_t ahead = FAR_AHEAD if R <= 4 and _far(s, H, M) else AHEAD
     # schemes that read memory to find a row's runs (LSH) get two more stages
     cdef int64_t deep = ahead if he_reads_map(s) else 0
     cdef bint fast = ring != NULL and psw == NULL and mode != MAX and not s.is_signed
@@ -982,12 +1045,7 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                     r = ring + (c & (ahead - 1)) * R
                     g = min(q, n - c)
                     he_rows_starts(&kr, idx + j0 + c, sizeof(index_t) == 8, g, r)
-                    if L == 1:
-                        _prefetch_elems(M, H, r, g * R)
-                    else:
-                        for k in range(g * R):
-                            he_prefetch(_at(M, H, r[k]))
-                            he_prefetch(_at(M, H, r[k] + L - 1))
+                    _prefetch_reads(s, M, H, r, g * R, L)
                     if pre != NULL:
                         memcpy(pre + (j0 + c) * R, r, g * R * sizeof(uint64_t))
                 c += q

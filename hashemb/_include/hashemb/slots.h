@@ -619,10 +619,29 @@ __attribute__((target("avx2"), always_inline)) static inline int64_t he_robe_one
     return i;
 }
 
-__attribute__((target("avx2"))) static int64_t he_robe_one_starts_avx2(const he_one_run_k* k,
+/* Full tables' (add + x) dim, four a step: 64 bits by 32 (dim) as two
+ * 32 x 32 products, the high one shifted; the same 64-bit result. */
+__attribute__((target("avx2"), always_inline)) static inline int64_t he_full_starts_of(
+    const he_one_run_k* k, const void* x, int wide, int64_t n, uint64_t* out)
+{
+    const __m256i va = _mm256_set1_epi64x((long long)k->add);
+    const __m256i vd = _mm256_set1_epi64x((long long)k->dim);
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        const __m256i t = _mm256_add_epi64(he_tokens_v(x, wide, i), va);
+        const __m256i hi = _mm256_mul_epu32(_mm256_srli_epi64(t, 32), vd);
+        _mm256_storeu_si256((__m256i*)(out + i),
+                            _mm256_add_epi64(_mm256_mul_epu32(t, vd), _mm256_slli_epi64(hi, 32)));
+    }
+    return i;
+}
+
+__attribute__((target("avx2"))) static int64_t he_one_starts_avx2(const he_one_run_k* k,
                                                                       const void* x, int wide,
                                                                       int64_t n, uint64_t* out)
 {
+    if (k->kind == HE_FULL)
+        return he_full_starts_of(k, x, wide, n, out);
     if (k->kind == HE_ROBE_WIDE)
         return he_robe_one_starts_of(k, x, wide, n, out, 1);
     return he_robe_one_starts_of(k, x, wide, n, out, 0);
@@ -653,16 +672,18 @@ HE_HD void he_run_starts(const he_scheme* s, const he_row* r, uint64_t* out)
 }
 
 /* out[i] = he_one_run_start(k, x[i]) for i < n (x: int64 tokens if wide,
- * else int32): ROBE-Z's (Z >= D) four at a time where the CPU has AVX2. */
+ * else int32): full tables' and ROBE-Z's (Z >= D) four at a time where the
+ * CPU has AVX2. */
 HE_HD void he_one_run_starts(const he_one_run_k* k, const void* x, int wide, int64_t n,
                              uint64_t* out)
 {
     int64_t i = 0;
 #if defined(HE_X86_VECTOR)
     /* (a block's offsets x mod rows times dim = Z below 2^32: 32-bit products) */
-    if ((k->kind == HE_ROBE || (k->kind == HE_ROBE_WIDE && k->rows * k->dim < ((uint64_t)1 << 32)))
+    if ((k->kind == HE_ROBE || k->kind == HE_FULL ||
+         (k->kind == HE_ROBE_WIDE && k->rows * k->dim < ((uint64_t)1 << 32)))
         && n >= 4 && (he_x86() & 2))
-        i = he_robe_one_starts_avx2(k, x, wide, n, out);
+        i = he_one_starts_avx2(k, x, wide, n, out);
 #endif
     for (; i < n; i++)
         out[i] = he_one_run_start(k, wide ? (uint64_t)((const int64_t*)x)[i]
