@@ -232,6 +232,29 @@ cdef extern from *:
        AVX2, runs of 4 (ROBE-Z, Z = 4) and of 1 (HashedNet) in C over a small
        accumulator array, which the compiler keeps in registers. Both return
        0, doing nothing, where they cannot run. */
+    /* A segment's bags (the sums below): entries j..z-1, entry j's run
+       starts at st (R a row), bag b first (its entries from off[b], which
+       may be before j: its row then holds its sum so far), each bag's
+       entries of the segment summed by one `bag` (y its row, w its weights
+       or NULL, n entries, first: its first entry is among them, y not
+       read). Returns the last bag. */
+    #define HE_SEG_WALK(bag)                                                      \
+        while (j < z) {                                                           \
+            while (off[b + 1] <= j)                                               \
+                b++;                                                              \
+            {                                                                     \
+                const int64_t e_ = off[b + 1] < z ? off[b + 1] : z, n = e_ - j;   \
+                float* y = o + b * ostride;                                       \
+                const float* w = psw ? psw + j : 0;                               \
+                const int first = j == off[b];                                    \
+                bag;                                                              \
+                st += n * R;                                                      \
+                j = e_;                                                           \
+            }                                                                     \
+        }                                                                         \
+        return b;
+    #define HE_SEG_ARGS float* o, int64_t ostride, const uint64_t* st, const int64_t* off, \
+                        int64_t b, int64_t j, int64_t z, const float* psw
     /* Whether the C sums below take rows of D values in runs of L (half:
        a 16-bit array): what he_add_rows_f, he_add_runs_f and he_add_runs16
        sum, every call, and what they return 0 for. */
@@ -317,23 +340,25 @@ cdef extern from *:
             _mm256_storeu_ps(y + c, a);
         }
     }
-    __attribute__((target("avx2,f16c"))) static void he_add_rows_avx2(
-        float* y, const float* M, const uint64_t* st, const float* w, int64_t n, int64_t D, int first)
+    __attribute__((target("avx2,f16c"))) static int64_t he_add_rows_avx2(
+        HE_SEG_ARGS, const float* M, int64_t D)
     {
-        he_add_of(y, M, st, w, n, D, D, 0, 1, first);
+        const int64_t R = 1;
+        HE_SEG_WALK(he_add_of(y, M, st, w, n, D, D, 0, 1, first))
     }
-    __attribute__((target("avx2,f16c"))) static void he_add_runs_avx2(
-        float* y, const void* A, const uint64_t* st, const float* w, int64_t n, int64_t D,
-        int64_t L, int fmt, int first)
+    /* (a walk of its own for each format and for runs of one float) */
+    __attribute__((target("avx2,f16c"))) static int64_t he_add_runs_avx2(
+        HE_SEG_ARGS, const void* A, int64_t D, int64_t L, int fmt)
     {
-        if (fmt == 2)
-            he_add_of(y, A, st, w, n, D, L, 2, 0, first);
-        else if (fmt == 1)
-            he_add_of(y, A, st, w, n, D, L, 1, 0, first);
-        else if (L == 1)
-            he_add_of(y, A, st, w, n, D, 1, 0, 0, first);
-        else
-            he_add_of(y, A, st, w, n, D, L, 0, 0, first);
+        const int64_t R = D / L;
+        if (fmt == 2) {
+            HE_SEG_WALK(he_add_of(y, A, st, w, n, D, L, 2, 0, first))
+        } else if (fmt == 1) {
+            HE_SEG_WALK(he_add_of(y, A, st, w, n, D, L, 1, 0, first))
+        } else if (L == 1) {
+            HE_SEG_WALK(he_add_of(y, A, st, w, n, D, 1, 0, 0, first))
+        }
+        HE_SEG_WALK(he_add_of(y, A, st, w, n, D, L, 0, 0, first))
     }
     /* o[g * ostride:][:16] = M[st[g]:][:16] for g < n: one-entry bags of
        one-run rows at D = 16, two 8-float moves a row (not a memcpy whose
@@ -349,16 +374,14 @@ cdef extern from *:
         }
     }
     /* 16-bit arrays (H, bf: bfloat16, else float16), runs of a multiple of 8 */
-    static inline void he_add_runs16(float* y, const uint16_t* H, const uint64_t* st,
-                                     const float* w, int64_t n, int64_t D, int64_t L, int bf,
-                                     int first)
+    static inline int64_t he_add_runs16(HE_SEG_ARGS, const uint16_t* H, int64_t D, int64_t L,
+                                        int bf)
     {
-        he_add_runs_avx2(y, H, st, w, n, D, L, bf ? 2 : 1, first);
+        return he_add_runs_avx2(o, ostride, st, off, b, j, z, psw, H, D, L, bf ? 2 : 1);
     }
-    static inline void he_add_rows_f(float* y, const float* M, const uint64_t* st,
-                                     const float* w, int64_t n, int64_t D, int first)
+    static inline int64_t he_add_rows_f(HE_SEG_ARGS, const float* M, int64_t D)
     {
-        he_add_rows_avx2(y, M, st, w, n, D, first);
+        return he_add_rows_avx2(o, ostride, st, off, b, j, z, psw, M, D);
     }
     static inline int he_copy_rows16_f(float* o, int64_t ostride, const float* M,
                                        const uint64_t* st, int64_t n)
@@ -375,14 +398,14 @@ cdef extern from *:
         return 0;
     }
     /* (never called: he_sums_take says 0 without AVX2) */
-    static inline void he_add_rows_f(float* y, const float* M, const uint64_t* st,
-                                     const float* w, int64_t n, int64_t D, int first)
+    static inline int64_t he_add_rows_f(HE_SEG_ARGS, const float* M, int64_t D)
     {
+        return b;
     }
-    static inline void he_add_runs16(float* y, const uint16_t* H, const uint64_t* st,
-                                     const float* w, int64_t n, int64_t D, int64_t L, int bf,
-                                     int first)
+    static inline int64_t he_add_runs16(HE_SEG_ARGS, const uint16_t* H, int64_t D, int64_t L,
+                                        int bf)
     {
+        return b;
     }
     #endif
     /* columns c0..c0+W-1 (W = 16 or 4, D - c0 >= W) of runs of LL = 1 or 4 */
@@ -401,18 +424,14 @@ cdef extern from *:
             for (i = 0; i < W; i++)                                               \
                 y[c0 + i] = acc[i];                                               \
         }
-    static void he_add_runs_f(float* __restrict y, const float* __restrict M,
-                              const uint64_t* __restrict st, const float* __restrict w,
-                              int64_t n, int64_t D, int64_t L, int first)
+    /* a bag's sum over runs of 1 or 4 (he_sums_take: D a multiple of 4); not
+       inlined: inside the walk it took 30% more instructions (Z = 4) */
+    __attribute__((noinline)) static void he_add_cols(
+        float* __restrict y, const float* __restrict M, const uint64_t* __restrict st,
+        const float* __restrict w, int64_t n, int64_t D, int64_t L, int first)
     {
         const int64_t R = D / L;
         int64_t c0;
-    #if defined(HE_X86_VECTOR)
-        if ((L % 8 == 0 || (L == 1 && D % 8 == 0)) && (he_x86() & 2)) {
-            he_add_runs_avx2(y, M, st, w, n, D, L, 0, first);
-            return;
-        }
-    #endif
         for (c0 = 0; c0 + 16 <= D; c0 += 16) {
             if (L == 1)
                 HE_ADD_COLS(16, 1)
@@ -427,6 +446,17 @@ cdef extern from *:
         }
     }
     #undef HE_ADD_COLS
+    static int64_t he_add_runs_f(HE_SEG_ARGS, const float* M, int64_t D, int64_t L)
+    {
+        const int64_t R = D / L;
+    #if defined(HE_X86_VECTOR)
+        if ((L % 8 == 0 || (L == 1 && D % 8 == 0)) && (he_x86() & 2))
+            return he_add_runs_avx2(o, ostride, st, off, b, j, z, psw, M, D, L, 0);
+    #endif
+        HE_SEG_WALK(he_add_cols(y, M, st, w, n, D, L, first))
+    }
+    #undef HE_SEG_WALK
+    #undef HE_SEG_ARGS
 
     /* Per-call scratch from one cached block: fresh memory costs page
        faults, and blocks that OpenMP threads free go back to the kernel with
@@ -476,12 +506,15 @@ cdef extern from *:
     void he_scal_f(float* y, const float* x, float a, int64_t n) noexcept nogil
     void he_scal_d(double* y, const double* x, double a, int64_t n) noexcept nogil
     int he_sums_take(int64_t D, int64_t L, int half) noexcept nogil
-    void he_add_rows_f(float* y, const float* M, const uint64_t* st, const float* w, int64_t n,
-                       int64_t D, int first) noexcept nogil
-    void he_add_runs_f(float* y, const float* M, const uint64_t* st, const float* w, int64_t n,
-                       int64_t D, int64_t L, int first) noexcept nogil
-    void he_add_runs16(float* y, const uint16_t* H, const uint64_t* st, const float* w, int64_t n,
-                       int64_t D, int64_t L, int bf, int first) noexcept nogil
+    int64_t he_add_rows_f(float* o, int64_t ostride, const uint64_t* st, const int64_t* off,
+                          int64_t b, int64_t j, int64_t z, const float* psw, const float* M,
+                          int64_t D) noexcept nogil
+    int64_t he_add_runs_f(float* o, int64_t ostride, const uint64_t* st, const int64_t* off,
+                          int64_t b, int64_t j, int64_t z, const float* psw, const float* M,
+                          int64_t D, int64_t L) noexcept nogil
+    int64_t he_add_runs16(float* o, int64_t ostride, const uint64_t* st, const int64_t* off,
+                          int64_t b, int64_t j, int64_t z, const float* psw, const uint16_t* H,
+                          int64_t D, int64_t L, int bf) noexcept nogil
     int he_copy_rows16_f(float* o, int64_t ostride, const float* M, const uint64_t* st,
                          int64_t n) noexcept nogil
     enum: AHEAD "HE_AHEAD"
@@ -906,22 +939,19 @@ cdef void _seg_bags(const he_scheme* s, const index_t* x, const int64_t* off, in
             jc = a - sn
             j = jc
             z = min(a, j1)
+            if real is float and sums and not cur_wraps:     # the C sums' own walk
+                if H != NULL:
+                    b = he_add_runs16(o, ostride, cur, off, b, j, z, psw, H, D, L, bf)
+                elif R == 1:
+                    b = he_add_rows_f(o, ostride, cur, off, b, j, z, psw, M, D)
+                else:
+                    b = he_add_runs_f(o, ostride, cur, off, b, j, z, psw, M, D, L)
+                j = z
             while j < z:
                 while off[b + 1] <= j:
                     b += 1
                 e = min(off[b + 1], z)
                 ob = o + b * ostride
-                if real is float and sums and not cur_wraps:
-                    q = cur + (j - jc) * R
-                    wj = psw + j if psw != NULL else NULL
-                    if H != NULL:
-                        he_add_runs16(ob, H, q, wj, e - j, D, L, bf, j == off[b])
-                    elif R == 1:
-                        he_add_rows_f(ob, M, q, wj, e - j, D, j == off[b])
-                    else:
-                        he_add_runs_f(ob, M, q, wj, e - j, D, L, j == off[b])
-                    j = e
-                    continue
                 if j == off[b]:
                     for i in range(D):
                         ob[i] = 0
