@@ -897,11 +897,12 @@ cdef void _seg_bags(const he_scheme* s, const index_t* x, const int64_t* off, in
     `table` (psw NULL: ones), j in off[b]..off[b+1]-1, for bags b < n of an
     unsigned scheme that reads no map: the entries' run starts hashed a
     segment of entries at a time (he_rows_starts) and prefetched a segment
-    before they are added, in entry order (the general _bag's arithmetic),
-    a bag's entries of a segment in one tight loop (its first starting from
-    zeros: no pass that zeroes the bags). Starts go to pre[j * R]
-    when given, else to the two halves of ring in turn (_ring_len: a
-    segment's are at most 2 SEG_RUNS, or one row's)."""
+    before they are added, in entry order (the general _bag's arithmetic):
+    where the C sums take them, by one call a segment that walks its bags,
+    a bag's entries in registers from zeros at its first (no pass zeroes
+    the bags). Starts go to pre[j * R] when given, else to the two halves
+    of ring in turn (_ring_len: a segment's are at most 2 SEG_RUNS, or one
+    row's)."""
     cdef int64_t D = s.dim, L = s.run, R = s.runs, j0 = off[0], j1 = off[n]
     cdef int64_t a, z, j, e, b, i, r, cnt, jc, seg = 0
     # entries a segment: CHUNK rows of one run; else about SEG_RUNS runs
@@ -915,7 +916,6 @@ cdef void _seg_bags(const he_scheme* s, const index_t* x, const int64_t* off, in
     cdef bint sums = real is float and he_sums_take(D, L, H != NULL)
     cdef real* ob
     cdef real w = 1
-    cdef const real* wj
     cdef he_rows_k k
     he_rows_of(&k, s, table, tt)
     for b in range(n):      # (a bag with entries is zeroed at its first)
