@@ -225,13 +225,14 @@ cdef extern from *:
        y taken as zeros, not read): one bag's rows (float32), the bag's sum
        kept in registers instead of stored and reloaded after every row. A
        multiply, then an add, in the same order: he_axpy_f's arithmetic (an
-       add of x is a 1 * x's), so the same bits. he_add_rows_f: rows of one run, row g at M + st[g], D a
-       multiple of 8, with AVX2 (D = 16: two independent chains).
-       he_add_runs_f: rows of R = D / L runs, run k of row g at
-       M + st[g * R + k], none wrapping: runs of a multiple of 8 floats with
-       AVX2, runs of 4 (ROBE-Z, Z = 4) and of 1 (HashedNet) in C over a small
-       accumulator array, which the compiler keeps in registers. Both return
-       0, doing nothing, where they cannot run. */
+       add of x is a 1 * x's), so the same bits. he_add_rows_f: rows of one
+       run, row g at M + st[g], D a multiple of 8, with AVX2 (D = 16: two
+       independent chains). he_add_runs_f: rows of R = D / L runs, run k of
+       row g at M + st[g * R + k], none wrapping: runs of a multiple of 8
+       floats with AVX2, runs of 4 (ROBE-Z, Z = 4) and of 1 (HashedNet) in C
+       over a small accumulator array, which the compiler keeps in
+       registers. Each takes a segment's bags (HE_SEG_WALK); callers ask
+       he_sums_take first. */
     /* A segment's bags (the sums below): entries j..z-1, entry j's run
        starts at st (R a row), bag b first (its entries from off[b], which
        may be before j: its row then holds its sum so far), each bag's
@@ -255,22 +256,25 @@ cdef extern from *:
         return b;
     #define HE_SEG_ARGS float* o, int64_t ostride, const uint64_t* st, const int64_t* off, \
                         int64_t b, int64_t j, int64_t z, const float* psw
-    /* Whether the C sums below take rows of D values in runs of L (half:
-       a 16-bit array): what he_add_rows_f, he_add_runs_f and he_add_runs16
-       sum, every call, and what they return 0 for. */
-    static inline int he_sums_take(int64_t D, int64_t L, int half)
+    /* Whether the AVX2 sums take float32 rows of D values in runs of L */
+    static inline int he_runs_avx2(int64_t D, int64_t L)
     {
     #if defined(HE_X86_VECTOR)
-        const int avx2 = (he_x86() & 2) != 0;
+        return (L % 8 == 0 || (L == 1 && D % 8 == 0)) && (he_x86() & 2);
     #else
-        const int avx2 = 0;
+        return 0;
     #endif
+    }
+    /* Whether the C sums below take rows of D values in runs of L (half:
+       a 16-bit array): he_add_rows_f, he_add_runs_f and he_add_runs16 are
+       called only where this says so. */
+    static inline int he_sums_take(int64_t D, int64_t L, int half)
+    {
         if (half)
-            return L % 8 == 0 && avx2;
+            return L % 8 == 0 && he_runs_avx2(D, L);
         if (L == D)
-            return D % 8 == 0 && avx2;
-        return ((L % 8 == 0 || (L == 1 && D % 8 == 0)) && avx2) ||
-               ((L == 1 || L == 4) && D % 4 == 0);
+            return D % 8 == 0 && he_runs_avx2(D, L);
+        return he_runs_avx2(D, L) || ((L == 1 || L == 4) && D % 4 == 0);
     }
     #if defined(HE_X86_VECTOR)
     /* Eight values of array A from element i, as floats (fmt 0: float32; 1:
@@ -450,7 +454,7 @@ cdef extern from *:
     {
         const int64_t R = D / L;
     #if defined(HE_X86_VECTOR)
-        if ((L % 8 == 0 || (L == 1 && D % 8 == 0)) && (he_x86() & 2))
+        if (he_runs_avx2(D, L))
             return he_add_runs_avx2(o, ostride, st, off, b, j, z, psw, M, D, L, 0);
     #endif
         HE_SEG_WALK(he_add_cols(y, M, st, w, n, D, L, first))
@@ -859,16 +863,14 @@ cdef void _one_run_rows(const he_scheme* s, const index_t* x, int64_t n, const r
                         he_tterm tt, uint64_t* st) noexcept nogil:
     """o[g * ostride:][:D] = row x[g] of table `table`, g < n, for rows of one
     run (he_one_run) and one entry per bag: every row's start hashed into
-    st[:n] (he_one_run_starts: ROBE-Z's four at a time with AVX2) and
-    prefetched, then every row copied. Tight loops with the table's
-    constants in registers (he_one_run_of) instead of the general pipeline:
-    under half the instructions a row."""
+    st[:n] (he_one_run_starts: four at a time with AVX2) and prefetched,
+    then every row copied. Tight loops with the table's constants in
+    registers (he_one_run_of) instead of the general pipeline: under half
+    the instructions a row."""
     cdef he_one_run_k k = he_one_run_of(s, table, tt)
     cdef int64_t D = s.dim, g
-    cdef uint64_t m = s.size
-    cdef bint wraps = False
     he_one_run_starts(&k, x, sizeof(index_t) == 8, n, st)
-    wraps = _prefetch_reads(s, M, H, st, n, D)
+    cdef bint wraps = _prefetch_reads(s, M, H, st, n, D)
     if s.is_signed:
         for g in range(n):
             _signed_row(s, tt, x[g], st + g, M, H, bf, o + g * ostride)
