@@ -33,9 +33,9 @@ def coefficients(seed, count=8):
 
 def sign_terms(sign_coef, coef):
     r"""``sign_coef`` (``c_i = C' i mod P``, one per element) followed by the
-    terms of the sign cubic expanded around each ``c_i``: for a row whose
-    sign key base is ``s``, :math:`q(s + c) = Q_3 s^3 + s^2 B_2 + s B_1 + B_0`
-    with
+    terms of the sign cubic expanded around each ``c_i``, then the cubic's
+    forward differences in ``i``: for a row whose sign key base is ``s``,
+    :math:`q(s + c) = Q_3 s^3 + s^2 B_2 + s B_1 + B_0` with
 
     .. math::
 
@@ -45,10 +45,25 @@ def sign_terms(sign_coef, coef):
     ``he_signs``) where Horner takes three; the residues, and so the signs,
     are the same. ``coef`` is the 12 coefficients of :class:`UniversalHash`.
 
+    As ``c_i`` is linear in ``i``, :math:`f(i) = q(s + c_i)` is a cubic in
+    ``i`` over GF(P), and rows of many elements step through it by forward
+    differences (slots.h, ``he_signs_of``): three additions mod P an element,
+
+    .. math::
+
+        f(0) = Q_3 s^3 + s^2 B_2(0) + s B_1(0) + B_0(0),\quad
+        \Delta f(0) = s^2 \Delta B_2 + s \Delta B_1 + \Delta B_0,\quad
+        \Delta^2 f(0) = s \Delta^2 B_1 + \Delta^2 B_0,\quad \Delta^3 f = \Delta^3 B_0
+
+    (:math:`\Delta B(0) = B(1) - B(0)`, and so on; :math:`B_2` is linear and
+    :math:`B_1` quadratic in ``i``, so their higher differences are 0).
+
     Returns
     -------
     numpy.ndarray
-        uint64 of length ``4 D``: ``c``, ``B_0``, ``B_1``, ``B_2``.
+        uint64 of length ``4 D + 9``: ``c``, ``B_0``, ``B_1``, ``B_2``, then
+        :math:`B_0(0), B_1(0), B_2(0), \Delta B_0, \Delta B_1, \Delta B_2,
+        \Delta^2 B_0, \Delta^2 B_1, \Delta^3 B_0`.
 
     Examples
     --------
@@ -59,13 +74,26 @@ def sign_terms(sign_coef, coef):
     >>> s, k = 12345, (12345 + t[1]) % P
     >>> (q3 * s**3 + s * s * t[7] + s * t[5] + t[3]) % P == (q0 + q1*k + q2*k*k + q3*k**3) % P
     True
+    >>> f0, d1 = (q3 * s**3 + s * s * t[10] + s * t[9] + t[8]) % P, \
+    ...     (s * s * t[13] + s * t[12] + t[11]) % P
+    >>> (f0 + d1) % P == (q0 + q1*k + q2*k*k + q3*k**3) % P
+    True
     """
     q1, q2, q3, q0 = (int(v) for v in coef[8:12])
+
+    def terms(x):
+        return ((((q3 * x + q2) * x + q1) * x + q0) % P, ((3 * q3 * x + 2 * q2) * x + q1) % P,
+                (3 * q3 * x + q2) % P)
+
     c = [int(v) for v in sign_coef]
-    b0 = [(((q3 * x + q2) * x + q1) * x + q0) % P for x in c]
-    b1 = [((3 * q3 * x + 2 * q2) * x + q1) % P for x in c]
-    b2 = [(3 * q3 * x + q2) % P for x in c]
-    return np.array(c + b0 + b1 + b2, np.uint64)
+    b0, b1, b2 = zip(*(terms(x) for x in c)) if c else ((), (), ())
+    # the differences at i = 0 from c_0 .. c_3, whatever D is
+    e = [terms(int(coef[6]) * i % P) for i in range(4)]
+    diffs = [e[0][0], e[0][1], e[0][2],
+             (e[1][0] - e[0][0]) % P, (e[1][1] - e[0][1]) % P, (e[1][2] - e[0][2]) % P,
+             (e[2][0] - 2 * e[1][0] + e[0][0]) % P, (e[2][1] - 2 * e[1][1] + e[0][1]) % P,
+             (e[3][0] - 3 * e[2][0] + 3 * e[1][0] - e[0][0]) % P]
+    return np.array(c + list(b0) + list(b1) + list(b2) + diffs, np.uint64)
 
 
 class UniversalHash:

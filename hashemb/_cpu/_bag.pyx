@@ -21,7 +21,7 @@ from hashemb._cpu._slots cimport (SchemeView, he_scheme, HE_FULL, he_row, he_row
                                   he_row_data, he_table_probe, he_row_probe, he_probe_hint,
                                   he_row_begin_probed, he_tterm, he_table_term, he_row_begin_t,
                                   he_sign_base, he_run_start, he_run_starts, he_run_slot, he_sign,
-                                  he_signs,
+                                  he_signs, he_sign_rows, HE_SIGN_ROWS,
                                   he_one_run_k, he_one_run, he_one_run_of, he_one_run_starts,
                                   he_rows_k, he_rows_of, he_rows_starts, HE_ROWS_EACH,
                                   he_max_threads)
@@ -143,6 +143,36 @@ cdef extern from *:
     HE_AXPY(double, he_axpy_d, +=)
     HE_AXPY(float, he_scal_f, =)
     HE_AXPY(double, he_scal_d, =)
+    /* o[g * ostride + i] = sg[g * D + i] * M[st[g] + i] for g < n, i < D:
+       signed rows of one run that does not wrap, each times its signs (the
+       general loop's products, w = 1 dropped: 1 * v is v) */
+    #define HE_SIGNED_ROWS(T, name)                                               \
+        static inline void name(T* __restrict o, int64_t ostride,                \
+                                const T* __restrict M, const uint64_t* st,       \
+                                const float* __restrict sg, int64_t n, int64_t D) \
+        {                                                                        \
+            for (int64_t g = 0; g < n; g++) {                                    \
+                T* __restrict y = o + g * ostride;                               \
+                const T* __restrict x = M + st[g];                               \
+                const float* __restrict z = sg + g * D;                          \
+                if (D == 16) { for (int i = 0; i < 16; i++) y[i] = z[i] * x[i]; continue; } \
+                for (int64_t i = 0; i < D; i++) y[i] = z[i] * x[i];              \
+            }                                                                    \
+        }
+    HE_SIGNED_ROWS(float, he_signed_rows_f)
+    HE_SIGNED_ROWS(double, he_signed_rows_d)
+    /* y[:n] += a * (sg[:n] * x[:n]): a signed run that does not wrap (the
+       general loop's products) */
+    #define HE_ADD_SIGNED(T, name)                                                \
+        static inline void name(T* __restrict y, const T* __restrict x,          \
+                                const float* __restrict sg, T a, int64_t n)      \
+        {                                                                        \
+            int64_t i;                                                           \
+            if (n == 16) { for (i = 0; i < 16; i++) y[i] += a * (sg[i] * x[i]); return; } \
+            for (i = 0; i < n; i++) y[i] += a * (sg[i] * x[i]);                  \
+        }
+    HE_ADD_SIGNED(float, he_add_signed_f)
+    HE_ADD_SIGNED(double, he_add_signed_d)
 
     enum { HE_AHEAD = 8 };  /* entries (rows) hashed and prefetched this far ahead */
     /* Backward's add over the whole array for rows of R runs of L floats (no
@@ -509,6 +539,14 @@ cdef extern from *:
     void he_axpy_d(double* y, const double* x, double a, int64_t n) noexcept nogil
     void he_scal_f(float* y, const float* x, float a, int64_t n) noexcept nogil
     void he_scal_d(double* y, const double* x, double a, int64_t n) noexcept nogil
+    void he_signed_rows_f(float* o, int64_t ostride, const float* M, const uint64_t* st,
+                          const float* sg, int64_t n, int64_t D) noexcept nogil
+    void he_signed_rows_d(double* o, int64_t ostride, const double* M, const uint64_t* st,
+                          const float* sg, int64_t n, int64_t D) noexcept nogil
+    void he_add_signed_f(float* y, const float* x, const float* sg, float a,
+                         int64_t n) noexcept nogil
+    void he_add_signed_d(double* y, const double* x, const float* sg, double a,
+                         int64_t n) noexcept nogil
     int he_sums_take(int64_t D, int64_t L, int half) noexcept nogil
     int64_t he_add_rows_f(float* o, int64_t ostride, const uint64_t* st, const int64_t* off,
                           int64_t b, int64_t j, int64_t z, const float* psw, const float* M,
@@ -669,9 +707,11 @@ cdef inline int64_t _run_signs(const he_scheme* s, const he_row* row, int64_t i0
 
 cdef inline void _gather_row(const he_scheme* s, const he_row* row, const uint64_t* r,
                              const real* M, const uint16_t* H, int bf, real w, real* o,
-                             int first, int mode) noexcept nogil:
+                             int first, int mode, const float* sgn) noexcept nogil:
     """o[i] = / += / max= w * E(x)[i] for one row (r: its run starts, or
-    NULL to hash them here)."""
+    NULL to hash them here; sgn: a signed row's D <= SIGNS signs, hashed
+    already for several rows at once by he_sign_rows, or NULL to hash them
+    here)."""
     cdef int64_t L = s.run, k, i, i0, n
     cdef uint64_t st
     cdef const real* src
@@ -692,7 +732,10 @@ cdef inline void _gather_row(const he_scheme* s, const he_row* row, const uint64
                 o[k] += w * M[r[k]]
         return
     if whole:
-        he_signs(s, row, 0, s.dim, sg)
+        if sgn != NULL:
+            memcpy(sg, sgn, s.dim * sizeof(float))
+        else:
+            he_signs(s, row, 0, s.dim, sg)
         if r != NULL and L == 1:        # element-wise and signed
             for i in range(s.runs):
                 _pool_in(o + i, sg[i] * _ld(M, H, bf, r[i]), w, first, mode)
@@ -743,13 +786,19 @@ cdef inline void _bag(const he_scheme* s, const index_t* idx, int64_t j0, int64_
     cdef he_row row
     cdef uint64_t here[MAXR]
     cdef uint64_t* r
+    # a signed bag's rows take their signs HE_SIGN_ROWS at a time
+    cdef bint whole = s.is_signed and D <= SIGNS
+    cdef float sgs[HE_SIGN_ROWS * SIGNS]
     for j in range(j0, j1):
+        if whole and (j - j0) % HE_SIGN_ROWS == 0:
+            he_sign_rows(s, tt, idx + j, sizeof(index_t) == 8, min(HE_SIGN_ROWS, j1 - j), sgs)
         row = he_row_begin_t(s, table, tt, idx[j])
         # the row's run starts hashed in one loop (he_run_starts), not one by one
         r = pre + j * s.runs if pre != NULL else (here if s.runs <= MAXR else NULL)
         if r != NULL:
             _starts_row(s, &row, r)
-        _gather_row(s, &row, r, M, H, bf, psw[j] if psw != NULL else 1, o, cnt == 0, mode)
+        _gather_row(s, &row, r, M, H, bf, psw[j] if psw != NULL else 1, o, cnt == 0, mode,
+                    sgs + ((j - j0) % HE_SIGN_ROWS) * D if whole else NULL)
         cnt += 1
     if cnt == 0:
         for i in range(D):
@@ -848,14 +897,15 @@ cdef inline void _copy_one_runs(real* o, int64_t ostride, const real* M, const u
 
 
 cdef inline void _signed_row(const he_scheme* s, he_tterm tt, int64_t x, const uint64_t* r,
-                             const real* M, const uint16_t* H, int bf, real* o) noexcept nogil:
+                             const real* M, const uint16_t* H, int bf, real* o,
+                             const float* sgn) noexcept nogil:
     """o = row x of a signed scheme (tt: its table's he_table_term), one
-    entry a bag, its run starts r hashed already: the general loop's
-    products (_gather_row), with only the row's sign base hashed here."""
+    entry a bag, its run starts r (and, for rows of <= SIGNS floats, its
+    signs sgn) hashed already: the general loop's products (_gather_row)."""
     cdef he_row row
     row.base = 0            # (unread: the starts are given)
-    row.sbase = he_sign_base(s, tt, x)
-    _gather_row(s, &row, r, M, H, bf, 1, o, 1, SUM)
+    row.sbase = he_sign_base(s, tt, x) if sgn == NULL else 0
+    _gather_row(s, &row, r, M, H, bf, 1, o, 1, SUM, sgn)
 
 
 cdef void _one_run_rows(const he_scheme* s, const index_t* x, int64_t n, const real* M,
@@ -868,12 +918,28 @@ cdef void _one_run_rows(const he_scheme* s, const index_t* x, int64_t n, const r
     registers (he_one_run_of) instead of the general pipeline: under half
     the instructions a row."""
     cdef he_one_run_k k = he_one_run_of(s, table, tt)
-    cdef int64_t D = s.dim, g
+    cdef int64_t D = s.dim, g, a, c
+    cdef float sgs[HE_SIGN_ROWS * SIGNS]
     he_one_run_starts(&k, x, sizeof(index_t) == 8, n, st)
     cdef bint wraps = _prefetch_reads(s, M, H, st, n, D)
     if s.is_signed:
-        for g in range(n):
-            _signed_row(s, tt, x[g], st + g, M, H, bf, o + g * ostride)
+        # the rows' signs HE_SIGN_ROWS at a time (he_sign_rows), then each
+        # row times its signs
+        a = 0
+        while a < n:
+            c = min(HE_SIGN_ROWS, n - a)
+            if D <= SIGNS:
+                he_sign_rows(s, tt, x + a, sizeof(index_t) == 8, c, sgs)
+            if D <= SIGNS and not wraps and H == NULL:
+                if real is float:
+                    he_signed_rows_f(o + a * ostride, ostride, M, st + a, sgs, c, D)
+                else:
+                    he_signed_rows_d(o + a * ostride, ostride, M, st + a, sgs, c, D)
+            else:
+                for g in range(a, a + c):
+                    _signed_row(s, tt, x[g], st + g, M, H, bf, o + g * ostride,
+                                sgs + (g - a) * D if D <= SIGNS else NULL)
+            a += HE_SIGN_ROWS
         return
     if wraps or H != NULL:  # a run wrapping past the array's end (ROBE-Z), or 16-bit
         for g in range(n):
@@ -896,15 +962,17 @@ cdef void _seg_bags(const he_scheme* s, const index_t* x, const int64_t* off, in
                     int64_t ostride, int64_t table, he_tterm tt, int mode, uint64_t* ring,
                     uint64_t* pre) noexcept nogil:
     """o[b * ostride:][:D] = sum (mean) of psw[j] times row x[j] of table
-    `table` (psw NULL: ones), j in off[b]..off[b+1]-1, for bags b < n of an
-    unsigned scheme that reads no map: the entries' run starts hashed a
-    segment of entries at a time (he_rows_starts) and prefetched a segment
-    before they are added, in entry order (the general _bag's arithmetic):
-    where the C sums take them, by one call a segment that walks its bags,
-    a bag's entries in registers from zeros at its first (no pass zeroes
-    the bags). Starts go to pre[j * R] when given, else to the two halves
-    of ring in turn (_ring_len: a segment's are at most 2 SEG_RUNS, or one
-    row's)."""
+    `table` (psw NULL: ones), j in off[b]..off[b+1]-1, for bags b < n of a
+    scheme that reads no map (signed ones of D <= SIGNS too): the entries'
+    run starts hashed a segment of entries at a time (he_rows_starts) and
+    prefetched a segment before they are added, in entry order (the
+    general _bag's arithmetic): where the C sums take them, by one call a
+    segment that walks its bags, a bag's entries in registers from zeros at
+    its first (no pass zeroes the bags). A signed segment's signs are
+    hashed at once as it is added (he_sign_rows), each value times its
+    sign, then the weight. Starts go to pre[j * R] when given, else to the
+    two halves of ring in turn (_ring_len: a segment's are at most 2
+    SEG_RUNS, or one row's)."""
     cdef int64_t D = s.dim, L = s.run, R = s.runs, j0 = off[0], j1 = off[n]
     cdef int64_t a, z, j, e, b, i, r, cnt, jc, seg = 0
     # entries a segment: CHUNK rows of one run; else about SEG_RUNS runs
@@ -914,8 +982,11 @@ cdef void _seg_bags(const he_scheme* s, const index_t* x, const int64_t* off, in
     cdef uint64_t* cur = NULL      # starts of the segment being added (entry a - sn first)
     cdef const uint64_t* q
     cdef bint wraps = False, cur_wraps = False
-    # the C sums take every segment without a run wrapping past the array's end
-    cdef bint sums = real is float and he_sums_take(D, L, H != NULL)
+    # the C sums take every unsigned segment without a run wrapping past the
+    # array's end
+    cdef bint sums = real is float and not s.is_signed and he_sums_take(D, L, H != NULL)
+    cdef float sgs[CHUNK * SIGNS]   # a signed segment's signs
+    cdef const float* sg
     cdef real* ob
     cdef real w = 1
     cdef he_rows_k k
@@ -941,6 +1012,8 @@ cdef void _seg_bags(const he_scheme* s, const index_t* x, const int64_t* off, in
             jc = a - sn
             j = jc
             z = min(a, j1)
+            if s.is_signed:
+                he_sign_rows(s, tt, x + jc, sizeof(index_t) == 8, z - jc, sgs)
             if real is float and sums and not cur_wraps:     # the C sums' own walk
                 if H != NULL:
                     b = he_add_runs16(o, ostride, cur, off, b, j, z, psw, H, D, L, bf)
@@ -961,6 +1034,23 @@ cdef void _seg_bags(const he_scheme* s, const index_t* x, const int64_t* off, in
                     q = cur + (j - jc) * R
                     if psw != NULL:
                         w = psw[j]
+                    if s.is_signed:
+                        sg = sgs + (j - jc) * D
+                        if L == 1 and H == NULL:    # element-wise: one float a run, none wraps
+                            for r in range(R):
+                                ob[r] += w * (sg[r] * M[q[r]])
+                            continue
+                        for r in range(R):
+                            st = q[r]
+                            if st + <uint64_t>L > m or H != NULL:   # wrapping, or 16-bit
+                                for i in range(L):
+                                    ob[r * L + i] += w * (sg[r * L + i] * _ld(
+                                        M, H, bf, he_run_slot(s, st, i)))
+                            elif real is float:
+                                he_add_signed_f(ob + r * L, M + st, sg + r * L, w, L)
+                            else:
+                                he_add_signed_d(ob + r * L, M + st, sg + r * L, w, L)
+                        continue
                     for r in range(R):
                         st = q[r]
                         if st + <uint64_t>L > m:        # a run wrapping past the array's end
@@ -1027,8 +1117,10 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
     # schemes that read memory to find a row's runs (LSH) get two more stages
     cdef int64_t deep = ahead if he_reads_map(s) else 0
     cdef bint fast = ring != NULL and psw == NULL and mode != MAX and not s.is_signed
-    # bags of any size (per-sample weights too) hashed a segment at a time
-    cdef bint seg = ring != NULL and mode != MAX and not s.is_signed and deep == 0
+    # bags of any size (per-sample weights too) hashed a segment at a time;
+    # signed ones of rows of up to SIGNS floats too, their signs a segment at once
+    cdef bint seg = ring != NULL and mode != MAX and deep == 0 and (
+        not s.is_signed or D <= SIGNS)
     # signed rows of one run, one entry a bag: _one_run_rows too (not the
     # pipeline below: a signed branch there cost its unsigned rows 4% more
     # instructions)
@@ -1052,7 +1144,7 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                               ring if pre == NULL else pre + j0)
                 continue
         if seg:
-            if not (single and psw == NULL):
+            if not (single and psw == NULL) or s.is_signed:
                 _seg_bags(s, idx, off + t * B + b0, n, M, H, bf, psw, out + t * D, ostride,
                           table0 + t, tt, mode, ring, pre)
                 continue
@@ -1520,12 +1612,8 @@ cdef void _hash_rows(const he_scheme* s, int64_t table, he_tterm tt, const index
 
 cdef void _sign_rows(const he_scheme* s, int64_t table, he_tterm tt, const index_t* x,
                      int64_t n, float* out) noexcept nogil:
-    """out[g * D + i] = sign of element i of row x[g] of `table` (he_signs)."""
-    cdef int64_t g
-    cdef he_row row
-    for g in range(n):
-        row = he_row_begin_t(s, table, tt, x[g])
-        he_signs(s, &row, 0, s.dim, out + g * s.dim)
+    """out[g * D + i] = sign of element i of row x[g] of `table` (he_sign_rows)."""
+    he_sign_rows(s, tt, x, sizeof(index_t) == 8, n, out)
 
 
 cdef void _signed_part(const he_scheme* s, const int64_t* off, int64_t B, const real* psw,

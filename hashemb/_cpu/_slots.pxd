@@ -70,6 +70,10 @@ cdef extern from "hashemb/slots.h" nogil:
     void he_rows_starts(const he_rows_k* k, const void* x, int wide, int64_t n, uint64_t* out)
     int he_sign(const he_scheme* s, const he_row* r, int64_t i)
     void he_signs(const he_scheme* s, const he_row* r, int64_t i0, int64_t n, float* out)
+    void he_signs_of(const he_scheme* s, const uint64_t* sb, int64_t n, float* out)
+    void he_sign_rows(const he_scheme* s, he_tterm tt, const void* x, int wide, int64_t n,
+                      float* out)
+    enum: HE_SIGN_ROWS
     int he_sign_of_key(const uint64_t* q, uint64_t k)
     uint64_t he_hash_base(const uint64_t* c, uint64_t e, uint64_t u)
     uint64_t he_addmod(uint64_t a, uint64_t b)

@@ -153,15 +153,25 @@ def slots(SchemeView sv, const index_t[::1] tokens, const int64_t[::1] tables,
                     min(SLOT_ROWS, N - c * SLOT_ROWS), <uint64_t*>&out[c * SLOT_ROWS, 0])
 
 
+cdef void _rows_signs(const he_scheme* s, const index_t* x, const int64_t* tables, int64_t n,
+                      float* out) noexcept nogil:
+    """signs() of n <= HE_SIGN_ROWS tokens, whatever their tables: their sign
+    bases, then their signs at once (he_signs_of, the bag kernels' signs)."""
+    cdef uint64_t sb[HE_SIGN_ROWS]
+    cdef int64_t g
+    for g in range(n):
+        sb[g] = he_row_begin(s, tables[g], x[g]).sbase
+    he_signs_of(s, sb, n, out)
+
+
 def signs(SchemeView sv, const index_t[::1] tokens, const int64_t[::1] tables,
           float[:, ::1] out):
     """out[n, i] = g(tables[n], tokens[n], i), +-1 (all 1 for unsigned schemes)."""
     cdef const he_scheme* s = &sv.s
-    cdef int64_t n
-    cdef he_row row
-    for n in prange(tokens.shape[0], nogil=True, schedule='static'):
-        row = he_row_begin(s, tables[n], tokens[n])
-        he_signs(s, &row, 0, s.dim, &out[n, 0])
+    cdef int64_t c, N = tokens.shape[0]
+    for c in prange((N + HE_SIGN_ROWS - 1) // HE_SIGN_ROWS, nogil=True, schedule='static'):
+        _rows_signs(s, &tokens[c * HE_SIGN_ROWS], &tables[c * HE_SIGN_ROWS],
+                    min(HE_SIGN_ROWS, N - c * HE_SIGN_ROWS), &out[c * HE_SIGN_ROWS, 0])
 
 
 def universal_hash(const uint64_t[::1] coef, const key_t[::1] keys, uint64_t table,

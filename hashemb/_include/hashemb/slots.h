@@ -969,6 +969,118 @@ HE_HD void he_signs(const he_scheme* s, const he_row* r, int64_t i0, int64_t n, 
     for (; j < n; j++)
         out[j] = (float)he_sign(s, r, i0 + j);
 }
+
+/*
+ * Whole rows' signs, several rows at once: out[g * D + i] = he_sign(s, row
+ * with sign base sb[g], i) for g < n. With AVX2 and D <= 64, four rows a
+ * step, one a lane: f(i) = q(sb + c_i) is a cubic in i over GF(P) (c_i =
+ * C' i), so each lane starts at f(0) and its first three forward
+ * differences (five multiply-adds a row, from hashing.sign_terms' table
+ * after the 4 D terms) and steps to f(i + 1) by three additions mod P
+ * where he_signs takes two multiply-adds: the same residues, so the same
+ * signs. The parities are gathered as a D-bit mask a lane (element i at
+ * bit D - 1 - i), then widened to floats eight a step.
+ */
+#if defined(HE_X86_VECTOR)
+__attribute__((target("avx2"), always_inline)) static inline __m256i he_addmod_v(__m256i a,
+                                                                                 __m256i b)
+{
+    const __m256i P = _mm256_set1_epi64x((long long)HE_P);
+    const __m256i t = _mm256_add_epi64(a, b);       /* < 2P < 2^63: signed compare exact */
+    return _mm256_sub_epi64(t, _mm256_and_si256(
+                                   _mm256_cmpgt_epi64(t, _mm256_set1_epi64x((long long)(HE_P - 1))),
+                                   P));
+}
+
+__attribute__((target("avx2"))) static int64_t he_signs_of_avx2(const he_scheme* s,
+                                                               const uint64_t* sb, int64_t n,
+                                                               float* out)
+{
+    const int64_t D = s->dim;
+    const uint64_t* t = s->sign_coef + 4 * D;
+#define HE_BC(v) _mm256_set1_epi64x((long long)(v))
+#define HE_MA(u, a, b) he_muladd_v(u, HE_BC(a), HE_BC((a) >> 32), b)
+    const __m256i one = HE_BC(1), d3 = HE_BC(t[8]);
+    const __m256i plus = _mm256_set1_epi32(0x3f800000), neg = _mm256_set1_epi32(INT32_MIN);
+    /* element i's bit in its 32-bit half of the mask */
+    static const uint32_t bit[32] = {
+        1u << 0,  1u << 1,  1u << 2,  1u << 3,  1u << 4,  1u << 5,  1u << 6,  1u << 7,
+        1u << 8,  1u << 9,  1u << 10, 1u << 11, 1u << 12, 1u << 13, 1u << 14, 1u << 15,
+        1u << 16, 1u << 17, 1u << 18, 1u << 19, 1u << 20, 1u << 21, 1u << 22, 1u << 23,
+        1u << 24, 1u << 25, 1u << 26, 1u << 27, 1u << 28, 1u << 29, 1u << 30, 1u << 31};
+    int64_t g = 0;
+    for (; g + 4 <= n; g += 4) {
+        const __m256i sv = _mm256_loadu_si256((const __m256i*)(sb + g));
+        /* Horner in s: f(0) = ((Q3 s + B2) s + B1) s + B0, and so on */
+        __m256i f = HE_MA(sv, s->coef[HE_Q + 2], HE_BC(t[2]));
+        f = he_muladd_v(sv, f, _mm256_srli_epi64(f, 32), HE_BC(t[1]));
+        f = he_muladd_v(sv, f, _mm256_srli_epi64(f, 32), HE_BC(t[0]));
+        __m256i d1 = HE_MA(sv, t[5], HE_BC(t[4]));                     /* Delta f(0) */
+        d1 = he_muladd_v(sv, d1, _mm256_srli_epi64(d1, 32), HE_BC(t[3]));
+        __m256i d2 = HE_MA(sv, t[7], HE_BC(t[6]));                     /* Delta^2 f(0) */
+        /* parity of f(i) to bit i: shifted in from the top, D steps */
+        __m256i bits = _mm256_setzero_si256();
+        for (int64_t i = 0; i < D; i++) {
+            bits = _mm256_or_si256(_mm256_srli_epi64(bits, 1),
+                                   _mm256_slli_epi64(_mm256_and_si256(f, one), 63));
+            f = he_addmod_v(f, d1);
+            d1 = he_addmod_v(d1, d2);
+            d2 = he_addmod_v(d2, d3);
+        }
+        uint64_t mask[4];
+        _mm256_storeu_si256((__m256i*)mask, _mm256_srli_epi64(bits, (int)(64 - D)));
+        for (int r = 0; r < 4; r++) {
+            float* o = out + (g + r) * D;
+            const __m256i lo = _mm256_set1_epi32((int)(uint32_t)mask[r]);
+            const __m256i hi = _mm256_set1_epi32((int)(uint32_t)(mask[r] >> 32));
+            int64_t i = 0;
+            for (; i + 8 <= D; i += 8) {
+                const __m256i sel = _mm256_loadu_si256((const __m256i*)(bit + i % 32));
+                const __m256i b = _mm256_and_si256(i < 32 ? lo : hi, sel);
+                _mm256_storeu_si256((__m256i*)(o + i),
+                                    _mm256_or_si256(plus, _mm256_and_si256(
+                                                              _mm256_cmpeq_epi32(b, sel), neg)));
+            }
+            for (; i < D; i++)
+                o[i] = (mask[r] >> i) & 1 ? -1.0f : 1.0f;
+        }
+    }
+#undef HE_MA
+#undef HE_BC
+    return g;
+}
+#endif
+
+static inline void he_signs_of(const he_scheme* s, const uint64_t* sb, int64_t n, float* out)
+{
+    int64_t g = 0;
+#if defined(HE_X86_VECTOR)
+    if (s->is_signed && s->dim <= 64 && (he_x86() & 2))
+        g = he_signs_of_avx2(s, sb, n, out);
+#endif
+    for (; g < n; g++) {
+        he_row r;
+        r.base = 0;
+        r.sbase = sb[g];
+        he_signs(s, &r, 0, s->dim, out + g * s->dim);
+    }
+}
+
+/* out[g * D + i] = sign of element i of row x[g] (int64 tokens if wide,
+ * else int32) of the table whose he_table_term is tt, g < n. */
+#define HE_SIGN_ROWS 32     /* sign bases kept at once */
+static inline void he_sign_rows(const he_scheme* s, he_tterm tt, const void* x, int wide,
+                                int64_t n, float* out)
+{
+    uint64_t sb[HE_SIGN_ROWS];
+    for (int64_t a = 0; a < n; a += HE_SIGN_ROWS) {
+        const int64_t c = n - a < HE_SIGN_ROWS ? n - a : HE_SIGN_ROWS;
+        for (int64_t g = 0; g < c; g++)
+            sb[g] = he_sign_base(s, tt, wide ? ((const int64_t*)x)[a + g]
+                                             : (int64_t)((const int32_t*)x)[a + g]);
+        he_signs_of(s, sb, c, out + a * s->dim);
+    }
+}
 #endif
 
 /*
