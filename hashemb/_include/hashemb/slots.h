@@ -1069,13 +1069,38 @@ static inline void he_signs_of(const he_scheme* s, const uint64_t* sb, int64_t n
 /* out[g * D + i] = sign of element i of row x[g] (int64 tokens if wide,
  * else int32) of the table whose he_table_term is tt, g < n. */
 #define HE_SIGN_ROWS 32     /* sign bases kept at once */
+#if defined(HE_X86_VECTOR)
+/* sb[g] = he_sign_base(s, tt, x[g]) for g < n - n % 4, four a step (AVX2:
+ * he_muladd_v is he_muladd's four lanes); returns that count. */
+__attribute__((target("avx2"))) static int64_t he_sign_bases_avx2(const he_scheme* s,
+                                                                 he_tterm tt, const void* x,
+                                                                 int wide, int64_t n,
+                                                                 uint64_t* sb)
+{
+    const __m256i va = _mm256_set1_epi64x((long long)s->coef[HE_SB]);
+    const __m256i ah = _mm256_srli_epi64(va, 32);
+    const __m256i vb = _mm256_set1_epi64x((long long)(tt.sa + s->coef[HE_SD]));
+    int64_t g = 0;
+    for (; g + 4 <= n; g += 4)
+        _mm256_storeu_si256((__m256i*)(sb + g), he_muladd_v(he_tokens_v(x, wide, g), va, ah, vb));
+    return g;
+}
+#endif
+
 static inline void he_sign_rows(const he_scheme* s, he_tterm tt, const void* x, int wide,
                                 int64_t n, float* out)
 {
     uint64_t sb[HE_SIGN_ROWS];
     for (int64_t a = 0; a < n; a += HE_SIGN_ROWS) {
         const int64_t c = n - a < HE_SIGN_ROWS ? n - a : HE_SIGN_ROWS;
-        for (int64_t g = 0; g < c; g++)
+        int64_t g = 0;
+#if defined(HE_X86_VECTOR)
+        if (he_x86() & 2)
+            g = he_sign_bases_avx2(s, tt, wide ? (const void*)((const int64_t*)x + a)
+                                               : (const void*)((const int32_t*)x + a),
+                                   wide, c, sb);
+#endif
+        for (; g < c; g++)
             sb[g] = he_sign_base(s, tt, wide ? ((const int64_t*)x)[a + g]
                                              : (int64_t)((const int32_t*)x)[a + g]);
         he_signs_of(s, sb, c, out + a * s->dim);
