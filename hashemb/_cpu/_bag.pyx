@@ -959,35 +959,30 @@ cdef inline void _signed_row(const he_scheme* s, he_tterm tt, int64_t x, const u
 cdef void _one_run_rows(const he_scheme* s, const index_t* x, int64_t n, const real* M,
                         const uint16_t* H, int bf, real* o, int64_t ostride, int64_t table,
                         he_tterm tt, uint64_t* st) noexcept nogil:
-    """o[g * ostride:][:D] = row x[g] of table `table`, g < n, for rows of one
+    """o[g * ostride:][:D] = row x[g] of table `table`, g < n <= CHUNK, for rows of one
     run (he_one_run) and one entry per bag: every row's start hashed into
     st[:n] (he_one_run_starts: four at a time with AVX2) and prefetched,
     then every row copied. Tight loops with the table's constants in
     registers (he_one_run_of) instead of the general pipeline: under half
     the instructions a row."""
     cdef he_one_run_k k = he_one_run_of(s, table, tt)
-    cdef int64_t D = s.dim, g, a, c
-    cdef float sgs[HE_SIGN_ROWS * SIGNS]
+    cdef int64_t D = s.dim, g
+    cdef float sgs[CHUNK * SIGNS]   # the chunk's signs (n <= CHUNK)
     he_one_run_starts(&k, x, sizeof(index_t) == 8, n, st)
     cdef bint wraps = _prefetch_reads(s, M, H, st, n, D)
     if s.is_signed:
-        # the rows' signs HE_SIGN_ROWS at a time (he_sign_rows), then each
-        # row times its signs
-        a = 0
-        while a < n:
-            c = min(HE_SIGN_ROWS, n - a)
-            if D <= SIGNS:
-                he_sign_rows(s, tt, x + a, sizeof(index_t) == 8, c, sgs)
-            if D <= SIGNS and not wraps and H == NULL:
-                if real is float:
-                    he_signed_rows_f(o + a * ostride, ostride, M, st + a, sgs, c, D)
-                else:
-                    he_signed_rows_d(o + a * ostride, ostride, M, st + a, sgs, c, D)
+        # the rows' signs at once (he_sign_rows), then each row times its signs
+        if D <= SIGNS:
+            he_sign_rows(s, tt, x, sizeof(index_t) == 8, n, sgs)
+        if D <= SIGNS and not wraps and H == NULL:
+            if real is float:
+                he_signed_rows_f(o, ostride, M, st, sgs, n, D)
             else:
-                for g in range(a, a + c):
-                    _signed_row(s, tt, x[g], st + g, M, H, bf, o + g * ostride,
-                                sgs + (g - a) * D if D <= SIGNS else NULL)
-            a += HE_SIGN_ROWS
+                he_signed_rows_d(o, ostride, M, st, sgs, n, D)
+            return
+        for g in range(n):
+            _signed_row(s, tt, x[g], st + g, M, H, bf, o + g * ostride,
+                        sgs + g * D if D <= SIGNS else NULL)
         return
     if wraps or H != NULL:  # a run wrapping past the array's end (ROBE-Z), or 16-bit
         for g in range(n):
@@ -1134,17 +1129,16 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                          int64_t b0, int64_t b1, uint64_t* ring, uint64_t* pre) noexcept nogil:
     """Bags of samples b0..b1-1, table by table (padding dropped before:
     bag.py's _unpadded). Bags of a scheme that reads no map, without max,
-    take tight loops (a signed scheme's only with rows of one run, one
-    entry a bag and no per-sample weights, each row then times its signs):
-    one entry
-    each (the DLRM/Criteo case) of rows of one run (full tables, ROBE-Z
-    with Z >= D) _one_run_rows, of rows of several runs a pipeline that
+    take tight loops: one entry each (the DLRM/Criteo case) of rows of one
+    run (full tables, ROBE-Z with Z >= D) _one_run_rows (a signed row then
+    times its signs), of unsigned rows of several runs a pipeline that
     copies each row straight from the array, its runs hashed AHEAD bags
     early and prefetched (the gathers are latency-bound, the hashes are
-    not); any other sizes, or per-sample weights, _seg_bags. Every other
-    bag takes the general loop (LSH's single-entry bags a deeper
-    pipeline). pre, when given, receives every entry's run starts as they
-    are computed (for backward to reuse)."""
+    not); any other sizes, per-sample weights, or signed rows of several
+    runs, _seg_bags (signed rows of up to SIGNS floats). Every other bag
+    takes the general loop (LSH's single-entry bags a deeper pipeline).
+    pre, when given, receives every entry's run starts as they are
+    computed (for backward to reuse)."""
     cdef int64_t D = s.dim, L = s.run, R = s.runs, t, b, c, g, j, k, q, n = b1 - b0
     cdef uint64_t m = s.size
     cdef uint64_t* r
@@ -1169,9 +1163,9 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
     # signed ones of rows of up to SIGNS floats too, their signs a segment at once
     cdef bint seg = ring != NULL and mode != MAX and deep == 0 and (
         not s.is_signed or D <= SIGNS)
-    # signed rows of one run, one entry a bag: _one_run_rows too (not the
-    # pipeline below: a signed branch there cost its unsigned rows 4% more
-    # instructions)
+    # signed rows of one run, one entry a bag: _one_run_rows too, of any D
+    # (not the pipeline below: a signed branch there cost its unsigned rows
+    # 4% more instructions)
     cdef bint one_signed = ring != NULL and mode != MAX and psw == NULL and s.is_signed \
         and he_one_run(s)
     cdef he_rows_k kr
