@@ -94,6 +94,9 @@ def make_methods(card, compression, train, lr=0.01):
     methods["hashemb RobeZ Z=32"] = he_method(lambda: he.RobeZ(size, D, block=32))
     methods["hashemb RobeZ Z=4"] = he_method(lambda: he.RobeZ(size, D, block=4))
     methods["hashemb HashedNet (Z=1)"] = he_method(lambda: he.HashedNet(size, D))
+    # the signed map the ROBE paper analyses (its experiments run unsigned)
+    methods["hashemb RobeZ Z=16, signed"] = he_method(
+        lambda: he.RobeZ(size, D, block=16, signed=True))
     methods["hashemb FullTable"] = he_method(lambda: he.FullTable(card, D))
     # float16 storage (pooled in float32; a fused step rounds stochastically)
     methods["hashemb RobeZ Z=16, float16"] = he_method(lambda: he.RobeZ(size, D, block=16),

@@ -4,6 +4,7 @@ from hypothesis import given, strategies as st
 
 import hashemb as he
 import fuzzing
+import ml_dtypes
 from hashemb._backend import kernels
 from reference import bag_backward, bag_forward, sign, slots_signs
 
@@ -135,16 +136,18 @@ def test_signed_runs_longer_than_a_sign_chunk(scheme, mode):
 
 
 @given(dim=st.sampled_from([1, 3, 8, 12, 16, 24, 33, 64, 65]), rows=st.integers(1, 70),
-       seed=st.integers(0, 2**64 - 1), wide=st.booleans(), double=st.booleans(),
+       seed=st.integers(0, 2**64 - 1), wide=st.booleans(),
+       dtype=st.sampled_from(["float32", "float64", "float16", "bfloat16"]),
        wraps=st.booleans(), hnet=st.booleans(), tables=st.integers(1, 3))
-def test_signed_rows_many_at_once(dim, rows, seed, wide, double, wraps, hnet, tables):
+def test_signed_rows_many_at_once(dim, rows, seed, wide, dtype, wraps, hnet, tables):
     """Signed rows take their signs many at once (he_sign_rows: four rows a
     step stepped through the sign cubic by forward differences where D <= 64,
     a row at a time past it, tails of 1-3 rows, 32 rows a batch): one entry
     a bag (rows of one run: times their signs straight from the array, or
     through the general loop where a row wraps), bags of several entries,
     the backward, and signs() with its tables changing inside a batch, all
-    against the reference."""
+    against the reference; float32, float64 and 16-bit arrays (pooled in
+    float32: the C sums multiply by the signs)."""
     if hnet:
         scheme = he.HashedNet(97, dim, seed=seed, signed=True)
     else:
@@ -153,12 +156,14 @@ def test_signed_rows_many_at_once(dim, rows, seed, wide, double, wraps, hnet, ta
                           signed=True)
     rng = np.random.default_rng(seed % 2**32)
     x = rng.integers(-2**31, 2**31, (rows, tables)).astype(np.int64 if wide else np.int32)
-    M = rng.standard_normal(scheme.size).astype(np.float64 if double else np.float32)
+    M = rng.standard_normal(scheme.size).astype(ml_dtypes.bfloat16 if dtype == "bfloat16"
+                                                else dtype)
+    pooled = np.float64 if dtype == "float64" else np.float32
     idx = x.T.reshape(-1)
     off = np.arange(rows * tables + 1, dtype=np.int64)
     want = bag_forward(scheme, idx.astype(np.int64), off, M.astype(np.float64), tables)
     out = he.embedding_bags(x, M, scheme=scheme, num_tables=tables)
-    np.testing.assert_array_equal(out, want.astype(M.dtype))    # a sign times a float: exact
+    np.testing.assert_array_equal(out, want.astype(pooled))    # a sign times a float: exact
     # bags of up to 40 entries
     sizes = rng.integers(0, 41, max(1, rows // 8) * tables)
     off = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
@@ -167,15 +172,17 @@ def test_signed_rows_many_at_once(dim, rows, seed, wide, double, wraps, hnet, ta
     np.testing.assert_allclose(got, bag_forward(scheme, idx.astype(np.int64), off,
                                                 M.astype(np.float64), tables),
                                rtol=1e-5, atol=1e-5)
+    tok, tab = x[:, 0].astype(np.int64), rng.integers(0, tables, rows)
+    sgn = np.empty((rows, dim), np.float32)
+    kernels().signs(scheme._view, tok, tab, sgn)
+    np.testing.assert_array_equal(sgn, slots_signs(scheme, tok, tab)[1])
+    if dtype in ("float16", "bfloat16"):
+        return
     G = rng.standard_normal(got.shape).astype(M.dtype)
     grad = he.embedding_bags_backward(G, idx, off, scheme=scheme, num_tables=tables, weight=M)
     np.testing.assert_allclose(grad, bag_backward(scheme, idx.astype(np.int64), off,
                                                   G.astype(np.float64), tables),
                                rtol=1e-5, atol=1e-5)
-    tok, tab = x[:, 0].astype(np.int64), rng.integers(0, tables, rows)
-    got = np.empty((rows, dim), np.float32)
-    kernels().signs(scheme._view, tok, tab, got)
-    np.testing.assert_array_equal(got, slots_signs(scheme, tok, tab)[1])
 
 
 @given(batches(), st.integers(0, 99))

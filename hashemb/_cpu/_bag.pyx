@@ -324,12 +324,14 @@ cdef extern from *:
                 const int first = j == off[b];                                    \
                 bag;                                                              \
                 st += n * R;                                                      \
+                if (sg)                                                           \
+                    sg += n * D;                                                  \
                 j = e_;                                                           \
             }                                                                     \
         }                                                                         \
         return b;
     #define HE_SEG_ARGS float* o, int64_t ostride, const uint64_t* st, const int64_t* off, \
-                        int64_t b, int64_t j, int64_t z, const float* psw
+                        int64_t b, int64_t j, int64_t z, const float* psw, const float* sg
     /* Whether the AVX2 sums take float32 rows of D values in runs of L */
     static inline int he_runs_avx2(int64_t D, int64_t L)
     {
@@ -372,6 +374,13 @@ cdef extern from *:
         const __m128 hi = _mm256_i64gather_ps(M, _mm256_loadu_si256((const __m256i*)(q + 4)), 4);
         return _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1);
     }
+    /* sg[k:k+8] * x, a signed row's eight values times their signs (sg
+       NULL: x) */
+    __attribute__((target("avx"), always_inline)) static inline __m256 he_sgn8(
+        __m256 x, const float* sg, int64_t k)
+    {
+        return sg ? _mm256_mul_ps(_mm256_loadu_ps(sg + k), x) : x;
+    }
     /* a + w[g] * x (w NULL: a + x): one row's step of a bag's sum */
     __attribute__((target("avx"), always_inline)) static inline __m256 he_wadd8(
         __m256 a, __m256 x, const float* w, int64_t g)
@@ -380,10 +389,12 @@ cdef extern from *:
     }
     /* The bag sum of an array A of format fmt, runs of L (a multiple of 8)
        values, D = 16 as two chains; one (rows of one run, L = D) and fmt are
-       constants where it is inlined, so each caller gets its own loop. */
+       constants where it is inlined, so each caller gets its own loop. sg:
+       a signed bag's signs, D a row (each value times its sign, then the
+       weight: the general loop's products), or NULL. */
     __attribute__((target("avx2,f16c"), always_inline)) static inline void he_add_of(
         float* y, const void* A, const uint64_t* st, const float* w, int64_t n, int64_t D,
-        int64_t L, int fmt, int one, int first)
+        int64_t L, int fmt, int one, int first, const float* sg)
     {
         const int64_t R = one ? 1 : D / L;
         int64_t g, c;
@@ -391,8 +402,10 @@ cdef extern from *:
             __m256 a0 = first ? _mm256_setzero_ps() : _mm256_loadu_ps(y);
             __m256 a1 = first ? _mm256_setzero_ps() : _mm256_loadu_ps(y + 8);
             for (g = 0; g < n; g++) {
-                a0 = he_wadd8(a0, he_gather8((const float*)A, st + g * 16), w, g);
-                a1 = he_wadd8(a1, he_gather8((const float*)A, st + g * 16 + 8), w, g);
+                a0 = he_wadd8(a0, he_sgn8(he_gather8((const float*)A, st + g * 16), sg, g * 16),
+                              w, g);
+                a1 = he_wadd8(a1, he_sgn8(he_gather8((const float*)A, st + g * 16 + 8), sg,
+                                          g * 16 + 8), w, g);
             }
             _mm256_storeu_ps(y, a0);
             _mm256_storeu_ps(y + 8, a1);
@@ -402,8 +415,9 @@ cdef extern from *:
             __m256 a0 = first ? _mm256_setzero_ps() : _mm256_loadu_ps(y);
             __m256 a1 = first ? _mm256_setzero_ps() : _mm256_loadu_ps(y + 8);
             for (g = 0; g < n; g++) {
-                a0 = he_wadd8(a0, he_load8(A, st[g * R], fmt), w, g);
-                a1 = he_wadd8(a1, he_load8(A, R == 1 ? st[g] + 8 : st[g * R + 1], fmt), w, g);
+                a0 = he_wadd8(a0, he_sgn8(he_load8(A, st[g * R], fmt), sg, g * 16), w, g);
+                a1 = he_wadd8(a1, he_sgn8(he_load8(A, R == 1 ? st[g] + 8 : st[g * R + 1], fmt),
+                                          sg, g * 16 + 8), w, g);
             }
             _mm256_storeu_ps(y, a0);
             _mm256_storeu_ps(y + 8, a1);
@@ -412,9 +426,11 @@ cdef extern from *:
         for (c = 0; c < D; c += 8) {
             __m256 a = first ? _mm256_setzero_ps() : _mm256_loadu_ps(y + c);
             for (g = 0; g < n; g++)
-                a = he_wadd8(a, L == 1 && fmt == 0 ? he_gather8((const float*)A, st + g * R + c)
-                                       : he_load8(A, one ? st[g] + c : st[g * R + c / L] + c % L,
-                                                  fmt), w, g);
+                a = he_wadd8(a, he_sgn8(L == 1 && fmt == 0
+                                            ? he_gather8((const float*)A, st + g * R + c)
+                                            : he_load8(A, one ? st[g] + c
+                                                              : st[g * R + c / L] + c % L, fmt),
+                                        sg, g * D + c), w, g);
             _mm256_storeu_ps(y + c, a);
         }
     }
@@ -422,21 +438,30 @@ cdef extern from *:
         HE_SEG_ARGS, const float* M, int64_t D)
     {
         const int64_t R = 1;
-        HE_SEG_WALK(he_add_of(y, M, st, w, n, D, D, 0, 1, first))
+        if (sg) {       /* (a walk of its own: the unsigned one tests no signs) */
+            HE_SEG_WALK(he_add_of(y, M, st, w, n, D, D, 0, 1, first, sg))
+        }
+        HE_SEG_WALK(he_add_of(y, M, st, w, n, D, D, 0, 1, first, 0))
     }
     /* (a walk of its own for each format and for runs of one float) */
     __attribute__((target("avx2,f16c"))) static int64_t he_add_runs_avx2(
         HE_SEG_ARGS, const void* A, int64_t D, int64_t L, int fmt)
     {
         const int64_t R = D / L;
-        if (fmt == 2) {
-            HE_SEG_WALK(he_add_of(y, A, st, w, n, D, L, 2, 0, first))
-        } else if (fmt == 1) {
-            HE_SEG_WALK(he_add_of(y, A, st, w, n, D, L, 1, 0, first))
-        } else if (L == 1) {
-            HE_SEG_WALK(he_add_of(y, A, st, w, n, D, 1, 0, 0, first))
+        if (sg) {       /* signed: any format, one walk (a runs-of-one-float one) */
+            if (L == 1 && fmt == 0) {
+                HE_SEG_WALK(he_add_of(y, A, st, w, n, D, 1, 0, 0, first, sg))
+            }
+            HE_SEG_WALK(he_add_of(y, A, st, w, n, D, L, fmt, 0, first, sg))
         }
-        HE_SEG_WALK(he_add_of(y, A, st, w, n, D, L, 0, 0, first))
+        if (fmt == 2) {
+            HE_SEG_WALK(he_add_of(y, A, st, w, n, D, L, 2, 0, first, 0))
+        } else if (fmt == 1) {
+            HE_SEG_WALK(he_add_of(y, A, st, w, n, D, L, 1, 0, first, 0))
+        } else if (L == 1) {
+            HE_SEG_WALK(he_add_of(y, A, st, w, n, D, 1, 0, 0, first, 0))
+        }
+        HE_SEG_WALK(he_add_of(y, A, st, w, n, D, L, 0, 0, first, 0))
     }
     /* o[g * ostride:][:16] = M[st[g]:][:16] for g < n: one-entry bags of
        one-run rows at D = 16, two 8-float moves a row (not a memcpy whose
@@ -455,11 +480,11 @@ cdef extern from *:
     static inline int64_t he_add_runs16(HE_SEG_ARGS, const uint16_t* H, int64_t D, int64_t L,
                                         int bf)
     {
-        return he_add_runs_avx2(o, ostride, st, off, b, j, z, psw, H, D, L, bf ? 2 : 1);
+        return he_add_runs_avx2(o, ostride, st, off, b, j, z, psw, sg, H, D, L, bf ? 2 : 1);
     }
     static inline int64_t he_add_rows_f(HE_SEG_ARGS, const float* M, int64_t D)
     {
-        return he_add_rows_avx2(o, ostride, st, off, b, j, z, psw, M, D);
+        return he_add_rows_avx2(o, ostride, st, off, b, j, z, psw, sg, M, D);
     }
     static inline int he_copy_rows16_f(float* o, int64_t ostride, const float* M,
                                        const uint64_t* st, int64_t n)
@@ -529,8 +554,9 @@ cdef extern from *:
         const int64_t R = D / L;
     #if defined(HE_X86_VECTOR)
         if (he_runs_avx2(D, L))
-            return he_add_runs_avx2(o, ostride, st, off, b, j, z, psw, M, D, L, 0);
+            return he_add_runs_avx2(o, ostride, st, off, b, j, z, psw, sg, M, D, L, 0);
     #endif
+        /* (unsigned: callers pass signs only where he_runs_avx2 says so) */
         HE_SEG_WALK(he_add_cols(y, M, st, w, n, D, L, first))
     }
     #undef HE_SEG_WALK
@@ -596,15 +622,16 @@ cdef extern from *:
     void he_scatter_signed_d(double* t, const float* sg, const double* g, double a,
                              int64_t n) noexcept nogil
     int he_sums_take(int64_t D, int64_t L, int half) noexcept nogil
+    int he_runs_avx2(int64_t D, int64_t L) noexcept nogil
     int64_t he_add_rows_f(float* o, int64_t ostride, const uint64_t* st, const int64_t* off,
-                          int64_t b, int64_t j, int64_t z, const float* psw, const float* M,
-                          int64_t D) noexcept nogil
+                          int64_t b, int64_t j, int64_t z, const float* psw, const float* sg,
+                          const float* M, int64_t D) noexcept nogil
     int64_t he_add_runs_f(float* o, int64_t ostride, const uint64_t* st, const int64_t* off,
-                          int64_t b, int64_t j, int64_t z, const float* psw, const float* M,
-                          int64_t D, int64_t L) noexcept nogil
+                          int64_t b, int64_t j, int64_t z, const float* psw, const float* sg,
+                          const float* M, int64_t D, int64_t L) noexcept nogil
     int64_t he_add_runs16(float* o, int64_t ostride, const uint64_t* st, const int64_t* off,
-                          int64_t b, int64_t j, int64_t z, const float* psw, const uint16_t* H,
-                          int64_t D, int64_t L, int bf) noexcept nogil
+                          int64_t b, int64_t j, int64_t z, const float* psw, const float* sg,
+                          const uint16_t* H, int64_t D, int64_t L, int bf) noexcept nogil
     int he_copy_rows16_f(float* o, int64_t ostride, const float* M, const uint64_t* st,
                          int64_t n) noexcept nogil
     enum: AHEAD "HE_AHEAD"
@@ -1025,10 +1052,12 @@ cdef void _seg_bags(const he_scheme* s, const index_t* x, const int64_t* off, in
     cdef uint64_t* cur = NULL      # starts of the segment being added (entry a - sn first)
     cdef const uint64_t* q
     cdef bint wraps = False, cur_wraps = False
-    # the C sums take every unsigned segment without a run wrapping past the
-    # array's end
-    cdef bint sums = real is float and not s.is_signed and he_sums_take(D, L, H != NULL)
+    # the C sums take every segment without a run wrapping past the array's
+    # end (a signed one where their AVX2 loops do, which multiply by signs)
+    cdef bint sums = real is float and he_sums_take(D, L, H != NULL) and (
+        not s.is_signed or he_runs_avx2(D, L))
     cdef float sgs[CHUNK * SIGNS]   # a signed segment's signs
+    cdef const float* sgn = sgs if s.is_signed else NULL
     cdef const float* sg
     cdef real* ob
     cdef real w = 1
@@ -1055,15 +1084,15 @@ cdef void _seg_bags(const he_scheme* s, const index_t* x, const int64_t* off, in
             jc = a - sn
             j = jc
             z = min(a, j1)
-            if s.is_signed:
+            if sgn != NULL:
                 he_sign_rows(s, tt, x + jc, sizeof(index_t) == 8, z - jc, sgs)
             if real is float and sums and not cur_wraps:     # the C sums' own walk
                 if H != NULL:
-                    b = he_add_runs16(o, ostride, cur, off, b, j, z, psw, H, D, L, bf)
+                    b = he_add_runs16(o, ostride, cur, off, b, j, z, psw, sgn, H, D, L, bf)
                 elif R == 1:
-                    b = he_add_rows_f(o, ostride, cur, off, b, j, z, psw, M, D)
+                    b = he_add_rows_f(o, ostride, cur, off, b, j, z, psw, sgn, M, D)
                 else:
-                    b = he_add_runs_f(o, ostride, cur, off, b, j, z, psw, M, D, L)
+                    b = he_add_runs_f(o, ostride, cur, off, b, j, z, psw, sgn, M, D, L)
                 j = z
             while j < z:
                 while off[b + 1] <= j:
@@ -1077,7 +1106,7 @@ cdef void _seg_bags(const he_scheme* s, const index_t* x, const int64_t* off, in
                     q = cur + (j - jc) * R
                     if psw != NULL:
                         w = psw[j]
-                    if s.is_signed:
+                    if sgn != NULL:
                         sg = sgs + (j - jc) * D
                         if L == 1 and H == NULL:    # element-wise: one float a run, none wraps
                             for r in range(R):
