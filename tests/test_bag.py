@@ -185,6 +185,34 @@ def test_signed_rows_many_at_once(dim, rows, seed, wide, dtype, wraps, hnet, tab
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+@pytest.mark.parametrize("scheme", [he.RobeZ(1000, 16, block=16, seed=3, signed=True),
+                                    he.RobeZ(1000, 16, block=8, seed=3, signed=True),
+                                    he.RobeZ(1000, 16, block=4, seed=3, signed=True),
+                                    he.RobeZ(1000, 24, block=2, seed=3, signed=True),
+                                    he.HashedNet(97, 16, seed=3, signed=True),
+                                    he.HashedNet(97, 24, seed=3, signed=True),
+                                    he.HashedNet(97, 12, seed=3, signed=True)], ids=repr)
+def test_signed_bags_each_sums_path(scheme, mode, dtype):
+    """Signed multi-hot bags in every path of the segment loop: the C sums
+    with signs (rows of one run, runs of 8, HashedNet's gathered floats at D
+    = 16 and 24, 16-bit arrays) and the loop that multiplies in Cython (runs
+    of 4 or 2, D = 12 element-wise: the sums there take no signs), with
+    per-sample weights and empty bags, against the reference."""
+    rng = np.random.default_rng(11)
+    T = 2
+    off = np.concatenate([[0], np.cumsum(rng.integers(0, 41, 30 * T))]).astype(np.int64)
+    idx = rng.integers(0, 10**9, off[-1])
+    M = rng.standard_normal(scheme.size).astype(ml_dtypes.bfloat16 if dtype == "bfloat16"
+                                                else dtype)
+    psw = rng.random(off[-1]).astype(np.float32) if mode == "sum" else None
+    got = he.embedding_bags(idx, M, off, scheme=scheme, num_tables=T, mode=mode,
+                            per_sample_weights=psw)
+    np.testing.assert_allclose(got, bag_forward(scheme, idx, off, M.astype(np.float64), T, 0,
+                                                mode, psw), rtol=1e-5, atol=1e-5)
+
+
 @given(batches(), st.integers(0, 99))
 def test_single_table_backward(b, gseed):
     scheme, idx, off, M, T, table0, mode, psw, pad, B = b
