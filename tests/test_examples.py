@@ -125,12 +125,13 @@ def test_criteo_bags_benchmark_runs_and_plots(tmp_path):
     res = json.loads(js.read_text())
     names = ("hashemb RobeZ Z=16", "hashemb RobeZ Z=16, (B, T) input",
              "hashemb RobeZ Z=16, float16", "hashemb RobeZ Z=16, bfloat16",
-             "torch.nn.EmbeddingBag", "torch.nn.EmbeddingBag, bfloat16")
+             "torch.nn.EmbeddingBag", "torch.nn.EmbeddingBag, bfloat16",
+             "hashemb RobeZ Z=16, signed")
     steps = ("hashemb RobeZ Z=16, Adagrad", "torch.nn.EmbeddingBag, Adagrad",  # training only
              "hashemb RobeZ Z=16, float16, Adagrad")
     assert {(r["name"], r["train"]) for r in res["summary"]} == {
         (n, t) for n in names for t in (0, 1)} | {(n, 1) for n in steps}
-    assert all(r["samples_per_s"] > 0 for r in res["rounds"]) and len(res["rounds"]) == 15
+    assert all(r["samples_per_s"] > 0 for r in res["rounds"]) and len(res["rounds"]) == 17
     # a variant's ratio to the same variant of the peer (torch's Adagrad and
     # bfloat16 here)
     for mine, peer in ((steps[0], steps[1]), (names[3], names[5])):

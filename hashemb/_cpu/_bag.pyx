@@ -161,30 +161,21 @@ cdef extern from *:
         }
     HE_SIGNED_ROWS(float, he_signed_rows_gen_f)
     HE_SIGNED_ROWS(double, he_signed_rows_d)
-    /* y[:n] += a * (sg[:n] * x[:n]): a signed run that does not wrap (the
-       general loop's products) */
-    #define HE_ADD_SIGNED(T, name)                                                \
+    /* y[:n] += term(i) for a signed run that does not wrap: a forward's
+       a * (sg * x) (the general loop's products), or a gradient's
+       (a * sg) * x into the array where the whole run is the thread's */
+    #define HE_SIGNED_RUN(T, name, term)                                          \
         static inline void name(T* __restrict y, const T* __restrict x,          \
                                 const float* __restrict sg, T a, int64_t n)      \
         {                                                                        \
             int64_t i;                                                           \
-            if (n == 16) { for (i = 0; i < 16; i++) y[i] += a * (sg[i] * x[i]); return; } \
-            for (i = 0; i < n; i++) y[i] += a * (sg[i] * x[i]);                  \
+            if (n == 16) { for (i = 0; i < 16; i++) y[i] += term; return; }      \
+            for (i = 0; i < n; i++) y[i] += term;                                \
         }
-    HE_ADD_SIGNED(float, he_add_signed_f)
-    HE_ADD_SIGNED(double, he_add_signed_d)
-    /* t[:n] += a * sg[:n] * g[:n] ((a * sign) * g): a signed run's gradient
-       into the array where the whole run is the thread's */
-    #define HE_SCATTER_SIGNED(T, name)                                            \
-        static inline void name(T* __restrict t, const float* __restrict sg,     \
-                                const T* __restrict g, T a, int64_t n)           \
-        {                                                                        \
-            int64_t i;                                                           \
-            if (n == 16) { for (i = 0; i < 16; i++) t[i] += a * sg[i] * g[i]; return; } \
-            for (i = 0; i < n; i++) t[i] += a * sg[i] * g[i];                    \
-        }
-    HE_SCATTER_SIGNED(float, he_scatter_signed_f)
-    HE_SCATTER_SIGNED(double, he_scatter_signed_d)
+    HE_SIGNED_RUN(float, he_add_signed_f, a * (sg[i] * x[i]))
+    HE_SIGNED_RUN(double, he_add_signed_d, a * (sg[i] * x[i]))
+    HE_SIGNED_RUN(float, he_scatter_signed_f, a * sg[i] * x[i])
+    HE_SIGNED_RUN(double, he_scatter_signed_d, a * sg[i] * x[i])
     /* Signed float32 rows eight floats a step where the CPU has AVX: a
        call a chunk of rows (a call a run costs more than AVX saves there) */
     #if defined(HE_X86_VECTOR)
@@ -617,9 +608,9 @@ cdef extern from *:
                          int64_t n) noexcept nogil
     void he_add_signed_d(double* y, const double* x, const float* sg, double a,
                          int64_t n) noexcept nogil
-    void he_scatter_signed_f(float* t, const float* sg, const float* g, float a,
+    void he_scatter_signed_f(float* t, const float* g, const float* sg, float a,
                              int64_t n) noexcept nogil
-    void he_scatter_signed_d(double* t, const float* sg, const double* g, double a,
+    void he_scatter_signed_d(double* t, const double* g, const float* sg, double a,
                              int64_t n) noexcept nogil
     int he_sums_take(int64_t D, int64_t L, int half) noexcept nogil
     int he_runs_avx2(int64_t D, int64_t L) noexcept nogil
@@ -1468,9 +1459,9 @@ cdef inline void _add_signed(const he_scheme* s, uint64_t st, int64_t a, int64_t
     cdef uint64_t slot
     if st + <uint64_t>z <= s.size and lo <= sti + a and sti + z <= hi:
         if real is float:
-            he_scatter_signed_f(target + sti + a, sg, g, alpha, z - a)
+            he_scatter_signed_f(target + sti + a, g, sg, alpha, z - a)
         else:
-            he_scatter_signed_d(target + sti + a, sg, g, alpha, z - a)
+            he_scatter_signed_d(target + sti + a, g, sg, alpha, z - a)
         return
     if st + <uint64_t>z <= s.size:
         for i in range(max(a, lo - sti), min(z, hi - sti)):

@@ -974,12 +974,14 @@ HE_HD void he_signs(const he_scheme* s, const he_row* r, int64_t i0, int64_t n, 
  * Whole rows' signs, several rows at once: out[g * D + i] = he_sign(s, row
  * with sign base sb[g], i) for g < n. With AVX2 and D <= 64, four rows a
  * step, one a lane: f(i) = q(sb + c_i) is a cubic in i over GF(P) (c_i =
- * C' i), so each lane starts at f(0) and its first three forward
- * differences (five multiply-adds a row, from hashing.sign_terms' table
- * after the 4 D terms) and steps to f(i + 1) by three additions mod P
- * where he_signs takes two multiply-adds: the same residues, so the same
- * signs. The parities are gathered as a D-bit mask a lane (element i at
- * bit D - 1 - i), then widened to floats eight a step.
+ * C' i), so each lane starts at f(0) and its first two forward
+ * differences (five multiply-adds a row, Horner in sb, from the table
+ * hashing.sign_terms stores after the 4 D terms; the third difference is
+ * one constant) and steps to f(i + 1) by three additions mod P where
+ * he_signs takes two multiply-adds an element: the same residues, so the
+ * same signs. The parities are gathered as a D-bit mask a lane (element i
+ * at bit i), then widened to floats eight a step. Other rows (D > 64, no
+ * AVX2, the last n mod 4) take he_signs.
  */
 #if defined(HE_X86_VECTOR)
 __attribute__((target("avx2"), always_inline)) static inline __m256i he_addmod_v(__m256i a,
@@ -1067,7 +1069,8 @@ static inline void he_signs_of(const he_scheme* s, const uint64_t* sb, int64_t n
 }
 
 /* out[g * D + i] = sign of element i of row x[g] (int64 tokens if wide,
- * else int32) of the table whose he_table_term is tt, g < n. */
+ * else int32) of the table whose he_table_term is tt, g < n: sign bases
+ * HE_SIGN_ROWS at a time (four a step with AVX2), then he_signs_of. */
 #define HE_SIGN_ROWS 32     /* sign bases kept at once */
 #if defined(HE_X86_VECTOR)
 /* sb[g] = he_sign_base(s, tt, x[g]) for g < n - n % 4, four a step (AVX2:
