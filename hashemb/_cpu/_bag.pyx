@@ -146,8 +146,8 @@ cdef extern from *:
     /* o[g * ostride + i] = sg[g * D + i] * M[st[g] + i] for g < n, i < D:
        signed rows of one run that does not wrap, each times its signs (the
        general loop's products, w = 1 dropped: 1 * v is v) */
-    #define HE_SIGNED_ROWS(T, name)                                               \
-        static inline void name(T* __restrict o, int64_t ostride,                \
+    #define HE_SIGNED_ROWS(T, name, attrs)                                        \
+        attrs void name(T* __restrict o, int64_t ostride,                        \
                                 const T* __restrict M, const uint64_t* st,       \
                                 const float* __restrict sg, int64_t n, int64_t D) \
         {                                                                        \
@@ -159,8 +159,8 @@ cdef extern from *:
                 for (int64_t i = 0; i < D; i++) y[i] = z[i] * x[i];              \
             }                                                                    \
         }
-    HE_SIGNED_ROWS(float, he_signed_rows_gen_f)
-    HE_SIGNED_ROWS(double, he_signed_rows_d)
+    HE_SIGNED_ROWS(float, he_signed_rows_gen_f, static inline)
+    HE_SIGNED_ROWS(double, he_signed_rows_d, static inline)
     /* y[:n] += term(i) for a signed run that does not wrap: a forward's
        a * (sg * x) (the general loop's products), or a gradient's
        (a * sg) * x into the array where the whole run is the thread's */
@@ -176,25 +176,11 @@ cdef extern from *:
     HE_SIGNED_RUN(double, he_add_signed_d, a * (sg[i] * x[i]))
     HE_SIGNED_RUN(float, he_scatter_signed_f, a * sg[i] * x[i])
     HE_SIGNED_RUN(double, he_scatter_signed_d, a * sg[i] * x[i])
-    /* Signed float32 rows eight floats a step where the CPU has AVX: a
-       call a chunk of rows (a call a run costs more than AVX saves there) */
+    /* Signed float32 rows eight floats a step where the CPU has AVX (the
+       same loop compiled for it; no FMA): a call a chunk of rows (a call a
+       run costs more than AVX saves there) */
     #if defined(HE_X86_VECTOR)
-    __attribute__((target("avx"))) static void he_signed_rows_avx(
-        float* o, int64_t ostride, const float* M, const uint64_t* st, const float* sg,
-        int64_t n, int64_t D)
-    {
-        for (int64_t g = 0; g < n; g++) {
-            float* y = o + g * ostride;
-            const float* x = M + st[g];
-            const float* z = sg + g * D;
-            int64_t i = 0;
-            for (; i + 8 <= D; i += 8)
-                _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_loadu_ps(z + i),
-                                                      _mm256_loadu_ps(x + i)));
-            for (; i < D; i++)
-                y[i] = z[i] * x[i];
-        }
-    }
+    HE_SIGNED_ROWS(float, he_signed_rows_avx, __attribute__((target("avx"))) static)
     #endif
     static inline void he_signed_rows_f(float* o, int64_t ostride, const float* M,
                                         const uint64_t* st, const float* sg, int64_t n,
@@ -1678,12 +1664,6 @@ cdef void _hash_rows(const he_scheme* s, int64_t table, he_tterm tt, const index
     he_rows_starts(&k, x, sizeof(index_t) == 8, n, out)
 
 
-cdef void _sign_rows(const he_scheme* s, int64_t table, he_tterm tt, const index_t* x,
-                     int64_t n, float* out) noexcept nogil:
-    """out[g * D + i] = sign of element i of row x[g] of `table` (he_sign_rows)."""
-    he_sign_rows(s, tt, x, sizeof(index_t) == 8, n, out)
-
-
 cdef void _signed_part(const he_scheme* s, const int64_t* off, int64_t B, const real* psw,
                        const real* grad, int64_t gstride, int mode, const uint64_t* pre,
                        const float* sgn, real alpha, real* target, int64_t lo,
@@ -2267,8 +2247,8 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
                         _hash_rows(s, table0 + t, tt, ip + j0 + jj, r * (q + 1) // nt - jj,
                                    buf + jj * s.runs)
                         if sgn != NULL:
-                            _sign_rows(s, table0 + t, tt, ip + j0 + jj,
-                                       r * (q + 1) // nt - jj, sgn + jj * s.dim)
+                            he_sign_rows(s, tt, ip + j0 + jj, sizeof(index_t) == 8,
+                                         r * (q + 1) // nt - jj, sgn + jj * s.dim)
                     # one iteration per slot range: a barrier before the next chunk.
                     # Runs of one float (HashedNet) take one range: each thread
                     # would walk every entry for a half of the adds, and the

@@ -156,11 +156,12 @@ def slots(SchemeView sv, const index_t[::1] tokens, const int64_t[::1] tables,
 cdef void _rows_signs(const he_scheme* s, const index_t* x, const int64_t* tables, int64_t n,
                       float* out) noexcept nogil:
     """signs() of n <= HE_SIGN_ROWS tokens, whatever their tables: their sign
-    bases, then their signs at once (he_signs_of, the bag kernels' signs)."""
+    bases (not their rows' slots), then their signs at once (he_signs_of,
+    the bag kernels' signs)."""
     cdef uint64_t sb[HE_SIGN_ROWS]
     cdef int64_t g
     for g in range(n):
-        sb[g] = he_row_begin(s, tables[g], x[g]).sbase
+        sb[g] = he_sign_base(s, he_table_term(s, tables[g]), x[g])
     he_signs_of(s, sb, n, out)
 
 
