@@ -6,13 +6,15 @@ against the kernel's C signature (what CuPy would pack silently wrong). What
 this cannot see: races, warp-level timing, NVRTC-only compile errors (the
 NVRTC test covers those where CuPy is installed), and device memory limits.
 """
-import atexit
 import contextlib
 import ctypes
+import fcntl
+import hashlib
 import os
 import shutil
 import subprocess
 import tempfile
+import time
 
 import numpy as np
 
@@ -23,32 +25,61 @@ _lib = None
 
 
 def build():
-    """The emulator library (built once per process), or None without g++."""
+    """The emulator library (loaded once per process), or None without g++.
+
+    The build is shared by every process on the machine through a file named
+    by a hash of the command and every source it reads (pytest-xdist workers
+    and the fuzzers' subprocesses would otherwise each spend 10-25 s on it);
+    a lock makes the first process build it while the others wait.
+    """
     global _lib
     if _lib is not None:
         return _lib
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         return None
-    tmp = tempfile.mkdtemp(prefix="hashemb_emu_")
-    atexit.register(shutil.rmtree, tmp, True)
-    out = os.path.join(tmp, "emu.so")
     # HASHEMB_EMU_ASAN=1: AddressSanitizer + UndefinedBehaviorSanitizer build
     # (run the process with libasan preloaded: scripts/asan): every kernel
     # access checked against its buffer, undefined arithmetic an error
     asan = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
             "-fno-omit-frame-pointer"] if os.environ.get("HASHEMB_EMU_ASAN") == "1" else []
+    dirs = [os.path.join(ROOT, "hashemb", "_include", "hashemb"),
+            os.path.join(ROOT, "hashemb", "_gpu"), os.path.join(ROOT, "tests", "cuda")]
     cmd = [cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-Wno-unknown-pragmas", *asan,
-           "-I", os.path.join(ROOT, "hashemb", "_include"),
-           "-I", os.path.join(ROOT, "hashemb", "_gpu"),
-           os.path.join(ROOT, "tests", "cuda", "emu.cpp"), "-o", out]
-    subprocess.run(cmd, check=True, capture_output=True)
+           "-I", os.path.join(ROOT, "hashemb", "_include"), "-I", dirs[1],
+           os.path.join(dirs[2], "emu.cpp"), "-o"]
+    # named by what is built, not where: a scratch copy of the tree
+    # (scripts/asan) finds the build of the same sources
+    h = hashlib.sha256(" ".join(cmd).replace(ROOT, "").encode())
+    for d in dirs:
+        for f in sorted(f for f in os.listdir(d) if f.endswith((".h", ".cu", ".cuh", ".cpp"))):
+            with open(os.path.join(d, f), "rb") as fh:
+                h.update(f.encode() + b"\0" + fh.read())
+    cache = os.path.join(tempfile.gettempdir(), f"hashemb_emu_{os.getuid()}")
+    os.makedirs(cache, exist_ok=True)
+    out = os.path.join(cache, h.hexdigest()[:20] + ".so")
+    with open(out + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(out):
+            tmp = f"{out}.{os.getpid()}"
+            subprocess.run(cmd + [tmp], check=True, capture_output=True)
+            os.replace(tmp, out)
+            _forget_old(cache, keep=out)
     lib = ctypes.CDLL(out)
     lib.emu_name.restype = ctypes.c_char_p
     lib.emu_launch.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong,
                                ctypes.POINTER(ctypes.c_void_p)]
     _lib = lib
     return lib
+
+
+def _forget_old(cache, keep, days=2):
+    """Removes builds of other sources, days old, from the shared cache."""
+    for f in os.listdir(cache):
+        path = os.path.join(cache, f)
+        if not path.startswith(keep) and time.time() - os.path.getmtime(path) > days * 86400:
+            with contextlib.suppress(OSError):
+                os.remove(path)
 
 
 def build_or_skip():
