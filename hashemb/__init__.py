@@ -1,7 +1,7 @@
 """hashemb: compressed embedding tables (ROBE-Z, HashedNet, FullTable baseline) as
 fast array functions. NumPy arrays run on Cython + OpenMP kernels, CuPy arrays
 on CUDA kernels compiled at run time (CuPy is imported only when one arrives)."""
-import sys
+import sys as _sys
 
 from .bag import (BagSaved, embedding_bag, embedding_bag_backward, embedding_bags,
                   embedding_bags_backward)
@@ -64,7 +64,7 @@ def show_config():
     """
     from ._cpu import _bag, _slots
     from ._gpu import info as gpu_info
-    native = sys.modules.get("hashemb.torch._native")   # never imports torch itself
+    native = _sys.modules.get("hashemb.torch._native")   # never imports torch itself
     info = {
         "version": __version__,
         "openmp": _slots.has_openmp(),

@@ -289,7 +289,11 @@ def bags(k, indices, offsets, per_sample_weights, *, scheme, mode, dtype, table0
         bad = k.offsets_problem(off, idx.shape[0])
         if bad == 0:
             raise ValueError(f"offsets[0]: expected 0, got {off[0]}")
-        if bad > 0 and off[bad] < off[bad - 1]:
+        if bad > 0 and off[bad - 1] > idx.shape[0]:
+            # a value past the end, then a smaller one: name the first (the
+            # torch modules append len(input), which is no value of the caller's)
+            bad -= 1
+        if bad > 0 and off[bad] <= idx.shape[0]:
             raise ValueError(f"offsets: expected non-decreasing values, got offsets[{bad}]="
                              f"{off[bad]} < offsets[{bad - 1}]={off[bad - 1]}")
         if bad > 0:

@@ -10,10 +10,16 @@ from . import _validate as V
 from ._backend import _cpu_kernels, is_cupy, on_gpu
 
 
-def _key(v):
+def _key(v, name):
     if isinstance(v, np.ndarray):
         return tuple(v.tolist())
-    return v if isinstance(v, numbers.Integral) else tuple(v)
+    if isinstance(v, numbers.Integral):
+        return v
+    try:
+        return tuple(v)
+    except TypeError:
+        raise TypeError(f"{name}: expected an integer or a sequence of integers, "
+                        f"got {type(v).__name__} {v!r}") from None
 
 
 class Layout(NamedTuple):
@@ -34,7 +40,7 @@ class Layout(NamedTuple):
 def _layout(sizes, dims):
     """The :class:`Layout` of these tables, cached: a training loop asks for
     the same few layouts every step."""
-    return _cached_layout(_key(sizes), _key(dims))
+    return _cached_layout(_key(sizes, "sizes"), _key(dims, "dims"))
 
 
 @functools.lru_cache(maxsize=256)
@@ -89,8 +95,9 @@ def embedding(indices, weight):
     """
     if not on_gpu(indices=indices, weight=weight):
         V.weight_dtype(weight)
-    if weight.ndim != 2:
-        raise ValueError(f"weight: expected shape (num_embeddings, dim), got {weight.shape}")
+    if weight.ndim != 2 or 0 in weight.shape:
+        raise ValueError(f"weight: expected shape (num_embeddings, dim), both >= 1, "
+                         f"got {weight.shape}")
     return _multi(indices, weight, weight.shape[0], weight.shape[1], single=True)
 
 
@@ -203,6 +210,7 @@ def embedding_backward(grad_output, indices, num_embeddings, deterministic=False
            [2., 2.],
            [0., 0.]], dtype=float32)
     """
+    num_embeddings = V.check_positive_int(num_embeddings, "num_embeddings", upper=1 << 61)
     if on_gpu(grad_output=grad_output, indices=indices):
         if grad_output.ndim < 1:
             raise ValueError(f"grad_output: expected shape indices.shape + (dim,), "

@@ -105,6 +105,12 @@ def test_errors_and_training_step():
         FastEmbedding(4, 2, _weight=torch.zeros(3, 2))
     with pytest.raises(ValueError, match="dims"):
         FastMultiEmbedding([3, 4], [1])
+    with pytest.raises(ValueError, match="num_embeddings"):
+        FastEmbedding(0, 2)
+    with pytest.raises(TypeError, match="num_embeddings"):
+        FastEmbedding(3.5, 2)
+    with pytest.raises(TypeError, match="embedding_dim"):
+        FastEmbedding(3, True)
     m = FastMultiEmbedding([3, 4], [2, 2])
     with pytest.raises(ValueError, match=r"input: expected shape \(B, 2\)"):
         m(torch.tensor([[0, 1, 2]]))

@@ -225,8 +225,13 @@ def test_module_errors():
         emb(torch.tensor([1.0, 2.0]), torch.tensor([0]))
     with pytest.raises(TypeError, match="CPU tensor"):
         emb(torch.tensor([1, 2], device="meta"), torch.tensor([0], device="meta"))
-    with pytest.raises(ValueError, match="offsets"):
+    # (the module appends len(input): the error names the caller's 5, not that)
+    with pytest.raises(ValueError, match=r"offsets: expected values <= len\(indices\) = 2, got 5"):
         emb(torch.tensor([1, 2]), torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match=r"_weight: expected at least block = 4 floats, got 3"):
+        RobeEmbeddingBag(100, 4, _weight=torch.zeros(3))
+    with pytest.raises(ValueError, match=r"_weight: expected at least block = 4"):
+        RobeEmbeddingBagCollection([10, 20], 4, _weight=torch.zeros(3))
     with pytest.raises(ValueError, match="optimizer"):
         RobeEmbeddingBag(100, 4, optimizer="adam")
     col = RobeEmbeddingBagCollection([10, 20], 4, compression=2)

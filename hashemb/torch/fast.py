@@ -115,7 +115,8 @@ class FastEmbedding(torch.nn.Module):
 
     def __init__(self, num_embeddings, embedding_dim, _weight=None, dtype=None):
         super().__init__()
-        self.num_embeddings, self.embedding_dim = int(num_embeddings), int(embedding_dim)
+        self.num_embeddings = V.check_positive_int(num_embeddings, "num_embeddings", upper=1 << 61)
+        self.embedding_dim = V.check_positive_int(embedding_dim, "embedding_dim", upper=1 << 20)
         self._layout = _lookup._layout(self.num_embeddings, self.embedding_dim)  # validates
         self._layout_t = torch.tensor(self._layout.packed)
         shape = (self.num_embeddings, self.embedding_dim)

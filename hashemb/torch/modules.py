@@ -260,6 +260,17 @@ def _robe_size(total_floats, compression, block, name="compression"):
     return max(block, math.ceil(total_floats / c))
 
 
+def _robe_weight_size(weight, total_floats, compression, block):
+    """The ROBE-Z array's size: the given initial array's, else by compression."""
+    block = V.check_positive_int(block, "block")
+    if weight is None:
+        return _robe_size(total_floats, compression, block)
+    n = torch.as_tensor(weight).numel()
+    if n < block:
+        raise ValueError(f"_weight: expected at least block = {block} floats, got {n}")
+    return n
+
+
 class RobeEmbeddingBag(HashEmbeddingBag):
     r"""ROBE-Z embedding bag: a ``num_embeddings x embedding_dim`` table kept in
     ``ceil(num_embeddings * embedding_dim / compression)`` floats
@@ -279,9 +290,7 @@ class RobeEmbeddingBag(HashEmbeddingBag):
         n = V.check_positive_int(num_embeddings, "num_embeddings", upper=1 << 62)
         D = V.check_positive_int(embedding_dim, "embedding_dim", upper=1 << 20)
         block = D if block is None else block
-        size = (V.check_positive_int(torch.as_tensor(_weight).numel(), "_weight")
-                if _weight is not None else
-                _robe_size(n * D, compression, V.check_positive_int(block, "block")))
+        size = _robe_weight_size(_weight, n * D, compression, block)
         self.num_embeddings, self.embedding_dim = n, D
         super().__init__(RobeZ(size, D, block=block, seed=seed, signed=signed),
                          mode=mode, _weight=_weight, **kwargs)
@@ -307,9 +316,7 @@ class RobeEmbeddingBagCollection(HashEmbeddingBagCollection):
         sizes = _sizes(num_embeddings)
         D = V.check_positive_int(embedding_dim, "embedding_dim", upper=1 << 20)
         block = D if block is None else block
-        size = (V.check_positive_int(torch.as_tensor(_weight).numel(), "_weight")
-                if _weight is not None else
-                _robe_size(sum(sizes) * D, compression, V.check_positive_int(block, "block")))
+        size = _robe_weight_size(_weight, sum(sizes) * D, compression, block)
         self.num_embeddings, self.embedding_dim = sizes, D
         super().__init__(RobeZ(size, D, block=block, seed=seed, signed=signed),
                          len(sizes), mode=mode, _weight=_weight, **kwargs)
