@@ -18,6 +18,7 @@ from .schemes import Scheme
 
 _LSH_TABLE, _LMA = 5, 6                # kinds of slots.h
 _GOLD = 0x9E3779B97F4A7C15
+_NUM_POINTS = 125_000    # rows fit samples by default (SCMA's)
 _MASK64 = (1 << 64) - 1
 
 
@@ -163,7 +164,7 @@ class _MinhashScheme(Scheme):
 
     # ---- building from data
     @classmethod
-    def fit(cls, X, size, dim, num_hashes=2, num_points=125_000, seed=0, block=None,
+    def fit(cls, X, size, dim, num_hashes=2, num_points=None, seed=0, block=None,
             progress=False, device="cpu", _backend=None, **kwargs):
         X = V.as_keys(X, "X")
         if X.ndim != 2:
@@ -171,7 +172,9 @@ class _MinhashScheme(Scheme):
         rows, T = X.shape
         if rows == 0 or T == 0:
             raise ValueError(f"X: expected at least one row and one field, got shape {X.shape}")
-        num_points = V.check_positive_int(num_points, "num_points", upper=1 << 62)
+        # the original's 125,000 sampled rows, or every row of a smaller X
+        num_points = min(_NUM_POINTS, rows) if num_points is None else \
+            V.check_positive_int(num_points, "num_points", upper=1 << 62)
         if num_points > rows:
             raise ValueError(f"num_points: expected <= {rows} (the rows of X), got {num_points}")
         if num_points * T >= 1 << 32:
@@ -333,13 +336,18 @@ class LSHTable(_MinhashScheme):
     size, dim : int
         Floats in the shared array (``m <= 2**32``) and embedding width.
     num_fields : int
-    fields, tokens, data : arrays
-        The sampled (field, token) pairs and their ``(n, dim)`` slots, as
-        :meth:`fit` makes them.
+    keys, data : arrays
+        The map of the ``n`` sampled (field, token) pairs (uint64, a power of
+        two of at least ``2 n`` entries) and their ``(n, dim / block)`` run
+        starts, as :meth:`fit`, :meth:`from_tokens` and :meth:`load` make them:
+        build with those (:meth:`from_tokens` takes the pairs themselves).
     num_hashes : int
+        :math:`H`, minhash values combined a run (1 to 63).
     seed : int
     block : int, optional
         Z, a divisor of ``dim`` (default ``dim``).
+    signature_size : None
+        LMA's; an LSHTable stores starts, not signatures.
 
     Examples
     --------
@@ -365,10 +373,11 @@ class LSHTable(_MinhashScheme):
         return (h * runs + k).astype(np.int32)
 
     @classmethod
-    def fit(cls, X, size, dim, num_hashes=2, num_points=125_000, seed=0, block=None,
+    def fit(cls, X, size, dim, num_hashes=2, num_points=None, seed=0, block=None,
             progress=False, device="cpu", _backend=None):
         """Learn the table from ``X`` (rows x fields, integer tokens): sample
-        ``num_points`` rows (seeded, without replacement), take for every token
+        ``num_points`` rows (seeded, without replacement; default 125,000, or
+        every row of a smaller ``X``), take for every token
         seen the minhashes of its row set under ``num_hashes * dim`` universal
         hashes, and combine them into slots (one pass over the sample; Cython +
         OpenMP, parallel over tokens). ``device="gpu"`` takes the minima and
@@ -378,7 +387,7 @@ class LSHTable(_MinhashScheme):
         Raises
         ------
         ValueError
-            Empty ``X``, ``num_points`` above its rows, ``size`` above 2**32.
+            Empty ``X``, a ``num_points`` given above its rows, ``size`` above 2**32.
         """
         return super().fit(X, size, dim, num_hashes, num_points, seed, block, progress,
                            device, _backend)
@@ -429,7 +438,7 @@ class LMA(_MinhashScheme):
         return np.argsort(r, axis=1, kind="stable")[:, :self.num_hashes].astype(np.int32)
 
     @classmethod
-    def fit(cls, X, size, dim, num_hashes=2, num_points=125_000, seed=0, block=None,
+    def fit(cls, X, size, dim, num_hashes=2, num_points=None, seed=0, block=None,
             signature_size=None, progress=False, device="cpu", _backend=None):
         """Learn the signatures from ``X`` as :meth:`LSHTable.fit` does, keeping
         ``signature_size`` minhash values per sampled token."""

@@ -91,6 +91,17 @@ def test_sample_is_seeded_choice_of_rows():
 
 
 @pytest.mark.parametrize("cls", SCHEMES)
+def test_default_sample_is_every_row_of_a_small_x(cls):
+    """num_points defaults to 125,000 rows, or every row of a smaller X
+    (MovieLens-100k has 100,000): the same scheme as asking for them all."""
+    X = np.random.default_rng(0).integers(0, 30, size=(40, 3))
+    a, b = cls.fit(X, size=500, dim=8, seed=1), cls.fit(X, size=500, dim=8, num_points=40, seed=1)
+    assert a.num_points == 40
+    np.testing.assert_array_equal(a.keys, b.keys)
+    np.testing.assert_array_equal(a.data, b.data)
+
+
+@pytest.mark.parametrize("cls", SCHEMES)
 def test_identical_sets_share_every_element(cls):
     X = pair_data([(0, 0, 5), (0, 0, 1), (0, 0, 17)])
     for seed in range(5):
