@@ -3,6 +3,8 @@
 Every error names the argument and says "expected ..., got ...". Kernels assume
 what passes here: nothing past this module reads or writes out of bounds.
 """
+import argparse
+import math
 import numbers
 import threading
 from collections import namedtuple
@@ -407,3 +409,28 @@ def check_bag_saved(saved, cls, scheme, table0, T, B, n, mode, device):
                          f"mode {MODES[saved.mode]!r}"
                          + ("" if saved.scheme is scheme else ", another scheme"))
     return saved.starts
+
+
+def cli_number(kind, low=0.0, high=math.inf, closed=False):
+    """An argparse type of the command lines: a finite `kind` in (low, high]
+    ([low, high] when closed), else argparse's error naming the flag (a 0
+    would otherwise read as 'the default' where a CLI writes `x or default`,
+    and a negative count run nothing)."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if not (math.isfinite(v) and (v >= low if closed else v > low) and v <= high):
+            lo = f"[{low:g}" if closed else f"({low:g}"
+            hi = "inf)" if high == math.inf else f"{high:g}]"
+            raise argparse.ArgumentTypeError(f"expected a value in {lo}, {hi}, got {text}")
+        return v
+    return parse
+
+
+def cli_numbers(text):
+    """An argparse type: comma-separated numbers > 0 ('' for none)."""
+    parse = cli_number(float)
+    return [parse(c.strip()) for c in text.split(",") if c.strip()]

@@ -12,6 +12,8 @@ import time
 
 import numpy as np
 
+from . import _validate as V
+
 NAMES = {"full": "full (nn.EmbeddingBag)", "robez": "RobeZ", "hashednet": "HashedNet",
          "hashing_trick": "hashing trick", "lsh": "SCMA (LSHTable)", "lma": "LMA", "tt": "TT-Rec"}
 
@@ -22,23 +24,23 @@ def _parser():
     src = p.add_mutually_exclusive_group()
     src.add_argument("--dataset", choices=("synthetic", "movielens"), default="synthetic")
     src.add_argument("--data", metavar="TSV", help="a Criteo TSV file (label, I1..I13, C1..C26)")
-    p.add_argument("--scale", type=float, default=0.01,
+    p.add_argument("--scale", type=V.cli_number(float, high=1.0), default=0.01,
                    help="synthetic: Criteo Kaggle cardinalities times this (default 0.01)")
-    p.add_argument("--train-samples", type=int, default=250_000)
-    p.add_argument("--test-samples", type=int, default=50_000)
-    p.add_argument("--epochs", type=int, default=None,
+    p.add_argument("--train-samples", type=V.cli_number(int), default=250_000)
+    p.add_argument("--test-samples", type=V.cli_number(int), default=50_000)
+    p.add_argument("--epochs", type=V.cli_number(int), default=None,
                    help="epochs of the full model (default 2; MovieLens 4)")
-    p.add_argument("--compressed-epochs", type=int, default=None,
+    p.add_argument("--compressed-epochs", type=V.cli_number(int), default=None,
                    help="epochs of the compressed models (default 2x --epochs, as the "
                         "ROBE paper allows)")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=V.cli_number(int), default=None,
                    help="training batch (default 2048; MovieLens 256)")
     p.add_argument("--optimizer", choices=("sgd", "adagrad", "rowwise_adagrad"), default=None,
                    help="of every part (default sgd; MovieLens adagrad); rowwise_adagrad: "
                         "FBGEMM's row-wise Adagrad for the full table (through hashemb's "
                         "FullTable, fused), per-slot Adagrad for the compressed arrays, "
                         "torch Adagrad for the MLP")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--lr", type=V.cli_number(float), default=None,
                    help="learning rate of every part (default 0.5 for sgd, 0.05 for the "
                         "adagrads)")
     p.add_argument("--weight-dtype", choices=("float32", "float16", "bfloat16"),
@@ -48,23 +50,25 @@ def _parser():
                         "bfloat16 needs ml_dtypes and the CPU)")
     p.add_argument("--rounding", choices=("stochastic", "nearest"), default="stochastic",
                    help="how a 16-bit array's updates round (hashemb.SGD stochastic_rounding)")
-    p.add_argument("--compression", type=float, default=None,
+    p.add_argument("--compression", type=V.cli_number(float), default=None,
                    help="compression of the table (default 1000, MovieLens 10)")
-    p.add_argument("--sweep", type=str, default=None,
+    p.add_argument("--sweep", type=V.cli_numbers, default=None,
                    help="comma-separated compressions for the AUC plot "
                         "(default 10,100,1000; MovieLens 10,100); '' for none")
     p.add_argument("--methods", "--embedding", type=str, default="full,robez,hashednet,hashing_trick",
                    help="comma-separated, from full, robez, hashednet, hashing_trick, lsh "
                         "(SCMA), lma (LMA), tt (TT-Rec)")
-    p.add_argument("--block", type=int, default=16, help="ROBE-Z block size Z")
-    p.add_argument("--lsh-block", type=int, default=None,
+    p.add_argument("--block", type=V.cli_number(int), default=16, help="ROBE-Z block size Z")
+    p.add_argument("--lsh-block", type=V.cli_number(int), default=None,
                    help="SCMA / LMA: elements per run sharing one minhash slot "
                         "(default D = 16; 1 = element-wise, as the originals)")
-    p.add_argument("--num-hashes", type=int, default=2, help="SCMA / LMA: minhashes per run")
-    p.add_argument("--num-points", type=int, default=125_000,
+    p.add_argument("--num-hashes", type=V.cli_number(int, high=63), default=2,
+                   help="SCMA / LMA: minhashes per run")
+    p.add_argument("--num-points", type=V.cli_number(int), default=125_000,
                    help="SCMA / LMA: training rows sampled for the minhash (default 125000)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    p.add_argument("--seed", type=V.cli_number(int, closed=True), default=0)
+    p.add_argument("--threads", type=V.cli_number(int), default=None,
+                   help="torch threads (default: all)")
     p.add_argument("--device", default="cpu",
                    help="torch device of the models: cpu (default), cuda or cuda:N (the "
                         "hashemb modules then run their CuPy kernels)")
@@ -226,7 +230,16 @@ def _check_device(name):
 
 
 def main(argv=None):
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    # the model's embedding width is 16: ROBE-Z runs of a divisor or a multiple
+    # of it, SCMA / LMA runs of a divisor (said here, not by a traceback later)
+    if 16 % args.block and args.block % 16:
+        parser.error(f"argument --block: expected a divisor or a multiple of 16, got {args.block}")
+    if args.lsh_block is not None and 16 % args.lsh_block:
+        parser.error(f"argument --lsh-block: expected a divisor of 16, got {args.lsh_block}")
+    if args.data and not os.path.isfile(args.data):
+        parser.error(f"argument --data: no such file: {args.data!r}")
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -237,8 +250,8 @@ def main(argv=None):
     args.epochs = args.epochs or (4 if movielens else 2)
     args.batch_size = args.batch_size or (256 if movielens else 2048)
     args.lr = args.lr or (0.5 if args.optimizer == "sgd" else 0.05)
-    sweep = args.sweep if args.sweep is not None else ("10,100" if movielens else "10,100,1000")
-    sweep = [float(c) for c in sweep.split(",") if c.strip()]
+    sweep = args.sweep if args.sweep is not None else ([10.0, 100.0] if movielens
+                                                       else [10.0, 100.0, 1000.0])
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
         if m not in NAMES:

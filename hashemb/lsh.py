@@ -460,20 +460,22 @@ def main(argv=None):
     p.add_argument("--data", required=True,
                    help="a Criteo TSV (label, I1..I13, C1..C26; .gz too) or a .npy "
                         "(rows, fields) integer matrix")
-    p.add_argument("--dim", type=int, required=True, help="embedding width D")
-    p.add_argument("--num-hash", type=int, default=2, help="minhashes combined per run")
-    p.add_argument("--num-points", type=int, default=125_000, help="rows sampled")
+    p.add_argument("--dim", type=V.cli_number(int), required=True, help="embedding width D")
+    p.add_argument("--num-hash", type=V.cli_number(int, high=63), default=2,
+                   help="minhashes combined per run")
+    p.add_argument("--num-points", type=V.cli_number(int), default=125_000, help="rows sampled")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--size", type=int, help="floats in the shared array")
-    size.add_argument("--compression", type=float, default=1000.0,
+    size.add_argument("--size", type=V.cli_number(int), help="floats in the shared array")
+    size.add_argument("--compression", type=V.cli_number(float), default=1000.0,
                       help="array = distinct tokens x dim / compression (default 1000)")
     p.add_argument("--lma", action="store_true", help="LMA signatures instead of a slot table")
-    p.add_argument("--signature-size", type=int, default=None,
+    p.add_argument("--signature-size", type=V.cli_number(int), default=None,
                    help="LMA: minhash values per token (default min(8, num-hash * runs))")
-    p.add_argument("--block", type=int, default=None,
+    p.add_argument("--block", type=V.cli_number(int), default=None,
                    help="elements per run (divides dim; default dim, 1 = element-wise)")
-    p.add_argument("--limit", type=int, default=None, help="read at most this many rows")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=V.cli_number(int), default=None,
+                   help="read at most this many rows")
+    p.add_argument("--seed", type=V.cli_number(int, closed=True), default=0)
     p.add_argument("--out", default=None, help="output .npz (default lsh_D_H_N[_lma].npz)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()

@@ -30,27 +30,29 @@ import time
 
 import numpy as np
 
+from . import _validate as V
+
 
 def _parser():
     p = argparse.ArgumentParser(prog="python -m hashemb tt-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=512)
-    p.add_argument("--pooling", type=int, default=20)
-    p.add_argument("--num-embeddings", type=int, default=11_000_000)
+    p.add_argument("--batch", type=V.cli_number(int), default=512)
+    p.add_argument("--pooling", type=V.cli_number(int), default=20)
+    p.add_argument("--num-embeddings", type=V.cli_number(int), default=11_000_000)
     p.add_argument("--p", default="200,220,250", help="row factors ('auto': tt_shapes)")
     p.add_argument("--q", default="4,4,4", help="column factors (product = D)")
     p.add_argument("--ranks", default="32,32")
-    p.add_argument("--iters", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--torch-rows", type=int, default=None,
+    p.add_argument("--iters", type=V.cli_number(int), default=30)
+    p.add_argument("--warmup", type=V.cli_number(int, closed=True), default=3)
+    p.add_argument("--torch-rows", type=V.cli_number(int), default=None,
                    help="rows of the full torch table (default: num-embeddings when it "
                         "fits in half the free memory, else scaled down)")
     p.add_argument("--no-torch", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=V.cli_number(int, closed=True), default=0)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                    help="gpu: CuPy arrays on the current CUDA device")
-    p.add_argument("--peak-size", type=int, default=None,
+    p.add_argument("--peak-size", type=V.cli_number(int), default=None,
                    help="n of the n^3 SGEMM measuring the peak (default 4096 CPU, 8192 GPU)")
     return p
 

@@ -1,5 +1,6 @@
 """The main job end to end on tiny settings: synthetic data and a Criteo TSV."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -70,6 +71,33 @@ def test_demo_device_is_checked_before_any_work(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match=r"^--device: 'cuda' needs torch with CUDA"):
             main(["demo", "--device", "cuda", "--out", str(tmp_path)] + TINY)
+    assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize("cli, flag, value, said", [
+    ("demo", "--epochs", "0", r"a value in \(0, inf\), got 0"),     # 0 read as the default
+    ("demo", "--epochs", "-1", r"\(0, inf\), got -1"),              # trained nothing
+    ("demo", "--epochs", "1.5", "an integer, got '1.5'"),
+    ("demo", "--batch-size", "0", r"\(0, inf\)"),
+    ("demo", "--lr", "nan", r"\(0, inf\), got nan"),
+    ("demo", "--scale", "2", r"\(0, 1\], got 2"),
+    ("demo", "--seed", "-1", r"\[0, inf\), got -1"),
+    ("demo", "--sweep", "10,x", "a number, got 'x'"),
+    ("demo", "--block", "3", "a divisor or a multiple of 16, got 3"),
+    ("demo", "--lsh-block", "32", "a divisor of 16, got 32"),
+    ("demo", "--data", "/nonexistent.tsv", "no such file"),
+    ("lsh-table", "--size", "0", r"\(0, inf\), got 0"),
+    ("lsh-table", "--num-hash", "64", r"\(0, 63\], got 64"),
+    ("tt-bench", "--iters", "-2", r"\(0, inf\), got -2"),
+])
+def test_command_lines_reject_bad_numbers(cli, flag, value, said, tmp_path, capsys):
+    """argparse's usage error naming the flag (exit 2), before any work."""
+    rest = ["--data", "x.npy", "--dim", "16"] if cli == "lsh-table" else []
+    with pytest.raises(SystemExit) as e:
+        main([cli, flag, value] + rest + (["--out", str(tmp_path)] if cli == "demo" else []))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(f"argument {flag}: .*{said}", err), err
     assert not (tmp_path / "results.json").exists()
 
 
