@@ -122,6 +122,16 @@ def test_tsv_reads_rows_with_missing_fields(tmp_path):
     assert b.dense[2, 0] == 0                          # log1p(max(-3, 0))
     assert b.cats[0, 5] == token_id("00000005") != 0
     assert len(set(b.cats[0].tolist())) == 26          # distinct tokens, distinct ids
+    # every pass reads the file from its start and counts its own rows
+    # (the limit once compared the rows of all passes: a second read was empty)
+    r = CriteoTSV(path)
+    assert r.read(limit=2).labels.tolist() == [1.0, 0.0] == r.read(limit=2).labels.tolist()
+    assert r.rows == 2 and len(r.read().labels) == 3 == r.rows
+    assert len(r.read(limit=0).labels) == 0
+    with pytest.raises(ValueError, match="limit"):
+        r.read(limit=-1)
+    with pytest.raises(ValueError, match="batch_size"):
+        next(r.batches(batch_size=0))
 
 
 def test_tsv_bad_rows_raise_with_line_number_or_are_skipped():

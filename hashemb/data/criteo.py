@@ -7,6 +7,7 @@ are. Dense values get DLRM's transform ``log1p(max(x, 0))`` (missing = 0).
 """
 import numpy as np
 
+from .. import _validate as V
 from .synthetic import NUM_DENSE, Batch, _mix
 
 NUM_CATS = 26
@@ -86,7 +87,13 @@ class CriteoTSV:
 
     def batches(self, batch_size=65536, limit=None):
         """Yield :data:`~hashemb.data.Batch` es of up to ``batch_size`` rows
-        (``prob`` is None), at most ``limit`` rows in all."""
+        (``prob`` is None), at most ``limit`` rows in all. Each pass reads
+        the source from its start (a file; an iterator goes on where it
+        stopped) and counts its own :attr:`rows` and :attr:`skipped`."""
+        batch_size = V.check_positive_int(batch_size, "batch_size")
+        if limit is not None:
+            limit = V.check_int(limit, "limit", lo=0)
+        self.rows = self.skipped = 0
         labels, dense, cats = [], [], []
         for lineno, line in enumerate(self._lines(), 1):
             if limit is not None and self.rows >= limit:
