@@ -1,5 +1,7 @@
 """Fused optimizers: passed as ``optimizer=`` to a backward, they update the
 array in place in the same pass, with no full-size gradient returned."""
+import weakref
+
 import numpy as np
 
 from . import _validate as V
@@ -33,6 +35,17 @@ def _zeros(weight, size):
     return aligned(size, dtype, zero=True)
 
 
+def _forget(opt, name, key, value):
+    """The finalizer of _Fused._keep: drop the optimizer's table ``name`` at
+    ``key`` if it still holds that value (all held weakly: a finalizer keeps
+    neither the optimizer nor its arrays alive)."""
+    opt = opt()
+    if opt is not None:
+        table = getattr(opt, name)
+        if key in table and table[key] is value():
+            del table[key]
+
+
 class _Fused:
     """What both fused optimizers keep per weight array: a zeroed float
     scratch for the two-phase update (Adagrad; SGD of 16-bit weights) and
@@ -49,13 +62,30 @@ class _Fused:
         return (("cupy", weight.device.id) if is_cupy(weight) else "numpy", data_ptr(weight),
                 weight.size, weight.dtype.str)
 
+    def _keep(self, name, key, weight, value):
+        """table[key] = value, forgotten when the NumPy array that owns
+        ``weight``'s memory is freed: the next array at that address is
+        another weight and starts from zeros (it took the freed one's
+        accumulator before). Memory owned elsewhere (a torch tensor, a CuPy
+        or mapped buffer, whose Python wrappers come and go between calls)
+        is kept by address, as before; the torch modules bind their state
+        each step (use_state)."""
+        getattr(self, name)[key] = value
+        owner = weight
+        while isinstance(owner, np.ndarray) and owner.base is not None:
+            owner = owner.base
+        if isinstance(owner, np.ndarray) and owner.flags.owndata:
+            # one finalizer an entry made, not a call
+            weakref.finalize(owner, _forget, weakref.ref(self), name, key, weakref.ref(value))
+        return value
+
     def scratch_for(self, weight):
         """The zeroed scratch of ``weight``: its gradient is summed there,
         applied once per slot, and cleared as it is applied."""
         key = self._key(weight)
         s = self._scratch.get(key)
         if s is None:
-            s = self._scratch[key] = _zeros(weight, weight.size)
+            s = self._keep("_scratch", key, weight, _zeros(weight, weight.size))
         return s
 
     def _round_seed(self, weight):
@@ -132,7 +162,7 @@ class _Accumulating(_Fused):
         key = self._key(weight)
         s = self.state.get(key)
         if s is None:
-            s = self.state[key] = _zeros(weight, size)
+            s = self._keep("state", key, weight, _zeros(weight, size))
         elif s.size != size:
             raise ValueError(f"state: expected {size} values for this weight, got {s.size} "
                              f"(bound by use_state)")
@@ -155,7 +185,7 @@ class _Accumulating(_Fused):
         bound = self.state.get(key)
         if bound is not None and data_ptr(bound) == data_ptr(state):
             return
-        self.state[key] = state.reshape(-1)
+        self._keep("state", key, weight, state.reshape(-1))
         # a scratch is made when a step needs one (never for a full table
         # summed per row, nor for row-wise Adagrad): none is kept for it here
         self._scratch.pop(key, None)
@@ -172,8 +202,9 @@ class Adagrad(_Accumulating):
     where :math:`g_j` is the full gradient of slot j for the batch (summed over
     every entry that hits it first, then applied once). The optimizer keeps a
     state array and a zeroed scratch array per weight array it has updated
-    (``state[key]``, keyed by the array's address and size), float32 for a
-    16-bit weight. A full table large next to its batch (not max mode)
+    (``state[key]``, keyed by the array's address and size, and dropped
+    when the NumPy array owning that memory is freed: a new weight starts
+    from zeros wherever the allocator puts it), float32 for a 16-bit weight. A full table large next to its batch (not max mode)
     sums each touched row's gradient instead (CPU: in a compact buffer; GPU:
     entries sorted by row, deterministic): the same results, memory for the
     rows touched only.

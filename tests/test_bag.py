@@ -289,6 +289,37 @@ def test_float32_adagrad_step_is_the_model_bit_for_bit(scheme):
     np.testing.assert_array_equal(opt.state_for(W)[0], state)
 
 
+@pytest.mark.parametrize("make", [lambda: he.Adagrad(0.1),
+                                  lambda: he.SGD(0.1, stochastic_rounding=False)],
+                         ids=["adagrad", "sgd-float16-scratch"])
+def test_optimizer_state_dies_with_its_weight(make):
+    """State is keyed by address; a freed weight's entry is dropped, so a
+    new array that the allocator puts at the same address starts from zeros
+    (it took the old accumulator before: 19 of 20 new weights here), and a
+    live weight, or a view of it, keeps its state."""
+    robe = he.RobeZ(1 << 16, 16)
+    g, x = np.ones((4, 16), np.float32), np.arange(1, 5).reshape(4, 1)
+    opt = make()
+    dtype = np.float16 if isinstance(opt, he.SGD) else np.float32
+    addresses = set()
+    for i in range(20):
+        W = robe.init_weight(seed=i, dtype=dtype)
+        addresses.add(W.ctypes.data)
+        fresh = W.copy()
+        he.embedding_bag_backward(g, x, scheme=robe, weight=W, optimizer=opt)
+        he.embedding_bag_backward(g, x, scheme=robe, weight=fresh, optimizer=make())
+        np.testing.assert_array_equal(W, fresh)
+        del W, fresh
+    assert len(addresses) < 20          # the allocator did reuse an address
+    assert len(getattr(opt, "state", {})) == 0 and len(opt._scratch) == 0
+    W = robe.init_weight(dtype=dtype)
+    ref, twin = W.copy(), make()
+    for view in (W, W[:], W):
+        he.embedding_bag_backward(g, x, scheme=robe, weight=view, optimizer=opt)
+        he.embedding_bag_backward(g, x, scheme=robe, weight=ref, optimizer=twin)
+        np.testing.assert_array_equal(W, ref)
+
+
 def test_two_d_input_and_dtypes():
     robe = he.RobeZ(1000, 8, block=4)
     M = robe.init_weight(seed=1)
