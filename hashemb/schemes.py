@@ -85,6 +85,14 @@ class Scheme:
             return np.array(self.table_sizes[table0:table0 + T], np.int64)
         return np.full(T, _INT64_MAX, np.int64) if self._nonneg else None
 
+    def __getstate__(self):
+        # the kernels' view (a C struct over these arrays) is remade on first
+        # use: copy.deepcopy, pickle and torch.save of a used scheme, or of a
+        # module holding one, failed on it
+        state = self.__dict__.copy()
+        state["_view_cache"] = None
+        return state
+
     @property
     def _view(self):
         if self._view_cache is None:

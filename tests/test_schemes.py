@@ -218,3 +218,18 @@ def test_init_weight_and_optimizer_state_start_on_a_cache_line(scheme):
         state = opt._state(w, w.size)
         assert state.ctypes.data % 64 == 0 and not state.any()
         assert opt.scratch_for(w).ctypes.data % 64 == 0 and not opt.scratch_for(w).any()
+
+
+@pytest.mark.parametrize("scheme", [he.RobeZ(1000, 16, block=4, signed=True), he.HashedNet(97, 8),
+                                    he.FullTable([10, 20], 4)], ids=["robe", "hashednet", "full"])
+def test_used_scheme_pickles_and_deep_copies(scheme):
+    """A scheme that has run a kernel holds its C view; pickle and deepcopy
+    drop it (it failed them) and the copy makes its own: same slots, equal."""
+    import copy
+    import pickle
+    x = np.arange(10)
+    want = scheme.slots(x)
+    for other in (pickle.loads(pickle.dumps(scheme)), copy.deepcopy(scheme)):
+        assert other == scheme
+        np.testing.assert_array_equal(other.slots(x), want)
+    assert scheme._view_cache is not None          # the original keeps its own
