@@ -137,7 +137,7 @@ def test_grad_buffer_is_zeroed_and_writable(n, dtype, rows):
     (lambda: he.embedding_backward(np.zeros((2, 2), np.float32), np.array([0, 5]), 3), IndexError,
      r"indices\[1\]"),
     (lambda: he.embedding_backward(np.zeros((2, 2), np.float32), np.array([0, 1]), 0), ValueError,
-     "sizes:"),
+     "num_embeddings:"),
     (lambda: he.multi_embedding(np.zeros((2, 2), np.int64), np.zeros(5, np.float32), [2, 1], [1, 2]),
      ValueError, "weight: expected 4 floats"),
     (lambda: he.multi_embedding(np.zeros((2, 3), np.int64), np.zeros(4, np.float32), [2, 1], [1, 2]),
