@@ -23,6 +23,7 @@ in a batch are computed once.
 import math
 import numbers
 import sys
+import threading
 from collections import namedtuple
 
 import numpy as np
@@ -504,6 +505,7 @@ def _rows_of(cores, s, rows):
 # ---------------------------------------------------------------- the chain
 
 _POOL = {}          # (size class, dtype) -> scratch arrays kept between calls
+_POOL_LOCK = threading.Lock()
 
 
 def _scratch(n, dtype):
@@ -516,14 +518,17 @@ def _scratch(n, dtype):
     if n < 1 << 15:
         return np.empty(n, dtype)
     size = 1 << (int(n) - 1).bit_length()
-    bufs = _POOL.setdefault((size, dtype.str), [])
-    for a in bufs:
-        if sys.getrefcount(a) <= 3:     # the list, the loop variable, the call
-            return a[:n]
-    a = np.empty(size, dtype)
-    if len(bufs) < 4:
-        bufs.append(a)
-    return a[:n]
+    # under a lock: two threads could otherwise both see a buffer free
+    # between its refcount check and the view that takes it
+    with _POOL_LOCK:
+        bufs = _POOL.setdefault((size, dtype.str), [])
+        for a in bufs:
+            if sys.getrefcount(a) <= 3:     # the list, the loop variable, the call
+                return a[:n]
+        a = np.empty(size, dtype)
+        if len(bufs) < 4:
+            bufs.append(a)
+        return a[:n]
 
 
 _Chain = namedtuple("_Chain", "rows dig perms starts inputs Y")

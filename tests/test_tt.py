@@ -166,6 +166,40 @@ def test_same_bits_on_any_thread_count():
     assert len(set(outs.values())) == 1, outs
 
 
+def test_concurrent_calls_from_python_threads():
+    """Python threads running TT lookups and gradients at once (the kernels
+    drop the GIL) get what one thread gets: the chain's pooled scratch
+    buffers go to one call at a time."""
+    import threading
+    p, q, r = [20, 22, 25], [4, 4, 4], [16, 16]
+    cores = he.tt_init(11000, p, q, r, seed=3)
+    rng = np.random.default_rng(1)
+    jobs = [rng.integers(0, 11000, (256, 8)) for _ in range(6)]
+    G = rng.standard_normal((256, 64)).astype(np.float32)
+    want = [(he.tt_embedding_bag(x, cores), he.tt_embedding_bag_backward(G, x, cores))
+            for x in jobs]
+    got, errors = [None] * len(jobs), []
+
+    def run(i):
+        try:
+            for _ in range(5):
+                got[i] = (he.tt_embedding_bag(jobs[i], cores),
+                          he.tt_embedding_bag_backward(G, jobs[i], cores))
+                assert np.array_equal(got[i][0], want[i][0])
+        except BaseException as e:          # (raised in the main thread below)
+            errors.append(e)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    for (o, gs), (wo, wgs) in zip(got, want):
+        np.testing.assert_array_equal(o, wo)
+        for g, wg in zip(gs, wgs):
+            np.testing.assert_array_equal(g, wg)
+
+
 def test_adjoint():
     """<forward(cores) linearised, g> is bilinear: backward is its adjoint in each core."""
     rng = np.random.default_rng(1)
