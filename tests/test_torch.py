@@ -207,6 +207,33 @@ def test_used_module_deep_copies_and_saves_whole(make):
     assert torch.equal(torch.load(f, weights_only=False)(x), a(x))
 
 
+def test_inference_skips_autograd_with_the_same_result():
+    """Under no_grad, or with nothing that requires a gradient, forward is
+    the lookup alone: the same values, no graph, and per-sample weights
+    that require a gradient still get one through the autograd path."""
+    emb = RobeEmbeddingBag(1000, 8, compression=10, optimizer="adagrad", lr=0.1)
+    x, off = torch.tensor([3, 1, 4, 1, 5]), torch.tensor([0, 2])
+    psw = torch.rand(5)
+    want = emb(x, off, psw)
+    assert want.grad_fn is not None
+    with torch.no_grad():
+        got = emb(x, off, psw)
+    assert got.grad_fn is None and torch.equal(got, want)
+    emb.weight.requires_grad_(False)
+    assert emb(x, off, psw).grad_fn is None
+    p = psw.clone().requires_grad_()
+    before = emb.weight.clone()
+    emb(x, off, p).sum().backward()
+    assert p.grad is not None and p.grad.abs().sum() > 0
+    assert torch.equal(emb.weight, before)      # frozen: its fused optimizer does not step
+    emb.weight.requires_grad_(True)
+    with torch.no_grad():
+        emb(x, off)
+    assert torch.equal(emb.weight, before)
+    emb(x, off).sum().backward()
+    assert not torch.equal(emb.weight, before)
+
+
 def test_hashed_embedding_bag_is_seed_000():
     """Its README example, and its exact hash."""
     emb = HashedEmbeddingBag(1000, 16, compression=0.1)

@@ -437,6 +437,31 @@ def test_module_matches_embedding_bag_and_conventions():
     torch.testing.assert_close(emb2(x2), F.embedding_bag(x2, W, mode="sum"))
 
 
+def test_module_inference_and_frozen_cores():
+    """no_grad gives the same values with no graph; frozen cores (all
+    requires_grad False) take no fused step even when per-sample weights
+    take a gradient."""
+    torch.manual_seed(0)
+    emb = TTEmbeddingBag(300, 12, [5, 6], optimizer="sgd", learning_rate=0.5, sparse=True)
+    idx, off = torch.randint(0, 300, (20,)), torch.tensor([0, 3, 3, 11, 20])
+    psw = torch.rand(20)
+    want = emb(idx, off, psw)
+    with torch.no_grad():
+        got = emb(idx, off, psw)
+    assert got.grad_fn is None and torch.equal(got, want)
+    before = [c.detach().clone() for c in emb.tt_cores]
+    for c in emb.tt_cores:
+        c.requires_grad_(False)
+    p = psw.clone().requires_grad_()
+    emb(idx, off, p).sum().backward()
+    assert p.grad is not None and p.grad.abs().sum() > 0
+    assert all(torch.equal(c, b) for c, b in zip(emb.tt_cores, before))
+    for c in emb.tt_cores:
+        c.requires_grad_(True)
+    emb(idx, off).sum().backward()
+    assert not all(torch.equal(c, b) for c, b in zip(emb.tt_cores, before))
+
+
 def test_gradcheck_module_float64():
     torch.manual_seed(0)
     emb = TTEmbeddingBag(40, 6, [3, 2], tt_p_shapes=[2, 4, 5], tt_q_shapes=[3, 1, 2],

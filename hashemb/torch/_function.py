@@ -170,6 +170,16 @@ class Lookup:
         return out
 
 
+def plain_lookup(weight, indices, offsets, psw, lookup, return_saved=False):
+    """The lookup's result arrays for these tensors: BagFunction's forward,
+    and the whole call where autograd records nothing (no_grad, or no input
+    that requires a gradient)."""
+    with device_context(weight):
+        return lookup.forward(as_any_array(indices, "input"), as_any_array(weight, "weight"),
+                              as_any_array(offsets, "offsets"),
+                              as_any_array(psw, "per_sample_weights"), return_saved=return_saved)
+
+
 class BagFunction(torch.autograd.Function):
     """out = lookup(weight, indices, offsets, per_sample_weights).
 
@@ -182,10 +192,7 @@ class BagFunction(torch.autograd.Function):
         # keep: the run starts hashed here serve backward too (the caller
         # knows whether one will run: inside forward, grad mode is always off)
         keep = bool(keep) and ctx.needs_input_grad[0]
-        with device_context(weight):
-            out = lookup.forward(as_any_array(indices, "input"), as_any_array(weight, "weight"),
-                                 as_any_array(offsets, "offsets"),
-                                 as_any_array(psw, "per_sample_weights"), return_saved=keep)
+        out = plain_lookup(weight, indices, offsets, psw, lookup, return_saved=keep)
         out, ctx.bag_saved = out if keep else (out, None)
         ctx.lookup = lookup
         ctx.save_for_backward(weight, indices, offsets, psw)
@@ -203,7 +210,9 @@ class BagFunction(torch.autograd.Function):
             gw = gp = None
             if psw is not None and ctx.needs_input_grad[3]:     # before a fused update
                 gp = as_tensor(lk.psw_grad(g, idx, w, off))
-            if ctx.needs_input_grad[0] or lk.optimizer is not None:
+            # (a frozen weight, requires_grad False, is left alone even with a
+            # fused optimizer: it moved when per-sample weights took a gradient)
+            if ctx.needs_input_grad[0]:
                 res = lk.backward(g, idx, w, off, as_any_array(psw, "per_sample_weights"),
                                   ctx.bag_saved)
                 gw = None if res is None else as_tensor(res)

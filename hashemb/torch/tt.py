@@ -26,12 +26,7 @@ class _TTBags(torch.autograd.Function):
     def forward(ctx, module, indices, offsets, psw, *params):
         m = module
         with device_context(params[0]):
-            out, saved = _tt.tt_embedding_bags(
-                as_any_array(indices, "input"), m._core_arrays(),
-                as_any_array(offsets, "offsets"), mode=m.mode,
-                per_sample_weights=as_any_array(psw, "per_sample_weights"),
-                include_last_offset=True, num_embeddings=list(m.num_embeddings),
-                cache=m._caches(), return_saved=True)
+            out, saved = m._bags(indices, offsets, psw, return_saved=True)
         ctx.module, ctx.saved = m, saved
         ctx.save_for_backward(indices, offsets, psw)
         return as_tensor(out)
@@ -48,6 +43,8 @@ class _TTBags(torch.autograd.Function):
             gp = None
             if psw is not None and ctx.needs_input_grad[3]:      # before a fused update
                 gp = as_tensor(m._psw_grad(g, ctx.saved, off))
+            if not any(ctx.needs_input_grad[4:]):   # frozen cores: no step, fused or not
+                return (None, None, None, gp) + (None,) * n_params
             res = _tt.tt_embedding_bags_backward(
                 g, idx, m._core_arrays(), off, mode=m.mode,
                 per_sample_weights=as_any_array(psw, "per_sample_weights"),
@@ -270,7 +267,19 @@ class TTEmbeddingBagCollection(nn.Module):
         if psw is not None:
             psw = psw.contiguous()
         params = list(self.tt_cores) + list(self.cache_weights)
+        if not torch.is_grad_enabled() or not (
+                any(p.requires_grad for p in params) or (psw is not None and psw.requires_grad)):
+            # inference: the lookup alone, keeping no chain for a backward
+            with device_context(params[0]):
+                return as_tensor(self._bags(flat, off, psw, return_saved=False))
         return _TTBags.apply(self, flat, off, psw, *params)
+
+    def _bags(self, flat, off, psw, return_saved):
+        return _tt.tt_embedding_bags(
+            as_any_array(flat, "input"), self._core_arrays(), as_any_array(off, "offsets"),
+            mode=self.mode, per_sample_weights=as_any_array(psw, "per_sample_weights"),
+            include_last_offset=True, num_embeddings=list(self.num_embeddings),
+            cache=self._caches(), return_saved=return_saved)
 
     def cache_populate(self):
         """Refresh every table's cache with its most frequent rows (see
