@@ -328,6 +328,16 @@ def test_dlrm_interaction_and_training():
         assert l1 < l0, method
         r = evaluate(model, te.dense, te.cats, te.labels)
         assert 0.55 < r["auc"] <= 1.0, (method, r)
+    # bad data or batch sizes are named before any step (a short labels array
+    # dropped its last samples silently; batch_size 0 raised from range())
+    with pytest.raises(ValueError, match="dense, cats, labels"):
+        train_epoch(model, opt, tr.dense, tr.cats, tr.labels[:-1], 512)
+    with pytest.raises(ValueError, match="batch_size"):
+        train_epoch(model, opt, tr.dense, tr.cats, tr.labels, 0)
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate(model, te.dense, te.cats, te.labels, batch_size=-1)
+    with pytest.raises(ValueError, match="at least one sample"):
+        evaluate(model, te.dense[:0], te.cats[:0], te.labels[:0])
 
 
 def test_torch_baseline_collection():

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import _validate as V
 from ..metrics import auc, logloss
 from ..schemes import FullTable
 from ._function import optimizer_name
@@ -132,10 +133,16 @@ def embedding_params(module):
 
 
 def _tensors(dense, cats, labels, device):
-    """The data as tensors on ``device`` (moved once, not per batch)."""
-    return (torch.from_numpy(np.ascontiguousarray(dense, np.float32)).to(device),
-            torch.from_numpy(np.ascontiguousarray(cats)).to(device),
-            torch.from_numpy(np.ascontiguousarray(labels, np.float32)).to(device))
+    """The data as tensors on ``device`` (moved once, not per batch), its
+    rows checked to agree: a short ``labels`` would otherwise pair samples
+    with the wrong labels or fail deep inside the loss."""
+    d, c, y = (np.ascontiguousarray(dense, np.float32), np.ascontiguousarray(cats),
+               np.ascontiguousarray(labels, np.float32))
+    if d.ndim != 2 or c.ndim != 2 or y.ndim != 1 or not d.shape[0] == c.shape[0] == y.shape[0]:
+        raise ValueError(f"dense, cats, labels: expected (n, num_dense), (n, num_tables) and "
+                         f"(n,) arrays, got shapes {d.shape}, {c.shape}, {y.shape}")
+    return (torch.from_numpy(d).to(device), torch.from_numpy(c).to(device),
+            torch.from_numpy(y).to(device))
 
 
 def _device(model):
@@ -168,6 +175,7 @@ def train_epoch(model, optimizer, dense, cats, labels, batch_size=2048, seed=0,
     >>> sorted(evaluate(model, te.dense, te.cats, te.labels))
     ['auc', 'logloss', 'samples_per_s']
     """
+    batch_size = V.check_positive_int(batch_size, "batch_size")
     dev = _device(model)
     d, c, y = _tensors(dense, cats, labels, dev)
     n = y.shape[0]
@@ -195,8 +203,11 @@ def train_epoch(model, optimizer, dense, cats, labels, batch_size=2048, seed=0,
 def evaluate(model, dense, cats, labels, batch_size=16384):
     """``dict(auc, logloss, samples_per_s)`` of the model's predictions (run
     on the model's device); see :func:`train_epoch` for an example."""
+    batch_size = V.check_positive_int(batch_size, "batch_size")
     dev = _device(model)
     d, c, _ = _tensors(dense, cats, labels, dev)
+    if d.shape[0] == 0:
+        raise ValueError("labels: expected at least one sample to evaluate, got none")
     model.eval()
     out = []
     _sync(dev)
