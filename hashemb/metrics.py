@@ -8,15 +8,23 @@ def auc(labels, scores):
 
     .. math:: \mathrm{AUC} = \frac{\sum_{i: y_i = 1} \mathrm{rank}(s_i) - n_+(n_+ + 1)/2}{n_+ n_-}
 
-    with average ranks for ties. O(n log n).
+    with average ranks for ties. O(n log n). Labels are 0 or 1; a NaN score
+    (a diverged model) makes the AUC NaN, as it does the log loss, rather
+    than a number from wherever the sort put it.
 
     Examples
     --------
     >>> from hashemb.metrics import auc
     >>> auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
     0.75
+    >>> auc([0, 1], [0.3, float("nan")])
+    nan
     """
-    y = np.asarray(labels).reshape(-1) > 0.5
+    lab = np.asarray(labels).reshape(-1)
+    y = lab == 1
+    if not (y | (lab == 0)).all():
+        bad = lab[~(y | (lab == 0))][0]
+        raise ValueError(f"labels: expected 0 or 1, got {bad!r}")
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     if y.shape != s.shape:
         raise ValueError(f"scores: expected {y.shape[0]} values like labels, got {s.shape[0]}")
@@ -24,6 +32,8 @@ def auc(labels, scores):
     neg = y.shape[0] - pos
     if pos == 0 or neg == 0:
         raise ValueError("labels: expected both classes, got only one")
+    if np.isnan(s).any():
+        return float("nan")
     order = np.argsort(s, kind="mergesort")
     ss = s[order]
     # average rank of each run of equal scores

@@ -25,6 +25,17 @@ def test_auc_is_the_pairwise_probability(pairs):
     assert auc(y, s) == pytest.approx(want, abs=1e-12)
 
 
+def test_auc_of_a_diverged_model_is_nan_and_labels_are_binary():
+    """A NaN score made a number out of the sort order (1.0 for these); it
+    is NaN now, as the log loss is. Labels other than 0/1 are named."""
+    y = np.array([0, 1, 1, 0])
+    assert np.isnan(auc(y, [0.1, np.nan, 0.3, 0.2]))
+    assert np.isnan(logloss(y, [0.1, np.nan, 0.3, 0.2]))
+    assert auc(y.astype(np.float32), [0.1, 0.9, 0.3, 0.2]) == 1.0
+    with pytest.raises(ValueError, match="labels: expected 0 or 1, got 2"):
+        auc([0, 1, 2], [0.1, 0.5, 0.3])
+
+
 def test_logloss():
     assert logloss([1, 0, 1], [0.9, 0.2, 0.6]) == pytest.approx(
         -(np.log(0.9) + np.log(0.8) + np.log(0.6)) / 3)
