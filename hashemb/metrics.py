@@ -23,7 +23,7 @@ def auc(labels, scores):
     lab = np.asarray(labels).reshape(-1)
     y = lab == 1
     if not (y | (lab == 0)).all():
-        bad = lab[~(y | (lab == 0))][0]
+        bad = lab[~(y | (lab == 0))][0].item()
         raise ValueError(f"labels: expected 0 or 1, got {bad!r}")
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     if y.shape != s.shape:
