@@ -19,6 +19,16 @@ _U64 = 1 << 64
 Bags = namedtuple("Bags", "idx off psw B T mode has_pad pad")
 
 
+def _dt(dtype):
+    """A dtype as the errors name it, with how to fix a byte-swapped one
+    (``>i8`` reads like int64 but is not what the kernels take)."""
+    dtype = np.dtype(dtype)
+    if dtype.isnative:
+        return str(dtype)
+    return (f"{dtype.str} ({dtype.newbyteorder('=').name} in non-native byte order: "
+            f"convert with .astype({dtype.newbyteorder('=').name!r}))")
+
+
 def _desc(x):
     if isinstance(x, np.ndarray):
         return f"array of dtype {x.dtype} and shape {x.shape}"
@@ -82,14 +92,14 @@ def as_keys(x, name):
         if x.size == 0 and x.dtype == np.float64:   # np.asarray([]) is float64
             x = x.astype(np.int64)
         else:
-            raise TypeError(f"{name}: expected an int32, int64 or uint64 array, got dtype {x.dtype}")
+            raise TypeError(f"{name}: expected an int32, int64 or uint64 array, got dtype {_dt(x.dtype)}")
     return np.ascontiguousarray(x)
 
 
 def as_float(x, name, dtype=None):
     x = _as_array(x, name)
     if x.dtype.kind != "f":
-        raise TypeError(f"{name}: expected a floating-point array, got dtype {x.dtype}")
+        raise TypeError(f"{name}: expected a floating-point array, got dtype {_dt(x.dtype)}")
     return np.ascontiguousarray(x, dtype=dtype or (x.dtype if x.dtype in _FLOAT_DTYPES
                                                    else np.float32))
 
@@ -144,7 +154,7 @@ def storage_dtype(dtype, storage=False):
     if storage and is16(dtype):
         return _F32
     want = "float16, bfloat16, float32 or float64" if storage else "float32 or float64"
-    raise TypeError(f"weight: expected a {want} array, got dtype {dtype}")
+    raise TypeError(f"weight: expected a {want} array, got dtype {_dt(dtype)}")
 
 
 def weight_dtype(weight, storage=False):
@@ -202,7 +212,7 @@ def check_2d(shape, offsets, T, psw_shape, desc=None):
 def check_offsets_array(off, T, include_last_offset):
     """1-D int32/int64 offsets, at least one when the last one is included."""
     if off.dtype not in _INDEX_DTYPES:
-        raise TypeError(f"offsets: expected an int32 or int64 array, got dtype {off.dtype}")
+        raise TypeError(f"offsets: expected an int32 or int64 array, got dtype {_dt(off.dtype)}")
     if off.ndim != 1:
         raise ValueError(f"offsets: expected a 1-D array, got shape {off.shape}")
     if (T > 1 or include_last_offset) and off.shape[0] < 1:
@@ -366,7 +376,7 @@ def index_array(indices, name="indices"):
     if idx.dtype not in (np.int32, np.int64):
         if idx.size == 0 and idx.dtype == np.float64:
             return idx.astype(np.int64)
-        raise TypeError(f"{name}: expected an int32 or int64 array, got dtype {idx.dtype}")
+        raise TypeError(f"{name}: expected an int32 or int64 array, got dtype {_dt(idx.dtype)}")
     return np.ascontiguousarray(idx)
 
 

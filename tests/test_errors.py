@@ -73,6 +73,11 @@ O = np.array([0, 1])
     (lambda: he.embedding_backward(np.ones((3, 2)), X, 2.5), TypeError, "num_embeddings"),
     (lambda: he.multi_embedding(X.reshape(3, 1), np.zeros(8), 2.5, [1]), TypeError, "sizes"),
     (lambda: he.multi_embedding(X.reshape(3, 1), np.zeros(8), [8], None), TypeError, "dims"),
+    # byte-swapped arrays (files written on another machine): named as such
+    (lambda: he.embedding_bag(X.astype(">i8"), M, O, scheme=robe), TypeError,
+     r"got dtype >i8 \(int64 in non-native byte order: convert with .astype\('int64'\)\)"),
+    (lambda: he.embedding_bag(X, M.astype(">f4"), O, scheme=robe), TypeError, "weight: .*non-native"),
+    (lambda: he.embedding_bag(X, M, O.astype(">i8"), scheme=robe), TypeError, "offsets: .*non-native"),
     (lambda: he.SGD(-1), ValueError, "lr"),
     (lambda: he.Adagrad(0.1, eps=float("nan")), ValueError, "eps"),
     (lambda: he.SGD("a"), TypeError, "lr"),
