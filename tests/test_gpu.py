@@ -841,13 +841,16 @@ def test_errors_equal_cpu(dev):
     x = np.array([[1, 2], [4, 3]])
     both(lambda: he.embedding_bags(x, W, scheme=full, num_tables=2),
          lambda: dev.bags(dev.put(x), dev.put(W), None, full, 2), IndexError)
-    for bad in ([1, 0, 2, 2], [0, 2, 1, 4], [0, 1, 2, 9]):
+    # ([0, 9, 2]: a value past the end, then a smaller one, named as past
+    # the end; len(indices) is appended after it)
+    for bad in ([1, 0, 2, 2], [0, 2, 1, 4], [0, 1, 2, 9], [0, 9, 2], [0, 9, 10, 2]):
         o = np.array(bad)
         both(lambda: he.embedding_bag(idx[:4] % 3, W, o, scheme=full),
              lambda: dev.bag(dev.put(idx[:4] % 3), dev.put(W), dev.put(o), full), ValueError)
-    o = np.array([0, 1, 2, 3, 7])
-    both(lambda: he.embedding_bag(idx % 3, W, o, scheme=full, include_last_offset=True),
-         lambda: dev.bag(dev.put(idx % 3), dev.put(W), dev.put(o), full, last=True), ValueError)
+    for o in (np.array([0, 1, 2, 3, 7]), np.array([0, 7, 2, 3, 5])):
+        both(lambda: he.embedding_bag(idx % 3, W, o, scheme=full, include_last_offset=True),
+             lambda: dev.bag(dev.put(idx % 3), dev.put(W), dev.put(o), full, last=True),
+             ValueError)
     both(lambda: full.slots(np.array([[0, 5]])),
          lambda: dev.slots(full, dev.put(np.array([[0, 5]]))), IndexError)
     Wp = np.zeros((6, 3), np.float32)

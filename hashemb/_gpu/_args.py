@@ -88,7 +88,7 @@ def bags(be, indices, offsets, per_sample_weights, *, scheme, mode, dtype, table
     mode = V.check_mode(mode)
     T = num_tables
     idx = as_keys(be, indices, "indices")
-    off, user_len = None, 0
+    off = None
     if idx.ndim == 2:
         psw = (None if per_sample_weights is None
                else as_array(be, per_sample_weights, "per_sample_weights"))
@@ -106,11 +106,10 @@ def bags(be, indices, offsets, per_sample_weights, *, scheme, mode, dtype, table
         off = as_array(be, offsets, "offsets")
         V.check_offsets_array(off, T, include_last_offset)
         off = xp.ascontiguousarray(off, dtype=np.int64)
-        user_len = off.shape[0]
         if T == 1 and not include_last_offset:
-            full = xp.empty(user_len + 1, np.int64)
-            full[:user_len] = off
-            full[user_len] = idx.shape[0]
+            full = xp.empty(off.shape[0] + 1, np.int64)
+            full[:-1] = off
+            full[-1] = idx.shape[0]
             off = full
         B = V.check_offsets_length(off.shape[0], T)
         rowlen = nper = 0
@@ -128,12 +127,12 @@ def bags(be, indices, offsets, per_sample_weights, *, scheme, mode, dtype, table
     has_pad, pad = V.padding(padding_idx, scheme, T, table0)
     b = Bags(idx, idx.size, off, rowlen, nper, psw, B, T, mode, has_pad, pad, shape,
              off is None and nper == 1)
-    if check_bags(be, scheme, b, table0, user_len):
+    if check_bags(be, scheme, b, table0):
         b = b._replace(single=True)
     return b
 
 
-def check_bags(be, scheme, b, table0, user_len=0):
+def check_bags(be, scheme, b, table0):
     """Offsets well formed, tokens inside their sized tables: one kernel, one
     read of 5 numbers. ValueError / IndexError with the CPU's messages.
     True when the offsets give every bag one entry (then bag q's entry is q)."""
@@ -157,17 +156,19 @@ def check_bags(be, scheme, b, table0, user_len=0):
     if use_off:
         first = first if first < 1 << 63 else first - (1 << 64)
         last = last if last < 1 << 63 else last - (1 << 64)
-        appended = user_len and user_len < noff     # T == 1 without the last offset
         if first != 0:
             raise ValueError(f"offsets[0]: expected 0, got {first}")
-        if dec != _NONE and not (appended and dec == noff - 1):
+        if dec != _NONE:
             o = be.to_host(b.off)
+            # a value past the end, then a smaller one: the first is named, as
+            # on the CPU (len(indices) appended, by T == 1 without the last
+            # offset or by a torch module, is no value of the caller's)
+            if o[dec - 1] > n:
+                raise ValueError(f"offsets: expected values <= len(indices) = {n}, "
+                                 f"got {o[dec - 1]}")
             raise ValueError(f"offsets: expected non-decreasing values, got offsets[{dec}]="
                              f"{o[dec]} < offsets[{dec - 1}]={o[dec - 1]}")
-        if appended and dec == noff - 1:
-            o = be.to_host(b.off)
-            raise ValueError(f"offsets: expected values <= len(indices) = {n}, got {o[dec - 1]}")
-        if not appended and last > n:
+        if last > n:
             raise ValueError(f"offsets: expected values <= len(indices) = {n}, got {last}")
     if bad != _NONE:
         if use_off:
