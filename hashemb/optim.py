@@ -204,7 +204,9 @@ class Adagrad(_Accumulating):
     state array and a zeroed scratch array per weight array it has updated
     (``state[key]``, keyed by the array's address and size, and dropped
     when the NumPy array owning that memory is freed: a new weight starts
-    from zeros wherever the allocator puts it), float32 for a 16-bit weight. A full table large next to its batch (not max mode)
+    from zeros wherever the allocator puts it; a CuPy weight's entry stays
+    until the optimizer goes, so a new CuPy weight wants a new optimizer),
+    float32 for a 16-bit weight. A full table large next to its batch (not max mode)
     sums each touched row's gradient instead (CPU: in a compact buffer; GPU:
     entries sorted by row, deterministic): the same results, memory for the
     rows touched only.
