@@ -220,8 +220,13 @@ def test_init_weight_and_optimizer_state_start_on_a_cache_line(scheme):
         assert opt.scratch_for(w).ctypes.data % 64 == 0 and not opt.scratch_for(w).any()
 
 
+_X = np.random.default_rng(0).integers(0, 40, (200, 2))
+
+
 @pytest.mark.parametrize("scheme", [he.RobeZ(1000, 16, block=4, signed=True), he.HashedNet(97, 8),
-                                    he.FullTable([10, 20], 4)], ids=["robe", "hashednet", "full"])
+                                    he.FullTable([10, 20], 4), he.LMA.fit(_X, 500, 8, block=4),
+                                    he.LSHTable.fit(_X, 500, 8)],
+                         ids=["robe", "hashednet", "full", "lma", "lsh"])
 def test_used_scheme_pickles_and_deep_copies(scheme):
     """A scheme that has run a kernel holds its C view; pickle and deepcopy
     drop it (it failed them) and the copy makes its own: same slots, equal."""
