@@ -207,6 +207,31 @@ def test_used_module_deep_copies_and_saves_whole(make):
     assert torch.equal(torch.load(f, weights_only=False)(x), a(x))
 
 
+@pytest.mark.parametrize("conv, dtype", [("half", torch.float16), ("bfloat16", torch.bfloat16),
+                                         ("double", torch.float64)])
+def test_dtype_conversion_keeps_the_accumulator_in_the_kernels_dtype(conv, dtype):
+    """module.half() / .bfloat16() / .double() with Adagrad: the accumulator
+    follows into float32 (float64 for double), with its values exact (a
+    float16 accumulator was refused at the next step), and the module then
+    steps as one built in that dtype with that state."""
+    if dtype == torch.bfloat16:
+        pytest.importorskip("ml_dtypes")
+    x = torch.randint(0, 100, (16, 2))
+    a = RobeEmbeddingBagCollection([100, 200], 8, compression=10, optimizer="adagrad", lr=0.1)
+    a(x).sum().backward()
+    state = a.optimizer_state.clone()
+    getattr(a, conv)()
+    assert a.weight.dtype == dtype
+    assert a.optimizer_state.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.equal(a.optimizer_state.double(), state.double())
+    b = RobeEmbeddingBagCollection([100, 200], 8, compression=10, optimizer="adagrad", lr=0.1,
+                                   dtype=dtype, _weight=a.weight.detach())
+    b.optimizer_state.copy_(a.optimizer_state)
+    for m in (a, b):
+        m(x).sum().backward()
+    assert torch.equal(a.weight, b.weight)
+
+
 def test_inference_skips_autograd_with_the_same_result():
     """Under no_grad, or with nothing that requires a gradient, forward is
     the lookup alone: the same values, no graph, and per-sample weights

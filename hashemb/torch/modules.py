@@ -122,8 +122,21 @@ class HashEmbeddingBag(nn.Module):
             n = self.weight.numel()
             self.register_buffer("optimizer_state", torch.zeros(
                 n if self._opt_args[0] == "adagrad" else n // scheme.dim,
-                dtype=torch.float32 if self.weight.dtype in (torch.float16, torch.bfloat16)
-                else self.weight.dtype))
+                dtype=_state_dtype(self.weight.dtype)))
+
+    def _apply(self, fn, *args, **kwargs):
+        # .half(), .bfloat16(), .double(), .to(dtype): the accumulator follows
+        # the array into the dtype the kernels compute in (float32 for 16-bit
+        # storage), converted from its value before the call, so no
+        # precision is lost on the way (a float16 accumulator was refused)
+        state = self._buffers.get("optimizer_state")
+        super()._apply(fn, *args, **kwargs)
+        moved = self._buffers.get("optimizer_state")
+        if state is not None and moved is not None:
+            want = _state_dtype(self.weight.dtype)
+            if moved.dtype != want:
+                self._buffers["optimizer_state"] = state.to(device=moved.device, dtype=want)
+        return self
 
     def _build(self, scheme, optimizer):
         self.scheme = scheme
@@ -581,6 +594,11 @@ class TorchEmbeddingBagCollection(nn.Module):
     def memory_bytes(self):
         """Bytes of the full tables."""
         return sum(e.weight.numel() * e.weight.element_size() for e in self.tables)
+
+
+def _state_dtype(weight_dtype):
+    """The optimizer state's dtype for an array of ``weight_dtype``."""
+    return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
 
 
 def _sizes(num_embeddings):
