@@ -194,6 +194,9 @@ def test_used_module_deep_copies_and_saves_whole(make):
     x = torch.randint(0, 100, (32, 3))
     a(x).sum().backward()
     c = copy.deepcopy(a)
+    # the copy's fused array stays out of the torch optimizer's list too
+    assert len(dense_parameters(c)) == len(dense_parameters(a)) == (
+        0 if a._lookup.optimizer is not None else 1)
     before = a.weight.detach().clone()
     c(x).sum().backward()                   # the copy's step leaves the original
     assert torch.equal(a.weight, before)

@@ -115,7 +115,6 @@ class HashEmbeddingBag(nn.Module):
                 raise ValueError(f"_weight: expected shape {scheme.weight_shape}, "
                                  f"got {tuple(w.shape)}")
         self.weight = nn.Parameter(w.contiguous())
-        self.weight._hashemb_fused = self._lookup.optimizer is not None
         if self._opt_args[0] in ("adagrad", "rowwise_adagrad"):
             # 16-bit arrays keep a float32 accumulator (the kernels' dtype);
             # row-wise: one value per row
@@ -137,6 +136,10 @@ class HashEmbeddingBag(nn.Module):
             if moved.dtype != want:
                 self._buffers["optimizer_state"] = state.to(device=moved.device, dtype=want)
         return self
+
+    def _fused_parameters(self):
+        """What the fused optimizer updates inside backward."""
+        return [self.weight] if self._lookup.optimizer is not None else []
 
     def _build(self, scheme, optimizer):
         self.scheme = scheme
@@ -624,5 +627,8 @@ def dense_parameters(module):
     [torch.Size([1, 8]), torch.Size([1])]
     >>> opt = torch.optim.SGD(dense_parameters(model), lr=0.1)
     """
-    return [p for p in module.parameters()
-            if p.requires_grad and not getattr(p, "_hashemb_fused", False)]
+    # asked of the modules, not marked on the tensors: a mark on a Parameter
+    # does not survive copy.deepcopy (the copy's array was listed)
+    fused = {id(p) for m in module.modules() if hasattr(m, "_fused_parameters")
+             for p in m._fused_parameters()}
+    return [p for p in module.parameters() if p.requires_grad and id(p) not in fused]

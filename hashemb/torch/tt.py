@@ -145,9 +145,7 @@ class TTEmbeddingBagCollection(nn.Module):
             self.tt_p_shapes.append(p)
             self.tt_q_shapes.append(q)
             for c in _tt.tt_init(n, p, q, self.tt_ranks, weight_dist, seed=seed + t, dtype=ndt):
-                prm = nn.Parameter(torch.from_numpy(c))
-                prm._hashemb_fused = self.sparse
-                self.tt_cores.append(prm)
+                self.tt_cores.append(nn.Parameter(torch.from_numpy(c)))
         self.use_cache = bool(use_cache)
         self.cache_size = V.check_int(cache_size, "cache_size", lo=0, hi=1 << 40)
         self.hashtbl_size = V.check_int(hashtbl_size, "hashtbl_size", lo=0, hi=1 << 40)
@@ -160,13 +158,15 @@ class TTEmbeddingBagCollection(nn.Module):
             for _ in self.num_embeddings:
                 c = _tt.TTCache(self.cache_size, self.embedding_dim, self.hashtbl_size or None, ndt)
                 self._cache_objs.append(c)
-                prm = nn.Parameter(torch.from_numpy(c.weight))
-                prm._hashemb_fused = self.sparse
-                self.cache_weights.append(prm)
+                self.cache_weights.append(nn.Parameter(torch.from_numpy(c.weight)))
         if self.sparse and isinstance(self._opt, _tt_adagrad()):
             self._bind_states()
 
     # -- internals
+    def _fused_parameters(self):
+        """What the fused optimizer updates inside backward (sparse=True)."""
+        return list(self.tt_cores) + list(self.cache_weights) if self.sparse else []
+
     def _core_arrays(self):
         d = self._ncores
         arrs = [as_any_array(p, "tt_cores") for p in self.tt_cores]
