@@ -1,5 +1,5 @@
 """The native torch op of FastEmbedding / FastMultiEmbedding (_native.cpp),
-built on first use with torch.utils.cpp_extension (about 30 s, once): cached
+built on first use with torch.utils.cpp_extension (about 20-30 s, once): cached
 under ``$HASHEMB_CACHE`` (default ``~/.cache/hashemb``) in a folder named by a
 hash of the sources, the torch version and the Python ABI, so an edit or a
 new torch builds a new one and never loads a stale one.
@@ -61,7 +61,7 @@ def _build():
         build = os.path.join(root, "torch-native-" + h.hexdigest()[:16])
         os.makedirs(build, exist_ok=True)
         if not any(f.endswith(".so") for f in os.listdir(build)):
-            print("hashemb: building the native torch op for FastEmbedding (once, ~30 s) "
+            print("hashemb: building the native torch op for FastEmbedding (once, ~20-30 s) "
                   f"in {build}", file=sys.stderr, flush=True)
         _state["module"] = load(
             "hashemb_native", sources[:1], extra_include_paths=[_INCLUDE],
