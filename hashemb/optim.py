@@ -75,8 +75,9 @@ class _Fused:
         while isinstance(owner, np.ndarray) and owner.base is not None:
             owner = owner.base
         if isinstance(owner, np.ndarray) and owner.flags.owndata:
-            # one finalizer an entry made, not a call
-            weakref.finalize(owner, _forget, weakref.ref(self), name, key, weakref.ref(value))
+            # one finalizer an entry made, not a call; none at exit (nothing to free)
+            weakref.finalize(owner, _forget, weakref.ref(self), name, key,
+                             weakref.ref(value)).atexit = False
         return value
 
     def scratch_for(self, weight):
