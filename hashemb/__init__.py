@@ -21,12 +21,36 @@ __all__ = [
     "UniversalHash", "Scheme", "RobeZ", "HashedNet", "FullTable", "LSHTable", "LMA",
     "embedding_bag", "embedding_bag_backward", "embedding_bags", "embedding_bags_backward",
     "BagSaved",
-    "SGD", "Adagrad", "RowwiseAdagrad", "show_config", "set_gpu_options", "theory",
+    "SGD", "Adagrad", "RowwiseAdagrad", "show_config", "set_gpu_options", "set_num_threads",
+    "theory",
     "embedding", "embedding_backward", "multi_embedding", "multi_embedding_backward", "unpack",
     "tt_shapes", "tt_core_shapes", "tt_init", "tt_to_full", "tt_embedding_bag",
     "tt_embedding_bag_backward", "tt_embedding_bags", "tt_embedding_bags_backward", "TTCache",
     "TTSaved",
 ]
+
+
+def set_num_threads(n):
+    """Threads of the CPU kernels called from this thread (OpenMP's
+    ``omp_set_num_threads``; the default is ``OMP_NUM_THREADS`` or the
+    cores); returns the previous value. A forked child of a process that
+    loaded the kernels starts at one thread (see the README's Training
+    and determinism): raise it there only if the parent never ran a
+    kernel on several threads. Results are the same bits on any count.
+
+    Examples
+    --------
+    >>> import hashemb as he
+    >>> old = he.set_num_threads(1)
+    >>> he.set_num_threads(old)
+    1
+    """
+    from . import _validate as V
+    from ._cpu import _slots
+    n = V.check_positive_int(n, "n", upper=1 << 16)
+    old = _slots.max_threads()
+    _slots.set_max_threads(n)
+    return old
 
 
 def set_gpu_options(**options):

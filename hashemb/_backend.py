@@ -2,6 +2,8 @@
 Never copies between host and device behind the caller's back: a mix of host
 and device arrays is a TypeError naming the argument. CuPy is imported only
 when a CuPy array arrives (it is recognised by its type's module name)."""
+import os
+import sys
 import types
 
 import numpy as np
@@ -16,6 +18,24 @@ def _cpu_kernels():
         _cpu = types.SimpleNamespace(**{k: getattr(m, k) for m in (_slots, _bag, _embed)
                                         for k in dir(m) if not k.startswith("__")})
     return _cpu
+
+
+def _one_thread_after_fork():
+    """In a forked child (a DataLoader worker, a multiprocessing pool) of a
+    parent that has hashemb's CPU kernels loaded: one OpenMP thread. GCC's
+    OpenMP keeps the parent's thread pool, whose threads the child does
+    not have, and the child's first parallel region waited for them
+    forever; a team of one starts none (torch sets its DataLoader workers
+    to one thread for the same reason). ``he.set_num_threads`` raises it
+    where the parent never ran a kernel on several threads."""
+    if any(m.startswith("hashemb._cpu.") for m in list(sys.modules)) \
+            or "hashemb_native" in sys.modules:
+        from ._cpu import _slots
+        _slots.set_max_threads(1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_one_thread_after_fork)
 
 
 def is_cupy(x):

@@ -1008,3 +1008,42 @@ def test_arrays_past_two_to_the_32_elements(dtype):
                                optimizer=he.SGD(1.0, stochastic_rounding=False))
     np.testing.assert_array_equal(V[5 + rows], want.astype(dtype))
     assert (V[4] == -5).all()            # table 0's row 4, once a sample
+
+
+
+def test_forked_child_runs_kernels_after_the_parent_did():
+    """GCC's OpenMP thread pool does not survive fork: a child (a DataLoader
+    worker, a multiprocessing pool) that called a kernel after the parent
+    ran one on two threads waited forever. It runs on one thread now, with
+    the parent's result; he.set_num_threads is checked and restores."""
+    import hashlib
+    import multiprocessing as mp
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    robe = he.RobeZ(100_000, 16)
+    M = robe.init_weight()
+    x = np.random.default_rng(0).integers(0, 10 ** 6, (20_000, 26))
+    old = he.set_num_threads(2)
+    try:
+        want = he.embedding_bags(x, M, scheme=robe, num_tables=26)   # a team of two
+        ctx = mp.get_context("fork")
+        q = ctx.Queue()
+
+        def child():
+            out = he.embedding_bags(x, M, scheme=robe, num_tables=26)
+            # (a digest: a child with 33 MB queued would not exit before
+            # the parent read it, and the parent joins first)
+            q.put((he.set_num_threads(1), hashlib.sha256(out.tobytes()).hexdigest()))
+        p = ctx.Process(target=child)
+        p.start()
+        p.join(60)
+        hung = p.is_alive()
+        if hung:
+            p.kill()
+        assert not hung, "the forked child hung in its first parallel region"
+        threads, got = q.get(timeout=10)
+        assert threads == 1 and got == hashlib.sha256(want.tobytes()).hexdigest()
+    finally:
+        he.set_num_threads(old)
+    with pytest.raises(ValueError, match="n: expected 1 <= n"):
+        he.set_num_threads(0)

@@ -96,6 +96,7 @@ cdef extern from "hashemb/slots.h" nogil:
 cdef extern from "hashemb/openmp.h" nogil:
     int he_max_threads()
     int he_has_openmp()
+    void he_set_max_threads(int n)
 
 
 cdef inline uint64_t reciprocal(uint64_t d) noexcept nogil:

@@ -204,6 +204,10 @@ def max_threads():
     return he_max_threads()
 
 
+def set_max_threads(int n):
+    he_set_max_threads(n)
+
+
 # ------------------------------------------------------------ SCMA / LMA build
 
 def lsh_insert(const int32_t[::1] fields, const uint64_t[::1] tokens, uint64_t salt,
