@@ -22,9 +22,9 @@ def auc(labels, scores):
     """
     lab = np.asarray(labels).reshape(-1)
     y = lab == 1
-    if not (y | (lab == 0)).all():
-        bad = lab[~(y | (lab == 0))][0].item()
-        raise ValueError(f"labels: expected 0 or 1, got {bad!r}")
+    binary = y | (lab == 0)
+    if not binary.all():
+        raise ValueError(f"labels: expected 0 or 1, got {lab[~binary][0].item()!r}")
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     if y.shape != s.shape:
         raise ValueError(f"scores: expected {y.shape[0]} values like labels, got {s.shape[0]}")

@@ -170,6 +170,15 @@ class Lookup:
         return out
 
 
+def records_grad(psw, *params):
+    """Whether autograd will record a call on these inputs: grad mode on and
+    a parameter or the per-sample weights requiring a gradient. Where it
+    will not (inference), the modules run the lookup alone, without their
+    autograd.Function."""
+    return torch.is_grad_enabled() and (
+        any(p.requires_grad for p in params) or (psw is not None and psw.requires_grad))
+
+
 def plain_lookup(weight, indices, offsets, psw, lookup, return_saved=False):
     """The lookup's result arrays for these tensors: BagFunction's forward,
     and the whole call where autograd records nothing (no_grad, or no input

@@ -6,7 +6,8 @@ from torch import nn
 from .. import _validate as V
 from .. import tt as _tt
 from .._backend import array_module
-from ._function import as_any_array, as_array, as_tensor, device_context, make_optimizer
+from ._function import (as_any_array, as_array, as_tensor, device_context, make_optimizer,
+                        records_grad)
 
 
 def _np_dtype(dtype):
@@ -25,8 +26,7 @@ class _TTBags(torch.autograd.Function):
     @staticmethod
     def forward(ctx, module, indices, offsets, psw, *params):
         m = module
-        with device_context(params[0]):
-            out, saved = m._bags(indices, offsets, psw, return_saved=True)
+        out, saved = m._bags(indices, offsets, psw, return_saved=True)
         ctx.module, ctx.saved = m, saved
         ctx.save_for_backward(indices, offsets, psw)
         return as_tensor(out)
@@ -267,19 +267,19 @@ class TTEmbeddingBagCollection(nn.Module):
         if psw is not None:
             psw = psw.contiguous()
         params = list(self.tt_cores) + list(self.cache_weights)
-        if not torch.is_grad_enabled() or not (
-                any(p.requires_grad for p in params) or (psw is not None and psw.requires_grad)):
+        if not records_grad(psw, *params):
             # inference: the lookup alone, keeping no chain for a backward
-            with device_context(params[0]):
-                return as_tensor(self._bags(flat, off, psw, return_saved=False))
+            return as_tensor(self._bags(flat, off, psw, return_saved=False))
         return _TTBags.apply(self, flat, off, psw, *params)
 
     def _bags(self, flat, off, psw, return_saved):
-        return _tt.tt_embedding_bags(
-            as_any_array(flat, "input"), self._core_arrays(), as_any_array(off, "offsets"),
-            mode=self.mode, per_sample_weights=as_any_array(psw, "per_sample_weights"),
-            include_last_offset=True, num_embeddings=list(self.num_embeddings),
-            cache=self._caches(), return_saved=return_saved)
+        """tt_embedding_bags of these tensors, on the cores' device and stream."""
+        with device_context(self.tt_cores[0]):
+            return _tt.tt_embedding_bags(
+                as_any_array(flat, "input"), self._core_arrays(), as_any_array(off, "offsets"),
+                mode=self.mode, per_sample_weights=as_any_array(psw, "per_sample_weights"),
+                include_last_offset=True, num_embeddings=list(self.num_embeddings),
+                cache=self._caches(), return_saved=return_saved)
 
     def cache_populate(self):
         """Refresh every table's cache with its most frequent rows (see
