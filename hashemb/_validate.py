@@ -37,7 +37,8 @@ def _desc(x):
 
 def check_int(value, name, *, lo=None, hi=None):
     """An integer (bool excluded) with lo <= value < hi."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+    if type(value) is not int and (isinstance(value, (bool, np.bool_))
+                                   or not isinstance(value, numbers.Integral)):
         raise TypeError(f"{name}: expected an integer, got {_desc(value)}")
     value = int(value)
     if (lo is not None and value < lo) or (hi is not None and value >= hi):
@@ -287,8 +288,11 @@ def bags(k, indices, offsets, per_sample_weights, *, scheme, mode, dtype, table0
         else:
             B = idx.shape[0]
             off = _even_offsets(T * B + 1, 1)
-            flat = np.empty(B * T, idx.dtype)       # feature-major: a blocked parallel copy,
-            k.feature_major(idx, flat)              # 2.9x NumPy's strided one at 16384 x 26
+            if B == 1:                              # one sample is feature-major as it is
+                flat = idx.reshape(-1)
+            else:
+                flat = np.empty(B * T, idx.dtype)   # feature-major: a blocked parallel copy,
+                k.feature_major(idx, flat)          # 2.9x NumPy's strided one at 16384 x 26
         if psw is not None:
             per_sample_weights = psw if T == 1 else psw.T
         idx = flat

@@ -298,6 +298,24 @@ def test_hashing_trick_uses_hashed_rows():
             np.testing.assert_array_equal(out[b, 4 * t:4 * t + 4], W[base + h])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lazy_negative_views_are_read_as_their_values(dtype):
+    # torch._neg_view sets a bit instead of negating; .numpy() refuses such a
+    # tensor, so the module must read the values the tensor stands for
+    if dtype == torch.bfloat16:
+        pytest.importorskip("ml_dtypes")
+    emb = HashEmbeddingBag(he.RobeZ(64, 4, block=4), dtype=dtype)
+    x = torch.tensor([[3, 9]])
+    with torch.no_grad():
+        want = -emb(x)
+        emb.weight.data = torch._neg_view(emb.weight.data)
+        assert emb.weight.is_neg()
+        torch.testing.assert_close(emb(x), want, rtol=0, atol=0)
+    psw = torch._neg_view(torch.tensor([[0.5, 2.0]]))
+    torch.testing.assert_close(emb(x, per_sample_weights=psw),
+                               emb(x, per_sample_weights=torch.tensor([[-0.5, -2.0]])))
+
+
 def test_module_errors():
     emb = RobeEmbeddingBag(100, 4, compression=2)
     with pytest.raises(ValueError, match="offsets"):
