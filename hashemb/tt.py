@@ -391,8 +391,9 @@ class TTCache:
     r"""Uncompressed copies of the most used rows of a TT table (LFU).
 
     ``count(indices)`` adds every looked-up row to a frequency table (a
-    linear-probing hash table of ``hashtbl_size`` slots; when it is full,
-    rows not yet in it are not counted). ``populate(cores)`` makes the
+    linear-probing hash table of ``hashtbl_size`` slots; once three quarters
+    of them hold rows, rows not yet in it are not counted: a fuller table's
+    probes grow long). ``populate(cores)`` makes the
     ``capacity`` most frequent rows the cached set (ties: smaller row id) and
     fills them from the cores. A lookup of a cached row reads ``weight``
     instead of the cores, and its gradient trains ``weight`` instead of the
@@ -443,6 +444,7 @@ class TTCache:
         size = V.check_positive_int(hashtbl_size, "hashtbl_size", upper=1 << 40)
         self.keys = np.full(size, -1, np.int64)
         self.freq = np.zeros(size, np.int64)
+        self._used = 0
         self.rows = np.zeros(0, np.int64)
         self.weight = np.zeros((self.capacity, self.dim), dtype)
 
@@ -455,12 +457,20 @@ class TTCache:
         idx = V.as_keys(indices, "indices").reshape(-1).astype(np.int64, copy=False)
         if idx.size and idx.min() < 0:
             raise ValueError(f"indices: expected row ids >= 0, got {int(idx.min())}")
-        _k().count(idx, self.keys, self.freq)
+        used = getattr(self, "_used", None)
+        if used is None:        # (a cache pickled before this count was kept)
+            used = int(np.count_nonzero(self.keys >= 0))
+        self._used = _k().count(idx, self.keys, self.freq, used, self._limit())
+
+    def _limit(self):
+        """Rows the frequency table holds at most: three quarters of its slots."""
+        return max(1, self.keys.shape[0] * 3 // 4)
 
     def reset(self):
         """Forget every frequency and drop the cached rows."""
         self.keys.fill(-1)
         self.freq.fill(0)
+        self._used = 0
         self.rows = np.zeros(0, np.int64)
 
     def populate(self, cores, num_embeddings=None):

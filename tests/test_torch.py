@@ -179,6 +179,45 @@ def test_state_dict_round_trip_is_bit_identical(make):
     assert torch.equal(b(x), a(x))
 
 
+def test_loading_a_state_keeps_the_modules_own_fused_optimizer():
+    # fine-tuning a checkpoint trained with a torch optimizer: the fused step
+    # the module was built with stays (it was switched off by the load, and the
+    # array then trained nowhere); the optimizer's settings stay its own
+    pre = RobeEmbeddingBag(1000, 8, compression=10)
+    ft = RobeEmbeddingBag(1000, 8, compression=10, optimizer=he.Adagrad(0.3, eps=1e-3))
+    ft.load_state_dict(pre.state_dict())
+    opt = ft._lookup.optimizer
+    assert isinstance(opt, he.Adagrad) and (opt.lr, opt.eps) == (0.3, 1e-3)
+    assert dense_parameters(ft) == []
+    x = torch.randint(0, 100, (16, 3))
+    before = ft.weight.detach().clone()
+    ft(x).sum().backward()
+    assert ft.weight.grad is None and not torch.equal(ft.weight, before)
+    ft.load_state_dict(ft.state_dict())         # its own state: the same again
+    assert ft._lookup.optimizer is opt and (opt.lr, opt.eps) == (0.3, 1e-3)
+    plain = RobeEmbeddingBag(1000, 8, compression=10)
+    plain.load_state_dict(ft.state_dict())     # its accumulator is not this module's
+    assert plain._lookup.optimizer is None and len(dense_parameters(plain)) == 1
+    torch.testing.assert_close(plain(x), ft(x), rtol=0, atol=0)
+    assert ft.optimizer_state.any()
+    ft.load_state_dict(pre.state_dict())        # none saved: this one starts at zero
+    assert not ft.optimizer_state.any()
+
+
+def test_resumed_16_bit_run_takes_the_rounding_bits_of_an_unbroken_one():
+    kw = dict(compression=10, optimizer="sgd", lr=0.1, dtype=torch.float16)
+    a = RobeEmbeddingBag(1000, 8, **kw)
+    x = torch.randint(0, 100, (16, 3))
+    for _ in range(2):
+        a(x).sum().backward()
+    b = RobeEmbeddingBag(1000, 8, **kw)
+    b.load_state_dict(a.state_dict())
+    for _ in range(2):
+        a(x).sum().backward()
+        b(x).sum().backward()
+    assert torch.equal(a.weight, b.weight)
+
+
 @pytest.mark.parametrize("make", [
     lambda: RobeEmbeddingBagCollection([100, 2000, 7], 8, compression=10, block=4,
                                        optimizer="adagrad", lr=0.1),

@@ -421,6 +421,58 @@ def test_module_cache_on_off_same_forward():
     torch.testing.assert_close(a(x), b(x))
 
 
+def test_cache_frequency_table_stops_inserting_at_three_quarters():
+    # a full linear-probing table scans every slot for each new row (300x
+    # slower counts): new rows stop at 3/4 of the slots, known rows still count
+    c = he.TTCache(4, 2, hashtbl_size=1024)
+    c.count(np.arange(2000))
+    assert np.count_nonzero(c.keys >= 0) == 768
+    held = c.keys[c.keys >= 0]
+    assert set(held) <= set(range(2000)) and len(set(held)) == 768
+    c.count(np.repeat(held[:3], 5))
+    c.count(np.arange(5000, 6000))          # no room: not counted
+    assert np.count_nonzero(c.keys >= 0) == 768
+    assert sorted(c.freq[np.isin(c.keys, held[:3])]) == [6, 6, 6]
+    c.populate(he.tt_init(10_000, [10, 10, 100], [1, 1, 2], [2, 2]))
+    np.testing.assert_array_equal(c.rows, np.sort(held[:3].tolist() + [min(
+        set(held) - set(held[:3].tolist()))]))
+    c.reset()
+    c.count(np.arange(5000, 6000))          # room again after reset
+    assert np.count_nonzero(c.keys >= 0) == 768
+
+
+def test_module_cache_survives_state_dict_round_trip(tmp_path):
+    # which rows are cached is not a parameter: it travels in the extra state,
+    # else the loaded module reads its trained cached rows from the cores
+    kw = dict(use_cache=True, cache_size=16, seed=1, sparse=True, learning_rate=0.5)
+    torch.manual_seed(0)
+    x = torch.randint(0, 500, (64, 3))
+    x[:, 0] = 7
+    a = TTEmbeddingBag(500, 8, [4, 4], **kw)
+    a.train()
+    a(x)
+    a.cache_populate()
+    a(x).sum().backward()
+    a.eval()
+    torch.save(a.state_dict(), tmp_path / "tt.pt")
+    b = TTEmbeddingBag(500, 8, [4, 4], **kw)
+    b.load_state_dict(torch.load(tmp_path / "tt.pt", weights_only=True))
+    b.eval()
+    torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
+    np.testing.assert_array_equal(b._cache_objs[0].rows, a._cache_objs[0].rows)
+    b.train()                                   # the frequencies went along too
+    a.train()
+    a(x)
+    b(x)
+    np.testing.assert_array_equal(b._cache_objs[0].freq, a._cache_objs[0].freq)
+    c = TTEmbeddingBag(500, 8, [4, 4], **dict(kw, hashtbl_size=2048))
+    with pytest.raises(ValueError, match="hashtbl_size"):
+        c.load_state_dict(a.state_dict())
+    d = TTEmbeddingBag(500, 8, [4, 4], seed=1)
+    with pytest.raises(ValueError, match="LFU caches"):
+        d.load_state_dict(a.state_dict(), strict=False)
+
+
 # ------------------------------------------------------------ torch module
 
 def test_module_matches_embedding_bag_and_conventions():

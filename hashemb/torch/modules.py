@@ -74,7 +74,12 @@ class HashEmbeddingBag(nn.Module):
     -----
     ``state_dict`` holds the array and, as extra state, the scheme's
     :meth:`~hashemb.Scheme.config` (hash seed and all), so a module loaded from
-    it gives bit-identical outputs whatever seed it was built with.
+    it gives bit-identical outputs whatever seed it was built with (its
+    ``table``, ``mode`` and ``padding_idx`` come from the state too). The
+    fused optimizer stays the one the module was built with (loading a
+    checkpoint trained without one does not switch this module's off); its
+    ``optimizer_state`` buffer and its place in the stochastic-rounding
+    stream are restored when it is of the saved kind.
     Results are deterministic on the CPU (see :func:`hashemb.embedding_bag`).
 
     Examples
@@ -97,9 +102,9 @@ class HashEmbeddingBag(nn.Module):
         self.table = V.check_table(table, scheme)
         self.mode, self.padding_idx = mode, padding_idx
         self.include_last_offset = bool(include_last_offset)
-        self._opt_args = (optimizer_name(optimizer), lr, eps)
         self._build(scheme, make_optimizer(optimizer, lr, eps))
         check_optimizer(self._lookup.optimizer, scheme, mode)
+        kind = optimizer_name(self._lookup.optimizer)
         if _weight is None:
             np_dtype = {torch.float32: np.float32, torch.float64: np.float64,
                         torch.float16: np.float16}.get(dtype)
@@ -115,12 +120,12 @@ class HashEmbeddingBag(nn.Module):
                 raise ValueError(f"_weight: expected shape {scheme.weight_shape}, "
                                  f"got {tuple(w.shape)}")
         self.weight = nn.Parameter(w.contiguous())
-        if self._opt_args[0] in ("adagrad", "rowwise_adagrad"):
+        if kind in ("adagrad", "rowwise_adagrad"):
             # 16-bit arrays keep a float32 accumulator (the kernels' dtype);
             # row-wise: one value per row
             n = self.weight.numel()
             self.register_buffer("optimizer_state", torch.zeros(
-                n if self._opt_args[0] == "adagrad" else n // scheme.dim,
+                n if kind == "adagrad" else n // scheme.dim,
                 dtype=_state_dtype(self.weight.dtype)))
 
     def _apply(self, fn, *args, **kwargs):
@@ -190,16 +195,42 @@ class HashEmbeddingBag(nn.Module):
         # accepts them, and a uint32 array goes as its int32 bit pattern
         cfg = {k: torch.from_numpy(v.view(np.int32) if v.dtype == np.uint32 else v)
                if isinstance(v, np.ndarray) else v for k, v in self.scheme.config().items()}
+        opt = self._lookup.optimizer
         return {"scheme": cfg, "table": self.table, "mode": self.mode,
-                "padding_idx": self.padding_idx, "optimizer": self._opt_args}
+                "padding_idx": self.padding_idx, "optimizer": _opt_args(opt),
+                "rounding_calls": 0 if opt is None else opt._calls}
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # an accumulator belongs to the optimizer, which is this module's own
+        # (see set_extra_state): a state saved without one starts this
+        # module's at zero, and one saved with one is dropped by a module
+        # without it, strict or not
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+        key = prefix + "optimizer_state"
+        if key in missing_keys:
+            missing_keys.remove(key)
+            self.optimizer_state.zero_()
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
 
     def set_extra_state(self, state):
+        # the model (scheme, table, mode, padding) comes from the state; the
+        # fused optimizer is the module's own, as built (training set-up, as a
+        # torch optimizer is not in a module's state_dict): fine-tuning a
+        # checkpoint trained without one keeps this module's. Its position in
+        # the stochastic-rounding stream comes back when the kinds agree, so a
+        # resumed 16-bit run takes the bits an unbroken one would.
         self.table, self.mode = state["table"], state["mode"]
         self.padding_idx = state["padding_idx"]
-        self._opt_args = tuple(state["optimizer"])
         cfg = {k: v.numpy() if isinstance(v, torch.Tensor) else v
                for k, v in state["scheme"].items()}
-        self._build(Scheme.from_config(cfg), make_optimizer(*self._opt_args))
+        opt = self._lookup.optimizer
+        self._build(Scheme.from_config(cfg), opt)
+        check_optimizer(opt, self.scheme, self.mode)
+        if opt is not None and tuple(state["optimizer"])[0] == optimizer_name(opt):
+            opt._calls = int(state.get("rounding_calls", 0))
 
     def memory_bytes(self):
         """Bytes of the array (plus an Adagrad accumulator and, for SCMA / LMA,
@@ -211,7 +242,8 @@ class HashEmbeddingBag(nn.Module):
         return n + extra
 
     def extra_repr(self):
-        return f"{self.scheme!r}, mode={self.mode!r}, optimizer={self._opt_args[0]!r}"
+        return (f"{self.scheme!r}, mode={self.mode!r}, "
+                f"optimizer={optimizer_name(self._lookup.optimizer)!r}")
 
 
 class HashEmbeddingBagCollection(HashEmbeddingBag):
@@ -596,6 +628,11 @@ class TorchEmbeddingBagCollection(nn.Module):
     def memory_bytes(self):
         """Bytes of the full tables."""
         return sum(e.weight.numel() * e.weight.element_size() for e in self.tables)
+
+
+def _opt_args(opt):
+    """(kind, lr, eps) of a fused optimizer, as saved (None: no optimizer)."""
+    return (optimizer_name(opt), getattr(opt, "lr", None), getattr(opt, "eps", None))
 
 
 def _state_dtype(weight_dtype):

@@ -293,6 +293,37 @@ class TTEmbeddingBagCollection(nn.Module):
             for i in range(len(self.tt_cores), len(self.tt_cores) + len(self.cache_weights)):
                 getattr(self, f"optimizer_state_{i}").zero_()
 
+    def get_extra_state(self):
+        # the LFU caches' row sets and frequency tables: the cached rows'
+        # values are parameters, but which rows they hold is not (a module
+        # loaded without it read its trained cached rows from the cores)
+        if self._cache_objs is None:
+            return {}
+        return {"caches": [{"rows": torch.from_numpy(c.rows.copy()),
+                            "keys": torch.from_numpy(c.keys.copy()),
+                            "freq": torch.from_numpy(c.freq.copy())}
+                           for c in self._cache_objs]}
+
+    def set_extra_state(self, state):
+        caches = (state or {}).get("caches")
+        if caches is None:
+            return
+        if self._cache_objs is None or len(caches) != len(self._cache_objs):
+            have = 0 if self._cache_objs is None else len(self._cache_objs)
+            raise ValueError(f"state_dict: expected {have} LFU caches (use_cache="
+                             f"{self.use_cache}, one a table), got {len(caches)}")
+        for c, st in zip(self._cache_objs, caches):
+            rows, keys, freq = (st[k].numpy() for k in ("rows", "keys", "freq"))
+            if keys.shape != c.keys.shape or freq.shape != c.freq.shape:
+                raise ValueError(f"state_dict: expected LFU frequency tables of "
+                                 f"{c.keys.shape[0]} slots (hashtbl_size), got {keys.shape[0]}")
+            if rows.shape[0] > c.capacity:
+                raise ValueError(f"state_dict: expected at most cache_size = {c.capacity} "
+                                 f"cached rows, got {rows.shape[0]}")
+            c.rows = rows.astype(np.int64, copy=True)
+            c.keys[:], c.freq[:] = keys, freq
+            c._used = None      # counted again from the keys at the next count
+
     def full_weights(self):
         """The reconstructed tables, one ``(num_embeddings[t], D)`` tensor each."""
         with device_context(self.tt_cores[0]):
