@@ -12,7 +12,8 @@ import hashemb as he                                       # noqa: E402
 from hashemb.torch import (DLRM, HashedEmbeddingBag, HashEmbeddingBag,  # noqa: E402
                            HashEmbeddingBagCollection, HashedNetEmbeddingBagCollection,
                            HashingTrickEmbeddingBagCollection, RobeEmbeddingBag,
-                           RobeEmbeddingBagCollection, TorchEmbeddingBagCollection,
+                           RobeEmbeddingBagCollection, TorchEmbeddingBagCollection, TTEmbeddingBag,
+                           TTEmbeddingBagCollection,
                            dense_parameters)
 from reference import bag_backward, bag_forward, uhash   # noqa: E402
 from test_bag import make_scheme                            # noqa: E402
@@ -177,6 +178,54 @@ def test_state_dict_round_trip_is_bit_identical(make):
     b.load_state_dict(torch.load(buf))
     assert b.scheme == a.scheme
     assert torch.equal(b(x), a(x))
+
+
+@pytest.mark.parametrize("make, x, off", [
+    (lambda: HashEmbeddingBag(he.RobeZ(100, 4)), torch.tensor([1, 2, 3]), torch.tensor([0, 1])),
+    (lambda: HashEmbeddingBag(he.RobeZ(100, 4)), torch.tensor([[1, 2, 3]]), None),
+    (lambda: RobeEmbeddingBagCollection([100, 100], 4), torch.tensor([[1, 2], [3, 4]]), None),
+    (lambda: TTEmbeddingBag(100, 4, [2, 2]), torch.tensor([1, 2, 3]), torch.tensor([0, 1])),
+    (lambda: TTEmbeddingBagCollection([100, 100], 4, [2, 2]), torch.tensor([[1, 2], [3, 4]]),
+     None),
+])
+def test_per_sample_weights_of_another_shape_are_named(make, x, off):
+    # as nn.EmbeddingBag: input's shape. A (n, 1) one passed forward, then
+    # autograd refused its gradient; a (T, B) one for (B, T) input was paired
+    # with the wrong entries
+    emb = make()
+    bad = torch.rand(x.numel(), 1) if x.dim() == 1 else torch.rand(*reversed(x.shape)) \
+        if x.shape[0] != x.shape[1] else torch.rand(x.numel())
+    with pytest.raises(ValueError, match=r"per_sample_weights: expected input's shape"):
+        emb(x, off, per_sample_weights=bad.requires_grad_())
+    good = torch.rand(*x.shape, requires_grad=True)
+    emb(x, off, per_sample_weights=good).sum().backward()
+    assert good.grad.shape == x.shape
+
+
+def test_fused_step_between_forward_and_backward_is_an_error_where_it_matters():
+    # two calls before backward: the first backward's fused step moves the
+    # array the second one's forward read. A sum's gradient does not depend on
+    # it (so it runs, and equals dense gradients then SGD); per-sample weights'
+    # gradient and max's argmax do, and were silently wrong
+    x = torch.randint(0, 50, (6, 3))
+    G = torch.randn(6, 8)
+    m = HashEmbeddingBag(he.RobeZ(1000, 8, block=8), optimizer="sgd", lr=5.0)
+    ref = HashEmbeddingBag(he.RobeZ(1000, 8, block=8))
+    ((m(x) + 2 * m(x)) * G).sum().backward()
+    ((ref(x) + 2 * ref(x)) * G).sum().backward()
+    torch.testing.assert_close(m.weight, (ref.weight - 5.0 * ref.weight.grad).detach())
+    p1 = torch.rand(6, 3, requires_grad=True)
+    p2 = p1.detach().clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="per-sample weights.*called more than once"):
+        ((m(x, per_sample_weights=p1) + m(x, per_sample_weights=p2)) * G).sum().backward()
+    mx = HashEmbeddingBag(he.RobeZ(1000, 8, block=8), mode="max", optimizer="sgd", lr=5.0)
+    with pytest.raises(RuntimeError, match="max-mode"):
+        ((mx(x) + mx(x)) * G).sum().backward()
+    ((mx(x)) * G).sum().backward()              # one call a step: fine
+    tt = TTEmbeddingBag(100, 4, [2, 2], sparse=True)
+    xt = torch.randint(0, 100, (4, 2))
+    with pytest.raises(RuntimeError, match="cores' gradient"):
+        (tt(xt) + tt(xt)).sum().backward()
 
 
 def test_loading_a_state_keeps_the_modules_own_fused_optimizer():

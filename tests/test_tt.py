@@ -441,6 +441,38 @@ def test_cache_frequency_table_stops_inserting_at_three_quarters():
     assert np.count_nonzero(c.keys >= 0) == 768
 
 
+def test_collection_with_caches_takes_dense_gradients():
+    # two tables with caches: backward's gradients come per table (cores, then
+    # cache) but the parameters are all cores, then all caches (it raised)
+    torch.manual_seed(0)
+    x = torch.randint(0, 20, (32, 2))
+    x[:, 0] = 5
+    a = TTEmbeddingBagCollection([50, 20], 4, [2, 2], use_cache=True, cache_size=2, seed=3,
+                                 dtype=torch.float64)
+    b = TTEmbeddingBagCollection([50, 20], 4, [2, 2], seed=3, dtype=torch.float64)
+    a.train()
+    a(x)
+    a.cache_populate()
+    G = torch.randn(32, 8, dtype=torch.float64)
+    (a(x) * G).sum().backward()
+    (b(x) * G).sum().backward()
+    # the whole gradient of each table's rows: the cores' (uncached rows) plus
+    # the cache's (cached rows), as the uncached module's of every row
+    for t in range(2):
+        rows = torch.from_numpy(a._cache_objs[t].rows)
+        W = b.full_weights()[t].detach().requires_grad_()
+        (F.embedding(x[:, t], W) * G[:, 4 * t:4 * t + 4]).sum().backward()
+        torch.testing.assert_close(a.cache_weights[t].grad[:len(rows)], W.grad[rows])
+    # the cores': the uncached module's with the cached rows weighted 0
+    keep = torch.stack([~torch.isin(x[:, t], torch.from_numpy(a._cache_objs[t].rows))
+                        for t in range(2)], 1).double()
+    c = TTEmbeddingBagCollection([50, 20], 4, [2, 2], seed=3, dtype=torch.float64)
+    (c(x, per_sample_weights=keep) * G).sum().backward()
+    assert len(list(a.tt_cores)) == 6
+    for pa, pc in zip(a.tt_cores, c.tt_cores):
+        torch.testing.assert_close(pa.grad, pc.grad)
+
+
 def test_module_cache_survives_state_dict_round_trip(tmp_path):
     # which rows are cached is not a parameter: it travels in the extra state,
     # else the loaded module reads its trained cached rows from the cores

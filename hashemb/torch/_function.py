@@ -130,6 +130,7 @@ class Lookup:
                  optimizer=None):
         self.scheme, self.T, self.table, self.mode = scheme, num_tables, table, mode
         self.padding_idx, self.optimizer = padding_idx, optimizer
+        self.steps = 0      # fused steps taken: a backward knows whether its forward's array moved
 
     def forward(self, idx, w, off, psw, return_saved=False):
         if self.T == 1:
@@ -181,6 +182,17 @@ class Lookup:
         return out
 
 
+def check_psw_shape(psw, input):
+    """per_sample_weights of input's shape, as torch.nn.EmbeddingBag asks (a
+    flat one of the right count but another shape passed forward, then its
+    gradient of input's shape was refused by autograd)."""
+    if isinstance(psw, torch.Tensor):
+        shape = tuple(input.shape) if isinstance(input, torch.Tensor) else np.shape(input)
+        if tuple(psw.shape) != shape:
+            raise ValueError(f"per_sample_weights: expected input's shape {shape}, "
+                             f"got {tuple(psw.shape)}")
+
+
 def records_grad(psw, *params):
     """Whether autograd will record a call on these inputs: grad mode on and
     a parameter or the per-sample weights requiring a gradient. Where it
@@ -200,6 +212,16 @@ def plain_lookup(weight, indices, offsets, psw, lookup, return_saved=False):
                               as_any_array(psw, "per_sample_weights"), return_saved=return_saved)
 
 
+def raise_stale(what):
+    """The error of a backward whose forward read an array that a fused step
+    has moved since (the module called more than once before backward)."""
+    raise RuntimeError(
+        f"the {what} needs the values the forward read, but a fused optimizer step "
+        f"has changed them since (the module was called more than once before "
+        f"backward): call the module once per step (concatenate the inputs), or use "
+        f"optimizer=None and a torch optimizer")
+
+
 class BagFunction(torch.autograd.Function):
     """out = lookup(weight, indices, offsets, per_sample_weights).
 
@@ -214,7 +236,7 @@ class BagFunction(torch.autograd.Function):
         keep = bool(keep) and ctx.needs_input_grad[0]
         out = plain_lookup(weight, indices, offsets, psw, lookup, return_saved=keep)
         out, ctx.bag_saved = out if keep else (out, None)
-        ctx.lookup = lookup
+        ctx.lookup, ctx.steps = lookup, lookup.steps
         ctx.save_for_backward(weight, indices, offsets, psw)
         return as_tensor(out)
 
@@ -228,7 +250,11 @@ class BagFunction(torch.autograd.Function):
             idx, w, off = as_any_array(indices, "input"), as_any_array(weight, "weight"), \
                 as_any_array(offsets, "offsets")
             gw = gp = None
-            if psw is not None and ctx.needs_input_grad[3]:     # before a fused update
+            wants_psw = psw is not None and ctx.needs_input_grad[3]
+            if lk.steps != ctx.steps and (wants_psw or lk.mode == "max"):
+                raise_stale("per-sample weights' gradient" if wants_psw else
+                            "max-mode gradient (its argmax)")
+            if wants_psw:                                       # before a fused update
                 gp = as_tensor(lk.psw_grad(g, idx, w, off))
             # (a frozen weight, requires_grad False, is left alone even with a
             # fused optimizer: it moved when per-sample weights took a gradient)
@@ -236,4 +262,5 @@ class BagFunction(torch.autograd.Function):
                 res = lk.backward(g, idx, w, off, as_any_array(psw, "per_sample_weights"),
                                   ctx.bag_saved)
                 gw = None if res is None else as_tensor(res)
+                lk.steps += res is None
         return gw, None, None, gp, None, None

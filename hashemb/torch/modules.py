@@ -11,8 +11,8 @@ from ..hashing import UniversalHash
 from ..lsh import LMA, LSHTable
 from ..schemes import FullTable, HashedNet, RobeZ, Scheme
 from ..optim import check_optimizer
-from ._function import (BagFunction, Lookup, as_any_array, as_tensor, bfloat16, device_context,
-                        make_optimizer, optimizer_name, plain_lookup, records_grad)
+from ._function import (BagFunction, Lookup, as_any_array, as_tensor, bfloat16, check_psw_shape,
+                        device_context, make_optimizer, optimizer_name, plain_lookup, records_grad)
 
 
 def _cupy():
@@ -181,6 +181,7 @@ class HashEmbeddingBag(nn.Module):
 
     def forward(self, input, offsets=None, per_sample_weights=None):
         """Pooled embeddings, shape ``(B, dim)`` (like ``nn.EmbeddingBag``)."""
+        check_psw_shape(per_sample_weights, input)
         flat, off, psw = self._normalise(input, offsets, per_sample_weights)
         w = self.weight
         if not records_grad(psw, w):

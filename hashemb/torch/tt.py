@@ -6,8 +6,8 @@ from torch import nn
 from .. import _validate as V
 from .. import tt as _tt
 from .._backend import array_module
-from ._function import (as_any_array, as_array, as_tensor, device_context, make_optimizer,
-                        records_grad)
+from ._function import (as_any_array, as_array, as_tensor, check_psw_shape, device_context,
+                        make_optimizer, raise_stale, records_grad)
 
 
 def _np_dtype(dtype):
@@ -27,7 +27,7 @@ class _TTBags(torch.autograd.Function):
     def forward(ctx, module, indices, offsets, psw, *params):
         m = module
         out, saved = m._bags(indices, offsets, psw, return_saved=True)
-        ctx.module, ctx.saved = m, saved
+        ctx.module, ctx.saved, ctx.steps = m, saved, m._steps
         ctx.save_for_backward(indices, offsets, psw)
         return as_tensor(out)
 
@@ -45,15 +45,23 @@ class _TTBags(torch.autograd.Function):
                 gp = as_tensor(m._psw_grad(g, ctx.saved, off))
             if not any(ctx.needs_input_grad[4:]):   # frozen cores: no step, fused or not
                 return (None, None, None, gp) + (None,) * n_params
+            if m._fused() is not None and m._steps != ctx.steps:
+                # a core's gradient is the product of the other cores at forward
+                raise_stale("cores' gradient")
             res = _tt.tt_embedding_bags_backward(
                 g, idx, m._core_arrays(), off, mode=m.mode,
                 per_sample_weights=as_any_array(psw, "per_sample_weights"),
                 include_last_offset=True, num_embeddings=list(m.num_embeddings),
                 cache=m._caches(), saved=ctx.saved, optimizer=m._fused())
         if res is None:
+            m._steps += 1
             return (None, None, None, gp) + (None,) * n_params
-        grads = [as_tensor(x) for per_table in res for x in per_table]
-        return (None, None, None, gp) + tuple(grads)
+        # per table: its cores, then its cache's rows; the parameters are every
+        # table's cores, then every cache
+        d = m._ncores
+        grads = [x for per_table in res for x in per_table[:d]] + \
+            [x for per_table in res for x in per_table[d:]]
+        return (None, None, None, gp) + tuple(as_tensor(x) for x in grads)
 
 
 class TTEmbeddingBagCollection(nn.Module):
@@ -150,6 +158,7 @@ class TTEmbeddingBagCollection(nn.Module):
         self.cache_size = V.check_int(cache_size, "cache_size", lo=0, hi=1 << 40)
         self.hashtbl_size = V.check_int(hashtbl_size, "hashtbl_size", lo=0, hi=1 << 40)
         self._cache_objs = None
+        self._steps = 0         # fused steps taken (see _TTBags.backward)
         self.cache_weights = nn.ParameterList()
         if self.use_cache:
             if self.cache_size <= 0:
@@ -238,6 +247,7 @@ class TTEmbeddingBagCollection(nn.Module):
     def forward(self, input, offsets=None, per_sample_weights=None):
         T = len(self.num_embeddings)
         idx = _index_tensor(input)
+        check_psw_shape(per_sample_weights, idx)
         if idx.dim() == 2:
             if offsets is not None:
                 raise ValueError("offsets: expected None when input is 2-D, got a tensor")
@@ -412,6 +422,7 @@ class TTEmbeddingBag(TTEmbeddingBagCollection):
 
     def forward(self, input, offsets=None, per_sample_weights=None):
         idx = _index_tensor(input)
+        check_psw_shape(per_sample_weights, idx)
         if idx.dim() == 2:
             if offsets is not None:
                 raise ValueError("offsets: expected None when input is 2-D (B, N), got a tensor")
@@ -420,9 +431,6 @@ class TTEmbeddingBag(TTEmbeddingBagCollection):
             off = torch.arange(0, B * N + 1, max(N, 1), dtype=torch.int64, device=idx.device) \
                 if N else torch.zeros(B + 1, dtype=torch.int64, device=idx.device)
             if per_sample_weights is not None:
-                if tuple(per_sample_weights.shape) != tuple(idx.shape):
-                    raise ValueError(f"per_sample_weights: expected shape {tuple(idx.shape)} "
-                                     f"(as input), got {tuple(per_sample_weights.shape)}")
                 per_sample_weights = per_sample_weights.reshape(-1)
         elif idx.dim() == 1:
             if offsets is None:
