@@ -34,10 +34,13 @@ def build_model(cardinalities, num_dense=13, compression=1000.0, block=16, seed=
 def train_steps(model, batches, lr, rank=0, world=1):
     """SGD on ``batches`` (an iterable of (dense, cats, labels) numpy arrays of
     the GLOBAL batch); worker ``rank`` of ``world`` takes its contiguous shard.
-    The loss is the mean over the shard, so DDP's gradient average equals the
-    gradient of the mean over the global batch."""
+    Each worker differentiates its shard's summed loss times ``world / n`` (n
+    the global batch), so DDP's gradient average equals the gradient of the
+    mean over the global batch, shards of unequal size included (a batch
+    that ``world`` does not divide: averaging the shards' means weighted
+    their samples unequally). Returns each step's mean loss over the shard."""
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    loss_fn = nn.BCEWithLogitsLoss()
+    loss_fn = nn.BCEWithLogitsLoss(reduction="sum")
     model.train()
     losses = []
     for dense, cats, labels in batches:
@@ -48,9 +51,9 @@ def train_steps(model, batches, lr, rank=0, world=1):
         y = torch.from_numpy(np.ascontiguousarray(labels[lo:hi], np.float32))
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model(d, c), y)
-        loss.backward()
+        (loss * (world / n)).backward()
         opt.step()
-        losses.append(loss.item())
+        losses.append(loss.item() / max(hi - lo, 1))
     return losses
 
 
