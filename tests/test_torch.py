@@ -480,3 +480,19 @@ def test_torch_baseline_collection():
     out = base(x)
     torch.testing.assert_close(out[:, 4:], base.tables[1].weight[x[:, 1]])
     assert base.memory_bytes() == 30 * 4 * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_dlrm_in_another_dtype(dtype):
+    # a 16-bit collection pools in float32: the interaction takes the MLPs'
+    # dtype (it raised "mat1 and mat2 must have the same dtype")
+    if dtype == torch.bfloat16:
+        pytest.importorskip("ml_dtypes")
+    emb = RobeEmbeddingBagCollection([100, 200], 16, compression=10, optimizer="sgd", lr=0.1)
+    m = DLRM(emb, num_tables=2, num_dense=3, bottom=(8,), top=(8,)).to(dtype)
+    assert m.embedding.weight.dtype == dtype
+    y = m(torch.rand(4, 3, dtype=dtype), torch.randint(0, 100, (4, 2)))
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    before = m.embedding.weight.detach().clone()
+    y.float().sum().backward()
+    assert not torch.equal(m.embedding.weight, before)

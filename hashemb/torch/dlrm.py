@@ -78,7 +78,9 @@ class DLRM(nn.Module):
 
     def forward(self, dense, cats):
         x = self.bottom(dense)
-        e = self.embedding(cats).view(-1, self.num_tables, self.dim)
+        # (hashemb modules pool 16-bit arrays in float32: the MLPs' dtype
+        # after .half() / .bfloat16() is the model's)
+        e = self.embedding(cats).view(-1, self.num_tables, self.dim).to(x.dtype)
         z = torch.cat([x.unsqueeze(1), e], dim=1)
         dots = torch.bmm(z, z.transpose(1, 2))[:, self._li, self._lj]
         return self.top(torch.cat([x, dots], dim=1)).squeeze(1)
