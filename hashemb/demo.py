@@ -90,7 +90,11 @@ def load(args):
             cats.append(inv)
             card.append(len(vocab))
         cats = np.stack(cats, 1).astype(np.int64)
-        cut = max(len(b.labels) - args.test_samples, 0)
+        if len(b.labels) <= args.test_samples:
+            # every row would be a test row: the models would train on nothing
+            raise SystemExit(f"--data: expected more than --test-samples = {args.test_samples} "
+                             f"readable rows, got {len(b.labels)} (lower --test-samples)")
+        cut = len(b.labels) - args.test_samples
         tr = Batch(b.dense[:cut], cats[:cut], b.labels[:cut], None)
         te = Batch(b.dense[cut:], cats[cut:], b.labels[cut:], None)
         return tr, te, card, None, f"Criteo TSV {args.data}: {cut} train, {len(te.labels)} test"

@@ -160,6 +160,23 @@ def test_tsv_bad_rows_raise_with_line_number_or_are_skipped():
     assert CriteoTSV([]).read().cats.shape == (0, 26)
 
 
+def test_tsv_reads_gzip_and_skips_undecodable_lines(tmp_path):
+    import gzip
+    rows = [_row(), _row("0", cats=[f"{i:04x}" for i in range(26)])]
+    plain, packed = tmp_path / "day.tsv", tmp_path / "day.tsv.gz"
+    plain.write_text("".join(rows))
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    a, b = CriteoTSV(plain).read(), CriteoTSV(packed).read()
+    assert all(np.array_equal(x, y) for x, y in zip(a[:3], b[:3])) and len(a.labels) == 2
+    # a byte that is not UTF-8: that line is bad like any other (it ended the read)
+    mixed = tmp_path / "mixed.tsv"
+    mixed.write_bytes(rows[0].encode() + b"1\t\xff\xfe" + rows[1][1:].encode() + rows[1].encode())
+    with pytest.raises(ValueError, match="line 2"):
+        CriteoTSV(mixed).read()
+    r = CriteoTSV(mixed, on_bad="skip")
+    assert r.read().labels.tolist() == [1.0, 0.0] and r.skipped == 1
+
+
 @given(st.text(alphabet="0123456789abcdef", min_size=1, max_size=16))
 @settings(max_examples=50)
 def test_token_ids_are_a_bijection_of_the_hex_value(h):

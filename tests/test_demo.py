@@ -45,6 +45,12 @@ def test_demo_criteo_tsv(tmp_path):
     res = json.loads((tmp_path / "results.json").read_text())
     assert [r["method"] for r in res["rows"]] == ["full", "robez"]
     assert "3000 train, 1000 test" in res["data"]
+    # a file with no more rows than --test-samples would train on nothing
+    small = tmp_path / "small.tsv"
+    small.write_text("\n".join(lines[:201]) + "\n")      # 200 rows and the garbage one
+    with pytest.raises(SystemExit, match="more than --test-samples = 1000 readable rows, got 200"):
+        main(["demo", "--data", str(small), "--sweep", "", "--methods", "robez",
+              "--test-samples", "1000"] + TINY)
 
 
 def test_cli_usage(capsys):

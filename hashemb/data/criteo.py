@@ -1,10 +1,13 @@
 """Streaming reader of the Criteo TSV format: ``label, I1..I13, C1..C26``.
 
 Categorical tokens are hashed to 64-bit ids on the fly (SplitMix64 of the hex
-value + 1, a bijection, so distinct tokens never collide; a missing token is id
-0): no vocabulary pass is needed, and the hashed schemes take the ids as they
-are. Dense values get DLRM's transform ``log1p(max(x, 0))`` (missing = 0).
+value + 1 mod 2**64, a bijection, so distinct tokens never collide; a missing
+token is id 0, which it shares with the one token ``ffffffffffffffff``:
+2**64 tokens and a missing one do not fit in 64 bits): no vocabulary pass is
+needed, and the hashed schemes take the ids as they are. Dense values get DLRM's transform ``log1p(max(x, 0))`` (missing = 0).
 """
+import gzip
+
 import numpy as np
 
 from .. import _validate as V
@@ -37,7 +40,7 @@ class CriteoTSV:
     Parameters
     ----------
     source : str, path or iterable of str
-        File name, or lines (e.g. an open file).
+        File name (plain or gzip-compressed), or lines (e.g. an open file).
     on_bad : {"raise", "skip"}
         A malformed row (not 40 tab-separated fields, a label other than 0/1,
         a non-integer dense value, a token that is not hex of at most 16
@@ -61,8 +64,13 @@ class CriteoTSV:
         self.rows = 0
 
     def _lines(self):
+        """The source's lines: a file's as bytes (gzip-compressed ones, by
+        their magic number, decompressed), decoded where a bad line can be
+        skipped."""
         if isinstance(self.source, (str, bytes)) or hasattr(self.source, "__fspath__"):
-            with open(self.source, encoding="utf-8", errors="strict") as f:
+            with open(self.source, "rb") as f:
+                gz = f.read(2) == b"\x1f\x8b"
+            with (gzip.open if gz else open)(self.source, "rb") as f:
                 yield from f
         else:
             yield from self.source
@@ -99,8 +107,10 @@ class CriteoTSV:
             if limit is not None and self.rows >= limit:
                 break
             try:
+                if isinstance(line, bytes):
+                    line = line.decode("utf-8")
                 y, d, c = self._parse(line)
-            except ValueError as e:
+            except ValueError as e:     # UnicodeDecodeError too
                 if self.on_bad == "raise":
                     raise ValueError(f"line {lineno}: {e}") from None
                 self.skipped += 1
