@@ -62,6 +62,18 @@ def _pow2_above(n):
     return 1 << max(int(2 * n - 1).bit_length(), 1)
 
 
+def _uint32(a, name):
+    """Slots or signature values as uint32, checked before the cast (an int64
+    2**32 + 7 was slot 7); int32 is taken as a uint32 bit pattern."""
+    if a.dtype == np.int32:
+        return np.ascontiguousarray(a.view(np.uint32))
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"{name}: expected an integer array, got dtype {a.dtype}")
+    if a.size and (a.min() < 0 or a.max() > 0xFFFFFFFF):
+        raise ValueError(f"{name}: expected values in [0, 2**32), got {a.min()}..{a.max()}")
+    return np.ascontiguousarray(a, np.uint32)
+
+
 class _MinhashScheme(Scheme):
     """Shared by :class:`LSHTable` and :class:`LMA`: the sampled-token map, the
     minhash functions and the combination of signature values into slots."""
@@ -79,9 +91,7 @@ class _MinhashScheme(Scheme):
         self.num_hashes = V.check_positive_int(num_hashes, "num_hashes", upper=64)
         width = self._width(dim, signature_size)
         keys = V.as_keys(keys, "keys").astype(np.int64, copy=False).view(np.uint64)
-        data = V._as_array(data, "data")
-        data = np.ascontiguousarray(data.view(np.uint32) if data.dtype == np.int32 else data,
-                                    np.uint32)                # int32: a uint32 bit pattern
+        data = _uint32(V._as_array(data, "data"), "data")
         n = data.shape[0] if data.ndim == 2 else 0
         if data.shape != (n, width) or n == 0:
             raise ValueError(f"data: expected shape (n >= 1, {width}), got {data.shape}")
@@ -109,7 +119,14 @@ class _MinhashScheme(Scheme):
                     block=None, signature_size=None):
         """The scheme whose sampled tokens are ``(fields[n], tokens[n])`` with data
         row ``n`` (distinct pairs), e.g. signatures computed elsewhere."""
-        fields = np.ascontiguousarray(V._as_array(fields, "fields"), np.int32)
+        fields = V._as_array(fields, "fields")
+        if fields.dtype.kind not in "iu" or (fields.size and (
+                fields.min() < 0 or fields.max() >= num_fields)):
+            raise (TypeError if fields.dtype.kind not in "iu" else ValueError)(
+                f"fields: expected integers in [0, {num_fields}), got "
+                + (f"dtype {fields.dtype}" if fields.dtype.kind not in "iu"
+                   else f"{fields.min()}..{fields.max()}"))
+        fields = np.ascontiguousarray(fields, np.int32)
         tokens = V.as_keys(tokens, "tokens").astype(np.int64, copy=False).view(np.uint64)
         n = tokens.shape[0]
         if fields.shape != (n,) or n == 0:

@@ -310,6 +310,21 @@ def test_from_tokens_and_parts_errors():
         he.LMA.from_tokens(10, 4, 1, fields, tokens, s.data, signature_size=8)
     with pytest.raises(ValueError, match="signature_size"):
         he.LSHTable(10, 4, 2, s.keys, s.data, signature_size=4)
+    # checked before the casts (field 2**32 was field 0, 0.5 was 0, and an
+    # int64 slot 2**32 + 7 passed "slots < size" as 7)
+    with pytest.raises(ValueError, match=r"fields: expected integers in \[0, 2\)"):
+        he.LMA.from_tokens(10, 4, 2, np.r_[fields[:-1], 1 << 32], tokens, s.data,
+                           signature_size=8)
+    with pytest.raises(TypeError, match="fields: expected integers.*float64"):
+        he.LMA.from_tokens(10, 4, 2, fields + 0.5, tokens, s.data, signature_size=8)
+    t = he.LSHTable.fit(X, size=10, dim=4, num_points=5)
+    with pytest.raises(ValueError, match=r"data: expected values in \[0, 2\*\*32\)"):
+        he.LSHTable(10, 4, 2, t.keys, t.data.astype(np.int64) + (1 << 32), block=t.block)
+    with pytest.raises(ValueError, match=r"data: expected values in \[0, 2\*\*32\)"):
+        he.LMA(10, 4, 2, s.keys, s.data.astype(np.int64) - (1 << 40), signature_size=8)
+    with pytest.raises(TypeError, match="data: expected an integer array"):
+        he.LMA(10, 4, 2, s.keys, s.data.astype(np.float64), signature_size=8)
+    assert he.LSHTable(10, 4, 2, t.keys, t.data.astype(np.int64), block=t.block) == t
 
 
 def test_fingerprint_clashes_are_rare_and_counted():
@@ -366,6 +381,12 @@ def test_torch_state_dict_roundtrip(lma, tmp_path):
     assert torch.equal(a(q), b(q))
     single = LSHEmbeddingBag(a.scheme, 50, 8, table=1)        # a prebuilt scheme
     assert single.scheme is a.scheme and single.memory_bytes() > single.weight.numel() * 4
+    # its width is the scheme's: another embedding_dim is an error (it was
+    # kept as the attribute while the output stayed 8 wide)
+    with pytest.raises(ValueError, match=r"embedding_dim: expected 8 \(the given"):
+        LSHEmbeddingBag(a.scheme, 50, 4, table=1)
+    with pytest.raises(ValueError, match="embedding_dim: expected 8"):
+        LSHEmbeddingBagCollection(a.scheme, [50, 50], 16)
 
 
 def test_torch_errors():

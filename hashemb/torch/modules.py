@@ -399,6 +399,9 @@ def _minhash_scheme(data, sizes, dim, compression, lma, num_hashes, num_points, 
                     seed, signature_size, progress):
     """An he.LSHTable / he.LMA fitted on ``data`` (or ``data`` itself if it is one)."""
     if isinstance(data, (LSHTable, LMA)):
+        if V.check_positive_int(dim, "embedding_dim", upper=1 << 20) != data.dim:
+            raise ValueError(f"embedding_dim: expected {data.dim} (the given {type(data).__name__}"
+                             f"'s dim), got {dim}")
         return data
     X = V.as_keys(data.numpy() if isinstance(data, torch.Tensor) else data, "data")
     X = X.reshape(-1, 1) if X.ndim == 1 else X
