@@ -11,13 +11,18 @@ from ._backend import _cpu_kernels, is_cupy, on_gpu
 
 
 def _key(v, name):
+    """sizes or dims as the layout cache's key: Python ints only, each other
+    value checked here (the cache takes 2.0 and True as equal to 2 and 1, so
+    a check behind it ran only on a layout's first call)."""
     if isinstance(v, np.ndarray):
-        return tuple(v.tolist())
-    if isinstance(v, numbers.Integral):
-        return v
+        v = v.tolist()
+    elif isinstance(v, numbers.Integral):
+        return v if type(v) is int else V.check_int(v, name)
     try:
-        return tuple(v)
-    except TypeError:
+        return tuple(x if type(x) is int else V.check_int(x, name) for x in v)
+    except TypeError as e:
+        if name in str(e):
+            raise
         raise TypeError(f"{name}: expected an integer or a sequence of integers, "
                         f"got {type(v).__name__} {v!r}") from None
 

@@ -2,6 +2,20 @@
 import numpy as np
 
 
+def _pairs(labels, values, name):
+    """(labels == 1, values as float64), flat, after the checks both metrics
+    share: labels 0 or 1, one value a label (no broadcasting)."""
+    lab = np.asarray(labels).reshape(-1)
+    y = lab == 1
+    binary = y | (lab == 0)
+    if not binary.all():
+        raise ValueError(f"labels: expected 0 or 1, got {lab[~binary][0].item()!r}")
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if y.shape != v.shape:
+        raise ValueError(f"{name}: expected {y.shape[0]} values like labels, got {v.shape[0]}")
+    return y, v
+
+
 def auc(labels, scores):
     r"""Area under the ROC curve: the probability that a random positive scores
     above a random negative, ties counting one half (the Mann-Whitney U statistic):
@@ -20,14 +34,7 @@ def auc(labels, scores):
     >>> auc([0, 1], [0.3, float("nan")])
     nan
     """
-    lab = np.asarray(labels).reshape(-1)
-    y = lab == 1
-    binary = y | (lab == 0)
-    if not binary.all():
-        raise ValueError(f"labels: expected 0 or 1, got {lab[~binary][0].item()!r}")
-    s = np.asarray(scores, dtype=np.float64).reshape(-1)
-    if y.shape != s.shape:
-        raise ValueError(f"scores: expected {y.shape[0]} values like labels, got {s.shape[0]}")
+    y, s = _pairs(labels, scores, "scores")
     pos = int(y.sum())
     neg = y.shape[0] - pos
     if pos == 0 or neg == 0:
@@ -47,7 +54,7 @@ def auc(labels, scores):
 
 def logloss(labels, prob, eps=1e-7):
     r"""Mean binary cross-entropy :math:`-\overline{y \log p + (1-y)\log(1-p)}`,
-    with p clipped to ``[eps, 1-eps]``.
+    with p clipped to ``[eps, 1-eps]``; labels 0 or 1, one probability each.
 
     Examples
     --------
@@ -55,6 +62,9 @@ def logloss(labels, prob, eps=1e-7):
     >>> round(logloss([1, 0], [0.5, 0.5]), 4)
     0.6931
     """
-    y = np.asarray(labels, dtype=np.float64).reshape(-1)
-    p = np.clip(np.asarray(prob, dtype=np.float64).reshape(-1), eps, 1 - eps)
+    y, p = _pairs(labels, prob, "prob")
+    if not y.shape[0]:
+        raise ValueError("labels: expected at least one, got none")
+    y = y.astype(np.float64)
+    p = np.clip(p, eps, 1 - eps)
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))

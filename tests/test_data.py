@@ -39,6 +39,14 @@ def test_auc_of_a_diverged_model_is_nan_and_labels_are_binary():
 def test_logloss():
     assert logloss([1, 0, 1], [0.9, 0.2, 0.6]) == pytest.approx(
         -(np.log(0.9) + np.log(0.8) + np.log(0.6)) / 3)
+    # the checks auc makes (one probability broadcast over every label, and a
+    # label of 2, gave numbers)
+    with pytest.raises(ValueError, match="prob: expected 3 values like labels, got 1"):
+        logloss([1, 0, 1], [0.9])
+    with pytest.raises(ValueError, match="labels: expected 0 or 1, got 2"):
+        logloss([1, 0, 2], [0.9, 0.2, 0.6])
+    with pytest.raises(ValueError, match="labels: expected at least one"):
+        logloss([], [])
 
 
 # -- synthetic ---------------------------------------------------------------

@@ -105,6 +105,10 @@ def test_errors_and_training_step():
         FastEmbedding(4, 2, _weight=torch.zeros(3, 2))
     with pytest.raises(ValueError, match="dims"):
         FastMultiEmbedding([3, 4], [1])
+    one = FastMultiEmbedding(5, 3)          # ints, as multi_embedding takes (it raised)
+    assert (one.sizes, one.dims) == ((5,), (3,)) and one(torch.tensor([[4]])).shape == (1, 3)
+    with pytest.raises(TypeError, match="sizes"):
+        FastMultiEmbedding([3.0], [1])
     with pytest.raises(ValueError, match="num_embeddings"):
         FastEmbedding(0, 2)
     with pytest.raises(TypeError, match="num_embeddings"):

@@ -155,3 +155,15 @@ def test_errors(call, exc, match):
         return
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_layout_arguments_are_checked_on_every_call():
+    # the layout cache took 2.0 and True as 2 and 1: after a valid call the
+    # same layout given as floats or bools was accepted
+    X, W = np.array([[0], [1]]), np.zeros(4, np.float32)
+    he.multi_embedding(X, W, sizes=[2], dims=[2])
+    for sizes, dims in (([2.0], [2]), ([2], [True, True][:1]), (2.0, 2), ([2], np.array([2.0]))):
+        with pytest.raises(TypeError, match="(sizes|dims): expected an integer"):
+            he.multi_embedding(X, W, sizes=sizes, dims=dims)
+    np.testing.assert_array_equal(he.multi_embedding(X, W + 1, sizes=np.int64(2), dims=[2]),
+                                  np.ones((2, 2), np.float32))

@@ -142,8 +142,8 @@ class FastMultiEmbedding(torch.nn.Module):
 
     Parameters
     ----------
-    sizes, dims : sequence of int
-        Rows and width of each table.
+    sizes, dims : int or sequence of int
+        Rows and width of each table (an int: one table).
     _weight : torch.Tensor, optional
         The packed tables, ``sum(sizes[t] * dims[t])`` floats; default N(0, 1).
 
@@ -161,7 +161,8 @@ class FastMultiEmbedding(torch.nn.Module):
         self._layout = _lookup._layout(sizes, dims)
         self._layout_t = torch.tensor(self._layout.packed)
         size = self._layout.size
-        self.sizes, self.dims = tuple(int(n) for n in sizes), tuple(int(d) for d in dims)
+        # (an int for either, as multi_embedding takes: one table)
+        self.sizes, self.dims = (tuple(int(v) for v in a) for a in self._layout.packed[[3, 1]])
         if _weight is None:
             _weight = torch.randn(size, dtype=dtype or torch.float32)
         elif _weight.numel() != size:
