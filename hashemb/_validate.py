@@ -444,6 +444,15 @@ def cli_number(kind, low=0.0, high=math.inf, closed=False):
     return parse
 
 
+def cli_ints(text):
+    """An argparse type: comma-separated integers > 0, at least one."""
+    parse = cli_number(int)
+    vals = [parse(c.strip()) for c in text.split(",") if c.strip()]
+    if not vals:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers > 0, got {text!r}")
+    return vals
+
+
 def cli_numbers(text):
     """An argparse type: comma-separated numbers > 0 ('' for none)."""
     parse = cli_number(float)

@@ -513,11 +513,21 @@ def main(argv=None):
     t1 = time.perf_counter()
     kw = dict(num_hashes=args.num_hash, num_points=num_points, seed=args.seed,
               block=args.block, progress=True)
-    scheme = (LMA.fit(X, size, args.dim, signature_size=args.signature_size, **kw) if args.lma
-              else LSHTable.fit(X, size, args.dim, **kw))
+    try:
+        scheme = (LMA.fit(X, size, args.dim, signature_size=args.signature_size, **kw)
+                  if args.lma else LSHTable.fit(X, size, args.dim, **kw))
+    except (ValueError, TypeError) as e:
+        # the library names its argument: said as the flag's error, not a traceback
+        name, _, rest = str(e).partition(": ")
+        flag = {"size": "--size", "dim": "--dim", "block": "--block", "seed": "--seed",
+                "num_hashes": "--num-hash", "signature_size": "--signature-size",
+                "num_points": "--num-points"}.get(name)
+        p.error(f"argument {flag}: {rest}" if flag else str(e))
     t2 = time.perf_counter()
     out = args.out or (f"lsh_{args.dim}_{args.num_hash}_{num_points}"
-                       f"{'_lma' if args.lma else ''}.npz")
+                       f"{'_lma' if args.lma else ''}")
+    if not out.endswith(".npz"):
+        out += ".npz"       # (NumPy adds it: said here as the file's real name)
     scheme.save(out)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     print(f"{scheme!r}\nbuilt in {t2 - t1:.2f} s (read {t1 - t0:.1f} s), peak memory "

@@ -31,6 +31,7 @@ import time
 import numpy as np
 
 from . import _validate as V
+from . import tt as he_tt
 
 
 def _parser():
@@ -39,9 +40,10 @@ def _parser():
     p.add_argument("--batch", type=V.cli_number(int), default=512)
     p.add_argument("--pooling", type=V.cli_number(int), default=20)
     p.add_argument("--num-embeddings", type=V.cli_number(int), default=11_000_000)
-    p.add_argument("--p", default="200,220,250", help="row factors ('auto': tt_shapes)")
-    p.add_argument("--q", default="4,4,4", help="column factors (product = D)")
-    p.add_argument("--ranks", default="32,32")
+    p.add_argument("--p", type=lambda t: t if t == "auto" else V.cli_ints(t),
+                   default="200,220,250", help="row factors ('auto': tt_shapes)")
+    p.add_argument("--q", type=V.cli_ints, default="4,4,4", help="column factors (product = D)")
+    p.add_argument("--ranks", type=V.cli_ints, default="32,32")
     p.add_argument("--iters", type=V.cli_number(int), default=30)
     p.add_argument("--warmup", type=V.cli_number(int, closed=True), default=3)
     p.add_argument("--torch-rows", type=V.cli_number(int), default=None,
@@ -98,11 +100,10 @@ class _Setup:
     def __init__(self, args):
         import hashemb as he
         self.n = n = args.num_embeddings
-        self.q = q = [int(x) for x in args.q.split(",")]
+        self.q = q = list(args.q)
         self.D = D = int(np.prod(q))
-        self.p = p = (he.tt_shapes(n, D, len(q))[0] if args.p == "auto"
-                      else [int(x) for x in args.p.split(",")])
-        self.ranks = [int(x) for x in args.ranks.split(",")]
+        self.p = p = he.tt_shapes(n, D, len(q))[0] if args.p == "auto" else list(args.p)
+        self.ranks = list(args.ranks)
         self.R = [1] + self.ranks + [1]
         self.B, self.L = args.batch, args.pooling
         self.nnz = self.B * self.L
@@ -155,7 +156,19 @@ def main(argv=None, be=None):
     """Run the benchmark (``argv``: the command line's arguments). ``be``: a
     GPU backend object for ``--device gpu`` (default CuPy's; the tests pass
     the host emulator's)."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:        # the shapes' checks, said as the command line's error (not a traceback)
+        q = list(args.q)
+        p = list(args.p) if args.p != "auto" else [1] * len(q)
+        he_tt.tt_core_shapes(p, q, list(args.ranks))
+        if args.p != "auto" and int(np.prod(p, dtype=object)) < args.num_embeddings:
+            raise ValueError(f"p: expected factors with product >= --num-embeddings = "
+                             f"{args.num_embeddings}, got {args.p}")
+    except (ValueError, TypeError) as e:
+        name, _, rest = str(e).partition(": ")
+        flag = {"p": "--p", "q": "--q", "tt_ranks": "--ranks"}.get(name)
+        parser.error(f"argument {flag}: {rest}" if flag else str(e))
     if args.device == "gpu":
         return _main_gpu(args, be)
     from tqdm.auto import tqdm

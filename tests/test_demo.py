@@ -95,6 +95,10 @@ def test_demo_device_is_checked_before_any_work(tmp_path):
     ("lsh-table", "--size", "0", r"\(0, inf\), got 0"),
     ("lsh-table", "--num-hash", "64", r"\(0, 63\], got 64"),
     ("tt-bench", "--iters", "-2", r"\(0, inf\), got -2"),
+    ("tt-bench", "--q", "4,x", "an integer, got 'x'"),        # (tracebacks before)
+    ("tt-bench", "--ranks", "0,4", r"\(0, inf\), got 0"),
+    ("tt-bench", "--ranks", "4", "expected 2 ranks"),
+    ("tt-bench", "--p", "2,2,2", "product >= --num-embeddings"),
 ])
 def test_command_lines_reject_bad_numbers(cli, flag, value, said, tmp_path, capsys):
     """argparse's usage error naming the flag (exit 2), before any work."""
@@ -105,6 +109,29 @@ def test_command_lines_reject_bad_numbers(cli, flag, value, said, tmp_path, caps
     err = capsys.readouterr().err
     assert re.search(f"argument {flag}: .*{said}", err), err
     assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize("args, flag, said", [
+    (["--size", "4"], "--block", "expected block <= size = 4"),
+    (["--block", "3"], "--block", "a divisor of dim=16"),
+    (["--lma", "--signature-size", "1"], "--num-hash", "signature_size = 1"),
+    (["--seed", str(1 << 64)], "--seed", "seed < 18446744073709551616"),
+])
+def test_lsh_table_names_the_flag_the_library_refused(args, flag, said, tmp_path, capsys):
+    # the checks behind the flags (tracebacks before)
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).integers(0, 100, (500, 3)))
+    with pytest.raises(SystemExit) as e:
+        main(["lsh-table", "--data", str(tmp_path / "x.npy"), "--dim", "16"] + args)
+    assert e.value.code == 2
+    assert re.search(f"argument {flag}: .*{re.escape(said)}", capsys.readouterr().err)
+
+
+def test_lsh_table_says_the_file_it_saved(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).integers(0, 100, (500, 3)))
+    main(["lsh-table", "--data", str(tmp_path / "x.npy"), "--dim", "8", "--out",
+          str(tmp_path / "tbl")])
+    assert f"saved {tmp_path / 'tbl.npz'}" in capsys.readouterr().out
+    assert he.LSHTable.load(tmp_path / "tbl.npz").dim == 8
 
 
 def test_demo_on_cuda(tmp_path):

@@ -592,6 +592,12 @@ def test_collection_and_ranks_for_compression():
     out = emb(x)
     ref = torch.cat([W[x[:, t]] for t, W in enumerate(emb.full_weights())], 1)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    # (0 divided by zero; a negative or NaN one returned rank 1)
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="compression: expected a finite number > 0"):
+            tt_ranks_for_compression(sizes, 16, bad)
+    with pytest.raises(ValueError, match="num_embeddings"):
+        tt_ranks_for_compression([], 16, 20)
 
 
 # ------------------------------------------------------------ errors

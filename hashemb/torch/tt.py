@@ -469,7 +469,13 @@ def tt_ranks_for_compression(num_embeddings, embedding_dim, compression, num_cor
     [26, 26]
     """
     sizes = [num_embeddings] if isinstance(num_embeddings, (int, np.integer)) else list(num_embeddings)
-    budget = sum(sizes) * embedding_dim / float(compression)
+    sizes = [V.check_positive_int(n, "num_embeddings", upper=1 << 61) for n in sizes]
+    if not sizes:
+        raise ValueError("num_embeddings: expected at least one table size, got []")
+    embedding_dim = V.check_positive_int(embedding_dim, "embedding_dim", upper=1 << 20)
+    num_cores = V.check_int(num_cores, "num_cores", lo=2, hi=5)
+    budget = sum(sizes) * embedding_dim / V.check_float(compression, "compression",
+                                                        positive=True)
     shapes = [_tt.tt_shapes(n, embedding_dim, num_cores) for n in sizes]
 
     def params(r):
