@@ -280,5 +280,10 @@ def unpack(weight, sizes, dims):
             raise ValueError(f"weight: expected {size} floats, got {w.shape[0]} "
                              f"(shape {weight.shape})")
     else:
+        V.weight_dtype(weight)
+        if not weight.flags.c_contiguous:
+            # views are the promise: those of a copy would not see the caller's writes
+            raise ValueError("weight: expected a C-contiguous array (views of it are "
+                             "returned), got a strided one")
         w = _flat_weight(weight, size)
     return [w[b:b + n * d].reshape(n, d) for b, n, d in zip(base, sizes_a, dims_a)]

@@ -183,6 +183,14 @@ class _MinhashScheme(Scheme):
     @classmethod
     def fit(cls, X, size, dim, num_hashes=2, num_points=None, seed=0, block=None,
             progress=False, device="cpu", _backend=None, **kwargs):
+        # the device first: not after the CPU's share of the work
+        if device not in ("cpu", "gpu"):
+            raise ValueError(f"device: expected 'cpu' or 'gpu', got {device!r}")
+        if device == "gpu" and _backend is None:
+            from ._gpu._runtime import device_count
+            if device_count() == 0:
+                raise RuntimeError("device: 'gpu' needs CuPy and a CUDA device, and this "
+                                   "process has none (he.show_config() says why)")
         X = V.as_keys(X, "X")
         if X.ndim != 2:
             raise ValueError(f"X: expected a 2-D (rows, fields) array, got {X.ndim}-D")
@@ -234,8 +242,6 @@ class _MinhashScheme(Scheme):
         F = probe._num_functions(dim, width)
         slots = cls._kind_id == _LSH_TABLE
         probe._setup(cls._kind_id, size, dim, probe.block, size, [0] * 12)
-        if device not in ("cpu", "gpu"):
-            raise ValueError(f"device: expected 'cpu' or 'gpu', got {device!r}")
         if device == "gpu" or _backend is not None:
             from ._gpu.lsh import signatures
             data = signatures(probe, ptr, occ_keys, F, slots, _backend)

@@ -167,3 +167,12 @@ def test_layout_arguments_are_checked_on_every_call():
             he.multi_embedding(X, W, sizes=sizes, dims=dims)
     np.testing.assert_array_equal(he.multi_embedding(X, W + 1, sizes=np.int64(2), dims=[2]),
                                   np.ones((2, 2), np.float32))
+
+
+def test_unpack_gives_views_or_refuses():
+    w = np.zeros(8, np.float32)
+    a, b = he.unpack(w, [2, 3], [1, 2])
+    b[2, 1] = 5
+    assert w[2 + 5] == 5                    # a view: the caller's array moved
+    with pytest.raises(ValueError, match="weight: expected a C-contiguous array"):
+        he.unpack(np.zeros(16, np.float32)[::2], [2, 3], [1, 2])   # views of a copy before

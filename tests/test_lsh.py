@@ -327,6 +327,16 @@ def test_from_tokens_and_parts_errors():
     assert he.LSHTable(10, 4, 2, t.keys, t.data.astype(np.int64), block=t.block) == t
 
 
+def test_fit_on_a_missing_gpu_says_so_before_any_work():
+    from hashemb._gpu._runtime import device_count
+    if device_count():
+        pytest.skip("this process has a GPU")
+    with pytest.raises(RuntimeError, match="device: 'gpu' needs CuPy and a CUDA device"):
+        he.LSHTable.fit(np.zeros((10, 2), np.int64), 10, 4, device="gpu")
+    with pytest.raises(ValueError, match="device: expected 'cpu' or 'gpu'"):
+        he.LMA.fit(np.zeros((10, 2), np.int64), 10, 4, device="cuda")
+
+
 def test_fingerprint_clashes_are_rare_and_counted():
     """2^17 sampled tokens in one map: fingerprints (31 bits) collide on a probe
     run with probability ~2^-30 each, so the count is 0 or tiny, and every
