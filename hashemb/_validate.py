@@ -84,6 +84,12 @@ def _as_array(x, name):
     raise TypeError(f"{name}: expected a numpy.ndarray, got {_desc(x)}")
 
 
+def _contiguous(x):
+    """x, C-contiguous, of its own shape (np.ascontiguousarray makes a 0-d
+    array 1-d: one token's output then had an extra axis)."""
+    return x if x.flags.c_contiguous else np.array(x, order="C")
+
+
 def as_keys(x, name):
     """Integer tokens of any 64-bit type (uint64 kept as its bit pattern)."""
     x = _as_array(x, name)
@@ -94,7 +100,7 @@ def as_keys(x, name):
             x = x.astype(np.int64)
         else:
             raise TypeError(f"{name}: expected an int32, int64 or uint64 array, got dtype {_dt(x.dtype)}")
-    return np.ascontiguousarray(x)
+    return _contiguous(x)
 
 
 def as_float(x, name, dtype=None):
@@ -241,11 +247,13 @@ def padding(padding_idx, scheme, T, table0):
     """(has_pad, pad): a FullTable's negative padding index counts from the end."""
     if padding_idx is None:
         return False, 0
-    pad = check_int(padding_idx, "padding_idx", lo=-(1 << 63), hi=1 << 63)
+    # any 64-bit token, signed or not: a uint64 one >= 2**63 as the int64 bits
+    # the kernels see it as
+    pad = check_int(padding_idx, "padding_idx", lo=-(1 << 63), hi=1 << 64)
     if scheme.table_sizes is not None and T == 1:
         n = scheme.table_sizes[table0]
-        pad = check_int(pad, "padding_idx", lo=-n, hi=n) % n
-    return True, pad
+        return True, check_int(pad, "padding_idx", lo=-n, hi=n) % n
+    return True, pad - (1 << 64) if pad >= 1 << 63 else pad
 
 
 _EVEN = {}
@@ -329,21 +337,33 @@ def bags(k, indices, offsets, per_sample_weights, *, scheme, mode, dtype, table0
         check_psw(mode, idx.shape[0], psw)
 
     has_pad, pad = padding(padding_idx, scheme, T, table0)
-    check_indices(k, scheme, idx, off, B, T, table0, has_pad, pad)
+    check_indices(k, scheme, idx, off, B, T, table0, has_pad, pad, is_uint64(indices))
     return Bags(idx, off, psw, B, T, mode, has_pad, pad)
 
 
-def check_indices(k, scheme, idx, off, B, T, table0, has_pad=False, pad=0):
+def check_indices(k, scheme, idx, off, B, T, table0, has_pad=False, pad=0, unsigned=False):
     """IndexError for the first token outside its sized table (padding skipped);
-    bag t*B+b of the feature-major offsets belongs to table table0 + t."""
+    bag t*B+b of the feature-major offsets belongs to table table0 + t.
+    ``unsigned``: the caller's tokens were uint64 (named as such)."""
     bounds = scheme._bounds(table0, T)
     if bounds is None or not idx.shape[0]:
         return
     bad = k.index_problem(idx, off, B, T, bounds, has_pad, pad)
     if bad >= 0:
         t = int(np.searchsorted(off, bad, side="right") - 1) // max(B, 1)
-        raise IndexError(f"indices[{bad}]: expected 0 <= index < {bounds[t]} "
-                         f"(table {table0 + t}), got {idx[bad]}")
+        raise IndexError(index_message(bad, bounds[t], table0 + t, int(idx[bad]), unsigned))
+
+
+def index_message(pos, bound, table, value, unsigned=False):
+    """The message of a token outside its table, bound and value as the
+    caller knows them (a bound of -2**63 is 2**63; a uint64 token >= 2**63
+    was shown as the negative int64 it is viewed as)."""
+    return (f"indices[{pos}]: expected 0 <= index < {int(bound) % (1 << 64)} "
+            f"(table {table}), got {value % (1 << 64) if unsigned else value}")
+
+
+def is_uint64(x):
+    return getattr(x, "dtype", None) == np.uint64
 
 
 def as_grad(grad_output, shape, dtype):
@@ -381,7 +401,7 @@ def index_array(indices, name="indices"):
         if idx.size == 0 and idx.dtype == np.float64:
             return idx.astype(np.int64)
         raise TypeError(f"{name}: expected an int32 or int64 array, got dtype {_dt(idx.dtype)}")
-    return np.ascontiguousarray(idx)
+    return _contiguous(idx)
 
 
 def check_table_columns(idx, T, name="indices"):

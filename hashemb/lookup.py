@@ -217,18 +217,23 @@ def embedding_backward(grad_output, indices, num_embeddings, deterministic=False
     """
     num_embeddings = V.check_positive_int(num_embeddings, "num_embeddings", upper=1 << 61)
     if on_gpu(grad_output=grad_output, indices=indices):
-        if grad_output.ndim < 1:
-            raise ValueError(f"grad_output: expected shape indices.shape + (dim,), "
-                             f"got {grad_output.shape}")
+        _check_row_grad(grad_output.shape)
         from ._gpu import embed as G
         out = G.scatter(grad_output, indices, _layout(num_embeddings, grad_output.shape[-1]),
                         True, deterministic)
         return out.reshape(-1, grad_output.shape[-1])
     g = V.as_float(grad_output, "grad_output")
-    if g.ndim < 1:
-        raise ValueError(f"grad_output: expected shape indices.shape + (dim,), got {g.shape}")
+    _check_row_grad(g.shape)
     out = _multi_backward(g, indices, num_embeddings, g.shape[-1], single=True)
     return out.reshape(-1, g.shape[-1])
+
+
+def _check_row_grad(shape):
+    """grad_output of embedding_backward: rows of a width >= 1 (D is read from
+    it; a width of 0 was reported as the `dims` this function does not take)."""
+    if len(shape) < 1 or shape[-1] < 1:
+        raise ValueError(f"grad_output: expected shape indices.shape + (dim,) with dim >= 1, "
+                         f"got {shape}")
 
 
 def multi_embedding_backward(grad_output, indices, sizes, dims, deterministic=False):

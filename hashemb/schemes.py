@@ -11,7 +11,6 @@ from .hashing import P, UniversalHash
 
 # kinds of hashemb/_include/hashemb/slots.h
 _FULL, _ROBE, _ROBE_WIDE, _ROBE_REF, _HNET_REF = range(5)
-_INT64_MAX = np.iinfo(np.int64).max
 
 ROBE_REF_P = 2038074743
 HNET_REF = (9824516537, 57857966300227, 104729, 117130198221199)
@@ -80,10 +79,12 @@ class Scheme:
         return self.table_sizes is not None or self._nonneg
 
     def _bounds(self, table0, T):
-        """Per-table token bounds [0, n) for tables table0.., or None (any token)."""
+        """Per-table token bounds [0, n) for tables table0.., or None (any token);
+        the kernels compare unsigned, so reference maps' bound 2**63 (every
+        token >= 0) is held as its int64 bits, -2**63."""
         if self.table_sizes is not None:
             return np.array(self.table_sizes[table0:table0 + T], np.int64)
-        return np.full(T, _INT64_MAX, np.int64) if self._nonneg else None
+        return np.full(T, -(1 << 63), np.int64) if self._nonneg else None
 
     def __getstate__(self):
         # the kernels' view (a C struct over these arrays) is remade on first
@@ -103,7 +104,8 @@ class Scheme:
         idx = V.as_keys(indices, "indices")
         table = V.check_table(table, self)
         flat = idx.reshape(-1)
-        V.check_indices(kernels(), self, flat, np.array([0, flat.shape[0]], np.int64), 1, 1, table)
+        V.check_indices(kernels(), self, flat, np.array([0, flat.shape[0]], np.int64), 1, 1, table,
+                        unsigned=V.is_uint64(indices))
         return idx, flat, np.full(flat.shape[0], table, np.int64)
 
     def slots(self, indices, table=0):

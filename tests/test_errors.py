@@ -227,3 +227,52 @@ def test_fuzz_tt_and_lookups_in_subprocess_never_crash():
             attempt(lambda: he.tt_to_full(cores, ne))
             attempt(lambda: he.tt_embedding_bag(idx, cores, off, cache=he.TTCache(cores, 5)))
     """)
+
+
+def test_one_token_keeps_its_shape():
+    # np.ascontiguousarray made a 0-d index 1-d: one row came back as (1, D)
+    # and its backward refused the (D,) gradient
+    W = np.arange(12, dtype=np.float32).reshape(4, 3)
+    np.testing.assert_array_equal(he.embedding(np.array(2), W), W[2])
+    g = he.embedding_backward(np.ones(3, np.float32), np.array(1), 5)
+    assert g.shape == (5, 3) and g[1].tolist() == [1, 1, 1] and g.sum() == 3
+    r = he.RobeZ(100, 8)
+    assert r.slots(np.int64(3)).shape == (8,) and r.signs(3).shape == (8,)
+    np.testing.assert_array_equal(r.slots(np.int64(3)), r.slots(np.array([3]))[0])
+    h = he.UniversalHash(1)
+    assert h(np.array(5), 100).shape == () and h(np.array(5), 100) == h(np.array([5]), 100)[0]
+
+
+def test_uint64_tokens_are_named_as_given():
+    f = he.FullTable([10], 4)
+    with pytest.raises(IndexError, match=r"got 9223372036854775809$"):
+        he.embedding_bag(np.array([2**63 + 1], np.uint64), f.init_weight(), np.array([0]),
+                         scheme=f)
+    with pytest.raises(IndexError, match=r"got -3$"):
+        he.embedding_bag(np.array([-3]), f.init_weight(), np.array([0]), scheme=f)
+    with pytest.raises(ValueError, match="padding_idx: expected -10 <= padding_idx < 10"):
+        he.embedding_bag(np.array([3]), f.init_weight(), np.array([0]), scheme=f,
+                         padding_idx=2**64 - 1)
+    # a hashed scheme's padding token may be any 64-bit value, unsigned too
+    r = he.RobeZ(100, 4)
+    W = r.init_weight()
+    np.testing.assert_array_equal(
+        he.embedding_bag(np.array([2**64 - 1, 5], np.uint64), W, np.array([0]), scheme=r,
+                         padding_idx=2**64 - 1),
+        he.embedding_bag(np.array([5]), W, np.array([0]), scheme=r))
+
+
+def test_reference_maps_take_every_nonnegative_token():
+    # the bound was 2**63 - 1, exclusive: the largest token was refused
+    for s in (he.HashedNet.reference(100, 4), he.RobeZ.reference(100, 4)):
+        assert s.slots(np.array([2**63 - 1, 0])).shape == (2, 4)
+        with pytest.raises(IndexError, match=r"expected 0 <= index < 9223372036854775808 "
+                                             r"\(table 0\), got -1"):
+            s.slots(np.array([-1]))
+        W = s.init_weight()
+        he.embedding_bag(np.array([2**63 - 1]), W, np.array([0]), scheme=s)
+
+
+def test_embedding_backward_names_grad_output_width():
+    with pytest.raises(ValueError, match=r"grad_output: expected .* dim >= 1, got \(2, 0\)"):
+        he.embedding_backward(np.ones((2, 0), np.float32), np.array([1, 1]), 10)

@@ -2318,13 +2318,15 @@ cdef int64_t _offsets_problem(const int64_t* o, int64_t k, int64_t n) noexcept n
 def index_problem(const index_t[::1] indices, const int64_t[::1] offsets, int64_t B,
                   int64_t T, const int64_t[::1] bounds, bint has_pad, int64_t pad):
     """First entry j of table t (bags t*B .. t*B+B-1) with a token outside
-    [0, bounds[t]) (padding skipped), or -1 when all are in range."""
+    [0, bounds[t]) (padding skipped), or -1 when all are in range. Compared
+    unsigned: a negative token is past every bound, and a bound of -2**63
+    reads as 2**63 (reference maps: every token >= 0)."""
     cdef int64_t t, j, x, bad = -1
     with nogil:
         for t in range(T):
             for j in range(offsets[t * B], offsets[t * B + B]):
                 x = indices[j]
-                if (x < 0 or x >= bounds[t]) and not (has_pad and x == pad):
+                if <uint64_t>x >= <uint64_t>bounds[t] and not (has_pad and x == pad):
                     bad = j
                     break
             if bad >= 0:

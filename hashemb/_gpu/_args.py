@@ -180,7 +180,6 @@ def check_bags(be, scheme, b, table0):
             value = int(b.idx.reshape(-1)[row * b.rowlen + t])
         else:
             t, value = 0, int(b.idx.reshape(-1)[bad])
-        bounds = scheme._bounds(table0, b.T)
-        raise IndexError(f"indices[{bad}]: expected 0 <= index < {bounds[t]} "
-                         f"(table {table0 + t}), got {value}")
+        raise IndexError(V.index_message(bad, scheme._bounds(table0, b.T)[t], table0 + t,
+                                         value))
     return use_off and uneven == _NONE and noff > 1

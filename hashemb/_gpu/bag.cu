@@ -652,7 +652,9 @@ __global__ void bag_check(const I* __restrict__ idx, i64 n, const int64_t* __res
         const i64 t = he_entry_table(off, use_off, g, B, T, rowlen);
         if (t >= 0) {
             const i64 x = (i64)idx[g];
-            if ((x < 0 || x >= bounds[t]) && !(has_pad && x == pad))
+            // unsigned: a negative x is past every bound, and a bound of
+            // -2**63 reads as 2**63 (reference maps: any x >= 0)
+            if ((unsigned long long)x >= (unsigned long long)bounds[t] && !(has_pad && x == pad))
                 atomicMin(res + 1, (unsigned long long)he_entry_pos(use_off, g, t, B, T, rowlen));
         }
     }
