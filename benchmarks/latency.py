@@ -87,7 +87,7 @@ def measure(methods, card, batches, rounds, calls, seed=0):
             times = {name: [] for name in methods}
             for fn in methods.values():     # warm: first-call allocations, caches
                 time_calls(fn, X, max(10, calls // 10))
-            n = max(1, calls // B) if B > 1 else calls
+            n = max(50, calls * 16 // (B + 15))      # fewer calls for larger batches
             for _ in tqdm(range(rounds), desc=f"batch {B}", leave=False):
                 for name, fn in methods.items():
                     times[name].append(time_calls(fn, X, n))
@@ -121,7 +121,7 @@ def main(argv=None):
     p.add_argument("--compression", type=float, default=1000.0)
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--calls", type=int, default=2000,
-                   help="calls a round at batch 1 (calls // B at batch B)")
+                   help="calls a round at batch 1 (fewer, at least 50, at larger batches)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch and hashemb threads (1: a served model's usual set-up)")
     p.add_argument("--json", help="write every round's figures here")
@@ -129,11 +129,16 @@ def main(argv=None):
     batches = [int(b) for b in args.batches.split(",")]
     if any(b < 1 for b in batches) or args.rounds < 1 or args.calls < 1 or args.threads < 1:
         p.error("--batches, --rounds, --calls and --threads take positive integers")
+    torch_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    he.set_num_threads(args.threads)
+    he_threads = he.set_num_threads(args.threads)
     card = [max(1, int(n * args.scale)) for n in CRITEO]
-    results = measure(make_methods(card, args.compression), card, batches, args.rounds,
-                      args.calls)
+    try:
+        results = measure(make_methods(card, args.compression), card, batches, args.rounds,
+                          args.calls)
+    finally:       # (a caller's process keeps its own)
+        torch.set_num_threads(torch_threads)
+        he.set_num_threads(he_threads)
     print(f"Criteo Kaggle shape x{args.scale}: {len(card)} tables, {sum(card):,} rows, D={D}; "
           f"{args.threads} thread(s), {args.rounds} rounds, no_grad\n")
     print(table(results))

@@ -140,6 +140,29 @@ def test_criteo_bags_benchmark_runs_and_plots(tmp_path):
     assert png.stat().st_size > 5000
 
 
+def test_latency_benchmark_runs(tmp_path, capsys):
+    pytest.importorskip("torch")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import latency
+    finally:
+        sys.path.pop(0)
+    js = tmp_path / "lat.json"
+    latency.main(["--scale", "0.0005", "--batches", "1,4", "--rounds", "2", "--calls", "20",
+                  "--json", str(js)])
+    import json
+    res = json.loads(js.read_text())["seconds_a_call"]
+    assert set(res) == {"1", "4"} and set(res["1"]) == {
+        "hashemb module, RobeZ Z=16", "hashemb module, FullTable",
+        "he.embedding_bags (NumPy), RobeZ Z=16", "torch.nn.EmbeddingBag, one table",
+        "torch.nn.EmbeddingBag x26 + cat"}
+    assert all(len(t) == 2 and min(t) > 0 for b in res.values() for t in b.values())
+    out = capsys.readouterr().out
+    assert "batch 4" in out and "vs torch.nn.EmbeddingBag, one table" in out
+    with pytest.raises(SystemExit):
+        latency.main(["--batches", "0"])
+
+
 def test_criteo_bags_pooling(tmp_path):
     # --pooling N: bags of N indices per table per sample, feature-major, the
     # same bags for every method (torch's per-table offsets included)
