@@ -310,22 +310,8 @@ def bags(k, indices, offsets, per_sample_weights, *, scheme, mode, dtype, table0
         off = _as_array(offsets, "offsets")
         check_offsets_array(off, T, include_last_offset)
         off = np.ascontiguousarray(off, dtype=np.int64)
-        bad = k.offsets_problem(off, idx.shape[0])
-        if bad == 0:
-            raise ValueError(f"offsets[0]: expected 0, got {off[0]}")
-        if bad > 0 and off[bad - 1] > idx.shape[0]:
-            # a value past the end, then a smaller one: name the first (the
-            # torch modules append len(input), which is no value of the caller's)
-            bad -= 1
-        if bad > 0 and off[bad] <= idx.shape[0]:
-            raise ValueError(f"offsets: expected non-decreasing values, got offsets[{bad}]="
-                             f"{off[bad]} < offsets[{bad - 1}]={off[bad - 1]}")
-        if bad > 0:
-            raise ValueError(f"offsets: expected values <= len(indices) = {idx.shape[0]}, "
-                             f"got {off[bad]}")
-        if T == 1 and not include_last_offset:
-            off = np.concatenate([off, np.array([idx.shape[0]], np.int64)])
-        B = check_offsets_length(off.shape[0], T)
+        appended = T == 1 and not include_last_offset
+        B = check_offsets_length(off.shape[0] + appended, T)
     else:
         raise ValueError(f"indices: expected a 1-D or 2-D array, got shape {idx.shape}")
 
@@ -336,9 +322,31 @@ def bags(k, indices, offsets, per_sample_weights, *, scheme, mode, dtype, table0
         psw = as_float(per_sample_weights, "per_sample_weights", dtype).reshape(-1)
         check_psw(mode, idx.shape[0], psw)
 
+    if offsets is not None:         # the caller's values (in the GPU's order of checks)
+        check_offsets_values(k, off, idx.shape[0])
+        if appended:
+            off = np.concatenate([off, np.array([idx.shape[0]], np.int64)])
     has_pad, pad = padding(padding_idx, scheme, T, table0)
     check_indices(k, scheme, idx, off, B, T, table0, has_pad, pad, is_uint64(indices))
     return Bags(idx, off, psw, B, T, mode, has_pad, pad)
+
+
+def check_offsets_values(k, off, n):
+    """ValueError for the caller's int64 host offsets ``off`` (before any
+    appended len(indices)) unless they start at 0, do not decrease and stay
+    <= n (the CPU's check; the GPU's names its finds through it)."""
+    bad = k.offsets_problem(off, n)
+    if bad == 0:
+        raise ValueError(f"offsets[0]: expected 0, got {off[0]}")
+    if bad > 0 and off[bad - 1] > n:
+        # a value past the end, then a smaller one: name the first (the
+        # torch modules append len(input), which is no value of the caller's)
+        bad -= 1
+    if bad > 0 and off[bad] <= n:
+        raise ValueError(f"offsets: expected non-decreasing values, got offsets[{bad}]="
+                         f"{off[bad]} < offsets[{bad - 1}]={off[bad - 1]}")
+    if bad > 0:
+        raise ValueError(f"offsets: expected values <= len(indices) = {n}, got {off[bad]}")
 
 
 def check_indices(k, scheme, idx, off, B, T, table0, has_pad=False, pad=0, unsigned=False):

@@ -858,6 +858,53 @@ def test_errors_equal_cpu(dev):
          lambda: dev.embedding(dev.put(np.array([[0, 6]])), dev.put(Wp)), IndexError)
 
 
+def test_edge_inputs_equal_cpu(dev):
+    """One token, uint64 tokens, empty or float64-empty input, and offsets
+    with several problems: the CPU's shapes, results and messages (each
+    differed on the GPU launchers)."""
+    robe, full = he.RobeZ(97, 4, block=2, seed=1), he.FullTable([9], 4)
+    M, F = robe.init_weight(), full.init_weight()
+    i3 = np.array([1, 2, 3])
+
+    def both(fn_cpu, fn_dev, exc):
+        with pytest.raises(exc) as a:
+            fn_cpu()
+        with pytest.raises(exc) as b:
+            fn_dev()
+        assert str(a.value) == str(b.value)
+
+    one = np.array(5)
+    assert dev.get(dev.slots(robe, dev.put(one))).shape == (4,)
+    np.testing.assert_array_equal(dev.get(dev.slots(robe, dev.put(one))), robe.slots(one))
+    h = he.UniversalHash(seed=1)
+    np.testing.assert_array_equal(dev.get(dev.uhash(h, dev.put(one), 10)), h(one, 10))
+    W = np.arange(12, dtype=np.float32).reshape(4, 3)
+    np.testing.assert_array_equal(dev.get(dev.embedding(dev.put(np.array(2)), dev.put(W))), W[2])
+    np.testing.assert_array_equal(
+        dev.get(dev.embedding_backward(dev.put(np.ones(3, np.float32)), dev.put(np.array(2)), 4)),
+        he.embedding_backward(np.ones(3, np.float32), np.array(2), 4))
+    both(lambda: he.embedding_bag(one, M, scheme=robe),
+         lambda: dev.bag(dev.put(one), dev.put(M), None, robe), ValueError)
+    big = np.array([1, 2**63 + 5], np.uint64)
+    both(lambda: he.embedding_bag(big, F, np.array([0, 1]), scheme=full),
+         lambda: dev.bag(dev.put(big), dev.put(F), dev.put(np.array([0, 1])), full), IndexError)
+    both(lambda: full.slots(big), lambda: dev.slots(full, dev.put(big)), IndexError)
+    for x, o in ((i3, np.array([], np.int64)), (np.array([]), np.array([0]))):
+        np.testing.assert_array_equal(
+            dev.get(dev.bag(dev.put(x), dev.put(M), dev.put(o), robe)),
+            he.embedding_bag(x, M, o, scheme=robe))
+    for o, last in (([0, 7, 8], False), ([0, 7, 8, 9], False), ([0, 7, 8, 9], True)):
+        o = np.array(o)
+        both(lambda: he.embedding_bag(i3, M, o, scheme=robe, include_last_offset=last),
+             lambda: dev.bag(dev.put(i3), dev.put(M), dev.put(o), robe, last=last), ValueError)
+    o = np.array([0, 2, 1, 3])
+    both(lambda: he.embedding_bags(i3, M, o, scheme=robe, num_tables=2),
+         lambda: dev.bags(dev.put(i3), dev.put(M), dev.put(o), robe, 2), ValueError)
+    o, w = np.array([0, 5]), np.ones(2, np.float32)
+    both(lambda: he.embedding_bag(i3, M, o, scheme=robe, per_sample_weights=w),
+         lambda: dev.bag(dev.put(i3), dev.put(M), dev.put(o), robe, psw=dev.put(w)), ValueError)
+
+
 def test_index_check_opt_out(dev):
     robe = he.RobeZ(100, 4)
     x, off = np.array([3, 4, 5]), np.array([0, 1, 3])

@@ -8,6 +8,7 @@ from collections import namedtuple
 import numpy as np
 
 from .. import _validate as V
+from .._backend import kernels
 from . import _runtime as RT
 
 _INDEX = (np.dtype(np.int32), np.dtype(np.int64))
@@ -36,13 +37,25 @@ def as_array(be, x, name):
     return x
 
 
-def as_keys(be, x, name):
+def contiguous(be, x):
+    """x, C-contiguous, of its own shape (ascontiguousarray makes a 0-d array
+    1-d, CuPy's as NumPy's: one token's output had an extra axis)."""
+    return x if x.flags.c_contiguous else be.xp.array(x, order="C")
+
+
+def as_keys(be, x, name, index=False):
+    """Tokens as the kernels take them: int32 or int64 (uint64 viewed as its
+    int64 bits, unless ``index``: row indices), contiguous; an empty float64
+    array (what ``asarray([])`` gives) reads as int64, as on the CPU."""
     x = as_array(be, x, name)
-    if x.dtype == np.uint64:
+    if x.dtype == np.uint64 and not index:
         x = x.view(np.int64)
     if x.dtype not in _INDEX:
-        raise TypeError(f"{name}: expected an int32, int64 or uint64 array, got dtype {x.dtype}")
-    return be.xp.ascontiguousarray(x)
+        if x.size == 0 and x.dtype == np.float64:
+            return x.astype(np.int64)
+        want = "an int32 or int64" if index else "an int32, int64 or uint64"
+        raise TypeError(f"{name}: expected {want} array, got dtype {x.dtype}")
+    return contiguous(be, x)
 
 
 def as_float(be, x, name, dtype=None):
@@ -105,13 +118,13 @@ def bags(be, indices, offsets, per_sample_weights, *, scheme, mode, dtype, table
             raise ValueError("offsets: expected a 1-D int32/int64 array when indices is 1-D, got None")
         off = as_array(be, offsets, "offsets")
         V.check_offsets_array(off, T, include_last_offset)
-        off = xp.ascontiguousarray(off, dtype=np.int64)
+        off = user_off = xp.ascontiguousarray(off, dtype=np.int64)
+        B = V.check_offsets_length(off.shape[0] + (T == 1 and not include_last_offset), T)
         if T == 1 and not include_last_offset:
             full = xp.empty(off.shape[0] + 1, np.int64)
             full[:-1] = off
             full[-1] = idx.shape[0]
             off = full
-        B = V.check_offsets_length(off.shape[0], T)
         rowlen = nper = 0
         shape = idx.shape
     else:
@@ -127,15 +140,19 @@ def bags(be, indices, offsets, per_sample_weights, *, scheme, mode, dtype, table
     has_pad, pad = V.padding(padding_idx, scheme, T, table0)
     b = Bags(idx, idx.size, off, rowlen, nper, psw, B, T, mode, has_pad, pad, shape,
              off is None and nper == 1)
-    if check_bags(be, scheme, b, table0):
+    if check_bags(be, scheme, b, table0, None if off is None else user_off,
+                  getattr(indices, "dtype", None) == np.uint64):
         b = b._replace(single=True)
     return b
 
 
-def check_bags(be, scheme, b, table0):
+def check_bags(be, scheme, b, table0, user_off=None, unsigned=False):
     """Offsets well formed, tokens inside their sized tables: one kernel, one
-    read of 5 numbers. ValueError / IndexError with the CPU's messages.
-    True when the offsets give every bag one entry (then bag q's entry is q)."""
+    read of 5 numbers. ValueError / IndexError with the CPU's messages (a
+    problem found is named by the CPU's check of the caller's offsets,
+    ``user_off``: before an appended len(indices); ``unsigned``: the tokens
+    were uint64). True when the offsets give every bag one entry (then bag
+    q's entry is q)."""
     if not RT.OPTIONS["check_indices"]:
         return False
     use_off = b.off is not None
@@ -156,20 +173,12 @@ def check_bags(be, scheme, b, table0):
     if use_off:
         first = first if first < 1 << 63 else first - (1 << 64)
         last = last if last < 1 << 63 else last - (1 << 64)
-        if first != 0:
-            raise ValueError(f"offsets[0]: expected 0, got {first}")
-        if dec != _NONE:
-            o = be.to_host(b.off)
-            # a value past the end, then a smaller one: the first is named, as
-            # on the CPU (len(indices) appended, by T == 1 without the last
-            # offset or by a torch module, is no value of the caller's)
-            if o[dec - 1] > n:
-                raise ValueError(f"offsets: expected values <= len(indices) = {n}, "
-                                 f"got {o[dec - 1]}")
-            raise ValueError(f"offsets: expected non-decreasing values, got offsets[{dec}]="
-                             f"{o[dec]} < offsets[{dec - 1}]={o[dec - 1]}")
-        if last > n:
-            raise ValueError(f"offsets: expected values <= len(indices) = {n}, got {last}")
+        if first != 0 or dec != _NONE or last > n:
+            # the CPU's check of the caller's values names it (it passes
+            # where only an appended len(indices) was flagged: no bags)
+            host = np.ascontiguousarray(be.to_host(b.off if user_off is None else user_off),
+                                        np.int64)
+            V.check_offsets_values(kernels(), host, n)
     if bad != _NONE:
         if use_off:
             o = be.to_host(b.off)
@@ -181,5 +190,5 @@ def check_bags(be, scheme, b, table0):
         else:
             t, value = 0, int(b.idx.reshape(-1)[bad])
         raise IndexError(V.index_message(bad, scheme._bounds(table0, b.T)[t], table0 + t,
-                                         value))
+                                         value, unsigned))
     return use_off and uneven == _NONE and noff > 1

@@ -30,10 +30,7 @@ def _rows(be, indices, layout, single, name="indices"):
     """int32/int64 indices, contiguous, every one inside its table (one
     reduction, IndexError naming the first one outside)."""
     sizes = layout[3]
-    idx = A.as_array(be, indices, name)
-    if idx.dtype not in (np.int32, np.int64):
-        raise TypeError(f"{name}: expected an int32 or int64 array, got dtype {idx.dtype}")
-    idx = be.xp.ascontiguousarray(idx)
+    idx = A.as_keys(be, indices, name, index=True)
     T = sizes.shape[0]
     if not single:
         V.check_table_columns(idx, T, name)
