@@ -116,6 +116,29 @@ def test_variance_is_the_papers_double_sum(seed, n, Z, m):
         paper_variance(x, y, m, Z), rel=1e-9, abs=1e-9)
 
 
+@pytest.mark.parametrize("wrap", [True, False])
+def test_variance_keeps_precision_when_one_block_holds_the_mass(wrap):
+    # "all pairs minus same-block pairs" cancelled to 0.0 (wrap) and
+    # -2147483648.0 (no wrap) here; the reference sums the cross-block pairs
+    # one by one in exact rationals
+    from fractions import Fraction
+    x = np.concatenate([np.full(8, 1e6), np.full(8, 1e-3)])
+    m, Z = 16, 8
+    mm = m - Z + 1
+
+    def p(a, c):            # Pr(slot of position a == slot of position c), two blocks
+        if wrap:
+            return Fraction(1, m)
+        d = abs(a - c)
+        return Fraction(mm - d, mm * mm) if d < mm else Fraction(0)
+
+    q = [Fraction(v) for v in x]
+    want = sum(p(i % Z, k % Z) * (q[i] ** 2 * q[k] ** 2 + q[i] * q[i] * q[k] * q[k])
+               for i in range(16) for k in range(16) if i // Z != k // Z)
+    got = theory.inner_product_variance(x, x, m, block=Z, wrap=wrap)
+    assert got == pytest.approx(float(want), rel=1e-12)
+
+
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 10**6), n=st.integers(1, 40), m=st.integers(1, 100))
 def test_z1_is_feature_hashing(seed, n, m):
