@@ -105,7 +105,7 @@ def as_keys(x, name):
 
 def as_float(x, name, dtype=None):
     x = _as_array(x, name)
-    if x.dtype.kind != "f":
+    if x.dtype.kind != "f" and format16(x.dtype) != 1:     # (bfloat16 is kind "V")
         raise TypeError(f"{name}: expected a floating-point array, got dtype {_dt(x.dtype)}")
     return np.ascontiguousarray(x, dtype=dtype or (x.dtype if x.dtype in _FLOAT_DTYPES
                                                    else np.float32))

@@ -113,3 +113,19 @@ def test_errors(monkeypatch):
     monkeypatch.setitem(sys.modules, "ml_dtypes", None)      # as if not installed
     with pytest.raises(ImportError, match="bfloat16 weights need the ml_dtypes package"):
         RobeEmbeddingBagCollection([10], 4, compression=2, dtype=torch.bfloat16)
+
+
+def test_bfloat16_gradients_and_weights_are_widened_like_float16():
+    # grad_output and per-sample weights in bfloat16 were refused as "not
+    # floating-point" (ml_dtypes' dtype is of kind "V"), float16 ones taken
+    robe = he.RobeZ(100, 4)
+    x = np.array([[1, 2], [3, 4]])
+    g = np.random.default_rng(0).standard_normal((2, 4)).astype(BF)
+    np.testing.assert_array_equal(
+        he.embedding_bag_backward(g, x, scheme=robe),
+        he.embedding_bag_backward(g.astype(np.float32), x, scheme=robe))
+    w = np.array([[0.5, 2.0], [1.5, -1.0]], BF)
+    M = robe.init_weight()
+    np.testing.assert_array_equal(he.embedding_bag(x, M, scheme=robe, per_sample_weights=w),
+                                  he.embedding_bag(x, M, scheme=robe,
+                                                   per_sample_weights=w.astype(np.float32)))

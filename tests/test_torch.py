@@ -496,3 +496,36 @@ def test_dlrm_in_another_dtype(dtype):
     before = m.embedding.weight.detach().clone()
     y.float().sum().backward()
     assert not torch.equal(m.embedding.weight, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_train_epoch_and_evaluate_in_the_models_dtype(dtype):
+    # the dense features went in float32 whatever the MLPs' dtype (it raised)
+    if dtype == torch.bfloat16:
+        pytest.importorskip("ml_dtypes")
+    from hashemb.data import SyntheticCriteo
+    from hashemb.torch import evaluate, make_embedding, train_epoch
+    from hashemb.torch.dlrm import make_optimizer
+    gen = SyntheticCriteo(scale=0.0001, seed=0)
+    tr, te = gen.sample(0, 600, "train"), gen.sample(0, 300, "test")
+    m = DLRM(make_embedding("robez", gen.cardinalities, compression=10), 26,
+             bottom=(16,), top=(16,)).to(dtype)
+    loss, _ = train_epoch(m, make_optimizer(m, 0.5), tr.dense, tr.cats, tr.labels,
+                          batch_size=200)
+    assert np.isfinite(loss)
+    res = evaluate(m, te.dense, te.cats, te.labels)
+    assert 0 <= res["auc"] <= 1 and np.isfinite(res["logloss"])
+
+
+def test_initial_array_takes_the_dtype_given():
+    # dtype was ignored beside _weight: a float16 module kept float32 values
+    v = torch.randn(1000, dtype=torch.float64)
+    m = HashEmbeddingBag(he.RobeZ(1000, 8), _weight=v, dtype=torch.float16)
+    assert m.weight.dtype == torch.float16 and torch.equal(m.weight, v.half())
+    assert HashEmbeddingBag(he.RobeZ(1000, 8), _weight=v).weight.dtype == torch.float64
+    assert HashEmbeddingBag(he.RobeZ(1000, 8)).weight.dtype == torch.float32
+    r = RobeEmbeddingBagCollection([100, 200], 8, compression=2, _weight=torch.randn(1200),
+                                   dtype=torch.float64)
+    assert r.weight.dtype == torch.float64
+    with pytest.raises(TypeError, match="dtype"):
+        HashEmbeddingBag(he.RobeZ(1000, 8), _weight=v, dtype=torch.int32)

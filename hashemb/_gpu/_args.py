@@ -60,7 +60,7 @@ def as_keys(be, x, name, index=False):
 
 def as_float(be, x, name, dtype=None):
     x = as_array(be, x, name)
-    if x.dtype.kind != "f":
+    if x.dtype.kind != "f" and V.format16(x.dtype) != 1:      # (bfloat16 is kind "V")
         raise TypeError(f"{name}: expected a floating-point array, got dtype {x.dtype}")
     return be.xp.ascontiguousarray(x, dtype=dtype or (x.dtype if x.dtype in _FLOAT
                                                       else np.float32))

@@ -134,17 +134,27 @@ def embedding_params(module):
     return sum(p.numel() for p in emb.parameters())
 
 
-def _tensors(dense, cats, labels, device):
-    """The data as tensors on ``device`` (moved once, not per batch), its
-    rows checked to agree: a short ``labels`` would otherwise pair samples
-    with the wrong labels or fail deep inside the loss."""
+def _tensors(dense, cats, labels, device, dtype=torch.float32):
+    """The data as tensors on ``device`` (moved once, not per batch), dense
+    features in ``dtype``, its rows checked to agree: a short ``labels``
+    would otherwise pair samples with the wrong labels or fail deep inside
+    the loss."""
     d, c, y = (np.ascontiguousarray(dense, np.float32), np.ascontiguousarray(cats),
                np.ascontiguousarray(labels, np.float32))
     if d.ndim != 2 or c.ndim != 2 or y.ndim != 1 or not d.shape[0] == c.shape[0] == y.shape[0]:
         raise ValueError(f"dense, cats, labels: expected (n, num_dense), (n, num_tables) and "
                          f"(n,) arrays, got shapes {d.shape}, {c.shape}, {y.shape}")
-    return (torch.from_numpy(d).to(device), torch.from_numpy(c).to(device),
+    return (torch.from_numpy(d).to(device, dtype), torch.from_numpy(c).to(device),
             torch.from_numpy(y).to(device))
+
+
+def _dense_dtype(model):
+    """The dtype a model's dense features go in: its bottom MLP's (a DLRM
+    after .double() or .bfloat16(); the embeddings' own dtype may differ),
+    else float32."""
+    bottom = getattr(getattr(model, "module", model), "bottom", None)     # (DDP's wrapper)
+    p = next(bottom.parameters(), None) if isinstance(bottom, nn.Module) else None
+    return p.dtype if p is not None and p.is_floating_point() else torch.float32
 
 
 def _device(model):
@@ -179,7 +189,7 @@ def train_epoch(model, optimizer, dense, cats, labels, batch_size=2048, seed=0,
     """
     batch_size = V.check_positive_int(batch_size, "batch_size")
     dev = _device(model)
-    d, c, y = _tensors(dense, cats, labels, dev)
+    d, c, y = _tensors(dense, cats, labels, dev, _dense_dtype(model))
     n = y.shape[0]
     order = torch.from_numpy(np.random.default_rng(seed).permutation(n)).to(dev)
     loss_fn = nn.BCEWithLogitsLoss()
@@ -191,7 +201,8 @@ def train_epoch(model, optimizer, dense, cats, labels, batch_size=2048, seed=0,
     for lo in range(0, n, batch_size):
         sel = order[lo:lo + batch_size]
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(d[sel], c[sel]), y[sel])
+        out = model(d[sel], c[sel])
+        loss = loss_fn(out, y[sel].to(out.dtype))
         loss.backward()
         optimizer.step()
         total += loss.detach() * sel.shape[0]
@@ -207,7 +218,7 @@ def evaluate(model, dense, cats, labels, batch_size=16384):
     on the model's device); see :func:`train_epoch` for an example."""
     batch_size = V.check_positive_int(batch_size, "batch_size")
     dev = _device(model)
-    d, c, _ = _tensors(dense, cats, labels, dev)
+    d, c, _ = _tensors(dense, cats, labels, dev, _dense_dtype(model))
     if d.shape[0] == 0:
         raise ValueError("labels: expected at least one sample to evaluate, got none")
     model.eval()
@@ -216,7 +227,7 @@ def evaluate(model, dense, cats, labels, batch_size=16384):
     t0 = time.perf_counter()
     for lo in range(0, d.shape[0], batch_size):
         out.append(torch.sigmoid(model(d[lo:lo + batch_size], c[lo:lo + batch_size])))
-    p = torch.cat(out).cpu().numpy()
+    p = torch.cat(out).float().cpu().numpy()
     dt = time.perf_counter() - t0
     return {"auc": auc(labels, p), "logloss": logloss(labels, p),
             "samples_per_s": d.shape[0] / dt}

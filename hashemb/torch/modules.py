@@ -62,8 +62,9 @@ class HashEmbeddingBag(nn.Module):
     _weight : Tensor, optional
         Initial array (copied); default ``scheme.init_weight(init_seed)``.
     init_seed : int
-    dtype : torch.float32, torch.float64, torch.float16 or torch.bfloat16
-        Of the array. float16 and bfloat16 are storage: lookups pool in
+    dtype : None, torch.float32, torch.float64, torch.float16 or torch.bfloat16
+        Of the array (None: ``_weight``'s, else float32; given with
+        ``_weight``, its values are converted). float16 and bfloat16 are storage: lookups pool in
         float32 and return float32; a fused optimizer rounds each updated
         slot to the array's format (stochastically by default, see
         :class:`hashemb.SGD`); without one, autograd hands the float32
@@ -95,7 +96,7 @@ class HashEmbeddingBag(nn.Module):
 
     def __init__(self, scheme, table=0, mode="sum", padding_idx=None,
                  include_last_offset=False, optimizer=None, lr=0.01, eps=1e-10,
-                 _weight=None, init_seed=0, dtype=torch.float32):
+                 _weight=None, init_seed=0, dtype=None):
         super().__init__()
         scheme = V.check_scheme(scheme)
         V.check_mode(mode)
@@ -105,17 +106,21 @@ class HashEmbeddingBag(nn.Module):
         self._build(scheme, make_optimizer(optimizer, lr, eps))
         check_optimizer(self._lookup.optimizer, scheme, mode)
         kind = optimizer_name(self._lookup.optimizer)
+        np_dtype = {torch.float32: np.float32, torch.float64: np.float64,
+                    torch.float16: np.float16, None: np.float32}.get(dtype)
+        if dtype == torch.bfloat16:
+            np_dtype = bfloat16()
+        if np_dtype is None:
+            raise TypeError(f"dtype: expected torch.float32, torch.float64, "
+                            f"torch.float16 or torch.bfloat16, got {dtype}")
         if _weight is None:
-            np_dtype = {torch.float32: np.float32, torch.float64: np.float64,
-                        torch.float16: np.float16}.get(dtype)
-            if dtype == torch.bfloat16:
-                np_dtype = bfloat16()
-            if np_dtype is None:
-                raise TypeError(f"dtype: expected torch.float32, torch.float64, "
-                                f"torch.float16 or torch.bfloat16, got {dtype}")
             w = as_tensor(scheme.init_weight(seed=init_seed, dtype=np_dtype))
         else:
+            # copied, in dtype when one is given (it was ignored: a float16
+            # module given float32 values stored them in float32)
             w = torch.as_tensor(_weight).detach().clone()
+            if dtype is not None:
+                w = w.to(dtype)
             if tuple(w.shape) not in (tuple(scheme.weight_shape), (scheme.size,)):
                 raise ValueError(f"_weight: expected shape {scheme.weight_shape}, "
                                  f"got {tuple(w.shape)}")
@@ -272,7 +277,7 @@ class HashEmbeddingBagCollection(HashEmbeddingBag):
     """
 
     def __init__(self, scheme, num_tables, mode="sum", optimizer=None, lr=0.01, eps=1e-10,
-                 _weight=None, init_seed=0, dtype=torch.float32):
+                 _weight=None, init_seed=0, dtype=None):
         self.num_tables = V.check_positive_int(num_tables, "num_tables", upper=1 << 31)
         s = V.check_scheme(scheme)
         if s.num_tables is not None and self.num_tables > s.num_tables:
