@@ -534,17 +534,22 @@ def test_half_forward_and_gradient_equal_cpu(dev, fmt, b, gseed, det):
 def _same_half(dev, got, want, exact):
     """16-bit results: bitwise where the summed gradients are (the
     deterministic path off a device's -ftz), else within one step of the
-    format (a sum in another order can round to the neighbouring value)."""
+    format (a sum in another order can round to the neighbouring value),
+    or within float32's error of summing in another order, relative to the
+    array's scale: a slot whose step nearly cancels its value (1.0 - 0.99999)
+    keeps that error alone (a bfloat16 HashedNet step missed by 3.6e-7 at
+    8e-6 with one step of 2**-7 allowed)."""
     got = dev.get(got)
     assert got.dtype == want.dtype
     if exact and dev.kind == "emulator":
         np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
     else:
         half = want.dtype == np.float16
-        np.testing.assert_allclose(got.astype(np.float32).astype(np.float64),
-                                   want.astype(np.float32).astype(np.float64),
+        w = want.astype(np.float32).astype(np.float64)
+        scale = float(np.abs(w[np.isfinite(w)]).max(initial=0.0))
+        np.testing.assert_allclose(got.astype(np.float32).astype(np.float64), w,
                                    rtol=2.0**-10 if half else 2.0**-7,
-                                   atol=2.0**-24 if half else 2.0**-133)
+                                   atol=max(2.0**-24 if half else 2.0**-133, 2.0**-17 * scale))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
