@@ -318,6 +318,25 @@ def test_optimizer_state_dies_with_its_weight(make):
         np.testing.assert_array_equal(W, ref)
 
 
+def test_optimizers_leave_no_finalizers_on_a_weight_they_outlived():
+    # each optimizer put a finalizer on the weight and none was detached when
+    # the optimizer died: 1.3 KB a step for a new optimizer per step, until
+    # the weight was freed
+    import weakref
+    robe = he.RobeZ(1 << 12, 16)
+    g, x = np.ones((4, 16), np.float32), np.arange(1, 5).reshape(4, 1)
+    W = robe.init_weight()
+    before = len(weakref.finalize._registry)
+    for _ in range(200):
+        he.embedding_bag_backward(g, x, scheme=robe, weight=W, optimizer=he.Adagrad(0.1))
+    assert len(weakref.finalize._registry) == before
+    kept = he.Adagrad(0.1)
+    he.embedding_bag_backward(g, x, scheme=robe, weight=W, optimizer=kept)
+    assert len(weakref.finalize._registry) == before + 2 and len(kept.state) == 1
+    del W
+    assert len(kept.state) == 0 and len(weakref.finalize._registry) == before
+
+
 def test_two_d_input_and_dtypes():
     robe = he.RobeZ(1000, 8, block=4)
     M = robe.init_weight(seed=1)

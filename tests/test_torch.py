@@ -529,3 +529,31 @@ def test_initial_array_takes_the_dtype_given():
     assert r.weight.dtype == torch.float64
     with pytest.raises(TypeError, match="dtype"):
         HashEmbeddingBag(he.RobeZ(1000, 8), _weight=v, dtype=torch.int32)
+
+
+
+@pytest.mark.parametrize("opt, dtype", [("adagrad", torch.float32), ("sgd", torch.float16)])
+def test_moving_the_array_drops_the_optimizers_old_entries(opt, dtype):
+    # torch memory is kept by address: each .double() / .float() round trip
+    # left an accumulator and an array-sized scratch behind (100 MB a trip at
+    # 16 MB of array); the optimizer now holds the current array's only
+    emb = RobeEmbeddingBagCollection([1000, 2000], 16, compression=10, optimizer=opt, lr=0.1,
+                                     dtype=dtype)
+    x = torch.randint(0, 1000, (16, 2))
+    wide = torch.float64 if dtype == torch.float32 else torch.float32
+    for _ in range(4):
+        emb(x).sum().backward()
+        emb.to(wide)
+        emb(x).sum().backward()
+        emb.to(dtype)
+    emb(x).sum().backward()
+    o = emb._lookup.optimizer
+    assert len(o._scratch) <= 1 and len(getattr(o, "state", {})) <= 1
+    tt = TTEmbeddingBag(1000, 8, [4, 4], sparse=True, optimizer="adagrad")
+    xt = torch.randint(0, 1000, (8, 3))
+    for _ in range(3):
+        tt(xt).sum().backward()
+        tt.double()
+        tt(xt).sum().backward()
+        tt.float()
+    assert len(tt._opt.state) == 3          # its three cores

@@ -11,8 +11,9 @@ from ..hashing import UniversalHash
 from ..lsh import LMA, LSHTable
 from ..schemes import FullTable, HashedNet, RobeZ, Scheme
 from ..optim import check_optimizer
-from ._function import (BagFunction, Lookup, as_any_array, as_tensor, bfloat16, check_psw_shape,
-                        device_context, make_optimizer, optimizer_name, plain_lookup, records_grad)
+from ._function import (BagFunction, Lookup, _rebind, as_any_array, as_tensor, bfloat16,
+                        check_psw_shape, device_context, make_optimizer, optimizer_name,
+                        plain_lookup, records_grad)
 
 
 def _cupy():
@@ -158,9 +159,12 @@ class HashEmbeddingBag(nn.Module):
 
     def _bind_state(self):
         opt = self._lookup.optimizer
-        if hasattr(self, "optimizer_state") and opt is not None:
-            opt.use_state(as_any_array(self.weight, "weight"),
-                          as_any_array(self.optimizer_state, "optimizer_state"))
+        if opt is None:
+            return
+        w = as_any_array(self.weight, "weight")
+        _rebind(opt, self, [w])
+        if hasattr(self, "optimizer_state"):
+            opt.use_state(w, as_any_array(self.optimizer_state, "optimizer_state"))
 
     def _normalise(self, input, offsets, per_sample_weights):
         input = _as_index(input, "input")

@@ -6,7 +6,7 @@ from torch import nn
 from .. import _validate as V
 from .. import tt as _tt
 from .._backend import array_module
-from ._function import (as_any_array, as_array, as_tensor, check_psw_shape, device_context,
+from ._function import (_rebind, as_any_array, as_array, as_tensor, check_psw_shape, device_context,
                         make_optimizer, raise_stale, records_grad)
 
 
@@ -198,6 +198,7 @@ class TTEmbeddingBagCollection(nn.Module):
     def _bind_states(self):
         """Adagrad accumulators as buffers (saved in the state_dict)."""
         prms = list(self.tt_cores) + list(self.cache_weights)
+        _rebind(self._opt, self, [as_any_array(p, "weight") for p in prms])
         for i, prm in enumerate(prms):
             name = f"optimizer_state_{i}"
             if not hasattr(self, name) or getattr(self, name).shape != prm.shape:
