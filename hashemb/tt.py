@@ -523,7 +523,8 @@ def _scratch(n, dtype):
     buffers. Freeing and reallocating the chain's tens of MB on every call
     hands the pages back to the OS and faults them in again (measured: 40%
     slower on FBTT's benchmark shape). A pooled array is reused only when
-    nothing else refers to it (its views included: a TTSaved keeps its own)."""
+    nothing else refers to it (its views included: a TTSaved keeps its own);
+    up to four a size class, of at most 256 MB each."""
     dtype = np.dtype(dtype)
     if n < 1 << 15:
         return np.empty(n, dtype)
@@ -536,7 +537,10 @@ def _scratch(n, dtype):
             if sys.getrefcount(a) <= 3:     # the list, the loop variable, the call
                 return a[:n]
         a = np.empty(size, dtype)
-        if len(bufs) < 4:
+        # (a buffer of more than 256 MB is not kept: one large call held its
+        # peak, 1.3 GB, for the life of the process; the faults the pool
+        # saves are a small share of a call that size)
+        if len(bufs) < 4 and size * dtype.itemsize <= 256 << 20:
             bufs.append(a)
         return a[:n]
 
@@ -851,11 +855,16 @@ def _backward(b, g, shapes, caches, parts, optimizer):
             w = psw[n] if psw.shape[0] else (1.0 / cnt[bag[n]] if b.mode == 1
                                              else np.ones(n.shape[0]))
             gc = g[bag[n], part.col0:part.col0 + s.D] * w.astype(s.dtype)[:, None]
-            dcache = np.zeros_like(cache.weight)
-            np.add.at(dcache, part.hit_slot, gc)
             if opt:
-                _update_rows(cache.weight, dcache, np.unique(part.hit_slot), optimizer)
-                dcache = None
+                # the rows hit only (a whole cache's zeros cost O(capacity D)
+                # a step: 12 ms at a million rows for a batch of 64)
+                rows, inv = np.unique(part.hit_slot, return_inverse=True)
+                grow = np.zeros((rows.shape[0], s.D), s.dtype)
+                np.add.at(grow, inv, gc)
+                _update_rows(cache.weight, grow, rows, optimizer)
+            else:
+                dcache = np.zeros_like(cache.weight)
+                np.add.at(dcache, part.hit_slot, gc)
         elif cache is not None and opt == 0:
             dcache = np.zeros_like(cache.weight)
         results.append((grads, dcache))
@@ -863,13 +872,14 @@ def _backward(b, g, shapes, caches, parts, optimizer):
 
 
 def _update_rows(w, g, rows, optimizer):
-    """The fused rule on the touched rows of a cache."""
+    """The fused rule on rows ``rows`` of a cache (distinct), ``g[i]`` the
+    gradient of row ``rows[i]``."""
     if isinstance(optimizer, SGD):
-        w[rows] -= optimizer.lr * g[rows]
+        w[rows] -= optimizer.lr * g
         return
     state = optimizer.state_for(w)[0].reshape(w.shape)
-    state[rows] += g[rows] ** 2
-    w[rows] -= optimizer.lr * g[rows] / (np.sqrt(state[rows]) + optimizer.eps)
+    state[rows] += g ** 2
+    w[rows] -= optimizer.lr * g / (np.sqrt(state[rows]) + optimizer.eps)
 
 
 def tt_embedding_bag(indices, cores, offsets=None, *, mode="sum", per_sample_weights=None,

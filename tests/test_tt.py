@@ -398,6 +398,14 @@ def test_cache_same_forward_then_trains_cached_rows():
     before = cache.weight.copy()
     he.tt_embedding_bag_backward(G, idx, cores, off, cache=cache, optimizer=he.SGD(0.1))
     np.testing.assert_allclose(cache.weight[:2], before[:2] - 0.1 * g[-1][:2], rtol=1e-12)
+    # and fused Adagrad: the rule on the rows hit, from their summed gradient
+    # (the step takes only those rows, not the whole cache's zeros)
+    before, ada = cache.weight.copy(), he.Adagrad(0.1, eps=1e-3)
+    he.tt_embedding_bag_backward(G, idx, cores, off, cache=cache, optimizer=ada)
+    acc = ada.state_for(cache.weight)[0].reshape(cache.weight.shape)
+    np.testing.assert_allclose(acc[:2], g[-1][:2] ** 2, rtol=1e-12)
+    np.testing.assert_allclose(cache.weight[:2], before[:2] - 0.1 * g[-1][:2] / (
+        np.abs(g[-1][:2]) + 1e-3), rtol=1e-12)
     # eviction: a row leaving the cache reverts to its (untrained) TT value
     cache.count(np.full(500, 11))
     cache.count(np.full(400, 12))
