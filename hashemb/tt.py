@@ -20,6 +20,7 @@ chain step is a handful of real matrix products (register-tiled, AVX2+FMA
 where the CPU has it) rather than one tiny product per lookup; duplicate rows
 in a batch are computed once.
 """
+import bisect
 import math
 import numbers
 import sys
@@ -110,7 +111,45 @@ def _entropy(factors):
 
 
 def _most_balanced(n, d):
-    return max(_factorisations(n, d), key=lambda f: (round(_entropy(f), 12), -f[0]))
+    """The factorisation of n into d factors of the highest entropy (ties: the
+    smallest largest factor, then the first in _factorisations' order, i.e.
+    the largest next factors). Branch and bound over the largest factor
+    first, ascending from n^(1/d): the best entropy a prefix can still reach
+    (the rest split equally) falls as its factor grows, so the search stops
+    there. Listing every factorisation took 68 s for 963,761,198,400 rows in
+    4 cores."""
+    divs = _divisors(n)
+    total = math.log(n) if n > 1 else 0.0
+    best = [None, None]     # (key, factors)
+
+    def reach(logs, rest, k):
+        # entropy of these factors' logs and k equal shares of log(rest)
+        if total == 0:
+            return math.log(d)
+        ws = [x / total for x in logs] + [math.log(rest) / k / total] * k
+        return -sum(w * math.log(w) for w in ws if w > 0)
+
+    def rec(m, k, cap, prefix, logs):
+        if k == 1:
+            if m <= cap:
+                f = prefix + (m,)
+                key = (round(_entropy(f), 12), -f[0], f[1:])
+                if best[0] is None or key > best[0]:
+                    best[0], best[1] = key, f
+            return
+        lo = bisect.bisect_left(divs, math.floor(m ** (1.0 / k)))
+        for f in divs[lo:]:
+            if f > cap:
+                break
+            if m % f or f ** k < m:
+                continue
+            if best[0] is not None and reach(logs + [math.log(f)], m // f, k - 1) \
+                    < best[0][0] - 1e-11:
+                break
+            rec(m // f, k - 1, f, prefix + (f,), logs + [math.log(f)])
+
+    rec(n, d, n, (), [])
+    return best[1]
 
 
 def tt_shapes(num_embeddings, embedding_dim, num_cores=3, *, round_up=True, max_waste=0.1):
