@@ -106,6 +106,12 @@ def test_multi_table_psw_gradcheck():
     x = torch.tensor([[1, 2], [3, 4], [5, 1]])
     psw = torch.rand(3, 2, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda p: emb(x, per_sample_weights=p), (psw,))
+    # flat bags: of equal sizes in every table (all tables in one lookup), and
+    # of unequal ones (a lookup a table)
+    for off in ([0, 2, 4, 6, 8], [0, 1, 4, 4, 8]):
+        idx = torch.tensor([1, 2, 3, 4, 5, 1, 9, 7])
+        p = torch.rand(8, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda q: emb(idx, torch.tensor(off), q), (p,))
 
 
 def test_two_d_input_is_read_in_place_and_equals_offsets():

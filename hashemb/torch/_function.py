@@ -168,6 +168,18 @@ class Lookup:
         out = xp.zeros(idx.shape[0], g.dtype)
         B = (off.shape[0] - 1) // self.T
         D = self.scheme.dim
+        n = idx.shape[0] // self.T
+        if self.T > 1 and n and int(off[B]) == n and bool((off[::B] == xp.arange(
+                0, self.T * n + 1, n)).all()):
+            # every table holds n entries (2-D input, or bags of equal sizes):
+            # all looked up in ONE call, entry j of table t as bag j of t (a
+            # call per table cost 24 us a table: 20x the step at 4000 tables)
+            E = _bag.embedding_bags(idx, w, xp.arange(self.T * n + 1, dtype=np.int64),
+                                    scheme=self.scheme, num_tables=self.T)
+            bag_of = xp.searchsorted(off, xp.arange(idx.shape[0]), side="right") - 1
+            rows = (bag_of % B).reshape(self.T, n)          # table t's entries: row t
+            G = g.reshape(g.shape[0], self.T, D)[rows.T, xp.arange(self.T)]   # (n, T, D)
+            return xp.ascontiguousarray((E.reshape(n, self.T, D) * G).sum(axis=2).T).reshape(-1)
         for t in range(self.T):
             lo, hi = int(off[t * B]), int(off[(t + 1) * B])
             if hi == lo:
