@@ -2,7 +2,7 @@
 with a float32 array, and float16 and bfloat16 ones rounded stochastically
 (hashemb's default) and to nearest.
 
-    python examples/float16_rounding.py                  # ~20 s on 2 cores
+    python examples/float16_rounding.py                  # ~3 s on 2 cores
     python examples/float16_rounding.py --steps 300 --out /tmp/f.png
 
 Left: 64 weights at 1.0 take SGD steps of a fifth of float16's spacing
