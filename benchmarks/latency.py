@@ -23,6 +23,7 @@ criteo_bags.py, which runs each method in its own process).
 """
 import argparse
 import json
+import math
 import time
 
 import numpy as np
@@ -40,7 +41,7 @@ PEER = "torch.nn.EmbeddingBag, one table"
 def make_methods(card, compression):
     """name -> fn(X) for a (B, T) int64 tensor X of per-table indices."""
     T, total = len(card), sum(card)
-    robe = HashEmbeddingBagCollection(he.RobeZ(max(D, -(-total * D // int(compression))), D),
+    robe = HashEmbeddingBagCollection(he.RobeZ(max(D, math.ceil(total * D / compression)), D),
                                       num_tables=T)
     full = HashEmbeddingBagCollection(he.FullTable(card, D), num_tables=T)
     scheme, M = robe.scheme, robe.weight.detach().numpy()
@@ -129,6 +130,8 @@ def main(argv=None):
     batches = [int(b) for b in args.batches.split(",")]
     if any(b < 1 for b in batches) or args.rounds < 1 or args.calls < 1 or args.threads < 1:
         p.error("--batches, --rounds, --calls and --threads take positive integers")
+    if not (args.scale > 0 and args.compression > 0):
+        p.error("--scale and --compression take numbers > 0")
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     he_threads = he.set_num_threads(args.threads)
