@@ -15,8 +15,8 @@ def _key(v, name):
     value checked here (the cache takes 2.0 and True as equal to 2 and 1, so
     a check behind it ran only on a layout's first call)."""
     if isinstance(v, np.ndarray):
-        v = v.tolist()
-    elif isinstance(v, numbers.Integral):
+        v = v.tolist()          # (a 0-d array: its one value)
+    if isinstance(v, numbers.Number):
         return v if type(v) is int else V.check_int(v, name)
     try:
         return tuple(x if type(x) is int else V.check_int(x, name) for x in v)

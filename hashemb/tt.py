@@ -481,6 +481,12 @@ class TTCache:
         if hashtbl_size is None or hashtbl_size == 0:
             hashtbl_size = max(4 * self.capacity, 1024)
         size = V.check_positive_int(hashtbl_size, "hashtbl_size", upper=1 << 40)
+        if size * 3 // 4 < self.capacity:
+            # (FBTT's users may pass cache_size: that table could not hold
+            # the cached rows' counts below the load cap)
+            raise ValueError(f"hashtbl_size: expected at least 4/3 capacity = "
+                             f"{-(-4 * self.capacity // 3)} (the frequency table stops "
+                             f"inserting at 3/4 load), got {size}")
         self.keys = np.full(size, -1, np.int64)
         self.freq = np.zeros(size, np.int64)
         self._used = 0

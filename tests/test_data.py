@@ -183,6 +183,17 @@ def test_tsv_reads_gzip_and_skips_undecodable_lines(tmp_path):
         CriteoTSV(mixed).read()
     r = CriteoTSV(mixed, on_bad="skip")
     assert r.read().labels.tolist() == [1.0, 0.0] and r.skipped == 1
+    # a pipe is read once: sniffing gzip by reopening it read nothing
+    import os
+    import threading
+    for data in (plain.read_bytes(), packed.read_bytes()):
+        fifo = tmp_path / "fifo"
+        os.mkfifo(fifo)
+        writer = threading.Thread(target=lambda d=data: fifo.write_bytes(d))
+        writer.start()
+        assert len(CriteoTSV(fifo).read().labels) == 2
+        writer.join()
+        fifo.unlink()
 
 
 @given(st.text(alphabet="0123456789abcdef", min_size=1, max_size=16))

@@ -167,6 +167,8 @@ def test_layout_arguments_are_checked_on_every_call():
             he.multi_embedding(X, W, sizes=sizes, dims=dims)
     np.testing.assert_array_equal(he.multi_embedding(X, W + 1, sizes=np.int64(2), dims=[2]),
                                   np.ones((2, 2), np.float32))
+    np.testing.assert_array_equal(he.multi_embedding(X, W + 1, sizes=np.array(2), dims=2),
+                                  np.ones((2, 2), np.float32))     # a 0-d array: one table
 
 
 def test_unpack_gives_views_or_refuses():

@@ -108,10 +108,13 @@ def test_multi_table_psw_gradcheck():
     assert torch.autograd.gradcheck(lambda p: emb(x, per_sample_weights=p), (psw,))
     # flat bags: of equal sizes in every table (all tables in one lookup), and
     # of unequal ones (a lookup a table)
-    for off in ([0, 2, 4, 6, 8], [0, 1, 4, 4, 8]):
-        idx = torch.tensor([1, 2, 3, 4, 5, 1, 9, 7])
+    for off in ([0, 2, 4, 6, 8], [0, 1, 4, 4, 8], [0, 2, 4, 6, 7]):   # (the last: a trailing
+        idx = torch.tensor([1, 2, 3, 4, 5, 1, 9, 7])                 # entry outside every bag)
         p = torch.rand(8, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(lambda q: emb(idx, torch.tensor(off), q), (p,))
+    p = torch.rand(5, dtype=torch.float64, requires_grad=True)       # reshape failed here
+    emb(torch.tensor([1, 2, 3, 4, 5]), torch.tensor([0, 1, 2, 3, 4]), p).sum().backward()
+    assert p.grad[4] == 0 and (p.grad[:4] != 0).all()
 
 
 def test_two_d_input_is_read_in_place_and_equals_offsets():
@@ -563,3 +566,30 @@ def test_moving_the_array_drops_the_optimizers_old_entries(opt, dtype):
         tt(xt).sum().backward()
         tt.float()
     assert len(tt._opt.state) == 3          # its three cores
+
+
+def test_a_moved_array_drops_only_what_its_module_bound():
+    # modules sharing an optimizer: the address module a left may be taken by
+    # module b before a's next step; a then drops its own old entries only
+    # (b's accumulator was dropped and its step ran on a fresh zero one)
+    from types import SimpleNamespace
+    from hashemb.torch._function import _rebind
+    opt = he.Adagrad(0.1)
+    old_w, new_w = np.zeros(64, np.float32), np.zeros(64, np.float32)
+    a, b = SimpleNamespace(), SimpleNamespace()
+    opt.use_state(old_w, np.zeros(64, np.float32))
+    _rebind(opt, a, [old_w])
+    b_state = np.ones(64, np.float32)
+    opt.use_state(old_w, b_state)            # b's array now at a's old address
+    _rebind(opt, b, [old_w])
+    opt.use_state(new_w, np.zeros(64, np.float32))
+    _rebind(opt, a, [new_w])                 # a moved
+    assert opt.state[opt._key(old_w)] is not None
+    assert np.shares_memory(opt.state[opt._key(old_w)], b_state)
+    c = SimpleNamespace()
+    opt.use_state(new_w, np.zeros(64, np.float32))
+    _rebind(opt, c, [new_w])
+    other = np.zeros(64, np.float32)
+    opt.use_state(other, np.zeros(64, np.float32))
+    _rebind(opt, c, [other])                 # c moved, nobody took its address
+    assert opt._key(new_w) not in opt.state

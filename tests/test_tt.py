@@ -460,6 +460,8 @@ def test_cache_frequency_table_stops_inserting_at_three_quarters():
     c.reset()
     c.count(np.arange(5000, 6000))          # room again after reset
     assert np.count_nonzero(c.keys >= 0) == 768
+    with pytest.raises(ValueError, match=r"hashtbl_size: expected at least 4/3 capacity = 1334"):
+        he.TTCache(1000, 2, hashtbl_size=1000)      # could not hold 1000 rows' counts
 
 
 def test_collection_with_caches_takes_dense_gradients():
@@ -521,9 +523,16 @@ def test_module_cache_survives_state_dict_round_trip(tmp_path):
     c = TTEmbeddingBag(500, 8, [4, 4], **dict(kw, hashtbl_size=2048))
     with pytest.raises(ValueError, match="hashtbl_size"):
         c.load_state_dict(a.state_dict())
-    d = TTEmbeddingBag(500, 8, [4, 4], seed=1)
-    with pytest.raises(ValueError, match="LFU caches"):
-        d.load_state_dict(a.state_dict(), strict=False)
+    d = TTEmbeddingBag(500, 8, [4, 4], seed=1)          # no caches: the cores alone
+    d.load_state_dict(a.state_dict(), strict=False)
+    assert all(torch.equal(p, q) for p, q in zip(d.tt_cores, a.tt_cores))
+    # a state saved before the caches travelled (no extra state) loads strictly
+    old = {k: v for k, v in TTEmbeddingBag(500, 8, [4, 4]).state_dict().items()
+           if k != "_extra_state"}
+    TTEmbeddingBag(500, 8, [4, 4]).load_state_dict(old)
+    c2 = TTEmbeddingBagCollection([500, 500], 8, [4, 4], use_cache=True, cache_size=16)
+    with pytest.raises(ValueError, match="expected 2 LFU caches"):
+        c2.set_extra_state(a.get_extra_state())
 
 
 # ------------------------------------------------------------ torch module

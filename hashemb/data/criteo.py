@@ -68,10 +68,13 @@ class CriteoTSV:
         their magic number, decompressed), decoded where a bad line can be
         skipped."""
         if isinstance(self.source, (str, bytes)) or hasattr(self.source, "__fspath__"):
+            # opened once and peeked: a pipe (`<(zcat day_0.gz)`) cannot be reopened
             with open(self.source, "rb") as f:
-                gz = f.read(2) == b"\x1f\x8b"
-            with (gzip.open if gz else open)(self.source, "rb") as f:
-                yield from f
+                if f.peek(2)[:2] == b"\x1f\x8b":
+                    with gzip.GzipFile(fileobj=f) as g:
+                        yield from g
+                else:
+                    yield from f
         else:
             yield from self.source
 

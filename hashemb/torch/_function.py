@@ -169,7 +169,7 @@ class Lookup:
         B = (off.shape[0] - 1) // self.T
         D = self.scheme.dim
         n = idx.shape[0] // self.T
-        if self.T > 1 and n and int(off[B]) == n and bool((off[::B] == xp.arange(
+        if self.T > 1 and n and int(off[-1]) == idx.shape[0] and bool((off[::B] == xp.arange(
                 0, self.T * n + 1, n)).all()):
             # every table holds n entries (2-D input, or bags of equal sizes):
             # all looked up in ONE call, entry j of table t as bag j of t (a
@@ -206,18 +206,25 @@ def check_psw_shape(psw, input):
 
 
 def _rebind(opt, module, arrays):
-    """Record the addresses of the arrays ``opt`` steps for ``module``; the
-    entries of addresses it held before and holds no more are dropped (its
+    """After ``opt`` bound the arrays it steps for ``module``: forget its
+    entries of addresses the module held before and holds no more (its
     arrays moved: .double(), .to(), load_state_dict(assign=True)). Torch
     memory is kept by address, so each move kept the old accumulator and an
     array-sized scratch alive: 100 MB a .double() / .float() round trip of a
-    16 MB Adagrad array."""
+    16 MB Adagrad array. An accumulator goes only if it is still the one
+    this module bound (another module sharing the optimizer may have taken
+    the address since); a scratch is zeros between steps, remade if needed."""
     keys = [opt._key(a) for a in arrays]
+    state = getattr(opt, "state", None)
     old = module.__dict__.get("_fused_keys")
     if old is not None and old[0] is opt:
-        for k in set(old[1]) - set(keys):
-            opt._drop(k)
-    module.__dict__["_fused_keys"] = (opt, keys)
+        for k, bound in old[1].items():
+            if k not in keys:
+                opt._scratch.pop(k, None)
+                if state is not None and bound is not None and state.get(k) is bound:
+                    del state[k]
+    module.__dict__["_fused_keys"] = (opt, {k: None if state is None else state.get(k)
+                                            for k in keys})
 
 
 def records_grad(psw, *params):

@@ -162,9 +162,9 @@ class HashEmbeddingBag(nn.Module):
         if opt is None:
             return
         w = as_any_array(self.weight, "weight")
-        _rebind(opt, self, [w])
         if hasattr(self, "optimizer_state"):
             opt.use_state(w, as_any_array(self.optimizer_state, "optimizer_state"))
+        _rebind(opt, self, [w])
 
     def _normalise(self, input, offsets, per_sample_weights):
         input = _as_index(input, "input")

@@ -45,7 +45,7 @@ class _TTBags(torch.autograd.Function):
                 gp = as_tensor(m._psw_grad(g, ctx.saved, off))
             if not any(ctx.needs_input_grad[4:]):   # frozen cores: no step, fused or not
                 return (None, None, None, gp) + (None,) * n_params
-            if m._fused() is not None and m._steps != ctx.steps:
+            if m.sparse and m._steps != ctx.steps:
                 # a core's gradient is the product of the other cores at forward
                 raise_stale("cores' gradient")
             res = _tt.tt_embedding_bags_backward(
@@ -198,13 +198,13 @@ class TTEmbeddingBagCollection(nn.Module):
     def _bind_states(self):
         """Adagrad accumulators as buffers (saved in the state_dict)."""
         prms = list(self.tt_cores) + list(self.cache_weights)
-        _rebind(self._opt, self, [as_any_array(p, "weight") for p in prms])
-        for i, prm in enumerate(prms):
+        arrays = [as_any_array(p, "weight") for p in prms]
+        for i, (prm, w) in enumerate(zip(prms, arrays)):
             name = f"optimizer_state_{i}"
             if not hasattr(self, name) or getattr(self, name).shape != prm.shape:
                 self.register_buffer(name, torch.zeros_like(prm.detach()))
-            self._opt.use_state(as_any_array(prm, "weight"),
-                                as_any_array(getattr(self, name), "state"))
+            self._opt.use_state(w, as_any_array(getattr(self, name), "state"))
+        _rebind(self._opt, self, arrays)
 
     def _rows(self, t, part, g):
         """The rows of entries ``part.lo:part.hi`` of table ``t`` from the
@@ -315,14 +315,22 @@ class TTEmbeddingBagCollection(nn.Module):
                             "freq": torch.from_numpy(c.freq.copy())}
                            for c in self._cache_objs]}
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # a state saved before the caches travelled has no extra state: the
+        # caches then start empty, as they did (strict loads of it failed)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+        if prefix + "_extra_state" in missing_keys:
+            missing_keys.remove(prefix + "_extra_state")
+
     def set_extra_state(self, state):
         caches = (state or {}).get("caches")
-        if caches is None:
-            return
-        if self._cache_objs is None or len(caches) != len(self._cache_objs):
-            have = 0 if self._cache_objs is None else len(self._cache_objs)
-            raise ValueError(f"state_dict: expected {have} LFU caches (use_cache="
-                             f"{self.use_cache}, one a table), got {len(caches)}")
+        if caches is None or self._cache_objs is None:
+            return      # (a module without caches takes the cores alone)
+        if len(caches) != len(self._cache_objs):
+            raise ValueError(f"state_dict: expected {len(self._cache_objs)} LFU caches (one a "
+                             f"table), got {len(caches)}")
         for c, st in zip(self._cache_objs, caches):
             rows, keys, freq = (st[k].numpy() for k in ("rows", "keys", "freq"))
             if keys.shape != c.keys.shape or freq.shape != c.freq.shape:
