@@ -271,7 +271,7 @@ def embedding_bag_backward(grad_output, indices, offsets=None, *, scheme, table=
         C-contiguous and writeable). A 16-bit weight gets a float32 gradient;
         an optimizer moves it in float32 and rounds each updated slot once
         (see :class:`hashemb.SGD`).
-    optimizer : hashemb.SGD or hashemb.Adagrad, optional
+    optimizer : hashemb.SGD, hashemb.Adagrad or hashemb.RowwiseAdagrad (full tables), optional
     deterministic : bool, optional
         GPU only (the CPU is always deterministic): sum each slot's
         contributions in entry order after a stable sort, bitwise the CPU's
@@ -341,7 +341,8 @@ def embedding_bags_backward(grad_output, indices, offsets=None, *, scheme, num_t
                             mode="sum", per_sample_weights=None, weight=None, optimizer=None,
                             deterministic=None, saved=None):
     """Backward of :func:`embedding_bags`: the gradient, or a fused optimizer step
-    (``optimizer=he.SGD(lr)`` / ``he.Adagrad(lr)``, returns None). Arguments as in
+    (``optimizer=he.SGD(lr)`` / ``he.Adagrad(lr)`` / ``he.RowwiseAdagrad(lr)`` for full
+    tables, returns None). Arguments as in
     :func:`embedding_bags` and :func:`embedding_bag_backward` (``deterministic``
     and ``saved`` included).
     {det}
