@@ -9,7 +9,8 @@ scenarios: forward + Linear(D, 1) + backward, timed per phase in one run.
 Index scenarios: uniform; "half" (id 0 half the time, id 1 a quarter, ... powers
 of 1/2); "same" (every sample the same id); "hot20" (80% uniform, 20% one id).
 Ratios are torch time / hashemb time (above 1: hashemb faster), measured
-alternately in the same process with the same inputs. On CUDA every phase
+in the same process with the same inputs (each scenario: torch's iterations,
+then hashemb's). On CUDA every phase
 ends with torch.cuda.synchronize(), so a phase is its wall time on the device.
 """
 import argparse

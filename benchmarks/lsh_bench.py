@@ -13,30 +13,19 @@ and a training step (forward + backward + fused SGD) at batch 2048, arrays at
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 
 import numpy as np
 
-from criteo_bags import spread, timeit  # the same timer and ratio statistic (run from benchmarks/)
+from criteo_bags import peak_rss, spread, timeit  # the same timer, ratio statistic and peak (run from benchmarks/)
 
 
 def data(rows, seed=0):
     from hashemb.data import SyntheticCriteo
     gen = SyntheticCriteo(scale=1.0, seed=seed)
     return gen, gen.sample(0, rows, "train").cats
-
-
-def peak_rss():
-    """This process's peak resident memory in bytes (VmHWM: unlike ru_maxrss it is
-    not inherited from the parent across fork + exec)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def build_one(kind, dim, path, num_points):

@@ -145,8 +145,9 @@ def _report(args, st, rows, peak, peak_what, U, torch_rows, torch_bytes, notes=(
     print(f"\nmemory: TT cores {st.tt_bytes / 2**20:.2f} MiB; full table "
           f"{st.n * st.D * 4 / 2**30:.2f} GiB ({st.n * st.D * 4 / st.tt_bytes:,.0f}x the cores)")
     if torch_rows is not None and torch_rows != st.n:
+        why = "as --torch-rows asks" if args.torch_rows else "to fit in memory"
         print(f"note: the torch table was scaled down to {torch_rows:,} rows "
-              f"({torch_bytes / 2**30:.2f} GiB) to fit in memory; lookups taken modulo its size")
+              f"({torch_bytes / 2**30:.2f} GiB) {why}; lookups taken modulo its size")
     for note in notes:
         print(f"note: {note}")
     return {"peak": peak, "rows": rows, "unique": U}

@@ -128,3 +128,47 @@ def test_errors_and_training_step():
     opt.step()
     changed = (m.weight.detach() != before).nonzero().reshape(-1).tolist()
     assert changed == [4, 5, 6, 7]          # row 2 of table 0, row 0 of table 1
+
+
+def test_forked_child_runs_the_native_op_after_the_parent_did(path, tmp_path):
+    """The native op runs its own OpenMP regions and torch loads it without
+    a sys.modules entry, so the at-fork hook missed it: a forked child that
+    called FastEmbedding after its parent had, on two threads, waited
+    forever. Run in a fresh process (no other hashemb kernel loaded)."""
+    import subprocess
+    import sys
+    import multiprocessing as mp
+    if path != "native" or "fork" not in mp.get_all_start_methods():
+        pytest.skip("the native op, forked")
+    script = tmp_path / "fork_native.py"
+    script.write_text(
+        "import hashlib, multiprocessing as mp, torch\n"
+        "torch.set_num_threads(2)\n"
+        "from hashemb.torch import FastEmbedding, _native\n"
+        "emb = FastEmbedding(100000, 64)\n"
+        "x = torch.randint(0, 100000, (1 << 16,))\n"
+        "with torch.no_grad():\n"
+        "    want = hashlib.sha256(emb(x).numpy().tobytes()).hexdigest()\n"
+        "assert _native.module() is not None, _native.status()\n"
+        "def child(q):\n"
+        "    with torch.no_grad():\n"
+        "        q.put(hashlib.sha256(emb(x).numpy().tobytes()).hexdigest())\n"
+        "ctx = mp.get_context('fork'); q = ctx.Queue()\n"
+        "p = ctx.Process(target=child, args=(q,)); p.start(); p.join(60)\n"
+        "if p.is_alive():\n"
+        "    p.kill(); print('HUNG')\n"
+        "else:\n"
+        "    print('same' if q.get(timeout=10) == want else 'differs')\n")
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "same", r.stdout
+
+
+def test_a_build_killed_mid_way_leaves_no_lock_behind(tmp_path):
+    # torch's lock file, left by a builder that died, made every later first
+    # use wait forever; under hashemb's flock such a file is stale and goes
+    (tmp_path / "lock").write_text("")
+    with _native._build_lock(str(tmp_path)):
+        assert not (tmp_path / "lock").exists()

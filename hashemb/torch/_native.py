@@ -9,6 +9,7 @@ compiler or ninja) the modules run through a Python autograd.Function with
 the same kernels and results, slower at small batches, and a warning says so
 once.
 """
+import contextlib
 import hashlib
 import os
 import re
@@ -63,16 +64,43 @@ def _build():
         if not any(f.endswith(".so") for f in os.listdir(build)):
             print("hashemb: building the native torch op for FastEmbedding (once, ~20-30 s) "
                   f"in {build}", file=sys.stderr, flush=True)
-        _state["module"] = load(
-            "hashemb_native", sources[:1], extra_include_paths=[_INCLUDE],
-            extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
-            build_directory=build, verbose=False)
+        with _build_lock(build):
+            _state["module"] = load(
+                "hashemb_native", sources[:1], extra_include_paths=[_INCLUDE],
+                extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                build_directory=build, verbose=False)
+        # torch loads it without a sys.modules entry: the at-fork hook
+        # (hashemb._backend) looks for this name to give a forked child one
+        # OpenMP thread (the op's parallel regions hung there otherwise)
+        sys.modules.setdefault("hashemb_native", _state["module"])
         _state["status"] = "built"
     except Exception as e:          # no compiler, no ninja, headers missing: run in Python
         _state["status"] = f"failed: {type(e).__name__}: {str(e).strip().splitlines()[-1]}"
         warnings.warn(f"hashemb: the native torch op did not build ({_state['status']}); "
                       "FastEmbedding runs through a Python autograd.Function (same results, "
                       "~40 us more per step)", RuntimeWarning, stacklevel=3)
+
+
+@contextlib.contextmanager
+def _build_lock(build):
+    """This build folder to one process at a time, by an flock the kernel
+    releases when its holder dies. torch's own lock is a file that a builder
+    killed mid-build (a CI timeout) leaves behind, and every later process
+    waited on it forever; holding ours, such a file is stale and goes."""
+    try:
+        import fcntl
+    except ImportError:         # (not POSIX: torch's lock alone)
+        yield
+        return
+    with open(os.path.join(build, "hashemb.lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            stale = os.path.join(build, "lock")
+            if os.path.exists(stale):
+                os.remove(stale)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def bad_index(error):
