@@ -137,6 +137,16 @@ def main(argv=None):
             f"{'x torch':>7} {'train Ms/s':>10} {'train GB/s':>10} {'%peak':>6} {'x torch':>7}")
     print(head)
     results = []
+    gpu_name = he.show_config()["gpu"] if dev == "cuda" else "cpu (dry run)"
+
+    def save():
+        run = {"device": gpu_name, "peak_GBps": peak, "rows": rows, "pool": args.pool,
+               "results": results}
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(run, f, indent=1)
+        return run
+
     rng = np.random.default_rng(0)
     pool = np.stack([rng.integers(0, n, args.pool) for n in card], 1)
     for D in args.dims:
@@ -224,9 +234,16 @@ def main(argv=None):
             ref, robe_pool = {}, {}
             for name, fwd, step in methods:
                 row = {"D": D, "batch": B, "method": name.strip()}
-                with torch.no_grad():
-                    tf = timed(fwd, sync, args.iters) if fwd else None
-                ts = timed(step, sync, args.iters) if step else None
+                try:
+                    with torch.no_grad():
+                        tf = timed(fwd, sync, args.iters) if fwd else None
+                    ts = timed(step, sync, args.iters) if step else None
+                except Exception as e:      # (a kernel that fails to compile, say)
+                    row["error"] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1]}"
+                    results.append(row)
+                    save()
+                    print(f"{D:>3} {B:>6} {name:<24} failed: {row['error']}")
+                    continue
                 for kind, t, nbytes in (("fwd", tf, fwd_bytes), ("train", ts, step_bytes)):
                     if t is None:
                         continue
@@ -238,13 +255,15 @@ def main(argv=None):
                         ref[kind] = B / t
                     if name.endswith("pool rows"):
                         robe_pool[kind] = B / t
-                    row[f"{kind}_x_torch"] = B / t / ref[kind]
+                    if kind in ref:
+                        row[f"{kind}_x_torch"] = B / t / ref[kind]
                     if kind in robe_pool and not name.endswith("pool rows"):
                         row[f"{kind}_x_robez"] = B / t / robe_pool[kind]
                 results.append(row)
+                save()          # after every row: a cut run keeps what it measured
 
                 def cells(kind, w):
-                    if f"{kind}_s" not in row:
+                    if f"{kind}_x_torch" not in row:
                         return " " * (w + 9 + 7 + 7 + 3)
                     return (f"{row[f'{kind}_samples_per_s'] / 1e6:>{w}.2f} "
                             f"{row[f'{kind}_GBps']:>9.0f} {100 * row[f'{kind}_share_of_peak']:>5.0f}% "
@@ -256,11 +275,7 @@ def main(argv=None):
         del emb, topt, W_full, M_robe, M_hnet, M_mh, M_robe16, W_full16
         if dev == "cuda":
             torch.cuda.empty_cache()
-    run = {"device": he.show_config()["gpu"] if dev == "cuda" else "cpu (dry run)",
-           "peak_GBps": peak, "rows": rows, "pool": args.pool, "results": results}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(run, f, indent=1)
+    run = save()
     if args.plot:
         plot(run, args.plot)
     return run

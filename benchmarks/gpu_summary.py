@@ -23,6 +23,10 @@ def bench_lines(path):
     for r in rows:
         if r["method"] == "torch.nn.EmbeddingBag":
             continue
+        if "error" in r:
+            out.append(f"  D={r['D']:<3} batch={r['batch']:<6} {r['method']:<34} "
+                       f"failed: {r['error']}")
+            continue
         fx, tx = (r.get(k) for k in ("fwd_x_torch", "train_x_torch"))
         out.append(f"  D={r['D']:<3} batch={r['batch']:<6} {r['method']:<34} "
                    f"fwd {'-' if fx is None else f'{fx:.2f}x':>6}  "

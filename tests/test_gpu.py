@@ -139,6 +139,41 @@ def _fake_cupy_backend(make):
     return be, Arr
 
 
+def test_kernels_compile_one_at_a_time_on_first_use():
+    """A kernel is compiled alone when first launched (bag.cu whole took
+    about 75 s a process), once per device; a failed compile is raised again
+    without compiling again."""
+    import threading
+    import types
+    compiled = []
+
+    class Module:
+        def __init__(self, code, options, name_expressions):
+            compiled.append(tuple(name_expressions))
+            if "broken" in name_expressions[0]:
+                raise RuntimeError("nvrtc: error")
+            self.names = name_expressions
+
+        def get_function(self, name):
+            assert name in self.names
+            return ("fn", name)
+    dev = [0]
+    be = object.__new__(RT.CupyBackend)
+    be.xp = types.SimpleNamespace(RawModule=Module, cuda=types.SimpleNamespace(
+        runtime=types.SimpleNamespace(getDevice=lambda: dev[0])))
+    be._modules, be._functions, be._lock = {}, {}, threading.Lock()
+    a, b = RT.kernel_names("bag")[:2]
+    assert be.function("bag", a) == ("fn", a) and be.function("bag", a) == ("fn", a)
+    assert be.function("bag", b) == ("fn", b) and compiled == [(a,), (b,)]
+    dev[0] = 1
+    be.function("bag", a)
+    assert compiled == [(a,), (b,), (a,)]
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="nvrtc"):
+            be.function("bag", "broken<int>")
+    assert compiled.count(("broken<int>",)) == 1
+
+
 def test_launch_arguments_pack_each_scalar_once():
     """CuPy would build a C scalar for every scalar argument of every launch;
     _pack builds one per scalar object (the memoised i64 / real values) and

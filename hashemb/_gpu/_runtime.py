@@ -194,17 +194,30 @@ class CupyBackend:
         return self.xp.argsort(a)        # CuPy's sort is always stable (thrust)
 
     def function(self, family, name):
+        """Kernel ``name`` of ``family`` on the current device, compiled on
+        its first use, alone: a family compiled whole took about 75 s a
+        process for bag.cu's 124 instantiations (CuPy keeps no disk cache of
+        a module with name expressions), where a process uses a few. A
+        failed compile is kept and raised again, not retried per launch."""
         dev = self.current_device()
-        fn = self._functions.get((family, name, dev))
+        key = (family, name, dev)
+        fn = self._functions.get(key)
         if fn is None:
             with self._lock:
-                mod = self._modules.get((family, dev))
-                if mod is None:
-                    mod = self.xp.RawModule(code=source(family), options=NVRTC_OPTIONS,
-                                            name_expressions=kernel_names(family))
-                    self._modules[(family, dev)] = mod
-                fn = mod.get_function(name)
-                self._functions[(family, name, dev)] = fn
+                fn = self._functions.get(key)
+                if fn is None:
+                    failed = self.__dict__.setdefault("_failed", {})
+                    if key in failed:
+                        raise failed[key]
+                    try:
+                        mod = self.xp.RawModule(code=source(family), options=NVRTC_OPTIONS,
+                                                name_expressions=[name])
+                        fn = mod.get_function(name)
+                    except Exception as e:
+                        failed[key] = e
+                        raise
+                    self._modules[key] = mod
+                    self._functions[key] = fn
         return fn
 
     def launch(self, family, name, nthreads, args):
