@@ -864,37 +864,39 @@ def test_universal_hash_equals_cpu(dev):
                                       h.sign(k, table=5, element=9))
 
 
+def _same_error(fn_cpu, fn_dev, exc):
+    """The CPU call and the device call raise ``exc`` with the same message."""
+    with pytest.raises(exc) as a:
+        fn_cpu()
+    with pytest.raises(exc) as b:
+        fn_dev()
+    assert str(a.value) == str(b.value)
+
+
 def test_errors_equal_cpu(dev):
     full = he.FullTable([5, 3], 4)
     W = full.init_weight()
 
-    def both(fn_cpu, fn_dev, exc):
-        with pytest.raises(exc) as a:
-            fn_cpu()
-        with pytest.raises(exc) as b:
-            fn_dev()
-        assert str(a.value) == str(b.value)
-
     idx, off = np.array([1, 2, 3, 9, 0]), np.array([0, 2, 3, 3, 5])
-    both(lambda: he.embedding_bags(idx, W, off, scheme=full, num_tables=2),
+    _same_error(lambda: he.embedding_bags(idx, W, off, scheme=full, num_tables=2),
          lambda: dev.bags(dev.put(idx), dev.put(W), dev.put(off), full, 2), IndexError)
     x = np.array([[1, 2], [4, 3]])
-    both(lambda: he.embedding_bags(x, W, scheme=full, num_tables=2),
+    _same_error(lambda: he.embedding_bags(x, W, scheme=full, num_tables=2),
          lambda: dev.bags(dev.put(x), dev.put(W), None, full, 2), IndexError)
     # ([0, 9, 2]: a value past the end, then a smaller one, named as past
     # the end; len(indices) is appended after it)
     for bad in ([1, 0, 2, 2], [0, 2, 1, 4], [0, 1, 2, 9], [0, 9, 2], [0, 9, 10, 2]):
         o = np.array(bad)
-        both(lambda: he.embedding_bag(idx[:4] % 3, W, o, scheme=full),
+        _same_error(lambda: he.embedding_bag(idx[:4] % 3, W, o, scheme=full),
              lambda: dev.bag(dev.put(idx[:4] % 3), dev.put(W), dev.put(o), full), ValueError)
     for o in (np.array([0, 1, 2, 3, 7]), np.array([0, 7, 2, 3, 5])):
-        both(lambda: he.embedding_bag(idx % 3, W, o, scheme=full, include_last_offset=True),
+        _same_error(lambda: he.embedding_bag(idx % 3, W, o, scheme=full, include_last_offset=True),
              lambda: dev.bag(dev.put(idx % 3), dev.put(W), dev.put(o), full, last=True),
              ValueError)
-    both(lambda: full.slots(np.array([[0, 5]])),
+    _same_error(lambda: full.slots(np.array([[0, 5]])),
          lambda: dev.slots(full, dev.put(np.array([[0, 5]]))), IndexError)
     Wp = np.zeros((6, 3), np.float32)
-    both(lambda: he.embedding(np.array([[0, 6]]), Wp),
+    _same_error(lambda: he.embedding(np.array([[0, 6]]), Wp),
          lambda: dev.embedding(dev.put(np.array([[0, 6]])), dev.put(Wp)), IndexError)
 
 
@@ -906,13 +908,6 @@ def test_edge_inputs_equal_cpu(dev):
     M, F = robe.init_weight(), full.init_weight()
     i3 = np.array([1, 2, 3])
 
-    def both(fn_cpu, fn_dev, exc):
-        with pytest.raises(exc) as a:
-            fn_cpu()
-        with pytest.raises(exc) as b:
-            fn_dev()
-        assert str(a.value) == str(b.value)
-
     one = np.array(5)
     assert dev.get(dev.slots(robe, dev.put(one))).shape == (4,)
     np.testing.assert_array_equal(dev.get(dev.slots(robe, dev.put(one))), robe.slots(one))
@@ -923,25 +918,25 @@ def test_edge_inputs_equal_cpu(dev):
     np.testing.assert_array_equal(
         dev.get(dev.embedding_backward(dev.put(np.ones(3, np.float32)), dev.put(np.array(2)), 4)),
         he.embedding_backward(np.ones(3, np.float32), np.array(2), 4))
-    both(lambda: he.embedding_bag(one, M, scheme=robe),
+    _same_error(lambda: he.embedding_bag(one, M, scheme=robe),
          lambda: dev.bag(dev.put(one), dev.put(M), None, robe), ValueError)
     big = np.array([1, 2**63 + 5], np.uint64)
-    both(lambda: he.embedding_bag(big, F, np.array([0, 1]), scheme=full),
+    _same_error(lambda: he.embedding_bag(big, F, np.array([0, 1]), scheme=full),
          lambda: dev.bag(dev.put(big), dev.put(F), dev.put(np.array([0, 1])), full), IndexError)
-    both(lambda: full.slots(big), lambda: dev.slots(full, dev.put(big)), IndexError)
+    _same_error(lambda: full.slots(big), lambda: dev.slots(full, dev.put(big)), IndexError)
     for x, o in ((i3, np.array([], np.int64)), (np.array([]), np.array([0]))):
         np.testing.assert_array_equal(
             dev.get(dev.bag(dev.put(x), dev.put(M), dev.put(o), robe)),
             he.embedding_bag(x, M, o, scheme=robe))
     for o, last in (([0, 7, 8], False), ([0, 7, 8, 9], False), ([0, 7, 8, 9], True)):
         o = np.array(o)
-        both(lambda: he.embedding_bag(i3, M, o, scheme=robe, include_last_offset=last),
+        _same_error(lambda: he.embedding_bag(i3, M, o, scheme=robe, include_last_offset=last),
              lambda: dev.bag(dev.put(i3), dev.put(M), dev.put(o), robe, last=last), ValueError)
     o = np.array([0, 2, 1, 3])
-    both(lambda: he.embedding_bags(i3, M, o, scheme=robe, num_tables=2),
+    _same_error(lambda: he.embedding_bags(i3, M, o, scheme=robe, num_tables=2),
          lambda: dev.bags(dev.put(i3), dev.put(M), dev.put(o), robe, 2), ValueError)
     o, w = np.array([0, 5]), np.ones(2, np.float32)
-    both(lambda: he.embedding_bag(i3, M, o, scheme=robe, per_sample_weights=w),
+    _same_error(lambda: he.embedding_bag(i3, M, o, scheme=robe, per_sample_weights=w),
          lambda: dev.bag(dev.put(i3), dev.put(M), dev.put(o), robe, psw=dev.put(w)), ValueError)
 
 
