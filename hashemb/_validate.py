@@ -472,6 +472,14 @@ def cli_number(kind, low=0.0, high=math.inf, closed=False):
     return parse
 
 
+def cli_refusal(parser, error, flags):
+    """Exit through ``parser.error`` with a library ``error`` ("name: ...")
+    said as the error of the flag ``flags[name]`` (a traceback otherwise)."""
+    name, _, rest = str(error).partition(": ")
+    flag = flags.get(name)
+    parser.error(f"argument {flag}: {rest}" if flag else str(error))
+
+
 def cli_ints(text):
     """An argparse type: comma-separated integers > 0, at least one."""
     parse = cli_number(int)

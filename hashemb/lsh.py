@@ -120,12 +120,12 @@ class _MinhashScheme(Scheme):
         """The scheme whose sampled tokens are ``(fields[n], tokens[n])`` with data
         row ``n`` (distinct pairs), e.g. signatures computed elsewhere."""
         fields = V._as_array(fields, "fields")
-        if fields.dtype.kind not in "iu" or (fields.size and (
-                fields.min() < 0 or fields.max() >= num_fields)):
-            raise (TypeError if fields.dtype.kind not in "iu" else ValueError)(
-                f"fields: expected integers in [0, {num_fields}), got "
-                + (f"dtype {fields.dtype}" if fields.dtype.kind not in "iu"
-                   else f"{fields.min()}..{fields.max()}"))
+        if fields.dtype.kind not in "iu":
+            raise TypeError(f"fields: expected integers in [0, {num_fields}), "
+                            f"got dtype {fields.dtype}")
+        if fields.size and (fields.min() < 0 or fields.max() >= num_fields):
+            raise ValueError(f"fields: expected integers in [0, {num_fields}), "
+                             f"got {fields.min()}..{fields.max()}")
         fields = np.ascontiguousarray(fields, np.int32)
         tokens = V.as_keys(tokens, "tokens").astype(np.int64, copy=False).view(np.uint64)
         n = tokens.shape[0]
@@ -523,12 +523,10 @@ def main(argv=None):
         scheme = (LMA.fit(X, size, args.dim, signature_size=args.signature_size, **kw)
                   if args.lma else LSHTable.fit(X, size, args.dim, **kw))
     except (ValueError, TypeError) as e:
-        # the library names its argument: said as the flag's error, not a traceback
-        name, _, rest = str(e).partition(": ")
-        flag = {"size": "--size", "dim": "--dim", "block": "--block", "seed": "--seed",
-                "num_hashes": "--num-hash", "signature_size": "--signature-size",
-                "num_points": "--num-points"}.get(name)
-        p.error(f"argument {flag}: {rest}" if flag else str(e))
+        V.cli_refusal(p, e, {"size": "--size", "dim": "--dim", "block": "--block",
+                             "seed": "--seed", "num_hashes": "--num-hash",
+                             "signature_size": "--signature-size",
+                             "num_points": "--num-points"})
     t2 = time.perf_counter()
     out = args.out or (f"lsh_{args.dim}_{args.num_hash}_{num_points}"
                        f"{'_lma' if args.lma else ''}")

@@ -71,13 +71,6 @@ class _Fused:
         state["_finalizers"] = []
         return state
 
-    def _drop(self, key):
-        """Forget the scratch and state of the weight at ``key``: a torch
-        module's array moved (``.double()``, ``load_state_dict(assign=True)``),
-        and its old memory, kept by address, held its old buffers alive."""
-        self._scratch.pop(key, None)
-        getattr(self, "state", {}).pop(key, None)
-
     @staticmethod
     def _key(weight):
         return (("cupy", weight.device.id) if is_cupy(weight) else "numpy", data_ptr(weight),

@@ -143,10 +143,10 @@ def _most_balanced(n, d):
                 break
             if m % f or f ** k < m:
                 continue
-            if best[0] is not None and reach(logs + [math.log(f)], m // f, k - 1) \
-                    < best[0][0] - 1e-11:
+            with_f = logs + [math.log(f)]
+            if best[0] is not None and reach(with_f, m // f, k - 1) < best[0][0] - 1e-11:
                 break
-            rec(m // f, k - 1, f, prefix + (f,), logs + [math.log(f)])
+            rec(m // f, k - 1, f, prefix + (f,), with_f)
 
     rec(n, d, n, (), [])
     return best[1]

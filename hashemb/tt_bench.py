@@ -167,9 +167,7 @@ def main(argv=None, be=None):
             raise ValueError(f"p: expected factors with product >= --num-embeddings = "
                              f"{args.num_embeddings}, got {args.p}")
     except (ValueError, TypeError) as e:
-        name, _, rest = str(e).partition(": ")
-        flag = {"p": "--p", "q": "--q", "tt_ranks": "--ranks"}.get(name)
-        parser.error(f"argument {flag}: {rest}" if flag else str(e))
+        V.cli_refusal(parser, e, {"p": "--p", "q": "--q", "tt_ranks": "--ranks"})
     if args.device == "gpu":
         return _main_gpu(args, be)
     from tqdm.auto import tqdm

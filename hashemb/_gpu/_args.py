@@ -119,8 +119,9 @@ def bags(be, indices, offsets, per_sample_weights, *, scheme, mode, dtype, table
         off = as_array(be, offsets, "offsets")
         V.check_offsets_array(off, T, include_last_offset)
         off = user_off = xp.ascontiguousarray(off, dtype=np.int64)
-        B = V.check_offsets_length(off.shape[0] + (T == 1 and not include_last_offset), T)
-        if T == 1 and not include_last_offset:
+        appended = T == 1 and not include_last_offset
+        B = V.check_offsets_length(off.shape[0] + appended, T)
+        if appended:
             full = xp.empty(off.shape[0] + 1, np.int64)
             full[:-1] = off
             full[-1] = idx.shape[0]
@@ -141,7 +142,7 @@ def bags(be, indices, offsets, per_sample_weights, *, scheme, mode, dtype, table
     b = Bags(idx, idx.size, off, rowlen, nper, psw, B, T, mode, has_pad, pad, shape,
              off is None and nper == 1)
     if check_bags(be, scheme, b, table0, None if off is None else user_off,
-                  getattr(indices, "dtype", None) == np.uint64):
+                  V.is_uint64(indices)):
         b = b._replace(single=True)
     return b
 

@@ -14,7 +14,7 @@ def _tokens(be, scheme, indices, table):
     flat = idx.reshape(-1)
     n = flat.shape[0]
     b = A.Bags(flat, n, None, n, n, None, 1, 1, 0, False, 0, idx.shape, False)
-    A.check_bags(be, scheme, b, table, unsigned=getattr(indices, "dtype", None) == np.uint64)
+    A.check_bags(be, scheme, b, table, unsigned=V.is_uint64(indices))
     return idx, flat, table
 
 
