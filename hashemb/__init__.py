@@ -66,7 +66,11 @@ def set_gpu_options(**options):
     >>> he.set_gpu_options(**old)["deterministic"]
     True
     """
-    from ._gpu import set_options
+    from ._gpu import OPTIONS, set_options
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise TypeError(f"options: expected some of {', '.join(sorted(OPTIONS))}, "
+                        f"got unknown {', '.join(unknown)}")
     return set_options(**options)
 
 

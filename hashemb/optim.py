@@ -52,7 +52,7 @@ class _Fused:
     the rounding stream of 16-bit (float16, bfloat16) weights."""
 
     def __init__(self, stochastic_rounding, seed):
-        self.stochastic_rounding = bool(stochastic_rounding)
+        self.stochastic_rounding = V.check_flag(stochastic_rounding, "stochastic_rounding")
         self.seed = V.check_seed(seed)
         self._calls = 0
         self._scratch = {}

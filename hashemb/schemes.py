@@ -3,6 +3,9 @@
 Each scheme is a few integers and small coefficient arrays that the C header
 hashemb/slots.h turns into run starts; the bag kernels are shared by all.
 """
+import inspect
+import math
+
 import numpy as np
 
 from . import _validate as V
@@ -137,13 +140,14 @@ class Scheme:
         starting on a 64-byte boundary (a full table's rows then start on
         cache lines).
 
-        ``scale`` defaults to ``1/sqrt(rows)`` for a FullTable (rows of its first
-        table, as torch's DLRM does) and ``1/sqrt(dim)`` for a shared array.
+        ``scale`` defaults to ``1/sqrt(rows)`` for a FullTable (each table its
+        own rows, as torch's DLRM does) and ``1/sqrt(dim)`` for a shared array.
         """
         rng = np.random.default_rng(V.check_seed(seed))
         if scale is None:
-            scale = self._default_scale()
-        scale = V.check_float(scale, "scale", nonneg=True)
+            parts = self._default_scales()
+        else:
+            parts = [(0, self.size, V.check_float(scale, "scale", nonneg=True))]
         dtype = np.dtype(dtype)
         if dtype not in (np.float32, np.float64) and not V.is16(dtype):
             raise TypeError(f"dtype: expected float16, bfloat16, float32 or float64, "
@@ -158,17 +162,16 @@ class Scheme:
             bf = V.format16(dtype)
             for a in range(0, flat.size, _INIT_CHUNK):
                 c = rng.random(min(_INIT_CHUNK, flat.size - a), dtype=np.float32)
-                c *= 2 * scale
-                c -= scale
+                _spread(c, a, parts)
                 kernels().half_round(c, flat[a:a + c.size], 0, bf)
             return w
         w = rng.random(dtype=dtype, out=aligned(self.weight_shape, dtype))  # no float64 copy
-        w *= 2 * scale
-        w -= scale
+        _spread(w.reshape(-1), 0, parts)
         return w
 
-    def _default_scale(self):
-        return 1.0 / np.sqrt(self.dim)
+    def _default_scales(self):
+        """[(first, end, scale)] over the flat array: the default init's ranges."""
+        return [(0, self.size, 1.0 / math.sqrt(self.dim))]
 
     def __eq__(self, other):
         return type(self) is type(other) and self._state() == other._state()
@@ -202,7 +205,13 @@ class Scheme:
                   "FullTable": FullTable}
         if kind not in makers:
             raise ValueError(f"config: expected type in {sorted(makers)}, got {kind!r}")
-        return makers[kind](**cfg)
+        make = makers[kind]
+        known = set(inspect.signature(make).parameters)
+        extra = sorted(set(cfg) - known)
+        if extra:
+            raise ValueError(f"config: expected the keys of a {kind} config "
+                             f"({', '.join(sorted(known))}), got unknown {', '.join(extra)}")
+        return make(**cfg)
 
     def _state(self):
         return (self._kind, self.size, self.dim, self._run, self._mod, self._signed,
@@ -272,8 +281,9 @@ class RobeZ(Scheme):
         block = _check_block(dim if block is None else block, dim)
         if size < block:
             raise ValueError(f"size: expected size >= block = {block}, got {size}")
-        self.block, self.seed, self.wrap = block, V.check_seed(seed), bool(wrap)
-        self._signed = bool(signed)
+        self.block, self.seed = block, V.check_seed(seed)
+        self.wrap = V.check_flag(wrap, "wrap")
+        self._signed = V.check_flag(signed, "signed")
         self._config = dict(type="RobeZ", size=size, dim=dim, block=block, seed=self.seed,
                             signed=self._signed, wrap=self.wrap)
         self.hash = UniversalHash(self.seed)
@@ -331,13 +341,24 @@ class _RobeReference(RobeZ):
                 f"seed={self.seed}, table_sizes={self.table_sizes})")
 
 
+def _spread(u, first, parts):
+    """u, uniform draws on [0, 1) for flat positions first.., to [-s, s] in
+    place, s the scale of the part each position is in."""
+    for a, b, scale in parts:
+        lo, hi = max(a - first, 0), min(b - first, u.shape[0])
+        if lo < hi:
+            v = u[lo:hi]
+            v *= 2 * scale
+            v -= scale
+
+
 def _set_tables(scheme, table_sizes):
     """Tables with sizes (range-checked), or one table of non-negative tokens."""
     if table_sizes is None:
         scheme.num_tables, scheme._nonneg = 1, True
         return
-    if isinstance(table_sizes, (int, np.integer)):
-        table_sizes = [table_sizes]
+    if not isinstance(table_sizes, (list, tuple, np.ndarray)):
+        table_sizes = [table_sizes]      # one size (a float fails its check by name)
     sizes = [V.check_positive_int(n, "num_embeddings", upper=1 << 62) for n in table_sizes]
     if not sizes:
         raise ValueError("num_embeddings: expected at least one table size, got []")
@@ -431,5 +452,7 @@ class FullTable(Scheme):
         """Shape of the tables stacked: ``(sum of rows, dim)``."""
         return (self.num_embeddings, self.dim)
 
-    def _default_scale(self):
-        return 1.0 / np.sqrt(self.table_sizes[0])
+    def _default_scales(self):
+        ends = np.cumsum(self.table_sizes) * self.dim
+        return [(int(e - n * self.dim), int(e), 1.0 / math.sqrt(n))
+                for n, e in zip(self.table_sizes, ends)]

@@ -61,7 +61,10 @@ def _xp(*arrays):
 
 def _vector(x, name):
     xp = _xp(x)
-    x = xp.asarray(x)
+    try:
+        x = xp.asarray(x)
+    except (ValueError, TypeError) as e:     # ragged lists and the like
+        raise TypeError(f"{name}: expected a real array, got {V._desc(x)} ({e})") from None
     if x.dtype.kind not in "fiub":
         raise TypeError(f"{name}: expected a real array, got dtype {x.dtype}")
     x = x.astype(xp.float64).reshape(-1)
@@ -300,7 +303,11 @@ def sketch(theta, m, *, block, seed=0, signed=True, wrap=True, dim=None, signs="
 def _seed_list(seeds):
     if isinstance(seeds, (int, np.integer)):
         seeds = range(V.check_positive_int(seeds, "seeds"))
-    seeds = [V.check_seed(s) for s in seeds]
+    try:
+        seeds = [V.check_int(s, "seeds", lo=0, hi=1 << 64) for s in seeds]
+    except TypeError as e:
+        raise TypeError(f"seeds: expected an int or an iterable of ints, got {V._desc(seeds)}"
+                        f" ({e})") from None
     if not seeds:
         raise ValueError("seeds: expected at least one seed, got none")
     return seeds
@@ -503,7 +510,7 @@ def monte_carlo(estimates, confidence=0.99):
     >>> mc.covers(mean=x @ x, variance=theory.inner_product_variance(x, x, 32, block=8))
     True
     """
-    v = np.asarray(estimates, np.float64).reshape(-1)
+    v = _vector(estimates, "estimates")
     if v.shape[0] < 2:
         raise ValueError(f"estimates: expected at least 2, got {v.shape[0]}")
     confidence = V.check_float(confidence, "confidence", positive=True)

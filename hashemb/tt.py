@@ -491,6 +491,8 @@ class TTCache:
         self.freq = np.zeros(size, np.int64)
         self._used = 0
         self.rows = np.zeros(0, np.int64)
+        if np.dtype(dtype) not in (np.float32, np.float64):
+            raise TypeError(f"dtype: expected float32 or float64 (the cores'), got {np.dtype(dtype)}")
         self.weight = np.zeros((self.capacity, self.dim), dtype)
 
     def __repr__(self):
@@ -527,7 +529,8 @@ class TTCache:
         if s.D != self.dim:
             raise ValueError(f"cores: expected D = prod(q) = {self.dim} (the cache's dim), "
                              f"got {s.D}")
-        n = s.n if num_embeddings is None else int(num_embeddings)
+        n = s.n if num_embeddings is None else \
+            V.check_positive_int(num_embeddings, "num_embeddings", upper=s.n + 1)
         used = (self.keys >= 0) & (self.keys < n)
         keys, freq = self.keys[used], self.freq[used]
         order = np.lexsort((keys, -freq))[:self.capacity]
@@ -787,8 +790,8 @@ def _sizes(num_embeddings, shapes):
     T = len(shapes)
     if num_embeddings is None:
         return [s.n for _, s in shapes]
-    if isinstance(num_embeddings, numbers.Integral):
-        num_embeddings = [num_embeddings]
+    if not isinstance(num_embeddings, (list, tuple, np.ndarray)):
+        num_embeddings = [num_embeddings]      # one size (a float fails its check by name)
     if len(num_embeddings) != T:
         raise ValueError(f"num_embeddings: expected {T} sizes (one per table), "
                          f"got {len(num_embeddings)}")
@@ -1083,6 +1086,8 @@ def tt_embedding_bags(indices, tables, offsets=None, *, mode="sum", per_sample_w
     >>> he.tt_embedding_bags(np.array([[1, 2], [3, 4], [5, 6]]), [t0, t1]).shape
     (3, 24)
     """
+    include_last_offset = V.check_flag(include_last_offset, "include_last_offset")
+    return_saved = V.check_flag(return_saved, "return_saved")
     if _on_gpu(tables[0] if _single else tables, _single, indices=indices, offsets=offsets,
                per_sample_weights=per_sample_weights):
         from ._gpu import tt as G
@@ -1120,6 +1125,7 @@ def tt_embedding_bags_backward(grad_output, indices, tables, offsets=None, *, mo
     >>> [len(x) for x in g]
     [2, 3]
     """
+    include_last_offset = V.check_flag(include_last_offset, "include_last_offset")
     if _on_gpu(tables[0] if _single else tables, _single, grad_output=grad_output,
                indices=indices, offsets=offsets, per_sample_weights=per_sample_weights):
         from ._gpu import tt as G

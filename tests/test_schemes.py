@@ -210,10 +210,24 @@ def test_init_weight_and_optimizer_state_start_on_a_cache_line(scheme):
         assert w.ctypes.data % 64 == 0 and w.shape == scheme.weight_shape and w.dtype == dtype
         assert w.flags.c_contiguous and w.flags.writeable
         if dtype in (np.float32, np.float64):
-            rng = np.random.default_rng(7)
-            scale = np.float64(scheme._default_scale()).astype(dtype)
-            want = rng.random(scheme.weight_shape, dtype=dtype) * (2 * scale) - scale
+            # each full table its own 1/sqrt(rows) (DLRM's init), a shared
+            # array 1/sqrt(dim)
+            want = np.random.default_rng(7).random(scheme.weight_shape, dtype=dtype)
+            if isinstance(scheme, he.FullTable):
+                first = np.cumsum([0] + scheme.table_sizes)
+                parts = [(a, b, 1 / np.sqrt(b - a)) for a, b in zip(first[:-1], first[1:])]
+            else:
+                parts = [(0, want.shape[0], 1 / np.sqrt(scheme.dim))]
+            for a, b, scale in parts:
+                scale = np.float64(scale).astype(dtype)
+                want[a:b] = want[a:b] * (2 * scale) - scale
             np.testing.assert_array_equal(w, want)
+        else:
+            # 16-bit: the same ranges, each filled to near its edge
+            v = w.astype(np.float32).reshape(scheme.weight_shape)
+            if isinstance(scheme, he.FullTable):
+                assert 0.95 / np.sqrt(1000) < np.abs(v[:1000]).max() <= 1.001 / np.sqrt(1000)
+                assert 0.95 / np.sqrt(77) < np.abs(v[1000:]).max() <= 1.001 / np.sqrt(77)
         opt = he.Adagrad(0.1)
         state = opt._state(w, w.size)
         assert state.ctypes.data % 64 == 0 and not state.any()

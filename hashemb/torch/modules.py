@@ -103,7 +103,7 @@ class HashEmbeddingBag(nn.Module):
         V.check_mode(mode)
         self.table = V.check_table(table, scheme)
         self.mode, self.padding_idx = mode, padding_idx
-        self.include_last_offset = bool(include_last_offset)
+        self.include_last_offset = V.check_flag(include_last_offset, "include_last_offset")
         self._build(scheme, make_optimizer(optimizer, lr, eps))
         check_optimizer(self._lookup.optimizer, scheme, mode)
         kind = optimizer_name(self._lookup.optimizer)

@@ -124,7 +124,7 @@ class TTEmbeddingBagCollection(nn.Module):
             raise ValueError("num_embeddings: expected at least one table size, got []")
         self.embedding_dim = V.check_positive_int(embedding_dim, "embedding_dim", upper=1 << 20)
         self.mode = _tt._check_mode(mode)
-        self.sparse = bool(sparse)
+        self.sparse = V.check_flag(sparse, "sparse")
         self.learning_rate, self.eps = learning_rate, eps
         self._opt = make_optimizer(optimizer, learning_rate, eps)
         self.optimizer = optimizer if isinstance(optimizer, str) else type(optimizer).__name__.lower()
@@ -154,7 +154,7 @@ class TTEmbeddingBagCollection(nn.Module):
             self.tt_q_shapes.append(q)
             for c in _tt.tt_init(n, p, q, self.tt_ranks, weight_dist, seed=seed + t, dtype=ndt):
                 self.tt_cores.append(nn.Parameter(torch.from_numpy(c)))
-        self.use_cache = bool(use_cache)
+        self.use_cache = V.check_flag(use_cache, "use_cache")
         self.cache_size = V.check_int(cache_size, "cache_size", lo=0, hi=1 << 40)
         self.hashtbl_size = V.check_int(hashtbl_size, "hashtbl_size", lo=0, hi=1 << 40)
         self._cache_objs = None
@@ -421,7 +421,7 @@ class TTEmbeddingBag(TTEmbeddingBagCollection):
         super().__init__([num_embeddings], embedding_dim, tt_ranks, tt_p_shapes, tt_q_shapes,
                          sparse, optimizer, learning_rate, eps, use_cache, cache_size,
                          hashtbl_size, weight_dist, mode, None, seed, dtype)
-        self.include_last_offset = bool(include_last_offset)
+        self.include_last_offset = V.check_flag(include_last_offset, "include_last_offset")
         self.tt_p_shapes, self.tt_q_shapes = self.tt_p_shapes[0], self.tt_q_shapes[0]
 
     @property
