@@ -132,7 +132,7 @@ class EmuBackend:
     def ptr(self, a):
         return a.ctypes.data
 
-    def to_device(self, host):
+    def to_device(self, host, kept=False):
         return np.array(host, copy=True)    # new memory: pointer patching is exercised
 
     def to_host(self, a):

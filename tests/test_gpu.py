@@ -295,6 +295,29 @@ def test_gpu_summary_reads_a_saved_run(tmp_path, capsys):
     assert "unreadable" in capsys.readouterr().out
 
 
+def test_cached_uploads_wait_for_their_stream():
+    """A buffer kept for later calls (scheme structs, bounds, layouts, hash
+    coefficients) is uploaded asynchronously on the current stream; a call
+    on another stream could read it half-written, so its upload is waited
+    for. A per-call upload is not (the launch follows on the same stream)."""
+    import types
+    waits = []
+    stream = types.SimpleNamespace(synchronize=lambda: waits.append(1))
+    be = object.__new__(RT.CupyBackend)
+    be.xp = types.SimpleNamespace(asarray=lambda a: np.array(a), cuda=types.SimpleNamespace(
+        get_current_stream=lambda: stream, runtime=types.SimpleNamespace(getDevice=lambda: 0)))
+    be.key = "fake"
+    np.testing.assert_array_equal(be.to_device(np.arange(3)), np.arange(3))
+    assert waits == []
+    be.to_device(np.arange(3), kept=True)
+    assert waits == [1]
+    full = he.FullTable([5, 7], 4)
+    waits.clear()
+    RT.scheme_bounds(be, full, 0, 2)
+    RT.scheme_bounds(be, full, 0, 2)        # cached: no second upload
+    assert waits == [1]
+
+
 def test_device_of_switches_device_only_when_needed():
     """A call on the current device enters a context that does nothing (no
     Device object, no setDevice in and out); another device is switched to."""

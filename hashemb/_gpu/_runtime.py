@@ -184,8 +184,15 @@ class CupyBackend:
     def ptr(self, a):
         return a.data.ptr
 
-    def to_device(self, host):
-        return self.xp.asarray(host)
+    def to_device(self, host, kept=False):
+        """A device copy of ``host``. ``kept``: a buffer cached and read by
+        later calls on any stream; CuPy's upload is asynchronous on the
+        current one, so it is waited for (once per buffer) before another
+        stream can see it."""
+        a = self.xp.asarray(host)
+        if kept:
+            self.xp.cuda.get_current_stream().synchronize()
+        return a
 
     def to_host(self, a):
         return self.xp.asnumpy(a)
@@ -368,7 +375,7 @@ def scheme_struct(be, scheme):
         fields = view.pointer_fields()
         arrays = [be.to_device(np.ascontiguousarray(a)) for _, a in fields]
         raw = patch_struct(view.struct_bytes(), fields, [be.ptr(a) for a in arrays])
-        return be.to_device(np.frombuffer(raw, np.uint8).copy()), arrays
+        return be.to_device(np.frombuffer(raw, np.uint8).copy(), kept=True), arrays
     return _cached(be, scheme, "struct", make)[0]
 
 
@@ -378,7 +385,7 @@ def scheme_bounds(be, scheme, table0, T):
     per-call sizes object, which has no kernel view, is uploaded each time)."""
     def make():
         h = scheme._bounds(table0, T)
-        return None if h is None else be.to_device(h)
+        return None if h is None else be.to_device(h, kept=True)
     if not hasattr(scheme, "_view"):
         return make()
     return _cached(be, scheme, ("bounds", table0, T), make)

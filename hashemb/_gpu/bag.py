@@ -362,9 +362,10 @@ class _Runner:
         """A full table's two-phase step summed per row, with no scratch the
         size of the table: one (row, scale, gradient row) key per entry
         (bag_row_keys), a stable sort by row, then each row summed in entry
-        order and moved once (seg_rows: row-wise Adagrad, Adagrad, or SGD
-        of 16-bit storage). Deterministic, and bitwise the CPU's per-row
-        step (_rows_owned)."""
+        order, a thread per (row, element), and moved once (seg_rows:
+        Adagrad, or SGD of 16-bit storage; row-wise Adagrad keeps the sums,
+        n*D values, for seg_rows_apply's square sum). Deterministic, and
+        bitwise the CPU's per-row step (_rows_owned)."""
         if self.empty:
             return
         xp, b, D = self.be.xp, self.b, self.scheme.dim
@@ -384,11 +385,17 @@ class _Runner:
                            i64(b.pad), keys, vals, grow])
         order = self.be.stable_argsort(keys)
         keys, vals, grow = keys[order], vals[order], grow[order]
-        self.be.launch("segment", f"seg_rows<{self.R}{_storage(w)}>", self.n,
+        S = _storage(w)
+        lr, eps = self._scalar(optimizer.lr), self._scalar(getattr(optimizer, "eps", 0.0))
+        seed = _i64_bits(optimizer._round_seed(w))
+        # row-wise Adagrad: each row's sums, D a position (read at a row's first)
+        acc = xp.empty(self.n * D, self.dtype) if rule == 2 else vals
+        self.be.launch("segment", f"seg_rows<{self.R}{S}>", self.n * D,
                        [keys, vals, grow, i64(self.n), self.g, i64(D), w,
-                        state if state is not None else vals, self._scalar(optimizer.lr),
-                        self._scalar(getattr(optimizer, "eps", 0.0)), i64(rule),
-                        _i64_bits(optimizer._round_seed(w))])
+                        state if state is not None else vals, lr, eps, i64(rule), seed, acc])
+        if rule == 2:
+            self.be.launch("segment", f"seg_rows_apply<{self.R}{S}>", self.n,
+                           [keys, i64(self.n), acc, i64(D), w, state, lr, eps, seed])
 
     def _apply(self, w, scratch, state, lr, eps, rule, seed):
         """The apply pass (he_apply: rule 1 Adagrad, 0 SGD; seed: 16-bit

@@ -19,7 +19,7 @@ def _device_layout(be, layout):
     hit = _LAYOUTS.get(key)
     if hit is None:
         ctab = np.repeat(np.arange(dims.shape[0], dtype=np.int32), dims)
-        hit = tuple(be.to_device(a) for a in (base, dims, cols, sizes, ctab))
+        hit = tuple(be.to_device(a, kept=True) for a in (base, dims, cols, sizes, ctab))
         if len(_LAYOUTS) > 256:
             _LAYOUTS.clear()
         _LAYOUTS[key] = hit

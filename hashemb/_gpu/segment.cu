@@ -86,51 +86,66 @@ __global__ void adagrad_sweep(S* __restrict__ w, R* __restrict__ scratch, R* __r
 
 /*
  * A full table's two-phase step from bag_row_keys' pairs, sorted stably by
- * key (HE_NO_SLOT last): the thread at the first position of each row sums
- * each element's contributions vals[e] * grad[grow[e] + i] in entry order,
- * from the first (the CPU's _rows_owned: the same sums, the same bits), and
- * moves the row once, each element with a non-zero sum: rule 2 row-wise
- * Adagrad (he_row_mult: the state is one value per row; the sums are
- * formed twice, the same both times, to keep no row in registers), else
- * he_apply (rule 1 Adagrad, 0 SGD; seed: 16-bit rounding). No scratch the
- * size of the table, and deterministic whatever the thread order.
+ * key (HE_NO_SLOT last), one thread per (position k, element i): the thread
+ * of a row's first position sums element i's contributions
+ * vals[e] * grad[grow[e] + i] in entry order, from the first (the CPU's
+ * _rows_owned: the same sums, the same bits). A row's D elements run as D
+ * threads whose reads of a gradient row are one coalesced line: a hot row
+ * (one category in half of a 65536 batch: 32768 entries) costs its entry
+ * count in dependent loads, not D times that twice over in one thread.
+ * Rules 1 (Adagrad) and 0 (SGD of 16-bit storage; seed: rounding) move the
+ * element where its sum is non-zero (he_apply). Rule 2 (row-wise Adagrad)
+ * writes the sum to acc[k * D + i]; seg_rows_apply then forms the row's
+ * square sum in element order and moves it. No scratch the size of the
+ * table, and deterministic whatever the thread order.
  */
 template <typename R, typename S = R>
 __global__ void seg_rows(const int64_t* __restrict__ keys, const R* __restrict__ vals,
                          const int64_t* __restrict__ grow, i64 n, const R* __restrict__ grad,
                          i64 D, S* __restrict__ w, R* __restrict__ state, R lr, R eps, i64 rule,
-                         i64 seed)
+                         i64 seed, R* __restrict__ acc)
+{
+    const i64 t = he_tid();
+    if (t >= n * D)
+        return;
+    const i64 k = t / D, i = t - k * D;
+    if (!he_run_head(keys, k, n))
+        return;
+    const int64_t key = keys[k];
+    R a = vals[k] * grad[grow[k] + i];
+    for (i64 e = k + 1; e < n && keys[e] == key; e++)
+        a += vals[e] * grad[grow[e] + i];
+    if (rule == 2)
+        acc[t] = a;
+    else if (a != (R)0)
+        he_apply(w, state, (i64)((uint64_t)key + (uint64_t)i), a, lr, eps, rule, seed);
+}
+
+/*
+ * Row-wise Adagrad's move from seg_rows' sums (acc, D per position; only a
+ * row's first position is read): the thread of that position adds the
+ * squares in element order (in double, as the CPU), updates the row's state
+ * once (he_row_mult) and moves every element with a non-zero sum.
+ */
+template <typename R, typename S = R>
+__global__ void seg_rows_apply(const int64_t* __restrict__ keys, i64 n,
+                               const R* __restrict__ acc, i64 D, S* __restrict__ w,
+                               R* __restrict__ state, R lr, R eps, i64 seed)
 {
     const i64 k = he_tid();
     if (!he_run_head(keys, k, n))
         return;
-    const int64_t key = keys[k];
-    i64 e1 = k + 1;
-    while (e1 < n && keys[e1] == key)
-        e1++;
-    const uint64_t st = (uint64_t)key;
-    double mult = 0;
-    for (int pass = rule == 2 ? 0 : 1; pass < 2; pass++) {
-        double ss = 0;
-        for (i64 i = 0; i < D; i++) {
-            R acc = vals[k] * grad[grow[k] + i];
-            for (i64 e = k + 1; e < e1; e++)
-                acc += vals[e] * grad[grow[e] + i];
-            if (pass == 0)
-                ss += (double)acc * (double)acc;
-            else if (acc != (R)0) {
-                if (rule == 2)
-                    he_row_move(w, st + (uint64_t)i, mult * (double)acc, seed);
-                else
-                    he_apply(w, state, (i64)(st + (uint64_t)i), acc, lr, eps, rule, seed);
-            }
-        }
-        if (pass == 0) {
-            if (ss == 0)
-                return;
-            mult = he_row_mult(state + st / (uint64_t)D, ss, D, lr, eps);
-        }
-    }
+    const R* a = acc + k * D;
+    double ss = 0;
+    for (i64 i = 0; i < D; i++)
+        ss += (double)a[i] * (double)a[i];
+    if (ss == 0)
+        return;
+    const uint64_t st = (uint64_t)keys[k];
+    const double mult = he_row_mult(state + st / (uint64_t)D, ss, D, lr, eps);
+    for (i64 i = 0; i < D; i++)
+        if (a[i] != (R)0)
+            he_row_move(w, st + (uint64_t)i, mult * (double)a[i], seed);
 }
 
 HE_KERNEL(seg_apply<float>)
@@ -145,3 +160,7 @@ HE_KERNEL(seg_rows<float>)
 HE_KERNEL(seg_rows<double>)
 HE_KERNEL(seg_rows<float, unsigned short>)
 HE_KERNEL(seg_rows<float, he_bf16>)
+HE_KERNEL(seg_rows_apply<float>)
+HE_KERNEL(seg_rows_apply<double>)
+HE_KERNEL(seg_rows_apply<float, unsigned short>)
+HE_KERNEL(seg_rows_apply<float, he_bf16>)

@@ -46,7 +46,7 @@ def _coef(be, h, part):
     key = (be.key, be.current_device(), part)
     if key not in cache:
         c = h.coef[:4] if part == "hash" else h.coef[4:]
-        cache[key] = be.to_device(np.ascontiguousarray(c))
+        cache[key] = be.to_device(np.ascontiguousarray(c), kept=True)
     return cache[key]
 
 

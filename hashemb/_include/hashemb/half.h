@@ -24,7 +24,11 @@
  * uses the hardware conversion instructions for float16, which are exact
  * and round to nearest even too; the CPU's F16C / AVX2 paths (taken where
  * the machine has them, he_x86) do the same float16 arithmetic eight lanes
- * at a time. So the results are bitwise the same everywhere. */
+ * at a time. So the results are bitwise the same everywhere, with one
+ * exception: CuPy compiles every kernel with -ftz=true, so on the device a
+ * float32 subnormal (below 2^-126) reads as 0, and bfloat16 shares float32's
+ * exponent range: a bfloat16 weight that small reads as 0 there, and an
+ * update that small moves it differently (README, GPU backend). */
 #ifndef HASHEMB_HALF_H
 #define HASHEMB_HALF_H
 
