@@ -24,15 +24,15 @@ _ROUNDING = """
         Seed of those bits."""
 
 
-def _zeros(weight, size):
+def _zeros(weight, size, sparse=False):
     """A zeroed accumulator or scratch for ``weight``, in the dtype the
     kernels compute in: on the device for a CuPy weight, else starting on a
     64-byte boundary like hashemb's weights (the same slot of both then
-    shares its position in a cache line)."""
+    shares its position in a cache line). ``sparse``: see aligned."""
     dtype = V.compute_dtype(weight.dtype)
     if is_cupy(weight):
         return array_module(weight).zeros(size, dtype)
-    return aligned(size, dtype, zero=True)
+    return aligned(size, dtype, zero=True, sparse=sparse)
 
 
 def _forget(opt, name, key, value):
@@ -102,7 +102,8 @@ class _Fused:
         key = self._key(weight)
         s = self._scratch.get(key)
         if s is None:
-            s = self._keep("_scratch", key, weight, _zeros(weight, weight.size))
+            # (cleared as applied: mostly zeros between and during steps)
+            s = self._keep("_scratch", key, weight, _zeros(weight, weight.size, sparse=True))
         return s
 
     def _round_seed(self, weight):

@@ -47,13 +47,14 @@ def run(body):
     assert ok > 0 and err > 0, res.stdout
 
 
-def outputs_by_threads(code, counts=("1", "2", "3")):
+def outputs_by_threads(code, counts=("1", "2", "3"), **env_extra):
     """{thread count: what ``code`` prints} with OMP_NUM_THREADS at each count,
     each in a fresh process (the thread count is fixed at start-up): tests
-    that a result is the same bits on any thread count compare these."""
+    that a result is the same bits on any thread count compare these.
+    ``env_extra``: more of the environment (OMP_THREAD_LIMIT=...)."""
     outs = {}
     for n in counts:
-        env = dict(os.environ, OMP_NUM_THREADS=n)
+        env = dict(os.environ, OMP_NUM_THREADS=n, **env_extra)
         outs[n] = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                                  text=True, check=True).stdout
     return outs

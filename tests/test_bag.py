@@ -1030,6 +1030,57 @@ def test_arrays_past_two_to_the_32_elements(dtype):
 
 
 
+_TEAM_CODE = """
+import hashlib, numpy as np, hashemb as he
+rng = np.random.default_rng(0)
+h = lambda a: hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest()[:16]
+X = rng.integers(0, 2**40, size=(2048, 4))
+g = rng.standard_normal((2048, 64)).astype(np.float32)
+print(h(he.embedding_bag_backward(g[:, :16], X, scheme=he.RobeZ(50_000, 16),
+                                  mode="max", weight=he.RobeZ(50_000, 16).init_weight())))
+print(h(he.embedding_bags_backward(g, X, scheme=he.HashedNet(50_000, 16), num_tables=4)))
+for s in (he.RobeZ(50_000, 16, signed=True), he.HashedNet(2_000_000, 16)):
+    M = s.init_weight(seed=1)       # Adagrad: a sweep of a small array; a walk of a large one
+    he.embedding_bags_backward(g, X, scheme=s, num_tables=4, weight=M, optimizer=he.Adagrad(0.1))
+    print(h(M))
+I = rng.integers(0, 1000, size=4096)
+print(h(he.embedding_backward(rng.standard_normal((4096, 64)).astype(np.float32), I, 1000)))
+"""
+
+
+def test_a_smaller_thread_team_than_asked_still_covers_every_slot():
+    """OpenMP may start fewer threads than a region asks for
+    (OMP_THREAD_LIMIT, OMP_DYNAMIC on a loaded machine, a call from inside
+    a parallel region): the backward paths that split the array's slots by
+    thread id (max mode, signed and element-wise schemes, Adagrad's apply,
+    FastEmbedding's columns) split them by the team they got. They had
+    split by the count asked for, and a team of 2 for 4 dropped half the
+    updates (a max-mode gradient kept 20,396 of 72,100 entries)."""
+    one = fuzzing.outputs_by_threads(_TEAM_CODE, ("1",))["1"]
+    short = fuzzing.outputs_by_threads(_TEAM_CODE, ("4",), OMP_THREAD_LIMIT="2")["4"]
+    assert short == one
+
+
+def test_a_wrapped_run_longer_than_a_thread_range_moves_every_slot():
+    """A run that wraps past the end of the array puts its tail at the
+    start; when the run is longer than one thread's slot range (wide rows,
+    many threads), the tail spans several ranges, and every one must take
+    it (only the first did: 46,122 of 65,536 slots moved at 16 threads)."""
+    D, m = 65536, 600_000
+    robe = he.RobeZ(m, D, seed=0)
+    tok = next(x for x in range(100_000) if robe.slots(np.array([x]))[0, 0] > m - 20_000)
+    old = he.set_num_threads(16)
+    try:
+        for dtype, opt in ((np.float32, he.Adagrad(0.1)),
+                           (np.float16, he.SGD(0.1, stochastic_rounding=False))):
+            W = np.zeros(m, dtype)
+            he.embedding_bag_backward(np.ones((1, D), np.float32), np.array([[tok]]),
+                                      scheme=robe, weight=W, optimizer=opt)
+            assert np.count_nonzero(W) == D, dtype
+    finally:
+        he.set_num_threads(old)
+
+
 def test_forked_child_runs_kernels_after_the_parent_did():
     """GCC's OpenMP thread pool does not survive fork: a child (a DataLoader
     worker, a multiprocessing pool) that called a kernel after the parent
@@ -1066,3 +1117,37 @@ def test_forked_child_runs_kernels_after_the_parent_did():
         he.set_num_threads(old)
     with pytest.raises(ValueError, match="n: expected 1 <= n"):
         he.set_num_threads(0)
+
+
+def _vm_flags(address):
+    """The VmFlags of the mapping holding ``address`` (Linux), or None."""
+    try:
+        lines = open("/proc/self/smaps").read().splitlines()
+    except OSError:
+        return None
+    inside = False
+    for line in lines:
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "VmFlags:":
+            return line.split()[1:]
+    return None
+
+
+def test_a_large_scratch_is_mapped_without_huge_pages():
+    """The two-phase step's scratch is mostly zeros, written a few slots a
+    step; NumPy asks for transparent huge pages on large arrays, which made
+    each scattered write fault in 2 MB (a 1 GB array's scratch was all
+    resident after one step of 1024 rows). A large one now maps with
+    MADV_NOHUGEPAGE ("nh"), zeroed and 64-byte aligned; a small one is
+    NumPy's."""
+    big = np.zeros(4 << 20, np.float32)             # 16 MB
+    s = he.Adagrad(0.1).scratch_for(big)
+    flags = _vm_flags(s.ctypes.data)
+    if flags is None:
+        pytest.skip("no /proc/self/smaps")
+    assert "nh" in flags and s.ctypes.data % 64 == 0 and not s.any() and s.flags.writeable
+    small = he.Adagrad(0.1).scratch_for(np.zeros(1000, np.float32))
+    assert small.shape == (1000,) and not small.any()

@@ -646,6 +646,10 @@ cdef extern from "hashemb/optim.h" nogil:
                              double mult, uint64_t seed, int bf) noexcept
 
 
+cdef extern from "hashemb/openmp.h" nogil:
+    int he_num_threads() noexcept
+
+
 cdef extern from "hashemb/stream.h" nogil:
     int64_t HE_STREAM_BYTES
     void he_stream_f(float* dst, const float* src, int64_t n) noexcept
@@ -1798,8 +1802,9 @@ cdef inline uint64_t _owners(const he_scheme* s, const uint64_t* pre, int64_t j,
     for k in range(s.runs):
         st = pre[j * s.runs + k]
         end = st + <uint64_t>s.run - 1
-        if end >= m:            # wraps: its tail is in the first range (m >= 4096 nt)
-            mask |= 1
+        if end >= m:            # wraps: its tail [0, end - m] may span several ranges
+            for r in range(_owner(end - m, lo, nt) + 1):
+                mask |= (<uint64_t>1) << r
             end = m - 1
         r1 = _owner(end, lo, nt)
         for r in range(_owner(st, lo, nt), r1 + 1):
@@ -2105,7 +2110,7 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
     cdef const index_t* ip = &indices[0] if indices.shape[0] else NULL
     cdef const real* pp = &psw[0] if psw.shape[0] else NULL
     cdef int64_t* win = NULL
-    cdef int nt = he_max_threads(), tid
+    cdef int nt = he_max_threads(), tid, nteam
     cdef int64_t lo, hi, slot
     cdef uint64_t m = s.size
     cdef bint sweep
@@ -2230,8 +2235,9 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
             return
     with nogil, parallel(num_threads=nt):
         tid = threadid()
-        lo = <int64_t>_range_lo(m, tid, nt)
-        hi = <int64_t>_range_lo(m, tid + 1, nt)
+        nteam = he_num_threads()      # the team may be smaller than nt
+        lo = <int64_t>_range_lo(m, tid, nteam)
+        hi = <int64_t>_range_lo(m, tid + 1, nteam)
         if chunked:
             for t in range(T):
                 tt = he_table_term(s, table0 + t)
@@ -2270,8 +2276,6 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
                                            sp if adagrad else tp, NULL, 0, NULL, NULL, 0, 0,
                                            <int64_t>_range_lo(m, q, parts),
                                            <int64_t>_range_lo(m, q + 1, parts), ACT_ADD, buf)
-            if adagrad and parts == nt:     # (one range: after the region, below)
-                _apply_range(tp, hp, bf, sp + lo, stp, lo, hi, <real>alpha, <real>eps, seed)
         elif adagrad:
             _backward_part(s, ip, &offsets[0], pp, &grad[0, 0], grad.shape[1], B, T,
                            table0, mode, win, 1, sp, NULL, 0, NULL, NULL, 0, 0,
@@ -2286,7 +2290,7 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
             _backward_part(s, ip, &offsets[0], pp, &grad[0, 0], grad.shape[1], B, T,
                            table0, mode, win, <real>alpha, tp,
                            NULL, 0, NULL, NULL, 0, 0, lo, hi, ACT_ADD, pre)
-    if chunked and adagrad and parts != nt:
+    if chunked and adagrad:
         # the pranges above end without a barrier (each begins with one): a
         # thread may apply a range only once the one range's adds are done
         with nogil:

@@ -215,8 +215,8 @@ static int64_t he_embed_scatter(const R* grad, const I* idx, int64_t N, int64_t 
         nt = (int)(lines < nt ? lines : nt);
 #pragma omp parallel num_threads(nt)
         {
-            const int64_t tid = he_thread_num();
-            int64_t lo = lines * tid / nt * HE_EMBED_LINE, hi = lines * (tid + 1) / nt * HE_EMBED_LINE;
+            const int64_t tid = he_thread_num(), nth = he_num_threads();
+            int64_t lo = lines * tid / nth * HE_EMBED_LINE, hi = lines * (tid + 1) / nth * HE_EMBED_LINE;
             lo = lo < total ? lo : total;
             hi = hi < total ? hi : total;
             for (int64_t n = 0; n < N; n++)
@@ -231,8 +231,8 @@ static int64_t he_embed_scatter(const R* grad, const I* idx, int64_t N, int64_t 
     } else if (nt > 1 && S >= (int64_t)nt * HE_EMBED_LINE) {
 #pragma omp parallel num_threads(nt)
         {
-            const int64_t tid = he_thread_num();
-            const int64_t lo = S * tid / nt, hi = S * (tid + 1) / nt;
+            const int64_t tid = he_thread_num(), nth = he_num_threads();
+            const int64_t lo = S * tid / nth, hi = S * (tid + 1) / nth;
             for (int64_t n = 0; n < N; n++)
                 for (int64_t t = 0; t < T; t++) {
                     int64_t r0 = base[t] + (int64_t)idx[n * T + t] * dims[t];
