@@ -1,5 +1,6 @@
 """Fused optimizers: passed as ``optimizer=`` to a backward, they update the
 array in place in the same pass, with no full-size gradient returned."""
+import threading
 import weakref
 
 import numpy as np
@@ -23,6 +24,8 @@ _ROUNDING = """
     seed : int
         Seed of those bits."""
 
+
+_CALLS_LOCK = threading.Lock()
 
 def _zeros(weight, size, sparse=False):
     """A zeroed accumulator or scratch for ``weight``, in the dtype the
@@ -111,8 +114,10 @@ class _Fused:
         16-bit weight is rounded stochastically; a new one per call."""
         if not V.is16(weight.dtype) or not self.stochastic_rounding:
             return 0
-        self._calls += 1
-        z = (self.seed * 0x9E3779B97F4A7C15 + self._calls * 0xD1B54A32D192ED03) & _MASK
+        with _CALLS_LOCK:       # threads sharing the optimizer: one number each
+            self._calls += 1
+            calls = self._calls
+        z = (self.seed * 0x9E3779B97F4A7C15 + calls * 0xD1B54A32D192ED03) & _MASK
         z = ((z ^ (z >> 29)) * 0xBF58476D1CE4E5B9) & _MASK
         return (z ^ (z >> 32)) or 1
 
