@@ -141,11 +141,20 @@ class Scheme:
         cache lines).
 
         ``scale`` defaults to ``1/sqrt(rows)`` for a FullTable (each table its
-        own rows, as torch's DLRM does) and ``1/sqrt(dim)`` for a shared array.
+        own rows, as torch's DLRM does) and ``1/sqrt(dim)`` for a shared array;
+        a FullTable of several tables also takes one scale per table.
         """
         rng = np.random.default_rng(V.check_seed(seed))
         if scale is None:
             parts = self._default_scales()
+        elif isinstance(scale, (list, tuple, np.ndarray)):
+            parts = self._default_scales()
+            if not isinstance(self, FullTable) or len(scale) != len(parts):
+                raise ValueError(f"scale: expected a number{', or ' if isinstance(self, FullTable) else ''}"
+                                 f"{f'{len(parts)} (one per table)' if isinstance(self, FullTable) else ''}, "
+                                 f"got {len(scale)} values")
+            parts = [(a, b, V.check_float(x, "scale", nonneg=True))
+                     for (a, b, _), x in zip(parts, scale)]
         else:
             parts = [(0, self.size, V.check_float(scale, "scale", nonneg=True))]
         dtype = np.dtype(dtype)

@@ -395,6 +395,19 @@ def test_hashing_trick_uses_hashed_rows():
             np.testing.assert_array_equal(out[b, 4 * t:4 * t + 4], W[base + h])
 
 
+def test_hashing_trick_rows_start_as_the_full_tables_rows():
+    """A hashed row starts as its full table's rows do, U(+-1/sqrt(n_t)):
+    a table hashed to one row had drawn +-1 (or every table took the first
+    table's rows' scale) and sent the DLRM demo's training to NaN."""
+    sizes = [5000, 40, 3]
+    emb = HashingTrickEmbeddingBagCollection(sizes, 64, compression=50, seed=1)
+    W = emb.weight.detach().numpy()
+    first = np.cumsum([0] + emb.rows)
+    for t, n in enumerate(sizes):
+        part = np.abs(W[first[t]:first[t + 1]])
+        assert 0.9 / np.sqrt(n) < part.max() <= 1 / np.sqrt(n)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_lazy_negative_views_are_read_as_their_values(dtype):
     # torch._neg_view sets a bit instead of negating; .numpy() refuses such a

@@ -115,7 +115,8 @@ class HashEmbeddingBag(nn.Module):
             raise TypeError(f"dtype: expected torch.float32, torch.float64, "
                             f"torch.float16 or torch.bfloat16, got {dtype}")
         if _weight is None:
-            w = as_tensor(scheme.init_weight(seed=init_seed, dtype=np_dtype))
+            w = as_tensor(scheme.init_weight(seed=init_seed, dtype=np_dtype,
+                                             scale=self._init_scale()))
         else:
             # copied, in dtype when one is given (it was ignored: a float16
             # module given float32 values stored them in float32)
@@ -156,6 +157,10 @@ class HashEmbeddingBag(nn.Module):
         self.scheme = scheme
         self._lookup = Lookup(scheme, self.num_tables, self.table, self.mode,
                               self.padding_idx, optimizer)
+
+    def _init_scale(self):
+        """init_weight's scale (None: the scheme's default)."""
+        return None
 
     def _bind_state(self):
         opt = self._lookup.optimizer
@@ -570,6 +575,12 @@ class HashingTrickEmbeddingBagCollection(HashEmbeddingBagCollection):
         self.num_embeddings, self.embedding_dim = sizes, embedding_dim
         self.hash = UniversalHash(seed)
         super().__init__(FullTable(self.rows, embedding_dim), len(sizes), mode=mode, **kwargs)
+
+    def _init_scale(self):
+        # each row as the full model draws its table's rows, 1/sqrt(n_t) (a
+        # table's hashed rows' own count, 1 for a small table, drew +-1 and
+        # sent the DLRM demo's training to NaN)
+        return [1 / math.sqrt(n) for n in self.num_embeddings]
 
     def get_extra_state(self):
         return dict(super().get_extra_state(), hash_seed=self.hash.seed, rows=self.rows)
