@@ -699,3 +699,38 @@ def test_module_input_on_another_device_is_a_type_error():
     idx = torch.tensor([1, 2], device="meta")
     with pytest.raises(TypeError, match=r"^input: expected a tensor on cpu \(the cores' device\)"):
         emb(idx, torch.tensor([0, 2], device="meta"))
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_module_differentiates_the_cores_its_forward_read(use_cache):
+    """functional_call's replacement cores: forward reads them, and backward
+    gives their gradients (it had read the module's own cores back, which
+    functional_call restores before backward: wrong gradients); a core
+    changed in place between forward and backward is refused, as torch
+    refuses it for its own functions."""
+    import copy
+    torch.manual_seed(0)
+    m = TTEmbeddingBag(1000, 8, [4, 4], use_cache=use_cache, cache_size=8,
+                       dtype=torch.float64)
+    x = torch.randint(0, 1000, (6, 2))
+    if use_cache:
+        m(x)                    # counts, then cache the most used rows
+        m.cache_populate()
+    ref = copy.deepcopy(m)
+    new = {n: (p.detach() * 2).requires_grad_() for n, p in m.named_parameters()}
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.mul_(2)
+    out = torch.func.functional_call(m, new, (x,))
+    want = ref(x)
+    torch.testing.assert_close(out, want)
+    (out ** 2).sum().backward()
+    (want ** 2).sum().backward()
+    for (name, p), q in zip(new.items(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    assert all(p.grad is None for p in m.parameters())
+    out = m(x)
+    with torch.no_grad():
+        m.tt_cores[0].mul_(2)
+    with pytest.raises(RuntimeError, match="inplace"):
+        out.sum().backward()

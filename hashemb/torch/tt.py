@@ -26,18 +26,22 @@ class _TTBags(torch.autograd.Function):
     @staticmethod
     def forward(ctx, module, indices, offsets, psw, *params):
         m = module
-        out, saved = m._bags(indices, offsets, psw, return_saved=True)
+        out, saved = m._bags(indices, offsets, psw, return_saved=True, params=params)
         ctx.module, ctx.saved, ctx.steps = m, saved, m._steps
-        ctx.save_for_backward(indices, offsets, psw)
+        # the cores themselves: backward differentiates the ones this forward
+        # read (functional_call's replacements are gone by then), and torch
+        # refuses a backward after an in-place change to them
+        ctx.save_for_backward(indices, offsets, psw, *params)
         return as_tensor(out)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         m = ctx.module
-        indices, offsets, psw = ctx.saved_tensors
+        indices, offsets, psw, *params = ctx.saved_tensors
         n_params = len(ctx.needs_input_grad) - 4
         with device_context(m.tt_cores[0]):
+            cores, caches = m._tables_of(params)
             g = as_any_array(grad.contiguous(), "grad_output")
             idx, off = as_any_array(indices, "input"), as_any_array(offsets, "offsets")
             gp = None
@@ -49,10 +53,10 @@ class _TTBags(torch.autograd.Function):
                 # a core's gradient is the product of the other cores at forward
                 raise_stale("cores' gradient")
             res = _tt.tt_embedding_bags_backward(
-                g, idx, m._core_arrays(), off, mode=m.mode,
+                g, idx, cores, off, mode=m.mode,
                 per_sample_weights=as_any_array(psw, "per_sample_weights"),
                 include_last_offset=True, num_embeddings=list(m.num_embeddings),
-                cache=m._caches(), saved=ctx.saved, optimizer=m._fused())
+                cache=caches, saved=ctx.saved, optimizer=m._fused())
         if res is None:
             m._steps += 1
             return (None, None, None, gp) + (None,) * n_params
@@ -177,16 +181,23 @@ class TTEmbeddingBagCollection(nn.Module):
         return list(self.tt_cores) + list(self.cache_weights) if self.sparse else []
 
     def _core_arrays(self):
-        d = self._ncores
-        arrs = [as_any_array(p, "tt_cores") for p in self.tt_cores]
-        return [arrs[t * d:(t + 1) * d] for t in range(len(self.num_embeddings))]
+        return self._tables_of(list(self.tt_cores))[0]
 
     def _caches(self):
+        return self._tables_of(list(self.tt_cores) + list(self.cache_weights))[1]
+
+    def _tables_of(self, params):
+        """(each table's core arrays, the caches) of ``params``: the cores,
+        then the caches' rows (the module's parameters, or what
+        functional_call put in their place)."""
+        d, T = self._ncores, len(self.num_embeddings)
+        arrs = [as_any_array(p, "tt_cores") for p in params[:d * T]]
+        cores = [arrs[t * d:(t + 1) * d] for t in range(T)]
         if self._cache_objs is None:
-            return None
-        for c, prm in zip(self._cache_objs, self.cache_weights):
+            return cores, None
+        for c, prm in zip(self._cache_objs, params[d * T:]):
             c.weight = as_array(prm, "cache_weight")       # the parameter's memory
-        return self._cache_objs
+        return cores, self._cache_objs
 
     def _fused(self):
         if not self.sparse:
@@ -283,14 +294,18 @@ class TTEmbeddingBagCollection(nn.Module):
             return as_tensor(self._bags(flat, off, psw, return_saved=False))
         return _TTBags.apply(self, flat, off, psw, *params)
 
-    def _bags(self, flat, off, psw, return_saved):
-        """tt_embedding_bags of these tensors, on the cores' device and stream."""
+    def _bags(self, flat, off, psw, return_saved, params=None):
+        """tt_embedding_bags of these tensors, on the cores' device and stream
+        (``params``: the cores and caches' rows; default the module's)."""
+        if params is None:
+            params = list(self.tt_cores) + list(self.cache_weights)
         with device_context(self.tt_cores[0]):
+            cores, caches = self._tables_of(params)
             return _tt.tt_embedding_bags(
-                as_any_array(flat, "input"), self._core_arrays(), as_any_array(off, "offsets"),
+                as_any_array(flat, "input"), cores, as_any_array(off, "offsets"),
                 mode=self.mode, per_sample_weights=as_any_array(psw, "per_sample_weights"),
                 include_last_offset=True, num_embeddings=list(self.num_embeddings),
-                cache=self._caches(), return_saved=return_saved)
+                cache=caches, return_saved=return_saved)
 
     def cache_populate(self):
         """Refresh every table's cache with its most frequent rows (see
