@@ -606,3 +606,83 @@ def test_a_moved_array_drops_only_what_its_module_bound():
     opt.use_state(other, np.zeros(64, np.float32))
     _rebind(opt, c, [other])                 # c moved, nobody took its address
     assert opt._key(new_w) not in opt.state
+
+
+@pytest.mark.parametrize("make", [
+    lambda: RobeEmbeddingBag(1000, 8, compression=10),
+    lambda: RobeEmbeddingBag(1000, 8, compression=10, optimizer="sgd"),
+    lambda: TTEmbeddingBag(1000, 8, [4, 4]),
+    lambda: __import__("hashemb.torch", fromlist=["FastEmbedding"]).FastEmbedding(1000, 8),
+], ids=["robe", "robe-fused", "tt", "fast"])
+def test_double_backward_is_refused_not_silently_partial(make):
+    """A gradient penalty (create_graph=True) needs second-order terms
+    through the lookup, which the kernels cannot give: it had run and come
+    out wrong (FastEmbedding's penalty gradient 39.8 against
+    nn.Embedding's 41.0); it is now a clear error, and a plain backward
+    after it still works."""
+    emb, lin = make(), torch.nn.Linear(8, 1)
+    x = torch.randint(0, 1000, (16, 2))
+    loss = lin(emb(x).reshape(16, -1, 8).sum(1)).sum()
+    with pytest.raises(RuntimeError, match="double backward"):
+        params = [p for p in list(emb.parameters()) + list(lin.parameters()) if p.requires_grad]
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        sum((g ** 2).sum() for g in grads if g is not None).backward()
+    out = emb(x).reshape(16, -1, 8).sum(1)
+    lin(out).sum().backward()
+    assert lin.weight.grad is not None
+
+
+@pytest.mark.parametrize("make", [
+    lambda: RobeEmbeddingBag(1000, 8, compression=10, dtype=torch.bfloat16, optimizer="sgd"),
+    lambda: RobeEmbeddingBag(1000, 8, compression=10),
+    lambda: TTEmbeddingBag(1000, 8, [4, 4], sparse=True, optimizer="sgd", learning_rate=0.1),
+], ids=["robe-bf16-fused", "robe", "tt-fused"])
+def test_torch_compile_runs_the_modules_as_eager_without_recompiling(make):
+    """torch.compile calls the modules' forward as it is: traced, a bfloat16
+    array failed in torch._numpy, and a TT module's step counter made
+    Dynamo recompile every step until its limit."""
+    import copy
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(make(), torch.nn.Linear(8, 1))
+    ref = copy.deepcopy(model)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    compiled = torch.compile(model, backend=backend)
+    for step in range(5):
+        x = torch.randint(0, 1000, (6, 2))
+        out, want = compiled(x), ref(x)
+        torch.testing.assert_close(out, want)
+        out.sum().backward()
+        want.sum().backward()
+        if step == 1:
+            after_two = len(graphs)
+    assert len(graphs) == after_two, "recompiled after the second step"
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_fused_optimizer_refuses_a_computed_weight():
+    """A fused step moves the tensor forward was given: a parametrized
+    weight (computed on each access) or functional_call's computed one is a
+    temporary, and the array had silently never trained."""
+    import torch.nn.utils.parametrize as P
+
+    class Half(torch.nn.Module):
+        def forward(self, w):
+            return 0.5 * w
+    x = torch.randint(0, 100, (4, 2))
+    m = RobeEmbeddingBag(1000, 8, compression=10, optimizer="sgd")
+    P.register_parametrization(m, "weight", Half())
+    with pytest.raises(RuntimeError, match="weight: a fused optimizer .* leaf"):
+        m(x)
+    plain = RobeEmbeddingBag(1000, 8, compression=10)     # dense gradient: trains the original
+    P.register_parametrization(plain, "weight", Half())
+    plain(x).sum().backward()
+    assert plain.parametrizations.weight.original.grad is not None
+    tt = TTEmbeddingBag(1000, 8, [4, 4], sparse=True)
+    src = {n: p.detach().clone().requires_grad_() for n, p in tt.named_parameters()}
+    with pytest.raises(RuntimeError, match="tt_cores: a fused optimizer"):
+        torch.func.functional_call(tt, {n: v * 1.0 for n, v in src.items()}, (x,))

@@ -256,6 +256,17 @@ def raise_stale(what):
         f"optimizer=None and a torch optimizer")
 
 
+def refuse_double_backward(what):
+    """A backward run with create_graph=True (grad mode on inside it): the
+    kernels record no graph, so second-order terms through ``what`` would be
+    silently missing (a gradient penalty came out wrong); refused."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{what}: double backward (create_graph=True) is not supported: "
+                           f"its gradient comes from kernels that record no graph, so "
+                           f"second-order terms through it would be missing; take the "
+                           f"gradient without create_graph")
+
+
 class BagFunction(torch.autograd.Function):
     """out = lookup(weight, indices, offsets, per_sample_weights).
 
@@ -275,8 +286,8 @@ class BagFunction(torch.autograd.Function):
         return as_tensor(out)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
+        refuse_double_backward("hashemb embedding bag")
         weight, indices, offsets, psw = ctx.saved_tensors
         lk = ctx.lookup
         with device_context(weight):

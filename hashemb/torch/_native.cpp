@@ -85,6 +85,11 @@ struct Lookup : public torch::autograd::Function<Lookup> {
 
     static variable_list backward(AutogradContext* ctx, variable_list grads)
     {
+        // the scatter records no graph: second-order terms would be missing
+        TORCH_CHECK(!torch::autograd::GradMode::is_enabled(),
+                    "FastEmbedding: double backward (create_graph=True) is not supported: its "
+                    "gradient comes from kernels that record no graph, so second-order terms "
+                    "through it would be missing; take the gradient without create_graph");
         variable_list saved = ctx->get_saved_variables();
         std::vector<int64_t> shape = ctx->saved_data["shape"].toIntVector();
         int64_t size = 1;

@@ -10,7 +10,7 @@ import torch
 from .. import _validate as V
 from .. import lookup as _lookup
 from . import _native
-from ._function import as_any_array, as_tensor, device_context
+from ._function import as_any_array, as_tensor, device_context, refuse_double_backward
 
 
 _FLOATS = (torch.float32, torch.float64)
@@ -63,6 +63,7 @@ class _MultiLookup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        refuse_double_backward("FastEmbedding")
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
         (indices,) = ctx.saved_tensors

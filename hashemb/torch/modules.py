@@ -193,6 +193,10 @@ class HashEmbeddingBag(nn.Module):
             raise ValueError("offsets: expected at least 1 value with include_last_offset, got 0")
         return input, offsets, per_sample_weights
 
+    # torch.compile runs the model around it and calls this as it is (0.4 us):
+    # traced, its NumPy glue broke the graph 24-47 times a step and bfloat16
+    # arrays failed in torch._numpy
+    @torch.compiler.disable
     def forward(self, input, offsets=None, per_sample_weights=None):
         """Pooled embeddings, shape ``(B, dim)`` (like ``nn.EmbeddingBag``)."""
         check_psw_shape(per_sample_weights, input)
@@ -202,6 +206,13 @@ class HashEmbeddingBag(nn.Module):
             # inference: the lookup alone, without the autograd.Function
             # (a batch of one at 26 tables: 49 -> 34 us a call)
             return as_tensor(plain_lookup(w, flat, off, psw, self._lookup))
+        if self._lookup.optimizer is not None and w.requires_grad and not w.is_leaf:
+            # the step would move a temporary, and the array would not train
+            raise RuntimeError(
+                "weight: a fused optimizer updates the array in place, so it must be a leaf "
+                "tensor; got one computed from others (a parametrization, or functional_call "
+                "given a computed weight): build the module with optimizer=None and train "
+                "it with a torch optimizer")
         self._bind_state()
         return BagFunction.apply(w, flat, off, psw, self._lookup, w.requires_grad)
 

@@ -7,7 +7,7 @@ from .. import _validate as V
 from .. import tt as _tt
 from .._backend import array_module
 from ._function import (_rebind, as_any_array, as_array, as_tensor, check_psw_shape, device_context,
-                        make_optimizer, raise_stale, records_grad)
+                        make_optimizer, raise_stale, records_grad, refuse_double_backward)
 
 
 def _np_dtype(dtype):
@@ -35,8 +35,8 @@ class _TTBags(torch.autograd.Function):
         return as_tensor(out)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
+        refuse_double_backward("TT embedding bag")
         m = ctx.module
         indices, offsets, psw, *params = ctx.saved_tensors
         n_params = len(ctx.needs_input_grad) - 4
@@ -256,6 +256,7 @@ class TTEmbeddingBagCollection(nn.Module):
                             "the module with use_cache=False to run it on CUDA")
 
     # -- public
+    @torch.compiler.disable     # (see HashEmbeddingBag.forward; a traced step recompiled each step)
     def forward(self, input, offsets=None, per_sample_weights=None):
         T = len(self.num_embeddings)
         idx = _index_tensor(input)
@@ -292,6 +293,13 @@ class TTEmbeddingBagCollection(nn.Module):
         if not records_grad(psw, *params):
             # inference: the lookup alone, keeping no chain for a backward
             return as_tensor(self._bags(flat, off, psw, return_saved=False))
+        if self.sparse and any(p.requires_grad and not p.is_leaf for p in params):
+            # the step would move temporaries, and the cores would not train
+            raise RuntimeError(
+                "tt_cores: a fused optimizer (sparse=True) updates the cores in place, so they "
+                "must be leaf tensors; got ones computed from others (a parametrization, or "
+                "functional_call given computed cores): build the module with sparse=False "
+                "and train it with a torch optimizer")
         return _TTBags.apply(self, flat, off, psw, *params)
 
     def _bags(self, flat, off, psw, return_saved, params=None):
@@ -444,6 +452,7 @@ class TTEmbeddingBag(TTEmbeddingBagCollection):
         """The LFU cache's rows (``cache_size x embedding_dim``), or None."""
         return self.cache_weights[0] if self.use_cache else None
 
+    @torch.compiler.disable     # (see HashEmbeddingBag.forward; a traced step recompiled each step)
     def forward(self, input, offsets=None, per_sample_weights=None):
         idx = _index_tensor(input)
         check_psw_shape(per_sample_weights, idx)
