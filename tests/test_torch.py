@@ -686,3 +686,29 @@ def test_fused_optimizer_refuses_a_computed_weight():
     src = {n: p.detach().clone().requires_grad_() for n, p in tt.named_parameters()}
     with pytest.raises(RuntimeError, match="tt_cores: a fused optimizer"):
         torch.func.functional_call(tt, {n: v * 1.0 for n, v in src.items()}, (x,))
+
+
+@pytest.mark.parametrize("src, match", [
+    (lambda: RobeEmbeddingBag(1000, 8, compression=20), r"weight: expected shape \(800,\), got \(400,\)"),
+    (lambda: HashedEmbeddingBag(1000, 8, compression=0.1), "scheme: expected a RobeZ"),
+    (lambda: RobeEmbeddingBag(500, 16, compression=10), "embedding dim: expected 8, got 16"),
+    (lambda: RobeEmbeddingBagCollection([150, 150], 8, compression=10), "num_tables"),
+], ids=["size", "kind", "dim", "tables"])
+def test_a_state_that_does_not_fit_is_refused_and_changes_nothing(src, match):
+    """A state of another size, kind of scheme, width or table count: the
+    load fails naming what differs, and the module is as it was (the size
+    error had come after the state's scheme was installed, leaving a module
+    whose scheme no longer fit its array; same-size states of another width
+    or table count had loaded silently and changed the output's shape)."""
+    dst = RobeEmbeddingBag(1000, 8, compression=10, optimizer="adagrad")
+    scheme, w = dst.scheme, dst.weight.detach().clone()
+    x = torch.randint(0, 100, (4, 2))
+    before = dst(x).detach()
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match=match):
+            dst.load_state_dict(src().state_dict(), strict=strict)
+        assert dst.scheme == scheme and torch.equal(dst.weight, w)
+        torch.testing.assert_close(dst(x), before)
+    # what a checkpoint may bring: another block (its model), same array
+    dst.load_state_dict(RobeEmbeddingBag(1000, 8, compression=10, block=2).state_dict())
+    assert dst.scheme.block == 2

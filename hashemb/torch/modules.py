@@ -35,6 +35,12 @@ def _check_2d_offsets(offsets):
                          "got a tensor")
 
 
+def _scheme_of(state):
+    """The scheme a module's extra state holds."""
+    return Scheme.from_config({k: v.numpy() if isinstance(v, torch.Tensor) else v
+                               for k, v in state["scheme"].items()})
+
+
 class HashEmbeddingBag(nn.Module):
     r"""One embedding-bag table stored through any hashemb scheme.
 
@@ -232,6 +238,12 @@ class HashEmbeddingBag(nn.Module):
         # (see set_extra_state): a state saved without one starts this
         # module's at zero, and one saved with one is dropped by a module
         # without it, strict or not
+        problem = self._state_problem(state_dict, prefix)
+        if problem:
+            # before anything is loaded: set_extra_state runs even after a
+            # size mismatch, which left a scheme that no longer fit the array
+            error_msgs.append(f"{type(self).__name__}: {problem} (nothing was loaded)")
+            return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
         key = prefix + "optimizer_state"
@@ -240,6 +252,31 @@ class HashEmbeddingBag(nn.Module):
             self.optimizer_state.zero_()
         if key in unexpected_keys:
             unexpected_keys.remove(key)
+
+    def _state_problem(self, state_dict, prefix):
+        """Why the state cannot load into this module, or None: it may bring
+        another seed, block, table, mode or padding (the checkpoint's model),
+        not another kind of scheme, width, table count or array shape."""
+        state = state_dict.get(prefix + "_extra_state")
+        if not isinstance(state, dict) or "scheme" not in state:
+            return None
+        try:
+            scheme = _scheme_of(state)
+            check_optimizer(self._lookup.optimizer, scheme, state["mode"])
+        except (TypeError, ValueError, KeyError) as e:
+            return f"the state's scheme does not fit this module ({e})"
+        kind, ours = scheme.config()["type"], self.scheme.config()["type"]
+        if kind != ours:
+            return f"scheme: expected a {ours} (this module's), got a {kind}"
+        if scheme.dim != self.scheme.dim:
+            return f"embedding dim: expected {self.scheme.dim}, got {scheme.dim}"
+        T = state.get("num_tables", self.num_tables)
+        if T != self.num_tables:
+            return f"num_tables: expected {self.num_tables}, got {T}"
+        w = state_dict.get(prefix + "weight")
+        if w is not None and tuple(w.shape) != tuple(self.weight.shape):
+            return f"weight: expected shape {tuple(self.weight.shape)}, got {tuple(w.shape)}"
+        return None
 
     def set_extra_state(self, state):
         # the model (scheme, table, mode, padding) comes from the state; the
@@ -250,10 +287,8 @@ class HashEmbeddingBag(nn.Module):
         # resumed 16-bit run takes the bits an unbroken one would.
         self.table, self.mode = state["table"], state["mode"]
         self.padding_idx = state["padding_idx"]
-        cfg = {k: v.numpy() if isinstance(v, torch.Tensor) else v
-               for k, v in state["scheme"].items()}
         opt = self._lookup.optimizer
-        self._build(Scheme.from_config(cfg), opt)
+        self._build(_scheme_of(state), opt)
         check_optimizer(opt, self.scheme, self.mode)
         if opt is not None and tuple(state["optimizer"])[0] == optimizer_name(opt):
             opt._calls = int(state.get("rounding_calls", 0))
