@@ -3,6 +3,7 @@
 tensors run the CPU kernels; CUDA tensors (BagFunction) the CuPy backend, on
 torch's current device and stream."""
 import contextlib
+import functools
 
 import numpy as np
 import torch
@@ -254,6 +255,22 @@ def raise_stale(what):
         f"has changed them since (the module was called more than once before "
         f"backward): call the module once per step (concatenate the inputs), or use "
         f"optimizer=None and a torch optimizer")
+
+
+def compile_opaque(forward):
+    """A module's ``forward`` that torch.compile calls as it is rather than
+    tracing (traced, the NumPy glue broke the graph 24-47 times a step,
+    bfloat16 arrays failed in torch._numpy, and a TT module's step counter
+    recompiled every step); eager calls pay a flag test (0.06 us), not
+    torch.compiler.disable's context (1.4 us a call)."""
+    opaque = torch.compiler.disable(forward)
+
+    @functools.wraps(forward)
+    def call(self, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return opaque(self, *args, **kwargs)
+        return forward(self, *args, **kwargs)
+    return call
 
 
 def refuse_double_backward(what):

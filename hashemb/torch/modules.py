@@ -12,8 +12,8 @@ from ..lsh import LMA, LSHTable
 from ..schemes import FullTable, HashedNet, RobeZ, Scheme
 from ..optim import check_optimizer
 from ._function import (BagFunction, Lookup, _rebind, as_any_array, as_tensor, bfloat16,
-                        check_psw_shape, device_context, make_optimizer, optimizer_name,
-                        plain_lookup, records_grad)
+                        check_psw_shape, compile_opaque, device_context, make_optimizer,
+                        optimizer_name, plain_lookup, records_grad)
 
 
 def _cupy():
@@ -199,10 +199,7 @@ class HashEmbeddingBag(nn.Module):
             raise ValueError("offsets: expected at least 1 value with include_last_offset, got 0")
         return input, offsets, per_sample_weights
 
-    # torch.compile runs the model around it and calls this as it is (0.4 us):
-    # traced, its NumPy glue broke the graph 24-47 times a step and bfloat16
-    # arrays failed in torch._numpy
-    @torch.compiler.disable
+    @compile_opaque
     def forward(self, input, offsets=None, per_sample_weights=None):
         """Pooled embeddings, shape ``(B, dim)`` (like ``nn.EmbeddingBag``)."""
         check_psw_shape(per_sample_weights, input)

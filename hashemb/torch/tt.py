@@ -6,8 +6,9 @@ from torch import nn
 from .. import _validate as V
 from .. import tt as _tt
 from .._backend import array_module
-from ._function import (_rebind, as_any_array, as_array, as_tensor, check_psw_shape, device_context,
-                        make_optimizer, raise_stale, records_grad, refuse_double_backward)
+from ._function import (_rebind, as_any_array, as_array, as_tensor, check_psw_shape, compile_opaque,
+                        device_context, make_optimizer, raise_stale, records_grad,
+                        refuse_double_backward)
 
 
 def _np_dtype(dtype):
@@ -256,7 +257,7 @@ class TTEmbeddingBagCollection(nn.Module):
                             "the module with use_cache=False to run it on CUDA")
 
     # -- public
-    @torch.compiler.disable     # (see HashEmbeddingBag.forward; a traced step recompiled each step)
+    @compile_opaque
     def forward(self, input, offsets=None, per_sample_weights=None):
         T = len(self.num_embeddings)
         idx = _index_tensor(input)
@@ -452,7 +453,7 @@ class TTEmbeddingBag(TTEmbeddingBagCollection):
         """The LFU cache's rows (``cache_size x embedding_dim``), or None."""
         return self.cache_weights[0] if self.use_cache else None
 
-    @torch.compiler.disable     # (see HashEmbeddingBag.forward; a traced step recompiled each step)
+    @compile_opaque
     def forward(self, input, offsets=None, per_sample_weights=None):
         idx = _index_tensor(input)
         check_psw_shape(per_sample_weights, idx)
