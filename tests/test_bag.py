@@ -1151,3 +1151,19 @@ def test_a_large_scratch_is_mapped_without_huge_pages():
     assert "nh" in flags and s.ctypes.data % 64 == 0 and not s.any() and s.flags.writeable
     small = he.Adagrad(0.1).scratch_for(np.zeros(1000, np.float32))
     assert small.shape == (1000,) and not small.any()
+
+
+@pytest.mark.parametrize("scheme", [he.FullTable([10], 4), he.RobeZ(1009, 8, block=4, seed=1),
+                                    he.HashedNet(1009, 6, seed=2)], ids=repr)
+def test_max_mode_ties_send_the_gradient_to_the_first_entry(scheme):
+    """Every value ties: each element's gradient goes to the bag's first
+    entry, as torch's (a last-wins argmax was caught only by chance, by
+    bfloat16's ties in a CPU-vs-emulator test)."""
+    W = np.ones(scheme.weight_shape, np.float32)
+    idx = np.array([3, 5, 7, 2, 8])
+    off = np.array([0, 3])                              # bags {3, 5, 7}, {2, 8}
+    G = np.arange(1, 2 * scheme.dim + 1, dtype=np.float32).reshape(2, scheme.dim)
+    got = he.embedding_bag_backward(G, idx, off, scheme=scheme, mode="max", weight=W)
+    want = bag_backward(scheme, idx, np.r_[off, len(idx)], G.astype(np.float64), 1,
+                        M=W, mode="max")
+    np.testing.assert_array_equal(got.reshape(-1), want)

@@ -219,3 +219,10 @@ def test_movielens():
     np.testing.assert_array_equal(tr.cats, tr2.cats)
     with pytest.raises(ValueError, match="test_fraction"):
         load_movielens(test_fraction=1.0)
+
+
+def test_logloss_clips_probabilities_of_zero_and_one():
+    # p = 0 for a positive (and p = 1 for a negative) is clipped to eps, not log(0)
+    import math
+    assert logloss([1], [0.0]) == pytest.approx(-math.log(1e-7))
+    assert logloss([0], [1.0]) == pytest.approx(-math.log1p(-(1 - 1e-7)))

@@ -307,3 +307,11 @@ def test_reference_maps_take_every_nonnegative_token():
 def test_embedding_backward_names_grad_output_width():
     with pytest.raises(ValueError, match=r"grad_output: expected .* dim >= 1, got \(2, 0\)"):
         he.embedding_backward(np.ones((2, 0), np.float32), np.array([1, 1]), 10)
+
+
+def test_per_sample_weights_longer_than_indices_is_an_error():
+    full = he.FullTable([10], 4)
+    W = full.init_weight()
+    idx, off = np.array([1, 2, 3]), np.array([0, 2])
+    with pytest.raises(ValueError, match="per_sample_weights: expected 3 weights"):
+        he.embedding_bag(idx, W, off, scheme=full, per_sample_weights=np.ones(4, np.float32))

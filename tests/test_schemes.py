@@ -252,3 +252,27 @@ def test_used_scheme_pickles_and_deep_copies(scheme):
         assert other == scheme
         np.testing.assert_array_equal(other.slots(x), want)
     assert scheme._view_cache is not None          # the original keeps its own
+
+
+@pytest.mark.parametrize("dim,block", [(4, 8), (2, 8), (8, 32)])
+def test_wide_robe_start_at_exactly_size_wraps_to_zero(dim, block):
+    """Z > D: slot = h(blk) + (x mod r) D; where that is exactly m the start
+    is 0 (every start, saved ones too, lies in [0, m)). Random tokens land
+    there with probability about 1/m, so the token is solved for."""
+    from reference import slot
+    P = (1 << 61) - 1
+    m = 1000
+    robe = he.RobeZ(m, dim, block=block, seed=3)
+    A, B, C, D0 = (int(c) for c in robe.hash.coef[:4])
+    r = block // dim
+    for within in range(1, r):
+        blk = (m - within * dim - D0) * pow(B, -1, P) % P     # h(blk) = m - within * D
+        x = blk * r + within
+        want = np.array([slot(robe, 0, x, i) for i in range(dim)])
+        assert want[0] == 0
+        np.testing.assert_array_equal(robe.slots(np.array([x]))[0], want)
+        M = robe.init_weight(seed=1)
+        out, saved = he.embedding_bag(np.array([x]), M, np.array([0]), scheme=robe,
+                                      return_saved=True)
+        np.testing.assert_array_equal(out[0], M[want])
+        assert saved.starts is not None and int(saved.starts.max()) < m

@@ -318,3 +318,14 @@ def test_theorem2_same_block_unbiased():
 def test_errors(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_monte_carlo_summary_of_a_known_sample():
+    """The summary's figures exactly (coverage alone cannot tell the sample
+    variance from the population one at 2000 estimates)."""
+    import math
+    mc = theory.monte_carlo([1.0, 2.0, 3.0, 4.0], confidence=0.95)
+    assert mc.mean == 2.5
+    assert mc.variance == pytest.approx(5 / 3)                   # ddof=1
+    half = 1.959963984540054 * math.sqrt((5 / 3) / 4)
+    assert mc.mean_ci == pytest.approx((2.5 - half, 2.5 + half))

@@ -712,3 +712,20 @@ def test_a_state_that_does_not_fit_is_refused_and_changes_nothing(src, match):
     # what a checkpoint may bring: another block (its model), same array
     dst.load_state_dict(RobeEmbeddingBag(1000, 8, compression=10, block=2).state_dict())
     assert dst.scheme.block == 2
+
+
+def test_robe_module_size_rounds_up():
+    emb = RobeEmbeddingBag(1000, 16, compression=3, block=4)
+    assert emb.weight.numel() == -(-1000 * 16 // 3)             # 5334, not 5333
+
+
+def test_multi_table_psw_gradient_tables_of_unequal_counts():
+    """Tables holding different entry counts take the per-table path of the
+    per-sample-weight gradient (no test had reached it: every case gave
+    each table the same count)."""
+    emb = HashEmbeddingBagCollection(he.RobeZ(41, 3, block=3, signed=True), 2,
+                                     dtype=torch.float64)
+    idx = torch.tensor([1, 2, 3, 4, 5, 1, 9, 7])
+    for off in ([0, 1, 3, 5, 8], [0, 3, 3, 8, 8], [0, 0, 2, 2, 8]):   # 3+5, 3+5, 2+6
+        p = torch.rand(8, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda q: emb(idx, torch.tensor(off), q), (p,))

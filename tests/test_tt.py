@@ -734,3 +734,25 @@ def test_module_differentiates_the_cores_its_forward_read(use_cache):
         m.tt_cores[0].mul_(2)
     with pytest.raises(RuntimeError, match="inplace"):
         out.sum().backward()
+
+
+def test_cache_gradient_in_mean_mode_is_the_row_gradient():
+    """Cached rows in mean mode take 1/|bag| of the bag's gradient, as the
+    full table's rows (only sum mode was tested with a cache)."""
+    rng = np.random.default_rng(5)
+    cores = he.tt_init(1000, [10, 10, 10], [4, 2, 2], [8, 8], dtype=np.float64)
+    idx = np.concatenate([np.full(50, 3), np.full(30, 7), rng.integers(0, 1000, 40)])
+    rng.shuffle(idx)
+    off = np.array([0, 1, 4, 10, 30, 31, 60, 120])        # bags of 1, 3, 6, 20, 1, 29, 60
+    cache = he.TTCache(2, 16, dtype=np.float64)
+    cache.count(idx)
+    cache.populate(cores)
+    assert list(cache.rows) == [3, 7]
+    np.testing.assert_allclose(he.tt_embedding_bag(idx, cores, off, mode="mean", cache=cache),
+                               he.tt_embedding_bag(idx, cores, off, mode="mean"), rtol=1e-12)
+    G = rng.standard_normal((len(off) - 1, 16))
+    g = he.tt_embedding_bag_backward(G, idx, cores, off, mode="mean", cache=cache)
+    Wt = torch.tensor(he.tt_to_full(cores), requires_grad=True)
+    (F.embedding_bag(torch.from_numpy(idx), Wt, torch.from_numpy(off), mode="mean",
+                     include_last_offset=True) * torch.from_numpy(G)).sum().backward()
+    np.testing.assert_allclose(g[-1][:2], Wt.grad.numpy()[[3, 7]], rtol=1e-12)
