@@ -756,3 +756,14 @@ def test_cache_gradient_in_mean_mode_is_the_row_gradient():
     (F.embedding_bag(torch.from_numpy(idx), Wt, torch.from_numpy(off), mode="mean",
                      include_last_offset=True) * torch.from_numpy(G)).sum().backward()
     np.testing.assert_allclose(g[-1][:2], Wt.grad.numpy()[[3, 7]], rtol=1e-12)
+
+
+@pytest.mark.parametrize("convert", ["half", "bfloat16"])
+def test_module_of_16_bit_cores_is_refused_by_name(convert):
+    """TT tables compute in float32 or float64: a module converted with
+    .half() or .bfloat16() is refused naming its cores and the way back
+    (the error had named tables[0][0] of a call the user never made)."""
+    m = getattr(TTEmbeddingBag(100, 4, [2, 2]), convert)()
+    with pytest.raises(TypeError, match=r"tt_cores: expected float32 or float64 .* \.float\(\)"):
+        m(torch.tensor([[1]]))
+    m.float()(torch.tensor([[1]]))

@@ -247,7 +247,14 @@ class TTEmbeddingBagCollection(nn.Module):
         return out
 
     def _check_device(self, flat):
-        """CUDA tensors run the CuPy path, which has no LFU cache."""
+        """CUDA tensors run the CuPy path, which has no LFU cache; the cores
+        compute in float32 or float64 (``.half()`` / ``.bfloat16()`` of the
+        module are refused here, by name)."""
+        dtype = self.tt_cores[0].dtype
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"tt_cores: expected float32 or float64 cores (TT tables compute "
+                            f"in them), got {dtype}: convert the module with .float() or "
+                            f".double()")
         dev = self.tt_cores[0].device
         if flat.device != dev:
             raise TypeError(f"input: expected a tensor on {dev} (the cores' device), "
