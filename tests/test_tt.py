@@ -702,7 +702,7 @@ def test_module_input_on_another_device_is_a_type_error():
 
 
 @pytest.mark.parametrize("use_cache", [False, True])
-def test_module_differentiates_the_cores_its_forward_read(use_cache):
+def test_torch_module_differentiates_the_cores_its_forward_read(use_cache):
     """functional_call's replacement cores: forward reads them, and backward
     gives their gradients (it had read the module's own cores back, which
     functional_call restores before backward: wrong gradients); a core
