@@ -50,9 +50,8 @@ def check_int(value, name, *, lo=None, hi=None):
 def check_flag(value, name):
     """A bool (NumPy's, or an integer 0 or 1): a string such as ``"no"`` would
     otherwise read as True."""
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, numbers.Integral) and value in (0, 1):
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, numbers.Integral)
+                                                and value in (0, 1)):
         return bool(value)
     raise TypeError(f"{name}: expected True or False, got {_desc(value)}")
 

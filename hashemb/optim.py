@@ -27,6 +27,7 @@ _ROUNDING = """
 
 _CALLS_LOCK = threading.Lock()
 
+
 def _zeros(weight, size, sparse=False):
     """A zeroed accumulator or scratch for ``weight``, in the dtype the
     kernels compute in: on the device for a CuPy weight, else starting on a

@@ -149,9 +149,10 @@ class Scheme:
             parts = self._default_scales()
         elif isinstance(scale, (list, tuple, np.ndarray)):
             parts = self._default_scales()
-            if not isinstance(self, FullTable) or len(scale) != len(parts):
-                raise ValueError(f"scale: expected a number{', or ' if isinstance(self, FullTable) else ''}"
-                                 f"{f'{len(parts)} (one per table)' if isinstance(self, FullTable) else ''}, "
+            if not isinstance(self, FullTable):
+                raise ValueError(f"scale: expected a number, got {len(scale)} values")
+            if len(scale) != len(parts):
+                raise ValueError(f"scale: expected a number, or {len(parts)} (one per table), "
                                  f"got {len(scale)} values")
             parts = [(a, b, V.check_float(x, "scale", nonneg=True))
                      for (a, b, _), x in zip(parts, scale)]

@@ -487,12 +487,12 @@ class TTCache:
             raise ValueError(f"hashtbl_size: expected at least 4/3 capacity = "
                              f"{-(-4 * self.capacity // 3)} (the frequency table stops "
                              f"inserting at 3/4 load), got {size}")
+        if np.dtype(dtype) not in (np.float32, np.float64):
+            raise TypeError(f"dtype: expected float32 or float64 (the cores'), got {np.dtype(dtype)}")
         self.keys = np.full(size, -1, np.int64)
         self.freq = np.zeros(size, np.int64)
         self._used = 0
         self.rows = np.zeros(0, np.int64)
-        if np.dtype(dtype) not in (np.float32, np.float64):
-            raise TypeError(f"dtype: expected float32 or float64 (the cores'), got {np.dtype(dtype)}")
         self.weight = np.zeros((self.capacity, self.dim), dtype)
 
     def __repr__(self):

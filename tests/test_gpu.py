@@ -161,7 +161,7 @@ def test_kernels_compile_one_at_a_time_on_first_use():
     be = object.__new__(RT.CupyBackend)
     be.xp = types.SimpleNamespace(RawModule=Module, cuda=types.SimpleNamespace(
         runtime=types.SimpleNamespace(getDevice=lambda: dev[0])))
-    be._modules, be._functions, be._lock = {}, {}, threading.Lock()
+    be._modules, be._functions, be._failed, be._lock = {}, {}, {}, threading.Lock()
     a, b = RT.kernel_names("bag")[:2]
     assert be.function("bag", a) == ("fn", a) and be.function("bag", a) == ("fn", a)
     assert be.function("bag", b) == ("fn", b) and compiled == [(a,), (b,)]

@@ -161,6 +161,7 @@ class CupyBackend:
         self.xp = import_cupy()
         self._modules = {}
         self._functions = {}
+        self._failed = {}               # (family, name, device) -> its compile error
         self._lock = threading.Lock()
         self._scalars = {}              # id(NumPy scalar) -> (it, its C scalar)
         self._make_scalar = False       # not probed yet (c_scalars)
@@ -213,15 +214,14 @@ class CupyBackend:
             with self._lock:
                 fn = self._functions.get(key)
                 if fn is None:
-                    failed = self.__dict__.setdefault("_failed", {})
-                    if key in failed:
-                        raise failed[key]
+                    if key in self._failed:
+                        raise self._failed[key]
                     try:
                         mod = self.xp.RawModule(code=source(family), options=NVRTC_OPTIONS,
                                                 name_expressions=[name])
                         fn = mod.get_function(name)
                     except Exception as e:
-                        failed[key] = e
+                        self._failed[key] = e
                         raise
                     self._modules[key] = mod
                     self._functions[key] = fn

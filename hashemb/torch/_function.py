@@ -261,8 +261,8 @@ def compile_opaque(forward):
     """A module's ``forward`` that torch.compile calls as it is rather than
     tracing (traced, the NumPy glue broke the graph 24-47 times a step,
     bfloat16 arrays failed in torch._numpy, and a TT module's step counter
-    recompiled every step); eager calls pay a flag test (0.06 us), not
-    torch.compiler.disable's context (1.4 us a call)."""
+    recompiled every step); eager calls pay a flag test (0.1 us), not
+    torch.compiler.disable's context (1.6 us a call)."""
     opaque = torch.compiler.disable(forward)
 
     @functools.wraps(forward)
@@ -271,6 +271,18 @@ def compile_opaque(forward):
             return opaque(self, *args, **kwargs)
         return forward(self, *args, **kwargs)
     return call
+
+
+def refuse_computed(params, name, how_off):
+    """A fused step moves the tensors forward was given, in place: one
+    computed from others (a parametrization, or functional_call given a
+    computed tensor) is a temporary, and the parameter would never train."""
+    if any(p.requires_grad and not p.is_leaf for p in params):
+        raise RuntimeError(
+            f"{name}: a fused optimizer updates them in place, so they must be leaf tensors; "
+            f"got one computed from others (a parametrization, or functional_call given a "
+            f"computed tensor): build the module with {how_off} and train it with a torch "
+            f"optimizer")
 
 
 def refuse_double_backward(what):

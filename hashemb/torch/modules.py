@@ -13,7 +13,7 @@ from ..schemes import FullTable, HashedNet, RobeZ, Scheme
 from ..optim import check_optimizer
 from ._function import (BagFunction, Lookup, _rebind, as_any_array, as_tensor, bfloat16,
                         check_psw_shape, compile_opaque, device_context, make_optimizer,
-                        optimizer_name, plain_lookup, records_grad)
+                        optimizer_name, plain_lookup, records_grad, refuse_computed)
 
 
 def _cupy():
@@ -209,13 +209,8 @@ class HashEmbeddingBag(nn.Module):
             # inference: the lookup alone, without the autograd.Function
             # (a batch of one at 26 tables: 49 -> 34 us a call)
             return as_tensor(plain_lookup(w, flat, off, psw, self._lookup))
-        if self._lookup.optimizer is not None and w.requires_grad and not w.is_leaf:
-            # the step would move a temporary, and the array would not train
-            raise RuntimeError(
-                "weight: a fused optimizer updates the array in place, so it must be a leaf "
-                "tensor; got one computed from others (a parametrization, or functional_call "
-                "given a computed weight): build the module with optimizer=None and train "
-                "it with a torch optimizer")
+        if self._lookup.optimizer is not None:
+            refuse_computed([w], "weight", "optimizer=None")
         self._bind_state()
         return BagFunction.apply(w, flat, off, psw, self._lookup, w.requires_grad)
 

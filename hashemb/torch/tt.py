@@ -8,7 +8,7 @@ from .. import tt as _tt
 from .._backend import array_module
 from ._function import (_rebind, as_any_array, as_array, as_tensor, check_psw_shape, compile_opaque,
                         device_context, make_optimizer, raise_stale, records_grad,
-                        refuse_double_backward)
+                        refuse_computed, refuse_double_backward)
 
 
 def _np_dtype(dtype):
@@ -177,15 +177,13 @@ class TTEmbeddingBagCollection(nn.Module):
             self._bind_states()
 
     # -- internals
+    def _params(self):
+        """The cores, then the caches' rows: what forward reads."""
+        return list(self.tt_cores) + list(self.cache_weights)
+
     def _fused_parameters(self):
         """What the fused optimizer updates inside backward (sparse=True)."""
-        return list(self.tt_cores) + list(self.cache_weights) if self.sparse else []
-
-    def _core_arrays(self):
-        return self._tables_of(list(self.tt_cores))[0]
-
-    def _caches(self):
-        return self._tables_of(list(self.tt_cores) + list(self.cache_weights))[1]
+        return self._params() if self.sparse else []
 
     def _tables_of(self, params):
         """(each table's core arrays, the caches) of ``params``: the cores,
@@ -209,7 +207,7 @@ class TTEmbeddingBagCollection(nn.Module):
 
     def _bind_states(self):
         """Adagrad accumulators as buffers (saved in the state_dict)."""
-        prms = list(self.tt_cores) + list(self.cache_weights)
+        prms = self._params()
         arrays = [as_any_array(p, "weight") for p in prms]
         for i, (prm, w) in enumerate(zip(prms, arrays)):
             name = f"optimizer_state_{i}"
@@ -297,24 +295,19 @@ class TTEmbeddingBagCollection(nn.Module):
                 c.count(seg[(seg >= 0) & (seg < self.num_embeddings[t])])
         if psw is not None:
             psw = psw.contiguous()
-        params = list(self.tt_cores) + list(self.cache_weights)
+        params = self._params()
         if not records_grad(psw, *params):
             # inference: the lookup alone, keeping no chain for a backward
             return as_tensor(self._bags(flat, off, psw, return_saved=False))
-        if self.sparse and any(p.requires_grad and not p.is_leaf for p in params):
-            # the step would move temporaries, and the cores would not train
-            raise RuntimeError(
-                "tt_cores: a fused optimizer (sparse=True) updates the cores in place, so they "
-                "must be leaf tensors; got ones computed from others (a parametrization, or "
-                "functional_call given computed cores): build the module with sparse=False "
-                "and train it with a torch optimizer")
+        if self.sparse:
+            refuse_computed(params, "tt_cores", "sparse=False")
         return _TTBags.apply(self, flat, off, psw, *params)
 
     def _bags(self, flat, off, psw, return_saved, params=None):
         """tt_embedding_bags of these tensors, on the cores' device and stream
         (``params``: the cores and caches' rows; default the module's)."""
         if params is None:
-            params = list(self.tt_cores) + list(self.cache_weights)
+            params = self._params()
         with device_context(self.tt_cores[0]):
             cores, caches = self._tables_of(params)
             return _tt.tt_embedding_bags(
@@ -329,8 +322,9 @@ class TTEmbeddingBagCollection(nn.Module):
         learnt there; the cache's Adagrad accumulators restart at zero)."""
         if not self.use_cache:
             return
-        for t, c in enumerate(self._caches()):
-            c.populate(self._core_arrays()[t], self.num_embeddings[t])
+        cores, caches = self._tables_of(self._params())
+        for t, c in enumerate(caches):
+            c.populate(cores[t], self.num_embeddings[t])
         if self.sparse and isinstance(self._opt, _tt_adagrad()):
             for i in range(len(self.tt_cores), len(self.tt_cores) + len(self.cache_weights)):
                 getattr(self, f"optimizer_state_{i}").zero_()
@@ -378,7 +372,8 @@ class TTEmbeddingBagCollection(nn.Module):
         """The reconstructed tables, one ``(num_embeddings[t], D)`` tensor each."""
         with device_context(self.tt_cores[0]):
             return [as_tensor(_tt.tt_to_full(c, n))
-                    for c, n in zip(self._core_arrays(), self.num_embeddings)]
+                    for c, n in zip(self._tables_of(list(self.tt_cores))[0],
+                                    self.num_embeddings)]
 
     def memory_bytes(self):
         """Bytes of the cores (and the LFU caches' rows)."""
