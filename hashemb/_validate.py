@@ -475,7 +475,7 @@ def cli_number(kind, low=0.0, high=math.inf, closed=False):
                 f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
         if not (math.isfinite(v) and (v >= low if closed else v > low) and v <= high):
             lo = f"[{low:g}" if closed else f"({low:g}"
-            hi = "inf)" if high == math.inf else f"{high:g}]"
+            hi = "inf)" if high == math.inf else f"{high:{'d' if kind is int else 'g'}}]"
             raise argparse.ArgumentTypeError(f"expected a value in {lo}, {hi}, got {text}")
         return v
     return parse

@@ -24,10 +24,15 @@ def _parser():
     src = p.add_mutually_exclusive_group()
     src.add_argument("--dataset", choices=("synthetic", "movielens"), default="synthetic")
     src.add_argument("--data", metavar="TSV", help="a Criteo TSV file (label, I1..I13, C1..C26)")
-    p.add_argument("--scale", type=V.cli_number(float, high=1.0), default=0.01,
+    # None: not given (the defaults are filled in by main, which refuses a
+    # flag the chosen data does not use rather than ignoring it)
+    p.add_argument("--scale", type=V.cli_number(float, high=1.0), default=None,
                    help="synthetic: Criteo Kaggle cardinalities times this (default 0.01)")
-    p.add_argument("--train-samples", type=V.cli_number(int), default=250_000)
-    p.add_argument("--test-samples", type=V.cli_number(int), default=50_000)
+    p.add_argument("--train-samples", type=V.cli_number(int), default=None,
+                   help="synthetic, --data: training rows (default 250000)")
+    p.add_argument("--test-samples", type=V.cli_number(int), default=None,
+                   help="synthetic, --data: held-out rows (default 50000; --data: the last "
+                        "rows read)")
     p.add_argument("--epochs", type=V.cli_number(int), default=None,
                    help="epochs of the full model (default 2; MovieLens 4)")
     p.add_argument("--compressed-epochs", type=V.cli_number(int), default=None,
@@ -66,7 +71,7 @@ def _parser():
                    help="SCMA / LMA: minhashes per run")
     p.add_argument("--num-points", type=V.cli_number(int), default=125_000,
                    help="SCMA / LMA: training rows sampled for the minhash (default 125000)")
-    p.add_argument("--seed", type=V.cli_number(int, closed=True), default=0)
+    p.add_argument("--seed", type=V.cli_number(int, high=2**64 - 1, closed=True), default=0)
     p.add_argument("--threads", type=V.cli_number(int), default=None,
                    help="torch threads (default: all)")
     p.add_argument("--device", default="cpu",
@@ -83,7 +88,10 @@ def load(args):
     from .metrics import auc
     if args.data:
         n = args.train_samples + args.test_samples
-        b = CriteoTSV(args.data, on_bad="skip").read(limit=n)
+        reader = CriteoTSV(args.data, on_bad="skip")
+        b = reader.read(limit=n)
+        bad = (f", {reader.skipped} malformed row{'s' * (reader.skipped > 1)} skipped"
+               if reader.skipped else "")
         cats, card = [], []
         for t in range(b.cats.shape[1]):      # exact vocabulary: the full table needs it
             vocab, inv = np.unique(b.cats[:, t], return_inverse=True)
@@ -92,12 +100,15 @@ def load(args):
         cats = np.stack(cats, 1).astype(np.int64)
         if len(b.labels) <= args.test_samples:
             # every row would be a test row: the models would train on nothing
+            why = ("; a row is malformed without 40 tab-separated fields, a 0/1 label, "
+                   "integer I1..I13 and hex C1..C26") if bad else ""
             raise SystemExit(f"--data: expected more than --test-samples = {args.test_samples} "
-                             f"readable rows, got {len(b.labels)} (lower --test-samples)")
+                             f"readable rows, got {len(b.labels)}{bad} (lower --test-samples"
+                             f"{why})")
         cut = len(b.labels) - args.test_samples
         tr = Batch(b.dense[:cut], cats[:cut], b.labels[:cut], None)
         te = Batch(b.dense[cut:], cats[cut:], b.labels[cut:], None)
-        return tr, te, card, None, f"Criteo TSV {args.data}: {cut} train, {len(te.labels)} test"
+        return tr, te, card, None, f"Criteo TSV {args.data}: {cut} train, {len(te.labels)} test{bad}"
     if args.dataset == "movielens":
         tr, te, card = load_movielens(seed=args.seed)
         return tr, te, card, None, "MovieLens-100k (rating >= 4), 80/20 split"
@@ -233,6 +244,22 @@ def _check_device(name):
     return str(dev)
 
 
+def _fill_data_flags(parser, args):
+    """The data flags' defaults, after refusing one the data does not use
+    (MovieLens is its fixed 80/20 split; a TSV has its own rows)."""
+    given = {"--scale": args.scale, "--train-samples": args.train_samples,
+             "--test-samples": args.test_samples}
+    unused = (["--scale"] if args.data else [] if args.dataset == "synthetic" else list(given))
+    for flag in unused:
+        if given[flag] is not None:
+            what = "--data (the file's rows)" if args.data else \
+                "--dataset movielens (its fixed 80/20 split of 100,000 ratings)"
+            parser.error(f"argument {flag}: not used with {what}")
+    args.scale = 0.01 if args.scale is None else args.scale
+    args.train_samples = args.train_samples or 250_000
+    args.test_samples = args.test_samples or 50_000
+
+
 def main(argv=None):
     parser = _parser()
     args = parser.parse_args(argv)
@@ -242,8 +269,10 @@ def main(argv=None):
         parser.error(f"argument --block: expected a divisor or a multiple of 16, got {args.block}")
     if args.lsh_block is not None and 16 % args.lsh_block:
         parser.error(f"argument --lsh-block: expected a divisor of 16, got {args.lsh_block}")
-    if args.data and not os.path.isfile(args.data):
+    # a path that exists and is not a folder: a pipe (`<(zcat day_0.gz)`) is read too
+    if args.data and (not os.path.exists(args.data) or os.path.isdir(args.data)):
         parser.error(f"argument --data: no such file: {args.data!r}")
+    _fill_data_flags(parser, args)
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -257,6 +286,9 @@ def main(argv=None):
     sweep = args.sweep if args.sweep is not None else ([10.0, 100.0] if movielens
                                                        else [10.0, 100.0, 1000.0])
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        parser.error(f"argument --methods: expected at least one of {', '.join(NAMES)}, "
+                     f"got {args.methods!r}")
     for m in methods:
         if m not in NAMES:
             raise SystemExit(f"--methods: expected names from {sorted(NAMES)}, got {m!r}")

@@ -168,6 +168,33 @@ def test_tsv_bad_rows_raise_with_line_number_or_are_skipped():
     assert CriteoTSV([]).read().cats.shape == (0, 26)
 
 
+def test_tsv_open_files_and_iterators_go_on_where_a_pass_stopped(tmp_path):
+    # a limited pass once closed the caller's file (yield from passed the
+    # generator's close on) and pulled one line too many from an iterator
+    path = tmp_path / "day.tsv"
+    path.write_text("".join(_row(dense=[str(i)] * 13) for i in range(6)))
+    first = lambda b: np.expm1(b.dense[:, 0]).round().tolist()
+    it = iter(path.read_text().splitlines(keepends=True))
+    r = CriteoTSV(it)
+    assert first(r.read(limit=2)) == [0, 1] and first(r.read(limit=2)) == [2, 3]
+    with open(path) as f:
+        assert first(CriteoTSV(f).read(limit=3)) == [0, 1, 2] and not f.closed
+        next(CriteoTSV(f).batches(batch_size=1))        # abandoned: the file stays open
+        assert not f.closed and first(CriteoTSV(f).read()) == [4, 5]
+
+
+def test_tsv_passes_over_blank_lines_and_refuses_dense_values_past_64_bits(tmp_path):
+    path = tmp_path / "day.tsv"
+    path.write_text(_row() + "\n" + _row() + "  \r\n\n")
+    r = CriteoTSV(path)
+    assert len(r.read().labels) == 2 and r.skipped == 0
+    huge = _row(dense=["9" * 400] + ["1"] * 12)
+    with pytest.raises(ValueError, match="line 2: I1: expected a 64-bit integer"):
+        CriteoTSV([_row(), huge]).read()
+    r = CriteoTSV([huge, _row(), _row(dense=[str(1 << 63)] + ["1"] * 12)], on_bad="skip")
+    assert len(r.read().labels) == 1 and r.skipped == 2
+
+
 def test_tsv_reads_gzip_and_skips_undecodable_lines(tmp_path):
     import gzip
     rows = [_row(), _row("0", cats=[f"{i:04x}" for i in range(26)])]

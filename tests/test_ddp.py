@@ -49,3 +49,14 @@ def test_two_workers_match_single_process(tmp_path):
         if isinstance(v, torch.Tensor):
             assert torch.equal(v, s1[k]), k                         # replicas identical
             torch.testing.assert_close(v, ref[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("flag, value", [("--steps", "0"), ("--batch-size", "0"),
+                                         ("--lr", "-1"), ("--scale", "2")])
+def test_command_line_refuses_bad_numbers_before_starting(flag, value, capsys):
+    # (steps 0 and batch 0 failed with an IndexError / ZeroDivisionError
+    # after the process group had started)
+    from hashemb.torch.ddp import main
+    with pytest.raises(SystemExit) as e:
+        main([flag, value])
+    assert e.value.code == 2 and f"argument {flag}: expected" in capsys.readouterr().err

@@ -44,13 +44,28 @@ def test_demo_criteo_tsv(tmp_path):
                  "--compression", "10", "--out", str(tmp_path)] + TINY) == 0
     res = json.loads((tmp_path / "results.json").read_text())
     assert [r["method"] for r in res["rows"]] == ["full", "robez"]
-    assert "3000 train, 1000 test" in res["data"]
+    assert "3000 train, 1000 test, 1 malformed row skipped" in res["data"]
     # a file with no more rows than --test-samples would train on nothing
     small = tmp_path / "small.tsv"
     small.write_text("\n".join(lines[:201]) + "\n")      # 200 rows and the garbage one
-    with pytest.raises(SystemExit, match="more than --test-samples = 1000 readable rows, got 200"):
+    with pytest.raises(SystemExit, match="more than --test-samples = 1000 readable rows, got "
+                                         "200, 1 malformed row skipped"):
         main(["demo", "--data", str(small), "--sweep", "", "--methods", "robez",
               "--test-samples", "1000"] + TINY)
+
+
+@pytest.mark.parametrize("args, flag, said", [
+    (["--dataset", "movielens", "--train-samples", "1000"], "--train-samples", "--dataset movielens"),
+    (["--dataset", "movielens", "--scale", "0.5"], "--scale", "--dataset movielens"),
+    (["--data", __file__, "--scale", "0.5"], "--scale", "--data"),
+])
+def test_demo_refuses_data_flags_the_data_does_not_use(args, flag, said, tmp_path, capsys):
+    # MovieLens ignored all three, a TSV --scale: a run that silently did not
+    # do what its command line said
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--out", str(tmp_path)] + args)
+    assert e.value.code == 2
+    assert re.search(f"argument {flag}: not used with {said}", capsys.readouterr().err)
 
 
 def test_cli_usage(capsys):
@@ -87,7 +102,9 @@ def test_demo_device_is_checked_before_any_work(tmp_path):
     ("demo", "--batch-size", "0", r"\(0, inf\)"),
     ("demo", "--lr", "nan", r"\(0, inf\), got nan"),
     ("demo", "--scale", "2", r"\(0, 1\], got 2"),
-    ("demo", "--seed", "-1", r"\[0, inf\), got -1"),
+    ("demo", "--seed", "-1", r"\[0, 18446744073709551615\], got -1"),
+    ("demo", "--seed", str(1 << 64), r"\[0, 18446744073709551615\], got 18446744073709551616"),
+    ("demo", "--methods", ",", "expected at least one of full, robez"),   # trained nothing
     ("demo", "--sweep", "10,x", "a number, got 'x'"),
     ("demo", "--block", "3", "a divisor or a multiple of 16, got 3"),
     ("demo", "--lsh-block", "32", "a divisor of 16, got 32"),

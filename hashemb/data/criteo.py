@@ -76,7 +76,11 @@ class CriteoTSV:
                 else:
                     yield from f
         else:
-            yield from self.source
+            # a plain loop, not `yield from`: a pass that stops early (a
+            # limit, an abandoned batches()) closes this generator, and
+            # `yield from` would close the caller's file or generator with it
+            for line in self.source:
+                yield line
 
     @staticmethod
     def _parse(line):
@@ -86,6 +90,9 @@ class CriteoTSV:
         if parts[0] not in ("0", "1"):
             raise ValueError(f"label: expected 0 or 1, got {parts[0]!r}")
         dense = [int(v) if v else 0 for v in parts[1:1 + NUM_DENSE]]
+        for k, v in enumerate(dense, 1):
+            if not -(1 << 63) <= v < 1 << 63:
+                raise ValueError(f"I{k}: expected a 64-bit integer, got one of {len(str(abs(v)))} digits")
         cats = []
         for v in parts[1 + NUM_DENSE:]:
             if not v:
@@ -99,19 +106,28 @@ class CriteoTSV:
     def batches(self, batch_size=65536, limit=None):
         """Yield :data:`~hashemb.data.Batch` es of up to ``batch_size`` rows
         (``prob`` is None), at most ``limit`` rows in all. Each pass reads
-        the source from its start (a file; an iterator goes on where it
-        stopped) and counts its own :attr:`rows` and :attr:`skipped`."""
+        the source from its start (a file name, a list) or goes on where the
+        last pass stopped (an open file, an iterator: ``read(limit=n)`` twice
+        gives rows 1..n, then n+1..2n), and counts its own :attr:`rows` and
+        :attr:`skipped`. Blank lines are passed over (a file's trailing one,
+        concatenated files)."""
         batch_size = V.check_positive_int(batch_size, "batch_size")
         if limit is not None:
             limit = V.check_int(limit, "limit", lo=0)
         self.rows = self.skipped = 0
         labels, dense, cats = [], [], []
-        for lineno, line in enumerate(self._lines(), 1):
-            if limit is not None and self.rows >= limit:
+        lines = enumerate(self._lines(), 1)
+        # the limit is tested before a line is pulled: one more pulled from
+        # an iterator would be lost to the next pass
+        while limit is None or self.rows < limit:
+            lineno, line = next(lines, (0, None))
+            if line is None:
                 break
             try:
                 if isinstance(line, bytes):
                     line = line.decode("utf-8")
+                if not line.strip():
+                    continue
                 y, d, c = self._parse(line)
             except ValueError as e:     # UnicodeDecodeError too
                 if self.on_bad == "raise":

@@ -6,7 +6,8 @@ worker holds a full replica (array + MLPs), trains on its shard of the global
 batch, and DDP averages every gradient, the array's included (the array gets a
 plain dense gradient here, not a fused update, so that DDP can all-reduce it).
 
-Launch (gloo on CPU, NCCL when the tensors are on a GPU)::
+Launch (gloo on CPU; with ``HASHEMB_NCCL=1`` and CUDA, NCCL, each worker's
+replica on GPU ``LOCAL_RANK``, running the CuPy kernels)::
 
     torchrun --nproc_per_node 2 -m hashemb.torch.ddp --steps 50
 """
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import _validate as V
 from .dlrm import DLRM
 from .modules import RobeEmbeddingBagCollection
 
@@ -40,15 +42,16 @@ def train_steps(model, batches, lr, rank=0, world=1):
     that ``world`` does not divide: averaging the shards' means weighted
     their samples unequally). Returns each step's mean loss over the shard."""
     opt = torch.optim.SGD(model.parameters(), lr=lr)
+    dev = next(model.parameters()).device
     loss_fn = nn.BCEWithLogitsLoss(reduction="sum")
     model.train()
     losses = []
     for dense, cats, labels in batches:
         n = len(labels)
         lo, hi = rank * n // world, (rank + 1) * n // world
-        d = torch.from_numpy(np.ascontiguousarray(dense[lo:hi], np.float32))
-        c = torch.from_numpy(np.ascontiguousarray(cats[lo:hi]))
-        y = torch.from_numpy(np.ascontiguousarray(labels[lo:hi], np.float32))
+        d = torch.from_numpy(np.ascontiguousarray(dense[lo:hi], np.float32)).to(dev)
+        c = torch.from_numpy(np.ascontiguousarray(cats[lo:hi])).to(dev)
+        y = torch.from_numpy(np.ascontiguousarray(labels[lo:hi], np.float32)).to(dev)
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model(d, c), y)
         (loss * (world / n)).backward()
@@ -70,22 +73,29 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="torchrun --nproc_per_node N -m hashemb.torch.ddp",
                                 description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--batch-size", type=int, default=2048, help="global batch")
-    p.add_argument("--lr", type=float, default=0.5)
-    p.add_argument("--scale", type=float, default=0.01)
-    p.add_argument("--compression", type=float, default=1000.0)
-    p.add_argument("--seed", type=int, default=0)
+    # checked here (a 0 step count or batch once failed with an IndexError or
+    # ZeroDivisionError after the process group had started)
+    p.add_argument("--steps", type=V.cli_number(int), default=50)
+    p.add_argument("--batch-size", type=V.cli_number(int), default=2048, help="global batch")
+    p.add_argument("--lr", type=V.cli_number(float), default=0.5)
+    p.add_argument("--scale", type=V.cli_number(float, high=1.0), default=0.01)
+    p.add_argument("--compression", type=V.cli_number(float), default=1000.0)
+    p.add_argument("--seed", type=V.cli_number(int, high=2**64 - 1, closed=True), default=0)
     p.add_argument("--save", default=None,
                    help="every rank saves its replica's state_dict here ({rank} is replaced)")
     args = p.parse_args(argv)
-    backend = "nccl" if torch.cuda.is_available() and os.environ.get("HASHEMB_NCCL") else "gloo"
-    dist.init_process_group(backend)
+    nccl = torch.cuda.is_available() and os.environ.get("HASHEMB_NCCL", "0") not in ("", "0")
+    dist.init_process_group("nccl" if nccl else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     from ..data import SyntheticCriteo
     card = SyntheticCriteo(scale=args.scale, seed=args.seed).cardinalities
-    model = nn.parallel.DistributedDataParallel(
-        build_model(card, compression=args.compression, seed=args.seed))
+    model = build_model(card, compression=args.compression, seed=args.seed)
+    if nccl:        # NCCL reduces CUDA tensors only: the replica on this worker's GPU
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local)
+        model = nn.parallel.DistributedDataParallel(model.cuda(local), device_ids=[local])
+    else:
+        model = nn.parallel.DistributedDataParallel(model)
     losses = train_steps(model, synthetic_batches(args.steps, args.batch_size, args.scale,
                                                   args.seed), args.lr, rank, world)
     if rank == 0:
