@@ -197,11 +197,8 @@ def as_weight(weight, scheme, *, writable=False, storage=False):
 
 
 def check_table(table, scheme, name="table"):
-    table = check_int(table, name, lo=0, hi=1 << 61)
-    if scheme.num_tables is not None and table >= scheme.num_tables:
-        raise ValueError(f"{name}: expected 0 <= {name} < {scheme.num_tables} "
-                         f"(the scheme's tables), got {table}")
-    return table
+    # the scheme's own count in the message where it has one (not 2**61)
+    return check_int(table, name, lo=0, hi=scheme.num_tables or 1 << 61)
 
 
 def check_backward_weight(weight, mode, optimizer):

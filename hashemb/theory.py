@@ -182,6 +182,7 @@ def inner_product_variance(x, y, m, *, block, wrap=True):
     """
     x, y = _pair(x, y)
     m, Z, _ = _map_args(m, block, None)
+    wrap = V.check_flag(wrap, "wrap")       # a string 'False' read as True
     return _pair_sum(x * x, y * y, m, Z, wrap) + _pair_sum(x * y, x * y, m, Z, wrap)
 
 
@@ -206,6 +207,7 @@ def inner_product_expectation(x, y, m, *, block, signed=True, wrap=True):
     """
     x, y = _pair(x, y)
     m, Z, _ = _map_args(m, block, None)
+    signed, wrap = V.check_flag(signed, "signed"), V.check_flag(wrap, "wrap")
     exact = float(x @ y)
     return exact if signed else exact + _pair_sum(x, y, m, Z, wrap)
 
@@ -400,6 +402,7 @@ def embedding_inner_product_expectation(theta, a, b, m, *, dim, block, wrap=True
     """
     theta = _vector(theta, "theta")
     m, Z, dim = _map_args(m, block, dim)
+    wrap = V.check_flag(wrap, "wrap")
     table = _table(theta, Z, dim)
     a, b = _rows_args(theta, a, b, dim, Z)
     ra, rb = table[a], table[b]

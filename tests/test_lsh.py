@@ -325,6 +325,43 @@ def test_from_tokens_and_parts_errors():
     with pytest.raises(TypeError, match="data: expected an integer array"):
         he.LMA(10, 4, 2, s.keys, s.data.astype(np.float64), signature_size=8)
     assert he.LSHTable(10, 4, 2, t.keys, t.data.astype(np.int64), block=t.block) == t
+    # named, not an IndexError or a Cython buffer error
+    with pytest.raises(ValueError, match="keys: expected a map"):
+        he.LMA(10, 4, 2, np.int64(5), s.data, signature_size=8)
+    with pytest.raises(ValueError, match="tokens: expected a 1-D array"):
+        he.LMA.from_tokens(10, 4, 2, 0, 5, s.data[:1], signature_size=8)
+    with pytest.raises(ValueError, match="tokens: expected a 1-D array"):
+        he.LMA.from_tokens(10, 4, 2, [[0], [1]], [[1], [2]], s.data[:2], signature_size=8)
+    with pytest.raises(TypeError, match="num_fields"):
+        he.LMA.from_tokens(10, 4, "2", fields, tokens, s.data, signature_size=8)
+    with pytest.raises(ValueError, match=r"data: expected one row per token \(10\)"):
+        he.LMA.from_tokens(10, 4, 2, fields, tokens, s.data[:4], signature_size=8)
+
+
+@pytest.mark.parametrize("H", [9, 12, 63])
+def test_lma_default_signature_holds_num_hashes_values(H):
+    # the default min(8, H R) refused H = 9..63 with one run, naming a
+    # signature_size the caller never gave
+    X = np.random.default_rng(H).integers(0, 30, (200, 3))
+    s = he.LMA.fit(X, size=1000, dim=8, num_hashes=H, num_points=100)
+    assert s.data.shape[1] == H and s.num_hashes == H
+    s8 = he.LMA.fit(X, size=1000, dim=8, num_hashes=2, num_points=100, block=1)
+    assert s8.data.shape[1] == 8                    # min(8, 2 * 8 runs), as before
+    out = he.embedding_bags(X[:5], s.init_weight(seed=1), scheme=s, num_tables=3)
+    assert out.shape == (5, 24) and np.isfinite(out).all()
+
+
+def test_fit_without_tqdm_installed():
+    # tqdm is imported only for a progress bar: a fit without one needs no tqdm
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['tqdm'] = sys.modules['tqdm.auto'] = None\n"
+            "import numpy as np, hashemb as he\n"
+            "X = np.array([[0, 5], [0, 5], [1, 6], [1, 7]])\n"
+            "for cls in (he.LSHTable, he.LMA):\n"
+            "    print(cls.fit(X, size=1000, dim=8, num_points=4).num_sampled)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.split() == ["5", "5"], out.stderr
 
 
 def test_fit_on_a_missing_gpu_says_so_before_any_work():

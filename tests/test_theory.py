@@ -266,10 +266,13 @@ def theorem2_table(rows, dim, a, b, seed):
 @pytest.mark.parametrize("dim,Z,a,b,wrap", [(4, 2, 0, 5, True),    # Z < D: never one block
                                            (4, 4, 0, 5, True),    # ROBE-D
                                            (4, 8, 0, 5, True),    # Z > D, different blocks
-                                           (4, 2, 0, 5, False)])
+                                           (4, 2, 0, 5, False),
+                                           (4, 8, 0, 5, False)])  # Z > D, no wrap
 def test_theorem2_different_blocks_biased(dim, Z, a, b, wrap):
     theta = theorem2_table(16, dim, a, b, 0)
-    m = 8
+    # Z > D without wrap at m = Z: every block starts at 0, rows 0 and 5 at
+    # other offsets in it never meet (no bias to see); m = 16 has 9 starts
+    m = 16 if Z > dim and not wrap else 8
     mc = theory.monte_carlo(theory.embedding_inner_product_estimates(
         theta, a, b, m, dim=dim, block=Z, seeds=2000, wrap=wrap))
     want = theory.embedding_inner_product_expectation(theta, a, b, m, dim=dim, block=Z, wrap=wrap)
@@ -313,6 +316,15 @@ def test_theorem2_same_block_unbiased():
     (lambda: theory.embedding_inner_product_expectation(np.ones(12), 0, 1, 8, dim=4, block=3),
      ValueError, "block:"),
     (lambda: theory.monte_carlo([1.0]), ValueError, "estimates:"),
+    # flags, as RobeZ takes them (a string 'False' gave the wrap / signed figures)
+    (lambda: theory.inner_product_variance(np.ones(4), np.ones(4), 8, block=2, wrap="False"),
+     TypeError, "wrap:"),
+    (lambda: theory.inner_product_expectation(np.ones(4), np.ones(4), 8, block=2,
+                                              signed="False"), TypeError, "signed:"),
+    (lambda: theory.inner_product_expectation(np.ones(4), np.ones(4), 8, block=2, wrap="no"),
+     TypeError, "wrap:"),
+    (lambda: theory.embedding_inner_product_expectation(np.ones(8), 0, 1, 8, dim=2, block=1,
+                                                        wrap="False"), TypeError, "wrap:"),
     (lambda: theory.monte_carlo([1.0, 2.0], confidence=1.0), ValueError, "confidence:"),
 ])
 def test_errors(call, exc, match):
