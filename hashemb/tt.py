@@ -31,7 +31,7 @@ import numpy as np
 
 from . import _validate as V
 from ._backend import on_gpu
-from .optim import SGD, check_optimizer
+from .optim import SGD, Adagrad, check_optimizer
 
 WEIGHT_DISTS = ("uniform", "normal", "approx-uniform", "approx-normal")
 
@@ -53,16 +53,76 @@ def _k():
 
 # ---------------------------------------------------------------- shapes
 
+_SMALL_PRIMES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)
+
+
+def _is_prime(n):
+    """Miller-Rabin with the first 12 primes as bases: exact below 3.3e24
+    (num_embeddings is below 2**61)."""
+    if n < 2:
+        return False
+    for p in _SMALL_PRIMES:
+        if n % p == 0:
+            return n == p
+    d, s = n - 1, 0
+    while d % 2 == 0:
+        d, s = d // 2, s + 1
+    for a in _SMALL_PRIMES:
+        x = pow(a, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(s - 1):
+            x = x * x % n
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def _split(n):
+    """A factor 1 < f < n of a composite n with no factor below 1000
+    (Pollard's rho, Brent's cycle search over x^2 + c)."""
+    for c in range(1, n):
+        x = y = 2
+        f, r = 1, 1
+        while f == 1:
+            x = y
+            for _ in range(r):
+                y = (y * y + c) % n
+            k = 0
+            while k < r and f == 1:
+                for _ in range(min(128, r - k)):
+                    y = (y * y + c) % n
+                    f = math.gcd(abs(x - y), n)
+                    if f != 1:
+                        break
+                k += 128
+            r *= 2
+        if f != n:
+            return f
+    raise AssertionError(f"no factor of {n}")      # (unreachable for a composite n)
+
+
 def _prime_factors(n):
+    """The prime factors of n, ascending, with repeats: trial division below
+    1000, then Miller-Rabin and Pollard's rho (trial division alone took
+    88 s for the prime 2**61 - 1; rho takes about n**(1/4) steps)."""
     out, f = [], 2
-    while f * f <= n:
+    while f < 1000 and f * f <= n:
         while n % f == 0:
             out.append(f)
             n //= f
         f += 1 if f == 2 else 2
-    if n > 1:
-        out.append(n)
-    return out
+    rest = [n] if n > 1 else []
+    while rest:
+        m = rest.pop()
+        if m < 1000 * 1000 or _is_prime(m):     # (no factor below 1000 is left)
+            out.append(m)
+        else:
+            g = _split(m)
+            rest += [g, m // g]
+    return sorted(out)
 
 
 def _divisors(n):
@@ -256,7 +316,11 @@ def _as_cores(cores, name="cores", *, writable=False, be=None):
     if R[-1] != 1:
         raise ValueError(f"{name}[{len(cores) - 1}]: expected the last rank R_d = 1 in shape[3], "
                          f"got shape {cores[-1].shape}")
-    return out, TTShape(p, q, R, int(np.prod(p, dtype=object)), int(np.prod(q)), dtype)
+    n = int(np.prod(p, dtype=object))
+    if n > 1 << 62:     # row ids are int64 (an OverflowError without a name before)
+        raise ValueError(f"{name}: expected prod(p) <= 2**62 rows (the first dimensions), "
+                         f"got {n} = {' x '.join(map(str, p))}")
+    return out, TTShape(p, q, R, n, int(np.prod(q)), dtype)
 
 
 def _check_ranks(tt_ranks, d):
@@ -438,6 +502,14 @@ class TTCache:
     instead of the cores, and its gradient trains ``weight`` instead of the
     cores.
 
+    **Slots are stable.** A row that stays cached keeps its slot (its row of
+    ``weight``), so per-element optimizer state kept by slot (a torch
+    optimizer's on the cache parameter, a fused Adagrad's) stays with it;
+    rows coming in take the slots rows left. ``populate`` returns those
+    changed slots: pass ``optimizer=`` to zero a fused Adagrad's state there
+    (a new row starts afresh, not with an evicted row's sums), and zero a
+    torch optimizer's state of those rows yourself.
+
     **Eviction loses training.** A row that leaves the cache at the next
     ``populate`` goes back to its TT value, which did not change while the
     row was cached (its lookups trained ``weight`` only); the trained copy is
@@ -457,10 +529,11 @@ class TTCache:
 
     Attributes
     ----------
-    rows : ndarray of int64, sorted
-        The cached row ids (empty until ``populate``).
+    rows : ndarray of int64
+        The row id each slot holds, -1 for a free slot (empty until
+        ``populate``; the first fills slots in ascending row order).
     weight : ndarray, shape (capacity, dim)
-        Their values; row ``i`` holds ``rows[i]`` (rows past ``len(rows)`` unused).
+        Their values; row ``i`` holds ``rows[i]`` (free slots hold zeros).
 
     Examples
     --------
@@ -468,11 +541,17 @@ class TTCache:
     >>> cores = he.tt_init(1000, [10, 10, 10], [2, 2, 2], [4, 4])
     >>> cache = he.TTCache(2, 8)
     >>> cache.count(np.array([7, 7, 7, 3, 3, 9]))
-    >>> cache.populate(cores)
+    >>> cache.populate(cores)                # the slots filled
+    array([0, 1])
     >>> cache.rows
     array([3, 7])
     >>> bool(np.allclose(cache.weight[1], he.tt_to_full(cores)[7]))
     True
+    >>> cache.count(np.full(5, 9))
+    >>> cache.populate(cores)                # 9 takes 3's slot; 7 stays in its own
+    array([0])
+    >>> cache.rows
+    array([9, 7])
     """
 
     def __init__(self, capacity, dim, hashtbl_size=None, dtype=np.float32):
@@ -495,9 +574,36 @@ class TTCache:
         self.rows = np.zeros(0, np.int64)
         self.weight = np.zeros((self.capacity, self.dim), dtype)
 
+    @property
+    def rows(self):
+        return self._rows
+
+    @rows.setter
+    def rows(self, rows):
+        rows = np.array(rows, np.int64).reshape(-1)
+        held = np.flatnonzero(rows >= 0)
+        order = np.argsort(rows[held], kind="stable")
+        ids = rows[held][order]
+        if ids.size > 1 and (ids[1:] == ids[:-1]).any():
+            raise ValueError("rows: expected distinct row ids (one slot a row), got repeats")
+        # the lookup index: held ids sorted, and the slot of each
+        self._rows, self._ids, self._slot_of = rows, ids, held[order]
+
+    def __setstate__(self, state):
+        # a cache pickled when rows was a plain attribute (sorted, no holes)
+        rows = state.pop("rows", None)
+        self.__dict__.update(state)
+        if rows is not None:
+            self.rows = rows
+
+    @property
+    def num_cached(self):
+        """Rows held."""
+        return int(self._ids.size)
+
     def __repr__(self):
         return (f"TTCache(capacity={self.capacity}, dim={self.dim}, "
-                f"hashtbl_size={self.keys.shape[0]}, cached={len(self.rows)})")
+                f"hashtbl_size={self.keys.shape[0]}, cached={self.num_cached})")
 
     def count(self, indices):
         """Add one use of every entry of ``indices`` (non-negative row ids)."""
@@ -520,9 +626,16 @@ class TTCache:
         self._used = 0
         self.rows = np.zeros(0, np.int64)
 
-    def populate(self, cores, num_embeddings=None):
-        """Cache the ``capacity`` most frequent rows, filled from ``cores`` (rows
-        already cached keep their trained values)."""
+    def populate(self, cores, num_embeddings=None, optimizer=None):
+        """Cache the ``capacity`` most frequent rows: rows already cached keep
+        their slots and trained values, rows coming in take free slots (in
+        ascending row order) filled from ``cores``, and slots left free hold
+        zeros. ``optimizer``: a fused :class:`hashemb.Adagrad` whose state of
+        this cache's changed slots is zeroed (SGD has none). Returns the
+        changed slots (int64, ascending)."""
+        if optimizer is not None and not isinstance(optimizer, (SGD, Adagrad)):
+            raise TypeError(f"optimizer: expected None, hashemb.SGD or hashemb.Adagrad (the "
+                            f"cache's fused rules), got {V._desc(optimizer)}")
         cores, s = _as_cores(cores)
         if s.dtype != self.weight.dtype:
             raise TypeError(f"cores: expected dtype {self.weight.dtype} (the cache's), got {s.dtype}")
@@ -535,23 +648,30 @@ class TTCache:
         keys, freq = self.keys[used], self.freq[used]
         order = np.lexsort((keys, -freq))[:self.capacity]
         new = np.sort(keys[order])
-        old_rows, old_w = self.rows, self.weight[:len(self.rows)].copy()
-        vals = np.empty((len(new), self.dim), s.dtype)
-        if len(new):
-            vals[:] = _rows_of(cores, s, new)
-        keep = np.isin(new, old_rows)
-        if keep.any():
-            vals[keep] = old_w[np.searchsorted(old_rows, new[keep])]
-        self.weight[:] = 0          # in place: views of the cache (torch) stay valid
-        self.weight[:len(new)] = vals
-        self.rows = new
+        old = np.full(self.capacity, -1, np.int64)
+        old[:len(self.rows)] = self.rows
+        stay = (old >= 0) & np.isin(old, new)
+        incoming = new[~np.isin(new, old[stay])]
+        free = np.flatnonzero(~stay)[:len(incoming)]
+        rows = np.where(stay, old, -1)
+        rows[free] = incoming
+        # in place: views of the cache (torch's parameter) stay valid
+        self.weight[~stay] = 0
+        if len(incoming):
+            self.weight[free] = _rows_of(cores, s, incoming)
+        self.rows = rows
+        changed = np.flatnonzero(rows != old)
+        if isinstance(optimizer, Adagrad) and changed.size:
+            optimizer.state_for(self.weight)[0].reshape(self.weight.shape)[changed] = 0
+        return changed
 
     def slots(self, rows):
         """Cache slot of each row id, -1 where not cached."""
-        if not len(self.rows):
+        rows = np.asarray(rows)
+        if not self._ids.size:
             return np.full(rows.shape, -1, np.int64)
-        pos = np.minimum(np.searchsorted(self.rows, rows), len(self.rows) - 1)
-        return np.where(self.rows[pos] == rows, pos, -1)
+        pos = np.minimum(np.searchsorted(self._ids, rows), self._ids.size - 1)
+        return np.where(self._ids[pos] == rows, self._slot_of[pos], -1)
 
 
 def _rows_of(cores, s, rows):
@@ -703,8 +823,9 @@ class TTSaved:
     """What :func:`tt_embedding_bag` computed that its backward reuses
     (``return_saved=True``): the digit groups and partial chain products of
     every table, so backward does not redo the forward products. Valid only
-    for the same inputs and unchanged cores (a saved of other inputs is a
-    ValueError).
+    for the same inputs and unchanged cores: a saved of other sizes (bags,
+    entries, tables, TT shapes) is a ValueError, but one of other indices of
+    the same sizes is not detected (the torch modules pass each forward's own).
 
     Examples
     --------
@@ -842,7 +963,7 @@ def _forward(b, shapes, caches, out, save):
         lo, hi = int(b.off[t * B]), int(b.off[(t + 1) * B])
         idx = b.idx[lo:hi].astype(np.int64, copy=False)
         off = b.off[t * B:(t + 1) * B + 1] - lo
-        if cache is not None and len(cache.rows):
+        if cache is not None and cache.num_cached:
             slot = cache.slots(idx)
             miss = slot < 0
             hit_n = np.flatnonzero(~miss)

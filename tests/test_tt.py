@@ -328,6 +328,37 @@ def test_tt_shapes_examples():
     assert he.tt_shapes(1_000_003, 16, round_up=False)[0] == [1_000_003, 1, 1]
 
 
+@settings(max_examples=300, deadline=None)
+@given(n=st.one_of(st.integers(1, 10**7),
+                   st.tuples(st.integers(2, 10**5), st.integers(2, 10**5)).map(
+                       lambda ab: ab[0] * ab[1])))
+def test_prime_factors_against_trial_division(n):
+    def ref(m):
+        out, f = [], 2
+        while f * f <= m:
+            while m % f == 0:
+                out.append(f)
+                m //= f
+            f += 1
+        return out + ([m] if m > 1 else [])
+    assert he.tt._prime_factors(n) == ref(n)
+
+
+def test_tt_shapes_of_huge_hard_sizes_is_quick():
+    # trial division took 88 s for the prime 2**61 - 1 (an allowed
+    # num_embeddings); Pollard's rho splits semiprimes of two 31-bit primes
+    import time
+    big = [2**61 - 1, (2**31 - 1) * (2**30 - 35), 1000003**2 * 7, 2**60, 3**38]
+    t = time.perf_counter()
+    for n in big:
+        f = he.tt._prime_factors(n)
+        assert math.prod(f) == n and all(he.tt._is_prime(x) for x in f)
+    assert he.tt._prime_factors(big[1]) == [2**30 - 35, 2**31 - 1]
+    p, _ = he.tt_shapes(2**61 - 1, 16)
+    assert 2**61 - 1 <= math.prod(p) <= (2**61 - 1) * 1.1
+    assert time.perf_counter() - t < 10
+
+
 def _entry_moments(kind, n, shapes, D):
     """Exact mean and variance of one full-table entry under tt_init's documented
     core law (i.i.d. entries with mean m1 and second moment m2), by a transfer
@@ -427,6 +458,85 @@ def test_cache_same_forward_then_trains_cached_rows():
     np.testing.assert_allclose(he.tt_embedding_bag(np.array([3]), cores, np.array([0, 1]),
                                                    cache=cache)[0],
                                he.tt_to_full(cores)[3], rtol=1e-13)
+
+
+def test_cache_slots_are_stable_and_fused_state_stays_with_its_row():
+    # populate re-sorted the cached rows without their optimizer state: a row
+    # coming in took an evicted row's Adagrad sums (its first step 22x too
+    # small) and a row that stayed restarted from another's
+    cores = he.tt_init(1000, [10, 10, 10], [2, 2, 2], [4, 4], dtype=np.float64)
+    full = he.tt_to_full(cores)
+    cache = he.TTCache(2, 8, dtype=np.float64)
+    cache.count(np.array([5, 5, 7, 7, 7]))
+    ada = he.Adagrad(0.1, eps=1e-10)
+    np.testing.assert_array_equal(cache.populate(cores, optimizer=ada), [0, 1])
+    assert list(cache.rows) == [5, 7]
+    one = np.array([0, 1])
+    for _ in range(3):                                  # train row 7 (slot 1)
+        he.tt_embedding_bag_backward(np.ones((1, 8)), np.array([7]), cores, one,
+                                     cache=cache, optimizer=ada)
+    trained7, acc = cache.weight[1].copy(), ada.state_for(cache.weight)[0].reshape(2, 8)
+    assert (acc[1] == 3).all() and (acc[0] == 0).all()
+    cache.count(np.full(9, 9))                          # 9 and 7 now the two most used
+    np.testing.assert_array_equal(cache.populate(cores, optimizer=ada), [0])
+    assert list(cache.rows) == [9, 7] and cache.num_cached == 2
+    np.testing.assert_array_equal(cache.weight[1], trained7)     # kept, slot and value
+    np.testing.assert_allclose(cache.weight[0], full[9], rtol=1e-13)    # new, from the cores
+    assert (acc[1] == 3).all() and (acc[0] == 0).all()           # 9 starts afresh
+    he.tt_embedding_bag_backward(np.ones((1, 8)), np.array([9]), cores, one, cache=cache,
+                                 optimizer=ada)
+    np.testing.assert_allclose(cache.weight[0], full[9] - 0.1 / (1 + 1e-10), rtol=1e-12)
+    np.testing.assert_array_equal(cache.slots(np.array([7, 9, 5])), [1, 0, -1])
+    # a lookup reads each row from its slot
+    got = he.tt_embedding_bag(np.array([9, 7, 5]), cores, np.arange(4), cache=cache)
+    np.testing.assert_array_equal(got[:2], np.stack([cache.weight[0], trained7]))
+    np.testing.assert_allclose(got[2], full[5], rtol=1e-13)
+    # fewer rows than slots (none past num_embeddings): the freed slot holds zeros
+    np.testing.assert_array_equal(cache.populate(cores, num_embeddings=6, optimizer=ada), [0, 1])
+    assert list(cache.rows) == [5, -1] and (cache.weight[1] == 0).all() and (acc == 0).all()
+    with pytest.raises(TypeError, match="optimizer"):
+        cache.populate(cores, optimizer="adagrad")
+    with pytest.raises(ValueError, match="rows: expected distinct"):
+        cache.rows = [3, 3]
+    # a cache pickled when rows was a plain sorted attribute
+    import pickle
+    old = pickle.loads(pickle.dumps(cache))
+    old.__dict__.pop("_rows"), old.__dict__.pop("_ids"), old.__dict__.pop("_slot_of")
+    state = dict(old.__dict__, rows=np.array([4, 7]))
+    fresh = he.TTCache.__new__(he.TTCache)
+    fresh.__setstate__(state)
+    np.testing.assert_array_equal(fresh.slots(np.array([7, 4, 5])), [1, 0, -1])
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_module_cache_populate_keeps_optimizer_state_with_its_row(sparse):
+    # sparse: the fused Adagrad's accumulators; dense: a torch Adagrad's, by
+    # slot, which the returned changed slots let the caller zero
+    torch.manual_seed(0)
+    kw = dict(use_cache=True, cache_size=2, seed=1, dtype=torch.float64)
+    m = TTEmbeddingBag(1000, 8, [4, 4], sparse=sparse, optimizer="adagrad",
+                       learning_rate=0.1, **kw) if sparse else \
+        TTEmbeddingBag(1000, 8, [4, 4], **kw)
+    opt = None if sparse else torch.optim.Adagrad(m.parameters(), lr=0.1)
+    m.train()
+    m(torch.tensor([[5, 5, 7, 7, 7]]))
+    assert [s.tolist() for s in m.cache_populate()] == [[0, 1]]
+    for _ in range(3):                                      # rows 5 and 7 train
+        m(torch.tensor([[7, 5]])).sum().backward()
+        if opt:
+            opt.step()
+            opt.zero_grad()
+    acc = (m.optimizer_state_3 if sparse else opt.state[m.cache_weights[0]]["sum"]).clone()
+    assert (acc > 0).all()
+    m(torch.full((1, 9), 9))
+    changed = m.cache_populate()
+    assert [s.tolist() for s in changed] == [[0]]
+    assert list(m._cache_objs[0].rows) == [9, 7]
+    now = m.optimizer_state_3 if sparse else opt.state[m.cache_weights[0]]["sum"]
+    torch.testing.assert_close(now[1], acc[1])              # 7's sums, still in its slot
+    # 9 took 5's slot: the fused sums start at zero, torch's are the caller's to zero
+    assert torch.equal(now[0], torch.zeros_like(now[0]) if sparse else acc[0])
+    assert TTEmbeddingBag(10, 8, [2, 2]).cache_populate()[0].size == 0
 
 
 def test_module_cache_on_off_same_forward():
@@ -635,6 +745,10 @@ def test_collection_and_ranks_for_compression():
 def test_errors():
     cores = he.tt_init(100, [10, 10], [4, 4], [5])
     idx, off = np.array([1, 2]), np.array([0, 2])
+    # row ids are int64: more rows than that is named (an OverflowError before)
+    with pytest.raises(ValueError, match=r"cores: expected prod\(p\) <= 2\*\*62 rows"):
+        he.tt_embedding_bag(np.array([5]), [np.zeros((65536, 1, 1, 1), np.float32)] * 4,
+                            np.array([0, 1]))
     with pytest.raises(IndexError, match="indices"):
         he.tt_embedding_bag(np.array([100]), cores, np.array([0, 1]))
     with pytest.raises(IndexError, match="indices"):

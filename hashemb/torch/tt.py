@@ -319,15 +319,22 @@ class TTEmbeddingBagCollection(nn.Module):
     def cache_populate(self):
         """Refresh every table's cache with its most frequent rows (see
         :class:`hashemb.TTCache`: a row leaving the cache loses what it
-        learnt there; the cache's Adagrad accumulators restart at zero)."""
+        learnt there; a row staying keeps its slot, values and fused Adagrad
+        accumulators; a row coming in starts from its TT value and zero
+        accumulators). Returns each table's changed slots (rows of
+        ``cache_weights[t]``), where a torch optimizer's state (sparse=False)
+        belongs to the rows that left: zero it there."""
         if not self.use_cache:
-            return
+            return [np.zeros(0, np.int64) for _ in self.num_embeddings]
         cores, caches = self._tables_of(self._params())
-        for t, c in enumerate(caches):
-            c.populate(cores[t], self.num_embeddings[t])
+        changed = [c.populate(cores[t], self.num_embeddings[t]) for t, c in enumerate(caches)]
         if self.sparse and isinstance(self._opt, _tt_adagrad()):
-            for i in range(len(self.tt_cores), len(self.tt_cores) + len(self.cache_weights)):
-                getattr(self, f"optimizer_state_{i}").zero_()
+            first = len(self.tt_cores)
+            for t, slots in enumerate(changed):
+                state = getattr(self, f"optimizer_state_{first + t}", None)
+                if state is not None and slots.size:
+                    state[torch.from_numpy(slots).to(state.device)] = 0
+        return changed
 
     def get_extra_state(self):
         # the LFU caches' row sets and frequency tables: the cached rows'
