@@ -70,6 +70,8 @@ def check_key(value, name):
 
 
 def check_float(value, name, *, positive=False, nonneg=False):
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf":
+        value = value.item()            # a 0-d array is its number (np.float64(x) is one)
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a real number, got {_desc(value)}")
     value = float(value)

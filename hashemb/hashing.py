@@ -110,10 +110,17 @@ class UniversalHash:
     with :math:`A, B, C, A', B', C', Q_1, Q_2, Q_3` uniform on :math:`[1, P)` and
     :math:`D_0, D_0', Q_0` on :math:`[0, P)`, all drawn from ``seed`` by SplitMix64
     (pure Python, so a seed's hash never changes with the NumPy version). Keys
-    are any 64-bit integers: they are reduced mod P first and every product is
-    exact (128-bit), so nothing wraps.
+    are any 64-bit integers: they are reduced mod P first (as ALGORITHMS.md
+    specifies) and every product is exact (128-bit), so nothing wraps. Keys
+    equal mod P are one key: as :math:`2^{64} \equiv 8 \pmod P`, a negative
+    int64 token :math:`-j` (:math:`1 \le j \le 8`) hashes as :math:`8 - j`
+    under every seed (a missing-value -1 shares token 7's slots and signs),
+    and :math:`u` as :math:`u - P` above :math:`P`. Keep sentinels
+    non-negative (or give them an id of their own); ids from a 64-bit hash
+    meet this way with chance about 8 / 2**61 a pair.
 
-    ``h`` is pairwise independent, which is all a slot needs. The sign goes
+    ``h`` is pairwise independent over keys distinct mod P, which is all a
+    slot needs. The sign goes
     through the cubic ``q`` because the parity of the linear key alone is
     correlated in fours (keys with :math:`k_1 + k_4 = k_2 + k_3`, such as any
     grid of (token, element) pairs, give :math:`E[g_1 g_2 g_3 g_4] \approx 1/3`),

@@ -70,9 +70,17 @@ class _Fused:
             f.detach()
 
     def __getstate__(self):
-        # (a copy's entries are forgotten with it; finalizers do not copy)
+        # a copy (pickle, deepcopy) keeps the settings and the rounding
+        # counter, not the arrays kept by address: those are the original's
+        # weights' addresses (a copy's weights live elsewhere, so it stepped
+        # from zeros anyway, and a later weight at such an address took a
+        # stale accumulator). Checkpoint an accumulator with state_for and
+        # bind it back with use_state; the torch modules do (state_dict).
         state = self.__dict__.copy()
         state["_finalizers"] = []
+        state["_scratch"] = {}
+        if "state" in state:
+            state["state"] = {}
         return state
 
     @staticmethod
@@ -326,10 +334,16 @@ class RowwiseAdagrad(_Accumulating):
 
     @staticmethod
     def _fits(weight, size):
+        # a (rows, D) weight says its rows; a flat one only that they divide it
+        # (a wrong count bound here failed at the first step, far from the cause)
+        if weight.ndim == 2:
+            return size == weight.shape[0]
         return 0 < size and weight.size % size == 0
 
     @staticmethod
     def _sizes(weight):
+        if weight.ndim == 2:
+            return f"one value per row ({weight.shape[0]})"
         return f"one value per row (a divisor of {weight.size})"
 
     def _apply(self, k, run, w):

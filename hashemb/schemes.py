@@ -147,7 +147,7 @@ class Scheme:
         rng = np.random.default_rng(V.check_seed(seed))
         if scale is None:
             parts = self._default_scales()
-        elif isinstance(scale, (list, tuple, np.ndarray)):
+        elif isinstance(scale, (list, tuple)) or np.ndim(scale) > 0:
             parts = self._default_scales()
             if not isinstance(self, FullTable):
                 raise ValueError(f"scale: expected a number, got {len(scale)} values")
@@ -337,7 +337,8 @@ class _RobeReference(RobeZ):
         block = _check_block(block, dim)
         if size < block:
             raise ValueError(f"size: expected size >= block = {block}, got {size}")
-        self.block, self.seed, self.wrap = block, V.check_seed(seed), False
+        # the authors' seed goes to NumPy's RandomState, which takes 32 bits
+        self.block, self.seed, self.wrap = block, V.check_int(seed, "seed", lo=0, hi=1 << 32), False
         R = np.random.RandomState(self.seed).randint(0, ROBE_REF_P, size=50)
         _set_tables(self, table_sizes)
         self._config = dict(type="RobeZ.reference", size=size, dim=dim, block=block,

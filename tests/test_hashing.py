@@ -59,6 +59,18 @@ def test_large_keys_do_not_wrap():
     assert got.tolist() == [uhash(h.coef, 0, k, 0, 2**40 + 3) for k in keys]
 
 
+@pytest.mark.parametrize("seed", [0, 7, 2**64 - 1])
+def test_keys_equal_mod_p_are_one_key(seed):
+    # the spec reduces keys mod P, and 2**64 = 8 mod P: int64 -j is 8 - j
+    # (documented: a -1 sentinel shares token 7's slots and signs)
+    h = he.UniversalHash(seed)
+    neg, pos = np.array([-1, -2, -8, -9]), np.array([7, 6, 0, P - 1])
+    assert (h(neg, 10**9) == h(pos, 10**9)).all()
+    assert (h.sign(neg) == h.sign(pos)).all()
+    assert (h(np.array([5, P + 5], np.uint64), 10**9)[0]
+            == h(np.array([5, P + 5], np.uint64), 10**9)[1])
+
+
 def test_hash_errors():
     h = he.UniversalHash(0)
     with pytest.raises(TypeError, match="keys"):

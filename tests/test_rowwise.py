@@ -211,14 +211,48 @@ def test_errors():
     opt = he.RowwiseAdagrad(0.1)
     with pytest.raises(ValueError, match="state: expected .*one value per row"):
         opt.use_state(W, np.zeros(7, np.float32))
-    opt.use_state(W, np.zeros(80, np.float32))      # divides the size, but not 10 rows
+    # a (rows, D) weight's row count is checked as the state is bound (it
+    # failed only at the next step); a flat weight's at the step
+    assert W.shape == (10, 8)
+    with pytest.raises(ValueError, match=r"state: expected .*one value per row \(10\)"):
+        opt.use_state(W, np.zeros(80, np.float32))
+    flat = W.reshape(-1)
+    opt.use_state(flat, np.zeros(80, np.float32))   # divides the size, but not 10 rows
     with pytest.raises(ValueError, match="state: expected 10 values"):
-        he.embedding_bag_backward(g, x, scheme=full, weight=W, optimizer=opt)
+        he.embedding_bag_backward(g, x, scheme=full, weight=flat, optimizer=opt)
     cores = he.tt_init(8, [2, 4], [2, 4], [2])
     with pytest.raises(TypeError, match="optimizer: expected None, hashemb.SGD or "
                                         "hashemb.Adagrad, got RowwiseAdagrad"):
         he.tt_embedding_bag_backward(np.ones((1, 8), np.float32), np.array([1]), cores,
                                      np.array([0, 1]), optimizer=he.RowwiseAdagrad(0.1))
+
+
+@pytest.mark.parametrize("kind", ["adagrad", "rowwise"])
+def test_a_copied_optimizer_keeps_no_arrays_by_address(kind):
+    # a pickled copy kept the original's accumulators keyed by the original
+    # weights' addresses: a later weight at such an address took one (a first
+    # step of half its size), and the copy's own weights stepped from zeros
+    import gc
+    import pickle
+    full = he.FullTable([10], 8)
+    x, g = np.array([[2]]), np.ones((1, 8), np.float32)
+    opt = he.Adagrad(0.1) if kind == "adagrad" else he.RowwiseAdagrad(0.1)
+    W = full.init_weight()
+    for _ in range(3):
+        he.embedding_bag_backward(g, x, scheme=full, weight=W, optimizer=opt)
+    copy = pickle.loads(pickle.dumps(opt))
+    assert copy.state == {} and copy._scratch == {} and copy.lr == opt.lr
+    addr = W.__array_interface__["data"][0]
+    del W
+    gc.collect()
+    for _ in range(50):             # a fresh weight, ideally at the freed address
+        W2 = full.init_weight()
+        if W2.__array_interface__["data"][0] == addr:
+            break
+    before = W2.copy()
+    he.embedding_bag_backward(g, x, scheme=full, weight=W2, optimizer=copy)
+    np.testing.assert_allclose(W2[2], before[2] - 0.1, rtol=1e-6)    # from zeros
+    assert opt.state == {}          # the original forgot the freed weight's
 
 
 def test_torch_module():

@@ -101,6 +101,18 @@ def test_robe_reference_constants():
     assert ref.slots(np.array([0]))[0, :4].tolist() == [634329019 % 997 + i for i in range(4)]
 
 
+def test_reference_seed_and_zero_d_scales_are_checked_by_name():
+    # (NumPy's "Seed must be between 0 and 2**32 - 1" and "len() of unsized object")
+    with pytest.raises(ValueError, match=r"seed: expected 0 <= seed < 4294967296"):
+        he.RobeZ.reference(1000, 8, block=4, seed=2**32)
+    assert he.RobeZ.reference(1000, 8, block=4, seed=2**32 - 1).seed == 2**32 - 1
+    w = he.RobeZ(1000, 8).init_weight(scale=np.array(0.25))
+    assert np.abs(w).max() <= 0.25 and np.abs(w).max() > 0.2
+    w = he.FullTable([3, 5], 4).init_weight(scale=np.array([0.5, 0.0]))
+    assert (w[3:] == 0).all() and np.abs(w[:3]).max() > 0.3
+    assert he.SGD(np.array(0.1)).lr == 0.1
+
+
 def test_full_table_layout():
     full = he.FullTable([3, 5, 2], 4)
     assert full.size == 40 and full.weight_shape == (10, 4)
