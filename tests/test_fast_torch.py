@@ -77,6 +77,74 @@ def test_float64_noncontiguous_and_detached_grads():
     fast.weight = torch.nn.Parameter(ref.weight.detach().t().contiguous().t())
     assert not fast.weight.is_contiguous()
     torch.testing.assert_close(fast(x), ref(x), rtol=0, atol=0)
+    # an upstream gradient that reaches the op as a negative view (the native
+    # op read its raw bits: the gradient came out with the wrong sign)
+    for m in (ref, fast):
+        m.weight.grad = None
+        m(x).backward(torch._neg_view(torch.ones(2, 3, 5, dtype=torch.float64)))
+    torch.testing.assert_close(fast.weight.grad, ref.weight.grad, rtol=0, atol=0)
+    e = torch.nn.Embedding(7, 1).double()
+    f1 = FastEmbedding(7, 1, _weight=e.weight.detach().clone())
+    for m in (e, f1):               # the same through public ops: a conjugated complex
+        y = m(torch.tensor([3]))
+        (torch.complex(torch.zeros_like(y), y).conj() * (2 + 3j)).real.sum().backward()
+    torch.testing.assert_close(f1.weight.grad, e.weight.grad, rtol=0, atol=0)
+    assert e.weight.grad[3, 0] == 3.0
+
+
+def test_a_weight_put_in_the_modules_place_must_fit_its_layout():
+    # the layout is fixed at construction: a smaller weight assigned (or given
+    # to functional_call) was read and written past its end (a segfault, or a
+    # corrupted heap in backward), a wider one read as the wrong rows
+    f = FastEmbedding(1 << 12, 8)
+    f.weight = torch.nn.Parameter(torch.zeros(4, 8))
+    with pytest.raises(ValueError, match=r"weight: expected shape \(4096, 8\).*got \(4, 8\)"):
+        f(torch.tensor([(1 << 12) - 1]))
+    g = FastEmbedding(4, 2)
+    g.weight = torch.nn.Parameter(torch.arange(12.0).reshape(4, 3))
+    with pytest.raises(ValueError, match=r"weight: expected shape \(4, 2\)"):
+        g(torch.tensor([3]))
+    with pytest.raises(ValueError, match="weight"):
+        torch.func.functional_call(FastEmbedding(64, 8), {"weight": torch.zeros(4, 8)},
+                                   (torch.tensor([63]),))
+    m = FastMultiEmbedding([3, 4], [2, 2])
+    m.weight = torch.nn.Parameter(torch.zeros(10))
+    with pytest.raises(ValueError, match="weight: expected a 1-D tensor of 14 floats"):
+        m(torch.tensor([[0, 3]]))
+
+
+def test_native_op_checks_the_weight_against_the_layout_itself():
+    native = _native.module()
+    if native is None:
+        pytest.skip("the python path: _lookup_apply's check is the only one")
+    from hashemb.lookup import _layout
+    lay = _layout(64, 8)
+    with pytest.raises(ValueError, match="weight: expected 512 floats"):
+        native.lookup(torch.zeros(4, 8), torch.tensor([63]), torch.tensor(lay.packed),
+                      lay.total, True)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
+def test_compiles_and_traces():
+    # forward opaque to torch.compile (it failed in torch._numpy), and
+    # torch.jit.trace runs the python function (the tracer recorded only the
+    # native op's output allocation: a trace returned uninitialised memory)
+    ref = torch.nn.Embedding(6, 3)
+    f = FastEmbedding(6, 3, _weight=ref.weight.detach().clone())
+    x = torch.tensor([1, 5, 5])
+    model = torch.compile(torch.nn.Sequential(f, torch.nn.Linear(3, 1)), backend="eager")
+    lin = model._orig_mod[1]
+    torch.testing.assert_close(model(x), lin(ref(x)))
+    model(x).sum().backward()
+    lin.zero_grad()
+    lin(ref(x)).sum().backward()
+    torch.testing.assert_close(f.weight.grad, ref.weight.grad)
+    m = FastMultiEmbedding([5, 7], [2, 3])
+    y = torch.tensor([[4, 6], [0, 1]])
+    torch.testing.assert_close(torch.compile(m, backend="eager")(y), m(y))
+    traced = torch.jit.trace(f, (torch.tensor([1, 5]),))
+    z = torch.tensor([0, 3])
+    torch.testing.assert_close(traced(z), ref(z), rtol=0, atol=0)
 
 
 def test_gradcheck():
@@ -103,6 +171,10 @@ def test_errors_and_training_step():
         emb(torch.tensor([1.0]))
     with pytest.raises(ValueError, match="_weight"):
         FastEmbedding(4, 2, _weight=torch.zeros(3, 2))
+    with pytest.raises(TypeError, match="_weight: expected a torch.Tensor"):
+        FastMultiEmbedding([3], [2], _weight=[0.0] * 6)
+    with pytest.raises(TypeError, match="positional"):
+        FastEmbedding(10, 3, 0)         # nn.Embedding's padding_idx: not _weight
     with pytest.raises(ValueError, match="dims"):
         FastMultiEmbedding([3, 4], [1])
     one = FastMultiEmbedding(5, 3)          # ints, as multi_embedding takes (it raised)

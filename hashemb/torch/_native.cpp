@@ -16,6 +16,7 @@
 #include <torch/csrc/utils/pybind.h>
 #include <torch/types.h>
 
+#include <algorithm>
 #include <new>
 #include <vector>
 
@@ -36,9 +37,18 @@ Tensor gather(const Tensor& weight, const Tensor& indices, const Tensor& layout,
               bool single)
 {
     const int64_t T = layout.size(1), N = indices.numel() / T;
+    // the weight must hold the layout's tables (the kernels index it by the
+    // layout alone): the end of the last packed table, base + rows * dims
+    const int64_t* L = layout.data_ptr<int64_t>();
+    int64_t size = 0;
+    for (int64_t t = 0; t < T; ++t)
+        size = std::max(size, L[t] + L[3 * T + t] * L[T + t]);
+    TORCH_CHECK_VALUE(weight.numel() == size, "weight: expected ", size,
+                      " floats (the layout's tables), got ", weight.numel());
     std::vector<int64_t> shape = single ? indices.sizes().vec() : std::vector<int64_t>{N};
     shape.push_back(total);
-    Tensor w = weight.contiguous();
+    // a negative view's bits are its negation: resolved, as the kernel reads raw memory
+    Tensor w = weight.resolve_neg().contiguous();
     Tensor out = torch::empty(shape, w.options());
     int64_t bad = -1;
     AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "hashemb_gather", [&] {
@@ -55,7 +65,7 @@ Tensor gather(const Tensor& weight, const Tensor& indices, const Tensor& layout,
 Tensor scatter(const Tensor& grad, const Tensor& indices, const Tensor& layout, int64_t size)
 {
     const int64_t T = layout.size(1), N = indices.numel() / T;
-    Tensor g = grad.contiguous();
+    Tensor g = grad.resolve_neg().contiguous();   // (a negative view: its values)
     // not torch::zeros: which pages the rows touch decides how to zero (embed.h)
     void* buf = he_embed_grad_buffer(size, g.element_size(), indices.numel(), N ? g.numel() / N / T : 0);
     if (buf == nullptr)

@@ -10,7 +10,8 @@ import torch
 from .. import _validate as V
 from .. import lookup as _lookup
 from . import _native
-from ._function import as_any_array, as_tensor, device_context, refuse_double_backward
+from ._function import (as_any_array, as_tensor, compile_opaque, device_context,
+                        refuse_double_backward)
 
 
 _FLOATS = (torch.float32, torch.float64)
@@ -18,11 +19,24 @@ _FLOATS = (torch.float32, torch.float64)
 
 def _lookup_apply(weight, indices, layout, layout_t, single):
     """The lookup with autograd: the native C++ function for CPU tensors when
-    it is built (hashemb/torch/_native.cpp), else the Python one below."""
+    it is built (hashemb/torch/_native.cpp), else the Python one below
+    (also while torch.jit traces: the tracer cannot see inside the native
+    op, and recorded an empty output)."""
+    # the layout is the module's, fixed at construction: a weight put in its
+    # place (a Parameter assigned, .data, functional_call) must fit it, or the
+    # kernels would read and write past it
+    if single:
+        want = (int(layout.sizes[0]), int(layout.dims[0]))
+        if tuple(weight.shape) != want:
+            raise ValueError(f"weight: expected shape {want} (the module's num_embeddings, "
+                             f"embedding_dim), got {tuple(weight.shape)}")
+    elif weight.dim() != 1 or weight.shape[0] != layout.size:
+        raise ValueError(f"weight: expected a 1-D tensor of {layout.size} floats (the packed "
+                         f"tables), got shape {tuple(weight.shape)}")
     if weight.device.type == "cpu" and indices.device.type == "cpu":
         if weight.dtype not in _FLOATS:
             raise TypeError(f"weight: expected a float32 or float64 parameter, got {weight.dtype}")
-        native = _native.module()
+        native = None if torch.jit.is_tracing() else _native.module()
         if native is not None:
             try:
                 return native.lookup(weight, indices, layout_t, layout.total, single)
@@ -114,7 +128,8 @@ class FastEmbedding(torch.nn.Module):
     torch.Size([2, 2, 3])
     """
 
-    def __init__(self, num_embeddings, embedding_dim, _weight=None, dtype=None):
+    def __init__(self, num_embeddings, embedding_dim, *, _weight=None, dtype=None):
+        # keyword-only: nn.Embedding's third and fourth are padding_idx and max_norm
         super().__init__()
         self.num_embeddings = V.check_positive_int(num_embeddings, "num_embeddings", upper=1 << 61)
         self.embedding_dim = V.check_positive_int(embedding_dim, "embedding_dim", upper=1 << 20)
@@ -123,10 +138,13 @@ class FastEmbedding(torch.nn.Module):
         shape = (self.num_embeddings, self.embedding_dim)
         if _weight is None:
             _weight = torch.randn(shape, dtype=dtype or torch.float32)
+        elif not isinstance(_weight, torch.Tensor):
+            raise TypeError(f"_weight: expected a torch.Tensor, got {type(_weight).__name__}")
         elif tuple(_weight.shape) != shape:
             raise ValueError(f"_weight: expected shape {shape}, got {tuple(_weight.shape)}")
         self.weight = torch.nn.Parameter(_weight)
 
+    @compile_opaque
     def forward(self, input):
         return _lookup_apply(self.weight, _index_tensor(input), self._layout, self._layout_t, True)
 
@@ -157,7 +175,7 @@ class FastMultiEmbedding(torch.nn.Module):
     torch.Size([2, 8])
     """
 
-    def __init__(self, sizes, dims, _weight=None, dtype=None):
+    def __init__(self, sizes, dims, *, _weight=None, dtype=None):
         super().__init__()
         self._layout = _lookup._layout(sizes, dims)
         self._layout_t = torch.tensor(self._layout.packed)
@@ -166,10 +184,13 @@ class FastMultiEmbedding(torch.nn.Module):
         self.sizes, self.dims = (tuple(int(v) for v in a) for a in self._layout.packed[[3, 1]])
         if _weight is None:
             _weight = torch.randn(size, dtype=dtype or torch.float32)
+        elif not isinstance(_weight, torch.Tensor):
+            raise TypeError(f"_weight: expected a torch.Tensor, got {type(_weight).__name__}")
         elif _weight.numel() != size:
             raise ValueError(f"_weight: expected {size} floats, got {_weight.numel()}")
         self.weight = torch.nn.Parameter(_weight.reshape(size))
 
+    @compile_opaque
     def forward(self, input):
         return _lookup_apply(self.weight, _index_tensor(input, len(self.sizes)),
                              self._layout, self._layout_t, False)
