@@ -286,7 +286,10 @@ def main(argv=None):
         if not rows:
             continue
         ref = rows[0]["ref"]
-        head = (f"training step (forward + backward + SGD), batch {args.train_batch}" if train
+        # each method steps with its own rule (SGD unless named): the main ratio is
+        # against the reference's SGD step, the last column against its own rule's
+        head = (f"training step (forward + backward + the method's optimizer step; vs the "
+                f"reference's SGD step), batch {args.train_batch}" if train
                 else f"inference forward, batch {args.batch}")
         print(f"\n{head}\n")
         peers = any(r["peer"] for r in rows)
@@ -338,10 +341,11 @@ def summarise(rounds):
                     ratios.append(r["samples_per_s"] / peer[0]["samples_per_s"])
             ratio, lo, hi = spread(ratios)
             # the peer with the same variant (", float16", ", rowwise Adagrad", ...):
-            # the mode's reference's, else torch's (FBGEMM has no CPU bfloat16),
-            # whether or not the plain reference ran
+            # the mode's reference's, else the other one's (FBGEMM has no CPU
+            # bfloat16, torch no float16 inference), whether or not the plain
+            # reference ran
             suffix = name[name.index(","):] if "," in name else ""
-            peer = next((p + suffix for p in (REFS[train], REFS[0]) if suffix
+            peer = next((p + suffix for p in (REFS[train], REFS[1 - train]) if suffix
                          and p + suffix in present and p + suffix != name), None)
             same = spread([r["samples_per_s"] / p["samples_per_s"] for r in mine for p in got
                            if p["name"] == peer and p["round"] == r["round"]])
@@ -372,13 +376,19 @@ def plot(results, args, title, path):
         for i, n in enumerate(names):
             if n in got and np.isfinite(got[n]["ratio"]):
                 r = got[n]
-                ax.text(vals[i], i, f" {r['ratio']:.2f}x ({r['ratio_min']:.2f}-"
-                        f"{r['ratio_max']:.2f})", va="center", fontsize=7)
+                # a variant (float16, an Adagrad step) against the same variant of
+                # its peer where one ran, else against the reference
+                same = r["peer"] and np.isfinite(r["peer_ratio"])
+                lo, mid, hi = ((r["peer_min"], r["peer_ratio"], r["peer_max"]) if same
+                               else (r["ratio_min"], r["ratio"], r["ratio_max"]))
+                ax.text(vals[i], i, f" {mid:.2f}x ({lo:.2f}-{hi:.2f})"
+                        + (" same variant" if same else ""), va="center", fontsize=7)
         ref = next(iter(got.values()))["ref"] if got else None
         ax.set_xlim(0, max(vals + [1.0]) * 1.45)
         ax.set_xlabel(f"samples/s (ratio vs {ref or '-'})", fontsize=8)
         ax.set_title(f"inference forward, batch {args.batch}" if train == 0 else
-                     f"training step (fwd + bwd + SGD), batch {args.train_batch}", fontsize=9)
+                     f"training step (fwd + bwd + optimizer), batch {args.train_batch}",
+                     fontsize=9)
         ax.grid(axis="x", alpha=0.3)
     mem = {r["name"]: r["peak_mb"] for r in results if r["train"] == 1}
     vals = [max(mem.get(n, 0.0), 0.1) for n in names]

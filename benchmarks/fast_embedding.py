@@ -51,6 +51,7 @@ def _sync(x):
 def time_phases(emb, head, x, budget):
     """Median forward and backward seconds of emb -> head -> sum -> backward."""
     fwd, bwd = [], []
+    head(emb(x)).sum().backward()       # warm-up: first-use builds, allocator, caches
     start = time.perf_counter()
     while len(fwd) < 5 or (time.perf_counter() - start < budget and len(fwd) < 200):
         for p in (*emb.parameters(), *head.parameters()):

@@ -155,6 +155,9 @@ def main(argv=None):
         full = he.FullTable(card, D)
         hnet = he.HashedNet(size, D, seed=0)
         Z = min(D, 16)
+        # the pool-rows RobeZ runs the minhash schemes' Z, so that "x RobeZ"
+        # compares one layout of runs (at D = 64, block=D read one 64-float run)
+        robe_z = robe if Z == D else he.RobeZ(size, D, block=Z, seed=0)
         fit = dict(num_points=args.pool, block=Z, progress=False)
         minhash = [(f"SCMA Z={Z}", he.LSHTable.fit(pool, size, D, **fit)),
                    (f"LMA Z={Z}", he.LMA.fit(pool, size, D, **fit))]
@@ -163,6 +166,7 @@ def main(argv=None):
         topt = torch.optim.SGD(emb.parameters(), lr=args.lr)
         W_full = as_xp(emb.weight)                       # the same memory as torch's
         M_robe = xp.asarray(robe.init_weight(seed=0))
+        M_robe_z = M_robe if robe_z is robe else xp.asarray(robe_z.init_weight(seed=0))
         M_robe16 = M_robe.astype(np.float16)            # float16 storage, pooled in float32
         W_full16 = W_full.astype(np.float16)
         M_hnet = xp.asarray(hnet.init_weight(seed=0))
@@ -210,10 +214,14 @@ def main(argv=None):
                                                xp.asnumpy(got)) - want.cpu().numpy()).max())
             assert diff < 1e-5, f"FullTable through hashemb differs from torch by {diff}"
 
-            # logical bytes: indices + rows read + output written; a step adds grad
-            # reads and a read-modify-write of every row
-            fwd_bytes = B * T * (8 + 4 * D + 4 * D)
-            step_bytes = fwd_bytes + B * T * (8 + 4 * D + 8 * D)
+            def nbytes(itemsize):
+                # logical bytes of (forward, step) with rows of this storage: indices
+                # + rows read + float32 output written; a step adds the indices, the
+                # float32 gradient read and a read-modify-write of every row
+                row = D * itemsize
+                fwd = B * T * (8 + row + 4 * D)
+                return fwd, fwd + B * T * (8 + 4 * D + 2 * row)
+
             methods = [("torch.nn.EmbeddingBag", t_fwd, t_step),
                        (f"hashemb RobeZ {args.compression:g}x", h_fwd(robe, M_robe),
                         h_step(robe, M_robe, False)),
@@ -227,8 +235,8 @@ def main(argv=None):
                         h_step(full, W_full16, False)),
                        (f"hashemb HashedNet {args.compression:g}x", h_fwd(hnet, M_hnet),
                         h_step(hnet, M_hnet, False)),
-                       ("hashemb RobeZ, pool rows", h_fwd(robe, M_robe, Xp),
-                        h_step(robe, M_robe, False, Xp))]
+                       ("hashemb RobeZ, pool rows", h_fwd(robe_z, M_robe_z, Xp),
+                        h_step(robe_z, M_robe_z, False, Xp))]
             methods += [(f"hashemb {name}", h_fwd(s, M, Xp), h_step(s, M, False, Xp))
                         for (name, s), M in zip(minhash, M_mh)]
             ref, robe_pool = {}, {}
@@ -244,13 +252,16 @@ def main(argv=None):
                     save()
                     print(f"{D:>3} {B:>6} {name:<24} failed: {row['error']}")
                     continue
-                for kind, t, nbytes in (("fwd", tf, fwd_bytes), ("train", ts, step_bytes)):
+                # (float16 rows are half the bytes: charged float32's, their GB/s
+                # read 1.3-1.4x too high)
+                fwd_bytes, step_bytes = nbytes(2 if "float16" in name else 4)
+                for kind, t, nb in (("fwd", tf, fwd_bytes), ("train", ts, step_bytes)):
                     if t is None:
                         continue
                     row[f"{kind}_s"] = t
                     row[f"{kind}_samples_per_s"] = B / t
-                    row[f"{kind}_GBps"] = nbytes / t / 1e9
-                    row[f"{kind}_share_of_peak"] = nbytes / t / 1e9 / peak
+                    row[f"{kind}_GBps"] = nb / t / 1e9
+                    row[f"{kind}_share_of_peak"] = nb / t / 1e9 / peak
                     if name.startswith("torch"):
                         ref[kind] = B / t
                     if name.endswith("pool rows"):

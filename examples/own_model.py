@@ -12,7 +12,7 @@ with three embeddings: full ``nn.EmbeddingBag`` tables, and ROBE-Z arrays at
   outputs bit for bit once loaded (the hash seeds travel in the state);
 - ``memory_bytes`` of each embedding.
 
-    python examples/own_model.py                    # about a minute on 2 cores
+    python examples/own_model.py                    # about 20 s on 2 cores
     python examples/own_model.py --samples 20000 --epochs 2 --out /tmp/m.png
 
 Prints a table and writes a PNG (test AUC per epoch, embedding memory).
@@ -147,7 +147,7 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=100_000, help="training samples")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch", type=int, default=1024)
-    p.add_argument("--out", default="own_model.png")
+    p.add_argument("--out", default="docs/own_model.png")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     gen = SyntheticCriteo(scale=args.scale, seed=0)

@@ -48,7 +48,8 @@ def _parser():
     p.add_argument("--warmup", type=V.cli_number(int, closed=True), default=3)
     p.add_argument("--torch-rows", type=V.cli_number(int), default=None,
                    help="rows of the full torch table (default: num-embeddings when it "
-                        "fits in half the free memory, else scaled down)")
+                        "fits with its gradient in the free memory (2.2x the table), else "
+                        "scaled down)")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--seed", type=V.cli_number(int, closed=True), default=0)
     p.add_argument("--no-progress", action="store_true")

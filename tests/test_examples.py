@@ -1,4 +1,5 @@
 """The examples run end to end (small settings) and write their figures."""
+import math
 import runpy
 import sys
 from pathlib import Path
@@ -113,6 +114,12 @@ def test_criteo_bags_ratios_are_taken_within_a_round():
                            ("torch.nn.EmbeddingBag", 50.0)]]
     x = {r["name"]: r for r in cb.summarise(rounds)}["hashemb X" + v]
     assert x["peer"] == "FBGEMM TBE (CPU)" + v and x["peer_ratio"] == 3.0
+    # an inference variant torch has not (float16) takes FBGEMM's (it had none)
+    rounds = [dict(name=n, train=0, batch=8, peak_mb=1, samples_per_s=s, round=0)
+              for n, s in [("hashemb X, float16", 300.0), ("FBGEMM TBE (CPU), float16", 150.0),
+                           ("torch.nn.EmbeddingBag", 50.0)]]
+    x = {r["name"]: r for r in cb.summarise(rounds)}["hashemb X, float16"]
+    assert x["peer"] == "FBGEMM TBE (CPU), float16" and x["peer_ratio"] == 2.0
 
 
 def test_criteo_bags_benchmark_runs_and_plots(tmp_path):
@@ -228,5 +235,14 @@ def test_gpu_bench_dry_run_on_the_cpu(tmp_path):
                      "hashemb HashedNet 1000x", "hashemb RobeZ, pool rows",
                      "hashemb SCMA Z=8", "hashemb LMA Z=8"]
     assert all(r["train_samples_per_s"] > 0 for r in res)
+    # logical bytes by the rows' storage: 2 bytes an element for the float16 arrays
+    for r in res:
+        item = 2 if "float16" in r["method"] else 4
+        B, T, D = 64, 26, 8
+        fwd = B * T * (8 + D * item + 4 * D)
+        assert math.isclose(r["train_GBps"] * r["train_s"] * 1e9,
+                            fwd + B * T * (8 + 4 * D + 2 * D * item), rel_tol=1e-9)
+        if "fwd_s" in r:
+            assert math.isclose(r["fwd_GBps"] * r["fwd_s"] * 1e9, fwd, rel_tol=1e-9)
     assert all(r["fwd_x_robez"] > 0 and r["train_x_robez"] > 0 for r in res[-2:])
     assert not any("fwd_x_robez" in r for r in res[:-2])
