@@ -56,6 +56,12 @@ def check_flag(value, name):
     raise TypeError(f"{name}: expected True or False, got {_desc(value)}")
 
 
+def check_deterministic(value):
+    """A backward's ``deterministic``: a flag, or None for the GPU options'
+    default (``he.set_gpu_options``)."""
+    return None if value is None else check_flag(value, "deterministic")
+
+
 def check_positive_int(value, name, upper=None):
     return check_int(value, name, lo=1, hi=upper)
 

@@ -101,10 +101,6 @@ def _kept(name, n, dtype):
     return a[:n]
 
 
-def _deterministic(value):
-    return None if value is None else V.check_flag(value, "deterministic")
-
-
 def _forward(indices, weight, offsets, scheme, table0, T, mode, per_sample_weights,
              include_last_offset, padding_idx, return_saved=False):
     if on_gpu(indices=indices, weight=weight, offsets=offsets,
@@ -303,7 +299,7 @@ def embedding_bag_backward(grad_output, indices, offsets=None, *, scheme, table=
     return _backward(grad_output, indices, offsets, scheme,
                      V.check_table(table, V.check_scheme(scheme)), 1, mode,
                      per_sample_weights, V.check_flag(include_last_offset, "include_last_offset"),
-                     padding_idx, weight, optimizer, _deterministic(deterministic), saved)
+                     padding_idx, weight, optimizer, V.check_deterministic(deterministic), saved)
 
 
 def embedding_bags(indices, weight, offsets=None, *, scheme, num_tables, mode="sum",
@@ -366,7 +362,7 @@ def embedding_bags_backward(grad_output, indices, offsets=None, *, scheme, num_t
     if scheme.num_tables is not None and T > scheme.num_tables:
         raise ValueError(f"num_tables: expected <= {scheme.num_tables} (the scheme's tables), got {T}")
     return _backward(grad_output, indices, offsets, scheme, 0, T, mode, per_sample_weights,
-                     True, None, weight, optimizer, _deterministic(deterministic), saved)
+                     True, None, weight, optimizer, V.check_deterministic(deterministic), saved)
 
 
 for _f in (embedding_bag, embedding_bag_backward, embedding_bags, embedding_bags_backward):

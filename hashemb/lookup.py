@@ -182,7 +182,7 @@ def _scatter(layout, g, idx):
     return out
 
 
-def embedding_backward(grad_output, indices, num_embeddings, deterministic=False):
+def embedding_backward(grad_output, indices, num_embeddings, deterministic=None):
     r"""Gradient of :func:`embedding` with respect to the table:
 
     .. math:: \frac{\partial L}{\partial W_r} = \sum_{n:\ \mathrm{indices}[n] = r}
@@ -194,14 +194,15 @@ def embedding_backward(grad_output, indices, num_embeddings, deterministic=False
     ``deterministic`` says, and all samples on one hot id still use every
     thread. On the GPU (CuPy arrays) backward adds with atomics, or with
     ``deterministic=True`` sorts the rows and sums each float in sample
-    order: bitwise the CPU result.
+    order: bitwise the CPU result (None: ``he.set_gpu_options``' default,
+    as the bag functions take it).
 
     Parameters
     ----------
     grad_output : numpy.ndarray, shape ``indices.shape + (D,)``
     indices : numpy.ndarray of int32 or int64
     num_embeddings : int
-    deterministic : bool
+    deterministic : bool or None
 
     Returns
     -------
@@ -216,6 +217,7 @@ def embedding_backward(grad_output, indices, num_embeddings, deterministic=False
            [0., 0.]], dtype=float32)
     """
     num_embeddings = V.check_positive_int(num_embeddings, "num_embeddings", upper=1 << 61)
+    deterministic = V.check_deterministic(deterministic)
     if on_gpu(grad_output=grad_output, indices=indices):
         _check_row_grad(grad_output.shape)
         from ._gpu import embed as G
@@ -236,14 +238,15 @@ def _check_row_grad(shape):
                          f"got {shape}")
 
 
-def multi_embedding_backward(grad_output, indices, sizes, dims, deterministic=False):
+def multi_embedding_backward(grad_output, indices, sizes, dims, deterministic=None):
     r"""Gradient of :func:`multi_embedding` with respect to the packed array:
     a 1-D array of ``sum(sizes[t] * dims[t])`` floats,
 
     .. math:: \frac{\partial L}{\partial W_t[r, i]} =
        \sum_{b:\ \mathrm{indices}[b, t] = r} \mathrm{grad\_output}[b, c_t + i]
 
-    bitwise deterministic on the CPU (see :func:`embedding_backward`).
+    bitwise deterministic on the CPU, on the GPU with ``deterministic``
+    (see :func:`embedding_backward`).
 
     Examples
     --------
@@ -252,6 +255,7 @@ def multi_embedding_backward(grad_output, indices, sizes, dims, deterministic=Fa
     >>> he.multi_embedding_backward(g, np.array([[1, 2], [1, 0]]), [2, 3], [1, 2])
     array([0., 2., 1., 1., 0., 0., 1., 1.], dtype=float32)
     """
+    deterministic = V.check_deterministic(deterministic)
     if on_gpu(grad_output=grad_output, indices=indices):
         from ._gpu import embed as G
         return G.scatter(grad_output, indices, _layout(sizes, dims), False, deterministic)
@@ -279,16 +283,15 @@ def unpack(weight, sizes, dims):
     [(2, 1), (3, 2)]
     """
     base, dims_a, _, sizes_a, size = _layout(sizes, dims)[:5]
-    if is_cupy(weight):
-        w = weight.reshape(-1)
-        if w.shape[0] != size:
-            raise ValueError(f"weight: expected {size} floats, got {w.shape[0]} "
-                             f"(shape {weight.shape})")
-    else:
-        V.weight_dtype(weight)
-        if not weight.flags.c_contiguous:
-            # views are the promise: those of a copy would not see the caller's writes
-            raise ValueError("weight: expected a C-contiguous array (views of it are "
-                             "returned), got a strided one")
-        w = _flat_weight(weight, size)
+    # the same checks for CuPy (an integer array passed, and a strided one's
+    # reshape copied: writes to its views were lost)
+    V.storage_dtype(weight.dtype) if is_cupy(weight) else V.weight_dtype(weight)
+    if not weight.flags.c_contiguous:
+        # views are the promise: those of a copy would not see the caller's writes
+        raise ValueError("weight: expected a C-contiguous array (views of it are "
+                         "returned), got a strided one")
+    w = weight.reshape(-1)
+    if w.shape[0] != size:
+        raise ValueError(f"weight: expected {size} floats, got {w.shape[0]} "
+                         f"(shape {weight.shape})")
     return [w[b:b + n * d].reshape(n, d) for b, n, d in zip(base, sizes_a, dims_a)]

@@ -443,13 +443,13 @@ class Dev(gpu_emu.Device):
             return GE.gather(idx, W, _lookup._layout(sizes, dims), False, be=self.be)
         return he.multi_embedding(idx, W, sizes, dims)
 
-    def embedding_backward(self, g, idx, n, det=False):
+    def embedding_backward(self, g, idx, n, det=None):
         if self.be:
             lay = _lookup._layout(n, g.shape[-1])
             return GE.scatter(g, idx, lay, True, det, be=self.be).reshape(-1, g.shape[-1])
         return he.embedding_backward(g, idx, n, deterministic=det)
 
-    def multi_embedding_backward(self, g, idx, sizes, dims, det=False):
+    def multi_embedding_backward(self, g, idx, sizes, dims, det=None):
         if self.be:
             return GE.scatter(g, idx, _lookup._layout(sizes, dims), False, det, be=self.be)
         return he.multi_embedding_backward(g, idx, sizes, dims, deterministic=det)
@@ -1001,6 +1001,43 @@ def test_plain_lookups_equal_cpu(dev, det):
     gi = rng.standard_normal((5, 2, 3, 4))
     got = dev.get(dev.embedding_backward(dev.put(gi), dev.put(xi), 9, det))
     np.testing.assert_allclose(got, he.embedding_backward(gi, xi, 9), rtol=1e-12, atol=1e-12)
+
+
+def test_plain_lookups_take_the_gpu_options_deterministic_default(dev):
+    # the plain lookups' backward defaulted to False, so set_gpu_options'
+    # deterministic never reached them (nor FastEmbedding on CUDA)
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 9, (40, 2))
+    g = rng.standard_normal((40, 2, 4)).astype(np.float32)
+    gm = rng.standard_normal((40, 5)).astype(np.float32)
+    old = he.set_gpu_options(deterministic=True)
+    try:
+        before = len(dev.be.launches) if dev.be else 0
+        got = dev.get(dev.embedding_backward(dev.put(g), dev.put(x), 9))
+        got_m = dev.get(dev.multi_embedding_backward(dev.put(gm), dev.put(x), [9, 9], [2, 3]))
+    finally:
+        he.set_gpu_options(**old)
+    np.testing.assert_array_equal(got, he.embedding_backward(g, x, 9))      # bitwise: sorted
+    np.testing.assert_array_equal(got_m, he.multi_embedding_backward(gm, x, [9, 9], [2, 3]))
+    if dev.be:
+        assert dev.be.launches[before:].count("seg_apply<float>") == 2, dev.be.launches[before:]
+    with pytest.raises(TypeError, match="deterministic"):
+        he.embedding_backward(g, x, 9, deterministic="no")
+
+
+def test_unpack_checks_cupy_weights_as_numpy_ones():
+    # a strided CuPy weight's reshape copied (writes to the views were lost)
+    # and an integer one passed
+    class Stand(np.ndarray):        # what is_cupy takes for a CuPy array
+        pass
+    Stand.__module__ = "cupy"
+    for wrap in (lambda a: a, lambda a: a.view(Stand)):
+        with pytest.raises(ValueError, match="C-contiguous"):
+            he.unpack(wrap(np.zeros((2, 4), np.float32)).T, [2], [4])
+        with pytest.raises(TypeError, match="weight"):
+            he.unpack(wrap(np.zeros(8, np.int64)), [2], [4])
+        views = he.unpack(wrap(np.zeros((4, 2), np.float32)), [2], [4])
+        assert [v.shape for v in views] == [(2, 4)]
 
 
 def test_scheme_struct_cached_per_scheme_and_dropped_with_it():

@@ -65,8 +65,10 @@ def gather(indices, weight, layout, single, be=None):
         return out.reshape(idx.shape + (total,) if single else (idx.shape[0], total))
 
 
-def scatter(grad_output, indices, layout, single, deterministic=False, be=None):
+def scatter(grad_output, indices, layout, single, deterministic=None, be=None):
     be = be or RT.backend()
+    # None: set_gpu_options' default, as the bag and TT backwards take it
+    deterministic = RT.OPTIONS["deterministic"] if deterministic is None else deterministic
     A.as_array(be, grad_output, "grad_output")
     with be.device_of(grad_output):
         g = A.as_float(be, grad_output, "grad_output")
