@@ -253,3 +253,43 @@ def test_logloss_clips_probabilities_of_zero_and_one():
     import math
     assert logloss([1], [0.0]) == pytest.approx(-math.log(1e-7))
     assert logloss([0], [1.0]) == pytest.approx(-math.log1p(-(1 - 1e-7)))
+
+
+# -- from a mutation round: each kills a mutant the suite let through
+
+def test_auc_refuses_minus_one_labels():
+    with pytest.raises(ValueError, match="labels: expected 0 or 1, got -1"):
+        auc([-1, 1, 1], [0.1, 0.5, 0.3])
+
+
+def test_token_zero_frequency_is_the_documented_mixture():
+    cats = GEN.sample(0, 60_000).cats[:, 2]
+    a, n, K, pin = 1.1, GEN.cardinalities[2], 64, 0.7
+    pz = lambda s: (1 - 2 ** (1 - a)) / (1 - (s + 1) ** (1 - a))   # P(rank 0), bounded power law
+    want = pin / K * pz(-(-n // K)) + (1 - pin) * pz(n)
+    got = np.mean(cats == 0)
+    assert abs(got - want) < 5 * np.sqrt(want * (1 - want) / len(cats))
+
+
+def test_in_cluster_must_be_a_probability():
+    with pytest.raises(ValueError, match="in_cluster"):
+        SyntheticCriteo(in_cluster=1.5)
+
+
+def test_token_vectors_of_one_cluster_vary_by_one_minus_rho():
+    v = GEN._vectors_of(2, np.arange(0, GEN.cardinalities[2], 64))    # all cluster 0
+    assert abs(v.var(axis=0).mean() - (1 - GEN.rho)) < 0.05
+    w = GEN._vectors_of(2, np.arange(20_000))                         # every cluster
+    assert abs(w.var(axis=0).mean() - 1.0) < 0.1
+
+
+def test_train_samples_cannot_run_into_the_test_split():
+    with pytest.raises(ValueError, match="start"):
+        GEN.sample(2 ** 40 - 5, 10)
+
+
+def test_tsv_reads_crlf_rows():
+    row = "1\t" + "\t".join(["3"] * 13) + "\t" + "\t".join(f"{i:x}" for i in range(26)) + "\n"
+    a = CriteoTSV([row, row]).read()
+    b = CriteoTSV([row.replace("\n", "\r\n")] * 2).read()
+    assert len(b.labels) == 2 and np.array_equal(a.cats, b.cats)

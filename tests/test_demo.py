@@ -28,6 +28,16 @@ def test_demo_synthetic(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| full (nn.EmbeddingBag) | 1x |" in out and "| hashing trick |" in out
     assert "oracle AUC" in out
+    # what the rows report: compressed models train twice the full one's
+    # epochs, the measured compression, the main table at --compression
+    full = sum(SyntheticCriteo(scale=0.0005).cardinalities) * 16
+    for r in res["rows"]:
+        assert r["epochs"] == (1 if r["method"] == "full" else 2)
+        assert r["compression"] == pytest.approx(full / r["embedding_params"])
+    main_table, sweep = out.split("AUC vs compression:")
+    ratio = lambda text: [int(c) for c in re.findall(r"\| RobeZ \| (\d+)x \|", text)]
+    assert [c > 500 for c in ratio(main_table)] == [True]      # the 1000x run
+    assert [c < 50 for c in ratio(sweep)] == [True]            # the 10x sweep point
 
 
 def test_demo_criteo_tsv(tmp_path):
@@ -52,6 +62,11 @@ def test_demo_criteo_tsv(tmp_path):
                                          "200, 1 malformed row skipped"):
         main(["demo", "--data", str(small), "--sweep", "", "--methods", "robez",
               "--test-samples", "1000"] + TINY)
+    exact = tmp_path / "exact.tsv"                      # as many rows as --test-samples
+    exact.write_text("\n".join(lines[:7] + lines[8:101]) + "\n")
+    with pytest.raises(SystemExit, match="more than --test-samples = 100 readable rows, got 100"):
+        main(["demo", "--data", str(exact), "--sweep", "", "--methods", "robez",
+              "--test-samples", "100"] + TINY[4:])
 
 
 @pytest.mark.parametrize("args, flag, said", [

@@ -246,3 +246,13 @@ def test_a_build_killed_mid_way_leaves_no_lock_behind(tmp_path):
     (tmp_path / "lock").write_text("")
     with _native._build_lock(str(tmp_path)):
         assert not (tmp_path / "lock").exists()
+
+
+# -- from a mutation round: each kills a mutant the suite let through
+
+def test_fast_embedding_of_a_transposed_input():
+    from hashemb.torch import FastEmbedding
+    ref = torch.nn.Embedding(50, 4)
+    f = FastEmbedding(50, 4, _weight=ref.weight.detach().clone())
+    x = torch.randint(0, 50, (6, 5)).t()                   # not contiguous
+    torch.testing.assert_close(f(x), ref(x), rtol=0, atol=0)

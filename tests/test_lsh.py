@@ -495,3 +495,29 @@ def test_gpu_build_equals_cpu_build(cls, block, nh, chunk, gpu_backend, monkeypa
     assert gpu == cpu and (gpu.data == cpu.data).all()
     with pytest.raises(ValueError, match="device"):
         cls.fit(X, size=99, dim=8, num_points=5, device="tpu")
+
+
+# -- from a mutation round: each kills a mutant the suite let through
+
+def test_minhash_coefficients_are_pinned():
+    # values of the current release: saved tables depend on the seed's streams
+    X = np.array([[0, 5], [0, 5], [1, 6]])
+    s = he.LSHTable.fit(X, size=1000, dim=4, num_hashes=2, num_points=3, seed=0, block=1)
+    assert s.slots([0, 123456789], table=0).tolist() == [[6, 21, 315, 576], [146, 34, 408, 482]]
+    lma = he.LMA.fit(X, size=1000, dim=4, num_hashes=2, num_points=3, seed=0, block=1)
+    assert lma.slots([0, 123456789], table=0).tolist() == [[912, 276, 5, 50], [480, 97, 249, 352]]
+
+
+def test_lsh_table_from_parts_refuses_starts_past_size():
+    t = he.LSHTable.fit(np.arange(20).reshape(10, 2), size=10, dim=4, num_points=5)
+    with pytest.raises(ValueError, match="data: expected slots < size = 10"):
+        he.LSHTable(10, 4, 2, t.keys, t.data.astype(np.int64) + 25, block=t.block)
+
+
+def test_lsh_collection_uses_its_seed():
+    torch = pytest.importorskip("torch")
+    from hashemb.torch import LSHEmbeddingBagCollection
+    X = torch.randint(0, 50, (400, 2))
+    for lma in (False, True):
+        assert LSHEmbeddingBagCollection(X, [50, 50], 8, compression=2, lma=lma,
+                                         seed=5).scheme.seed == 5

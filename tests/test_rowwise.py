@@ -350,3 +350,46 @@ def test_single_table_call_of_a_later_table():
     s1 = o1.state_for(W1, 50)
     np.testing.assert_array_equal(s1, o2.state_for(W2, 50))
     assert np.flatnonzero(s1).tolist() == [33, 49]
+
+
+# -- from a mutation round: each kills a mutant the suite let through
+
+def test_forget_keeps_a_newer_entry():
+    import weakref
+    from hashemb.optim import _forget
+    opt, old, new = he.Adagrad(0.1), np.zeros(4), np.ones(4)
+    opt.state["k"] = new
+    _forget(weakref.ref(opt), "state", "k", weakref.ref(old))
+    assert opt.state["k"] is new
+
+
+def test_pickled_optimizer_carries_no_scratch():
+    import pickle
+    robe, w, opt = he.RobeZ(1 << 20, 4), np.zeros(1 << 20, np.float32), he.Adagrad(0.1)
+    he.embedding_bag_backward(np.ones((1, 4), np.float32), np.array([[3]]), scheme=robe,
+                              weight=w, optimizer=opt)
+    assert len(pickle.dumps(opt)) < 10_000
+
+
+def test_rowwise_state_of_no_values_is_a_value_error():
+    with pytest.raises(ValueError, match="state"):
+        he.RowwiseAdagrad(0.1).use_state(np.zeros(12, np.float32), np.zeros(0, np.float32))
+
+
+def test_uint64_padding_idx_two_to_the_63():
+    r = he.RobeZ(64, 4, seed=0)
+    M = r.init_weight(seed=1)
+    out = he.embedding_bag(np.array([2 ** 63, 5], np.uint64), M, np.array([0]), scheme=r,
+                           padding_idx=2 ** 63)
+    np.testing.assert_array_equal(out, he.embedding_bag(np.array([5]), M, np.array([0]), scheme=r))
+
+
+def test_zero_lr_and_eps_are_allowed():
+    assert he.SGD(0.0).lr == 0.0 and he.Adagrad(0.1, eps=0.0).eps == 0.0
+
+
+def test_two_tables_need_two_columns():
+    robe = he.RobeZ(64, 4)
+    with pytest.raises(ValueError, match=r"indices: expected shape \(B, num_tables=2\)"):
+        he.embedding_bags(np.zeros((4, 3), np.int64), robe.init_weight(), scheme=robe,
+                          num_tables=2)

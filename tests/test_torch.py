@@ -729,3 +729,22 @@ def test_multi_table_psw_gradient_tables_of_unequal_counts():
     for off in ([0, 1, 3, 5, 8], [0, 3, 3, 8, 8], [0, 0, 2, 2, 8]):   # 3+5, 3+5, 2+6
         p = torch.rand(8, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(lambda q: emb(idx, torch.tensor(off), q), (p,))
+
+
+# -- from a mutation round: each kills a mutant the suite let through
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_hashing_trick_hashes_each_table_with_its_own_id(flat):
+    from hashemb.torch import HashingTrickEmbeddingBagCollection
+    emb = HashingTrickEmbeddingBagCollection([1000, 500], 4, compression=100, seed=3)
+    x = torch.tensor([[5, 3], [999, 49], [123, 0], [7, 7]])
+    out = (emb(x.t().reshape(-1), torch.arange(9)) if flat else emb(x)).detach().numpy()
+    W, h = emb.weight.detach().numpy(), he.UniversalHash(3)
+    for t, rows in enumerate(emb.rows):
+        r = sum(emb.rows[:t]) + h(x[:, t].numpy(), rows, table=t)
+        np.testing.assert_array_equal(out[:, 4 * t:4 * t + 4], W[r])
+
+
+def test_hashing_trick_rows_round_up():
+    from hashemb.torch import HashingTrickEmbeddingBagCollection
+    assert HashingTrickEmbeddingBagCollection([1050, 50], 4, compression=100).rows == [11, 1]

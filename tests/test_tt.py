@@ -881,3 +881,17 @@ def test_module_of_16_bit_cores_is_refused_by_name(convert):
     with pytest.raises(TypeError, match=r"tt_cores: expected float32 or float64 .* \.float\(\)"):
         m(torch.tensor([[1]]))
     m.float()(torch.tensor([[1]]))
+
+
+# -- from a mutation round: each kills a mutant the suite let through
+
+def test_tt_shapes_ties_go_to_the_fewest_rows():
+    assert he.tt_shapes(841, 4, 2)[0] == [29, 29]          # 29^2 and 30^2 equally balanced
+
+
+def test_tt_shapes_waste_bound_is_inclusive():
+    assert he.tt_shapes(32, 4, 2, max_waste=0.25)[0] == [8, 5]   # 40 = 1.25 * 32
+
+
+def test_cache_takes_a_table_of_four_thirds_capacity():
+    assert he.TTCache(1000, 2, hashtbl_size=1334).keys.shape == (1334,)
