@@ -328,6 +328,16 @@ class BagFunction(torch.autograd.Function):
             if lk.steps != ctx.steps and (wants_psw or lk.mode == "max"):
                 raise_stale("per-sample weights' gradient" if wants_psw else
                             "max-mode gradient (its argmax)")
+            if (lk.steps != ctx.steps and ctx.needs_input_grad[0]
+                    and not isinstance(lk.optimizer, SGD)):
+                # Adagrad's rule is not linear in the gradient: a step per call
+                # is not the one step on their summed gradient (0.045 apart at
+                # lr 0.1); SGD's two steps are that one step
+                raise RuntimeError(
+                    "a fused Adagrad step per call is not one step on the calls' summed "
+                    "gradient (the module was called more than once before backward): call "
+                    "the module once per step (concatenate the inputs), or use "
+                    "optimizer=None and a torch optimizer")
             if wants_psw:                                       # before a fused update
                 gp = as_tensor(lk.psw_grad(g, idx, w, off))
             # (a frozen weight, requires_grad False, is left alone even with a

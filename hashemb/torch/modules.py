@@ -192,6 +192,10 @@ class HashEmbeddingBag(nn.Module):
         if offsets.dim() != 1:
             raise ValueError(f"offsets: expected a 1-D tensor, got {offsets.dim()}-D")
         if not self.include_last_offset:
+            if offsets.shape[0] == 0 and input.shape[0]:
+                # (appended, the input's length read as a first start: "expected 0, got N")
+                raise ValueError(f"offsets: expected at least 1 value (the bags' starts) for "
+                                 f"{input.shape[0]} indices, got 0")
             offsets = torch.cat([offsets.to(torch.int64),
                                  torch.tensor([input.shape[0]], dtype=torch.int64,
                                               device=offsets.device)])
