@@ -108,7 +108,8 @@ def load(args):
         cut = len(b.labels) - args.test_samples
         tr = Batch(b.dense[:cut], cats[:cut], b.labels[:cut], None)
         te = Batch(b.dense[cut:], cats[cut:], b.labels[cut:], None)
-        return tr, te, card, None, f"Criteo TSV {args.data}: {cut} train, {len(te.labels)} test{bad}"
+        desc = f"Criteo TSV {args.data}: {cut} train, {len(te.labels)} test{bad}"
+        return tr, te, card, None, desc
     if args.dataset == "movielens":
         tr, te, card = load_movielens(seed=args.seed)
         return tr, te, card, None, "MovieLens-100k (rating >= 4), 80/20 split"

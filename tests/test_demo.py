@@ -70,7 +70,8 @@ def test_demo_criteo_tsv(tmp_path):
 
 
 @pytest.mark.parametrize("args, flag, said", [
-    (["--dataset", "movielens", "--train-samples", "1000"], "--train-samples", "--dataset movielens"),
+    (["--dataset", "movielens", "--train-samples", "1000"], "--train-samples",
+     "--dataset movielens"),
     (["--dataset", "movielens", "--scale", "0.5"], "--scale", "--dataset movielens"),
     (["--data", __file__, "--scale", "0.5"], "--scale", "--data"),
 ])

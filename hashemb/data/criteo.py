@@ -92,7 +92,8 @@ class CriteoTSV:
         dense = [int(v) if v else 0 for v in parts[1:1 + NUM_DENSE]]
         for k, v in enumerate(dense, 1):
             if not -(1 << 63) <= v < 1 << 63:
-                raise ValueError(f"I{k}: expected a 64-bit integer, got one of {len(str(abs(v)))} digits")
+                raise ValueError(f"I{k}: expected a 64-bit integer, got one of "
+                                 f"{len(str(abs(v)))} digits")
         cats = []
         for v in parts[1 + NUM_DENSE:]:
             if not v:
