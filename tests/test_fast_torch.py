@@ -109,7 +109,7 @@ def test_a_weight_put_in_the_modules_place_must_fit_its_layout():
                                    (torch.tensor([63]),))
     m = FastMultiEmbedding([3, 4], [2, 2])
     m.weight = torch.nn.Parameter(torch.zeros(10))
-    with pytest.raises(ValueError, match="weight: expected a 1-D tensor of 14 floats"):
+    with pytest.raises(ValueError, match=r"weight: expected shape \(14,\) \(a 1-D tensor"):
         m(torch.tensor([[0, 3]]))
 
 
