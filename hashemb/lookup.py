@@ -285,7 +285,10 @@ def unpack(weight, sizes, dims):
     base, dims_a, _, sizes_a, size = _layout(sizes, dims)[:5]
     # the same checks for CuPy (an integer array passed, and a strided one's
     # reshape copied: writes to its views were lost)
-    V.storage_dtype(weight.dtype) if is_cupy(weight) else V.weight_dtype(weight)
+    if is_cupy(weight):
+        V.storage_dtype(weight.dtype)
+    else:
+        V.weight_dtype(weight)
     if not weight.flags.c_contiguous:
         # views are the promise: those of a copy would not see the caller's writes
         raise ValueError("weight: expected a C-contiguous array (views of it are "

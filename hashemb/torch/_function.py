@@ -247,14 +247,20 @@ def plain_lookup(weight, indices, offsets, psw, lookup, return_saved=False):
                               as_any_array(psw, "per_sample_weights"), return_saved=return_saved)
 
 
-def raise_stale(what):
-    """The error of a backward whose forward read an array that a fused step
-    has moved since (the module called more than once before backward)."""
+def raise_called_twice(problem):
+    """The error of a backward that a fused step of another call's backward
+    came before (the module called more than once before backward)."""
     raise RuntimeError(
-        f"the {what} needs the values the forward read, but a fused optimizer step "
-        f"has changed them since (the module was called more than once before "
-        f"backward): call the module once per step (concatenate the inputs), or use "
-        f"optimizer=None and a torch optimizer")
+        f"{problem} (the module was called more than once before backward): call the "
+        f"module once per step (concatenate the inputs), or use optimizer=None and a "
+        f"torch optimizer")
+
+
+def raise_stale(what):
+    """raise_called_twice where the gradient needs the array as its forward
+    read it, and a fused step has moved it since."""
+    raise_called_twice(f"the {what} needs the values the forward read, but a fused "
+                       f"optimizer step has changed them since")
 
 
 def compile_opaque(forward):
@@ -325,19 +331,16 @@ class BagFunction(torch.autograd.Function):
                 as_any_array(offsets, "offsets")
             gw = gp = None
             wants_psw = psw is not None and ctx.needs_input_grad[3]
-            if lk.steps != ctx.steps and (wants_psw or lk.mode == "max"):
-                raise_stale("per-sample weights' gradient" if wants_psw else
-                            "max-mode gradient (its argmax)")
-            if (lk.steps != ctx.steps and ctx.needs_input_grad[0]
-                    and not isinstance(lk.optimizer, SGD)):
-                # Adagrad's rule is not linear in the gradient: a step per call
-                # is not the one step on their summed gradient (0.045 apart at
-                # lr 0.1); SGD's two steps are that one step
-                raise RuntimeError(
-                    "a fused Adagrad step per call is not one step on the calls' summed "
-                    "gradient (the module was called more than once before backward): call "
-                    "the module once per step (concatenate the inputs), or use "
-                    "optimizer=None and a torch optimizer")
+            if lk.steps != ctx.steps:
+                if wants_psw or lk.mode == "max":
+                    raise_stale("per-sample weights' gradient" if wants_psw else
+                                "max-mode gradient (its argmax)")
+                if ctx.needs_input_grad[0] and not isinstance(lk.optimizer, SGD):
+                    # Adagrad's rule is not linear in the gradient: a step per call
+                    # is not the one step on their summed gradient (0.045 apart at
+                    # lr 0.1); SGD's two steps are that one step
+                    raise_called_twice("a fused Adagrad step per call is not one step on "
+                                       "the calls' summed gradient")
             if wants_psw:                                       # before a fused update
                 gp = as_tensor(lk.psw_grad(g, idx, w, off))
             # (a frozen weight, requires_grad False, is left alone even with a

@@ -327,14 +327,11 @@ class TTEmbeddingBagCollection(nn.Module):
         if not self.use_cache:
             return [np.zeros(0, np.int64) for _ in self.num_embeddings]
         cores, caches = self._tables_of(self._params())
-        changed = [c.populate(cores[t], self.num_embeddings[t]) for t, c in enumerate(caches)]
-        if self.sparse and isinstance(self._opt, _tt_adagrad()):
-            first = len(self.tt_cores)
-            for t, slots in enumerate(changed):
-                state = getattr(self, f"optimizer_state_{first + t}", None)
-                if state is not None and slots.size:
-                    state[torch.from_numpy(slots).to(state.device)] = 0
-        return changed
+        # the fused optimizer, its Adagrad buffers bound: populate zeroes their
+        # changed slots in place, as it does for the NumPy API
+        opt = self._fused()
+        return [c.populate(cores[t], self.num_embeddings[t], optimizer=opt)
+                for t, c in enumerate(caches)]
 
     def get_extra_state(self):
         # the LFU caches' row sets and frequency tables: the cached rows'
