@@ -49,15 +49,28 @@ def _tname(x):
     return f"{type(x).__module__}.{type(x).__name__}"
 
 
+def device_id(x):
+    """The CUDA device a CuPy array lives on (None for an object without one)."""
+    return getattr(getattr(x, "data", None), "device_id", None)
+
+
 def on_gpu(**named):
     """True when the array arguments are CuPy arrays, False when none is.
-    TypeError for a mix, naming the first argument on the host."""
-    gpu = host = None
+    TypeError for a mix, naming the first argument on the host; ValueError
+    for CuPy arrays on different devices, naming the first one off the
+    device of the first (a kernel launched on one device would read the
+    other's pointers as its own: an illegal address, or another array)."""
+    gpu = host = dev = None
     for name, x in named.items():
         if x is None:
             continue
         if is_cupy(x):
-            gpu = gpu or name
+            if gpu is None:
+                gpu, dev = name, device_id(x)
+            elif device_id(x) != dev:
+                raise ValueError(f"{name}: expected an array on device {dev} like {gpu}, "
+                                 f"got one on device {device_id(x)} (hashemb never copies "
+                                 f"between devices)")
         else:
             host = host or name
     if gpu and host:

@@ -6,7 +6,7 @@ import weakref
 import numpy as np
 
 from . import _validate as V
-from ._backend import aligned, array_module, data_ptr, is_cupy
+from ._backend import aligned, array_module, data_ptr, device_id, is_cupy
 
 _MASK = (1 << 64) - 1
 
@@ -85,7 +85,7 @@ class _Fused:
 
     @staticmethod
     def _key(weight):
-        return (("cupy", weight.device.id) if is_cupy(weight) else "numpy", data_ptr(weight),
+        return (("cupy", device_id(weight)) if is_cupy(weight) else "numpy", data_ptr(weight),
                 weight.size, weight.dtype.str)
 
     def _keep(self, name, key, weight, value):
@@ -214,6 +214,9 @@ class _Accumulating(_Fused):
                 or not (is_cupy(state) or state.flags.writeable)):
             raise ValueError(f"state: expected a writeable C-contiguous {dtype} array "
                              f"of {self._sizes(weight)}, got {V._desc(state)}")
+        if is_cupy(weight) and device_id(state) != device_id(weight):
+            raise ValueError(f"state: expected an array on device {device_id(weight)} like "
+                             f"weight, got one on device {device_id(state)}")
         bound = self.state.get(key)
         if bound is not None and data_ptr(bound) == data_ptr(state):
             return

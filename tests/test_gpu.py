@@ -23,6 +23,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -250,6 +251,44 @@ def test_mixing_host_and_device_arrays_is_a_type_error():
         he.embedding(x, _FakeDeviceArray())
     with pytest.raises(TypeError, match="no GPU kernels"):
         he._backend.kernels(_FakeDeviceArray())
+
+
+class _OnDevice(_FakeDeviceArray):
+    """A fake CuPy array on CUDA device ``dev``."""
+    __module__ = "cupy._core.core"
+
+    def __init__(self, dev):
+        self.data = types.SimpleNamespace(device_id=dev, ptr=0)
+
+
+def test_arrays_on_different_devices_are_a_value_error():
+    # a launch on the weight's device read another device's pointers as its own
+    robe = he.RobeZ(64, 4)
+    a, b = _OnDevice(0), _OnDevice(1)
+    with pytest.raises(ValueError, match="^weight: expected an array on device 0 like "
+                                         "indices, got one on device 1"):
+        he.embedding_bag(a, b, scheme=robe)
+    with pytest.raises(ValueError, match="^offsets: expected an array on device 1"):
+        he.embedding_bags(b, _OnDevice(1), a, scheme=robe, num_tables=2)
+    with pytest.raises(ValueError, match="^indices: expected an array on device 1 like "
+                                         "grad_output"):
+        he.embedding_bag_backward(b, a, scheme=robe)
+    with pytest.raises(ValueError, match="^weight: expected an array on device 0"):
+        he.embedding(a, b)
+    with pytest.raises(ValueError, match=r"^cores\[1\]: expected an array on device 0"):
+        he.tt_embedding_bag(a, [a, b], _OnDevice(0))
+    assert he._backend.on_gpu(x=a, y=_OnDevice(0), z=None)
+    with pytest.raises(ValueError, match="^state: expected an array on device 1 like weight"):
+        class W(_OnDevice):
+            __module__ = "cupy._core.core"
+            dtype = np.dtype(np.float32)
+            size = 64
+            shape = (64,)
+            ndim = 1
+        class S(W):
+            __module__ = "cupy._core.core"
+            flags = types.SimpleNamespace(c_contiguous=True, writeable=True)
+        he.Adagrad(0.1).use_state(W(1), S(0))
 
 
 def test_show_config_and_options():
