@@ -858,9 +858,12 @@ def _check_mode(mode):
     return mode
 
 
-def _check_saved(saved, B, nnz, shapes, part_type):
+def _check_saved(saved, B, nnz, shapes, part_type, bounds=None):
     """The parts of a TTSaved made by the forward of these inputs and tables
-    on this backend (part_type: the CPU's _Part or the GPU's)."""
+    on this backend (part_type: the CPU's _Part or the GPU's). ``bounds``:
+    the T+1 table boundaries of these offsets, which the saved's must equal
+    (its entries of table t are read at those positions: another split went
+    past the bags' arrays); None skips that check."""
     T = len(shapes)
     if not isinstance(saved, TTSaved):
         raise TypeError(f"saved: expected a TTSaved from return_saved=True, got {V._desc(saved)}")
@@ -879,6 +882,12 @@ def _check_saved(saved, B, nnz, shapes, part_type):
         raise ValueError(f"saved: expected the forward of these tables (table {t}: p {list(p)}, "
                          f"q {list(q)}, ranks {list(R)}, {np.dtype(dt)}), got one of p "
                          f"{list(p0)}, q {list(q0)}, ranks {list(R0)}, {np.dtype(dt0)}")
+    if bounds is not None:
+        for t, part in enumerate(saved.parts):
+            if (part.lo, part.hi) != (int(bounds[t]), int(bounds[t + 1])):
+                raise ValueError(f"saved: expected the forward of these offsets (table {t}: "
+                                 f"entries {int(bounds[t])} to {int(bounds[t + 1])}), got one "
+                                 f"of entries {part.lo} to {part.hi}")
     return saved.parts
 
 
@@ -1265,7 +1274,8 @@ def tt_embedding_bags_backward(grad_output, indices, tables, offsets=None, *, mo
     D = sum(s.D for _, s in shapes)
     g = V.as_grad(grad_output, (b.B, D), shapes[0][1].dtype)
     if saved is not None:
-        parts = _check_saved(saved, b.B, b.idx.shape[0], shapes, _Part)
+        parts = _check_saved(saved, b.B, b.idx.shape[0], shapes, _Part,
+                             b.off[::b.B] if b.B else None)
     else:
         scratch = np.empty((b.B, D), shapes[0][1].dtype)
         parts = _forward(b, shapes, caches, scratch, save=True)

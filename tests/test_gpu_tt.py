@@ -505,3 +505,26 @@ def test_runs_of_sorted_keys(dev, keys, chunk):
     inv[order] = run
     np.testing.assert_array_equal(dev.get(got[4]), inv)
     assert GT._runs(be, dev.put(x[order]), chunk)[4] is None
+
+
+def test_saved_of_other_table_boundaries_is_a_value_error(dev):
+    """A saved whose tables held other entries read the bags' arrays past
+    their ends (an ASan heap overflow on the CPU, wrong gradients on the
+    emulator): its table boundaries are compared with the offsets'."""
+    t0, t1 = he.tt_init(100, [10, 10], [2, 2], [3]), he.tt_init(100, [10, 10], [2, 2], [3], seed=1)
+    idx = np.arange(1, 9)
+    msg = r"^saved: expected the forward of these offsets \(table 0: entries 0 to 7\), " \
+          r"got one of entries 0 to 1$"
+    for xp_put, fwd, bwd in ((lambda a: a, he.tt_embedding_bags, he.tt_embedding_bags_backward),
+                             (dev.put, dev.forward, dev.backward)):
+        tables = [xp_put(t0), xp_put(t1)]
+        out, saved = fwd(xp_put(idx), tables, xp_put(np.array([0, 1, 8])), return_saved=True)
+        with pytest.raises(ValueError, match=msg):
+            bwd(out * 0 + 1, xp_put(idx), tables, xp_put(np.array([0, 7, 8])), saved=saved)
+        # the same boundaries, other bags inside them: the saved holds per-entry
+        # products, so the gradient is that of a fresh forward
+        got = bwd(out * 0 + 1, xp_put(idx), tables, xp_put(np.array([0, 1, 8])), saved=saved)
+        want = bwd(out * 0 + 1, xp_put(idx), tables, xp_put(np.array([0, 1, 8])))
+        for a, b in zip(got, want):
+            for x, y in zip(a, b):
+                np.testing.assert_allclose(dev.get(x), dev.get(y), rtol=1e-6)

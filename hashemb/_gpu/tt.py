@@ -64,7 +64,8 @@ def _bags(be, indices, offsets, per_sample_weights, shapes, sizes, mode, T,
     """_args.bags (the GPU checks) normalised to the CPU's layout: flat
     feature-major indices, int64 offsets of length T*B+1, flat weights or
     None, and the T+1 table boundaries (None with want_bounds=False: a
-    backward given the forward's saved parts, which hold them)."""
+    backward given the forward's saved parts, which hold them, and
+    check_indices off, which skips comparing them with the saved's)."""
     xp = be.xp
     dtype = shapes[0][1].dtype
     b = A.bags(be, indices, offsets, per_sample_weights, scheme=TT._Sized(sizes),
@@ -324,11 +325,12 @@ def bags_backward(grad_output, indices, tables, offsets=None, *, mode="sum",
         dtype = shapes[0][1].dtype
         idx, off, psw, B, mode_, bounds = _bags(
             be, indices, offsets, per_sample_weights, shapes, sizes, mode, T,
-            include_last_offset if T == 1 else True, want_bounds=saved is None)
+            include_last_offset if T == 1 else True,
+            want_bounds=saved is None or RT.OPTIONS["check_indices"])
         D = sum(s.D for _, s in shapes)
         g = A.as_grad(be, grad_output, (B, D), dtype)
         if saved is not None:
-            parts = TT._check_saved(saved, B, idx.shape[0], shapes, _GPart)
+            parts = TT._check_saved(saved, B, idx.shape[0], shapes, _GPart, bounds)
         else:
             parts = _forward(be, idx, off, psw, B, mode_, bounds, shapes,
                              xp.empty((B, D), dtype), save=True)
