@@ -581,6 +581,9 @@ class TTCache:
     @rows.setter
     def rows(self, rows):
         rows = np.array(rows, np.int64).reshape(-1)
+        if rows.shape[0] > self.capacity:
+            raise ValueError(f"rows: expected at most {self.capacity} slots (the capacity), "
+                             f"got {rows.shape[0]}")
         held = np.flatnonzero(rows >= 0)
         order = np.argsort(rows[held], kind="stable")
         ids = rows[held][order]
@@ -946,6 +949,23 @@ def _caches(cache, T, shapes):
         if c.dim != s.D or c.weight.dtype != s.dtype:
             raise ValueError(f"cache[{t}]: expected dim {s.D} and dtype {s.dtype} (the table's), "
                              f"got dim {c.dim} and dtype {c.weight.dtype}")
+        # its arrays are public attributes: the kernels read a slot of every
+        # cached row and a count of every frequency-table position
+        w = c.weight
+        if (not isinstance(w, np.ndarray) or w.shape != (c.capacity, c.dim)
+                or not w.flags.c_contiguous):
+            raise ValueError(f"cache[{t}].weight: expected a C-contiguous array of "
+                             f"shape {(c.capacity, c.dim)}, got {V._desc(w)}")
+        if c.rows.shape[0] > c.capacity:
+            raise ValueError(f"cache[{t}].rows: expected at most {c.capacity} slots, "
+                             f"got {c.rows.shape[0]}")
+        if not (isinstance(c.keys, np.ndarray) and isinstance(c.freq, np.ndarray)
+                and c.keys.dtype == c.freq.dtype == np.int64
+                and c.keys.ndim == c.freq.ndim == 1 and c.keys.shape == c.freq.shape
+                and c.keys.shape[0] > 0 and c.keys.flags.c_contiguous
+                and c.freq.flags.c_contiguous):
+            raise ValueError(f"cache[{t}]: expected keys and freq of one length (int64), "
+                             f"got {V._desc(c.keys)} and {V._desc(c.freq)}")
     return list(caches)
 
 

@@ -895,3 +895,41 @@ def test_tt_shapes_waste_bound_is_inclusive():
 
 def test_cache_takes_a_table_of_four_thirds_capacity():
     assert he.TTCache(1000, 2, hashtbl_size=1334).keys.shape == (1334,)
+
+
+def test_cache_arrays_are_checked_before_the_kernels_read_them():
+    """A cache's rows, weight, keys and freq are public attributes; one of
+    another size was read past its end (ASan heap overflows in pool and in
+    the torch module after a cache weight of another shape was swapped in)."""
+    cores = he.tt_init(1000, [10, 10, 10], [2, 2, 2], [3, 3])
+    x, off = np.array([999]), np.array([0, 1])
+    with pytest.raises(ValueError, match=r"^rows: expected at most 2 slots \(the capacity\), "
+                                         r"got 1000$"):
+        he.TTCache(2, 8).rows = np.arange(1000)
+    cache = he.TTCache(4, 8)
+    cache.weight = np.zeros((1, 8), np.float32)
+    with pytest.raises(ValueError, match=r"^cache\[0\].weight: expected a C-contiguous array "
+                                         r"of shape \(4, 8\), got array of dtype float32"):
+        he.tt_embedding_bag(x, cores, off, cache=cache)
+    cache = he.TTCache(4, 8)
+    cache.weight = np.zeros((8, 4), np.float32).T
+    with pytest.raises(ValueError, match=r"^cache\[0\].weight"):
+        he.tt_embedding_bag(x, cores, off, cache=cache)
+    cache = he.TTCache(4, 8)
+    cache.freq = np.zeros(3, np.int64)
+    with pytest.raises(ValueError, match=r"^cache\[0\]: expected keys and freq of one length"):
+        he.tt_embedding_bag(x, cores, off, cache=cache)
+    cache = he.TTCache(4, 8)
+    cache.__dict__["_rows"] = np.arange(5)         # past the setter's check
+    with pytest.raises(ValueError, match=r"^cache\[0\].rows: expected at most 4 slots"):
+        he.tt_embedding_bag(x, cores, off, cache=cache)
+
+    emb = TTEmbeddingBagCollection([1000], 16, [8], use_cache=True, cache_size=64)
+    emb.train()
+    emb(torch.arange(64).reshape(-1, 1))
+    emb.cache_populate()
+    emb.eval()
+    emb.cache_weights[0].data = torch.zeros(1, 16)
+    with pytest.raises(ValueError, match=r"^cache_weights\[0\]: expected shape \(64, 16\), "
+                                         r"got \(1, 16\)$"):
+        emb(torch.arange(64).reshape(-1, 1))

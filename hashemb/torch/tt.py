@@ -194,8 +194,14 @@ class TTEmbeddingBagCollection(nn.Module):
         cores = [arrs[t * d:(t + 1) * d] for t in range(T)]
         if self._cache_objs is None:
             return cores, None
-        for c, prm in zip(self._cache_objs, params[d * T:]):
-            c.weight = as_array(prm, "cache_weight")       # the parameter's memory
+        for t, (c, prm) in enumerate(zip(self._cache_objs, params[d * T:])):
+            w = as_array(prm, "cache_weight")               # the parameter's memory
+            if w.shape != c.weight.shape:
+                # (a parameter swapped for one of another shape: the cached
+                # rows were read past its end)
+                raise ValueError(f"cache_weights[{t}]: expected shape {tuple(c.weight.shape)}, "
+                                 f"got {tuple(w.shape)}")
+            c.weight = w
         return cores, self._cache_objs
 
     def _fused(self):
