@@ -84,6 +84,12 @@ def _uint32(a, name):
     return np.ascontiguousarray(a, np.uint32)
 
 
+def _frozen(a):
+    a = a.copy()
+    a.flags.writeable = False
+    return a
+
+
 class _MinhashScheme(Scheme):
     """Shared by :class:`LSHTable` and :class:`LMA`: the sampled-token map, the
     minhash functions and the combination of signature values into slots."""
@@ -116,6 +122,10 @@ class _MinhashScheme(Scheme):
         if self._kind_id == _LSH_TABLE and data.max() >= size:
             raise ValueError(f"data: expected slots < size = {size}, got {data.max()}")
         self._coefficients(dim, width)
+        # private read-only copies: the kernels index with them unchecked, so
+        # a caller's later write to its array (or to config()'s) went out of
+        # bounds, and the digest of equality would go stale
+        keys, data = _frozen(keys), _frozen(data)
         self.keys, self.data = keys, data
         self._lsh["keys"], self._lsh["data"] = keys, data.reshape(-1)
         self._config = dict(type=self._type, size=size, dim=dim, num_fields=self.num_tables,

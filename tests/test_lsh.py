@@ -521,3 +521,36 @@ def test_lsh_collection_uses_its_seed():
     for lma in (False, True):
         assert LSHEmbeddingBagCollection(X, [50, 50], 8, compression=2, lma=lma,
                                          seed=5).scheme.seed == 5
+
+
+def test_schemes_keep_private_read_only_copies_of_keys_and_data():
+    """The kernels index with keys and data unchecked: a caller's later write
+    to the arrays it passed (or to config()'s) went out of bounds (a segfault
+    in the bag kernel after data[:] = 2**30)."""
+    X = np.arange(40).reshape(20, 2)
+    t = he.LSHTable.fit(X, size=64, dim=8, num_points=10, num_hashes=1)
+    keys, data = t.keys.copy(), t.data.copy()
+    s = he.LSHTable(64, 8, 2, keys, data, num_hashes=1, block=t.block)
+    M = s.init_weight()
+    x = np.array([[0, 1], [2, 3]])
+    want = he.embedding_bag(x, M, scheme=s)
+    data[:] = 1 << 30
+    keys[:] = 0
+    np.testing.assert_array_equal(he.embedding_bag(x, M, scheme=s), want)
+    assert s == t and (s.slots(x) < 64).all()
+    for scheme in (s, he.LMA.fit(X, size=64, dim=8, num_points=10)):
+        for a in (scheme.keys, scheme.data, scheme.config()["keys"], scheme.config()["data"]):
+            with pytest.raises(ValueError, match="read-only"):
+                a[...] = 0
+
+
+def test_torch_extra_state_holds_copies_of_the_scheme_arrays():
+    torch = pytest.importorskip("torch")
+    from hashemb.torch import HashEmbeddingBag
+    X = np.arange(40).reshape(20, 2)
+    emb = HashEmbeddingBag(he.LSHTable.fit(X, size=64, dim=8, num_points=10))
+    x = torch.tensor([[0, 1]])
+    want = emb(x)
+    sd = emb.state_dict()
+    sd["_extra_state"]["scheme"]["data"].fill_(1 << 30)
+    torch.testing.assert_close(emb(x), want, rtol=0, atol=0)

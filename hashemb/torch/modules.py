@@ -221,7 +221,8 @@ class HashEmbeddingBag(nn.Module):
     def get_extra_state(self):
         # a scheme's arrays (SCMA / LMA) travel as tensors: torch.load(weights_only=True)
         # accepts them, and a uint32 array goes as its int32 bit pattern
-        cfg = {k: torch.from_numpy(v.view(np.int32) if v.dtype == np.uint32 else v)
+        # (copies: the scheme's arrays are read-only, and a state_dict is the caller's)
+        cfg = {k: torch.from_numpy((v.view(np.int32) if v.dtype == np.uint32 else v).copy())
                if isinstance(v, np.ndarray) else v for k, v in self.scheme.config().items()}
         opt = self._lookup.optimizer
         return {"scheme": cfg, "table": self.table, "mode": self.mode,
