@@ -318,6 +318,33 @@ def test_used_module_deep_copies_and_saves_whole(make):
     assert torch.equal(torch.load(f, weights_only=False)(x), a(x))
 
 
+@pytest.mark.parametrize("make", [
+    lambda: RobeEmbeddingBagCollection([10_000] * 4, 16, compression=2, optimizer="adagrad"),
+    lambda: TTEmbeddingBag(1_000_000, 64, [32, 32], sparse=True, optimizer="adagrad"),
+])
+def test_pickled_trained_module_holds_its_state_once(make):
+    """The record of the arrays a fused optimizer bound (views of its
+    accumulators) is not pickled: pickle, deepcopy and torch.save wrote each
+    accumulator out twice (1.5x the state after one Adagrad step)."""
+    import copy
+    import pickle
+    a = make()
+    x = torch.randint(0, 10_000, (64, 4 if isinstance(a, RobeEmbeddingBagCollection) else 1))
+    a(x).sum().backward()
+    state = sum(t.numel() * t.element_size() for t in a.state_dict().values()
+                if isinstance(t, torch.Tensor))
+    assert len(pickle.dumps(a)) < 1.05 * state + 8192
+    f = io.BytesIO()
+    torch.save(a, f)
+    assert len(f.getvalue()) < 1.05 * state + 8192
+    b = copy.deepcopy(a)
+    b(x).sum().backward()           # the copy binds its own accumulators and steps as a does
+    a(x).sum().backward()
+    for (name, u), v in zip(a.state_dict().items(), b.state_dict().values()):
+        if isinstance(u, torch.Tensor):
+            assert torch.equal(u, v), name
+
+
 @pytest.mark.parametrize("conv, dtype", [("half", torch.float16), ("bfloat16", torch.bfloat16),
                                          ("double", torch.float64)])
 def test_dtype_conversion_keeps_the_accumulator_in_the_kernels_dtype(conv, dtype):

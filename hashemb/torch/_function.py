@@ -228,6 +228,17 @@ def _rebind(opt, module, arrays):
                                             for k in keys})
 
 
+def getstate_unbound(module):
+    """A module's pickled state (its ``__getstate__``) without _rebind's
+    record: those bound arrays are views of the optimizer's accumulators,
+    which pickle, deepcopy and torch.save wrote out as copies (a trained
+    Adagrad module pickled at 1.5x its state). The copy's optimizer holds no
+    bindings (see the optimizers' __getstate__); its first step binds it."""
+    state = torch.nn.Module.__getstate__(module)
+    state.pop("_fused_keys", None)
+    return state
+
+
 def records_grad(psw, *params):
     """Whether autograd will record a call on these inputs: grad mode on and
     a parameter or the per-sample weights requiring a gradient. Where it

@@ -12,8 +12,9 @@ from ..lsh import LMA, LSHTable
 from ..schemes import FullTable, HashedNet, RobeZ, Scheme
 from ..optim import check_optimizer
 from ._function import (BagFunction, Lookup, _rebind, as_any_array, as_tensor, bfloat16,
-                        check_psw_shape, compile_opaque, device_context, make_optimizer,
-                        optimizer_name, plain_lookup, records_grad, refuse_computed)
+                        check_psw_shape, compile_opaque, device_context, getstate_unbound,
+                        make_optimizer, optimizer_name, plain_lookup, records_grad,
+                        refuse_computed)
 
 
 def _cupy():
@@ -100,6 +101,8 @@ class HashEmbeddingBag(nn.Module):
     """
 
     num_tables = 1
+
+    __getstate__ = getstate_unbound
 
     def __init__(self, scheme, table=0, mode="sum", padding_idx=None,
                  include_last_offset=False, optimizer=None, lr=0.01, eps=1e-10,

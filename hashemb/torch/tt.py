@@ -7,8 +7,8 @@ from .. import _validate as V
 from .. import tt as _tt
 from .._backend import array_module
 from ._function import (_rebind, as_any_array, as_array, as_tensor, check_psw_shape, compile_opaque,
-                        device_context, make_optimizer, raise_stale, records_grad,
-                        refuse_computed, refuse_double_backward)
+                        device_context, getstate_unbound, make_optimizer, raise_stale,
+                        records_grad, refuse_computed, refuse_double_backward)
 
 
 def _np_dtype(dtype):
@@ -114,6 +114,8 @@ class TTEmbeddingBagCollection(nn.Module):
     >>> emb(torch.tensor([[1, 2], [3, 4999]])).shape
     torch.Size([2, 32])
     """
+
+    __getstate__ = getstate_unbound
 
     def __init__(self, num_embeddings, embedding_dim, tt_ranks, tt_p_shapes=None,
                  tt_q_shapes=None, sparse=False, optimizer="sgd", learning_rate=0.1,
