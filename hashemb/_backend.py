@@ -5,6 +5,7 @@ when a CuPy array arrives (it is recognised by its type's module name)."""
 import mmap
 import os
 import sys
+import threading
 import types
 
 import numpy as np
@@ -35,8 +36,28 @@ def _one_thread_after_fork():
         _slots.set_max_threads(1)
 
 
+_LOCKS = []      # (namespace, name, factory) of fork_safe_lock
+
+
+def fork_safe_lock(namespace, name, factory=threading.Lock):
+    """``namespace[name] = factory()`` (a module's globals()), made anew,
+    unlocked, in a forked child: a child forked while another thread held
+    the lock inherited it held, with no thread left to release it, and hung
+    at its first use (a DataLoader worker started while the native op was
+    being built)."""
+    _LOCKS.append((namespace, name, factory))
+    namespace[name] = factory()
+    return namespace[name]
+
+
+def _after_fork_in_child():
+    for namespace, name, factory in _LOCKS:
+        namespace[name] = factory()
+    _one_thread_after_fork()
+
+
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_one_thread_after_fork)
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def is_cupy(x):

@@ -6,10 +6,11 @@ what passes here: nothing past this module reads or writes out of bounds.
 import argparse
 import math
 import numbers
-import threading
 from collections import namedtuple
 
 import numpy as np
+
+from ._backend import fork_safe_lock
 
 MODES = ("sum", "mean", "max")          # codes 0, 1, 2 in the kernels
 _INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
@@ -271,7 +272,7 @@ def padding(padding_idx, scheme, T, table0):
 
 
 _EVEN = {}
-_EVEN_LOCK = threading.Lock()
+fork_safe_lock(globals(), "_EVEN_LOCK")
 
 
 def _even_offsets(count, step):

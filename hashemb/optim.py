@@ -1,12 +1,11 @@
 """Fused optimizers: passed as ``optimizer=`` to a backward, they update the
 array in place in the same pass, with no full-size gradient returned."""
-import threading
 import weakref
 
 import numpy as np
 
 from . import _validate as V
-from ._backend import aligned, array_module, data_ptr, device_id, is_cupy
+from ._backend import aligned, array_module, data_ptr, device_id, fork_safe_lock, is_cupy
 
 _MASK = (1 << 64) - 1
 
@@ -25,7 +24,7 @@ _ROUNDING = """
         Seed of those bits."""
 
 
-_CALLS_LOCK = threading.Lock()
+fork_safe_lock(globals(), "_CALLS_LOCK")
 
 
 def _zeros(weight, size, sparse=False):

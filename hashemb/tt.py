@@ -24,13 +24,12 @@ import bisect
 import math
 import numbers
 import sys
-import threading
 from collections import namedtuple
 
 import numpy as np
 
 from . import _validate as V
-from ._backend import on_gpu
+from ._backend import fork_safe_lock, on_gpu
 from .optim import SGD, Adagrad, check_optimizer
 
 WEIGHT_DISTS = ("uniform", "normal", "approx-uniform", "approx-normal")
@@ -686,7 +685,7 @@ def _rows_of(cores, s, rows):
 # ---------------------------------------------------------------- the chain
 
 _POOL = {}          # (size class, dtype) -> scratch arrays kept between calls
-_POOL_LOCK = threading.Lock()
+fork_safe_lock(globals(), "_POOL_LOCK")
 
 
 def _scratch(n, dtype):

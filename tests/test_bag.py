@@ -1167,3 +1167,47 @@ def test_max_mode_ties_send_the_gradient_to_the_first_entry(scheme):
     want = bag_backward(scheme, idx, np.r_[off, len(idx)], G.astype(np.float64), 1,
                         M=W, mode="max")
     np.testing.assert_array_equal(got.reshape(-1), want)
+
+
+def test_forked_child_gets_hashemb_locks_unlocked():
+    """A child forked while another thread held one of hashemb's locks (the
+    native op's build lock for its whole 20-30 s build, the TT workspace
+    pool's, ...) inherited it held, with no thread to release it, and hung
+    at its first use (a DataLoader worker starting then)."""
+    import multiprocessing as mp
+    import threading
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    import hashemb._gpu._runtime as RT
+    import hashemb.torch._native as N
+    from hashemb import _backend, _validate, optim, tt
+    places = [(N, "_lock"), (tt, "_POOL_LOCK"), (optim, "_CALLS_LOCK"),
+              (_validate, "_EVEN_LOCK"), (RT, "_SCHEMES_LOCK")]
+    registered = {(id(ns), name) for ns, name, _ in _backend._LOCKS}
+    assert all((id(vars(m)), name) in registered for m, name in places)
+    held, done = threading.Event(), threading.Event()
+
+    def hold():
+        locks = [getattr(m, name) for m, name in places]
+        for lock in locks:
+            lock.acquire()
+        held.set()
+        done.wait(60)
+        for lock in locks:
+            lock.release()
+    t = threading.Thread(target=hold)
+    t.start()
+    held.wait(10)
+    try:
+        ctx = mp.get_context("fork")
+        q = ctx.Queue()
+
+        def child():
+            q.put([getattr(m, name).acquire(timeout=5) for m, name in places])
+        p = ctx.Process(target=child)
+        p.start()
+        p.join(60)
+        assert q.get(timeout=10) == [True] * len(places)
+    finally:
+        done.set()
+        t.join()

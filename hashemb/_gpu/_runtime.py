@@ -18,6 +18,8 @@ import weakref
 
 import numpy as np
 
+from .._backend import fork_safe_lock
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 HEADER = os.path.join(os.path.dirname(_HERE), "_include", "hashemb", "slots.h")
 HALF = os.path.join(os.path.dirname(_HERE), "_include", "hashemb", "half.h")
@@ -337,7 +339,7 @@ _SCHEMES = {}       # id(scheme) -> [weakref, SchemeView, {(backend, device, wha
 # re-entrant: a scheme freed while the lock is held (by make(), or by a
 # garbage collection that any allocation under it can start) runs _forget
 # on this thread; a plain Lock deadlocked there (seen once in the test suite)
-_SCHEMES_LOCK = threading.RLock()
+fork_safe_lock(globals(), "_SCHEMES_LOCK", threading.RLock)
 
 
 def _forget(key, ref):

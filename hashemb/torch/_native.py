@@ -15,14 +15,15 @@ import os
 import re
 import sys
 import sysconfig
-import threading
 import warnings
+
+from .._backend import fork_safe_lock
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _INCLUDE = os.path.join(os.path.dirname(_HERE), "_include")
 _BAD = re.compile(r"hashemb-bad-index=(\d+)")
 
-_lock = threading.Lock()
+fork_safe_lock(globals(), "_lock")
 _state = {"module": None, "status": "not built yet"}
 
 
