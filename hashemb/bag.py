@@ -36,8 +36,13 @@ class BagSaved:
     backward reuses (``return_saved=True``): every entry's run starts, hashed
     once in forward, so that backward hashes nothing (in a training step the
     hashing is about a quarter of the work). Valid only for the same inputs
-    and scheme (a saved of other inputs is a ValueError; one of the other
-    backend a TypeError). ``starts`` is None where backward would not use
+    and scheme: a saved of other sizes (bags, entries, tables, scheme, mode)
+    is a ValueError and one of the other backend a TypeError, but one of
+    other indices of the same sizes is not detected (its gradient is that of
+    the saved's indices; the torch modules pass each forward's own). On the
+    CPU ``starts`` is read-only: the kernels trust its values, and another
+    start would send a step out of bounds (a device array cannot be locked:
+    leave it as forward wrote it). ``starts`` is None where backward would not use
     them (signed schemes, many runs per row, max mode); with
     ``padding_idx``, the padding entries have none (the CPU drops them
     before the kernels run).
@@ -56,6 +61,8 @@ class BagSaved:
     """
 
     def __init__(self, starts, scheme, table0, T, B, n, mode, device):
+        if isinstance(starts, np.ndarray):
+            starts.flags.writeable = False
         self.starts, self.scheme, self.table0, self.T = starts, scheme, table0, T
         self.B, self.n, self.mode, self.device = B, n, mode, device
 

@@ -1211,3 +1211,20 @@ def test_forked_child_gets_hashemb_locks_unlocked():
     finally:
         done.set()
         t.join()
+
+
+def test_saved_starts_are_read_only():
+    """The kernels trust a saved's run starts: one edited through the public
+    attribute sent a fused step out of bounds (an ASan heap overflow)."""
+    robe = he.RobeZ(1000, 16, block=16)
+    M = robe.init_weight()
+    x = np.array([[1, 2], [3, 4]])
+    out, saved = he.embedding_bag(x, M, scheme=robe, return_saved=True)
+    with pytest.raises(ValueError, match="read-only"):
+        saved.starts[0] = 5000
+    fresh = M.copy()
+    he.embedding_bag_backward(np.ones_like(out), x, scheme=robe, weight=M,
+                              optimizer=he.SGD(0.1), saved=saved)
+    he.embedding_bag_backward(np.ones_like(out), x, scheme=robe, weight=fresh,
+                              optimizer=he.SGD(0.1))
+    np.testing.assert_array_equal(M, fresh)
