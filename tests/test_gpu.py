@@ -1359,6 +1359,56 @@ def test_one_entry_rows_kernel_equals_cpu(dev, b, pre, keep, opt, flat):
             be.launches
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 8])
+def test_rows_kernels_at_every_chunk_equal_cpu(dev, chunk, monkeypatch):
+    """gpu_profile's sweep of the rows kernels' loads in flight (ROWS_CHUNK):
+    partial warps and chunks, padding, weights and both run-start sources
+    give the CPU's forward bit for bit and its SGD step to rounding."""
+    monkeypatch.setattr(GB, "ROWS_CHUNK", chunk)
+    be = dev.be or RT.backend()
+    rng = np.random.default_rng(chunk)
+    for scheme, B, T, pad in ((he.RobeZ(601, 16, block=16, seed=1), 45, 1, True),
+                              (he.RobeZ(577, 24, block=8, seed=2), 70, 3, False),
+                              (he.RobeZ(613, 3, block=3, seed=3), 33, 2, False)):
+        X = rng.integers(0, 1 << 40, (B, T))
+        if pad:
+            X[::3, 0] = X[0, 0]
+        padding = int(X[0, 0]) if pad else None
+        psw = rng.uniform(-2, 2, (B, T)).astype(np.float32)
+        M = rng.standard_normal(scheme.size).astype(np.float32)
+        G = rng.standard_normal((B, T * scheme.dim)).astype(np.float32)
+        for pre in (None, True):
+            old = he.set_gpu_options(precompute_starts=pre)
+            try:
+                if dev.be:
+                    be.launches.clear()
+                got = GB.forward(dev.put(X), dev.put(M), None, scheme, 0, T, "sum",
+                                 dev.put(psw), True, padding, be=be)
+                Md = dev.put(M)
+                GB.backward(dev.put(G), dev.put(X), None, scheme, 0, T, "sum", dev.put(psw),
+                            True, padding, Md, he.SGD(0.1), False, be=be)
+            finally:
+                he.set_gpu_options(**old)
+            kw = dict(scheme=scheme, per_sample_weights=psw)
+            if T == 1:
+                want = he.embedding_bag(X, M, padding_idx=padding, **kw)
+                Mh = M.copy()
+                he.embedding_bag_backward(G, X, padding_idx=padding, weight=Mh,
+                                          optimizer=he.SGD(0.1), **kw)
+            else:
+                want = he.embedding_bags(X, M, num_tables=T, **kw)
+                Mh = M.copy()
+                he.embedding_bags_backward(G, X, num_tables=T, weight=Mh,
+                                           optimizer=he.SGD(0.1), **kw)
+            dev.same(got, want)
+            np.testing.assert_allclose(dev.get(Md), Mh, **tol(np.float32))
+            if dev.be:
+                assert f"bag_forward_rows<float, long long, {'true' if pre else 'false'}, " \
+                       f"false, {chunk}>" in be.launches, be.launches
+                assert any(k.startswith("bag_backward_rows") and k.endswith(f", {chunk}>")
+                           for k in be.launches), be.launches
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @FIXTURE
 @given(b=_one_entry_bags(), opt=st.sampled_from([None, "sgd", "adagrad"]), flat=st.booleans())
@@ -1422,11 +1472,11 @@ def test_rows_kernel_takes_only_what_it_can():
     per bag stay on bag_forward."""
     be = gpu_emu.emu_backend()
     X = np.arange(12).reshape(4, 3)
-    for scheme, X_, T, rows in [(he.RobeZ(99, 8, block=8), X, 3, "false>"),
-                                (he.RobeZ(99, 8, block=8, signed=True), X, 3, "true>"),
-                                (he.HashedNet(99, 8), X, 3, "true>"),
+    for scheme, X_, T, rows in [(he.RobeZ(99, 8, block=8), X, 3, "false, 4>"),
+                                (he.RobeZ(99, 8, block=8, signed=True), X, 3, "true, 4>"),
+                                (he.HashedNet(99, 8), X, 3, "true, 4>"),
                                 (he.RobeZ(99, 8, block=8), X, 1, None),       # (B, 3): 3 a bag
-                                (he.RobeZ(99, 8, block=8), X[:, :1], 1, "false>")]:
+                                (he.RobeZ(99, 8, block=8), X[:, :1], 1, "false, 4>")]:
         be.launches.clear()
         GB.forward(X_, scheme.init_weight(), None, scheme, 0, T, "sum", None, True, None, be=be)
         got = [k for k in be.launches if k.startswith("bag_forward_rows")]
@@ -1448,7 +1498,7 @@ def test_rows_kernel_takes_only_what_it_can():
     be.launches.clear()
     GB.backward(np.ones((4, 24), np.float32), X, None, robe, 0, 3, "sum", None, True, None,
                 robe.init_weight(), he.SGD(0.1), be=be)
-    assert be.launches == ["bag_backward_rows<float, long long, false, false>"], be.launches
+    assert be.launches == ["bag_backward_rows<float, long long, false, false, 4>"], be.launches
     # the deterministic pairs still read starts precomputed once per entry
     be.launches.clear()
     GB.backward(np.ones((4, 24), np.float32), X, None, robe, 0, 3, "sum", None, True, None,

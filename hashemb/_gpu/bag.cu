@@ -267,6 +267,7 @@ __device__ __forceinline__ void he_rows_begin(const he_scheme* s, const I* idx, 
     HE_LANES(l) {
         const i64 j = j0 + l;
         w->live[l] = 0;
+        w->scale[l] = 0;
         if (j >= n)
             continue;
         /* entry j is bag (t, b): j = b*T + t (2-D input), or j = t*B + b
@@ -303,40 +304,62 @@ __device__ __forceinline__ void he_rows_begin(const he_scheme* s, const I* idx, 
 }
 
 /*
- * The second phase: f(e, i, slot, sign) for element i of every live warp
- * entry e, P lanes per row (lane l: entries l/P, l/P + 32/P, ..., elements
- * l%P, l%P + P, ...), the slot and sign from what the first phase kept.
+ * The second phase: element i of every live warp entry e, P lanes per row
+ * (lane l: entries l/P, l/P + 32/P, ..., elements l%P, l%P + P, ...), the
+ * slot and sign from what the first phase kept (sign 0 and slot 0: a
+ * padding entry). C entries at a time: v = get(e, i, slot, sign) of all C,
+ * then put(e, i, slot, sign, v) of each, so that a lane has C independent
+ * loads in flight. One get and put at a time compiled to a load and the store
+ * that waits for it (ptxas, sm_90): a lane waited one L2 round trip a row.
  */
-template <bool ST, bool GEN, typename R, typename F>
+template <bool ST, bool GEN, int C, typename R, typename G, typename F>
 __device__ __forceinline__ void he_rows_each(const he_scheme* s, const he_row_warp<R>* w,
-                                             const uint64_t* starts, i64 n, i64 j0, int p, F f)
+                                             const uint64_t* starts, i64 n, i64 j0, int p,
+                                             G get, F put)
 {
     const int D = (int)s->dim, L = (int)s->run;
     const uint64_t m = s->size;         /* read once, not per row */
+    const int ne = n - j0 < 32 ? (int)(n - j0) : 32;        /* the warp's entries */
     HE_LANES(l) {
         const int e0 = l / p, g = 32 / p;
         for (int i = l - e0 * p; i < D; i += p) {
             const int k = i / L, jr = i - k * L;
-#pragma unroll 4      /* rows are independent: several loads in flight per lane */
-            for (int e = e0; e < 32 && j0 + e < n; e += g) {
-                if (!w->live[e]) {
-                    f(e, i, (uint64_t)0, 0);        /* sign 0: a padding entry */
-                    continue;
+            for (int eb = e0; eb < ne; eb += C * g) {
+                uint64_t slot[C];
+                int sg[C];
+                R v[C];
+#pragma unroll
+                for (int c = 0; c < C; c++) {
+                    const int e = eb + c * g;
+                    slot[c] = 0;
+                    sg[c] = 0;
+                    v[c] = 0;
+                    if (e >= ne)
+                        continue;
+                    if (w->live[e]) {
+                        const uint64_t* st = w->st + e * HE_ROW_RUNS;
+                        if (GEN) {
+                            const he_row row{st[0], st[1]};
+                            slot[c] = he_wrap(he_start<ST>(s, &row, starts, j0 + e, k), jr, m);
+                            sg[c] = he_entry_sign<ST>(s, &row, i);
+                        } else {
+                            slot[c] = he_wrap(st[k], jr, m);
+                            sg[c] = 1;
+                        }
+                    }
+                    v[c] = get(e, i, slot[c], sg[c]);
                 }
-                const uint64_t* st = w->st + e * HE_ROW_RUNS;
-                if (GEN) {
-                    const he_row row{st[0], st[1]};
-                    f(e, i, he_wrap(he_start<ST>(s, &row, starts, j0 + e, k), jr, m),
-                      he_entry_sign<ST>(s, &row, i));
-                } else {
-                    f(e, i, he_wrap(st[k], jr, m), 1);
+#pragma unroll
+                for (int c = 0; c < C; c++) {
+                    if (eb + c * g < ne)
+                        put(eb + c * g, i, slot[c], sg[c], v[c]);
                 }
             }
         }
     }
 }
 
-template <typename R, typename I, bool ST, bool GEN, typename S = R>
+template <typename R, typename I, bool ST, bool GEN, int C, typename S = R>
 __global__ void bag_forward_rows(const he_scheme* __restrict__ s, const I* __restrict__ idx,
                                  i64 n, i64 B, i64 T, i64 fm, i64 table0,
                                  const uint64_t* __restrict__ starts,
@@ -352,15 +375,16 @@ __global__ void bag_forward_rows(const he_scheme* __restrict__ s, const I* __res
     he_rows_begin<ST, GEN>(s, idx, n, B, T, fm, table0, starts, psw, use_psw, has_pad, pad, j0,
                            w, keep, use_keep);
     const i64 D = s->dim;
-    he_rows_each<ST, GEN>(s, w, starts, n, j0, (int)P, [&](int e, int i, uint64_t slot, int sg) {
-        R* o = out + w->orow[e] * D + i;
-        if (sg == 0) {
-            *o = 0;
-            return;
-        }
-        const R v = GEN ? (R)sg * he_weight(M, slot) : (R)he_weight(M, slot);
-        *o = mode == HE_MAX ? v : w->scale[e] * v;
-    });
+    he_rows_each<ST, GEN, C>(
+        s, w, starts, n, j0, (int)P,
+        [&](int e, int i, uint64_t slot, int sg) -> R {
+            /* loaded for a padding entry too (slot 0 of the array), so
+               that the load does not wait behind a branch */
+            const R x = (R)he_weight(M, slot);
+            const R v = GEN ? (R)sg * x : x;
+            return sg == 0 ? (R)0 : mode == HE_MAX ? v : w->scale[e] * v;
+        },
+        [&](int e, int i, uint64_t, int, R v) { out[w->orow[e] * D + i] = v; });
 }
 
 /*
@@ -371,7 +395,7 @@ __global__ void bag_forward_rows(const he_scheme* __restrict__ s, const I* __res
  * consecutive gradient floats; a = alpha * psw[j] (sum with weights) or
  * alpha * 1 (any mode: a one-entry bag is its own mean and maximum).
  */
-template <typename R, typename I, bool ST, bool GEN>
+template <typename R, typename I, bool ST, bool GEN, int C>
 __global__ void bag_backward_rows(const he_scheme* __restrict__ s, const I* __restrict__ idx,
                                   i64 n, i64 B, i64 T, i64 fm, i64 table0,
                                   const uint64_t* __restrict__ starts,
@@ -387,12 +411,17 @@ __global__ void bag_backward_rows(const he_scheme* __restrict__ s, const I* __re
     he_rows_begin<ST, GEN>(s, idx, n, B, T, fm, table0, starts, psw, use_psw, has_pad, pad, j0,
                            w, (uint64_t*)0, 0);
     const i64 D = s->dim;
-    he_rows_each<ST, GEN>(s, w, starts, n, j0, (int)P, [&](int e, int i, uint64_t slot, int sg) {
-        if (sg == 0)
-            return;
-        const R a = alpha * w->scale[e];
-        he_atomic_add(target + slot, (GEN ? a * (R)sg : a) * grad[w->orow[e] * D + i]);
-    });
+    he_rows_each<ST, GEN, C>(
+        s, w, starts, n, j0, (int)P,
+        [&](int e, int i, uint64_t, int sg) -> R {
+            const R a = alpha * w->scale[e];
+            const R gv = grad[w->orow[e] * D + i];  /* a padding entry's row exists too */
+            return sg == 0 ? (R)0 : (GEN ? a * (R)sg : a) * gv;
+        },
+        [&](int, int, uint64_t slot, int sg, R v) {
+            if (sg != 0)
+                he_atomic_add(target + slot, v);
+        });
 }
 
 /*
@@ -678,38 +707,51 @@ HE_KERNEL(bag_forward<double, int, false, 16>)
 HE_KERNEL(bag_forward<double, int, true, 16>)
 HE_KERNEL(bag_forward<double, long long, false, 16>)
 HE_KERNEL(bag_forward<double, long long, true, 16>)
-HE_KERNEL(bag_forward_rows<float, int, false, false>)
-HE_KERNEL(bag_forward_rows<float, int, false, true>)
-HE_KERNEL(bag_forward_rows<float, int, true, false>)
-HE_KERNEL(bag_forward_rows<float, int, true, true>)
-HE_KERNEL(bag_forward_rows<float, long long, false, false>)
-HE_KERNEL(bag_forward_rows<float, long long, false, true>)
-HE_KERNEL(bag_forward_rows<float, long long, true, false>)
-HE_KERNEL(bag_forward_rows<float, long long, true, true>)
-HE_KERNEL(bag_forward_rows<double, int, false, false>)
-HE_KERNEL(bag_forward_rows<double, int, false, true>)
-HE_KERNEL(bag_forward_rows<double, int, true, false>)
-HE_KERNEL(bag_forward_rows<double, int, true, true>)
-HE_KERNEL(bag_forward_rows<double, long long, false, false>)
-HE_KERNEL(bag_forward_rows<double, long long, false, true>)
-HE_KERNEL(bag_forward_rows<double, long long, true, false>)
-HE_KERNEL(bag_forward_rows<double, long long, true, true>)
-HE_KERNEL(bag_backward_rows<float, int, false, false>)
-HE_KERNEL(bag_backward_rows<float, int, false, true>)
-HE_KERNEL(bag_backward_rows<float, int, true, false>)
-HE_KERNEL(bag_backward_rows<float, int, true, true>)
-HE_KERNEL(bag_backward_rows<float, long long, false, false>)
-HE_KERNEL(bag_backward_rows<float, long long, false, true>)
-HE_KERNEL(bag_backward_rows<float, long long, true, false>)
-HE_KERNEL(bag_backward_rows<float, long long, true, true>)
-HE_KERNEL(bag_backward_rows<double, int, false, false>)
-HE_KERNEL(bag_backward_rows<double, int, false, true>)
-HE_KERNEL(bag_backward_rows<double, int, true, false>)
-HE_KERNEL(bag_backward_rows<double, int, true, true>)
-HE_KERNEL(bag_backward_rows<double, long long, false, false>)
-HE_KERNEL(bag_backward_rows<double, long long, false, true>)
-HE_KERNEL(bag_backward_rows<double, long long, true, false>)
-HE_KERNEL(bag_backward_rows<double, long long, true, true>)
+HE_KERNEL(bag_forward_rows<float, int, false, false, 4>)
+HE_KERNEL(bag_forward_rows<float, int, false, true, 4>)
+HE_KERNEL(bag_forward_rows<float, int, true, false, 4>)
+HE_KERNEL(bag_forward_rows<float, int, true, true, 4>)
+HE_KERNEL(bag_forward_rows<float, long long, false, false, 4>)
+HE_KERNEL(bag_forward_rows<float, long long, false, true, 4>)
+HE_KERNEL(bag_forward_rows<float, long long, true, false, 4>)
+HE_KERNEL(bag_forward_rows<float, long long, true, true, 4>)
+HE_KERNEL(bag_forward_rows<double, int, false, false, 4>)
+HE_KERNEL(bag_forward_rows<double, int, false, true, 4>)
+HE_KERNEL(bag_forward_rows<double, int, true, false, 4>)
+HE_KERNEL(bag_forward_rows<double, int, true, true, 4>)
+HE_KERNEL(bag_forward_rows<double, long long, false, false, 4>)
+HE_KERNEL(bag_forward_rows<double, long long, false, true, 4>)
+HE_KERNEL(bag_forward_rows<double, long long, true, false, 4>)
+HE_KERNEL(bag_forward_rows<double, long long, true, true, 4>)
+HE_KERNEL(bag_backward_rows<float, int, false, false, 4>)
+HE_KERNEL(bag_backward_rows<float, int, false, true, 4>)
+HE_KERNEL(bag_backward_rows<float, int, true, false, 4>)
+HE_KERNEL(bag_backward_rows<float, int, true, true, 4>)
+HE_KERNEL(bag_backward_rows<float, long long, false, false, 4>)
+HE_KERNEL(bag_backward_rows<float, long long, false, true, 4>)
+HE_KERNEL(bag_backward_rows<float, long long, true, false, 4>)
+HE_KERNEL(bag_backward_rows<float, long long, true, true, 4>)
+HE_KERNEL(bag_backward_rows<double, int, false, false, 4>)
+HE_KERNEL(bag_backward_rows<double, int, false, true, 4>)
+HE_KERNEL(bag_backward_rows<double, int, true, false, 4>)
+HE_KERNEL(bag_backward_rows<double, int, true, true, 4>)
+HE_KERNEL(bag_backward_rows<double, long long, false, false, 4>)
+HE_KERNEL(bag_backward_rows<double, long long, false, true, 4>)
+HE_KERNEL(bag_backward_rows<double, long long, true, false, 4>)
+HE_KERNEL(bag_backward_rows<double, long long, true, true, 4>)
+/* gpu_profile's sweep of the rows kernels' loads in flight (bag.py ROWS_CHUNK) */
+HE_KERNEL(bag_forward_rows<float, long long, false, false, 1>)
+HE_KERNEL(bag_forward_rows<float, long long, true, false, 1>)
+HE_KERNEL(bag_backward_rows<float, long long, false, false, 1>)
+HE_KERNEL(bag_backward_rows<float, long long, true, false, 1>)
+HE_KERNEL(bag_forward_rows<float, long long, false, false, 2>)
+HE_KERNEL(bag_forward_rows<float, long long, true, false, 2>)
+HE_KERNEL(bag_backward_rows<float, long long, false, false, 2>)
+HE_KERNEL(bag_backward_rows<float, long long, true, false, 2>)
+HE_KERNEL(bag_forward_rows<float, long long, false, false, 8>)
+HE_KERNEL(bag_forward_rows<float, long long, true, false, 8>)
+HE_KERNEL(bag_backward_rows<float, long long, false, false, 8>)
+HE_KERNEL(bag_backward_rows<float, long long, true, false, 8>)
 HE_KERNEL(bag_backward<float, int, false>)
 HE_KERNEL(bag_backward<float, int, true>)
 HE_KERNEL(bag_backward<float, long long, false>)
@@ -735,14 +777,14 @@ HE_KERNEL(bag_forward<float, long long, false, 4, unsigned short>)
 HE_KERNEL(bag_forward<float, long long, false, 16, unsigned short>)
 HE_KERNEL(bag_forward<float, long long, true, 4, unsigned short>)
 HE_KERNEL(bag_forward<float, long long, true, 16, unsigned short>)
-HE_KERNEL(bag_forward_rows<float, int, false, false, unsigned short>)
-HE_KERNEL(bag_forward_rows<float, int, false, true, unsigned short>)
-HE_KERNEL(bag_forward_rows<float, int, true, false, unsigned short>)
-HE_KERNEL(bag_forward_rows<float, int, true, true, unsigned short>)
-HE_KERNEL(bag_forward_rows<float, long long, false, false, unsigned short>)
-HE_KERNEL(bag_forward_rows<float, long long, false, true, unsigned short>)
-HE_KERNEL(bag_forward_rows<float, long long, true, false, unsigned short>)
-HE_KERNEL(bag_forward_rows<float, long long, true, true, unsigned short>)
+HE_KERNEL(bag_forward_rows<float, int, false, false, 4, unsigned short>)
+HE_KERNEL(bag_forward_rows<float, int, false, true, 4, unsigned short>)
+HE_KERNEL(bag_forward_rows<float, int, true, false, 4, unsigned short>)
+HE_KERNEL(bag_forward_rows<float, int, true, true, 4, unsigned short>)
+HE_KERNEL(bag_forward_rows<float, long long, false, false, 4, unsigned short>)
+HE_KERNEL(bag_forward_rows<float, long long, false, true, 4, unsigned short>)
+HE_KERNEL(bag_forward_rows<float, long long, true, false, 4, unsigned short>)
+HE_KERNEL(bag_forward_rows<float, long long, true, true, 4, unsigned short>)
 HE_KERNEL(bag_backward<float, int, false, unsigned short>)
 HE_KERNEL(bag_backward<float, int, true, unsigned short>)
 HE_KERNEL(bag_backward<float, long long, false, unsigned short>)
@@ -760,14 +802,14 @@ HE_KERNEL(bag_forward<float, long long, false, 4, he_bf16>)
 HE_KERNEL(bag_forward<float, long long, false, 16, he_bf16>)
 HE_KERNEL(bag_forward<float, long long, true, 4, he_bf16>)
 HE_KERNEL(bag_forward<float, long long, true, 16, he_bf16>)
-HE_KERNEL(bag_forward_rows<float, int, false, false, he_bf16>)
-HE_KERNEL(bag_forward_rows<float, int, false, true, he_bf16>)
-HE_KERNEL(bag_forward_rows<float, int, true, false, he_bf16>)
-HE_KERNEL(bag_forward_rows<float, int, true, true, he_bf16>)
-HE_KERNEL(bag_forward_rows<float, long long, false, false, he_bf16>)
-HE_KERNEL(bag_forward_rows<float, long long, false, true, he_bf16>)
-HE_KERNEL(bag_forward_rows<float, long long, true, false, he_bf16>)
-HE_KERNEL(bag_forward_rows<float, long long, true, true, he_bf16>)
+HE_KERNEL(bag_forward_rows<float, int, false, false, 4, he_bf16>)
+HE_KERNEL(bag_forward_rows<float, int, false, true, 4, he_bf16>)
+HE_KERNEL(bag_forward_rows<float, int, true, false, 4, he_bf16>)
+HE_KERNEL(bag_forward_rows<float, int, true, true, 4, he_bf16>)
+HE_KERNEL(bag_forward_rows<float, long long, false, false, 4, he_bf16>)
+HE_KERNEL(bag_forward_rows<float, long long, false, true, 4, he_bf16>)
+HE_KERNEL(bag_forward_rows<float, long long, true, false, 4, he_bf16>)
+HE_KERNEL(bag_forward_rows<float, long long, true, true, 4, he_bf16>)
 HE_KERNEL(bag_backward<float, int, false, he_bf16>)
 HE_KERNEL(bag_backward<float, int, true, he_bf16>)
 HE_KERNEL(bag_backward<float, long long, false, he_bf16>)

@@ -43,6 +43,12 @@ def lanes(dim, per):
 # (gpu_profile's A/B).
 ROWS = True
 ROW_RUNS = 4        # bag.cu HE_ROW_RUNS: run starts a lane keeps per entry
+# Entries a lane of those kernels loads before it stores (or adds) any: the
+# loads in flight per lane (bag.cu he_rows_each). 4 by the PTX, where one at
+# a time made each store wait for its load; not yet measured on a device.
+# gpu_profile sweeps 1, 2, 4 and 8 (float32 weights, int64 indices, unsigned
+# schemes: bag.cu lists those instantiations for each).
+ROWS_CHUNK = 4
 
 
 def _rows(b):
@@ -62,12 +68,12 @@ def _rows_launch(b, dim):
 
 
 def _rows_args(scheme, st):
-    """Template arguments ST, GEN of a one-entry warp kernel: GEN keeps each
-    row's hash state, and derives every element's start and sign from it,
-    where a row's run starts do not pay (signed schemes; more than ROW_RUNS
-    runs a row: HashedNet)."""
+    """Template arguments ST, GEN, C of a one-entry warp kernel: GEN keeps
+    each row's hash state, and derives every element's start and sign from
+    it, where a row's run starts do not pay (signed schemes; more than
+    ROW_RUNS runs a row: HashedNet); C is ROWS_CHUNK."""
     gen = scheme._signed or scheme.dim // scheme._run > ROW_RUNS
-    return f"{st}, {'true' if gen else 'false'}"
+    return f"{st}, {'true' if gen else 'false'}, {ROWS_CHUNK}"
 
 
 def _forward_ept(per):
