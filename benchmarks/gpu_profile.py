@@ -175,7 +175,8 @@ def main(argv=None):
         return run
 
     # most telling first (a bounded run may be cut short): the default
-    # paths, the one-entry warp kernel against bag_forward (bag.ROWS), the
+    # paths, the warp kernels' loads in flight (bag.ROWS_CHUNK), the
+    # one-entry warp kernel against bag_forward (bag.ROWS), the
     # A/B of the step's starts (written by the forward vs bag_starts), and
     # the elements-per-lane sweeps of bag_forward (bag.FORWARD_PER 1 .. 16,
     # BACKWARD_PER 1 .. 4), which 2-D one-entry input no longer reaches
@@ -189,6 +190,15 @@ def main(argv=None):
     Of = cp.arange(B * T + 1, dtype=np.int64)
     profile("RobeZ forward, flat indices + offsets of one entry a bag",
             lambda: he.embedding_bags(Xf, M, Of, scheme=robe, num_tables=T))
+    # the warp kernels' loads in flight per lane (bag.ROWS_CHUNK, default 4)
+    chunk = GB.ROWS_CHUNK
+    try:
+        for c in (1, 2, 8):
+            GB.ROWS_CHUNK = c
+            profile(f"RobeZ forward, ROWS_CHUNK={c}", fwd(robe, M))
+            profile(f"RobeZ step, ROWS_CHUNK={c}", step(robe, M))
+    finally:
+        GB.ROWS_CHUNK = chunk
     GB.ROWS = False
     try:
         profile("RobeZ forward, ROWS=False (bag_forward, not the one-entry warp kernel)",
