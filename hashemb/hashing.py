@@ -159,6 +159,13 @@ class UniversalHash:
     def __repr__(self):
         return f"UniversalHash(seed={self.seed})"
 
+    def __getstate__(self):
+        # without the device copies of coef a GPU call keeps on the object:
+        # unpickling them needs CuPy and the device they were on
+        state = self.__dict__.copy()
+        state.pop("_gpu_coef", None)
+        return state
+
     def __call__(self, keys, m, *, table=0, block=0):
         """``h(table, keys, block)``: int64 array of slots in ``[0, m)`` (a CuPy
         array for CuPy keys, computed on their device)."""

@@ -1693,3 +1693,18 @@ def test_scheme_cache_survives_a_scheme_freed_under_its_lock():
     th.join(10)
     assert done == [2], "the scheme cache deadlocked on its own lock"
     assert not any(e[0]() is None for e in RT._SCHEMES.values())
+
+
+def test_pickled_hash_leaves_its_device_coefficients_behind():
+    """A UniversalHash used on the GPU keeps its coefficients' device copies
+    on itself; pickling them made unpickling need CuPy and that device."""
+    import pickle
+    be = gpu_emu.emu_backend()
+    h = he.UniversalHash(5)
+    keys = np.arange(10, dtype=np.int64)
+    want = GS.universal_hash(h, keys, 97, be=be)
+    assert h.__dict__["_gpu_coef"]
+    h2 = pickle.loads(pickle.dumps(h))
+    assert "_gpu_coef" not in h2.__dict__ and h2.seed == 5
+    np.testing.assert_array_equal(GS.universal_hash(h2, keys, 97, be=be), want)
+    np.testing.assert_array_equal(h2(keys, 97), want)
