@@ -360,7 +360,7 @@ __device__ __forceinline__ void he_rows_each(const he_scheme* s, const he_row_wa
 }
 
 template <typename R, typename I, bool ST, bool GEN, int C, typename S = R>
-__global__ void bag_forward_rows(const he_scheme* __restrict__ s, const I* __restrict__ idx,
+__global__ void HE_WARP_BOUNDS bag_forward_rows(const he_scheme* __restrict__ s, const I* __restrict__ idx,
                                  i64 n, i64 B, i64 T, i64 fm, i64 table0,
                                  const uint64_t* __restrict__ starts,
                                  const S* __restrict__ M, const R* __restrict__ psw,
@@ -396,7 +396,7 @@ __global__ void bag_forward_rows(const he_scheme* __restrict__ s, const I* __res
  * alpha * 1 (any mode: a one-entry bag is its own mean and maximum).
  */
 template <typename R, typename I, bool ST, bool GEN, int C>
-__global__ void bag_backward_rows(const he_scheme* __restrict__ s, const I* __restrict__ idx,
+__global__ void HE_WARP_BOUNDS bag_backward_rows(const he_scheme* __restrict__ s, const I* __restrict__ idx,
                                   i64 n, i64 B, i64 T, i64 fm, i64 table0,
                                   const uint64_t* __restrict__ starts,
                                   const R* __restrict__ psw, i64 use_psw,

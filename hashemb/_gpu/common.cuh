@@ -51,7 +51,11 @@ typedef long long i64;
 #define HE_LANES(l) for (int l = 0; l < 32; l++)
 #define HE_WARP_SYNC() ((void)0)
 #define HE_WARP_SHARED(type, name, count) type name[count]
+#define HE_WARP_BOUNDS
 #else
+/* on a warp kernel: a launch of a larger block (whose warps would index
+   past the per-warp shared arrays) fails instead of running */
+#define HE_WARP_BOUNDS __launch_bounds__(32 * HE_BLOCK_WARPS)
 #define HE_WARP_LEAD() ((void)0)
 #define HE_LANES(l) \
     for (int l = (int)(threadIdx.x & 31), he_once_##l = 1; he_once_##l; he_once_##l = 0)
