@@ -590,6 +590,9 @@ class TTCache:
             raise ValueError("rows: expected distinct row ids (one slot a row), got repeats")
         # the lookup index: held ids sorted, and the slot of each
         self._rows, self._ids, self._slot_of = rows, ids, held[order]
+        # which rows the slots hold changed: a TTSaved of a forward before
+        # this no longer names the right slots
+        self._version = getattr(self, "_version", 0) + 1
 
     def __setstate__(self, state):
         # a cache pickled when rows was a plain attribute (sorted, no holes)
@@ -826,7 +829,8 @@ class TTSaved:
     (``return_saved=True``): the digit groups and partial chain products of
     every table, so backward does not redo the forward products. Valid only
     for the same inputs and unchanged cores: a saved of other sizes (bags,
-    entries, tables, TT shapes) is a ValueError, but one of other indices of
+    entries, tables, TT shapes), other table boundaries, or other caches (or
+    the same populated since) is a ValueError, but one of other indices of
     the same sizes is not detected (the torch modules pass each forward's own).
 
     Examples
@@ -840,9 +844,12 @@ class TTSaved:
     True
     """
 
-    def __init__(self, parts, B, nnz, shapes):
+    def __init__(self, parts, B, nnz, shapes, caches=None):
         self.parts, self.B, self.nnz = parts, B, nnz
         self.layout = _layout(shapes)
+        # each table's cache and the version of its slots (its hits name them)
+        self.caches = None if caches is None else tuple(
+            None if c is None else (c, c._version) for c in caches)
 
 
 def _layout(shapes):
@@ -860,12 +867,14 @@ def _check_mode(mode):
     return mode
 
 
-def _check_saved(saved, B, nnz, shapes, part_type, bounds=None):
+def _check_saved(saved, B, nnz, shapes, part_type, bounds=None, caches=None):
     """The parts of a TTSaved made by the forward of these inputs and tables
     on this backend (part_type: the CPU's _Part or the GPU's). ``bounds``:
     the T+1 table boundaries of these offsets, which the saved's must equal
     (its entries of table t are read at those positions: another split went
-    past the bags' arrays); None skips that check."""
+    past the bags' arrays); None skips that check. ``caches``: the CPU's
+    caches of this call (one per table, None for none), which must be the
+    forward's, populated as they were then (its hits name their slots)."""
     T = len(shapes)
     if not isinstance(saved, TTSaved):
         raise TypeError(f"saved: expected a TTSaved from return_saved=True, got {V._desc(saved)}")
@@ -884,6 +893,17 @@ def _check_saved(saved, B, nnz, shapes, part_type, bounds=None):
         raise ValueError(f"saved: expected the forward of these tables (table {t}: p {list(p)}, "
                          f"q {list(q)}, ranks {list(R)}, {np.dtype(dt)}), got one of p "
                          f"{list(p0)}, q {list(q0)}, ranks {list(R0)}, {np.dtype(dt0)}")
+    for t, c in enumerate(caches or ()):
+        kept = saved.caches[t] if saved.caches else None
+        if c is None and kept is None:
+            continue
+        if c is None or kept is None or kept[0] is not c:
+            got = "no cache" if kept is None else "a cache" if c is None else "another cache"
+            raise ValueError(f"saved: expected the forward of these caches (table {t}: "
+                             f"{'no cache' if c is None else 'this cache'}), got one of {got}")
+        if kept[1] != c._version:
+            raise ValueError(f"saved: expected a forward after table {t}'s cache was last "
+                             f"populated (its hits name their slots), got one from before")
     if bounds is not None:
         for t, part in enumerate(saved.parts):
             if (part.lo, part.hi) != (int(bounds[t]), int(bounds[t + 1])):
@@ -1252,7 +1272,7 @@ def tt_embedding_bags(indices, tables, offsets=None, *, mode="sum", per_sample_w
     out = np.empty((b.B, sum(s.D for _, s in shapes)), shapes[0][1].dtype)
     parts = _forward(b, shapes, caches, out, save=return_saved)
     if return_saved:
-        return out, TTSaved(parts, b.B, b.idx.shape[0], shapes)
+        return out, TTSaved(parts, b.B, b.idx.shape[0], shapes, caches)
     return out
 
 
@@ -1294,7 +1314,7 @@ def tt_embedding_bags_backward(grad_output, indices, tables, offsets=None, *, mo
     g = V.as_grad(grad_output, (b.B, D), shapes[0][1].dtype)
     if saved is not None:
         parts = _check_saved(saved, b.B, b.idx.shape[0], shapes, _Part,
-                             b.off[::b.B] if b.B else None)
+                             b.off[::b.B] if b.B else None, caches)
     else:
         scratch = np.empty((b.B, D), shapes[0][1].dtype)
         parts = _forward(b, shapes, caches, scratch, save=True)

@@ -933,3 +933,32 @@ def test_cache_arrays_are_checked_before_the_kernels_read_them():
     with pytest.raises(ValueError, match=r"^cache_weights\[0\]: expected shape \(64, 16\), "
                                          r"got \(1, 16\)$"):
         emb(torch.arange(64).reshape(-1, 1))
+
+
+def test_saved_of_other_caches_is_a_value_error():
+    """A saved's cache hits name slots of the forward's cache as populated
+    then: with no cache, another cache, or the cache populated since, the
+    backward dropped the cached rows' gradient, raised numpy's unnamed
+    IndexError, or stepped other rows."""
+    cores = he.tt_init(1000, [10, 10, 10], [2, 2, 2], [3, 3])
+    cache = he.TTCache(8, 8)
+    x, off = np.arange(20), np.array([0, 10, 20])
+    cache.count(x)
+    cache.populate(cores)
+    out, saved = he.tt_embedding_bag(x, cores, off, cache=cache, return_saved=True)
+    g = np.ones_like(out)
+    for c, msg in ((None, r"\(table 0: no cache\), got one of a cache"),
+                   (he.TTCache(8, 8), r"\(table 0: this cache\), got one of another cache")):
+        with pytest.raises(ValueError, match=r"^saved: expected the forward of these caches " + msg):
+            he.tt_embedding_bag_backward(g, x, cores, off, cache=c, saved=saved)
+    want = he.tt_embedding_bag_backward(g, x, cores, off, cache=cache)
+    got = he.tt_embedding_bag_backward(g, x, cores, off, cache=cache, saved=saved)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    cache.populate(cores)
+    with pytest.raises(ValueError, match="^saved: expected a forward after table 0's cache was "
+                                         "last populated"):
+        he.tt_embedding_bag_backward(g, x, cores, off, cache=cache, saved=saved)
+    _, plain = he.tt_embedding_bag(x, cores, off, return_saved=True)
+    with pytest.raises(ValueError, match=r"\(table 0: this cache\), got one of no cache"):
+        he.tt_embedding_bag_backward(g, x, cores, off, cache=cache, saved=plain)
