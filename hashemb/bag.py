@@ -61,7 +61,7 @@ class BagSaved:
     """
 
     def __init__(self, starts, scheme, table0, T, B, n, mode, device):
-        if isinstance(starts, np.ndarray):
+        if not device and starts is not None:
             starts.flags.writeable = False
         self.starts, self.scheme, self.table0, self.T = starts, scheme, table0, T
         self.B, self.n, self.mode, self.device = B, n, mode, device
