@@ -1094,8 +1094,11 @@ def tt_embedding_bag(indices, cores, offsets=None, *, mode="sum", per_sample_wei
 
     Parameters
     ----------
-    indices : ndarray of int32/int64
-        1-D with ``offsets``, or 2-D ``(B, N)`` (N entries per bag).
+    indices : ndarray of int32, int64 or uint64
+        1-D with ``offsets``, or 2-D ``(B, N)`` (N entries per bag). Row ids
+        in ``[0, num_embeddings)``; uint64 ids are read as unsigned (a value
+        of 2**63 or more is out of range like any other: IndexError naming
+        it), other dtypes are a TypeError.
     cores : list of ndarray
         2 to 4 cores, core k of shape ``(p_k, R_k, q_k, R_{k+1})``, float32 or float64.
     offsets : ndarray of int32/int64, optional

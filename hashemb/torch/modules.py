@@ -386,8 +386,8 @@ def _robe_weight_size(weight, total_floats, compression, block):
 
 class RobeEmbeddingBag(HashEmbeddingBag):
     r"""ROBE-Z embedding bag: a ``num_embeddings x embedding_dim`` table kept in
-    ``ceil(num_embeddings * embedding_dim / compression)`` floats
-    (:class:`hashemb.RobeZ`).
+    ``max(block, ceil(num_embeddings * embedding_dim / compression))`` floats
+    (:class:`hashemb.RobeZ`; an array holds at least one block).
 
     Examples
     --------
@@ -411,7 +411,8 @@ class RobeEmbeddingBag(HashEmbeddingBag):
 
 class RobeEmbeddingBagCollection(HashEmbeddingBagCollection):
     r"""Many tables in ONE ROBE-Z array (the ROBE / UMA setting): the array has
-    ``ceil(sum(num_embeddings) * embedding_dim / compression)`` floats, every
+    ``max(block, ceil(sum(num_embeddings) * embedding_dim / compression))``
+    floats, every
     table's id is hashed into its slots, and a batch of all tables is one kernel
     call.
 
@@ -479,7 +480,8 @@ class LSHEmbeddingBag(HashEmbeddingBag):
     r"""SCMA / LMA embedding bag: memory allocated by minhash of the data
     (:class:`hashemb.LSHTable`, or :class:`hashemb.LMA` with ``lma=True``), a
     ``num_embeddings x embedding_dim`` table kept in
-    ``ceil(num_embeddings * embedding_dim / compression)`` floats.
+    ``max(block, ceil(num_embeddings * embedding_dim / compression))`` floats
+    (``block`` defaults to ``embedding_dim``).
 
     Parameters
     ----------
@@ -521,8 +523,9 @@ class LSHEmbeddingBag(HashEmbeddingBag):
 class LSHEmbeddingBagCollection(HashEmbeddingBagCollection):
     r"""Many tables in ONE SCMA / LMA array: memory allocated by minhash of the
     training data's co-occurrence (:class:`hashemb.LSHTable`, or
-    :class:`hashemb.LMA` with ``lma=True``), ``ceil(sum(num_embeddings) *
-    embedding_dim / compression)`` floats, a batch of all tables in one kernel
+    :class:`hashemb.LMA` with ``lma=True``), ``max(block,
+    ceil(sum(num_embeddings) * embedding_dim / compression))`` floats
+    (``block`` defaults to ``embedding_dim``), a batch of all tables in one kernel
     call. Tokens of different tables that occur in the same rows share memory.
 
     Parameters

@@ -84,7 +84,8 @@ class TTEmbeddingBagCollection(nn.Module):
     num_embeddings : list of int
     embedding_dim : int
     tt_ranks : list of int or int
-        The inner ranks (the same for every table).
+        The d - 1 inner ranks (the same for every table); an int ``r`` means
+        ``[r] * (d - 1)``, d from the shapes given, else ``num_cores``, else 3.
     tt_p_shapes, tt_q_shapes : list of int, optional
         The factors of every table (default :func:`hashemb.tt_shapes` per table).
     sparse : bool
@@ -424,8 +425,11 @@ class TTEmbeddingBag(TTEmbeddingBagCollection):
     Parameters
     ----------
     num_embeddings, embedding_dim : int
-    tt_ranks : list of int
-        The d - 1 inner ranks (2 to 4 cores).
+    tt_ranks : list of int or int
+        The d - 1 inner ranks (2 to 4 cores, so 1 to 3 ranks). A plain int
+        ``r`` is the same rank between every pair of cores: ``[r] * (d - 1)``,
+        with d the length of ``tt_p_shapes`` or ``tt_q_shapes`` when given,
+        else 3 (``TTEmbeddingBag(1000, 16, 8).tt_ranks == [8, 8]``).
     tt_p_shapes, tt_q_shapes : list of int, optional
         Default :func:`hashemb.tt_shapes`.
     sparse, optimizer, learning_rate, eps, use_cache, cache_size, hashtbl_size, weight_dist
