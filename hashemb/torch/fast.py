@@ -226,7 +226,14 @@ class FastMultiEmbedding(torch.nn.Module):
                              self._layout, self._layout_t, False, getattr(self, "_shape", None))
 
     def unpacked(self):
-        """Views of the packed weight, one ``(sizes[t], dims[t])`` tensor per table."""
+        """Views of the packed weight, one ``(sizes[t], dims[t])`` tensor per table.
+
+        Returns
+        -------
+        list of torch.Tensor
+            Views of ``weight`` (no copies; autograd views of the parameter):
+            writes under ``torch.no_grad()`` change the packed tables.
+        """
         out, start = [], 0
         for n, d in zip(self.sizes, self.dims):
             out.append(self.weight[start:start + n * d].view(n, d))
