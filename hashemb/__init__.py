@@ -38,6 +38,16 @@ def set_num_threads(n):
     and determinism): raise it there only if the parent never ran a
     kernel on several threads. Results are the same bits on any count.
 
+    Parameters
+    ----------
+    n : int
+        Threads, 1 <= n < 65536.
+
+    Returns
+    -------
+    int
+        The thread count before the call.
+
     Examples
     --------
     >>> import hashemb as he
@@ -58,6 +68,27 @@ def set_gpu_options(**options):
     ``precompute_starts``); returns the previous values. See
     :func:`hashemb._gpu.set_options`. CPU kernels ignore them (the CPU is
     always deterministic and always checks indices).
+
+    Parameters
+    ----------
+    check_indices : bool, optional
+        Check offsets and sized tables' tokens on the device before each launch.
+    deterministic : bool, optional
+        The default of backward's ``deterministic``.
+    precompute_starts : bool or None, optional
+        When the bag kernels hash run starts in a pass of their own.
+
+    Returns
+    -------
+    dict
+        The previous values of the options given (``{}`` when none is):
+        pass it back as keywords to restore them.
+
+    Raises
+    ------
+    TypeError
+        An unknown option, or a value other than True / False (or None for
+        ``precompute_starts``).
 
     Examples
     --------
@@ -82,6 +113,13 @@ def show_config():
     backend's state (CuPy version and device, or why it is not available)
     and whether FastEmbedding's native torch op is built in this process.
 
+    Returns
+    -------
+    dict
+        ``version`` (str), ``openmp`` (bool), ``threads`` (int, the CPU
+        kernels' current count), ``simd`` (str), ``gpu`` (str) and
+        ``torch op`` (str: "hashemb.torch not imported" until it is).
+
     Examples
     --------
     >>> import hashemb as he
@@ -89,6 +127,8 @@ def show_config():
     version  ...
     >>> sorted(info)
     ['gpu', 'openmp', 'simd', 'threads', 'torch op', 'version']
+    >>> info["version"] == he.__version__
+    True
     """
     from ._cpu import _bag, _slots
     from ._gpu import info as gpu_info

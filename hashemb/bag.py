@@ -47,6 +47,25 @@ class BagSaved:
     ``padding_idx``, the padding entries have none (the CPU drops them
     before the kernels run).
 
+    Not built by users: forward makes it, backward reads it.
+
+    Attributes
+    ----------
+    starts : ndarray of uint64, CuPy array, or None
+        The run starts, ``dim / run`` per entry (one per entry for a
+        ROBE-D scheme, ``block == dim``), or None (see above).
+    scheme : Scheme
+        The scheme forward ran.
+    table0, T : int
+        The first table and the number of tables (0 and ``num_tables`` for
+        :func:`embedding_bags`; ``table`` and 1 for :func:`embedding_bag`).
+    B, n : int
+        Bags, and entries after padding entries were dropped.
+    mode : int
+        The pooling mode's code: 0 sum, 1 mean, 2 max.
+    device : bool
+        True for a forward on the GPU (CuPy arrays), False on the CPU.
+
     Examples
     --------
     >>> import numpy as np, hashemb as he
@@ -54,10 +73,13 @@ class BagSaved:
     >>> M = robe.init_weight()
     >>> x = np.arange(8 * 4).reshape(8, 4)
     >>> out, saved = he.embedding_bags(x, M, scheme=robe, num_tables=4, return_saved=True)
-    >>> saved.starts.shape        # one run start per entry
-    (32,)
-    >>> he.embedding_bags_backward(np.ones_like(out), x, scheme=robe, num_tables=4,
-    ...                            weight=M, optimizer=he.SGD(0.1), saved=saved)
+    >>> saved.starts.shape, saved.starts.flags.writeable   # one run start per entry
+    ((32,), False)
+    >>> g = np.ones_like(out)
+    >>> reused = he.embedding_bags_backward(g, x, scheme=robe, num_tables=4, saved=saved)
+    >>> hashed = he.embedding_bags_backward(g, x, scheme=robe, num_tables=4)
+    >>> bool((reused == hashed).all())      # the same gradient, bit for bit
+    True
     """
 
     def __init__(self, starts, scheme, table0, T, B, n, mode, device):
@@ -322,6 +344,24 @@ def embedding_bags(indices, weight, offsets=None, *, scheme, num_tables, mode="s
 
     .. math:: \mathrm{out}[b, t D + i] = \mathop{\mathrm{pool}}_{j} w_j\, s(t, x_j, i)\, M[\mathrm{slot}(t, x_j, i)]
 
+    Parameters
+    ----------
+    indices : ndarray of int32, int64 (or uint64 tokens)
+        1-D with ``offsets``, or 2-D ``(B, num_tables)`` without.
+    weight : ndarray of float32, float64, float16 or bfloat16
+        The array M, as in :func:`embedding_bag`.
+    offsets : ndarray of int32 or int64, optional
+        ``num_tables * B + 1`` bag starts, feature-major, the last one
+        ``len(indices)`` (as ``include_last_offset=True``).
+    scheme : Scheme
+    num_tables : int
+        Tables T, at most the scheme's ``num_tables`` where it has one.
+    mode : {"sum", "mean", "max"}
+    per_sample_weights : ndarray of float, optional
+        One weight per index; only with ``mode="sum"``.
+    return_saved : bool
+        Also return a :class:`BagSaved` for the backward of the same inputs.
+
     Returns
     -------
     ndarray, shape (B, num_tables * scheme.dim); with ``return_saved``,
@@ -348,11 +388,40 @@ def embedding_bags(indices, weight, offsets=None, *, scheme, num_tables, mode="s
 def embedding_bags_backward(grad_output, indices, offsets=None, *, scheme, num_tables,
                             mode="sum", per_sample_weights=None, weight=None, optimizer=None,
                             deterministic=None, saved=None):
-    """Backward of :func:`embedding_bags`: the gradient, or a fused optimizer step
+    r"""Backward of :func:`embedding_bags`: the gradient, or a fused optimizer step
     (``optimizer=he.SGD(lr)`` / ``he.Adagrad(lr)`` / ``he.RowwiseAdagrad(lr)`` for full
     tables, returns None). Arguments as in
     :func:`embedding_bags` and :func:`embedding_bag_backward` (``deterministic``
     and ``saved`` included).
+
+    .. math::
+
+        \frac{\partial L}{\partial M[j]} = \sum_{t < T} \sum_{b}
+        \sum_{x \in \mathrm{bag}(t, b)} \sum_{i:\ \mathrm{slot}(t,x,i) = j}
+        c_{b,x}\, s(t,x,i)\, \frac{\partial L}{\partial \mathrm{out}[b, t D + i]}
+
+    with :math:`c` as in :func:`embedding_bag_backward` (the per-sample weight
+    for sum, :math:`1/|\mathrm{bag}|` for mean; max sends each element's
+    gradient to the first entry holding the maximum).
+
+    Parameters
+    ----------
+    grad_output : ndarray, shape (B, num_tables * scheme.dim)
+    indices, offsets, scheme, num_tables, mode, per_sample_weights
+        As given to :func:`embedding_bags`.
+    weight : ndarray, optional
+        Needed for ``mode="max"`` and for an optimizer (updated in place;
+        C-contiguous and writeable), as in :func:`embedding_bag_backward`.
+    optimizer : hashemb.SGD, hashemb.Adagrad or hashemb.RowwiseAdagrad (full tables), optional
+    deterministic : bool, optional
+        GPU only: see :func:`embedding_bag_backward`.
+    saved : BagSaved, optional
+        From ``embedding_bags(..., return_saved=True)`` on the same inputs.
+
+    Returns
+    -------
+    ndarray of ``weight``'s shape (``scheme.weight_shape`` without weight), or
+    None when an optimizer updated ``weight``.
     {det}
 
     Examples
@@ -361,8 +430,17 @@ def embedding_bags_backward(grad_output, indices, offsets=None, *, scheme, num_t
     >>> robe = he.RobeZ(size=10_000, dim=16)
     >>> M = robe.init_weight()
     >>> x = np.arange(8 * 26).reshape(8, 26)
-    >>> he.embedding_bags_backward(np.ones((8, 26 * 16), np.float32), x, scheme=robe,
-    ...                            num_tables=26, weight=M, optimizer=he.SGD(0.1))
+    >>> g = np.ones((8, 26 * 16), np.float32)
+    >>> grad = he.embedding_bags_backward(g, x, scheme=robe, num_tables=26)
+    >>> int(grad.sum())                  # 8 samples x 26 tables x 16 elements, 1 each
+    3328
+    >>> before = M.copy()
+    >>> he.embedding_bags_backward(g, x, scheme=robe, num_tables=26, weight=M,
+    ...                            optimizer=he.SGD(0.1))
+    >>> np.array_equal(np.flatnonzero(M != before), np.flatnonzero(grad))  # those slots only
+    True
+    >>> bool(np.allclose(M, before - 0.1 * grad, atol=1e-6))              # by lr * gradient
+    True
     """
     T = V.check_positive_int(num_tables, "num_tables", upper=1 << 31)
     scheme = V.check_scheme(scheme)

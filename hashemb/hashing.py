@@ -21,7 +21,31 @@ def _splitmix64(state):
 def coefficients(seed, count=8):
     """``[A, B, C, D0, ...]`` from ``seed``: multipliers (positions 4k..4k+2)
     uniform on [1, P), constants (4k+3) on [0, P). Rejection sampling of 61-bit
-    SplitMix64 words, so exactly uniform."""
+    SplitMix64 words, so exactly uniform.
+
+    Parameters
+    ----------
+    seed : int
+        Non-negative, below 2**64: SplitMix64's starting state.
+    count : int
+        Coefficients wanted; a longer list of the same seed starts with the
+        shorter one.
+
+    Returns
+    -------
+    list of int
+        ``count`` Python ints below :math:`P = 2^{61} - 1` (what
+        :class:`UniversalHash` holds: ``coefficients(seed, 12)``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> c = coefficients(5, 12)
+    >>> all(0 < v < P for v in c[:3]) and c[:8] == coefficients(5, 8)
+    True
+    >>> np.array_equal(UniversalHash(5).coef, np.array(c, np.uint64))
+    True
+    """
     state, out = V.check_seed(seed), []
     while len(out) < count:
         state, z = _splitmix64(state)
@@ -148,6 +172,10 @@ class UniversalHash:
     (4,)
     >>> bool(((h(np.arange(4), 1000) >= 0) & (h(np.arange(4), 1000) < 1000)).all())
     True
+    >>> A, B, C, D0 = (int(c) for c in h.coef[:4])
+    >>> int(h(np.array([10**12]), 1000, table=2, block=1)[0]) == \
+    ...     (A * 2 + B * 10**12 + C * 1 + D0) % h.P % 1000
+    True
     """
 
     P = P
@@ -167,16 +195,43 @@ class UniversalHash:
         return state
 
     def __call__(self, keys, m, *, table=0, block=0):
-        """``h(table, keys, block)``: int64 array of slots in ``[0, m)`` (a CuPy
-        array for CuPy keys, computed on their device)."""
+        r"""``h(table, keys, block)``: int64 array of slots in ``[0, m)`` (a CuPy
+        array for CuPy keys, computed on their device).
+
+        Parameters
+        ----------
+        keys : array_like of int32, int64 or uint64, any shape
+            The u of the formula, one hash each.
+        m : int
+            Range of the slots, 1 <= m < 2**62.
+        table, block : int
+            The e and c of the formula (any 64-bit integer).
+
+        Returns
+        -------
+        ndarray of int64, ``keys``' shape
+            :math:`((A e + B u + C c + D_0) \bmod P) \bmod m` for each key.
+        """
         if is_cupy(keys):
             from ._gpu import slots as G
             return G.universal_hash(self, keys, m, table, block)
         return self._eval(self.coef[:4], keys, m, table, block)
 
     def sign(self, keys, *, table=0, element=0):
-        """``g(table, keys, element)``: float32 array of +1/-1 (a CuPy array for
-        CuPy keys, computed on their device)."""
+        r"""``g(table, keys, element)``: float32 array of +1/-1 (a CuPy array for
+        CuPy keys, computed on their device).
+
+        Parameters
+        ----------
+        keys : array_like of int32, int64 or uint64, any shape
+        table, element : int
+            The e and c of the sign formula.
+
+        Returns
+        -------
+        ndarray of float32, ``keys``' shape
+            :math:`1 - 2\,(q(k) \bmod 2)` for each key.
+        """
         if is_cupy(keys):
             from ._gpu import slots as G
             return G.universal_sign(self, keys, table, element)

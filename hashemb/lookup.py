@@ -200,13 +200,18 @@ def embedding_backward(grad_output, indices, num_embeddings, deterministic=None)
     Parameters
     ----------
     grad_output : numpy.ndarray, shape ``indices.shape + (D,)``
+        Any floating-point dtype: float32 and float64 are summed as they
+        are; float16, bfloat16 and other floats (longdouble) are converted
+        to float32 first. Integer and bool arrays are a TypeError.
     indices : numpy.ndarray of int32 or int64
     num_embeddings : int
     deterministic : bool or None
 
     Returns
     -------
-    numpy.ndarray, shape (num_embeddings, D), the dtype of grad_output
+    numpy.ndarray, shape (num_embeddings, D)
+        float64 for a float64 ``grad_output``, else float32 (a float16
+        ``grad_output`` gives a float32 gradient).
 
     Examples
     --------
@@ -248,6 +253,24 @@ def multi_embedding_backward(grad_output, indices, sizes, dims, deterministic=No
     bitwise deterministic on the CPU, on the GPU with ``deterministic``
     (see :func:`embedding_backward`).
 
+    Parameters
+    ----------
+    grad_output : numpy.ndarray, shape (B, sum(dims))
+        Any floating-point dtype, as in :func:`embedding_backward`: float32
+        and float64 as they are, other floats (float16, bfloat16, ...)
+        converted to float32.
+    indices : numpy.ndarray of int32 or int64, shape (B, T)
+    sizes, dims : sequence of int, length T
+        As given to :func:`multi_embedding`.
+    deterministic : bool or None
+        GPU only, as in :func:`embedding_backward`.
+
+    Returns
+    -------
+    numpy.ndarray, 1-D of ``sum(sizes[t] * dims[t])`` values
+        The packed gradient (:func:`unpack` gives per-table views); float64
+        for a float64 ``grad_output``, else float32.
+
     Examples
     --------
     >>> import numpy as np, hashemb as he
@@ -276,11 +299,28 @@ def _multi_backward(g, indices, sizes, dims, single):
 def unpack(weight, sizes, dims):
     """Views of the packed array as one ``(sizes[t], dims[t])`` array per table.
 
+    Parameters
+    ----------
+    weight : numpy.ndarray or cupy.ndarray, C-contiguous
+        The packed tables of :func:`multi_embedding`: float32 or float64,
+        ``sum(sizes[t] * dims[t])`` values in any shape. A strided array is
+        a ValueError (views of a copy would not see the caller's writes).
+    sizes, dims : sequence of int, length T
+
+    Returns
+    -------
+    list of T arrays
+        Views (no copies) of ``weight``: writes through them change it.
+
     Examples
     --------
     >>> import numpy as np, hashemb as he
-    >>> [w.shape for w in he.unpack(np.zeros(8), [2, 3], [1, 2])]
+    >>> W = np.zeros(8)
+    >>> [w.shape for w in he.unpack(W, [2, 3], [1, 2])]
     [(2, 1), (3, 2)]
+    >>> he.unpack(W, [2, 3], [1, 2])[1][0, 1] = 5.0     # row 0 of table 1: floats 2, 3
+    >>> W.tolist()
+    [0.0, 0.0, 0.0, 5.0, 0.0, 0.0, 0.0, 0.0]
     """
     base, dims_a, _, sizes_a, size = _layout(sizes, dims)[:5]
     # the same checks for CuPy (an integer array passed, and a strided one's

@@ -138,7 +138,42 @@ class _MinhashScheme(Scheme):
     def from_tokens(cls, size, dim, num_fields, fields, tokens, data, num_hashes=2, seed=0,
                     block=None, signature_size=None):
         """The scheme whose sampled tokens are ``(fields[n], tokens[n])`` with data
-        row ``n`` (distinct pairs), e.g. signatures computed elsewhere."""
+        row ``n`` (distinct pairs), e.g. signatures computed elsewhere.
+
+        Parameters
+        ----------
+        size, dim, num_fields : int
+            As the constructor's.
+        fields : array_like of int, shape (n,)
+            The field of each pair, in ``[0, num_fields)``.
+        tokens : array_like of int32, int64 or uint64, shape (n,)
+        data : array_like of uint32 (or int32 bits), shape (n, width)
+            Row n: the run starts (LSHTable, ``dim / block`` a row, each below
+            ``size``) or the minhash signature (LMA, ``signature_size`` a row)
+            of pair n.
+        num_hashes, seed, block, signature_size
+            As the constructor's; ``seed`` also salts the token map.
+
+        Returns
+        -------
+        LSHTable or LMA
+            The class it is called on.
+
+        Raises
+        ------
+        ValueError
+            Repeated pairs, fields out of range, a ``data`` of another row count.
+
+        Examples
+        --------
+        >>> import numpy as np, hashemb as he
+        >>> starts = np.array([[3], [4], [5]], np.uint32)    # one run of 8 a token
+        >>> t = he.LSHTable.from_tokens(1000, 8, 1, [0, 0, 0], [10, 20, 30], starts)
+        >>> t.slots([20])[0].tolist()
+        [4, 5, 6, 7, 8, 9, 10, 11]
+        >>> t.lookup_ids([30, 40]).tolist()                 # 40 was not sampled
+        [2, -1]
+        """
         num_fields = V.check_positive_int(num_fields, "num_fields", upper=1 << 31)
         fields = V._as_array(fields, "fields")
         if fields.dtype.kind not in "iu":
@@ -184,7 +219,20 @@ class _MinhashScheme(Scheme):
         return scheme
 
     def lookup_ids(self, tokens, table=0):
-        """Data row of each token of field ``table`` (-1: not sampled), int64."""
+        """Data row of each token of field ``table`` (-1: not sampled), int64.
+
+        Parameters
+        ----------
+        tokens : array_like of int32, int64 or uint64, any shape
+        table : int
+            The field, in ``[0, num_fields)``.
+
+        Returns
+        -------
+        ndarray of int64, ``tokens``' shape
+            The row of :attr:`data` each token reads, -1 for a token absent
+            from the sample (its starts are hashed on the fly).
+        """
         idx = V.as_keys(tokens, "tokens")
         table = V.check_table(table, self)
         out = np.empty(idx.size, np.int64)
@@ -289,14 +337,41 @@ class _MinhashScheme(Scheme):
 
     # ---- persistence
     def save(self, path):
-        """Write the scheme to a ``.npz`` file (:meth:`load` reads it back)."""
+        """Write the scheme to a ``.npz`` file (:meth:`load` reads it back).
+
+        Parameters
+        ----------
+        path : str or path-like
+            The file; NumPy adds ``.npz`` to a name without it.
+        """
         cfg = self.config()
         np.savez(path, **{k: (np.asarray(-1 if v is None else v)) for k, v in cfg.items()})
 
     @classmethod
     def load(cls, path):
         """Read a scheme written by :meth:`save` (an :class:`LSHTable` or an
-        :class:`LMA`, whichever was saved)."""
+        :class:`LMA`, whichever was saved).
+
+        Parameters
+        ----------
+        path : str or path-like
+            A ``.npz`` file written by :meth:`save`.
+
+        Returns
+        -------
+        LSHTable or LMA
+            Equal to the scheme saved (``==``). ``LSHTable.load`` of a saved
+            LMA, or ``LMA.load`` of a saved LSHTable, is a ValueError.
+
+        Examples
+        --------
+        >>> import os, tempfile, numpy as np, hashemb as he
+        >>> t = he.LSHTable.fit(np.array([[0, 5], [1, 6]]), size=100, dim=4)
+        >>> path = os.path.join(tempfile.mkdtemp(), "t.npz")
+        >>> t.save(path)
+        >>> he.LSHTable.load(path) == t
+        True
+        """
         with np.load(path, allow_pickle=False) as z:
             cfg = {k: z[k] for k in z.files}
         kind = str(cfg.pop("type"))
@@ -438,10 +513,47 @@ class LSHTable(_MinhashScheme):
         the starts on the GPU (CuPy; the sample's row keys go to the device,
         the table comes back), with the CPU build's exact result.
 
+        Parameters
+        ----------
+        X : array_like of int32, int64 or uint64, shape (rows, fields)
+            Training tokens; field t is the scheme's table t.
+        size : int
+            Floats in the shared array, at most 2**32.
+        dim : int
+            Embedding width D.
+        num_hashes : int
+            H, minhash values combined a run (1 to 63).
+        num_points : int, optional
+            Rows sampled (default ``min(125_000, rows)``); ``num_points *
+            fields`` must stay below 2**32.
+        seed : int
+            Seed of the sample, the hashes and the token map.
+        block : int, optional
+            Z, a divisor of ``dim`` (default ``dim``: one run a row).
+        progress : bool
+            A tqdm bar over the tokens (CPU).
+        device : {"cpu", "gpu"}
+
+        Returns
+        -------
+        LSHTable
+            With ``num_points`` set and ``clashes`` the sampled tokens merged
+            by a fingerprint clash (almost always 0).
+
         Raises
         ------
         ValueError
             Empty ``X``, a ``num_points`` given above its rows, ``size`` above 2**32.
+
+        Examples
+        --------
+        >>> import numpy as np, hashemb as he
+        >>> X = np.array([[0, 5], [0, 5], [1, 6], [1, 7]])
+        >>> t = he.LSHTable.fit(X, size=1000, dim=8, num_hashes=1)
+        >>> t.num_sampled, t.num_points, t.data.shape    # 5 tokens seen in 4 rows
+        (5, 4, (5, 1))
+        >>> bool((t.slots([0], table=0) == t.slots([5], table=1)).all())  # same row set
+        True
         """
         return super().fit(X, size, dim, num_hashes, num_points, seed, block, progress,
                            device, _backend)
@@ -467,6 +579,26 @@ class LMA(_MinhashScheme):
     :math:`J^H` (about) for Jaccard similarity :math:`J`, but runs that
     pick the same positions collide together. Absent tokens get the signature
     of a random singleton, computed in the kernel.
+
+    Build with :meth:`fit` (or :meth:`from_tokens`, :meth:`load`), as an
+    :class:`LSHTable`.
+
+    Parameters
+    ----------
+    size, dim : int
+        Floats in the shared array (``m <= 2**32``) and embedding width.
+    num_fields : int
+    keys, data : arrays
+        The map of the ``n`` sampled (field, token) pairs (uint64, a power of
+        two of at least ``2 n`` entries) and their ``(n, K)`` signatures, as
+        :meth:`fit`, :meth:`from_tokens` and :meth:`load` make them.
+    num_hashes : int
+        :math:`H`, signature values combined a run (1 to 63, at most K).
+    seed : int
+    block : int, optional
+        Z, a divisor of ``dim`` (default ``dim``).
+    signature_size : int, optional
+        K (default :math:`\max(H, \min(8, H R))`).
 
     Examples
     --------
@@ -497,7 +629,31 @@ class LMA(_MinhashScheme):
     def fit(cls, X, size, dim, num_hashes=2, num_points=None, seed=0, block=None,
             signature_size=None, progress=False, device="cpu", _backend=None):
         """Learn the signatures from ``X`` as :meth:`LSHTable.fit` does, keeping
-        ``signature_size`` minhash values per sampled token."""
+        ``signature_size`` minhash values per sampled token.
+
+        Parameters
+        ----------
+        X, size, dim, num_hashes, num_points, seed, block, progress, device
+            As in :meth:`LSHTable.fit`.
+        signature_size : int, optional
+            K, minhash values kept per token (default ``max(H, min(8, H D /
+            block))``); at least ``num_hashes``.
+
+        Returns
+        -------
+        LMA
+            ``data`` of shape ``(num_sampled, K)``, uint32.
+
+        Examples
+        --------
+        >>> import numpy as np, hashemb as he
+        >>> X = np.array([[0, 5], [0, 5], [1, 6], [1, 7]])
+        >>> lma = he.LMA.fit(X, size=1000, dim=8, num_hashes=1, signature_size=4)
+        >>> lma.data.shape
+        (5, 4)
+        >>> bool((lma.data[lma.lookup_ids([0])[0]] == lma.data[lma.lookup_ids([5], 1)[0]]).all())
+        True
+        """
         return super().fit(X, size, dim, num_hashes, num_points, seed, block, progress,
                            device, _backend, signature_size=signature_size)
 

@@ -26,6 +26,19 @@ def auc(labels, scores):
     (a diverged model) makes the AUC NaN, as it does the log loss, rather
     than a number from wherever the sort put it.
 
+    Parameters
+    ----------
+    labels : array_like of 0 and 1
+        Both classes present (else ValueError).
+    scores : array_like of float
+        One score per label (flattened, no broadcasting); only their order
+        matters (ties count one half).
+
+    Returns
+    -------
+    float
+        In [0, 1], or NaN when a score is NaN.
+
     Examples
     --------
     >>> from hashemb.metrics import auc
@@ -56,11 +69,27 @@ def logloss(labels, prob, eps=1e-7):
     r"""Mean binary cross-entropy :math:`-\overline{y \log p + (1-y)\log(1-p)}`,
     with p clipped to ``[eps, 1-eps]``; labels 0 or 1, one probability each.
 
+    Parameters
+    ----------
+    labels : array_like of 0 and 1
+        At least one.
+    prob : array_like of float
+        The predicted probability of label 1, one per label.
+    eps : float
+        The clipping margin, so a confident mistake costs :math:`-\log\epsilon`
+        at most rather than infinity.
+
+    Returns
+    -------
+    float
+
     Examples
     --------
     >>> from hashemb.metrics import logloss
     >>> round(logloss([1, 0], [0.5, 0.5]), 4)
     0.6931
+    >>> round(logloss([1], [0.0]), 4)             # clipped: -log(1e-7)
+    16.1181
     """
     y, p = _pairs(labels, prob, "prob")
     if not y.shape[0]:

@@ -204,7 +204,30 @@ class _Accumulating(_Fused):
         (the dtype the kernels compute in: float32 for a 16-bit weight, else
         the weight's; C-contiguous; updated in place), e.g. a buffer that a
         torch module saves in its state_dict. Binding the same memory again
-        is a no-op."""
+        is a no-op.
+
+        Parameters
+        ----------
+        weight : ndarray (NumPy or CuPy)
+            The array the optimizer updates.
+        state : ndarray of the same kind (and device)
+            Writeable and C-contiguous, in the compute dtype; ``weight.size``
+            values (Adagrad) or one per row (RowwiseAdagrad: ``weight.shape[0]``
+            of a 2-D weight, a divisor of a flat one's size). Anything else
+            is a ValueError. It is bound as it is (not zeroed): its values
+            are the accumulator's from here on.
+
+        Examples
+        --------
+        >>> import numpy as np, hashemb as he
+        >>> w, mine = np.zeros(64, np.float32), np.zeros(64, np.float32)
+        >>> opt = he.Adagrad(0.1)
+        >>> opt.use_state(w, mine)
+        >>> he.embedding_bag_backward(np.ones((1, 4), np.float32), np.array([[3]]),
+        ...                           scheme=he.RobeZ(64, 4), weight=w, optimizer=opt)
+        >>> float(mine.sum())              # four slots, each g**2 = 1
+        4.0
+        """
         key = self._key(weight)
         dtype = V.compute_dtype(weight.dtype)
         same = is_cupy(state) if is_cupy(weight) else isinstance(state, np.ndarray)
@@ -266,7 +289,19 @@ class Adagrad(_Accumulating):
 
     def state_for(self, weight):
         """The accumulator of ``weight`` (zeros until its first update) and
-        its zeroed scratch (see scratch_for)."""
+        its zeroed scratch (see scratch_for).
+
+        Parameters
+        ----------
+        weight : ndarray (NumPy or CuPy)
+
+        Returns
+        -------
+        (state, scratch) : two flat arrays of ``weight.size`` values
+            In the compute dtype (float32 for a 16-bit weight). ``state`` is
+            the optimizer's own array (made on first use, or the one bound
+            by :meth:`use_state`): writes to it change the next step.
+        """
         return self._state(weight, weight.size), self.scratch_for(weight)
 
     @staticmethod
@@ -331,7 +366,35 @@ class RowwiseAdagrad(_Accumulating):
 
     def state_for(self, weight, rows):
         """The accumulator of ``weight``, one value per row (zeros until the
-        row's first update)."""
+        row's first update).
+
+        Parameters
+        ----------
+        weight : ndarray (NumPy or CuPy)
+        rows : int
+            Rows of the table: ``weight.shape[0]`` of a ``(rows, D)`` weight,
+            ``weight.size // D`` of a flat one (a FullTable's
+            ``scheme.size // scheme.dim``). The first call for a weight makes
+            the accumulator of that many values (it is not checked against
+            ``weight`` then: a wrong count is refused at the next step); a
+            later call with another count is a ValueError.
+
+        Returns
+        -------
+        ndarray, 1-D of ``rows`` values
+            The optimizer's own array, in the compute dtype.
+
+        Examples
+        --------
+        >>> import numpy as np, hashemb as he
+        >>> full = he.FullTable([5, 3], 4)
+        >>> w = np.zeros(full.weight_shape, np.float32)
+        >>> opt = he.RowwiseAdagrad(0.1)
+        >>> g = np.array([[3.0, 4.0, 0.0, 0.0]], np.float32)
+        >>> he.embedding_bag_backward(g, np.array([[2]]), scheme=full, weight=w, optimizer=opt)
+        >>> opt.state_for(w, 8).tolist()      # row 2: the mean square of its gradient
+        [0.0, 0.0, 6.25, 0.0, 0.0, 0.0, 0.0, 0.0]
+        """
         return self._state(weight, rows)
 
     @staticmethod

@@ -115,7 +115,27 @@ class Scheme:
         """Slots of every element: int64 array of shape ``indices.shape + (dim,)``
         with values in ``[0, size)`` (for tests and analysis; the bag kernels
         compute slots on the fly and never build this array). CuPy indices: a
-        CuPy result, computed on the device."""
+        CuPy result, computed on the device.
+
+        Parameters
+        ----------
+        indices : array_like of int32, int64 or uint64, any shape
+            Tokens (rows of a sized table: IndexError outside it).
+        table : int
+            Table id e (hashed into the slot; a FullTable's table number).
+
+        Returns
+        -------
+        ndarray of int64, shape ``indices.shape + (dim,)``
+            ``out[..., i] = slot(table, indices[...], i)``.
+
+        Examples
+        --------
+        >>> import numpy as np, hashemb as he
+        >>> full = he.FullTable([3, 5], 2)
+        >>> full.slots(np.array([[0, 4]]), table=1).tolist()   # rows 3 and 7 of the array
+        [[[6, 7], [14, 15]]]
+        """
         if is_cupy(indices):
             from ._gpu.slots import scheme_slots
             return scheme_slots(self, indices, table)
@@ -126,7 +146,18 @@ class Scheme:
 
     def signs(self, indices, table=0):
         """Signs of every element, float32 +-1 of shape ``indices.shape + (dim,)``
-        (all ones for an unsigned scheme); CuPy in, CuPy out."""
+        (all ones for an unsigned scheme); CuPy in, CuPy out.
+
+        Parameters
+        ----------
+        indices : array_like of int32, int64 or uint64, any shape
+        table : int
+
+        Returns
+        -------
+        ndarray of float32, shape ``indices.shape + (dim,)``
+            ``out[..., i] = s(table, indices[...], i)``, each +1 or -1.
+        """
         if is_cupy(indices):
             from ._gpu.slots import scheme_signs
             return scheme_signs(self, indices, table)
@@ -143,6 +174,31 @@ class Scheme:
         ``scale`` defaults to ``1/sqrt(rows)`` for a FullTable (each table its
         own rows, as torch's DLRM does) and ``1/sqrt(dim)`` for a shared array;
         a FullTable of several tables also takes one scale per table.
+
+        Parameters
+        ----------
+        seed : int
+            Seed of NumPy's ``default_rng``.
+        dtype : float32, float64, float16 or bfloat16
+            float16 and bfloat16 (``ml_dtypes.bfloat16``) hold the float32
+            draw rounded once to nearest.
+        scale : float or list of float, optional
+            Half-width of the uniform range; a list (FullTable only) gives
+            one per table.
+
+        Returns
+        -------
+        ndarray of shape ``weight_shape`` and ``dtype``
+
+        Examples
+        --------
+        >>> import numpy as np, hashemb as he
+        >>> w = he.RobeZ(1000, 16).init_weight(seed=1)
+        >>> w.shape, w.dtype, bool(np.abs(w).max() <= 0.25)    # 1/sqrt(16)
+        ((1000,), dtype('float32'), True)
+        >>> full = he.FullTable([100, 4], 8).init_weight()
+        >>> bool(np.abs(full[:100]).max() <= 0.1), bool(np.abs(full[100:]).max() > 0.1)
+        (True, True)
         """
         rng = np.random.default_rng(V.check_seed(seed))
         if scale is None:
@@ -191,7 +247,14 @@ class Scheme:
 
     def config(self):
         """The constructor call as a dict: ``Scheme.from_config(s.config()) == s``
-        (what the torch adapters put in a state_dict)."""
+        (what the torch adapters put in a state_dict).
+
+        Returns
+        -------
+        dict
+            ``type`` (the constructor's name, e.g. ``"RobeZ"`` or
+            ``"RobeZ.reference"``) and its arguments; a new dict each call.
+        """
         return dict(self._config)
 
     @staticmethod
@@ -327,6 +390,34 @@ class RobeZ(Scheme):
         ``key(x, c) = (R[2] x + R[1] c + R[0]) mod P`` with ``c = i // Z``;
         ``slot = key mod (m - Z + 1) + i mod Z``: blocks never wrap, the table
         id is not hashed, tokens are non-negative.
+
+        Parameters
+        ----------
+        size, dim : int
+            Floats in the array (m) and embedding width D.
+        block : int
+            Z, a divisor or a multiple of ``dim``.
+        seed : int
+            The authors' seed, below 2**32 (NumPy's RandomState).
+        table_sizes : list of int, optional
+            Rows of each table (tokens are range-checked); without it, one
+            table of any non-negative token.
+
+        Returns
+        -------
+        RobeZ
+            A scheme of the reference map (its config type ``"RobeZ.reference"``).
+
+        Examples
+        --------
+        >>> import numpy as np, hashemb as he
+        >>> r = he.RobeZ.reference(1000, 8, block=4, table_sizes=[50, 60])
+        >>> R = np.random.RandomState(1024).randint(0, 2038074743, 50)
+        >>> x = 50 + 7                          # token 7 of table 1
+        >>> want = [(int(R[2]) * x + int(R[1]) * (i // 4) + int(R[0])) % 2038074743
+        ...         % (1000 - 4 + 1) + i % 4 for i in range(8)]
+        >>> r.slots(np.array([7]), table=1)[0].tolist() == want
+        True
         """
         return _RobeReference(size, dim, block, seed, table_sizes)
 
@@ -383,6 +474,17 @@ class HashedNet(RobeZ):
 
     .. math:: \mathrm{slot}(e,x,i) = h(e, x, i) \bmod m
 
+    Parameters
+    ----------
+    size : int
+        Floats in the shared array m.
+    dim : int
+        Embedding width D.
+    seed : int
+        Seed of the universal hash.
+    signed : bool
+        Multiply element i by the sign hash g(e, x, i).
+
     Examples
     --------
     >>> import numpy as np, hashemb as he
@@ -404,7 +506,30 @@ class HashedNet(RobeZ):
         """Seed 000's HashedEmbeddingBag hash, bit for bit (uint64 arithmetic):
         ``slot(r, d) = ((r*9824516537 + d*57857966300227 + 104729)
         mod 117130198221199) mod size``. No seed; the table id is not hashed
-        (the original keeps one buffer per table); tokens are non-negative."""
+        (the original keeps one buffer per table); tokens are non-negative.
+
+        Parameters
+        ----------
+        size : int
+            Floats in the buffer W.
+        dim : int
+            Embedding width D.
+
+        Returns
+        -------
+        HashedNet
+            A scheme of the reference map (its config type
+            ``"HashedNet.reference"``).
+
+        Examples
+        --------
+        >>> import numpy as np, hashemb as he
+        >>> h = he.HashedNet.reference(1000, 4)
+        >>> want = [((5 * 9824516537 + d * 57857966300227 + 104729) % 117130198221199) % 1000
+        ...         for d in range(4)]
+        >>> h.slots(np.array([5]))[0].tolist() == want == h.slots(np.array([5]), table=3)[0].tolist()
+        True
+        """
         return _HashedNetReference(size, dim)
 
 

@@ -197,6 +197,24 @@ def inner_product_expectation(x, y, m, *, block, signed=True, wrap=True):
     which is :math:`\langle x,y\rangle + ((\sum x)(\sum y) - \sum_b x_b y_b)/m`
     with wrap-around, :math:`x_b, y_b` the block sums.
 
+    Parameters
+    ----------
+    x, y : array_like
+        Real vectors of the same length n (flattened).
+    m : int
+        Floats in the array.
+    block : int
+        Z, at most m.
+    signed : bool
+        The signed map (unbiased) or the unsigned one.
+    wrap : bool
+        Blocks wrap around the circular array (else :math:`p_{ik}` as in
+        :func:`inner_product_variance` with ``wrap=False``).
+
+    Returns
+    -------
+    float
+
     Examples
     --------
     >>> import numpy as np
@@ -390,6 +408,25 @@ def embedding_inner_product_expectation(theta, a, b, m, *, dim, block, wrap=True
     different blocks give the paper's :math:`\langle a,b\rangle(1 + 1/m)`; the
     rest of theta only adds variance.
 
+    Parameters
+    ----------
+    theta : array_like
+        The table, read as ``(rows, dim)`` (flattened first; its length a
+        multiple of ``dim``).
+    a, b : int
+        Two different rows.
+    m : int
+        Floats in the array.
+    dim : int
+        D, the table's width.
+    block : int
+        Z, a divisor or a multiple of ``dim``, at most m.
+    wrap : bool
+
+    Returns
+    -------
+    float
+
     Examples
     --------
     >>> import numpy as np
@@ -424,6 +461,19 @@ def embedding_inner_product_estimates(theta, a, b, m, *, dim, block, seeds=2000,
     b are read back as the model reads them, :math:`\hat a_k = g(a,k)\,
     \hat\theta_{\mathrm{slot}(a,k)}`.
 
+    Parameters
+    ----------
+    theta, a, b, m, dim, block, wrap
+        As :func:`embedding_inner_product_expectation`.
+    seeds : int or iterable of int
+        An int n means seeds 0..n-1.
+    progress : bool
+        A tqdm bar over the seeds.
+
+    Returns
+    -------
+    numpy.ndarray of float64, one estimate per seed.
+
     Examples
     --------
     >>> import numpy as np
@@ -431,6 +481,14 @@ def embedding_inner_product_estimates(theta, a, b, m, *, dim, block, seeds=2000,
     >>> theta = np.random.default_rng(0).standard_normal((32, 4))
     >>> theory.embedding_inner_product_estimates(theta, 0, 1, 64, dim=4, block=2, seeds=3).shape
     (3,)
+    >>> import hashemb as he                 # seed 5's estimate, read back by hand:
+    >>> est = theory.embedding_inner_product_estimates(theta, 0, 1, 64, dim=4, block=2,
+    ...                                                seeds=[5])
+    >>> s = theory.sketch(theta, 64, block=2, dim=4, seed=5)
+    >>> robe = he.RobeZ(64, 4, block=2, seed=5, signed=True)
+    >>> a, b = (robe.signs(np.array([r]))[0] * s[robe.slots(np.array([r]))[0]] for r in (0, 1))
+    >>> bool(np.isclose(est[0], a @ b))
+    True
     """
     theta = _vector(theta, "theta")
     m, Z, dim = _map_args(m, block, dim)
@@ -456,11 +514,26 @@ def vector_families(n, seed=2026):
       profile: the mass sits in the first blocks, so Z matters most here.
     * ``all-ones``: x = y = 1, the structured case a weak sign hash gets wrong.
 
+    Parameters
+    ----------
+    n : int
+        Length of every vector.
+    seed : int
+        Seed of NumPy's ``default_rng``: the same pairs each call.
+
+    Returns
+    -------
+    dict
+        Family name to a pair ``(x, y)`` of float64 arrays of length n.
+
     Examples
     --------
     >>> from hashemb import theory
-    >>> sorted(theory.vector_families(8))
+    >>> fam = theory.vector_families(8)
+    >>> sorted(fam)
     ['all-ones', 'gaussian', 'pareto', 'zipf']
+    >>> fam["gaussian"][0].shape, fam["all-ones"][1].tolist() == [1.0] * 8
+    ((8,), True)
     """
     n = V.check_positive_int(n, "n")
     rng = np.random.default_rng(V.check_seed(seed))
@@ -483,6 +556,29 @@ class MonteCarlo:
     :math:`s^2 \\pm z\\sqrt{(\\hat\\mu_4 - s^4)/N}` with the sample fourth
     central moment (valid for any distribution with a fourth moment, unlike the
     chi-square interval, which assumes normal estimates).
+
+    Made by :func:`monte_carlo`, which computes every field from the estimates.
+
+    Parameters
+    ----------
+    estimates : numpy.ndarray of float64
+        The estimates summarised (one per seed).
+    confidence : float
+        Of both intervals, in (0, 1).
+    mean, variance : float
+        Sample mean :math:`\bar v` and unbiased sample variance :math:`s^2`.
+    mean_ci, variance_ci : tuple of float
+        The ``(low, high)`` intervals above.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from hashemb import theory
+    >>> mc = theory.monte_carlo(np.array([1.0, 2.0, 3.0, 4.0]), confidence=0.95)
+    >>> mc.mean, round(mc.variance, 4)
+    (2.5, 1.6667)
+    >>> mc.covers(mean=2.5), mc.covers(mean=10.0)
+    (True, False)
     """
     estimates: np.ndarray
     confidence: float
@@ -492,7 +588,18 @@ class MonteCarlo:
     variance_ci: tuple
 
     def covers(self, mean=None, variance=None):
-        """Whether the intervals hold the given (theoretical) mean and variance."""
+        """Whether the intervals hold the given (theoretical) mean and variance.
+
+        Parameters
+        ----------
+        mean, variance : float, optional
+            Values to test (None: not tested).
+
+        Returns
+        -------
+        bool
+            True when every value given lies in its closed interval.
+        """
         ok = True
         if mean is not None:
             ok &= self.mean_ci[0] <= mean <= self.mean_ci[1]
@@ -503,6 +610,17 @@ class MonteCarlo:
 
 def monte_carlo(estimates, confidence=0.99):
     r"""Summarise estimates (one per seed) as a :class:`MonteCarlo`.
+
+    Parameters
+    ----------
+    estimates : array_like
+        At least 2 finite real values (flattened).
+    confidence : float
+        Of the intervals, in (0, 1).
+
+    Returns
+    -------
+    MonteCarlo
 
     Examples
     --------

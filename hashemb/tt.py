@@ -347,11 +347,25 @@ def tt_core_shapes(p, q, tt_ranks):
     """Shapes ``(p_k, R_k, q_k, R_{k+1})`` of the cores (``tt_ranks`` are the
     d - 1 inner ranks).
 
+    Parameters
+    ----------
+    p, q : list of int
+        Row and column factors, one per core (2 to 4 cores, the same count).
+    tt_ranks : list of int or int
+        The d - 1 inner ranks, or one int for all of them.
+
+    Returns
+    -------
+    list of tuple
+        One ``(p[k], R_k, q[k], R_{k+1})`` per core, with ``R_0 = R_d = 1``.
+
     Examples
     --------
     >>> import hashemb as he
     >>> he.tt_core_shapes([200, 220, 250], [4, 4, 4], [32, 32])
     [(200, 1, 4, 32), (220, 32, 4, 32), (250, 32, 4, 1)]
+    >>> he.tt_core_shapes([10, 10], [4, 4], 8)
+    [(10, 1, 4, 8), (10, 8, 4, 1)]
     """
     p = _check_factors(p, "p")
     q = _check_factors(q, "q", len(p))
@@ -441,6 +455,18 @@ def tt_to_full(cores, num_embeddings=None):
     r"""The table the cores represent: ``(num_embeddings, D)`` rows
     :math:`W[x] = \mathrm{vec}(G_0[x_0] \cdots G_{d-1}[x_{d-1}])` (for tests,
     export and ``full_weight()``; it costs the full table's memory).
+
+    Parameters
+    ----------
+    cores : list of ndarray (NumPy or CuPy)
+        2 to 4 cores, float32 or float64, core k of shape
+        ``(p_k, R_k, q_k, R_{k+1})``.
+    num_embeddings : int, optional
+        Rows to return, at most ``prod p`` (the default).
+
+    Returns
+    -------
+    ndarray of shape (num_embeddings, prod q), the cores' dtype
 
     Examples
     --------
@@ -575,6 +601,9 @@ class TTCache:
 
     @property
     def rows(self):
+        """The row id each slot holds, -1 for a free slot (int64, at most
+        ``capacity`` values; see the class's Attributes). Assigning checks
+        it (distinct ids, at most ``capacity``) and rebuilds the lookup index."""
         return self._rows
 
     @rows.setter
@@ -611,7 +640,15 @@ class TTCache:
                 f"hashtbl_size={self.keys.shape[0]}, cached={self.num_cached})")
 
     def count(self, indices):
-        """Add one use of every entry of ``indices`` (non-negative row ids)."""
+        """Add one use of every entry of ``indices`` (non-negative row ids).
+
+        Parameters
+        ----------
+        indices : array_like of int32, int64 or uint64, any shape
+            Row ids, each counted once per occurrence (a negative one is a
+            ValueError). Once three quarters of the frequency table's slots
+            hold rows, rows not yet in it are not counted.
+        """
         idx = V.as_keys(indices, "indices").reshape(-1).astype(np.int64, copy=False)
         if idx.size and idx.min() < 0:
             raise ValueError(f"indices: expected row ids >= 0, got {int(idx.min())}")
@@ -625,7 +662,9 @@ class TTCache:
         return max(1, self.keys.shape[0] * 3 // 4)
 
     def reset(self):
-        """Forget every frequency and drop the cached rows."""
+        """Forget every frequency and drop the cached rows (``rows`` becomes
+        empty; ``weight`` keeps its values, read by no lookup until the next
+        :meth:`populate` refills it). Takes no argument, returns None."""
         self.keys.fill(-1)
         self.freq.fill(0)
         self._used = 0
@@ -637,7 +676,41 @@ class TTCache:
         ascending row order) filled from ``cores``, and slots left free hold
         zeros. ``optimizer``: a fused :class:`hashemb.Adagrad` whose state of
         this cache's changed slots is zeroed (SGD has none). Returns the
-        changed slots (int64, ascending)."""
+        changed slots (int64, ascending).
+
+        Parameters
+        ----------
+        cores : list of ndarray
+            The table's TT cores (float32 or float64, the cache's dtype, with
+            ``prod q == dim``).
+        num_embeddings : int, optional
+            Rows of the table (default ``prod p``): counted rows at or above it
+            are not cached.
+        optimizer : hashemb.SGD or hashemb.Adagrad, optional
+            The fused optimizer training ``weight``.
+
+        Returns
+        -------
+        ndarray of int64
+            The slots whose row changed (filled, emptied or replaced).
+
+        Examples
+        --------
+        >>> import numpy as np, hashemb as he
+        >>> cores = he.tt_init(1000, [10, 10, 10], [2, 2, 2], [4, 4])
+        >>> cache, opt = he.TTCache(2, 8), he.Adagrad(0.1)
+        >>> cache.count(np.array([7, 7, 7, 3, 3]))
+        >>> cache.populate(cores, optimizer=opt).tolist(), cache.rows.tolist()
+        ([0, 1], [3, 7])
+        >>> opt.state_for(cache.weight)[0][:] = 1.0          # as if trained
+        >>> cache.count(np.full(5, 9))
+        >>> cache.populate(cores, optimizer=opt).tolist()   # 9 replaces 3 in slot 0
+        [0]
+        >>> opt.state_for(cache.weight)[0].reshape(2, 8).sum(1).tolist()   # slot 0 reset
+        [0.0, 8.0]
+        >>> bool(np.allclose(cache.weight[0], he.tt_to_full(cores)[9]))
+        True
+        """
         if optimizer is not None and not isinstance(optimizer, (SGD, Adagrad)):
             raise TypeError(f"optimizer: expected None, hashemb.SGD or hashemb.Adagrad (the "
                             f"cache's fused rules), got {V._desc(optimizer)}")
@@ -671,7 +744,28 @@ class TTCache:
         return changed
 
     def slots(self, rows):
-        """Cache slot of each row id, -1 where not cached."""
+        """Cache slot of each row id, -1 where not cached.
+
+        Parameters
+        ----------
+        rows : array_like of int
+            Row ids, any shape.
+
+        Returns
+        -------
+        ndarray of int64, ``rows``' shape
+            The row of ``weight`` holding each id, or -1.
+
+        Examples
+        --------
+        >>> import numpy as np, hashemb as he
+        >>> cache = he.TTCache(2, 8)
+        >>> cache.count(np.array([7, 7, 3]))
+        >>> cache.populate(he.tt_init(10, [5, 2], [4, 2], [2])).tolist()
+        [0, 1]
+        >>> cache.slots(np.array([3, 9, 7])).tolist()
+        [0, -1, 1]
+        """
         rows = np.asarray(rows)
         if not self._ids.size:
             return np.full(rows.shape, -1, np.int64)
@@ -832,6 +926,17 @@ class TTSaved:
     entries, tables, TT shapes), other table boundaries, or other caches (or
     the same populated since) is a ValueError, but one of other indices of
     the same sizes is not detected (the torch modules pass each forward's own).
+
+    Not built by users: forward makes it, backward reads it.
+
+    Attributes
+    ----------
+    parts : list
+        Per table, the forward's digit groups and chain products (internal).
+    B, nnz : int
+        Bags and entries of the forward.
+    layout : tuple
+        Every table's ``(p, q, ranks, dtype)``, which backward's tables must match.
 
     Examples
     --------
@@ -1114,8 +1219,11 @@ def tt_embedding_bag(indices, cores, offsets=None, *, mode="sum", per_sample_wei
 
     Parameters
     ----------
-    indices : ndarray of int32/int64
-        1-D with ``offsets``, or 2-D ``(B, N)`` (N entries per bag).
+    indices : ndarray of int32, int64 or uint64
+        1-D with ``offsets``, or 2-D ``(B, N)`` (N entries per bag). Row ids
+        in ``[0, num_embeddings)``; uint64 ids are read as unsigned (a value
+        of 2**63 or more is out of range like any other: IndexError naming
+        it), other dtypes are a TypeError.
     cores : list of ndarray
         2 to 4 cores, core k of shape ``(p_k, R_k, q_k, R_{k+1})``, float32 or float64.
     offsets : ndarray of int32/int64, optional
@@ -1284,6 +1392,37 @@ def tt_embedding_bags_backward(grad_output, indices, tables, offsets=None, *, mo
     :func:`tt_embedding_bag_backward` returns (a list of lists), or None after
     a fused update of every table.
 
+    For table t, with :math:`\delta_j = c_j\, \partial L/\partial
+    \mathrm{out}[b(j), \mathrm{cols}_t]` over its entries j (its D columns of
+    the output) and :math:`T_k[j] = G^{(t)}_0[x_{j,0}] \cdots G^{(t)}_{k-1}[x_{j,k-1}]`,
+
+    .. math::
+
+        \frac{\partial L}{\partial G^{(t)}_k[v]} = \sum_{j \in t:\ x_{j,k} = v}
+        T_k[j]^\top\, \delta T_{k+1}[j], \qquad
+        \delta T_k[j] = \delta T_{k+1}[j]\, G^{(t)}_k[x_{j,k}]^\top
+
+    (:func:`tt_embedding_bag_backward`'s, table by table; a fused
+    optimizer applies its rule to each table's cores and cache).
+
+    Parameters
+    ----------
+    grad_output : ndarray, shape (B, sum of the tables' D)
+    indices, tables, offsets, mode, per_sample_weights, include_last_offset, num_embeddings, cache
+        As given to :func:`tt_embedding_bags`. With an optimizer every core
+        (and cache) is updated in place and must be C-contiguous and writeable.
+    saved : TTSaved, optional
+        From ``tt_embedding_bags(..., return_saved=True)`` on the same inputs.
+    optimizer : hashemb.SGD or hashemb.Adagrad, optional
+
+    Returns
+    -------
+    list of list of ndarray, or None
+        Per table, its cores' gradients (the cores' shapes), then its
+        cache's ``(capacity, D)`` gradient when it has a cache; None when an
+        optimizer updated them.
+    {det}
+
     Examples
     --------
     >>> import numpy as np, hashemb as he
@@ -1293,6 +1432,10 @@ def tt_embedding_bags_backward(grad_output, indices, tables, offsets=None, *, mo
     ...                                   np.array([[1, 2], [3, 4], [5, 6]]), [t0, t1])
     >>> [len(x) for x in g]
     [2, 3]
+    >>> g1 = he.tt_embedding_bag_backward(np.ones((3, 8), np.float32), np.array([[2], [4], [6]]),
+    ...                                   t1)
+    >>> all(np.array_equal(a, b) for a, b in zip(g[1], g1))     # table 1's, on its own
+    True
     """
     include_last_offset = V.check_flag(include_last_offset, "include_last_offset")
     if _on_gpu(tables[0] if _single else tables, _single, grad_output=grad_output,
@@ -1330,3 +1473,4 @@ def tt_embedding_bags_backward(grad_output, indices, tables, offsets=None, *, mo
 tt_embedding_bag.__doc__ = tt_embedding_bag.__doc__.replace("{det}", _DET)
 tt_embedding_bag_backward.__doc__ = tt_embedding_bag_backward.__doc__.replace("{det}", _DET)
 tt_embedding_bags.__doc__ = tt_embedding_bags.__doc__.replace("{det}", _DET)
+tt_embedding_bags_backward.__doc__ = tt_embedding_bags_backward.__doc__.replace("{det}", _DET)

@@ -256,3 +256,24 @@ def test_fast_embedding_of_a_transposed_input():
     f = FastEmbedding(50, 4, _weight=ref.weight.detach().clone())
     x = torch.randint(0, 50, (6, 5)).t()                   # not contiguous
     torch.testing.assert_close(f(x), ref(x), rtol=0, atol=0)
+
+
+def test_dtype_the_lookup_cannot_run_is_refused_at_construction():
+    # a float16 module was built and failed at its first call; an integer
+    # one failed inside torch.randn with a NotImplementedError
+    for bad in (torch.float16, torch.bfloat16, torch.int32, torch.int64, torch.complex64,
+                torch.bool, "float32", np.float32):
+        with pytest.raises(TypeError, match="dtype: expected None, torch.float32 or "
+                                            "torch.float64"):
+            FastEmbedding(10, 4, dtype=bad)
+        with pytest.raises(TypeError, match="dtype"):
+            FastMultiEmbedding([10, 3], [4, 2], dtype=bad)
+        with pytest.raises(TypeError, match="dtype"):       # checked with _weight too
+            FastEmbedding(10, 4, dtype=bad, _weight=torch.zeros(10, 4))
+    for good in (None, torch.float32, torch.float64):
+        emb = FastEmbedding(10, 4, dtype=good)
+        multi = FastMultiEmbedding([10, 3], [4, 2], dtype=good)
+        want = good or torch.float32
+        assert emb.weight.dtype == multi.weight.dtype == want
+        assert emb(torch.tensor([[1, 9]])).dtype == want
+        assert multi(torch.tensor([[9, 2]])).shape == (1, 6)

@@ -111,7 +111,21 @@ class CriteoTSV:
         last pass stopped (an open file, an iterator: ``read(limit=n)`` twice
         gives rows 1..n, then n+1..2n), and counts its own :attr:`rows` and
         :attr:`skipped`. Blank lines are passed over (a file's trailing one,
-        concatenated files)."""
+        concatenated files).
+
+        Parameters
+        ----------
+        batch_size : int
+            Rows per batch (the last may be shorter).
+        limit : int, optional
+            Rows to read at most (None: to the end).
+
+        Yields
+        ------
+        Batch
+            ``dense`` float32 (n, 13) of ``log1p(max(x, 0))``, ``cats`` int64
+            (n, 26) token ids, ``labels`` float32 (n,), ``prob`` None.
+        """
         batch_size = V.check_positive_int(batch_size, "batch_size")
         if limit is not None:
             limit = V.check_int(limit, "limit", lo=0)
@@ -153,7 +167,33 @@ class CriteoTSV:
         return Batch(d, ids, np.array(labels, np.float32), None)
 
     def read(self, limit=None):
-        """All rows (up to ``limit``) as one Batch."""
+        """All rows (up to ``limit``) as one Batch.
+
+        Parameters
+        ----------
+        limit : int, optional
+            Rows to read at most (None: every row).
+
+        Returns
+        -------
+        Batch
+            As :meth:`batches` yields, concatenated (``prob`` None); empty
+            arrays of the right widths when no row is read.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from hashemb.data import CriteoTSV
+        >>> from hashemb.data.criteo import token_id
+        >>> row = "0\\t" + "\\t".join(["7"] * 13) + "\\t" + "\\t".join(["a1b2"] + [""] * 25)
+        >>> b = CriteoTSV([row, "bad line", row], on_bad="skip").read()
+        >>> b.cats.shape, b.labels.tolist()                 # the bad line skipped
+        ((2, 26), [0.0, 0.0])
+        >>> int(b.cats[0, 0]) == token_id("a1b2"), int(b.cats[0, 1])    # missing: id 0
+        (True, 0)
+        >>> bool(np.isclose(b.dense[0, 0], np.log1p(7)))
+        True
+        """
         parts = list(self.batches(limit=limit))
         if not parts:
             return Batch(np.zeros((0, NUM_DENSE), np.float32), np.zeros((0, NUM_CATS), np.int64),

@@ -38,6 +38,17 @@ def load_movielens(path=None, test_fraction=0.2, seed=0):
     dense fields :data:`DENSE` are scaled to about [0, 1]. The split is a
     random permutation by ``seed``: the last ``test_fraction`` is the test set.
 
+    Parameters
+    ----------
+    path : str or path-like, optional
+        A folder holding ``ml-100k.inter``, ``ml-100k.user`` and
+        ``ml-100k.item`` (recbole's atomic files); default the installed
+        recbole wheel's (:func:`movielens_dir`, FileNotFoundError without it).
+    test_fraction : float
+        Share of the ratings in the test set, in (0, 1).
+    seed : int
+        Seed of the split's permutation.
+
     Returns
     -------
     train, test : Batch

@@ -18,7 +18,21 @@ NUM_DENSE = 13
 Batch = namedtuple("Batch", "dense cats labels prob")
 Batch.__doc__ = """A block of samples: ``dense`` float32 (n, 13) of log1p counts,
 ``cats`` int64 (n, 26) tokens (field t in [0, cardinalities[t])), ``labels``
-float32 (n,) of 0/1, ``prob`` float64 (n,), the planted click probability."""
+float32 (n,) of 0/1, ``prob`` float64 (n,), the planted click probability
+(None where there is none: :class:`CriteoTSV`, MovieLens).
+
+Examples
+--------
+>>> from hashemb.data import Batch, SyntheticCriteo
+>>> b = SyntheticCriteo(scale=0.001, seed=0).sample(0, 4)
+>>> b._fields
+('dense', 'cats', 'labels', 'prob')
+>>> dense, cats, labels, prob = b                  # a tuple: unpacks in field order
+>>> cats.dtype, labels.dtype, bool(((prob > 0) & (prob < 1)).all())
+(dtype('int64'), dtype('float32'), True)
+>>> Batch(dense[:2], cats[:2], labels[:2], None).cats.shape
+(2, 26)
+"""
 
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _GOLD = np.uint64(0x9E3779B97F4A7C15)
@@ -152,7 +166,32 @@ class SyntheticCriteo:
 
     def sample(self, start, count, split="train"):
         """Samples ``start .. start+count-1`` of ``split`` ("train" or "test",
-        disjoint streams) as a :data:`Batch`."""
+        disjoint streams) as a :data:`Batch`.
+
+        Parameters
+        ----------
+        start, count : int
+            The first sample and how many, ``start + count <= 2**40``.
+        split : {"train", "test"}
+
+        Returns
+        -------
+        Batch
+            ``dense`` float32 (count, 13), ``cats`` int64 (count, 26),
+            ``labels`` float32 (count,), ``prob`` float64 (count,). Sample i
+            depends only on (seed, split, i): any chunking gives the same rows.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from hashemb.data import SyntheticCriteo
+        >>> gen = SyntheticCriteo(scale=0.001, seed=0)
+        >>> whole, part = gen.sample(0, 100), gen.sample(40, 10)
+        >>> bool((whole.cats[40:50] == part.cats).all() and (whole.prob[40:50] == part.prob).all())
+        True
+        >>> bool((gen.sample(0, 100, "test").cats != whole.cats).any())   # another stream
+        True
+        """
         if split not in ("train", "test"):
             raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
         if start < 0 or count < 0 or start + count > _TEST_BASE:

@@ -98,6 +98,36 @@ def make_embedding(method, num_embeddings, dim=16, compression=1000.0, lr=0.1, s
     "hashing_trick" (each at ``compression``, their array of ``dtype``:
     float32, float64, float16 or bfloat16 storage).
 
+    Parameters
+    ----------
+    method : {"full", "robez", "hashednet", "hashing_trick"}
+    num_embeddings : int or list of int
+        Rows of each table.
+    dim : int
+        Embedding width D.
+    compression : float
+        Of the compressed methods (unused by "full").
+    lr : float
+        Of the fused optimizer (unused by "full" with a torch optimizer).
+    seed : int
+        Seed of the hash and of the initial array (the baseline's init for
+        "full").
+    block : int, optional
+        ROBE-Z's Z (default ``dim``).
+    optimizer : str or hashemb optimizer
+        "sgd", "adagrad", "rowwise_adagrad" (with "full": hashemb's fused
+        row-wise Adagrad), or a hashemb.SGD / Adagrad object.
+    dtype : torch.dtype
+        Of the hashemb modules' array.
+
+    Returns
+    -------
+    torch.nn.Module
+        :class:`TorchEmbeddingBagCollection` ("full"), a
+        :class:`HashEmbeddingBagCollection` of a FullTable ("full" with
+        "rowwise_adagrad"), or the method's collection; input ``(B, T)``,
+        output ``(B, T * dim)``.
+
     Examples
     --------
     >>> import torch
@@ -173,6 +203,29 @@ def train_epoch(model, optimizer, dense, cats, labels, batch_size=2048, seed=0,
     (the data is moved there once); returns ``(mean training loss,
     samples/s)``. ``progress`` is a tqdm bar (or None).
 
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Called as ``model(dense, cats)``, returning logits (a :class:`DLRM`);
+        put in training mode.
+    optimizer : torch.optim.Optimizer
+        Steps the dense parameters (:func:`dense_parameters`; the fused
+        hashemb arrays step inside backward).
+    dense, cats, labels : array_like
+        ``(n, num_dense)`` floats, ``(n, num_tables)`` tokens and ``(n,)``
+        0/1 labels.
+    batch_size : int
+    seed : int
+        Seed of the sample order.
+    progress : tqdm bar, optional
+        Updated by each batch's size.
+
+    Returns
+    -------
+    (loss, samples_per_s) : (float, float)
+        The binary cross-entropy averaged over every sample (each batch's
+        mean weighted by its size), and samples per second of the pass.
+
     Examples
     --------
     >>> from hashemb.data import SyntheticCriteo
@@ -215,7 +268,42 @@ def train_epoch(model, optimizer, dense, cats, labels, batch_size=2048, seed=0,
 @torch.no_grad()
 def evaluate(model, dense, cats, labels, batch_size=16384):
     """``dict(auc, logloss, samples_per_s)`` of the model's predictions (run
-    on the model's device); see :func:`train_epoch` for an example."""
+    on the model's device); see :func:`train_epoch` for a training example.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Called as ``model(dense, cats)``, returning logits; put in eval mode
+        (and left there), run without autograd.
+    dense, cats, labels : array_like
+        As in :func:`train_epoch`; at least one sample, both classes among
+        the labels (for the AUC).
+    batch_size : int
+        Samples per forward call.
+
+    Returns
+    -------
+    dict
+        ``auc`` and ``logloss`` (:func:`hashemb.metrics.auc`,
+        :func:`hashemb.metrics.logloss`) of ``sigmoid(model(dense, cats))``,
+        and ``samples_per_s`` of the pass.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from hashemb.data import SyntheticCriteo
+    >>> from hashemb.metrics import auc
+    >>> from hashemb.torch import DLRM, evaluate, make_embedding
+    >>> gen = SyntheticCriteo(scale=0.0001, seed=0)
+    >>> te = gen.sample(0, 500, "test")
+    >>> model = DLRM(make_embedding("robez", gen.cardinalities, compression=10), 26,
+    ...              bottom=(32,), top=(32,))
+    >>> res = evaluate(model, te.dense, te.cats, te.labels)
+    >>> with torch.no_grad():
+    ...     p = torch.sigmoid(model(torch.from_numpy(te.dense), torch.from_numpy(te.cats)))
+    >>> res["auc"] == auc(te.labels, p.numpy()), model.training
+    (True, False)
+    """
     batch_size = V.check_positive_int(batch_size, "batch_size")
     dev = _device(model)
     d, c, _ = _tensors(dense, cats, labels, dev, _dense_dtype(model))

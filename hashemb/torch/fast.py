@@ -97,6 +97,17 @@ class _MultiLookup(torch.autograd.Function):
         return torch.from_numpy(dw.reshape(ctx.shape)), None, None, None
 
 
+def _check_dtype(dtype):
+    """The ``dtype=`` of a new module's weight, checked: None (float32),
+    torch.float32 or torch.float64, the dtypes forward runs (a float16 module
+    was built and failed at its first call; an integer one failed inside
+    torch.randn)."""
+    if dtype is None or dtype in _FLOATS:
+        return dtype
+    raise TypeError(f"dtype: expected None, torch.float32 or torch.float64 (the weight "
+                    f"dtypes the lookup runs), got {dtype!r}")
+
+
 def _index_tensor(x, T=None):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"input: expected a torch.Tensor, got {type(x).__name__}")
@@ -118,7 +129,13 @@ class FastEmbedding(torch.nn.Module):
     num_embeddings, embedding_dim : int
     _weight : torch.Tensor, optional
         Initial table of shape (num_embeddings, embedding_dim); default N(0, 1)
-        as nn.Embedding.
+        as nn.Embedding. Used as given (not copied, not converted): forward
+        runs float32 and float64 weights only.
+    dtype : None, torch.float32 or torch.float64
+        Of the default N(0, 1) table (None: float32); with ``_weight`` it is
+        checked but not applied (the weight keeps its own dtype). Any other
+        dtype (float16, bfloat16, integers, ...) is a TypeError here: the
+        lookup kernels read float32 and float64 tables only.
 
     Examples
     --------
@@ -132,6 +149,7 @@ class FastEmbedding(torch.nn.Module):
     def __init__(self, num_embeddings, embedding_dim, *, _weight=None, dtype=None):
         # keyword-only: nn.Embedding's third and fourth are padding_idx and max_norm
         super().__init__()
+        dtype = _check_dtype(dtype)
         self.num_embeddings = V.check_positive_int(num_embeddings, "num_embeddings", upper=1 << 61)
         self.embedding_dim = V.check_positive_int(embedding_dim, "embedding_dim", upper=1 << 20)
         self._layout = _lookup._layout(self.num_embeddings, self.embedding_dim)  # validates
@@ -168,7 +186,13 @@ class FastMultiEmbedding(torch.nn.Module):
     sizes, dims : int or sequence of int
         Rows and width of each table (an int: one table).
     _weight : torch.Tensor, optional
-        The packed tables, ``sum(sizes[t] * dims[t])`` floats; default N(0, 1).
+        The packed tables, ``sum(sizes[t] * dims[t])`` floats (any shape of
+        that many elements, reshaped to 1-D); default N(0, 1). Its dtype is
+        kept: forward runs float32 and float64 weights only.
+    dtype : None, torch.float32 or torch.float64
+        Of the default N(0, 1) tables (None: float32); with ``_weight`` it is
+        checked but not applied. Any other dtype is a TypeError here, as in
+        :class:`FastEmbedding`.
 
     Examples
     --------
@@ -181,6 +205,7 @@ class FastMultiEmbedding(torch.nn.Module):
 
     def __init__(self, sizes, dims, *, _weight=None, dtype=None):
         super().__init__()
+        dtype = _check_dtype(dtype)
         self._layout = _lookup._layout(sizes, dims)
         self._layout_t = torch.tensor(self._layout.packed)
         size = self._layout.size
@@ -201,7 +226,14 @@ class FastMultiEmbedding(torch.nn.Module):
                              self._layout, self._layout_t, False, getattr(self, "_shape", None))
 
     def unpacked(self):
-        """Views of the packed weight, one ``(sizes[t], dims[t])`` tensor per table."""
+        """Views of the packed weight, one ``(sizes[t], dims[t])`` tensor per table.
+
+        Returns
+        -------
+        list of torch.Tensor
+            Views of ``weight`` (no copies; autograd views of the parameter):
+            writes under ``torch.no_grad()`` change the packed tables.
+        """
         out, start = [], 0
         for n, d in zip(self.sizes, self.dims):
             out.append(self.weight[start:start + n * d].view(n, d))

@@ -295,7 +295,15 @@ class HashEmbeddingBag(nn.Module):
 
     def memory_bytes(self):
         """Bytes of the array (plus an Adagrad accumulator and, for SCMA / LMA,
-        the sampled tokens' map and slots or signatures)."""
+        the sampled tokens' map and slots or signatures).
+
+        Returns
+        -------
+        int
+            ``weight``'s bytes in its dtype, plus the ``optimizer_state``
+            buffer's (fused Adagrad / row-wise Adagrad) and the scheme's
+            ``extra_bytes()`` where it has them.
+        """
         n = self.weight.numel() * self.weight.element_size()
         extra = self.scheme.extra_bytes() if hasattr(self.scheme, "extra_bytes") else 0
         if hasattr(self, "optimizer_state"):
@@ -386,8 +394,29 @@ def _robe_weight_size(weight, total_floats, compression, block):
 
 class RobeEmbeddingBag(HashEmbeddingBag):
     r"""ROBE-Z embedding bag: a ``num_embeddings x embedding_dim`` table kept in
-    ``ceil(num_embeddings * embedding_dim / compression)`` floats
-    (:class:`hashemb.RobeZ`).
+    ``max(block, ceil(num_embeddings * embedding_dim / compression))`` floats
+    (:class:`hashemb.RobeZ`; an array holds at least one block).
+
+    Parameters
+    ----------
+    num_embeddings, embedding_dim : int
+        The n x D table compressed.
+    compression : float
+        n D / (array size), before the ceiling and the one-block floor.
+    block : int, optional
+        Z, a divisor or a multiple of ``embedding_dim`` (default
+        ``embedding_dim``: ROBE-D).
+    mode : {"sum", "mean", "max"}
+    seed : int
+        Seed of the scheme's hash.
+    signed : bool
+        Signed ROBE-Z (:class:`hashemb.RobeZ` ``signed=True``).
+    _weight : Tensor, optional
+        Initial array (copied); its length, at least ``block``, is the
+        array size (``compression`` is then not used).
+    **kwargs
+        ``table``, ``padding_idx``, ``include_last_offset``, ``optimizer``,
+        ``lr``, ``eps``, ``init_seed``, ``dtype``: as in :class:`HashEmbeddingBag`.
 
     Examples
     --------
@@ -411,9 +440,23 @@ class RobeEmbeddingBag(HashEmbeddingBag):
 
 class RobeEmbeddingBagCollection(HashEmbeddingBagCollection):
     r"""Many tables in ONE ROBE-Z array (the ROBE / UMA setting): the array has
-    ``ceil(sum(num_embeddings) * embedding_dim / compression)`` floats, every
+    ``max(block, ceil(sum(num_embeddings) * embedding_dim / compression))``
+    floats, every
     table's id is hashed into its slots, and a batch of all tables is one kernel
     call.
+
+    Parameters
+    ----------
+    num_embeddings : int or list of int
+        Rows of each table.
+    embedding_dim : int
+    compression : float
+        ``sum(num_embeddings) * embedding_dim`` / (array size).
+    block, mode, seed, signed, _weight
+        As in :class:`RobeEmbeddingBag`.
+    **kwargs
+        ``optimizer``, ``lr``, ``eps``, ``init_seed``, ``dtype``: as in
+        :class:`HashEmbeddingBag`.
 
     Examples
     --------
@@ -438,6 +481,20 @@ class RobeEmbeddingBagCollection(HashEmbeddingBagCollection):
 class HashedNetEmbeddingBagCollection(HashEmbeddingBagCollection):
     r"""Many tables in one HashedNet array (element-wise hashing, ROBE-Z with
     Z = 1) of ``ceil(sum(num_embeddings) * embedding_dim / compression)`` floats.
+
+    Parameters
+    ----------
+    num_embeddings : int or list of int
+        Rows of each table.
+    embedding_dim : int
+    compression : float
+    mode : {"sum", "mean", "max"}
+    seed : int
+        Seed of the hash.
+    signed : bool
+    **kwargs
+        ``optimizer``, ``lr``, ``eps``, ``_weight`` (of the computed size),
+        ``init_seed``, ``dtype``: as in :class:`HashEmbeddingBag`.
 
     Examples
     --------
@@ -479,7 +536,8 @@ class LSHEmbeddingBag(HashEmbeddingBag):
     r"""SCMA / LMA embedding bag: memory allocated by minhash of the data
     (:class:`hashemb.LSHTable`, or :class:`hashemb.LMA` with ``lma=True``), a
     ``num_embeddings x embedding_dim`` table kept in
-    ``ceil(num_embeddings * embedding_dim / compression)`` floats.
+    ``max(block, ceil(num_embeddings * embedding_dim / compression))`` floats
+    (``block`` defaults to ``embedding_dim``).
 
     Parameters
     ----------
@@ -521,8 +579,9 @@ class LSHEmbeddingBag(HashEmbeddingBag):
 class LSHEmbeddingBagCollection(HashEmbeddingBagCollection):
     r"""Many tables in ONE SCMA / LMA array: memory allocated by minhash of the
     training data's co-occurrence (:class:`hashemb.LSHTable`, or
-    :class:`hashemb.LMA` with ``lma=True``), ``ceil(sum(num_embeddings) *
-    embedding_dim / compression)`` floats, a batch of all tables in one kernel
+    :class:`hashemb.LMA` with ``lma=True``), ``max(block,
+    ceil(sum(num_embeddings) * embedding_dim / compression))`` floats
+    (``block`` defaults to ``embedding_dim``), a batch of all tables in one kernel
     call. Tokens of different tables that occur in the same rows share memory.
 
     Parameters
@@ -566,6 +625,19 @@ class HashedEmbeddingBag(HashEmbeddingBag):
     ``((r*9824516537 + d*57857966300227 + 104729) mod 117130198221199) mod W``.
     A 1-D ``_weight`` sets the buffer (and W) directly.
 
+    Parameters
+    ----------
+    num_embeddings, embedding_dim : int
+    compression : float
+        The fraction of ``num_embeddings * embedding_dim`` kept (W rounds down,
+        and must be at least 1).
+    mode : {"sum", "mean", "max"}
+    _weight : Tensor, optional
+        A non-empty 1-D buffer (copied): W is its length.
+    **kwargs
+        ``table``, ``padding_idx``, ``include_last_offset``, ``optimizer``,
+        ``lr``, ``eps``, ``init_seed``, ``dtype``: as in :class:`HashEmbeddingBag`.
+
     Examples
     --------
     >>> import torch
@@ -603,6 +675,20 @@ class HashingTrickEmbeddingBagCollection(HashEmbeddingBagCollection):
     table t keeps ``rows_t = ceil(num_embeddings[t] / compression)`` full rows
     and token x uses row ``h(t, x) mod rows_t`` (:class:`hashemb.UniversalHash`);
     the rows live in one :class:`hashemb.FullTable` array.
+
+    Parameters
+    ----------
+    num_embeddings : int or list of int
+        Rows of each table before hashing.
+    embedding_dim : int
+    compression : float
+    mode : {"sum", "mean", "max"}
+    seed : int
+        Seed of the :class:`hashemb.UniversalHash` mapping tokens to rows.
+    **kwargs
+        ``optimizer``, ``lr``, ``eps``, ``_weight``, ``init_seed``, ``dtype``:
+        as in :class:`HashEmbeddingBag`. The default init draws table t's rows
+        on ``+-1/sqrt(num_embeddings[t])``, as the full model would.
 
     Examples
     --------
@@ -675,6 +761,17 @@ class TorchEmbeddingBagCollection(nn.Module):
     table (mode sum, uniform init on ``+-1/sqrt(rows)`` as DLRM does), outputs
     concatenated to ``(B, T*dim)``. Input ``(B, T)``.
 
+    Parameters
+    ----------
+    num_embeddings : int or list of int
+        Rows of each table.
+    embedding_dim : int
+    sparse : bool
+        Sparse gradients (``nn.EmbeddingBag(sparse=True)``), for a torch
+        optimizer that takes them (SGD, Adagrad, SparseAdam).
+    seed : int
+        Seed of the init (one generator, tables in order).
+
     Examples
     --------
     >>> import torch
@@ -696,7 +793,13 @@ class TorchEmbeddingBagCollection(nn.Module):
         return torch.cat([e(input[:, t:t + 1]) for t, e in enumerate(self.tables)], dim=1)
 
     def memory_bytes(self):
-        """Bytes of the full tables."""
+        """Bytes of the full tables.
+
+        Returns
+        -------
+        int
+            Every table's weight, in its dtype.
+        """
         return sum(e.weight.numel() * e.weight.element_size() for e in self.tables)
 
 
@@ -722,6 +825,18 @@ def _sizes(num_embeddings):
 def dense_parameters(module):
     """The parameters a torch optimizer should update: all but the arrays that
     a fused hashemb optimizer updates inside backward.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        Any model; its hashemb modules are asked which arrays they update
+        themselves (a fused ``optimizer=``; TT modules with ``sparse=True``).
+
+    Returns
+    -------
+    list of torch.nn.Parameter
+        ``module.parameters()`` that require a gradient, less those arrays,
+        in ``module.parameters()``' order.
 
     Examples
     --------

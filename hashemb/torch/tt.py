@@ -84,7 +84,8 @@ class TTEmbeddingBagCollection(nn.Module):
     num_embeddings : list of int
     embedding_dim : int
     tt_ranks : list of int or int
-        The inner ranks (the same for every table).
+        The d - 1 inner ranks (the same for every table); an int ``r`` means
+        ``[r] * (d - 1)``, d from the shapes given, else ``num_cores``, else 3.
     tt_p_shapes, tt_q_shapes : list of int, optional
         The factors of every table (default :func:`hashemb.tt_shapes` per table).
     sparse : bool
@@ -331,7 +332,25 @@ class TTEmbeddingBagCollection(nn.Module):
         accumulators; a row coming in starts from its TT value and zero
         accumulators). Returns each table's changed slots (rows of
         ``cache_weights[t]``), where a torch optimizer's state (sparse=False)
-        belongs to the rows that left: zero it there."""
+        belongs to the rows that left: zero it there.
+
+        Returns
+        -------
+        list of ndarray of int64
+            One per table: its changed slots (empty arrays without
+            ``use_cache``).
+
+        Examples
+        --------
+        >>> import torch
+        >>> from hashemb.torch import TTEmbeddingBagCollection
+        >>> emb = TTEmbeddingBagCollection([1000], 16, 8, use_cache=True, cache_size=2)
+        >>> _ = emb(torch.tensor([[7], [7], [3]]))           # training mode counts rows
+        >>> [s.tolist() for s in emb.cache_populate()]
+        [[0, 1]]
+        >>> emb._cache_objs[0].rows.tolist()
+        [3, 7]
+        """
         if not self.use_cache:
             return [np.zeros(0, np.int64) for _ in self.num_embeddings]
         cores, caches = self._tables_of(self._params())
@@ -381,14 +400,29 @@ class TTEmbeddingBagCollection(nn.Module):
             c._used = None      # counted again from the keys at the next count
 
     def full_weights(self):
-        """The reconstructed tables, one ``(num_embeddings[t], D)`` tensor each."""
+        """The reconstructed tables, one ``(num_embeddings[t], D)`` tensor each.
+
+        Returns
+        -------
+        list of torch.Tensor
+            New tensors (no autograd history), on the cores' device and in
+            their dtype: :func:`hashemb.tt_to_full` of each table's cores.
+            Cached rows are not substituted.
+        """
         with device_context(self.tt_cores[0]):
             return [as_tensor(_tt.tt_to_full(c, n))
                     for c, n in zip(self._tables_of(list(self.tt_cores))[0],
                                     self.num_embeddings)]
 
     def memory_bytes(self):
-        """Bytes of the cores (and the LFU caches' rows)."""
+        """Bytes of the cores (and the LFU caches' rows).
+
+        Returns
+        -------
+        int
+            The parameters' bytes: the cores and ``cache_weights``. A fused
+            Adagrad's ``optimizer_state_*`` buffers are not counted.
+        """
         return sum(p.numel() * p.element_size() for p in self.parameters())
 
     def extra_repr(self):
@@ -424,8 +458,11 @@ class TTEmbeddingBag(TTEmbeddingBagCollection):
     Parameters
     ----------
     num_embeddings, embedding_dim : int
-    tt_ranks : list of int
-        The d - 1 inner ranks (2 to 4 cores).
+    tt_ranks : list of int or int
+        The d - 1 inner ranks (2 to 4 cores, so 1 to 3 ranks). A plain int
+        ``r`` is the same rank between every pair of cores: ``[r] * (d - 1)``,
+        with d the length of ``tt_p_shapes`` or ``tt_q_shapes`` when given,
+        else 3 (``TTEmbeddingBag(1000, 16, 8).tt_ranks == [8, 8]``).
     tt_p_shapes, tt_q_shapes : list of int, optional
         Default :func:`hashemb.tt_shapes`.
     sparse, optimizer, learning_rate, eps, use_cache, cache_size, hashtbl_size, weight_dist
@@ -498,7 +535,13 @@ class TTEmbeddingBag(TTEmbeddingBagCollection):
         return self._apply_bags(flat, off, per_sample_weights)
 
     def full_weight(self):
-        """The reconstructed table, ``(num_embeddings, embedding_dim)`` (as FBTT's)."""
+        """The reconstructed table, ``(num_embeddings, embedding_dim)`` (as FBTT's).
+
+        Returns
+        -------
+        torch.Tensor
+            ``full_weights()[0]``: a new tensor without autograd history.
+        """
         return self.full_weights()[0]
 
     def extra_repr(self):
