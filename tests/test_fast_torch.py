@@ -173,6 +173,12 @@ def test_errors_and_training_step():
         FastEmbedding(4, 2, _weight=torch.zeros(3, 2))
     with pytest.raises(TypeError, match="_weight: expected a torch.Tensor"):
         FastMultiEmbedding([3], [2], _weight=[0.0] * 6)
+    # (a float16 or integer weight was built and failed at the first call)
+    with pytest.raises(TypeError, match="^_weight: expected a float32 or float64 tensor, "
+                                        "got torch.float16$"):
+        FastEmbedding(4, 2, _weight=torch.zeros(4, 2, dtype=torch.float16))
+    with pytest.raises(TypeError, match="^_weight: expected a float32 or float64 tensor"):
+        FastMultiEmbedding([3], [2], _weight=torch.zeros(6, dtype=torch.int64))
     with pytest.raises(TypeError, match="positional"):
         FastEmbedding(10, 3, 0)         # nn.Embedding's padding_idx: not _weight
     with pytest.raises(ValueError, match="dims"):

@@ -159,6 +159,8 @@ class FastEmbedding(torch.nn.Module):
             _weight = torch.randn(shape, dtype=dtype or torch.float32)
         elif not isinstance(_weight, torch.Tensor):
             raise TypeError(f"_weight: expected a torch.Tensor, got {type(_weight).__name__}")
+        elif _weight.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"_weight: expected a float32 or float64 tensor, got {_weight.dtype}")
         elif tuple(_weight.shape) != shape:
             raise ValueError(f"_weight: expected shape {shape}, got {tuple(_weight.shape)}")
         self.weight = torch.nn.Parameter(_weight)
@@ -215,6 +217,8 @@ class FastMultiEmbedding(torch.nn.Module):
             _weight = torch.randn(size, dtype=dtype or torch.float32)
         elif not isinstance(_weight, torch.Tensor):
             raise TypeError(f"_weight: expected a torch.Tensor, got {type(_weight).__name__}")
+        elif _weight.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"_weight: expected a float32 or float64 tensor, got {_weight.dtype}")
         elif _weight.numel() != size:
             raise ValueError(f"_weight: expected {size} floats, got {_weight.numel()}")
         self.weight = torch.nn.Parameter(_weight.reshape(size))
