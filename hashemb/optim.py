@@ -196,7 +196,7 @@ class _Accumulating(_Fused):
             s = self._keep("state", key, weight, _zeros(weight, size))
         elif s.size != size:
             raise ValueError(f"state: expected {size} values for this weight, got {s.size} "
-                             f"(bound by use_state)")
+                             f"(bound by use_state or made by an earlier step)")
         return s
 
     def use_state(self, weight, state):
