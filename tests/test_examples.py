@@ -246,3 +246,55 @@ def test_gpu_bench_dry_run_on_the_cpu(tmp_path):
             assert math.isclose(r["fwd_GBps"] * r["fwd_s"] * 1e9, fwd, rel_tol=1e-9)
     assert all(r["fwd_x_robez"] > 0 and r["train_x_robez"] > 0 for r in res[-2:])
     assert not any("fwd_x_robez" in r for r in res[:-2])
+
+
+def _gpu_bench():
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_bench.py"
+    spec = importlib.util.spec_from_file_location("gpu_bench", path)
+    gb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gb)
+    return gb
+
+
+def test_gpu_bench_plots_a_run_with_failed_rows(tmp_path, capsys):
+    """--from-json of a run where torch's row of one shape failed (its
+    ratios are missing: a KeyError) and every row of another failed (max()
+    of nothing): the ratios are left off, the empty shape is skipped."""
+    pytest.importorskip("matplotlib")
+    import json
+    gb = _gpu_bench()
+
+    def ok(D, B, method, fwd, train, x=True):
+        r = {"D": D, "batch": B, "method": method}
+        for kind, sps in (("fwd", fwd), ("train", train)):
+            if sps is not None:
+                r.update({f"{kind}_s": B / sps, f"{kind}_samples_per_s": sps})
+                if x:
+                    r[f"{kind}_x_torch"] = sps / 1e6
+        return r
+    err = "RuntimeError: CUDA error: out of memory"
+    run = {"device": "synthetic", "results": [
+        ok(16, 64, "torch.nn.EmbeddingBag", 1e6, 2e5),
+        ok(16, 64, "hashemb RobeZ 1000x", 3e6, 1e6),
+        ok(16, 64, "  deterministic bwd", None, 9e5),
+        {"D": 16, "batch": 128, "method": "torch.nn.EmbeddingBag", "error": err},
+        ok(16, 128, "hashemb RobeZ 1000x", 3e6, 1e6, x=False),
+        {"D": 64, "batch": 64, "method": "torch.nn.EmbeddingBag", "error": err},
+        {"D": 64, "batch": 64, "method": "hashemb RobeZ 1000x", "error": err}]}
+    js = tmp_path / "run.json"
+    js.write_text(json.dumps(run))
+    png = tmp_path / "p.png"
+    assert gb.main(["--from-json", str(js), "--plot", str(png)]) == run
+    assert png.stat().st_size > 10_000
+    fig = gb.plot(run, str(tmp_path / "q.png"))
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == [f"{w}, D=16, batch {b}" for b in (64, 128)
+                      for w in ("forward", "training step (fwd + bwd + SGD)")]
+    labels = [[t.get_text().strip() for t in ax.texts] for ax in fig.axes]
+    assert labels == [["1.00x", "3.00x"], ["0.20x", "1.00x", "0.90x"], [], []]
+    assert "D=64, batch 64: no row to plot (2 failed)" in capsys.readouterr().out
+    # no shape left at all: no plot, said
+    run["results"] = run["results"][-2:]
+    assert gb.plot(run, str(tmp_path / "r.png")) is None
+    assert not (tmp_path / "r.png").exists()
