@@ -298,3 +298,36 @@ def test_gpu_bench_plots_a_run_with_failed_rows(tmp_path, capsys):
     run["results"] = run["results"][-2:]
     assert gb.plot(run, str(tmp_path / "r.png")) is None
     assert not (tmp_path / "r.png").exists()
+
+
+def test_criteo_bags_summarises_a_saved_run_again(tmp_path, capsys):
+    """--from-json: a saved run's rounds summarised by the current code (a
+    summary made by an older peer logic had no peer for an inference
+    float16 variant), its tables printed, the JSON rewritten with only the
+    summary changed and the plot drawn; nothing measured."""
+    pytest.importorskip("matplotlib")
+    import json
+    cb = _criteo_bags()
+    rounds = [dict(name=n, train=t, batch=8, seconds=1.0, samples_per_s=s, peak_mb=1.0, size=5,
+                   round=r)
+              for r in (0, 1) for t in (0, 1)
+              for n, s in [("hashemb RobeZ Z=16, float16", 300.0 + r),
+                           ("FBGEMM TBE (CPU), float16", 150.0), ("FBGEMM TBE (CPU)", 100.0),
+                           ("torch.nn.EmbeddingBag", 50.0)]]
+    args = dict(scale=0.001, compression=1000.0, batch=8, train_batch=8, iters=1, pooling=1,
+                methods="", json="/elsewhere.json", plot="", repeat=2)
+    old = [dict(r, peer=None, peer_ratio=float("nan")) for r in cb.summarise(rounds)]
+    src = tmp_path / "run.json"
+    src.write_text(json.dumps({"args": args, "cores": 2, "summary": old, "rounds": rounds}))
+    js, png = tmp_path / "again.json", tmp_path / "again.png"
+    cb.main(["--from-json", str(src), "--json", str(js), "--plot", str(png)])
+    res = json.loads(js.read_text())
+    assert res["args"] == args and res["rounds"] == rounds and res["cores"] == 2
+    row = next(r for r in res["summary"] if r["name"] == "hashemb RobeZ Z=16, float16"
+               and r["train"] == 0)
+    assert row["peer"] == "FBGEMM TBE (CPU), float16" and row["peer_ratio"] == 2.0033333333333334
+    assert png.stat().st_size > 5000
+    out = capsys.readouterr().out
+    assert "Criteo Kaggle shape x0.001: 26 tables" in out and "2 cores; 2 round(s)" in out
+    assert "| hashemb RobeZ Z=16, float16 | 300 | 6.01x | 6.00 - 6.02 | 1 | 2.00x (2.00 - 2.01) |" \
+        in out
