@@ -203,7 +203,13 @@ def test_own_model_example(tmp_path, monkeypatch):
     for r in res:
         assert len(r["aucs"]) == 2 and all(0.4 < a <= 1 for a in r["aucs"])
         assert r["same_after_load"]
-    # 100x and 1000x fewer floats; the fused Adagrad keeps one accumulator per float
+    # 100x and 1000x fewer floats; the memory counts weights and Adagrad
+    # state alike: hashemb's fused accumulator and torch's state_sum (the
+    # full tables' was left out), one float per weight
+    from hashemb.data import SyntheticCriteo
+    full = sum(SyntheticCriteo(scale=0.001).cardinalities) * 16 * 4
+    assert res[0]["memory_mb"] == pytest.approx(2 * full / 2 ** 20, rel=1e-4)
+    assert res[1]["memory_mb"] == pytest.approx(2 * full / 100 / 2 ** 20, rel=1e-3)
     assert res[0]["memory_mb"] > 40 * res[1]["memory_mb"]
     assert res[1]["memory_mb"] > 5 * res[2]["memory_mb"]
     assert out.stat().st_size > 10_000
@@ -331,3 +337,65 @@ def test_criteo_bags_summarises_a_saved_run_again(tmp_path, capsys):
     assert "Criteo Kaggle shape x0.001: 26 tables" in out and "2 cores; 2 round(s)" in out
     assert "| hashemb RobeZ Z=16, float16 | 300 | 6.01x | 6.00 - 6.02 | 1 | 2.00x (2.00 - 2.01) |" \
         in out
+
+
+EXAMPLES = {   # tiny settings, and a line each prints before it saves
+    "examples/float16_rounding.py": (["--steps", "40", "--tokens", "300"], "final loss"),
+    "examples/theory_variance.py": (["--n", "128", "--m", "64", "--seeds", "10"], "Theorem 2"),
+    "examples/own_model.py": (["--scale", "0.0005", "--samples", "1000", "--epochs", "1",
+                               "--batch", "512", "--no-progress"], "| ROBE-Z 1000x |"),
+}
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES))
+def test_examples_write_from_any_folder(path, tmp_path, monkeypatch, capsys):
+    """The default --out is the repository's docs/ wherever the example runs
+    (a docs/ relative to the current folder crashed at save time, after all
+    the work); an --out's folder is made; the results are printed before the
+    PNG is saved; the caller's matplotlib backend is left alone."""
+    matplotlib = pytest.importorskip("matplotlib")
+    pytest.importorskip("torch")
+    from matplotlib.figure import Figure
+    argv, printed = EXAMPLES[path]
+    before = matplotlib.get_backend()
+    try:
+        matplotlib.use("svg")
+        ns = run_example(path, [], monkeypatch)
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+    repo = Path(__file__).resolve().parents[1]
+    assert ns["DEFAULT_OUT"] == repo / "docs" / Path(path).with_suffix(".png").name
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    saved = []
+
+    def fail(self, fname, *a, **k):
+        saved.append(fname)
+        raise OSError("disk full")
+    monkeypatch.setattr(Figure, "savefig", fail)
+    with pytest.raises(OSError, match="disk full"):
+        ns["main"](argv + ["--out", "figs/deep/x.png"])
+    assert saved == ["figs/deep/x.png"] and (elsewhere / "figs" / "deep").is_dir()
+    assert printed in capsys.readouterr().out
+    # an --out that cannot be written: said before any work, naming the flag
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        ns["main"](argv + ["--out", str(tmp_path / "f" / "x.png")])
+    assert e.value.code == 2
+    assert "argument --out: cannot make the folder" in capsys.readouterr().err
+
+
+def test_float16_rounding_final_loss_is_after_the_last_step(monkeypatch):
+    # the loss was taken every 20 steps before the update: the "final" one
+    # was step steps-20's; the loss after step 40 of a 40-step run is the
+    # one taken at step 40 of a longer run (the same first 40 batches)
+    ns = run_example("examples/float16_rounding.py", [], monkeypatch)
+    assert ns["loss_steps"](40) == [0, 20, 40] and ns["loss_steps"](45) == [0, 20, 40, 45]
+    short = ns["regression"](40, 300, 64, 0.03)
+    long = ns["regression"](60, 300, 64, 0.03)
+    for name, _, _ in ns["KINDS"]:
+        assert len(short[name]) == 3 and len(long[name]) == 4
+        assert short[name][:3] == long[name][:3]
+        assert short[name][-1] < short[name][1]
