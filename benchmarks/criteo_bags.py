@@ -12,6 +12,8 @@ the peer: FBGEMM's for training, torch's for inference, where there is one).
     python benchmarks/criteo_bags.py --scale 0.01    # small tables, quick
     python benchmarks/criteo_bags.py --json docs/criteo_bags.json --plot docs/criteo_bags.png
     python benchmarks/criteo_bags.py --pooling 8      # multi-hot: bags of 8 indices
+    python benchmarks/criteo_bags.py --from-json docs/criteo_bags.json --plot c.png
+                        # a saved run's rounds summarised again by this code (no measuring)
 """
 import argparse
 import json
@@ -239,6 +241,10 @@ def main(argv=None):
     ap.add_argument("--plot", default="", help="write a PNG of throughput and memory here")
     ap.add_argument("--repeat", type=int, default=1,
                     help="rounds of every method (ratios are taken within a round)")
+    ap.add_argument("--from-json", default="",
+                    help="summarise a saved --json run's rounds with this code, print its "
+                         "tables and write --json (the saved run with the new summary) and "
+                         "--plot; nothing is measured, the saved run's settings are used")
     ap.add_argument("--_one", default="", help=argparse.SUPPRESS)
     ap.add_argument("--_train", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -247,6 +253,21 @@ def main(argv=None):
         B = args.train_batch if args._train else args.batch
         print(json.dumps(run_one(args._one, args, bool(args._train), B)))
         return
+
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        run = argparse.Namespace(**saved["args"])
+        results = summarise(saved["rounds"])
+        saved = {**saved, "summary": results}
+        report(results, run, saved.get("cores"))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(saved, f, indent=1)
+        if args.plot and results:
+            plot(results, run, title(run, saved.get("cores")), args.plot)
+            print(f"\nsaved {args.plot}")
+        return saved
 
     from tqdm import tqdm
     names, _ = make_methods(cardinalities(args.scale), args.compression, False)
@@ -271,15 +292,40 @@ def main(argv=None):
             continue
         rounds.append(dict(json.loads(res.stdout.strip().splitlines()[-1]), round=rnd))
     results = summarise(rounds)
+    cores = os.cpu_count()
+    report(results, args, cores)
+    saved = {"args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+             "cores": cores, "summary": results, "rounds": rounds}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(saved, f, indent=1)
+    if args.plot and results:
+        plot(results, args, title(args, cores), args.plot)
+        print(f"\nsaved {args.plot}")
+    return saved
 
+
+def _cores(cores):
+    return f"{cores} cores; " if cores else ""
+
+
+def title(args, cores):
+    """The plot's title: the shape, the compression, the machine's cores
+    (where known) and the rounds."""
     card = cardinalities(args.scale)
     bags = f"; {args.pooling} indices per bag" if args.pooling > 1 else ""
-    title = (f"Criteo Kaggle shape x{args.scale:g}: {len(card)} tables, {sum(card):,} rows, "
-             f"D={D}{bags}; {args.compression:g}x; {os.cpu_count()} cores; median of "
-             f"{args.repeat} round(s)")
+    return (f"Criteo Kaggle shape x{args.scale:g}: {len(card)} tables, {sum(card):,} rows, "
+            f"D={D}{bags}; {args.compression:g}x; {_cores(cores)}median of "
+            f"{args.repeat} round(s)")
+
+
+def report(results, args, cores):
+    """The run's header line and its markdown tables (inference, training)."""
+    card = cardinalities(args.scale)
+    bags = f"; {args.pooling} indices per bag" if args.pooling > 1 else ""
     print(f"\nCriteo Kaggle shape x{args.scale}: {len(card)} tables, {sum(card):,} rows, D={D}{bags}; "
           f"compressed array {int(sum(card) * D / args.compression):,} floats "
-          f"({args.compression:g}x); {os.cpu_count()} cores; {args.repeat} round(s), each "
+          f"({args.compression:g}x); {_cores(cores)}{args.repeat} round(s), each "
           f"method in its own process per round")
     for train in (0, 1):
         rows = [r for r in results if r["train"] == train]
@@ -302,13 +348,6 @@ def main(argv=None):
                     if r["peer"] else " |") if peers else ""
             print(f"| {r['name']} | {r['samples_per_s']:,.0f} | {r['ratio']:.2f}x | "
                   f"{r['ratio_min']:.2f} - {r['ratio_max']:.2f} | {r['peak_mb']:,.0f} |" + same)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-                       "summary": results, "rounds": rounds}, f, indent=1)
-    if args.plot and results:
-        plot(results, args, title, args.plot)
-        print(f"\nsaved {args.plot}")
 
 
 REFS = {0: "torch.nn.EmbeddingBag", 1: "FBGEMM TBE (CPU)"}
@@ -361,14 +400,16 @@ def summarise(rounds):
 def plot(results, args, title, path):
     """Median samples/s of every method for inference and training (bars, with
     the median within-round ratio to the reference and its min - max range),
-    and the peak memory a training step adds (log scale)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    and the peak memory a training step adds (log scale). Draws on a Figure
+    of its own (the caller's matplotlib backend is left alone)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     names = list(dict.fromkeys(r["name"] for r in results))
     y = np.arange(len(names))
     color = ["tab:blue" if n.startswith("hashemb") else "tab:gray" for n in names]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 0.5 * len(names) + 1.9), sharey=True)
+    fig = Figure(figsize=(14, 0.5 * len(names) + 1.9))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3, sharey=True)
     for ax, train in zip(axes, (0, 1)):
         got = {r["name"]: r for r in results if r["train"] == train}
         vals = [got[n]["samples_per_s"] if n in got else 0.0 for n in names]
@@ -404,7 +445,8 @@ def plot(results, args, title, path):
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
+
 
 if __name__ == "__main__":
     main()

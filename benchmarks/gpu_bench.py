@@ -294,34 +294,53 @@ def main(argv=None):
 
 def plot(run, path):
     """Samples/s of every method, forward and training step, one panel per
-    (D, batch), each bar labelled with its ratio to torch in the same run."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    (D, batch), each bar labelled with its ratio to torch in the same run
+    (unlabelled where torch's row of that shape failed). A shape whose every
+    row failed is left out (said); with none left nothing is written.
+    Draws on a Figure of its own (the caller's matplotlib backend is left
+    alone); returns it, or None."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     res = run["results"]
-    shapes = list(dict.fromkeys((r["D"], r["batch"]) for r in res))
-    fig, axes = plt.subplots(len(shapes), 2, figsize=(12, 3.2 * len(shapes)), squeeze=False)
+    shapes = []
+    for D, B in dict.fromkeys((r["D"], r["batch"]) for r in res):
+        rows = [r for r in res if (r["D"], r["batch"]) == (D, B)]
+        if any(f"{kind}_s" in r for r in rows for kind in ("fwd", "train")):
+            shapes.append((D, B))
+        else:
+            print(f"D={D}, batch {B}: no row to plot ({sum('error' in r for r in rows)} failed)")
+    if not shapes:
+        print(f"no measured row in the run: {path} not written")
+        return None
+    fig = Figure(figsize=(12, 3.2 * len(shapes)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(shapes), 2, squeeze=False)
     for row, (D, B) in zip(axes, shapes):
         for ax, kind, what in zip(row, ("fwd", "train"),
                                   ("forward", "training step (fwd + bwd + SGD)")):
+            ax.set_title(f"{what}, D={D}, batch {B}", fontsize=9)
             got = [r for r in res if (r["D"], r["batch"]) == (D, B) and f"{kind}_s" in r]
+            if not got:
+                ax.set_axis_off()
+                continue
             names = [r["method"] for r in got]
             vals = [r[f"{kind}_samples_per_s"] / 1e6 for r in got]
             y = np.arange(len(got))
             ax.barh(y, vals, color=["tab:gray" if n.startswith("torch") else "tab:blue"
                                     for n in names])
             for i, r in enumerate(got):
-                ax.text(vals[i], i, f" {r[f'{kind}_x_torch']:.2f}x", va="center", fontsize=7)
+                x = r.get(f"{kind}_x_torch")
+                if x is not None:
+                    ax.text(vals[i], i, f" {x:.2f}x", va="center", fontsize=7)
             ax.set_yticks(y, names, fontsize=7)
             ax.invert_yaxis()
             ax.set_xlim(0, max(vals) * 1.25)
             ax.set_xlabel("million samples/s (ratio to torch.nn.EmbeddingBag)", fontsize=8)
-            ax.set_title(f"{what}, D={D}, batch {B}", fontsize=9)
             ax.grid(axis="x", alpha=0.3)
     fig.suptitle(f"Criteo shape, 26 tables: {run.get('device', '')}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 if __name__ == "__main__":

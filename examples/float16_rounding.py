@@ -8,18 +8,21 @@ with a float32 array, and float16 and bfloat16 ones rounded stochastically
 Left: 64 weights at 1.0 take SGD steps of a fifth of float16's spacing
 just below 1 (a 39th of bfloat16's). Right: a ROBE-Z array (10x) learns one target vector per token
 (squared error) at a learning rate whose steps are mostly below half a
-spacing, its loss taken over every token each 20 steps. Writes a two-panel PNG (default docs/float16_rounding.png) and
-prints the final figures that README.md quotes.
+spacing, its loss taken over every token each 20 steps and after the last.
+Prints the final figures that README.md quotes and writes a two-panel PNG
+(default: docs/float16_rounding.png of this repository, from any folder).
 """
 import argparse
+from pathlib import Path
 
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
 
-import hashemb as he  # noqa: E402
+import hashemb as he
+
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "float16_rounding.png"
 
 try:
     from ml_dtypes import bfloat16
@@ -48,9 +51,16 @@ def drift(steps, step=1e-4):
     return out
 
 
+def loss_steps(steps, every=20):
+    """The steps after which :func:`regression` takes its losses: 0, every
+    ``every`` steps, and ``steps`` (after the last update)."""
+    return list(range(0, steps, every)) + [steps]
+
+
 def regression(steps, tokens, batch, lr, every=20, seed=0):
     """Squared error of E(x) against a fixed target per token, over every
-    token, each ``every`` SGD steps on random batches."""
+    token, after each of :func:`loss_steps` SGD steps on random batches (the
+    last: after every update)."""
     D = 16
     robe = he.RobeZ(tokens * D // 10, D, block=D, seed=seed)
     rng = np.random.default_rng(seed)
@@ -61,15 +71,31 @@ def regression(steps, tokens, batch, lr, every=20, seed=0):
     for name, dtype, sr in tqdm(KINDS, desc="regression", unit="kind"):
         W = robe.init_weight(seed=seed, dtype=dtype)
         opt = he.SGD(lr, stochastic_rounding=sr, seed=seed)
+        def loss():
+            err = he.embedding_bags(every_token, W, scheme=robe, num_tables=1) - target
+            return float(0.5 * (err.astype(np.float64) ** 2).sum(1).mean())
         losses = []
         for step, x in enumerate(batches):
             if step % every == 0:
-                err = he.embedding_bags(every_token, W, scheme=robe, num_tables=1) - target
-                losses.append(float(0.5 * (err.astype(np.float64) ** 2).sum(1).mean()))
+                losses.append(loss())
             err = he.embedding_bags(x, W, scheme=robe, num_tables=1) - target[x[:, 0]]
             he.embedding_bags_backward(err / batch, x, scheme=robe, num_tables=1, weight=W,
                                        optimizer=opt)
+        losses.append(loss())       # after the last update: the final loss
         out[name] = losses
+    return out
+
+
+def out_path(parser, out):
+    """``out`` with its folder made now, before any work (a path that cannot
+    be written is said here, naming --out, not after the run)."""
+    folder = Path(out).parent
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(0, f"{str(folder)!r} is a file, not a folder")
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        parser.error(f"argument --out: cannot make the folder of {str(out)!r}: {e.strerror or e}")
     return out
 
 
@@ -79,16 +105,22 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=5_000)
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--lr", type=float, default=0.03)
-    ap.add_argument("--out", default="docs/float16_rounding.png")
+    ap.add_argument("--out", default=str(DEFAULT_OUT), help="the PNG (default: %(default)s)")
     args = ap.parse_args(argv)
+    out_path(ap, args.out)
     d = drift(min(args.steps, 400))
     r = regression(args.steps, args.tokens, args.batch, args.lr)
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    print(f"{'kind':<22} {'mean weight after drift':>24} {'start loss':>11} {'final loss':>11}")
+    for name, _, _ in KINDS:
+        print(f"{name:<22} {d[name][-1]:>24.5f} {r[name][0]:>11.5f} {r[name][-1]:>11.5f}")
+    fig = Figure(figsize=(11, 4))
+    FigureCanvasAgg(fig)
+    a, b = fig.subplots(1, 2)
     for name, _, _ in KINDS:
         ls = "--" if "stoch" in name else "-"
         color = {"float32": "k", "float16": "tab:blue", "bfloat16": "tab:orange"}[name.split(",")[0]]
         a.plot(np.arange(1, len(d[name]) + 1), d[name], label=name, ls=ls, color=color)
-        b.plot(np.arange(len(r[name])) * 20, r[name], label=name, ls=ls, color=color)
+        b.plot(loss_steps(args.steps), r[name], label=name, ls=ls, color=color)
     a.set(title="64 weights from 1.0, SGD steps of 1e-4\n(spacing just below 1: float16 "
                 "2^-11 = 4.9e-4, bfloat16 2^-8 = 3.9e-3)",
           xlabel="step", ylabel="mean weight")
@@ -98,9 +130,6 @@ def main(argv=None):
     b.legend()
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
-    print(f"{'kind':<22} {'mean weight after drift':>24} {'start loss':>11} {'final loss':>11}")
-    for name, _, _ in KINDS:
-        print(f"{name:<22} {d[name][-1]:>24.5f} {r[name][0]:>11.5f} {r[name][-1]:>11.5f}")
     print(f"saved {args.out}")
     return d, r
 

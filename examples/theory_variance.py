@@ -4,18 +4,20 @@ and Theorem 2's bias, on hashemb's own hash.
     python examples/theory_variance.py                 # 2000 seeds, ~15 s on 2 cores
     python examples/theory_variance.py --seeds 200 --out /tmp/t.png
 
-Writes a two-panel PNG (default docs/theory_variance.png) and prints the table
-that README.md quotes.
+Prints the table that README.md quotes and writes a two-panel PNG (default:
+docs/theory_variance.png of this repository, from any folder).
 """
 import argparse
+from pathlib import Path
 
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
 
-from hashemb import theory  # noqa: E402
+from hashemb import theory
+
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "theory_variance.png"
 
 ZS = [1, 2, 4, 8, 16, 32, 64]
 
@@ -54,7 +56,9 @@ def theorem2(seeds, rng):
 
 
 def plot(t1, t2, n, m, seeds, path):
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.6))
+    fig = Figure(figsize=(12, 4.6))
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
     colors = {"gaussian": "C0", "pareto": "C1", "zipf": "C4", "all-ones": "C2"}
     for fam, c in colors.items():
         r = [row for row in t1 if row["family"] == fam and row["signs"] == "cubic"]
@@ -88,13 +92,27 @@ def plot(t1, t2, n, m, seeds, path):
     fig.savefig(path, dpi=110)
 
 
+def out_path(parser, out):
+    """``out`` with its folder made now, before any work (a path that cannot
+    be written is said here, naming --out, not after the run)."""
+    folder = Path(out).parent
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(0, f"{str(folder)!r} is a file, not a folder")
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        parser.error(f"argument --out: cannot make the folder of {str(out)!r}: {e.strerror or e}")
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=4096, help="vector length")
     ap.add_argument("--m", type=int, default=512, help="array size")
     ap.add_argument("--seeds", type=int, default=2000, help="hash seeds per point")
-    ap.add_argument("--out", default="docs/theory_variance.png")
+    ap.add_argument("--out", default=str(DEFAULT_OUT), help="the PNG (default: %(default)s)")
     args = ap.parse_args(argv)
+    out_path(ap, args.out)
     rng = np.random.default_rng(2026)
     t1 = theorem1(args.n, args.m, args.seeds)
     t2 = theorem2(4 * args.seeds, rng)      # the bias is small: 4x the seeds

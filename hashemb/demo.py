@@ -7,6 +7,7 @@ trick on the same data, print one table and plot AUC against compression.
 """
 import argparse
 import json
+import math
 import os
 import time
 
@@ -108,17 +109,31 @@ def load(args):
         cut = len(b.labels) - args.test_samples
         tr = Batch(b.dense[:cut], cats[:cut], b.labels[:cut], None)
         te = Batch(b.dense[cut:], cats[cut:], b.labels[cut:], None)
+        _check_both_classes(te.labels, "--test-samples", "the last rows read")
         desc = f"Criteo TSV {args.data}: {cut} train, {len(te.labels)} test{bad}"
         return tr, te, card, None, desc
     if args.dataset == "movielens":
         tr, te, card = load_movielens(seed=args.seed)
+        _check_both_classes(te.labels, "--dataset movielens", "its fixed 80/20 split")
         return tr, te, card, None, "MovieLens-100k (rating >= 4), 80/20 split"
     gen = SyntheticCriteo(scale=args.scale, seed=args.seed)
     tr = gen.sample(0, args.train_samples, "train")
     te = gen.sample(0, args.test_samples, "test")
+    _check_both_classes(te.labels, "--test-samples", "drawn with --seed")
     desc = (f"synthetic Criteo-shaped data, scale {args.scale} ({sum(gen.cardinalities):,} "
             f"rows), {args.train_samples:,} train / {args.test_samples:,} test samples")
     return tr, te, gen.cardinalities, auc(te.labels, te.prob), desc
+
+
+def _check_both_classes(labels, flag, what):
+    """The test AUC (and the oracle's) needs both labels among the test rows:
+    said before any training, naming the flag that sizes the split."""
+    y = np.asarray(labels)
+    if len(y) and y.min() == y.max():
+        hint = " (raise --test-samples)" if flag == "--test-samples" else ""
+        rows = f"{len(y):,} rows are" if len(y) > 1 else "1 row is"
+        raise SystemExit(f"{flag}: the test split's {rows} all label {int(y[0])} ({what}): "
+                         f"the AUC needs both classes{hint}")
 
 
 def fused_optimizers(args):
@@ -197,28 +212,95 @@ def _table(rows, oracle):
     return "\n".join(lines)
 
 
+def _finite(x):
+    """A finite number (not None, NaN or infinite)."""
+    try:
+        return math.isfinite(x)
+    except TypeError:
+        return False
+
+
 def plot(rows, full, oracle, path, title):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    """Test AUC against the achieved compression (each row's
+    ``compression``: full-table floats / floats kept) of every compressed
+    method, the full table's and the oracle's AUC as lines. A non-finite
+    point (a diverged model) is left out; the axis is logarithmic only when
+    some point is left; nothing is drawn without a finite point or full
+    table's AUC (the oracle's line alone is no result). Draws on a Figure
+    of its own (the caller's matplotlib backend and pyplot figures are left
+    alone) and saves it as a PNG to ``path`` (a name or a binary file).
+    Returns the Figure, or None when nothing was left to draw (nothing is
+    written then)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(6.4, 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    points = False
     for m in ("robez", "hashednet", "hashing_trick", "lsh", "lma", "tt"):
-        pts = sorted((r["nominal"], r["auc"]) for r in rows if r["method"] == m)
+        pts = sorted((r["compression"], r["auc"]) for r in rows if r["method"] == m
+                     and _finite(r["compression"]) and r["compression"] > 0
+                     and _finite(r["auc"]))
         if pts:
             ax.plot(*zip(*pts), marker="o", label=NAMES[m])
-    if full is not None:
+            points = True
+    line = full is not None and _finite(full["auc"])
+    if not (points or line):        # (the oracle alone is no result)
+        return None
+    if line:
         ax.axhline(full["auc"], color="k", ls="--", label="full table")
-    if oracle is not None:
+    if oracle is not None and _finite(oracle):
         ax.axhline(oracle, color="gray", ls=":", label="oracle")
-    ax.set_xscale("log")
+    if points:
+        ax.set_xscale("log")
     ax.set_xlabel("compression (full-table floats / floats kept)")
     ax.set_ylabel("test AUC")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.savefig(path, dpi=120, format="png")
+    return fig
+
+
+def _json_safe(x):
+    """``x`` with every non-finite float as None (JSON has no NaN)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def save_results(out, record, rows, full, oracle, title):
+    """results.json (non-finite numbers as null) and auc_vs_compression.png
+    in ``out``: each is written to a temporary name first and moved over the
+    previous one only when both are written, so a failed save leaves the
+    previous pair, and a run with nothing finite to plot removes the
+    previous PNG rather than leave it beside the new JSON. Returns the
+    PNG's path, or None when there was nothing to plot."""
+    js = os.path.join(out, "results.json")
+    png = os.path.join(out, "auc_vs_compression.png")
+    tmp_js, tmp_png = (os.path.join(out, f".{name}.{os.getpid()}.tmp") for name in
+                       ("results.json", "auc_vs_compression.png"))
+    try:
+        with open(tmp_js, "w") as f:
+            json.dump(_json_safe(record), f, indent=1, allow_nan=False)
+        with open(tmp_png, "wb") as f:
+            drawn = plot(rows, full, oracle, f, title) is not None
+        os.replace(tmp_js, js)
+        if drawn:
+            os.replace(tmp_png, png)
+        elif os.path.exists(png):
+            os.remove(png)
+            print(f"removed the previous {png} (it was not this run's)")
+    finally:
+        for t in (tmp_js, tmp_png):
+            if os.path.exists(t):
+                os.remove(t)
+    return png if drawn else None
 
 
 def _check_device(name):
@@ -247,7 +329,8 @@ def _check_device(name):
 
 def _fill_data_flags(parser, args):
     """The data flags' defaults, after refusing one the data does not use
-    (MovieLens is its fixed 80/20 split; a TSV has its own rows)."""
+    (MovieLens is its fixed 80/20 split; a TSV has its own rows); a flag the
+    data does not use stays None."""
     given = {"--scale": args.scale, "--train-samples": args.train_samples,
              "--test-samples": args.test_samples}
     unused = (["--scale"] if args.data else [] if args.dataset == "synthetic" else list(given))
@@ -256,14 +339,34 @@ def _fill_data_flags(parser, args):
             what = "--data (the file's rows)" if args.data else \
                 "--dataset movielens (its fixed 80/20 split of 100,000 ratings)"
             parser.error(f"argument {flag}: not used with {what}")
-    args.scale = 0.01 if args.scale is None else args.scale
-    args.train_samples = args.train_samples or 250_000
-    args.test_samples = args.test_samples or 50_000
+    if "--scale" not in unused:
+        args.scale = 0.01 if args.scale is None else args.scale
+    if "--train-samples" not in unused:
+        args.train_samples = args.train_samples or 250_000
+        args.test_samples = args.test_samples or 50_000
 
 
-def main(argv=None):
-    parser = _parser()
-    args = parser.parse_args(argv)
+def _check_out(parser, out):
+    """--out: made (with its parents) and written to before any work, so a
+    path under a regular file or a read-only folder is said now, not after
+    the training."""
+    try:
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise NotADirectoryError(0, "it is a file, not a folder")
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write-check.{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        parser.error(f"argument --out: cannot write the results into {out!r}: "
+                     f"{e.strerror or e}")
+
+
+def _resolve(parser, args):
+    """Checks the flags that need no data or torch, fills the defaults that
+    depend on the data and the optimizer into ``args`` and returns the
+    run's other settings: dict(methods, compression, sweep, epochs_c)."""
     # the model's embedding width is 16: ROBE-Z runs of a divisor or a multiple
     # of it, SCMA / LMA runs of a divisor (said here, not by a traceback later)
     if 16 % args.block and args.block % 16:
@@ -274,18 +377,6 @@ def main(argv=None):
     if args.data and (not os.path.exists(args.data) or os.path.isdir(args.data)):
         parser.error(f"argument --data: no such file: {args.data!r}")
     _fill_data_flags(parser, args)
-    import torch
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.device = _check_device(args.device)
-    movielens = args.dataset == "movielens" and not args.data
-    compression = args.compression or (10.0 if movielens else 1000.0)
-    args.optimizer = args.optimizer or ("adagrad" if movielens else "sgd")
-    args.epochs = args.epochs or (4 if movielens else 2)
-    args.batch_size = args.batch_size or (256 if movielens else 2048)
-    args.lr = args.lr or (0.5 if args.optimizer == "sgd" else 0.05)
-    sweep = args.sweep if args.sweep is not None else ([10.0, 100.0] if movielens
-                                                       else [10.0, 100.0, 1000.0])
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         parser.error(f"argument --methods: expected at least one of {', '.join(NAMES)}, "
@@ -293,7 +384,58 @@ def main(argv=None):
     for m in methods:
         if m not in NAMES:
             raise SystemExit(f"--methods: expected names from {sorted(NAMES)}, got {m!r}")
-    epochs_c = args.compressed_epochs or 2 * args.epochs
+    movielens = args.dataset == "movielens" and not args.data
+    args.optimizer = args.optimizer or ("adagrad" if movielens else "sgd")
+    args.epochs = args.epochs or (4 if movielens else 2)
+    args.batch_size = args.batch_size or (256 if movielens else 2048)
+    args.lr = args.lr or (0.5 if args.optimizer == "sgd" else 0.05)
+    return dict(methods=methods,
+                compression=args.compression or (10.0 if movielens else 1000.0),
+                sweep=args.sweep if args.sweep is not None else (
+                    [10.0, 100.0] if movielens else [10.0, 100.0, 1000.0]),
+                epochs_c=args.compressed_epochs or 2 * args.epochs)
+
+
+def _recorded_args(args, settings, num_train):
+    """The run's settings as results.json records them: the values used
+    (defaults resolved, the training rows the run had), None for a flag
+    that applies to nothing the run did."""
+    methods = settings["methods"]
+    compressed = any(m != "full" for m in methods)
+    minhash = any(m in ("lsh", "lma") for m in methods)
+    threads = args.threads
+    if threads is None:
+        import torch
+        threads = torch.get_num_threads()
+    rec = dict(vars(args))
+    rec.update(
+        dataset=None if args.data else args.dataset,
+        train_samples=None if args.train_samples is None else num_train,
+        methods=methods, threads=threads,
+        epochs=args.epochs if "full" in methods else None,
+        compression=settings["compression"] if compressed else None,
+        sweep=settings["sweep"] if compressed else None,
+        compressed_epochs=settings["epochs_c"] if compressed else None,
+        block=args.block if "robez" in methods else None,
+        lsh_block=(args.lsh_block or 16) if minhash else None,
+        num_hashes=args.num_hashes if minhash else None,
+        num_points=min(args.num_points, num_train) if minhash else None,
+        # the fused steps round only 16-bit arrays
+        rounding=args.rounding if args.weight_dtype != "float32" else None)
+    return rec
+
+
+def main(argv=None):
+    parser = _parser()
+    args = parser.parse_args(argv)
+    settings = _resolve(parser, args)
+    _check_out(parser, args.out)
+    methods, compression = settings["methods"], settings["compression"]
+    sweep, epochs_c = settings["sweep"], settings["epochs_c"]
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.device = _check_device(args.device)
     t0 = time.perf_counter()
     tr, te, card, oracle, desc = load(args)
     print(f"data: {desc}; CTR {tr.labels.mean():.3f}")
@@ -313,11 +455,18 @@ def main(argv=None):
     if len(rows) > len(main_rows):
         print("\nAUC vs compression:")
         print(_table([r for r in rows if r not in main_rows], None))
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"data": desc, "oracle_auc": oracle, "args": vars(args), "rows": rows}, f,
-                  indent=1)
-    png = os.path.join(args.out, "auc_vs_compression.png")
-    plot(rows, full, oracle, png, desc)
-    print(f"\nsaved {png} and results.json ({time.perf_counter() - t0:.0f} s in all)")
+    bad = [r for r in rows if not _finite(r["auc"])]
+    if bad:
+        print("\nleft out of the plot: " + ", ".join(
+            r["method"] if r["method"] == "full" else f"{r['method']} {r['nominal']:g}x"
+            for r in bad) + " (non-finite AUC: diverged; null in results.json)")
+    record = {"data": desc, "oracle_auc": oracle,
+              "args": _recorded_args(args, settings, len(tr.labels)), "rows": rows}
+    png = save_results(args.out, record, rows, full, oracle, desc)
+    took = f"({time.perf_counter() - t0:.0f} s in all)"
+    if png:
+        print(f"\nsaved {png} and results.json {took}")
+    else:
+        print(f"\nno finite AUC to plot: saved {os.path.join(args.out, 'results.json')} only "
+              f"{took}")
     return rows

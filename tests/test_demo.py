@@ -214,3 +214,178 @@ def test_demo_rounding_reaches_every_fused_optimizer(rounding):
     args = demo._parser().parse_args(["--optimizer", "sgd", "--lr", "0.5"])
     fused, full = demo.fused_optimizers(args)
     assert isinstance(fused, he.SGD) and full is None
+
+
+def _strict_json(path):
+    """The file parsed as strict JSON (a bare NaN or Infinity is an error)."""
+    def refuse(name):
+        raise ValueError(f"{path}: not JSON: {name}")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_demo_plot_draws_the_achieved_compression(tmp_path, monkeypatch):
+    # the x axis says "full-table floats / floats kept": the measured ratio,
+    # not the requested one (LSH / TT runs miss it by a lot)
+    from matplotlib.axes import Axes
+    from hashemb import demo
+    drawn, plot = {}, Axes.plot
+
+    def spy(self, *a, **k):
+        drawn[k.get("label")] = list(a[0])
+        return plot(self, *a, **k)
+    monkeypatch.setattr(Axes, "plot", spy)
+    rows = [dict(method="robez", nominal=10.0, compression=12.5, auc=0.7),
+            dict(method="robez", nominal=100.0, compression=80.0, auc=0.68),
+            dict(method="tt", nominal=10.0, compression=31.0, auc=0.69)]
+    demo.plot(rows, None, None, str(tmp_path / "p.png"), "t")
+    assert drawn == {"RobeZ": [12.5, 80.0], "TT-Rec": [31.0]}
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_demo_plot_leaves_the_callers_backend_alone(tmp_path):
+    # a library function: matplotlib.use("Agg") in it switched the caller's
+    # backend (and it drew through pyplot's global figure list)
+    matplotlib = pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+    from hashemb import demo
+    before = matplotlib.get_backend()
+    try:
+        matplotlib.use("svg")
+        figs = plt.get_fignums()
+        demo.plot([dict(method="robez", nominal=10.0, compression=10.0, auc=0.7)],
+                  dict(auc=0.72), 0.8, str(tmp_path / "p.png"), "t")
+        assert matplotlib.get_backend() == "svg" and plt.get_fignums() == figs
+    finally:
+        matplotlib.use(before)
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_demo_plot_leaves_out_non_finite_points(tmp_path):
+    from hashemb import demo
+    nan = float("nan")
+    rows = [dict(method="robez", nominal=10.0, compression=10.0, auc=nan),
+            dict(method="robez", nominal=100.0, compression=100.0, auc=0.7)]
+    fig = demo.plot(rows, dict(auc=nan), None, str(tmp_path / "a.png"), "t")
+    ax = fig.axes[0]
+    assert [list(line.get_xdata()) for line in ax.lines] == [[100.0]]
+    assert ax.get_xscale() == "log"
+    # only the full table's line: drawn on a linear axis (no log of nothing)
+    fig = demo.plot(rows[:1], dict(auc=0.7), None, str(tmp_path / "b.png"), "t")
+    assert fig.axes[0].get_xscale() == "linear" and (tmp_path / "b.png").exists()
+    # no finite model AUC (the oracle's line alone is no result): no figure, no file
+    assert demo.plot(rows[:1], dict(auc=nan), 0.8, str(tmp_path / "c.png"), "t") is None
+    assert not (tmp_path / "c.png").exists()
+
+
+def test_demo_every_model_diverged(tmp_path, capsys):
+    """--lr 1e6: every AUC is NaN. The JSON says null (strict JSON), no PNG is
+    drawn (a log axis of nothing crashed tight_layout after all the
+    training), and the previous run's PNG is not left beside the new JSON."""
+    (tmp_path / "auc_vs_compression.png").write_bytes(b"an older run's plot")
+    (tmp_path / "results.json").write_text("{}")
+    assert main(["demo", "--scale", "0.0005", "--sweep", "", "--methods", "full,robez",
+                 "--lr", "1e6", "--out", str(tmp_path)] + TINY) == 0
+    res = _strict_json(tmp_path / "results.json")
+    assert [r["auc"] for r in res["rows"]] == [None, None]
+    assert not (tmp_path / "auc_vs_compression.png").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]     # no temporaries
+    out = capsys.readouterr().out
+    assert "left out of the plot: full, robez 1000x (non-finite AUC: diverged" in out
+    assert "no finite AUC to plot" in out and "removed the previous" in out
+
+
+def test_demo_results_are_replaced_together(tmp_path, monkeypatch):
+    # both files are written to temporary names, then moved over the old
+    # ones: a plot that fails leaves the previous pair as it was
+    from hashemb import demo
+    (tmp_path / "results.json").write_text('{"old": 1}')
+    (tmp_path / "auc_vs_compression.png").write_bytes(b"old")
+
+    def broken(*a, **k):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(demo, "plot", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        main(["demo", "--scale", "0.0005", "--sweep", "", "--methods", "robez",
+              "--out", str(tmp_path)] + TINY)
+    assert (tmp_path / "results.json").read_text() == '{"old": 1}'
+    assert (tmp_path / "auc_vs_compression.png").read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["auc_vs_compression.png",
+                                                          "results.json"]
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "a_file", "read_only"])
+def test_demo_checks_out_before_any_work(where, tmp_path, capsys, monkeypatch):
+    import os
+    from hashemb import demo
+    (tmp_path / "f").write_text("x")
+    out = {"under_a_file": tmp_path / "f" / "sub", "a_file": tmp_path / "f",
+           "read_only": tmp_path / "ro"}[where]
+    if where == "read_only":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into a read-only folder")
+        out.mkdir()
+        out.chmod(0o500)
+    monkeypatch.setattr(demo, "load", lambda args: pytest.fail("loaded data before --out"))
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--out", str(out)] + TINY)
+    assert e.value.code == 2
+    assert re.search(r"argument --out: cannot write the results into .*"
+                     r"(Not a directory|not a folder|Permission denied)", capsys.readouterr().err)
+
+
+def test_demo_records_the_settings_it_used(tmp_path):
+    # defaults resolved (compression, sweep, compressed epochs), None for the
+    # flags the run does not use (the minhash ones, --scale of a TSV, ...)
+    assert main(["demo", "--scale", "0.0005", "--sweep", "10", "--methods", "full,robez",
+                 "--out", str(tmp_path)] + TINY) == 0
+    a = _strict_json(tmp_path / "results.json")["args"]
+    assert (a["compression"], a["sweep"], a["compressed_epochs"], a["epochs"]) == (
+        1000.0, [10.0], 2, 1)
+    assert (a["dataset"], a["scale"], a["train_samples"], a["test_samples"]) == (
+        "synthetic", 0.0005, 3000, 1000)
+    assert (a["optimizer"], a["lr"], a["batch_size"], a["block"]) == ("sgd", 0.5, 512, 16)
+    assert a["methods"] == ["full", "robez"] and a["threads"] == 1
+    assert a["lsh_block"] is a["num_hashes"] is a["num_points"] is a["rounding"] is None
+
+
+def test_demo_records_movielens_without_the_synthetic_flags():
+    # MovieLens runs recorded --scale 0.01, 250000 / 50000 samples: flags
+    # _fill_data_flags filled in and the run never used
+    from hashemb import demo
+    p = demo._parser()
+    args = p.parse_args(["--dataset", "movielens", "--methods", "robez,lsh",
+                         "--weight-dtype", "float16"])
+    s = demo._resolve(p, args)
+    a = demo._recorded_args(args, s, num_train=80_000)
+    assert a["scale"] is a["train_samples"] is a["test_samples"] is None
+    assert (a["compression"], a["sweep"], a["compressed_epochs"], a["epochs"]) == (
+        10.0, [10.0, 100.0], 8, None)                     # no full model: no --epochs
+    assert (a["optimizer"], a["lr"], a["batch_size"]) == ("adagrad", 0.05, 256)
+    assert (a["lsh_block"], a["num_hashes"], a["num_points"]) == (16, 2, 80_000)
+    assert a["rounding"] == "stochastic" and a["block"] == 16
+    args = p.parse_args(["--data", __file__, "--methods", "full"])
+    a = demo._recorded_args(args, demo._resolve(p, args), num_train=10)
+    assert a["dataset"] is a["scale"] is a["compression"] is a["sweep"] is None
+    assert a["compressed_epochs"] is a["block"] is None and a["train_samples"] == 10
+
+
+@pytest.mark.parametrize("source", ["synthetic", "tsv"])
+def test_demo_refuses_a_test_split_of_one_class(source, tmp_path):
+    # the AUC needs both labels: synthetic data failed in the oracle AUC's
+    # traceback, a TSV after all the training
+    from hashemb import demo
+    argv = ["demo", "--sweep", "", "--methods", "robez", "--out", str(tmp_path)]
+    if source == "tsv":
+        b = SyntheticCriteo(scale=0.0005, seed=2).sample(0, 300)
+        labels = np.r_[b.labels[:200], np.zeros(100)]            # the last 100 all 0
+        lines = ["\t".join([str(int(labels[i]))] + [str(int(np.expm1(v))) for v in b.dense[i]]
+                           + [format(int(c) + 1, "x") for c in b.cats[i]])
+                 for i in range(300)]
+        (tmp_path / "t.tsv").write_text("\n".join(lines) + "\n")
+        argv += ["--data", str(tmp_path / "t.tsv"), "--test-samples", "100"]
+    else:
+        argv += ["--scale", "0.0005", "--test-samples", "1"]
+    with pytest.raises(SystemExit, match=r"^--test-samples: the test split's \d+ rows? "
+                                         r"(are|is) all label 0"):
+        main(argv + ["--train-samples", "300", "--no-progress", "--threads", "1"])
+    assert not (tmp_path / "results.json").exists()
