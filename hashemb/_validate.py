@@ -445,9 +445,10 @@ def index_error(indices, bad, sizes, name="indices"):
                       f"{sizes[t]}{where}, got {int(indices.reshape(-1)[bad])}")
 
 
-def check_bag_saved(saved, cls, scheme, table0, T, B, n, mode, device):
+def check_bag_saved(saved, cls, scheme, table0, T, B, n, mode, device, padding=None):
     """The starts of a BagSaved made by the forward of these inputs on this
-    backend (device: whether the other arrays are on the GPU), or None."""
+    backend (device: whether the other arrays are on the GPU; padding: the
+    padding token or None), or None."""
     if saved is None:
         return None
     if not isinstance(saved, cls):
@@ -456,6 +457,11 @@ def check_bag_saved(saved, cls, scheme, table0, T, B, n, mode, device):
         where = "the device" if device else "the host"
         raise TypeError(f"saved: expected a BagSaved of a forward on {where} (as the other "
                         f"arguments), got one from the other backend")
+    if saved.padding != padding:
+        # (the device keeps a padding entry's place and leaves its starts
+        # unwritten: a backward without the padding read them)
+        raise ValueError(f"saved: expected the forward of these inputs (padding token "
+                         f"{padding}), got one of padding token {saved.padding}")
     here = (scheme, table0, T, B, n, mode)
     there = (saved.scheme, saved.table0, saved.T, saved.B, saved.n, saved.mode)
     if any(a is not b and a != b for a, b in zip(here, there)):

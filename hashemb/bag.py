@@ -82,11 +82,12 @@ class BagSaved:
     True
     """
 
-    def __init__(self, starts, scheme, table0, T, B, n, mode, device):
+    def __init__(self, starts, scheme, table0, T, B, n, mode, device, padding=None):
         if not device and starts is not None:
             starts.flags.writeable = False
         self.starts, self.scheme, self.table0, self.T = starts, scheme, table0, T
         self.B, self.n, self.mode, self.device = B, n, mode, device
+        self.padding = padding          # the padding token, or None
 
     def __repr__(self):
         return (f"BagSaved({self.B} bags, {self.n} indices, tables {self.table0}.."
@@ -143,6 +144,7 @@ def _forward(indices, weight, offsets, scheme, table0, T, mode, per_sample_weigh
     b = V.bags(k, indices, offsets, per_sample_weights, scheme=scheme, mode=mode,
                dtype=dtype, table0=table0, num_tables=T,
                include_last_offset=include_last_offset, padding_idx=padding_idx)
+    padding = b.pad if b.has_pad else None
     b = _unpadded(k, b)
     w, hw, bf = _split(V.as_weight(weight, scheme, storage=True), dtype)
     out = np.empty((b.B, T * scheme.dim), dtype)
@@ -155,7 +157,7 @@ def _forward(indices, weight, offsets, scheme, table0, T, mode, per_sample_weigh
     if not return_saved:
         return out
     return out, BagSaved(starts if keep else None, scheme, table0, T, b.B, b.idx.shape[0],
-                         b.mode, False)
+                         b.mode, False, padding)
 
 
 def _backward(grad_output, indices, offsets, scheme, table0, T, mode, per_sample_weights,
@@ -177,10 +179,11 @@ def _backward(grad_output, indices, offsets, scheme, table0, T, mode, per_sample
     b = V.bags(k, indices, offsets, per_sample_weights, scheme=scheme, mode=mode,
                dtype=dtype, table0=table0, num_tables=T,
                include_last_offset=include_last_offset, padding_idx=padding_idx)
+    padding = b.pad if b.has_pad else None
     b = _unpadded(k, b)
     g = V.as_grad(grad_output, (b.B, T * scheme.dim), dtype)
     starts = V.check_bag_saved(saved, BagSaved, scheme, table0, T, b.B, b.idx.shape[0],
-                               b.mode, False)
+                               b.mode, False, padding)
     starts = np.empty(0, np.uint64) if starts is None else starts
     if weight is None:
         w = np.empty(0, dtype)

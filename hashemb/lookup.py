@@ -98,7 +98,9 @@ def embedding(indices, weight):
     array([[[ 9., 10., 11.],
             [ 0.,  1.,  2.]]], dtype=float32)
     """
-    if not on_gpu(indices=indices, weight=weight):
+    if on_gpu(indices=indices, weight=weight):
+        V.storage_dtype(weight.dtype)
+    else:
         V.weight_dtype(weight)
     if weight.ndim != 2 or 0 in weight.shape:
         raise ValueError(f"weight: expected shape (num_embeddings, dim), both >= 1, "
@@ -224,11 +226,11 @@ def embedding_backward(grad_output, indices, num_embeddings, deterministic=None)
     num_embeddings = V.check_positive_int(num_embeddings, "num_embeddings", upper=1 << 61)
     deterministic = V.check_deterministic(deterministic)
     if on_gpu(grad_output=grad_output, indices=indices):
-        _check_row_grad(grad_output.shape)
         from ._gpu import embed as G
-        out = G.scatter(grad_output, indices, _layout(num_embeddings, grad_output.shape[-1]),
-                        True, deterministic)
-        return out.reshape(-1, grad_output.shape[-1])
+        g = G.as_grad(grad_output)
+        _check_row_grad(g.shape)
+        out = G.scatter(g, indices, _layout(num_embeddings, g.shape[-1]), True, deterministic)
+        return out.reshape(-1, g.shape[-1])
     g = V.as_float(grad_output, "grad_output")
     _check_row_grad(g.shape)
     out = _multi_backward(g, indices, num_embeddings, g.shape[-1], single=True)
@@ -281,7 +283,8 @@ def multi_embedding_backward(grad_output, indices, sizes, dims, deterministic=No
     deterministic = V.check_deterministic(deterministic)
     if on_gpu(grad_output=grad_output, indices=indices):
         from ._gpu import embed as G
-        return G.scatter(grad_output, indices, _layout(sizes, dims), False, deterministic)
+        g = G.as_grad(grad_output)
+        return G.scatter(g, indices, _layout(sizes, dims), False, deterministic)
     g = V.as_float(grad_output, "grad_output")
     return _multi_backward(g, indices, sizes, dims, single=False)
 

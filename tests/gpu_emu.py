@@ -212,3 +212,9 @@ class Device:
             np.testing.assert_allclose(got, want, rtol=0, atol=np.finfo(np.float32).tiny)
         else:
             np.testing.assert_array_equal(got, want)
+            want = np.asarray(want)
+            if want.dtype.kind == "f":
+                # and zeros of the same sign (equal as numbers: a sum of -0
+                # terms was -0 on the device, +0 on the CPU)
+                zero = want == 0
+                np.testing.assert_array_equal(np.signbit(got[zero]), np.signbit(want[zero]))

@@ -1708,3 +1708,103 @@ def test_pickled_hash_leaves_its_device_coefficients_behind():
     assert "_gpu_coef" not in h2.__dict__ and h2.seed == 5
     np.testing.assert_array_equal(GS.universal_hash(h2, keys, 97, be=be), want)
     np.testing.assert_array_equal(h2(keys, 97), want)
+
+
+class _Stand(np.ndarray):
+    """What the dispatcher takes for a CuPy array: a host array the emulator
+    reads, so that the public functions' own checks (their order included)
+    run as they do for CuPy arrays."""
+
+
+_Stand.__module__ = "cupy"
+
+
+@pytest.fixture
+def public_emu(monkeypatch):
+    """The public functions' GPU branch on the emulator: (put, get)."""
+    monkeypatch.setattr(RT, "_backend", gpu_emu.emu_backend())
+    return (lambda a: None if a is None else np.array(a, copy=True).view(_Stand),
+            lambda a: np.asarray(a).view(np.ndarray))
+
+
+def _same_public_error(call, put):
+    """The GPU branch raises what the CPU raises: type and message."""
+    with pytest.raises(Exception) as want:
+        call(lambda a: a)
+    with pytest.raises(Exception) as got:
+        call(put)
+    msg = re.sub(r"\b(numpy|cupy)\.(ndarray|_Stand) of", "array of", str(got.value))
+    assert (type(got.value), msg) == (type(want.value), str(want.value))
+
+
+def test_sums_of_negative_zeros_are_positive_zero_as_on_the_cpu(public_emu):
+    """The CPU's sums start from +0 (a lone unweighted entry is copied): the
+    device's started from the first term, so a bag of -0 terms (a zero table
+    and negative weights) was -0 there and +0 here."""
+    put, get = public_emu
+    robe = he.RobeZ(64, 4, block=4)
+    for rows in (True, False):
+        GB_rows = GB.ROWS
+        GB.ROWS = rows
+        try:
+            for M in (np.full(64, -0.0, np.float32), np.full(64, -0.0, np.float64)):
+                for x, off, mode, psw in ((np.array([1, 2]), np.array([0]), "sum", None),
+                                          (np.array([1, 2]), np.array([0]), "mean", None),
+                                          (np.array([1]), np.array([0]), "sum",
+                                           np.ones(1, M.dtype)),
+                                          (np.array([1]), np.array([0]), "sum", None),
+                                          (np.array([1, 2]), np.array([0, 1]), "sum",
+                                           -np.ones(2, M.dtype))):
+                    want = he.embedding_bag(x, M, off, scheme=robe, mode=mode,
+                                            per_sample_weights=psw)
+                    got = get(he.embedding_bag(put(x), put(M), put(off), scheme=robe, mode=mode,
+                                               per_sample_weights=put(psw)))
+                    np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
+        finally:
+            GB.ROWS = GB_rows
+
+
+def test_errors_of_two_faults_are_the_cpus(public_emu):
+    """Where two checks fail, the GPU branch names what the CPU names: bad
+    offsets before a bad padding_idx; a plain lookup's weight dtype before
+    its shape; a backward's grad_output dtype before its width or dims,
+    and its shape before the indices' values."""
+    put, _ = public_emu
+    full = he.FullTable([5], 4)
+    W = full.init_weight()
+    for pad in (9, True, 1.5, "3"):
+        _same_public_error(lambda P: he.embedding_bag(P(np.array([1, 2, 3])), P(W),
+                                               P(np.array([0, 2, 1])), scheme=full,
+                                               padding_idx=pad), put)
+        _same_public_error(lambda P: he.embedding_bag_backward(
+            P(np.ones((3, 4), np.float32)), P(np.array([1, 2, 3])), P(np.array([0, 2, 1])),
+            scheme=full, padding_idx=pad), put)
+    for W in (np.zeros(8, np.float16), np.zeros((0, 4), np.int32)):
+        _same_public_error(lambda P: he.embedding(P(np.array([1])), P(W)), put)
+    _same_public_error(lambda P: he.embedding_backward(P(np.ones((3, 0), np.int64)),
+                                                P(np.array([1, 1, 0])), 3), put)
+    _same_public_error(lambda P: he.embedding_backward(P(np.ones(7, np.float32)),
+                                                P(np.array([[0, 9]])), 5), put)
+    _same_public_error(lambda P: he.multi_embedding_backward(P(np.ones((1, 4), np.float32)),
+                                                      P(np.array([[0, 9]])), [5, 5], [2, 3]),
+                put)
+    _same_public_error(lambda P: he.multi_embedding_backward(P(np.ones((1, 4), np.int64)),
+                                                      P(np.array([[0, 1]])), [5, 5], [2]), put)
+
+
+def test_saved_of_a_padded_forward_names_its_padding(public_emu):
+    """The device keeps a padding entry's place and leaves its starts
+    unwritten: a backward without padding_idx given a padded forward's saved
+    read them (a wrong gradient); both backends now name the padding."""
+    put, _ = public_emu
+    robe = he.RobeZ(64, 4, block=4)
+    M = robe.init_weight()
+    x, off = np.array([5, 1, 5, 2]), np.array([0, 2])
+    for P in (lambda a: a, put):
+        _, saved = he.embedding_bag(P(x), P(M), P(off), scheme=robe, padding_idx=5,
+                                    return_saved=True)
+        with pytest.raises(ValueError, match=r"^saved: expected the forward of these inputs "
+                                             r"\(padding token None\), got one of padding "
+                                             r"token 5$"):
+            he.embedding_bag_backward(P(np.ones((2, 4), np.float32)), P(x), P(off),
+                                      scheme=robe, saved=saved)

@@ -138,7 +138,15 @@ def bags(be, indices, offsets, per_sample_weights, *, scheme, mode, dtype, table
         psw = as_float(be, per_sample_weights, "per_sample_weights", dtype).reshape(-1)
         V.check_psw(mode, idx.size, psw)
 
-    has_pad, pad = V.padding(padding_idx, scheme, T, table0)
+    try:
+        has_pad, pad = V.padding(padding_idx, scheme, T, table0)
+    except (TypeError, ValueError):
+        if off is not None:
+            # the CPU checks the offsets' values first (an error path: the
+            # caller's offsets read back here, once)
+            V.check_offsets_values(kernels(), np.ascontiguousarray(be.to_host(user_off),
+                                                                   np.int64), idx.shape[0])
+        raise
     b = Bags(idx, idx.size, off, rowlen, nper, psw, B, T, mode, has_pad, pad, shape,
              off is None and nper == 1)
     if check_bags(be, scheme, b, table0, None if off is None else user_off,

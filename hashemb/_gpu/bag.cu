@@ -210,8 +210,12 @@ __global__ void bag_forward(const he_scheme* __restrict__ s, const I* __restrict
 #pragma unroll
         for (int c = 0; c < EPT; c++) {
             const int i = i0 + c * nw;
-            if (i < D)
-                o[i] = cnt == 0 ? (R)0 : (mode == HE_MEAN && cnt > 1 ? acc[c] / (R)cnt : acc[c]);
+            if (i < D) {
+                /* the CPU's sums start from +0 (a lone unweighted entry is
+                   copied): a sum of -0 terms is +0 there, -0 here */
+                const R a = mode != HE_MAX && (cnt > 1 || use_psw) ? (R)0 + acc[c] : acc[c];
+                o[i] = cnt == 0 ? (R)0 : (mode == HE_MEAN && cnt > 1 ? a / (R)cnt : a);
+            }
         }
     }
 }
@@ -382,7 +386,8 @@ __global__ void HE_WARP_BOUNDS bag_forward_rows(const he_scheme* __restrict__ s,
                that the load does not wait behind a branch */
             const R x = (R)he_weight(M, slot);
             const R v = GEN ? (R)sg * x : x;
-            return sg == 0 ? (R)0 : mode == HE_MAX ? v : w->scale[e] * v;
+            /* + 0 as the CPU's sum of a weighted entry (-0 * w is +0 there) */
+            return sg == 0 ? (R)0 : mode == HE_MAX || !use_psw ? v : (R)0 + w->scale[e] * v;
         },
         [&](int e, int i, uint64_t, int, R v) { out[w->orow[e] * D + i] = v; });
 }

@@ -178,7 +178,8 @@ def forward(indices, weight, offsets, scheme, table0, T, mode, per_sample_weight
         def result(starts):
             if not return_saved:
                 return out
-            return out, BagSaved(starts, scheme, table0, T, b.B, b.n, b.mode, True)
+            return out, BagSaved(starts, scheme, table0, T, b.B, b.n, b.mode, True,
+                                 b.pad if b.has_pad else None)
         if b.B == 0 or T == 0:
             return result(None)
         n = b.n
@@ -228,7 +229,7 @@ def backward(grad_output, indices, offsets, scheme, table0, T, mode, per_sample_
                    include_last_offset=include_last_offset, padding_idx=padding_idx)
         g = A.as_grad(be, grad_output, (b.B, T * scheme.dim), dtype)
         given = V.check_bag_saved(saved, BagSaved, scheme, table0, T, b.B, b.n,
-                                  b.mode, True)
+                                  b.mode, True, b.pad if b.has_pad else None)
         w = None if weight is None else A.as_weight(be, weight, scheme,
                                                      writable=optimizer is not None,
                                                      storage=True)

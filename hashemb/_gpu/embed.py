@@ -26,15 +26,23 @@ def _device_layout(be, layout):
     return hit
 
 
-def _rows(be, indices, layout, single, name="indices"):
-    """int32/int64 indices, contiguous, every one inside its table (one
-    reduction, IndexError naming the first one outside)."""
+def _rows(be, indices, layout, single, name="indices", check=True):
+    """int32/int64 indices, contiguous, and (``check``: else _check_rows
+    later) every one inside its table."""
     sizes = layout[3]
     idx = A.as_keys(be, indices, name, index=True)
     T = sizes.shape[0]
     if not single:
         V.check_table_columns(idx, T, name)
     flat = idx.reshape(-1, T)
+    if check:
+        _check_rows(be, idx, flat, layout, name)
+    return idx, flat
+
+
+def _check_rows(be, idx, flat, layout, name="indices"):
+    """One reduction, IndexError naming the first index outside its table."""
+    sizes, T = layout[3], layout[3].shape[0]
     if RT.OPTIONS["check_indices"] and flat.size:
         res = be.xp.full(1, np.uint64(np.iinfo(np.uint64).max), np.uint64)
         dsizes = _device_layout(be, layout)[3]
@@ -43,7 +51,6 @@ def _rows(be, indices, layout, single, name="indices"):
         bad = int(be.to_host(res)[0])
         if bad != np.iinfo(np.uint64).max:
             raise V.index_error(idx, bad, sizes, name)
-    return idx, flat
 
 
 def gather(indices, weight, layout, single, be=None):
@@ -65,6 +72,15 @@ def gather(indices, weight, layout, single, be=None):
         return out.reshape(idx.shape + (total,) if single else (idx.shape[0], total))
 
 
+def as_grad(grad_output, be=None):
+    """grad_output checked and in the dtype the kernels take (the CPU's first
+    check of a lookup's backward, before its sizes and dims)."""
+    be = be or RT.backend()
+    A.as_array(be, grad_output, "grad_output")
+    with be.device_of(grad_output):
+        return A.as_float(be, grad_output, "grad_output")
+
+
 def scatter(grad_output, indices, layout, single, deterministic=None, be=None):
     be = be or RT.backend()
     # None: set_gpu_options' default, as the bag and TT backwards take it
@@ -75,10 +91,12 @@ def scatter(grad_output, indices, layout, single, deterministic=None, be=None):
         if single and g.ndim < 1:
             raise ValueError(f"grad_output: expected shape indices.shape + (dim,), got {g.shape}")
         size, total = layout[4], layout[5]
-        idx, flat = _rows(be, indices, layout, single)
+        # the CPU's order: the indices' type, grad_output's shape, their values
+        idx, flat = _rows(be, indices, layout, single, check=False)
         want = idx.shape + (total,) if single else (idx.shape[0], total)
         if g.shape != want:
             raise ValueError(f"grad_output: expected shape {want}, got {g.shape}")
+        _check_rows(be, idx, flat, layout)
         out = be.xp.zeros(size, g.dtype)
         n = flat.shape[0] * total
         if n == 0:
