@@ -364,12 +364,12 @@ __device__ __forceinline__ void he_rows_each(const he_scheme* s, const he_row_wa
 }
 
 template <typename R, typename I, bool ST, bool GEN, int C, typename S = R>
-__global__ void HE_WARP_BOUNDS bag_forward_rows(const he_scheme* __restrict__ s, const I* __restrict__ idx,
-                                 i64 n, i64 B, i64 T, i64 fm, i64 table0,
-                                 const uint64_t* __restrict__ starts,
-                                 const S* __restrict__ M, const R* __restrict__ psw,
-                                 i64 use_psw, R* __restrict__ out, i64 mode, i64 has_pad,
-                                 i64 pad, i64 P, uint64_t* __restrict__ keep, i64 use_keep)
+__global__ void HE_WARP_BOUNDS
+bag_forward_rows(const he_scheme* __restrict__ s, const I* __restrict__ idx, i64 n, i64 B,
+                 i64 T, i64 fm, i64 table0, const uint64_t* __restrict__ starts,
+                 const S* __restrict__ M, const R* __restrict__ psw, i64 use_psw,
+                 R* __restrict__ out, i64 mode, i64 has_pad, i64 pad, i64 P,
+                 uint64_t* __restrict__ keep, i64 use_keep)
 {
     HE_WARP_LEAD();
     const i64 j0 = (he_tid() >> 5) << 5;
@@ -401,12 +401,11 @@ __global__ void HE_WARP_BOUNDS bag_forward_rows(const he_scheme* __restrict__ s,
  * alpha * 1 (any mode: a one-entry bag is its own mean and maximum).
  */
 template <typename R, typename I, bool ST, bool GEN, int C>
-__global__ void HE_WARP_BOUNDS bag_backward_rows(const he_scheme* __restrict__ s, const I* __restrict__ idx,
-                                  i64 n, i64 B, i64 T, i64 fm, i64 table0,
-                                  const uint64_t* __restrict__ starts,
-                                  const R* __restrict__ psw, i64 use_psw,
-                                  const R* __restrict__ grad, R alpha, i64 has_pad, i64 pad,
-                                  i64 P, R* __restrict__ target)
+__global__ void HE_WARP_BOUNDS
+bag_backward_rows(const he_scheme* __restrict__ s, const I* __restrict__ idx, i64 n, i64 B,
+                  i64 T, i64 fm, i64 table0, const uint64_t* __restrict__ starts,
+                  const R* __restrict__ psw, i64 use_psw, const R* __restrict__ grad, R alpha,
+                  i64 has_pad, i64 pad, i64 P, R* __restrict__ target)
 {
     HE_WARP_LEAD();
     const i64 j0 = (he_tid() >> 5) << 5;
