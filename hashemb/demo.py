@@ -9,6 +9,7 @@ import argparse
 import json
 import math
 import os
+import textwrap
 import time
 
 import numpy as np
@@ -255,7 +256,7 @@ def plot(rows, full, oracle, path, title):
         ax.set_xscale("log")
     ax.set_xlabel("compression (full-table floats / floats kept)")
     ax.set_ylabel("test AUC")
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 80)), fontsize=9)   # (one line was clipped)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
