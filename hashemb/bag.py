@@ -37,7 +37,8 @@ class BagSaved:
     once in forward, so that backward hashes nothing (in a training step the
     hashing is about a quarter of the work). Valid only for the same inputs
     and scheme: a saved of other sizes (bags, entries, tables, scheme, mode)
-    is a ValueError and one of the other backend a TypeError, but one of
+    or padding token is a ValueError and one of the other backend a
+    TypeError, but one of
     other indices of the same sizes is not detected (its gradient is that of
     the saved's indices; the torch modules pass each forward's own). On the
     CPU ``starts`` is read-only: the kernels trust its values, and another
@@ -45,7 +46,7 @@ class BagSaved:
     leave it as forward wrote it). ``starts`` is None where backward would not use
     them (signed schemes, many runs per row, max mode); with
     ``padding_idx``, the padding entries have none (the CPU drops them
-    before the kernels run).
+    before the kernels run; the device keeps their places, unwritten).
 
     Not built by users: forward makes it, backward reads it.
 
@@ -60,7 +61,10 @@ class BagSaved:
         The first table and the number of tables (0 and ``num_tables`` for
         :func:`embedding_bags`; ``table`` and 1 for :func:`embedding_bag`).
     B, n : int
-        Bags, and entries after padding entries were dropped.
+        Bags, and entries: on the CPU those left after padding entries were
+        dropped, on the device all of them.
+    padding : int or None
+        The padding token forward skipped (``padding_idx`` as a token), or None.
     mode : int
         The pooling mode's code: 0 sum, 1 mean, 2 max.
     device : bool

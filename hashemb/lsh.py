@@ -125,14 +125,26 @@ class _MinhashScheme(Scheme):
         # private read-only copies: the kernels index with them unchecked, so
         # a caller's later write to its array (or to config()'s) went out of
         # bounds, and the digest of equality would go stale
-        keys, data = _frozen(keys), _frozen(data)
-        self.keys, self.data = keys, data
-        self._lsh["keys"], self._lsh["data"] = keys, data.reshape(-1)
         self._config = dict(type=self._type, size=size, dim=dim, num_fields=self.num_tables,
                             num_hashes=self.num_hashes, seed=self.seed, block=self.block,
-                            signature_size=None if self._kind_id == _LSH_TABLE else width,
-                            keys=keys.view(np.int64), data=data)
+                            signature_size=None if self._kind_id == _LSH_TABLE else width)
+        self._bind(_frozen(keys), _frozen(data))
         self._setup(self._kind_id, size, dim, self.block, size, [0] * 12)
+
+    def _bind(self, keys, data):
+        """keys and data (read-only) as the scheme's, its kernels' and its
+        config's: one array each, the others views of it."""
+        self.keys, self.data = keys, data
+        self._lsh["keys"], self._lsh["data"] = keys, data.reshape(-1)
+        self._config["keys"], self._config["data"] = keys.view(np.int64), data
+
+    def __setstate__(self, state):
+        # a copy (pickle, deepcopy, torch.load) brings its arrays back
+        # writeable and the views of them as copies: locked and bound again
+        self.__dict__.update(state)
+        keys, data = self.keys, self.data
+        keys.flags.writeable = data.flags.writeable = False
+        self._bind(keys, data)
 
     @classmethod
     def from_tokens(cls, size, dim, num_fields, fields, tokens, data, num_hashes=2, seed=0,

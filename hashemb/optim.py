@@ -238,7 +238,8 @@ class _Accumulating(_Fused):
                              f"of {self._sizes(weight)}, got {V._desc(state)}")
         if is_cupy(weight) and device_id(state) != device_id(weight):
             raise ValueError(f"state: expected an array on device {device_id(weight)} like "
-                             f"weight, got one on device {device_id(state)}")
+                             f"weight, got one on device {device_id(state)} (hashemb never "
+                             f"copies between devices)")
         bound = self.state.get(key)
         if bound is not None and data_ptr(bound) == data_ptr(state):
             return

@@ -617,15 +617,19 @@ class TTCache:
         ids = rows[held][order]
         if ids.size > 1 and (ids[1:] == ids[:-1]).any():
             raise ValueError("rows: expected distinct row ids (one slot a row), got repeats")
+        # which rows the slots hold changed (a populate that moved none
+        # keeps it): a TTSaved of a forward before a change no longer names
+        # the right slots
+        old = getattr(self, "_rows", None)
+        if old is None or not np.array_equal(old, rows):
+            self._version = getattr(self, "_version", 0) + 1
         # the lookup index: held ids sorted, and the slot of each
         self._rows, self._ids, self._slot_of = rows, ids, held[order]
-        # which rows the slots hold changed: a TTSaved of a forward before
-        # this no longer names the right slots
-        self._version = getattr(self, "_version", 0) + 1
 
     def __setstate__(self, state):
         # a cache pickled when rows was a plain attribute (sorted, no holes)
         rows = state.pop("rows", None)
+        state.setdefault("_version", 0)     # (a cache pickled before it had one)
         self.__dict__.update(state)
         if rows is not None:
             self.rows = rows

@@ -211,10 +211,6 @@ class Device:
         if self.kind != "emulator" and np.asarray(want).dtype == np.float32:
             np.testing.assert_allclose(got, want, rtol=0, atol=np.finfo(np.float32).tiny)
         else:
+            # (the sign of a zero result may differ: see the README's GPU
+            # backend; tests of it compare the bits themselves)
             np.testing.assert_array_equal(got, want)
-            want = np.asarray(want)
-            if want.dtype.kind == "f":
-                # and zeros of the same sign (equal as numbers: a sum of -0
-                # terms was -0 on the device, +0 on the CPU)
-                zero = want == 0
-                np.testing.assert_array_equal(np.signbit(got[zero]), np.signbit(want[zero]))

@@ -538,10 +538,17 @@ def test_schemes_keep_private_read_only_copies_of_keys_and_data():
     keys[:] = 0
     np.testing.assert_array_equal(he.embedding_bag(x, M, scheme=s), want)
     assert s == t and (s.slots(x) < 64).all()
-    for scheme in (s, he.LMA.fit(X, size=64, dim=8, num_points=10)):
+    import copy
+    import pickle
+    lma = he.LMA.fit(X, size=64, dim=8, num_points=10)
+    # (a copy brought its arrays back writeable, and its kernels' view of
+    # data as a copy of its own)
+    for scheme in (s, lma, copy.deepcopy(s), pickle.loads(pickle.dumps(lma))):
         for a in (scheme.keys, scheme.data, scheme.config()["keys"], scheme.config()["data"]):
             with pytest.raises(ValueError, match="read-only"):
                 a[...] = 0
+        assert np.shares_memory(scheme._lsh["data"], scheme.data)
+    np.testing.assert_array_equal(he.embedding_bag(x, M, scheme=copy.deepcopy(s)), want)
 
 
 def test_torch_extra_state_holds_copies_of_the_scheme_arrays():

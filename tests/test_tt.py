@@ -955,10 +955,35 @@ def test_saved_of_other_caches_is_a_value_error():
     got = he.tt_embedding_bag_backward(g, x, cores, off, cache=cache, saved=saved)
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
-    cache.populate(cores)
+    cache.populate(cores)               # moves no row: the saved still names the slots
+    he.tt_embedding_bag_backward(g, x, cores, off, cache=cache, saved=saved)
+    for _ in range(3):
+        cache.count(np.arange(500, 520))
+    cache.populate(cores)               # rows 500.. come in
     with pytest.raises(ValueError, match="^saved: expected a forward after table 0's cache was "
                                          "last populated"):
         he.tt_embedding_bag_backward(g, x, cores, off, cache=cache, saved=saved)
     _, plain = he.tt_embedding_bag(x, cores, off, return_saved=True)
     with pytest.raises(ValueError, match=r"\(table 0: this cache\), got one of no cache"):
         he.tt_embedding_bag_backward(g, x, cores, off, cache=cache, saved=plain)
+
+
+def test_cache_pickled_before_versions_still_trains():
+    """A TTCache pickled before it kept a version of its slots (a saved
+    cache, or a TT module saved whole) loads with one: the first training
+    step raised AttributeError."""
+    import pickle
+    cores = he.tt_init(1000, [10, 10, 10], [2, 2, 2], [3, 3])
+    cache = he.TTCache(8, 8)
+    x, off = np.arange(20), np.array([0, 10, 20])
+    cache.count(x)
+    cache.populate(cores)
+    state = dict(cache.__dict__)
+    state.pop("_version")
+    old = he.TTCache.__new__(he.TTCache)
+    old.__setstate__(pickle.loads(pickle.dumps(state)))
+    out, saved = he.tt_embedding_bag(x, cores, off, cache=old, return_saved=True)
+    got = he.tt_embedding_bag_backward(np.ones_like(out), x, cores, off, cache=old, saved=saved)
+    want = he.tt_embedding_bag_backward(np.ones_like(out), x, cores, off, cache=cache)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)

@@ -311,7 +311,8 @@ __device__ __forceinline__ void he_rows_begin(const he_scheme* s, const I* idx, 
  * The second phase: element i of every live warp entry e, P lanes per row
  * (lane l: entries l/P, l/P + 32/P, ..., elements l%P, l%P + P, ...), the
  * slot and sign from what the first phase kept (sign 0 and slot 0: a
- * padding entry). C entries at a time: v = get(e, i, slot, sign) of all C,
+ * padding entry); P a power of two (the launcher's lanes()), so that the
+ * 32 / P entries of a pass cover the warp's once. C entries at a time: v = get(e, i, slot, sign) of all C,
  * then put(e, i, slot, sign, v) of each, so that a lane has C independent
  * loads in flight. One get and put at a time compiled to a load and the store
  * that waits for it (ptxas, sm_90): a lane waited one L2 round trip a row.
