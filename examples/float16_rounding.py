@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 import hashemb as he
+from hashemb._validate import cli_folder
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "float16_rounding.png"
 
@@ -86,19 +87,6 @@ def regression(steps, tokens, batch, lr, every=20, seed=0):
     return out
 
 
-def out_path(parser, out):
-    """``out`` with its folder made now, before any work (a path that cannot
-    be written is said here, naming --out, not after the run)."""
-    folder = Path(out).parent
-    try:
-        if folder.exists() and not folder.is_dir():
-            raise NotADirectoryError(0, f"{str(folder)!r} is a file, not a folder")
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        parser.error(f"argument --out: cannot make the folder of {str(out)!r}: {e.strerror or e}")
-    return out
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=2000)
@@ -107,7 +95,7 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=0.03)
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="the PNG (default: %(default)s)")
     args = ap.parse_args(argv)
-    out_path(ap, args.out)
+    cli_folder(ap, Path(args.out).parent)   # before any work
     d = drift(min(args.steps, 400))
     r = regression(args.steps, args.tokens, args.batch, args.lr)
     print(f"{'kind':<22} {'mean weight after drift':>24} {'start loss':>11} {'final loss':>11}")

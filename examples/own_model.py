@@ -31,6 +31,7 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm.auto import tqdm
 
+from hashemb._validate import cli_folder
 from hashemb.data import SyntheticCriteo
 from hashemb.torch import (RobeEmbeddingBagCollection, TorchEmbeddingBagCollection,
                            dense_parameters, evaluate)
@@ -161,19 +162,6 @@ def plot(results, path, title):
     return fig
 
 
-def out_path(parser, out):
-    """``out`` with its folder made now, before any work (a path that cannot
-    be written is said here, naming --out, not after the run)."""
-    folder = Path(out).parent
-    try:
-        if folder.exists() and not folder.is_dir():
-            raise NotADirectoryError(0, f"{str(folder)!r} is a file, not a folder")
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        parser.error(f"argument --out: cannot make the folder of {str(out)!r}: {e.strerror or e}")
-    return out
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scale", type=float, default=0.01,
@@ -184,7 +172,7 @@ def main(argv=None):
     p.add_argument("--out", default=str(DEFAULT_OUT), help="the PNG (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    out_path(p, args.out)
+    cli_folder(p, Path(args.out).parent)   # before any work
     gen = SyntheticCriteo(scale=args.scale, seed=0)
     tr = gen.sample(0, args.samples, "train")
     te = gen.sample(0, max(args.samples // 5, 1000), "test")

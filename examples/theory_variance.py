@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from hashemb import theory
+from hashemb._validate import cli_folder
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "theory_variance.png"
 
@@ -92,19 +93,6 @@ def plot(t1, t2, n, m, seeds, path):
     fig.savefig(path, dpi=110)
 
 
-def out_path(parser, out):
-    """``out`` with its folder made now, before any work (a path that cannot
-    be written is said here, naming --out, not after the run)."""
-    folder = Path(out).parent
-    try:
-        if folder.exists() and not folder.is_dir():
-            raise NotADirectoryError(0, f"{str(folder)!r} is a file, not a folder")
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        parser.error(f"argument --out: cannot make the folder of {str(out)!r}: {e.strerror or e}")
-    return out
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=4096, help="vector length")
@@ -112,7 +100,7 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, default=2000, help="hash seeds per point")
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="the PNG (default: %(default)s)")
     args = ap.parse_args(argv)
-    out_path(ap, args.out)
+    cli_folder(ap, Path(args.out).parent)   # before any work
     rng = np.random.default_rng(2026)
     t1 = theorem1(args.n, args.m, args.seeds)
     t2 = theorem2(4 * args.seeds, rng)      # the bias is small: 4x the seeds

@@ -6,6 +6,7 @@ what passes here: nothing past this module reads or writes out of bounds.
 import argparse
 import math
 import numbers
+import os
 from collections import namedtuple
 
 import numpy as np
@@ -514,3 +515,22 @@ def cli_numbers(text):
     """An argparse type: comma-separated numbers > 0 ('' for none)."""
     parse = cli_number(float)
     return [parse(c.strip()) for c in text.split(",") if c.strip()]
+
+
+def cli_folder(parser, folder, flag="--out"):
+    """A command line's output folder, made (with its parents) and written
+    to now, before any work: a path under a regular file or a read-only
+    folder is argparse's error naming ``flag``, not a traceback after the
+    run."""
+    folder = os.fspath(folder) or "."
+    try:
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise NotADirectoryError(0, "it is a file, not a folder")
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-check.{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        parser.error(f"argument {flag}: cannot write the results into {folder!r}: "
+                     f"{e.strerror or e}")

@@ -347,23 +347,6 @@ def _fill_data_flags(parser, args):
         args.test_samples = args.test_samples or 50_000
 
 
-def _check_out(parser, out):
-    """--out: made (with its parents) and written to before any work, so a
-    path under a regular file or a read-only folder is said now, not after
-    the training."""
-    try:
-        if os.path.exists(out) and not os.path.isdir(out):
-            raise NotADirectoryError(0, "it is a file, not a folder")
-        os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, f".write-check.{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        parser.error(f"argument --out: cannot write the results into {out!r}: "
-                     f"{e.strerror or e}")
-
-
 def _resolve(parser, args):
     """Checks the flags that need no data or torch, fills the defaults that
     depend on the data and the optimizer into ``args`` and returns the
@@ -430,7 +413,7 @@ def main(argv=None):
     parser = _parser()
     args = parser.parse_args(argv)
     settings = _resolve(parser, args)
-    _check_out(parser, args.out)
+    V.cli_folder(parser, args.out)
     methods, compression = settings["methods"], settings["compression"]
     sweep, epochs_c = settings["sweep"], settings["epochs_c"]
     import torch

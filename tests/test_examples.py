@@ -384,7 +384,7 @@ def test_examples_write_from_any_folder(path, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         ns["main"](argv + ["--out", str(tmp_path / "f" / "x.png")])
     assert e.value.code == 2
-    assert "argument --out: cannot make the folder" in capsys.readouterr().err
+    assert "argument --out: cannot write the results into" in capsys.readouterr().err
 
 
 def test_float16_rounding_final_loss_is_after_the_last_step(monkeypatch):
