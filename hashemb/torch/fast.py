@@ -108,6 +108,20 @@ def _check_dtype(dtype):
                     f"dtypes the lookup runs), got {dtype!r}")
 
 
+def _initial_weight(_weight, shape, dtype):
+    """A new module's weight: N(0, 1) of ``shape`` (as nn.Embedding's), or
+    the ``_weight`` given, checked to be a float32 or float64 tensor (one of
+    another dtype was built and failed at its first call). The caller checks
+    its size."""
+    if _weight is None:
+        return torch.randn(shape, dtype=dtype or torch.float32)
+    if not isinstance(_weight, torch.Tensor):
+        raise TypeError(f"_weight: expected a torch.Tensor, got {type(_weight).__name__}")
+    if _weight.dtype not in _FLOATS:
+        raise TypeError(f"_weight: expected a float32 or float64 tensor, got {_weight.dtype}")
+    return _weight
+
+
 def _index_tensor(x, T=None):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"input: expected a torch.Tensor, got {type(x).__name__}")
@@ -155,13 +169,8 @@ class FastEmbedding(torch.nn.Module):
         self._layout = _lookup._layout(self.num_embeddings, self.embedding_dim)  # validates
         self._layout_t = torch.tensor(self._layout.packed)
         shape = (self.num_embeddings, self.embedding_dim)
-        if _weight is None:
-            _weight = torch.randn(shape, dtype=dtype or torch.float32)
-        elif not isinstance(_weight, torch.Tensor):
-            raise TypeError(f"_weight: expected a torch.Tensor, got {type(_weight).__name__}")
-        elif _weight.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"_weight: expected a float32 or float64 tensor, got {_weight.dtype}")
-        elif tuple(_weight.shape) != shape:
+        _weight = _initial_weight(_weight, shape, dtype)
+        if tuple(_weight.shape) != shape:
             raise ValueError(f"_weight: expected shape {shape}, got {tuple(_weight.shape)}")
         self.weight = torch.nn.Parameter(_weight)
         self._shape = torch.Size(shape)
@@ -213,13 +222,8 @@ class FastMultiEmbedding(torch.nn.Module):
         size = self._layout.size
         # (an int for either, as multi_embedding takes: one table)
         self.sizes, self.dims = (tuple(int(v) for v in a) for a in self._layout.packed[[3, 1]])
-        if _weight is None:
-            _weight = torch.randn(size, dtype=dtype or torch.float32)
-        elif not isinstance(_weight, torch.Tensor):
-            raise TypeError(f"_weight: expected a torch.Tensor, got {type(_weight).__name__}")
-        elif _weight.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"_weight: expected a float32 or float64 tensor, got {_weight.dtype}")
-        elif _weight.numel() != size:
+        _weight = _initial_weight(_weight, size, dtype)
+        if _weight.numel() != size:
             raise ValueError(f"_weight: expected {size} floats, got {_weight.numel()}")
         self.weight = torch.nn.Parameter(_weight.reshape(size))
         self._shape = torch.Size((size,))
