@@ -227,7 +227,7 @@ def embedding_backward(grad_output, indices, num_embeddings, deterministic=None)
     deterministic = V.check_deterministic(deterministic)
     if on_gpu(grad_output=grad_output, indices=indices):
         from ._gpu import embed as G
-        g = G.as_grad(grad_output)
+        g = G.float_grad(grad_output)
         _check_row_grad(g.shape)
         out = G.scatter(g, indices, _layout(num_embeddings, g.shape[-1]), True, deterministic)
         return out.reshape(-1, g.shape[-1])
@@ -283,7 +283,7 @@ def multi_embedding_backward(grad_output, indices, sizes, dims, deterministic=No
     deterministic = V.check_deterministic(deterministic)
     if on_gpu(grad_output=grad_output, indices=indices):
         from ._gpu import embed as G
-        g = G.as_grad(grad_output)
+        g = G.float_grad(grad_output)
         return G.scatter(g, indices, _layout(sizes, dims), False, deterministic)
     g = V.as_float(grad_output, "grad_output")
     return _multi_backward(g, indices, sizes, dims, single=False)

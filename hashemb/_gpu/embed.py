@@ -26,17 +26,15 @@ def _device_layout(be, layout):
     return hit
 
 
-def _rows(be, indices, layout, single, name="indices", check=True):
-    """int32/int64 indices, contiguous, and (``check``: else _check_rows
-    later) every one inside its table."""
+def _rows(be, indices, layout, single, name="indices"):
+    """int32/int64 indices, contiguous, one column per table (their values:
+    _check_rows)."""
     sizes = layout[3]
     idx = A.as_keys(be, indices, name, index=True)
     T = sizes.shape[0]
     if not single:
         V.check_table_columns(idx, T, name)
     flat = idx.reshape(-1, T)
-    if check:
-        _check_rows(be, idx, flat, layout, name)
     return idx, flat
 
 
@@ -64,6 +62,7 @@ def gather(indices, weight, layout, single, be=None):
             raise ValueError(f"weight: expected {size} floats, got {w.shape[0]} "
                              f"(shape {weight.shape})")
         idx, flat = _rows(be, indices, layout, single)
+        _check_rows(be, idx, flat, layout)
         out = be.xp.empty((flat.shape[0], total), w.dtype)
         base, dims, cols, _, ctab = _device_layout(be, layout)
         be.launch("embed", f"embed_gather<{RT.ctype(w.dtype)}, {RT.ctype(flat.dtype)}>",
@@ -72,7 +71,7 @@ def gather(indices, weight, layout, single, be=None):
         return out.reshape(idx.shape + (total,) if single else (idx.shape[0], total))
 
 
-def as_grad(grad_output, be=None):
+def float_grad(grad_output, be=None):
     """grad_output checked and in the dtype the kernels take (the CPU's first
     check of a lookup's backward, before its sizes and dims)."""
     be = be or RT.backend()
@@ -92,7 +91,7 @@ def scatter(grad_output, indices, layout, single, deterministic=None, be=None):
             raise ValueError(f"grad_output: expected shape indices.shape + (dim,), got {g.shape}")
         size, total = layout[4], layout[5]
         # the CPU's order: the indices' type, grad_output's shape, their values
-        idx, flat = _rows(be, indices, layout, single, check=False)
+        idx, flat = _rows(be, indices, layout, single)
         want = idx.shape + (total,) if single else (idx.shape[0], total)
         if g.shape != want:
             raise ValueError(f"grad_output: expected shape {want}, got {g.shape}")
