@@ -38,13 +38,13 @@ class BagSaved:
     hashing is about a quarter of the work). Valid only for the same inputs
     and scheme: a saved of other sizes (bags, entries, tables, scheme, mode)
     or padding token is a ValueError and one of the other backend a
-    TypeError, but one of
-    other indices of the same sizes is not detected (its gradient is that of
-    the saved's indices; the torch modules pass each forward's own). On the
-    CPU ``starts`` is read-only: the kernels trust its values, and another
-    start would send a step out of bounds (a device array cannot be locked:
-    leave it as forward wrote it). ``starts`` is None where backward would not use
-    them (signed schemes, many runs per row, max mode); with
+    TypeError, but one of other indices of the same sizes is not detected
+    (its gradient is that of the saved's indices; the torch modules pass
+    each forward's own). On the CPU ``starts`` is read-only: the kernels
+    trust its values, and another start would send a step out of bounds (a
+    device array cannot be locked: leave it as forward wrote it).
+    ``starts`` is None where backward would not use them (signed schemes,
+    many runs per row, max mode); with
     ``padding_idx``, the padding entries have none (the CPU drops them
     before the kernels run; the device keeps their places, unwritten).
 
