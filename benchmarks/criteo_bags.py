@@ -257,17 +257,8 @@ def main(argv=None):
     if args.from_json:
         with open(args.from_json) as f:
             saved = json.load(f)
-        run = argparse.Namespace(**saved["args"])
-        results = summarise(saved["rounds"])
-        saved = {**saved, "summary": results}
-        report(results, run, saved.get("cores"))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(saved, f, indent=1)
-        if args.plot and results:
-            plot(results, run, title(run, saved.get("cores")), args.plot)
-            print(f"\nsaved {args.plot}")
-        return saved
+        saved = {**saved, "summary": summarise(saved["rounds"])}
+        return _publish(saved, argparse.Namespace(**saved["args"]), args)
 
     from tqdm import tqdm
     names, _ = make_methods(cardinalities(args.scale), args.compression, False)
@@ -291,16 +282,21 @@ def main(argv=None):
             tqdm.write(f"{name}: failed\n{res.stderr[-1500:]}")
             continue
         rounds.append(dict(json.loads(res.stdout.strip().splitlines()[-1]), round=rnd))
-    results = summarise(rounds)
-    cores = os.cpu_count()
-    report(results, args, cores)
     saved = {"args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-             "cores": cores, "summary": results, "rounds": rounds}
+             "cores": os.cpu_count(), "summary": summarise(rounds), "rounds": rounds}
+    return _publish(saved, args, args)
+
+
+def _publish(saved, run, args):
+    """A run's tables printed, and --json (the whole run) and --plot written;
+    ``run``: the settings it ran with (the saved ones for --from-json)."""
+    results, cores = saved["summary"], saved.get("cores")
+    report(results, run, cores)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(saved, f, indent=1)
     if args.plot and results:
-        plot(results, args, title(args, cores), args.plot)
+        plot(results, run, title(run, cores), args.plot)
         print(f"\nsaved {args.plot}")
     return saved
 
