@@ -21,6 +21,7 @@ where the CPU has it) rather than one tiny product per lookup; duplicate rows
 in a batch are computed once.
 """
 import bisect
+import contextlib
 import math
 import numbers
 import sys
@@ -29,7 +30,7 @@ from collections import namedtuple
 import numpy as np
 
 from . import _validate as V
-from ._backend import fork_safe_lock, on_gpu
+from ._backend import device_id, fork_safe_lock, is_cupy, on_gpu
 from .optim import SGD, Adagrad, check_optimizer
 
 WEIGHT_DISTS = ("uniform", "normal", "approx-uniform", "approx-normal")
@@ -551,6 +552,15 @@ class TTCache:
     hashtbl_size : int, optional
         Slots of the frequency table; default ``max(4 * capacity, 1024)``.
     dtype : float32 or float64
+    like : ndarray, optional
+        A CuPy array: the cache lives on its device (every array below is a
+        CuPy array there, and ``count``, ``populate`` and ``slots`` run
+        there, taking device arrays only), for tables whose cores are on
+        that device. Default: NumPy, for tables on the host. A device
+        cache's ``keys`` / ``freq`` hold the same (row, count) pairs as the
+        CPU's after the same counts, possibly in other slots (its rows are
+        inserted in parallel, not one by one); ``rows``, ``weight`` and what
+        ``populate`` returns are the CPU's.
 
     Attributes
     ----------
@@ -579,7 +589,7 @@ class TTCache:
     array([9, 7])
     """
 
-    def __init__(self, capacity, dim, hashtbl_size=None, dtype=np.float32):
+    def __init__(self, capacity, dim, hashtbl_size=None, dtype=np.float32, *, like=None):
         self.capacity = V.check_int(capacity, "capacity", lo=0, hi=1 << 40)
         self.dim = V.check_positive_int(dim, "dim", upper=1 << 20)
         if hashtbl_size is None or hashtbl_size == 0:
@@ -593,11 +603,35 @@ class TTCache:
                              f"inserting at 3/4 load), got {size}")
         if np.dtype(dtype) not in (np.float32, np.float64):
             raise TypeError(f"dtype: expected float32 or float64 (the cores'), got {np.dtype(dtype)}")
-        self.keys = np.full(size, -1, np.int64)
-        self.freq = np.zeros(size, np.int64)
-        self._used = 0
-        self.rows = np.zeros(0, np.int64)
-        self.weight = np.zeros((self.capacity, self.dim), dtype)
+        if like is not None and not is_cupy(like) and not isinstance(like, np.ndarray):
+            raise TypeError(f"like: expected None, a numpy.ndarray or a cupy.ndarray (where "
+                            f"the cache lives), got {V._desc(like)}")
+        xp, place = _place(like)
+        with place:
+            self.keys = xp.full(size, -1, np.int64)
+            self.freq = xp.zeros(size, np.int64)
+            self._used = 0
+            self.rows = xp.zeros(0, np.int64)
+            self.weight = xp.zeros((self.capacity, self.dim), dtype)
+
+    def _xp(self):
+        """numpy, or cupy for a cache on a device."""
+        if is_cupy(self.keys):
+            import cupy
+            return cupy
+        return np
+
+    def _same_side(self, x, name):
+        """TypeError unless x is an array where the cache is (host or device),
+        ValueError for another device."""
+        if is_cupy(x) != is_cupy(self.keys):
+            where = "a device (like=)" if is_cupy(self.keys) else "the host"
+            raise TypeError(f"{name}: expected a {'cupy' if is_cupy(self.keys) else 'numpy'}"
+                            f".ndarray (this TTCache is on {where}; hashemb never copies "
+                            f"between host and device), got {V._desc(x)}")
+        if is_cupy(x) and device_id(x) != device_id(self.keys):
+            raise ValueError(f"{name}: expected an array on device {device_id(self.keys)} "
+                             f"(the cache's), got one on device {device_id(x)}")
 
     @property
     def rows(self):
@@ -608,20 +642,21 @@ class TTCache:
 
     @rows.setter
     def rows(self, rows):
-        rows = np.array(rows, np.int64).reshape(-1)
+        xp = self._xp()
+        rows = xp.array(rows, np.int64).reshape(-1)
         if rows.shape[0] > self.capacity:
             raise ValueError(f"rows: expected at most {self.capacity} slots (the capacity), "
                              f"got {rows.shape[0]}")
-        held = np.flatnonzero(rows >= 0)
-        order = np.argsort(rows[held], kind="stable")
+        held = xp.flatnonzero(rows >= 0)
+        order = xp.argsort(rows[held])      # (distinct ids: any sort is the one order)
         ids = rows[held][order]
-        if ids.size > 1 and (ids[1:] == ids[:-1]).any():
+        if ids.size > 1 and bool((ids[1:] == ids[:-1]).any()):
             raise ValueError("rows: expected distinct row ids (one slot a row), got repeats")
         # which rows the slots hold changed (a populate that moved none
         # keeps it): a TTSaved of a forward before a change no longer names
         # the right slots
         old = getattr(self, "_rows", None)
-        if old is None or not np.array_equal(old, rows):
+        if old is None or old.shape != rows.shape or bool((old != rows).any()):
             self._version = getattr(self, "_version", 0) + 1
         # the lookup index: held ids sorted, and the slot of each
         self._rows, self._ids, self._slot_of = rows, ids, held[order]
@@ -651,8 +686,16 @@ class TTCache:
         indices : array_like of int32, int64 or uint64, any shape
             Row ids, each counted once per occurrence (a negative one is a
             ValueError). Once three quarters of the frequency table's slots
-            hold rows, rows not yet in it are not counted.
+            hold rows, rows not yet in it are not counted. A device cache
+            takes a CuPy array on its device (counted there: one sort of the
+            ids and two launches; the negative-id check reads one value back
+            unless ``he.set_gpu_options(check_indices=False)``, when a
+            negative id's count is unspecified, never written out of bounds).
         """
+        if is_cupy(self.keys) or is_cupy(indices):
+            self._same_side(indices, "indices")
+            from ._gpu import tt as G
+            return G.cache_count(self, indices)
         idx = V.as_keys(indices, "indices").reshape(-1).astype(np.int64, copy=False)
         if idx.size and idx.min() < 0:
             raise ValueError(f"indices: expected row ids >= 0, got {int(idx.min())}")
@@ -672,7 +715,7 @@ class TTCache:
         self.keys.fill(-1)
         self.freq.fill(0)
         self._used = 0
-        self.rows = np.zeros(0, np.int64)
+        self.rows = self._xp().zeros(0, np.int64)
 
     def populate(self, cores, num_embeddings=None, optimizer=None):
         """Cache the ``capacity`` most frequent rows: rows already cached keep
@@ -715,10 +758,19 @@ class TTCache:
         >>> bool(np.allclose(cache.weight[0], he.tt_to_full(cores)[9]))
         True
         """
+        if is_cupy(self.keys):
+            from ._gpu import tt as G
+            return G.cache_populate(self, cores, num_embeddings, optimizer)
+        cores, s, n = self._populate_args(cores, num_embeddings, optimizer)
+        return self._populate(np, n, optimizer, lambda rows: _rows_of(cores, s, rows))
+
+    def _populate_args(self, cores, num_embeddings, optimizer, be=None):
+        """populate's checks: (cores, their TTShape, the row count)."""
         if optimizer is not None and not isinstance(optimizer, (SGD, Adagrad)):
             raise TypeError(f"optimizer: expected None, hashemb.SGD or hashemb.Adagrad (the "
                             f"cache's fused rules), got {V._desc(optimizer)}")
-        cores, s = _as_cores(cores)
+        cores, s = _as_cores(cores, be=be)
+        self._same_side(cores[0], "cores[0]")
         if s.dtype != self.weight.dtype:
             raise TypeError(f"cores: expected dtype {self.weight.dtype} (the cache's), got {s.dtype}")
         if s.D != self.dim:
@@ -726,23 +778,31 @@ class TTCache:
                              f"got {s.D}")
         n = s.n if num_embeddings is None else \
             V.check_positive_int(num_embeddings, "num_embeddings", upper=s.n + 1)
+        return cores, s, n
+
+    def _populate(self, xp, n, optimizer, rows_of):
+        """populate on the cache's arrays (NumPy, or CuPy on its device);
+        rows_of(ids) computes the TT rows of sorted distinct ids."""
         used = (self.keys >= 0) & (self.keys < n)
         keys, freq = self.keys[used], self.freq[used]
-        order = np.lexsort((keys, -freq))[:self.capacity]
-        new = np.sort(keys[order])
-        old = np.full(self.capacity, -1, np.int64)
+        # the most frequent first, ties by smaller id (np.lexsort((keys, -freq)))
+        by_key = xp.argsort(keys)                   # (distinct: any sort is the one order)
+        desc = -freq[by_key]
+        by_freq = xp.argsort(desc, kind="stable") if xp is np else xp.argsort(desc)
+        new = xp.sort(keys[by_key[by_freq][:self.capacity]])
+        old = xp.full(self.capacity, -1, np.int64)
         old[:len(self.rows)] = self.rows
-        stay = (old >= 0) & np.isin(old, new)
-        incoming = new[~np.isin(new, old[stay])]
-        free = np.flatnonzero(~stay)[:len(incoming)]
-        rows = np.where(stay, old, -1)
+        stay = (old >= 0) & _isin(xp, old, new)
+        incoming = new[~_isin(xp, new, xp.sort(old[stay]))]
+        free = xp.flatnonzero(~stay)[:len(incoming)]
+        rows = xp.where(stay, old, -1)
         rows[free] = incoming
         # in place: views of the cache (torch's parameter) stay valid
         self.weight[~stay] = 0
         if len(incoming):
-            self.weight[free] = _rows_of(cores, s, incoming)
+            self.weight[free] = rows_of(incoming)
         self.rows = rows
-        changed = np.flatnonzero(rows != old)
+        changed = xp.flatnonzero(rows != old)
         if isinstance(optimizer, Adagrad) and changed.size:
             optimizer.state_for(self.weight)[0].reshape(self.weight.shape)[changed] = 0
         return changed
@@ -753,12 +813,12 @@ class TTCache:
         Parameters
         ----------
         rows : array_like of int
-            Row ids, any shape.
+            Row ids, any shape (a CuPy array for a device cache).
 
         Returns
         -------
         ndarray of int64, ``rows``' shape
-            The row of ``weight`` holding each id, or -1.
+            The row of ``weight`` holding each id, or -1 (on the cache's side).
 
         Examples
         --------
@@ -770,11 +830,44 @@ class TTCache:
         >>> cache.slots(np.array([3, 9, 7])).tolist()
         [0, -1, 1]
         """
-        rows = np.asarray(rows)
+        xp = self._xp()
+        if xp is not np:
+            self._same_side(rows, "rows")
+        rows = xp.asarray(rows)
         if not self._ids.size:
-            return np.full(rows.shape, -1, np.int64)
-        pos = np.minimum(np.searchsorted(self._ids, rows), self._ids.size - 1)
-        return np.where(self._ids[pos] == rows, self._slot_of[pos], -1)
+            return xp.full(rows.shape, -1, np.int64)
+        pos = xp.minimum(xp.searchsorted(self._ids, rows), self._ids.size - 1)
+        return xp.where(self._ids[pos] == rows, self._slot_of[pos], -1)
+
+    def _move_like(self, w):
+        """Make ``w`` (a NumPy or CuPy array of weight's shape) the weight, moving
+        the frequency table and the row index to w's side first where they are
+        not there: a torch module moved with ``.cuda()`` / ``.cpu()`` carries
+        its caches along (its cache rows are its parameters)."""
+        if is_cupy(w) != is_cupy(self.keys) or device_id(w) != device_id(self.keys):
+            xp, place = _place(w)
+            with place:
+                move = (lambda a: xp.asarray(a.get() if is_cupy(a) else a))
+                for name in ("keys", "freq", "_rows", "_ids", "_slot_of"):
+                    setattr(self, name, move(getattr(self, name)))
+            self._used = None           # counted again from the keys at the next count
+        self.weight = w
+
+
+def _place(like):
+    """(numpy, a null context), or (cupy, like's device) for a CuPy ``like``."""
+    if like is not None and is_cupy(like):
+        import cupy
+        return cupy, cupy.cuda.Device(device_id(like))
+    return np, contextlib.nullcontext()
+
+
+def _isin(xp, a, sorted_b):
+    """a's values found in sorted_b (NumPy or CuPy; np.isin by binary search)."""
+    if not sorted_b.size:
+        return xp.zeros(a.shape, bool)
+    pos = xp.minimum(xp.searchsorted(sorted_b, a), sorted_b.size - 1)
+    return sorted_b[pos] == a
 
 
 def _rows_of(cores, s, rows):
@@ -1062,7 +1155,10 @@ def _sizes(num_embeddings, shapes):
     return out
 
 
-def _caches(cache, T, shapes):
+def _caches(cache, T, shapes, be=None):
+    """The per-table caches of a call (None or a TTCache each), checked: on the
+    tables' side (host or device), their dim and dtype, and the arrays the
+    kernels index (``be``: the GPU backend of device tables, None on the host)."""
     if cache is None:
         return [None] * T
     caches = [cache] if isinstance(cache, TTCache) else cache
@@ -1074,20 +1170,31 @@ def _caches(cache, T, shapes):
             continue
         if not isinstance(c, TTCache):
             raise TypeError(f"cache[{t}]: expected a hashemb.TTCache or None, got {V._desc(c)}")
+        on_device = be is not None
+        if (is_cupy(c.keys) if be is None else not be.is_array(c.keys)):
+            side = "a device" if on_device else "the host"
+            raise TypeError(f"cache[{t}]: expected a TTCache on {side} like the tables "
+                            f"(TTCache(..., like={'a device array' if on_device else 'None'})), "
+                            f"got one on {'the host' if on_device else 'a device'}")
+        if on_device and device_id(c.keys) != device_id(shapes[0][0][0]):
+            raise ValueError(f"cache[{t}]: expected a TTCache on device "
+                             f"{device_id(shapes[0][0][0])} (the tables'), got one on device "
+                             f"{device_id(c.keys)}")
         if c.dim != s.D or c.weight.dtype != s.dtype:
             raise ValueError(f"cache[{t}]: expected dim {s.D} and dtype {s.dtype} (the table's), "
                              f"got dim {c.dim} and dtype {c.weight.dtype}")
         # its arrays are public attributes: the kernels read a slot of every
         # cached row and a count of every frequency-table position
+        is_array = (lambda x: isinstance(x, np.ndarray)) if be is None else be.is_array
         w = c.weight
-        if (not isinstance(w, np.ndarray) or w.shape != (c.capacity, c.dim)
+        if (not is_array(w) or w.shape != (c.capacity, c.dim)
                 or not w.flags.c_contiguous):
             raise ValueError(f"cache[{t}].weight: expected a C-contiguous array of "
                              f"shape {(c.capacity, c.dim)}, got {V._desc(w)}")
         if c.rows.shape[0] > c.capacity:
             raise ValueError(f"cache[{t}].rows: expected at most {c.capacity} slots, "
                              f"got {c.rows.shape[0]}")
-        if not (isinstance(c.keys, np.ndarray) and isinstance(c.freq, np.ndarray)
+        if not (is_array(c.keys) and is_array(c.freq)
                 and c.keys.dtype == c.freq.dtype == np.int64
                 and c.keys.ndim == c.freq.ndim == 1 and c.keys.shape == c.freq.shape
                 and c.keys.shape[0] > 0 and c.keys.flags.c_contiguous

@@ -25,16 +25,20 @@ def deterministic():
 
 # ------------------------------------------------------------------ tt.py
 
-def test_tt_cache_list_with_one_cache_is_refused_on_the_device(be):
-    # [None, TTCache]: one table asks for a cache the device path cannot
-    # keep; it must be refused, not silently dropped
+def test_tt_cache_list_with_one_cache_is_kept_on_the_device(be):
+    # [None, TTCache]: the second table's cache must be read (its rows
+    # trained apart from the cores), not silently dropped
     t = [he.tt_init(100, [10, 10], [2, 2], [3], seed=s) for s in (0, 1)]
     idx, off = np.array([1, 2, 3, 4]), np.array([0, 1, 2, 3, 4])
-    with pytest.raises(TypeError, match="^cache: expected None for device arrays"):
-        GT.bags(idx, t, off, cache=[None, he.TTCache(4, 4)], be=be)
-    with pytest.raises(TypeError, match="^cache: expected None for device arrays"):
-        GT.bags_backward(np.ones((2, 8), np.float32), idx, t, off,
-                         cache=[None, he.TTCache(4, 4)], be=be)
+    cache = he.TTCache(4, 4)
+    cache.count(np.array([3, 4]))
+    cache.populate(t[1])
+    cache.weight += 1.0
+    out = GT.bags(idx, t, off, cache=[None, cache], be=be)
+    np.testing.assert_array_equal(out[:, 4:], cache.weight[cache.slots(np.array([3, 4]))])
+    g = GT.bags_backward(np.ones((2, 8), np.float32), idx, t, off, cache=[None, cache], be=be)
+    assert [len(x) for x in g] == [2, 3]        # table 1: its cores, then its cache's
+    np.testing.assert_array_equal(g[1][2][cache.slots(np.array([3, 4]))], 1.0)
 
 
 def test_tt_deterministic_backward_combines_partials_in_order(be, deterministic, monkeypatch):

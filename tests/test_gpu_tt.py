@@ -380,17 +380,6 @@ def test_bad_inputs_raise_what_the_cpu_raises(dev):
         assert (type(got.value), msg) == (type(want.value), str(want.value)), what
 
 
-def test_cache_is_cpu_only(dev):
-    cores = he.tt_init(100, [10, 10], [2, 2], [3])
-    cache = he.TTCache(4, 4)
-    idx, off = dev.put(np.array([1, 2])), dev.put(np.array([0, 2]))
-    with pytest.raises(TypeError, match="^cache: expected None for device arrays"):
-        dev.forward(idx, [dev.put(cores)], off, single=True, cache=cache)
-    with pytest.raises(TypeError, match="^cache: expected None for device arrays"):
-        dev.backward(dev.put(np.ones((1, 4), np.float32)), idx, [dev.put(cores)], off,
-                     single=True, cache=cache)
-
-
 def test_saved_of_the_other_backend_is_a_type_error(dev):
     cores = he.tt_init(100, [10, 10], [2, 2], [3])
     idx, off = np.array([1, 2]), np.array([0, 2])
@@ -459,14 +448,6 @@ def test_device_torch_tt_modules_on_cuda_tensors(opt):
     x = torch.stack([torch.randint(0, 300, (16,)), torch.randint(0, 40, (16,))], 1).cuda()
     ref = torch.cat([W[x[:, t]] for t, W in enumerate(coll.full_weights())], 1)
     torch.testing.assert_close(coll(x), ref, rtol=1e-5, atol=1e-6)
-
-
-def test_device_torch_tt_cache_is_cpu_only():
-    torch = gpu_emu.torch_cuda()
-    from hashemb.torch import TTEmbeddingBag
-    emb = TTEmbeddingBag(100, 4, [3, 3], use_cache=True, cache_size=8).cuda()
-    with pytest.raises(TypeError, match="^use_cache: the LFU cache"):
-        emb(torch.tensor([1, 2], device="cuda"), torch.tensor([0, 2], device="cuda"))
 
 
 def _runs_reference(srt, chunk):

@@ -34,6 +34,9 @@ ctypedef fused real:
     float
     double
 
+cdef extern from "hashemb/slots.h" nogil:
+    uint64_t he_mix64(uint64_t x)
+
 cdef extern from "hashemb/openmp.h" nogil:
     int he_max_threads()
     int he_has_openmp()
@@ -391,13 +394,6 @@ def unpool(const real[:, ::1] g, int64_t col0, const int64_t[::1] bag,
                     dY[u, i] += w * gr[i]
 
 
-cdef inline uint64_t _mix(uint64_t x) noexcept nogil:
-    """splitmix64 finaliser: spreads consecutive row ids over the table."""
-    x = (x ^ (x >> 30)) * <uint64_t>0xbf58476d1ce4e5b9ULL
-    x = (x ^ (x >> 27)) * <uint64_t>0x94d049bb133111ebULL
-    return x ^ (x >> 31)
-
-
 def count(const int64_t[::1] rows, int64_t[::1] keys, int64_t[::1] freq, int64_t used,
           int64_t limit):
     """LFU frequencies: freq[slot of row] += 1 for every row, in a linear-probing
@@ -410,7 +406,7 @@ def count(const int64_t[::1] rows, int64_t[::1] keys, int64_t[::1] freq, int64_t
     with nogil:
         for n in range(rows.shape[0]):
             x = rows[n]
-            j = <int64_t>(_mix(<uint64_t>x) % <uint64_t>S)
+            j = <int64_t>(he_mix64(<uint64_t>x) % <uint64_t>S)
             for probe in range(S):
                 if keys[j] == x:
                     freq[j] += 1

@@ -363,10 +363,79 @@ __global__ void tt_runs_scatter(const int64_t* __restrict__ srt,
     }
 }
 
+/*
+ * The LFU cache's frequency table (hashemb.TTCache: keys -1 = empty, linear
+ * probing from he_mix64(row) mod S, as the CPU's count). A batch's distinct
+ * rows rows[g] (sorted; entries ustart[g] .. ustart[g+1]-1 of the sort
+ * `order`) are counted in two launches, so that what is counted is what the
+ * CPU's one-by-one loop counts:
+ *   tt_cache_find: a row held adds its count to its slot (distinct rows:
+ *     distinct slots, no atomics) and writes first[g] = HE_TT_HELD; a row
+ *     not held writes its first entry's position (the stable sort's first).
+ *   tt_cache_insert: thread i < take[0] inserts the row byfirst[i] (the
+ *     rows in order of first entry, held ones last), claiming an empty slot
+ *     with atomicCAS, with its count. take[0] = min(new rows, room under the
+ *     load cap): the rows the CPU inserts are the first new ones in entry
+ *     order, and a row it cannot insert is not counted at all.
+ * Which slot a row lands in may differ from the CPU's (insertion order); the
+ * (row, count) pairs are the same.
+ */
+#define HE_TT_HELD 0x7fffffffffffffffLL
+
+__global__ void tt_cache_find(const int64_t* __restrict__ rows,
+                              const int64_t* __restrict__ ustart,
+                              const int64_t* __restrict__ order, i64 U,
+                              const int64_t* __restrict__ keys, int64_t* __restrict__ freq,
+                              i64 S, int64_t* __restrict__ first)
+{
+    const i64 g = he_tid();
+    if (g >= U)
+        return;
+    const i64 x = rows[g];
+    i64 j = (i64)(he_mix64((uint64_t)x) % (uint64_t)S);
+    for (i64 probe = 0; probe < S; probe++) {
+        const i64 k = keys[j];
+        if (k == x) {
+            freq[j] += ustart[g + 1] - ustart[g];
+            first[g] = HE_TT_HELD;
+            return;
+        }
+        if (k == -1)
+            break;
+        if (++j == S)
+            j = 0;
+    }
+    first[g] = order[ustart[g]];
+}
+
+__global__ void tt_cache_insert(const int64_t* __restrict__ rows,
+                                const int64_t* __restrict__ ustart,
+                                const int64_t* __restrict__ byfirst,
+                                const int64_t* __restrict__ take, i64 U,
+                                int64_t* __restrict__ keys, int64_t* __restrict__ freq, i64 S)
+{
+    const i64 i = he_tid();
+    if (i >= U || i >= take[0])
+        return;
+    const i64 g = byfirst[i];
+    const i64 x = rows[g];
+    i64 j = (i64)(he_mix64((uint64_t)x) % (uint64_t)S);
+    for (i64 probe = 0; probe < S; probe++) {
+        if (atomicCAS((unsigned long long*)(keys + j), ~0ULL, (unsigned long long)x) == ~0ULL) {
+            freq[j] = ustart[g + 1] - ustart[g];
+            return;
+        }
+        if (++j == S)
+            j = 0;
+    }
+}
+
 HE_KERNEL(tt_digits)
 HE_KERNEL(tt_runs_flags)
 HE_KERNEL(tt_runs_scatter)
 HE_KERNEL(tt_bag_of)
+HE_KERNEL(tt_cache_find)
+HE_KERNEL(tt_cache_insert)
 HE_KERNEL(tt_step_fwd<float>)
 HE_KERNEL(tt_step_fwd<double>)
 HE_KERNEL(tt_step_dA<float>)

@@ -22,7 +22,13 @@ Per table, a batch runs as:
 
 Everything goes through the backend's ``xp`` and ``launch``, so the tests
 run this very code on NumPy arrays with the kernels compiled for the host
-(tests/gpu_emu.py). The LFU cache (TTCache) is CPU-only.
+(tests/gpu_emu.py).
+
+The LFU cache (a TTCache made with ``like=`` a device array) works on the
+distinct rows of step 2: the ones it holds take their cached row instead of a
+chain product (and their gradient trains the cache's row, or is returned for
+it), the chain runs for the others only. Its frequency table counts on the
+device (tt_cache_find / tt_cache_insert) and ``populate`` runs there too.
 """
 from collections import namedtuple
 
@@ -48,15 +54,11 @@ TARGET_THREADS = 1 << 17
 UNPOOL_CHUNK = 32
 
 _Chain = namedtuple("_Chain", "rows dig inputs Y")
-_GPart = namedtuple("_GPart", "ctx inv order ustart col0 lo hi")
-
-
-def _no_cache(cache):
-    if cache is not None and (not isinstance(cache, (list, tuple))
-                              or any(c is not None for c in cache)):
-        raise TypeError("cache: expected None for device arrays (TTCache keeps its rows and "
-                        "frequencies on the host and runs on the CPU only), got "
-                        f"{type(cache).__name__}")
+# ctx: the chain of the rows not cached; Y: every distinct row's values (U, D);
+# hit: None, or (mu, hu, slot): the distinct rows not cached, those cached
+# and their cache slots
+_GPart = namedtuple("_GPart", "ctx inv order ustart col0 lo hi Y hit")
+_HELD = np.int64(0x7FFFFFFFFFFFFFFF)    # tt.cu HE_TT_HELD
 
 
 def _bags(be, indices, offsets, per_sample_weights, shapes, sizes, mode, T,
@@ -223,24 +225,39 @@ def _chain_backward(be, ctx, dY, cores, s, det):
     return grads, touched
 
 
-def _forward(be, idx, off, psw, B, mode, bounds, shapes, out, save):
+def _forward(be, idx, off, psw, B, mode, bounds, shapes, caches, out, save):
     """Pool every table's bags into out (B, sum of D); the parts backward needs."""
     xp = be.xp
     parts, col0 = [], 0
-    for t, (cores, s) in enumerate(shapes):
+    for t, ((cores, s), cache) in enumerate(zip(shapes, caches)):
         lo, hi = bounds[t], bounds[t + 1]
         toff = off[t * B:(t + 1) * B + 1]
+        hit = None
         if hi > lo:
             rows, inv, order, ustart = _dedup(be, idx[lo:hi].astype(np.int64))
-            ctx = _chain(be, rows, cores, s, save)
+            if cache is not None and cache.num_cached:
+                slot = cache.slots(rows)
+                hu = xp.flatnonzero(slot >= 0)
+                if hu.shape[0]:
+                    hit = (xp.flatnonzero(slot < 0), hu, slot[hu])
+            if hit is None:
+                ctx = _chain(be, rows, cores, s, save)
+                Y = ctx.Y
+            else:
+                mu, hu, hslot = hit
+                ctx = _chain(be, rows[mu], cores, s, save)
+                Y = xp.empty((rows.shape[0], s.D), s.dtype)
+                Y[mu] = ctx.Y
+                Y[hu] = cache.weight[hslot]
         else:
             inv = order = ustart = None
             ctx = _Chain(None, None, None, xp.zeros((1, s.D), s.dtype))
+            Y = ctx.Y
         be.launch("tt", f"tt_pool<{RT.ctype(s.dtype)}>", B * s.D,
-                  [ctx.Y, inv if inv is not None else toff, toff, i64(lo),
-                   psw if psw is not None else ctx.Y, i64(psw is not None), i64(mode == 1),
+                  [Y, inv if inv is not None else toff, toff, i64(lo),
+                   psw if psw is not None else Y, i64(psw is not None), i64(mode == 1),
                    i64(B), i64(s.D), out, i64(out.shape[1]), i64(col0)])
-        parts.append(_GPart(ctx, inv, order, ustart, col0, lo, hi))
+        parts.append(_GPart(ctx, inv, order, ustart, col0, lo, hi, Y, hit))
         col0 += s.D
     return parts
 
@@ -296,15 +313,15 @@ def bags(indices, tables, offsets=None, *, mode="sum", per_sample_weights=None,
     with be.device_of(shapes[0][0][0]):
         T = len(shapes)
         sizes = TT._sizes(num_embeddings, shapes)
-        TT._caches(cache, T, shapes)
-        _no_cache(cache)
+        caches = TT._caches(cache, T, shapes, be=be)
         idx, off, psw, B, mode_, bounds = _bags(
             be, indices, offsets, per_sample_weights, shapes, sizes, mode, T,
             include_last_offset if T == 1 else True)
         out = be.xp.empty((B, sum(s.D for _, s in shapes)), shapes[0][1].dtype)
-        parts = _forward(be, idx, off, psw, B, mode_, bounds, shapes, out, save=return_saved)
+        parts = _forward(be, idx, off, psw, B, mode_, bounds, shapes, caches, out,
+                         save=return_saved)
         if return_saved:
-            return out, TT.TTSaved(parts, B, idx.shape[0], shapes)
+            return out, TT.TTSaved(parts, B, idx.shape[0], shapes, caches)
         return out
 
 
@@ -320,8 +337,7 @@ def bags_backward(grad_output, indices, tables, offsets=None, *, mode="sum",
     with be.device_of(shapes[0][0][0]):
         T = len(shapes)
         sizes = TT._sizes(num_embeddings, shapes)
-        TT._caches(cache, T, shapes)
-        _no_cache(cache)
+        caches = TT._caches(cache, T, shapes, be=be)
         dtype = shapes[0][1].dtype
         idx, off, psw, B, mode_, bounds = _bags(
             be, indices, offsets, per_sample_weights, shapes, sizes, mode, T,
@@ -330,27 +346,95 @@ def bags_backward(grad_output, indices, tables, offsets=None, *, mode="sum",
         D = sum(s.D for _, s in shapes)
         g = A.as_grad(be, grad_output, (B, D), dtype)
         if saved is not None:
-            parts = TT._check_saved(saved, B, idx.shape[0], shapes, _GPart, bounds)
+            parts = TT._check_saved(saved, B, idx.shape[0], shapes, _GPart, bounds, caches)
         else:
-            parts = _forward(be, idx, off, psw, B, mode_, bounds, shapes,
+            parts = _forward(be, idx, off, psw, B, mode_, bounds, shapes, caches,
                              xp.empty((B, D), dtype), save=True)
         det = bool(RT.OPTIONS["deterministic"])
         results = []
-        for t, ((cores, s), part) in enumerate(zip(shapes, parts)):
+        for t, ((cores, s), cache, part) in enumerate(zip(shapes, caches, parts)):
             n = part.hi - part.lo
+            dcache = None if cache is None else xp.zeros_like(cache.weight)
             if n == 0 or B == 0:
-                results.append([xp.zeros(c.shape, dtype) for c in cores])
+                results.append([xp.zeros(c.shape, dtype) for c in cores]
+                               + ([dcache] if cache is not None else []))
                 continue
             toff = off[t * B:(t + 1) * B + 1]
             bag = xp.empty(n, np.int64)
             be.launch("tt", "tt_bag_of", n, [toff, i64(part.lo), i64(B), i64(n), bag])
             dY = _unpool(be, g, part, bag, toff, psw, mode_, s.D, det, dtype)
-            grads, touched = _chain_backward(be, part.ctx, dY, cores, s, det)
+            if part.hit is not None:
+                # the cached rows' gradients train (or are) the cache's rows:
+                # distinct rows, distinct slots
+                mu, hu, hslot = part.hit
+                dY = dY.reshape(-1, s.D)
+                dhit, dY = dY[hu], dY[mu].reshape(-1)
+                if optimizer is not None:
+                    TT._update_rows(cache.weight, dhit, hslot, optimizer)
+                else:
+                    dcache[hslot] = dhit
+            if part.ctx.rows.shape[0]:
+                grads, touched = _chain_backward(be, part.ctx, dY, cores, s, det)
+            else:               # every row cached: the cores get no gradient
+                grads, touched = [xp.zeros(c.size, dtype) for c in cores], None
             if optimizer is not None:
-                _apply(be, optimizer, cores, grads, touched, dtype)
+                if touched is not None:
+                    _apply(be, optimizer, cores, grads, touched, dtype)
             else:
-                results.append([gr.reshape(c.shape) for gr, c in zip(grads, cores)])
+                results.append([gr.reshape(c.shape) for gr, c in zip(grads, cores)]
+                               + ([dcache] if cache is not None else []))
         return None if optimizer is not None else results
+
+
+def cache_count(cache, indices, be=None):
+    """TTCache.count of a device cache (see tt.cu tt_cache_find): the same
+    (row, count) pairs as the CPU's loop, counted in parallel."""
+    be = be or RT.backend()
+    xp = be.xp
+    idx = indices
+    if not be.is_array(idx):
+        raise TypeError(f"indices: expected a {be.name} array, got {type(idx).__name__}")
+    if idx.dtype == np.uint64:
+        idx = idx.view(np.int64)
+    if idx.dtype not in (np.int32, np.int64):
+        raise TypeError(f"indices: expected an int32, int64 or uint64 array, got dtype "
+                        f"{idx.dtype}")
+    with be.device_of(cache.keys):
+        idx = xp.ascontiguousarray(idx.reshape(-1), np.int64)
+        n = idx.shape[0]
+        if n == 0:
+            return
+        if RT.OPTIONS["check_indices"]:
+            low = int(be.to_host(idx.min()))
+            if low < 0:
+                raise ValueError(f"indices: expected row ids >= 0, got {low}")
+        order = be.stable_argsort(idx)
+        ustart, rows = _runs(be, idx[order], n)[:2]
+        U, S = rows.shape[0], cache.keys.shape[0]
+        first = xp.empty(U, np.int64)
+        be.launch("tt", "tt_cache_find", U,
+                  [rows, ustart, order, i64(U), cache.keys, cache.freq, i64(S), first])
+        used = cache._used
+        if used is None:        # (a moved or loaded cache: counted from its keys)
+            used = xp.count_nonzero(cache.keys >= 0)
+        used = xp.asarray(used, np.int64).reshape(1)
+        # the new rows that fit under the load cap, in order of first entry
+        take = xp.minimum(xp.count_nonzero(first != _HELD), cache._limit() - used)
+        take = xp.ascontiguousarray(take, np.int64).reshape(1)
+        be.launch("tt", "tt_cache_insert", U,
+                  [rows, ustart, be.stable_argsort(first), take, i64(U), cache.keys,
+                   cache.freq, i64(S)])
+        cache._used = used + take       # (on the device: no read back)
+
+
+def cache_populate(cache, cores, num_embeddings=None, optimizer=None, be=None):
+    """TTCache.populate of a device cache: the CPU's selection and slot
+    assignment in array operations, new rows from the chain kernels."""
+    be = be or RT.backend()
+    cores, s, n = cache._populate_args(cores, num_embeddings, optimizer, be=be)
+    with be.device_of(cores[0]):
+        return cache._populate(be.xp, n, optimizer,
+                               lambda rows: _chain(be, rows, cores, s, save=False).Y)
 
 
 def to_full(cores, num_embeddings=None, be=None):

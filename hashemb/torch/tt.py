@@ -6,7 +6,7 @@ from torch import nn
 from .. import _validate as V
 from .. import tt as _tt
 from .._backend import array_module
-from ._function import (_rebind, as_any_array, as_array, as_tensor, check_psw_shape, compile_opaque,
+from ._function import (_rebind, as_any_array, as_tensor, check_psw_shape, compile_opaque,
                         device_context, getstate_unbound, make_optimizer, raise_stale,
                         records_grad, refuse_computed, refuse_double_backward)
 
@@ -198,13 +198,15 @@ class TTEmbeddingBagCollection(nn.Module):
         if self._cache_objs is None:
             return cores, None
         for t, (c, prm) in enumerate(zip(self._cache_objs, params[d * T:])):
-            w = as_array(prm, "cache_weight")               # the parameter's memory
+            w = as_any_array(prm, "cache_weight")           # the parameter's memory
             if w.shape != c.weight.shape:
                 # (a parameter swapped for one of another shape: the cached
                 # rows were read past its end)
                 raise ValueError(f"cache_weights[{t}]: expected shape {tuple(c.weight.shape)}, "
                                  f"got {tuple(w.shape)}")
-            c.weight = w
+            # a module moved by .cuda() / .cpu() takes its caches' frequency
+            # tables and row indices along (once, at the first call after)
+            c._move_like(w)
         return cores, self._cache_objs
 
     def _fused(self):
@@ -228,10 +230,10 @@ class TTEmbeddingBagCollection(nn.Module):
     def _rows(self, t, part, g):
         """The rows of entries ``part.lo:part.hi`` of table ``t`` from the
         forward's saved distinct rows (CPU: ``src``, negative for a cached
-        row; GPU: ``inv`` into the flat ``Y``)."""
+        row; GPU: ``inv`` into ``Y``, cached rows included)."""
         D = self.embedding_dim
         if hasattr(part, "inv"):
-            return part.ctx.Y.reshape(-1, D)[part.inv]
+            return part.Y.reshape(-1, D)[part.inv]
         src = part.src
         rows = np.empty((part.hi - part.lo, D), g.dtype)
         m = src >= 0
@@ -254,7 +256,7 @@ class TTEmbeddingBagCollection(nn.Module):
         return out
 
     def _check_device(self, flat):
-        """CUDA tensors run the CuPy path, which has no LFU cache; the cores
+        """CUDA tensors run the CuPy path (the LFU caches too); the cores
         compute in float32 or float64 (``.half()`` / ``.bfloat16()`` of the
         module are refused here, by name)."""
         dtype = self.tt_cores[0].dtype
@@ -266,9 +268,6 @@ class TTEmbeddingBagCollection(nn.Module):
         if flat.device != dev:
             raise TypeError(f"input: expected a tensor on {dev} (the cores' device), "
                             f"got one on {flat.device}")
-        if dev.type == "cuda" and self.use_cache:
-            raise TypeError("use_cache: the LFU cache (TTCache) runs on the CPU only; build "
-                            "the module with use_cache=False to run it on CUDA")
 
     # -- public
     @compile_opaque
@@ -296,11 +295,14 @@ class TTEmbeddingBagCollection(nn.Module):
     def _apply_bags(self, flat, off, psw):
         self._check_device(flat)
         if self.training and self.use_cache:
-            fl = as_array(flat, "input").astype(np.int64)
-            o = as_array(off, "offsets")
-            B = (o.shape[0] - 1) // len(self.num_embeddings)
-            for t, c in enumerate(self._cache_objs):
-                seg = fl[o[t * B]:o[(t + 1) * B]]
+            caches = self._tables_of(self._params())[1]
+            fl = as_any_array(flat, "input").astype(np.int64)
+            T = len(self.num_embeddings)
+            B = (off.shape[0] - 1) // T
+            # the T+1 table boundaries (one read back on CUDA)
+            bounds = off[::B].tolist() if B else [0] * (T + 1)
+            for t, c in enumerate(caches):
+                seg = fl[bounds[t]:bounds[t + 1]]
                 c.count(seg[(seg >= 0) & (seg < self.num_embeddings[t])])
         if psw is not None:
             psw = psw.contiguous()
@@ -366,9 +368,9 @@ class TTEmbeddingBagCollection(nn.Module):
         # loaded without it read its trained cached rows from the cores)
         if self._cache_objs is None:
             return {}
-        return {"caches": [{"rows": torch.from_numpy(c.rows.copy()),
-                            "keys": torch.from_numpy(c.keys.copy()),
-                            "freq": torch.from_numpy(c.freq.copy())}
+        # (host copies, on CUDA too: the state loads on either side)
+        host = (lambda a: torch.from_numpy(a.get() if hasattr(a, "get") else a.copy()))
+        return {"caches": [{"rows": host(c.rows), "keys": host(c.keys), "freq": host(c.freq)}
                            for c in self._cache_objs]}
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -388,15 +390,16 @@ class TTEmbeddingBagCollection(nn.Module):
             raise ValueError(f"state_dict: expected {len(self._cache_objs)} LFU caches (one a "
                              f"table), got {len(caches)}")
         for c, st in zip(self._cache_objs, caches):
-            rows, keys, freq = (st[k].numpy() for k in ("rows", "keys", "freq"))
+            rows, keys, freq = (st[k].detach().cpu().numpy() for k in ("rows", "keys", "freq"))
             if keys.shape != c.keys.shape or freq.shape != c.freq.shape:
                 raise ValueError(f"state_dict: expected LFU frequency tables of "
                                  f"{c.keys.shape[0]} slots (hashtbl_size), got {keys.shape[0]}")
             if rows.shape[0] > c.capacity:
                 raise ValueError(f"state_dict: expected at most cache_size = {c.capacity} "
                                  f"cached rows, got {rows.shape[0]}")
-            c.rows = rows.astype(np.int64, copy=True)
-            c.keys[:], c.freq[:] = keys, freq
+            xp = c._xp()            # (the cache's side: a device cache uploads them)
+            c.rows = xp.asarray(rows.astype(np.int64, copy=True))
+            c.keys[:], c.freq[:] = xp.asarray(keys), xp.asarray(freq)
             c._used = None      # counted again from the keys at the next count
 
     def full_weights(self):

@@ -44,6 +44,14 @@ static inline unsigned int atomicExch(unsigned int* p, unsigned int v)
     *p = v;
     return o;
 }
+static inline unsigned long long atomicCAS(unsigned long long* p, unsigned long long cmp,
+                                          unsigned long long v)
+{
+    unsigned long long o = *p;
+    if (o == cmp)
+        *p = v;
+    return o;
+}
 static inline unsigned long long atomicMin(unsigned long long* p, unsigned long long v)
 {
     unsigned long long o = *p;

@@ -181,7 +181,9 @@ HE_HD uint64_t he_hash(const uint64_t* c, uint64_t e, uint64_t u, uint64_t blk,
 
 /* ---- minhash memory allocation (SCMA / LMA) -------------------------------- */
 
-/* SplitMix64's finaliser: a bijection of 64-bit words with full avalanche. */
+/* SplitMix64's finaliser: a bijection of 64-bit words with full avalanche
+ * (also where a TTCache frequency table starts probing for a row: the
+ * CPU's count in _tt.pyx and the GPU's tt_cache_find / tt_cache_insert). */
 HE_HD uint64_t he_mix64(uint64_t x)
 {
     x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
