@@ -395,6 +395,7 @@ def test_device_torch_tt_module_with_cache_trains_as_on_the_cpu():
                                rtol=1e-9, atol=1e-12)
     for a, b in zip(gpu.tt_cores, cpu.tt_cores):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-12)
-    back = TTEmbeddingBag(300, 8, [4, 4], use_cache=True, cache_size=6).double()
+    back = TTEmbeddingBag(300, 8, [4, 4], use_cache=True, cache_size=6, sparse=True,
+                          optimizer="adagrad", learning_rate=0.1).double()
     back.load_state_dict(gpu.state_dict())
     np.testing.assert_array_equal(back._cache_objs[0].rows, cpu._cache_objs[0].rows)
