@@ -18,6 +18,14 @@ numpy matmul) so the TT figure reads as a fraction of what the CPU can do.
 * GB/s counts logical bytes, the same for both: the rows looked up
   (nnz * D * 4), the indices (8 each) and the output (B * D * 4); backward
   counts the gradient rows again.
+* ``--zipf A``: lookups drawn from a Zipf law of exponent A (rank r with
+  probability ~ r^-A, ranks scattered over the rows by a fixed bijection),
+  the skew of real click logs, instead of uniformly.
+* ``--cache-size N``: also times the TT table with an LFU cache of N rows
+  (``he.TTCache``), as the torch module trains it: every step counts its
+  lookups, then runs forward and backward with the cache; the cache is
+  populated once, after the warm-up steps. Its rows add "TT + cache" lines
+  and the share of lookups the cache served.
 * ``--device gpu``: the same batches as CuPy arrays (moved to the device
   before timing), timed with CUDA events around each call after a device
   synchronisation, so the figures include the host round trips the TT path
@@ -26,6 +34,7 @@ numpy matmul) so the TT figure reads as a fraction of what the CPU can do.
   torch.nn.EmbeddingBag on CUDA, skipped when torch has no CUDA.
 """
 import argparse
+import math
 import time
 
 import numpy as np
@@ -53,6 +62,10 @@ def _parser():
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--seed", type=V.cli_number(int, closed=True), default=0)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--zipf", type=V.cli_number(float, low=1.0), default=None,
+                   help="Zipf exponent of the lookups (> 1; default uniform)")
+    p.add_argument("--cache-size", type=V.cli_number(int, closed=True), default=0,
+                   help="also time the table with an LFU cache of this many rows")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                    help="gpu: CuPy arrays on the current CUDA device")
     p.add_argument("--peak-size", type=V.cli_number(int), default=None,
@@ -109,7 +122,16 @@ class _Setup:
         self.B, self.L = args.batch, args.pooling
         self.nnz = self.B * self.L
         rng = np.random.default_rng(args.seed)
-        self.batches = [rng.integers(0, n, self.nnz) for _ in range(args.warmup + args.iters)]
+        if args.zipf is None:
+            draw = (lambda: rng.integers(0, n, self.nnz))
+        else:
+            # rank r -> row (r * m) mod n, m coprime to n: the hot rows spread
+            # over the table (ranks 0, 1, 2 ... share TT digits, rows apart don't)
+            m = 2654435761
+            while math.gcd(m, n) != 1:
+                m += 2
+            draw = (lambda: ((rng.zipf(args.zipf, self.nnz) - 1) % n) * m % n)
+        self.batches = [draw() for _ in range(args.warmup + args.iters)]
         self.off = np.arange(0, self.nnz + 1, self.L, dtype=np.int64)
         self.cores = he.tt_init(n, p, q, self.ranks, seed=args.seed)
         self.tt_bytes = sum(c.nbytes for c in self.cores)
@@ -117,12 +139,33 @@ class _Setup:
         self.logical_f = self.nnz * D * 4 + self.nnz * 8 + self.B * D * 4
         self.logical_b = self.logical_f + self.nnz * D * 4
 
-    def tt_rows(self, tf, tb, U):
-        """Report rows of the TT forward and forward + backward."""
+    def tt_rows(self, tf, tb, U, what="TT"):
+        """Report rows of the TT forward and forward + backward (U: the
+        distinct rows the chain computes)."""
         f, b = self.fwd_f, self.bwd_f
-        return [("TT fwd", tf, self.nnz * f, U * f, self.logical_f),
-                ("TT fwd+bwd (fused SGD)", tf + tb, self.nnz * (f + b), U * (f + b),
+        return [(f"{what} fwd", tf, self.nnz * f, U * f, self.logical_f),
+                (f"{what} fwd+bwd (fused SGD)", tf + tb, self.nnz * (f + b), U * (f + b),
                  self.logical_f + self.logical_b)]
+
+
+def _timed_tt(st, batches, steps, warmup, desc, no_progress):
+    """Median forward and backward seconds of steps(idx) -> (fwd s, bwd s,
+    distinct rows the chain ran for, lookups served by a cache) over the
+    batches after ``warmup``; the mean row and hit counts."""
+    from tqdm.auto import tqdm
+    tf, tb, uniq, hits = [], [], [], []
+    bar = tqdm(total=len(batches), desc=desc, disable=no_progress, leave=False)
+    for i, idx in enumerate(batches):
+        a, b, u, h = steps(i, idx)
+        if i >= warmup:
+            tf.append(a)
+            tb.append(b)
+            uniq.append(u)
+            hits.append(h)
+        bar.update()
+    bar.close()
+    return (float(np.median(tf)), float(np.median(tb)), float(np.mean(uniq)),
+            float(np.mean(hits)))
 
     def torch_rows(self, ef, eb, where=""):
         return [(f"torch EmbeddingBag{where} fwd", ef, 0, 0, self.logical_f),
@@ -179,30 +222,38 @@ def main(argv=None, be=None):
     batches, off, cores = st.batches, st.off, st.cores
     opt = he.SGD(1e-6)
 
-    def tt_step(idx):
-        t0 = time.perf_counter()
-        out, saved = he.tt_embedding_bag(idx, cores, off, return_saved=True)
-        t1 = time.perf_counter()
-        he.tt_embedding_bag_backward(out, idx, cores, off, saved=saved, optimizer=opt)
-        return t1 - t0, time.perf_counter() - t1
+    def tt_step(cache):
+        def step(i, idx):
+            t0 = time.perf_counter()
+            if cache is not None:
+                cache.count(idx)            # as the torch module does in training
+            out, saved = he.tt_embedding_bag(idx, cores, off, cache=cache, return_saved=True)
+            t1 = time.perf_counter()
+            he.tt_embedding_bag_backward(out, idx, cores, off, cache=cache, saved=saved,
+                                         optimizer=opt)
+            t2 = time.perf_counter()
+            if cache is None:
+                return t1 - t0, t2 - t1, len(np.unique(idx)), 0
+            if i + 1 == args.warmup:
+                cache.populate(cores, n)
+            held = cache.slots(idx) >= 0
+            return t1 - t0, t2 - t1, len(np.unique(idx[~held])), int(np.count_nonzero(held))
+        return step
 
-    tf, tb, uniq = [], [], []
-    bar = tqdm(total=len(batches), desc="TT (hashemb)", disable=args.no_progress, leave=False)
-    for i, idx in enumerate(batches):
-        a, b = tt_step(idx)
-        if i >= args.warmup:
-            tf.append(a)
-            tb.append(b)
-            uniq.append(len(np.unique(idx)))
-        bar.update()
-    bar.close()
-    tf, tb = float(np.median(tf)), float(np.median(tb))
-    U = float(np.mean(uniq))
+    tf, tb, U, _ = _timed_tt(st, batches, tt_step(None), args.warmup, "TT (hashemb)",
+                             args.no_progress)
+    rows = st.tt_rows(tf, tb, U)
+    notes = []
+    if args.cache_size:
+        cache = he.TTCache(args.cache_size, D)
+        cf, cb, CU, hits = _timed_tt(st, batches, tt_step(cache), args.warmup,
+                                     "TT + cache (hashemb)", args.no_progress)
+        rows += st.tt_rows(cf, cb, CU, f"TT + cache ({args.cache_size:,} rows)")
+        notes.append(_cache_note(args, st, hits, tf + tb, cf + cb))
     # after the TT runs: OpenBLAS's threads spin for a while after a matmul and
     # would take the cores from the TT kernels' OpenMP threads
     peak_n = args.peak_size or 4096
     peak = sgemm_peak(peak_n)
-    rows = st.tt_rows(tf, tb, U)
 
     torch_rows = torch_bytes = None
     if not args.no_torch:
@@ -235,7 +286,15 @@ def main(argv=None, be=None):
         ef, eb = float(np.median(ef)), float(np.median(eb))
         rows += st.torch_rows(ef, eb)
     return _report(args, st, rows, peak, f"numpy {peak_n}^3 float32 matmul", U, torch_rows,
-                   torch_bytes)
+                   torch_bytes, notes)
+
+
+def _cache_note(args, st, hits, plain, cached):
+    """What the cache bought, in words."""
+    return (f"the LFU cache of {args.cache_size:,} rows ({args.cache_size * st.D * 4 / 2**20:.1f} "
+            f"MiB) served {100 * hits / st.nnz:.1f}% of the lookups after its populate; "
+            f"fwd+bwd {plain * 1e3:.2f} -> {cached * 1e3:.2f} ms ({plain / cached:.2f}x, "
+            f"count included)")
 
 
 # ---------------------------------------------------------------- --device gpu
@@ -343,28 +402,42 @@ def _main_gpu(args, be=None):
     off = be.to_device(st.off)
     batches = [be.to_device(b) for b in st.batches]
     opt = he.SGD(1e-6)
-    tf, tb, uniq = [], [], []
-    bar = tqdm(total=len(batches), desc="TT (hashemb, GPU)", disable=args.no_progress,
-               leave=False)
-    for i, idx in enumerate(batches):
-        clock.sync()
-        t0 = clock.mark()
-        out, saved = G.bags(idx, [cores], off, return_saved=True, single=True, be=be)
-        t1 = clock.mark()
-        G.bags_backward(out, idx, [cores], off, saved=saved, optimizer=opt, single=True, be=be)
-        t2 = clock.mark()
-        if i >= args.warmup:
-            tf.append(clock.seconds(t0, t1))
-            tb.append(clock.seconds(t1, t2))
-            uniq.append(int(be.xp.unique(idx).shape[0]))
-        bar.update()
-    bar.close()
-    tf, tb = float(np.median(tf)), float(np.median(tb))
-    U = float(np.mean(uniq))
-    peak_n = args.peak_size or 8192
-    peak = device_sgemm_peak(be, clock, peak_n)
+    xp = be.xp
+
+    def tt_step(cache):
+        def step(i, idx):
+            clock.sync()
+            t0 = clock.mark()
+            if cache is not None:
+                G.cache_count(cache, idx, be=be)
+            out, saved = G.bags(idx, [cores], off, cache=cache, return_saved=True, single=True,
+                                be=be)
+            t1 = clock.mark()
+            G.bags_backward(out, idx, [cores], off, cache=cache, saved=saved, optimizer=opt,
+                            single=True, be=be)
+            t2 = clock.mark()
+            a, b = clock.seconds(t0, t1), clock.seconds(t1, t2)
+            if cache is None:
+                return a, b, int(xp.unique(idx).shape[0]), 0
+            if i + 1 == args.warmup:
+                G.cache_populate(cache, cores, st.n, be=be)
+            held = cache.slots(idx) >= 0
+            return a, b, int(xp.unique(idx[~held]).shape[0]), int(xp.count_nonzero(held))
+        return step
+
+    tf, tb, U, _ = _timed_tt(st, batches, tt_step(None), args.warmup, "TT (hashemb, GPU)",
+                             args.no_progress)
     rows = st.tt_rows(tf, tb, U)
     notes = [f"device: {he._gpu.info() if be.name == 'cupy' else be.name}"]
+    if args.cache_size:
+        # the emulator's device arrays are NumPy arrays: a host-made cache is its own
+        cache = he.TTCache(args.cache_size, st.D, like=cores[0] if be.name == "cupy" else None)
+        cf, cb, CU, hits = _timed_tt(st, batches, tt_step(cache), args.warmup,
+                                     "TT + cache (hashemb, GPU)", args.no_progress)
+        rows += st.tt_rows(cf, cb, CU, f"TT + cache ({args.cache_size:,} rows)")
+        notes.append(_cache_note(args, st, hits, tf + tb, cf + cb))
+    peak_n = args.peak_size or 8192
+    peak = device_sgemm_peak(be, clock, peak_n)
     torch_rows = torch_bytes = None
     if not args.no_torch:
         res = _torch_cuda(args, st, be, tqdm)

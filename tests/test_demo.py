@@ -132,6 +132,8 @@ def test_demo_device_is_checked_before_any_work(tmp_path):
     ("tt-bench", "--ranks", "0,4", r"\(0, inf\), got 0"),
     ("tt-bench", "--ranks", "4", "expected 2 ranks"),
     ("tt-bench", "--p", "2,2,2", "product >= --num-embeddings"),
+    ("tt-bench", "--zipf", "1", r"\(1, inf\), got 1"),         # (the law has no sum at 1)
+    ("tt-bench", "--cache-size", "-1", r"\[0, inf\), got -1"),
 ])
 def test_command_lines_reject_bad_numbers(cli, flag, value, said, tmp_path, capsys):
     """argparse's usage error naming the flag (exit 2), before any work."""

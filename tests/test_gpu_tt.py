@@ -409,6 +409,26 @@ def test_tt_bench_gpu_path_runs_on_the_emulator(capsys):
     assert {"tt_step_fwd<float>", "tt_step_dG<float>", "tt_apply<float>"} <= set(be.launches)
 
 
+def test_tt_bench_with_a_cache_on_skewed_lookups(capsys):
+    """``--zipf`` and ``--cache-size``: the cached table's rows beside the plain
+    one's, on the host and on the emulator backend's device path, with the
+    share of lookups the cache served (a Zipf 3 draw is mostly its top rows)."""
+    from hashemb import tt_bench
+    args = ["--batch", "8", "--pooling", "4", "--num-embeddings", "1000", "--p", "10,10,10",
+            "--q", "2,2,2", "--ranks", "3,3", "--iters", "3", "--warmup", "2",
+            "--peak-size", "16", "--no-progress", "--no-torch", "--zipf", "3",
+            "--cache-size", "8"]
+    for extra, kw in (([], {}), (["--device", "gpu"], {"be": gpu_emu.emu_backend()})):
+        res = tt_bench.main(args + extra, **kw)
+        out = capsys.readouterr().out
+        assert [r[0] for r in res["rows"]] == [
+            "TT fwd", "TT fwd+bwd (fused SGD)", "TT + cache (8 rows) fwd",
+            "TT + cache (8 rows) fwd+bwd (fused SGD)"]
+        share = float(re.search(r"served ([0-9.]+)% of the lookups", out).group(1))
+        assert 60 < share <= 100
+    assert {"tt_cache_find", "tt_cache_insert"} <= set(kw["be"].launches)
+
+
 def test_chunk_size_targets_the_thread_count():
     assert GT._chunk(10240, 4 * 128) == GT.MAX_CHUNK        # FBTT's first step: wide enough
     assert GT._chunk(10240, 4 * 4) == 1                      # last step, N = q = 4
