@@ -30,7 +30,7 @@ from collections import namedtuple
 import numpy as np
 
 from . import _validate as V
-from ._backend import device_id, fork_safe_lock, is_cupy, on_gpu
+from ._backend import array_module, device_id, fork_safe_lock, is_cupy, on_gpu
 from .optim import SGD, Adagrad, check_optimizer
 
 WEIGHT_DISTS = ("uniform", "normal", "approx-uniform", "approx-normal")
@@ -621,6 +621,10 @@ class TTCache:
             return cupy
         return np
 
+    def _here(self):
+        """Context: the cache's device current (its new arrays made there)."""
+        return _place(self.keys)[1]
+
     def _same_side(self, x, name):
         """TypeError unless x is an array where the cache is (host or device),
         ValueError for another device."""
@@ -642,6 +646,10 @@ class TTCache:
 
     @rows.setter
     def rows(self, rows):
+        with self._here():
+            self._set_rows(rows)
+
+    def _set_rows(self, rows):
         xp = self._xp()
         rows = xp.array(rows, np.int64).reshape(-1)
         if rows.shape[0] > self.capacity:
@@ -715,7 +723,8 @@ class TTCache:
         self.keys.fill(-1)
         self.freq.fill(0)
         self._used = 0
-        self.rows = self._xp().zeros(0, np.int64)
+        with self._here():
+            self.rows = self._xp().zeros(0, np.int64)
 
     def populate(self, cores, num_embeddings=None, optimizer=None):
         """Cache the ``capacity`` most frequent rows: rows already cached keep
@@ -834,10 +843,11 @@ class TTCache:
         if xp is not np:
             self._same_side(rows, "rows")
         rows = xp.asarray(rows)
-        if not self._ids.size:
-            return xp.full(rows.shape, -1, np.int64)
-        pos = xp.minimum(xp.searchsorted(self._ids, rows), self._ids.size - 1)
-        return xp.where(self._ids[pos] == rows, self._slot_of[pos], -1)
+        with self._here():
+            if not self._ids.size:
+                return xp.full(rows.shape, -1, np.int64)
+            pos = xp.minimum(xp.searchsorted(self._ids, rows), self._ids.size - 1)
+            return xp.where(self._ids[pos] == rows, self._slot_of[pos], -1)
 
     def _move_like(self, w):
         """Make ``w`` (a NumPy or CuPy array of weight's shape) the weight, moving
@@ -1312,7 +1322,8 @@ def _update_rows(w, g, rows, optimizer):
         return
     state = optimizer.state_for(w)[0].reshape(w.shape)
     state[rows] += g ** 2
-    w[rows] -= optimizer.lr * g / (np.sqrt(state[rows]) + optimizer.eps)
+    sqrt = np.sqrt if isinstance(w, np.ndarray) else array_module(w).sqrt
+    w[rows] -= optimizer.lr * g / (sqrt(state[rows]) + optimizer.eps)
 
 
 def tt_embedding_bag(indices, cores, offsets=None, *, mode="sum", per_sample_weights=None,

@@ -104,18 +104,32 @@ def test_count_errors_are_the_cpus(dev):
     assert pairs(gpu, dev.get) == {}            # nothing counted before the check
 
 
-def test_count_without_the_index_check_stays_in_bounds(dev):
-    """check_indices=False skips the one read back; a negative id's count is
-    then unspecified, but no slot outside the table is touched (the
-    emulator under ASan checks every access) and valid rows still count."""
+def test_count_without_the_index_check_counts_the_valid_rows(dev):
+    """check_indices=False skips the one read back: negative ids then count
+    nowhere and take no room in the table (they filled it, so that a later
+    valid row was not counted), and no slot outside it is touched (the
+    emulator under ASan checks every access)."""
     old = he.set_gpu_options(check_indices=False)
     try:
         gpu = dev.cache(2, 4, 8)
         dev.count(gpu, dev.put(np.array([-1, 5, -7, 5, 3])))
-        got = pairs(gpu, dev.get)
-        assert got[5] == 2 and got[3] == 1
+        assert pairs(gpu, dev.get) == {5: 2, 3: 1} and used(gpu, dev.get) == 2
+        gpu = dev.cache(2, 4, 8)
+        dev.count(gpu, dev.put(np.array([-2, -3, -4, -5, -6, -7])))
+        dev.count(gpu, dev.put(np.array([5, 5])))
+        assert pairs(gpu, dev.get) == {5: 2} and used(gpu, dev.get) == 1
+        assert int((dev.get(gpu.keys) != -1).sum()) == 1
     finally:
         he.set_gpu_options(**old)
+
+
+def test_count_of_nothing_is_nothing(dev):
+    """An empty batch, np.asarray([]) (float64) included, as on the CPU."""
+    gpu = dev.cache(2, 4, 8)
+    for empty in (np.asarray([]), np.zeros(0, np.int32), np.zeros((3, 0), np.int64)):
+        he.TTCache(2, 4, 8).count(empty)
+        dev.count(gpu, dev.put(empty))
+    assert pairs(gpu, dev.get) == {} and used(gpu, dev.get) == 0
 
 
 # ---------------------------------------------------------------- populate

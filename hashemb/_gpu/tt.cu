@@ -372,6 +372,8 @@ __global__ void tt_runs_scatter(const int64_t* __restrict__ srt,
  *   tt_cache_find: a row held adds its count to its slot (distinct rows:
  *     distinct slots, no atomics) and writes first[g] = HE_TT_HELD; a row
  *     not held writes its first entry's position (the stable sort's first).
+ *     A negative id (check_indices off) counts nowhere and takes no room:
+ *     written HE_TT_HELD, as if held.
  *   tt_cache_insert: thread i < take[0] inserts the row byfirst[i] (the
  *     rows in order of first entry, held ones last), claiming an empty slot
  *     with atomicCAS, with its count. take[0] = min(new rows, room under the
@@ -392,6 +394,10 @@ __global__ void tt_cache_find(const int64_t* __restrict__ rows,
     if (g >= U)
         return;
     const i64 x = rows[g];
+    if (x < 0) {
+        first[g] = HE_TT_HELD;
+        return;
+    }
     i64 j = (i64)(he_mix64((uint64_t)x) % (uint64_t)S);
     for (i64 probe = 0; probe < S; probe++) {
         const i64 k = keys[j];

@@ -354,7 +354,10 @@ def bags_backward(grad_output, indices, tables, offsets=None, *, mode="sum",
         results = []
         for t, ((cores, s), cache, part) in enumerate(zip(shapes, caches, parts)):
             n = part.hi - part.lo
-            dcache = None if cache is None else xp.zeros_like(cache.weight)
+            # (with a fused rule the cached rows hit are updated in place: no
+            # O(capacity D) zeros a step)
+            dcache = None if cache is None or optimizer is not None else \
+                xp.zeros_like(cache.weight)
             if n == 0 or B == 0:
                 results.append([xp.zeros(c.shape, dtype) for c in cores]
                                + ([dcache] if cache is not None else []))
@@ -396,6 +399,8 @@ def cache_count(cache, indices, be=None):
         raise TypeError(f"indices: expected a {be.name} array, got {type(idx).__name__}")
     if idx.dtype == np.uint64:
         idx = idx.view(np.int64)
+    if idx.size == 0 and idx.dtype == np.float64:      # (as V.as_keys: np.asarray([]))
+        idx = idx.astype(np.int64)
     if idx.dtype not in (np.int32, np.int64):
         raise TypeError(f"indices: expected an int32, int64 or uint64 array, got dtype "
                         f"{idx.dtype}")

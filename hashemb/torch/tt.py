@@ -295,15 +295,16 @@ class TTEmbeddingBagCollection(nn.Module):
     def _apply_bags(self, flat, off, psw):
         self._check_device(flat)
         if self.training and self.use_cache:
-            caches = self._tables_of(self._params())[1]
-            fl = as_any_array(flat, "input").astype(np.int64)
-            T = len(self.num_embeddings)
-            B = (off.shape[0] - 1) // T
-            # the T+1 table boundaries (one read back on CUDA)
-            bounds = off[::B].tolist() if B else [0] * (T + 1)
-            for t, c in enumerate(caches):
-                seg = fl[bounds[t]:bounds[t + 1]]
-                c.count(seg[(seg >= 0) & (seg < self.num_embeddings[t])])
+            with device_context(self.tt_cores[0]):      # (CUDA: torch's device and stream)
+                caches = self._tables_of(self._params())[1]
+                fl = as_any_array(flat, "input").astype(np.int64)
+                T = len(self.num_embeddings)
+                B = (off.shape[0] - 1) // T
+                # the T+1 table boundaries (one read back on CUDA)
+                bounds = off[::B].tolist() if B else [0] * (T + 1)
+                for t, c in enumerate(caches):
+                    seg = fl[bounds[t]:bounds[t + 1]]
+                    c.count(seg[(seg >= 0) & (seg < self.num_embeddings[t])])
         if psw is not None:
             psw = psw.contiguous()
         params = self._params()
@@ -340,7 +341,8 @@ class TTEmbeddingBagCollection(nn.Module):
         -------
         list of ndarray of int64
             One per table: its changed slots (empty arrays without
-            ``use_cache``).
+            ``use_cache``), NumPy arrays on CUDA too (indices for a torch
+            optimizer's state on either side).
 
         Examples
         --------
@@ -355,12 +357,14 @@ class TTEmbeddingBagCollection(nn.Module):
         """
         if not self.use_cache:
             return [np.zeros(0, np.int64) for _ in self.num_embeddings]
-        cores, caches = self._tables_of(self._params())
-        # the fused optimizer, its Adagrad buffers bound: populate zeroes their
-        # changed slots in place, as it does for the NumPy API
-        opt = self._fused()
-        return [c.populate(cores[t], self.num_embeddings[t], optimizer=opt)
-                for t, c in enumerate(caches)]
+        with device_context(self.tt_cores[0]):
+            cores, caches = self._tables_of(self._params())
+            # the fused optimizer, its Adagrad buffers bound: populate zeroes their
+            # changed slots in place, as it does for the NumPy API
+            opt = self._fused()
+            changed = [c.populate(cores[t], self.num_embeddings[t], optimizer=opt)
+                       for t, c in enumerate(caches)]
+        return [s.get() if hasattr(s, "get") else s for s in changed]
 
     def get_extra_state(self):
         # the LFU caches' row sets and frequency tables: the cached rows'
@@ -397,9 +401,11 @@ class TTEmbeddingBagCollection(nn.Module):
             if rows.shape[0] > c.capacity:
                 raise ValueError(f"state_dict: expected at most cache_size = {c.capacity} "
                                  f"cached rows, got {rows.shape[0]}")
-            xp = c._xp()            # (the cache's side: a device cache uploads them)
-            c.rows = xp.asarray(rows.astype(np.int64, copy=True))
-            c.keys[:], c.freq[:] = xp.asarray(keys), xp.asarray(freq)
+            # on the cache's side (a device cache uploads them, on torch's stream)
+            with device_context(self.tt_cores[0]), c._here():
+                xp = c._xp()
+                c.rows = xp.asarray(rows.astype(np.int64, copy=True))
+                c.keys[:], c.freq[:] = xp.asarray(keys), xp.asarray(freq)
             c._used = None      # counted again from the keys at the next count
 
     def full_weights(self):
