@@ -215,6 +215,30 @@ def test_own_model_example(tmp_path, monkeypatch):
     assert out.stat().st_size > 10_000
 
 
+def test_tt_cache_example(tmp_path, monkeypatch):
+    """TT tables with and without LFU caches at equal memory: every run
+    within the budget, the cached ones holding a share of the test lookups,
+    the PNG and the JSON written."""
+    pytest.importorskip("torch")
+    pytest.importorskip("matplotlib")
+    ns = run_example("examples/tt_cache.py", [], monkeypatch)
+    out = tmp_path / "c.png"
+    rows = ns["main"](["--samples", "3000", "--test-samples", "1000", "--epochs", "2",
+                       "--cache-sizes", "0,16", "--seeds", "1", "--batch-size", "512",
+                       "--no-progress", "--out", str(out)])
+    assert [r["cache_size"] for r in rows] == [0, 16]
+    budget = rows[0]["floats"] * rows[0]["compression"] / 100
+    for r in rows:
+        assert r["floats"] <= budget and 0.4 < r["auc"] <= 1
+    plain, cached = rows
+    assert plain["test_lookups_cached"] == 0 and 0 < cached["test_lookups_cached"] <= 1
+    assert cached["ranks"][0] < plain["ranks"][0]          # the cache's floats come from them
+    assert cached["cache_floats"] == 26 * 16 * 16
+    assert out.stat().st_size > 10_000 and (tmp_path / "c.json").stat().st_size > 100
+    with pytest.raises(SystemExit):         # a cache with no room left for the cores
+        ns["main"](["--cache-sizes", "4096", "--out", str(out), "--no-progress"])
+
+
 def test_gpu_bench_dry_run_on_the_cpu(tmp_path):
     """benchmarks/gpu_bench.py's dry run (--device cpu): every method times,
     FullTable agrees with torch before timing, and the SCMA / LMA rows carry
