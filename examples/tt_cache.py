@@ -3,7 +3,8 @@
 TT-Rec keeps the most used rows of each table uncompressed beside the
 tensor-train cores (``use_cache=True``): the hot rows are then trained as a
 full table's rows are, the others through the cores. The cache costs memory
-(``cache_size`` full rows a table), so the fair question is at equal memory:
+(``cache_size`` full rows a table, what the module allocates, even for a
+table with fewer rows), so the fair question is at equal memory:
 for a budget of ``--compression`` times fewer floats than the full tables,
 is a TT table with lower ranks plus a cache better than the TT table alone?
 
@@ -11,7 +12,9 @@ For each cache size (rows a table), the ranks are the largest common rank
 whose cores and caches together fit the budget; a DLRM (the demo's model) is
 trained on the synthetic Criteo-shaped log for ``--epochs`` epochs, the
 caches counting every training lookup and repopulated at the start of
-every epoch after the first (their rows then train in the cache). Reported
+every epoch after the first (their rows then train in the cache). Memory
+counts the parameters (cores and cache rows), not the caches' frequency
+tables (2 x 1024 int64 a table, used in training only). Reported
 per seed: test AUC, the floats kept, and the share of test lookups the
 caches hold.
 
@@ -127,8 +130,9 @@ def main(argv=None):
         sizes = [int(s) for s in str(args.cache_sizes).split(",") if s.strip()]
     except ValueError:
         p.error(f"argument --cache-sizes: expected integers, got {args.cache_sizes!r}")
-    if not sizes or min(sizes) < 0:
-        p.error(f"argument --cache-sizes: expected integers >= 0, got {args.cache_sizes!r}")
+    if not sizes or min(sizes) < 0 or len(set(sizes)) < len(sizes):
+        p.error(f"argument --cache-sizes: expected distinct integers >= 0, got "
+                f"{args.cache_sizes!r}")
     V.cli_folder(p, os.path.dirname(os.path.abspath(args.out)))
 
     gen = SyntheticCriteo(scale=args.scale, seed=0)

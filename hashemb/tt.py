@@ -695,10 +695,10 @@ class TTCache:
             Row ids, each counted once per occurrence (a negative one is a
             ValueError). Once three quarters of the frequency table's slots
             hold rows, rows not yet in it are not counted. A device cache
-            takes a CuPy array on its device (counted there: one sort of the
-            ids and two launches; the negative-id check reads one value back
-            unless ``he.set_gpu_options(check_indices=False)``, when a
-            negative id's count is unspecified, never written out of bounds).
+            takes a CuPy array on its device (counted there: two sorts, four
+            launches and one value read back, plus one for the negative-id
+            check unless ``he.set_gpu_options(check_indices=False)``, when
+            negative ids count nowhere and take no room).
         """
         if is_cupy(self.keys) or is_cupy(indices):
             self._same_side(indices, "indices")

@@ -148,7 +148,13 @@ class _Setup:
                  self.logical_f + self.logical_b)]
 
 
-def _timed_tt(st, batches, steps, warmup, desc, no_progress):
+    def torch_rows(self, ef, eb, where=""):
+        return [(f"torch EmbeddingBag{where} fwd", ef, 0, 0, self.logical_f),
+                (f"torch EmbeddingBag{where} fwd+bwd+SGD (sparse)", ef + eb, 0, 0,
+                 self.logical_f + self.logical_b)]
+
+
+def _timed_tt(batches, steps, warmup, desc, no_progress):
     """Median forward and backward seconds of steps(idx) -> (fwd s, bwd s,
     distinct rows the chain ran for, lookups served by a cache) over the
     batches after ``warmup``; the mean row and hit counts."""
@@ -166,12 +172,6 @@ def _timed_tt(st, batches, steps, warmup, desc, no_progress):
     bar.close()
     return (float(np.median(tf)), float(np.median(tb)), float(np.mean(uniq)),
             float(np.mean(hits)))
-
-    def torch_rows(self, ef, eb, where=""):
-        return [(f"torch EmbeddingBag{where} fwd", ef, 0, 0, self.logical_f),
-                (f"torch EmbeddingBag{where} fwd+bwd+SGD (sparse)", ef + eb, 0, 0,
-                 self.logical_f + self.logical_b)]
-
 
 def _report(args, st, rows, peak, peak_what, U, torch_rows, torch_bytes, notes=()):
     print(f"\nTT-Rec benchmark: B={st.B}, pooling {st.L} ({st.nnz} lookups, {U:.0f} distinct "
@@ -212,6 +212,9 @@ def main(argv=None, be=None):
                              f"{args.num_embeddings}, got {args.p}")
     except (ValueError, TypeError) as e:
         V.cli_refusal(parser, e, {"p": "--p", "q": "--q", "tt_ranks": "--ranks"})
+    if args.cache_size and args.warmup == 0:
+        parser.error("argument --cache-size: expected --warmup >= 1 (the cache is populated "
+                     "after the warm-up steps), got --warmup 0")
     if args.device == "gpu":
         return _main_gpu(args, be)
     from tqdm.auto import tqdm
@@ -240,13 +243,13 @@ def main(argv=None, be=None):
             return t1 - t0, t2 - t1, len(np.unique(idx[~held])), int(np.count_nonzero(held))
         return step
 
-    tf, tb, U, _ = _timed_tt(st, batches, tt_step(None), args.warmup, "TT (hashemb)",
+    tf, tb, U, _ = _timed_tt(batches, tt_step(None), args.warmup, "TT (hashemb)",
                              args.no_progress)
     rows = st.tt_rows(tf, tb, U)
     notes = []
     if args.cache_size:
         cache = he.TTCache(args.cache_size, D)
-        cf, cb, CU, hits = _timed_tt(st, batches, tt_step(cache), args.warmup,
+        cf, cb, CU, hits = _timed_tt(batches, tt_step(cache), args.warmup,
                                      "TT + cache (hashemb)", args.no_progress)
         rows += st.tt_rows(cf, cb, CU, f"TT + cache ({args.cache_size:,} rows)")
         notes.append(_cache_note(args, st, hits, tf + tb, cf + cb))
@@ -425,14 +428,14 @@ def _main_gpu(args, be=None):
             return a, b, int(xp.unique(idx[~held]).shape[0]), int(xp.count_nonzero(held))
         return step
 
-    tf, tb, U, _ = _timed_tt(st, batches, tt_step(None), args.warmup, "TT (hashemb, GPU)",
+    tf, tb, U, _ = _timed_tt(batches, tt_step(None), args.warmup, "TT (hashemb, GPU)",
                              args.no_progress)
     rows = st.tt_rows(tf, tb, U)
     notes = [f"device: {he._gpu.info() if be.name == 'cupy' else be.name}"]
     if args.cache_size:
         # the emulator's device arrays are NumPy arrays: a host-made cache is its own
         cache = he.TTCache(args.cache_size, st.D, like=cores[0] if be.name == "cupy" else None)
-        cf, cb, CU, hits = _timed_tt(st, batches, tt_step(cache), args.warmup,
+        cf, cb, CU, hits = _timed_tt(batches, tt_step(cache), args.warmup,
                                      "TT + cache (hashemb, GPU)", args.no_progress)
         rows += st.tt_rows(cf, cb, CU, f"TT + cache ({args.cache_size:,} rows)")
         notes.append(_cache_note(args, st, hits, tf + tb, cf + cb))

@@ -427,6 +427,25 @@ def test_tt_bench_with_a_cache_on_skewed_lookups(capsys):
         share = float(re.search(r"served ([0-9.]+)% of the lookups", out).group(1))
         assert 60 < share <= 100
     assert {"tt_cache_find", "tt_cache_insert"} <= set(kw["be"].launches)
+    with pytest.raises(SystemExit):
+        tt_bench.main(args + ["--warmup", "0"])
+    assert "expected --warmup >= 1" in capsys.readouterr().err
+
+
+def test_tt_bench_on_the_cpu_with_torch_beside_it(capsys):
+    """The default CPU command (torch's full table beside the TT table)."""
+    pytest.importorskip("torch")
+    from hashemb import tt_bench
+    res = tt_bench.main(["--batch", "8", "--pooling", "4", "--num-embeddings", "1000",
+                         "--p", "10,10,10", "--q", "2,2,2", "--ranks", "3,3", "--iters", "2",
+                         "--warmup", "1", "--peak-size", "16", "--no-progress",
+                         "--cache-size", "4"])
+    assert [r[0] for r in res["rows"]] == [
+        "TT fwd", "TT fwd+bwd (fused SGD)", "TT + cache (4 rows) fwd",
+        "TT + cache (4 rows) fwd+bwd (fused SGD)", "torch EmbeddingBag fwd",
+        "torch EmbeddingBag fwd+bwd+SGD (sparse)"]
+    assert all(r[1] > 0 for r in res["rows"])
+    assert "| torch EmbeddingBag fwd |" in capsys.readouterr().out
 
 
 def test_chunk_size_targets_the_thread_count():

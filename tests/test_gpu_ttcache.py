@@ -105,7 +105,7 @@ def test_count_errors_are_the_cpus(dev):
 
 
 def test_count_without_the_index_check_counts_the_valid_rows(dev):
-    """check_indices=False skips the one read back: negative ids then count
+    """check_indices=False skips the check's read back: negative ids then count
     nowhere and take no room in the table (they filled it, so that a later
     valid row was not counted), and no slot outside it is touched (the
     emulator under ASan checks every access)."""

@@ -391,30 +391,21 @@ def bags_backward(grad_output, indices, tables, offsets=None, *, mode="sum",
 
 def cache_count(cache, indices, be=None):
     """TTCache.count of a device cache (see tt.cu tt_cache_find): the same
-    (row, count) pairs as the CPU's loop, counted in parallel."""
+    (row, count) pairs as the CPU's loop, counted in parallel. Two sorts (the
+    ids; the new rows by first entry), four launches and one read back (the
+    distinct rows' count), plus one for the negative-id check."""
     be = be or RT.backend()
     xp = be.xp
-    idx = indices
-    if not be.is_array(idx):
-        raise TypeError(f"indices: expected a {be.name} array, got {type(idx).__name__}")
-    if idx.dtype == np.uint64:
-        idx = idx.view(np.int64)
-    if idx.size == 0 and idx.dtype == np.float64:      # (as V.as_keys: np.asarray([]))
-        idx = idx.astype(np.int64)
-    if idx.dtype not in (np.int32, np.int64):
-        raise TypeError(f"indices: expected an int32, int64 or uint64 array, got dtype "
-                        f"{idx.dtype}")
+    idx = A.as_keys(be, indices, "indices")
     with be.device_of(cache.keys):
         idx = xp.ascontiguousarray(idx.reshape(-1), np.int64)
-        n = idx.shape[0]
-        if n == 0:
+        if idx.shape[0] == 0:
             return
         if RT.OPTIONS["check_indices"]:
             low = int(be.to_host(idx.min()))
             if low < 0:
                 raise ValueError(f"indices: expected row ids >= 0, got {low}")
-        order = be.stable_argsort(idx)
-        ustart, rows = _runs(be, idx[order], n)[:2]
+        rows, _, order, ustart = _dedup(be, idx)
         U, S = rows.shape[0], cache.keys.shape[0]
         first = xp.empty(U, np.int64)
         be.launch("tt", "tt_cache_find", U,
