@@ -846,8 +846,8 @@ class TTCache:
         with self._here():
             if not self._ids.size:
                 return xp.full(rows.shape, -1, np.int64)
-            pos = xp.minimum(xp.searchsorted(self._ids, rows), self._ids.size - 1)
-            return xp.where(self._ids[pos] == rows, self._slot_of[pos], -1)
+            pos, found = _search(xp, self._ids, rows)
+            return xp.where(found, self._slot_of[pos], -1)
 
     def _move_like(self, w):
         """Make ``w`` (a NumPy or CuPy array of weight's shape) the weight, moving
@@ -872,12 +872,18 @@ def _place(like):
     return np, contextlib.nullcontext()
 
 
+def _search(xp, sorted_b, a):
+    """(pos, found) of a's values in a non-empty sorted_b (NumPy or CuPy):
+    sorted_b[pos] == a where found."""
+    pos = xp.minimum(xp.searchsorted(sorted_b, a), sorted_b.size - 1)
+    return pos, sorted_b[pos] == a
+
+
 def _isin(xp, a, sorted_b):
-    """a's values found in sorted_b (NumPy or CuPy; np.isin by binary search)."""
+    """a's values found in sorted_b (np.isin by binary search)."""
     if not sorted_b.size:
         return xp.zeros(a.shape, bool)
-    pos = xp.minimum(xp.searchsorted(sorted_b, a), sorted_b.size - 1)
-    return sorted_b[pos] == a
+    return _search(xp, sorted_b, a)[1]
 
 
 def _rows_of(cores, s, rows):
