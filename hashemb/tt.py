@@ -587,6 +587,15 @@ class TTCache:
     array([0])
     >>> cache.rows
     array([9, 7])
+
+    On a GPU (CuPy; the tables' cores and the ids on the same device):
+
+    >>> import cupy                                            # doctest: +SKIP
+    >>> dcores = [cupy.asarray(c) for c in cores]              # doctest: +SKIP
+    >>> dcache = he.TTCache(2, 8, like=dcores[0])              # doctest: +SKIP
+    >>> dcache.count(cupy.array([7, 7, 7, 3, 3, 9]))           # doctest: +SKIP
+    >>> dcache.populate(dcores).tolist(), dcache.rows.tolist()   # doctest: +SKIP
+    ([0, 1], [3, 7])
     """
 
     def __init__(self, capacity, dim, hashtbl_size=None, dtype=np.float32, *, like=None):
