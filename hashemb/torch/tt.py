@@ -98,7 +98,9 @@ class TTEmbeddingBagCollection(nn.Module):
     cache_size, hashtbl_size : int
         LFU cache of the ``cache_size`` most used rows of each table
         (:class:`hashemb.TTCache`); frequencies are counted by every forward in
-        training mode, :meth:`cache_populate` refreshes the cached rows.
+        training mode, :meth:`cache_populate` refreshes the cached rows. On
+        CUDA the caches live on the cores' device (moved with the module at
+        its first call after ``.cuda()`` / ``.cpu()``).
     weight_dist : str
         See :func:`hashemb.tt_init`.
     mode : {"sum", "mean"}
