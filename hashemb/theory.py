@@ -230,12 +230,12 @@ def inner_product_expectation(x, y, m, *, block, signed=True, wrap=True):
     return exact if signed else exact + _pair_sum(x, y, m, Z, wrap)
 
 
-def _linear_signs(seed, rows, Z):
+def _linear_signs(seed, rows, Z, xp=np):
     """The spec's original sign: parity of a linear hash of (token, element),
     pairwise but not 4-wise independent. Kept to show why hashemb does not use it."""
     h = UniversalHash(V.check_seed(seed) ^ 0x5EED5EED5EED5EED)
-    tokens = np.arange(rows)
-    return np.stack([1.0 - 2.0 * h(tokens, 2, block=i) for i in range(Z)], axis=1)
+    tokens = xp.arange(rows, dtype=np.int64)
+    return xp.stack([1.0 - 2.0 * h(tokens, 2, block=i) for i in range(Z)], axis=1)
 
 
 def _robe(m, Z, dim, seed, signed, wrap):
@@ -252,10 +252,19 @@ def _table(theta, Z, dim):
 
 
 def _sketch_table(table, scheme, signs):
-    rows = np.arange(table.shape[0])
+    """(slots, signs) of every element of the (rows, D) table, on its side
+    (the scheme's GPU kernels for a CuPy table)."""
+    xp = _xp(table)
+    rows = xp.arange(table.shape[0], dtype=np.int64)
     slots = scheme.slots(rows)
-    g = scheme.signs(rows) if signs == "cubic" else _linear_signs(scheme.seed, *table.shape)
+    g = scheme.signs(rows) if signs == "cubic" else _linear_signs(scheme.seed, *table.shape, xp)
     return slots, g
+
+
+def _summed(slots, g, table, m):
+    """The sketch: sum of g * table into m slots (a CuPy table's by
+    cupy.bincount: its atomic adds sum in no fixed order)."""
+    return _xp(table).bincount(slots.reshape(-1), weights=(g * table).reshape(-1), minlength=m)
 
 
 def _check_signs(signs, signed):
@@ -297,7 +306,10 @@ def sketch(theta, m, *, block, seed=0, signed=True, wrap=True, dim=None, signs="
 
     Returns
     -------
-    numpy.ndarray of float64, shape (m,)
+    ndarray of float64, shape (m,)
+        NumPy, or CuPy for a CuPy ``theta`` (the slots and signs from the
+        scheme's GPU kernels, equal to the CPU's; the sums by atomic adds,
+        equal to rounding).
 
     Examples
     --------
@@ -310,14 +322,11 @@ def sketch(theta, m, *, block, seed=0, signed=True, wrap=True, dim=None, signs="
     15.0
     """
     theta = _vector(theta, "theta")
-    if is_cupy(theta):
-        raise TypeError("theta: the sketch runs on the CPU kernels; pass a NumPy array "
-                        "(the closed forms accept CuPy arrays)")
     m, Z, dim = _map_args(m, block, dim)
     _check_signs(signs, signed)
     table = _table(theta, Z, dim)
     slots, g = _sketch_table(table, _robe(m, Z, dim, seed, signed, wrap), signs)
-    return np.bincount(slots.reshape(-1), weights=(g * table).reshape(-1), minlength=m)
+    return _summed(slots, g, table, m)
 
 
 def _seed_list(seeds):
@@ -358,7 +367,7 @@ def inner_product_estimates(x, y, m, *, block, seeds=2000, signed=True, wrap=Tru
 
     Returns
     -------
-    numpy.ndarray of float64, one estimate per seed.
+    ndarray of float64, one estimate per seed (CuPy for CuPy input).
 
     Examples
     --------
@@ -376,11 +385,8 @@ def inner_product_estimates(x, y, m, *, block, seeds=2000, signed=True, wrap=Tru
     out = []
     for seed in _progress(_seed_list(seeds), progress, "sketches"):
         slots, g = _sketch_table(X, _robe(m, Z, None, seed, signed, wrap), signs)
-        flat = slots.reshape(-1)
-        sx = np.bincount(flat, weights=(g * X).reshape(-1), minlength=m)
-        sy = np.bincount(flat, weights=(g * Y).reshape(-1), minlength=m)
-        out.append(sx @ sy)
-    return np.array(out)
+        out.append(_summed(slots, g, X, m) @ _summed(slots, g, Y, m))
+    return _xp(X).stack(out) if out else _xp(X).zeros(0)
 
 
 def _rows_args(theta, a, b, dim, block):
@@ -472,7 +478,7 @@ def embedding_inner_product_estimates(theta, a, b, m, *, dim, block, seeds=2000,
 
     Returns
     -------
-    numpy.ndarray of float64, one estimate per seed.
+    ndarray of float64, one estimate per seed (CuPy for CuPy input).
 
     Examples
     --------
@@ -498,9 +504,9 @@ def embedding_inner_product_estimates(theta, a, b, m, *, dim, block, seeds=2000,
     for seed in _progress(_seed_list(seeds), progress, "sketches"):
         scheme = _robe(m, Z, dim, seed, True, wrap)
         slots, g = _sketch_table(table, scheme, "cubic")
-        s = np.bincount(slots.reshape(-1), weights=(g * table).reshape(-1), minlength=m)
+        s = _summed(slots, g, table, m)
         out.append((g[a] * s[slots[a]]) @ (g[b] * s[slots[b]]))
-    return np.array(out)
+    return _xp(table).stack(out) if out else _xp(table).zeros(0)
 
 
 def vector_families(n, seed=2026):

@@ -1141,6 +1141,22 @@ def test_device_64bit_index_arithmetic():
     del W, g
 
 
+def test_device_theory_sketches_equal_the_cpus():
+    """CuPy in, CuPy out; the sums by cupy.bincount's atomics: to rounding."""
+    cp = _device()
+    from hashemb import theory
+    x = np.random.default_rng(1).standard_normal(300)
+    for call in (lambda v: theory.sketch(v, 64, block=4, seed=3),
+                 lambda v: theory.sketch(v, 64, block=4, seed=3, signs="linear"),
+                 lambda v: theory.inner_product_estimates(v, v[::-1].copy(), 64, block=4,
+                                                          seeds=4),
+                 lambda v: theory.embedding_inner_product_estimates(v, 0, 3, 64, dim=6,
+                                                                    block=3, seeds=[1, 2])):
+        got = call(cp.asarray(x))
+        assert isinstance(got, cp.ndarray)
+        np.testing.assert_allclose(cp.asnumpy(got), call(x), rtol=1e-12, atol=1e-12)
+
+
 def test_device_torch_bag_function_on_cuda_tensors():
     torch = gpu_emu.torch_cuda()
     from hashemb.torch._function import BagFunction, Lookup
@@ -1725,6 +1741,37 @@ def public_emu(monkeypatch):
     monkeypatch.setattr(RT, "_backend", gpu_emu.emu_backend())
     return (lambda a: None if a is None else np.array(a, copy=True).view(_Stand),
             lambda a: np.asarray(a).view(np.ndarray))
+
+
+def test_theory_sketches_take_the_gpu_kernels(public_emu, monkeypatch):
+    """theory.sketch and the two estimators on a device table: the rows it
+    hashes are device arrays (here the emulator's, through the array module
+    theory picks), so the scheme's and UniversalHash's GPU kernels make the
+    slots and signs; the sums equal the CPU's (the emulator's bincount is
+    NumPy's, so bit for bit)."""
+    import types
+
+    from hashemb import theory
+    put, get = public_emu
+    fake = types.SimpleNamespace(**{k: getattr(np, k) for k in dir(np) if not k.startswith("_")})
+    fake.arange = lambda *a, **k: put(np.arange(*a, **k))      # device rows
+    launches = RT._backend.launches
+    x = np.random.default_rng(1).standard_normal(70)
+    y = x + np.random.default_rng(2).standard_normal(70)
+    want = [theory.sketch(x, 16, block=4, seed=3),
+            theory.sketch(x, 16, block=4, seed=3, signs="linear"),
+            theory.sketch(x, 17, block=14, dim=7, seed=4, signed=False),
+            theory.inner_product_estimates(x, y, 16, block=4, seeds=3),
+            theory.embedding_inner_product_estimates(x, 0, 3, 16, dim=7, block=7, seeds=[5, 6])]
+    monkeypatch.setattr(theory, "_xp", lambda *a: fake)
+    got = [theory.sketch(x, 16, block=4, seed=3),
+           theory.sketch(x, 16, block=4, seed=3, signs="linear"),
+           theory.sketch(x, 17, block=14, dim=7, seed=4, signed=False),
+           theory.inner_product_estimates(x, y, 16, block=4, seeds=3),
+           theory.embedding_inner_product_estimates(x, 0, 3, 16, dim=7, block=7, seeds=[5, 6])]
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(get(g), w)
+    assert {"scheme_slots", "scheme_signs", "universal_hash"} <= {n.split("<")[0] for n in launches}
 
 
 def _same_public_error(call, put):
