@@ -221,7 +221,7 @@ def main(argv=None, be=None):
 
     import hashemb as he
     st = _Setup(args)
-    n, D, B, nnz = st.n, st.D, st.B, st.nnz
+    n, D = st.n, st.D
     batches, off, cores = st.batches, st.off, st.cores
     opt = he.SGD(1e-6)
 
