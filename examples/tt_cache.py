@@ -3,8 +3,8 @@
 TT-Rec keeps the most used rows of each table uncompressed beside the
 tensor-train cores (``use_cache=True``): the hot rows are then trained as a
 full table's rows are, the others through the cores. The cache costs memory
-(``cache_size`` full rows a table, what the module allocates, even for a
-table with fewer rows), so the fair question is at equal memory:
+(``min(cache_size, rows)`` full rows a table: the module takes a size a
+table), so the fair question is at equal memory:
 for a budget of ``--compression`` times fewer floats than the full tables,
 is a TT table with lower ranks plus a cache better than the TT table alone?
 
@@ -18,7 +18,7 @@ tables (2 x 1024 int64 a table, used in training only). Reported
 per seed: test AUC, the floats kept, and the share of test lookups the
 caches hold.
 
-    python examples/tt_cache.py                          # about 7 min on 2 cores
+    python examples/tt_cache.py                          # about 9 min on 2 cores
     python examples/tt_cache.py --cache-sizes 0,32 --seeds 1 --samples 50000
 
 Prints a table and writes a PNG (test AUC against the cache's share of the
@@ -46,10 +46,15 @@ D = 16
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "tt_cache.png"
 
 
+def cached_rows(card, cache_size):
+    """Rows cached a table: ``cache_size``, or all of a smaller table's."""
+    return [min(cache_size, n) for n in card]
+
+
 def ranks_within(card, budget, cache_size):
-    """The largest common rank whose cores and caches (``cache_size`` rows of
-    D floats a table) hold at most ``budget`` floats, or None."""
-    left = budget - len(card) * cache_size * D
+    """The largest common rank whose cores and caches (``cached_rows`` of D
+    floats) hold at most ``budget`` floats, or None."""
+    left = budget - sum(cached_rows(card, cache_size)) * D
     if left <= 0:
         return None
     r = tt_ranks_for_compression(card, D, sum(card) * D / left)
@@ -68,7 +73,7 @@ def run(card, tr, te, ranks, cache_size, seed, args, bar):
     torch.manual_seed(seed)
     emb = TTEmbeddingBagCollection(card, D, ranks, sparse=True, optimizer="sgd",
                                    learning_rate=args.lr, seed=seed, use_cache=cache_size > 0,
-                                   cache_size=cache_size)
+                                   cache_size=cached_rows(card, cache_size))
     model = DLRM(emb, len(card), num_dense=tr.dense.shape[1], seed=seed)
     opt = make_optimizer(model, args.lr, "sgd")
     for ep in range(args.epochs):
@@ -80,7 +85,8 @@ def run(card, tr, te, ranks, cache_size, seed, args, bar):
     floats = emb.memory_bytes() // 4
     return {"cache_size": cache_size, "ranks": list(ranks), "seed": seed, "auc": ev["auc"],
             "logloss": ev["logloss"], "floats": int(floats),
-            "cache_floats": len(card) * cache_size * D, "compression": sum(card) * D / floats,
+            "cache_floats": sum(cached_rows(card, cache_size)) * D,
+            "compression": sum(card) * D / floats,
             "test_lookups_cached": held_share(emb, te.cats) if cache_size else 0.0}
 
 
@@ -116,7 +122,7 @@ def main(argv=None):
                    help="of the Criteo Kaggle cardinalities (the demo's default)")
     p.add_argument("--compression", type=V.cli_number(float), default=100.0,
                    help="full-table floats / floats kept (cores and caches)")
-    p.add_argument("--cache-sizes", default="0,16,32,64",
+    p.add_argument("--cache-sizes", default="0,32,64,128,256",
                    help="rows a table, comma-separated (0: TT alone)")
     p.add_argument("--seeds", type=V.cli_number(int), default=4)
     p.add_argument("--epochs", type=V.cli_number(int), default=4,

@@ -606,6 +606,39 @@ def test_collection_with_caches_takes_dense_gradients():
         torch.testing.assert_close(pa.grad, pc.grad)
 
 
+def test_module_cache_sizes_a_table():
+    """cache_size as one size a table: each table's cache holds that many rows
+    (0: none), the memory counts just those, a table with a cache of every
+    one of its rows reads and trains them all in the cache, and the others
+    train as they would with an int size."""
+    torch.manual_seed(0)
+    x = torch.stack([torch.randint(0, 5, (64,)), torch.randint(0, 900, (64,)),
+                     torch.randint(0, 300, (64,))], 1)
+    kw = dict(use_cache=True, seed=2, sparse=True, learning_rate=0.5)
+    a = TTEmbeddingBagCollection([5, 900, 300], 8, [3, 3], cache_size=[5, 16, 0], **kw)
+    assert [c.capacity for c in a._cache_objs] == [5, 16, 0]
+    plain = TTEmbeddingBagCollection([5, 900, 300], 8, [3, 3], seed=2)
+    assert a.memory_bytes() == plain.memory_bytes() + (5 + 16) * 8 * 4
+    b = TTEmbeddingBagCollection([5, 900, 300], 8, [3, 3], cache_size=16, **kw)
+    for m in (a, b):
+        m(x)
+        m.cache_populate()
+    assert a._cache_objs[0].num_cached == 5 and a._cache_objs[2].num_cached == 0
+    torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)      # same rows, same values
+    before = [c.detach().clone() for c in a.tt_cores[:3]]
+    for m in (a, b):
+        m(x).sum().backward()
+    assert all(torch.equal(p, q) for p, q in zip(a.tt_cores[:3], before))   # table 0 all cached
+    # table 1 (16 rows in both) trains the same; table 2 (none cached here) does not
+    assert all(torch.equal(p, q) for p, q in zip(a.tt_cores[3:6], b.tt_cores[3:6]))
+    torch.testing.assert_close(a.cache_weights[1], b.cache_weights[1], rtol=0, atol=0)
+    assert not all(torch.equal(p, q) for p, q in zip(a.tt_cores[6:], b.tt_cores[6:]))
+    with pytest.raises(ValueError, match=r"^cache_size: expected an int or 3 sizes"):
+        TTEmbeddingBagCollection([5, 900, 300], 8, [3, 3], cache_size=[5, 16], **kw)
+    with pytest.raises(ValueError, match=r"^cache_size: expected > 0 with use_cache=True"):
+        TTEmbeddingBagCollection([5, 900, 300], 8, [3, 3], cache_size=[0, 0, 0], **kw)
+
+
 def test_module_cache_survives_state_dict_round_trip(tmp_path):
     # which rows are cached is not a parameter: it travels in the extra state,
     # else the loaded module reads its trained cached rows from the cores

@@ -95,12 +95,18 @@ class TTEmbeddingBagCollection(nn.Module):
     optimizer : {"sgd", "adagrad"} or hashemb.SGD / hashemb.Adagrad
     learning_rate, eps : float
     use_cache : bool
-    cache_size, hashtbl_size : int
-        LFU cache of the ``cache_size`` most used rows of each table
-        (:class:`hashemb.TTCache`); frequencies are counted by every forward in
+    cache_size : int or list of int
+        LFU cache (:class:`hashemb.TTCache`) of the ``cache_size`` most used
+        rows of each table, or a size a table (0: none cached there; rows
+        beyond a table's size would only hold zeros, so ``min(cache_size,
+        n)`` a table keeps the memory to what can be used). Frequencies are
+        counted by every forward in
         training mode, :meth:`cache_populate` refreshes the cached rows. On
         CUDA the caches live on the cores' device (moved with the module at
         its first call after ``.cuda()`` / ``.cpu()``).
+    hashtbl_size : int
+        Slots of each table's frequency table (default ``max(4 cache_size,
+        1024)``).
     weight_dist : str
         See :func:`hashemb.tt_init`.
     mode : {"sum", "mean"}
@@ -165,17 +171,26 @@ class TTEmbeddingBagCollection(nn.Module):
             for c in _tt.tt_init(n, p, q, self.tt_ranks, weight_dist, seed=seed + t, dtype=ndt):
                 self.tt_cores.append(nn.Parameter(torch.from_numpy(c)))
         self.use_cache = V.check_flag(use_cache, "use_cache")
-        self.cache_size = V.check_int(cache_size, "cache_size", lo=0, hi=1 << 40)
+        if isinstance(cache_size, (list, tuple)):
+            if len(cache_size) != len(self.num_embeddings):
+                raise ValueError(f"cache_size: expected an int or {len(self.num_embeddings)} "
+                                 f"sizes (one a table), got {len(cache_size)}")
+            self.cache_size = [V.check_int(c, "cache_size", lo=0, hi=1 << 40)
+                               for c in cache_size]
+            sizes = self.cache_size
+        else:
+            self.cache_size = V.check_int(cache_size, "cache_size", lo=0, hi=1 << 40)
+            sizes = [self.cache_size] * len(self.num_embeddings)
         self.hashtbl_size = V.check_int(hashtbl_size, "hashtbl_size", lo=0, hi=1 << 40)
         self._cache_objs = None
         self._steps = 0         # fused steps taken (see _TTBags.backward)
         self.cache_weights = nn.ParameterList()
         if self.use_cache:
-            if self.cache_size <= 0:
+            if max(sizes) <= 0:
                 raise ValueError(f"cache_size: expected > 0 with use_cache=True, got {cache_size}")
             self._cache_objs = []
-            for _ in self.num_embeddings:
-                c = _tt.TTCache(self.cache_size, self.embedding_dim, self.hashtbl_size or None, ndt)
+            for t in range(len(self.num_embeddings)):
+                c = _tt.TTCache(sizes[t], self.embedding_dim, self.hashtbl_size or None, ndt)
                 self._cache_objs.append(c)
                 self.cache_weights.append(nn.Parameter(torch.from_numpy(c.weight)))
         if self.sparse and isinstance(self._opt, _tt_adagrad()):
