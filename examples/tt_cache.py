@@ -18,7 +18,7 @@ tables (2 x 1024 int64 a table, used in training only). Reported
 per seed: test AUC, the floats kept, and the share of test lookups the
 caches hold.
 
-    python examples/tt_cache.py                          # about 9 min on 2 cores
+    python examples/tt_cache.py                          # about 8 min on 2 cores
     python examples/tt_cache.py --cache-sizes 0,32 --seeds 1 --samples 50000
 
 Prints a table and writes a PNG (test AUC against the cache's share of the
