@@ -121,6 +121,14 @@ def kernels(*arrays):
     return _cpu_kernels()
 
 
+def host(a, copy=False):
+    """A NumPy array of ``a``: a CuPy array's copy on the host, else ``a``
+    itself (a copy of it with ``copy``)."""
+    if is_cupy(a):
+        return a.get()
+    return a.copy() if copy else a
+
+
 def data_ptr(a):
     """Address of an array's first element, NumPy or CuPy."""
     if is_cupy(a):

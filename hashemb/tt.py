@@ -30,7 +30,7 @@ from collections import namedtuple
 import numpy as np
 
 from . import _validate as V
-from ._backend import array_module, device_id, fork_safe_lock, is_cupy, on_gpu
+from ._backend import array_module, device_id, fork_safe_lock, host, is_cupy, on_gpu
 from .optim import SGD, Adagrad, check_optimizer
 
 WEIGHT_DISTS = ("uniform", "normal", "approx-uniform", "approx-normal")
@@ -625,10 +625,7 @@ class TTCache:
 
     def _xp(self):
         """numpy, or cupy for a cache on a device."""
-        if is_cupy(self.keys):
-            import cupy
-            return cupy
-        return np
+        return array_module(self.keys)
 
     def _here(self):
         """Context: the cache's device current (its new arrays made there)."""
@@ -848,9 +845,8 @@ class TTCache:
         >>> cache.slots(np.array([3, 9, 7])).tolist()
         [0, -1, 1]
         """
+        self._same_side(rows, "rows")
         xp = self._xp()
-        if xp is not np:
-            self._same_side(rows, "rows")
         rows = xp.asarray(rows)
         with self._here():
             if not self._ids.size:
@@ -866,9 +862,8 @@ class TTCache:
         if is_cupy(w) != is_cupy(self.keys) or device_id(w) != device_id(self.keys):
             xp, place = _place(w)
             with place:
-                move = (lambda a: xp.asarray(a.get() if is_cupy(a) else a))
                 for name in ("keys", "freq", "_rows", "_ids", "_slot_of"):
-                    setattr(self, name, move(getattr(self, name)))
+                    setattr(self, name, xp.asarray(host(getattr(self, name))))
             self._used = None           # counted again from the keys at the next count
         self.weight = w
 
@@ -1190,6 +1185,8 @@ def _caches(cache, T, shapes, be=None):
     if cache is None:
         return [None] * T
     caches = [cache] if isinstance(cache, TTCache) else cache
+    on_device = be is not None
+    is_array = be.is_array if on_device else (lambda x: isinstance(x, np.ndarray))
     if not isinstance(caches, (list, tuple)) or len(caches) != T:
         raise TypeError(f"cache: expected None, a TTCache or a list of {T} (one per table), "
                         f"got {V._desc(cache)}")
@@ -1198,8 +1195,7 @@ def _caches(cache, T, shapes, be=None):
             continue
         if not isinstance(c, TTCache):
             raise TypeError(f"cache[{t}]: expected a hashemb.TTCache or None, got {V._desc(c)}")
-        on_device = be is not None
-        if (is_cupy(c.keys) if be is None else not be.is_array(c.keys)):
+        if (not is_array(c.keys)) if on_device else is_cupy(c.keys):
             side = "a device" if on_device else "the host"
             raise TypeError(f"cache[{t}]: expected a TTCache on {side} like the tables "
                             f"(TTCache(..., like={'a device array' if on_device else 'None'})), "
@@ -1213,7 +1209,6 @@ def _caches(cache, T, shapes, be=None):
                              f"got dim {c.dim} and dtype {c.weight.dtype}")
         # its arrays are public attributes: the kernels read a slot of every
         # cached row and a count of every frequency-table position
-        is_array = (lambda x: isinstance(x, np.ndarray)) if be is None else be.is_array
         w = c.weight
         if (not is_array(w) or w.shape != (c.capacity, c.dim)
                 or not w.flags.c_contiguous):
@@ -1337,8 +1332,7 @@ def _update_rows(w, g, rows, optimizer):
         return
     state = optimizer.state_for(w)[0].reshape(w.shape)
     state[rows] += g ** 2
-    sqrt = np.sqrt if isinstance(w, np.ndarray) else array_module(w).sqrt
-    w[rows] -= optimizer.lr * g / (sqrt(state[rows]) + optimizer.eps)
+    w[rows] -= optimizer.lr * g / (array_module(w).sqrt(state[rows]) + optimizer.eps)
 
 
 def tt_embedding_bag(indices, cores, offsets=None, *, mode="sum", per_sample_weights=None,

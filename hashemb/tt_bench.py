@@ -147,31 +147,46 @@ class _Setup:
                 (f"{what} fwd+bwd (fused SGD)", tf + tb, self.nnz * (f + b), U * (f + b),
                  self.logical_f + self.logical_b)]
 
-
     def torch_rows(self, ef, eb, where=""):
         return [(f"torch EmbeddingBag{where} fwd", ef, 0, 0, self.logical_f),
                 (f"torch EmbeddingBag{where} fwd+bwd+SGD (sparse)", ef + eb, 0, 0,
                  self.logical_f + self.logical_b)]
 
 
-def _timed_tt(batches, steps, warmup, desc, no_progress):
-    """Median forward and backward seconds of steps(idx) -> (fwd s, bwd s,
-    distinct rows the chain ran for, lookups served by a cache) over the
-    batches after ``warmup``; the mean row and hit counts."""
+def _tt_runs(args, st, batches, step, populate, new_cache, xp, desc):
+    """The TT table timed on the batches, and with ``--cache-size`` again with
+    a cache (``new_cache()``, filled by ``populate(cache)`` after the warm-up):
+    (report rows, mean distinct rows of the plain run, notes). ``step(idx,
+    cache)`` runs one forward and backward and returns their seconds."""
     from tqdm.auto import tqdm
-    tf, tb, uniq, hits = [], [], [], []
-    bar = tqdm(total=len(batches), desc=desc, disable=no_progress, leave=False)
-    for i, idx in enumerate(batches):
-        a, b, u, h = steps(i, idx)
-        if i >= warmup:
-            tf.append(a)
-            tb.append(b)
-            uniq.append(u)
-            hits.append(h)
-        bar.update()
-    bar.close()
-    return (float(np.median(tf)), float(np.median(tb)), float(np.mean(uniq)),
-            float(np.mean(hits)))
+
+    def timed(cache, what):
+        tf, tb, uniq, hits = [], [], [], []
+        bar = tqdm(total=len(batches), desc=what, disable=args.no_progress, leave=False)
+        for i, idx in enumerate(batches):
+            a, b = step(idx, cache)
+            if cache is not None and i + 1 == args.warmup:
+                populate(cache)
+            if i >= args.warmup:
+                # the rows the chain ran for: those the cache does not hold
+                held = cache.slots(idx) >= 0 if cache is not None else None
+                tf.append(a)
+                tb.append(b)
+                uniq.append(int(xp.unique(idx if held is None else idx[~held]).shape[0]))
+                hits.append(0 if held is None else int(xp.count_nonzero(held)))
+            bar.update()
+        bar.close()
+        return (float(np.median(tf)), float(np.median(tb)), float(np.mean(uniq)),
+                float(np.mean(hits)))
+
+    tf, tb, U, _ = timed(None, desc)
+    rows, notes = st.tt_rows(tf, tb, U), []
+    if args.cache_size:
+        cf, cb, CU, hits = timed(new_cache(), desc.replace("TT", "TT + cache"))
+        rows += st.tt_rows(cf, cb, CU, f"TT + cache ({args.cache_size:,} rows)")
+        notes.append(_cache_note(args, st, hits, tf + tb, cf + cb))
+    return rows, U, notes
+
 
 def _report(args, st, rows, peak, peak_what, U, torch_rows, torch_bytes, notes=()):
     print(f"\nTT-Rec benchmark: B={st.B}, pooling {st.L} ({st.nnz} lookups, {U:.0f} distinct "
@@ -225,34 +240,18 @@ def main(argv=None, be=None):
     batches, off, cores = st.batches, st.off, st.cores
     opt = he.SGD(1e-6)
 
-    def tt_step(cache):
-        def step(i, idx):
-            t0 = time.perf_counter()
-            if cache is not None:
-                cache.count(idx)            # as the torch module does in training
-            out, saved = he.tt_embedding_bag(idx, cores, off, cache=cache, return_saved=True)
-            t1 = time.perf_counter()
-            he.tt_embedding_bag_backward(out, idx, cores, off, cache=cache, saved=saved,
-                                         optimizer=opt)
-            t2 = time.perf_counter()
-            if cache is None:
-                return t1 - t0, t2 - t1, len(np.unique(idx)), 0
-            if i + 1 == args.warmup:
-                cache.populate(cores, n)
-            held = cache.slots(idx) >= 0
-            return t1 - t0, t2 - t1, len(np.unique(idx[~held])), int(np.count_nonzero(held))
-        return step
+    def step(idx, cache):
+        t0 = time.perf_counter()
+        if cache is not None:
+            cache.count(idx)                # as the torch module does in training
+        out, saved = he.tt_embedding_bag(idx, cores, off, cache=cache, return_saved=True)
+        t1 = time.perf_counter()
+        he.tt_embedding_bag_backward(out, idx, cores, off, cache=cache, saved=saved,
+                                     optimizer=opt)
+        return t1 - t0, time.perf_counter() - t1
 
-    tf, tb, U, _ = _timed_tt(batches, tt_step(None), args.warmup, "TT (hashemb)",
-                             args.no_progress)
-    rows = st.tt_rows(tf, tb, U)
-    notes = []
-    if args.cache_size:
-        cache = he.TTCache(args.cache_size, D)
-        cf, cb, CU, hits = _timed_tt(batches, tt_step(cache), args.warmup,
-                                     "TT + cache (hashemb)", args.no_progress)
-        rows += st.tt_rows(cf, cb, CU, f"TT + cache ({args.cache_size:,} rows)")
-        notes.append(_cache_note(args, st, hits, tf + tb, cf + cb))
+    rows, U, notes = _tt_runs(args, st, batches, step, lambda c: c.populate(cores, n),
+                              lambda: he.TTCache(args.cache_size, D), np, "TT (hashemb)")
     # after the TT runs: OpenBLAS's threads spin for a while after a matmul and
     # would take the cores from the TT kernels' OpenMP threads
     peak_n = args.peak_size or 4096
@@ -405,40 +404,26 @@ def _main_gpu(args, be=None):
     off = be.to_device(st.off)
     batches = [be.to_device(b) for b in st.batches]
     opt = he.SGD(1e-6)
-    xp = be.xp
 
-    def tt_step(cache):
-        def step(i, idx):
-            clock.sync()
-            t0 = clock.mark()
-            if cache is not None:
-                G.cache_count(cache, idx, be=be)
-            out, saved = G.bags(idx, [cores], off, cache=cache, return_saved=True, single=True,
-                                be=be)
-            t1 = clock.mark()
-            G.bags_backward(out, idx, [cores], off, cache=cache, saved=saved, optimizer=opt,
-                            single=True, be=be)
-            t2 = clock.mark()
-            a, b = clock.seconds(t0, t1), clock.seconds(t1, t2)
-            if cache is None:
-                return a, b, int(xp.unique(idx).shape[0]), 0
-            if i + 1 == args.warmup:
-                G.cache_populate(cache, cores, st.n, be=be)
-            held = cache.slots(idx) >= 0
-            return a, b, int(xp.unique(idx[~held]).shape[0]), int(xp.count_nonzero(held))
-        return step
+    def step(idx, cache):
+        clock.sync()
+        t0 = clock.mark()
+        if cache is not None:
+            G.cache_count(cache, idx, be=be)
+        out, saved = G.bags(idx, [cores], off, cache=cache, return_saved=True, single=True,
+                            be=be)
+        t1 = clock.mark()
+        G.bags_backward(out, idx, [cores], off, cache=cache, saved=saved, optimizer=opt,
+                        single=True, be=be)
+        t2 = clock.mark()
+        return clock.seconds(t0, t1), clock.seconds(t1, t2)
 
-    tf, tb, U, _ = _timed_tt(batches, tt_step(None), args.warmup, "TT (hashemb, GPU)",
-                             args.no_progress)
-    rows = st.tt_rows(tf, tb, U)
-    notes = [f"device: {he._gpu.info() if be.name == 'cupy' else be.name}"]
-    if args.cache_size:
-        # the emulator's device arrays are NumPy arrays: a host-made cache is its own
-        cache = he.TTCache(args.cache_size, st.D, like=cores[0] if be.name == "cupy" else None)
-        cf, cb, CU, hits = _timed_tt(batches, tt_step(cache), args.warmup,
-                                     "TT + cache (hashemb, GPU)", args.no_progress)
-        rows += st.tt_rows(cf, cb, CU, f"TT + cache ({args.cache_size:,} rows)")
-        notes.append(_cache_note(args, st, hits, tf + tb, cf + cb))
+    # (the emulator's device arrays are NumPy arrays: a host-made cache is its own)
+    rows, U, notes = _tt_runs(
+        args, st, batches, step, lambda c: G.cache_populate(c, cores, st.n, be=be),
+        lambda: he.TTCache(args.cache_size, st.D, like=cores[0] if be.name == "cupy" else None),
+        be.xp, "TT (hashemb, GPU)")
+    notes.insert(0, f"device: {he._gpu.info() if be.name == 'cupy' else be.name}")
     peak_n = args.peak_size or 8192
     peak = device_sgemm_peak(be, clock, peak_n)
     torch_rows = torch_bytes = None

@@ -5,7 +5,7 @@ from torch import nn
 
 from .. import _validate as V
 from .. import tt as _tt
-from .._backend import array_module
+from .._backend import array_module, host
 from ._function import (_rebind, as_any_array, as_tensor, check_psw_shape, compile_opaque,
                         device_context, getstate_unbound, make_optimizer, raise_stale,
                         records_grad, refuse_computed, refuse_double_backward)
@@ -189,8 +189,8 @@ class TTEmbeddingBagCollection(nn.Module):
             if max(sizes) <= 0:
                 raise ValueError(f"cache_size: expected > 0 with use_cache=True, got {cache_size}")
             self._cache_objs = []
-            for t in range(len(self.num_embeddings)):
-                c = _tt.TTCache(sizes[t], self.embedding_dim, self.hashtbl_size or None, ndt)
+            for size in sizes:
+                c = _tt.TTCache(size, self.embedding_dim, self.hashtbl_size or None, ndt)
                 self._cache_objs.append(c)
                 self.cache_weights.append(nn.Parameter(torch.from_numpy(c.weight)))
         if self.sparse and isinstance(self._opt, _tt_adagrad()):
@@ -381,7 +381,7 @@ class TTEmbeddingBagCollection(nn.Module):
             opt = self._fused()
             changed = [c.populate(cores[t], self.num_embeddings[t], optimizer=opt)
                        for t, c in enumerate(caches)]
-        return [s.get() if hasattr(s, "get") else s for s in changed]
+        return [host(s) for s in changed]
 
     def get_extra_state(self):
         # the LFU caches' row sets and frequency tables: the cached rows'
@@ -390,8 +390,8 @@ class TTEmbeddingBagCollection(nn.Module):
         if self._cache_objs is None:
             return {}
         # (host copies, on CUDA too: the state loads on either side)
-        host = (lambda a: torch.from_numpy(a.get() if hasattr(a, "get") else a.copy()))
-        return {"caches": [{"rows": host(c.rows), "keys": host(c.keys), "freq": host(c.freq)}
+        return {"caches": [{k: torch.from_numpy(host(getattr(c, k), copy=True))
+                            for k in ("rows", "keys", "freq")}
                            for c in self._cache_objs]}
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
