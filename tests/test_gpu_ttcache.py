@@ -347,6 +347,9 @@ def test_a_cache_on_the_other_side_is_a_type_error(public_emu):
     with pytest.raises(TypeError, match=r"^indices: expected a numpy\.ndarray \(this TTCache "
                                         r"is on the host"):
         host.count(put(idx))
+    with pytest.raises(TypeError, match=r"^rows: expected a numpy\.ndarray \(this TTCache "
+                                        r"is on the host"):
+        host.slots(put(idx))
     devc = he.TTCache(2, 4)
     devc.keys, devc.freq = devc.keys.view(_Stand), devc.freq.view(_Stand)
     for call in (lambda: he.tt_embedding_bag(idx, cores, off, cache=devc),
