@@ -14,7 +14,7 @@ import types
 import numpy as np
 
 from . import _validate as V
-from ._backend import kernels
+from ._backend import is_cupy, kernels
 from .hashing import P
 from .schemes import Scheme
 
@@ -243,8 +243,19 @@ class _MinhashScheme(Scheme):
         -------
         ndarray of int64, ``tokens``' shape
             The row of :attr:`data` each token reads, -1 for a token absent
-            from the sample (its starts are hashed on the fly).
+            from the sample (its starts are hashed on the fly). A CuPy
+            ``tokens`` gives a CuPy array, from the GPU kernel.
+
+        Examples
+        --------
+        >>> import numpy as np, hashemb as he
+        >>> t = he.LSHTable.fit(np.array([[3, 9], [4, 9]]), size=100, dim=4)
+        >>> t.lookup_ids([4, 3, 5]).tolist(), t.lookup_ids([9], table=1).tolist()
+        ([2, 0, -1], [1])
         """
+        if is_cupy(tokens):
+            from ._gpu.lsh import lookup_ids
+            return lookup_ids(self, tokens, table)
         idx = V.as_keys(tokens, "tokens")
         table = V.check_table(table, self)
         out = np.empty(idx.size, np.int64)
@@ -269,16 +280,32 @@ class _MinhashScheme(Scheme):
     # ---- building from data
     @classmethod
     def fit(cls, X, size, dim, num_hashes=2, num_points=None, seed=0, block=None,
-            progress=False, device="cpu", _backend=None, **kwargs):
+            progress=False, device=None, _backend=None, **kwargs):
         # the device first: not after the CPU's share of the work
+        on_device = is_cupy(X)
+        if device is None:
+            device = "gpu" if on_device else "cpu"
         if device not in ("cpu", "gpu"):
             raise ValueError(f"device: expected 'cpu' or 'gpu', got {device!r}")
-        if device == "gpu" and _backend is None:
+        if on_device and device == "cpu":
+            raise TypeError("X: expected a numpy.ndarray for device='cpu' (hashemb never "
+                            "copies between host and device), got a cupy.ndarray")
+        if device == "gpu" and _backend is None and not on_device:
             from ._gpu._runtime import device_count
             if device_count() == 0:
                 raise RuntimeError("device: 'gpu' needs CuPy and a CUDA device, and this "
                                    "process has none (he.show_config() says why)")
-        X = V.as_keys(X, "X")
+        if on_device:
+            from ._gpu import _args as A, _runtime as RT
+            be = _backend or RT.backend()
+            X = A.as_keys(be, X, "X")
+            gpu = be.device_of(X)
+        else:
+            X = V.as_keys(X, "X")
+            gpu = contextlib.nullcontext()
+            if device == "gpu":
+                from ._gpu import _runtime as RT
+                be = _backend or RT.backend()
         if X.ndim != 2:
             raise ValueError(f"X: expected a 2-D (rows, fields) array, got {X.ndim}-D")
         rows, T = X.shape
@@ -295,20 +322,42 @@ class _MinhashScheme(Scheme):
         seed = V.check_seed(seed)
         size = V.check_positive_int(size, "size", upper=(1 << 32) + 1)
         dim = V.check_positive_int(dim, "dim", upper=1 << 20)
-        k = kernels()
         # a probe scheme: the minhash functions, mixers and picks of this seed
         probe = cls.__new__(cls)
         probe.num_hashes, probe.seed = V.check_positive_int(num_hashes, "num_hashes", 64), seed
         probe.block = _check_block(block, dim, size)
         width = probe._width(dim, kwargs.get("signature_size"))
         probe._coefficients(dim, width)
-        salt = probe._salt
         if num_points == rows:
             sample = np.arange(rows, dtype=np.int64)
         else:
             rng = np.random.default_rng(seed)
             sample = np.sort(rng.choice(rows, num_points, replace=False)).astype(np.int64)
-        Xs = X[sample] if num_points < rows else X
+        F = probe._num_functions(dim, width)
+        slots = cls._kind_id == _LSH_TABLE
+        probe._setup(cls._kind_id, size, dim, probe.block, size, [0] * 12)
+        if device == "gpu":
+            from ._gpu.lsh import build
+            with gpu:
+                Xs = X if num_points == rows else X[be.to_device(sample)]
+                if not on_device:
+                    Xs = be.to_device(Xs)           # the copy device="gpu" asks for
+                fields, tokens, data = build(probe, Xs.astype(np.int64, copy=False), sample,
+                                             F, slots, be)
+        else:
+            fields, tokens, data = cls._build(X, sample, probe, F, slots, progress)
+        scheme = cls._from_distinct(size, dim, T, fields, tokens, data, num_hashes, seed,
+                                    block, kwargs.get("signature_size"))
+        scheme.num_points = num_points
+        return scheme
+
+    @classmethod
+    def _build(cls, X, sample, probe, F, slots, progress):
+        """fit's CPU build: (fields, tokens, data) of the distinct sampled
+        pairs, numbered in order of first occurrence by the hash map."""
+        k, salt = kernels(), probe._salt
+        num_points, T = sample.shape[0], X.shape[1]
+        Xs = X[sample] if num_points < X.shape[0] else X
         tokens = np.ascontiguousarray(Xs.astype(np.int64, copy=False).reshape(-1)).view(np.uint64)
         fields = np.tile(np.arange(T, dtype=np.int32), num_points)
         keys = np.zeros(2 * _pow2_above(tokens.shape[0]), np.uint64)
@@ -326,26 +375,15 @@ class _MinhashScheme(Scheme):
         ptr = np.zeros(count + 1, np.int64)
         np.cumsum(np.bincount(ids, minlength=count), out=ptr[1:])
         del ids
-        F = probe._num_functions(dim, width)
-        slots = cls._kind_id == _LSH_TABLE
-        probe._setup(cls._kind_id, size, dim, probe.block, size, [0] * 12)
-        if device == "gpu" or _backend is not None:
-            from ._gpu.lsh import signatures
-            data = signatures(probe, ptr, occ_keys, F, slots, _backend)
-        else:
-            data = np.empty((count, width), np.uint32)
-            view = k.SchemeView(probe)
-            chunks = np.linspace(0, count, min(count, 64) + 1).astype(np.int64)
-            with _bar(progress, total=count, desc=f"{cls._type} minhash", unit="token",
-                      unit_scale=True, leave=False) as bar:
-                for a, b in zip(chunks[:-1], chunks[1:]):
-                    k.lsh_signatures(view, ptr, occ_keys, int(a), int(b), F, slots,
-                                     data[a:b])
-                    bar.update(int(b - a))
-        scheme = cls._from_distinct(size, dim, T, sampled_fields, sampled_tokens, data,
-                                    num_hashes, seed, block, kwargs.get("signature_size"))
-        scheme.num_points = num_points
-        return scheme
+        data = np.empty((count, probe._lsh["width"]), np.uint32)
+        view = k.SchemeView(probe)
+        chunks = np.linspace(0, count, min(count, 64) + 1).astype(np.int64)
+        with _bar(progress, total=count, desc=f"{cls._type} minhash", unit="token",
+                  unit_scale=True, leave=False) as bar:
+            for a, b in zip(chunks[:-1], chunks[1:]):
+                k.lsh_signatures(view, ptr, occ_keys, int(a), int(b), F, slots, data[a:b])
+                bar.update(int(b - a))
+        return sampled_fields, sampled_tokens, data
 
     # ---- persistence
     def save(self, path):
@@ -515,15 +553,16 @@ class LSHTable(_MinhashScheme):
 
     @classmethod
     def fit(cls, X, size, dim, num_hashes=2, num_points=None, seed=0, block=None,
-            progress=False, device="cpu", _backend=None):
+            progress=False, device=None, _backend=None):
         """Learn the table from ``X`` (rows x fields, integer tokens): sample
         ``num_points`` rows (seeded, without replacement; default 125,000, or
         every row of a smaller ``X``), take for every token
         seen the minhashes of its row set under ``num_hashes * dim / block``
         universal hashes, and combine them into slots (one pass over the sample; Cython +
-        OpenMP, parallel over tokens). ``device="gpu"`` takes the minima and
-        the starts on the GPU (CuPy; the sample's row keys go to the device,
-        the table comes back), with the CPU build's exact result.
+        OpenMP, parallel over tokens). A CuPy ``X`` is fitted on its device
+        (CUDA kernels: the pairs numbered by sorting, the minima and the
+        starts; the table comes back to the host, as every scheme's arrays
+        live there), with the CPU build's exact result.
 
         Parameters
         ----------
@@ -544,7 +583,10 @@ class LSHTable(_MinhashScheme):
             Z, a divisor of ``dim`` (default ``dim``: one run a row).
         progress : bool
             A tqdm bar over the tokens (CPU).
-        device : {"cpu", "gpu"}
+        device : {None, "cpu", "gpu"}
+            Where the build runs: None follows ``X`` (NumPy: the CPU, CuPy:
+            its device); "gpu" with a host ``X`` copies its sampled rows to
+            the current device; "cpu" with a CuPy ``X`` is a TypeError.
 
         Returns
         -------
@@ -556,6 +598,8 @@ class LSHTable(_MinhashScheme):
         ------
         ValueError
             Empty ``X``, a ``num_points`` given above its rows, ``size`` above 2**32.
+        RuntimeError
+            ``device="gpu"`` in a process without CuPy and a CUDA device.
 
         Examples
         --------
@@ -639,7 +683,7 @@ class LMA(_MinhashScheme):
 
     @classmethod
     def fit(cls, X, size, dim, num_hashes=2, num_points=None, seed=0, block=None,
-            signature_size=None, progress=False, device="cpu", _backend=None):
+            signature_size=None, progress=False, device=None, _backend=None):
         """Learn the signatures from ``X`` as :meth:`LSHTable.fit` does, keeping
         ``signature_size`` minhash values per sampled token.
 
@@ -701,6 +745,8 @@ def main(argv=None):
     p.add_argument("--limit", type=V.cli_number(int), default=None,
                    help="read at most this many rows")
     p.add_argument("--seed", type=V.cli_number(int, closed=True), default=0)
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                   help="where the minhash build runs (gpu: CuPy, equal results)")
     p.add_argument("--out", default=None, help="output .npz (default lsh_D_H_N[_lma].npz)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
@@ -720,12 +766,13 @@ def main(argv=None):
           f"sampling {num_points:,} rows; array of {size:,} floats")
     t1 = time.perf_counter()
     kw = dict(num_hashes=args.num_hash, num_points=num_points, seed=args.seed,
-              block=args.block, progress=True)
+              block=args.block, progress=True, device=args.device)
     try:
         scheme = (LMA.fit(X, size, args.dim, signature_size=args.signature_size, **kw)
                   if args.lma else LSHTable.fit(X, size, args.dim, **kw))
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, RuntimeError) as e:
         V.cli_refusal(p, e, {"size": "--size", "dim": "--dim", "block": "--block",
+                             "device": "--device",
                              "seed": "--seed", "num_hashes": "--num-hash",
                              "signature_size": "--signature-size",
                              "num_points": "--num-points"})

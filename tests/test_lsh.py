@@ -4,7 +4,7 @@ Jaccard theory with binomial tolerances, bags through the shared kernels, and
 the error paths."""
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import hashemb as he
 from reference import (bag_backward, bag_forward, lsh_combine, lsh_row_key, lsh_signature,
@@ -462,6 +462,28 @@ def test_cli_writes_a_loadable_scheme(tmp_path, capsys):
         main(["lsh-table", "--dim", "8"])                     # --data is required
 
 
+def test_cli_builds_on_the_gpu_or_says_why_not(tmp_path, capsys, monkeypatch):
+    from hashemb.__main__ import main
+    from hashemb._gpu import _runtime as RT
+    X = np.random.default_rng(0).integers(-9, 30, (300, 3))
+    np.save(tmp_path / "x.npy", X)
+    args = ["lsh-table", "--data", str(tmp_path / "x.npy"), "--dim", "8", "--num-points", "250",
+            "--device", "gpu", "--out", str(tmp_path / "t.npz")]
+    if RT.device_count() == 0:
+        with pytest.raises(SystemExit):
+            main(args)
+        assert "argument --device: 'gpu' needs CuPy and a CUDA device" in capsys.readouterr().err
+        # the emulator stands in for the device: the build the flag asks for
+        import gpu_emu
+        monkeypatch.setattr(RT, "_backend", gpu_emu.emu_backend())
+        monkeypatch.setattr(RT, "device_count", lambda: 1)
+    assert main(args) == 0
+    s = he.LSHTable.load(tmp_path / "t.npz")
+    assert s == he.LSHTable.fit(X, s.size, 8, num_points=250)
+    with pytest.raises(SystemExit):
+        main(args[:-2] + ["--device", "tpu"])
+
+
 # ------------------------------------------------------------ GPU build
 
 @pytest.fixture(scope="module", params=["emulator", "cupy"])
@@ -495,6 +517,93 @@ def test_gpu_build_equals_cpu_build(cls, block, nh, chunk, gpu_backend, monkeypa
     assert gpu == cpu and (gpu.data == cpu.data).all()
     with pytest.raises(ValueError, match="device"):
         cls.fit(X, size=99, dim=8, num_points=5, device="tpu")
+
+
+class _Stand(np.ndarray):
+    """A NumPy array that hashemb's dispatch takes for a CuPy one."""
+
+
+_Stand.__module__ = "cupy"
+
+
+@pytest.fixture
+def put(gpu_backend, monkeypatch):
+    """A host array as the public functions' device input: on the emulator a
+    _Stand with the GPU branch routed to it, else a CuPy array."""
+    from hashemb._gpu import _runtime as RT
+    if isinstance(gpu_backend, RT.CupyBackend):
+        return gpu_backend.xp.asarray
+    monkeypatch.setattr(RT, "_backend", gpu_backend)
+    return lambda a: np.array(a, copy=True).view(_Stand)
+
+
+def _host(a):
+    return a.get() if hasattr(a, "get") else np.asarray(a).view(np.ndarray)
+
+
+@pytest.mark.parametrize("cls", SCHEMES)
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])   # put is stateless
+@given(rows=st.integers(1, 60), T=st.integers(1, 4), vocab=st.integers(1, 40),
+       dtype=st.sampled_from([np.int32, np.int64, np.uint64]), frac=st.floats(0.1, 1.0),
+       block=st.sampled_from([1, 2, 4]), seed=st.integers(0, 2**32))
+def test_fit_on_device_data_equals_the_cpu_fit(cls, rows, T, vocab, dtype, frac, block, seed,
+                                               put):
+    # the tokens numbered on the device (sorts) as the CPU's map numbers them
+    # (order of first occurrence): equal schemes, data included; small vocab
+    # repeats tokens within and across fields, negative values test the
+    # int32 sign extension and uint64 the top bit
+    rng = np.random.default_rng(seed)
+    X = rng.integers(-vocab, vocab, (rows, T)).astype(dtype)
+    if dtype == np.uint64:
+        X[rng.random((rows, T)) < 0.3] |= np.uint64(1 << 63)
+    num_points = max(1, int(rows * frac))
+    kw = dict(size=997, dim=4, num_hashes=2, num_points=num_points, seed=seed % 7, block=block)
+    cpu = cls.fit(X, **kw)
+    gpu = cls.fit(put(X), **kw)
+    assert gpu == cpu and (gpu.data == cpu.data).all() and (gpu.keys == cpu.keys).all()
+    assert gpu.num_points == cpu.num_points == num_points and gpu.clashes == cpu.clashes
+    tok = put(X[: min(rows, 5), 0])
+    assert (_host(gpu.lookup_ids(tok)) == cpu.lookup_ids(X[: min(rows, 5), 0])).all()
+
+
+@pytest.mark.parametrize("cls", SCHEMES)
+def test_lookup_ids_on_device_tokens(cls, put):
+    X = np.random.default_rng(1).integers(0, 30, (200, 3))
+    s = cls.fit(X, size=501, dim=8, num_points=150, seed=2, block=4)
+    tok = np.array([[0, 5, 29, 30], [-1, 7, 2**40, 12]])
+    for table in range(3):
+        for dt in (np.int32, np.int64, np.uint64):
+            if dt == np.int32 and (np.abs(tok) >= 2**31).any():
+                continue
+            t = tok.astype(dt)
+            got = s.lookup_ids(put(t), table=table)
+            assert got.shape == t.shape and _host(got).tolist() == \
+                s.lookup_ids(t, table=table).tolist()
+    assert (_host(s.lookup_ids(put(np.array([], np.int64)))) == []).all()
+    with pytest.raises(TypeError, match="tokens: expected an int32, int64 or uint64"):
+        s.lookup_ids(put(np.zeros(3, np.float32)))
+    with pytest.raises(ValueError, match="table"):
+        s.lookup_ids(put(np.zeros(3, np.int64)), table=3)
+
+
+@pytest.mark.parametrize("cls", SCHEMES)
+def test_fit_on_device_data_refuses_bad_input_by_name(cls, put):
+    X = put(np.arange(40).reshape(20, 2))
+    with pytest.raises(TypeError, match="X: expected a numpy.ndarray for device='cpu'"):
+        cls.fit(X, 100, 4, device="cpu")
+    with pytest.raises(ValueError, match="device: expected 'cpu' or 'gpu'"):
+        cls.fit(X, 100, 4, device="cuda")
+    with pytest.raises(TypeError, match="X: expected an int32, int64 or uint64"):
+        cls.fit(put(np.zeros((4, 2), np.float32)), 100, 4)
+    with pytest.raises(ValueError, match="X: expected a 2-D"):
+        cls.fit(put(np.arange(4)), 100, 4)
+    with pytest.raises(ValueError, match="X: expected at least one row"):
+        cls.fit(put(np.zeros((0, 2), np.int64)), 100, 4)
+    with pytest.raises(ValueError, match="num_points: expected <= 20"):
+        cls.fit(X, 100, 4, num_points=21)
+    # device="gpu" with device data: the same build, no copy
+    assert cls.fit(X, 100, 4, device="gpu") == cls.fit(_host(X), 100, 4)
 
 
 # -- from a mutation round: each kills a mutant the suite let through
@@ -561,3 +670,20 @@ def test_torch_extra_state_holds_copies_of_the_scheme_arrays():
     sd = emb.state_dict()
     sd["_extra_state"]["scheme"]["data"].fill_(1 << 30)
     torch.testing.assert_close(emb(x), want, rtol=0, atol=0)
+
+
+def test_lsh_collection_fits_a_cuda_tensor_on_its_device():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("cupy")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from hashemb.torch import LSHEmbeddingBagCollection
+    X = torch.randint(-5, 60, (500, 3))
+    for lma in (False, True):
+        cpu = LSHEmbeddingBagCollection(X, [60] * 3, 8, compression=4, lma=lma, seed=2,
+                                        num_points=400)
+        gpu = LSHEmbeddingBagCollection(X.cuda(), [60] * 3, 8, compression=4, lma=lma, seed=2,
+                                        num_points=400)
+        assert gpu.scheme == cpu.scheme
+    with pytest.raises(TypeError, match="data: expected an int32 or int64 tensor"):
+        LSHEmbeddingBagCollection(X.cuda().float(), [60] * 3, 8)

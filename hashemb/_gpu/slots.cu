@@ -131,6 +131,32 @@ __global__ void lsh_starts(const he_scheme* __restrict__ s, const uint32_t* __re
     out[g] = (uint32_t)he_lsh_slot(s, sig + i * F, 0, g - i * R);
 }
 
+/* keys[r] = he_lsh_row_key(salt, rows[r]): the minhash key of each sampled
+ * row (the twin of lsh_row_keys in _cpu/_slots.pyx). */
+__global__ void lsh_row_keys(const int64_t* __restrict__ rows, i64 n,
+                             unsigned long long salt, uint64_t* __restrict__ keys)
+{
+    const i64 g = he_tid();
+    if (g >= n)
+        return;
+    keys[g] = he_lsh_row_key(salt, (uint64_t)rows[g]);
+}
+
+/* out[r] = id of (table, tok[r]) in the scheme's map, -1 for a token absent
+ * from the sample (the twin of lsh_find in _cpu/_slots.pyx). */
+template <typename I>
+__global__ void lsh_lookup(const he_scheme* __restrict__ s, const I* __restrict__ tok, i64 n,
+                           i64 table, int64_t* __restrict__ out)
+{
+    const i64 g = he_tid();
+    if (g >= n)
+        return;
+    out[g] = he_lsh_find(s, table, (uint64_t)(int64_t)tok[g]);
+}
+
+HE_KERNEL(lsh_row_keys)
+HE_KERNEL(lsh_lookup<int>)
+HE_KERNEL(lsh_lookup<long long>)
 HE_KERNEL(lsh_minhash)
 HE_KERNEL(lsh_minhash_chunks)
 HE_KERNEL(lsh_minhash_store)

@@ -1,5 +1,6 @@
 """nn.Module adapters: nn.EmbeddingBag-like modules whose array is one hashemb
 scheme's array. No math here: every lookup is a hashemb kernel call."""
+import contextlib
 import math
 
 import numpy as np
@@ -520,16 +521,24 @@ def _minhash_scheme(data, sizes, dim, compression, lma, num_hashes, num_points, 
             raise ValueError(f"embedding_dim: expected {data.dim} (the given {type(data).__name__}"
                              f"'s dim), got {dim}")
         return data
-    X = V.as_keys(data.numpy() if isinstance(data, torch.Tensor) else data, "data")
+    if isinstance(data, torch.Tensor) and data.is_cuda:
+        # built on the tensor's device, from a zero-copy CuPy view of it
+        X, on = as_any_array(data, "data"), device_context(data)
+        if X.dtype not in (np.int32, np.int64):
+            raise TypeError(f"data: expected an int32 or int64 tensor, got {data.dtype}")
+    else:
+        X = V.as_keys(data.numpy() if isinstance(data, torch.Tensor) else data, "data")
+        on = contextlib.nullcontext()
     X = X.reshape(-1, 1) if X.ndim == 1 else X
     D = V.check_positive_int(dim, "embedding_dim", upper=1 << 20)
     size = _robe_size(sum(sizes) * D, compression,
                       D if block is None else V.check_positive_int(block, "block"))
     num_points = min(V.check_positive_int(num_points, "num_points", upper=1 << 62), X.shape[0])
-    if lma:
-        return LMA.fit(X, size, D, num_hashes, num_points, seed, block, signature_size,
-                       progress)
-    return LSHTable.fit(X, size, D, num_hashes, num_points, seed, block, progress)
+    with on:
+        if lma:
+            return LMA.fit(X, size, D, num_hashes, num_points, seed, block, signature_size,
+                           progress)
+        return LSHTable.fit(X, size, D, num_hashes, num_points, seed, block, progress)
 
 
 class LSHEmbeddingBag(HashEmbeddingBag):
@@ -544,7 +553,8 @@ class LSHEmbeddingBag(HashEmbeddingBag):
     data : array (rows,) or (rows, fields), or a fitted he.LSHTable / he.LMA
         Training tokens to learn the allocation from (``num_points`` rows are
         sampled), or a scheme built before (e.g. by ``python -m hashemb
-        lsh-table``), whose own size and hashes are then used.
+        lsh-table``), whose own size and hashes are then used. A CUDA
+        tensor is fitted on its device (the CuPy build).
     num_embeddings, embedding_dim : int
     compression : float
     table : int
@@ -588,6 +598,7 @@ class LSHEmbeddingBagCollection(HashEmbeddingBagCollection):
     ----------
     data : array (rows, T), or a fitted he.LSHTable / he.LMA
         The training tokens (column t = table t), or a scheme built before.
+        A CUDA tensor is fitted on its device (the CuPy build).
     num_embeddings : list of int
         Rows of each table (for the array size).
     embedding_dim, compression, lma, num_hashes, num_points, block, seed,
