@@ -166,7 +166,7 @@ class Scheme:
         kernels().signs(self._view, flat, tables, out)
         return out.reshape(idx.shape + (self.dim,))
 
-    def init_weight(self, seed=0, dtype=np.float32, scale=None):
+    def init_weight(self, seed=0, dtype=np.float32, scale=None, like=None):
         """A new array of ``weight_shape``, uniform on ``[-scale, scale]``,
         starting on a 64-byte boundary (a full table's rows then start on
         cache lines).
@@ -185,10 +185,15 @@ class Scheme:
         scale : float or list of float, optional
             Half-width of the uniform range; a list (FullTable only) gives
             one per table.
+        like : cupy.ndarray or numpy.ndarray, optional
+            A CuPy array: the array is drawn on its device (CuPy's current
+            stream) by a CUDA kernel that runs NumPy's generator (PCG64) in
+            parallel, with the same values bit for bit and no host copy.
 
         Returns
         -------
         ndarray of shape ``weight_shape`` and ``dtype``
+            (a CuPy array with a CuPy ``like``)
 
         Examples
         --------
@@ -218,6 +223,12 @@ class Scheme:
         if dtype not in (np.float32, np.float64) and not V.is16(dtype):
             raise TypeError(f"dtype: expected float16, bfloat16, float32 or float64, "
                             f"got {dtype}")
+        if is_cupy(like):
+            from ._gpu.init import init_uniform
+            return init_uniform(self.weight_shape, dtype, rng, parts, like)
+        if like is not None and not isinstance(like, np.ndarray):
+            raise TypeError(f"like: expected a cupy.ndarray or numpy.ndarray, got "
+                            f"{V._desc(like)}")
         if V.is16(dtype):
             # storage for the bag functions: the float32 draw rounded once to
             # nearest, a chunk at a time (no float32 copy of a large table;

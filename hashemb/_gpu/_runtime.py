@@ -25,7 +25,7 @@ HEADER = os.path.join(os.path.dirname(_HERE), "_include", "hashemb", "slots.h")
 HALF = os.path.join(os.path.dirname(_HERE), "_include", "hashemb", "half.h")
 OPTIM = os.path.join(os.path.dirname(_HERE), "_include", "hashemb", "optim.h")
 COMMON = os.path.join(_HERE, "common.cuh")
-FAMILIES = ("bag", "segment", "slots", "embed", "tt")
+FAMILIES = ("bag", "segment", "slots", "embed", "tt", "init")
 
 # -fmad=false: no contraction of a*b + c into one rounding, so sums and
 # updates round exactly as the CPU kernels (compiled without FMA) do.

@@ -129,6 +129,7 @@ static int he_emu_register(const char* name, void (*f)(A...))
 #include "slots.cu"
 #include "embed.cu"
 #include "tt.cu"
+#include "init.cu"
 
 extern "C" {
 int emu_count() { return (int)he_emu_registry().size(); }
