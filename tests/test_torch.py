@@ -792,3 +792,47 @@ def test_hashing_trick_hashes_each_table_with_its_own_id(flat):
 def test_hashing_trick_rows_round_up():
     from hashemb.torch import HashingTrickEmbeddingBagCollection
     assert HashingTrickEmbeddingBagCollection([1050, 50], 4, compression=100).rows == [11, 1]
+
+
+# ------------------------------------------------------------ device=
+
+def _module_bits(m):
+    w = m.weight.detach().cpu()
+    return (w.view(torch.int16) if w.dtype in (torch.float16, torch.bfloat16) else w).numpy()
+
+
+def test_device_keyword_on_the_cpu():
+    ref = RobeEmbeddingBagCollection([50, 70], 8, compression=4, optimizer="adagrad")
+    for dev in ("cpu", torch.device("cpu")):
+        m = RobeEmbeddingBagCollection([50, 70], 8, compression=4, optimizer="adagrad",
+                                       device=dev)
+        assert m.weight.device.type == "cpu" and m.optimizer_state.device.type == "cpu"
+        assert torch.equal(m.weight, ref.weight)
+    w = torch.ones(ref.weight.shape)
+    m = HashEmbeddingBag(ref.scheme, _weight=w, device="cpu")
+    assert torch.equal(m.weight, w)
+    with pytest.raises(ValueError, match="device: expected a torch device, got 'gpu0'"):
+        HashEmbeddingBag(ref.scheme, device="gpu0")
+
+
+def test_device_keyword_draws_on_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    pytest.importorskip("cupy")
+    dtypes = [torch.float32, torch.float64, torch.float16]
+    try:
+        import ml_dtypes  # noqa: F401
+        dtypes.append(torch.bfloat16)
+    except ImportError:
+        pass
+    for make in (lambda **k: RobeEmbeddingBagCollection([500, 70], 16, compression=8, **k),
+                 lambda **k: HashedNetEmbeddingBagCollection([90], 4, compression=3, **k),
+                 lambda **k: HashingTrickEmbeddingBagCollection([300, 7, 40], 8, **k)):
+        for dtype in dtypes:
+            cpu = make(dtype=dtype, init_seed=9, optimizer="adagrad")
+            gpu = make(dtype=dtype, init_seed=9, optimizer="adagrad", device="cuda")
+            assert gpu.weight.is_cuda and gpu.optimizer_state.is_cuda
+            assert gpu.weight.dtype == cpu.weight.dtype
+            assert (_module_bits(gpu) == _module_bits(cpu)).all()
+            x = torch.randint(0, 7, (4, len(cpu.num_embeddings)))
+            assert torch.equal(gpu(x.cuda()).cpu(), cpu(x))

@@ -43,6 +43,30 @@ def _scheme_of(state):
                                for k, v in state["scheme"].items()})
 
 
+def _device(device):
+    if device is None:
+        return None
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device: expected a torch device, got {device!r} ({e})") from None
+
+
+def _init_weight(scheme, seed, np_dtype, scale, device):
+    """scheme.init_weight as a tensor on ``device``: drawn there for CUDA
+    (bfloat16 through its float32 draw, which torch rounds to nearest as
+    the CPU does: CuPy before 14 has no bfloat16), else on the CPU."""
+    if device is None or device.type != "cuda":
+        w = as_tensor(scheme.init_weight(seed=seed, dtype=np_dtype, scale=scale))
+        return w if device is None else w.to(device)
+    probe = torch.empty(1, device=device)
+    bf = V.format16(np.dtype(np_dtype)) == 1
+    with device_context(probe):
+        w = as_tensor(scheme.init_weight(seed=seed, dtype=np.float32 if bf else np_dtype,
+                                         scale=scale, like=as_any_array(probe, "device")))
+    return w.to(torch.bfloat16) if bf else w
+
+
 class HashEmbeddingBag(nn.Module):
     r"""One embedding-bag table stored through any hashemb scheme.
 
@@ -79,6 +103,11 @@ class HashEmbeddingBag(nn.Module):
         :class:`hashemb.SGD`); without one, autograd hands the float32
         gradient to ``weight.grad`` in the array's dtype. bfloat16 needs
         the ``ml_dtypes`` package (and, on CUDA, CuPy 14 or newer).
+    device : None, str or torch.device
+        Where the array and its optimizer state are made (None: the CPU), as
+        ``nn.EmbeddingBag``'s. A CUDA device draws the array there
+        (:meth:`hashemb.Scheme.init_weight` with ``like=``, on torch's
+        current stream): the CPU module's values, with no host copy.
 
     Notes
     -----
@@ -107,7 +136,7 @@ class HashEmbeddingBag(nn.Module):
 
     def __init__(self, scheme, table=0, mode="sum", padding_idx=None,
                  include_last_offset=False, optimizer=None, lr=0.01, eps=1e-10,
-                 _weight=None, init_seed=0, dtype=None):
+                 _weight=None, init_seed=0, dtype=None, device=None):
         super().__init__()
         scheme = V.check_scheme(scheme)
         V.check_mode(mode)
@@ -124,9 +153,9 @@ class HashEmbeddingBag(nn.Module):
         if np_dtype is None:
             raise TypeError(f"dtype: expected torch.float32, torch.float64, "
                             f"torch.float16 or torch.bfloat16, got {dtype}")
+        device = _device(device)
         if _weight is None:
-            w = as_tensor(scheme.init_weight(seed=init_seed, dtype=np_dtype,
-                                             scale=self._init_scale()))
+            w = _init_weight(scheme, init_seed, np_dtype, self._init_scale(), device)
         else:
             # copied, in dtype when one is given (it was ignored: a float16
             # module given float32 values stored them in float32)
@@ -136,6 +165,8 @@ class HashEmbeddingBag(nn.Module):
             if tuple(w.shape) not in (tuple(scheme.weight_shape), (scheme.size,)):
                 raise ValueError(f"_weight: expected shape {scheme.weight_shape}, "
                                  f"got {tuple(w.shape)}")
+            if device is not None:
+                w = w.to(device)
         self.weight = nn.Parameter(w.contiguous())
         if kind in ("adagrad", "rowwise_adagrad"):
             # 16-bit arrays keep a float32 accumulator (the kernels' dtype);
@@ -143,7 +174,7 @@ class HashEmbeddingBag(nn.Module):
             n = self.weight.numel()
             self.register_buffer("optimizer_state", torch.zeros(
                 n if kind == "adagrad" else n // scheme.dim,
-                dtype=_state_dtype(self.weight.dtype)))
+                dtype=_state_dtype(self.weight.dtype), device=self.weight.device))
 
     def _apply(self, fn, *args, **kwargs):
         # .half(), .bfloat16(), .double(), .to(dtype): the accumulator follows
@@ -341,14 +372,14 @@ class HashEmbeddingBagCollection(HashEmbeddingBag):
     """
 
     def __init__(self, scheme, num_tables, mode="sum", optimizer=None, lr=0.01, eps=1e-10,
-                 _weight=None, init_seed=0, dtype=None):
+                 _weight=None, init_seed=0, dtype=None, device=None):
         self.num_tables = V.check_positive_int(num_tables, "num_tables", upper=1 << 31)
         s = V.check_scheme(scheme)
         if s.num_tables is not None and self.num_tables > s.num_tables:
             raise ValueError(f"num_tables: expected <= {s.num_tables} (the scheme's tables), "
                              f"got {num_tables}")
         super().__init__(scheme, 0, mode, None, True, optimizer, lr, eps, _weight,
-                         init_seed, dtype)
+                         init_seed, dtype, device)
 
     def _normalise(self, input, offsets, per_sample_weights):
         input = _as_index(input, "input")
