@@ -283,3 +283,20 @@ def test_dtype_the_lookup_cannot_run_is_refused_at_construction():
         assert emb.weight.dtype == multi.weight.dtype == want
         assert emb(torch.tensor([[1, 9]])).dtype == want
         assert multi(torch.tensor([[9, 2]])).shape == (1, 6)
+
+
+def test_device_keyword():
+    torch.manual_seed(3)
+    a = FastEmbedding(10, 4, device="cpu")
+    torch.manual_seed(3)
+    assert torch.equal(a.weight, FastEmbedding(10, 4).weight) and a.weight.device.type == "cpu"
+    w = torch.zeros(12)
+    assert FastMultiEmbedding([2, 2], [3, 3], _weight=w, device="cpu").weight.data_ptr() == \
+        w.data_ptr()
+    with pytest.raises(ValueError, match="device: expected cpu"):
+        FastMultiEmbedding([2, 2], [3, 3], _weight=w, device="cuda")
+    with pytest.raises(ValueError, match="device: expected a torch device"):
+        FastEmbedding(10, 4, device="tpu9")
+    if torch.cuda.is_available():
+        m = FastMultiEmbedding([5, 7], [2, 3], device="cuda")
+        assert m.weight.is_cuda and m(torch.tensor([[1, 2]], device="cuda")).shape == (1, 5)

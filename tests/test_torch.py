@@ -836,3 +836,19 @@ def test_device_keyword_draws_on_cuda():
             assert (_module_bits(gpu) == _module_bits(cpu)).all()
             x = torch.randint(0, 7, (4, len(cpu.num_embeddings)))
             assert torch.equal(gpu(x.cuda()).cpu(), cpu(x))
+
+
+def test_tt_modules_take_device():
+    a = TTEmbeddingBagCollection([100, 60], 8, 4, device="cpu", sparse=True,
+                                 optimizer="adagrad", use_cache=True, cache_size=5)
+    b = TTEmbeddingBagCollection([100, 60], 8, 4, sparse=True, optimizer="adagrad",
+                                 use_cache=True, cache_size=5)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    with pytest.raises(ValueError, match="device: expected a torch device"):
+        TTEmbeddingBag(100, 8, 4, device="tpu9")
+    if torch.cuda.is_available():
+        m = TTEmbeddingBag(100, 8, 4, device="cuda", seed=3)
+        ref = TTEmbeddingBag(100, 8, 4, seed=3)
+        assert all(p.is_cuda for p in m.parameters())
+        x, off = torch.tensor([1, 5, 99]), torch.tensor([0, 2, 3])
+        torch.testing.assert_close(m(x.cuda(), off.cuda()).cpu(), ref(x, off))

@@ -81,6 +81,16 @@ def as_any_array(t, name):
     return cupy.from_dlpack(t)
 
 
+def check_device(device):
+    """A module's ``device`` keyword as a torch.device (None stays None)."""
+    if device is None:
+        return None
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device: expected a torch device, got {device!r} ({e})") from None
+
+
 def as_tensor(a):
     """The result array as a tensor, without a copy (NumPy or CuPy)."""
     if isinstance(a, np.ndarray):

@@ -10,8 +10,8 @@ import torch
 from .. import _validate as V
 from .. import lookup as _lookup
 from . import _native
-from ._function import (as_any_array, as_tensor, compile_opaque, device_context,
-                        refuse_double_backward)
+from ._function import (as_any_array, as_tensor, check_device, compile_opaque,
+                        device_context, refuse_double_backward)
 
 
 _FLOATS = (torch.float32, torch.float64)
@@ -108,17 +108,23 @@ def _check_dtype(dtype):
                     f"dtypes the lookup runs), got {dtype!r}")
 
 
-def _initial_weight(_weight, shape, dtype):
-    """A new module's weight: N(0, 1) of ``shape`` (as nn.Embedding's), or
-    the ``_weight`` given, checked to be a float32 or float64 tensor (one of
-    another dtype was built and failed at its first call). The caller checks
-    its size."""
+def _initial_weight(_weight, shape, dtype, device):
+    """A new module's weight: N(0, 1) of ``shape`` on ``device`` (as
+    nn.Embedding's, from torch's generator of that device), or the
+    ``_weight`` given, checked to be a float32 or float64 tensor (one of
+    another dtype was built and failed at its first call) on ``device``
+    where one is given. The caller checks its size."""
+    device = check_device(device)
     if _weight is None:
-        return torch.randn(shape, dtype=dtype or torch.float32)
+        return torch.randn(shape, dtype=dtype or torch.float32, device=device)
     if not isinstance(_weight, torch.Tensor):
         raise TypeError(f"_weight: expected a torch.Tensor, got {type(_weight).__name__}")
     if _weight.dtype not in _FLOATS:
         raise TypeError(f"_weight: expected a float32 or float64 tensor, got {_weight.dtype}")
+    if device is not None and (_weight.device.type != device.type or
+                               device.index not in (None, _weight.device.index)):
+        raise ValueError(f"device: expected {_weight.device} (_weight's; it is used as "
+                         f"given), got {device}")
     return _weight
 
 
@@ -150,6 +156,9 @@ class FastEmbedding(torch.nn.Module):
         checked but not applied (the weight keeps its own dtype). Any other
         dtype (float16, bfloat16, integers, ...) is a TypeError here: the
         lookup kernels read float32 and float64 tables only.
+    device : None, str or torch.device
+        Of the default table (None: the CPU), drawn there by torch as
+        nn.Embedding's; with ``_weight`` it must be ``_weight``'s device.
 
     Examples
     --------
@@ -160,7 +169,7 @@ class FastEmbedding(torch.nn.Module):
     torch.Size([2, 2, 3])
     """
 
-    def __init__(self, num_embeddings, embedding_dim, *, _weight=None, dtype=None):
+    def __init__(self, num_embeddings, embedding_dim, *, _weight=None, dtype=None, device=None):
         # keyword-only: nn.Embedding's third and fourth are padding_idx and max_norm
         super().__init__()
         dtype = _check_dtype(dtype)
@@ -169,7 +178,7 @@ class FastEmbedding(torch.nn.Module):
         self._layout = _lookup._layout(self.num_embeddings, self.embedding_dim)  # validates
         self._layout_t = torch.tensor(self._layout.packed)
         shape = (self.num_embeddings, self.embedding_dim)
-        _weight = _initial_weight(_weight, shape, dtype)
+        _weight = _initial_weight(_weight, shape, dtype, device)
         if tuple(_weight.shape) != shape:
             raise ValueError(f"_weight: expected shape {shape}, got {tuple(_weight.shape)}")
         self.weight = torch.nn.Parameter(_weight)
@@ -204,6 +213,8 @@ class FastMultiEmbedding(torch.nn.Module):
         Of the default N(0, 1) tables (None: float32); with ``_weight`` it is
         checked but not applied. Any other dtype is a TypeError here, as in
         :class:`FastEmbedding`.
+    device : None, str or torch.device
+        As :class:`FastEmbedding`'s.
 
     Examples
     --------
@@ -214,7 +225,7 @@ class FastMultiEmbedding(torch.nn.Module):
     torch.Size([2, 8])
     """
 
-    def __init__(self, sizes, dims, *, _weight=None, dtype=None):
+    def __init__(self, sizes, dims, *, _weight=None, dtype=None, device=None):
         super().__init__()
         dtype = _check_dtype(dtype)
         self._layout = _lookup._layout(sizes, dims)
@@ -222,7 +233,7 @@ class FastMultiEmbedding(torch.nn.Module):
         size = self._layout.size
         # (an int for either, as multi_embedding takes: one table)
         self.sizes, self.dims = (tuple(int(v) for v in a) for a in self._layout.packed[[3, 1]])
-        _weight = _initial_weight(_weight, size, dtype)
+        _weight = _initial_weight(_weight, size, dtype, device)
         if _weight.numel() != size:
             raise ValueError(f"_weight: expected {size} floats, got {_weight.numel()}")
         self.weight = torch.nn.Parameter(_weight.reshape(size))

@@ -13,7 +13,7 @@ from ..lsh import LMA, LSHTable
 from ..schemes import FullTable, HashedNet, RobeZ, Scheme
 from ..optim import check_optimizer
 from ._function import (BagFunction, Lookup, _rebind, as_any_array, as_tensor, bfloat16,
-                        check_psw_shape, compile_opaque, device_context, getstate_unbound,
+                        check_device, check_psw_shape, compile_opaque, device_context, getstate_unbound,
                         make_optimizer, optimizer_name, plain_lookup, records_grad,
                         refuse_computed)
 
@@ -41,15 +41,6 @@ def _scheme_of(state):
     """The scheme a module's extra state holds."""
     return Scheme.from_config({k: v.numpy() if isinstance(v, torch.Tensor) else v
                                for k, v in state["scheme"].items()})
-
-
-def _device(device):
-    if device is None:
-        return None
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device: expected a torch device, got {device!r} ({e})") from None
 
 
 def _init_weight(scheme, seed, np_dtype, scale, device):
@@ -153,7 +144,7 @@ class HashEmbeddingBag(nn.Module):
         if np_dtype is None:
             raise TypeError(f"dtype: expected torch.float32, torch.float64, "
                             f"torch.float16 or torch.bfloat16, got {dtype}")
-        device = _device(device)
+        device = check_device(device)
         if _weight is None:
             w = _init_weight(scheme, init_seed, np_dtype, self._init_scale(), device)
         else:

@@ -6,9 +6,9 @@ from torch import nn
 from .. import _validate as V
 from .. import tt as _tt
 from .._backend import array_module, host
-from ._function import (_rebind, as_any_array, as_tensor, check_psw_shape, compile_opaque,
-                        device_context, getstate_unbound, make_optimizer, raise_stale,
-                        records_grad, refuse_computed, refuse_double_backward)
+from ._function import (_rebind, as_any_array, as_tensor, check_device, check_psw_shape,
+                        compile_opaque, device_context, getstate_unbound, make_optimizer,
+                        raise_stale, records_grad, refuse_computed, refuse_double_backward)
 
 
 def _np_dtype(dtype):
@@ -114,6 +114,9 @@ class TTEmbeddingBagCollection(nn.Module):
         Cores per table when the shapes are automatic (default 3).
     seed : int
     dtype : torch.float32 or torch.float64
+    device : None, str or torch.device
+        Where the cores (and caches) live (None: the CPU); drawn on the CPU,
+        then moved, as ``.to(device)`` would.
 
     Examples
     --------
@@ -130,8 +133,9 @@ class TTEmbeddingBagCollection(nn.Module):
                  tt_q_shapes=None, sparse=False, optimizer="sgd", learning_rate=0.1,
                  eps=1e-10, use_cache=False, cache_size=0, hashtbl_size=0,
                  weight_dist="approx-normal", mode="sum", num_cores=None, seed=0,
-                 dtype=None):
+                 dtype=None, device=None):
         super().__init__()
+        device = check_device(device)
         if isinstance(num_embeddings, (int, np.integer)):
             num_embeddings = [num_embeddings]
         self.num_embeddings = [V.check_positive_int(n, "num_embeddings", upper=1 << 61)
@@ -195,6 +199,8 @@ class TTEmbeddingBagCollection(nn.Module):
                 self.cache_weights.append(nn.Parameter(torch.from_numpy(c.weight)))
         if self.sparse and isinstance(self._opt, _tt_adagrad()):
             self._bind_states()
+        if device is not None:
+            self.to(device)         # the cores are small; caches follow at the first call
 
     # -- internals
     def _params(self):
@@ -498,6 +504,8 @@ class TTEmbeddingBag(TTEmbeddingBagCollection):
     include_last_offset : bool
     seed : int
     dtype : torch.float32 or torch.float64
+    device : None, str or torch.device
+        As :class:`TTEmbeddingBagCollection`'s.
 
     Examples
     --------
@@ -518,10 +526,10 @@ class TTEmbeddingBag(TTEmbeddingBagCollection):
                  tt_q_shapes=None, sparse=False, optimizer="sgd", learning_rate=0.1,
                  eps=1e-10, use_cache=False, cache_size=0, hashtbl_size=0,
                  weight_dist="approx-normal", mode="sum", include_last_offset=True, seed=0,
-                 dtype=None):
+                 dtype=None, device=None):
         super().__init__([num_embeddings], embedding_dim, tt_ranks, tt_p_shapes, tt_q_shapes,
                          sparse, optimizer, learning_rate, eps, use_cache, cache_size,
-                         hashtbl_size, weight_dist, mode, None, seed, dtype)
+                         hashtbl_size, weight_dist, mode, None, seed, dtype, device)
         self.include_last_offset = V.check_flag(include_last_offset, "include_last_offset")
         self.tt_p_shapes, self.tt_q_shapes = self.tt_p_shapes[0], self.tt_q_shapes[0]
 
