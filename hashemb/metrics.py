@@ -1,19 +1,27 @@
-"""Click-model metrics in NumPy: ROC AUC (ties averaged) and log loss."""
+"""Click-model metrics: ROC AUC (ties averaged) and log loss, in NumPy, or in
+CuPy on the device for CuPy arrays (an evaluation's scores need not leave it)."""
 import numpy as np
+
+from ._backend import is_cupy, on_gpu
 
 
 def _pairs(labels, values, name):
-    """(labels == 1, values as float64), flat, after the checks both metrics
-    share: labels 0 or 1, one value a label (no broadcasting)."""
-    lab = np.asarray(labels).reshape(-1)
+    """(xp, labels == 1, values as float64), flat, after the checks both
+    metrics share: labels 0 or 1, one value a label (no broadcasting); xp is
+    cupy for CuPy arrays (a mix is a TypeError naming the host one)."""
+    xp = np
+    if is_cupy(labels) or is_cupy(values):
+        on_gpu(labels=labels, **{name: values})
+        import cupy as xp
+    lab = xp.asarray(labels).reshape(-1)
     y = lab == 1
     binary = y | (lab == 0)
-    if not binary.all():
+    if not bool(binary.all()):
         raise ValueError(f"labels: expected 0 or 1, got {lab[~binary][0].item()!r}")
-    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    v = xp.asarray(values, dtype=np.float64).reshape(-1)
     if y.shape != v.shape:
         raise ValueError(f"{name}: expected {y.shape[0]} values like labels, got {v.shape[0]}")
-    return y, v
+    return xp, y, v
 
 
 def auc(labels, scores):
@@ -32,7 +40,8 @@ def auc(labels, scores):
         Both classes present (else ValueError).
     scores : array_like of float
         One score per label (flattened, no broadcasting); only their order
-        matters (ties count one half).
+        matters (ties count one half). CuPy ``labels`` and ``scores`` are
+        ranked on their device (only the result comes back).
 
     Returns
     -------
@@ -47,21 +56,23 @@ def auc(labels, scores):
     >>> auc([0, 1], [0.3, float("nan")])
     nan
     """
-    y, s = _pairs(labels, scores, "scores")
+    xp, y, s = _pairs(labels, scores, "scores")
     pos = int(y.sum())
     neg = y.shape[0] - pos
     if pos == 0 or neg == 0:
         raise ValueError("labels: expected both classes, got only one")
-    if np.isnan(s).any():
+    if bool(xp.isnan(s).any()):
         return float("nan")
-    order = np.argsort(s, kind="mergesort")
+    order = xp.argsort(s)
     ss = s[order]
-    # average rank of each run of equal scores
-    starts = np.flatnonzero(np.r_[True, ss[1:] != ss[:-1]])
-    ends = np.r_[starts[1:], ss.shape[0]]
+    # average rank of each run of equal scores: (first + last + 2) / 2, 1-based
+    new = xp.ones(ss.shape[0], bool)
+    new[1:] = ss[1:] != ss[:-1]
+    starts = xp.flatnonzero(new)
+    ends = xp.concatenate([starts[1:], xp.asarray([ss.shape[0]], starts.dtype)])
     avg = (starts + ends + 1) / 2.0
-    ranks = np.empty_like(s)
-    ranks[order] = np.repeat(avg, ends - starts)
+    ranks = xp.empty_like(s)
+    ranks[order] = avg[xp.cumsum(new) - 1]
     return float((ranks[y].sum() - pos * (pos + 1) / 2.0) / (pos * neg))
 
 
@@ -91,9 +102,9 @@ def logloss(labels, prob, eps=1e-7):
     >>> round(logloss([1], [0.0]), 4)             # clipped: -log(1e-7)
     16.1181
     """
-    y, p = _pairs(labels, prob, "prob")
+    xp, y, p = _pairs(labels, prob, "prob")
     if not y.shape[0]:
         raise ValueError("labels: expected at least one, got none")
     y = y.astype(np.float64)
-    p = np.clip(p, eps, 1 - eps)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))
+    p = xp.clip(p, eps, 1 - eps)
+    return float(-xp.mean(y * xp.log(p) + (1 - y) * xp.log1p(-p)))

@@ -293,3 +293,22 @@ def test_tsv_reads_crlf_rows():
     a = CriteoTSV([row, row]).read()
     b = CriteoTSV([row.replace("\n", "\r\n")] * 2).read()
     assert len(b.labels) == 2 and np.array_equal(a.cats, b.cats)
+
+
+def test_metrics_on_cupy_arrays():
+    # the same ranks on the device: equal to the NumPy AUC (ties included) and
+    # log loss; a host array beside a device one is a TypeError naming it
+    cp = pytest.importorskip("cupy")
+    from hashemb._gpu._runtime import device_count
+    if device_count() == 0:
+        pytest.skip("no CUDA device")
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 2, 5000)
+    s = np.round(rng.random(5000), 2)                 # many ties
+    assert auc(cp.asarray(y), cp.asarray(s)) == pytest.approx(auc(y, s), abs=1e-12)
+    p = np.clip(s, 0, 1)
+    assert logloss(cp.asarray(y), cp.asarray(p)) == pytest.approx(logloss(y, p), rel=1e-12)
+    with pytest.raises(TypeError, match="scores: expected a cupy.ndarray"):
+        auc(cp.asarray(y), s)
+    with pytest.raises(ValueError, match="labels: expected 0 or 1"):
+        auc(cp.asarray([0, 1, 2]), cp.asarray([0.1, 0.5, 0.3]))
