@@ -287,6 +287,27 @@ def test_gpu_bench_dry_run_on_the_cpu(tmp_path):
     assert not any("fwd_x_robez" in r for r in res[:-2])
 
 
+def test_gpu_build_dry_run_on_the_emulator(tmp_path, monkeypatch, capsys):
+    """benchmarks/gpu_build.py --dry-run: each device build is checked equal to
+    the CPU's, then timed beside it, through the host emulator."""
+    import importlib.util
+    import json
+    from hashemb._gpu import _runtime as RT
+    monkeypatch.setattr(RT, "_backend", RT._backend)      # the dry run sets the emulator
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_build.py"
+    spec = importlib.util.spec_from_file_location("gpu_build", path)
+    gb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gb)
+    js = tmp_path / "b.json"
+    assert gb.main(["--dry-run", "--json", str(js)]) == 0
+    res = json.loads(js.read_text())["results"]
+    assert [r["what"].split(" (")[0] for r in res] == [
+        "LSHTable.fit block=1", "LSHTable.fit block=16", "LMA.fit block=16",
+        "FullTable.init_weight", "RobeZ.init_weight"]
+    assert all(r["cpu_s"] > 0 and r["gpu_s"] > 0 for r in res)
+    assert "LMA.fit block=16" in capsys.readouterr().out
+
+
 def _gpu_bench():
     import importlib.util
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_bench.py"
