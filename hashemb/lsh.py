@@ -298,8 +298,9 @@ class _MinhashScheme(Scheme):
         if on_device:
             from ._gpu import _args as A, _runtime as RT
             be = _backend or RT.backend()
-            X = A.as_keys(be, X, "X")
-            gpu = be.device_of(X)
+            gpu = be.device_of(A.as_array(be, X, "X"))
+            with gpu:                       # a contiguous copy on X's device
+                X = A.as_keys(be, X, "X")
         else:
             X = V.as_keys(X, "X")
             gpu = contextlib.nullcontext()
@@ -339,9 +340,10 @@ class _MinhashScheme(Scheme):
         if device == "gpu":
             from ._gpu.lsh import build
             with gpu:
-                Xs = X if num_points == rows else X[be.to_device(sample)]
-                if not on_device:
-                    Xs = be.to_device(Xs)           # the copy device="gpu" asks for
+                if on_device:
+                    Xs = X if num_points == rows else X[be.to_device(sample)]
+                else:                               # the copy device="gpu" asks for
+                    Xs = be.to_device(X if num_points == rows else X[sample])
                 fields, tokens, data = build(probe, Xs.astype(np.int64, copy=False), sample,
                                              F, slots, be)
         else:

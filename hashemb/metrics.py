@@ -1,18 +1,25 @@
 """Click-model metrics: ROC AUC (ties averaged) and log loss, in NumPy, or in
 CuPy on the device for CuPy arrays (an evaluation's scores need not leave it)."""
+import contextlib
+
 import numpy as np
 
-from ._backend import is_cupy, on_gpu
+from ._backend import device_id, is_cupy, on_gpu
 
 
-def _pairs(labels, values, name):
-    """(xp, labels == 1, values as float64), flat, after the checks both
-    metrics share: labels 0 or 1, one value a label (no broadcasting); xp is
-    cupy for CuPy arrays (a mix is a TypeError naming the host one)."""
-    xp = np
-    if is_cupy(labels) or is_cupy(values):
-        on_gpu(labels=labels, **{name: values})
-        import cupy as xp
+def _on(labels, values, name):
+    """numpy and no context, or cupy and the arrays' device made current (a
+    mix is a TypeError naming the host one, two devices a ValueError)."""
+    if not (is_cupy(labels) or is_cupy(values)):
+        return np, contextlib.nullcontext()
+    on_gpu(labels=labels, **{name: values})
+    import cupy
+    return cupy, cupy.cuda.Device(device_id(labels))
+
+
+def _pairs(xp, labels, values, name):
+    """(labels == 1, values as float64), flat, after the checks both metrics
+    share: labels 0 or 1, one value a label (no broadcasting)."""
     lab = xp.asarray(labels).reshape(-1)
     y = lab == 1
     binary = y | (lab == 0)
@@ -21,7 +28,7 @@ def _pairs(labels, values, name):
     v = xp.asarray(values, dtype=np.float64).reshape(-1)
     if y.shape != v.shape:
         raise ValueError(f"{name}: expected {y.shape[0]} values like labels, got {v.shape[0]}")
-    return xp, y, v
+    return y, v
 
 
 def auc(labels, scores):
@@ -56,7 +63,12 @@ def auc(labels, scores):
     >>> auc([0, 1], [0.3, float("nan")])
     nan
     """
-    xp, y, s = _pairs(labels, scores, "scores")
+    xp, on = _on(labels, scores, "scores")
+    with on:
+        return _auc(xp, *_pairs(xp, labels, scores, "scores"))
+
+
+def _auc(xp, y, s):
     pos = int(y.sum())
     neg = y.shape[0] - pos
     if pos == 0 or neg == 0:
@@ -102,9 +114,11 @@ def logloss(labels, prob, eps=1e-7):
     >>> round(logloss([1], [0.0]), 4)             # clipped: -log(1e-7)
     16.1181
     """
-    xp, y, p = _pairs(labels, prob, "prob")
-    if not y.shape[0]:
-        raise ValueError("labels: expected at least one, got none")
-    y = y.astype(np.float64)
-    p = xp.clip(p, eps, 1 - eps)
-    return float(-xp.mean(y * xp.log(p) + (1 - y) * xp.log1p(-p)))
+    xp, on = _on(labels, prob, "prob")
+    with on:
+        y, p = _pairs(xp, labels, prob, "prob")
+        if not y.shape[0]:
+            raise ValueError("labels: expected at least one, got none")
+        y = y.astype(np.float64)
+        p = xp.clip(p, eps, 1 - eps)
+        return float(-xp.mean(y * xp.log(p) + (1 - y) * xp.log1p(-p)))

@@ -513,7 +513,7 @@ def test_gpu_build_equals_cpu_build(cls, block, nh, chunk, gpu_backend, monkeypa
     X[::3, 4] = 11
     cpu = cls.fit(X, size=9973, dim=8, num_hashes=nh, num_points=500, seed=3, block=block)
     gpu = cls.fit(X, size=9973, dim=8, num_hashes=nh, num_points=500, seed=3, block=block,
-                  _backend=gpu_backend)
+                  device="gpu", _backend=gpu_backend)
     assert gpu == cpu and (gpu.data == cpu.data).all()
     with pytest.raises(ValueError, match="device"):
         cls.fit(X, size=99, dim=8, num_points=5, device="tpu")
@@ -685,5 +685,5 @@ def test_lsh_collection_fits_a_cuda_tensor_on_its_device():
         gpu = LSHEmbeddingBagCollection(X.cuda(), [60] * 3, 8, compression=4, lma=lma, seed=2,
                                         num_points=400)
         assert gpu.scheme == cpu.scheme
-    with pytest.raises(TypeError, match="data: expected an int32 or int64 tensor"):
+    with pytest.raises(TypeError, match="data: expected an int32, int64 or uint64 tensor"):
         LSHEmbeddingBagCollection(X.cuda().float(), [60] * 3, 8)

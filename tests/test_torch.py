@@ -813,6 +813,9 @@ def test_device_keyword_on_the_cpu():
     assert torch.equal(m.weight, w)
     with pytest.raises(ValueError, match="device: expected a torch device, got 'gpu0'"):
         HashEmbeddingBag(ref.scheme, device="gpu0")
+    base = TorchEmbeddingBagCollection([50, 70], 8, seed=4, device="cpu")
+    assert all(torch.equal(a, b) for a, b in
+               zip(base.parameters(), TorchEmbeddingBagCollection([50, 70], 8, seed=4).parameters()))
 
 
 def test_device_keyword_draws_on_cuda():

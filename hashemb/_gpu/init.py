@@ -40,4 +40,11 @@ def init_uniform(shape, dtype, rng, parts, like, be=None):
                   [np.uint64(s >> 64), np.uint64(s & (2**64 - 1)), np.uint64(inc >> 64),
                    np.uint64(inc & (2**64 - 1)), i64(n), be.to_device(bounds),
                    be.to_device(s2), be.to_device(s1), i64(len(parts)), i64(PER), w])
-        return w if bf is None else w.view(dtype)
+        if bf is None:
+            return w
+        try:
+            return w.view(dtype)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"dtype: {dtype} on the device needs CuPy 14 or newer with "
+                            f"ml_dtypes (CuPy's bfloat16), got CuPy "
+                            f"{getattr(be.xp, '__version__', '?')} ({e})") from None

@@ -546,8 +546,8 @@ def _minhash_scheme(data, sizes, dim, compression, lma, num_hashes, num_points, 
     if isinstance(data, torch.Tensor) and data.is_cuda:
         # built on the tensor's device, from a zero-copy CuPy view of it
         X, on = as_any_array(data, "data"), device_context(data)
-        if X.dtype not in (np.int32, np.int64):
-            raise TypeError(f"data: expected an int32 or int64 tensor, got {data.dtype}")
+        if X.dtype not in (np.int32, np.int64, np.uint64):
+            raise TypeError(f"data: expected an int32, int64 or uint64 tensor, got {data.dtype}")
     else:
         X = V.as_keys(data.numpy() if isinstance(data, torch.Tensor) else data, "data")
         on = contextlib.nullcontext()
@@ -804,6 +804,9 @@ class TorchEmbeddingBagCollection(nn.Module):
         optimizer that takes them (SGD, Adagrad, SparseAdam).
     seed : int
         Seed of the init (one generator, tables in order).
+    device : None, str or torch.device
+        Where the tables go after the init (drawn on the CPU, as the
+        compressed modules' values are).
 
     Examples
     --------
@@ -813,12 +816,15 @@ class TorchEmbeddingBagCollection(nn.Module):
     torch.Size([1, 8])
     """
 
-    def __init__(self, num_embeddings, embedding_dim, sparse=True, seed=0):
+    def __init__(self, num_embeddings, embedding_dim, sparse=True, seed=0, device=None):
         super().__init__()
+        device = check_device(device)
         self.num_embeddings, self.embedding_dim = _sizes(num_embeddings), embedding_dim
         self.tables = nn.ModuleList(nn.EmbeddingBag(n, embedding_dim, mode="sum", sparse=sparse)
                                     for n in self.num_embeddings)
         dlrm_init_([e.weight for e in self.tables], self.num_embeddings, seed)
+        if device is not None:
+            self.to(device)         # the same draws as on the CPU (one CPU generator)
 
     def forward(self, input, offsets=None, per_sample_weights=None):
         if input.dim() != 2 or offsets is not None or per_sample_weights is not None:
