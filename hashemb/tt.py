@@ -375,7 +375,7 @@ def tt_core_shapes(p, q, tt_ranks):
 
 
 def tt_init(num_embeddings, p, q, tt_ranks, weight_dist="approx-normal", *, seed=0,
-            dtype=np.float32):
+            dtype=np.float32, like=None):
     r"""Random cores for a TT table of ``num_embeddings`` rows.
 
     Every core entry is drawn i.i.d. from one distribution, chosen so a
@@ -409,11 +409,16 @@ def tt_init(num_embeddings, p, q, tt_ranks, weight_dist="approx-normal", *, seed
     weight_dist : str
     seed : int
     dtype : float32 or float64
+    like : cupy.ndarray or numpy.ndarray, optional
+        A CuPy array: the cores are returned on its device. They are drawn
+        on the host (NumPy's normal and uniform generators) and copied: a
+        train is the compressed table, kilobytes to megabytes.
 
     Returns
     -------
     list of ndarray
-        Core k of shape ``(p[k], R_k, q[k], R_{k+1})``.
+        Core k of shape ``(p[k], R_k, q[k], R_{k+1})`` (CuPy arrays with a
+        CuPy ``like``).
 
     Examples
     --------
@@ -433,6 +438,8 @@ def tt_init(num_embeddings, p, q, tt_ranks, weight_dist="approx-normal", *, seed
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise TypeError(f"dtype: expected float32 or float64, got {dtype}")
+    if like is not None and not isinstance(like, np.ndarray) and not is_cupy(like):
+        raise TypeError(f"like: expected a cupy.ndarray or numpy.ndarray, got {V._desc(like)}")
     rng = np.random.default_rng(V.check_seed(seed))
     d = len(shapes)
     P = float(np.prod([s[3] for s in shapes[:-1]]))
@@ -449,6 +456,10 @@ def tt_init(num_embeddings, p, q, tt_ranks, weight_dist="approx-normal", *, seed
         else:
             c = rng.uniform(0.0, (2.0 / (n + D)) ** (1.0 / (2 * d)) * P ** (-1.0 / (2 * d)), shp)
         cores.append(np.ascontiguousarray(c, dtype))
+    if is_cupy(like):
+        import cupy
+        with cupy.cuda.Device(device_id(like)):
+            return [cupy.asarray(c) for c in cores]
     return cores
 
 

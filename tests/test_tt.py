@@ -1020,3 +1020,21 @@ def test_cache_pickled_before_versions_still_trains():
     want = he.tt_embedding_bag_backward(np.ones_like(out), x, cores, off, cache=cache)
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
+
+
+def test_tt_init_like():
+    cores = he.tt_init(1000, [10, 10, 10], [2, 2, 2], [4, 4], seed=3)
+    same = he.tt_init(1000, [10, 10, 10], [2, 2, 2], [4, 4], seed=3, like=np.zeros(1))
+    assert all((a == b).all() for a, b in zip(cores, same))
+    with pytest.raises(TypeError, match="like: expected a cupy.ndarray or numpy.ndarray"):
+        he.tt_init(1000, [10, 10, 10], [2, 2, 2], [4, 4], like=[0.0])
+
+
+def test_tt_init_like_a_device_array():
+    cores = he.tt_init(1000, [10, 10, 10], [2, 2, 2], [4, 4], seed=3)
+    cp = pytest.importorskip("cupy")
+    from hashemb._gpu._runtime import device_count
+    if device_count() == 0:
+        pytest.skip("no CUDA device")
+    dev = he.tt_init(1000, [10, 10, 10], [2, 2, 2], [4, 4], seed=3, like=cp.zeros(1))
+    assert all(isinstance(c, cp.ndarray) and (c.get() == a).all() for c, a in zip(dev, cores))
