@@ -130,14 +130,14 @@ def show_config():
     >>> info["version"] == he.__version__
     True
     """
-    from ._cpu import _bag, _slots
+    from ._cpu import _bag, _slots, _tt
     from ._gpu import info as gpu_info
     native = _sys.modules.get("hashemb.torch._native")   # never imports torch itself
     info = {
         "version": __version__,
         "openmp": _slots.has_openmp(),
         "threads": _slots.max_threads(),
-        "simd": _bag.simd_paths(),
+        "simd": f"{_bag.simd_paths()}; TT products: {_tt.gemm_lanes()} float lanes",
         "gpu": gpu_info(),
         # FastEmbedding's native CPU op, built on first use
         "torch op": native.status() if native else "hashemb.torch not imported",

@@ -48,6 +48,7 @@ cdef extern from "_tt_gemm.h" nogil:
                     const double* B, int64_t ldb, const double* Bt, double* const* C,
                     int add)
     int he_tt_wants_bt_f(int64_t N, int64_t K)
+    int he_tt_gemm_lanes()
     int he_tt_wants_bt_d(int64_t N, int64_t K)
     void he_tt_tn_f(int64_t M, int64_t N, int64_t K, const float* const* A,
                     const float* const* D, float* C, int64_t ldc, int add)
@@ -66,6 +67,12 @@ cdef enum:
 
 def has_openmp():
     return bool(he_has_openmp())
+
+
+def gemm_lanes():
+    """Float lanes of the chain products on this machine: 16 (AVX-512), 8
+    (AVX2 + FMA), 4 (SSE2) or 1; HASHEMB_TT_AVX512=0 caps it at 8."""
+    return he_tt_gemm_lanes()
 
 
 cdef inline int _threads(int64_t work) noexcept nogil:

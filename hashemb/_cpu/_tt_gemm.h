@@ -55,6 +55,47 @@ typedef double he_v2d __attribute__((vector_size(16), aligned(8), may_alias));
 #define HE_INLINE static inline
 #endif
 
+#define HE_TOP HE_CLONES
+
+#if HE_VEC && defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && \
+    ((defined(__clang__) && __clang_major__ >= 14) || (!defined(__clang__) && __GNUC__ >= 12))
+/* float: 16 lanes, for CPUs with AVX-512 (two 512-bit FMA units on server
+ * cores: twice the AVX2 copy's peak). Compiled for x86-64-v4 whatever the
+ * build's flags, and entered from the 8-lane nn / tn below for products of
+ * 16 or more columns on a CPU that has it (he_tt_wider). Every output is
+ * one vector lane summed in index order with FMA in both copies (their
+ * last columns too: padded tiles, no scalar loop), so the results are the
+ * 8-lane copy's bit for bit. HASHEMB_TT_AVX512=0 turns it off (A/B runs). */
+#define HE_WIDE 1
+#define HE_TOP16 __attribute__((target("arch=x86-64-v4")))
+typedef float he_v16f __attribute__((vector_size(64), aligned(4), may_alias));
+HE_TOP16 static void he_tt_nn_f16(int64_t M, int64_t N, int64_t K, const float* const* A,
+                                  const float* B, int64_t ldb, const float* Bt, float* const* C,
+                                  int add);
+HE_TOP16 static void he_tt_tn_f16(int64_t M, int64_t N, int64_t K, const float* const* A,
+                                  const float* const* D, float* C, int64_t ldc, int add);
+
+#include <stdlib.h>
+
+/* Whether the 16-lane copy runs here: the CPU and the OS have AVX-512
+ * (x86-64-v4's F, VL, BW, DQ, CD), and HASHEMB_TT_AVX512 is not "0". Read
+ * once; a race only computes the same value twice. */
+static int he_tt_wider(void)
+{
+    static int v = -1;
+    if (v < 0) {
+        const char* env = getenv("HASHEMB_TT_AVX512");
+        v = !(env && env[0] == '0') && __builtin_cpu_supports("avx512f") &&
+            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+            __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512cd");
+    }
+    return v;
+}
+#define HE_WIDER(name) he_tt_##name##_f16
+#else
+#define HE_WIDE 0
+#endif
+
 /* float: 8 lanes */
 #define HE_T float
 #define HE_V he_v8f
@@ -67,6 +108,48 @@ typedef double he_v2d __attribute__((vector_size(16), aligned(8), may_alias));
 #undef HE_H
 #undef HE_W
 #undef HE_FN
+
+#undef HE_WIDER
+
+#if HE_WIDE
+#undef HE_INLINE
+#define HE_INLINE static inline __attribute__((always_inline, target("arch=x86-64-v4")))
+#undef HE_TOP
+#define HE_TOP HE_TOP16
+#define HE_T float
+#define HE_V he_v16f
+#define HE_H he_v8f
+#define HE_W 16
+#define HE_FN(name) he_tt_##name##_f16
+#include "_tt_gemm_impl.h"
+#undef HE_T
+#undef HE_V
+#undef HE_H
+#undef HE_W
+#undef HE_FN
+#undef HE_INLINE
+#define HE_INLINE static inline __attribute__((always_inline))
+#undef HE_TOP
+#define HE_TOP HE_CLONES
+#endif
+
+/* Float lanes the products run on here: 16 (AVX-512), 8 (AVX2 + FMA),
+ * 4 (the baseline's SSE2) or 1 (plain loops), for show_config. */
+static int he_tt_gemm_lanes(void)
+{
+#if HE_WIDE
+    if (he_tt_wider())
+        return 16;
+#endif
+#if HE_VEC && defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && \
+    ((defined(__clang__) && __clang_major__ >= 14) || (!defined(__clang__) && __GNUC__ >= 12))
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 8 : 4;
+#elif HE_VEC
+    return 4;
+#else
+    return 1;
+#endif
+}
 
 /* double: 4 lanes */
 #define HE_T double

@@ -85,12 +85,30 @@ HE_INLINE void HE_FN(nn_rows)(const int mr, int64_t N, int64_t K, const HE_T* co
         HE_FN(nn_tile_h)(mr, K, A, B, ldb, C, j, add);
         j += HE_W / 2;
     }
-    for (int i = 0; i < mr; i++)
-        for (int64_t jj = j; jj < N; jj++) {
-            HE_T t = 0;
-            for (int64_t s = 0; s < K; s++) t += A[i][s] * B[s * ldb + jj];
-            C[i][jj] = add ? C[i][jj] + t : t;
+    if (j < N) {
+        /* the last < HE_W/2 columns: a half tile on zero-padded copies of B's,
+         * so they are summed as the tiles' lanes are (a scalar loop was fused
+         * into FMAs under one target and not another: other bits) */
+        HE_H acc[HE_TILE];
+        HE_T pad[HE_W / 2], out[HE_W / 2];
+        const int w = (int)(N - j);
+        for (int i = 0; i < mr; i++) acc[i] = (HE_H){0};
+        for (int v = 0; v < HE_W / 2; v++) pad[v] = 0;
+        for (int64_t s = 0; s < K; s++) {
+            for (int v = 0; v < w; v++) pad[v] = B[s * ldb + j + v];
+            HE_H b = *(const HE_H*)pad;
+            for (int i = 0; i < mr; i++) acc[i] += A[i][s] * b;
         }
+        for (int i = 0; i < mr; i++) {
+            HE_H t = acc[i];
+            if (add) {
+                for (int v = 0; v < w; v++) pad[v] = C[i][j + v];
+                t += *(const HE_H*)pad;
+            }
+            *(HE_H*)out = t;
+            for (int v = 0; v < w; v++) C[i][j + v] = out[v];
+        }
+    }
 }
 
 /* tn, one tile: C rows i0 .. i0+mr, columns j0 .. j0 + nv*HE_W. */
@@ -137,13 +155,29 @@ HE_INLINE void HE_FN(tn_rows)(const int mr, int64_t N, int64_t K, const HE_T* co
         HE_FN(tn_tile)(mr, 1, K, A, D, C, ldc, i0, j, add);
         j += HE_W;
     }
-    for (int i = 0; i < mr; i++)
-        for (int64_t jj = j; jj < N; jj++) {
-            HE_T t = 0;
-            for (int64_t r = 0; r < K; r++) t += A[r][i0 + i] * D[r][jj];
-            HE_T* c = C + (i0 + i) * ldc + jj;
-            *c = add ? *c + t : t;
+    if (j < N) {
+        /* the last < HE_W columns: a tile on zero-padded copies of D's (see nn_rows) */
+        HE_V acc[HE_TILE];
+        HE_T pad[HE_W], out[HE_W];
+        const int w = (int)(N - j);
+        for (int i = 0; i < mr; i++) acc[i] = (HE_V){0};
+        for (int v = 0; v < HE_W; v++) pad[v] = 0;
+        for (int64_t r = 0; r < K; r++) {
+            for (int v = 0; v < w; v++) pad[v] = D[r][j + v];
+            HE_V b = HE_FN(ld)(pad);
+            for (int i = 0; i < mr; i++) acc[i] += A[r][i0 + i] * b;
         }
+        for (int i = 0; i < mr; i++) {
+            HE_T* c = C + (i0 + i) * ldc + j;
+            HE_V t = acc[i];
+            if (add) {
+                for (int v = 0; v < w; v++) pad[v] = c[v];
+                t += HE_FN(ld)(pad);
+            }
+            HE_FN(st)(out, t);
+            for (int v = 0; v < w; v++) c[v] = out[v];
+        }
+    }
 }
 
 #if HE_W == 8 && (defined(__clang__) || __GNUC__ >= 12)
@@ -218,7 +252,7 @@ static inline int HE_FN(wants_bt)(int64_t N, int64_t K)
 /* Bt: NULL, or B^T (N x K, contiguous) where wants_bt(N, K): a caller that
    multiplies many small row sets by the same slices transposes them once
    (the copy per call costs as much as a 16-row product). */
-HE_CLONES static void HE_FN(nn)(int64_t M, int64_t N, int64_t K, const HE_T* const* A,
+HE_TOP static void HE_FN(nn)(int64_t M, int64_t N, int64_t K, const HE_T* const* A,
                                 const HE_T* B, int64_t ldb, const HE_T* Bt, HE_T* const* C,
                                 int add)
 {
@@ -236,6 +270,12 @@ HE_CLONES static void HE_FN(nn)(int64_t M, int64_t N, int64_t K, const HE_T* con
 #else
     (void)Bt;
 #endif
+#ifdef HE_WIDER
+    if (N >= 16 && he_tt_wider()) {
+        HE_WIDER(nn)(M, N, K, A, B, ldb, NULL, C, add);
+        return;
+    }
+#endif
     int64_t r = 0;
     for (; r + HE_TILE <= M; r += HE_TILE) HE_FN(nn_rows)(HE_TILE, N, K, A + r, B, ldb, C + r, add);
     switch (M - r) {
@@ -246,9 +286,15 @@ HE_CLONES static void HE_FN(nn)(int64_t M, int64_t N, int64_t K, const HE_T* con
     }
 }
 
-HE_CLONES static void HE_FN(tn)(int64_t M, int64_t N, int64_t K, const HE_T* const* A,
+HE_TOP static void HE_FN(tn)(int64_t M, int64_t N, int64_t K, const HE_T* const* A,
                                 const HE_T* const* D, HE_T* C, int64_t ldc, int add)
 {
+#ifdef HE_WIDER
+    if (N >= 16 && he_tt_wider()) {
+        HE_WIDER(tn)(M, N, K, A, D, C, ldc, add);
+        return;
+    }
+#endif
     int64_t i = 0;
     for (; i + HE_TILE <= M; i += HE_TILE) HE_FN(tn_rows)(HE_TILE, N, K, A, D, C, ldc, i, add);
     switch (M - i) {
