@@ -132,15 +132,14 @@ def test_float32_large_ranks_2d_input():
         np.testing.assert_allclose(g, ref_g, rtol=1e-3, atol=1e-4 * np.abs(ref_g).max())
 
 
-_THREADS_CODE = r"""
+_CHAIN_BITS = r"""
 import hashlib, numpy as np, hashemb as he
+from hashemb._cpu import _tt
 h = hashlib.sha1()
 rng = np.random.default_rng(5)
-# FBTT's q = 4 (the narrow last step, fused into the one before it) and a
-# 4-core chain with a wider last core, both big enough for several threads
-for p, q, r in [([20, 22, 25], [4, 4, 4], [32, 32]), ([6, 5, 7, 8], [2, 3, 2, 8], [8, 16, 8])]:
+for p, q, r in CHAINS:
     n = int(np.prod(p))
-    idx = rng.integers(0, n, (400, 9))
+    idx = rng.integers(0, n, BATCH)
     for opt in (None, he.SGD(0.05), he.Adagrad(0.05)):
         cores = he.tt_init(n, p, q, r, seed=4)
         out = he.tt_embedding_bag(idx, cores)
@@ -154,8 +153,20 @@ for p, q, r in [([20, 22, 25], [4, 4, 4], [32, 32]), ([6, 5, 7, 8], [2, 3, 2, 8]
                 he.tt_embedding_bag_backward(G, idx, cores, optimizer=opt)
             for c in cores:
                 h.update(c.tobytes())
-print(h.hexdigest())
+print(_tt.gemm_lanes(), h.hexdigest())
 """
+
+
+def _chain_bits(chains, batch):
+    """A script printing the product lanes and a digest of the forward,
+    gradients and two fused steps (SGD, Adagrad) of each (p, q, ranks) chain."""
+    return _CHAIN_BITS.replace("CHAINS", repr(chains)).replace("BATCH", repr(batch))
+
+
+# FBTT's q = 4 (the narrow last step, fused into the one before it) and a
+# 4-core chain with a wider last core, both big enough for several threads
+_THREADS_CODE = _chain_bits([([20, 22, 25], [4, 4, 4], [32, 32]),
+                             ([6, 5, 7, 8], [2, 3, 2, 8], [8, 16, 8])], (400, 9))
 
 
 def test_same_bits_on_any_thread_count():
@@ -166,40 +177,18 @@ def test_same_bits_on_any_thread_count():
     assert len(set(outs.values())) == 1, outs
 
 
-_LANES_CODE = r"""
-import hashlib, numpy as np, hashemb as he
-from hashemb._cpu import _tt
-h = hashlib.sha1()
-rng = np.random.default_rng(6)
-# products of every width 16..47 and tails of 1..15 columns past the
-# 16-lane tiles (q * R and R of these chains), forward and both backwards
-for p, q, r in [([20, 22, 25], [4, 4, 4], [32, 32]), ([9, 8, 7], [3, 5, 2], [17, 9]),
-                ([12, 10], [8, 6], [23]), ([5, 6, 7], [2, 2, 3], [29, 31])]:
-    n = int(np.prod(p))
-    idx = rng.integers(0, n, (300, 5))
-    for opt in (None, he.SGD(0.05)):
-        cores = he.tt_init(n, p, q, r, seed=4)
-        out = he.tt_embedding_bag(idx, cores)
-        G = rng.standard_normal(out.shape).astype(np.float32)
-        h.update(out.tobytes())
-        if opt is None:
-            for g in he.tt_embedding_bag_backward(G, idx, cores):
-                h.update(g.tobytes())
-        else:
-            he.tt_embedding_bag_backward(G, idx, cores, optimizer=opt)
-            for c in cores:
-                h.update(c.tobytes())
-print(_tt.gemm_lanes(), h.hexdigest())
-"""
+# products of widths 16..47 whose last columns fill no 16-lane vector (1..15
+# of them: q * R and R of these chains)
+_LANES_CODE = _chain_bits([([20, 22, 25], [4, 4, 4], [32, 32]), ([9, 8, 7], [3, 5, 2], [17, 9]),
+                           ([12, 10], [8, 6], [23]), ([5, 6, 7], [2, 2, 3], [29, 31])], (300, 5))
 
 
 def test_avx512_products_are_the_avx2_bits():
     """The 16-lane (AVX-512) copy of the chain products, where the CPU has
     it, gives the 8-lane copy's bits: each output a lane summed in index
-    order with FMA, and the last < 16 columns through the 8-lane code (whose
-    own tails are padded vector tiles, not a scalar loop a compiler fuses
-    under one target and not another). On a CPU without AVX-512 both runs
-    take the 8-lane copy."""
+    order with FMA in both, the last columns of a product too (padded vector
+    tiles, not a scalar loop a compiler fuses under one target and not
+    another). On a CPU without AVX-512 both runs take the 8-lane copy."""
     on = fuzzing.outputs_by_threads(_LANES_CODE, counts=("2",), HASHEMB_TT_AVX512="1")["2"]
     off = fuzzing.outputs_by_threads(_LANES_CODE, counts=("2",), HASHEMB_TT_AVX512="0")["2"]
     lanes_on, bits_on = on.split()
