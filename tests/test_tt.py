@@ -177,16 +177,18 @@ def test_same_bits_on_any_thread_count():
     assert len(set(outs.values())) == 1, outs
 
 
-# products of widths 16..47 whose last columns fill no 16-lane vector (1..15
-# of them: q * R and R of these chains)
-_LANES_CODE = _chain_bits([([20, 22, 25], [4, 4, 4], [32, 32]), ([9, 8, 7], [3, 5, 2], [17, 9]),
-                           ([12, 10], [8, 6], [23]), ([5, 6, 7], [2, 2, 3], [29, 31])], (300, 5))
+# products (q * R and R of these chains) of 16, 32, 48, 96 and 128 columns,
+# which take the 16-lane copy, beside widths that are no multiple of 16 and
+# stay on the 8-lane one, with tails of 1..7 columns past its vectors
+_LANES_CODE = _chain_bits([([20, 22, 25], [4, 4, 4], [32, 32]), ([9, 8, 7], [2, 4, 2], [16, 24]),
+                           ([12, 10], [8, 6], [16]), ([9, 8, 7], [3, 5, 2], [17, 9]),
+                           ([5, 6, 7], [2, 2, 3], [48, 31])], (300, 5))
 
 
 def test_avx512_products_are_the_avx2_bits():
     """The 16-lane (AVX-512) copy of the chain products, where the CPU has
     it, gives the 8-lane copy's bits: each output a lane summed in index
-    order with FMA in both, the last columns of a product too (padded vector
+    order with FMA in both (the last columns of a product too: padded vector
     tiles, not a scalar loop a compiler fuses under one target and not
     another). On a CPU without AVX-512 both runs take the 8-lane copy."""
     on = fuzzing.outputs_by_threads(_LANES_CODE, counts=("2",), HASHEMB_TT_AVX512="1")["2"]

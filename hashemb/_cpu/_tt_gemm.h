@@ -58,15 +58,20 @@ typedef double he_v2d __attribute__((vector_size(16), aligned(8), may_alias));
 #define HE_TOP HE_CLONES
 
 #if HE_VEC && defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && \
-    ((defined(__clang__) && __clang_major__ >= 14) || (!defined(__clang__) && __GNUC__ >= 12))
+    !defined(__clang__) && __GNUC__ >= 12
 /* float: 16 lanes, for CPUs with AVX-512 (two 512-bit FMA units on server
  * cores: twice the AVX2 copy's peak). Compiled for x86-64-v4 whatever the
- * build's flags, and entered from the 8-lane nn / tn below for products of
- * 16 or more columns on a CPU that has it (he_tt_wider). Every output is
- * one vector lane summed in index order with FMA in both copies (their
- * last columns too: padded tiles, no scalar loop), so the results are the
- * 8-lane copy's bit for bit. HASHEMB_TT_AVX512=0 turns it off (A/B runs). */
+ * build's flags, and entered from the 8-lane nn / tn below for products
+ * whose columns are a multiple of 16 (HE_WIDER_COLS: with 8 columns left
+ * over, the 8-lane copy's two-vector tiles were faster, 24 and 40 columns
+ * measured) on a CPU that has it (he_tt_wider). Every output is one vector
+ * lane summed in index order with FMA in both copies (their last columns
+ * too: padded tiles, no scalar loop), so the results are the 8-lane copy's
+ * bit for bit. GCC only: clang 14's target_clones resolver ran the SSE2
+ * clone on Intel and AMD CPUs (no FMA: other bits than this copy's).
+ * HASHEMB_TT_AVX512=0 turns it off (A/B runs). */
 #define HE_WIDE 1
+#define HE_WIDER_COLS(N) ((N) >= 16 && (N) % 16 == 0)
 #define HE_TOP16 __attribute__((target("arch=x86-64-v4")))
 typedef float he_v16f __attribute__((vector_size(64), aligned(4), may_alias));
 HE_TOP16 static void he_tt_nn_f16(int64_t M, int64_t N, int64_t K, const float* const* A,
@@ -76,18 +81,23 @@ HE_TOP16 static void he_tt_tn_f16(int64_t M, int64_t N, int64_t K, const float* 
                                   const float* const* D, float* C, int64_t ldc, int add);
 
 #include <stdlib.h>
+#include <strings.h>
 
-/* Whether the 16-lane copy runs here: the CPU and the OS have AVX-512
- * (x86-64-v4's F, VL, BW, DQ, CD), and HASHEMB_TT_AVX512 is not "0". Read
- * once; a race only computes the same value twice. */
+static int he_tt_wider_state = -1;
+
+/* Whether the 16-lane copy runs here: the CPU and the OS have all of
+ * x86-64-v4, what it is compiled for, and HASHEMB_TT_AVX512 is not "0"
+ * (or "off", "false", "no"). Read once (relaxed atomics: threads that race
+ * compute the same value). */
 static int he_tt_wider(void)
 {
-    static int v = -1;
+    int v = __atomic_load_n(&he_tt_wider_state, __ATOMIC_RELAXED);
     if (v < 0) {
         const char* env = getenv("HASHEMB_TT_AVX512");
-        v = !(env && env[0] == '0') && __builtin_cpu_supports("avx512f") &&
-            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
-            __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512cd");
+        const int off = env && (env[0] == '0' || !strcasecmp(env, "off") ||
+                                !strcasecmp(env, "false") || !strcasecmp(env, "no"));
+        v = !off && __builtin_cpu_supports("x86-64-v4");
+        __atomic_store_n(&he_tt_wider_state, v, __ATOMIC_RELAXED);
     }
     return v;
 }
@@ -134,7 +144,9 @@ static int he_tt_wider(void)
 #endif
 
 /* Float lanes the products run on here: 16 (AVX-512), 8 (AVX2 + FMA),
- * 4 (the baseline's SSE2) or 1 (plain loops), for show_config. */
+ * 4 (the baseline's SSE2) or 1 (plain loops), for show_config. A clang
+ * build says 4: clang 14's target_clones resolver ran the SSE2 clone on
+ * Intel and AMD CPUs alike. */
 static int he_tt_gemm_lanes(void)
 {
 #if HE_WIDE
@@ -142,7 +154,7 @@ static int he_tt_gemm_lanes(void)
         return 16;
 #endif
 #if HE_VEC && defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && \
-    ((defined(__clang__) && __clang_major__ >= 14) || (!defined(__clang__) && __GNUC__ >= 12))
+    !defined(__clang__) && __GNUC__ >= 12
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 8 : 4;
 #elif HE_VEC
     return 4;

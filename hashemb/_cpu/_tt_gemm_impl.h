@@ -11,6 +11,56 @@
 HE_INLINE HE_V HE_FN(ld)(const HE_T* p) { return *(const HE_V*)p; }
 HE_INLINE void HE_FN(st)(HE_T* p, HE_V v) { *(HE_V*)p = v; }
 
+/* The first w values of p in a half vector, zeros after (0 < w < HE_W/2),
+ * built lane by lane in registers: the padded tiles of the last columns
+ * (a store of w scalars and a vector reload stalled on store forwarding). */
+HE_INLINE HE_H HE_FN(part_h)(const HE_T* p, int w)
+{
+    HE_H v = {0};
+    switch (w) {
+#if HE_W == 16
+    case 7: v[6] = p[6]; /* fall through */
+    case 6: v[5] = p[5]; /* fall through */
+    case 5: v[4] = p[4]; /* fall through */
+    case 4: v[3] = p[3]; /* fall through */
+#endif
+#if HE_W >= 8
+    case 3: v[2] = p[2]; /* fall through */
+    case 2: v[1] = p[1]; /* fall through */
+#endif
+    default: v[0] = p[0];
+    }
+    return v;
+}
+
+/* The first w values of p in a vector, zeros after (0 < w < HE_W). */
+HE_INLINE HE_V HE_FN(part_v)(const HE_T* p, int w)
+{
+    HE_V v = {0};
+    switch (w) {
+#if HE_W == 16
+    case 15: v[14] = p[14]; /* fall through */
+    case 14: v[13] = p[13]; /* fall through */
+    case 13: v[12] = p[12]; /* fall through */
+    case 12: v[11] = p[11]; /* fall through */
+    case 11: v[10] = p[10]; /* fall through */
+    case 10: v[9] = p[9]; /* fall through */
+    case 9: v[8] = p[8]; /* fall through */
+    case 8: v[7] = p[7]; /* fall through */
+#endif
+#if HE_W >= 8
+    case 7: v[6] = p[6]; /* fall through */
+    case 6: v[5] = p[5]; /* fall through */
+    case 5: v[4] = p[4]; /* fall through */
+    case 4: v[3] = p[3]; /* fall through */
+#endif
+    case 3: v[2] = p[2]; /* fall through */
+    case 2: v[1] = p[1]; /* fall through */
+    default: v[0] = p[0];
+    }
+    return v;
+}
+
 /* nn, one tile: rows A[0..mr), columns j0 .. j0 + nv*HE_W. */
 HE_INLINE void HE_FN(nn_tile)(const int mr, const int nv, int64_t K, const HE_T* const* A,
                               const HE_T* B, int64_t ldb, HE_T* const* C, int64_t j0, int add)
@@ -86,27 +136,22 @@ HE_INLINE void HE_FN(nn_rows)(const int mr, int64_t N, int64_t K, const HE_T* co
         j += HE_W / 2;
     }
     if (j < N) {
-        /* the last < HE_W/2 columns: a half tile on zero-padded copies of B's,
+        /* the last < HE_W/2 columns: a half tile on zero-padded columns of B,
          * so they are summed as the tiles' lanes are (a scalar loop was fused
          * into FMAs under one target and not another: other bits) */
         HE_H acc[HE_TILE];
-        HE_T pad[HE_W / 2], out[HE_W / 2];
         const int w = (int)(N - j);
+#pragma GCC unroll 8
         for (int i = 0; i < mr; i++) acc[i] = (HE_H){0};
-        for (int v = 0; v < HE_W / 2; v++) pad[v] = 0;
         for (int64_t s = 0; s < K; s++) {
-            for (int v = 0; v < w; v++) pad[v] = B[s * ldb + j + v];
-            HE_H b = *(const HE_H*)pad;
+            HE_H b = HE_FN(part_h)(B + s * ldb + j, w);
+#pragma GCC unroll 8
             for (int i = 0; i < mr; i++) acc[i] += A[i][s] * b;
         }
         for (int i = 0; i < mr; i++) {
             HE_H t = acc[i];
-            if (add) {
-                for (int v = 0; v < w; v++) pad[v] = C[i][j + v];
-                t += *(const HE_H*)pad;
-            }
-            *(HE_H*)out = t;
-            for (int v = 0; v < w; v++) C[i][j + v] = out[v];
+            if (add) t += HE_FN(part_h)(C[i] + j, w);
+            for (int v = 0; v < w; v++) C[i][j + v] = t[v];
         }
     }
 }
@@ -156,26 +201,21 @@ HE_INLINE void HE_FN(tn_rows)(const int mr, int64_t N, int64_t K, const HE_T* co
         j += HE_W;
     }
     if (j < N) {
-        /* the last < HE_W columns: a tile on zero-padded copies of D's (see nn_rows) */
+        /* the last < HE_W columns: a tile on zero-padded columns of D (see nn_rows) */
         HE_V acc[HE_TILE];
-        HE_T pad[HE_W], out[HE_W];
         const int w = (int)(N - j);
+#pragma GCC unroll 8
         for (int i = 0; i < mr; i++) acc[i] = (HE_V){0};
-        for (int v = 0; v < HE_W; v++) pad[v] = 0;
         for (int64_t r = 0; r < K; r++) {
-            for (int v = 0; v < w; v++) pad[v] = D[r][j + v];
-            HE_V b = HE_FN(ld)(pad);
+            HE_V b = HE_FN(part_v)(D[r] + j, w);
+#pragma GCC unroll 8
             for (int i = 0; i < mr; i++) acc[i] += A[r][i0 + i] * b;
         }
         for (int i = 0; i < mr; i++) {
             HE_T* c = C + (i0 + i) * ldc + j;
             HE_V t = acc[i];
-            if (add) {
-                for (int v = 0; v < w; v++) pad[v] = c[v];
-                t += HE_FN(ld)(pad);
-            }
-            HE_FN(st)(out, t);
-            for (int v = 0; v < w; v++) c[v] = out[v];
+            if (add) t += HE_FN(part_v)(c, w);
+            for (int v = 0; v < w; v++) c[v] = t[v];
         }
     }
 }
@@ -271,7 +311,7 @@ HE_TOP static void HE_FN(nn)(int64_t M, int64_t N, int64_t K, const HE_T* const*
     (void)Bt;
 #endif
 #ifdef HE_WIDER
-    if (N >= 16 && he_tt_wider()) {
+    if (HE_WIDER_COLS(N) && he_tt_wider()) {
         HE_WIDER(nn)(M, N, K, A, B, ldb, NULL, C, add);
         return;
     }
@@ -290,7 +330,7 @@ HE_TOP static void HE_FN(tn)(int64_t M, int64_t N, int64_t K, const HE_T* const*
                                 const HE_T* const* D, HE_T* C, int64_t ldc, int add)
 {
 #ifdef HE_WIDER
-    if (N >= 16 && he_tt_wider()) {
+    if (HE_WIDER_COLS(N) && he_tt_wider()) {
         HE_WIDER(tn)(M, N, K, A, D, C, ldc, add);
         return;
     }
