@@ -13,13 +13,16 @@
  *
  * The register tiles are written with GCC/Clang vector extensions, so the
  * compiler emits SSE2 on the baseline and, through target_clones, an AVX2+FMA
- * copy picked at load time on CPUs that have it (no -march=native needed).
- * Other compilers get plain loops.
+ * copy picked at load time on CPUs that have it (no -march=native needed);
+ * with GCC, a 16-lane AVX-512 copy takes the float products whose columns
+ * are a multiple of 16 on CPUs that have x86-64-v4 (below). Other compilers
+ * get plain loops.
  *
  * Numerics: each output is summed in index order of s (or r), one vector
- * lane per output column; results are deterministic
- * and independent of the thread count, but a float sum may differ in the last
- * bits from another summation order (BLAS, torch).
+ * lane per output column (the last columns too, in zero-padded vectors);
+ * results are deterministic, independent of the thread count and the same
+ * in the AVX2 and AVX-512 copies, but a float sum may differ in the last
+ * bits from another summation order (BLAS, torch) and without FMA (SSE2).
  */
 #ifndef HASHEMB_TT_GEMM_H
 #define HASHEMB_TT_GEMM_H
