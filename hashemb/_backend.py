@@ -2,6 +2,7 @@
 Never copies between host and device behind the caller's back: a mix of host
 and device arrays is a TypeError naming the argument. CuPy is imported only
 when a CuPy array arrives (it is recognised by its type's module name)."""
+import contextlib
 import mmap
 import os
 import sys
@@ -119,6 +120,15 @@ def kernels(*arrays):
                 "kernels yet (bags, plain lookups, slots, UniversalHash and TT tables have; "
                 "hashemb.show_config())")
     return _cpu_kernels()
+
+
+def place(like):
+    """(numpy, a null context), or (cupy, a context making ``like``'s device
+    current) for a CuPy ``like``: where arrays made like it go."""
+    if like is not None and is_cupy(like):
+        import cupy
+        return cupy, cupy.cuda.Device(device_id(like))
+    return np, contextlib.nullcontext()
 
 
 def host(a, copy=False):

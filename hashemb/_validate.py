@@ -11,7 +11,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from ._backend import fork_safe_lock
+from ._backend import fork_safe_lock, is_cupy
 
 MODES = ("sum", "mean", "max")          # codes 0, 1, 2 in the kernels
 _INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
@@ -66,6 +66,16 @@ def check_deterministic(value):
 
 def check_positive_int(value, name, upper=None):
     return check_int(value, name, lo=1, hi=upper)
+
+
+def check_like(like):
+    """Whether ``like`` (None, a NumPy or a CuPy array: where new arrays go)
+    is a CuPy array; TypeError naming it for anything else."""
+    if is_cupy(like):
+        return True
+    if like is not None and not isinstance(like, np.ndarray):
+        raise TypeError(f"like: expected a cupy.ndarray or numpy.ndarray, got {_desc(like)}")
+    return False
 
 
 def check_seed(seed):

@@ -295,18 +295,16 @@ class _MinhashScheme(Scheme):
             if device_count() == 0:
                 raise RuntimeError("device: 'gpu' needs CuPy and a CUDA device, and this "
                                    "process has none (he.show_config() says why)")
-        if on_device:
+        if device == "gpu":
             from ._gpu import _args as A, _runtime as RT
             be = _backend or RT.backend()
+        if on_device:
             gpu = be.device_of(A.as_array(be, X, "X"))
             with gpu:                       # a contiguous copy on X's device
                 X = A.as_keys(be, X, "X")
         else:
             X = V.as_keys(X, "X")
             gpu = contextlib.nullcontext()
-            if device == "gpu":
-                from ._gpu import _runtime as RT
-                be = _backend or RT.backend()
         if X.ndim != 2:
             raise ValueError(f"X: expected a 2-D (rows, fields) array, got {X.ndim}-D")
         rows, T = X.shape
@@ -340,11 +338,12 @@ class _MinhashScheme(Scheme):
         if device == "gpu":
             from ._gpu.lsh import build
             with gpu:
+                dsample = be.to_device(sample)
                 if on_device:
-                    Xs = X if num_points == rows else X[be.to_device(sample)]
+                    Xs = X if num_points == rows else X[dsample]
                 else:                               # the copy device="gpu" asks for
                     Xs = be.to_device(X if num_points == rows else X[sample])
-                fields, tokens, data = build(probe, Xs.astype(np.int64, copy=False), sample,
+                fields, tokens, data = build(probe, Xs.astype(np.int64, copy=False), dsample,
                                              F, slots, be)
         else:
             fields, tokens, data = cls._build(X, sample, probe, F, slots, progress)

@@ -1,20 +1,14 @@
 """Click-model metrics: ROC AUC (ties averaged) and log loss, in NumPy, or in
 CuPy on the device for CuPy arrays (an evaluation's scores need not leave it)."""
-import contextlib
-
 import numpy as np
 
-from ._backend import device_id, is_cupy, on_gpu
+from ._backend import on_gpu, place
 
 
 def _on(labels, values, name):
     """numpy and no context, or cupy and the arrays' device made current (a
     mix is a TypeError naming the host one, two devices a ValueError)."""
-    if not (is_cupy(labels) or is_cupy(values)):
-        return np, contextlib.nullcontext()
-    on_gpu(labels=labels, **{name: values})
-    import cupy
-    return cupy, cupy.cuda.Device(device_id(labels))
+    return place(labels if on_gpu(labels=labels, **{name: values}) else None)
 
 
 def _pairs(xp, labels, values, name):

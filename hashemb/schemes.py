@@ -223,12 +223,9 @@ class Scheme:
         if dtype not in (np.float32, np.float64) and not V.is16(dtype):
             raise TypeError(f"dtype: expected float16, bfloat16, float32 or float64, "
                             f"got {dtype}")
-        if is_cupy(like):
+        if V.check_like(like):
             from ._gpu.init import init_uniform
             return init_uniform(self.weight_shape, dtype, rng, parts, like)
-        if like is not None and not isinstance(like, np.ndarray):
-            raise TypeError(f"like: expected a cupy.ndarray or numpy.ndarray, got "
-                            f"{V._desc(like)}")
         if V.is16(dtype):
             # storage for the bag functions: the float32 draw rounded once to
             # nearest, a chunk at a time (no float32 copy of a large table;

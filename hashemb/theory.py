@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _validate as V
-from ._backend import is_cupy
+from ._backend import array_module
 from .hashing import UniversalHash
 from .schemes import RobeZ
 
@@ -52,15 +52,8 @@ __all__ = ["sketch", "inner_product_estimates", "inner_product_expectation",
            "vector_families"]
 
 
-def _xp(*arrays):
-    if any(is_cupy(a) for a in arrays):
-        import cupy
-        return cupy
-    return np
-
-
 def _vector(x, name):
-    xp = _xp(x)
+    xp = array_module(x)
     try:
         x = xp.asarray(x)
     except (ValueError, TypeError) as e:     # ragged lists and the like
@@ -94,7 +87,7 @@ def _map_args(m, block, dim):
 
 def _blocks(v, Z):
     """v as (blocks, Z), zero-padded: row b holds the elements of block b."""
-    xp = _xp(v)
+    xp = array_module(v)
     pad = (-v.shape[0]) % Z
     if pad:
         v = xp.concatenate([v, xp.zeros(pad, v.dtype)])
@@ -112,7 +105,7 @@ def _collision_matrix(m, Z, wrap, xp):
 
 def _pair_sum(u, v, m, Z, wrap):
     r"""\sum_{b(i) != b(k)} Pr(slot_i = slot_k) u_i v_k, in O(n) (wrap) or O(nZ)."""
-    xp = _xp(u)
+    xp = array_module(u)
     U, W = _blocks(u, Z), _blocks(v, Z)
     # each block against the sum of the OTHER blocks, made of prefix and
     # suffix sums: "all pairs minus same-block pairs" cancelled to 0 (or a
@@ -254,7 +247,7 @@ def _table(theta, Z, dim):
 def _sketch_table(table, scheme, signs):
     """(slots, signs) of every element of the (rows, D) table, on its side
     (the scheme's GPU kernels for a CuPy table)."""
-    xp = _xp(table)
+    xp = array_module(table)
     rows = xp.arange(table.shape[0], dtype=np.int64)
     slots = scheme.slots(rows)
     g = scheme.signs(rows) if signs == "cubic" else _linear_signs(scheme.seed, *table.shape, xp)
@@ -264,7 +257,7 @@ def _sketch_table(table, scheme, signs):
 def _summed(slots, g, table, m):
     """The sketch: sum of g * table into m slots (a CuPy table's by
     cupy.bincount: its atomic adds sum in no fixed order)."""
-    return _xp(table).bincount(slots.reshape(-1), weights=(g * table).reshape(-1), minlength=m)
+    return array_module(table).bincount(slots.reshape(-1), weights=(g * table).reshape(-1), minlength=m)
 
 
 def _check_signs(signs, signed):
@@ -386,7 +379,7 @@ def inner_product_estimates(x, y, m, *, block, seeds=2000, signed=True, wrap=Tru
     for seed in _progress(_seed_list(seeds), progress, "sketches"):
         slots, g = _sketch_table(X, _robe(m, Z, None, seed, signed, wrap), signs)
         out.append(_summed(slots, g, X, m) @ _summed(slots, g, Y, m))
-    return _xp(X).stack(out) if out else _xp(X).zeros(0)
+    return array_module(X).stack(out) if out else array_module(X).zeros(0)
 
 
 def _rows_args(theta, a, b, dim, block):
@@ -506,7 +499,7 @@ def embedding_inner_product_estimates(theta, a, b, m, *, dim, block, seeds=2000,
         slots, g = _sketch_table(table, scheme, "cubic")
         s = _summed(slots, g, table, m)
         out.append((g[a] * s[slots[a]]) @ (g[b] * s[slots[b]]))
-    return _xp(table).stack(out) if out else _xp(table).zeros(0)
+    return array_module(table).stack(out) if out else array_module(table).zeros(0)
 
 
 def vector_families(n, seed=2026):

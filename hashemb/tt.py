@@ -21,7 +21,6 @@ where the CPU has it) rather than one tiny product per lookup; duplicate rows
 in a batch are computed once.
 """
 import bisect
-import contextlib
 import math
 import numbers
 import sys
@@ -30,7 +29,7 @@ from collections import namedtuple
 import numpy as np
 
 from . import _validate as V
-from ._backend import array_module, device_id, fork_safe_lock, host, is_cupy, on_gpu
+from ._backend import array_module, device_id, fork_safe_lock, host, is_cupy, on_gpu, place
 from .optim import SGD, Adagrad, check_optimizer
 
 WEIGHT_DISTS = ("uniform", "normal", "approx-uniform", "approx-normal")
@@ -438,8 +437,7 @@ def tt_init(num_embeddings, p, q, tt_ranks, weight_dist="approx-normal", *, seed
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
         raise TypeError(f"dtype: expected float32 or float64, got {dtype}")
-    if like is not None and not isinstance(like, np.ndarray) and not is_cupy(like):
-        raise TypeError(f"like: expected a cupy.ndarray or numpy.ndarray, got {V._desc(like)}")
+    on_device = V.check_like(like)
     rng = np.random.default_rng(V.check_seed(seed))
     d = len(shapes)
     P = float(np.prod([s[3] for s in shapes[:-1]]))
@@ -456,10 +454,10 @@ def tt_init(num_embeddings, p, q, tt_ranks, weight_dist="approx-normal", *, seed
         else:
             c = rng.uniform(0.0, (2.0 / (n + D)) ** (1.0 / (2 * d)) * P ** (-1.0 / (2 * d)), shp)
         cores.append(np.ascontiguousarray(c, dtype))
-    if is_cupy(like):
-        import cupy
-        with cupy.cuda.Device(device_id(like)):
-            return [cupy.asarray(c) for c in cores]
+    if on_device:
+        xp, on = place(like)
+        with on:
+            return [xp.asarray(c) for c in cores]
     return cores
 
 
@@ -626,8 +624,8 @@ class TTCache:
         if like is not None and not is_cupy(like) and not isinstance(like, np.ndarray):
             raise TypeError(f"like: expected None, a numpy.ndarray or a cupy.ndarray (where "
                             f"the cache lives), got {V._desc(like)}")
-        xp, place = _place(like)
-        with place:
+        xp, on = place(like)
+        with on:
             self.keys = xp.full(size, -1, np.int64)
             self.freq = xp.zeros(size, np.int64)
             self._used = 0
@@ -640,7 +638,7 @@ class TTCache:
 
     def _here(self):
         """Context: the cache's device current (its new arrays made there)."""
-        return _place(self.keys)[1]
+        return place(self.keys)[1]
 
     def _same_side(self, x, name):
         """TypeError unless x is an array where the cache is (host or device),
@@ -871,20 +869,12 @@ class TTCache:
         not there: a torch module moved with ``.cuda()`` / ``.cpu()`` carries
         its caches along (its cache rows are its parameters)."""
         if is_cupy(w) != is_cupy(self.keys) or device_id(w) != device_id(self.keys):
-            xp, place = _place(w)
-            with place:
+            xp, on = place(w)
+            with on:
                 for name in ("keys", "freq", "_rows", "_ids", "_slot_of"):
                     setattr(self, name, xp.asarray(host(getattr(self, name))))
             self._used = None           # counted again from the keys at the next count
         self.weight = w
-
-
-def _place(like):
-    """(numpy, a null context), or (cupy, like's device) for a CuPy ``like``."""
-    if like is not None and is_cupy(like):
-        import cupy
-        return cupy, cupy.cuda.Device(device_id(like))
-    return np, contextlib.nullcontext()
 
 
 def _search(xp, sorted_b, a):

@@ -1763,7 +1763,7 @@ def test_theory_sketches_take_the_gpu_kernels(public_emu, monkeypatch):
             theory.sketch(x, 17, block=14, dim=7, seed=4, signed=False),
             theory.inner_product_estimates(x, y, 16, block=4, seeds=3),
             theory.embedding_inner_product_estimates(x, 0, 3, 16, dim=7, block=7, seeds=[5, 6])]
-    monkeypatch.setattr(theory, "_xp", lambda *a: fake)
+    monkeypatch.setattr(theory, "array_module", lambda *a: fake)
     got = [theory.sketch(x, 16, block=4, seed=3),
            theory.sketch(x, 16, block=4, seed=3, signs="linear"),
            theory.sketch(x, 17, block=14, dim=7, seed=4, signed=False),

@@ -130,7 +130,12 @@ def _storage(w):
     as a suffix: none for float32 / float64 (S = R), ", unsigned short" for
     float16 storage (its bits, read as floats), ", he_bf16" for bfloat16
     (CuPy 14 arrays of ml_dtypes' dtype)."""
-    return {None: "", 0: ", unsigned short", 1: ", he_bf16"}[V.format16(w.dtype)]
+    return storage_arg(w.dtype)
+
+
+def storage_arg(dtype):
+    """_storage of a weight of ``dtype``."""
+    return {None: "", 0: ", unsigned short", 1: ", he_bf16"}[V.format16(dtype)]
 
 
 def _i64_bits(v):

@@ -82,19 +82,20 @@ __device__ __forceinline__ void he_init_store(he_bf16* w, i64 e, float v)
     w[e].b = he_round16(v, 0, 0, 1);
 }
 
-/* w[e] = u_e * s2[p] - s1[p] for the n elements, u_e the e-th draw of
- * random(R) (R: float or double) from state (s_hi, s_lo) and increment
+/* w[e] = u_e * s2[p] - s1[p] for the n elements of storage S (R, or
+ * 16-bit storage of float), u_e the e-th draw of random(R) (R: float or
+ * double) from state (s_hi, s_lo) and increment
  * (inc_hi, inc_lo), p the part bounds[p] <= e < bounds[p+1] (nparts
  * contiguous parts from 0 to n: a FullTable's tables, each its own scale),
  * s2 = R(2 scale) and s1 = R(scale) as NumPy's in-place float32 / float64
  * arithmetic rounds them (the sources compile with -fmad=false, so the
  * product is rounded before the subtraction, as NumPy's two steps). */
-template <typename T, typename R>
+template <typename R, typename S = R>
 __global__ void init_uniform(unsigned long long s_hi, unsigned long long s_lo,
                              unsigned long long inc_hi, unsigned long long inc_lo, i64 n,
                              const int64_t* __restrict__ bounds, const R* __restrict__ s2,
                              const R* __restrict__ s1, i64 nparts, i64 per,
-                             T* __restrict__ w)
+                             S* __restrict__ w)
 {
     const int per_out = sizeof(R) == 4 ? 2 : 1;       /* draws per 64-bit output */
     const i64 first_out = he_tid() * per;
@@ -129,7 +130,7 @@ __global__ void init_uniform(unsigned long long s_hi, unsigned long long s_lo,
     }
 }
 
-HE_KERNEL(init_uniform<float, float>)
-HE_KERNEL(init_uniform<double, double>)
-HE_KERNEL(init_uniform<unsigned short, float>)
-HE_KERNEL(init_uniform<he_bf16, float>)
+HE_KERNEL(init_uniform<float>)
+HE_KERNEL(init_uniform<double>)
+HE_KERNEL(init_uniform<float, unsigned short>)
+HE_KERNEL(init_uniform<float, he_bf16>)

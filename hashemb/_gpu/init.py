@@ -6,10 +6,9 @@ import numpy as np
 from .. import _validate as V
 from . import _runtime as RT
 from ._runtime import i64
+from .bag import storage_arg
 
 PER = 64        # 64-bit generator outputs a thread (one O(log n) jump each)
-
-_STORE = {None: None, 0: "unsigned short", 1: "he_bf16"}
 
 
 def init_uniform(shape, dtype, rng, parts, like, be=None):
@@ -35,7 +34,7 @@ def init_uniform(shape, dtype, rng, parts, like, be=None):
         s2 = np.array([2 * scale for _, _, scale in parts], real)
         s1 = np.array([scale for _, _, scale in parts], real)
         draws = n if real == np.float64 else (n + 1) // 2
-        name = f"init_uniform<{_STORE[bf] or RT.ctype(real)}, {RT.ctype(real)}>"
+        name = f"init_uniform<{RT.ctype(real)}{storage_arg(dtype)}>"
         be.launch("init", name, -(-draws // PER),
                   [np.uint64(s >> 64), np.uint64(s & (2**64 - 1)), np.uint64(inc >> 64),
                    np.uint64(inc & (2**64 - 1)), i64(n), be.to_device(bounds),

@@ -19,7 +19,7 @@ def build(probe, Xs, sample, F, slots, be):
     the sampled rows ``Xs`` (device, (n, T) int64 bits) numbered in order of
     first occurrence, row-major, as the CPU's map numbers them, and their
     (pairs, F) uint32 signatures, or (pairs, D/Z) run starts with ``slots``.
-    ``sample`` (host int64): the row of X each row of Xs is, whose key the
+    ``sample`` (device int64): the row of X each row of Xs is, whose key the
     minhash takes.
 
     Two stable sorts put the N = n*T entries in (field, token) order with
@@ -39,8 +39,7 @@ def build(probe, Xs, sample, F, slots, be):
     rank = xp.empty_like(first)
     rank[xp.argsort(first)] = xp.arange(first.shape[0], dtype=np.int64)
     row_keys = xp.empty(n, np.uint64)
-    be.launch("slots", "lsh_row_keys", n, [be.to_device(sample), i64(n), np.uint64(probe._salt),
-                                           row_keys])
+    be.launch("slots", "lsh_row_keys", n, [sample, i64(n), np.uint64(probe._salt), row_keys])
     ptr = xp.empty(starts.shape[0] + 1, np.int64)
     ptr[:-1], ptr[-1] = starts, order.shape[0]
     by_run = signatures(probe, ptr, row_keys[order // T], F, slots, be)
