@@ -1,3 +1,6 @@
+import os
+import platform
+
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
@@ -335,6 +338,16 @@ def test_optimizers_leave_no_finalizers_on_a_weight_they_outlived():
     assert len(weakref.finalize._registry) == before + 2 and len(kept.state) == 1
     del W
     assert len(kept.state) == 0 and len(weakref.finalize._registry) == before
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or not os.path.exists("/proc/cpuinfo"),
+                    reason="Linux on x86-64 lists the CPU's flags in /proc/cpuinfo")
+def test_write_prefetch_follows_the_cpu():
+    # Linux calls CPUID 0x80000001 ECX bit 8 (PRFCHW, prefetchw) "3dnowprefetch";
+    # a wrong bit would run prefetchw where it may not exist, or never
+    with open("/proc/cpuinfo") as f:
+        flags = next(line for line in f if line.startswith("flags")).split()
+    assert ("prefetchw" in kernels().simd_paths()) == ("3dnowprefetch" in flags)
 
 
 def test_two_d_input_and_dtypes():
