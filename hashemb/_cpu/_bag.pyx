@@ -131,6 +131,18 @@ cdef extern from *:
         }
     HE_SCATTER_IN(float, he_scatter_in_f)
     HE_SCATTER_IN(double, he_scatter_in_d)
+    /* he_prefetch_own of n values' lines, A + st[k] (el bytes each): a
+       HashedNet row's slots, taken owned a few entries before its adds
+       (the step: 3.57 -> 3.01 ms at batch 2048 x 26, session 33; a signed
+       scheme's bags of 8 read 7% slower with it, so they go without) */
+    static inline void he_prefetch_own_slots(const void* A, size_t el, const uint64_t* st,
+                                             int64_t n)
+    {
+        const int own = he_prfchw();
+        int64_t k;
+        for (k = 0; k < n; k++)
+            he_prefetch_own(own, (const char*)A + st[k] * el);
+    }
     /* Prefetch n runs of values of type T from A + st[g]: the first line
        and, unless every run is one whole line (tail 0), the value tail on
        (a run may straddle two lines); four a step (the loop's count and
@@ -611,6 +623,8 @@ cdef extern from *:
     uint64_t he_prefetch_runs_h(const uint16_t* A, const uint64_t* st, int64_t n, int64_t tail,
                                 int top) noexcept nogil
     void he_scatter_f(float* t, const uint64_t* st, const float* g, float a, int64_t n) noexcept nogil
+    void he_prefetch_own_slots(const void* A, size_t el, const uint64_t* st,
+                               int64_t n) noexcept nogil
     void he_scatter_d(double* t, const uint64_t* st, const double* g, double a, int64_t n) noexcept nogil
     void he_scatter_in_f(float* t, const uint64_t* st, const float* g, float a, int64_t n,
                          uint64_t lo, uint64_t hi, float* spare) noexcept nogil
@@ -697,6 +711,7 @@ DEF MAXR = 64       # fast path: at most this many runs per row
 DEF SIGNS = 64      # signed schemes: a run's signs computed this many at a time
 DEF SEG_RUNS = 128  # multi-hot bags of rows of several runs: runs hashed ahead
 DEF SMALL_WORK = 1 << 16  # backward: gradient floats below which one thread runs
+DEF OWN_AHEAD = 4   # HashedNet's backward: entries whose slots are taken owned ahead
 DEF CHUNK_BAGS = 8192  # backward with many runs per entry: bags hashed per round
 
 
@@ -1665,6 +1680,9 @@ cdef void _backward_part(const he_scheme* s, const index_t* idx, const int64_t* 
                         st = hashed
                     ww = w * psw[j] if psw != NULL else w
                     if lo == 0 and <uint64_t>hi == s.size:     # one thread: every slot
+                        if pre != NULL and j + OWN_AHEAD < nent:
+                            he_prefetch_own_slots(target, sizeof(real),
+                                                  pre + (j + OWN_AHEAD) * s.runs, s.runs)
                         if real is float:
                             he_scatter_f(target, st, g, ww, s.runs)
                         else:
