@@ -96,6 +96,20 @@ def emu_backend():
     return EmuBackend(build_or_skip())
 
 
+class Stand(np.ndarray):
+    """What hashemb's dispatch takes for a CuPy array: a host array that the
+    emulator's launchers read, so that the public functions' GPU branch and
+    their own checks (their order included) run as they do for CuPy."""
+
+
+Stand.__module__ = "cupy"
+
+
+def stand(a):
+    """A copy of a as a Stand (None stays None)."""
+    return None if a is None else np.array(a, copy=True).view(Stand)
+
+
 def torch_cuda():
     """torch, where CuPy, a device and a CUDA build of torch are all there;
     otherwise a pytest skip."""

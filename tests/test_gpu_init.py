@@ -16,13 +16,6 @@ from hashemb._gpu import init as GI
 import gpu_emu
 
 
-class _Stand(np.ndarray):
-    """A NumPy array that hashemb's dispatch takes for a CuPy one."""
-
-
-_Stand.__module__ = "cupy"
-
-
 @pytest.fixture(params=["emulator", "cupy"])
 def like(request, monkeypatch):
     """(a device array to pass as like, its host copy function, the device
@@ -30,7 +23,7 @@ def like(request, monkeypatch):
     if request.param == "emulator":
         gpu_emu.build_or_skip()
         monkeypatch.setattr(RT, "_backend", gpu_emu.emu_backend())
-        return np.zeros(1).view(_Stand), lambda a: np.asarray(a).view(np.ndarray), np.ndarray
+        return np.zeros(1).view(gpu_emu.Stand), lambda a: np.asarray(a).view(np.ndarray), np.ndarray
     cp = pytest.importorskip("cupy")
     if RT.device_count() == 0:
         pytest.skip("no CUDA device")
@@ -102,9 +95,9 @@ def test_like_is_checked_by_name():
     # a NumPy like: the CPU's array (NumPy's like= convention)
     assert (robe.init_weight(4, like=np.zeros(2)) == robe.init_weight(4)).all()
     with pytest.raises(TypeError, match="dtype: expected float16, bfloat16"):
-        robe.init_weight(dtype=np.int32, like=np.zeros(1).view(_Stand))
+        robe.init_weight(dtype=np.int32, like=np.zeros(1).view(gpu_emu.Stand))
     with pytest.raises(ValueError, match="scale"):
-        robe.init_weight(scale=-1.0, like=np.zeros(1).view(_Stand))
+        robe.init_weight(scale=-1.0, like=np.zeros(1).view(gpu_emu.Stand))
 
 
 def _pcg64_model(seed, count):

@@ -323,17 +323,10 @@ def test_saved_of_a_repopulated_cache_is_a_value_error(dev):
 
 # ---------------------------------------------------------------- sides
 
-class _Stand(np.ndarray):
-    """A NumPy array that hashemb's dispatch takes for a CuPy one."""
-
-
-_Stand.__module__ = "cupy"
-
-
 @pytest.fixture
 def public_emu(monkeypatch):
     monkeypatch.setattr(RT, "_backend", gpu_emu.emu_backend())
-    return lambda a: np.array(a, copy=True).view(_Stand)
+    return gpu_emu.stand
 
 
 def test_a_cache_on_the_other_side_is_a_type_error(public_emu):
@@ -351,7 +344,7 @@ def test_a_cache_on_the_other_side_is_a_type_error(public_emu):
                                         r"is on the host"):
         host.slots(put(idx))
     devc = he.TTCache(2, 4)
-    devc.keys, devc.freq = devc.keys.view(_Stand), devc.freq.view(_Stand)
+    devc.keys, devc.freq = devc.keys.view(gpu_emu.Stand), devc.freq.view(gpu_emu.Stand)
     for call in (lambda: he.tt_embedding_bag(idx, cores, off, cache=devc),
                  lambda: he.tt_embedding_bag_backward(np.ones((1, 4), np.float32), idx, cores,
                                                       off, cache=devc)):

@@ -519,22 +519,16 @@ def test_gpu_build_equals_cpu_build(cls, block, nh, chunk, gpu_backend, monkeypa
         cls.fit(X, size=99, dim=8, num_points=5, device="tpu")
 
 
-class _Stand(np.ndarray):
-    """A NumPy array that hashemb's dispatch takes for a CuPy one."""
-
-
-_Stand.__module__ = "cupy"
-
-
 @pytest.fixture
 def put(gpu_backend, monkeypatch):
     """A host array as the public functions' device input: on the emulator a
-    _Stand with the GPU branch routed to it, else a CuPy array."""
+    gpu_emu.Stand with the GPU branch routed to it, else a CuPy array."""
     from hashemb._gpu import _runtime as RT
     if isinstance(gpu_backend, RT.CupyBackend):
         return gpu_backend.xp.asarray
     monkeypatch.setattr(RT, "_backend", gpu_backend)
-    return lambda a: np.array(a, copy=True).view(_Stand)
+    import gpu_emu
+    return gpu_emu.stand
 
 
 def _host(a):
