@@ -58,7 +58,8 @@ cdef extern from *:
     #define he_prefetch_w(p) __builtin_prefetch((const void*)(p), 1, 1)
     /* A line to be written, taken owned (prefetchw), where the CPU has the
        instruction (CPUID 0x80000001 ECX bit 8: AMD, Intel since Broadwell);
-       else a plain prefetch. A step's forward has just read the compressed
+       else the write prefetch the compiler emits (prefetcht2 on x86-64, as
+       he_prefetch_w; PRFM PST on Arm). A step's forward has just read the compressed
        array on every thread, so the backward's adds hit lines other cores
        share, and a store to a shared line waits for their copies to be
        invalidated; prefetchw does that ahead. RobeZ Z=16 SGD at batch 2048
@@ -86,7 +87,7 @@ cdef extern from *:
         } while (0)
     #else
     static inline int he_prfchw(void) { return 0; }
-    #define he_prefetch_own(own, p) __builtin_prefetch((const void*)(p), 1, 3)
+    #define he_prefetch_own(own, p) ((void)(own), __builtin_prefetch((const void*)(p), 1, 1))
     #endif
     /* y[:n] (+)= a * x[:n] for a run of the array and a gradient or output row,
        which never overlap: restrict drops the compiler's runtime alias checks
@@ -134,14 +135,16 @@ cdef extern from *:
     /* he_prefetch_own of n values' lines, A + st[k] (el bytes each): a
        HashedNet row's slots, taken owned a few entries before its adds
        (the step: 3.57 -> 3.01 ms at batch 2048 x 26, session 33; a signed
-       scheme's bags of 8 read 7% slower with it, so they go without) */
+       scheme's bags of 8 read 7% slower with it, so they go without);
+       nothing where the CPU has no prefetchw */
     static inline void he_prefetch_own_slots(const void* A, size_t el, const uint64_t* st,
                                              int64_t n)
     {
-        const int own = he_prfchw();
         int64_t k;
+        if (!he_prfchw())   /* a read prefetch of 16 lines an entry cost more than it saved */
+            return;
         for (k = 0; k < n; k++)
-            he_prefetch_own(own, (const char*)A + st[k] * el);
+            he_prefetch_own(1, (const char*)A + st[k] * el);
     }
     /* Prefetch n runs of values of type T from A + st[g]: the first line
        and, unless every run is one whole line (tail 0), the value tail on
