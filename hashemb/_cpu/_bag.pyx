@@ -59,10 +59,10 @@ cdef extern from *:
     /* A line to be written, taken owned (prefetchw), where the CPU has the
        instruction (CPUID 0x80000001 ECX bit 8: AMD, Intel since Broadwell);
        else the write prefetch the compiler emits (prefetcht2 on x86-64, as
-       he_prefetch_w; PRFM PST on Arm). A step's forward has just read the compressed
-       array on every thread, so the backward's adds hit lines other cores
-       share, and a store to a shared line waits for their copies to be
-       invalidated; prefetchw does that ahead. RobeZ Z=16 SGD at batch 2048
+       he_prefetch_w; PRFM PST on Arm). A step's forward has just read the
+       compressed array on every thread, so the backward's adds hit lines
+       other cores share, and a store to a shared line waits for their
+       copies to be invalidated; prefetchw does that ahead. RobeZ Z=16 SGD at batch 2048
        x 26 on 2 cores: 1.26-1.41x the step (session 33). In the rows path
        (rows of a 2 GB table, in no core's cache) it measured 8-10% slower:
        there he_prefetch_w. */
