@@ -110,11 +110,20 @@ def stand(a):
     return None if a is None else np.array(a, copy=True).view(Stand)
 
 
+def cupy_or_skip():
+    """cupy, where it imports and sees a CUDA device; otherwise a pytest skip."""
+    import pytest
+    cp = pytest.importorskip("cupy")
+    if RT.device_count() == 0:
+        pytest.skip("no CUDA device")
+    return cp
+
+
 def torch_cuda():
     """torch, where CuPy, a device and a CUDA build of torch are all there;
     otherwise a pytest skip."""
     import pytest
-    Device("cupy")                  # skips without CuPy and a device
+    cupy_or_skip()
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("torch without CUDA")
@@ -193,15 +202,11 @@ class Device:
     there. ``put`` / ``get`` move arrays, or lists of them, in and out."""
 
     def __init__(self, kind):
-        import pytest
         self.kind = kind
         if kind == "emulator":
             self.be = emu_backend()
         else:
-            cp = pytest.importorskip("cupy")
-            if RT.device_count() == 0:
-                pytest.skip("no CUDA device")
-            self.cp, self.be = cp, None
+            self.cp, self.be = cupy_or_skip(), None
 
     def put(self, a):
         if a is None:

@@ -298,10 +298,8 @@ def test_tsv_reads_crlf_rows():
 def test_metrics_on_cupy_arrays():
     # the same ranks on the device: equal to the NumPy AUC (ties included) and
     # log loss; a host array beside a device one is a TypeError naming it
-    cp = pytest.importorskip("cupy")
-    from hashemb._gpu._runtime import device_count
-    if device_count() == 0:
-        pytest.skip("no CUDA device")
+    import gpu_emu
+    cp = gpu_emu.cupy_or_skip()
     rng = np.random.default_rng(5)
     y = rng.integers(0, 2, 5000)
     s = np.round(rng.random(5000), 2)                 # many ties

@@ -1116,16 +1116,9 @@ def test_index_bounds_uploaded_once_per_scheme_and_tables():
 
 # ------------------------------------------------------------ device only
 
-def _device():
-    cp = pytest.importorskip("cupy")
-    if RT.device_count() == 0:
-        pytest.skip("no CUDA device")
-    return cp
-
-
 def test_device_64bit_index_arithmetic():
     """Slots and output positions past 2^31 floats (16 GiB table)."""
-    cp = _device()
+    cp = gpu_emu.cupy_or_skip()
     if cp.cuda.Device().mem_info[0] < 24 * 2**30:
         pytest.skip("needs 24 GiB free device memory")
     rows, D = 2**27 + 5, 32
@@ -1143,7 +1136,7 @@ def test_device_64bit_index_arithmetic():
 
 def test_device_theory_sketches_equal_the_cpus():
     """CuPy in, CuPy out; the sums by cupy.bincount's atomics: to rounding."""
-    cp = _device()
+    cp = gpu_emu.cupy_or_skip()
     from hashemb import theory
     x = np.random.default_rng(1).standard_normal(300)
     for call in (lambda v: theory.sketch(v, 64, block=4, seed=3),
@@ -1456,7 +1449,7 @@ def test_half_one_entry_rows_equal_cpu(dev, fmt, b, opt, flat):
                      True, pad if T == 1 else None, be=be)
     dev.same(got, want)
     if B and dev.be:
-        assert any(k.startswith("bag_forward_rows") and GB._storage(H)[2:] in k
+        assert any(k.startswith("bag_forward_rows") and GB.storage_arg(H.dtype)[2:] in k
                    for k in be.launches), be.launches
     G = np.random.default_rng(4).standard_normal((B, T * scheme.dim)).astype(np.float32)
     make = {None: lambda: None, "sgd": lambda: he.SGD(0.1, seed=9),

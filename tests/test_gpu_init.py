@@ -24,9 +24,7 @@ def like(request, monkeypatch):
         gpu_emu.build_or_skip()
         monkeypatch.setattr(RT, "_backend", gpu_emu.emu_backend())
         return np.zeros(1).view(gpu_emu.Stand), lambda a: np.asarray(a).view(np.ndarray), np.ndarray
-    cp = pytest.importorskip("cupy")
-    if RT.device_count() == 0:
-        pytest.skip("no CUDA device")
+    cp = gpu_emu.cupy_or_skip()
     return cp.zeros(1), cp.asnumpy, cp.ndarray
 
 

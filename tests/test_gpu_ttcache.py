@@ -358,9 +358,7 @@ def test_a_cache_on_the_other_side_is_a_type_error(public_emu):
 
 
 def test_device_host_cache_with_device_tables_is_a_type_error():
-    cp = pytest.importorskip("cupy")
-    if RT.device_count() == 0:
-        pytest.skip("no CUDA device")
+    cp = gpu_emu.cupy_or_skip()
     cores = [cp.asarray(c) for c in he.tt_init(100, [10, 10], [2, 2], [3])]
     idx, off = cp.asarray([1, 2]), cp.asarray([0, 2])
     for call in (lambda: he.tt_embedding_bag(idx, cores, off, cache=he.TTCache(2, 4)),

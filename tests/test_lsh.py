@@ -493,10 +493,9 @@ def gpu_backend(request):
     if request.param == "emulator":
         import gpu_emu
         return gpu_emu.emu_backend()
-    pytest.importorskip("cupy")
+    import gpu_emu
     from hashemb._gpu import _runtime as RT
-    if RT.device_count() == 0:
-        pytest.skip("no CUDA device")
+    gpu_emu.cupy_or_skip()
     return RT.backend()
 
 
@@ -667,10 +666,8 @@ def test_torch_extra_state_holds_copies_of_the_scheme_arrays():
 
 
 def test_lsh_collection_fits_a_cuda_tensor_on_its_device():
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("cupy")
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
+    import gpu_emu
+    torch = gpu_emu.torch_cuda()
     from hashemb.torch import LSHEmbeddingBagCollection
     X = torch.randint(-5, 60, (500, 3))
     for lma in (False, True):

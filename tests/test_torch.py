@@ -819,9 +819,8 @@ def test_device_keyword_on_the_cpu():
 
 
 def test_device_keyword_draws_on_cuda():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    pytest.importorskip("cupy")
+    import gpu_emu
+    gpu_emu.torch_cuda()
     dtypes = [torch.float32, torch.float64, torch.float16]
     try:
         import ml_dtypes  # noqa: F401

@@ -125,16 +125,11 @@ def _st(starts):
     return "true" if starts is not None else "false"
 
 
-def _storage(w):
-    """The S template argument of a kernel that reads or writes the weight,
-    as a suffix: none for float32 / float64 (S = R), ", unsigned short" for
-    float16 storage (its bits, read as floats), ", he_bf16" for bfloat16
-    (CuPy 14 arrays of ml_dtypes' dtype)."""
-    return storage_arg(w.dtype)
-
-
 def storage_arg(dtype):
-    """_storage of a weight of ``dtype``."""
+    """The S template argument of a kernel that reads or writes a weight of
+    ``dtype``, as a suffix: none for float32 / float64 (S = R), ", unsigned
+    short" for float16 storage (its bits, read as floats), ", he_bf16" for
+    bfloat16 (CuPy 14 arrays of ml_dtypes' dtype)."""
     return {None: "", 0: ", unsigned short", 1: ", he_bf16"}[V.format16(dtype)]
 
 
@@ -195,7 +190,7 @@ def forward(indices, weight, offsets, scheme, table0, T, mode, per_sample_weight
         # lane in bag_forward), writing the starts to `keep` for a backward
         s, layout, starts = _common(be, scheme, b, table0, inline=True)
         psw = b.psw if b.psw is not None else out      # (unread: any pointer of type R)
-        S = _storage(w)
+        S = storage_arg(w.dtype)
         tail = [keep if keep is not None else out, i64(keep is not None)]
         if _rows(b):
             threads, layout, P = _rows_launch(b, scheme.dim)
@@ -289,7 +284,7 @@ class _Runner:
         self.W = lanes(scheme.dim, BACKWARD_PER)
         self.R = RT.ctype(dtype)
         self.tname = f"{self.R}, {RT.ctype(b.idx.dtype)}, {_st(starts)}"
-        self.S = _storage(self.w)       # bag_backward reads the weight (max mode)
+        self.S = storage_arg(self.w.dtype)      # bag_backward reads the weight (max mode)
 
     def _scalar(self, v):
         return RT.real(self.dtype, v)
@@ -397,7 +392,7 @@ class _Runner:
                            i64(b.pad), keys, vals, grow])
         order = self.be.stable_argsort(keys)
         keys, vals, grow = keys[order], vals[order], grow[order]
-        S = _storage(w)
+        S = storage_arg(w.dtype)
         lr, eps = self._scalar(optimizer.lr), self._scalar(getattr(optimizer, "eps", 0.0))
         seed = _i64_bits(optimizer._round_seed(w))
         # row-wise Adagrad: each row's sums, D a position (read at a row's first)
@@ -413,7 +408,7 @@ class _Runner:
         """The apply pass (he_apply: rule 1 Adagrad, 0 SGD; seed: 16-bit
         rounding) where scratch is non-zero, clearing it."""
         m, D, b = self.scheme.size, self.scheme.dim, self.b
-        S = _storage(w)
+        S = storage_arg(w.dtype)
         tail = [self._scalar(lr), self._scalar(eps), i64(rule), _i64_bits(seed)]
         if m <= 8 * D * self.n:       # the CPU's rule: sweep a small array, else walk the batch
             self.be.launch("segment", f"adagrad_sweep<{self.R}{S}>", m,
