@@ -835,6 +835,41 @@ def test_large_forward_output_streamed(dtype):
     np.testing.assert_allclose(out, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("scheme", [he.RobeZ(1009, 16, block=16), he.RobeZ(50_021, 16, block=32),
+                                    he.FullTable([300] * 8, 16)], ids=repr)
+def test_large_one_hot_output_streamed_from_the_array(scheme):
+    """One-entry bags of float32 rows of one 64-byte line (D = 16, one run)
+    into an output of 8 MB and more are streamed from the array straight into
+    the output's lines: the output starts on a line; every value is the
+    gather's, runs wrapping past the array's end (a small ROBE-Z array)
+    included; a block of bags that holds a longer bag in its last table is
+    pooled the other way over what was streamed; the saved run starts are
+    the slots' first ones."""
+    rng = np.random.default_rng(5)
+    B, T = 20_000, 8                             # 20000 x 128 floats >= 8 MB
+    X = rng.integers(0, 300, (B, T))
+    W = scheme.init_weight()
+    flat_w = W.reshape(-1)
+    want = np.concatenate([flat_w[scheme.slots(X[:, t], table=t)] for t in range(T)], axis=1)
+    out, saved = he.embedding_bags(X, W, scheme=scheme, num_tables=T, return_saved=True)
+    assert out.ctypes.data % 64 == 0
+    np.testing.assert_array_equal(out, want)
+    starts = saved.starts.reshape(T, B)
+    for t in range(T):
+        np.testing.assert_array_equal(starts[t], scheme.slots(X[:, t], table=t)[:, 0])
+    # bag 5000 of the last table gets a second entry: that block of bags
+    # (and only the bags from there on) is pooled the buffered way
+    flat = X.T.reshape(-1)
+    sizes = np.ones(T * B, np.int64)
+    sizes[(T - 1) * B + 5000] = 2
+    flat = np.insert(flat, (T - 1) * B + 5001, X[7, 0])
+    off = np.concatenate([[0], np.cumsum(sizes)])
+    want[5000, (T - 1) * 16:] += flat_w[scheme.slots(X[7:8, 0], table=T - 1)][0]
+    out = he.embedding_bags(flat, W, off, scheme=scheme, num_tables=T)
+    np.testing.assert_allclose(out, want, rtol=1e-6)
+    np.testing.assert_array_equal(np.delete(out, 5000, axis=0), np.delete(want, 5000, axis=0))
+
+
 _SAVED_SCHEMES = [he.RobeZ(5003, 16, block=16), he.RobeZ(5003, 16, block=4),
                   he.RobeZ(5003, 8, block=8, signed=True), he.HashedNet(5003, 8),
                   he.FullTable([300, 200], 8)]

@@ -490,11 +490,20 @@ cdef extern from *:
     }
     /* o[g * ostride:][:16] = M[st[g]:][:16] for g < n: one-entry bags of
        one-run rows at D = 16, two 8-float moves a row (not a memcpy whose
-       code depends on the caller's register allocation). */
+       code depends on the caller's register allocation); nt: streaming
+       stores, o and ostride on 32-byte boundaries. */
     __attribute__((target("avx"))) static void he_copy_rows16(
-        float* o, int64_t ostride, const float* M, const uint64_t* st, int64_t n)
+        float* o, int64_t ostride, const float* M, const uint64_t* st, int64_t n, int nt)
     {
         int64_t g;
+        if (nt) {
+            for (g = 0; g < n; g++) {
+                const float* r = M + st[g];
+                _mm256_stream_ps(o + g * ostride, _mm256_loadu_ps(r));
+                _mm256_stream_ps(o + g * ostride + 8, _mm256_loadu_ps(r + 8));
+            }
+            return;
+        }
         for (g = 0; g < n; g++) {
             const float* r = M + st[g];
             _mm256_storeu_ps(o + g * ostride, _mm256_loadu_ps(r));
@@ -512,16 +521,16 @@ cdef extern from *:
         return he_add_rows_avx2(o, ostride, st, off, b, j, z, psw, sg, M, D);
     }
     static inline int he_copy_rows16_f(float* o, int64_t ostride, const float* M,
-                                       const uint64_t* st, int64_t n)
+                                       const uint64_t* st, int64_t n, int nt)
     {
         if (!(he_x86() & 1))
             return 0;
-        he_copy_rows16(o, ostride, M, st, n);
+        he_copy_rows16(o, ostride, M, st, n, nt);
         return 1;
     }
     #else
     static inline int he_copy_rows16_f(float* o, int64_t ostride, const float* M,
-                                       const uint64_t* st, int64_t n)
+                                       const uint64_t* st, int64_t n, int nt)
     {
         return 0;
     }
@@ -661,7 +670,7 @@ cdef extern from *:
                           int64_t b, int64_t j, int64_t z, const float* psw, const float* sg,
                           const uint16_t* H, int64_t D, int64_t L, int bf) noexcept nogil
     int he_copy_rows16_f(float* o, int64_t ostride, const float* M, const uint64_t* st,
-                         int64_t n) noexcept nogil
+                         int64_t n, int nt) noexcept nogil
     enum: AHEAD "HE_AHEAD"
     void he_add_back_f(const uint64_t* pre, const int64_t* off, const float* psw,
                        const float* grad, int64_t gstride, int64_t B, int64_t T, int64_t D,
@@ -1018,7 +1027,7 @@ cdef inline void _signed_row(const he_scheme* s, he_tterm tt, int64_t x, const u
 
 cdef void _one_run_rows(const he_scheme* s, const index_t* x, int64_t n, const real* M,
                         const uint16_t* H, int bf, real* o, int64_t ostride, int64_t table,
-                        he_tterm tt, uint64_t* st) noexcept nogil:
+                        he_tterm tt, uint64_t* st, bint nt) noexcept nogil:
     """o[g * ostride:][:D] = row x[g] of table `table`, g < n <= CHUNK, for rows of one
     run (he_one_run) and one entry per bag: every row's start hashed into
     st[:n] (he_one_run_starts: four at a time with AVX2) and prefetched,
@@ -1049,7 +1058,7 @@ cdef void _one_run_rows(const he_scheme* s, const index_t* x, int64_t n, const r
             _gather_runs(s, st + g, M, H, bf, o + g * ostride)
     elif D == 16:           # the common widths copied with fixed-size moves
         if real is float:
-            if he_copy_rows16_f(o, ostride, M, st, n):
+            if he_copy_rows16_f(o, ostride, M, st, n, nt):
                 return
         _copy_one_runs(o, ostride, M, st, n, 16)
     elif D == 32:
@@ -1245,7 +1254,7 @@ cdef void _forward_chunk(const he_scheme* s, const index_t* idx, const int64_t* 
                     break
             if single and psw == NULL and he_one_run(s):
                 _one_run_rows(s, idx + j0, n, M, H, bf, out + t * D, ostride, table0 + t, tt,
-                              ring if pre == NULL else pre + j0)
+                              ring if pre == NULL else pre + j0, False)
                 continue
         if seg:
             if not (single and psw == NULL) or s.is_signed:
@@ -1340,6 +1349,28 @@ cdef inline void _copy_rows(real* dst, int64_t dstride, const real* src, int64_t
             memcpy(dst + r * dstride, src + r * width, width * sizeof(real))
 
 
+cdef bint _direct_rows(const he_scheme* s, const index_t* idx, const int64_t* off,
+                       const real* M, real* out, int64_t B, int64_t T, int64_t ostride,
+                       int64_t table0, int64_t b0, int64_t n, uint64_t* ring,
+                       uint64_t* pre) noexcept nogil:
+    """out[b * ostride + t * D:][:D] = row idx[off[t * B + b0 + b]] of table
+    table0 + t, b < n, for rows of one run (he_one_run): _one_run_rows
+    straight into the output, streaming its lines. Whether every bag held
+    one entry: where one does not, it stops (the caller pools the bags
+    another way, over whatever it wrote)."""
+    cdef int64_t t, b, j0
+    for t in range(T):
+        j0 = off[t * B + b0]
+        for b in range(1, n + 1):
+            if off[t * B + b0 + b] != j0 + b:
+                if t > 0:   # (what was streamed lands before the caller's plain stores)
+                    he_stream_fence()
+                return False
+        _one_run_rows(s, idx + j0, n, M, NULL, 0, out + t * s.dim, ostride, table0 + t,
+                      he_table_term(s, table0 + t), ring if pre == NULL else pre + j0, True)
+    return True
+
+
 cdef void _forward(const he_scheme* s, const index_t* idx, const int64_t* off,
                    const real* M, const uint16_t* H, int bf, const real* psw, real* out, int64_t B, int64_t T,
                    int64_t ostride, int64_t table0, int mode, int nt, uint64_t* rings,
@@ -1351,20 +1382,28 @@ cdef void _forward(const he_scheme* s, const index_t* idx, const int64_t* off,
     # an output beyond the caches is written with streaming stores (it would
     # be evicted before it is read anyway); a small one stays in cache
     cdef bint stream = B * ostride * <int64_t>sizeof(real) >= HE_STREAM_BYTES
+    # float32 rows of one 64-byte line each, one entry a bag: streamed straight
+    # from the array into the output's lines (no chunk buffer, no second pass)
+    cdef bint direct = stream and real is float and H == NULL and psw == NULL and \
+        mode != MAX and not s.is_signed and s.dim == 16 and he_one_run(s) and \
+        not he_reads_map(s) and rings != NULL and (<uintptr_t>out) % 64 == 0 and \
+        ostride % 16 == 0
     with parallel(num_threads=nt):
         tid = threadid()
         # strides padded by 128 bytes: threads never share a cache line
         ring = rings + tid * _ring_len(s.runs) if rings != NULL else NULL
         buf = bufs + tid * (CHUNK * width + 32)
         for c in prange(nchunks, schedule='static'):
-            # pool into a cache-resident buffer, then write the chunk's output rows
-            # in one sequential sweep (scattered stores into a large output stall
-            # on read-for-ownership misses)
             b0 = c * CHUNK
             nb = min(B - b0, CHUNK)
-            _forward_chunk(s, idx, off, M, H, bf, psw, buf, B, T, width, table0, mode,
-                           b0, b0 + nb, ring, pre)
-            _copy_rows(out + b0 * ostride, ostride, buf, width, nb, stream)
+            if not (direct and _direct_rows(s, idx, off, M, out + b0 * ostride, B, T, ostride,
+                                             table0, b0, nb, ring, pre)):
+                # pool into a cache-resident buffer, then write the chunk's output
+                # rows in one sequential sweep (scattered stores into a large
+                # output stall on read-for-ownership misses)
+                _forward_chunk(s, idx, off, M, H, bf, psw, buf, B, T, width, table0, mode,
+                               b0, b0 + nb, ring, pre)
+                _copy_rows(out + b0 * ostride, ostride, buf, width, nb, stream)
         if stream:
             he_stream_fence()
 
