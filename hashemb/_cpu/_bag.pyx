@@ -724,6 +724,7 @@ DEF SIGNS = 64      # signed schemes: a run's signs computed this many at a time
 DEF SEG_RUNS = 128  # multi-hot bags of rows of several runs: runs hashed ahead
 DEF SMALL_WORK = 1 << 16  # backward: gradient floats below which one thread runs
 DEF OWN_AHEAD = 4   # HashedNet's backward: entries whose slots are taken owned ahead
+DEF TOKENS_AHEAD = 2  # _direct_rows: blocks of bags ahead whose tokens are prefetched
 DEF CHUNK_BAGS = 8192  # backward with many runs per entry: bags hashed per round
 
 
@@ -1349,6 +1350,14 @@ cdef inline void _copy_rows(real* dst, int64_t dstride, const real* src, int64_t
             memcpy(dst + r * dstride, src + r * width, width * sizeof(real))
 
 
+cdef inline void _prefetch_span(const void* p, int64_t nbytes) noexcept nogil:
+    """Prefetch the lines of nbytes from p (a hint: any address will do)."""
+    cdef int64_t a = 0
+    while a < nbytes:
+        he_prefetch(<const char*>p + a)
+        a += 64
+
+
 cdef bint _direct_rows(const he_scheme* s, const index_t* idx, const int64_t* off,
                        const real* M, real* out, int64_t B, int64_t T, int64_t ostride,
                        int64_t table0, int64_t b0, int64_t n, uint64_t* ring,
@@ -1361,6 +1370,10 @@ cdef bint _direct_rows(const he_scheme* s, const index_t* idx, const int64_t* of
     cdef int64_t t, b, j0
     for t in range(T):
         j0 = off[t * B + b0]
+        # the tokens and offsets of this thread's block of bags after next
+        # (26 streams of a few lines each: the hardware prefetcher lags)
+        _prefetch_span(idx + j0 + TOKENS_AHEAD * n, n * sizeof(index_t))
+        _prefetch_span(off + t * B + b0 + TOKENS_AHEAD * n, n * sizeof(int64_t))
         for b in range(1, n + 1):
             if off[t * B + b0 + b] != j0 + b:
                 if t > 0:   # (what was streamed lands before the caller's plain stores)
