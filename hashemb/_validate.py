@@ -400,7 +400,18 @@ def is_uint64(x):
     return getattr(x, "dtype", None) == np.uint64
 
 
-def as_grad(grad_output, shape, dtype):
+def as_grad(grad_output, shape, dtype, rows=False):
+    """grad_output as a C-contiguous float array of ``shape`` and ``dtype``,
+    copied only where it is not one. ``rows``: a 2-D array whose rows are
+    each contiguous, in order, and apart by any stride (a column slice of a
+    wider gradient, as a DLRM's interaction hands back), or one row repeated
+    (stride 0: a broadcast row, a sum's gradient) is taken as it is."""
+    if rows and isinstance(grad_output, np.ndarray) and grad_output.dtype == dtype \
+            and grad_output.shape == shape and len(shape) == 2:
+        step, item = grad_output.strides[0], grad_output.itemsize
+        if grad_output.strides[1] == item and step % item == 0 and (
+                step == 0 or step >= item * shape[1]):
+            return grad_output
     g = as_float(grad_output, "grad_output", dtype)
     if g.shape != shape:
         raise ValueError(f"grad_output: expected shape {shape}, got {g.shape}")

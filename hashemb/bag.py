@@ -185,7 +185,7 @@ def _backward(grad_output, indices, offsets, scheme, table0, T, mode, per_sample
                include_last_offset=include_last_offset, padding_idx=padding_idx)
     padding = b.pad if b.has_pad else None
     b = _unpadded(k, b)
-    g = V.as_grad(grad_output, (b.B, T * scheme.dim), dtype)
+    g = V.as_grad(grad_output, (b.B, T * scheme.dim), dtype, rows=True)
     starts = V.check_bag_saved(saved, BagSaved, scheme, table0, T, b.B, b.idx.shape[0],
                                b.mode, False, padding)
     starts = np.empty(0, np.uint64) if starts is None else starts

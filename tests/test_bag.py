@@ -1288,3 +1288,83 @@ def test_saved_starts_are_read_only():
     he.embedding_bag_backward(np.ones_like(out), x, scheme=robe, weight=fresh,
                               optimizer=he.SGD(0.1))
     np.testing.assert_array_equal(M, fresh)
+
+
+_STRIDE_SCHEMES = [he.RobeZ(5003, 16, block=16), he.RobeZ(5003, 8, block=4),
+                   he.RobeZ(5003, 8, block=8, signed=True), he.HashedNet(5003, 8),
+                   he.FullTable([300, 200], 8)]
+
+
+@pytest.mark.parametrize("scheme", _STRIDE_SCHEMES, ids=repr)
+@pytest.mark.parametrize("opt", [None, "sgd", "adagrad", "rowwise"])
+@pytest.mark.parametrize("layout", ["column slice", "one row repeated", "reversed rows",
+                                    "every other column"])
+def test_backward_takes_a_gradient_of_any_layout(scheme, opt, layout):
+    """A gradient whose rows are each contiguous at any stride (a column
+    slice of a wider one, as a DLRM's interaction hands back) or one row
+    repeated (stride 0: a broadcast row, a sum's gradient) is read in place;
+    any other layout is copied: every layout gives the contiguous
+    gradient's bits, plain or through a fused step, with saved run starts
+    or without."""
+    if opt == "rowwise" and not isinstance(scheme, he.FullTable):
+        pytest.skip("row-wise Adagrad is a full table's")
+    rng = np.random.default_rng(9)
+    T, B = 2, 3000                               # > 2^16 gradient floats: several threads
+    W0 = scheme.init_weight()
+    X = rng.integers(0, 200, (B, T))
+    width = T * scheme.dim
+    wide = rng.standard_normal((B, 2 * width + 3)).astype(np.float32)
+    G = {"column slice": wide[:, 3:3 + width],
+         "one row repeated": np.broadcast_to(wide[0, :width], (B, width)),
+         "reversed rows": wide[::-1, :width],
+         "every other column": wide[:, :2 * width:2]}[layout]
+    assert not G.flags.c_contiguous
+    make = {None: lambda: None, "sgd": lambda: he.SGD(0.1), "adagrad": lambda: he.Adagrad(0.1),
+            "rowwise": lambda: he.RowwiseAdagrad(0.1)}[opt]
+    results = []
+    for g in (np.ascontiguousarray(G), G):
+        for keep in (False, True):
+            W = W0.copy()
+            _, saved = he.embedding_bags(X, W, scheme=scheme, num_tables=T, return_saved=True)
+            o = make()
+            res = he.embedding_bags_backward(g, X, scheme=scheme, num_tables=T, weight=W,
+                                             optimizer=o, saved=saved if keep else None)
+            if o is not None:
+                he.embedding_bags_backward(g, X, scheme=scheme, num_tables=T, weight=W,
+                                           optimizer=o)     # the state carries over
+            results.append((W if res is None else res).tobytes())
+    assert len(set(results)) == 1
+
+
+def test_a_gradient_with_rows_in_order_is_not_copied():
+    """What the kernels read in place, V.as_grad hands over as it is (the
+    same array object); a float64 one for float32 weights is converted."""
+    from hashemb import _validate as V
+    wide = np.zeros((100, 40), np.float32)
+    for g in (wide[:, 8:24], np.broadcast_to(wide[0, :16], (100, 16)), wide[:, :16]):
+        assert V.as_grad(g, (100, 16), np.float32, rows=True) is g
+    for g in (wide[::-1, :16], wide[:, :32:2]):
+        out = V.as_grad(g, (100, 16), np.float32, rows=True)
+        assert out.flags.c_contiguous and np.array_equal(out, g)
+    g = wide.astype(np.float64)[:, :16]
+    assert V.as_grad(g, (100, 16), np.float32, rows=True).dtype == np.float32
+    assert not np.shares_memory(V.as_grad(wide[:, 8:24], (100, 16), np.float32), wide)
+
+
+def test_the_kernel_refuses_a_gradient_it_cannot_read_in_place():
+    """The Cython backward itself names grad for a layout it cannot read
+    (columns apart, rows overlapping or reversed, another shape): never an
+    out-of-bounds read."""
+    scheme = he.RobeZ(5003, 8, block=8)
+    X = np.zeros((10, 2), np.int64)
+    k = kernels(X)
+    off = np.arange(21, dtype=np.int64)
+    flat = X.T.reshape(-1).copy()
+    wide = np.zeros((10, 40), np.float32)
+    target = np.zeros(scheme.size, np.float32)
+    e, u = np.empty(0, np.float32), np.empty(0, np.uint64)
+    for g in (wide[:, :32:2], np.lib.stride_tricks.as_strided(wide, (10, 16), (8, 4)),
+              wide[::-1, :16], wide[:, :8]):
+        with pytest.raises(ValueError, match="grad: expected shape"):
+            k.backward(scheme._view, flat, off, e, g, 10, 2, 0, 0, e, target, 1.0, e, e, 0.0,
+                       u, np.empty(0, np.uint16), 0)

@@ -139,6 +139,35 @@ def test_two_d_input_is_read_in_place_and_equals_offsets():
     assert col._normalise(x, None, None)[1] is None
 
 
+@pytest.mark.parametrize("grad", ["column slice", "a sum's", "a mean's", "every other column"])
+@pytest.mark.parametrize("opt", [None, "sgd"])
+def test_backward_reads_the_gradient_layouts_it_is_handed(grad, opt):
+    """The gradient autograd hands the bag function: a column slice of a
+    wider one (a DLRM's interaction) read in place at its row stride, a
+    sum's or a mean's (one value broadcast) as one row at stride 0, any
+    other layout copied: each gives the contiguous gradient's weights or
+    weight gradient, bit for bit, with saved run starts (a training step)."""
+    x = torch.randint(0, 1000, (3000, 3))
+    wide = torch.randn(3000, 2 * 48 + 5)
+    results = []
+    for contiguous in (True, False):
+        m = HashEmbeddingBagCollection(he.RobeZ(5003, 16, block=16), 3, init_seed=2,
+                                       optimizer=opt, lr=0.5)
+        out = m(x)
+        if grad in ("a sum's", "a mean's"):
+            g = torch.full_like(out, 0.5 if grad == "a sum's" else 1 / out.numel())
+            if contiguous:
+                out.backward(g)
+            else:
+                (out.sum() * 0.5 if grad == "a sum's" else out.mean()).backward()
+        else:
+            g = wide[:, 5:53] if grad == "column slice" else wide[:, :96:2]
+            assert not g.is_contiguous()
+            out.backward(g.contiguous() if contiguous else g)
+        results.append(m.weight.detach().clone() if opt else m.weight.grad.clone())
+    assert torch.equal(results[0], results[1])
+
+
 @pytest.mark.parametrize("opt", ["sgd", "adagrad"])
 def test_fused_optimizer_equals_gradient_then_update(opt):
     scheme = he.RobeZ(301, 8, block=4)

@@ -2190,7 +2190,7 @@ cdef int _backward_bucketed(const he_scheme* s, const int64_t* off,
 
 
 def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offsets,
-             const real[::1] psw, const real[:, ::1] grad, int64_t B, int64_t T,
+             const real[::1] psw, const real[:, :] grad, int64_t B, int64_t T,
              int64_t table0, int mode, const real[::1] weight, real[::1] target, double alpha,
              real[::1] scratch, real[::1] state, double eps, const uint64_t[::1] starts,
              const uint16_t[::1] hweight, uint64_t seed, int rows=ROWS_NONE, int bf=0):
@@ -2211,7 +2211,9 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
       row-wise (ROWS_ROW: row-wise Adagrad, state one value per row).
     weight (or hweight) is read only in max mode, to find each element's
     winning entry. starts, when not empty, are the entries' run starts from
-    forward (see wants_starts): nothing is hashed again.
+    forward (see wants_starts): nothing is hashed again. grad's rows are
+    each contiguous, at any stride (a column slice of a wider gradient), 0
+    included (one row repeated).
     """
     cdef const he_scheme* s = &sv.s
     cdef const index_t* ip = &indices[0] if indices.shape[0] else NULL
@@ -2242,6 +2244,13 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
     cdef bint done = False
     if B == 0 or T == 0 or ip == NULL:
         return
+    if grad.shape[0] != B or grad.shape[1] != T * s.dim or \
+            grad.strides[1] != sizeof(real) or grad.strides[0] % sizeof(real) or \
+            0 < grad.strides[0] < grad.shape[1] * <int64_t>sizeof(real) or grad.strides[0] < 0:
+        raise ValueError(f"grad: expected shape ({B}, {T * s.dim}) with contiguous rows in "
+                         f"order (or one row, at stride 0), got shape ({grad.shape[0]}, {grad.shape[1]}), strides "
+                         f"({grad.strides[0]}, {grad.strides[1]})")
+    cdef int64_t gs = grad.strides[0] // sizeof(real)     # the rows' stride
     if starts.shape[0] not in (0, indices.shape[0] * s.runs):
         raise ValueError(f"saved: expected {indices.shape[0] * s.runs} run starts, "
                          f"got {starts.shape[0]}")
@@ -2302,7 +2311,7 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
                              "its state)")
         if pre != NULL:
             with nogil:
-                done = _backward_bucketed(s, &offsets[0], pp, &grad[0, 0], grad.shape[1],
+                done = _backward_bucketed(s, &offsets[0], pp, &grad[0, 0], gs,
                                           B, T, mode, <real>alpha, tp, hp, bf,
                                           NULL, stp, <real>eps, seed, False, min(nt, 64),
                                           pre, rows) == 0
@@ -2322,7 +2331,7 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
         # 0.52: the walk, not the adds, is the work.
         # A two-phase step then applies its rule on every thread.
         with nogil:
-            _add_runs(s, pre, &offsets[0], pp, &grad[0, 0], grad.shape[1], B, T, mode,
+            _add_runs(s, pre, &offsets[0], pp, &grad[0, 0], gs, B, T, mode,
                       1 if adagrad else <real>alpha, sp if adagrad else tp)
             if adagrad:
                 _apply_all(tp, hp, bf, sp, stp, m, <real>alpha, <real>eps, seed, nt)
@@ -2332,7 +2341,7 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
         return
     if pre != NULL and 1 < nt <= 64:
         with nogil:
-            done = _backward_bucketed(s, &offsets[0], pp, &grad[0, 0], grad.shape[1], B,
+            done = _backward_bucketed(s, &offsets[0], pp, &grad[0, 0], gs, B,
                                       T, mode, <real>alpha, tp, hp, bf, sp,
                                       stp, <real>eps, seed, sweep, nt, pre, ROWS_NONE) == 0
         if done:
@@ -2370,31 +2379,31 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
                     for q in prange(parts, schedule='static', chunksize=1):
                         if sgn != NULL:
                             _signed_part(s, loc, b1 - b0, pp + j0 if pp != NULL else NULL,
-                                         &grad[0, 0] + b0 * grad.shape[1] + t * s.dim,
-                                         grad.shape[1], mode, buf, sgn,
+                                         &grad[0, 0] + b0 * gs + t * s.dim,
+                                         gs, mode, buf, sgn,
                                          1 if adagrad else <real>alpha, sp if adagrad else tp,
                                          <int64_t>_range_lo(m, q, parts),
                                          <int64_t>_range_lo(m, q + 1, parts))
                         else:
                             _backward_part(s, ip + j0, loc, pp + j0 if pp != NULL else NULL,
-                                           &grad[0, 0] + b0 * grad.shape[1] + t * s.dim,
-                                           grad.shape[1], b1 - b0, 1, table0 + t, mode, NULL,
+                                           &grad[0, 0] + b0 * gs + t * s.dim,
+                                           gs, b1 - b0, 1, table0 + t, mode, NULL,
                                            1 if adagrad else <real>alpha,
                                            sp if adagrad else tp, NULL, 0, NULL, NULL, 0, 0,
                                            <int64_t>_range_lo(m, q, parts),
                                            <int64_t>_range_lo(m, q + 1, parts), ACT_ADD, buf)
         elif adagrad:
-            _backward_part(s, ip, &offsets[0], pp, &grad[0, 0], grad.shape[1], B, T,
+            _backward_part(s, ip, &offsets[0], pp, &grad[0, 0], gs, B, T,
                            table0, mode, win, 1, sp, NULL, 0, NULL, NULL, 0, 0,
                            lo, hi, ACT_ADD, pre)
             if sweep:
                 _apply_range(tp, hp, bf, sp + lo, stp, lo, hi, <real>alpha, <real>eps, seed)
             else:
-                _backward_part(s, ip, &offsets[0], pp, &grad[0, 0], grad.shape[1], B,
+                _backward_part(s, ip, &offsets[0], pp, &grad[0, 0], gs, B,
                                T, table0, mode, win, <real>alpha,
                                tp, hp, bf, sp, stp, <real>eps, seed, lo, hi, ACT_ADAGRAD, pre)
         else:
-            _backward_part(s, ip, &offsets[0], pp, &grad[0, 0], grad.shape[1], B, T,
+            _backward_part(s, ip, &offsets[0], pp, &grad[0, 0], gs, B, T,
                            table0, mode, win, <real>alpha, tp,
                            NULL, 0, NULL, NULL, 0, 0, lo, hi, ACT_ADD, pre)
     if chunked and adagrad:
