@@ -301,6 +301,9 @@ def embedding_bag_backward(grad_output, indices, offsets=None, *, scheme, table=
     Parameters
     ----------
     grad_output : ndarray, shape (B, scheme.dim)
+        Read in place when its rows are each contiguous, at any stride (a
+        column slice of a wider gradient) or at stride 0 (one row
+        repeated, ``np.broadcast_to``); any other layout is copied.
     indices, offsets, scheme, table, mode, per_sample_weights, include_last_offset, padding_idx
         As in :func:`embedding_bag`.
     weight : ndarray, optional
@@ -414,6 +417,8 @@ def embedding_bags_backward(grad_output, indices, offsets=None, *, scheme, num_t
     Parameters
     ----------
     grad_output : ndarray, shape (B, num_tables * scheme.dim)
+        Read in place when its rows are each contiguous at any stride, as in
+        :func:`embedding_bag_backward`.
     indices, offsets, scheme, num_tables, mode, per_sample_weights
         As given to :func:`embedding_bags`.
     weight : ndarray, optional
