@@ -132,12 +132,17 @@ def as_keys(x, name):
     return _contiguous(x)
 
 
-def as_float(x, name, dtype=None):
+def float_dtype(x, name):
+    """The dtype as_float gives x (a float of the kernels', else float32),
+    nothing copied."""
     x = _as_array(x, name)
     if x.dtype.kind != "f" and format16(x.dtype) != 1:     # (bfloat16 is kind "V")
         raise TypeError(f"{name}: expected a floating-point array, got dtype {_dt(x.dtype)}")
-    return np.ascontiguousarray(x, dtype=dtype or (x.dtype if x.dtype in _FLOAT_DTYPES
-                                                   else np.float32))
+    return x.dtype if x.dtype in _FLOAT_DTYPES else np.dtype(np.float32)
+
+
+def as_float(x, name, dtype=None):
+    return np.ascontiguousarray(x, dtype=dtype or float_dtype(x, name))
 
 
 _Scheme = None      # hashemb.schemes.Scheme (which imports this module)

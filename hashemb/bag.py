@@ -92,6 +92,7 @@ class BagSaved:
         self.starts, self.scheme, self.table0, self.T = starts, scheme, table0, T
         self.B, self.n, self.mode, self.device = B, n, mode, device
         self.padding = padding          # the padding token, or None
+        self._batch = None              # (2-D input's shape, its Bags) for backward
 
     def __repr__(self):
         return (f"BagSaved({self.B} bags, {self.n} indices, tables {self.table0}.."
@@ -160,8 +161,30 @@ def _forward(indices, weight, offsets, scheme, table0, T, mode, per_sample_weigh
               starts, hw, bf)
     if not return_saved:
         return out
-    return out, BagSaved(starts if keep else None, scheme, table0, T, b.B, b.idx.shape[0],
-                         b.mode, False, padding)
+    saved = BagSaved(starts if keep else None, scheme, table0, T, b.B, b.idx.shape[0],
+                     b.mode, False, padding)
+    if keep and offsets is None and per_sample_weights is None and padding_idx is None and \
+            isinstance(indices, np.ndarray):
+        # a 2-D batch as the kernels take it (a feature-major copy): backward
+        # given this saved reads it instead of transposing the tokens again
+        saved._batch = (indices.shape, b)
+    return out, saved
+
+
+def _saved_batch(saved, indices, offsets, per_sample_weights, padding_idx, scheme, table0, T,
+                 mode):
+    """The batch a CPU forward kept in saved (BagSaved._batch) when backward
+    is handed the same 2-D shape, tables and mode with nothing else (its
+    gradient is the saved's entries' either way: their run starts are
+    saved), else None."""
+    kept = getattr(saved, "_batch", None) if isinstance(saved, BagSaved) else None
+    if kept is None or offsets is not None or per_sample_weights is not None or \
+            padding_idx is not None or getattr(indices, "shape", None) != kept[0]:
+        return None
+    if saved.scheme is not scheme or (saved.table0, saved.T) != (table0, T) or \
+            saved.mode != V.check_mode(mode):
+        return None
+    return kept[1]
 
 
 def _backward(grad_output, indices, offsets, scheme, table0, T, mode, per_sample_weights,
@@ -179,12 +202,17 @@ def _backward(grad_output, indices, offsets, scheme, table0, T, mode, per_sample
     optimizer = check_optimizer(optimizer, scheme, mode)
     V.check_backward_weight(weight, mode, optimizer)
     dtype = V.weight_dtype(weight, storage=True) if weight is not None else \
-        V.as_float(grad_output, "grad_output").dtype
-    b = V.bags(k, indices, offsets, per_sample_weights, scheme=scheme, mode=mode,
-               dtype=dtype, table0=table0, num_tables=T,
-               include_last_offset=include_last_offset, padding_idx=padding_idx)
-    padding = b.pad if b.has_pad else None
-    b = _unpadded(k, b)
+        V.float_dtype(grad_output, "grad_output")
+    b = _saved_batch(saved, indices, offsets, per_sample_weights, padding_idx, scheme, table0,
+                     T, mode)
+    if b is not None:
+        b, padding = b._replace(psw=np.empty(0, dtype)), None
+    else:
+        b = V.bags(k, indices, offsets, per_sample_weights, scheme=scheme, mode=mode,
+                   dtype=dtype, table0=table0, num_tables=T,
+                   include_last_offset=include_last_offset, padding_idx=padding_idx)
+        padding = b.pad if b.has_pad else None
+        b = _unpadded(k, b)
     g = V.as_grad(grad_output, (b.B, T * scheme.dim), dtype, rows=True)
     starts = V.check_bag_saved(saved, BagSaved, scheme, table0, T, b.B, b.idx.shape[0],
                                b.mode, False, padding)

@@ -1368,3 +1368,44 @@ def test_the_kernel_refuses_a_gradient_it_cannot_read_in_place():
         with pytest.raises(ValueError, match="grad: expected shape"):
             k.backward(scheme._view, flat, off, e, g, 10, 2, 0, 0, e, target, 1.0, e, e, 0.0,
                        u, np.empty(0, np.uint16), 0)
+
+
+def test_backward_reads_the_2d_batch_its_saved_kept():
+    """A 2-D forward that keeps its run starts keeps its feature-major batch
+    too, and backward given that saved (the same shape, tables and mode,
+    nothing else) reads it instead of transposing the tokens again: the same
+    bits as hashing anew; a saved of another mode is still refused."""
+    from hashemb import bag as hb
+    rng = np.random.default_rng(2)
+    for scheme in (he.RobeZ(5003, 16, block=16), he.FullTable([300, 200, 100], 8)):
+        X = rng.integers(0, 100, (500, 3))
+        W = scheme.init_weight()
+        out, saved = he.embedding_bags(X, W, scheme=scheme, num_tables=3, return_saved=True)
+        assert saved._batch is not None and saved._batch[0] == X.shape
+        b = saved._batch[1]
+        np.testing.assert_array_equal(b.idx, X.T.reshape(-1))
+        args = (saved, X, None, None, None, scheme, 0, 3, "sum")
+        assert hb._saved_batch(*args) is b
+        for i, other in ((1, X[:-1]), (2, np.arange(1501)), (3, np.ones(1500)), (4, 0),
+                         (5, he.RobeZ(5003, 16, block=16)), (6, 1), (7, 2), (8, "mean")):
+            changed = list(args)
+            changed[i] = other
+            assert hb._saved_batch(*changed) is None, i
+        G = rng.standard_normal(out.shape).astype(np.float32)
+        got = he.embedding_bags_backward(G, X, scheme=scheme, num_tables=3, saved=saved)
+        want = he.embedding_bags_backward(G, X, scheme=scheme, num_tables=3)
+        assert got.tobytes() == want.tobytes()
+        with pytest.raises(ValueError, match="saved: expected the forward"):
+            he.embedding_bags_backward(G, X, scheme=scheme, num_tables=3, mode="mean",
+                                       saved=saved)
+    # nothing kept where backward would not take it
+    _, saved = he.embedding_bags(X, W, scheme=scheme, num_tables=3, return_saved=True,
+                                 per_sample_weights=np.ones((500, 3)))
+    assert saved._batch is None
+    _, saved = he.embedding_bag(X, W, scheme=scheme, return_saved=True, padding_idx=0)
+    assert saved._batch is None
+    _, saved = he.embedding_bag(X, W, scheme=scheme, return_saved=True)
+    assert saved._batch is not None
+    _, saved = he.embedding_bags(X.T.reshape(-1), W, np.arange(1501), scheme=scheme,
+                                 num_tables=3, return_saved=True)
+    assert saved._batch is None
