@@ -142,7 +142,8 @@ def float_dtype(x, name):
 
 
 def as_float(x, name, dtype=None):
-    return np.ascontiguousarray(x, dtype=dtype or float_dtype(x, name))
+    own = float_dtype(x, name)
+    return np.ascontiguousarray(x, dtype=dtype or own)
 
 
 _Scheme = None      # hashemb.schemes.Scheme (which imports this module)
