@@ -168,3 +168,46 @@ def aligned(shape, dtype, zero=False, sparse=False):
     buf = (np.zeros if zero else np.empty)(nbytes + 64, np.uint8)
     k = -buf.ctypes.data % 64
     return buf[k:k + nbytes].view(dtype).reshape(shape)
+
+
+# Outputs from this size on come from recycled blocks: glibc maps such an
+# allocation anew (its adaptive threshold stops at 32 MB on 64-bit) and
+# unmaps it when freed, so every large output was fresh pages, each zeroed
+# by the kernel at its first touch.
+RECYCLE_BYTES = 32 << 20
+RECYCLE_KEEP = 2            # blocks held at most (an output and the next)
+_RECYCLED = []              # uint8 blocks, the most recent last
+
+
+def _unused(i):
+    """Whether _RECYCLED holds the only reference to its block i (every
+    array over a block, a view of a view too, has the block as its base)."""
+    return sys.getrefcount(_RECYCLED[i]) <= 2      # the list's and the argument's
+
+
+def recycled(shape, dtype):
+    """A new array as :func:`aligned` makes it (contents undefined): from
+    RECYCLE_BYTES on, over a block an earlier output left once nothing
+    refers to it any more (a block with a live view, a slice or a torch
+    tensor over an output, is never handed out again). Measured: a bag
+    forward's 54 MB output (batch 16384 x 26 tables x 32 floats) took 12
+    ms a call in fresh pages, 3.7 ms in reused ones. At most RECYCLE_KEEP
+    blocks stay held; a block serves outputs of half to all of its size."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if nbytes < RECYCLE_BYTES:
+        return aligned(shape, dtype)
+    with _RECYCLE_LOCK:
+        fits = [i for i in range(len(_RECYCLED))
+                if nbytes + 64 <= _RECYCLED[i].nbytes <= 2 * nbytes + 64 and _unused(i)]
+        # (the most recent fit: its pages the likeliest to be in cache and TLB)
+        buf = _RECYCLED.pop(fits[-1]) if fits else np.empty(nbytes + 64, np.uint8)
+        _RECYCLED.append(buf)
+        while len(_RECYCLED) > RECYCLE_KEEP:    # a free block first, else the oldest
+            free = [i for i in range(len(_RECYCLED) - 1) if _unused(i)]
+            _RECYCLED.pop(free[0] if free else 0)
+    k = -buf.ctypes.data % 64
+    return buf[k:k + nbytes].view(dtype).reshape(shape)
+
+
+fork_safe_lock(globals(), "_RECYCLE_LOCK")

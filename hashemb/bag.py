@@ -5,7 +5,7 @@ import threading
 import numpy as np
 
 from . import _validate as V
-from ._backend import aligned, kernels, on_gpu
+from ._backend import kernels, on_gpu, recycled
 from .optim import check_optimizer
 
 _DETERMINISM = """
@@ -152,7 +152,7 @@ def _forward(indices, weight, offsets, scheme, table0, T, mode, per_sample_weigh
     padding = b.pad if b.has_pad else None
     b = _unpadded(k, b)
     w, hw, bf = _split(V.as_weight(weight, scheme, storage=True), dtype)
-    out = aligned((b.B, T * scheme.dim), dtype)
+    out = recycled((b.B, T * scheme.dim), dtype)
     keep = return_saved and k.wants_starts(scheme._view, b.mode) and b.idx.shape[0] > 0
     # zeros (calloc: free until written): entries outside every bag keep a
     # valid start, so a saved of other offsets never sends backward out of bounds

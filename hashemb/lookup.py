@@ -7,7 +7,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _validate as V
-from ._backend import _cpu_kernels, is_cupy, on_gpu
+from ._backend import _cpu_kernels, is_cupy, on_gpu, recycled
 
 
 def _key(v, name):
@@ -164,7 +164,7 @@ def _gather(layout, w, idx, single):
     IndexError before anything is written."""
     T, total = layout.sizes.shape[0], layout.total
     flat = idx.reshape(-1, T)
-    out = np.empty(idx.shape + (total,) if single else (idx.shape[0], total), w.dtype)
+    out = recycled(idx.shape + (total,) if single else (idx.shape[0], total), w.dtype)
     bad = _kernel("gather", w.dtype, idx.dtype)(w, flat, layout.packed,
                                                  out.reshape(flat.shape[0], total))
     if bad >= 0:

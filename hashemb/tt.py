@@ -29,7 +29,8 @@ from collections import namedtuple
 import numpy as np
 
 from . import _validate as V
-from ._backend import array_module, device_id, fork_safe_lock, host, is_cupy, on_gpu, place
+from ._backend import (array_module, device_id, fork_safe_lock, host, is_cupy, on_gpu, place,
+                       recycled)
 from .optim import SGD, Adagrad, check_optimizer
 
 WEIGHT_DISTS = ("uniform", "normal", "approx-uniform", "approx-normal")
@@ -1509,7 +1510,7 @@ def tt_embedding_bags(indices, tables, offsets=None, *, mode="sum", per_sample_w
     caches = _caches(cache, T, shapes)
     b = _prepare(indices, offsets, per_sample_weights, shapes, sizes, mode,
                  T, include_last_offset if T == 1 else True)
-    out = np.empty((b.B, sum(s.D for _, s in shapes)), shapes[0][1].dtype)
+    out = recycled((b.B, sum(s.D for _, s in shapes)), shapes[0][1].dtype)
     parts = _forward(b, shapes, caches, out, save=return_saved)
     if return_saved:
         return out, TTSaved(parts, b.B, b.idx.shape[0], shapes, caches)

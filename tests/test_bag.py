@@ -1409,3 +1409,62 @@ def test_backward_reads_the_2d_batch_its_saved_kept():
     _, saved = he.embedding_bags(X.T.reshape(-1), W, np.arange(1501), scheme=scheme,
                                  num_tables=3, return_saved=True)
     assert saved._batch is None
+
+
+def test_large_outputs_reuse_a_block_nothing_refers_to(monkeypatch):
+    """Outputs from RECYCLE_BYTES on come from a block an earlier output left
+    once nothing refers to it (glibc maps each such allocation anew, so its
+    pages were faulted in and zeroed every call): dropped, its block serves
+    the next output; alive as a slice, a reshaped view or a torch tensor,
+    it is never written; at most RECYCLE_KEEP blocks stay held."""
+    from hashemb import _backend
+    monkeypatch.setattr(_backend, "RECYCLE_BYTES", 1 << 16)
+    monkeypatch.setattr(_backend, "_RECYCLED", [])
+    rng = np.random.default_rng(4)
+    robe = he.RobeZ(5003, 16, block=16)
+    M = robe.init_weight()
+    X = [rng.integers(0, 10 ** 6, (2000, 4)) for _ in range(6)]   # 512 KB outputs
+
+    def fwd(i):
+        return he.embedding_bags(X[i], M, scheme=robe, num_tables=4)
+
+    want = [fwd(i).copy() for i in range(6)]
+    out = fwd(0)
+    block = out.ctypes.data         # (an address: a reference would hold the block)
+    np.testing.assert_array_equal(out, want[0])
+    del out
+    out = fwd(1)
+    assert out.ctypes.data == block and out.ctypes.data % 64 == 0    # reused once dropped
+    np.testing.assert_array_equal(out, want[1])
+    views = [out[5:9], out.reshape(-1)[::3]]
+    del out
+    for i in range(2, 6):                                      # never over a live view
+        out = fwd(i)
+        assert out.ctypes.data != block
+        np.testing.assert_array_equal(out, want[i])
+        np.testing.assert_array_equal(views[0], want[1][5:9])
+        np.testing.assert_array_equal(views[1], want[1].reshape(-1)[::3])
+    kept = [fwd(i) for i in range(6)]                          # all alive at once
+    assert len(_backend._RECYCLED) <= _backend.RECYCLE_KEEP
+    for i in range(6):
+        np.testing.assert_array_equal(kept[i], want[i])
+    del kept
+    small = he.embedding_bags(X[0][:10], M, scheme=robe, num_tables=4)   # below the size
+    assert all(small.base is not b for b in _backend._RECYCLED)
+
+
+def test_a_torch_tensor_over_an_output_keeps_its_block(monkeypatch):
+    """torch.from_numpy of an output holds its block: a later output never
+    writes over the tensor's values."""
+    torch = pytest.importorskip("torch")
+    from hashemb import _backend
+    monkeypatch.setattr(_backend, "RECYCLE_BYTES", 1 << 16)
+    monkeypatch.setattr(_backend, "_RECYCLED", [])
+    robe = he.RobeZ(5003, 16, block=16)
+    M = robe.init_weight()
+    X = np.arange(8000).reshape(2000, 4)
+    t = torch.from_numpy(he.embedding_bags(X, M, scheme=robe, num_tables=4))
+    want = t.clone()
+    for k in range(1, 5):
+        he.embedding_bags(X * k + 7, M, scheme=robe, num_tables=4)
+    assert torch.equal(t, want)
