@@ -488,26 +488,35 @@ cdef extern from *:
         }
         HE_SEG_WALK(he_add_of(y, A, st, w, n, D, L, 0, 0, first, 0))
     }
-    /* o[g * ostride:][:16] = M[st[g]:][:16] for g < n: one-entry bags of
-       one-run rows at D = 16, two 8-float moves a row (not a memcpy whose
-       code depends on the caller's register allocation); nt: streaming
-       stores, o and ostride on 32-byte boundaries. */
-    __attribute__((target("avx"))) static void he_copy_rows16(
-        float* o, int64_t ostride, const float* M, const uint64_t* st, int64_t n, int nt)
+    /* o[g * ostride:][:D] = M[st[g]:][:D] for g < n: one-entry bags of
+       one-run rows of D a multiple of 8, 8-float moves (not a memcpy whose
+       code depends on the caller's register allocation; D = 16 a loop of
+       its own); nt: streaming stores, o and ostride on 32-byte boundaries. */
+    __attribute__((target("avx"))) static void he_copy_rows8(
+        float* o, int64_t ostride, const float* M, const uint64_t* st, int64_t n, int64_t D,
+        int nt)
     {
-        int64_t g;
-        if (nt) {
+        int64_t g, c;
+        if (D == 16 && nt) {
             for (g = 0; g < n; g++) {
                 const float* r = M + st[g];
                 _mm256_stream_ps(o + g * ostride, _mm256_loadu_ps(r));
                 _mm256_stream_ps(o + g * ostride + 8, _mm256_loadu_ps(r + 8));
             }
-            return;
-        }
-        for (g = 0; g < n; g++) {
-            const float* r = M + st[g];
-            _mm256_storeu_ps(o + g * ostride, _mm256_loadu_ps(r));
-            _mm256_storeu_ps(o + g * ostride + 8, _mm256_loadu_ps(r + 8));
+        } else if (D == 16) {
+            for (g = 0; g < n; g++) {
+                const float* r = M + st[g];
+                _mm256_storeu_ps(o + g * ostride, _mm256_loadu_ps(r));
+                _mm256_storeu_ps(o + g * ostride + 8, _mm256_loadu_ps(r + 8));
+            }
+        } else if (nt) {
+            for (g = 0; g < n; g++)
+                for (c = 0; c < D; c += 8)
+                    _mm256_stream_ps(o + g * ostride + c, _mm256_loadu_ps(M + st[g] + c));
+        } else {
+            for (g = 0; g < n; g++)
+                for (c = 0; c < D; c += 8)
+                    _mm256_storeu_ps(o + g * ostride + c, _mm256_loadu_ps(M + st[g] + c));
         }
     }
     /* 16-bit arrays (H, bf: bfloat16, else float16), runs of a multiple of 8 */
@@ -520,17 +529,17 @@ cdef extern from *:
     {
         return he_add_rows_avx2(o, ostride, st, off, b, j, z, psw, sg, M, D);
     }
-    static inline int he_copy_rows16_f(float* o, int64_t ostride, const float* M,
-                                       const uint64_t* st, int64_t n, int nt)
+    static inline int he_copy_rows8_f(float* o, int64_t ostride, const float* M,
+                                      const uint64_t* st, int64_t n, int64_t D, int nt)
     {
-        if (!(he_x86() & 1))
+        if (!(he_x86() & 1) || D % 8)
             return 0;
-        he_copy_rows16(o, ostride, M, st, n, nt);
+        he_copy_rows8(o, ostride, M, st, n, D, nt);
         return 1;
     }
     #else
-    static inline int he_copy_rows16_f(float* o, int64_t ostride, const float* M,
-                                       const uint64_t* st, int64_t n, int nt)
+    static inline int he_copy_rows8_f(float* o, int64_t ostride, const float* M,
+                                      const uint64_t* st, int64_t n, int64_t D, int nt)
     {
         return 0;
     }
@@ -669,8 +678,8 @@ cdef extern from *:
     int64_t he_add_runs16(float* o, int64_t ostride, const uint64_t* st, const int64_t* off,
                           int64_t b, int64_t j, int64_t z, const float* psw, const float* sg,
                           const uint16_t* H, int64_t D, int64_t L, int bf) noexcept nogil
-    int he_copy_rows16_f(float* o, int64_t ostride, const float* M, const uint64_t* st,
-                         int64_t n, int nt) noexcept nogil
+    int he_copy_rows8_f(float* o, int64_t ostride, const float* M, const uint64_t* st,
+                        int64_t n, int64_t D, int nt) noexcept nogil
     enum: AHEAD "HE_AHEAD"
     void he_add_back_f(const uint64_t* pre, const int64_t* off, const float* psw,
                        const float* grad, int64_t gstride, int64_t B, int64_t T, int64_t D,
@@ -1057,10 +1066,9 @@ cdef void _one_run_rows(const he_scheme* s, const index_t* x, int64_t n, const r
     if wraps or H != NULL:  # a run wrapping past the array's end (ROBE-Z), or 16-bit
         for g in range(n):
             _gather_runs(s, st + g, M, H, bf, o + g * ostride)
+    elif real is float and he_copy_rows8_f(o, ostride, M, st, n, D, nt):
+        return
     elif D == 16:           # the common widths copied with fixed-size moves
-        if real is float:
-            if he_copy_rows16_f(o, ostride, M, st, n, nt):
-                return
         _copy_one_runs(o, ostride, M, st, n, 16)
     elif D == 32:
         _copy_one_runs(o, ostride, M, st, n, 32)
@@ -1395,10 +1403,10 @@ cdef void _forward(const he_scheme* s, const index_t* idx, const int64_t* off,
     # an output beyond the caches is written with streaming stores (it would
     # be evicted before it is read anyway); a small one stays in cache
     cdef bint stream = B * ostride * <int64_t>sizeof(real) >= HE_STREAM_BYTES
-    # float32 rows of one 64-byte line each, one entry a bag: streamed straight
+    # float32 rows of whole 64-byte lines, one entry a bag: streamed straight
     # from the array into the output's lines (no chunk buffer, no second pass)
     cdef bint direct = stream and real is float and H == NULL and psw == NULL and \
-        mode != MAX and not s.is_signed and s.dim == 16 and he_one_run(s) and \
+        mode != MAX and not s.is_signed and s.dim % 16 == 0 and he_one_run(s) and \
         not he_reads_map(s) and rings != NULL and (<uintptr_t>out) % 64 == 0 and \
         ostride % 16 == 0
     with parallel(num_threads=nt):
