@@ -154,9 +154,11 @@ def _forward(indices, weight, offsets, scheme, table0, T, mode, per_sample_weigh
     w, hw, bf = _split(V.as_weight(weight, scheme, storage=True), dtype)
     out = recycled((b.B, T * scheme.dim), dtype)
     keep = return_saved and k.wants_starts(scheme._view, b.mode) and b.idx.shape[0] > 0
-    # zeros (calloc: free until written): entries outside every bag keep a
-    # valid start, so a saved of other offsets never sends backward out of bounds
-    starts = np.zeros(b.idx.shape[0] * (scheme.dim // scheme._run) if keep else 0, np.uint64)
+    # where an entry lies outside every bag (offsets ending before the last),
+    # zeros: it keeps a valid start, so a saved of other offsets never sends
+    # backward out of bounds; else forward writes every start
+    n = b.idx.shape[0] * (scheme.dim // scheme._run) if keep else 0
+    starts = (np.empty if n and b.off[-1] == b.idx.shape[0] else np.zeros)(n, np.uint64)
     k.forward(scheme._view, b.idx, b.off, w, b.psw, out, b.B, T, table0, b.mode,
               starts, hw, bf)
     if not return_saved:

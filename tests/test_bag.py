@@ -1469,3 +1469,25 @@ def test_a_torch_tensor_over_an_output_keeps_its_block(monkeypatch):
     for k in range(1, 5):
         he.embedding_bags(X * k + 7, M, scheme=robe, num_tables=4)
     assert torch.equal(t, want)
+
+
+def test_saved_starts_of_entries_outside_every_bag_stay_in_bounds():
+    """Offsets that end before the last entry (include_last_offset) leave
+    entries outside every bag: forward writes no start for them, and they
+    read 0 (a valid slot), so a backward handed that saved with offsets
+    that do cover them stays in bounds; where every entry is in a bag,
+    every start is the entry's slot."""
+    robe = he.RobeZ(5003, 16, block=16)
+    M = robe.init_weight()
+    idx = np.arange(10) * 7919
+    _, saved = he.embedding_bag(idx, M, np.array([0, 3, 6]), scheme=robe,
+                                include_last_offset=True, return_saved=True)
+    np.testing.assert_array_equal(saved.starts[:6], robe.slots(idx[:6])[:, 0])
+    np.testing.assert_array_equal(saved.starts[6:], 0)
+    g = np.ones((2, 16), np.float32)
+    he.embedding_bag_backward(g, idx, np.array([0, 3, 10]), scheme=robe,
+                              include_last_offset=True, weight=M, optimizer=he.SGD(0.1),
+                              saved=saved)
+    _, saved = he.embedding_bag(idx, M, np.array([0, 3, 10]), scheme=robe,
+                                include_last_offset=True, return_saved=True)
+    np.testing.assert_array_equal(saved.starts, robe.slots(idx)[:, 0])
