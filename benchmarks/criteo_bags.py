@@ -228,12 +228,14 @@ def run_one(name, args, train, B):
 
 
 def main(argv=None):
+    global D
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scale", type=float, default=1.0, help="cardinality scale (1 = Criteo Kaggle)")
     ap.add_argument("--compression", type=float, default=1000.0)
     ap.add_argument("--batch", type=int, default=16384, help="inference batch")
     ap.add_argument("--train-batch", type=int, default=2048)
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--dim", type=int, default=D, help="embedding dimension D")
     ap.add_argument("--pooling", type=int, default=1,
                     help="indices per table per sample (multi-hot bags; 1 = Criteo's one-hot)")
     ap.add_argument("--methods", default="", help="comma-separated subset (substring match)")
@@ -248,6 +250,7 @@ def main(argv=None):
     ap.add_argument("--_one", default="", help=argparse.SUPPRESS)
     ap.add_argument("--_train", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    D = args.dim
 
     if args._one:   # child process: one method, one mode
         B = args.train_batch if args._train else args.batch
@@ -258,6 +261,7 @@ def main(argv=None):
         with open(args.from_json) as f:
             saved = json.load(f)
         saved = {**saved, "summary": summarise(saved["rounds"])}
+        D = saved["args"].get("dim", 16)        # (runs before --dim were D = 16)
         return _publish(saved, argparse.Namespace(**saved["args"]), args)
 
     from tqdm import tqdm
@@ -276,7 +280,8 @@ def main(argv=None):
         cmd = [sys.executable, os.path.abspath(__file__), "--_one", name, "--_train", str(train),
                "--scale", str(args.scale), "--compression", str(args.compression),
                "--batch", str(args.batch), "--train-batch", str(args.train_batch),
-               "--iters", str(args.iters), "--pooling", str(args.pooling)]
+               "--iters", str(args.iters), "--pooling", str(args.pooling),
+               "--dim", str(args.dim)]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode:
             tqdm.write(f"{name}: failed\n{res.stderr[-1500:]}")

@@ -179,7 +179,7 @@ def _saved_batch(saved, indices, offsets, per_sample_weights, padding_idx, schem
     is handed the same 2-D shape, tables and mode with nothing else (its
     gradient is the saved's entries' either way: their run starts are
     saved), else None."""
-    kept = getattr(saved, "_batch", None) if isinstance(saved, BagSaved) else None
+    kept = saved._batch if isinstance(saved, BagSaved) else None
     if kept is None or offsets is not None or per_sample_weights is not None or \
             padding_idx is not None or getattr(indices, "shape", None) != kept[0]:
         return None

@@ -147,6 +147,22 @@ def test_criteo_bags_benchmark_runs_and_plots(tmp_path):
     assert png.stat().st_size > 5000
 
 
+def test_criteo_bags_takes_the_dimension(tmp_path, capsys):
+    """--dim sets D in every method's process and in the report."""
+    cb = _criteo_bags()
+    js = tmp_path / "cb.json"
+    try:
+        cb.main(["--scale", "0.0005", "--iters", "1", "--batch", "64", "--train-batch", "32",
+                 "--methods", "RobeZ Z=32", "--dim", "32", "--json", str(js)])
+    finally:
+        cb.D = 16
+    import json
+    res = json.loads(js.read_text())
+    assert res["args"]["dim"] == 32 and len(res["rounds"]) == 2
+    assert res["rounds"][0]["size"] == int(sum(cb.cardinalities(0.0005)) * 32 / 1000)
+    assert "D=32" in capsys.readouterr().out
+
+
 def test_latency_benchmark_runs(tmp_path, capsys):
     pytest.importorskip("torch")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
