@@ -1491,3 +1491,22 @@ def test_saved_starts_of_entries_outside_every_bag_stay_in_bounds():
     _, saved = he.embedding_bag(idx, M, np.array([0, 3, 10]), scheme=robe,
                                 include_last_offset=True, return_saved=True)
     np.testing.assert_array_equal(saved.starts, robe.slots(idx)[:, 0])
+
+
+def test_plain_lookups_and_tt_bags_take_recycled_outputs(monkeypatch):
+    """he.embedding and he.tt_embedding_bag outputs from RECYCLE_BYTES on
+    come from the recycled blocks too (values as from a fresh array)."""
+    from hashemb import _backend
+    monkeypatch.setattr(_backend, "RECYCLE_BYTES", 1 << 12)
+    monkeypatch.setattr(_backend, "_RECYCLED", [])
+    rng = np.random.default_rng(6)
+    W = rng.standard_normal((500, 32)).astype(np.float32)
+    x = rng.integers(0, 500, 300)
+    out = he.embedding(x, W)
+    assert out.base is _backend._RECYCLED[-1]
+    np.testing.assert_array_equal(out, W[x])
+    cores = he.tt_init(1000, [10, 10, 10], [2, 2, 4], [8, 8], seed=1)
+    X = rng.integers(0, 1000, (300, 1))
+    bag = he.tt_embedding_bag(X, cores)
+    assert bag.base is _backend._RECYCLED[-1]
+    np.testing.assert_allclose(bag, he.tt_to_full(cores)[X[:, 0]], rtol=1e-5, atol=1e-6)
