@@ -838,16 +838,17 @@ def test_large_forward_output_streamed(dtype):
 @pytest.mark.parametrize("scheme", [he.RobeZ(1009, 16, block=16), he.RobeZ(50_021, 16, block=32),
                                     he.FullTable([300] * 8, 16), he.RobeZ(3001, 32, block=32),
                                     he.FullTable([300] * 8, 64)], ids=repr)
-def test_large_one_hot_output_streamed_from_the_array(scheme):
+@pytest.mark.parametrize("B", [300, 20_000])
+def test_one_hot_rows_copied_straight_into_the_output(scheme, B):
     """One-entry bags of float32 rows of whole 64-byte lines (D a multiple
-    of 16, one run) into an output of 8 MB and more are streamed from the
-    array straight into the output's lines: the output starts on a line;
-    every value is the gather's, runs wrapping past the array's end (a
-    small ROBE-Z array) included; a block of bags that holds a longer bag
-    in its last table is pooled the other way over what was streamed; the
-    saved run starts are the slots' first ones."""
+    of 16, one run) are copied from the array straight into the output's
+    lines (streamed into an output of 8 MB and more): the output starts on
+    a line; every value is the gather's, runs wrapping past the array's
+    end (a small ROBE-Z array) included; a block of bags that holds a
+    longer bag in its last table is pooled the other way over what was
+    copied; the saved run starts are the slots' first ones."""
     rng = np.random.default_rng(5)
-    B, T = 20_000, 8                             # 20000 x 8 x 16 floats >= 8 MB
+    T = 8                                        # B = 20000: 20000 x 8 x 16 floats >= 8 MB
     X = rng.integers(0, 300, (B, T))
     W = scheme.init_weight()
     flat_w = W.reshape(-1)
@@ -858,17 +859,18 @@ def test_large_one_hot_output_streamed_from_the_array(scheme):
     starts = saved.starts.reshape(T, B)
     for t in range(T):
         np.testing.assert_array_equal(starts[t], scheme.slots(X[:, t], table=t)[:, 0])
-    # bag 5000 of the last table gets a second entry: that block of bags
+    k = B // 4
+    # bag k of the last table gets a second entry: that block of bags
     # (and only the bags from there on) is pooled the buffered way
     flat = X.T.reshape(-1)
     sizes = np.ones(T * B, np.int64)
-    sizes[(T - 1) * B + 5000] = 2
-    flat = np.insert(flat, (T - 1) * B + 5001, X[7, 0])
+    sizes[(T - 1) * B + k] = 2
+    flat = np.insert(flat, (T - 1) * B + k + 1, X[7, 0])
     off = np.concatenate([[0], np.cumsum(sizes)])
-    want[5000, (T - 1) * scheme.dim:] += flat_w[scheme.slots(X[7:8, 0], table=T - 1)][0]
+    want[k, (T - 1) * scheme.dim:] += flat_w[scheme.slots(X[7:8, 0], table=T - 1)][0]
     out = he.embedding_bags(flat, W, off, scheme=scheme, num_tables=T)
     np.testing.assert_allclose(out, want, rtol=1e-6)
-    np.testing.assert_array_equal(np.delete(out, 5000, axis=0), np.delete(want, 5000, axis=0))
+    np.testing.assert_array_equal(np.delete(out, k, axis=0), np.delete(want, k, axis=0))
 
 
 _SAVED_SCHEMES = [he.RobeZ(5003, 16, block=16), he.RobeZ(5003, 16, block=4),

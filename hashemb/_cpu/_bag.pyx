@@ -1369,10 +1369,10 @@ cdef inline void _prefetch_span(const void* p, int64_t nbytes) noexcept nogil:
 cdef bint _direct_rows(const he_scheme* s, const index_t* idx, const int64_t* off,
                        const real* M, real* out, int64_t B, int64_t T, int64_t ostride,
                        int64_t table0, int64_t b0, int64_t n, uint64_t* ring,
-                       uint64_t* pre) noexcept nogil:
+                       uint64_t* pre, bint nt) noexcept nogil:
     """out[b * ostride + t * D:][:D] = row idx[off[t * B + b0 + b]] of table
     table0 + t, b < n, for rows of one run (he_one_run): _one_run_rows
-    straight into the output, streaming its lines. Whether every bag held
+    straight into the output (nt: streaming its lines). Whether every bag held
     one entry: where one does not, it stops (the caller pools the bags
     another way, over whatever it wrote)."""
     cdef int64_t t, b, j0
@@ -1384,11 +1384,11 @@ cdef bint _direct_rows(const he_scheme* s, const index_t* idx, const int64_t* of
         _prefetch_span(off + t * B + b0 + TOKENS_AHEAD * n, n * sizeof(int64_t))
         for b in range(1, n + 1):
             if off[t * B + b0 + b] != j0 + b:
-                if t > 0:   # (what was streamed lands before the caller's plain stores)
+                if t > 0 and nt:    # (what was streamed lands before the plain stores)
                     he_stream_fence()
                 return False
         _one_run_rows(s, idx + j0, n, M, NULL, 0, out + t * s.dim, ostride, table0 + t,
-                      he_table_term(s, table0 + t), ring if pre == NULL else pre + j0, True)
+                      he_table_term(s, table0 + t), ring if pre == NULL else pre + j0, nt)
     return True
 
 
@@ -1403,9 +1403,12 @@ cdef void _forward(const he_scheme* s, const index_t* idx, const int64_t* off,
     # an output beyond the caches is written with streaming stores (it would
     # be evicted before it is read anyway); a small one stays in cache
     cdef bint stream = B * ostride * <int64_t>sizeof(real) >= HE_STREAM_BYTES
-    # float32 rows of whole 64-byte lines, one entry a bag: streamed straight
-    # from the array into the output's lines (no chunk buffer, no second pass)
-    cdef bint direct = stream and real is float and H == NULL and psw == NULL and \
+    # float32 rows of whole 64-byte lines, one entry a bag: copied straight from
+    # the array into the output's lines (no chunk buffer, no second pass),
+    # streamed where the output is large (measured faster at every batch, 16
+    # to 65536: whole-line stores, so the buffer's sequential sweep bought
+    # nothing here)
+    cdef bint direct = real is float and H == NULL and psw == NULL and \
         mode != MAX and not s.is_signed and s.dim % 16 == 0 and he_one_run(s) and \
         not he_reads_map(s) and rings != NULL and (<uintptr_t>out) % 64 == 0 and \
         ostride % 16 == 0
@@ -1418,7 +1421,7 @@ cdef void _forward(const he_scheme* s, const index_t* idx, const int64_t* off,
             b0 = c * CHUNK
             nb = min(B - b0, CHUNK)
             if not (direct and _direct_rows(s, idx, off, M, out + b0 * ostride, B, T, ostride,
-                                             table0, b0, nb, ring, pre)):
+                                             table0, b0, nb, ring, pre, stream)):
                 # pool into a cache-resident buffer, then write the chunk's output
                 # rows in one sequential sweep (scattered stores into a large
                 # output stall on read-for-ownership misses)
