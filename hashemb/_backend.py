@@ -3,6 +3,7 @@ Never copies between host and device behind the caller's back: a mix of host
 and device arrays is a TypeError naming the argument. CuPy is imported only
 when a CuPy array arrives (it is recognised by its type's module name)."""
 import contextlib
+import math
 import mmap
 import os
 import sys
@@ -160,7 +161,7 @@ def aligned(shape, dtype, zero=False, sparse=False):
     fault in 2 MB (a 1 GB scratch was all resident after one step of 1024
     rows: +1 GB against +4 MB)."""
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = math.prod(shape if isinstance(shape, tuple) else (shape,)) * dtype.itemsize
     if zero and sparse and nbytes >= _SPARSE_BYTES and hasattr(mmap, "MADV_NOHUGEPAGE"):
         m = mmap.mmap(-1, nbytes)       # anonymous: zero pages, page-aligned
         m.madvise(mmap.MADV_NOHUGEPAGE)
@@ -175,6 +176,8 @@ def aligned(shape, dtype, zero=False, sparse=False):
 # unmaps it when freed, so every large output was fresh pages, each zeroed
 # by the kernel at its first touch.
 RECYCLE_BYTES = 32 << 20
+ALIGN_BYTES = 64 << 10      # smaller outputs: NumPy's own (a call at a batch of one
+                            # is about 10 us; aligning costs 1-2 of them)
 RECYCLE_KEEP = 2            # blocks held at most (an output and the next)
 _RECYCLED = []              # uint8 blocks, the most recent last
 
@@ -186,7 +189,8 @@ def _unused(i):
 
 
 def recycled(shape, dtype):
-    """A new array as :func:`aligned` makes it (contents undefined): from
+    """A new array as :func:`aligned` makes it (contents undefined; below
+    ALIGN_BYTES NumPy's own, on no particular boundary): from
     RECYCLE_BYTES on, over a block an earlier output left once nothing
     refers to it any more (a block with a live view, a slice or a torch
     tensor over an output, is never handed out again). Measured: a bag
@@ -194,7 +198,9 @@ def recycled(shape, dtype):
     ms a call in fresh pages, 3.7 ms in reused ones. At most RECYCLE_KEEP
     blocks stay held; a block serves outputs of half to all of its size."""
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < ALIGN_BYTES:
+        return np.empty(shape, dtype)
     if nbytes < RECYCLE_BYTES:
         return aligned(shape, dtype)
     with _RECYCLE_LOCK:

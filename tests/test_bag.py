@@ -1500,6 +1500,7 @@ def test_plain_lookups_and_tt_bags_take_recycled_outputs(monkeypatch):
     come from the recycled blocks too (values as from a fresh array)."""
     from hashemb import _backend
     monkeypatch.setattr(_backend, "RECYCLE_BYTES", 1 << 12)
+    monkeypatch.setattr(_backend, "ALIGN_BYTES", 1 << 12)
     monkeypatch.setattr(_backend, "_RECYCLED", [])
     rng = np.random.default_rng(6)
     W = rng.standard_normal((500, 32)).astype(np.float32)

@@ -1410,8 +1410,8 @@ cdef void _forward(const he_scheme* s, const index_t* idx, const int64_t* off,
     # nothing here)
     cdef bint direct = real is float and H == NULL and psw == NULL and \
         mode != MAX and not s.is_signed and s.dim % 16 == 0 and he_one_run(s) and \
-        not he_reads_map(s) and rings != NULL and (<uintptr_t>out) % 64 == 0 and \
-        ostride % 16 == 0
+        not he_reads_map(s) and rings != NULL and (not stream or (
+            (<uintptr_t>out) % 64 == 0 and ostride % 16 == 0))
     with parallel(num_threads=nt):
         tid = threadid()
         # strides padded by 128 bytes: threads never share a cache line
