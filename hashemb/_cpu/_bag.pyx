@@ -2259,8 +2259,8 @@ def backward(SchemeView sv, const index_t[::1] indices, const int64_t[::1] offse
             grad.strides[1] != sizeof(real) or grad.strides[0] % sizeof(real) or \
             0 < grad.strides[0] < grad.shape[1] * <int64_t>sizeof(real) or grad.strides[0] < 0:
         raise ValueError(f"grad: expected shape ({B}, {T * s.dim}) with contiguous rows in "
-                         f"order (or one row, at stride 0), got shape ({grad.shape[0]}, {grad.shape[1]}), strides "
-                         f"({grad.strides[0]}, {grad.strides[1]})")
+                         f"order (or one row, at stride 0), got shape ({grad.shape[0]}, "
+                         f"{grad.shape[1]}), strides ({grad.strides[0]}, {grad.strides[1]})")
     cdef int64_t gs = grad.strides[0] // sizeof(real)     # the rows' stride
     if starts.shape[0] not in (0, indices.shape[0] * s.runs):
         raise ValueError(f"saved: expected {indices.shape[0] * s.runs} run starts, "
