@@ -411,13 +411,17 @@ def as_grad(grad_output, shape, dtype, rows=False):
     copied only where it is not one. ``rows``: a 2-D array whose rows are
     each contiguous, in order, and apart by any stride (a column slice of a
     wider gradient, as a DLRM's interaction hands back), or one row repeated
-    (stride 0: a broadcast row, a sum's gradient) is taken as it is."""
-    if rows and isinstance(grad_output, np.ndarray) and grad_output.dtype == dtype \
-            and grad_output.shape == shape and len(shape) == 2:
-        step, item = grad_output.strides[0], grad_output.itemsize
-        if grad_output.strides[1] == item and step % item == 0 and (
+    (stride 0: a broadcast row, a sum's gradient) is taken as it is; one
+    value repeated (a sum's gradient in torch) becomes one row at stride 0,
+    not a copy of every row (a 3.4 MB copy faulted in fresh pages each step)."""
+    g = grad_output
+    if rows and isinstance(g, np.ndarray) and g.shape == shape and len(shape) == 2:
+        if g.strides[0] == 0 and (g.strides[1] != g.itemsize or g.dtype != dtype):
+            g = np.broadcast_to(as_float(g[:1], "grad_output", dtype), shape)
+        step, item = g.strides[0], g.itemsize
+        if g.dtype == dtype and g.strides[1] == item and step % item == 0 and (
                 step == 0 or step >= item * shape[1]):
-            return grad_output
+            return g
     g = as_float(grad_output, "grad_output", dtype)
     if g.shape != shape:
         raise ValueError(f"grad_output: expected shape {shape}, got {g.shape}")

@@ -347,17 +347,9 @@ class BagFunction(torch.autograd.Function):
         weight, indices, offsets, psw = ctx.saved_tensors
         lk = ctx.lookup
         with device_context(weight):
-            if grad.is_cuda or grad.dim() != 2:
-                grad = grad.contiguous()
-            elif grad.stride(0) == 0:
-                # one row repeated (a sum's or a mean's gradient): that row, at
-                # row stride 0 (a copy of all of them faulted in 3.4 MB a step)
-                grad = grad[:1].contiguous().expand(grad.shape)
-            elif grad.stride(1) != 1 or grad.stride(0) < grad.shape[1]:
-                # (on the CPU, rows each contiguous at any stride go as they
-                # are: a column slice of a wider gradient, a DLRM's interaction's)
-                grad = grad.contiguous()
-            g = as_any_array(grad, "grad_output")
+            # (a CPU gradient goes as it lies: the backward copies only a
+            # layout its kernels cannot read, V.as_grad)
+            g = as_any_array(grad.contiguous() if grad.is_cuda else grad, "grad_output")
             idx, w, off = as_any_array(indices, "input"), as_any_array(weight, "weight"), \
                 as_any_array(offsets, "offsets")
             gw = gp = None
