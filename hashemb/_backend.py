@@ -166,7 +166,13 @@ def aligned(shape, dtype, zero=False, sparse=False):
         m = mmap.mmap(-1, nbytes)       # anonymous: zero pages, page-aligned
         m.madvise(mmap.MADV_NOHUGEPAGE)
         return np.frombuffer(m, np.uint8, nbytes).view(dtype).reshape(shape)
-    buf = (np.zeros if zero else np.empty)(nbytes + 64, np.uint8)
+    return _on_a_line((np.zeros if zero else np.empty)(nbytes + 64, np.uint8), nbytes, dtype,
+                      shape)
+
+
+def _on_a_line(buf, nbytes, dtype, shape):
+    """An array of ``shape`` over nbytes of the uint8 block buf (64 bytes
+    longer), from its first 64-byte boundary."""
     k = -buf.ctypes.data % 64
     return buf[k:k + nbytes].view(dtype).reshape(shape)
 
@@ -212,8 +218,7 @@ def recycled(shape, dtype):
         while len(_RECYCLED) > RECYCLE_KEEP:    # a free block first, else the oldest
             free = [i for i in range(len(_RECYCLED) - 1) if _unused(i)]
             _RECYCLED.pop(free[0] if free else 0)
-    k = -buf.ctypes.data % 64
-    return buf[k:k + nbytes].view(dtype).reshape(shape)
+    return _on_a_line(buf, nbytes, dtype, shape)
 
 
 fork_safe_lock(globals(), "_RECYCLE_LOCK")
